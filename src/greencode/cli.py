@@ -1,0 +1,55 @@
+"""Shared command-line handling for the thin scripts in ``scripts/``."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from greencode.config import Config, ConfigError, dump_config, load_config
+from greencode.utils import run_metadata, setup_logging, write_json, write_text
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted overrides, e.g. model.num_layers=4 eval.num_samples=10")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    return load_config(args.config, args.overrides)
+
+
+def save_run_info(directory: Path, cfg: Config, stage: str, **extra) -> None:
+    """Every run folder holds the resolved config, the command line and the commit."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text(directory / "config.yaml", dump_config(cfg))
+    meta = run_metadata(cfg, stage=stage, **extra)
+    meta.pop("config", None)
+    write_json(directory / "run_info.json", meta)
+    write_text(directory / "command.txt", " ".join(sys.argv) + "\n")
+
+
+def friendly_errors(fn: Callable[..., Optional[int]]) -> Callable[..., int]:
+    """Turn expected user errors into one clear line and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw) -> int:
+        try:
+            rc = fn(*a, **kw)
+            return 0 if rc is None else rc
+        except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper

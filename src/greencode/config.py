@@ -1,0 +1,524 @@
+"""Typed configuration for every stage of GREEN-CODE.
+
+One YAML file describes a whole experiment. It is loaded into the dataclasses below
+(one per concern), may be overridden from the command line with dotted ``key=value``
+pairs (``model.num_layers=4 eval.gc_thresholds=[0.8,0.9]``) and is validated with
+errors that name the key, the bad value and what is allowed.
+
+Layer indices are 0-based decoder-layer indices everywhere (index ``i`` is the output
+of the i-th decoder layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class HardwareConfig:
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16", "auto"))
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def validate(self, path: str) -> None:
+        d = self.device
+        if not (d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ConfigError(f"{path}.device={d!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        _check_range(f"{path}.num_threads", self.num_threads, 0, None)
+
+
+@dataclass
+class ExitScheduleConfig:
+    """The paper's exit-point rule: earliest exit at ``first``, then an exit every
+    ``stride_first_half`` layers in the first half and every ``stride_second_half``
+    layers in the second half. The final layer is always the full exit."""
+
+    first: int = 3
+    stride_first_half: int = 2
+    stride_second_half: int = 4
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.first", self.first, 0, None)
+        _check_range(f"{path}.stride_first_half", self.stride_first_half, 1, None)
+        _check_range(f"{path}.stride_second_half", self.stride_second_half, 1, None)
+
+
+@dataclass
+class ModelConfig:
+    """The decoder. ``base`` null means the embedded default: a model of the shape below
+    built from a random init and pretrained on this machine (``scripts/pretrain.py``).
+    Otherwise ``base`` is a local HF model directory or a hub id (its own shape is used
+    and the shape fields below are ignored)."""
+
+    family: str = field(default="llama", metadata=_choices("llama", "opt"))
+    base: Optional[str] = None
+    hidden_size: int = 256
+    num_layers: int = 8
+    num_heads: int = 4
+    num_kv_heads: int = 4  # llama only (grouped-query attention)
+    intermediate_size: int = 688
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    attn_implementation: str = field(default="sdpa", metadata=_choices("sdpa", "eager"))
+    # explicit 0-based exit layers (the final layer excluded); null = use exit_schedule
+    exit_layers: Optional[list[int]] = None
+    exit_schedule: ExitScheduleConfig = field(default_factory=ExitScheduleConfig)
+
+    def validate(self, path: str) -> None:
+        for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                  "max_position_embeddings"):
+            _check_range(f"{path}.{k}", getattr(self, k), 1, None)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{path}.hidden_size={self.hidden_size} must be divisible by "
+                              f"{path}.num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"{path}.num_heads={self.num_heads} must be divisible by "
+                              f"{path}.num_kv_heads={self.num_kv_heads}")
+        if self.exit_layers is not None and self.base is None:
+            # checked against the model depth once the model is known (models.schedule)
+            bad = [e for e in self.exit_layers if not 0 <= e < self.num_layers - 1]
+            if bad:
+                raise ConfigError(
+                    f"{path}.exit_layers has {bad} outside [0, {self.num_layers - 2}] "
+                    f"(0-based, the final layer {self.num_layers - 1} is always the full exit)")
+
+
+@dataclass
+class DataConfig:
+    """Where code comes from. ``source: hub`` loads CodeXGLUE token-level completion
+    (``google/code_x_glue_cc_code_completion_token``); ``source: local`` builds the
+    same token format from a directory or zip of real source files."""
+
+    source: str = field(default="local", metadata=_choices("local", "hub"))
+    language: str = field(default="python", metadata=_choices("python", "java"))
+    hub_id: str = "google/code_x_glue_cc_code_completion_token"
+    # directory or .zip of .py/.java files; null = the interpreter's stdlib (python)
+    # or the JDK's lib/src.zip (java)
+    local_path: Optional[str] = None
+    literal_mode: str = field(default="normalized", metadata=_choices("normalized", "raw"))
+    keep_frequent_literals: int = 0  # keep the N most frequent literals as <STR_LIT:...>
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    min_file_tokens: int = 20
+    max_file_tokens: int = 20000
+    max_files: Optional[int] = None  # cap on files used (null = all)
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.validation_fraction", self.validation_fraction, 0.0, 0.5)
+        _check_range(f"{path}.test_fraction", self.test_fraction, 0.0, 0.5)
+        _check_range(f"{path}.min_file_tokens", self.min_file_tokens, 0, None)
+        _check_range(f"{path}.max_file_tokens", self.max_file_tokens, 1, None)
+        _check_range(f"{path}.keep_frequent_literals", self.keep_frequent_literals, 0, None)
+        if self.max_files is not None:
+            _check_range(f"{path}.max_files", self.max_files, 1, None)
+
+
+@dataclass
+class TokenizerConfig:
+    """``path`` null trains a byte-level BPE on the training split (embedded default);
+    otherwise a tokenizer directory or hub id (the paper configs use the model's own)."""
+
+    path: Optional[str] = None
+    vocab_size: int = 4096
+    min_frequency: int = 2
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.vocab_size", self.vocab_size, 300, None)
+
+
+@dataclass
+class TrainStageConfig:
+    """HF Trainer settings shared by base pretraining and LITE fine-tuning."""
+
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 32
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    seq_len: int = 1024  # packing / chunking length in model tokens
+    max_train_tokens: Optional[int] = None  # cap on packed training tokens (null = all)
+    eval_steps: int = 200
+    eval_max_tokens: int = 65536  # validation tokens used for periodic evaluation
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    dataloader_workers: int = 0
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.learning_rate", self.learning_rate, 0.0, 1.0)
+        for k in ("batch_size", "grad_accum", "seq_len", "eval_steps", "save_steps", "logging_steps"):
+            _check_range(f"{path}.{k}", getattr(self, k), 1, None)
+        _check_range(f"{path}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+
+
+@dataclass
+class PretrainConfig(TrainStageConfig):
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 256
+    warmup_ratio: float = 0.05
+
+
+@dataclass
+class FinetuneConfig(TrainStageConfig):
+    """LITE: loss = sum_i w_i CE(lm_head(final_norm(h_i))) / sum_i w_i over the exit
+    layers and the final layer."""
+
+    weights: Union[str, list[float]] = "geometric"  # geometric | uniform | explicit list
+    budgets: list[float] = field(default_factory=lambda: [0.7, 0.2, 0.1])  # first half, second half, final
+    ratio: float = 0.9
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if isinstance(self.weights, str) and self.weights not in ("geometric", "uniform"):
+            raise ConfigError(f"{path}.weights={self.weights!r}; use 'geometric', 'uniform' or a list "
+                              "of floats, one per exit layer plus one for the final layer")
+        if isinstance(self.weights, list) and any(w < 0 for w in self.weights):
+            raise ConfigError(f"{path}.weights has a negative weight: {self.weights}")
+        if len(self.budgets) != 3 or any(b < 0 for b in self.budgets):
+            raise ConfigError(f"{path}.budgets={self.budgets} must be 3 non-negative numbers "
+                              "(first half, second half, final layer)")
+        _check_range(f"{path}.ratio", self.ratio, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class BankConfig:
+    """Trajectory bank: hidden states at every exit point for generated tokens."""
+
+    num_sequences: int = 200
+    tokens_per_sequence: int = 15  # T generated tokens per episode
+    context_fraction: list[float] = field(default_factory=lambda: [0.2, 0.6])
+    max_context_tokens: int = 512
+    max_tokens: Optional[int] = None  # cap on stored tokens (null = no cap)
+    heldout_fraction: float = 0.1  # sequences kept aside for the agent's exit-accuracy report
+    split: str = field(default="train", metadata=_choices("train", "validation"))
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.num_sequences", self.num_sequences, 1, None)
+        _check_range(f"{path}.tokens_per_sequence", self.tokens_per_sequence, 1, None)
+        cf = self.context_fraction
+        if len(cf) != 2 or not (0.0 < cf[0] <= cf[1] < 1.0):
+            raise ConfigError(f"{path}.context_fraction={cf} must be [low, high] with 0 < low <= high < 1")
+        _check_range(f"{path}.heldout_fraction", self.heldout_fraction, 0.0, 0.9)
+
+
+@dataclass
+class RewardConfig:
+    """Equations 2 and 3 of the paper; penalties are scaled into [-1, 0]."""
+
+    alpha: float = 0.5  # correct but late
+    beta: float = 1.0  # wrong and early
+    gamma: float = 1.0  # continue past l_opt
+    epsilon: float = 1.0  # wrong and not early
+
+    def validate(self, path: str) -> None:
+        for k in ("alpha", "beta", "gamma", "epsilon"):
+            _check_range(f"{path}.{k}", getattr(self, k), 0.0, 1.0)
+        if self.alpha > self.beta:
+            raise ConfigError(f"{path}.alpha={self.alpha} must be <= {path}.beta={self.beta} (paper: alpha <= beta)")
+
+
+@dataclass
+class PPOConfig:
+    """Stable-Baselines3 PPO; defaults are the paper's Table III."""
+
+    total_timesteps: int = 500_000
+    net_arch: list[int] = field(default_factory=lambda: [64, 64])
+    n_steps: int = 4096
+    batch_size: int = 512
+    n_epochs: int = 6
+    learning_rate: float = 5e-5
+    lr_schedule: str = field(default="linear", metadata=_choices("linear", "constant"))
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.0
+    clip_range: float = 0.2
+    n_envs: int = 1
+    vec_env: str = field(default="dummy", metadata=_choices("dummy", "subproc"))
+    checkpoint_freq: int = 50_000
+    device: str = "cpu"
+
+    def validate(self, path: str) -> None:
+        for k in ("total_timesteps", "n_steps", "batch_size", "n_epochs", "n_envs", "checkpoint_freq"):
+            _check_range(f"{path}.{k}", getattr(self, k), 1, None)
+        _check_range(f"{path}.learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        _check_range(f"{path}.gamma", self.gamma, 0.0, 1.0)
+
+
+@dataclass
+class RLConfig:
+    # how the hidden state is preprocessed into the observation, identically at
+    # training and inference: raw residual stream, or through the model's final norm
+    observation: str = field(default="normed", metadata=_choices("raw", "normed"))
+    bank: BankConfig = field(default_factory=BankConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+@dataclass
+class DecodingConfig:
+    # how deeper layers' K/V are filled for a token that exited early:
+    # propagate = the exit hidden state through each deeper layer's input norm and K/V
+    # projections (the paper's state propagation); compute = run the deeper layers anyway
+    # (exact cache, no compute saved: an analysis baseline)
+    kv_strategy: str = field(default="propagate", metadata=_choices("propagate", "compute"))
+    policy_temperature: float = 1.0
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.policy_temperature", self.policy_temperature, 0.0, None, low_open=True)
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 1000
+    sample_seed: int = 0
+    split: str = field(default="test", metadata=_choices("test", "validation"))
+    mode: str = field(default="token", metadata=_choices("token", "line"))
+    context_fraction: float = 0.2
+    max_context_tokens: int = 512
+    max_new_tokens: int = 15
+    methods: list[str] = field(default_factory=lambda: [
+        "base", "full_hf", "full", "fixed", "confidence", "entropy", "oracle", "gc", "hf_early_exit"])
+    gc_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92, 0.94])
+    confidence_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    entropy_thresholds: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    energy: str = field(default="auto", metadata=_choices("auto", "zeus", "time"))
+    warmup_samples: int = 2
+    overhead_ab: bool = True  # A/B run: policy evaluated but ignored vs. not evaluated
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.num_samples", self.num_samples, 1, None)
+        _check_range(f"{path}.context_fraction", self.context_fraction, 0.0, 1.0, low_open=True)
+        _check_range(f"{path}.max_context_tokens", self.max_context_tokens, 1, None)
+        _check_range(f"{path}.max_new_tokens", self.max_new_tokens, 1, None)
+        for k in ("gc_thresholds", "confidence_thresholds"):
+            for t in getattr(self, k):
+                _check_range(f"{path}.{k}", t, 0.0, 1.0)
+        for t in self.entropy_thresholds:
+            _check_range(f"{path}.entropy_thresholds", t, 0.0, None)
+        known = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "oracle", "gc", "hf_early_exit")
+        for m in self.methods:
+            if m not in known:
+                raise ConfigError(f"{path}.methods has unknown method {m!r}; known: {', '.join(known)}")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    run_dir: Optional[str] = None  # null = this config's run directory
+    model_name: str = "greencode"
+    default_threshold: float = 0.9
+    default_max_new_tokens: int = 16
+    max_new_tokens_cap: int = 256
+    max_request_bytes: int = 1_000_000
+    queue_size: int = 8
+    request_timeout_s: float = 60.0
+    api_key: Optional[str] = None  # Bearer token required when set (or env GREENCODE_API_KEY)
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.port", self.port, 0, 65535)
+        _check_range(f"{path}.default_threshold", self.default_threshold, 0.0, 1.0)
+        _check_range(f"{path}.max_new_tokens_cap", self.max_new_tokens_cap, 1, None)
+        _check_range(f"{path}.queue_size", self.queue_size, 1, None)
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 1234
+    run_dir: Optional[str] = None  # null = runs/<name>
+    results_dir: Optional[str] = None  # null = results/<name>
+    figures_dir: Optional[str] = None  # null = figures/<name>
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    source_path: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.run_dir or f"runs/{self.name}"
+        self.results_dir = self.results_dir or f"results/{self.name}"
+        self.figures_dir = self.figures_dir or f"figures/{self.name}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source_path", None)
+        return d
+
+    def section_dict(self, *names: str) -> dict:
+        """The named sections as a plain dict (used to key cached stage outputs)."""
+        d = self.to_dict()
+        return {n: d[n] for n in names}
+
+
+# --------------------------------------------------------------------------- loading
+def _check_range(key: str, value: Any, low: Optional[float], high: Optional[float], low_open: bool = False) -> None:
+    bad = (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high)
+    if bad:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ConfigError(f"{key}={value!r} is out of range; allowed {'(' if low_open else '['}{lo}, {hi}]")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list of {_type_name(item_tp)}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint} Allowed keys here: {', '.join(fields)}")
+        f = fields[key]
+        v = _coerce(value, hints[key], full)
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise ConfigError(f"{full}={v!r} is not allowed; choose one of: {', '.join(choices)}")
+        kwargs[key] = v
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _validate(v, f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.subkey=value (e.g. model.num_layers=4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    d = base
+    for p in path[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[path[-1]] = value
+
+
+def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+    data = dict(data or {})
+    for item in overrides or []:
+        path, value = parse_override(item)
+        _merge(data, path, value)
+    cfg = _build(Config, data, "")
+    _validate(cfg, "")
+    return cfg
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config, apply dotted ``key=value`` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass one of the files in configs/ "
+                          "(e.g. --config configs/default.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    cfg = config_from_dict(data, overrides)
+    cfg.source_path = str(p)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""greencode.models"""

@@ -1,0 +1,189 @@
+"""Small shared helpers: seeding, device/dtype resolution, run metadata, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+
+log = logging.getLogger("greencode")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def set_seed(seed: int) -> None:
+    """The one seeding function: Python, NumPy and torch (all devices)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"hardware.device={name!r} but CUDA is not available on this machine; "
+                           "use hardware.device=auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def setup_torch(hardware) -> tuple["torch.device", "torch.dtype"]:
+    import torch
+
+    if hardware.num_threads:
+        torch.set_num_threads(hardware.num_threads)
+    device = resolve_device(hardware.device)
+    return device, resolve_dtype(hardware.dtype, device)
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{commit}{'-dirty' if dirty and commit else ''}" if commit else None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return None
+
+
+def library_versions() -> dict[str, Optional[str]]:
+    names = ["torch", "transformers", "tokenizers", "datasets", "accelerate", "gymnasium", "stable-baselines3",
+             "codebleu", "sacrebleu", "rouge-score", "zeus", "fastapi", "numpy"]
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def hardware_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_metadata(cfg=None, **extra: Any) -> dict[str, Any]:
+    """What every result records: config, seed, commit, versions, hardware, command, time."""
+    meta: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "hardware": hardware_info(),
+    }
+    if cfg is not None:
+        meta["config_name"] = cfg.name
+        meta["config_path"] = cfg.source_path
+        meta["seed"] = cfg.seed
+        meta["config"] = cfg.to_dict()
+    meta.update(extra)
+    return meta
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename over ``path`` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create directory {str(path.parent)!r} for {path.name}: {e}; "
+                      "choose a writable location") from e
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: Union[str, Path], obj: Any) -> Path:
+    """Write valid JSON atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def write_text(path: Union[str, Path], text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: Union[str, Path]) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
