@@ -1,0 +1,187 @@
+"""Exit controllers: per token and per exit point, continue or exit.
+
+The decoding loop asks a controller only at the layers it returns from
+:meth:`ExitController.check_layers`. A controller that needs logits (confidence, entropy)
+sets ``needs_logits`` so the loop pays for the LM head only when asked; one that needs the
+normed hidden state (the RL policy on ``normed`` observations) sets ``needs_normed``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from greencode.config import ConfigError
+
+
+def _check_unit(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0 or math.isnan(value):
+        raise ConfigError(f"{name}={value!r} must be a number in [0, 1]")
+    return float(value)
+
+
+def policy_observation(model, h: torch.Tensor, mode: str) -> torch.Tensor:
+    """THE preprocessing of a hidden state into an RL observation, shared by the trajectory
+    bank (training) and :class:`PolicyExit` (inference): ``raw`` is the residual stream
+    as the layer outputs it; ``normed`` goes through the model's own final norm (OPT: and
+    ``project_out``), the same transform the LM head sees. Returned as float32."""
+    if mode == "normed":
+        return model.final_norm(h).float()
+    if mode == "raw":
+        return h.float()
+    raise ConfigError(f"rl.observation={mode!r}; use 'raw' or 'normed'")
+
+
+class ExitController:
+    """Base class. Subclasses override :meth:`should_exit` (and maybe the flags)."""
+
+    name = "base"
+    needs_logits = False
+    needs_normed = False
+    runs_all_layers = False  # oracle: run every layer, then choose the exit (analysis only)
+    macs_per_check = 0  # multiply-accumulates of one decision (for the compute ratio)
+
+    def reset(self) -> None:
+        """Called at the start of every generation."""
+
+    def check_layers(self, model) -> frozenset[int]:
+        return frozenset(model.exit_layers)
+
+    def should_exit(self, layer: int, hidden: torch.Tensor, normed: Optional[torch.Tensor],
+                    logits: Optional[torch.Tensor]) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"controller": self.name}
+
+
+class NeverExit(ExitController):
+    """The full model: every token runs every layer."""
+
+    name = "never"
+
+    def check_layers(self, model) -> frozenset[int]:
+        return frozenset()
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:  # pragma: no cover - never asked
+        return False
+
+
+class FixedExit(ExitController):
+    """Every token exits at one fixed layer (any layer below the final one)."""
+
+    name = "fixed"
+
+    def __init__(self, layer: int):
+        self.layer = int(layer)
+
+    def check_layers(self, model) -> frozenset[int]:
+        if not 0 <= self.layer < model.final_layer:
+            raise ConfigError(f"fixed exit layer {self.layer} is out of range [0, {model.final_layer - 1}] for a "
+                              f"{model.num_layers}-layer model (0-based; the final layer is the full model)")
+        return frozenset({self.layer})
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        return True
+
+    def describe(self) -> dict:
+        return {"controller": self.name, "layer": self.layer}
+
+
+class ConfidenceExit(ExitController):
+    """Exit when the intermediate prediction's max softmax probability >= threshold."""
+
+    name = "confidence"
+    needs_logits = True
+
+    def __init__(self, threshold: float):
+        self.threshold = _check_unit("confidence threshold", threshold)
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        return bool(torch.softmax(logits[0, -1].float(), dim=-1).max() >= self.threshold)
+
+    def describe(self) -> dict:
+        return {"controller": self.name, "threshold": self.threshold}
+
+
+class EntropyExit(ExitController):
+    """Exit when the entropy (nats) of the intermediate prediction <= threshold."""
+
+    name = "entropy"
+    needs_logits = True
+
+    def __init__(self, threshold: float):
+        if not isinstance(threshold, (int, float)) or threshold < 0 or math.isnan(threshold):
+            raise ConfigError(f"entropy threshold={threshold!r} must be a number >= 0 (nats)")
+        self.threshold = float(threshold)
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum()
+        return bool(entropy <= self.threshold)
+
+    def describe(self) -> dict:
+        return {"controller": self.name, "threshold": self.threshold}
+
+
+class OracleExit(ExitController):
+    """The first exit point whose prediction equals the final layer's (l_opt). It runs
+    every layer to know that, so it saves no compute: an upper bound for analysis."""
+
+    name = "oracle"
+    runs_all_layers = True
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:  # pragma: no cover - loop special-cases it
+        return False
+
+
+class PolicyExit(ExitController):
+    """An exported RL policy over the hidden state: exit when P(exit) >= threshold, where
+    P = softmax(policy(obs) / temperature)[exit]. Action 0 = continue, 1 = exit."""
+
+    name = "policy"
+
+    def __init__(self, policy: nn.Module, threshold: float, temperature: float = 1.0, observation: str = "normed",
+                 ignore_decision: bool = False):
+        self.policy = policy.eval()
+        self.threshold = _check_unit("policy threshold", threshold)
+        if not temperature > 0:
+            raise ConfigError(f"policy temperature={temperature!r} must be > 0")
+        self.temperature = float(temperature)
+        if observation not in ("raw", "normed"):
+            raise ConfigError(f"policy observation={observation!r}; use 'raw' or 'normed'")
+        self.observation = observation
+        self.needs_normed = observation == "normed"
+        # evaluate the policy but never exit: the A/B run that isolates the policy's cost
+        self.ignore_decision = ignore_decision
+        self.macs_per_check = sum(m.weight.numel() for m in policy.modules() if isinstance(m, nn.Linear))
+        self._param = next(policy.parameters(), None)
+
+    def check_layers(self, model) -> frozenset[int]:
+        hidden = getattr(self.policy, "hidden_size", None)
+        if hidden is not None and int(hidden) != model.hidden_size:
+            raise ConfigError(f"the policy expects hidden size {hidden} but the model has {model.hidden_size}; "
+                              "train the agent on this model's trajectory bank")
+        exits = getattr(self.policy, "exit_layers", None)
+        if exits is not None and list(exits) != list(model.exit_layers):
+            raise ConfigError(f"the policy was trained for exit layers {list(exits)} but the model has "
+                              f"{model.exit_layers}; train the agent for these exits or load the matching model")
+        return frozenset(model.exit_layers)
+
+    def exit_probability(self, obs: torch.Tensor) -> torch.Tensor:
+        if self._param is not None and (obs.device != self._param.device or obs.dtype != self._param.dtype):
+            obs = obs.to(device=self._param.device, dtype=self._param.dtype)
+        logits = self.policy(obs.reshape(-1, obs.shape[-1]))
+        return torch.softmax(logits.float() / self.temperature, dim=-1)[..., 1]
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        obs = (normed if self.observation == "normed" else hidden).float()
+        decision = bool(self.exit_probability(obs)[-1] >= self.threshold)
+        return decision and not self.ignore_decision
+
+    def describe(self) -> dict:
+        return {"controller": self.name, "threshold": self.threshold, "temperature": self.temperature,
+                "observation": self.observation, "ignore_decision": self.ignore_decision}

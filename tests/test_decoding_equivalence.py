@@ -1,0 +1,102 @@
+"""The decoding loop against HuggingFace and against a slow cache-free reference."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model
+from greencode.decoding import ExitController, FixedExit, NeverExit, generate
+
+
+class RandomExit(ExitController):
+    """Exits at a seeded random exit point (or not at all): varied exits for the tests."""
+
+    name = "random"
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def should_exit(self, layer, hidden, normed, logits):
+        return self.rng.random() < 0.4
+
+
+def test_never_exit_matches_hf_generate(family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(1)
+    for n in range(10):
+        prompt = torch.randint(3, VOCAB, (1, 3 + 2 * n), generator=g)
+        ref = model.hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, prompt.shape[1]:]
+        out = generate(model, prompt, NeverExit(), 16)
+        assert out.tokens == ref.tolist()
+        assert out.exit_layers == [model.final_layer] * 16
+        assert out.counters["layers_run"] == 15 * model.num_layers
+
+
+def test_final_layer_logits_match_hf_forward(family):
+    model = tiny_model(family)
+    x = torch.randint(3, VOCAB, (2, 11))
+    ours = model.exit_logits(x)
+    torch.testing.assert_close(ours[-1], model.hf(x).logits)
+    assert len(ours) == len(model.exit_points)
+
+
+def test_layer_k_decoding_is_norm_then_head(family):
+    model = tiny_model(family)
+    x = torch.randint(3, VOCAB, (1, 9))
+    hs = model.hf.model(x, output_hidden_states=True).hidden_states  # [emb, layer0, ..., normed final]
+    states = model.exit_hidden_states(x)
+    for point, layer in enumerate(model.exit_layers):
+        torch.testing.assert_close(states[point], hs[layer + 1])
+        if family == "llama":
+            hand = model.hf.lm_head(model.hf.model.norm(hs[layer + 1]))
+        else:
+            hand = model.hf.lm_head(model.hf.model.decoder.final_layer_norm(hs[layer + 1]))
+        torch.testing.assert_close(model.decode(states[point]), hand)
+
+
+def slow_reference_logits(model, tokens: list[int], exit_of_position: list[int]) -> torch.Tensor:
+    """Re-run the whole sequence without a cache: at layer j, positions whose token exited
+    earlier keep their exit hidden state (their K/V at layer j come from it: state
+    propagation), the others run the layer. Returns logits per position."""
+    ids = torch.tensor([tokens])
+    pos = torch.arange(len(tokens)).unsqueeze(0)
+    exits = torch.tensor(exit_of_position).view(1, -1, 1)
+    with torch.no_grad():
+        h = model.adapter.embed(ids, pos)
+        kw = model.adapter.layer_kwargs(h, pos)
+        for j, layer in enumerate(model.layers):
+            out = layer(h, attention_mask=None, **kw)  # sdpa: causal without a mask
+            out = out[0] if isinstance(out, tuple) else out
+            h = torch.where(exits >= j, out, h)
+        return model.decode(h)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_exits_match_cache_free_reference(family, seed):
+    model = tiny_model(family, num_layers=6, exit_layers=(0, 1, 2, 4))
+    prompt = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(seed)).tolist()[0]
+    out = generate(model, prompt, RandomExit(seed), 14, return_logits=True)
+    assert len(set(out.exit_layers)) > 2, "the test needs varied exits"
+    # generated token i (i >= 1) came from processing position len(prompt) + i - 1
+    seq = prompt + out.tokens[:-1]
+    exit_of_position = [model.final_layer] * len(prompt) + out.exit_layers[1:]
+    ref = slow_reference_logits(model, seq, exit_of_position)
+    for i in range(len(out.tokens)):
+        torch.testing.assert_close(out.logits[i], ref[len(prompt) - 1 + i], rtol=1e-4, atol=1e-4)
+    assert out.tokens == ref[len(prompt) - 1:].argmax(-1).tolist()
+    assert out.counters["kv_propagated_layers"] == sum(model.final_layer - e for e in out.exit_layers[1:])
+
+
+def test_reference_is_sensitive_to_the_cache(family):
+    """Negative control: an exact cache (deeper layers really run) differs from propagation,
+    so the reference test above would notice a loop that skipped or corrupted propagation."""
+    model = tiny_model(family, num_layers=6, exit_layers=(0, 1, 2, 4))
+    prompt = list(range(3, 12))
+    prop = generate(model, prompt, RandomExit(5), 10, return_logits=True)
+    exact = generate(model, prompt, RandomExit(5), 10, return_logits=True, kv_strategy="compute")
+    assert prop.exit_layers == exact.exit_layers and len(set(prop.exit_layers)) > 2
+    assert not torch.allclose(torch.stack(prop.logits[2:]), torch.stack(exact.logits[2:]), atol=1e-4)
+    assert exact.counters["layers_run"] == 9 * model.num_layers
+    fixed = generate(model, prompt, FixedExit(1), 10)
+    assert fixed.exit_layers[1:] == [1] * 9 and fixed.counters["layers_run"] == 9 * 2
