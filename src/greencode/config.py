@@ -120,8 +120,16 @@ class DataConfig:
     min_file_tokens: int = 20
     max_file_tokens: int = 20000
     max_files: Optional[int] = None  # cap on files used (null = all)
+    # local corpus only: fnmatch patterns on the path inside local_path to leave out
+    # (site-packages / dist-packages are always left out)
+    exclude: list[str] = field(default_factory=list)
+    # local corpus only: skip files the language's parser rejects (python: ast of the
+    # running interpreter, java: tree-sitter-java); false keeps every file that lexes
+    syntax_check: bool = True
+    num_workers: int = 0  # processes for the local corpus build; 0 = min(cpu count, 8)
 
     def validate(self, path: str) -> None:
+        _check_range(f"{path}.num_workers", self.num_workers, 0, None)
         _check_range(f"{path}.validation_fraction", self.validation_fraction, 0.0, 0.5)
         _check_range(f"{path}.test_fraction", self.test_fraction, 0.0, 0.5)
         _check_range(f"{path}.min_file_tokens", self.min_file_tokens, 0, None)
@@ -139,9 +147,11 @@ class TokenizerConfig:
     path: Optional[str] = None
     vocab_size: int = 4096
     min_frequency: int = 2
+    max_train_chars: int = 5_000_000  # BPE training text cap (train records in a seeded order)
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.vocab_size", self.vocab_size, 300, None)
+        _check_range(f"{path}.max_train_chars", self.max_train_chars, 1000, None)
 
 
 @dataclass
