@@ -1,0 +1,241 @@
+"""PPO training of the exit agent on the trajectory bank, export and analysis data.
+
+``train_agent(cfg)`` builds (or reuses) the bank, trains Stable-Baselines3 PPO
+(``MlpPolicy``, the paper's Table III defaults in :class:`greencode.config.PPOConfig`,
+linear learning-rate decay to 0) on :class:`~greencode.rl.env.ExitEnv` over the
+training sequences, and writes:
+
+* ``runs/<name>/agent/``: ``config.yaml``, ``run_info.json``, ``command.txt``, SB3
+  ``Monitor`` files (``monitor/<rank>.monitor.csv``), ``logs/progress.csv`` and
+  TensorBoard event files, ``checkpoints/`` (every ``rl.ppo.checkpoint_freq`` steps),
+  ``ppo_final.zip`` and the exported ``policy.pt``;
+* ``results/<name>/rl/``: ``analysis.json`` (optimal-exit histogram = Fig. 7, exit
+  accuracy on the held-out sequences at several thresholds, training summary),
+  ``episode_rewards.csv`` (mean step reward per episode = Fig. 6, binned to at most
+  1000 rows) and ``progress.csv`` (a copy of SB3's log);
+* ``results/benchmark/rl_env_<name>.json``: environment steps/s on the bank and the PPO
+  wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from greencode.config import Config, ConfigError
+from greencode.rl.bank import TrajectoryBank
+from greencode.rl.env import ExitEnv
+from greencode.rl.policy import evaluate_agent_on_bank, exit_metrics, export_policy, from_sb3
+from greencode.utils import run_metadata, set_seed, write_json
+
+log = logging.getLogger(__name__)
+
+MID_THRESHOLD = 0.5
+
+
+def benchmark_env(bank: TrajectoryBank, reward_cfg=None, steps: int = 100_000, seed: int = 0,
+                  max_seconds: float = 3.0) -> dict[str, Any]:
+    """Environment steps per second with random actions on ``bank`` (numpy only)."""
+    env = ExitEnv(bank, reward_cfg, seed=seed)
+    actions = np.random.default_rng(seed).integers(0, 2, size=steps)
+    env.reset(seed=seed)
+    episodes = 0
+    t0 = time.perf_counter()
+    n = 0
+    for a in actions:
+        _, _, terminated, truncated, _ = env.step(a)
+        n += 1
+        if terminated or truncated:
+            env.reset()
+            episodes += 1
+        if n % 4096 == 0 and time.perf_counter() - t0 > max_seconds:
+            break
+    dt = time.perf_counter() - t0
+    return {"env_steps": n, "env_time_s": dt, "env_steps_per_s": n / dt, "episodes": episodes}
+
+
+def make_vec_env(bank: TrajectoryBank, cfg: Config, monitor_dir: Optional[Path] = None):
+    from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    reward_cfg = cfg.rl.reward
+    return sb3_make_vec_env(lambda: ExitEnv(bank, reward_cfg), n_envs=cfg.rl.ppo.n_envs, seed=cfg.seed,
+                            monitor_dir=str(monitor_dir) if monitor_dir else None,
+                            vec_env_cls=SubprocVecEnv if cfg.rl.ppo.vec_env == "subproc" else DummyVecEnv)
+
+
+def make_ppo(env, cfg: Config, tensorboard: bool = True, log_dir: Optional[Path] = None):
+    """SB3 PPO from ``cfg.rl.ppo`` (logger: CSV + TensorBoard in ``log_dir``)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.utils import LinearSchedule
+
+    p = cfg.rl.ppo
+    rollout = p.n_steps * p.n_envs
+    if p.batch_size > rollout:
+        raise ConfigError(f"rl.ppo.batch_size={p.batch_size} is larger than one rollout "
+                          f"(rl.ppo.n_steps * rl.ppo.n_envs = {rollout}); lower it or raise n_steps")
+    if p.batch_size < 2:
+        raise ConfigError("rl.ppo.batch_size must be >= 2 (advantage normalisation)")
+    lr = LinearSchedule(p.learning_rate, 0.0, 1.0) if p.lr_schedule == "linear" else p.learning_rate
+    model = PPO("MlpPolicy", env, learning_rate=lr, n_steps=p.n_steps, batch_size=p.batch_size,
+                n_epochs=p.n_epochs, gamma=p.gamma, gae_lambda=p.gae_lambda, ent_coef=p.ent_coef,
+                clip_range=p.clip_range, policy_kwargs={"net_arch": list(p.net_arch)}, seed=cfg.seed,
+                device=p.device, verbose=0)
+    if log_dir is not None:
+        formats = ["csv"] + (["tensorboard"] if tensorboard else [])
+        model.set_logger(configure(str(log_dir), formats))
+    return model
+
+
+def _episode_curve(monitor_dir: Path, max_rows: int = 1000) -> list[dict[str, float]]:
+    """Mean step reward per episode (reward / length) in time order, binned to ``max_rows``."""
+    from stable_baselines3.common.monitor import load_results
+
+    try:
+        df = load_results(str(monitor_dir))
+    except Exception:  # noqa: BLE001 - no finished episode yet
+        return []
+    if df.empty:
+        return []
+    df = df.sort_values("t").reset_index(drop=True)
+    mean_step = (df["r"] / df["l"]).to_numpy()
+    steps = df["l"].cumsum().to_numpy()
+    n = len(df)
+    bins = np.array_split(np.arange(n), min(max_rows, n))
+    return [{"episode": int(b[-1]) + 1, "timesteps": int(steps[b[-1]]), "episodes_in_bin": int(len(b)),
+             "mean_step_reward": float(mean_step[b].mean()), "episode_return": float(df["r"].to_numpy()[b].mean()),
+             "episode_length": float(df["l"].to_numpy()[b].mean())} for b in bins]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    from greencode.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
+
+def analyse_policy(policy, bank: TrajectoryBank, cfg: Config, thresholds=None) -> dict[str, Any]:
+    """Exit accuracy of ``policy`` on ``bank`` at several thresholds, plus the oracle
+    (exit at l_opt) and the full model as references."""
+    thresholds = thresholds or sorted({MID_THRESHOLD, *cfg.eval.gc_thresholds})
+    temp = cfg.decoding.policy_temperature
+    e = bank.n_exit_points
+    return {
+        "thresholds": [evaluate_agent_on_bank(policy, bank, t, temp, cfg.rl.reward) for t in thresholds],
+        "oracle": exit_metrics(bank.l_opt.astype(np.int64), bank, cfg.rl.reward),
+        "full_model": exit_metrics(np.full(bank.num_tokens, e, dtype=np.int64), bank, cfg.rl.reward),
+    }
+
+
+def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = None, *,
+                progress_bar: bool = True, tensorboard: bool = True) -> Path:
+    """Train the PPO exit agent and write everything listed in the module docstring.
+    ``bank`` (a TrajectoryBank or a bank directory) skips building/reusing the run's bank.
+    Returns the exported policy path."""
+    from stable_baselines3.common.callbacks import CheckpointCallback
+
+    from greencode.cli import save_run_info
+    from greencode.paths import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    if bank is None:
+        from greencode.rl.build import build_bank
+
+        bank = build_bank(cfg)
+    if not isinstance(bank, TrajectoryBank):
+        bank = TrajectoryBank.load(bank, observation=cfg.rl.observation)
+    elif bank.observation is not None and bank.observation != cfg.rl.observation:
+        raise ValueError(f"the bank holds {bank.observation!r} observations but rl.observation="
+                         f"{cfg.rl.observation!r}; rebuild the bank with scripts/build_bank.py")
+    set_seed(cfg.seed)
+    has_heldout = bool(bank.heldout.any()) and not bool(bank.heldout.all())
+    train_bank = bank.sequences(heldout=False) if has_heldout else bank
+    heldout_bank = bank.sequences(heldout=True) if has_heldout else None
+
+    agent_dir = paths.agent
+    for sub in ("monitor", "logs", "checkpoints"):  # a fresh run: no files mixed in from an older one
+        shutil.rmtree(agent_dir / sub, ignore_errors=True)
+    save_run_info(agent_dir, cfg, "rl", bank=bank.manifest.get("path", "in-memory"), bank_tokens=bank.num_tokens,
+                  bank_sequences=bank.num_sequences)
+
+    env_speed = benchmark_env(train_bank, cfg.rl.reward, seed=cfg.seed)
+    log.info("environment: %.0f steps/s on the bank (numpy only)", env_speed["env_steps_per_s"])
+
+    p = cfg.rl.ppo
+    env = make_vec_env(train_bank, cfg, monitor_dir=agent_dir / "monitor")
+    model = make_ppo(env, cfg, tensorboard=tensorboard, log_dir=agent_dir / "logs")
+    ckpt = CheckpointCallback(save_freq=max(p.checkpoint_freq // p.n_envs, 1), save_path=str(agent_dir / "checkpoints"),
+                              name_prefix="ppo")
+    log.info("PPO: %d timesteps, %d env(s), n_steps %d, batch %d, epochs %d, lr %g (%s), net %s",
+             p.total_timesteps, p.n_envs, p.n_steps, p.batch_size, p.n_epochs, p.learning_rate, p.lr_schedule,
+             p.net_arch)
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=p.total_timesteps, callback=ckpt, progress_bar=progress_bar)
+    wall_s = time.perf_counter() - t0
+    env.close()
+    trained_steps = int(model.num_timesteps)
+    log.info("PPO finished: %d timesteps in %.1f s (%.0f steps/s)", trained_steps, wall_s, trained_steps / wall_s)
+    model.save(agent_dir / "ppo_final.zip")
+
+    fp = bank.manifest.get("fingerprint", {"hidden_size": bank.hidden_size, "exit_layers": bank.exit_layers})
+    metadata = {"observation": bank.observation or cfg.rl.observation, "exit_layers": bank.exit_layers,
+                "final_layer": bank.manifest.get("final_layer"), "hidden_size": bank.hidden_size,
+                "fingerprint": fp, "model": bank.manifest.get("model"), "config_name": cfg.name, "seed": cfg.seed,
+                "total_timesteps": trained_steps, "reward": cfg.section_dict("rl")["rl"]["reward"],
+                "preprocessing": f"greencode.decoding.policy_observation(model, h, {cfg.rl.observation!r}), float32"}
+    policy_path = export_policy(model, paths.policy, metadata)
+    policy = from_sb3(model, metadata)
+
+    # ------------------------------------------------------------------ analysis data
+    out_dir = paths.results_rl
+    curve = _episode_curve(agent_dir / "monitor")
+    _write_csv(out_dir / "episode_rewards.csv", curve)
+    progress = agent_dir / "logs" / "progress.csv"
+    if progress.is_file():
+        shutil.copyfile(progress, out_dir / "progress.csv")
+    eval_bank = heldout_bank if heldout_bank is not None else train_bank
+    analysis = {
+        "meta": run_metadata(cfg, stage="rl"),
+        "policy": str(policy_path),
+        "bank": {"num_sequences": bank.num_sequences, "num_tokens": bank.num_tokens,
+                 "n_exit_points": bank.n_exit_points, "hidden_size": bank.hidden_size,
+                 "exit_layers": bank.exit_layers, "final_layer": bank.manifest.get("final_layer"),
+                 "observation": bank.observation, "heldout_sequences": int(bank.heldout.sum())},
+        "optimal_exit_histogram": {"train": train_bank.l_opt_histogram(),
+                                   "heldout": heldout_bank.l_opt_histogram() if heldout_bank is not None else None},
+        "exit_accuracy": {"bank": "heldout" if heldout_bank is not None else "train (no held-out sequences)",
+                          "temperature": cfg.decoding.policy_temperature,
+                          **analyse_policy(policy, eval_bank, cfg)},
+        "training": {"total_timesteps": trained_steps, "wall_time_s": wall_s,
+                     "steps_per_s": trained_steps / wall_s, "episodes": sum(r["episodes_in_bin"] for r in curve),
+                     "final_mean_step_reward": curve[-1]["mean_step_reward"] if curve else None,
+                     "first_mean_step_reward": curve[0]["mean_step_reward"] if curve else None},
+    }
+    write_json(out_dir / "analysis.json", analysis)
+    bench = {"meta": run_metadata(cfg, stage="rl_env_benchmark"),
+             "bank_shape": {"num_tokens": train_bank.num_tokens, "n_exit_points": train_bank.n_exit_points,
+                            "hidden_size": train_bank.hidden_size},
+             **env_speed,
+             "ppo_total_timesteps": trained_steps, "ppo_wall_time_s": wall_s,
+             "ppo_steps_per_s": trained_steps / wall_s, "n_envs": p.n_envs, "vec_env": p.vec_env,
+             "ppo_device": p.device}
+    write_json(paths.results.parent / "benchmark" / f"rl_env_{cfg.name}.json", bench)
+    mid = next((r for r in analysis["exit_accuracy"]["thresholds"] if r["threshold"] == MID_THRESHOLD), None)
+    if mid:
+        log.info("agent at threshold %.2f on the %s bank: %.1f%% of tokens exit before the final layer, "
+                 "%.1f%% agree with the full model, %.1f%% at l_opt", MID_THRESHOLD,
+                 analysis["exit_accuracy"]["bank"], 100 * mid["share_exit_before_final"],
+                 100 * mid["agreement_with_final"], 100 * mid["share_at_l_opt"])
+    return policy_path

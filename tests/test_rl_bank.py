@@ -1,0 +1,120 @@
+"""Trajectory bank: building on a tiny random model, storage, reuse and mismatch errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model
+from greencode.config import config_from_dict
+from greencode.decoding import NeverExit, generate, policy_observation
+from greencode.rl import TrajectoryBank, build_bank, bytes_per_token, synthetic_bank
+
+
+class CharTokenizer:
+    """A tiny stand-in tokenizer: one id per character."""
+
+    eos_token_id = None
+
+    def __call__(self, text):
+        return {"input_ids": [3 + (ord(c) % (VOCAB - 3)) for c in text]}
+
+
+def corpus(n=12):
+    rng = np.random.default_rng(0)
+    words = ["def", "f", "(", ")", ":", "return", "x", "+", "1", "<EOL>", "import", "os"]
+    return [{"code": ["<s>"] + list(rng.choice(words, size=int(rng.integers(8, 20)))) + ["</s>"]} for _ in range(n)]
+
+
+def tiny_cfg(tmp_path, **bank):
+    return config_from_dict({"name": "t", "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "res"),
+                             "rl": {"observation": bank.pop("observation", "normed"),
+                                    "bank": {"num_sequences": 6, "tokens_per_sequence": 5, "heldout_fraction": 0.34,
+                                             **bank}}})
+
+
+def test_build_bank_records_hidden_states_and_predictions(tmp_path):
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    cfg = tiny_cfg(tmp_path)
+    path = build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=corpus())
+    bank = TrajectoryBank.load(path, model)
+    assert bank.num_sequences == 6 and bank.num_tokens == 30
+    assert bank.obs.dtype == np.float16 and bank.obs.shape == (30, 2, model.hidden_size)
+    assert bank.preds.shape == (30, 3) and bank.heldout.sum() == 2
+    m = bank.manifest
+    assert m["exit_layers"] == [1, 2] and m["final_layer"] == 3 and m["observation"] == "normed"
+    assert m["bytes_per_token"] == bytes_per_token(2, 64) and m["fingerprint"]["weights_sha256"]
+    # the final layer's prediction is the greedy full-model token (the label)
+    assert np.array_equal(bank.preds[:, -1], bank.tokens)
+    # recompute sequence 0 by hand: generate with the full model, then decode each exit point
+    ctx_len = m["context_lengths"][0]
+    text = " ".join(corpus()[int(np.random.default_rng(cfg.seed).permutation(12)[0])]["code"][1:-1])
+    ids = CharTokenizer()(text)["input_ids"][:ctx_len]
+    res = generate(model, ids, NeverExit(), max_new_tokens=5)
+    assert res.tokens == bank.tokens[:5].tolist()
+    with torch.no_grad():
+        hs = model.exit_hidden_states(torch.tensor([ids + res.tokens[:-1]]))
+        first = policy_observation(model, hs[1][0, len(ids) - 1], "normed")  # token 0, exit point 1 (layer 2)
+        pred0 = [int(model.decode(h[0, len(ids) - 1]).argmax()) for h in hs]
+    np.testing.assert_allclose(bank.obs[0, 1].astype(np.float32), first.numpy(), rtol=1e-2, atol=1e-2)
+    assert bank.preds[0].tolist() == pred0
+
+
+def test_bank_is_reused_only_when_everything_matches(tmp_path):
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    cfg = tiny_cfg(tmp_path)
+    path = build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=corpus())
+    stamp = (path / "obs.npy").stat().st_mtime_ns
+    build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=corpus())
+    assert (path / "obs.npy").stat().st_mtime_ns == stamp  # reused
+    raw = tiny_cfg(tmp_path, observation="raw")
+    build_bank(raw, model=model, tokenizer=CharTokenizer(), dataset=corpus())
+    assert TrajectoryBank.load(path).observation == "raw"  # rebuilt for the other preprocessing
+    other = tiny_model("llama", num_layers=4, exit_layers=(0, 2))
+    build_bank(raw, model=other, tokenizer=CharTokenizer(), dataset=corpus())
+    assert TrajectoryBank.load(path).exit_layers == [0, 2]  # rebuilt for the other exits
+
+
+def test_max_tokens_caps_the_bank(tmp_path):
+    model = tiny_model("opt", num_layers=4, exit_layers=(1, 2))
+    cfg = tiny_cfg(tmp_path, max_tokens=12, observation="raw")
+    bank = TrajectoryBank.load(build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=corpus()))
+    assert bank.num_tokens == 12 and bank.num_sequences == 3
+
+
+def test_loading_against_another_model_or_exits_fails_clearly(tmp_path):
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    path = build_bank(tiny_cfg(tmp_path), model=model, tokenizer=CharTokenizer(), dataset=corpus(6))
+    with pytest.raises(ValueError, match="exit points .*rebuild the bank"):
+        TrajectoryBank.load(path, tiny_model("llama", num_layers=4, exit_layers=(0, 2)))
+    with pytest.raises(ValueError, match="hidden_size 64, but this model has 32"):
+        TrajectoryBank.load(path, tiny_model("llama", num_layers=4, exit_layers=(1, 2), hidden_size=32))
+    with pytest.raises(ValueError, match="other model weights"):
+        TrajectoryBank.load(path, tiny_model("llama", num_layers=4, exit_layers=(1, 2), seed=5))
+    with pytest.raises(ValueError, match="'normed' observations but rl.observation='raw'"):
+        TrajectoryBank.load(path, observation="raw")
+    with pytest.raises(FileNotFoundError, match="build_bank.py"):
+        TrajectoryBank.load(tmp_path / "nope")
+
+
+def test_save_load_roundtrip_and_heldout_split(tmp_path):
+    bank = synthetic_bank(num_sequences=10, tokens_per_sequence=4, n_exit_points=3, hidden_size=8,
+                          heldout_fraction=0.3)
+    bank.save(tmp_path / "b")
+    back = TrajectoryBank.load(tmp_path / "b")
+    for name in ("obs", "preds", "l_opt", "tokens", "offsets", "heldout"):
+        assert np.array_equal(getattr(back, name), getattr(bank, name))
+    train, held = back.sequences(heldout=False), back.sequences(heldout=True)
+    assert (train.num_sequences, held.num_sequences) == (7, 3) and train.num_tokens + held.num_tokens == 40
+    seq = int(np.flatnonzero(bank.heldout)[0])
+    assert np.array_equal(held.obs[:4], bank.obs[bank.offsets[seq]:bank.offsets[seq + 1]])
+    assert sum(back.l_opt_histogram()["count"]) == 40
+
+
+def test_inconsistent_arrays_are_rejected():
+    bank = synthetic_bank(num_sequences=3, tokens_per_sequence=2, n_exit_points=2, hidden_size=4)
+    with pytest.raises(ValueError, match="l_opt does not equal"):
+        TrajectoryBank(obs=bank.obs, preds=bank.preds, l_opt=(bank.l_opt + 1) % 3, tokens=bank.tokens,
+                       offsets=bank.offsets, heldout=bank.heldout, manifest={})
+    with pytest.raises(ValueError, match="offsets"):
+        TrajectoryBank(obs=bank.obs, preds=bank.preds, l_opt=bank.l_opt, tokens=bank.tokens,
+                       offsets=np.array([0, 2, 2, 6]), heldout=bank.heldout, manifest={})

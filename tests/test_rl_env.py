@@ -1,0 +1,111 @@
+"""ExitEnv: transitions, rewards, episode length and termination, seeding, check_env."""
+
+import warnings
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from greencode.config import RewardConfig
+from greencode.rl import CONTINUE, EXIT, ExitEnv, TrajectoryBank, synthetic_bank
+
+CFG = RewardConfig(alpha=0.5, beta=1.0, gamma=1.0, epsilon=1.0)
+
+
+def hand_bank() -> TrajectoryBank:
+    """Two sequences (2 and 3 tokens), E = 2 early exit points, H = 3.
+    obs[t, e] is filled with 10 * t + e so the test can see where the env is."""
+    preds = np.array([[4, 9, 9],    # t0: l_opt 1
+                      [9, 9, 9],    # t1: l_opt 0
+                      [1, 2, 9],    # t2: l_opt 2 (no early exit agrees)
+                      [9, 1, 9],    # t3: l_opt 0, exit point 1 disagrees again
+                      [3, 3, 3]])   # t4: l_opt 0
+    n, e, h = 5, 2, 3
+    obs = np.zeros((n, e, h), np.float32) + (10 * np.arange(n)[:, None, None] + np.arange(e)[None, :, None])
+    return TrajectoryBank.from_arrays(obs, preds, [0, 2, 5], manifest={"exit_layers": [1, 2], "final_layer": 3})
+
+
+def test_l_opt_from_bank():
+    assert hand_bank().l_opt.tolist() == [1, 0, 2, 0, 0]
+
+
+def test_scripted_episode_observations_rewards_and_termination():
+    env = ExitEnv(hand_bank(), CFG)
+    obs, info = env.reset(seed=0, options={"sequence": 1})   # tokens t2, t3, t4
+    assert info["sequence"] == 1 and obs[0] == 20
+    # t2 (l_opt = final = 2): continue at 0 -> +1, continue at 1 (last exit point) -> +1 (full model)
+    obs, r, term, trunc, info = env.step(CONTINUE)
+    assert (r, term, trunc, obs[0]) == (1.0, False, False, 21)
+    obs, r, term, trunc, info = env.step(CONTINUE)
+    assert (r, term, obs[0]) == (1.0, False, 30) and info["exit_point"] == 2 and info["agrees"]
+    # t3 (l_opt 0): continue at 0 -> -(1 - 0)/2 * gamma = -0.5 ; exit at 1 (wrong, late) -> -epsilon
+    obs, r, term, _, _ = env.step(CONTINUE)
+    assert r == pytest.approx(-0.5) and obs[0] == 31
+    obs, r, term, _, info = env.step(EXIT)
+    assert r == pytest.approx(-1.0) and obs[0] == 40 and info == {"token_done": True, "exit_point": 1, "l_opt": 0,
+                                                                  "agrees": False}
+    # t4 (l_opt 0): exit at 0 -> +1, the last token: terminated
+    obs, r, term, trunc, _ = env.step(EXIT)
+    assert (r, term, trunc) == (1.0, True, False)
+    assert env.observation_space.contains(obs)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(EXIT)
+
+
+def test_wrong_early_exit_and_continue_at_last_point():
+    env = ExitEnv(hand_bank(), CFG)
+    env.reset(options={"sequence": 0})  # t0 (l_opt 1), t1 (l_opt 0)
+    _, r, _, _, _ = env.step(EXIT)   # t0 exit at 0, wrong, early by 1 -> -beta * 1/2
+    assert r == pytest.approx(-0.5)
+    _, r, _, _, _ = env.step(CONTINUE)  # t1 at 0, l_opt 0 -> -gamma * 1/2
+    assert r == pytest.approx(-0.5)
+    _, r, term, _, info = env.step(CONTINUE)  # t1 at 1 (last exit point) -> -gamma * (2 - 0)/2 = -1, to final
+    assert r == pytest.approx(-1.0) and term and info["exit_point"] == 2
+
+
+@pytest.mark.parametrize("action, steps_per_token", [(EXIT, 1), (CONTINUE, 4)])
+def test_episode_length(action, steps_per_token):
+    bank = synthetic_bank(num_sequences=5, tokens_per_sequence=7, n_exit_points=4, hidden_size=8)
+    env = ExitEnv(bank, CFG, seed=3)
+    for _ in range(3):
+        env.reset()
+        steps, term = 0, False
+        while not term:
+            _, _, term, trunc, _ = env.step(action)
+            assert not trunc
+            steps += 1
+        assert steps == 7 * steps_per_token
+
+
+def test_seeded_reset_is_reproducible():
+    bank = synthetic_bank(num_sequences=50, tokens_per_sequence=3, n_exit_points=2, hidden_size=4)
+    a, b = ExitEnv(bank, CFG), ExitEnv(bank, CFG)
+    seqs_a = [a.reset(seed=7)[1]["sequence"]] + [a.reset()[1]["sequence"] for _ in range(10)]
+    seqs_b = [b.reset(seed=7)[1]["sequence"]] + [b.reset()[1]["sequence"] for _ in range(10)]
+    assert seqs_a == seqs_b and len(set(seqs_a)) > 1
+
+
+def test_bad_action_and_step_before_reset():
+    env = ExitEnv(hand_bank(), CFG)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(EXIT)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="continue"):
+        env.step(2)
+
+
+def test_check_env_passes():
+    env = ExitEnv(synthetic_bank(num_sequences=4, tokens_per_sequence=5, n_exit_points=3, hidden_size=16), CFG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from the checker either, except the spec note
+        warnings.filterwarnings("ignore", message=".*spec.*")
+        check_env(env, skip_render_check=True)
+
+
+def test_observation_is_a_float32_copy():
+    env = ExitEnv(hand_bank(), CFG)
+    obs, _ = env.reset(seed=0, options={"sequence": 0})
+    assert obs.dtype == np.float32 and obs.shape == (3,)
+    obs[:] = 123
+    obs2, _ = env.reset(seed=0, options={"sequence": 0})
+    assert obs2[0] == 0

@@ -1,0 +1,91 @@
+"""Equations 2 and 3 of the paper, every case, with hand-computed values.
+
+E = 4 early exit points (indices 0..3), index 4 = the final layer; distances are divided
+by E = 4. alpha/beta/gamma/epsilon are all different so a swapped coefficient shows.
+"""
+
+import numpy as np
+import pytest
+
+from greencode.config import RewardConfig
+from greencode.rl import optimal_exit, reward_continue, reward_exit, reward_tables
+
+E = 4
+CFG = RewardConfig(alpha=0.3, beta=0.6, gamma=0.8, epsilon=0.9)
+
+
+@pytest.mark.parametrize("l, l_opt, correct, expected", [
+    (1, 1, True, 1.0),                # correct at l_opt
+    (0, 0, True, 1.0),                # correct at the first exit point
+    (3, 3, True, 1.0),                # l_opt at the last exit point, exit there
+    (3, 1, True, -0.3 * 2 / 4),       # correct but late by 2 -> -0.15
+    (2, 0, True, -0.3 * 2 / 4),
+    (0, 3, False, -0.6 * 3 / 4),      # wrong and early by 3 -> -0.45
+    (2, 3, False, -0.6 * 1 / 4),      # l_opt at the last exit point, one too early -> -0.15
+    (0, 4, False, -0.6 * 4 / 4),      # no exit agrees (l_opt = final): exiting first is the worst -> -0.6
+    (3, 4, False, -0.6 * 1 / 4),      # no exit agrees, exit at the last exit point -> -0.15
+    (2, 1, False, -0.9),              # wrong and late (an earlier exit agreed): -epsilon
+])
+def test_reward_exit_cases(l, l_opt, correct, expected):
+    assert reward_exit(l, l_opt, correct, E, CFG) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("l, l_opt, expected", [
+    (0, 2, 1.0),                      # before l_opt: continuing is right
+    (2, 3, 1.0),
+    (3, 4, 1.0),                      # no exit agrees: continuing at the last exit point to the final is right
+    (2, 2, -0.8 * (3 - 2) / 4),       # at l_opt, continuing goes one too far -> -0.2
+    (3, 3, -0.8 * (4 - 3) / 4),       # l_opt at the last exit point; l_next is the final layer -> -0.2
+    (3, 1, -0.8 * (4 - 1) / 4),       # last exit point, continuing to the final layer -> -0.6
+    (1, 0, -0.8 * (2 - 0) / 4),       # -0.4
+])
+def test_reward_continue_cases(l, l_opt, expected):
+    assert reward_continue(l, l_opt, E, CFG) == pytest.approx(expected)
+
+
+def test_penalties_are_scaled_into_minus_one_zero_and_positive_rewards_stay_one():
+    worst = RewardConfig(alpha=1.0, beta=1.0, gamma=1.0, epsilon=1.0)
+    assert reward_exit(0, E, False, E, worst) == pytest.approx(-1.0)        # largest early distance
+    assert reward_continue(E - 1, 0, E, worst) == pytest.approx(-1.0)       # largest continue distance
+    assert reward_exit(E - 1, 0, True, E, worst) == pytest.approx(-(E - 1) / E)
+    values = [reward_exit(l, lo, c, E, worst) for l in range(E) for lo in range(E + 1) for c in (True, False)]
+    values += [reward_continue(l, lo, E, worst) for l in range(E) for lo in range(E + 1)]
+    assert all(v == 1.0 or -1.0 <= v <= 0.0 for v in values)
+    assert max(values) == 1.0
+
+
+def test_paper_coefficients_java_and_python():
+    java = RewardConfig(alpha=0.5, beta=1.0, gamma=1.0, epsilon=1.0)
+    py = RewardConfig(alpha=0.5, beta=0.5, gamma=0.5, epsilon=1.0)
+    assert reward_exit(0, 2, False, E, java) == pytest.approx(-0.5)
+    assert reward_exit(0, 2, False, E, py) == pytest.approx(-0.25)
+    assert reward_continue(2, 2, E, py) == pytest.approx(-0.125)
+
+
+def test_decisions_only_at_early_exit_points():
+    with pytest.raises(ValueError, match="final layer"):
+        reward_exit(E, 1, True, E, CFG)
+    with pytest.raises(ValueError, match="final layer"):
+        reward_continue(E, 1, E, CFG)
+    with pytest.raises(ValueError, match="l_opt"):
+        reward_exit(0, E + 1, True, E, CFG)
+
+
+def test_optimal_exit_first_agreeing_point_or_final():
+    preds = np.array([[5, 7, 7, 7, 7],     # agrees from 1
+                      [7, 5, 7, 5, 7],     # first agreement at 0 even though 1 disagrees
+                      [1, 2, 3, 7, 7],     # l_opt at the last exit point
+                      [1, 2, 3, 4, 7]])    # none agrees -> final (4)
+    assert optimal_exit(preds).tolist() == [1, 0, 3, 4]
+
+
+def test_reward_tables_equal_the_scalar_functions():
+    rng = np.random.default_rng(0)
+    preds = rng.integers(0, 3, size=(400, E + 1))
+    l_opt = optimal_exit(preds)
+    r_exit, r_cont = reward_tables(preds, l_opt, CFG)
+    for i in range(len(preds)):
+        for l in range(E):
+            correct = bool(preds[i, l] == preds[i, E])
+            assert r_exit[i, l] == pytest.approx(reward_exit(l, int(l_opt[i]), correct, E, CFG), abs=1e-6)
+            assert r_cont[i, l] == pytest.approx(reward_continue(l, int(l_opt[i]), E, CFG), abs=1e-6)
