@@ -100,3 +100,21 @@ def test_reference_is_sensitive_to_the_cache(family):
     assert exact.counters["layers_run"] == 9 * model.num_layers
     fixed = generate(model, prompt, FixedExit(1), 10)
     assert fixed.exit_layers[1:] == [1] * 9 and fixed.counters["layers_run"] == 9 * 2
+
+
+def test_fused_propagation_equals_per_layer_projection(family):
+    model = tiny_model(family, num_layers=6, exit_layers=(0, 1, 2, 4))
+    for layer in model.layers:  # non-trivial norm affine parameters
+        for p in layer.parameters():
+            if p.dim() == 1:
+                torch.nn.init.normal_(p, 1.0, 0.3)
+    h = torch.randn(1, 3, model.hidden_size) * 3
+    pos = torch.tensor([[7, 8, 9]])
+    kw = model.adapter.layer_kwargs(h, pos)
+    for start in (1, 3, 5):
+        fused = model.adapter.propagate(start, h, kw)
+        assert len(fused) == model.num_layers - start
+        for j, (k, v) in enumerate(fused, start=start):
+            k_ref, v_ref = model.adapter.kv_for_layer(j, h, kw)
+            torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)

@@ -185,8 +185,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
                 logits = model.decode(h)
                 c["lm_head_calls"] += 1
             if kv_strategy == "propagate":
-                for j in range(exit_at + 1, len(layers)):
-                    k, v = adapter.kv_for_layer(j, h, lkw)
+                for j, (k, v) in enumerate(adapter.propagate(exit_at + 1, h, lkw), start=exit_at + 1):
                     cache.update(k, v, j)
                     c["kv_propagated_layers"] += 1
             else:  # compute: run the deeper layers for an exact cache, discard their output

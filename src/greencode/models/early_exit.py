@@ -62,6 +62,45 @@ class FamilyAdapter:
         (state propagation): ``[B, kv_heads, T, head_dim]`` each, rotary applied."""
         raise NotImplementedError
 
+    # fused state propagation: one matmul fills the K/V of every deeper layer
+    def _standardize(self, h: torch.Tensor) -> torch.Tensor:
+        """The input norm without its affine part (that is folded into the weights)."""
+        raise NotImplementedError
+
+    def _fold(self, layer_idx: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """K and V projections of one layer with its input norm's affine folded in:
+        ``[k; v] = W @ standardize(h) + b``."""
+        raise NotImplementedError
+
+    def _fused(self) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        ref = self.layers[0].self_attn.k_proj.weight
+        key = (ref.data_ptr(), ref._version, ref.dtype, ref.device)
+        cached = getattr(self, "_fused_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                parts = [self._fold(j) for j in range(self.num_layers)]
+                w = torch.cat([p[0] for p in parts]).contiguous()
+                b = None if parts[0][1] is None else torch.cat([p[1] for p in parts]).contiguous()
+            cached = (key, w, b, parts[0][0].shape[0])
+            self._fused_cache = cached
+        return cached[1], cached[2], cached[3]
+
+    def propagate(self, start: int, h: torch.Tensor, layer_kwargs: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V of layers ``start .. num_layers-1`` for hidden state ``h`` [B, T, H] in one
+        matmul (equal to :meth:`kv_for_layer` per layer up to float rounding)."""
+        w, b, rows = self._fused()
+        x = self._standardize(h)
+        out = nn.functional.linear(x, w[start * rows:], None if b is None else b[start * rows:])
+        n = self.num_layers - start
+        bsz, t = h.shape[0], h.shape[1]
+        head_dim = self.layers[0].self_attn.head_dim
+        out = out.view(bsz, t, n, 2, -1, head_dim).permute(2, 3, 0, 4, 1, 5)  # n, 2, B, heads, T, hd
+        k, v = self._position_keys(out[:, 0], layer_kwargs), out[:, 1]
+        return [(k[i], v[i]) for i in range(n)]
+
+    def _position_keys(self, k: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
+        return k
+
     # shape facts
     @property
     def num_layers(self) -> int:
@@ -111,6 +150,26 @@ class LlamaAdapter(FamilyAdapter):
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         return k, v
 
+    def _standardize(self, h):
+        norm = self.layers[0].input_layernorm
+        x = h.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return x.to(h.dtype)
+
+    def _fold(self, layer_idx):
+        layer = self.layers[layer_idx]
+        attn, w = layer.self_attn, layer.input_layernorm.weight
+        weight = torch.cat([attn.k_proj.weight * w, attn.v_proj.weight * w])
+        bias = None if attn.k_proj.bias is None else torch.cat([attn.k_proj.bias, attn.v_proj.bias])
+        return weight, bias
+
+    def _position_keys(self, k, layer_kwargs):
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        cos, sin = layer_kwargs["position_embeddings"]  # [B, T, hd] -> broadcast over layers and heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return (k * cos) + (rotate_half(k) * sin)
+
 
 class OPTAdapter(FamilyAdapter):
     family = "opt"
@@ -148,6 +207,24 @@ class OPTAdapter(FamilyAdapter):
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         return k, v
+
+    def _standardize(self, h):
+        layer = self.layers[0]
+        if not layer.do_layer_norm_before:
+            return h
+        return nn.functional.layer_norm(h, (h.shape[-1],), None, None, layer.self_attn_layer_norm.eps)
+
+    def _fold(self, layer_idx):
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        wk, wv = attn.k_proj.weight, attn.v_proj.weight
+        bk = attn.k_proj.bias if attn.k_proj.bias is not None else torch.zeros_like(wk[:, 0])
+        bv = attn.v_proj.bias if attn.v_proj.bias is not None else torch.zeros_like(wv[:, 0])
+        ln = layer.self_attn_layer_norm
+        if layer.do_layer_norm_before and ln.weight is not None:
+            bias = torch.cat([bk + wk @ ln.bias, bv + wv @ ln.bias]) if ln.bias is not None else torch.cat([bk, bv])
+            return torch.cat([wk * ln.weight, wv * ln.weight]), bias
+        return torch.cat([wk, wv]), torch.cat([bk, bv])
 
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {"llama": LlamaAdapter, "opt": OPTAdapter}
