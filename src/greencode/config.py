@@ -318,6 +318,9 @@ class EvalConfig:
     energy: str = field(default="auto", metadata=_choices("auto", "zeus", "time"))
     warmup_samples: int = 2
     overhead_ab: bool = True  # A/B run: policy evaluated but ignored vs. not evaluated
+    overhead_ab_threshold: Optional[float] = None  # GC threshold of the A/B run; null = the middle gc threshold
+    # 0-based draft exit layers for HF's assistant_early_exit (LayerSkip-style); null = every exit layer
+    hf_early_exit_layers: Optional[list[int]] = None
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
@@ -329,6 +332,9 @@ class EvalConfig:
                 _check_range(f"{path}.{k}", t, 0.0, 1.0)
         for t in self.entropy_thresholds:
             _check_range(f"{path}.entropy_thresholds", t, 0.0, None)
+        if self.overhead_ab_threshold is not None:
+            _check_range(f"{path}.overhead_ab_threshold", self.overhead_ab_threshold, 0.0, 1.0)
+        _check_range(f"{path}.warmup_samples", self.warmup_samples, 0, None)
         known = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "oracle", "gc", "hf_early_exit")
         for m in self.methods:
             if m not in known:
