@@ -12,6 +12,7 @@ every exit point's greedy prediction and the final layer's prediction.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,13 +31,24 @@ def _model_key(fp: dict) -> dict:
     return {k: v for k, v in fp.items() if k != "name_or_path"}
 
 
-def bank_key(cfg, model, num_records: Optional[int]) -> dict:
-    """What a bank depends on: reused only when all of it matches."""
+def bank_key(cfg, model) -> dict:
+    """What a bank depends on: reused only when all of it matches (model fingerprint, exit
+    layers, observation mode, corpus config and its manifest, bank config, seed)."""
+    from greencode.paths import RunPaths
+
+    corpus_manifest = RunPaths.from_config(cfg).corpus / "manifest.json"
+    corpus_id = None
+    if corpus_manifest.is_file():
+        try:
+            corpus_id = hashlib.sha256(corpus_manifest.read_bytes()).hexdigest()[:16]
+        except OSError:
+            corpus_id = None
     return json.loads(json.dumps({
         "model": _model_key(model.fingerprint()),
         "exit_layers": list(model.exit_layers),
         "observation": cfg.rl.observation,
-        "corpus": {**cfg.section_dict("data", "tokenizer"), "split": cfg.rl.bank.split, "num_records": num_records},
+        "corpus": {**cfg.section_dict("data", "tokenizer"), "split": cfg.rl.bank.split,
+                   "corpus_manifest_sha256": corpus_id},
         "bank": dataclasses.asdict(cfg.rl.bank),
         "seed": cfg.seed,
     }, default=str))
@@ -64,21 +76,26 @@ def _text(record: Any) -> str:
     return " ".join(code[1:-1]) if code and code[0] == "<s>" else " ".join(code)
 
 
-def _load_inputs(cfg, model, tokenizer, dataset):
+def _load_model(cfg, model):
+    if model is not None:
+        return model
+    from greencode.models import EarlyExitModel
+    from greencode.paths import RunPaths
+    from greencode.utils import setup_torch
+
+    device, dtype = setup_torch(cfg.hardware)
+    return EarlyExitModel.from_run_config(cfg, RunPaths.from_config(cfg).finetuned, device=device, dtype=dtype)
+
+
+def _load_data(cfg, tokenizer, dataset):
     from greencode.paths import RunPaths
 
-    paths = RunPaths.from_config(cfg)
-    if model is None:
-        from greencode.models import EarlyExitModel
-        from greencode.utils import setup_torch
-
-        device, dtype = setup_torch(cfg.hardware)
-        model = EarlyExitModel.from_run_config(cfg, paths.finetuned, device=device, dtype=dtype)
+    finetuned = RunPaths.from_config(cfg).finetuned
     if tokenizer is None:
-        if (paths.finetuned / "tokenizer_config.json").is_file() or (paths.finetuned / "tokenizer.json").is_file():
+        if (finetuned / "tokenizer_config.json").is_file() or (finetuned / "tokenizer.json").is_file():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(paths.finetuned)
+            tokenizer = AutoTokenizer.from_pretrained(finetuned)
         else:
             from greencode.data import load_tokenizer
 
@@ -87,7 +104,7 @@ def _load_inputs(cfg, model, tokenizer, dataset):
         from greencode.data import load_corpus
 
         dataset = load_corpus(cfg)
-    return model, tokenizer, _records(dataset, cfg.rl.bank.split)
+    return tokenizer, _records(dataset, cfg.rl.bank.split)
 
 
 @torch.inference_mode()
@@ -125,8 +142,8 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
 
     bc = cfg.rl.bank
     path = Path(path) if path is not None else RunPaths.from_config(cfg).bank
-    model, tokenizer, records = _load_inputs(cfg, model, tokenizer, dataset)
-    key = bank_key(cfg, model, len(records))
+    model = _load_model(cfg, model)
+    key = bank_key(cfg, model)
     if not force and (path / MANIFEST).is_file():
         try:
             stored = read_json(path / MANIFEST).get("key")
@@ -137,6 +154,7 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
             return path
         log.info("the trajectory bank at %s was built for another model/exits/corpus/config; rebuilding", path)
 
+    tokenizer, records = _load_data(cfg, tokenizer, dataset)
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     limit = getattr(model.hf.config, "max_position_embeddings", None) or 1 << 30

@@ -181,10 +181,11 @@ def exit_probabilities(policy: nn.Module, obs: np.ndarray, temperature: float = 
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
     flat = np.asarray(obs).reshape(-1, obs.shape[-1])
-    param = next(policy.parameters())
+    param = next(policy.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     out = np.empty(flat.shape[0], dtype=np.float32)
     for i in range(0, flat.shape[0], batch_size):
-        x = torch.from_numpy(np.asarray(flat[i:i + batch_size], dtype=np.float32)).to(param.device, param.dtype)
+        x = torch.from_numpy(np.asarray(flat[i:i + batch_size], dtype=np.float32)).to(device, dtype)
         out[i:i + batch_size] = torch.softmax(policy(x).float() / temperature, dim=-1)[:, 1].cpu().numpy()
     return out.reshape(obs.shape[:-1])
 

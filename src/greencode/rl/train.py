@@ -69,12 +69,8 @@ def make_vec_env(bank: TrajectoryBank, cfg: Config, monitor_dir: Optional[Path] 
                             vec_env_cls=SubprocVecEnv if cfg.rl.ppo.vec_env == "subproc" else DummyVecEnv)
 
 
-def make_ppo(env, cfg: Config, tensorboard: bool = True, log_dir: Optional[Path] = None):
-    """SB3 PPO from ``cfg.rl.ppo`` (logger: CSV + TensorBoard in ``log_dir``)."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.logger import configure
-    from stable_baselines3.common.utils import LinearSchedule
-
+def check_ppo_config(cfg: Config) -> None:
+    """Checks SB3 would only make at run time (here before anything is written)."""
     p = cfg.rl.ppo
     rollout = p.n_steps * p.n_envs
     if p.batch_size > rollout:
@@ -82,6 +78,18 @@ def make_ppo(env, cfg: Config, tensorboard: bool = True, log_dir: Optional[Path]
                           f"(rl.ppo.n_steps * rl.ppo.n_envs = {rollout}); lower it or raise n_steps")
     if p.batch_size < 2:
         raise ConfigError("rl.ppo.batch_size must be >= 2 (advantage normalisation)")
+    if p.vec_env == "subproc" and p.n_envs < 2:
+        raise ConfigError("rl.ppo.vec_env=subproc needs rl.ppo.n_envs >= 2; use vec_env=dummy for one env")
+
+
+def make_ppo(env, cfg: Config, tensorboard: bool = True, log_dir: Optional[Path] = None):
+    """SB3 PPO from ``cfg.rl.ppo`` (logger: CSV + TensorBoard in ``log_dir``)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.utils import LinearSchedule
+
+    check_ppo_config(cfg)
+    p = cfg.rl.ppo
     lr = LinearSchedule(p.learning_rate, 0.0, 1.0) if p.lr_schedule == "linear" else p.learning_rate
     model = PPO("MlpPolicy", env, learning_rate=lr, n_steps=p.n_steps, batch_size=p.batch_size,
                 n_epochs=p.n_epochs, gamma=p.gamma, gae_lambda=p.gae_lambda, ent_coef=p.ent_coef,
@@ -149,6 +157,7 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     from greencode.cli import save_run_info
     from greencode.paths import RunPaths
 
+    check_ppo_config(cfg)
     paths = RunPaths.from_config(cfg)
     if bank is None:
         from greencode.rl.build import build_bank
