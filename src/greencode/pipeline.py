@@ -1,0 +1,184 @@
+"""The whole GREEN-CODE pipeline, stage by stage, with reuse of finished stages.
+
+data -> pretrain (embedded default only) -> finetune (LITE) -> exit report -> trajectory bank
+-> PPO agent -> evaluate -> figures.
+
+Each stage has a key: a hash of the config sections it reads and of the keys of the
+stages it depends on. A finished stage writes ``runs/<name>/pipeline/<stage>.json`` with its
+key; when the key is unchanged and its outputs exist, the next run skips it. ``force``
+redoes the named stages (downstream stages rerun only when their inputs changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from greencode.config import Config, ConfigError
+from greencode.paths import RunPaths
+from greencode.utils import read_json, run_metadata, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # dotted config sections the stage reads
+    depends: tuple[str, ...]
+    run: Callable[[Config], object]
+    outputs: Callable[[RunPaths], list[Path]]
+    enabled: Callable[[Config], bool] = lambda cfg: True
+    description: str = ""
+
+
+def _run_data(cfg):
+    from greencode.data import prepare_data
+
+    return prepare_data(cfg)
+
+
+def _run_pretrain(cfg):
+    from greencode.training import pretrain
+
+    return pretrain(cfg)
+
+
+def _run_finetune(cfg):
+    from greencode.training import finetune
+
+    return finetune(cfg)
+
+
+def _run_report(cfg):
+    from greencode.training import exit_report
+
+    return exit_report(cfg)
+
+
+def _run_bank(cfg):
+    from greencode.rl import build_bank
+
+    return build_bank(cfg)
+
+
+def _run_agent(cfg):
+    from greencode.rl import train_agent
+
+    return train_agent(cfg)
+
+
+def _run_evaluate(cfg):
+    from greencode.eval import evaluate
+
+    return evaluate(cfg)
+
+
+def _run_figures(cfg):
+    from greencode.plots import plot_all
+
+    paths = RunPaths.from_config(cfg)
+    return plot_all(paths.results, paths.figures)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", ("data", "tokenizer", "seed"), (), _run_data,
+          lambda p: [p.corpus / "manifest.json", p.tokenizer], description="corpus + tokenizer"),
+    Stage("pretrain", ("model", "pretrain", "seed", "hardware"), ("data",), _run_pretrain,
+          lambda p: [p.base_model / "config.json"], enabled=lambda cfg: cfg.model.base is None,
+          description="base model from scratch (embedded default only)"),
+    Stage("finetune", ("model", "finetune", "seed", "hardware"), ("data", "pretrain"), _run_finetune,
+          lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning"),
+    Stage("report", ("finetune.eval_max_tokens",), ("finetune",), _run_report,
+          lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE"),
+    Stage("bank", ("rl.bank", "rl.observation", "seed"), ("finetune",), _run_bank,
+          lambda p: [p.bank / "manifest.json"], description="trajectory bank"),
+    Stage("agent", ("rl", "seed"), ("bank",), _run_agent,
+          lambda p: [p.policy], description="PPO exit policy"),
+    Stage("evaluate", ("eval", "decoding", "seed", "hardware"), ("finetune", "agent", "pretrain"), _run_evaluate,
+          lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples"),
+    Stage("figures", (), ("evaluate", "report", "agent"), _run_figures,
+          lambda p: [p.figures], description="the paper's figures"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _section(cfg: Config, dotted: str):
+    d = cfg.to_dict()
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def stage_key(cfg: Config, stage: Stage, upstream: dict[str, str]) -> str:
+    payload = {"stage": stage.name, "sections": {s: _section(cfg, s) for s in stage.sections},
+               "upstream": {d: upstream.get(d) for d in stage.depends}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _record_path(paths: RunPaths, stage: str) -> Path:
+    return paths.root / "pipeline" / f"{stage}.json"
+
+
+def _is_done(paths: RunPaths, stage: Stage, key: str) -> bool:
+    rec = _record_path(paths, stage.name)
+    if not rec.is_file():
+        return False
+    try:
+        if read_json(rec).get("key") != key:
+            return False
+    except (OSError, ValueError):
+        return False
+    return all(Path(o).exists() for o in stage.outputs(paths))
+
+
+def run_pipeline(cfg: Config, force: Iterable[str] = (), only: Optional[Iterable[str]] = None,
+                 printer: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run every enabled stage in order, skipping the finished ones. Returns per-stage
+    status (ran / skipped / disabled) and seconds."""
+    force = set(force)
+    unknown = force - set(STAGE_NAMES) | (set(only or ()) - set(STAGE_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGE_NAMES)}")
+    only = set(only) if only else None
+    paths = RunPaths.from_config(cfg)
+    keys: dict[str, str] = {}
+    status: dict[str, dict] = {}
+    t_all = time.perf_counter()
+    for i, stage in enumerate(STAGES, 1):
+        head = f"[{i}/{len(STAGES)}] {stage.name:<9}"
+        if not stage.enabled(cfg):
+            keys[stage.name] = "disabled"
+            status[stage.name] = {"status": "disabled", "seconds": 0.0}
+            printer(f"{head} disabled ({stage.description})")
+            continue
+        key = stage_key(cfg, stage, keys)
+        keys[stage.name] = key
+        if (only is not None and stage.name not in only) or (stage.name not in force and _is_done(paths, stage, key)):
+            status[stage.name] = {"status": "skipped", "seconds": 0.0}
+            printer(f"{head} up to date, skipped ({stage.description})")
+            continue
+        printer(f"{head} running: {stage.description}")
+        t0 = time.perf_counter()
+        stage.run(cfg)
+        seconds = time.perf_counter() - t0
+        missing = [str(o) for o in stage.outputs(paths) if not Path(o).exists()]
+        if missing:
+            raise RuntimeError(f"stage {stage.name!r} finished but did not write {missing}")
+        write_json(_record_path(paths, stage.name), {"stage": stage.name, "key": key, "seconds": seconds,
+                                                     **run_metadata(cfg)})
+        status[stage.name] = {"status": "ran", "seconds": seconds}
+        printer(f"{head} done in {seconds:.1f} s")
+    total = time.perf_counter() - t_all
+    record = {"stages": status, "total_seconds": total,
+              **{k: v for k, v in run_metadata(cfg).items() if k != "config"}}
+    write_json(paths.root / "pipeline" / "last_run.json", record)
+    if any(s["status"] == "ran" for s in status.values()):
+        write_json(paths.results / "pipeline_timing.json", record)
+    printer(f"pipeline finished in {total:.1f} s")
+    return status
