@@ -354,12 +354,18 @@ class ServeConfig:
     queue_size: int = 8
     request_timeout_s: float = 60.0
     api_key: Optional[str] = None  # Bearer token required when set (or env GREENCODE_API_KEY)
+    # codexglue: editor code -> the space-joined CodeXGLUE token text the models are trained on
+    # (data.language, data.literal_mode), and <EOL> -> newline in the answer; raw: text as sent
+    prompt_format: str = field(default="codexglue", metadata=_choices("codexglue", "raw"))
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.port", self.port, 0, 65535)
         _check_range(f"{path}.default_threshold", self.default_threshold, 0.0, 1.0)
         _check_range(f"{path}.max_new_tokens_cap", self.max_new_tokens_cap, 1, None)
         _check_range(f"{path}.queue_size", self.queue_size, 1, None)
+        _check_range(f"{path}.default_max_new_tokens", self.default_max_new_tokens, 1, None)
+        _check_range(f"{path}.max_request_bytes", self.max_request_bytes, 1024, None)
+        _check_range(f"{path}.request_timeout_s", self.request_timeout_s, 0.0, None, low_open=True)
 
 
 @dataclass
