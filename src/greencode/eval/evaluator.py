@@ -1,0 +1,513 @@
+"""The evaluator: every method on the same seeded line-completion samples, in one run.
+
+Methods (ids in :mod:`greencode.eval.methods`): the base model and the fine-tuned model with
+all layers through HF ``generate``; the fine-tuned model with all layers, fixed exits,
+confidence and entropy exits, the oracle and GC(T) through our decoding loop; HF's own
+self-speculative early exit (``assistant_early_exit``) as a peer. Every baseline uses the KV
+cache; all decoding is greedy with ``eval.max_new_tokens``.
+
+Fairness of the timing: samples are processed one at a time and, for each sample, every
+method runs on it back to back in an order rotated per sample (so no method always runs
+first or last while the machine's load drifts); warmup runs on the first
+``eval.warmup_samples`` samples are thrown away; one energy/time window covers exactly one
+generation (never a single policy call). The controller's overhead is reported from the
+loop's aggregated timers and from an A/B run at a middle GC threshold: the policy evaluated
+but its decision ignored vs. not evaluated at all, same samples, order alternating.
+
+Sharding: under ``accelerate launch --num_processes N scripts/evaluate.py ...`` rank ``r``
+takes samples ``i % N == r``, writes a shard, and rank 0 merges the shards
+(:func:`greencode.eval.summary.merge_shards`) and writes the results. Nothing is written
+into ``results/<name>/eval`` until everything is computed (temporary folder, then rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from greencode.config import Config, ConfigError
+from greencode.eval.methods import MethodSpec, expand_methods, parse_method_name, split_names
+from greencode.eval.summary import SHARD_FORMAT, check_writable, merge_shards, write_results
+from greencode.paths import RunPaths
+from greencode.utils import read_json, run_metadata, set_seed, setup_torch, write_json
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class EvalInputs:
+    """Everything the methods need. ``None`` fields are missing inputs, with the reason."""
+
+    model: Any  # EarlyExitModel (fine-tuned)
+    tokenizer: Any
+    base: Any = None  # EarlyExitModel of the base model
+    base_reason: Optional[str] = None
+    policy: Any = None  # exported exit policy (nn.Module with .observation)
+    policy_reason: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_tokenizer(paths: RunPaths):
+    from transformers import AutoTokenizer
+
+    for d in (paths.finetuned, paths.base_model, paths.tokenizer):
+        if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(str(d))
+    raise FileNotFoundError(f"no tokenizer in {str(paths.finetuned)!r} (nor the base model or tokenizer folders); "
+                            "run the pipeline first: `python scripts/reproduce.py --config <cfg>` or scripts/finetune.py")
+
+
+def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch.dtype, *,
+                need_base: bool = True, need_policy: bool = True) -> EvalInputs:
+    """Load the fine-tuned model (required), tokenizer, base model and policy (optional)."""
+    from greencode.models import EarlyExitModel
+
+    if not (paths.finetuned / "config.json").is_file():
+        raise FileNotFoundError(f"no fine-tuned model in {str(paths.finetuned)!r}; run `python scripts/finetune.py "
+                                f"--config {cfg.source_path or '<cfg>'}` (or scripts/reproduce.py) first")
+    tokenizer = _load_tokenizer(paths)
+    model = EarlyExitModel.from_run_config(cfg, paths.finetuned, device=device, dtype=dtype).eval()
+    inputs = EvalInputs(model=model, tokenizer=tokenizer)
+    if need_base:
+        source = cfg.model.base or str(paths.base_model)
+        try:
+            inputs.base = EarlyExitModel.from_pretrained(source, device=device, dtype=dtype).eval()
+        except (FileNotFoundError, OSError, ValueError, ConfigError) as e:
+            inputs.base_reason = f"base model {source!r} could not be loaded: {e}"
+    if need_policy:
+        try:
+            from greencode.rl import load_policy
+
+            inputs.policy = load_policy(paths.policy, model)
+        except ImportError as e:
+            inputs.policy_reason = f"greencode.rl is not available ({e})"
+        except (FileNotFoundError, ValueError) as e:
+            inputs.policy_reason = str(e)
+    return inputs
+
+
+def load_samples(cfg: Config, tokenizer) -> list:
+    """The seeded line-completion samples (``greencode.data.samples_for_config``)."""
+    import greencode.data as data
+
+    fn = getattr(data, "samples_for_config", None)
+    if fn is None:
+        raise FileNotFoundError("greencode.data.samples_for_config is not available; the data stage is missing")
+    samples = list(fn(cfg, tokenizer))
+    if not samples:
+        raise ValueError(f"no evaluation samples for config {cfg.name!r} (split {cfg.eval.split!r}); check the corpus "
+                         "and eval.num_samples")
+    return samples
+
+
+# --------------------------------------------------------------------------- distribution
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    state: Any = None
+
+    @classmethod
+    def from_env(cls) -> "_Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState()
+        return cls(rank=state.process_index, world_size=state.num_processes, state=state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- running
+class _RowCounter:
+    """Counts the token rows every decoder layer and the LM head process (forward hooks),
+    to measure the layer work of HF's speculative early exit without trusting a model."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layer_rows = 0
+        self.head_rows = 0
+        self._handles: list = []
+
+    def __enter__(self):
+        def layer_hook(_m, args, kwargs, _out):
+            h = args[0] if args else kwargs.get("hidden_states")
+            self.layer_rows += int(h.shape[-2]) if h is not None and h.dim() >= 2 else 1
+
+        def head_hook(_m, args, _out):
+            self.head_rows += int(args[0].shape[-2]) if args[0].dim() >= 2 else 1
+
+        self._handles = [layer.register_forward_hook(layer_hook, with_kwargs=True) for layer in self.model.layers]
+        self._handles.append(self.model.adapter.lm_head.register_forward_hook(head_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        return False
+
+
+def _full_step_macs(model) -> int:
+    cm = model.cost_model()
+    return model.num_layers * cm["layer_macs"] + cm["lm_head_macs"]
+
+
+class Runner:
+    """Runs one method on one prompt and returns a record (without accuracy metrics)."""
+
+    def __init__(self, inputs: EvalInputs, cfg: Config, meter, eos_token_id: Optional[int], pad_token_id: Optional[int]):
+        self.inputs = inputs
+        self.cfg = cfg
+        self.meter = meter
+        self.eos = eos_token_id
+        self.pad = pad_token_id if pad_token_id is not None else eos_token_id
+        self.model = inputs.model
+        self.full_macs = _full_step_macs(self.model)
+        self._controllers: dict[str, Any] = {}
+
+    # controllers are built once per method (PolicyExit holds the policy)
+    def controller(self, spec: MethodSpec):
+        from greencode.decoding import ConfidenceExit, EntropyExit, FixedExit, NeverExit, OracleExit, PolicyExit
+
+        if spec.id in self._controllers:
+            return self._controllers[spec.id]
+        f = spec.family
+        if f == "full":
+            c = NeverExit()
+        elif f == "fixed":
+            c = FixedExit(int(spec.param))
+        elif f == "confidence":
+            c = ConfidenceExit(float(spec.param))
+        elif f == "entropy":
+            c = EntropyExit(float(spec.param))
+        elif f == "oracle":
+            c = OracleExit()
+        elif f == "gc":
+            pol = self.inputs.policy
+            c = PolicyExit(pol, float(spec.param), self.cfg.decoding.policy_temperature,
+                           observation=getattr(pol, "observation", self.cfg.rl.observation))
+        else:
+            raise ValueError(f"method {spec.id!r} does not run in the decoding loop")
+        c.check_layers(self.model)  # validates layer/shape now, not mid-run
+        self._controllers[spec.id] = c
+        return c
+
+    def run(self, spec: MethodSpec, prompt: list[int], window: str) -> dict:
+        if spec.runs_hf:
+            return self._run_hf(spec, prompt, window)
+        return self._run_loop(spec, self.controller(spec), prompt, window)
+
+    def _measured(self, window: str, fn: Callable[[], Any]):
+        with self.meter.window(window) as w:
+            out = fn()
+        return out, w.measurement
+
+    def _record(self, tokens: list[int], measurement, prompt_len: int, exit_layers, finish, counters, cost) -> dict:
+        return {"new_tokens": len(tokens), "tokens": list(tokens), "exit_layers": exit_layers, "finish_reason": finish,
+                "prompt_tokens": prompt_len, "latency_s": measurement.latency_s, "energy_j": measurement.energy_j,
+                "gpu_energy_j": measurement.gpu_energy_j, "cpu_energy_j": measurement.cpu_energy_j,
+                "energy_note": measurement.note, "counters": counters, "cost": cost}
+
+    def _run_loop(self, spec: MethodSpec, controller, prompt: list[int], window: str) -> dict:
+        from greencode.decoding import compute_cost, generate
+
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
+        res, m = self._measured(window, lambda: generate(
+            self.model, ids, controller, self.cfg.eval.max_new_tokens, eos_token_id=self.eos,
+            kv_strategy=self.cfg.decoding.kv_strategy))
+        cost = compute_cost(self.model, [res], controller)
+        steps = res.counters["decode_steps"]
+        cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
+                "layer_steps_full": steps * self.model.num_layers, "macs_done": cost["macs_done"],
+                "macs_full": cost["macs_full"]}
+        return self._record(res.tokens, m, len(prompt), list(res.exit_layers), res.finish_reason, dict(res.counters),
+                            cost)
+
+    def _run_hf(self, spec: MethodSpec, prompt: list[int], window: str) -> dict:
+        from transformers import GenerationConfig
+
+        model = self.inputs.base if spec.family == "base" else self.model
+        gen = dict(max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False, num_beams=1,
+                   eos_token_id=self.eos, pad_token_id=self.pad)
+        if spec.family == "hf_early_exit":
+            gen["assistant_early_exit"] = int(spec.param) + 1  # HF counts layers; ours is the 0-based exit layer
+        gc = GenerationConfig(**gen)
+        ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+        mask = torch.ones_like(ids)
+        counter = _RowCounter(model) if spec.family == "hf_early_exit" else contextlib.nullcontext()
+        # HF's early-exit drafter lowers config.num_hidden_layers while drafting and does not restore it when
+        # drafting raises (transformers 5.23), which would corrupt every later run on this model: restore it here
+        base_cfg = getattr(model.hf, model.hf.base_model_prefix).config
+        saved_layers = base_cfg.num_hidden_layers
+        try:
+            with torch.inference_mode(), counter:
+                out, m = self._measured(window, lambda: model.hf.generate(ids, attention_mask=mask,
+                                                                          generation_config=gc))
+        finally:
+            base_cfg.num_hidden_layers = saved_layers
+        tokens = out[0, ids.shape[1]:].tolist()
+        steps = max(len(tokens) - 1, 0)
+        cm = model.cost_model()
+        if spec.family == "hf_early_exit":
+            # all layer/head work minus the full-model prefill every method does (prompt rows x all layers + 1 head row)
+            layer_rows = counter.layer_rows - len(prompt) * model.num_layers
+            head_rows = counter.head_rows - 1
+            cost = {"decode_steps": steps, "layers_run": layer_rows, "layer_steps_full": steps * model.num_layers,
+                    "macs_done": layer_rows * cm["layer_macs"] + head_rows * cm["lm_head_macs"],
+                    "macs_full": steps * self.full_macs}
+            exit_layers = None  # every token is verified by the full model
+        else:
+            cost = {"decode_steps": steps, "layers_run": steps * model.num_layers,
+                    "layer_steps_full": steps * model.num_layers, "macs_done": steps * _full_step_macs(model),
+                    "macs_full": steps * self.full_macs}
+            exit_layers = [model.final_layer] * len(tokens)
+        finish = "eos" if (self.eos is not None and tokens and tokens[-1] == self.eos) else "length"
+        return self._record(tokens, m, len(prompt), exit_layers, finish, None, cost)
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    """Text of token ids, decoded like the data stage decodes references (no clean-up)."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _prompt_of(sample, limit: Optional[int], max_new: int) -> list[int]:
+    ids = [int(t) for t in (sample.context_ids.tolist() if hasattr(sample.context_ids, "tolist")
+                            else sample.context_ids)]
+    if limit and len(ids) + max_new > limit:
+        ids = ids[len(ids) + max_new - limit:]
+    if not ids:
+        raise ValueError(f"sample {sample.id!r} has an empty context; the data stage must give at least one token")
+    return ids
+
+
+def _available(spec: MethodSpec, inputs: EvalInputs) -> Optional[str]:
+    """None when the method can run, else the reason it cannot."""
+    if spec.family == "base" and inputs.base is None:
+        return inputs.base_reason or "no base model"
+    if spec.family == "gc" and inputs.policy is None:
+        return inputs.policy_reason or "no exit policy"
+    if spec.family == "base" and inputs.base is not None:
+        tv, bv = inputs.model.vocab_size, inputs.base.vocab_size
+        if tv != bv:
+            return f"base model vocabulary ({bv}) differs from the fine-tuned model's ({tv}); not comparable"
+    return None
+
+
+def _ab_threshold(cfg: Config) -> float:
+    if cfg.eval.overhead_ab_threshold is not None:
+        return float(cfg.eval.overhead_ab_threshold)
+    ts = sorted(cfg.eval.gc_thresholds) or [0.9]
+    return float(ts[len(ts) // 2])
+
+
+def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpec], cfg: Config, *,
+                explicit: bool = False, indices: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1,
+                meter=None, device: Optional[torch.device] = None, progress: bool = True) -> dict:
+    """Run ``specs`` on ``samples`` (this process's share) and return a shard (see
+    :mod:`greencode.eval.summary`). Methods whose inputs are missing are skipped with the
+    reason, or raise when ``explicit``."""
+    from greencode.decoding import NeverExit, PolicyExit
+    from greencode.eval.energy import make_meter
+
+    model, tok = inputs.model, inputs.tokenizer
+    device = device or model.device
+    meter = meter or make_meter(cfg.eval.energy, device)
+    eos = tok.eos_token_id
+    runner = Runner(inputs, cfg, meter, eos, tok.pad_token_id)
+    indices = list(indices) if indices is not None else list(range(len(samples)))
+    max_new = cfg.eval.max_new_tokens
+    limit = getattr(model.hf.config, "max_position_embeddings", None)
+
+    skipped: list[dict] = []
+    active: list[MethodSpec] = []
+    for spec in specs:
+        reason = _available(spec, inputs)
+        if reason is not None:
+            if explicit:
+                raise FileNotFoundError(f"method {spec.id!r} was asked for but cannot run: {reason}")
+            log.warning("skipping %s: %s", spec.id, reason)
+            skipped.append({"id": spec.id, "family": spec.family, "reason": reason})
+        else:
+            active.append(spec)
+    for spec in active:
+        if not spec.runs_hf:
+            runner.controller(spec)  # bad layers / mismatched policy fail here, before any generation
+
+    prompts = [_prompt_of(samples[i], limit, max_new) for i in indices]
+    truncated = sum(len(p) < len(samples[i].context_ids) for p, i in zip(prompts, indices))
+    if truncated:
+        log.warning("%d prompts were cut from the left to fit the model's %s positions", truncated, limit)
+
+    ab_spec = None
+    if cfg.eval.overhead_ab and inputs.policy is not None and any(s.family == "gc" for s in active):
+        pol = inputs.policy
+        ab_threshold = _ab_threshold(cfg)
+        ab_ctrl = PolicyExit(pol, ab_threshold, cfg.decoding.policy_temperature,
+                             observation=getattr(pol, "observation", cfg.rl.observation), ignore_decision=True)
+        ab_ctrl.check_layers(model)
+        ab_spec = (ab_threshold, ab_ctrl, NeverExit())
+
+    failed: dict[str, str] = {}
+
+    def attempt(spec: MethodSpec, prompt: list[int], window: str) -> Optional[dict]:
+        if spec.id in failed:
+            return None
+        try:
+            return runner.run(spec, prompt, window)
+        except Exception as e:  # noqa: BLE001 - only HF's own paths may fail for a model family
+            if not spec.runs_hf or explicit:
+                raise
+            failed[spec.id] = f"HF generate failed for this model: {type(e).__name__}: {e}"
+            if spec.family == "hf_early_exit":
+                failed[spec.id] += (f" (transformers drafts with the first layers by lowering config.num_hidden_layers, "
+                                    f"which the {model.family} decoder does not honour; Llama's does)")
+            log.warning("method %s failed and is skipped: %s", spec.id, failed[spec.id])
+            return None
+
+    # warmup: every method on the first samples, results discarded
+    for w in range(min(cfg.eval.warmup_samples, len(prompts))):
+        for spec in active:
+            attempt(spec, prompts[w], f"warmup/{spec.id}/{w}")
+        if ab_spec is not None:
+            for c in ab_spec[1:]:
+                runner._run_loop(MethodSpec("full"), c, prompts[w], f"warmup/ab/{type(c).__name__}/{w}")
+
+    records: dict[str, list[dict]] = {s.id: [] for s in active}
+    ab_records: list[dict] = []
+    iterator = range(len(prompts))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"evaluate (rank {rank})" if world_size > 1 else "evaluate", unit="sample")
+    for k in iterator:
+        i = indices[k]
+        sample, prompt = samples[i], prompts[k]
+        reference = _decode(tok, list(sample.reference_ids))
+        n = len(active)
+        for j in range(n):  # rotate the order per sample
+            spec = active[(j + k) % n] if n else None
+            rec = attempt(spec, prompt, f"{spec.id}/{i}")
+            if rec is None:
+                continue
+            rec.update(index=i, id=str(sample.id), reference=reference,
+                       prediction=_decode(tok, rec["tokens"]))
+            records[spec.id].append(rec)
+        if ab_spec is not None:
+            threshold, pol_ctrl, never = ab_spec
+            order = [("policy", pol_ctrl), ("full", never)] if k % 2 else [("full", never), ("policy", pol_ctrl)]
+            res = {name: runner._run_loop(MethodSpec("full"), c, prompt, f"ab/{name}/{i}") for name, c in order}
+            ab_records.append({"index": i, "decode_time_s_full": res["full"]["counters"]["decode_time_s"],
+                               "decode_time_s_policy": res["policy"]["counters"]["decode_time_s"],
+                               "controller_time_s": res["policy"]["counters"]["controller_time_s"],
+                               "new_tokens": res["full"]["new_tokens"],
+                               "same_tokens": res["full"]["tokens"] == res["policy"]["tokens"]})
+
+    for mid, reason in failed.items():
+        spec = next(s for s in active if s.id == mid)
+        skipped.append({"id": mid, "family": spec.family, "reason": reason})
+        records.pop(mid, None)
+
+    notes = list(inputs.notes)
+    if any(s.family == "hf_early_exit" for s in active):
+        notes.append("hf_early_exit: compute_ratio counts every decoder-layer and LM-head row HF runs (drafting, "
+                     "the draft's own prompt prefill, verification) minus the full-model prefill; its outputs are "
+                     "verified by the full model, so mean_exit_layer is not defined for it")
+    if any(s.family == "oracle" for s in active):
+        notes.append("oracle: runs every layer to find the first exit agreeing with the final layer; its "
+                     "hypothetical_layers_skipped_share is what an exact exit predictor could skip (analysis only)")
+    if truncated:
+        notes.append(f"{truncated} prompts were cut from the left to fit {limit} positions")
+    meta = {
+        "language": getattr(samples[0], "language", None) or cfg.data.language,
+        "num_samples": len(samples),
+        "max_new_tokens": max_new,
+        "num_layers": model.num_layers,
+        "final_layer": model.final_layer,
+        "exit_layers": list(model.exit_layers),
+        "device": str(device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "energy_source": getattr(meter, "source", None),
+        "kv_strategy": cfg.decoding.kv_strategy,
+        "policy_temperature": cfg.decoding.policy_temperature,
+        "warmup_samples": cfg.eval.warmup_samples,
+        "model": model.fingerprint(),
+        "base_model": inputs.base.fingerprint() if inputs.base is not None else None,
+        "policy": getattr(inputs.policy, "metadata", None) and {
+            k: v for k, v in inputs.policy.metadata.items() if k in ("observation", "exit_layers", "fingerprint")},
+        "notes": notes,
+    }
+    return {"format": SHARD_FORMAT, "rank": rank, "world_size": world_size, "meta": meta,
+            "methods": {s.id: {"spec": s.describe(), "records": records[s.id]} for s in active if s.id in records},
+            "skipped": skipped,
+            "overhead_ab": ({"threshold": ab_spec[0], "records": ab_records} if ab_spec is not None else None)}
+
+
+# --------------------------------------------------------------------------- entry point
+def _check_languages(cfg: Config, samples: Sequence) -> None:
+    from greencode.eval.metrics import check_language
+
+    check_language(cfg.data.language)
+    for lang in sorted({str(getattr(s, "language", cfg.data.language)) for s in samples}):
+        check_language(lang)
+
+
+def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Path:
+    """Evaluate the methods (``cfg.eval.methods``, or ``methods``: families or ids such as
+    ``gc@0.9``) on the config's samples and write ``results/<name>/eval``. Returns that path.
+
+    Methods named explicitly in ``methods`` must run (missing inputs raise); families from
+    the config are skipped with a recorded reason when their inputs are missing."""
+    explicit = methods is not None
+    names = split_names(methods) if explicit else list(cfg.eval.methods)
+    for n in names:  # unknown names fail before anything is loaded
+        parse_method_name(n)
+    from greencode.eval.metrics import check_language
+
+    check_language(cfg.data.language)
+    paths = RunPaths.from_config(cfg)
+    out_dir = paths.results_eval
+    dist = _Dist.from_env()
+    check_writable(out_dir)
+    set_seed(cfg.seed)
+    device, dtype = setup_torch(cfg.hardware)
+    if dist.state is not None and device.type == "cuda":
+        device = dist.state.device
+    families = {parse_method_name(n)[0] for n in names}
+    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy="gc" in families)
+    specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
+    samples = load_samples(cfg, inputs.tokenizer)
+    _check_languages(cfg, samples)
+    indices = [i for i in range(len(samples)) if i % dist.world_size == dist.rank]
+    log.info("evaluating %d methods on %d samples (rank %d/%d: %d samples)", len(specs), len(samples), dist.rank,
+             dist.world_size, len(indices))
+    shard = run_methods(inputs, samples, specs, cfg, explicit=explicit, indices=indices, rank=dist.rank,
+                        world_size=dist.world_size, device=device)
+    meta = run_metadata(cfg, stage="evaluate", energy_source=shard["meta"]["energy_source"],
+                        world_size=dist.world_size)
+    if dist.world_size == 1:
+        return write_results(merge_shards([shard]), out_dir, meta)
+    shard_dir = paths.results / ".eval-shards"
+    write_json(shard_dir / f"rank{dist.rank}.json", shard)
+    dist.barrier()
+    if dist.is_main:
+        shards = [read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)]
+        write_results(merge_shards(shards), out_dir, meta)
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    dist.barrier()
+    return out_dir

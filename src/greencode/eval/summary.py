@@ -1,0 +1,465 @@
+"""From per-sample records to the summary table: aggregation, deltas, shard merging, files.
+
+Everything here is pure arithmetic over plain dicts (JSON-ready), so it is tested without
+a model and it is what merges the shards written by ``accelerate launch`` processes.
+
+A *record* is one generation (one method on one sample)::
+
+    index, id, prediction, reference, new_tokens, tokens, exit_layers (0-based, per token or null),
+    finish_reason, prompt_tokens, latency_s, energy_j (or null), gpu_energy_j, cpu_energy_j,
+    energy_note, counters (decoding-loop counters or null),
+    cost = {decode_steps, layers_run, layer_steps_full, macs_done, macs_full}
+
+A *shard* is what one process produced: ``{"format", "rank", "world_size", "meta", "methods":
+{id: {"spec", "records"}}, "skipped": [...], "overhead_ab": {...} or null}``.
+
+Units and scales: seconds, joules, tokens per second; shares in [0, 1]; ``*_delta_pct`` in
+percent of the reference row (``full``, the fine-tuned model with all layers in our loop;
+``full_hf`` when ``full`` was not run). Accuracy scales are in ``scales`` (CodeBLEU, ROUGE-L
+and EM 0-1; BLEU, chrF and edit similarity 0-100).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from greencode.utils import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT = "greencode-eval-shard/1"
+SUMMARY_FORMAT = "greencode-eval-summary/1"
+
+METRIC_KEYS = ("codebleu", "codebleu_ngram", "codebleu_weighted_ngram", "codebleu_syntax", "codebleu_dataflow",
+               "rouge_l", "bleu", "chrf", "exact_match", "edit_similarity")
+EFFICIENCY_KEYS = ("latency_s", "tokens_per_s", "energy_j", "mean_exit_layer", "layers_skipped_share",
+                   "compute_ratio", "controller_overhead_share", "controller_overhead_share_ab")
+DELTA_KEYS = METRIC_KEYS + ("latency_s", "tokens_per_s", "energy_j", "compute_ratio")
+CSV_COLUMNS = (("id", "family", "param", "num_samples") + METRIC_KEYS + EFFICIENCY_KEYS
+               + ("latency_s_median", "new_tokens_mean", "energy_source", "energy_null_reason", "analysis_only",
+                  "hypothetical_layers_skipped_share", "same_output_as_reference_share")
+               + tuple(f"{k}_delta_pct" for k in DELTA_KEYS))
+UNITS = {
+    "latency_s": "seconds per sample (one generation: prefill + decode), mean over samples",
+    "tokens_per_s": "new tokens / second = sum(new_tokens) / sum(latency_s)",
+    "energy_j": "joules per sample, mean over samples; null when no energy counter was readable (reason given)",
+    "mean_exit_layer": "0-based layer that produced each token, mean over decode-step tokens (the first token "
+                       "of every method comes from the full-model prefill and is excluded)",
+    "layers_skipped_share": "1 - decoder layers run / (decode steps x num_layers); negative = extra layer work",
+    "compute_ratio": "hardware-independent: multiply-accumulates of the decode steps (layers run, K/V "
+                     "propagation, LM-head calls, exit checks) over the fine-tuned full model's for the same steps",
+    "controller_overhead_share": "time inside the exit controller / decode time (aggregated loop timers)",
+    "controller_overhead_share_ab": "A/B run: (decode time with the policy evaluated but ignored - without it) / "
+                                    "without it, same samples, interleaved",
+    "*_delta_pct": "100 x (value - reference) / |reference|, reference = the fine-tuned all-layers row",
+}
+
+
+# --------------------------------------------------------------------------- arithmetic
+def delta_pct(value: Optional[float], reference: Optional[float]) -> Optional[float]:
+    """Relative change in percent; None when either side is missing or the reference is 0."""
+    if value is None or reference is None or reference == 0 or _nan(value) or _nan(reference):
+        return None
+    return 100.0 * (float(value) - float(reference)) / abs(float(reference))
+
+
+def _nan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+    return float(num) / float(den) if den else None
+
+
+def _mean(xs: Sequence[float]) -> Optional[float]:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def aggregate_efficiency(records: Sequence[dict]) -> dict[str, Any]:
+    """Efficiency numbers of one method from its records (no accuracy metrics)."""
+    n = len(records)
+    if n == 0:
+        raise ValueError("no records to aggregate; the method produced no generations")
+    latencies = [float(r["latency_s"]) for r in records]
+    new_tokens = sum(int(r["new_tokens"]) for r in records)
+    energies = [r.get("energy_j") for r in records]
+    energy_ok = all(e is not None for e in energies)
+    reason = None
+    if not energy_ok:
+        reason = next((r.get("energy_note") for r in records if r.get("energy_j") is None and r.get("energy_note")),
+                      "energy not measured")
+    costs = [r.get("cost") or {} for r in records]
+    steps_full = sum(c.get("layer_steps_full", 0) for c in costs)
+    layers_run = sum(c.get("layers_run", 0) for c in costs)
+    macs_full = sum(c.get("macs_full", 0) for c in costs)
+    macs_done = sum(c.get("macs_done", 0) for c in costs)
+    decode_exits = [e for r in records if r.get("exit_layers") for e in r["exit_layers"][1:]]
+    counters = [r["counters"] for r in records if r.get("counters")]
+    controller_share = None
+    if counters and len(counters) == n:
+        controller_share = _ratio(sum(c.get("controller_time_s", 0.0) for c in counters),
+                                  sum(c.get("decode_time_s", 0.0) for c in counters))
+    has_cost = all("macs_full" in c for c in costs)
+    return {
+        "num_samples": n,
+        "latency_s": _mean(latencies),
+        "latency_s_median": float(statistics.median(latencies)),
+        "tokens_per_s": _ratio(new_tokens, sum(latencies)),
+        "new_tokens_mean": new_tokens / n,
+        "energy_j": _mean([float(e) for e in energies]) if energy_ok else None,
+        "energy_null_reason": reason,
+        "mean_exit_layer": _mean(decode_exits) if decode_exits else None,
+        "layers_skipped_share": (1.0 - layers_run / steps_full) if (has_cost and steps_full) else None,
+        "compute_ratio": _ratio(macs_done, macs_full) if has_cost else None,
+        "controller_overhead_share": controller_share,
+    }
+
+
+def overhead_ab_summary(ab: Optional[dict]) -> Optional[dict]:
+    """Summarise the A/B run: decode time with the policy evaluated but ignored vs. not evaluated."""
+    if not ab or not ab.get("records"):
+        return None
+    recs = ab["records"]
+    t_full = sum(r["decode_time_s_full"] for r in recs)
+    t_pol = sum(r["decode_time_s_policy"] for r in recs)
+    paired = [r["decode_time_s_policy"] / r["decode_time_s_full"] - 1.0 for r in recs if r["decode_time_s_full"] > 0]
+    return {
+        "threshold": ab.get("threshold"),
+        "num_samples": len(recs),
+        "decode_time_s_full": t_full,
+        "decode_time_s_policy_ignored": t_pol,
+        "controller_time_s": sum(r.get("controller_time_s", 0.0) for r in recs),
+        "overhead_share": (t_pol - t_full) / t_full if t_full else None,
+        "overhead_share_median_paired": float(statistics.median(paired)) if paired else None,
+        "same_tokens": all(r.get("same_tokens", True) for r in recs),
+        "note": "PolicyExit(ignore_decision=True) vs NeverExit on the same samples, order alternating per sample; "
+                "decode time only (the prefill is identical)",
+    }
+
+
+def build_rows(merged: dict, metrics_fn=None, sample_metrics_fn=None) -> list[dict]:
+    """One summary row per evaluated method (accuracy + efficiency + deltas vs the reference).
+    Fills each record's per-sample ``metrics`` in place."""
+    if metrics_fn is None or sample_metrics_fn is None:
+        from greencode.eval.metrics import compute_metrics, sample_metrics
+
+        metrics_fn = metrics_fn or compute_metrics
+        sample_metrics_fn = sample_metrics_fn or sample_metrics
+    meta = merged["meta"]
+    language = meta["language"]
+    ab = overhead_ab_summary(merged.get("overhead_ab"))
+    rows = []
+    for mid, entry in merged["methods"].items():
+        spec, records = entry["spec"], entry["records"]
+        for r in records:
+            r["metrics"] = sample_metrics_fn(r["prediction"], r["reference"], language)
+        acc = metrics_fn([r["prediction"] for r in records], [r["reference"] for r in records], language)
+        row: dict[str, Any] = {"id": mid, "family": spec["family"],
+                               "param": spec.get("layer", spec.get("threshold")),
+                               "description": spec.get("description")}
+        row.update({k: acc.get(k) for k in METRIC_KEYS})
+        row["codebleu_dataflow_counted_as_one"] = acc.get("codebleu_dataflow_counted_as_one")
+        row.update(aggregate_efficiency(records))
+        row["energy_source"] = meta.get("energy_source")
+        row["controller_overhead_share_ab"] = ab["overhead_share"] if (ab and spec["family"] == "gc") else None
+        row["analysis_only"] = spec["family"] == "oracle"
+        row["hypothetical_layers_skipped_share"] = None
+        if spec["family"] == "oracle":
+            num_layers = int(meta["num_layers"])
+            exits = [e for r in records for e in (r.get("exit_layers") or [])[1:]]
+            if exits:
+                row["hypothetical_layers_skipped_share"] = 1.0 - sum(e + 1 for e in exits) / (len(exits) * num_layers)
+        rows.append(row)
+    add_deltas(rows, merged["methods"])
+    return rows
+
+
+def reference_id(ids: Iterable[str]) -> Optional[str]:
+    ids = list(ids)
+    return next((r for r in ("full", "full_hf") if r in ids), None)
+
+
+def add_deltas(rows: list[dict], methods: Optional[dict] = None) -> Optional[str]:
+    """Add ``<key>_delta_pct`` against the reference row (``full``, else ``full_hf``) and, when
+    records are given, ``same_output_as_reference_share``. Returns the reference id."""
+    ref_id = reference_id(r["id"] for r in rows)
+    ref = next((r for r in rows if r["id"] == ref_id), None)
+    ref_tokens = None
+    if methods is not None and ref_id is not None:
+        ref_tokens = {rec["index"]: rec["tokens"] for rec in methods[ref_id]["records"]}
+    for row in rows:
+        row["reference_method"] = ref_id
+        for k in DELTA_KEYS:
+            row[f"{k}_delta_pct"] = delta_pct(row.get(k), ref.get(k)) if ref is not None else None
+        row["same_output_as_reference_share"] = None
+        if ref_tokens is not None:
+            recs = methods[row["id"]]["records"]
+            same = [rec["tokens"] == ref_tokens.get(rec["index"]) for rec in recs]
+            row["same_output_as_reference_share"] = sum(same) / len(same) if same else None
+    return ref_id
+
+
+# --------------------------------------------------------------------------- shards
+def merge_shards(shards: Sequence[dict]) -> dict:
+    """Merge the shards of all processes (sample ``i`` went to rank ``i % world_size``) into
+    one shard-shaped dict with rank None and records sorted by sample index."""
+    if not shards:
+        raise ValueError("no shards to merge")
+    for s in shards:
+        if s.get("format") != SHARD_FORMAT:
+            raise ValueError(f"not an evaluation shard (format {s.get('format')!r}, expected {SHARD_FORMAT!r})")
+    world = {s["world_size"] for s in shards}
+    if len(world) != 1:
+        raise ValueError(f"shards disagree on the number of processes: {sorted(world)}")
+    (n,) = world
+    ranks = sorted(s["rank"] for s in shards)
+    if ranks != list(range(n)):
+        raise ValueError(f"expected shards of ranks 0..{n - 1}, got ranks {ranks}; a process failed or its shard "
+                         "is missing")
+    method_sets = {tuple(s["methods"]) for s in shards}
+    if len(method_sets) != 1:
+        raise ValueError(f"shards evaluated different methods: {[list(m) for m in method_sets]}")
+    first = min(shards, key=lambda s: s["rank"])
+    methods: dict[str, dict] = {}
+    for mid in first["methods"]:
+        records = [r for s in shards for r in s["methods"][mid]["records"]]
+        records.sort(key=lambda r: r["index"])
+        idx = [r["index"] for r in records]
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"method {mid!r}: sample indices appear in more than one shard")
+        methods[mid] = {"spec": first["methods"][mid]["spec"], "records": records}
+    skipped: dict[str, dict] = {}
+    for s in shards:
+        for item in s.get("skipped", []):
+            skipped.setdefault(item["id"], item)
+    ab = None
+    abs_ = [s.get("overhead_ab") for s in shards if s.get("overhead_ab")]
+    if abs_:
+        recs = sorted((r for a in abs_ for r in a["records"]), key=lambda r: r["index"])
+        ab = {**{k: v for k, v in abs_[0].items() if k != "records"}, "records": recs}
+    meta = dict(first["meta"])
+    meta["world_size"] = n
+    return {"format": SHARD_FORMAT, "rank": None, "world_size": n, "meta": meta, "methods": methods,
+            "skipped": list(skipped.values()), "overhead_ab": ab}
+
+
+# --------------------------------------------------------------------------- files
+def check_writable(directory: Union[str, Path]) -> Path:
+    """Fail early, before any work, when ``directory`` cannot be created or written."""
+    directory = Path(directory)
+    parent = directory.parent
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"results path {str(directory)!r} exists and is not a directory; remove it or set "
+                                 "results_dir to another location")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write results under {str(parent)!r} ({e.strerror or e}); set results_dir to a "
+                              "writable location (e.g. results_dir=/tmp/greencode-results)") from e
+    if directory.exists() and not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"results directory {str(directory)!r} is not writable; fix its permissions or set "
+                              "results_dir to a writable location")
+    return directory
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
+    return str(v)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:+.1f}%"
+
+
+def render_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def render_markdown(summary: dict) -> str:
+    rows = summary["rows"]
+    meta = summary["run_metadata"]
+    ref = summary.get("reference_method")
+    lines = [f"# Evaluation: {meta.get('config_name')}", ""]
+    lines.append(f"{summary['num_samples']} samples ({summary['language']}), greedy, max_new_tokens="
+                 f"{summary['max_new_tokens']}, seed {meta.get('seed')}, git {meta.get('git_commit')}, "
+                 f"device {summary.get('device')}, energy source: {summary.get('energy_source')}"
+                 + (f" ({summary['energy_null_reason']})" if summary.get("energy_null_reason") else "") + ".")
+    lines.append(f"Deltas are relative to `{ref}` (the fine-tuned model with all layers). Layers are 0-based.")
+    lines.append("")
+    lines.append("## Accuracy")
+    lines.append("")
+    head = ["method"] + list(METRIC_KEYS) + ["Δ codebleu"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = [f"`{r['id']}`"] + [_fmt(r.get(k)) for k in METRIC_KEYS] + [_pct(r.get("codebleu_delta_pct"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Scales: " + ", ".join(f"{k} {v}" for k, v in summary.get("scales", {}).items()) + ".")
+    lines.append("")
+    lines.append("## Efficiency")
+    lines.append("")
+    head = ["method", "latency_s", "tokens_per_s", "energy_j", "mean_exit_layer", "layers_skipped_share",
+            "compute_ratio", "controller_overhead_share", "controller_overhead_share_ab", "Δ latency", "Δ tokens/s",
+            "Δ energy", "Δ compute"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        name = f"`{r['id']}`" + (" (analysis only)" if r.get("analysis_only") else "")
+        skipped = r.get("layers_skipped_share")
+        skipped_cell = _fmt(skipped)
+        if r.get("hypothetical_layers_skipped_share") is not None:
+            skipped_cell += f" (hypothetical {_fmt(r['hypothetical_layers_skipped_share'])})"
+        cells = [name, _fmt(r.get("latency_s")), _fmt(r.get("tokens_per_s")), _fmt(r.get("energy_j")),
+                 _fmt(r.get("mean_exit_layer")), skipped_cell, _fmt(r.get("compute_ratio")),
+                 _fmt(r.get("controller_overhead_share")), _fmt(r.get("controller_overhead_share_ab")),
+                 _pct(r.get("latency_s_delta_pct")), _pct(r.get("tokens_per_s_delta_pct")),
+                 _pct(r.get("energy_j_delta_pct")), _pct(r.get("compute_ratio_delta_pct"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Units:")
+    lines += [f"- `{k}`: {v}" for k, v in UNITS.items()]
+    ab = summary.get("overhead_ab")
+    if ab:
+        lines.append("")
+        lines.append(f"Controller overhead A/B at GC threshold {ab['threshold']}: decode time "
+                     f"{ab['decode_time_s_policy_ignored']:.4f} s with the policy evaluated (decision ignored) vs "
+                     f"{ab['decode_time_s_full']:.4f} s without, over {ab['num_samples']} samples: overhead share "
+                     f"{_fmt(ab['overhead_share'])} (median paired {_fmt(ab['overhead_share_median_paired'])}).")
+    notes = summary.get("notes") or []
+    if notes:
+        lines.append("")
+        lines.append("Notes:")
+        lines += [f"- {n}" for n in notes]
+    if summary.get("skipped"):
+        lines.append("")
+        lines.append("## Skipped methods")
+        lines.append("")
+        lines += [f"- `{s['id']}`: {s['reason']}" for s in summary["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, recursively: result files are strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, metrics_fn=None,
+                  sample_metrics_fn=None, extra: Optional[dict] = None) -> Path:
+    """Write ``methods/<id>.json``, ``summary.json``, ``summary.csv`` and ``summary.md`` into a
+    temporary directory next to ``out_dir`` and move it into place only when all are written."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    rows = _finite(build_rows(merged, metrics_fn, sample_metrics_fn))
+    merged = _finite(merged)
+    meta = merged["meta"]
+    scales = None
+    try:
+        from greencode.eval.metrics import SCALES
+
+        scales = dict(SCALES)
+    except ImportError:  # pragma: no cover - metrics always ship with the package
+        scales = {}
+    energy_reason = next((r.get("energy_null_reason") for r in rows if r.get("energy_null_reason")), None)
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "reference_method": reference_id(r["id"] for r in rows),
+        "num_samples": meta.get("num_samples"),
+        "language": meta.get("language"),
+        "max_new_tokens": meta.get("max_new_tokens"),
+        "device": meta.get("device"),
+        "energy_source": meta.get("energy_source"),
+        "energy_null_reason": energy_reason,
+        "world_size": merged.get("world_size", 1),
+        "scales": scales,
+        "units": UNITS,
+        "rows": rows,
+        "skipped": merged.get("skipped", []),
+        "overhead_ab": overhead_ab_summary(merged.get("overhead_ab")),
+        "notes": meta.get("notes", []),
+        "model": meta.get("model"),
+        "run_metadata": run_meta,
+        **(extra or {}),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for row in rows:
+            entry = merged["methods"][row["id"]]
+            write_json(tmp / "methods" / f"{row['id']}.json",
+                       {"method": entry["spec"], "summary": row, "records": entry["records"],
+                        "run_metadata": {k: v for k, v in run_meta.items() if k != "config"}})
+        if summary["overhead_ab"]:
+            write_json(tmp / "overhead_ab.json", {"summary": summary["overhead_ab"], **merged["overhead_ab"]})
+        write_json(tmp / "summary.json", summary)
+        write_text(tmp / "summary.csv", render_csv(rows))
+        write_text(tmp / "summary.md", render_markdown(summary))
+        _swap_into_place(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %d method results and the summary to %s", len(rows), out_dir)
+    return out_dir
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_table(results_dir: Union[str, Path]) -> list[dict]:
+    """The rows of ``summary.json`` in ``results_dir`` (the eval folder, or the run's results
+    folder holding ``eval/``): one dict per evaluated method."""
+    d = Path(results_dir)
+    path = d / "summary.json"
+    if not path.is_file() and (d / "eval" / "summary.json").is_file():
+        path = d / "eval" / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no summary.json in {str(d)!r}; run `python scripts/evaluate.py --config <cfg>` "
+                                "first (it writes results/<name>/eval/)")
+    data = read_json(path)
+    if data.get("format") != SUMMARY_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an evaluation summary (format {data.get('format')!r})")
+    return list(data["rows"])

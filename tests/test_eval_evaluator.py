@@ -1,0 +1,289 @@
+"""The evaluator end to end on the smoke config (tiny real model, tokenizer and policy saved
+in tmp_path), plus its bad-input handling."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import greencode.data
+from greencode.config import ConfigError, load_config
+from greencode.eval import evaluate, summary_table
+from greencode.eval.evaluator import EvalInputs, run_methods
+from greencode.eval.methods import expand_methods
+from greencode.eval.summary import merge_shards
+from greencode.models import EarlyExitModel
+from greencode.paths import RunPaths
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+CODE = """def add(a, b):
+    return a + b
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+    def pop(self):
+        return self.items.pop()
+
+for i in range(10):
+    print(i, add(i, 2))
+"""
+
+
+@dataclass
+class FakeSample:
+    id: str
+    context_ids: list
+    context_text: str
+    reference_ids: list
+    reference_text: str
+    language: str = "python"
+    extra: dict = field(default_factory=dict)
+
+
+def make_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CODE] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_run(tmp_path, *overrides, policy=True, family="llama"):
+    """A complete tiny run on disk: tokenizer, base and fine-tuned model, exit policy."""
+    from greencode.rl import ExitPolicy, save_policy
+
+    cfg = load_config(SMOKE, [f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke",
+                              "eval.num_samples=3", "eval.warmup_samples=1", f"model.family={family}",
+                              *overrides])
+    paths = RunPaths.from_config(cfg)
+    tok = make_tokenizer(paths.finetuned)
+    kw = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    EarlyExitModel.from_config(cfg.model, **kw).save_pretrained(paths.base_model)
+    torch.manual_seed(1)
+    model = EarlyExitModel.from_config(cfg.model, **kw)
+    model.save_pretrained(paths.finetuned)
+    if policy:
+        model = EarlyExitModel.from_run_config(cfg, paths.finetuned)
+        torch.manual_seed(2)
+        pol = ExitPolicy(model.hidden_size, cfg.rl.ppo.net_arch,
+                         metadata={"observation": cfg.rl.observation, "exit_layers": model.exit_layers,
+                                   "fingerprint": model.fingerprint()})
+        with torch.no_grad():  # exits often at low thresholds, so gc rows differ from the full model
+            pol.action_net.bias.copy_(torch.tensor([0.0, 0.3]))
+        save_policy(pol, paths.policy)
+    return cfg, paths, tok
+
+
+def fake_samples(tok, n=3, language="python"):
+    lines = CODE.splitlines(keepends=True)
+    out = []
+    for i in range(n):
+        ctx = "".join(lines[: 3 + 2 * i])
+        ref = "".join(lines[3 + 2 * i: 5 + 2 * i])
+        ref_ids = tok(ref, add_special_tokens=False)["input_ids"][:6]
+        out.append(FakeSample(id=f"s{i}", context_ids=[tok.bos_token_id] + tok(ctx)["input_ids"], context_text=ctx,
+                              reference_ids=ref_ids, reference_text=tok.decode(ref_ids), language=language))
+    return out
+
+
+@pytest.fixture
+def samples_patch(monkeypatch):
+    """greencode.data.samples_for_config -> fixed samples (the data stage is tested on its own)."""
+    state = {"language": "python"}
+
+    def fake(cfg, tokenizer):
+        return fake_samples(tokenizer, cfg.eval.num_samples, state["language"])
+
+    monkeypatch.setattr(greencode.data, "samples_for_config", fake, raising=False)
+    return state
+
+
+def test_evaluate_smoke_end_to_end_writes_every_file(tmp_path, samples_patch):
+    cfg, paths, tok = make_run(tmp_path)
+    out = evaluate(cfg)
+    assert out == paths.results_eval
+    for name in ("summary.csv", "summary.md", "summary.json", "overhead_ab.json"):
+        assert (out / name).is_file(), name
+    expected = {"base", "full_hf", "full", "fixed@1", "fixed@2", "confidence@0.5", "entropy@1", "oracle", "gc@0.5",
+                "gc@0.9", "hf_early_exit@1", "hf_early_exit@2"}
+    assert {p.stem for p in (out / "methods").glob("*.json")} == expected
+    rows = {r["id"]: r for r in summary_table(out)}
+    assert set(rows) == expected
+    summary = json.loads((out / "summary.json").read_text())
+    meta = summary["run_metadata"]
+    assert meta["seed"] == cfg.seed and meta["config"]["name"] == "smoke"
+    for key in ("git_commit", "versions", "hardware"):
+        assert key in meta
+    assert summary["reference_method"] == "full" and summary["skipped"] == []
+    assert summary["energy_source"] == "time-only" and summary["energy_null_reason"]
+
+    full = rows["full"]
+    assert full["num_samples"] == 3 and full["compute_ratio"] == pytest.approx(1.0)
+    assert full["layers_skipped_share"] == pytest.approx(0.0) and full["mean_exit_layer"] == 3
+    assert full["codebleu_delta_pct"] in (0.0, None) and full["latency_s_delta_pct"] == 0.0
+    assert full["energy_j"] is None
+    # our loop with all layers reproduces HF generate, and speculative decoding is lossless
+    assert rows["full_hf"]["same_output_as_reference_share"] == 1.0
+    assert rows["hf_early_exit@1"]["same_output_as_reference_share"] == 1.0
+    assert rows["oracle"]["same_output_as_reference_share"] == 1.0 and rows["oracle"]["analysis_only"]
+    assert 0 <= rows["oracle"]["hypothetical_layers_skipped_share"] <= 1
+    f1 = rows["fixed@1"]
+    assert f1["mean_exit_layer"] == 1 and f1["layers_skipped_share"] == pytest.approx(0.5)
+    assert 0.3 < f1["compute_ratio"] < 0.8 and f1["compute_ratio_delta_pct"] == pytest.approx(
+        100 * (f1["compute_ratio"] - 1.0))
+    gc = rows["gc@0.5"]
+    assert gc["controller_overhead_share"] > 0 and gc["controller_overhead_share_ab"] is not None
+    assert gc["mean_exit_layer"] < 3  # the biased policy exits
+    assert rows["gc@0.9"]["mean_exit_layer"] >= gc["mean_exit_layer"]
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["latency_s"] > 0 and 0 <= r["codebleu"] <= 1
+
+    method = json.loads((out / "methods" / "gc@0.5.json").read_text())
+    assert len(method["records"]) == 3
+    rec = method["records"][0]
+    for key in ("id", "prediction", "reference", "metrics", "latency_s", "energy_j", "exit_layers", "new_tokens"):
+        assert key in rec
+    assert rec["new_tokens"] == len(rec["exit_layers"]) <= cfg.eval.max_new_tokens
+    assert set(rec["metrics"]) >= {"codebleu", "rouge_l", "exact_match"}
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(expected) and "codebleu_delta_pct" in csv_lines[0]
+    md = (out / "summary.md").read_text()
+    assert "| `gc@0.9` |" in md and "Controller overhead A/B" in md
+    ab = json.loads((out / "overhead_ab.json").read_text())
+    assert ab["summary"]["same_tokens"] and len(ab["records"]) == 3
+    # no temporary folders left behind
+    assert [p.name for p in out.parent.iterdir()] == ["eval"]
+
+
+def test_missing_policy_is_skipped_with_reason_unless_asked_for(tmp_path, samples_patch):
+    cfg, paths, _ = make_run(tmp_path, "eval.methods=[full,gc,fixed]", policy=False)
+    out = evaluate(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["id"] for r in summary["rows"]} == {"full", "fixed@1", "fixed@2"}
+    skipped = {s["id"]: s["reason"] for s in summary["skipped"]}
+    assert set(skipped) == {"gc@0.5", "gc@0.9"} and "train_agent" in skipped["gc@0.5"]
+    assert "Skipped methods" in (out / "summary.md").read_text()
+    with pytest.raises(FileNotFoundError, match="gc@0.9"):
+        evaluate(cfg, methods=["full", "gc@0.9"])
+
+
+def test_explicit_ids_and_reevaluation_replaces_results(tmp_path, samples_patch):
+    cfg, paths, _ = make_run(tmp_path, "eval.overhead_ab=false")
+    evaluate(cfg, methods="full,fixed@2")
+    out = evaluate(cfg, methods=["full", "entropy@0.25"])
+    assert {p.stem for p in (out / "methods").glob("*.json")} == {"full", "entropy@0.25"}
+    assert not (out / "overhead_ab.json").exists()
+
+
+def test_unknown_method_is_a_clear_error_and_writes_nothing(tmp_path, samples_patch):
+    cfg, paths, _ = make_run(tmp_path, policy=False)
+    with pytest.raises(ConfigError, match="unknown method 'greedy'.*known: families base, full_hf"):
+        evaluate(cfg, methods=["full", "greedy"])
+    with pytest.raises(ConfigError, match="out of range"):
+        evaluate(cfg, methods=["fixed@3"])  # 3 is the final layer of the smoke model
+    assert not paths.results_eval.exists()
+
+
+def test_unwritable_results_dir_fails_before_any_work(tmp_path, samples_patch):
+    cfg, paths, _ = make_run(tmp_path, policy=False)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    bad = load_config(SMOKE, [f"run_dir={paths.root}", f"results_dir={blocker}/results", "eval.num_samples=3"])
+    with pytest.raises(PermissionError, match="cannot write results under .*results_dir"):
+        evaluate(bad, methods=["full"])
+    existing_file = load_config(SMOKE, [f"run_dir={paths.root}", f"results_dir={tmp_path}/r2"])
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "eval").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        evaluate(existing_file, methods=["full"])
+
+
+def test_language_without_grammar_is_rejected_before_generation(tmp_path, samples_patch):
+    cfg, paths, _ = make_run(tmp_path, policy=False)
+    samples_patch["language"] = "cobol"
+    with pytest.raises(ValueError, match="'cobol' is not supported.*python, java"):
+        evaluate(cfg, methods=["full"])
+    assert not paths.results_eval.exists()
+
+
+def test_missing_finetuned_model_names_the_stage_to_run(tmp_path, samples_patch):
+    cfg = load_config(SMOKE, [f"run_dir={tmp_path}/nothing", f"results_dir={tmp_path}/results"])
+    with pytest.raises(FileNotFoundError, match="finetune.py"):
+        evaluate(cfg, methods=["full"])
+
+
+def test_shards_merge_to_the_single_process_result(tmp_path):
+    cfg, paths, tok = make_run(tmp_path, "eval.warmup_samples=0")
+    model = EarlyExitModel.from_run_config(cfg, paths.finetuned)
+    from greencode.rl import load_policy
+
+    inputs = EvalInputs(model=model, tokenizer=tok, policy=load_policy(paths.policy, model))
+    samples = fake_samples(tok, 5)
+    specs = expand_methods(["full", "fixed", "gc"], cfg.eval, model.exit_layers, model.final_layer)
+    single = run_methods(inputs, samples, specs, cfg, progress=False)
+    shards = [run_methods(inputs, samples, specs, cfg, indices=[i for i in range(5) if i % 2 == r], rank=r,
+                          world_size=2, progress=False) for r in (1, 0)]
+    merged = merge_shards(shards)
+    assert merged["world_size"] == 2 and list(merged["methods"]) == list(single["methods"])
+    for mid, entry in single["methods"].items():
+        got = merged["methods"][mid]["records"]
+        assert [r["index"] for r in got] == list(range(5))
+        assert [r["tokens"] for r in got] == [r["tokens"] for r in entry["records"]]
+        assert [r["exit_layers"] for r in got] == [r["exit_layers"] for r in entry["records"]]
+    assert [r["index"] for r in merged["overhead_ab"]["records"]] == list(range(5))
+    with pytest.raises(ValueError, match="ranks 0..1"):
+        merge_shards([shards[0]])
+    with pytest.raises(ValueError, match="more than one shard"):
+        merge_shards([{**shards[1], "rank": 0}, {**shards[1], "rank": 1}])
+
+
+def test_opt_family_records_why_hf_early_exit_cannot_run(tmp_path, samples_patch):
+    cfg, paths, _ = make_run(tmp_path, "eval.methods=[full,hf_early_exit]", "eval.overhead_ab=false",
+                             "model.num_kv_heads=4", policy=False, family="opt")
+    out = evaluate(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["id"] for r in summary["rows"]}
+    skipped = {s["id"]: s["reason"] for s in summary["skipped"]}
+    # transformers 5.x: OPT's decoder ignores config.num_hidden_layers, so HF's early-exit draft fails or is
+    # not an early exit; either way the reason must be recorded rather than the run crashing
+    assert "full" in rows
+    assert all(mid in skipped or mid in rows for mid in ("hf_early_exit@1", "hf_early_exit@2"))
+    for mid, reason in skipped.items():
+        assert reason.startswith("HF generate failed") and "num_hidden_layers" in reason
+
+
+def test_evaluate_script_runs_and_reports_bad_method(tmp_path, samples_patch, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    cfg, paths, _ = make_run(tmp_path, policy=False)
+    spec = importlib.util.spec_from_file_location("script_evaluate", REPO / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--config", str(SMOKE), f"run_dir={paths.root}", f"results_dir={paths.results}", "eval.num_samples=2"]
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *common, "--methods", "full,fixed@1"])
+    assert script.main() == 0
+    out = capsys.readouterr().out
+    assert "fixed@1" in out and "summary.md" in out
+    assert {p.stem for p in (paths.results_eval / "methods").glob("*.json")} == {"full", "fixed@1"}
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *common, "--methods", "nonsense"])
+    assert script.main() == 2
+    assert "unknown method 'nonsense'" in capsys.readouterr().err

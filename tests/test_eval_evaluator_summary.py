@@ -1,0 +1,160 @@
+"""Summary arithmetic, deltas, method names and atomic writing of the evaluator (no model)."""
+
+import json
+
+import pytest
+
+from greencode.config import ConfigError, EvalConfig
+from greencode.eval.methods import expand_methods, parse_method_name, split_names
+from greencode.eval.summary import (SHARD_FORMAT, aggregate_efficiency, build_rows, delta_pct, merge_shards,
+                                    overhead_ab_summary, summary_table, write_results)
+
+
+def rec(index, tokens, exit_layers, latency, energy=None, layers_run=0, steps=0, done=0.0, full=1.0, counters=None):
+    return {"index": index, "id": f"s{index}", "prediction": " ".join(map(str, tokens)), "reference": "1 2 3",
+            "tokens": tokens, "new_tokens": len(tokens), "exit_layers": exit_layers, "latency_s": latency,
+            "energy_j": energy, "energy_note": None if energy is not None else "no counter", "counters": counters,
+            "cost": {"decode_steps": steps, "layers_run": layers_run, "layer_steps_full": steps * 4,
+                     "macs_done": done, "macs_full": full}}
+
+
+def test_delta_pct():
+    assert delta_pct(0.9, 1.0) == pytest.approx(-10.0)
+    assert delta_pct(3.0, 2.0) == pytest.approx(50.0)
+    assert delta_pct(-1.0, -2.0) == pytest.approx(50.0)  # relative to |reference|
+    assert delta_pct(1.0, 0.0) is None and delta_pct(None, 1.0) is None and delta_pct(1.0, None) is None
+
+
+def test_aggregate_efficiency_arithmetic():
+    records = [
+        rec(0, [5, 6, 7, 8], [3, 1, 3, 1], 1.0, energy=2.0, layers_run=8, steps=3, done=30.0, full=60.0,
+            counters={"controller_time_s": 0.1, "decode_time_s": 0.5}),
+        rec(1, [5, 6, 7, 8, 9, 9], [3, 2, 2, 2, 2, 2], 3.0, energy=None, layers_run=15, steps=5, done=50.0,
+            full=100.0, counters={"controller_time_s": 0.2, "decode_time_s": 1.5}),
+    ]
+    agg = aggregate_efficiency(records)
+    assert agg["num_samples"] == 2 and agg["latency_s"] == 2.0 and agg["latency_s_median"] == 2.0
+    assert agg["tokens_per_s"] == pytest.approx(10 / 4)
+    assert agg["energy_j"] is None and agg["energy_null_reason"] == "no counter"
+    assert agg["mean_exit_layer"] == pytest.approx((1 + 3 + 1 + 2 * 5) / 8)  # first token of each excluded
+    assert agg["layers_skipped_share"] == pytest.approx(1 - 23 / 32)
+    assert agg["compute_ratio"] == pytest.approx(80 / 160)
+    assert agg["controller_overhead_share"] == pytest.approx(0.3 / 2.0)
+    records[1]["energy_j"] = 4.0
+    assert aggregate_efficiency(records)["energy_j"] == 3.0
+    with pytest.raises(ValueError, match="no records"):
+        aggregate_efficiency([])
+
+
+def test_overhead_ab_summary():
+    ab = {"threshold": 0.9, "records": [
+        {"index": 0, "decode_time_s_full": 1.0, "decode_time_s_policy": 1.1, "controller_time_s": 0.05},
+        {"index": 1, "decode_time_s_full": 2.0, "decode_time_s_policy": 2.0, "controller_time_s": 0.05},
+        {"index": 2, "decode_time_s_full": 1.0, "decode_time_s_policy": 1.3, "controller_time_s": 0.05}]}
+    s = overhead_ab_summary(ab)
+    assert s["overhead_share"] == pytest.approx((4.4 - 4.0) / 4.0)
+    assert s["overhead_share_median_paired"] == pytest.approx(0.1)
+    assert s["controller_time_s"] == pytest.approx(0.15) and s["threshold"] == 0.9
+    assert overhead_ab_summary(None) is None
+
+
+def shard(methods, rank=0, world=1, ab=None):
+    return {"format": SHARD_FORMAT, "rank": rank, "world_size": world,
+            "meta": {"language": "python", "num_layers": 4, "num_samples": 2, "max_new_tokens": 4,
+                     "energy_source": "time-only"},
+            "methods": {m: {"spec": {"id": m, "family": m.split("@")[0], "description": m}, "records": r}
+                        for m, r in methods.items()},
+            "skipped": [{"id": "gc@0.9", "family": "gc", "reason": "no exit policy"}], "overhead_ab": ab}
+
+
+def fake_metrics(preds, refs, language):
+    score = sum(p == r for p, r in zip(preds, refs)) / len(preds)
+    return {"codebleu": score, "rouge_l": score / 2, "bleu": 100 * score}
+
+
+def fake_sample_metrics(pred, ref, language):
+    return {"codebleu": float(pred == ref)}
+
+
+def test_build_rows_deltas_against_full_and_fallback_to_full_hf():
+    full = [rec(0, [1, 2, 3], [3, 3, 3], 2.0, done=8.0, full=8.0), rec(1, [1, 2, 3], [3, 3, 3], 2.0, done=8.0, full=8.0)]
+    fixed = [rec(0, [1, 2, 3], [3, 1, 1], 1.0, done=4.0, full=8.0), rec(1, [1, 2, 4], [3, 1, 1], 1.0, done=4.0,
+                                                                         full=8.0)]
+    merged = merge_shards([shard({"full": full, "fixed@1": fixed})])
+    rows = {r["id"]: r for r in build_rows(merged, fake_metrics, fake_sample_metrics)}
+    f = rows["fixed@1"]
+    assert f["reference_method"] == "full"
+    assert f["codebleu"] == 0.5 and f["codebleu_delta_pct"] == pytest.approx(-50.0)
+    assert f["latency_s_delta_pct"] == pytest.approx(-50.0) and f["tokens_per_s_delta_pct"] == pytest.approx(100.0)
+    assert f["compute_ratio"] == 0.5 and f["compute_ratio_delta_pct"] == pytest.approx(-50.0)
+    assert f["same_output_as_reference_share"] == 0.5 and rows["full"]["codebleu_delta_pct"] == 0.0
+    assert merged["methods"]["fixed@1"]["records"][1]["metrics"] == {"codebleu": 0.0}
+    merged = merge_shards([shard({"full_hf": full, "fixed@1": fixed})])
+    rows = {r["id"]: r for r in build_rows(merged, fake_metrics, fake_sample_metrics)}
+    assert rows["fixed@1"]["reference_method"] == "full_hf"
+    assert rows["fixed@1"]["codebleu_delta_pct"] == pytest.approx(-50.0)
+
+
+def test_merge_keeps_sample_order_and_refuses_inconsistent_shards():
+    r0 = [rec(0, [1], [3], 1.0), rec(2, [1], [3], 1.0)]
+    r1 = [rec(1, [1], [3], 1.0)]
+    merged = merge_shards([shard({"full": r1}, rank=1, world=2), shard({"full": r0}, rank=0, world=2)])
+    assert [r["index"] for r in merged["methods"]["full"]["records"]] == [0, 1, 2]
+    assert len(merged["skipped"]) == 1 and merged["world_size"] == 2
+    with pytest.raises(ValueError, match="different methods"):
+        merge_shards([shard({"full": r1}, rank=1, world=2), shard({"fixed@1": r0}, rank=0, world=2)])
+    with pytest.raises(ValueError, match="number of processes"):
+        merge_shards([shard({"full": r1}, rank=1, world=2), shard({"full": r0}, rank=0, world=3)])
+    with pytest.raises(ValueError, match="not an evaluation shard"):
+        merge_shards([{"format": "other"}])
+
+
+def test_write_results_is_atomic(tmp_path):
+    out = tmp_path / "results" / "eval"
+    merged = merge_shards([shard({"full": [rec(0, [1, 2], [3, 3], 1.0, done=1.0, full=1.0)]})])
+    write_results(merged, out, {"seed": 1, "config_name": "t"}, metrics_fn=fake_metrics,
+                  sample_metrics_fn=fake_sample_metrics)
+    before = (out / "summary.json").read_text()
+    assert summary_table(out)[0]["id"] == "full" and summary_table(out.parent)[0]["id"] == "full"
+    assert "no exit policy" in (out / "summary.md").read_text()
+
+    def broken(*a):
+        raise RuntimeError("metric crashed")
+
+    merged2 = merge_shards([shard({"fixed@1": [rec(0, [1, 2], [3, 1], 1.0)]})])
+    with pytest.raises(RuntimeError, match="metric crashed"):
+        write_results(merged2, out, {}, metrics_fn=broken, sample_metrics_fn=fake_sample_metrics)
+    assert (out / "summary.json").read_text() == before  # the old results are untouched
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval"]  # no temp folders left
+    assert json.loads(before)["rows"][0]["energy_j"] is None
+
+
+def test_summary_table_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="scripts/evaluate.py"):
+        summary_table(tmp_path)
+    (tmp_path / "summary.json").write_text('{"format": "x"}')
+    with pytest.raises(ValueError, match="not an evaluation summary"):
+        summary_table(tmp_path)
+
+
+def test_method_names_and_expansion():
+    assert parse_method_name("gc@0.9") == ("gc", 0.9)
+    assert parse_method_name("fixed@3") == ("fixed", 3)
+    assert parse_method_name("oracle") == ("oracle", None)
+    for bad, msg in (("greedy", "unknown method"), ("full@1", "takes no parameter"), ("fixed@x", "integer"),
+                     ("gc@1.5", r"\[0, 1\]"), ("entropy@-1", ">= 0"), ("fixed@-1", ">= 0")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_method_name(bad)
+    assert split_names("full, gc@0.9,fixed") == ["full", "gc@0.9", "fixed"]
+    assert split_names(["full,oracle", "gc"]) == ["full", "oracle", "gc"]
+    with pytest.raises(ConfigError, match="no method names"):
+        split_names([" , "])
+    ec = EvalConfig(gc_thresholds=[0.9, 0.6], confidence_thresholds=[0.5], entropy_thresholds=[1.0, 2.0])
+    ids = [s.id for s in expand_methods(["gc", "full", "fixed", "gc@0.9", "base", "hf_early_exit", "entropy"],
+                                        ec, [1, 2, 3, 5], 7)]
+    assert ids == ["base", "full", "fixed@1", "fixed@2", "fixed@3", "fixed@5", "entropy@1", "entropy@2", "gc@0.6",
+                   "gc@0.9", "hf_early_exit@1", "hf_early_exit@2", "hf_early_exit@3", "hf_early_exit@5"]
+    ec.hf_early_exit_layers = [3]
+    assert [s.id for s in expand_methods(["hf_early_exit"], ec, [1, 2], 7)] == ["hf_early_exit@3"]
+    with pytest.raises(ConfigError, match="out of range"):
+        expand_methods(["fixed@7"], ec, [1, 2], 7)
