@@ -1,0 +1,387 @@
+"""The model side of the endpoint: loading a run, turning one request into one call of the
+decoding loop (:func:`greencode.decoding.generate`, the same loop the evaluator uses), and the
+per-response statistics (exit layers, share of layers skipped, latency, energy when measured).
+
+:class:`Engine` is not thread-safe on purpose: the app runs it from a single worker thread,
+one request at a time (see :mod:`greencode.serve.app`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from greencode.config import Config, ConfigError
+from greencode.paths import RunPaths
+from greencode.serve.errors import RequestError
+from greencode.utils import REPO_ROOT, setup_torch
+
+log = logging.getLogger(__name__)
+
+EOL = "<EOL>"
+_EOL_RE = re.compile(r"[ \t]*<EOL>[ \t]*")
+FULL_MODEL_THRESHOLD = 1.0  # RL_agent_thresh >= 1.0 serves the exact full model (no exit checks at all)
+
+# fill-in-the-middle prompts from editors: (prefix, suffix, middle) markers. Our models are
+# left-to-right only, so such a prompt is reduced to the code before the cursor.
+FIM_STYLES = {
+    "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    "codellama": ("<PRE>", "<SUF>", "<MID>"),
+    "deepseek": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+}
+
+
+@dataclass
+class GenRequest:
+    """One completion, whatever the wire format it came in."""
+
+    prompt: str
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    threshold: Optional[float] = None  # None = the server default
+    num_ctx: Optional[int] = None  # client's context limit (Ollama); the model's own is the ceiling
+    want_pieces: bool = False  # streaming: per-token text increments
+    request_id: str = ""
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_ids: list[int]
+    tokens: list[int]
+    finish_reason: str  # length | eos | stop (the decoding loop's words)
+    stats: dict[str, Any]
+    pieces: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class LoadedRun:
+    model: Any
+    tokenizer: Any
+    policy: Any  # ExitPolicy or None
+    root: Optional[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def strip_fim(prompt: str) -> tuple[str, Optional[str]]:
+    """The code before the cursor of a fill-in-the-middle prompt (and which style it was)."""
+    for style, (pre, suf, mid) in FIM_STYLES.items():
+        s = prompt.lstrip()
+        if s.startswith(pre) and suf in s and mid in s:
+            body = s[len(pre):]
+            return body.split(suf, 1)[0].removeprefix(" "), style
+    return prompt, None
+
+
+# --------------------------------------------------------------------------- loading
+def run_root(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> Path:
+    """The run directory to serve: ``run_dir`` (relative to the working directory), else
+    ``cfg.serve.run_dir``, else this config's run directory (both relative to the repo)."""
+    if run_dir is not None:
+        return Path(run_dir).expanduser().resolve()
+    if cfg.serve.run_dir:
+        p = Path(cfg.serve.run_dir).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+    return RunPaths.from_config(cfg).root
+
+
+def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedRun:
+    """Load the fine-tuned early-exit model, its tokenizer and the exported policy of a run.
+
+    A run without ``agent/policy.pt`` serves the full model (and says so in /health)."""
+    from transformers import AutoTokenizer
+
+    from greencode.models import EarlyExitModel
+    from greencode.rl.policy import load_policy
+
+    root = run_root(cfg, run_dir)
+    paths = dataclasses.replace(RunPaths.from_config(cfg), root=root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run directory {str(root)!r} does not exist; train a run first "
+                                f"(python scripts/reproduce.py --config {cfg.source_path or '<cfg>'}) or pass "
+                                "--run-dir / serve.run_dir=<dir>")
+    model_dir = paths.finetuned
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no fine-tuned model in {str(model_dir)!r}; run scripts/finetune.py for this "
+                                "config or pass --run-dir pointing at a run that has finetuned/")
+    device, dtype = setup_torch(cfg.hardware)
+    model = EarlyExitModel.from_pretrained(model_dir, device=device, dtype=dtype)
+    tok_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else paths.tokenizer
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer in {str(model_dir)!r} or {str(paths.tokenizer)!r}; the training "
+                                "stage saves it next to the model")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    notes: list[str] = []
+    policy = None
+    if paths.policy.is_file():
+        policy = load_policy(paths.policy, model)
+    else:
+        notes.append(f"no exit policy at {paths.policy}: serving the full model for every request "
+                     "(train one with scripts/train_agent.py)")
+        log.warning(notes[-1])
+    log.info("loaded %s (%s, %d layers, exits %s) from %s on %s", model.family, type(model.hf).__name__,
+             model.num_layers, model.exit_layers, model_dir, model.device)
+    return LoadedRun(model, tokenizer, policy, root, notes)
+
+
+# --------------------------------------------------------------------------- engine
+class Engine:
+    """One model, its tokenizer and (optionally) its exit policy, answering :class:`GenRequest`s."""
+
+    def __init__(self, model, tokenizer, policy=None, *, serve_cfg, decoding_cfg=None, meter=None,
+                 run_root: Optional[Path] = None, notes: Optional[list[str]] = None, language: str = "python",
+                 literal_mode: str = "normalized"):
+        from greencode.config import DecodingConfig
+        from greencode.eval.energy import TimeOnlyMeter
+
+        if tokenizer is None:
+            raise ValueError("the endpoint needs the model's tokenizer; pass tokenizer=... or serve a run directory")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.serve_cfg = serve_cfg
+        self.decoding_cfg = decoding_cfg or DecodingConfig()
+        self.meter = meter or TimeOnlyMeter(model.device, reason="no energy meter configured")
+        self.run_root = run_root
+        self.notes = list(notes or [])
+        self.prompt_format = getattr(serve_cfg, "prompt_format", "raw")
+        self.language = language
+        self.literal_mode = literal_mode
+        from greencode.decoding import generate
+
+        self.generate_fn = generate  # the one decoding loop (replaceable in tests)
+        self.context_window = int(getattr(model.hf.config, "max_position_embeddings", 0) or 2048)
+        self._ids = itertools.count()
+        self.cost = model.cost_model()
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.bos_prefix = self._bos_prefix()
+        eos = set()
+        for v in (tokenizer.eos_token_id, getattr(getattr(model.hf, "generation_config", None), "eos_token_id", None)):
+            if isinstance(v, int):
+                eos.add(v)
+            elif isinstance(v, (list, tuple)):
+                eos.update(int(x) for x in v)
+        self.eos_ids = sorted(eos)
+        if policy is not None:  # fail at start-up, not on the first request, when the policy does not fit
+            from greencode.decoding import PolicyExit
+
+            PolicyExit(policy, 0.5, self.decoding_cfg.policy_temperature,
+                       observation=getattr(policy, "observation", "normed")).check_layers(model)
+
+    # ------------------------------------------------------------------ facts
+    def describe(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "family": m.family, "num_layers": m.num_layers, "final_layer": m.final_layer,
+            "exit_layers": list(m.exit_layers), "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
+            "context_window": self.context_window, "num_parameters": self.num_parameters,
+            "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
+            "policy_loaded": self.policy is not None,
+            "serving": "early-exit (RL policy)" if self.policy is not None else "full model (no exit policy in this run)",
+            "default_threshold": self.serve_cfg.default_threshold,
+            "full_model_threshold": FULL_MODEL_THRESHOLD,
+            "policy_temperature": self.decoding_cfg.policy_temperature,
+            "policy_observation": getattr(self.policy, "observation", None),
+            "kv_strategy": self.decoding_cfg.kv_strategy,
+            "prompt_format": self.prompt_format,
+            "language": self.language if self.prompt_format == "codexglue" else None,
+            "energy_source": self.meter.source,
+            "run_dir": str(self.run_root) if self.run_root else None,
+            "notes": self.notes,
+        }
+
+    def _bos_prefix(self) -> list[int]:
+        # how a model sees a prompt, everywhere in the project: bos (when the tokenizer has one) + text,
+        # left-truncated with the bos kept (greencode.data.tokenizer.encode_context)
+        bos = self.tokenizer.bos_token_id
+        return [int(bos)] if bos is not None else []
+
+    # ------------------------------------------------------------------ editor text <-> model text
+    def to_model_text(self, text: str) -> tuple[str, Optional[str]]:
+        """Editor code -> the text the model was trained on (``serve.prompt_format``)."""
+        if self.prompt_format == "raw" or not text.strip():
+            return text, None
+        from greencode.data.lexers import source_to_text
+
+        note = None
+        try:
+            out = source_to_text(text, self.language, self.literal_mode, lenient=True)
+        except Exception as e:  # noqa: BLE001 - any lexer failure on half-typed code: fall back to whitespace split
+            out = " ".join(text.split())
+            note = f"the {self.language} lexer failed ({type(e).__name__}); whitespace-split text was used"
+        if self.language == "python" and out and "\n" in text and not text.rsplit("\n", 1)[1].strip():
+            out += " " + EOL  # the cursor is on a fresh line
+        return out, note
+
+    def to_editor_text(self, text: str) -> str:
+        """Model text -> editor text: ``<EOL>`` becomes a newline (Python); the rest as generated."""
+        if self.prompt_format == "raw" or self.language != "python":
+            return text
+        return _EOL_RE.sub("\n", text)
+
+    def model_stops(self, stops: list[str]) -> list[str]:
+        if self.prompt_format == "raw":
+            return stops
+        eol = f" {EOL} " if self.language == "python" else " "
+        out = [" ".join(s.replace("\n", eol).split()) for s in stops]
+        return [s for s in dict.fromkeys(out) if s]
+
+    # ------------------------------------------------------------------ request -> generate
+    def controller_for(self, threshold: Optional[float]):
+        """(controller, threshold used, mode). ``threshold >= 1.0`` or no policy -> the full model."""
+        from greencode.decoding import NeverExit, PolicyExit
+
+        thr = self.serve_cfg.default_threshold if threshold is None else float(threshold)
+        if self.policy is None:
+            return NeverExit(), None, "full_model_no_policy"
+        if thr >= FULL_MODEL_THRESHOLD:
+            return NeverExit(), thr, "full_model"
+        ctrl = PolicyExit(self.policy, thr, self.decoding_cfg.policy_temperature,
+                          observation=getattr(self.policy, "observation", "normed"))
+        return ctrl, thr, "policy"
+
+    def encode(self, prompt: str, max_new_tokens: int, num_ctx: Optional[int] = None) -> tuple[list[int], dict]:
+        """Token ids that fit ``context - max_new_tokens`` by dropping the oldest tokens (as
+        llm-ls does: the code nearest the cursor is kept). BOS, when the tokenizer adds one, stays."""
+        body, fim = strip_fim(prompt)
+        body, fmt_note = self.to_model_text(body)
+        ctx = min(self.context_window, num_ctx or self.context_window)
+        budget = ctx - max_new_tokens - len(self.bos_prefix)
+        if budget < 1:
+            raise RequestError(422, f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context "
+                                    f"of {ctx} tokens; ask for fewer new tokens", loc="body.max_new_tokens")
+        # tokenize only a tail long enough to hold `budget` tokens (a stranger's 1 MB prompt stays cheap);
+        # every token covers at least one character, so a tail with more than budget+8 tokens suffices
+        tail_chars = max(4096, 16 * budget)
+        ids = None
+        if len(body) > tail_chars:
+            tail = self.tokenizer.encode(body[-tail_chars:], add_special_tokens=False)
+            if len(tail) > budget + 8:
+                ids, total = tail, None
+        if ids is None:
+            ids = self.tokenizer.encode(body, add_special_tokens=False) if body else []
+            total = len(ids)
+        dropped = max(0, len(ids) - budget)
+        ids = self.bos_prefix + ids[dropped:]
+        if not ids:
+            fallback = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else (
+                self.eos_ids[0] if self.eos_ids else None)
+            if fallback is None:
+                raise RequestError(422, "the prompt is empty and the tokenizer has no BOS/EOS token to start from; "
+                                        "send some text", loc="body.prompt")
+            ids = [int(fallback)]
+        info = {"prompt_tokens_dropped": dropped if total is not None else None,
+                "prompt_truncated": dropped > 0 or total is None, "fim_style": fim,
+                "prompt_format": self.prompt_format}
+        if fmt_note:
+            info["prompt_format_note"] = fmt_note
+        return ids, info
+
+    def complete(self, req: GenRequest, submitted_at: Optional[float] = None) -> Completion:
+        from greencode.decoding import compute_cost
+
+        t0 = time.perf_counter()
+        queue_s = (t0 - submitted_at) if submitted_at is not None else 0.0
+        ids, enc = self.encode(req.prompt, req.max_new_tokens, req.num_ctx)
+        controller, thr, mode = self.controller_for(req.threshold)
+        t1 = time.perf_counter()
+        name = f"gen-{next(self._ids)}"
+        try:
+            with self.meter.window(name) as w:
+                res = self.generate_fn(
+                    self.model, ids, controller, req.max_new_tokens, do_sample=req.do_sample and req.temperature > 0,
+                    temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                    eos_token_id=self.eos_ids or None, stop_strings=self.model_stops(req.stop) or None,
+                    tokenizer=self.tokenizer,
+                    kv_strategy=self.decoding_cfg.kv_strategy)
+        except (ValueError, ConfigError) as e:  # the loop's own argument checks: the request's fault
+            raise RequestError(422, f"cannot generate: {e}") from None
+        m = w.measurement
+        model_text = res.text if res.text is not None else self.tokenizer.decode(res.tokens, skip_special_tokens=True)
+        text = self._cut_at_stops(self.to_editor_text(model_text), req.stop)
+        cost = compute_cost(self.model, [res], controller)
+        decode_exits = res.exit_layers[1:]
+        stats = {
+            "request_id": req.request_id,
+            "controller": mode,
+            "threshold": thr,
+            "policy_temperature": self.decoding_cfg.policy_temperature if mode == "policy" else None,
+            "exit_layers": list(res.exit_layers),
+            "num_layers": self.model.num_layers,
+            "exit_points": list(self.model.exit_points),
+            "mean_exit_layer": (sum(decode_exits) / len(decode_exits)) if decode_exits else None,
+            "layers_skipped_share": cost["layers_skipped_share"],
+            "compute_ratio": cost["compute_ratio"],
+            "layers_run": res.counters.get("layers_run"),
+            "decode_steps": res.counters.get("decode_steps", len(decode_exits)),
+            "prompt_tokens": len(ids),
+            **enc,
+            "completion_tokens": len(res.tokens),
+            "finish_reason": res.finish_reason,
+            "queue_s": queue_s,
+            "tokenize_s": t1 - t0,
+            "generation_s": m.latency_s,
+            "prefill_s": res.counters.get("prefill_time_s"),
+            "decode_s": res.counters.get("decode_time_s"),
+            "energy_j": m.energy_j,
+            "energy_source": m.source,
+            "energy_note": m.note,
+        }
+        if self.prompt_format != "raw":
+            stats["model_text"] = model_text
+        pieces = self.pieces(res.tokens, text) if req.want_pieces else []
+        return Completion(text=text, prompt_ids=[int(i) for i in ids], tokens=[int(t) for t in res.tokens],
+                          finish_reason=res.finish_reason, stats=stats, pieces=pieces)
+
+    def warmup(self) -> None:
+        t0 = time.perf_counter()
+        ids = self.bos_prefix + self.tokenizer.encode("x", add_special_tokens=False)
+        self.generate_fn(self.model, ids, None, 2, tokenizer=self.tokenizer,
+                         kv_strategy=self.decoding_cfg.kv_strategy)
+        log.info("warm-up generation: %.2f s", time.perf_counter() - t0)
+
+    @staticmethod
+    def _cut_at_stops(text: str, stops: list[str]) -> str:
+        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+    def pieces(self, tokens: list[int], text: str) -> list[str]:
+        """Per-token text increments whose concatenation is exactly ``text`` (a token that ends
+        inside a multi-byte character, or text past a stop string, is held back)."""
+        out: list[str] = []
+        emitted = 0
+        for i in range(1, len(tokens) + 1):
+            partial = self.to_editor_text(self.tokenizer.decode(tokens[:i], skip_special_tokens=True))
+            n = min(len(partial), len(text))
+            if n > emitted and text[:n] == partial[:n] and "\ufffd" not in partial[emitted:n]:
+                out.append(text[emitted:n])
+                emitted = n
+            else:
+                out.append("")
+        if emitted < len(text):
+            out.append(text[emitted:])
+        return out
+
+
+def finite_or_none(x: Optional[float]) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x

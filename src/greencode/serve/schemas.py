@@ -1,0 +1,208 @@
+"""Request bodies of every wire format the endpoint speaks, and their validation.
+
+Bodies are parsed by hand (size limit, strict UTF-8, JSON without NaN/Infinity) and then
+validated with pydantic in strict mode: a string where a number belongs, a float where an
+integer belongs or a boolean where a number belongs is a 422, never silently coerced.
+Unknown fields are ignored, because editors put arbitrary extras into their request bodies
+(llm-vscode's ``llm.requestBody`` is user-defined).
+
+Formats (see ``docs/serving.md``):
+
+* seed / huggingface-vscode-endpoint-server: ``{"inputs", "options": {num_predict, temperature,
+  top_p, RL_agent_thresh}}`` on ``/api/generate``;
+* HF Inference API / TGI: ``{"inputs", "parameters": {max_new_tokens, temperature, top_p, top_k,
+  do_sample, stop, return_full_text, seed, details}}`` on ``/api/generate``, ``/generate`` and
+  ``/models/{model}``;
+* Ollama: ``{"model", "prompt", "suffix", "options": {num_predict, temperature, top_p, top_k, stop,
+  num_ctx, seed}, "stream"}`` on ``/api/generate``;
+* OpenAI completions: ``{"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop",
+  "stream", "echo", "seed"}`` on ``/v1/completions``.
+
+Every format also accepts the exit threshold as ``RL_agent_thresh`` or ``exit_threshold`` (in
+``options`` / ``parameters``; top level for OpenAI).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from greencode.serve.errors import RequestError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=1_000_000)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+TokenCount = Annotated[int, Field(ge=-(2**31), le=2**31)]  # range and sign checked per format with a clear message
+Stop = Union[str, list[str]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+
+class _Knobs(_Body):
+    RL_agent_thresh: Optional[Threshold] = None
+    exit_threshold: Optional[Threshold] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    top_k: Optional[TopK] = None
+    seed: Optional[Seed] = None
+    stop: Optional[Stop] = None
+
+
+class SeedOptions(_Knobs):
+    """``options`` of the seed format and of Ollama (extra Ollama options are ignored)."""
+
+    num_predict: Optional[TokenCount] = None
+    num_ctx: Optional[Annotated[int, Field(ge=1, le=2**31)]] = None
+
+
+class HFParameters(_Knobs):
+    max_new_tokens: Optional[TokenCount] = None
+    do_sample: Optional[bool] = None
+    stop_sequences: Optional[Stop] = None
+    return_full_text: Optional[bool] = None
+    details: Optional[bool] = None
+
+
+class HFRequest(_Body):
+    inputs: str
+    parameters: Optional[HFParameters] = None
+    options: Optional[SeedOptions] = None  # the seed format (HF's own {use_cache, wait_for_model} parse as empty)
+    stream: Optional[bool] = None
+
+
+class OllamaRequest(_Body):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    suffix: Optional[str] = None
+    options: Optional[SeedOptions] = None
+    stream: Optional[bool] = None  # Ollama's default is true
+
+
+class StreamOptions(_Body):
+    include_usage: Optional[bool] = None
+
+
+class OpenAIRequest(_Knobs):
+    model: Optional[str] = None
+    prompt: Union[str, list[str]]
+    suffix: Optional[str] = None
+    max_tokens: Optional[TokenCount] = None
+    n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    echo: Optional[bool] = None
+
+
+class ShowRequest(_Body):
+    model: Optional[str] = None
+    name: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- parsing
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON; send a finite number")
+
+
+def parse_json_bytes(body: bytes) -> dict:
+    """Strict UTF-8 JSON object, or a :class:`RequestError` (400 / 422) saying what is wrong."""
+    if not body or not body.strip():
+        raise RequestError(400, "the request body is empty; send a JSON object", kind="invalid_json")
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RequestError(400, f"the request body is not valid UTF-8 (bad byte at offset {e.start}); "
+                                "send UTF-8 encoded JSON", kind="invalid_encoding") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}; send one JSON "
+                                "object", kind="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise RequestError(400, f"malformed JSON: {e}", kind="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise RequestError(422, f"the request body must be a JSON object, got a JSON {type(obj).__name__}",
+                           kind="invalid_request")
+    return obj
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(["body", *(str(p) for p in loc)])
+
+
+def validate(model_cls: type[BaseModel], data: dict) -> Any:
+    """``model_cls.model_validate(data)`` with errors turned into one 422 naming each field."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        details = []
+        for err in e.errors(include_url=False):
+            loc = _loc(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "union["))))
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                msg = f"{msg} (got {json.dumps(err['input'], default=str)[:60]})"
+            details.append({"loc": loc, "msg": msg, "type": err["type"]})
+        # collapse the per-branch errors of unions into one line per field
+        seen: dict[str, dict] = {}
+        for d in details:
+            seen.setdefault(d["loc"], d)
+        details = list(seen.values())
+        message = "; ".join(f"{d['loc']}: {d['msg']}" for d in details)
+        raise RequestError(422, f"invalid request: {message}", kind="invalid_request", details=details) from None
+
+
+def check_text(value: Optional[str], field: str) -> str:
+    """Strings from JSON may hold unpaired surrogates (``"\\ud800"``) that no tokenizer can encode."""
+    if value is None:
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(422, f"{field} contains an unpaired UTF-16 surrogate escape; send valid Unicode text",
+                           kind="invalid_request", loc=field) from None
+    return value
+
+
+def stop_list(*values: Optional[Stop], field: str = "body.stop") -> list[str]:
+    """Stop strings from any of the given fields (a string or a list of strings); empty ones dropped."""
+    out: list[str] = []
+    for v in values:
+        if v is None:
+            continue
+        for s in [v] if isinstance(v, str) else v:
+            check_text(s, field)
+            if len(s) > MAX_STOP_CHARS:
+                raise RequestError(422, f"{field}: a stop string is {len(s)} characters long; the limit is "
+                                        f"{MAX_STOP_CHARS}", kind="invalid_request", loc=field)
+            if s and s not in out:
+                out.append(s)
+    if len(out) > MAX_STOP_STRINGS:
+        raise RequestError(422, f"{field}: {len(out)} stop strings given; the limit is {MAX_STOP_STRINGS}",
+                           kind="invalid_request", loc=field)
+    return out
+
+
+def threshold_of(*knobs: Optional[_Knobs]) -> Optional[float]:
+    """``RL_agent_thresh`` or ``exit_threshold`` (the same thing); None when absent."""
+    found: dict[str, float] = {}
+    for k in knobs:
+        if k is None:
+            continue
+        for name in ("RL_agent_thresh", "exit_threshold"):
+            v = getattr(k, name)
+            if v is not None:
+                found.setdefault(name, v)
+    values = set(found.values())
+    if len(values) > 1:
+        raise RequestError(422, f"RL_agent_thresh={found['RL_agent_thresh']} and exit_threshold="
+                                f"{found['exit_threshold']} disagree; they are the same setting, send one",
+                           kind="invalid_request", loc="body.RL_agent_thresh")
+    return values.pop() if values else None

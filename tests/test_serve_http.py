@@ -1,0 +1,278 @@
+"""The endpoint started for real (scripts/serve.py in a child process, smoke config, a tiny
+random demo run, a free loopback port) and called over HTTP: every route and format, streaming
+parsed the way the clients parse it, the official openai and ollama clients, 50 simultaneous
+requests, and bad input (all 4xx, server alive)."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from greencode.config import load_config
+from greencode.serve import ServerProcess
+from greencode.serve.demo import build_demo_run
+from greencode.utils import REPO_ROOT
+
+SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
+MAX_BYTES = 65536
+PROMPT = "import os\n\n\ndef read_file(path):\n    with open(path) as f:\n        return"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = load_config(SMOKE)
+    run = build_demo_run(cfg, tmp_path_factory.mktemp("serve_run"), p_exit=0.7)
+    overrides = ["hardware.num_threads=1", "serve.queue_size=4", f"serve.max_request_bytes={MAX_BYTES}",
+                 "serve.default_threshold=0.9", "serve.max_new_tokens_cap=64"]
+    with ServerProcess(SMOKE, overrides, run_dir=run, env={"GREENCODE_API_KEY": ""}) as srv:
+        yield srv
+        tail = srv.log_tail(200_000)
+    assert "Traceback" not in tail, tail[-4000:]
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60.0) as c:
+        yield c
+
+
+def _gen(http, **options):
+    r = http.post("/api/generate", json={"inputs": PROMPT, "options": {"num_predict": 6, **options}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ----------------------------------------------------------------------------- routes and formats
+def test_health_models_tags_show_metrics(server, http):
+    h = http.get("/health").json()
+    assert h["status"] == "ok" and h["policy_loaded"] is True and h["exit_layers"] == [1, 2]
+    assert h["num_layers"] == 4 and h["auth_required"] is False and h["max_new_tokens_cap"] == 64
+
+    import ollama
+    import openai
+
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything", max_retries=0)
+    assert [m.id for m in oa.models.list()] == ["greencode"]
+    ol = ollama.Client(host=server.url)
+    tags = ol.list()
+    assert [m.model for m in tags.models] == ["greencode"] and tags.models[0].details.family == "llama"
+    show = ol.show("greencode")
+    assert show.modelinfo["llama.context_length"] == 512 and show.modelinfo["greencode.exit_layers"] == [1, 2]
+    assert "completion" in show.capabilities
+
+    assert http.get("/").status_code == 200
+    assert http.get("/api/version").json()["version"]
+    _gen(http, RL_agent_thresh=0.5)
+    text = http.get("/metrics").text
+    for name in ("greencode_requests_total", "greencode_generated_tokens_total", "greencode_mean_exit_layer",
+                 "greencode_layers_skipped_share", "greencode_energy_joules_total", "greencode_requests_in_flight"):
+        assert name in text, name
+    assert 'route="/api/generate",status="200"' in text
+
+
+def test_seed_format_threshold_semantics(http):
+    early = _gen(http, RL_agent_thresh=0.5)  # demo policy: P(exit)=0.7 everywhere -> exits at layer 1
+    s = early["greencode"]
+    assert isinstance(early["generated_text"], str)
+    assert s["controller"] == "policy" and s["threshold"] == 0.5
+    assert len(s["exit_layers"]) == s["completion_tokens"] >= 1
+    assert s["exit_layers"][0] == 3 and all(e == 1 for e in s["exit_layers"][1:])  # first token: the prefill
+    if s["decode_steps"]:
+        assert s["layers_skipped_share"] == pytest.approx(0.5) and s["mean_exit_layer"] == 1.0
+    assert s["energy_j"] is None and s["energy_source"] == "time-only"
+    assert s["latency_s"] >= s["generation_s"] > 0
+
+    late = _gen(http, RL_agent_thresh=0.9)  # 0.7 < 0.9: never exits
+    full = _gen(http, RL_agent_thresh=1.0)  # the exact full model, no exit checks
+    default = _gen(http)  # missing threshold: the server default (0.9), no crash
+    alias = _gen(http, exit_threshold=0.5)
+    assert all(e == 3 for e in late["greencode"]["exit_layers"])
+    assert full["greencode"]["controller"] == "full_model" and all(e == 3 for e in full["greencode"]["exit_layers"])
+    assert default["greencode"]["threshold"] == 0.9
+    assert late["generated_text"] == full["generated_text"] == default["generated_text"]  # greedy, same depth
+    assert alias["generated_text"] == early["generated_text"] and alias["greencode"]["threshold"] == 0.5
+    slash = http.post("/api/generate/", json={"inputs": PROMPT, "options": {"num_predict": 6, "RL_agent_thresh": 0.5}})
+    assert slash.status_code == 200 and slash.json()["generated_text"] == early["generated_text"]
+
+
+def test_hf_tgi_formats_and_stop_strings(http):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "return_full_text": False}}
+    hf = http.post("/api/generate", json=body).json()
+    tgi = http.post("/generate", json=body).json()
+    llm_ls = http.post("/models/greencode", json=body).json()  # llm-ls' huggingface backend URL
+    assert hf["generated_text"] == tgi["generated_text"] == llm_ls["generated_text"]
+    full = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "return_full_text": True,
+                                                                         "details": True}}).json()
+    assert full["generated_text"] == PROMPT + hf["generated_text"]
+    assert full["details"]["finish_reason"] in ("length", "eos_token", "stop_sequence")
+    assert full["details"]["generated_tokens"] == full["greencode"]["completion_tokens"]
+
+    text = hf["generated_text"]
+    candidates = [i for i in range(1, len(text) - 1) if not text[i:i + 2].isspace() and " " not in text[i:i + 2]
+                  and "\n" not in text[i:i + 2]]
+    if candidates:  # a stop string from inside the greedy output: the answer ends right before it
+        stop = text[candidates[len(candidates) // 2]:][:2]
+        r = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "stop": [stop]}}).json()
+        assert r["generated_text"] == text[:text.find(stop)]
+        assert stop not in r["generated_text"]
+
+
+def test_long_prompt_truncated_from_the_left(http):
+    prompt = "x = 1\n" * 2000  # ~12 kB, far beyond the 512-token context
+    r = http.post("/api/generate", json={"inputs": prompt, "options": {"num_predict": 4}})
+    assert r.status_code == 200, r.text
+    s = r.json()["greencode"]
+    assert s["prompt_truncated"] is True and s["prompt_tokens"] == 512 - 4
+
+
+def test_ollama_client_and_stream(server, http):
+    import ollama
+
+    ol = ollama.Client(host=server.url)
+    opts = {"num_predict": 6, "temperature": 0, "RL_agent_thresh": 0.5}
+    res = ol.generate(model="greencode", prompt=PROMPT, options=opts, stream=False)
+    assert res.done is True and res.done_reason in ("stop", "length") and isinstance(res.response, str)
+    assert 1 <= res.eval_count <= 6 and res.prompt_eval_count >= 1
+    parts = list(ol.generate(model="greencode", prompt=PROMPT, options=opts, stream=True))
+    assert parts[-1].done is True and all(p.done is False for p in parts[:-1])
+    assert "".join(p.response for p in parts) == res.response
+    assert ol.generate(model="greencode", prompt="").done_reason == "load"  # Ollama's preload call
+
+    # as Continue reads it: newline-terminated JSON lines, the last with done and the stats
+    with http.stream("POST", "/api/generate", json={"model": "greencode", "prompt": PROMPT, "options": opts}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        raw = r.read().decode()
+    assert raw.endswith("\n")
+    lines = [json.loads(line) for line in raw.split("\n") if line]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] >= 1 and "greencode" in lines[-1]
+    assert "".join(x["response"] for x in lines) == res.response
+    # llm-ls' ollama backend: stream false, reads "response"
+    llm_ls = http.post("/api/generate", json={"model": "greencode", "prompt": PROMPT, "stream": False,
+                                              "options": opts}).json()
+    assert llm_ls["response"] == res.response and llm_ls["greencode"]["exit_layers"][1:] == [1] * (
+        llm_ls["eval_count"] - 1)
+
+
+def test_openai_client_and_sse(server, http):
+    import openai
+
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything", max_retries=0)
+    res = oa.completions.create(model="greencode", prompt=PROMPT, max_tokens=6, temperature=0,
+                                extra_body={"RL_agent_thresh": 0.5})
+    assert res.object == "text_completion" and res.choices[0].finish_reason in ("stop", "length")
+    assert res.usage.completion_tokens == len(res.model_extra["greencode"]["exit_layers"])
+    assert res.model_extra["greencode"]["threshold"] == 0.5
+    stream = oa.completions.create(model="greencode", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+                                   extra_body={"RL_agent_thresh": 0.5})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == res.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == res.choices[0].finish_reason
+    echo = oa.completions.create(model="greencode", prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                 extra_body={"RL_agent_thresh": 0.5})
+    assert echo.choices[0].text == PROMPT + res.choices[0].text
+
+    # raw SSE as the clients parse it: "data: {json}" events, the last "data: [DONE]"
+    with http.stream("POST", "/v1/completions", json={"model": "greencode", "prompt": PROMPT, "max_tokens": 6,
+                                                      "temperature": 0, "stream": True,
+                                                      "stream_options": {"include_usage": True},
+                                                      "RL_agent_thresh": 0.5}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    objs = [json.loads(e[6:]) for e in events[:-1]]
+    assert objs[-1]["choices"] == [] and objs[-1]["usage"]["completion_tokens"] == res.usage.completion_tokens
+    assert "".join(o["choices"][0]["text"] for o in objs if o["choices"]) == res.choices[0].text
+
+
+# ----------------------------------------------------------------------------- load and abuse
+def test_fifty_simultaneous_requests(server, http):
+    async def burst():
+        limits = httpx.Limits(max_connections=60)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120.0, limits=limits) as c:
+            body = {"inputs": PROMPT, "options": {"num_predict": 16, "RL_agent_thresh": 0.5}}
+            return await asyncio.gather(*[c.post("/api/generate", json=body) for _ in range(50)])
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 1
+    texts = {r.json()["generated_text"] for r in responses if r.status_code == 200}
+    assert len(texts) == 1  # greedy: every answered request got the same completion
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers.get("retry-after") and "busy" in r.json()["error"]
+    assert http.get("/health").json()["queue"]["in_flight"] == 0
+    assert _gen(http, RL_agent_thresh=0.5)["generated_text"]
+
+
+BAD_BODIES = [
+    # (path, raw body, expected status)
+    ("/api/generate", b'{"inputs": "def f(", ', 400),  # malformed JSON
+    ("/api/generate", b'{"inputs": "\xff\xfe\xfa"}', 400),  # not UTF-8
+    ("/api/generate", b"", 400),
+    ("/api/generate", b"[1, 2, 3]", 422),
+    ("/api/generate", b'{"inputs": "x", "options": {"RL_agent_thresh": NaN}}', 400),
+    ("/api/generate", b'{"inputs": "x", "options": {"RL_agent_thresh": 1e999}}', 422),  # infinity
+    ("/api/generate", b'{"inputs": "\\ud800 unpaired"}', 422),
+    ("/v1/completions", b'{"prompt": "\\udfff"}', 422),
+]
+BAD_JSON = [
+    ("/api/generate", {"inputs": 5}),
+    ("/api/generate", {"nothing": "here"}),
+    ("/api/generate", {"inputs": "x", "prompt": "y"}),
+    ("/api/generate", {"inputs": "x", "parameters": {"max_new_tokens": "10"}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"max_new_tokens": 2.5}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"max_new_tokens": True}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"max_new_tokens": -5}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"max_new_tokens": 0}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"max_new_tokens": 10**9}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"max_new_tokens": 10**30}}),
+    ("/api/generate", {"inputs": "x", "options": {"num_predict": -3}}),
+    ("/api/generate", {"inputs": "x", "options": {"temperature": "hot"}}),
+    ("/api/generate", {"inputs": "x", "options": {"RL_agent_thresh": -0.1}}),
+    ("/api/generate", {"inputs": "x", "options": {"RL_agent_thresh": 1.5}}),
+    ("/api/generate", {"inputs": "x", "options": {"RL_agent_thresh": "0.5"}}),
+    ("/api/generate", {"inputs": "x", "options": {"RL_agent_thresh": 0.5, "exit_threshold": 0.6}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"top_p": 0}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"stop": [f"s{i}" for i in range(100)]}}),
+    ("/api/generate", {"inputs": "x", "parameters": {"stop": 7}}),
+    ("/api/generate", {"model": "greencode", "prompt": "x", "options": {"num_predict": -7}}),
+    ("/api/generate", {"model": "greencode", "prompt": "x", "options": "fast"}),
+    ("/api/generate", {"model": "greencode", "prompt": "x", "options": {"RL_agent_thresh": 2}}),
+    ("/generate", {"prompt": "x"}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}),
+    ("/v1/completions", {"prompt": ["a", "b"]}),
+    ("/v1/completions", {"prompt": [1, 2, 3]}),
+    ("/v1/completions", {"prompt": "x", "n": 2}),
+    ("/v1/completions", {"prompt": "x", "RL_agent_thresh": 7}),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}),
+    ("/api/show", {"model": 3}),
+]
+
+
+def test_bad_input_is_4xx_and_server_survives(server, http):
+    for path, raw, status in BAD_BODIES:
+        r = http.post(path, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == status, (path, raw, r.status_code, r.text)
+        assert r.json()["error"], r.text
+    for path, body in BAD_JSON:
+        r = http.post(path, json=body)
+        assert r.status_code == 422, (path, body, r.status_code, r.text)
+        err = r.json()["error"]
+        msg = err["message"] if isinstance(err, dict) else err
+        assert msg and r.json()["detail"][0]["loc"].startswith("body"), r.text
+    big = http.post("/api/generate", json={"inputs": "x" * (MAX_BYTES + 10)})
+    assert big.status_code == 413 and "max_request_bytes" in big.json()["error"]
+    assert http.post("/api/generate", content=b"x" * (MAX_BYTES * 2)).status_code == 413
+    nf = http.get("/nowhere")
+    assert nf.status_code == 404 and "/api/generate" in nf.json()["error"]
+    assert http.get("/api/generate").status_code == 405 and http.get("/api/generate").json()["error"]
+    # OpenAI-style error objects for OpenAI clients, with llm-ls' "detail" list
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})
+    assert r.json()["error"]["param"] == "max_tokens" and r.json()["detail"][0]["loc"] == "body.max_tokens"
+
+    assert http.get("/health").status_code == 200
+    assert _gen(http)["generated_text"] is not None
+    assert 'status="500"' not in http.get("/metrics").text
