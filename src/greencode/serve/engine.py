@@ -262,23 +262,27 @@ class Engine:
 
     def encode(self, prompt: str, max_new_tokens: int, num_ctx: Optional[int] = None) -> tuple[list[int], dict]:
         """Token ids that fit ``context - max_new_tokens`` by dropping the oldest tokens (as
-        llm-ls does: the code nearest the cursor is kept). BOS, when the tokenizer adds one, stays."""
+        llm-ls does: the code nearest the cursor is kept). BOS, when the tokenizer has one, leads and stays."""
         body, fim = strip_fim(prompt)
-        body, fmt_note = self.to_model_text(body)
         ctx = min(self.context_window, num_ctx or self.context_window)
         budget = ctx - max_new_tokens - len(self.bos_prefix)
         if budget < 1:
             raise RequestError(422, f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context "
                                     f"of {ctx} tokens; ask for fewer new tokens", loc="body.max_new_tokens")
-        # tokenize only a tail long enough to hold `budget` tokens (a stranger's 1 MB prompt stays cheap);
-        # every token covers at least one character, so a tail with more than budget+8 tokens suffices
-        tail_chars = max(4096, 16 * budget)
+        # A stranger's 1 MB prompt must stay cheap (lexing + tokenizing it whole takes seconds): first try
+        # only the last lines, starting at a line boundary; when they already give more than budget (+ a
+        # margin for the cut) tokens, the kept newest tokens are the same as from the whole prompt (barring
+        # a cut inside a multi-line string). Otherwise the whole prompt is used.
         ids = None
-        if len(body) > tail_chars:
-            tail = self.tokenizer.encode(body[-tail_chars:], add_special_tokens=False)
-            if len(tail) > budget + 8:
+        window = max(8192, 32 * budget)
+        if len(body) > window:
+            nl = body.find("\n", len(body) - window)
+            tail_text, fmt_note = self.to_model_text(body[nl + 1:] if nl >= 0 else body[-window:])
+            tail = self.tokenizer.encode(tail_text, add_special_tokens=False)
+            if len(tail) > budget + 16:
                 ids, total = tail, None
         if ids is None:
+            body, fmt_note = self.to_model_text(body)
             ids = self.tokenizer.encode(body, add_special_tokens=False) if body else []
             total = len(ids)
         dropped = max(0, len(ids) - budget)

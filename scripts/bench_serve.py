@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Benchmark the endpoint over HTTP: latency p50/p90/p99 of real completions at several exit
+thresholds and the full model, plus the server's own overhead per request (target <= 5 ms).
+Writes results/benchmark/serve_<config name>.json.
+
+Tiny CPU check (a random demo run; numbers say nothing about quality):
+    python scripts/bench_serve.py --config configs/smoke.yaml --demo runs/smoke-demo --num-requests 10
+
+A trained run (default: this config's run directory):
+    python scripts/bench_serve.py --config configs/default.yaml [--run-dir runs/default] --num-requests 50
+"""
+
+from greencode.cli import base_parser, friendly_errors, load_from_args
+
+
+@friendly_errors
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--run-dir", default=None, help="run directory to serve (default: serve.run_dir, else runs/<name>)")
+    p.add_argument("--demo", metavar="DIR", default=None, help="build a tiny random demo run in DIR and benchmark it")
+    p.add_argument("--num-requests", type=int, default=20, help="prompts per setting")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per request (default eval.max_new_tokens)")
+    p.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: eval.gc_thresholds")
+    p.add_argument("--out", default=None, help="output JSON (default results/benchmark/serve_<name>.json)")
+    args = p.parse_args()
+    cfg = load_from_args(args)
+    from greencode.serve.bench import run_benchmark
+
+    run_dir = args.run_dir
+    if args.demo:
+        from pathlib import Path
+
+        from greencode.serve.demo import build_demo_run
+
+        if not (Path(args.demo) / "finetuned" / "config.json").is_file():
+            build_demo_run(cfg, args.demo)
+        run_dir = args.demo
+    res = run_benchmark(cfg, run_dir, num_requests=args.num_requests, thresholds=args.thresholds,
+                        max_new_tokens=args.max_new_tokens, out_path=args.out, demo=bool(args.demo))
+    print(f"{'setting':<18}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'gen p50':>9}{'overhead p50':>14}{'exit layer':>11}"
+          f"{'skipped':>9}")
+    for name, s in res["settings"].items():
+        rt, g, o = s["round_trip_ms"], s["generation_ms"], s["overhead_ms"]
+        mel = "-" if s["mean_exit_layer"] is None else f"{s['mean_exit_layer']:.2f}"
+        sk = "-" if s["layers_skipped_share"] is None else f"{s['layers_skipped_share']:.2f}"
+        print(f"{name:<18}{rt['p50']:>9.1f}{rt['p90']:>9.1f}{rt['p99']:>9.1f}{g['p50']:>9.1f}{o['p50']:>14.2f}"
+              f"{mel:>11}{sk:>9}")
+    o = res["overhead_ms_all_requests"]
+    print(f"server overhead per request: p50 {o['p50']:.2f} ms, p90 {o['p90']:.2f} ms (target <= "
+          f"{res['overhead_target_ms']:g} ms); HTTP floor p50 {res['http_floor_ms']['p50']:.2f} ms")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

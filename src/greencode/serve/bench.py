@@ -1,0 +1,197 @@
+"""Endpoint benchmark: latency of real completions over HTTP at several exit thresholds and
+the full model, and the server's own overhead per request.
+
+A real server (``scripts/serve.py``) runs in a child process on a free loopback port. For
+each prompt, every setting (the full model = threshold 1.0, then each threshold) is asked in
+turn, so slow drifts of a shared machine hit all settings alike. Per request we record the
+client's round trip and what the server reports: ``generation_s`` (the decoding loop's
+measurement window) and ``latency_s`` (the server's time from request arrival to response).
+
+* overhead per request = round trip - generation_s (HTTP, JSON, validation, queue hand-off,
+  tokenization, response building; the target is <= 5 ms);
+* server-internal part = latency_s - generation_s; transport = round trip - latency_s;
+* the HTTP floor = the round trip of ``GET /health``.
+
+Prompts are prefixes of real source files (the interpreter's standard library, cut at a
+seeded line and column, like an editor's cursor), converted by the server as any editor
+request is (``serve.prompt_format``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from greencode.config import dump_config
+from greencode.utils import run_metadata, write_json
+
+log = logging.getLogger(__name__)
+
+OVERHEAD_TARGET_MS = 5.0
+
+
+def bench_prompts(n: int, seed: int, max_chars: int = 3000) -> list[str]:
+    """``n`` editor-like prompts: a standard-library file cut at a seeded line and column."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size > 4000)
+    if not files:
+        raise FileNotFoundError(f"no standard-library sources under {stdlib} to build benchmark prompts from")
+    rng = random.Random(seed)
+    prompts = []
+    while len(prompts) < n:
+        lines = rng.choice(files).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        if len(lines) < 40:
+            continue
+        i = rng.randrange(20, len(lines))
+        line = lines[i]
+        col = rng.randrange(len(line) - len(line.lstrip()), max(len(line) - len(line.lstrip()) + 1, len(line.rstrip())))
+        prompt = "".join(lines[:i]) + line[:col]
+        if prompt.strip():
+            prompts.append(prompt[-max_chars:])
+    return prompts
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def _pcts(values: Sequence[float], scale: float = 1.0) -> dict[str, Optional[float]]:
+    if not len(values):
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(values, dtype=np.float64) * scale
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def _summary(rows: list[dict], num_layers: int) -> dict[str, Any]:
+    rtt = [r["rtt_s"] for r in rows]
+    gen = [r["generation_s"] for r in rows]
+    steps = sum(r["decode_steps"] for r in rows)
+    layers_run = sum(r["layers_run"] for r in rows)
+    tokens = sum(r["completion_tokens"] for r in rows)
+    exits = [e for r in rows for e in r["exit_layers"][1:]]
+    energy = [r["energy_j"] for r in rows if r["energy_j"] is not None]
+    return {
+        "requests": len(rows),
+        "round_trip_ms": _pcts(rtt, 1e3),
+        "generation_ms": _pcts(gen, 1e3),
+        "server_latency_ms": _pcts([r["latency_s"] for r in rows], 1e3),
+        "overhead_ms": _pcts([a - b for a, b in zip(rtt, gen)], 1e3),
+        "server_internal_overhead_ms": _pcts([r["latency_s"] - r["generation_s"] for r in rows], 1e3),
+        "transport_ms": _pcts([r["rtt_s"] - r["latency_s"] for r in rows], 1e3),
+        "completion_tokens_mean": tokens / len(rows) if rows else None,
+        "tokens_per_s": tokens / sum(gen) if sum(gen) > 0 else None,
+        "mean_exit_layer": float(np.mean(exits)) if exits else None,
+        "layers_skipped_share": 1 - layers_run / (steps * num_layers) if steps else None,
+        "energy_j_mean": float(np.mean(energy)) if energy else None,
+        "energy_measured_requests": len(energy),
+    }
+
+
+def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_requests: int = 20,
+                  thresholds: Optional[Sequence[float]] = None, max_new_tokens: Optional[int] = None,
+                  warmup: int = 3, out_path: Optional[Union[str, Path]] = None, demo: bool = False) -> dict[str, Any]:
+    """Benchmark the endpoint serving ``run_dir`` (default: the config's run); writes
+    ``results/benchmark/serve_<config name>.json`` (or ``out_path``) and returns the result."""
+    import httpx
+
+    from greencode.serve.engine import FULL_MODEL_THRESHOLD, run_root
+    from greencode.serve.server import ServerProcess
+    from greencode.utils import REPO_ROOT
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would skew nothing but the log
+    if num_requests < 1:
+        raise ValueError(f"num_requests={num_requests} must be >= 1")
+    thresholds = list(cfg.eval.gc_thresholds if thresholds is None else thresholds)
+    for t in thresholds:
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold {t} is outside [0, 1]")
+    settings = [("full_model", FULL_MODEL_THRESHOLD)] + [(f"threshold_{t:g}", float(t)) for t in thresholds
+                                                         if t < FULL_MODEL_THRESHOLD]
+    n_new = int(max_new_tokens or cfg.eval.max_new_tokens)
+    root = run_root(cfg, run_dir)
+    prompts = bench_prompts(num_requests, cfg.seed)
+    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_{cfg.name}.json"
+
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="greencode-bench-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        with ServerProcess(cfg_path, [], run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv, \
+                httpx.Client(base_url=srv.url, timeout=max(60.0, cfg.serve.request_timeout_s + 10)) as client:
+            health = client.get("/health").json()
+            num_layers = int(health["num_layers"])
+
+            def ask(prompt: str, thr: float) -> dict:
+                body = {"inputs": prompt, "options": {"num_predict": n_new, "temperature": 0,
+                                                      "RL_agent_thresh": thr}}
+                t0 = time.perf_counter()
+                r = client.post("/api/generate", json=body)
+                rtt = time.perf_counter() - t0
+                if r.status_code != 200:
+                    raise RuntimeError(f"benchmark request failed with {r.status_code}: {r.text[:500]}")
+                s = r.json()["greencode"]
+                return {"rtt_s": rtt, "generation_s": s["generation_s"], "latency_s": s["latency_s"],
+                        "completion_tokens": s["completion_tokens"], "decode_steps": s["decode_steps"],
+                        "layers_run": s["layers_run"], "exit_layers": s["exit_layers"], "energy_j": s["energy_j"],
+                        "prompt_tokens": s["prompt_tokens"], "finish_reason": s["finish_reason"]}
+
+            for i in range(warmup):
+                for _, thr in settings:
+                    ask(prompts[i % len(prompts)], thr)
+            rows: dict[str, list[dict]] = {name: [] for name, _ in settings}
+            health_rtt = []
+            t_start = time.perf_counter()
+            for i, prompt in enumerate(prompts):
+                for name, thr in settings:
+                    rows[name].append(ask(prompt, thr))
+                t0 = time.perf_counter()
+                client.get("/health")
+                health_rtt.append(time.perf_counter() - t0)
+                log.info("benchmark: prompt %d/%d done", i + 1, len(prompts))
+            wall_s = time.perf_counter() - t_start
+
+    summaries = {name: {"threshold": thr, **_summary(rows[name], num_layers)} for name, thr in settings}
+    full_p50 = summaries["full_model"]["generation_ms"]["p50"]
+    for s in summaries.values():
+        p50 = s["generation_ms"]["p50"]
+        s["generation_speedup_vs_full_p50"] = (full_p50 / p50) if p50 else None
+    all_rows = [r for v in rows.values() for r in v]
+    overhead = _pcts([r["rtt_s"] - r["generation_s"] for r in all_rows], 1e3)
+    result = {
+        "what": "endpoint latency per setting (full model = threshold 1.0) and the server's overhead per request",
+        "run_dir": str(root),
+        "demo_run": bool(demo),
+        "server": {k: health.get(k) for k in ("family", "num_layers", "exit_layers", "device", "dtype", "serving",
+                                              "policy_loaded", "energy_source", "kv_strategy", "prompt_format",
+                                              "policy_temperature")},
+        "requests_per_setting": num_requests,
+        "max_new_tokens": n_new,
+        "format": "seed (/api/generate with inputs + options), greedy",
+        "prompts": "prefixes of Python standard-library files cut at a seeded line/column (bench_prompts)",
+        "settings": summaries,
+        "overhead_ms_all_requests": overhead,
+        "overhead_target_ms": OVERHEAD_TARGET_MS,
+        "overhead_p50_meets_target": overhead["p50"] is not None and overhead["p50"] <= OVERHEAD_TARGET_MS,
+        "http_floor_ms": _pcts(health_rtt, 1e3),
+        "wall_s": wall_s,
+        "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
+        "note": ("overhead = client round trip - the server's generation_s (time inside the decoding loop's "
+                 "measurement window); it includes HTTP, JSON, validation, queue hand-off, prompt conversion "
+                 "and tokenization. Energy is null where no counter is readable (never estimated)."),
+        "run": run_metadata(cfg, stage="bench_serve"),
+    }
+    write_json(out_path, result)
+    log.info("benchmark written to %s", out_path)
+    return result

@@ -1,0 +1,33 @@
+"""scripts/bench_serve.py's library function end to end on a tiny demo run (real server, real HTTP)."""
+
+import json
+
+from greencode.config import load_config
+from greencode.serve.bench import bench_prompts, run_benchmark
+from greencode.serve.demo import build_demo_run
+from greencode.utils import REPO_ROOT
+
+
+def test_bench_prompts_are_seeded_editor_prefixes():
+    a, b = bench_prompts(5, seed=3), bench_prompts(5, seed=3)
+    assert a == b and len(a) == 5 and all(p.strip() and len(p) <= 3000 for p in a)
+    assert bench_prompts(5, seed=4) != a
+
+
+def test_run_benchmark_writes_percentiles_and_overhead(tmp_path):
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1"])
+    run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
+    out = tmp_path / "serve_smoke.json"
+    res = run_benchmark(cfg, run, num_requests=2, thresholds=[0.5], max_new_tokens=3, warmup=1, out_path=out,
+                        demo=True)
+    saved = json.loads(out.read_text())
+    assert saved["settings"].keys() == {"full_model", "threshold_0.5"} == res["settings"].keys()
+    full, early = saved["settings"]["full_model"], saved["settings"]["threshold_0.5"]
+    assert full["threshold"] == 1.0 and full["requests"] == 2 and full["mean_exit_layer"] == 3.0
+    assert early["mean_exit_layer"] == 1.0 and early["layers_skipped_share"] == 0.5  # demo policy: P(exit)=0.7
+    for s in (full, early):
+        rt = s["round_trip_ms"]
+        assert 0 < rt["p50"] <= rt["p90"] <= rt["p99"] and s["generation_ms"]["p50"] > 0
+        assert s["overhead_ms"]["p50"] is not None
+    assert saved["demo_run"] is True and saved["run"]["config_name"] == "smoke"
+    assert saved["overhead_target_ms"] == 5.0 and saved["http_floor_ms"]["p50"] > 0
