@@ -1,0 +1,347 @@
+"""What base pretraining and LITE fine-tuning share: stage keys (reuse of finished
+outputs), TrainingArguments from a config section, the loss CSV and TensorBoard callbacks,
+the Trainer subclass with per-exit loss logging, checkpoint/resume handling and saving.
+
+Layout of a stage's output directory (``runs/<name>/base_model`` or ``.../finetuned``)::
+
+    config.json, model.safetensors, tokenizer files    the HF model (+ greencode_exits.json)
+    config.yaml, run_info.json, command.txt             how it was made
+    greencode_stage.json                                written last: the stage key + summary
+    trainer/checkpoint-N/                               HF Trainer checkpoints (--resume)
+    trainer/tensorboard/, trainer/train_log.csv         logs (total loss and each exit's loss)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from greencode.config import ConfigError
+from greencode.utils import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "greencode_stage.json"
+TRAINER_DIR = "trainer"
+CSV_NAME = "train_log.csv"
+
+
+# --------------------------------------------------------------------------- stage keys
+def file_digest(path: Path) -> Optional[str]:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def make_key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_stage(directory: Path) -> Optional[dict]:
+    p = Path(directory) / STAGE_FILE
+    try:
+        return read_json(p) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(directory: Path, key: str) -> bool:
+    rec = read_stage(directory)
+    return bool(rec and rec.get("complete") and rec.get("key") == key and (Path(directory) / "config.json").is_file())
+
+
+def model_dir_fingerprint(source: str) -> str:
+    """A cheap identity of a base model: its stage key when we trained it, else a hash of its
+    config and the names/sizes/mtimes of its weight files, else (hub id) the id itself."""
+    p = Path(source)
+    if not p.is_dir():
+        return f"hub:{source}"
+    rec = read_stage(p)
+    if rec and rec.get("key"):
+        return f"stage:{rec['key']}"
+    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir()
+                   if f.suffix in (".safetensors", ".bin", ".pt"))
+    return f"dir:{file_digest(p / 'config.json')}:{make_key({'files': files})}"
+
+
+def data_fingerprint(cfg) -> dict:
+    """The corpus content hash and the tokenizer fingerprint written by greencode.data."""
+    from greencode.paths import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    corpus = {}
+    tok = {}
+    try:
+        corpus = read_json(paths.corpus / "manifest.json")
+    except (OSError, ValueError):
+        pass
+    try:
+        tok = read_json(paths.tokenizer / "greencode_tokenizer.json")
+    except (OSError, ValueError):
+        pass
+    return {"corpus": corpus.get("content_hash"), "tokenizer": tok.get("fingerprint")}
+
+
+# --------------------------------------------------------------------------- arguments
+def _precision(cfg) -> dict:
+    from greencode.utils import resolve_device
+
+    device = resolve_device(cfg.hardware.device)
+    dtype = cfg.hardware.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16", "use_cpu": device.type == "cpu"}
+
+
+def training_arguments(cfg, stage, output_dir: Path, *, disable_tqdm: Optional[bool] = None):
+    """HF ``TrainingArguments`` from a stage section (``cfg.pretrain`` / ``cfg.finetune``)."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt_key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type=stage.lr_scheduler,
+        weight_decay=stage.weight_decay,
+        per_device_train_batch_size=stage.batch_size,
+        per_device_eval_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps,
+        eval_strategy="steps",
+        eval_steps=stage.eval_steps,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=stage.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        seed=cfg.seed,
+        dataloader_num_workers=stage.dataloader_workers,
+        prediction_loss_only=True,
+        disable_tqdm=disable_tqdm,
+        ddp_find_unused_parameters=False,
+        **{ckpt_key: stage.gradient_checkpointing},
+        **_precision(cfg),
+    )
+    if stage.warmup_ratio > 0:
+        kwargs["warmup_steps"] = stage.warmup_ratio if stage.warmup_ratio < 1 else max(stage.max_steps, 1)
+    return TrainingArguments(**kwargs)
+
+
+# --------------------------------------------------------------------------- callbacks
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class CsvLogCallback(_callback_base()):
+    """Appends every train/eval log to a CSV with fixed columns (total loss, each exit's
+    loss, learning rate, throughput). Written by the main process only. On resume, rows
+    logged after the resumed step by the interrupted run are dropped."""
+
+    def __init__(self, path: Path, exit_points: Sequence[int] = (), tokens_per_step: int = 0):
+        self.path = Path(path)
+        self.exit_points = list(exit_points)
+        self.tokens_per_step = tokens_per_step
+        self.columns = (["step", "epoch", "split", "loss"] + [f"loss_exit_{e}" for e in self.exit_points]
+                        + ["learning_rate", "grad_norm", "tokens", "elapsed_s", "tokens_per_s"])
+        self._t0 = time.perf_counter()
+        self._last = (self._t0, 0)
+        self._elapsed0 = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._t0 = time.perf_counter()
+        self._last = (self._t0, state.global_step)
+        rows = []
+        if self.path.is_file():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= state.global_step]
+            if rows and rows[-1].get("elapsed_s"):
+                self._elapsed0 = float(rows[-1]["elapsed_s"])
+        if state.global_step == 0:
+            rows = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            split, prefix = "train", ""
+        elif "eval_loss" in logs:
+            split, prefix = "eval", "eval_"
+        else:
+            return
+        now = time.perf_counter()
+        t_last, step_last = self._last
+        row = {"step": state.global_step, "epoch": _fmt(logs.get("epoch")), "split": split,
+               "loss": _fmt(logs.get(f"{prefix}loss")), "tokens": state.global_step * self.tokens_per_step,
+               "elapsed_s": round(self._elapsed0 + now - self._t0, 3)}
+        for e in self.exit_points:
+            row[f"loss_exit_{e}"] = _fmt(logs.get(f"{prefix}loss_exit_{e}"))
+        if split == "train":
+            row["learning_rate"] = _fmt(logs.get("learning_rate"))
+            row["grad_norm"] = _fmt(logs.get("grad_norm"))
+            if now > t_last and state.global_step > step_last:
+                row["tokens_per_s"] = round((state.global_step - step_last) * self.tokens_per_step / (now - t_last), 1)
+            self._last = (now, state.global_step)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    return round(float(v), 6) if isinstance(v, (int, float)) else v
+
+
+def tensorboard_callback(log_dir: Path):
+    """HF's TensorBoard callback writing to ``log_dir`` (None if tensorboard is missing)."""
+    try:
+        from transformers.integrations import TensorBoardCallback
+
+        cb = TensorBoardCallback()
+    except (ImportError, RuntimeError) as e:
+        log.warning("TensorBoard logging off (%s); install tensorboard to get it", e)
+        return None
+    cb.logging_dir = str(log_dir)
+    return cb
+
+
+# --------------------------------------------------------------------------- trainer
+def _trainer_base():
+    from transformers import Trainer
+
+    return Trainer
+
+
+class GreenTrainer(_trainer_base()):
+    """The HF Trainer plus a one-line log per logging step on every rank."""
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        self._add_extra_logs(logs)
+        if "loss" in logs or "eval_loss" in logs:
+            kind = "train" if "loss" in logs else "eval"
+            val = logs.get("loss", logs.get("eval_loss"))
+            exits = " ".join(f"{k.split('_')[-1]}:{v:.3f}" for k, v in logs.items() if "loss_exit_" in k)
+            rank = f"rank {self.args.process_index}/{self.args.world_size} " if self.args.world_size > 1 else ""
+            log.info("%s%s step %d/%d | loss %.4f%s", rank, kind, self.state.global_step, self.state.max_steps, val,
+                     f" | exits {exits}" if exits else "")
+        super().log(logs, start_time)
+
+    def _add_extra_logs(self, logs: dict) -> None:
+        pass
+
+
+def last_checkpoint(trainer_dir: Path) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
+
+
+def prepare_trainer_dir(args, trainer_dir: Path, key: str, resume: bool) -> Optional[str]:
+    """The checkpoint to resume from (None = start fresh). A fresh start removes old
+    checkpoints and logs; resuming checks they were written with the same stage key."""
+    key_file = trainer_dir / "stage_key.json"
+    ckpt = last_checkpoint(trainer_dir) if resume else None
+    if resume:
+        if ckpt is None:
+            log.info("--resume: no checkpoint in %s; starting from scratch", trainer_dir)
+        else:
+            old = None
+            try:
+                old = read_json(key_file).get("key")
+            except (OSError, ValueError):
+                pass
+            if old is not None and old != key:
+                raise ConfigError(f"the checkpoints in {trainer_dir} were written with different settings (stage key "
+                                  f"{old}, now {key}); restore the config to resume, or run without --resume to "
+                                  "start over")
+            log.info("resuming from %s", ckpt)
+    with args.main_process_first(local=False, desc="trainer dir"):
+        if args.process_index == 0:
+            if ckpt is None and trainer_dir.exists():
+                old_ckpt = last_checkpoint(trainer_dir)
+                if old_ckpt:
+                    log.warning("removing the checkpoints of an earlier run in %s (pass --resume to continue "
+                                "from %s instead)", trainer_dir, Path(old_ckpt).name)
+                shutil.rmtree(trainer_dir)
+            trainer_dir.mkdir(parents=True, exist_ok=True)
+            write_json(key_file, {"key": key})
+    return ckpt
+
+
+def final_eval(trainer) -> dict:
+    """Evaluation metrics at the last step (reuses the periodic eval when it ran there)."""
+    for rec in reversed(trainer.state.log_history):
+        if "eval_loss" in rec:
+            if rec.get("step") == trainer.state.global_step:
+                return {k: v for k, v in rec.items() if k.startswith("eval_")}
+            break
+    return trainer.evaluate()
+
+
+def gathered_state_dict(trainer):
+    """A full state dict for sharded training (FSDP / DeepSpeed), else None. Collective:
+    call on every rank."""
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return None
+
+
+def last_train_loss(trainer) -> Optional[float]:
+    for rec in reversed(trainer.state.log_history):
+        if "loss" in rec:
+            return float(rec["loss"])
+    return None
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return None
+
+
+def checkpoint_step(ckpt: Optional[str]) -> int:
+    """The global step of a ``checkpoint-N`` directory (0 for None)."""
+    if not ckpt:
+        return 0
+    try:
+        return int(Path(ckpt).name.rsplit("-", 1)[-1])
+    except ValueError:
+        return 0
+
+
+def write_stage_results(results_dir: Path, trainer_dir: Path, cfg, summary: dict) -> None:
+    """Small committed results of a stage: the loss CSV and ``summary.json`` (with run metadata)."""
+    from greencode.utils import atomic_path, run_metadata
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    src = trainer_dir / CSV_NAME
+    if src.is_file():
+        with atomic_path(results_dir / CSV_NAME) as tmp:
+            shutil.copyfile(src, tmp)
+    write_json(results_dir / "summary.json", {**summary, "meta": run_metadata(cfg)})

@@ -1,0 +1,197 @@
+"""LITE fine-tuning on the HF Trainer.
+
+The Trainer holds the plain HF module (``EarlyExitModel.hf``), so checkpoints, resuming,
+DDP / FSDP / DeepSpeed under ``accelerate launch`` and saving work as usual; only
+``compute_loss`` is replaced by the LITE loss (:func:`greencode.training.lite.lite_loss`),
+which runs the forward pass through the wrapped module and logs each exit's loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from greencode.config import ConfigError
+from greencode.paths import RunPaths
+from greencode.training import common
+from greencode.training.lite import check_weights, lite_loss
+from greencode.utils import set_seed, setup_torch, write_json
+
+log = logging.getLogger(__name__)
+
+
+class LiteTrainer(common.GreenTrainer):
+    """``compute_loss`` = the LITE loss; each exit's mean loss since the last log is added
+    to the logs as ``loss_exit_<layer>`` / ``eval_loss_exit_<layer>`` (averaged over ranks),
+    so it reaches TensorBoard, the CSV log and ``trainer_state.json``."""
+
+    # compute_loss returns a per-batch mean; the Trainer divides it by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, ee_model, lite_weights: Sequence[float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ee = ee_model
+        self.lite_weights = check_weights(lite_weights, ee_model.exit_points)
+        self._sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
+        self._counts: dict[str, float] = {"train": 0.0, "eval": 0.0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, per_exit = lite_loss(self.ee, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"),
+                                    self.lite_weights, forward_module=model)
+        split = "train" if model.training else "eval"
+        n = float(inputs["input_ids"].shape[0])
+        vals = torch.stack([x.detach().float() for x in per_exit]) * n
+        self._sums[split] = vals if self._sums[split] is None else self._sums[split] + vals
+        self._counts[split] += n
+        return (total, {"loss": total}) if return_outputs else total
+
+    def _add_extra_logs(self, logs: dict) -> None:
+        if "loss" in logs:
+            split, prefix = "train", ""
+        elif "eval_loss" in logs:
+            split, prefix = "eval", "eval_"
+        else:
+            return
+        sums = self._sums[split]
+        if sums is None:
+            sums = torch.zeros(len(self.ee.exit_points), device=self.args.device)
+        packed = torch.cat([sums, sums.new_tensor([self._counts[split]])]).to(self.args.device)
+        if self.args.world_size > 1:
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        count = float(packed[-1])
+        if count > 0:
+            for layer, v in zip(self.ee.exit_points, (packed[:-1] / count).tolist()):
+                logs[f"{prefix}loss_exit_{layer}"] = round(v, 6)
+        self._sums[split] = None
+        self._counts[split] = 0.0
+
+
+def base_source(cfg) -> str:
+    """Where fine-tuning starts: ``model.base`` (local directory or hub id), else the
+    pretrained embedded default ``runs/<name>/base_model``."""
+    if cfg.model.base is None:
+        src = RunPaths.from_config(cfg).base_model
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"no base model at {src}; pretrain it first with `python scripts/pretrain.py "
+                                    f"--config {cfg.source_path or '<your config>'}` (or set model.base to an HF model "
+                                    "directory or hub id)")
+        return str(src)
+    base = cfg.model.base
+    p = Path(base).expanduser()
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") != 1 or p.exists()
+    if looks_local and not (p / "config.json").is_file():
+        what = "does not exist" if not p.exists() else "has no config.json (not an HF model directory)"
+        raise FileNotFoundError(f"model.base={base!r}: the base model directory {what}; point model.base at an HF "
+                                "model directory (with config.json) or a hub id such as meta-llama/Llama-3.2-3B")
+    return str(p) if looks_local else base
+
+
+def finetune_weights(cfg, ee) -> list[float]:
+    """The LITE weights for this model's exit points (config scheme; checked)."""
+    from greencode.models import lite_weights
+
+    f = cfg.finetune
+    return lite_weights(ee.exit_layers, ee.num_layers, f.weights, f.budgets, f.ratio)
+
+
+def finetune_key(cfg, base: str) -> tuple[str, dict]:
+    model = cfg.section_dict("model")["model"]
+    payload = {"stage": "finetune", "base": base, "base_fingerprint": common.model_dir_fingerprint(base),
+               "exits": {"exit_layers": model["exit_layers"], "exit_schedule": model["exit_schedule"]},
+               "finetune": cfg.section_dict("finetune")["finetune"], "seed": cfg.seed, "dtype": cfg.hardware.dtype,
+               "data": common.data_fingerprint(cfg)}
+    return common.make_key(payload), payload
+
+
+def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
+    """LITE-fine-tune the base model; returns ``runs/<name>/finetuned`` (HF model + tokenizer
+    + ``greencode_exits.json``; ``EarlyExitModel.from_pretrained`` loads it with its exits).
+
+    Reused when complete and its key (base model identity, exits, ``finetune`` section,
+    seed, dtype, data) is unchanged, unless ``force``. ``resume`` continues from the last
+    checkpoint of an interrupted run.
+    """
+    from greencode.data import load_tokenizer, prepare_data
+    from greencode.models import EarlyExitModel
+    from greencode.training.data import build_datasets
+
+    t_start = time.perf_counter()
+    paths = RunPaths.from_config(cfg)
+    out = paths.finetuned
+    stage = cfg.finetune
+    base = base_source(cfg)
+    trainer_dir = out / common.TRAINER_DIR
+    setup_torch(cfg.hardware)
+    args = common.training_arguments(cfg, stage, trainer_dir)
+    with args.main_process_first(local=False, desc="data"):
+        prepare_data(cfg)
+    key, payload = finetune_key(cfg, base)
+    if not force and common.is_complete(out, key):
+        log.info("finetune: %s is complete and up to date (key %s); reusing it (--force to redo)", out, key)
+        return out
+
+    # model and weights first: bad exits / weights fail before anything is written
+    set_seed(cfg.seed)
+    ee = EarlyExitModel.from_run_config(cfg, base, dtype=torch.float32)  # fp32 master weights
+    weights = finetune_weights(cfg, ee)
+    tokenizer = load_tokenizer(cfg)
+    if len(tokenizer) > ee.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base model {base} only {ee.vocab_size} "
+                          "embeddings; use the base model's own tokenizer (tokenizer.path)")
+    log.info("finetune: LITE on %s (%s, %d layers); exit points %s (0-based, final %d); weights %s", base, ee.family,
+             ee.num_layers, ee.exit_points, ee.final_layer, [round(w, 5) for w in weights])
+
+    ckpt = common.prepare_trainer_dir(args, trainer_dir, key, resume)
+    if args.process_index == 0:
+        (out / common.STAGE_FILE).unlink(missing_ok=True)
+    with args.main_process_first(local=False, desc="packing"):
+        train_ds, val_ds = build_datasets(cfg, stage, tokenizer)
+
+    hf = ee.hf.train()
+    tokens_per_step = stage.batch_size * stage.grad_accum * args.world_size * stage.seq_len
+    callbacks = [common.CsvLogCallback(trainer_dir / common.CSV_NAME, ee.exit_points, tokens_per_step)]
+    tb = common.tensorboard_callback(trainer_dir / "tensorboard")
+    if tb is not None:
+        callbacks.append(tb)
+    from transformers import default_data_collator
+
+    trainer = LiteTrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+                          data_collator=default_data_collator, callbacks=callbacks, ee_model=ee, lite_weights=weights)
+    t0 = time.perf_counter()
+    train_out = trainer.train(resume_from_checkpoint=ckpt)
+    train_s = time.perf_counter() - t0
+    metrics = common.final_eval(trainer)
+
+    state_dict = common.gathered_state_dict(trainer)
+    if trainer.is_world_process_zero():
+        from greencode.cli import save_run_info
+
+        ee.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(out)
+        save_run_info(out, cfg, "finetune", base_model=base, lite_weights=weights)
+        steps = trainer.state.global_step
+        summary = {
+            "stage": "finetune", "output_dir": str(out), "base_model": base, "family": ee.family,
+            "num_layers": ee.num_layers, "exit_points": ee.exit_points, "final_layer": ee.final_layer,
+            "lite_weights": weights, "weights_scheme": stage.weights, "steps": steps, "resumed_from": ckpt,
+            "seq_len": stage.seq_len, "tokens_per_step": tokens_per_step, "train_tokens": steps * tokens_per_step,
+            "train_chunks_available": len(train_ds), "eval_tokens": len(val_ds) * stage.seq_len,
+            "world_size": args.world_size, "train_runtime_s": round(train_s, 3),
+            "train_tokens_per_s": round((steps - common.checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1),
+            "final_train_loss": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
+            "eval_loss": metrics.get("eval_loss"),
+            "eval_loss_per_exit": {str(e): metrics.get(f"eval_loss_exit_{e}") for e in ee.exit_points},
+            "stage_time_s": round(time.perf_counter() - t_start, 3),
+        }
+        common.write_stage_results(paths.results_finetune, trainer_dir, cfg, summary)
+        write_json(out / common.STAGE_FILE, {"stage": "finetune", "key": key, "complete": True, "payload": payload,
+                                             "summary": summary})
+        log.info("finetune: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval LITE loss %.4f, per exit %s -> %s",
+                 train_s, steps, summary["train_tokens"], summary["train_tokens_per_s"],
+                 summary["eval_loss"] or float("nan"), summary["eval_loss_per_exit"], out)
+    trainer.accelerator.wait_for_everyone()
+    return out
