@@ -19,7 +19,8 @@ def main() -> None:
     p.add_argument("--run-dir", default=None, help="run directory to serve (default: serve.run_dir, else runs/<name>)")
     p.add_argument("--demo", metavar="DIR", default=None, help="build a tiny random demo run in DIR and benchmark it")
     p.add_argument("--num-requests", type=int, default=20, help="prompts per setting")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per request (default eval.max_new_tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="new tokens per request (default: eval.max_new_tokens)")
     p.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: eval.gc_thresholds")
     p.add_argument("--out", default=None, help="output JSON (default results/benchmark/serve_<name>.json)")
     args = p.parse_args()

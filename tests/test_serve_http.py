@@ -152,6 +152,10 @@ def test_ollama_client_and_stream(server, http):
                                               "options": opts}).json()
     assert llm_ls["response"] == res.response and llm_ls["greencode"]["exit_layers"][1:] == [1] * (
         llm_ls["eval_count"] - 1)
+    # Continue's extraBodyProperties put the threshold at the top level
+    top = http.post("/api/generate", json={"model": "greencode", "prompt": PROMPT, "stream": False,
+                                           "RL_agent_thresh": 0.5, "options": {"num_predict": 6, "temperature": 0}})
+    assert top.json()["response"] == res.response and top.json()["greencode"]["threshold"] == 0.5
 
 
 def test_openai_client_and_sse(server, http):
@@ -234,6 +238,7 @@ BAD_JSON = [
     ("/api/generate", {"inputs": "x", "options": {"RL_agent_thresh": 1.5}}),
     ("/api/generate", {"inputs": "x", "options": {"RL_agent_thresh": "0.5"}}),
     ("/api/generate", {"inputs": "x", "options": {"RL_agent_thresh": 0.5, "exit_threshold": 0.6}}),
+    ("/api/generate", {"inputs": "x", "RL_agent_thresh": 0.5, "options": {"RL_agent_thresh": 0.6}}),
     ("/api/generate", {"inputs": "x", "parameters": {"top_p": 0}}),
     ("/api/generate", {"inputs": "x", "parameters": {"stop": [f"s{i}" for i in range(100)]}}),
     ("/api/generate", {"inputs": "x", "parameters": {"stop": 7}}),

@@ -294,7 +294,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
                          **sampling(temperature, _first(p.top_p, o.top_p), _first(p.top_k, o.top_k),
                                     {"temperature": 1.0, "top_p": 1.0, "top_k": 0}, do_sample),
                          seed=_first(p.seed, o.seed), stop=stop_list(p.stop, p.stop_sequences, o.stop),
-                         threshold=threshold_of(p, o), num_ctx=o.num_ctx)
+                         threshold=threshold_of(p, o, body), num_ctx=o.num_ctx)
         return gen, {"return_full_text": bool(p.return_full_text), "details": bool(p.details)}
 
     async def complete(request: Request, gen: GenRequest, fmt: str) -> Completion:
@@ -354,7 +354,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         gen = GenRequest(prompt=prompt, max_new_tokens=max_tokens(o.num_predict, "body.options.num_predict",
                                                                   ollama=True),
                          **sampling(o.temperature, o.top_p, o.top_k, OLLAMA_DEFAULTS), seed=o.seed,
-                         stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o),
+                         stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o, body),
                          num_ctx=o.num_ctx, want_pieces=stream)
         c = await complete(request, gen, "ollama")
         if suffix:

@@ -197,7 +197,8 @@ class Engine:
             "context_window": self.context_window, "num_parameters": self.num_parameters,
             "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
             "policy_loaded": self.policy is not None,
-            "serving": "early-exit (RL policy)" if self.policy is not None else "full model (no exit policy in this run)",
+            "serving": ("early-exit (RL policy)" if self.policy is not None
+                        else "full model (no exit policy in this run)"),
             "default_threshold": self.serve_cfg.default_threshold,
             "full_model_threshold": FULL_MODEL_THRESHOLD,
             "policy_temperature": self.decoding_cfg.policy_temperature,
@@ -386,6 +387,3 @@ class Engine:
             out.append(text[emitted:])
         return out
 
-
-def finite_or_none(x: Optional[float]) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x

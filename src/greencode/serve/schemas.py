@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from greencode.serve.errors import RequestError
 
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 64  # Continue sends ~20 for autocomplete
 MAX_STOP_CHARS = 256
 
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -72,14 +72,21 @@ class HFParameters(_Knobs):
     details: Optional[bool] = None
 
 
-class HFRequest(_Body):
+class _TopLevelThreshold(_Body):
+    """Clients that can only add top-level body fields (Continue's ``extraBodyProperties``)."""
+
+    RL_agent_thresh: Optional[Threshold] = None
+    exit_threshold: Optional[Threshold] = None
+
+
+class HFRequest(_TopLevelThreshold):
     inputs: str
     parameters: Optional[HFParameters] = None
     options: Optional[SeedOptions] = None  # the seed format (HF's own {use_cache, wait_for_model} parse as empty)
     stream: Optional[bool] = None
 
 
-class OllamaRequest(_Body):
+class OllamaRequest(_TopLevelThreshold):
     model: Optional[str] = None
     prompt: Optional[str] = None
     suffix: Optional[str] = None
@@ -190,19 +197,20 @@ def stop_list(*values: Optional[Stop], field: str = "body.stop") -> list[str]:
     return out
 
 
-def threshold_of(*knobs: Optional[_Knobs]) -> Optional[float]:
-    """``RL_agent_thresh`` or ``exit_threshold`` (the same thing); None when absent."""
+def threshold_of(*knobs: Optional[BaseModel]) -> Optional[float]:
+    """``RL_agent_thresh`` or ``exit_threshold`` (the same setting, accepted in options/parameters
+    and at the top level); None when absent, 422 when given twice with different values."""
     found: dict[str, float] = {}
     for k in knobs:
         if k is None:
             continue
         for name in ("RL_agent_thresh", "exit_threshold"):
-            v = getattr(k, name)
+            v = getattr(k, name, None)
             if v is not None:
-                found.setdefault(name, v)
-    values = set(found.values())
-    if len(values) > 1:
-        raise RequestError(422, f"RL_agent_thresh={found['RL_agent_thresh']} and exit_threshold="
-                                f"{found['exit_threshold']} disagree; they are the same setting, send one",
+                found.setdefault(v, name)
+    if len(found) > 1:
+        given = ", ".join(f"{name}={v}" for v, name in found.items())
+        raise RequestError(422, f"the exit threshold is given more than once with different values ({given}); "
+                                "RL_agent_thresh and exit_threshold are the same setting, send one",
                            kind="invalid_request", loc="body.RL_agent_thresh")
-    return values.pop() if values else None
+    return next(iter(found)) if found else None
