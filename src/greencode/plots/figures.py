@@ -1,0 +1,676 @@
+"""One function per figure. Each reads result files from ``results_dir`` only, writes
+``<figures_dir>/<name>.png`` and ``.pdf`` and returns the two paths; it raises
+:class:`~greencode.plots.common.MissingInput` when its inputs are absent.
+
+Layer indices are 0-based everywhere; accuracy is shown in percent (0-1 metrics x 100),
+latency in seconds per sample, energy in joules per sample, throughput in new tokens/s.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from greencode.plots import inputs as I
+from greencode.plots.common import (ACCURACY_METRICS, ENERGY_NOTE, FAMILY_COLORS, FAMILY_MARKERS, FAMILY_NAMES,
+                                    MissingInput, as_percent, bar_value_labels, family_of, method_label,
+                                    new_figure, note_panel, save_figure, styled)
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+# figure file names (without extension)
+NAMES = {
+    "fixed_exits": "fig1_fixed_exits",
+    "exit_report": "exit_report_base_vs_lite",
+    "lite_weights": "fig3_lite_weights",
+    "finetune_loss": "fig4_finetune_loss",
+    "pretrain_loss": "pretrain_loss",
+    "ppo_reward": "fig6_ppo_reward",
+    "optimal_exits": "fig7_optimal_exits",
+    "agent_exit_accuracy": "agent_exit_accuracy",
+    "accuracy_by_method": "fig8_accuracy_by_method",
+    "cost_by_method": "fig10_cost_by_method",
+    "agent_overhead": "table4_agent_overhead",
+    "pareto": "pareto_accuracy_vs_cost",
+}
+
+
+def _layer_ticks(ax, layers: Sequence[int], final: Optional[int] = None, axis: str = "x") -> None:
+    labels = [f"{L}\n(final)" if final is not None and L == final else str(L) for L in layers]
+    if axis == "x":
+        ax.set_xticks(list(layers), labels)
+    else:
+        ax.set_yticks(list(layers), labels)
+
+
+def _pct_rows(rows: list[dict], key: str, scales: dict) -> list[Optional[float]]:
+    return [as_percent(r.get(key), key, scales) for r in rows]
+
+
+# --------------------------------------------------------------------------- Fig. 1
+@styled
+def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Paper Fig. 1: accuracy, latency (and energy when measured) of fixed exits, one point per
+    exit layer, with the fine-tuned all-layers model at the final layer."""
+    summary = I.load_summary(results_dir)
+    fixed = sorted(I.rows_of(summary, "fixed"), key=lambda r: r["param"])
+    if not fixed:
+        raise MissingInput("the evaluation summary has no fixed@L rows; evaluate the 'fixed' method family")
+    ref = I.reference_row(summary)
+    n_layers = I.num_layers_of(summary)
+    final = n_layers - 1 if n_layers else None
+    rows = list(fixed)
+    layers = [int(r["param"]) for r in fixed]
+    if ref is not None and final is not None:
+        rows.append(ref)
+        layers.append(final)
+    scales = summary.get("scales") or {}
+    energy = I.energy_measured(rows)
+    fig, axes = new_figure(11.5, 3.6, 1, 3)
+    ax = axes[0, 0]
+    for key, label in ACCURACY_METRICS:
+        vals = _pct_rows(rows, key, scales)
+        pts = [(L, v) for L, v in zip(layers, vals) if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=4, lw=1.4, label=label)
+    ax.set_xlabel("exit layer (0-based)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy per exit layer")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
+    _layer_ticks(ax, layers, final)
+
+    ax = axes[0, 1]
+    lat = [r.get("latency_s") for r in rows]
+    ax.plot(layers, lat, marker="o", color="#1f77b4", lw=1.6, label="latency")
+    ax.set_xlabel("exit layer (0-based)")
+    ax.set_ylabel("latency (s per sample)")
+    ax.set_title("Latency per exit layer")
+    ax.set_ylim(bottom=0)
+    _layer_ticks(ax, layers, final)
+    comp = [r.get("compute_ratio") for r in rows]
+    if all(I.is_value(c) for c in comp):
+        tw = ax.twinx()
+        tw.plot(layers, [100 * c for c in comp], marker="s", ms=3.5, ls="--", color="#8c564b", lw=1.2,
+                label="compute (% of full)")
+        tw.set_ylabel("decode compute (% of full model)", color="#8c564b")
+        tw.set_ylim(bottom=0)
+        tw.grid(False)
+        tw.spines["right"].set_visible(True)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = tw.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="lower right", frameon=False)
+
+    ax = axes[0, 2]
+    if energy:
+        ax.plot(layers, [r["energy_j"] for r in rows], marker="o", color="#d62728", lw=1.6)
+        ax.set_xlabel("exit layer (0-based)")
+        ax.set_ylabel("energy (J per sample)")
+        ax.set_title("Energy per exit layer")
+        ax.set_ylim(bottom=0)
+        _layer_ticks(ax, layers, final)
+    else:
+        note_panel(ax, ENERGY_NOTE, "Energy per exit layer")
+    fig.suptitle(f"Fixed exits: every token leaves at one layer ({summary.get('num_samples')} samples, "
+                 f"{summary.get('language')})")
+    return save_figure(fig, Path(figures_dir), NAMES["fixed_exits"])
+
+
+# --------------------------------------------------------------------------- per-exit report
+def _report_entries(report: dict) -> dict[str, list[dict]]:
+    """Normalise the per-exit report into ``{"base": [...], "finetuned": [...]}``, each entry
+    with ``layer`` and whichever of ``accuracy`` / ``agreement`` / ``loss`` are present."""
+    out: dict[str, list[dict]] = {}
+    models = report.get("models") if isinstance(report.get("models"), dict) else report
+    for key, label in (("base", "base"), ("base_model", "base"), ("finetuned", "finetuned"),
+                       ("fine_tuned", "finetuned"), ("lite", "finetuned")):
+        block = models.get(key) if isinstance(models, dict) else None
+        if block is None or label in out:
+            continue
+        items = block.get("exits") or block.get("exit_points") or block.get("per_exit") if isinstance(block, dict) \
+            else block
+        if isinstance(items, dict):  # {layer: {...}}
+            items = [{"layer": int(k), **v} for k, v in items.items()]
+        entries = []
+        for it in items or []:
+            layer = it.get("layer", it.get("exit_layer"))
+            if layer is None:
+                continue
+            entries.append({"layer": int(layer),
+                            "accuracy": it.get("accuracy", it.get("next_token_accuracy")),
+                            "agreement": it.get("agreement", it.get("agreement_with_final")),
+                            "loss": it.get("loss", it.get("mean_loss", it.get("ce_loss")))})
+        if entries:
+            out[label] = sorted(entries, key=lambda e: e["layer"])
+    return out
+
+
+@styled
+def plot_exit_report(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """What LITE buys: next-token accuracy and agreement with the final layer at every exit
+    point, for the base model and the LITE fine-tuned model (held-out tokens)."""
+    report = I.load_exit_report(results_dir)
+    entries = _report_entries(report)
+    if not entries:
+        raise MissingInput("the per-exit report holds no per-exit entries for the base or the fine-tuned model")
+    panels = [("accuracy", "next-token accuracy (%)", "Next-token accuracy"),
+              ("agreement", "agreement with the final layer (%)", "Agreement with the final layer")]
+    panels = [p for p in panels if any(e.get(p[0]) is not None for es in entries.values() for e in es)]
+    if not panels:
+        raise MissingInput("the per-exit report has neither accuracy nor agreement values")
+    styles = {"base": ("#7f7f7f", "s", "base model (before LITE)"),
+              "finetuned": ("#d62728", "o", "LITE fine-tuned")}
+    fig, axes = new_figure(5.2 * len(panels), 3.6, 1, len(panels))
+    all_layers = sorted({e["layer"] for es in entries.values() for e in es})
+    for ax, (key, ylabel, title) in zip(axes[0], panels):
+        for model, es in entries.items():
+            pts = [(e["layer"], 100 * float(e[key])) for e in es if e.get(key) is not None]
+            if pts:
+                c, m, label = styles[model]
+                ax.plot(*zip(*pts), marker=m, color=c, lw=1.6, label=label)
+                if model == "finetuned" or len(entries) == 1:
+                    for x, y in pts:
+                        ax.annotate(f"{y:.0f}", (x, y), xytext=(0, 5), textcoords="offset points", ha="center",
+                                    fontsize=7, color=c)
+        ax.set_xlabel("exit layer (0-based)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_ylim(0, 108)
+        _layer_ticks(ax, all_layers, all_layers[-1])
+        ax.legend(loc="upper left", frameon=False)
+    fig.suptitle("Per-exit quality on held-out tokens, base vs LITE")
+    return save_figure(fig, Path(figures_dir), NAMES["exit_report"])
+
+
+# --------------------------------------------------------------------------- Fig. 3
+def _recorded_weights(results_dir: Path) -> Optional[tuple[list[int], list[float], str]]:
+    """LITE weights as recorded by the training stage, when it records them."""
+    for name in ("exit_report.json", "lite_weights.json", "run_info.json", "train_summary.json"):
+        p = results_dir / "finetune" / name
+        if not p.is_file():
+            continue
+        try:
+            d = I.read_json(p)
+        except (OSError, ValueError):
+            continue
+        for block in (d, d.get("lite") if isinstance(d, dict) else None, d.get("finetune") if isinstance(d, dict)
+                      else None):
+            if not isinstance(block, dict):
+                continue
+            w = block.get("lite_weights", block.get("weights"))
+            pts = block.get("exit_points", block.get("loss_layers"))
+            if isinstance(w, list) and isinstance(pts, list) and len(w) == len(pts) and w and \
+                    all(isinstance(x, (int, float)) for x in w):
+                return [int(p_) for p_ in pts], [float(x) for x in w], str(p)
+    return None
+
+
+@styled
+def plot_lite_weights(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Paper Fig. 3: the LITE loss weight of every exit point and the final layer."""
+    from greencode.models.schedule import lite_weights, split_halves
+
+    results_dir = Path(results_dir)
+    cfg, cfg_src = I.recorded_config(results_dir)
+    ft = cfg.get("finetune") or {}
+    recorded = _recorded_weights(results_dir)
+    if recorded is not None:
+        points, weights, src = recorded
+        num_layers = points[-1] + 1
+        exits = points[:-1]
+    else:
+        num_layers, exits, src = I.model_geometry(results_dir, cfg)
+        weights = lite_weights(exits, num_layers, ft.get("weights", "geometric"),
+                               ft.get("budgets", (0.7, 0.2, 0.1)), ft.get("ratio", 0.9))
+        points = exits + [num_layers - 1]
+        src = f"computed from {cfg_src} (finetune.weights / budgets / ratio) and the exit layers in {src}"
+    first, second = split_halves(exits, num_layers)
+    groups = [("first half", "#1f77b4", set(first)), ("second half", "#ff7f0e", set(second))]
+    fig, axes = new_figure(max(5.0, 0.55 * len(points) + 2.5), 3.6)
+    ax = axes[0, 0]
+    xs = np.arange(len(points))
+    colors = []
+    for p_ in points:
+        if p_ == num_layers - 1:
+            colors.append("#2ca02c")
+        else:
+            colors.append(next(c for _, c, s in groups if p_ in s))
+    bars = ax.bar(xs, weights, color=colors, width=0.7)
+    bar_value_labels(ax, bars, weights, fmt="{:.3f}", horizontal=False, fontsize=7 if len(points) < 12 else 6)
+    ax.set_xticks(xs, [str(p_) if p_ != num_layers - 1 else f"{p_}\n(final)" for p_ in points])
+    ax.set_xlabel("exit point: layer (0-based)")
+    ax.set_ylabel("loss weight $w_i$")
+    ax.set_ylim(0, max(weights) * 1.45)  # room for the legend above the bars
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=f"{n} (Σ = {sum(w for p_, w in zip(points, weights) if p_ in s):.2f})")
+               for n, c, s in groups if s]
+    handles.append(Patch(color="#2ca02c", label=f"final layer (w = {weights[-1]:.2f})"))
+    ax.legend(handles=handles, loc="upper right", frameon=False, ncols=1)
+    scheme = ft.get("weights", "geometric")
+    desc = (f"{scheme}, budgets {ft.get('budgets', [0.7, 0.2, 0.1])}, r = {ft.get('ratio', 0.9)}"
+            if isinstance(scheme, str) else "explicit list")
+    ax.set_title(f"LITE loss weights, {num_layers}-layer model\n({desc})")
+    log.debug("LITE weights from %s", src)
+    return save_figure(fig, Path(figures_dir), NAMES["lite_weights"])
+
+
+# --------------------------------------------------------------------------- Fig. 4 + pretraining
+def _plot_loss(ax, rows: list[dict], step: str, col: str, **kw) -> bool:
+    xs, ys = I.series(rows, step, col)
+    if xs:
+        ax.plot(xs, ys, **kw)
+    return bool(xs)
+
+
+@styled
+def plot_finetune_loss(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Paper Fig. 4: LITE fine-tuning loss per optimisation step, the weighted total and
+    every exit point's own cross-entropy (train, and validation where logged)."""
+    path, rows, cols = I.load_loss_log(Path(results_dir) / "finetune")
+    step = cols["step"]
+    has_exits = bool(cols["train_exits"] or cols["eval_exits"])
+    fig, axes = new_figure(11.0 if has_exits else 5.5, 3.8, 1, 2 if has_exits else 1)
+    ax = axes[0, 0]
+    drawn = False
+    if cols["train"]:
+        drawn |= _plot_loss(ax, rows, step, cols["train"], color="#1f77b4", lw=1.4, label="train (weighted total)")
+    if cols["eval"]:
+        drawn |= _plot_loss(ax, rows, step, cols["eval"], color="#d62728", lw=1.4, marker="o", ms=3,
+                            label="validation (weighted total)")
+    if not drawn:
+        raise MissingInput(f"{str(path)!r} has no numeric total loss values")
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("cross-entropy loss (nats / token)")
+    ax.set_title("LITE weighted total loss")
+    ax.legend(frameon=False)
+    if has_exits:
+        ax = axes[0, 1]
+        use = cols["train_exits"] or cols["eval_exits"]
+        kind = "train" if cols["train_exits"] else "validation"
+        layers = sorted(use)
+        import matplotlib
+
+        cmap = matplotlib.colormaps["viridis"]
+        for i, L in enumerate(layers):
+            _plot_loss(ax, rows, step, use[L], color=cmap(i / max(len(layers) - 1, 1)), lw=1.3, label=f"layer {L}")
+        ax.set_xlabel("optimisation step")
+        ax.set_ylabel("cross-entropy loss (nats / token)")
+        ax.set_title(f"Loss of each exit point ({kind})")
+        ax.legend(title="exit (0-based)", frameon=False, ncols=2 if len(layers) > 6 else 1, loc="upper right")
+    fig.suptitle("LITE fine-tuning")
+    return save_figure(fig, Path(figures_dir), NAMES["finetune_loss"])
+
+
+@styled
+def plot_pretrain_loss(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Base-model pretraining loss per step (embedded default only)."""
+    path, rows, cols = I.load_loss_log(Path(results_dir) / "pretrain")
+    step = cols["step"]
+    fig, axes = new_figure(5.5, 3.6)
+    ax = axes[0, 0]
+    drawn = False
+    if cols["train"]:
+        drawn |= _plot_loss(ax, rows, step, cols["train"], color="#1f77b4", lw=1.4, label="train")
+    if cols["eval"]:
+        drawn |= _plot_loss(ax, rows, step, cols["eval"], color="#d62728", lw=1.4, marker="o", ms=3,
+                            label="validation")
+    if not drawn:
+        raise MissingInput(f"{str(path)!r} has no numeric loss values")
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("cross-entropy loss (nats / token)")
+    ax.set_title("Base-model pretraining (causal LM)")
+    ax.legend(frameon=False)
+    return save_figure(fig, Path(figures_dir), NAMES["pretrain_loss"])
+
+
+# --------------------------------------------------------------------------- Fig. 6
+@styled
+def plot_ppo_reward(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Paper Fig. 6: PPO mean step reward per episode (reward / length) over training."""
+    rows = I.load_episode_rewards(results_dir)
+    x_key = "timesteps" if all(I.is_value(r.get("timesteps")) for r in rows) else "episode"
+    xs = np.array([float(r[x_key]) for r in rows])
+    ys = np.array([float(r["mean_step_reward"]) for r in rows])
+    binned = any((r.get("episodes_in_bin") or 1) > 1 for r in rows)
+    episodes = int(sum(r.get("episodes_in_bin") or 1 for r in rows))
+    fig, axes = new_figure(6.0, 3.6)
+    ax = axes[0, 0]
+    ax.plot(xs, ys, color="#1f77b4", alpha=0.35 if len(xs) > 20 else 0.9, lw=0.8, marker="o" if len(xs) <= 40 else None,
+            ms=3, label="per episode" + (" (binned mean)" if binned else ""))
+    if len(xs) > 20:
+        w = max(len(xs) // 20, 2)
+        smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
+        ax.plot(xs[w - 1:], smooth, color="#d62728", lw=1.8, label=f"moving mean ({w} points)")
+    ax.set_xlabel("PPO timesteps (environment steps)" if x_key == "timesteps" else "episode")
+    ax.set_ylabel("mean step reward per episode")
+    ax.set_title(f"PPO training: {episodes} episodes")
+    ax.axhline(0, color="#555555", lw=0.6)
+    ax.legend(frameon=False, loc="lower right")
+    return save_figure(fig, Path(figures_dir), NAMES["ppo_reward"])
+
+
+# --------------------------------------------------------------------------- Fig. 7
+def _exit_point_labels(hist: dict) -> list[str]:
+    layers = hist.get("layer")
+    n = len(hist["count"])
+    if layers and len(layers) == n and all(L is not None for L in layers):
+        return [str(L) if i < n - 1 else f"{L}\n(final)" for i, L in enumerate(layers)]
+    return [str(i) if i < n - 1 else f"{i}\n(final)" for i in range(n)]
+
+
+@styled
+def plot_optimal_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Paper Fig. 7: how often each exit point is the optimal exit ℓ_opt (the first exit
+    agreeing with the final layer) in the trajectory bank."""
+    a = I.load_rl_analysis(results_dir)
+    hists = {k: v for k, v in (a.get("optimal_exit_histogram") or {}).items() if v}
+    if not hists:
+        raise MissingInput("rl/analysis.json has no optimal_exit_histogram")
+    first = next(iter(hists.values()))
+    labels = _exit_point_labels(first)
+    n = len(labels)
+    fig, axes = new_figure(max(5.5, 0.6 * n + 3), 3.6)
+    ax = axes[0, 0]
+    width = 0.8 / len(hists)
+    colors = {"train": "#1f77b4", "heldout": "#ff7f0e"}
+    for i, (name, h) in enumerate(hists.items()):
+        share = [100 * s for s in h["share"]]
+        xs = np.arange(n) + (i - (len(hists) - 1) / 2) * width
+        bars = ax.bar(xs, share, width=width * 0.95, color=colors.get(name), label=f"{name} ({h['num_tokens']} tokens)")
+        bar_value_labels(ax, bars, share, fmt="{:.0f}", horizontal=False, fontsize=6.5)
+    ax.set_xticks(np.arange(n), labels)
+    ax.set_xlabel("optimal exit ℓ_opt: layer (0-based)")
+    ax.set_ylabel("share of tokens (%)")
+    ax.set_ylim(0, max(100 * max(h["share"]) for h in hists.values()) * 1.15 + 1)
+    ax.set_title("Occurrences of the optimal exit point (trajectory bank)")
+    ax.legend(frameon=False, loc="upper right")
+    return save_figure(fig, Path(figures_dir), NAMES["optimal_exits"])
+
+
+@styled
+def plot_agent_exit_accuracy(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """The agent's exit accuracy on the held-out bank at each threshold: share of tokens
+    exiting early / at ℓ_opt / late, and agreement with the final layer."""
+    a = I.load_rl_analysis(results_dir)
+    ea = a.get("exit_accuracy") or {}
+    rows = [(f"T = {r['threshold']:g}", r) for r in ea.get("thresholds") or []]
+    if not rows:
+        raise MissingInput("rl/analysis.json has no exit_accuracy.thresholds")
+    if ea.get("oracle"):
+        rows.append(("oracle (exit at ℓ_opt)", ea["oracle"]))
+    if ea.get("full_model"):
+        rows.append(("full model (final layer)", ea["full_model"]))
+    labels = [r[0] for r in rows]
+    ys = np.arange(len(rows))[::-1]
+    fig, axes = new_figure(10.5, 0.42 * len(rows) + 1.8, 1, 2, sharey=True)
+    ax = axes[0, 0]
+    left = np.zeros(len(rows))
+    for key, label, c in (("share_early", "early: before ℓ_opt (wrong token)", "#d62728"),
+                          ("share_at_l_opt", "at ℓ_opt", "#2ca02c"), ("share_late", "late: after ℓ_opt", "#ff7f0e")):
+        vals = np.array([100 * float(r[1].get(key) or 0.0) for r in rows])
+        ax.barh(ys, vals, left=left, color=c, label=label, height=0.65)
+        for y, l_, v in zip(ys, left, vals):
+            if v >= 8:
+                ax.text(l_ + v / 2, y, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white")
+        left += vals
+    ax.set_yticks(ys, labels)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of tokens (%)")
+    ax.set_title("Exit position relative to ℓ_opt")
+    ax.legend(frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=3)
+    ax = axes[0, 1]
+    h = 0.38
+    agree = [100 * float(r[1].get("agreement_with_final") or 0.0) for r in rows]
+    before = [100 * float(r[1].get("share_exit_before_final") or 0.0) for r in rows]
+    b1 = ax.barh(ys + h / 2, agree, height=h, color="#1f77b4", label="agrees with the final layer")
+    b2 = ax.barh(ys - h / 2, before, height=h, color="#9467bd", label="exits before the final layer")
+    bar_value_labels(ax, b1, agree, fmt="{:.0f}")
+    bar_value_labels(ax, b2, before, fmt="{:.0f}")
+    ax.set_xlim(0, 112)
+    ax.set_xlabel("share of tokens (%)")
+    ax.set_title("Agreement and early exits")
+    ax.legend(frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=2)
+    bank = str(ea.get("bank", "held-out")).replace("heldout", "held-out")
+    fig.suptitle(f"Exit agent on the {bank} bank (policy temperature {ea.get('temperature', 1.0):g}), "
+                 f"{ea.get('thresholds', [{}])[0].get('num_tokens', '?')} tokens")
+    return save_figure(fig, Path(figures_dir), NAMES["agent_exit_accuracy"])
+
+
+# --------------------------------------------------------------------------- Figs. 8-11
+def _method_rows(summary: dict, exclude_families: Sequence[str]) -> list[dict]:
+    rows = [r for r in summary["rows"] if family_of(r) not in exclude_families]
+    if not rows:
+        raise MissingInput("the evaluation summary has no rows to compare")
+    return rows
+
+
+def _hbar_panel(ax, rows: list[dict], values: list[Optional[float]], ref: Optional[float], xlabel: str,
+                title: str, fmt: str = "{:.3g}", deltas: Optional[list[Optional[float]]] = None) -> None:
+    ys = np.arange(len(rows))[::-1]
+    vals = [v if v is not None else 0.0 for v in values]
+    colors = [FAMILY_COLORS.get(family_of(r), "#333333") for r in rows]
+    bars = ax.barh(ys, vals, color=colors, height=0.7)
+    for b, v in zip(bars, values):
+        if v is None:
+            b.set_alpha(0.0)
+    labels = []
+    for i, v in enumerate(values):
+        if v is None:
+            labels.append(None)
+            continue
+        d = deltas[i] if deltas else None
+        labels.append((fmt.format(v) + (f" ({d:+.0f}%)" if d is not None and abs(d) >= 0.5 else "")))
+    for b, lab, v in zip(bars, labels, values):
+        x = b.get_width()
+        txt = lab if lab is not None else "n/a"
+        ax.annotate(txt, (x if v is not None else 0, b.get_y() + b.get_height() / 2), xytext=(3, 0),
+                    textcoords="offset points", ha="left", va="center", fontsize=6.5, zorder=4,
+                    color="#222222" if v is not None else "#888888",
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+    if ref is not None:
+        ax.axvline(ref, color="#1f77b4", lw=0.8, ls="--", zorder=3)
+    finite = [v for v in values if v is not None]
+    hi = max(finite) if finite else 1.0
+    ax.set_xlim(min(0.0, min(finite, default=0.0)), (hi if hi > 0 else 1.0) * (1.45 if deltas else 1.28))
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="y", visible=False)
+
+
+@styled
+def plot_accuracy_by_method(results_dir: PathLike, figures_dir: PathLike,
+                            exclude_families: Sequence[str] = ("fixed",)) -> list[Path]:
+    """Paper Figs. 8-9: every accuracy metric per method, side by side (fixed exits are in
+    Fig. 1 and left out by default). Dashed line: the fine-tuned all-layers model."""
+    summary = I.load_summary(results_dir)
+    rows = _method_rows(summary, exclude_families)
+    scales = summary.get("scales") or {}
+    ref = I.reference_row(summary)
+    metrics = [(k, n) for k, n in ACCURACY_METRICS if any(I.is_value(r.get(k)) for r in rows)]
+    if not metrics:
+        raise MissingInput("the evaluation summary has no accuracy values")
+    ncols = 3 if len(metrics) > 4 else len(metrics)
+    nrows = int(np.ceil(len(metrics) / ncols))
+    fig, axes = new_figure(3.7 * ncols + 1.2, (0.24 * len(rows) + 1.1) * nrows + 0.6, nrows, ncols, sharey=True)
+    for i, (key, name) in enumerate(metrics):
+        ax = axes[i // ncols, i % ncols]
+        vals = _pct_rows(rows, key, scales)
+        refv = as_percent(ref.get(key), key, scales) if ref else None
+        _hbar_panel(ax, rows, vals, refv, f"{name} (%)", name, fmt="{:.1f}")
+        if i % ncols == 0:
+            ax.set_yticks(np.arange(len(rows))[::-1], [method_label(r) for r in rows])
+    for j in range(len(metrics), nrows * ncols):
+        axes[j // ncols, j % ncols].set_visible(False)
+    fig.suptitle(f"Accuracy per method ({summary.get('num_samples')} samples, {summary.get('language')}, "
+                 f"{summary.get('max_new_tokens')} new tokens); dashed: fine-tuned, all layers")
+    return save_figure(fig, Path(figures_dir), NAMES["accuracy_by_method"])
+
+
+@styled
+def plot_cost_by_method(results_dir: PathLike, figures_dir: PathLike,
+                        exclude_families: Sequence[str] = ("fixed",)) -> list[Path]:
+    """Paper Figs. 10-11: energy, latency, throughput and decode compute per method, side by
+    side, with the change against the fine-tuned all-layers model in brackets."""
+    summary = I.load_summary(results_dir)
+    rows = _method_rows(summary, exclude_families)
+    ref = I.reference_row(summary) or {}
+    fig, axes = new_figure(11.5, 2 * (0.24 * len(rows) + 1.1) + 0.8, 2, 2, sharey=True)
+    panels = [
+        ("energy_j", "energy (J per sample)", "Energy", "{:.3g}"),
+        ("latency_s", "latency (s per sample)", "Latency", "{:.3g}"),
+        ("tokens_per_s", "throughput (new tokens/s)", "Throughput", "{:.3g}"),
+        ("compute_ratio", "decode compute (% of full model MACs)", "Compute (hardware independent)", "{:.0f}"),
+    ]
+    for i, (key, xlabel, title, fmt) in enumerate(panels):
+        ax = axes[i // 2, i % 2]
+        if key == "energy_j" and not I.energy_measured(rows):
+            note_panel(ax, ENERGY_NOTE, title)
+            continue
+        scale = 100.0 if key == "compute_ratio" else 1.0
+        vals = [float(r[key]) * scale if I.is_value(r.get(key)) else None for r in rows]
+        refv = float(ref[key]) * scale if I.is_value(ref.get(key)) else None
+        deltas = [r.get(f"{key}_delta_pct") for r in rows]
+        _hbar_panel(ax, rows, vals, refv, xlabel, title, fmt=fmt, deltas=deltas)
+    for i in (0, 2):
+        axes[i // 2, 0].set_yticks(np.arange(len(rows))[::-1], [method_label(r) for r in rows])
+        axes[i // 2, 0].tick_params(axis="y", labelleft=True)
+    src = summary.get("energy_source") or "unknown"
+    fig.suptitle(f"Cost per method (mean per sample; energy source: {src}; device: {summary.get('device')}); "
+                 f"brackets: change vs fine-tuned, all layers")
+    return save_figure(fig, Path(figures_dir), NAMES["cost_by_method"])
+
+
+# --------------------------------------------------------------------------- Table IV
+@styled
+def plot_agent_overhead(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Paper Table IV as a figure: the exit agent's time overhead, per GC threshold from the
+    decoding loop's timers (time in the controller / decode time) and from the A/B run
+    (policy evaluated but ignored vs not evaluated, same samples)."""
+    summary = I.load_summary(results_dir)
+    gc = sorted(I.rows_of(summary, "gc"), key=lambda r: r["param"])
+    ab = summary.get("overhead_ab")
+    if not gc and not ab:
+        raise MissingInput("the evaluation summary has no gc@T rows and no overhead A/B run (no exit policy)")
+    labels, vals, colors = [], [], []
+    for r in gc:
+        if I.is_value(r.get("controller_overhead_share")):
+            labels.append(f"GC T={r['param']:g}\nloop timers")
+            vals.append(100 * float(r["controller_overhead_share"]))
+            colors.append("#d62728")
+    if ab and I.is_value(ab.get("overhead_share")):
+        labels.append(f"A/B at T={ab['threshold']:g}\n(total)")
+        vals.append(100 * float(ab["overhead_share"]))
+        colors.append("#1f77b4")
+        if I.is_value(ab.get("overhead_share_median_paired")):
+            labels.append(f"A/B at T={ab['threshold']:g}\n(median paired)")
+            vals.append(100 * float(ab["overhead_share_median_paired"]))
+            colors.append("#17becf")
+    if not vals:
+        raise MissingInput("no controller overhead values in the evaluation summary")
+    fig, axes = new_figure(max(5.5, 1.15 * len(vals) + 4.2), 3.8, 1, 2, width_ratios=[max(len(vals), 2), 2.6])
+    ax = axes[0, 0]
+    xs = np.arange(len(vals))
+    bars = ax.bar(xs, vals, color=colors, width=0.65)
+    bar_value_labels(ax, bars, vals, fmt="{:.1f}%", horizontal=False)
+    ax.set_xticks(xs, labels)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.axhline(0, color="#555555", lw=0.6)
+    lo, hi = min(vals + [0.0]), max(vals + [0.0])
+    pad = 0.18 * (hi - lo or 1.0)
+    ax.set_ylim(lo - (pad if lo < 0 else 0), hi + pad)
+    ax.set_ylabel("time overhead (% of decode time)")
+    ax.set_title("Exit-agent overhead")
+    tab = axes[0, 1]
+    tab.axis("off")
+    lines = ["Paper Table IV: relative energy/time", "overhead of the agent: 3-19 %.", ""]
+    if ab:
+        lines += [f"A/B run, GC T={ab['threshold']:g}, {ab['num_samples']} samples:",
+                  f"  decode time without policy {ab['decode_time_s_full']:.3g} s",
+                  f"  with policy (ignored)      {ab['decode_time_s_policy_ignored']:.3g} s",
+                  f"  time inside the policy     {ab.get('controller_time_s', 0.0):.3g} s",
+                  f"  same tokens: {'yes' if ab.get('same_tokens') else 'no'}"]
+    lines += ["", "energy overhead:", "  " + ("see energy_j per method (fig10)" if I.energy_measured(gc)
+                                              else ENERGY_NOTE)]
+    tab.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=7.2, transform=tab.transAxes,
+             wrap=True)
+    return save_figure(fig, Path(figures_dir), NAMES["agent_overhead"])
+
+
+# --------------------------------------------------------------------------- Pareto
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (lower cost x, higher accuracy y), sorted by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+@styled
+def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "codebleu") -> list[Path]:
+    """Accuracy versus cost for every controller (GC at each threshold, confidence, entropy,
+    fixed, oracle, full, base, HF early exit), with the Pareto front of the deployable ones
+    (the oracle is analysis only). Left: hardware-independent decode compute; right: energy
+    when measured, else latency."""
+    summary = I.load_summary(results_dir)
+    scales = summary.get("scales") or {}
+    rows = [r for r in summary["rows"] if I.is_value(r.get(metric))]
+    if not rows:
+        raise MissingInput(f"the evaluation summary has no {metric!r} values")
+    metric_name = dict(ACCURACY_METRICS).get(metric, metric)
+    energy = I.energy_measured(rows)
+    axes_spec = [("compute_ratio", 100.0, "decode compute (% of the full model's MACs)", "Hardware independent")]
+    if energy:
+        axes_spec.append(("energy_j", 1.0, "energy (J per sample)", "Energy"))
+    else:
+        axes_spec.append(("latency_s", 1.0, "latency (s per sample)", f"Latency; {ENERGY_NOTE}"))
+    fig, axes = new_figure(11.5, 4.8, 1, 2)
+    handles: dict[str, object] = {}
+    for ax, (key, scale, xlabel, title) in zip(axes[0], axes_spec):
+        pts = [(float(r[key]) * scale, as_percent(r[metric], metric, scales), r) for r in rows if I.is_value(r.get(key))]
+        if not pts:
+            note_panel(ax, f"no {key} values in the summary", title)
+            continue
+        fams: dict[str, list] = {}
+        for p in pts:
+            fams.setdefault(family_of(p[2]), []).append(p)
+        for fam, ps in fams.items():
+            ps.sort(key=lambda p: (p[2].get("param") if p[2].get("param") is not None else 0, p[0]))
+            c, m = FAMILY_COLORS.get(fam, "#333333"), FAMILY_MARKERS.get(fam, "o")
+            size = 9 if fam in ("full", "gc") else 6.5
+            (h,) = ax.plot([p[0] for p in ps], [p[1] for p in ps], marker=m, color=c, ms=size,
+                           ls="-" if len(ps) > 1 else "none", lw=1.0, alpha=0.9,
+                           mfc="none" if fam == "oracle" else c, label=FAMILY_NAMES.get(fam, fam))
+            handles.setdefault(FAMILY_NAMES.get(fam, fam), h)
+            if fam in ("gc", "fixed", "confidence", "entropy", "hf_early_exit") and len(ps) <= 12:
+                for x, y, r in ps:
+                    txt = f"{r['param']:g}" if fam != "fixed" and fam != "hf_early_exit" else f"L{int(r['param'])}"
+                    ax.annotate(txt, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=6.5, color=c)
+        deploy = [p for p in pts if not p[2].get("analysis_only") and family_of(p[2]) != "oracle"]
+        front = pareto_front([(p[0], p[1]) for p in deploy])
+        if len(front) >= 2:
+            fx = [deploy[i][0] for i in front]
+            fy = [deploy[i][1] for i in front]
+            (h,) = ax.step(fx, fy, where="post", color="#444444", lw=2.2, alpha=0.25, zorder=0,
+                           label="Pareto front (deployable methods)")
+            handles.setdefault("Pareto front (deployable methods)", h)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{metric_name} (%)")
+        ax.set_title(title, fontsize=9)
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        xpad = 0.08 * (max(xs) - min(xs) or max(abs(max(xs)), 1.0))
+        ypad = 0.1 * (max(ys) - min(ys) or max(abs(max(ys)), 1.0))
+        ax.set_xlim(min(xs) - xpad, max(xs) + xpad)
+        ax.set_ylim(min(ys) - ypad, max(ys) + 1.6 * ypad)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"{metric_name} vs cost, every controller (labels: threshold T or exit layer L, 0-based); "
+                 "up and left is better")
+    return save_figure(fig, Path(figures_dir), NAMES["pareto"])
