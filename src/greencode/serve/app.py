@@ -134,7 +134,7 @@ class _Observe:
             log.debug("%s %s -> %d in %.1f ms", scope.get("method"), scope.get("path"), status, dt * 1e3)
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+async def _read_json(request: Request, limit: int, timeout_s: float = 30.0) -> dict:
     cl = request.headers.get("content-length")
     if cl is not None:
         try:
@@ -146,11 +146,18 @@ async def _read_json(request: Request, limit: int) -> dict:
                                     "shorter prompt (the server keeps only the end of long prompts anyway)",
                                kind="too_large")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise RequestError(413, f"request body exceeds serve.max_request_bytes={limit}; send a shorter prompt",
-                               kind="too_large")
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            buf.extend(chunk)
+            if len(buf) > limit:
+                raise RequestError(413, f"request body exceeds serve.max_request_bytes={limit}; send a shorter "
+                                        "prompt", kind="too_large")
+
+    try:  # a client trickling its body must not hold a connection forever
+        await asyncio.wait_for(read(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s", kind="timeout") from None
     return parse_json_bytes(bytes(buf))
 
 
@@ -390,7 +397,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         return Response(metrics.render(), media_type=metrics.content_type)
 
     async def api_generate(request: Request) -> Response:
-        data = await _read_json(request, scfg.max_request_bytes)
+        data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
         if "inputs" in data and "prompt" in data:
             raise RequestError(422, "the body has both 'inputs' (HF/seed format) and 'prompt' (Ollama format); send "
                                     "one of them", loc="body")
@@ -407,17 +414,17 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
 
     @api.post("/generate")
     async def tgi_generate(request: Request) -> Response:
-        data = await _read_json(request, scfg.max_request_bytes)
+        data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
         return await hf_generate(request, data)
 
     @api.post("/models/{model_id:path}")
     async def hf_models(request: Request, model_id: str) -> Response:  # llm-ls' huggingface backend: {url}/models/{id}
-        data = await _read_json(request, scfg.max_request_bytes)
+        data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
         return await hf_generate(request, data)
 
     @api.post("/v1/completions")
     async def openai_completions(request: Request) -> Response:
-        data = await _read_json(request, scfg.max_request_bytes)
+        data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
         body = validate(OpenAIRequest, data)
         prompt = body.prompt
         if isinstance(prompt, list):
@@ -485,7 +492,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
 
     @api.post("/api/show")
     async def ollama_show(request: Request) -> dict:
-        data = await _read_json(request, scfg.max_request_bytes)
+        data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
         validate(ShowRequest, data)
         arch = info["family"]
         params = "\n".join(f"{k} {v}" for k, v in (("temperature", OLLAMA_DEFAULTS["temperature"]),
