@@ -308,7 +308,10 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         gen.request_id = uuid.uuid4().hex[:16]
         submitted = time.perf_counter()
         c: Completion = await scheduler.run(engine.complete, gen, submitted)
-        c.stats["latency_s"] = time.perf_counter() - request.scope.get("greencode_t0", submitted)
+        now = time.perf_counter()
+        c.stats["request_parse_s"] = submitted - request.scope.get("greencode_t0", submitted)
+        c.stats["worker_to_loop_s"] = now - c.stats.pop("done_at", now)
+        c.stats["latency_s"] = now - request.scope.get("greencode_t0", submitted)
         c.stats["format"] = fmt
         metrics.observe_completion(fmt, c.stats, engine.model.num_layers)
         s = c.stats

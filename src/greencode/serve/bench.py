@@ -90,6 +90,11 @@ def _summary(rows: list[dict], num_layers: int) -> dict[str, Any]:
         "overhead_ms": _pcts([a - b for a, b in zip(rtt, gen)], 1e3),
         "server_internal_overhead_ms": _pcts([r["latency_s"] - r["generation_s"] for r in rows], 1e3),
         "transport_ms": _pcts([r["rtt_s"] - r["latency_s"] for r in rows], 1e3),
+        "handoff_to_worker_ms": _pcts([r["queue_s"] for r in rows], 1e3),
+        "prompt_conversion_and_tokenize_ms": _pcts([r["tokenize_s"] for r in rows], 1e3),
+        "postprocess_ms": _pcts([r["postprocess_s"] for r in rows], 1e3),
+        "request_parse_ms": _pcts([r["request_parse_s"] for r in rows], 1e3),
+        "worker_to_loop_ms": _pcts([r["worker_to_loop_s"] for r in rows], 1e3),
         "completion_tokens_mean": tokens / len(rows) if rows else None,
         "tokens_per_s": tokens / sum(gen) if sum(gen) > 0 else None,
         "mean_exit_layer": float(np.mean(exits)) if exits else None,
@@ -145,7 +150,9 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
                 return {"rtt_s": rtt, "generation_s": s["generation_s"], "latency_s": s["latency_s"],
                         "completion_tokens": s["completion_tokens"], "decode_steps": s["decode_steps"],
                         "layers_run": s["layers_run"], "exit_layers": s["exit_layers"], "energy_j": s["energy_j"],
-                        "prompt_tokens": s["prompt_tokens"], "finish_reason": s["finish_reason"]}
+                        "prompt_tokens": s["prompt_tokens"], "finish_reason": s["finish_reason"],
+                        "queue_s": s["queue_s"], "tokenize_s": s["tokenize_s"], "postprocess_s": s["postprocess_s"],
+                        "request_parse_s": s["request_parse_s"], "worker_to_loop_s": s["worker_to_loop_s"]}
 
             for i in range(warmup):
                 for _, thr in settings:

@@ -321,6 +321,7 @@ class Engine:
         except (ValueError, ConfigError) as e:  # the loop's own argument checks: the request's fault
             raise RequestError(422, f"cannot generate: {e}") from None
         m = w.measurement
+        t2 = time.perf_counter()
         model_text = res.text if res.text is not None else self.tokenizer.decode(res.tokens, skip_special_tokens=True)
         text = self._cut_at_stops(self.to_editor_text(model_text), req.stop)
         cost = compute_cost(self.model, [res], controller)
@@ -354,6 +355,8 @@ class Engine:
         if self.prompt_format != "raw":
             stats["model_text"] = model_text
         pieces = self.pieces(res.tokens, text) if req.want_pieces else []
+        stats["postprocess_s"] = time.perf_counter() - t2
+        stats["done_at"] = time.perf_counter()  # the app turns it into worker_to_loop_s
         return Completion(text=text, prompt_ids=[int(i) for i in ids], tokens=[int(t) for t in res.tokens],
                           finish_reason=res.finish_reason, stats=stats, pieces=pieces)
 
