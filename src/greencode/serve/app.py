@@ -233,10 +233,11 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException):
+        path = request.url.path[:200]
         if exc.status_code == 404:
-            msg = f"no route {request.method} {request.url.path}; routes: {', '.join(ROUTES)}"
+            msg = f"no route {request.method} {path}; routes: {', '.join(ROUTES)}"
         elif exc.status_code == 405:
-            msg = f"method {request.method} is not allowed on {request.url.path}; routes: {', '.join(ROUTES)}"
+            msg = f"method {request.method} is not allowed on {path}; routes: {', '.join(ROUTES)}"
         else:
             msg = str(exc.detail)
         return _error(request, exc.status_code, msg, "not_found" if exc.status_code == 404 else "http_error",
