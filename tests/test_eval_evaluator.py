@@ -122,7 +122,7 @@ def test_evaluate_smoke_end_to_end_writes_every_file(tmp_path, samples_patch):
     assert out == paths.results_eval
     for name in ("summary.csv", "summary.md", "summary.json", "overhead_ab.json"):
         assert (out / name).is_file(), name
-    expected = {"base", "full_hf", "full", "fixed@1", "fixed@2", "confidence@0.5", "entropy@1", "oracle", "gc@0.5",
+    expected = {"base", "full_hf", "full", "fixed@1", "fixed@2", "confidence@0.5", "entropy@1.0", "oracle", "gc@0.5",
                 "gc@0.9", "hf_early_exit@1", "hf_early_exit@2"}
     assert {p.stem for p in (out / "methods").glob("*.json")} == expected
     rows = {r["id"]: r for r in summary_table(out)}

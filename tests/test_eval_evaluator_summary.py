@@ -152,7 +152,7 @@ def test_method_names_and_expansion():
     ec = EvalConfig(gc_thresholds=[0.9, 0.6], confidence_thresholds=[0.5], entropy_thresholds=[1.0, 2.0])
     ids = [s.id for s in expand_methods(["gc", "full", "fixed", "gc@0.9", "base", "hf_early_exit", "entropy"],
                                         ec, [1, 2, 3, 5], 7)]
-    assert ids == ["base", "full", "fixed@1", "fixed@2", "fixed@3", "fixed@5", "entropy@1", "entropy@2", "gc@0.6",
+    assert ids == ["base", "full", "fixed@1", "fixed@2", "fixed@3", "fixed@5", "entropy@1.0", "entropy@2.0", "gc@0.6",
                    "gc@0.9", "hf_early_exit@1", "hf_early_exit@2", "hf_early_exit@3", "hf_early_exit@5"]
     ec.hf_early_exit_layers = [3]
     assert [s.id for s in expand_methods(["hf_early_exit"], ec, [1, 2], 7)] == ["hf_early_exit@3"]

@@ -1,7 +1,7 @@
 """The evaluated methods: names, ids, expansion from the config and validation.
 
 A *family* names a kind of method (``gc``); a *method id* names one row of the results
-(``gc@0.9``). Ids: ``base``, ``full_hf``, ``full``, ``fixed@L``, ``confidence@T``,
+(``gc@0.9``; thresholds are written as Python floats, ``entropy@1.0``). Ids: ``base``, ``full_hf``, ``full``, ``fixed@L``, ``confidence@T``,
 ``entropy@T``, ``oracle``, ``gc@T``, ``hf_early_exit@L``. ``L`` is a 0-based decoder-layer
 index, ``T`` a threshold. A family name alone expands to the configured parameters
 (``fixed`` -> every exit layer, ``gc`` -> ``eval.gc_thresholds``, ...).
@@ -41,7 +41,11 @@ class MethodSpec:
 
     @property
     def id(self) -> str:
-        return self.family if self.param is None else f"{self.family}@{self.param:g}"
+        if self.param is None:
+            return self.family
+        if PARAM_FAMILIES[self.family] == "layer":
+            return f"{self.family}@{int(self.param)}"
+        return f"{self.family}@{float(self.param)!r}"  # 1.0 -> "1.0", 0.91 -> "0.91"
 
     @property
     def runs_hf(self) -> bool:
