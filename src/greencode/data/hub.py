@@ -45,14 +45,15 @@ def hub_offline() -> bool:
         return False
 
 
-def _unavailable_message(hub_id: str, language: str, why: str) -> str:
+def _unavailable_message(hub_id: str, language: str, why: str, offline: bool) -> str:
     ext = ".py" if language == "python" else ".java"
     default = "this interpreter's standard library" if language == "python" else "the JDK's lib/src.zip"
+    cache_hint = "" if offline else " If the dataset is already in your HF cache, set HF_HUB_OFFLINE=1 to use it."
     return (f"cannot load {hub_id!r} (config {language!r}) from the Hugging Face hub: {why}. "
             f"Without network, build the same token format from local source files: set data.source=local and "
             f"data.local_path=<a directory or .zip of {ext} files> (null = {default}), e.g. "
-            f"`python scripts/prepare_data.py --config <cfg> data.source=local data.local_path=/path/to/src`. "
-            f"If the dataset is already in your HF cache, set HF_HUB_OFFLINE=1 to use it.")
+            f"`python scripts/prepare_data.py --config <cfg> data.source=local data.local_path=/path/to/src`."
+            + cache_hint)
 
 
 @contextlib.contextmanager
@@ -127,7 +128,7 @@ def load_hub_corpus(cfg) -> "datasets.DatasetDict":
         reason = why or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if offline and why is None:
             reason = f"offline mode is set and the dataset is not in the cache ({reason})"
-        raise HubUnavailableError(_unavailable_message(d.hub_id, d.language, reason)) from e
+        raise HubUnavailableError(_unavailable_message(d.hub_id, d.language, reason, offline)) from e
 
     missing = {"train", "test"} - set(raw)
     if missing:
