@@ -77,6 +77,15 @@ def test_python_newlines_inside_brackets_become_eol_like_py150():
     assert tokenize_python_source("x = [1,\n     2]\n") == ["x", "=", "[", "<NUM_LIT>", ",", "<EOL>", "<NUM_LIT>", "]"]
 
 
+def test_python_crlf_and_cr_line_endings_like_text_mode_reading():
+    lf = "def f():\n    s = '''a\nb'''\n    return s\n"
+    for eol in ("\r\n", "\r"):
+        other = lf.replace("\n", eol)
+        assert tokenize_python_source(other) == tokenize_python_source(lf)
+        assert tokenize_python_source(other, "raw") == tokenize_python_source(lf, "raw")
+    assert "'''a\nb'''" in tokenize_python_source(lf, "raw")
+
+
 def test_python_line_continuation_has_no_eol():
     assert tokenize_python_source("y = 1 + \\\n    2\n") == ["y", "=", "<NUM_LIT>", "+", "<NUM_LIT>"]
 

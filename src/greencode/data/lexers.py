@@ -57,6 +57,13 @@ class SyntaxCheckError(ValueError):
     """The text tokenizes but the language's parser rejects it."""
 
 
+def universal_newlines(text: str) -> str:
+    """CRLF and CR -> LF, as CodeXGLUE's ``open(path).read()`` gave its tokenizer."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def wrap(tokens: list[str]) -> list[str]:
     """CodeXGLUE record format: ``<s> ... </s>``."""
     return [BOS, *tokens, EOS]
@@ -183,6 +190,7 @@ def tokenize_python_source(text: str, literal_mode: str = "normalized", keep_lit
     _check_mode(literal_mode)
     sets = _keep_sets(keep_literals)
     raw = literal_mode == "raw"
+    text = universal_newlines(text)
     out: list[str] = []
     prev_eol = False
     for toknum, tokval in _py_raw_tokens(text, lenient):
@@ -290,7 +298,7 @@ def tokenize_java_source(text: str, literal_mode: str = "normalized", keep_liter
     _check_mode(literal_mode)
     sets = _keep_sets(keep_literals)
     raw = literal_mode == "raw"
-    tree = _java_tree(text)
+    tree = _java_tree(universal_newlines(text))
     if syntax_check and tree.root_node.has_error:
         node = _first_error(tree.root_node)
         where = f" at line {node.start_point[0] + 1}" if node is not None else ""
