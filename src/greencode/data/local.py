@@ -329,19 +329,16 @@ def build_local_corpus(source: Path, language: str, *, literal_mode: str = "norm
                 bar.update(1)
             if status == "ok":
                 n = len(payload)
-                if n < min_file_tokens:
-                    status = "too_short"
-                elif n > max_file_tokens:
-                    status = "too_long"
+                if n < min_file_tokens or n > max_file_tokens:
+                    status, payload = ("too_short" if n < min_file_tokens else "too_long"), f"{n} tokens"
                 elif digest in seen_digests:
-                    status = "duplicate"
+                    status, payload = "duplicate", "same bytes as a file used before"
             if status != "ok":
                 skipped[status] += 1
                 ex = build.skipped_examples.setdefault(status, [])
                 if len(ex) < 10:
                     ex.append(rel)
-                if status != "duplicate":
-                    log.debug("skip %s (%s): %s", rel, status, payload)
+                log.debug("skip %s (%s): %s", rel, status, payload)
                 continue
             seen_digests.add(digest)
             split = split_of(rel, validation_fraction, test_fraction)
