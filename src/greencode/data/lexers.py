@@ -339,10 +339,6 @@ def _first_error(node):
     return None
 
 
-def check_java_syntax(text: str) -> None:
-    tokenize_java_source(text, syntax_check=True)
-
-
 def tokenize_source(text: str, language: str, literal_mode: str = "normalized",
                     keep_literals: KeepLiterals = None) -> list[str]:
     """Dispatch on ``language`` (python | java)."""

@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -167,7 +168,8 @@ def prepare_tokenizer(cfg, corpus_manifest: Optional[Mapping[str, Any]] = None, 
             raise ValueError("the corpus has no train records to train a tokenizer on; enlarge the corpus "
                              "(data.max_files, data.min_file_tokens)")
         texts = training_texts(train, cfg.tokenizer.max_train_chars, cfg.seed)
-        tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, length=len(texts))
+        tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, length=len(texts),
+                        show_progress=sys.stderr.isatty())
         info.update(kind="bpe", train_records=len(texts), train_chars=sum(len(t) for t in texts))
     info["vocab_size"] = len(tok)
     info["special_token_ids"] = {n: tok.convert_tokens_to_ids(t) for n, t in
