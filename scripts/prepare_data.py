@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     files = m.get("files", {})
     if "found" in files:
         skipped = ", ".join(f"{k} {v}" for k, v in files.get("skipped", {}).items()) or "none"
-        print(f"  files   found {files['found']}, examined {files['examined']}, used {files['used']}; skipped: {skipped}")
+        print(f"  files   found {files['found']}, seen {files['seen']}, used {files['used']}; skipped: {skipped}")
     for split, s in m.get("splits", {}).items():
         print(f"  {split:<10}{s['records']:>8} records {s['tokens']:>12,} tokens")
     print(f"  content {m.get('content_hash', '')[:16]}  built in {m.get('build_time_s', 0):.1f} s")

@@ -128,7 +128,7 @@ def test_max_files_takes_a_fixed_spread_sample(tmp_path):
     files = {f"d{i % 5}/m{i:03d}.py": f"def f{i}(a):\n    return a + {i} * a - a / 2\n".encode() for i in range(60)}
     src = make_tree(tmp_path / "src", files)
     b1, b2 = build(src, max_files=10), build(src, max_files=10)
-    assert b1.files_used == 10 and b1.files_examined == 10 and b1.counts()["not_examined"] == 50
+    assert b1.files_used == 10 and b1.files_examined == 10 and b1.counts()["not_seen"] == 50
     assert b1.splits == b2.splits
     dirs = {r["path"].split("/")[0] for r in b1.splits["train"]}
     assert len(dirs) >= 3  # not the first 10 files in path order (all from d0 .. d1)
@@ -219,6 +219,7 @@ def test_prepare_corpus_manifest_and_reuse(tmp_path):
     assert (corpus_dir / "dataset_dict.json").is_file()
     on_disk = read_manifest(corpus_dir)
     assert on_disk["content_hash"] == m["content_hash"] and on_disk["files"]["used"] == 4
+    assert on_disk["files"]["found"] == 11 and on_disk["files"]["seen"] == 11 and on_disk["files"]["skipped_total"] == 7
     assert on_disk["files"]["skipped"]["duplicate"] == 1 and on_disk["language"] == "python"
     assert on_disk["source_path"] == str(src.resolve())
     assert sum(s["records"] for s in on_disk["splits"].values()) == 4

@@ -251,9 +251,9 @@ class LocalBuild:
     def counts(self) -> dict[str, Any]:
         return {
             "found": self.files_found,
-            "examined": self.files_examined,
+            "seen": self.files_examined,  # read and tokenized (all of them unless max_files stopped early)
             "used": self.files_used,
-            "not_examined": self.files_found - self.files_examined,
+            "not_seen": self.files_found - self.files_examined,
             "skipped": dict(self.skipped),
             "skipped_total": sum(self.skipped.values()),
         }
