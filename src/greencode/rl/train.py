@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 
 from greencode.config import Config, ConfigError
 from greencode.rl.bank import TrajectoryBank
@@ -190,9 +191,18 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     log.info("PPO: %d timesteps, %d env(s), n_steps %d, batch %d, epochs %d, lr %g (%s), net %s",
              p.total_timesteps, p.n_envs, p.n_steps, p.batch_size, p.n_epochs, p.learning_rate, p.lr_schedule,
              p.net_arch)
-    t0 = time.perf_counter()
-    model.learn(total_timesteps=p.total_timesteps, callback=ckpt, progress_bar=progress_bar)
-    wall_s = time.perf_counter() - t0
+    # SB3's small MLP gains nothing from intra-op threads, and on a busy machine OpenMP
+    # threads waiting for each other slow PPO down >10x (measured: 373 vs 4,247 steps/s
+    # with 2 vs 1 threads on 2 loaded cores); hardware.num_threads > 0 overrides.
+    threads = cfg.hardware.num_threads or 1
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        model.learn(total_timesteps=p.total_timesteps, callback=ckpt, progress_bar=progress_bar)
+        wall_s = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(prev_threads)
     env.close()
     trained_steps = int(model.num_timesteps)
     log.info("PPO finished: %d timesteps in %.1f s (%.0f steps/s)", trained_steps, wall_s, trained_steps / wall_s)
@@ -239,7 +249,7 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
              **env_speed,
              "ppo_total_timesteps": trained_steps, "ppo_wall_time_s": wall_s,
              "ppo_steps_per_s": trained_steps / wall_s, "n_envs": p.n_envs, "vec_env": p.vec_env,
-             "ppo_device": p.device}
+             "ppo_device": p.device, "torch_threads": threads}
     write_json(paths.results.parent / "benchmark" / f"rl_env_{cfg.name}.json", bench)
     mid = next((r for r in analysis["exit_accuracy"]["thresholds"] if r["threshold"] == MID_THRESHOLD), None)
     if mid:
