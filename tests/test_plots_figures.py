@@ -140,31 +140,60 @@ def write_rl(results: Path) -> Path:
     return results / "rl"
 
 
+def _write_loss_log(trainer_dir: Path, exit_points: list[int], steps: int = 40) -> None:
+    """The loss CSV written by the training stage's own callback (long format, train + eval rows)."""
+    from transformers import TrainerState
+
+    from greencode.training.common import CsvLogCallback
+
+    cb = CsvLogCallback(trainer_dir / "train_log.csv", exit_points, tokens_per_step=256)
+    state = TrainerState()
+    state.global_step = 0
+    cb.on_train_begin(None, state, None)
+    for s in range(2, steps + 1, 2):
+        state.global_step = s
+        base = 6.0 * np.exp(-s / 15) + 2.0
+        cb.on_log(None, state, None, logs={"loss": base, "learning_rate": 1e-3, "grad_norm": 1.0, "epoch": s / steps,
+                                           **{f"loss_exit_{e}": base + 1.5 - 0.3 * i for i, e in enumerate(exit_points)}})
+        if s % 10 == 0:
+            cb.on_log(None, state, None, logs={"eval_loss": base + 0.1, "epoch": s / steps,
+                                               **{f"eval_loss_exit_{e}": base + 1.6 - 0.3 * i
+                                                  for i, e in enumerate(exit_points)}})
+
+
 def write_training(results: Path) -> None:
-    """finetune/ and pretrain/ loss CSVs, the per-exit report and the recorded config."""
+    """pretrain/ and finetune/ as greencode.training writes them (its CSV callback and
+    write_stage_results) and finetune/exit_report.json from its layer_quality on a tiny model."""
+    import datasets
+    import torch
+
+    from greencode.config import ModelConfig
+    from greencode.models import EarlyExitModel, lite_weights
+    from greencode.training.common import write_stage_results
+    from greencode.training.report import layer_quality
+
     cfg = Config(name="synthetic")
     cfg.model.num_layers = NUM_LAYERS
     cfg.model.exit_layers = EXITS
-    for stage in ("pretrain", "finetune"):
-        d = results / stage
-        d.mkdir(parents=True, exist_ok=True)
-        cols = ["step", "loss", "eval_loss"] + ([f"loss_exit_{L}" for L in EXITS + [FINAL]] if stage == "finetune" else [])
-        with open(d / "losses.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for s in range(2, 42, 2):
-                base = 6.0 * np.exp(-s / 15) + 2.0
-                row = [s, base, base + 0.1 if s % 10 == 0 else ""]
-                if stage == "finetune":
-                    row += [base + 1.5 - 0.2 * i for i in range(len(EXITS) + 1)]
-                w.writerow(row)
-    from greencode.config import dump_config
-
-    (results / "finetune" / "config.yaml").write_text(dump_config(cfg))
-    report = {"base": {"exits": [{"layer": L, "accuracy": 0.02 + 0.01 * i, "agreement": 0.05 * i}
-                                 for i, L in enumerate(EXITS + [FINAL])]},
-              "finetuned": {"exits": [{"layer": L, "accuracy": 0.2 + 0.05 * i, "agreement": 0.5 + 0.1 * i}
-                                      for i, L in enumerate(EXITS + [FINAL])]}}
+    points = EXITS + [FINAL]
+    for stage, exits in (("pretrain", []), ("finetune", points)):
+        trainer_dir = results.parent / f".trainer_{stage}"
+        _write_loss_log(trainer_dir, exits)
+        summary = {"stage": stage, "num_layers": NUM_LAYERS}
+        if stage == "finetune":
+            summary.update(exit_points=points, final_layer=FINAL, lite_weights=lite_weights(EXITS, NUM_LAYERS),
+                           weights_scheme="geometric")
+        write_stage_results(results / stage, trainer_dir, cfg, summary)
+    torch.manual_seed(0)
+    mc = ModelConfig(family="llama", hidden_size=32, num_layers=NUM_LAYERS, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, exit_layers=EXITS)
+    model = EarlyExitModel.from_config(mc, vocab_size=50, eos_token_id=2, bos_token_id=1, pad_token_id=0).eval()
+    ids = torch.randint(3, 50, (4, 16)).tolist()
+    held_out = datasets.Dataset.from_dict({"input_ids": ids})
+    quality = layer_quality(model, held_out, batch_size=2)
+    report = {"split": "validation", "tokens": quality["tokens"], "seq_len": 16,
+              "exit_points": [r["layer"] for r in quality["per_exit"]],
+              "models": {"base": quality, "finetuned": quality}, "meta": run_metadata(cfg, stage="exit_report")}
     write_json(results / "finetune" / "exit_report.json", report)
 
 
@@ -346,17 +375,38 @@ def test_lite_weights_figure_uses_the_configured_weights(full_results, captured)
 
 
 def test_lite_weights_follow_the_recorded_config(tmp_path, captured):
-    """Uniform weights in the recorded config give uniform bars (the figure is not hard-wired)."""
-    from greencode.config import dump_config
-
+    """Without the training stage's record, the weights come from the recorded config (uniform
+    here) and the evaluated model's exit layers: the figure is not hard-wired."""
     r = tmp_path / "r"
     write_eval(r, methods=["full"])
-    cfg = Config(name="u")
-    cfg.finetune.weights = "uniform"
-    (r / "finetune").mkdir()
-    (r / "finetune" / "config.yaml").write_text(dump_config(cfg))
+    summary = json.loads((r / "eval" / "summary.json").read_text())
+    summary["run_metadata"]["config"]["finetune"]["weights"] = "uniform"
+    (r / "eval" / "summary.json").write_text(json.dumps(summary))
     plot_lite_weights(r, "unused")
     np.testing.assert_allclose([p.get_height() for p in captured[0].axes[0].patches], [0.2] * 5)
+    assert "8-layer model" in captured[0].axes[0].get_title()
+
+
+def test_finetune_loss_reads_the_training_csv(full_results, captured):
+    """Train rows and eval rows of the long-format CSV go to their own lines, per exit too."""
+    plot_finetune_loss(full_results, "unused")
+    total_ax, exit_ax = captured[0].axes[:2]
+    lines = {ln.get_label(): ln for ln in total_ax.get_lines()}
+    train, val = lines["train (weighted total)"], lines["validation (weighted total)"]
+    assert list(train.get_xdata()) == list(range(2, 41, 2))
+    assert list(val.get_xdata()) == [10, 20, 30, 40]
+    np.testing.assert_allclose(val.get_ydata(), [6.0 * np.exp(-s / 15) + 2.1 for s in (10, 20, 30, 40)], rtol=1e-5)
+    labels = [ln.get_label() for ln in exit_ax.get_lines() if not ln.get_label().startswith("_")]
+    assert labels == [f"layer {L}" for L in EXITS] + [f"layer {FINAL} (final)"]
+
+
+def test_exit_report_plots_every_layer(full_results, captured):
+    plot_exit_report(full_results, "unused")
+    report = I.load_exit_report(full_results)
+    acc = [100 * r["accuracy"] for r in report["models"]["finetuned"]["per_layer"]]
+    line = next(ln for ln in captured[0].axes[0].get_lines() if ln.get_label() == "LITE fine-tuned")
+    assert list(line.get_xdata()) == list(range(NUM_LAYERS))
+    np.testing.assert_allclose(line.get_ydata(), acc)
 
 
 def test_pareto_plots_every_controller(full_results, captured):

@@ -48,6 +48,11 @@ def _layer_ticks(ax, layers: Sequence[int], final: Optional[int] = None, axis: s
         ax.set_yticks(list(layers), labels)
 
 
+def _samples(summary: dict) -> str:
+    n = summary.get("num_samples")
+    return f"{n} sample" + ("" if n == 1 else "s")
+
+
 def _pct_rows(rows: list[dict], key: str, scales: dict) -> list[Optional[float]]:
     return [as_percent(r.get(key), key, scales) for r in rows]
 
@@ -115,81 +120,89 @@ def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]
         _layer_ticks(ax, layers, final)
     else:
         note_panel(ax, ENERGY_NOTE, "Energy per exit layer")
-    fig.suptitle(f"Fixed exits: every token leaves at one layer ({summary.get('num_samples')} samples, "
-                 f"{summary.get('language')})")
+    fig.suptitle(f"Fixed exits: every token leaves at one layer ({_samples(summary)}, {summary.get('language')})")
     return save_figure(fig, Path(figures_dir), NAMES["fixed_exits"])
 
 
 # --------------------------------------------------------------------------- per-exit report
 def _report_entries(report: dict) -> dict[str, list[dict]]:
-    """Normalise the per-exit report into ``{"base": [...], "finetuned": [...]}``, each entry
-    with ``layer`` and whichever of ``accuracy`` / ``agreement`` / ``loss`` are present."""
+    """``{"base": [...], "finetuned": [...]}`` from ``finetune/exit_report.json``
+    (:mod:`greencode.training.report`): every layer (``per_layer``, exit points flagged) when
+    present, else the exit points; each entry has ``layer``, ``is_exit_point``, ``accuracy``,
+    ``agreement`` and ``loss`` (None where absent)."""
     out: dict[str, list[dict]] = {}
-    models = report.get("models") if isinstance(report.get("models"), dict) else report
-    for key, label in (("base", "base"), ("base_model", "base"), ("finetuned", "finetuned"),
-                       ("fine_tuned", "finetuned"), ("lite", "finetuned")):
-        block = models.get(key) if isinstance(models, dict) else None
-        if block is None or label in out:
+    models = report.get("models") if isinstance(report.get("models"), dict) else {}
+    exit_points = set(report.get("exit_points") or [])
+    for key in ("base", "finetuned"):
+        block = models.get(key)
+        if not isinstance(block, dict):
             continue
-        items = block.get("exits") or block.get("exit_points") or block.get("per_exit") if isinstance(block, dict) \
-            else block
-        if isinstance(items, dict):  # {layer: {...}}
-            items = [{"layer": int(k), **v} for k, v in items.items()]
-        entries = []
-        for it in items or []:
-            layer = it.get("layer", it.get("exit_layer"))
-            if layer is None:
-                continue
-            entries.append({"layer": int(layer),
-                            "accuracy": it.get("accuracy", it.get("next_token_accuracy")),
-                            "agreement": it.get("agreement", it.get("agreement_with_final")),
-                            "loss": it.get("loss", it.get("mean_loss", it.get("ce_loss")))})
+        items = block.get("per_layer") or block.get("per_exit") or []
+        entries = [{"layer": int(it["layer"]),
+                    "is_exit_point": bool(it.get("is_exit_point", not exit_points or it["layer"] in exit_points)),
+                    "accuracy": it.get("accuracy"), "agreement": it.get("agreement_with_final"),
+                    "loss": it.get("ce_loss")} for it in items if it.get("layer") is not None]
         if entries:
-            out[label] = sorted(entries, key=lambda e: e["layer"])
+            out[key] = sorted(entries, key=lambda e: e["layer"])
     return out
 
 
 @styled
 def plot_exit_report(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
-    """What LITE buys: next-token accuracy and agreement with the final layer at every exit
-    point, for the base model and the LITE fine-tuned model (held-out tokens)."""
+    """What LITE buys (the paper's motivation figure): next-token accuracy, agreement with the
+    final layer and cross-entropy at every layer, base model vs LITE fine-tuned, on held-out
+    tokens. Exit points are the filled markers."""
     report = I.load_exit_report(results_dir)
     entries = _report_entries(report)
     if not entries:
-        raise MissingInput("the per-exit report holds no per-exit entries for the base or the fine-tuned model")
-    panels = [("accuracy", "next-token accuracy (%)", "Next-token accuracy"),
-              ("agreement", "agreement with the final layer (%)", "Agreement with the final layer")]
+        raise MissingInput("finetune/exit_report.json has no per-layer entries for the base or the fine-tuned model")
+    panels = [("accuracy", "next-token accuracy (%)", "Next-token accuracy", 100.0),
+              ("agreement", "agreement with the final layer (%)", "Agreement with the final layer", 100.0),
+              ("loss", "cross-entropy (nats / token)", "Cross-entropy", 1.0)]
     panels = [p for p in panels if any(e.get(p[0]) is not None for es in entries.values() for e in es)]
     if not panels:
-        raise MissingInput("the per-exit report has neither accuracy nor agreement values")
+        raise MissingInput("the per-exit report has no accuracy, agreement or loss values")
     styles = {"base": ("#7f7f7f", "s", "base model (before LITE)"),
               "finetuned": ("#d62728", "o", "LITE fine-tuned")}
-    fig, axes = new_figure(5.2 * len(panels), 3.6, 1, len(panels))
+    fig, axes = new_figure(4.3 * len(panels) + 0.4, 3.7, 1, len(panels))
     all_layers = sorted({e["layer"] for es in entries.values() for e in es})
-    for ax, (key, ylabel, title) in zip(axes[0], panels):
+    exit_layers = sorted({e["layer"] for es in entries.values() for e in es if e["is_exit_point"]})
+    for ax, (key, ylabel, title, scale) in zip(axes[0], panels):
         for model, es in entries.items():
-            pts = [(e["layer"], 100 * float(e[key])) for e in es if e.get(key) is not None]
-            if pts:
-                c, m, label = styles[model]
-                ax.plot(*zip(*pts), marker=m, color=c, lw=1.6, label=label)
-                if model == "finetuned" or len(entries) == 1:
-                    for x, y in pts:
-                        ax.annotate(f"{y:.0f}", (x, y), xytext=(0, 5), textcoords="offset points", ha="center",
-                                    fontsize=7, color=c)
-        ax.set_xlabel("exit layer (0-based)")
+            c, m, label = styles[model]
+            pts = [(e["layer"], scale * float(e[key]), e["is_exit_point"]) for e in es if e.get(key) is not None]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.4, marker=m, ms=5.5, label=label,
+                    markevery=[i for i, p in enumerate(pts) if p[2]])
+            ex = [p for p in pts if p[2]]
+            other = [p for p in pts if not p[2]]
+            if other:
+                ax.plot([p[0] for p in other], [p[1] for p in other], ls="none", marker=m, mfc="white", color=c,
+                        ms=4)
+            if model == "finetuned" and key != "loss" and len(ex) <= 12:
+                for x, y, _ in ex:
+                    ax.annotate(f"{y:.0f}", (x, y), xytext=(0, 5), textcoords="offset points", ha="center",
+                                fontsize=7, color=c)
+        ax.set_xlabel("layer (0-based; filled = exit point)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.set_ylim(0, 108)
-        _layer_ticks(ax, all_layers, all_layers[-1])
-        ax.legend(loc="upper left", frameon=False)
-    fig.suptitle("Per-exit quality on held-out tokens, base vs LITE")
+        if scale == 100.0:
+            ax.set_ylim(0, 108)
+        ticks = exit_layers if len(all_layers) > 16 else all_layers
+        _layer_ticks(ax, ticks, all_layers[-1])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    tokens = report.get("tokens")
+    fig.suptitle("Per-layer quality on held-out tokens, base model vs LITE"
+                 + (f" ({tokens} {report.get('split', 'held-out')} tokens)" if tokens else ""))
     return save_figure(fig, Path(figures_dir), NAMES["exit_report"])
 
 
 # --------------------------------------------------------------------------- Fig. 3
 def _recorded_weights(results_dir: Path) -> Optional[tuple[list[int], list[float], str]]:
     """LITE weights as recorded by the training stage, when it records them."""
-    for name in ("exit_report.json", "lite_weights.json", "run_info.json", "train_summary.json"):
+    for name in ("summary.json", "lite_weights.json", "exit_report.json"):
         p = results_dir / "finetune" / name
         if not p.is_file():
             continue
@@ -260,47 +273,55 @@ def plot_lite_weights(results_dir: PathLike, figures_dir: PathLike) -> list[Path
 
 
 # --------------------------------------------------------------------------- Fig. 4 + pretraining
-def _plot_loss(ax, rows: list[dict], step: str, col: str, **kw) -> bool:
+def _plot_loss(ax, rows: list[dict], step: str, col: Optional[str], **kw) -> bool:
+    if not col:
+        return False
     xs, ys = I.series(rows, step, col)
     if xs:
         ax.plot(xs, ys, **kw)
     return bool(xs)
 
 
+def _total_loss_panel(ax, log_: dict, what: str) -> bool:
+    step = log_["step"]
+    (train, tcol, _), (evals, ecol, _) = log_["train"], log_["eval"]
+    drawn = _plot_loss(ax, train, step, tcol, color="#1f77b4", lw=1.4, label=f"train{what}")
+    drawn |= _plot_loss(ax, evals, step, ecol, color="#d62728", lw=1.2, ls=":", marker="o", ms=4,
+                        label=f"validation{what}")
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("cross-entropy loss (nats / token)")
+    if drawn:
+        ax.legend(frameon=False, loc="upper right")
+    return drawn
+
+
 @styled
 def plot_finetune_loss(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
     """Paper Fig. 4: LITE fine-tuning loss per optimisation step, the weighted total and
-    every exit point's own cross-entropy (train, and validation where logged)."""
-    path, rows, cols = I.load_loss_log(Path(results_dir) / "finetune")
-    step = cols["step"]
-    has_exits = bool(cols["train_exits"] or cols["eval_exits"])
-    fig, axes = new_figure(11.0 if has_exits else 5.5, 3.8, 1, 2 if has_exits else 1)
-    ax = axes[0, 0]
-    drawn = False
-    if cols["train"]:
-        drawn |= _plot_loss(ax, rows, step, cols["train"], color="#1f77b4", lw=1.4, label="train (weighted total)")
-    if cols["eval"]:
-        drawn |= _plot_loss(ax, rows, step, cols["eval"], color="#d62728", lw=1.4, marker="o", ms=3,
-                            label="validation (weighted total)")
-    if not drawn:
-        raise MissingInput(f"{str(path)!r} has no numeric total loss values")
-    ax.set_xlabel("optimisation step")
-    ax.set_ylabel("cross-entropy loss (nats / token)")
-    ax.set_title("LITE weighted total loss")
-    ax.legend(frameon=False)
-    if has_exits:
-        ax = axes[0, 1]
-        use = cols["train_exits"] or cols["eval_exits"]
-        kind = "train" if cols["train_exits"] else "validation"
-        layers = sorted(use)
+    every exit point's own cross-entropy (train: lines; validation: dotted with markers)."""
+    log_ = I.load_loss_log(Path(results_dir) / "finetune")
+    step = log_["step"]
+    (train, _, t_exits), (evals, _, e_exits) = log_["train"], log_["eval"]
+    layers = sorted(set(t_exits) | set(e_exits))
+    fig, axes = new_figure(11.0 if layers else 5.5, 3.9, 1, 2 if layers else 1)
+    if not _total_loss_panel(axes[0, 0], log_, " (weighted total)"):
+        raise MissingInput(f"{str(log_['path'])!r} has no numeric total loss values")
+    axes[0, 0].set_title("LITE weighted total loss")
+    if layers:
         import matplotlib
 
+        ax = axes[0, 1]
         cmap = matplotlib.colormaps["viridis"]
+        final = max(layers)
         for i, L in enumerate(layers):
-            _plot_loss(ax, rows, step, use[L], color=cmap(i / max(len(layers) - 1, 1)), lw=1.3, label=f"layer {L}")
+            c = cmap(0.9 * i / max(len(layers) - 1, 1))
+            name = f"layer {L}" + (" (final)" if L == final else "")
+            has_train = _plot_loss(ax, train, step, t_exits.get(L), color=c, lw=1.3, label=name)
+            _plot_loss(ax, evals, step, e_exits.get(L), color=c, lw=1.0, ls=":", marker="o", ms=3.5,
+                       label=None if has_train else name)
         ax.set_xlabel("optimisation step")
         ax.set_ylabel("cross-entropy loss (nats / token)")
-        ax.set_title(f"Loss of each exit point ({kind})")
+        ax.set_title("Loss of each exit point (solid: train, dotted: validation)")
         ax.legend(title="exit (0-based)", frameon=False, ncols=2 if len(layers) > 6 else 1, loc="upper right")
     fig.suptitle("LITE fine-tuning")
     return save_figure(fig, Path(figures_dir), NAMES["finetune_loss"])
@@ -309,22 +330,11 @@ def plot_finetune_loss(results_dir: PathLike, figures_dir: PathLike) -> list[Pat
 @styled
 def plot_pretrain_loss(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
     """Base-model pretraining loss per step (embedded default only)."""
-    path, rows, cols = I.load_loss_log(Path(results_dir) / "pretrain")
-    step = cols["step"]
+    log_ = I.load_loss_log(Path(results_dir) / "pretrain")
     fig, axes = new_figure(5.5, 3.6)
-    ax = axes[0, 0]
-    drawn = False
-    if cols["train"]:
-        drawn |= _plot_loss(ax, rows, step, cols["train"], color="#1f77b4", lw=1.4, label="train")
-    if cols["eval"]:
-        drawn |= _plot_loss(ax, rows, step, cols["eval"], color="#d62728", lw=1.4, marker="o", ms=3,
-                            label="validation")
-    if not drawn:
-        raise MissingInput(f"{str(path)!r} has no numeric loss values")
-    ax.set_xlabel("optimisation step")
-    ax.set_ylabel("cross-entropy loss (nats / token)")
-    ax.set_title("Base-model pretraining (causal LM)")
-    ax.legend(frameon=False)
+    if not _total_loss_panel(axes[0, 0], log_, ""):
+        raise MissingInput(f"{str(log_['path'])!r} has no numeric loss values")
+    axes[0, 0].set_title("Base-model pretraining (causal LM)")
     return save_figure(fig, Path(figures_dir), NAMES["pretrain_loss"])
 
 
@@ -343,14 +353,15 @@ def plot_ppo_reward(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
     ax.plot(xs, ys, color="#1f77b4", alpha=0.35 if len(xs) > 20 else 0.9, lw=0.8, marker="o" if len(xs) <= 40 else None,
             ms=3, label="per episode" + (" (binned mean)" if binned else ""))
     if len(xs) > 20:
-        w = max(len(xs) // 20, 2)
+        w = max(len(xs) // 12, 3)
         smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
         ax.plot(xs[w - 1:], smooth, color="#d62728", lw=1.8, label=f"moving mean ({w} points)")
     ax.set_xlabel("PPO timesteps (environment steps)" if x_key == "timesteps" else "episode")
     ax.set_ylabel("mean step reward per episode")
     ax.set_title(f"PPO training: {episodes} episodes")
     ax.axhline(0, color="#555555", lw=0.6)
-    ax.legend(frameon=False, loc="lower right")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return save_figure(fig, Path(figures_dir), NAMES["ppo_reward"])
 
 
@@ -450,7 +461,8 @@ def _method_rows(summary: dict, exclude_families: Sequence[str]) -> list[dict]:
 
 
 def _hbar_panel(ax, rows: list[dict], values: list[Optional[float]], ref: Optional[float], xlabel: str,
-                title: str, fmt: str = "{:.3g}", deltas: Optional[list[Optional[float]]] = None) -> None:
+                title: str, fmt: str = "{:.3g}", deltas: Optional[list[Optional[float]]] = None,
+                min_hi: float = 1.0) -> None:
     ys = np.arange(len(rows))[::-1]
     vals = [v if v is not None else 0.0 for v in values]
     colors = [FAMILY_COLORS.get(family_of(r), "#333333") for r in rows]
@@ -475,8 +487,8 @@ def _hbar_panel(ax, rows: list[dict], values: list[Optional[float]], ref: Option
     if ref is not None:
         ax.axvline(ref, color="#1f77b4", lw=0.8, ls="--", zorder=3)
     finite = [v for v in values if v is not None]
-    hi = max(finite) if finite else 1.0
-    ax.set_xlim(min(0.0, min(finite, default=0.0)), (hi if hi > 0 else 1.0) * (1.45 if deltas else 1.28))
+    hi = max(max(finite, default=0.0), min_hi)
+    ax.set_xlim(min(0.0, min(finite, default=0.0)), hi * (1.45 if deltas else 1.28))
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(axis="y", visible=False)
@@ -501,12 +513,12 @@ def plot_accuracy_by_method(results_dir: PathLike, figures_dir: PathLike,
         ax = axes[i // ncols, i % ncols]
         vals = _pct_rows(rows, key, scales)
         refv = as_percent(ref.get(key), key, scales) if ref else None
-        _hbar_panel(ax, rows, vals, refv, f"{name} (%)", name, fmt="{:.1f}")
+        _hbar_panel(ax, rows, vals, refv, f"{name} (%)", name, fmt="{:.1f}", min_hi=10.0)
         if i % ncols == 0:
             ax.set_yticks(np.arange(len(rows))[::-1], [method_label(r) for r in rows])
     for j in range(len(metrics), nrows * ncols):
         axes[j // ncols, j % ncols].set_visible(False)
-    fig.suptitle(f"Accuracy per method ({summary.get('num_samples')} samples, {summary.get('language')}, "
+    fig.suptitle(f"Accuracy per method ({_samples(summary)}, {summary.get('language')}, "
                  f"{summary.get('max_new_tokens')} new tokens); dashed: fine-tuned, all layers")
     return save_figure(fig, Path(figures_dir), NAMES["accuracy_by_method"])
 
@@ -613,6 +625,37 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _place_labels(ax, labels: Sequence[tuple[float, float, str, str]], fontsize: float = 6.5) -> None:
+    """Point labels placed next to their points without overlapping each other: the first free
+    spot among upper-right, upper-left, lower-right, lower-left, then further up/down (greedy,
+    in display space, kept inside the axes where possible)."""
+    pt = ax.figure.dpi / 72.0  # pixels per point
+    line_h = fontsize * 1.3
+    placed: list[tuple[float, float, float, float]] = []  # x0, y0, x1, y1 in pixels
+    box = ax.bbox
+    for x, y, txt, color in labels:
+        px, py = ax.transData.transform((x, y))
+        w, h = 0.62 * fontsize * len(txt) * pt, line_h * pt
+        candidates = []
+        for k in range(8):
+            for ox, ha in ((4.0, "left"), (-4.0, "right")):
+                candidates += [(ox, 2.0 + k * line_h, ha), (ox, -2.0 - line_h - k * line_h, ha)]
+        choice = candidates[0]
+        for ox, oy, ha in candidates:
+            x0 = px + ox * pt - (w if ha == "right" else 0.0)
+            y0 = py + oy * pt
+            inside = box.x0 <= x0 and x0 + w <= box.x1 and box.y0 <= y0 and y0 + h <= box.y1
+            free = all(x0 + w <= a0 or a1 <= x0 or y0 + h <= b0 or b1 <= y0 for a0, b0, a1, b1 in placed)
+            if inside and free:
+                choice = (ox, oy, ha)
+                break
+        ox, oy, ha = choice
+        x0 = px + ox * pt - (w if ha == "right" else 0.0)
+        placed.append((x0, py + oy * pt, x0 + w, py + oy * pt + h))
+        ax.annotate(txt, (x, y), xytext=(ox, oy), textcoords="offset points", fontsize=fontsize, color=color,
+                    va="bottom", ha=ha)
+
+
 @styled
 def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "codebleu") -> list[Path]:
     """Accuracy versus cost for every controller (GC at each threshold, confidence, entropy,
@@ -639,6 +682,7 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
             note_panel(ax, f"no {key} values in the summary", title)
             continue
         fams: dict[str, list] = {}
+        labels: list[tuple[float, float, str, str]] = []
         for p in pts:
             fams.setdefault(family_of(p[2]), []).append(p)
         for fam, ps in fams.items():
@@ -652,7 +696,7 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
             if fam in ("gc", "fixed", "confidence", "entropy", "hf_early_exit") and len(ps) <= 12:
                 for x, y, r in ps:
                     txt = f"{r['param']:g}" if fam != "fixed" and fam != "hf_early_exit" else f"L{int(r['param'])}"
-                    ax.annotate(txt, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=6.5, color=c)
+                    labels.append((x, y, txt, c))
         deploy = [p for p in pts if not p[2].get("analysis_only") and family_of(p[2]) != "oracle"]
         front = pareto_front([(p[0], p[1]) for p in deploy])
         if len(front) >= 2:
@@ -666,10 +710,21 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
         ax.set_title(title, fontsize=9)
         xs = [p[0] for p in pts]
         ys = [p[1] for p in pts]
-        xpad = 0.08 * (max(xs) - min(xs) or max(abs(max(xs)), 1.0))
+        if min(xs) > 0 and max(xs) / min(xs) > 8:  # one far outlier would squash the rest
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(xlabel + ", log scale")
+            ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+        else:
+            xpad = 0.08 * (max(xs) - min(xs) or max(abs(max(xs)), 1.0))
+            ax.set_xlim(min(xs) - xpad, max(xs) + xpad)
         ypad = 0.1 * (max(ys) - min(ys) or max(abs(max(ys)), 1.0))
-        ax.set_xlim(min(xs) - xpad, max(xs) + xpad)
         ax.set_ylim(min(ys) - ypad, max(ys) + 1.6 * ypad)
+        _place_labels(ax, labels)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, frameon=False)
     fig.suptitle(f"{metric_name} vs cost, every controller (labels: threshold T or exit layer L, 0-based); "
                  "up and left is better")

@@ -168,15 +168,24 @@ def find_loss_log(stage_dir: Path) -> Path:
     raise MissingInput(f"no loss log (CSV with a step and a loss column) in {str(stage_dir)!r}")
 
 
-def load_loss_log(stage_dir: Union[str, Path]) -> tuple[Path, list[dict[str, Any]], dict[str, Any]]:
-    """(path, rows, classified columns) of a training stage's loss CSV."""
+def load_loss_log(stage_dir: Union[str, Path]) -> dict[str, Any]:
+    """A training stage's loss CSV, split into train and eval rows. Handles the long format of
+    :mod:`greencode.training` (``train_log.csv``: a ``split`` column, ``loss`` and ``loss_exit_<L>``
+    for both splits) and the wide HF format (``eval_loss`` / ``eval_loss_exit_<L>`` columns).
+    Returns ``{"path", "step", "train": (rows, total column, {layer: column}), "eval": (...)}``."""
     path = find_loss_log(Path(stage_dir))
     rows = read_csv(path, "loss log", "")
     header = list(rows[0]) if rows else []
-    step = next(h for h in header if h.lower() in _STEP_KEYS) if header else "step"
+    step = next((h for h in header if h.lower() in _STEP_KEYS), "step")
     cols = loss_columns(header)
-    cols["step"] = step
-    return path, rows, cols
+    split = next((h for h in header if h.lower() == "split"), None)
+    if split is not None:
+        train = [r for r in rows if str(r.get(split)).lower() == "train"]
+        evals = [r for r in rows if str(r.get(split)).lower() in ("eval", "validation", "val")]
+        return {"path": path, "step": step, "train": (train, cols["train"], cols["train_exits"]),
+                "eval": (evals, cols["train"], cols["train_exits"])}
+    return {"path": path, "step": step, "train": (rows, cols["train"], cols["train_exits"]),
+            "eval": (rows, cols["eval"], cols["eval_exits"])}
 
 
 def series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
@@ -209,10 +218,12 @@ def recorded_config(results_dir: Union[str, Path]) -> tuple[dict, str]:
                 continue
             if isinstance(data, dict):
                 return data, str(p)
-    for p, keys in ((d / "eval" / "summary.json", ("run_metadata", "config")),
+    for p, keys in ((d / "finetune" / "summary.json", ("meta", "config")),
+                    (d / "eval" / "summary.json", ("run_metadata", "config")),
                     (d / "finetune" / "exit_report.json", ("meta", "config")),
                     (d / "finetune" / "exit_report.json", ("run_metadata", "config")),
-                    (d / "rl" / "analysis.json", ("meta", "config"))):
+                    (d / "rl" / "analysis.json", ("meta", "config")),
+                    (d / "pretrain" / "summary.json", ("meta", "config"))):
         if not p.is_file():
             continue
         try:
@@ -223,8 +234,8 @@ def recorded_config(results_dir: Union[str, Path]) -> tuple[dict, str]:
             obj = obj.get(k) if isinstance(obj, dict) else None
         if isinstance(obj, dict):
             return obj, f"{p}:{'.'.join(keys)}"
-    raise MissingInput(f"no recorded config in {str(d)!r} (looked for <stage>/config.yaml, eval/summary.json, "
-                       "finetune/exit_report.json, rl/analysis.json); run a stage first")
+    raise MissingInput(f"no recorded config in {str(d)!r} (looked for <stage>/config.yaml, finetune/summary.json, "
+                       "eval/summary.json, finetune/exit_report.json, rl/analysis.json); run a stage first")
 
 
 def model_geometry(results_dir: Union[str, Path], cfg: Optional[dict] = None) -> tuple[int, list[int], str]:
@@ -248,6 +259,14 @@ def model_geometry(results_dir: Union[str, Path], cfg: Optional[dict] = None) ->
             bank = {}
         if bank.get("final_layer") is not None and bank.get("exit_layers"):
             return int(bank["final_layer"]) + 1, [int(e) for e in bank["exit_layers"]], f"{p}:bank"
+    p = d / "finetune" / "summary.json"
+    if p.is_file():
+        try:
+            ft = read_json(p)
+        except (OSError, ValueError):
+            ft = {}
+        if ft.get("num_layers") and ft.get("exit_points"):
+            return int(ft["num_layers"]), [int(e) for e in ft["exit_points"][:-1]], f"{p}:exit_points"
     if cfg is None:
         cfg, _ = recorded_config(d)
     m = cfg.get("model") or {}
