@@ -153,8 +153,9 @@ def _write_loss_log(trainer_dir: Path, exit_points: list[int], steps: int = 40) 
     for s in range(2, steps + 1, 2):
         state.global_step = s
         base = 6.0 * np.exp(-s / 15) + 2.0
+        per_exit = {f"loss_exit_{e}": base + 1.5 - 0.3 * i for i, e in enumerate(exit_points)}
         cb.on_log(None, state, None, logs={"loss": base, "learning_rate": 1e-3, "grad_norm": 1.0, "epoch": s / steps,
-                                           **{f"loss_exit_{e}": base + 1.5 - 0.3 * i for i, e in enumerate(exit_points)}})
+                                           **per_exit})
         if s % 10 == 0:
             cb.on_log(None, state, None, logs={"eval_loss": base + 0.1, "epoch": s / steps,
                                                **{f"eval_loss_exit_{e}": base + 1.6 - 0.3 * i

@@ -677,7 +677,8 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
     fig, axes = new_figure(11.5, 4.8, 1, 2)
     handles: dict[str, object] = {}
     for ax, (key, scale, xlabel, title) in zip(axes[0], axes_spec):
-        pts = [(float(r[key]) * scale, as_percent(r[metric], metric, scales), r) for r in rows if I.is_value(r.get(key))]
+        pts = [(float(r[key]) * scale, as_percent(r[metric], metric, scales), r)
+               for r in rows if I.is_value(r.get(key))]
         if not pts:
             note_panel(ax, f"no {key} values in the summary", title)
             continue
