@@ -76,7 +76,8 @@ def make_run(tmp_path, *overrides, policy=True, family="llama"):
     kw = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
               pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    EarlyExitModel.from_config(cfg.model, **kw).save_pretrained(paths.base_model)
+    # pretraining writes a plain HF model (no greencode_exits.json): the exits come from the config
+    EarlyExitModel.from_config(cfg.model, **kw).hf.save_pretrained(paths.base_model)
     torch.manual_seed(1)
     model = EarlyExitModel.from_config(cfg.model, **kw)
     model.save_pretrained(paths.finetuned)

@@ -79,7 +79,8 @@ def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch
     if need_base:
         source = cfg.model.base or str(paths.base_model)
         try:
-            inputs.base = EarlyExitModel.from_pretrained(source, device=device, dtype=dtype).eval()
+            # the config's exit points (only HF generate runs on the base model; they must just be valid)
+            inputs.base = EarlyExitModel.from_run_config(cfg, source, device=device, dtype=dtype).eval()
         except (FileNotFoundError, OSError, ValueError, ConfigError) as e:
             inputs.base_reason = f"base model {source!r} could not be loaded: {e}"
     if need_policy:
