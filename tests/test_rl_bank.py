@@ -8,14 +8,16 @@ from conftest import VOCAB, tiny_model
 from greencode.config import config_from_dict
 from greencode.decoding import NeverExit, generate, policy_observation
 from greencode.rl import TrajectoryBank, build_bank, bytes_per_token, synthetic_bank
+from greencode.rl.build import context_ids
 
 
 class CharTokenizer:
-    """A tiny stand-in tokenizer: one id per character."""
+    """A tiny stand-in tokenizer: one id per character, bos 1, no eos."""
 
+    bos_token_id = 1
     eos_token_id = None
 
-    def __call__(self, text):
+    def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [3 + (ord(c) % (VOCAB - 3)) for c in text]}
 
 
@@ -46,9 +48,13 @@ def test_build_bank_records_hidden_states_and_predictions(tmp_path):
     # the final layer's prediction is the greedy full-model token (the label)
     assert np.array_equal(bank.preds[:, -1], bank.tokens)
     # recompute sequence 0 by hand: generate with the full model, then decode each exit point
-    ctx_len = m["context_lengths"][0]
-    text = " ".join(corpus()[int(np.random.default_rng(cfg.seed).permutation(12)[0])]["code"][1:-1])
-    ids = CharTokenizer()(text)["input_ids"][:ctx_len]
+    rng = np.random.default_rng(cfg.seed)
+    record = corpus()[int(rng.permutation(12)[0])]
+    frac = rng.uniform(0.2, 0.6)
+    assert m["context_fractions"][0] == pytest.approx(frac, abs=1e-4)
+    words = record["code"][1:-1]
+    ids = [1] + CharTokenizer()(" ".join(words[:int(len(words) * frac)]))["input_ids"]  # like the evaluator
+    assert len(ids) == m["context_lengths"][0]
     res = generate(model, ids, NeverExit(), max_new_tokens=5)
     assert res.tokens == bank.tokens[:5].tolist()
     with torch.no_grad():
@@ -118,3 +124,10 @@ def test_inconsistent_arrays_are_rejected():
     with pytest.raises(ValueError, match="offsets"):
         TrajectoryBank(obs=bank.obs, preds=bank.preds, l_opt=bank.l_opt, tokens=bank.tokens,
                        offsets=np.array([0, 2, 2, 6]), heldout=bank.heldout, manifest={})
+
+
+def test_context_like_the_evaluator_with_left_truncation():
+    rec = {"code": ["<s>", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "</s>"]}
+    assert context_ids(CharTokenizer(), rec, 0.35, 100) == [1] + CharTokenizer()("a b c")["input_ids"]
+    assert context_ids(CharTokenizer(), rec, 0.35, 3) == [1] + CharTokenizer()(" c")["input_ids"]  # bos kept
+    assert context_ids(CharTokenizer(), {"code": ["<s>", "x", "</s>"]}, 0.5, 10) is None

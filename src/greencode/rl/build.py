@@ -1,8 +1,9 @@
 """Build the trajectory bank from the LITE fine-tuned model (see :mod:`greencode.rl.bank`).
 
 For each sampled file of ``rl.bank.split``: draw a context fraction uniformly from
-``rl.bank.context_fraction`` of the file's model tokens (keeping at most
-``rl.bank.max_context_tokens`` tokens before the cut), generate ``T`` tokens greedily
+``rl.bank.context_fraction``, build the prompt like the evaluator's samples (that
+fraction of the file's CodeXGLUE tokens, bos + text, left-truncated to
+``rl.bank.max_context_tokens`` model tokens; :func:`context_ids`), generate ``T`` tokens greedily
 with the full model (:func:`greencode.decoding.generate`, ``NeverExit``), then one
 forward pass over context + generated tokens records each generated token's hidden
 state at every exit point (through :func:`greencode.decoding.policy_observation`),
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from greencode.rl.bank import MANIFEST, TrajectoryBank, bytes_per_token
+from greencode.rl.bank import MANIFEST, TrajectoryBank, bytes_per_token, torch_threads
 from greencode.utils import read_json
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,31 @@ def _records(dataset: Any, split: str) -> Sequence:
     return dataset
 
 
-def _text(record: Any) -> str:
+def _code_tokens(record: Any) -> list[str]:
+    """The CodeXGLUE tokens of a record without ``<s>`` / ``</s>`` (a plain string: its
+    space-separated words)."""
     if isinstance(record, str):
-        return record
-    try:
-        from greencode.data import code_text  # the corpus helper: " ".join(code[1:-1])
-    except ImportError:  # pragma: no cover - until greencode.data lands
-        code_text = None
-    if code_text is not None:
-        return code_text(record)
-    code = record["code"]
-    return " ".join(code[1:-1]) if code and code[0] == "<s>" else " ".join(code)
+        return record.split()
+    code = list(record["code"])
+    if code and code[0] == "<s>":
+        code = code[1:]
+    if code and code[-1] == "</s>":
+        code = code[:-1]
+    return code
+
+
+def context_ids(tokenizer, record: Any, fraction: float, max_context_tokens: int) -> Optional[list[int]]:
+    """The prompt for one bank sequence, built like the evaluator's samples: the first
+    ``int(fraction * n)`` CodeXGLUE tokens of the record joined by spaces, encoded by
+    :func:`greencode.data.encode_context` (bos + text, left-truncated to
+    ``max_context_tokens``). None when the record has fewer than 2 tokens."""
+    from greencode.data import encode_context
+
+    body = _code_tokens(record)
+    if len(body) < 2:
+        return None
+    n = min(max(1, int(len(body) * fraction)), len(body) - 1)
+    return encode_context(tokenizer, " ".join(body[:n]), max_context_tokens)
 
 
 def _load_model(cfg, model):
@@ -134,9 +149,8 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
     observation mode, corpus and bank config; otherwise rebuilds it. ``model`` defaults
     to the LITE fine-tuned model of the run, ``tokenizer`` to its tokenizer and
     ``dataset`` to ``greencode.data.load_corpus(cfg)`` (a DatasetDict, a Dataset or a
-    list of records with a ``code`` token list, or plain strings)."""
-    from tqdm.auto import tqdm
-
+    list of records with a ``code`` token list, or plain strings). A ``dataset`` passed
+    here is not part of the reuse check: pass ``force=True`` after changing it."""
     from greencode.paths import RunPaths
     from greencode.utils import set_seed
 
@@ -158,9 +172,24 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     limit = getattr(model.hf.config, "max_position_embeddings", None) or 1 << 30
-    max_ctx = max(1, min(bc.max_context_tokens, limit - bc.tokens_per_sequence))
+    max_ctx = max(2, min(bc.max_context_tokens, limit - bc.tokens_per_sequence))
     eos = getattr(tokenizer, "eos_token_id", None)
     model.eval()
+    # one torch thread on CPU unless hardware.num_threads says otherwise (see torch_threads)
+    threads = cfg.hardware.num_threads or (1 if model.device.type == "cpu" else torch.get_num_threads())
+    with torch_threads(threads):
+        chunks, total, skipped = _record_all(cfg, model, tokenizer, records, rng, max_ctx, eos)
+    n_records = len(records)
+    if not chunks:
+        raise ValueError(f"no usable sequences in the {bc.split!r} split (all {n_records} records too short); "
+                         "use a larger corpus or another rl.bank.split")
+    return _save_bank(cfg, model, chunks, total, skipped, key, path, rng)
+
+
+def _record_all(cfg, model, tokenizer, records, rng, max_ctx, eos):
+    from tqdm.auto import tqdm
+
+    bc = cfg.rl.bank
     chunks: list[dict[str, np.ndarray]] = []
     total = 0
     skipped = 0
@@ -169,13 +198,11 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
     for idx in order:
         if len(chunks) >= bc.num_sequences or (bc.max_tokens is not None and total >= bc.max_tokens):
             break
-        ids = tokenizer(_text(records[int(idx)]))["input_ids"]
-        if len(ids) < 2:
+        frac = float(rng.uniform(bc.context_fraction[0], bc.context_fraction[1]))
+        context = context_ids(tokenizer, records[int(idx)], frac, max_ctx)
+        if context is None:
             skipped += 1
             continue
-        frac = float(rng.uniform(bc.context_fraction[0], bc.context_fraction[1]))
-        cut = min(max(1, int(round(frac * len(ids)))), len(ids) - 1)
-        context = ids[:cut][-max_ctx:]
         rec = record_sequence(model, context, bc.tokens_per_sequence, cfg.rl.observation, eos)
         if bc.max_tokens is not None and total + len(rec["tokens"]) > bc.max_tokens:
             keep = bc.max_tokens - total
@@ -186,9 +213,11 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
         total += len(rec["tokens"])
         bar.update(1)
     bar.close()
-    if not chunks:
-        raise ValueError(f"no usable sequences in the {bc.split!r} split (all {len(records)} records too short); "
-                         "use a larger corpus or another rl.bank.split")
+    return chunks, total, skipped
+
+
+def _save_bank(cfg, model, chunks, total, skipped, key, path, rng) -> Path:
+    bc = cfg.rl.bank
     if len(chunks) < bc.num_sequences and (bc.max_tokens is None or total < bc.max_tokens):
         log.warning("the corpus gave only %d of rl.bank.num_sequences=%d sequences", len(chunks), bc.num_sequences)
     obs = np.concatenate([c["obs"] for c in chunks])
@@ -213,6 +242,7 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
         "bank_config": dataclasses.asdict(bc),
         "seed": cfg.seed,
         "context_lengths": [int(c["context_len"]) for c in chunks],
+        "context_fractions": [round(float(c["frac"]), 4) for c in chunks],
         "skipped_records": skipped,
         "note": "obs float16 [N, E, H] at the early exit points (final excluded); preds [N, E+1] (column E = "
                 "final layer); l_opt [N] exit-point index (E = final layer); 0-based layers",

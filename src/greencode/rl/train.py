@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import torch
 
 from greencode.config import Config, ConfigError
-from greencode.rl.bank import TrajectoryBank
+from greencode.rl.bank import TrajectoryBank, torch_threads
 from greencode.rl.env import ExitEnv
 from greencode.rl.policy import evaluate_agent_on_bank, exit_metrics, export_policy, from_sb3
 from greencode.utils import run_metadata, set_seed, write_json
@@ -195,14 +194,10 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     # threads waiting for each other slow PPO down >10x (measured: 373 vs 4,247 steps/s
     # with 2 vs 1 threads on 2 loaded cores); hardware.num_threads > 0 overrides.
     threads = cfg.hardware.num_threads or 1
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         t0 = time.perf_counter()
         model.learn(total_timesteps=p.total_timesteps, callback=ckpt, progress_bar=progress_bar)
         wall_s = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(prev_threads)
     env.close()
     trained_steps = int(model.num_timesteps)
     log.info("PPO finished: %d timesteps in %.1f s (%.0f steps/s)", trained_steps, wall_s, trained_steps / wall_s)
