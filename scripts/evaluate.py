@@ -7,9 +7,12 @@ Tiny CPU run (after the pipeline stages up to the agent):
     python scripts/evaluate.py --config configs/smoke.yaml
 Only some methods (families or ids; these must be runnable):
     python scripts/evaluate.py --config configs/smoke.yaml --methods full,fixed,gc@0.9
-Sharded over processes (rank r takes samples i % N == r; rank 0 merges):
-    accelerate launch --num_processes 2 scripts/evaluate.py --config configs/default.yaml
+Sharded over processes (rank r takes samples i % N == r; rank 0 merges and writes):
+    torchrun --nproc_per_node 2 scripts/evaluate.py --config configs/default.yaml        # CPU or GPU
+    accelerate launch --multi_gpu --num_processes 4 scripts/evaluate.py --config <cfg>     # GPUs
 """
+
+import os
 
 from greencode.cli import base_parser, friendly_errors, load_from_args
 from greencode.eval import evaluate, summary_table
@@ -24,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_from_args(args)
     out = evaluate(cfg, args.methods)
-    if not (out / "summary.json").is_file():  # a non-main rank of a sharded run
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 of a sharded run prints the table
         return
     print(f"{'method':<20} {'CodeBLEU':>9} {'ΔCodeBLEU':>10} {'latency s':>10} {'Δlatency':>9} {'tok/s':>8} "
           f"{'compute':>8} {'exit L':>7}")

@@ -288,3 +288,39 @@ def test_evaluate_script_runs_and_reports_bad_method(tmp_path, samples_patch, mo
     monkeypatch.setattr(sys, "argv", ["evaluate.py", *common, "--methods", "nonsense"])
     assert script.main() == 2
     assert "unknown method 'nonsense'" in capsys.readouterr().err
+
+
+def test_two_process_sharded_run_matches_single_process(tmp_path):
+    """torchrun with 2 CPU processes: each evaluates half the samples, rank 0 merges."""
+    import subprocess
+    import sys
+
+    cfg, paths, _ = make_run(tmp_path, "eval.num_samples=3", "eval.overhead_ab=false", policy=False)
+    entry = tmp_path / "entry.py"
+    entry.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import greencode.data
+from test_eval_evaluator import fake_samples
+greencode.data.samples_for_config = lambda cfg, tok: fake_samples(tok, cfg.eval.num_samples)
+from greencode.config import load_config
+from greencode.eval import evaluate
+evaluate(load_config(sys.argv[1], sys.argv[2:]), ["full", "fixed@1"])
+""")
+    common = [str(SMOKE), f"run_dir={paths.root}", "eval.num_samples=3"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(entry), *common,
+                           f"results_dir={tmp_path}/sharded"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads((tmp_path / "sharded" / "eval" / "summary.json").read_text())
+    assert sharded["world_size"] == 2 and sharded["num_samples"] == 3
+    assert not (tmp_path / "sharded" / ".eval-shards").exists()
+    proc = subprocess.run([sys.executable, str(entry), *common, f"results_dir={tmp_path}/single"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mid in ("full", "fixed@1"):
+        a = json.loads((tmp_path / "sharded" / "eval" / "methods" / f"{mid}.json").read_text())["records"]
+        b = json.loads((tmp_path / "single" / "eval" / "methods" / f"{mid}.json").read_text())["records"]
+        assert [r["index"] for r in a] == [0, 1, 2]
+        assert [(r["id"], r["tokens"], r["prediction"]) for r in a] == [(r["id"], r["tokens"], r["prediction"])
+                                                                         for r in b]

@@ -14,7 +14,8 @@ generation (never a single policy call). The controller's overhead is reported f
 loop's aggregated timers and from an A/B run at a middle GC threshold: the policy evaluated
 but its decision ignored vs. not evaluated at all, same samples, order alternating.
 
-Sharding: under ``accelerate launch --num_processes N scripts/evaluate.py ...`` rank ``r``
+Sharding: under ``accelerate launch --multi_gpu --num_processes N scripts/evaluate.py ...``
+(GPUs) or ``torchrun --nproc_per_node N scripts/evaluate.py ...`` (CPU or GPU) rank ``r``
 takes samples ``i % N == r``, writes a shard, and rank 0 merges the shards
 (:func:`greencode.eval.summary.merge_shards`) and writes the results. Nothing is written
 into ``results/<name>/eval`` until everything is computed (temporary folder, then rename).
@@ -112,27 +113,46 @@ def load_samples(cfg: Config, tokenizer) -> list:
 # --------------------------------------------------------------------------- distribution
 @dataclass
 class _Dist:
+    """This process's place in a multi-process evaluation launched by ``torchrun`` or
+    ``accelerate launch`` (both set RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise."""
+
     rank: int = 0
     world_size: int = 1
-    state: Any = None
+    local_rank: int = 0
+    initialized_here: bool = False
 
     @classmethod
     def from_env(cls) -> "_Dist":
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world <= 1:
             return cls()
-        from accelerate import PartialState
+        import torch.distributed as dist
 
-        state = PartialState()
-        return cls(rank=state.process_index, world_size=state.num_processes, state=state)
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        here = False
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(local)
+            dist.init_process_group(backend=backend)
+            here = True
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, initialized_here=here)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- running
@@ -487,8 +507,8 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     check_writable(out_dir)
     set_seed(cfg.seed)
     device, dtype = setup_torch(cfg.hardware)
-    if dist.state is not None and device.type == "cuda":
-        device = dist.state.device
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     families = {parse_method_name(n)[0] for n in names}
     inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy="gc" in families)
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
@@ -504,11 +524,14 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     if dist.world_size == 1:
         return write_results(merge_shards([shard]), out_dir, meta)
     shard_dir = paths.results / ".eval-shards"
-    write_json(shard_dir / f"rank{dist.rank}.json", shard)
-    dist.barrier()
-    if dist.is_main:
-        shards = [read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)]
-        write_results(merge_shards(shards), out_dir, meta)
-        shutil.rmtree(shard_dir, ignore_errors=True)
-    dist.barrier()
+    try:
+        write_json(shard_dir / f"rank{dist.rank}.json", shard)
+        dist.barrier()
+        if dist.is_main:
+            shards = [read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)]
+            write_results(merge_shards(shards), out_dir, meta)
+            shutil.rmtree(shard_dir, ignore_errors=True)
+        dist.barrier()
+    finally:
+        dist.close()
     return out_dir

@@ -414,6 +414,7 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the results folder is not
         for row in rows:
             entry = merged["methods"][row["id"]]
             write_json(tmp / "methods" / f"{row['id']}.json",
