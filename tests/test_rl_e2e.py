@@ -14,7 +14,9 @@ from conftest import tiny_model
 from greencode.config import config_from_dict, dump_config
 from greencode.decoding import NeverExit, generate
 from greencode.paths import RunPaths
-from greencode.rl import TrajectoryBank, build_bank, load_policy, policy_controller, train_agent
+from greencode.decoding import PolicyExit
+from greencode.rl import ExitPolicy, TrajectoryBank, build_bank, load_policy, policy_controller, train_agent
+from greencode.rl.build import record_sequence
 from greencode.utils import REPO_ROOT, read_json
 from test_rl_bank import CharTokenizer, corpus
 
@@ -26,7 +28,7 @@ def e2e_cfg(tmp_path):
         "model": {"family": "llama", "hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
                   "intermediate_size": 128, "max_position_embeddings": 256, "exit_layers": [1, 2]},
         "rl": {"bank": {"num_sequences": 8, "tokens_per_sequence": 6, "heldout_fraction": 0.25},
-               "ppo": {"total_timesteps": 512, "net_arch": [16, 16], "n_steps": 128, "batch_size": 32,
+               "ppo": {"total_timesteps": 512, "net_arch": [16, 16], "n_steps": 64, "batch_size": 32,
                        "n_epochs": 2, "learning_rate": 1e-3, "n_envs": 2, "checkpoint_freq": 128}},
         "eval": {"gc_thresholds": [0.9]},
     })
@@ -54,6 +56,9 @@ def test_bank_ppo_export_and_decoding(tmp_path):
     for r in acc["thresholds"]:
         assert r["share_at_l_opt"] + r["share_early"] + r["share_late"] == pytest.approx(1.0)
     assert acc["oracle"]["share_at_l_opt"] == 1.0
+    with open(agent / "logs" / "progress.csv") as f:  # linear learning-rate decay
+        lrs = [float(r["train/learning_rate"]) for r in csv.DictReader(f) if r.get("train/learning_rate")]
+    assert len(lrs) >= 2 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[0] <= 1e-3
     with open(paths.results_rl / "episode_rewards.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(-1.0 <= float(r["mean_step_reward"]) <= 1.0 for r in rows)
@@ -106,3 +111,35 @@ def test_train_agent_script_on_prepared_run(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_agent.py"), "--config", str(cfg_file),
                           "--no-progress", "rl.ppo.batch_size=100000"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "rl.ppo.batch_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+class RecordingPolicyExit(PolicyExit):
+    """PolicyExit that records P(exit) at every check (layer, probability)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def should_exit(self, layer, hidden, normed, logits):
+        obs = (normed if self.observation == "normed" else hidden).float()
+        self.seen.append((layer, float(self.exit_probability(obs)[-1])))
+        return super().should_exit(layer, hidden, normed, logits)
+
+
+@pytest.mark.parametrize("observation", ["normed", "raw"])
+def test_bank_observation_equals_what_the_controller_sees(observation):
+    """The one preprocessing: for the first decoded token (its whole prefix ran the full
+    model) the controller's P(exit) at each exit layer equals the policy on the bank's obs."""
+    model = tiny_model("opt", num_layers=4, exit_layers=(1, 2))
+    torch.manual_seed(0)
+    policy = ExitPolicy(model.hidden_size, [16], metadata={"observation": observation, "exit_layers": [1, 2]})
+    prompt = [5, 9, 11, 7, 30, 41]
+    rec = record_sequence(model, prompt, 4, observation)
+    ctrl = RecordingPolicyExit(policy, threshold=1.0, observation=observation)
+    out = generate(model, prompt, ctrl, max_new_tokens=4)
+    assert out.tokens == rec["tokens"].tolist() and out.exit_layers == [3] * 4
+    first_step = ctrl.seen[:2]  # decisions for generated token 1 at layers 1 and 2
+    assert [layer for layer, _ in first_step] == [1, 2]
+    with torch.no_grad():
+        p_bank = torch.softmax(policy(torch.from_numpy(rec["obs"][1])), -1)[:, 1]
+    torch.testing.assert_close(torch.tensor([p for _, p in first_step]), p_bank, rtol=1e-4, atol=1e-5)
