@@ -184,6 +184,11 @@ def test_missing_policy_is_skipped_with_reason_unless_asked_for(tmp_path, sample
     assert "Skipped methods" in (out / "summary.md").read_text()
     with pytest.raises(FileNotFoundError, match="gc@0.9"):
         evaluate(cfg, methods=["full", "gc@0.9"])
+    only_gc = load_config(SMOKE, [f"run_dir={paths.root}", f"results_dir={tmp_path}/only_gc", "eval.methods=[gc]",
+                                  "eval.num_samples=2"])
+    with pytest.raises(ValueError, match="no method could run.*gc@0.5: no exit policy"):
+        evaluate(only_gc)
+    assert not (tmp_path / "only_gc" / "eval").exists()
 
 
 def test_explicit_ids_and_reevaluation_replaces_results(tmp_path, samples_patch):

@@ -158,3 +158,26 @@ def test_method_names_and_expansion():
     assert [s.id for s in expand_methods(["hf_early_exit"], ec, [1, 2], 7)] == ["hf_early_exit@3"]
     with pytest.raises(ConfigError, match="out of range"):
         expand_methods(["fixed@7"], ec, [1, 2], 7)
+
+
+def test_goal_check():
+    from greencode.eval.summary import goal_check
+
+    def row(i, fam, cb, compute, cb_d, compute_d, lat_d):
+        return {"id": i, "family": fam, "codebleu": cb, "compute_ratio": compute, "codebleu_delta_pct": cb_d,
+                "compute_ratio_delta_pct": compute_d, "latency_s_delta_pct": lat_d}
+
+    rows = [row("full", "full", 0.40, 1.0, 0.0, 0.0, 0.0),
+            row("gc@0.9", "gc", 0.395, 0.55, -1.25, -45.0, -35.0),   # meets the goal
+            row("gc@0.6", "gc", 0.30, 0.40, -25.0, -60.0, -50.0),    # saves a lot, loses too much accuracy
+            row("confidence@0.5", "confidence", 0.31, 0.38, -22.5, -62.0, -40.0),  # beats gc@0.6
+            row("entropy@1.0", "entropy", 0.39, 0.70, -2.5, -30.0, -20.0)]
+    g = goal_check(rows)
+    assert g["met_by"] == ["gc@0.9"]
+    by_id = {x["id"]: x for x in g["rows"]}
+    assert by_id["gc@0.9"]["dominated_by"] == [] and by_id["gc@0.6"]["dominated_by"] == ["confidence@0.5"]
+    assert g["gc_ahead_of_confidence_entropy"] is False
+    assert by_id["gc@0.9"]["compute_saving_pct"] == 45.0
+    rows[2]["codebleu"] = 0.32
+    assert goal_check(rows)["gc_ahead_of_confidence_entropy"] is True
+    assert goal_check([rows[0]]) is None

@@ -208,6 +208,36 @@ def add_deltas(rows: list[dict], methods: Optional[dict] = None) -> Optional[str
     return ref_id
 
 
+GOAL = {"min_compute_saving_pct": 40.0, "min_latency_saving_pct": 30.0, "max_codebleu_loss_pct": 2.0}
+
+
+def goal_check(rows: Sequence[dict], goal: Optional[dict] = None) -> Optional[dict]:
+    """The issue's goal, checked on the table: a GC threshold saving >= 40% of the compute and
+    >= 30% of the latency of the fine-tuned all-layers model while losing <= 2% CodeBLEU
+    (relative); and GC ahead of the confidence and entropy exits at equal accuracy: no
+    confidence/entropy row reaches at least a GC row's CodeBLEU with no more compute."""
+    goal = dict(goal or GOAL)
+    gc_rows = [r for r in rows if r.get("family") == "gc"]
+    if not gc_rows:
+        return None
+    baselines = [r for r in rows if r.get("family") in ("confidence", "entropy")]
+    per_row = []
+    for r in gc_rows:
+        c, lat, cb = r.get("compute_ratio_delta_pct"), r.get("latency_s_delta_pct"), r.get("codebleu_delta_pct")
+        meets = (c is not None and lat is not None and cb is not None and c <= -goal["min_compute_saving_pct"]
+                 and lat <= -goal["min_latency_saving_pct"] and cb >= -goal["max_codebleu_loss_pct"])
+        dominated_by = [b["id"] for b in baselines
+                        if None not in (b.get("codebleu"), r.get("codebleu"), b.get("compute_ratio"),
+                                        r.get("compute_ratio"))
+                        and b["codebleu"] >= r["codebleu"] and b["compute_ratio"] <= r["compute_ratio"]]
+        per_row.append({"id": r["id"], "compute_saving_pct": None if c is None else -c,
+                        "latency_saving_pct": None if lat is None else -lat,
+                        "codebleu_change_pct": cb, "meets_goal": meets, "dominated_by": dominated_by})
+    return {"goal": goal, "rows": per_row, "met_by": [x["id"] for x in per_row if x["meets_goal"]],
+            "gc_ahead_of_confidence_entropy": all(not x["dominated_by"] for x in per_row) if baselines else None,
+            "note": "dominated_by: confidence/entropy rows with CodeBLEU >= this GC row's and compute_ratio <= it"}
+
+
 # --------------------------------------------------------------------------- shards
 def merge_shards(shards: Sequence[dict]) -> dict:
     """Merge the shards of all processes (sample ``i`` went to rank ``i % world_size``) into
@@ -350,6 +380,19 @@ def render_markdown(summary: dict) -> str:
                      f"{ab['decode_time_s_policy_ignored']:.4f} s with the policy evaluated (decision ignored) vs "
                      f"{ab['decode_time_s_full']:.4f} s without, over {ab['num_samples']} samples: overhead share "
                      f"{_fmt(ab['overhead_share'])} (median paired {_fmt(ab['overhead_share_median_paired'])}).")
+    goal = summary.get("goal_check")
+    if goal:
+        g = goal["goal"]
+        lines.append("")
+        lines.append(f"Goal (>= {g['min_compute_saving_pct']:g}% compute and >= {g['min_latency_saving_pct']:g}% "
+                     f"latency saved vs `{ref}`, <= {g['max_codebleu_loss_pct']:g}% CodeBLEU lost): "
+                     + (f"met by {', '.join(f'`{m}`' for m in goal['met_by'])}" if goal["met_by"] else "not met")
+                     + ". GC ahead of confidence/entropy at equal accuracy: "
+                     + {True: "yes", False: "no", None: "not compared"}[goal["gc_ahead_of_confidence_entropy"]] + ".")
+        for x in goal["rows"]:
+            if x["dominated_by"]:
+                lines.append(f"- `{x['id']}` is matched or beaten (CodeBLEU >=, compute <=) by "
+                             + ", ".join(f"`{d}`" for d in x["dominated_by"]))
     notes = summary.get("notes") or []
     if notes:
         lines.append("")
@@ -380,6 +423,9 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
     temporary directory next to ``out_dir`` and move it into place only when all are written."""
     out_dir = Path(out_dir)
     check_writable(out_dir)
+    if not merged.get("methods"):
+        reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in merged.get("skipped", [])) or "none selected"
+        raise ValueError(f"no method could run ({reasons}); nothing was written to {str(out_dir)!r}")
     rows = _finite(build_rows(merged, metrics_fn, sample_metrics_fn))
     merged = _finite(merged)
     meta = merged["meta"]
@@ -406,6 +452,7 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
         "rows": rows,
         "skipped": merged.get("skipped", []),
         "overhead_ab": overhead_ab_summary(merged.get("overhead_ab")),
+        "goal_check": goal_check(rows),
         "notes": meta.get("notes", []),
         "model": meta.get("model"),
         "run_metadata": run_meta,
