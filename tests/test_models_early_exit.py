@@ -163,3 +163,11 @@ def test_sampling_is_seeded_and_stop_strings_cut():
     eos = generate(model, [5, 6, 7], max_new_tokens=10, eos_token_id=full.tokens[2])
     first = full.tokens.index(full.tokens[2])
     assert eos.finish_reason == "eos" and eos.tokens == full.tokens[:first + 1]
+
+
+def test_fingerprint_is_dtype_independent(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    bf16 = EarlyExitModel.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.fingerprint() == model.fingerprint() | {"name_or_path": bf16.fingerprint()["name_or_path"]}

@@ -362,7 +362,8 @@ class EarlyExitModel(nn.Module):
         with torch.no_grad():
             for t in (self.adapter.lm_head.weight, self.layers[0].self_attn.k_proj.weight,
                       self.layers[-1].self_attn.v_proj.weight):
-                flat = t.detach().float().flatten()
+                # bf16-rounded so the same weights loaded in fp32, fp16 or bf16 hash alike
+                flat = t.detach().to(torch.bfloat16).float().flatten()
                 h.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
         return {"family": self.family, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
                 "vocab_size": self.vocab_size, "exit_layers": list(self.exit_layers), "weights_sha256": h.hexdigest()[:16],
