@@ -171,3 +171,13 @@ def test_fingerprint_is_dtype_independent(tmp_path):
     bf16 = EarlyExitModel.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
     assert bf16.fingerprint() == model.fingerprint() | {"name_or_path": bf16.fingerprint()["name_or_path"]}
+
+
+def test_streaming_callback_and_cancellation():
+    model = tiny_model("llama", num_layers=6, exit_layers=(1, 2, 4))
+    seen = []
+    out = generate(model, [5, 6, 7], FixedExit(2), 6, on_token=lambda t, layer: seen.append((t, layer)))
+    assert seen == list(zip(out.tokens, out.exit_layers))
+    calls = []
+    stop = generate(model, [5, 6, 7], NeverExit(), 6, should_stop=lambda: len(calls.append(1) or calls) >= 3)
+    assert stop.finish_reason == "cancelled" and len(stop.tokens) == 3

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -32,7 +32,7 @@ KV_STRATEGIES = ("propagate", "compute")
 class GenerationResult:
     tokens: list[int]
     exit_layers: list[int]  # 0-based layer that produced each token (the first: the prefill, full model)
-    finish_reason: str  # length | eos | stop
+    finish_reason: str  # length | eos | stop | cancelled
     counters: dict = field(default_factory=dict)
     text: Optional[str] = None
     prompt_tokens: int = 0
@@ -92,11 +92,17 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
              max_new_tokens: int = 15, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, seed: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
              stop_strings: Optional[Sequence[str]] = None, tokenizer=None,
-             kv_strategy: str = "propagate", return_logits: bool = False) -> GenerationResult:
+             kv_strategy: str = "propagate", return_logits: bool = False,
+             on_token: Optional[Callable[[int, int], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
     ``generate(do_sample=False)`` produces with its KV cache.
+
+    ``on_token(token_id, exit_layer)`` is called as each token is chosen (for streaming);
+    ``should_stop()`` is polled before each new token and ends generation with
+    ``finish_reason="cancelled"`` when it returns true (timeouts, disconnected clients).
     """
     from transformers import DynamicCache
 
@@ -135,6 +141,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
 
     def stopped() -> bool:
         nonlocal finish, text
+        if on_token is not None:
+            on_token(token, exit_layers[-1])
         if token in eos:
             finish = "eos"
             return True
@@ -143,6 +151,9 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
             if any(s and s in text for s in stop_strings):
                 finish = "stop"
                 return True
+        if should_stop is not None and len(tokens) < max_new_tokens and should_stop():
+            finish = "cancelled"
+            return True
         return False
 
     while not stopped() and len(tokens) < max_new_tokens:
