@@ -7,8 +7,8 @@ self-speculative early exit (``assistant_early_exit``) as a peer. Every baseline
 cache; all decoding is greedy with ``eval.max_new_tokens``.
 
 Fairness of the timing: samples are processed one at a time and, for each sample, every
-method runs on it back to back in an order rotated per sample (so no method always runs
-first or last while the machine's load drifts); warmup runs on the first
+method runs on it back to back in a seeded random order drawn per sample (so no method
+always runs first or last, or next to the same neighbours, while the machine's load drifts); warmup runs on the first
 ``eval.warmup_samples`` samples are thrown away; one energy/time window covers exactly one
 generation (never a single policy call). The controller's overhead is reported from the
 loop's aggregated timers and from an A/B run at a middle GC threshold: the policy evaluated
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,9 +421,11 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         i = indices[k]
         sample, prompt = samples[i], prompts[k]
         reference = _decode(tok, list(sample.reference_ids))
-        n = len(active)
-        for j in range(n):  # rotate the order per sample
-            spec = active[(j + k) % n] if n else None
+        # a fresh seeded order per sample: a burst of load on the (shared) machine lands on random
+        # methods, not on neighbours in the method list
+        order = list(active)
+        random.Random(cfg.seed * 1_000_003 + i).shuffle(order)
+        for spec in order:
             rec = attempt(spec, prompt, f"{spec.id}/{i}")
             if rec is None:
                 continue
