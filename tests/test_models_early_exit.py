@@ -181,3 +181,32 @@ def test_streaming_callback_and_cancellation():
     calls = []
     stop = generate(model, [5, 6, 7], NeverExit(), 6, should_stop=lambda: len(calls.append(1) or calls) >= 3)
     assert stop.finish_reason == "cancelled" and len(stop.tokens) == 3
+
+
+@pytest.mark.parametrize("observation", ["normed", "raw"])
+def test_fused_policy_check_equals_the_module(family, observation):
+    """The fast path (norm folded into the first layer, logit difference) gives the
+    probability the policy module gives on the preprocessed observation."""
+    model = tiny_model(family, num_layers=6, exit_layers=(1, 2, 4))
+    for p in model.hf.parameters():  # non-trivial final-norm affine parameters
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, 1.0, 0.3)
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.policy_net = nn.Sequential(nn.Linear(model.hidden_size, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU())
+            self.action_net = nn.Linear(8, 2)
+            self.hidden_size = model.hidden_size
+
+        def forward(self, x):
+            return self.action_net(self.policy_net(x))
+
+    pol = MLP()
+    ctl = PolicyExit(pol, 0.5, temperature=1.7, observation=observation)
+    ctl.check_layers(model)
+    assert ctl._fast is not None and not ctl.needs_normed
+    for _ in range(20):
+        h = torch.randn(1, 1, model.hidden_size) * 4
+        expected = float(ctl.exit_probability(policy_observation(model, h, observation))[-1])
+        assert ctl._fast_probability(h) == pytest.approx(expected, abs=1e-5)

@@ -159,6 +159,7 @@ class PolicyExit(ExitController):
         self.ignore_decision = ignore_decision
         self.macs_per_check = sum(m.weight.numel() for m in policy.modules() if isinstance(m, nn.Linear))
         self._param = next(policy.parameters(), None)
+        self._fast = None  # (norm kind, eps, [(W, b, activation)], w_diff, b_diff) once fused
 
     def check_layers(self, model) -> frozenset[int]:
         hidden = getattr(self.policy, "hidden_size", None)
@@ -166,10 +167,46 @@ class PolicyExit(ExitController):
             raise ConfigError(f"the policy expects hidden size {hidden} but the model has {model.hidden_size}; "
                               "train the agent on this model's trajectory bank")
         exits = getattr(self.policy, "exit_layers", None)
-        if exits is not None and list(exits) != list(model.exit_layers):
+        if exits is not None and list(exits) and list(exits) != list(model.exit_layers):
             raise ConfigError(f"the policy was trained for exit layers {list(exits)} but the model has "
                               f"{model.exit_layers}; train the agent for these exits or load the matching model")
+        self._fuse(model)
         return frozenset(model.exit_layers)
+
+    @torch.no_grad()
+    def _fuse(self, model) -> None:
+        """The per-check fast path: for an MLP policy (``policy_net`` of Linear/activation
+        layers + a 2-way ``action_net``), fold the model's final norm into the first layer and
+        compare the exit-minus-continue logit instead of running a softmax. Same decision as
+        :meth:`exit_probability` >= threshold (tested); other policies use the general path."""
+        if type(self).should_exit is not PolicyExit.should_exit:
+            return  # a subclass that decides differently keeps the general path
+        net, head = getattr(self.policy, "policy_net", None), getattr(self.policy, "action_net", None)
+        if not isinstance(net, nn.Sequential) or not isinstance(head, nn.Linear) or head.out_features != 2:
+            return
+        layers: list = []
+        for mod in net:
+            if isinstance(mod, nn.Linear):
+                layers.append([mod.weight.float(), mod.bias.float() if mod.bias is not None else None, None])
+            elif layers and layers[-1][2] is None and not list(mod.parameters()):
+                layers[-1][2] = mod
+            else:
+                return
+        if not layers:
+            return
+        kind, eps = "none", 0.0
+        if self.observation == "normed":
+            kind, eps, scale, bias, proj = model.adapter.final_norm_parts()
+            w1, b1 = layers[0][0], layers[0][1]
+            b1 = torch.zeros(w1.shape[0], device=w1.device) if b1 is None else b1
+            m = w1 @ proj.float() if proj is not None else w1
+            if bias is not None:
+                b1 = b1 + m @ bias.float()
+            layers[0][:2] = [m * scale.float() if scale is not None else m, b1]
+        w_diff = (head.weight[1] - head.weight[0]).float()
+        b_diff = float(head.bias[1] - head.bias[0]) if head.bias is not None else 0.0
+        self._fast = (kind, eps, [tuple(layer) for layer in layers], w_diff, b_diff)
+        self.needs_normed = False  # the fold needs only the raw hidden state
 
     def exit_probability(self, obs: torch.Tensor) -> torch.Tensor:
         if self._param is not None and (obs.device != self._param.device or obs.dtype != self._param.dtype):
@@ -178,9 +215,26 @@ class PolicyExit(ExitController):
         return torch.softmax(logits.float() / self.temperature, dim=-1)[..., 1]
 
     def should_exit(self, layer, hidden, normed, logits) -> bool:
-        obs = (normed if self.observation == "normed" else hidden).float()
-        decision = bool(self.exit_probability(obs)[-1] >= self.threshold)
+        if self._fast is not None:
+            decision = self._fast_probability(hidden) >= self.threshold
+        else:
+            obs = (normed if self.observation == "normed" else hidden).float()
+            decision = bool(self.exit_probability(obs)[-1] >= self.threshold)
         return decision and not self.ignore_decision
+
+    def _fast_probability(self, hidden: torch.Tensor) -> float:
+        kind, eps, layers, w_diff, b_diff = self._fast
+        x = hidden[0, -1].float()
+        if kind == "rms":
+            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+        elif kind == "layer":
+            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+        for w, b, act in layers:
+            x = torch.mv(w, x) if b is None else torch.addmv(b, w, x)
+            if act is not None:
+                x = act(x)
+        z = (float(torch.dot(w_diff, x)) + b_diff) / self.temperature  # logit(exit) - logit(continue)
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
     def describe(self) -> dict:
         return {"controller": self.name, "threshold": self.threshold, "temperature": self.temperature,

@@ -53,6 +53,11 @@ class FamilyAdapter:
     def lm_head(self) -> nn.Module:
         return self.hf.lm_head
 
+    def final_norm_parts(self) -> tuple[str, float, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The final norm as ``proj @ (scale * standardize(h) + bias)``: returns
+        (kind "rms" | "layer" | "none", eps, scale, bias, proj) so callers can fold it."""
+        raise NotImplementedError
+
     def layer_kwargs(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments every decoder layer needs for these positions."""
         return {"position_ids": position_ids}
@@ -134,6 +139,10 @@ class LlamaAdapter(FamilyAdapter):
     def final_norm(self, h):
         return self.hf.model.norm(h)
 
+    def final_norm_parts(self):
+        norm = self.hf.model.norm
+        return "rms", float(norm.variance_epsilon), norm.weight, None, None
+
     def layer_kwargs(self, h, position_ids):
         return {"position_ids": position_ids, "position_embeddings": self.hf.model.rotary_emb(h, position_ids=position_ids)}
 
@@ -198,6 +207,14 @@ class OPTAdapter(FamilyAdapter):
         if dec.project_out is not None:
             h = dec.project_out(h)
         return h
+
+    def final_norm_parts(self):
+        dec = self.decoder
+        proj = dec.project_out.weight if dec.project_out is not None else None
+        ln = dec.final_layer_norm
+        if ln is None:
+            return "none", 0.0, None, None, proj
+        return "layer", float(ln.eps), ln.weight, ln.bias, proj
 
     def kv_for_layer(self, layer_idx, h, layer_kwargs):
         layer = self.layers[layer_idx]
