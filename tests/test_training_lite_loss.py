@@ -85,3 +85,22 @@ def test_exit_token_stats_counts():
     logits = m.exit_logits(ids)
     correct0 = (logits[0][:, :-1].argmax(-1) == ids[:, 1:]).sum().item()
     assert s["correct"][0].item() == correct0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The paper configs train with gradient checkpointing: the exit hooks must see the
+    same states and the recomputation must not double-count exit losses."""
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model("llama", num_layers=4, exit_layers=(1, 2), seed=5)
+        m.hf.train()
+        if ckpt:
+            enable = getattr(m.hf, "activation_checkpointing_enable", None) or m.hf.gradient_checkpointing_enable
+            enable()
+            assert any(getattr(layer, "gradient_checkpointing", False) for layer in m.layers)
+        total, _ = lite_loss(m, _ids(seed=7), weights=[0.5, 0.3, 0.2])
+        total.backward()
+        grads.append({n: p.grad.clone() for n, p in m.hf.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)

@@ -199,6 +199,18 @@ def test_weights_that_do_not_match_the_exit_points(trained, tmp_path):
     assert not (tmp_path / "run" / "finetuned").exists()
 
 
+def test_a_rebuilt_tokenizer_is_caught(trained, tmp_path, monkeypatch):
+    """A base model trained with another tokenizer than the run's current one (the corpus
+    was rebuilt in between) must not be fine-tuned or reported on silently."""
+    _linked_run(tmp_path, trained["root"] / "run")
+    real = common.data_fingerprint
+    monkeypatch.setattr(common, "data_fingerprint", lambda cfg: {**real(cfg), "tokenizer": "f" * 64})
+    with pytest.raises(ConfigError, match="scripts/pretrain.py"):
+        finetune(smoke_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="scripts/finetune.py"):
+        exit_report(smoke_cfg(trained["root"]))
+
+
 # ----------------------------------------------------------------------------- resume
 KILL_DRIVER = textwrap.dedent("""
     import os, signal, sys

@@ -93,6 +93,20 @@ def data_fingerprint(cfg) -> dict:
     return {"corpus": corpus.get("content_hash"), "tokenizer": tok.get("fingerprint")}
 
 
+def check_same_tokenizer(model_dir, cfg, redo: str) -> None:
+    """A model this project trained records the tokenizer fingerprint it was trained with;
+    refuse to continue with a rebuilt (different) run tokenizer: the token ids no longer
+    mean what the model learned."""
+    rec = read_stage(Path(model_dir))
+    if not rec:
+        return  # not trained here (hub model, foreign directory): its own tokenizer is the config's business
+    then = ((rec.get("payload") or {}).get("data") or {}).get("tokenizer")
+    now = data_fingerprint(cfg).get("tokenizer")
+    if then and now and then != now:
+        raise ConfigError(f"{model_dir} was trained with tokenizer {then[:12]} but the run's tokenizer is now "
+                          f"{now[:12]} (the corpus or tokenizer was rebuilt since); redo it with `{redo}`")
+
+
 # --------------------------------------------------------------------------- arguments
 def _precision(cfg) -> dict:
     from greencode.utils import resolve_device

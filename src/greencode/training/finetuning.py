@@ -119,7 +119,7 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
     from greencode.models import EarlyExitModel
     from greencode.training.data import build_datasets
 
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     paths = RunPaths.from_config(cfg)
     out = paths.finetuned
     stage = cfg.finetune
@@ -134,6 +134,8 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
         log.info("finetune: %s is complete and up to date (key %s); reusing it (--force to redo)", out, key)
         return out
 
+    if cfg.model.base is None:
+        common.check_same_tokenizer(base, cfg, f"python scripts/pretrain.py --config {cfg.source_path or '<config>'}")
     # model and weights first: bad exits / weights fail before anything is written
     set_seed(cfg.seed)
     ee = EarlyExitModel.from_run_config(cfg, base, dtype=torch.float32)  # fp32 master weights
@@ -161,9 +163,9 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
 
     trainer = LiteTrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                           data_collator=default_data_collator, callbacks=callbacks, ee_model=ee, lite_weights=weights)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train_out = trainer.train(resume_from_checkpoint=ckpt)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     metrics = common.final_eval(trainer)
 
     state_dict = common.gathered_state_dict(trainer)
@@ -180,12 +182,13 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
             "lite_weights": weights, "weights_scheme": stage.weights, "steps": steps, "resumed_from": ckpt,
             "seq_len": stage.seq_len, "tokens_per_step": tokens_per_step, "train_tokens": steps * tokens_per_step,
             "train_chunks_available": len(train_ds), "eval_tokens": len(val_ds) * stage.seq_len,
-            "world_size": args.world_size, "train_runtime_s": round(train_s, 3),
+            "world_size": args.world_size, "train_runtime_s": round(train_s, 3), "train_cpu_time_s": round(train_cpu_s, 3),
             "train_tokens_per_s": round((steps - common.checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1),
             "final_train_loss": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
             "eval_loss": metrics.get("eval_loss"),
             "eval_loss_per_exit": {str(e): metrics.get(f"eval_loss_exit_{e}") for e in ee.exit_points},
             "stage_time_s": round(time.perf_counter() - t_start, 3),
+            "stage_cpu_time_s": round(time.process_time() - c_start, 3),
         }
         common.write_stage_results(paths.results_finetune, trainer_dir, cfg, summary)
         write_json(out / common.STAGE_FILE, {"stage": "finetune", "key": key, "complete": True, "payload": payload,

@@ -44,7 +44,7 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
     from greencode.models import EarlyExitModel
     from greencode.training.data import build_datasets
 
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     paths = RunPaths.from_config(cfg)
     out = paths.base_model
     stage = cfg.pretrain
@@ -82,9 +82,9 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
 
     trainer = common.GreenTrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                   processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train_out = trainer.train(resume_from_checkpoint=ckpt)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     metrics = common.final_eval(trainer)
 
     state_dict = common.gathered_state_dict(trainer)
@@ -101,11 +101,12 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
             "steps": steps, "resumed_from": ckpt, "seq_len": stage.seq_len, "tokens_per_step": tokens_per_step,
             "train_tokens": steps * tokens_per_step, "train_chunks_available": len(train_ds),
             "eval_tokens": len(val_ds) * stage.seq_len, "world_size": args.world_size,
-            "train_runtime_s": round(train_s, 3),
+            "train_runtime_s": round(train_s, 3), "train_cpu_time_s": round(train_cpu_s, 3),
             "train_tokens_per_s": round((steps - common.checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1),
             "final_train_loss": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
             "eval_loss": metrics.get("eval_loss"), "eval_perplexity": common.perplexity(metrics.get("eval_loss")),
             "stage_time_s": round(time.perf_counter() - t_start, 3),
+            "stage_cpu_time_s": round(time.process_time() - c_start, 3),
         }
         common.write_stage_results(paths.results_pretrain, trainer_dir, cfg, summary)
         write_json(out / common.STAGE_FILE, {"stage": "pretrain", "key": key, "complete": True,

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from greencode.paths import RunPaths
+from greencode.training import common
 from greencode.training.lite import exit_token_stats
 from greencode.utils import atomic_path, run_metadata, setup_torch, write_json
 
@@ -75,6 +76,10 @@ def exit_report(cfg, base: Optional[str] = None, finetuned: Optional[str] = None
     device, dtype = setup_torch(cfg.hardware)
     finetuned = finetuned or str(paths.finetuned)
     base = base or base_source(cfg)
+    src = cfg.source_path or "<config>"
+    common.check_same_tokenizer(finetuned, cfg, f"python scripts/finetune.py --config {src} --force")
+    if cfg.model.base is None:
+        common.check_same_tokenizer(base, cfg, f"python scripts/pretrain.py --config {src}")
     ft = EarlyExitModel.from_pretrained(finetuned, device=device, dtype=dtype)
     tokenizer = load_tokenizer(cfg)
     stage = cfg.finetune
