@@ -354,3 +354,34 @@ def test_accelerate_configs_parse(name):
         assert c.deepspeed_config["zero_stage"] == 3 and c.deepspeed_config["zero3_save_16bit_model"]
         # batch size / accumulation are left to the Trainer (taken from the run config)
         assert "gradient_accumulation_steps" not in c.deepspeed_config
+
+
+# ----------------------------------------------------------------------------- scripts
+def test_scripts_end_to_end_and_tensorboard(trained, tmp_path):
+    _linked_run(tmp_path, trained["root"] / "run", with_base=False)
+    overrides = [f"run_dir={tmp_path / 'run'}", f"results_dir={tmp_path / 'results'}", "pretrain.max_steps=4",
+                 "pretrain.eval_steps=4", "pretrain.save_steps=4", "pretrain.logging_steps=2", "finetune.max_steps=4",
+                 "finetune.eval_steps=2", "finetune.save_steps=4", "finetune.logging_steps=2"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    for script in ("pretrain.py", "finetune.py"):
+        proc = subprocess.run([PY, f"scripts/{script}", "--config", SMOKE, *overrides], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("base model: llama 4 layers" if script == "pretrain.py" else "LITE fine-tuned: exit points [1, 2, 3]") \
+            in proc.stdout
+    assert "earliest exit" in proc.stderr and "exit layer" in proc.stdout  # the per-exit report table
+    res = tmp_path / "results"
+    for f in ("pretrain/summary.json", "pretrain/train_log.csv", "finetune/summary.json", "finetune/train_log.csv",
+              "finetune/exit_report.json", "finetune/exit_report.csv"):
+        assert (res / f).is_file(), f
+    # TensorBoard holds the total loss and each exit's loss, for training and evaluation
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(next((tmp_path / "run" / "finetuned" / "trainer" / "tensorboard").rglob("events*")).parent))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"train/loss", "train/loss_exit_1", "train/loss_exit_3", "eval/loss", "eval/loss_exit_2"} <= tags, tags
+    # a clear one-line error, no traceback, for a missing base model directory
+    proc = subprocess.run([PY, "scripts/finetune.py", "--config", SMOKE, *overrides, f"model.base={tmp_path / 'nope'}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

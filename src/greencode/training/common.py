@@ -275,7 +275,8 @@ def last_checkpoint(trainer_dir: Path) -> Optional[str]:
 
 def prepare_trainer_dir(args, trainer_dir: Path, key: str, resume: bool) -> Optional[str]:
     """The checkpoint to resume from (None = start fresh). A fresh start removes old
-    checkpoints and logs; resuming checks they were written with the same stage key."""
+    checkpoints and logs; resuming checks they were written with the same stage key.
+    Either way the previous final model next to ``trainer_dir`` is removed."""
     key_file = trainer_dir / "stage_key.json"
     ckpt = last_checkpoint(trainer_dir) if resume else None
     if resume:
@@ -302,6 +303,10 @@ def prepare_trainer_dir(args, trainer_dir: Path, key: str, resume: bool) -> Opti
                 shutil.rmtree(trainer_dir)
             trainer_dir.mkdir(parents=True, exist_ok=True)
             write_json(key_file, {"key": key})
+            # the previous model in the output dir is stale from now on: no half-valid model is left behind
+            for p in trainer_dir.parent.iterdir():
+                if p != trainer_dir:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return ckpt
 
 

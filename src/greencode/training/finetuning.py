@@ -148,8 +148,6 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
              ee.num_layers, ee.exit_points, ee.final_layer, [round(w, 5) for w in weights])
 
     ckpt = common.prepare_trainer_dir(args, trainer_dir, key, resume)
-    if args.process_index == 0:
-        (out / common.STAGE_FILE).unlink(missing_ok=True)
     with args.main_process_first(local=False, desc="packing"):
         train_ds, val_ds = build_datasets(cfg, stage, tokenizer)
 

@@ -59,8 +59,6 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
         return out
 
     ckpt = common.prepare_trainer_dir(args, trainer_dir, key, resume)
-    if args.process_index == 0:
-        (out / common.STAGE_FILE).unlink(missing_ok=True)
 
     tokenizer = load_tokenizer(cfg)
     with args.main_process_first(local=False, desc="packing"):
