@@ -9,7 +9,7 @@ A trained run (default: this config's run directory, runs/<name>):
     python scripts/serve.py --config configs/default.yaml [--run-dir runs/default] [--port 8000]
 
 Binds 127.0.0.1 unless --host says otherwise; a non-loopback host needs GREENCODE_API_KEY
-(or serve.api_key). Routes and client settings: docs/serving.md.
+(or serve.api_key). Routes and client settings: README.md, section "Serving completions to an editor".
 """
 
 from greencode.cli import base_parser, friendly_errors, load_from_args

@@ -146,3 +146,16 @@ def test_engine_prompt_text_truncation_and_pieces(run):
     full = eng.to_editor_text(r.tokenizer.decode(tokens, skip_special_tokens=True))
     pieces = eng.pieces(tokens, full)
     assert "".join(pieces) == full and "\ufffd" not in "".join(pieces)
+
+
+def test_deadline_stops_the_decoding_loop(run):
+    """A request past its deadline stops between tokens (the model is freed), it does not
+    run to max_new_tokens in the background."""
+    from greencode.serve.engine import GenRequest
+
+    engine = _app(run).state.engine
+    gen = GenRequest(prompt="def f(x):\n    return", max_new_tokens=12, threshold=1.0)
+    full = engine.complete(gen)
+    assert full.finish_reason in ("length", "eos", "stop")
+    late = engine.complete(gen, deadline=time.perf_counter() - 1.0)
+    assert late.finish_reason == "cancelled" and len(late.tokens) == 1

@@ -1,5 +1,5 @@
 """The online phase: the early-exit model and its RL exit policy behind an HTTP endpoint that
-speaks the formats editors use (seed/HF, TGI, Ollama, OpenAI completions). See docs/serving.md.
+speaks the formats editors use (seed/HF, TGI, Ollama, OpenAI completions). See the README, section "Serving completions to an editor".
 
     app = create_app(cfg)                 # FastAPI app over the config's run
     serve(cfg, run_dir=None)              # uvicorn, 127.0.0.1 by default

@@ -4,7 +4,7 @@ The model runs one request at a time on a single worker thread. Requests wait in
 queue (``serve.queue_size`` waiting beside the one running); past that the server answers 503
 with ``Retry-After``, and a request still unanswered after ``serve.request_timeout_s`` gets
 504. Bodies are read with a size cap (413), must be UTF-8 JSON (400) and are validated
-strictly (422); no bad input reaches a 500. See ``docs/serving.md`` for the formats.
+strictly (422); no bad input reaches a 500. The README's serving section documents the formats.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         scheduler.shutdown()
 
     app = FastAPI(title="GREEN-CODE completion endpoint", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
-                  description="Energy-aware code completion with early exits; see docs/serving.md")
+                  description="Energy-aware code completion with early exits; see the README, section Serving")
     app.state.engine = engine
     app.state.scheduler = scheduler
     app.state.metrics = metrics
@@ -308,7 +308,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     async def complete(request: Request, gen: GenRequest, fmt: str) -> Completion:
         gen.request_id = uuid.uuid4().hex[:16]
         submitted = time.perf_counter()
-        c: Completion = await scheduler.run(engine.complete, gen, submitted)
+        c: Completion = await scheduler.run(engine.complete, gen, submitted, submitted + scheduler.timeout_s)
         now = time.perf_counter()
         c.stats["request_parse_s"] = submitted - request.scope.get("greencode_t0", submitted)
         c.stats["worker_to_loop_s"] = now - c.stats.pop("done_at", now)

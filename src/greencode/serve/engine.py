@@ -301,7 +301,10 @@ class Engine:
             info["prompt_format_note"] = fmt_note
         return ids, info
 
-    def complete(self, req: GenRequest, submitted_at: Optional[float] = None) -> Completion:
+    def complete(self, req: GenRequest, submitted_at: Optional[float] = None,
+                 deadline: Optional[float] = None) -> Completion:
+        """Run one request. ``deadline`` (``time.perf_counter`` seconds) stops the decoding
+        loop between tokens once passed, so a request answered 504 frees the model at once."""
         from greencode.decoding import compute_cost
 
         t0 = time.perf_counter()
@@ -317,7 +320,8 @@ class Engine:
                     temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
                     eos_token_id=self.eos_ids or None, stop_strings=self.model_stops(req.stop) or None,
                     tokenizer=self.tokenizer,
-                    kv_strategy=self.decoding_cfg.kv_strategy)
+                    kv_strategy=self.decoding_cfg.kv_strategy,
+                    should_stop=(lambda: time.perf_counter() > deadline) if deadline is not None else None)
         except (ValueError, ConfigError) as e:  # the loop's own argument checks: the request's fault
             raise RequestError(422, f"cannot generate: {e}") from None
         m = w.measurement

@@ -6,7 +6,7 @@ integer belongs or a boolean where a number belongs is a 422, never silently coe
 Unknown fields are ignored, because editors put arbitrary extras into their request bodies
 (llm-vscode's ``llm.requestBody`` is user-defined).
 
-Formats (see ``docs/serving.md``):
+Formats (see the README, section "Serving completions to an editor"):
 
 * seed / huggingface-vscode-endpoint-server: ``{"inputs", "options": {num_predict, temperature,
   top_p, RL_agent_thresh}}`` on ``/api/generate``;
