@@ -72,8 +72,9 @@ def git_commit() -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         commit = out.stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        # result and figure files a run itself rewrites do not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results",
+                                ":!figures"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
         return f"{commit}{'-dirty' if dirty and commit else ''}" if commit else None
     except Exception:  # noqa: BLE001 - not a git checkout
         return None
