@@ -138,6 +138,9 @@ class OracleExit(ExitController):
         return False
 
 
+_FAST_ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu, nn.Sigmoid: torch.sigmoid}
+
+
 class PolicyExit(ExitController):
     """An exported RL policy over the hidden state: exit when P(exit) >= threshold, where
     P = softmax(policy(obs) / temperature)[exit]. Action 0 = continue, 1 = exit."""
@@ -189,7 +192,8 @@ class PolicyExit(ExitController):
             if isinstance(mod, nn.Linear):
                 layers.append([mod.weight.float(), mod.bias.float() if mod.bias is not None else None, None])
             elif layers and layers[-1][2] is None and not list(mod.parameters()):
-                layers[-1][2] = mod
+                # plain functions for the common activations: no module-call overhead per check
+                layers[-1][2] = _FAST_ACTIVATIONS.get(type(mod), mod)
             else:
                 return
         if not layers:
