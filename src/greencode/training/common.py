@@ -328,6 +328,26 @@ def gathered_state_dict(trainer):
     return None
 
 
+def log_callbacks(trainer_dir: Path, tokens_per_step: int, exit_points=None) -> list:
+    """The CSV log (total and, with exit points, per-exit losses) plus TensorBoard when installed."""
+    callbacks = [CsvLogCallback(trainer_dir / CSV_NAME, exit_points, tokens_per_step) if exit_points is not None
+                 else CsvLogCallback(trainer_dir / CSV_NAME, tokens_per_step=tokens_per_step)]
+    tb = tensorboard_callback(trainer_dir / "tensorboard")
+    if tb is not None:
+        callbacks.append(tb)
+    return callbacks
+
+
+def train_and_evaluate(trainer, ckpt: Optional[str]):
+    """Train (resuming from ``ckpt``), then evaluate and gather the weights on every rank.
+    Returns (train output, wall seconds, CPU seconds, eval metrics, gathered state dict or None)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    train_out = trainer.train(resume_from_checkpoint=ckpt)
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    metrics = final_eval(trainer)
+    return train_out, train_s, train_cpu_s, metrics, gathered_state_dict(trainer)
+
+
 def last_train_loss(trainer) -> Optional[float]:
     for rec in reversed(trainer.state.log_history):
         if "loss" in rec:

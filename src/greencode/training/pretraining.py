@@ -72,20 +72,12 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
              model.hidden_size, n_params / 1e6, len(tokenizer))
 
     tokens_per_step = stage.batch_size * stage.grad_accum * args.world_size * stage.seq_len
-    callbacks = [common.CsvLogCallback(trainer_dir / common.CSV_NAME, tokens_per_step=tokens_per_step)]
-    tb = common.tensorboard_callback(trainer_dir / "tensorboard")
-    if tb is not None:
-        callbacks.append(tb)
+    callbacks = common.log_callbacks(trainer_dir, tokens_per_step)
     from transformers import default_data_collator
 
     trainer = common.GreenTrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                   processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks)
-    t0, c0 = time.perf_counter(), time.process_time()
-    train_out = trainer.train(resume_from_checkpoint=ckpt)
-    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    metrics = common.final_eval(trainer)
-
-    state_dict = common.gathered_state_dict(trainer)
+    train_out, train_s, train_cpu_s, metrics, state_dict = common.train_and_evaluate(trainer, ckpt)
     if trainer.is_world_process_zero():
         from greencode.cli import save_run_info
 
