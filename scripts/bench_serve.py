@@ -29,13 +29,9 @@ def main() -> None:
 
     run_dir = args.run_dir
     if args.demo:
-        from pathlib import Path
+        from greencode.serve.demo import ensure_demo_run
 
-        from greencode.serve.demo import build_demo_run
-
-        if not (Path(args.demo) / "finetuned" / "config.json").is_file():
-            build_demo_run(cfg, args.demo)
-        run_dir = args.demo
+        run_dir = ensure_demo_run(cfg, args.demo)
     res = run_benchmark(cfg, run_dir, num_requests=args.num_requests, thresholds=args.thresholds,
                         max_new_tokens=args.max_new_tokens, out_path=args.out, demo=bool(args.demo))
     print(f"{'setting':<18}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'gen p50':>9}{'overhead p50':>14}{'exit layer':>11}"

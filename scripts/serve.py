@@ -30,13 +30,9 @@ def main() -> None:
 
     run_dir = args.run_dir
     if args.demo:
-        from pathlib import Path
+        from greencode.serve.demo import ensure_demo_run
 
-        from greencode.serve.demo import build_demo_run
-
-        if not (Path(args.demo) / "finetuned" / "config.json").is_file():
-            build_demo_run(cfg, args.demo)
-        run_dir = args.demo
+        run_dir = ensure_demo_run(cfg, args.demo)
     serve(cfg, run_dir, host=args.host, port=args.port, allow_no_key=args.allow_no_key,
           log_level="debug" if args.verbose else "info")
 

@@ -77,3 +77,12 @@ def build_demo_run(cfg, directory: Union[str, Path], *, p_exit: float = 0.7) -> 
     save_policy(policy, root / "agent" / "policy.pt")
     log.info("demo run (random weights, constant P(exit)=%.2f) written to %s", p_exit, root)
     return root
+
+
+def ensure_demo_run(cfg, directory) -> str:
+    """``directory`` as a servable run: build the tiny random demo run there unless it has one."""
+    from pathlib import Path
+
+    if not (Path(directory) / "finetuned" / "config.json").is_file():
+        build_demo_run(cfg, directory)
+    return str(directory)
