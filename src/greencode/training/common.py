@@ -198,14 +198,9 @@ class CsvLogCallback(_callback_base()):
             w.writerows(rows)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero or not logs or log_split(logs) is None:
             return
-        if "loss" in logs:
-            split, prefix = "train", ""
-        elif "eval_loss" in logs:
-            split, prefix = "eval", "eval_"
-        else:
-            return
+        split, prefix = log_split(logs)
         now = time.perf_counter()
         t_last, step_last = self._last
         row = {"step": state.global_step, "epoch": _fmt(logs.get("epoch")), "split": split,
@@ -221,6 +216,15 @@ class CsvLogCallback(_callback_base()):
             self._last = (now, state.global_step)
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+
+
+def log_split(logs: dict) -> Optional[tuple[str, str]]:
+    """(split, key prefix) of a Trainer log record: ("train", "") or ("eval", "eval_"); None otherwise."""
+    if "loss" in logs:
+        return "train", ""
+    if "eval_loss" in logs:
+        return "eval", "eval_"
+    return None
 
 
 def _fmt(v):

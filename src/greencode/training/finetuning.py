@@ -50,12 +50,9 @@ class LiteTrainer(common.GreenTrainer):
         return (total, {"loss": total}) if return_outputs else total
 
     def _add_extra_logs(self, logs: dict) -> None:
-        if "loss" in logs:
-            split, prefix = "train", ""
-        elif "eval_loss" in logs:
-            split, prefix = "eval", "eval_"
-        else:
+        if common.log_split(logs) is None:
             return
+        split, prefix = common.log_split(logs)
         sums = self._sums[split]
         if sums is None:
             sums = torch.zeros(len(self.ee.exit_points), device=self.args.device)
