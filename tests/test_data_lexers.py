@@ -238,3 +238,45 @@ def test_source_to_text_dispatch():
     assert source_to_text("int x = 1;", "java", "normalized") == "int x = <NUM_LIT> ;"
     with pytest.raises(ValueError, match="language"):
         source_to_text("x", "cobol")
+
+
+# --------------------------------------------------------------------------- source pieces
+def test_source_pieces_rebuild_the_file_and_cut_at_token_ends():
+    from greencode.data.lexers import source_pieces
+
+    text = ('x = f"{a!r:>{w}} and {b}"  # note\r\nif x:\r\n    y = """doc\r\n  more"""\r\n\r\n    z = 0x1F\r\n')
+    pieces = source_pieces(text, "python")
+    assert "".join(pieces) == text.replace("\r\n", "\n")
+    assert 'f"{a!r:>{w}} and {b}"' in [p.strip() for p in pieces]  # an f-string is one piece
+    assert "  # note" in pieces and pieces.count("\n") >= 4  # comments kept; each line break its own piece
+    assert ' """doc\n  more"""' in pieces and "    z" in pieces
+    # a piece never ends inside whitespace except a line break
+    assert all(p.endswith("\n") or not p[-1].isspace() for p in pieces)
+
+
+def test_source_pieces_roundtrip_real_stdlib_files():
+    import sysconfig
+    from pathlib import Path
+
+    from greencode.data.lexers import source_pieces, universal_newlines
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [stdlib / n for n in ("json/encoder.py", "textwrap.py", "string.py", "argparse.py", "dataclasses.py")]
+    files = [f for f in files if f.is_file()]
+    assert files
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        assert "".join(source_pieces(text, "python")) == universal_newlines(text), f
+
+
+def test_source_pieces_java_and_bad_input():
+    from greencode.data.lexers import LexError, joiner, source_pieces
+
+    java = 'class A {\n  // c\n  String s = "a\\"b"; char c = \'}\';\n  /* x\n y */ int n = 3;\n}\n'
+    pieces = source_pieces(java, "java")
+    assert "".join(pieces) == java and ' "a\\"b"' in pieces and " '}'" in pieces
+    with pytest.raises(LexError):
+        source_pieces('s = """never closed\n', "python")
+    with pytest.raises(ValueError, match="use python or java"):
+        source_pieces("x", "cobol")
+    assert joiner("source") == "" and joiner("raw") == " " and joiner("normalized") == " "

@@ -222,3 +222,33 @@ def test_samples_for_config_uses_eval_section(prepared):
     want = make_samples(load_corpus(cfg)["validation"], tok, num_samples=2, seed=5, max_new_tokens=6)
     assert [s.to_dict() for s in got] == [s.to_dict() for s in want] and len(got) >= 1
     assert all(len(s.reference_ids) == 6 for s in got)
+
+
+def test_source_mode_samples_are_the_file_text_cut_at_a_token_boundary():
+    import sysconfig
+    from pathlib import Path
+
+    from greencode.data import lexers
+    from greencode.data.samples import make_samples
+    from greencode.data.tokenizer import train_bpe
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [lexers.universal_newlines((stdlib / n).read_text(encoding="utf-8"))
+             for n in ("textwrap.py", "string.py", "bisect.py", "heapq.py", "shlex.py")]
+    tok = train_bpe(texts, 600, content_tokens=())
+    assert "<EOL>" not in tok.get_vocab() and tok.decode(tok("a <EOL> b")["input_ids"]) == "a <EOL> b"
+    split = [{"id": str(i), "path": f"f{i}.py", "language": "python", "code": lexers.wrap(lexers.source_pieces(t, "python"))}
+             for i, t in enumerate(texts)]
+    samples = make_samples(split, tok, num_samples=5, seed=0, max_new_tokens=12, max_context_tokens=100000, sep="")
+    assert len(samples) == 5
+    for s in samples:
+        original = texts[s.record_index]
+        # context + reference is the file's own text from its start (no separating space is added)
+        assert original.startswith(s.context_text + s.reference_text)
+        assert not s.context_text[-1:].isspace() or s.context_text.endswith("\n")
+        assert len(s.reference_ids) == 12 and s.reference_ids == tok(s.reference_text)["input_ids"][:12]
+    lines = make_samples(split, tok, num_samples=3, seed=0, mode="line", max_context_tokens=100000, sep="")
+    for s in lines:
+        original = texts[s.record_index]
+        assert original.startswith(s.context_text + s.reference_text)
+        assert "\n" not in s.reference_text and original[len(s.context_text + s.reference_text)] == "\n"

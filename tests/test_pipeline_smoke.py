@@ -67,3 +67,44 @@ def test_rerun_skips_finished_stages(smoke_run):
     last = json.loads((tmp / "run" / "pipeline" / "last_run.json").read_text())
     ran = [s for s, v in last["stages"].items() if v["status"] == "ran"]
     assert ran == ["evaluate", "figures"], third.stdout
+
+
+PLACEHOLDERS = ("<STR_LIT", "<NUM_LIT", "<CHAR_LIT", "<EOL>")
+
+
+def test_source_mode_pipeline_serves_code_an_editor_can_insert(tmp_path):
+    """The default's data mode (literal_mode=source) end to end on the smoke shape: records are
+    the files as written, the tokenizer has no CodeXGLUE markers, evaluation samples are real
+    text, and the endpoint's engine answers raw code with no placeholder."""
+    _run(tmp_path, "data.literal_mode=source", "eval.methods=[full,fixed,gc]", "eval.timing_samples=1",
+         "--only", "data", "pretrain", "finetune", "bank", "agent", "evaluate")
+    run = tmp_path / "run"
+    import datasets
+
+    from greencode.config import load_config
+    from greencode.data.lexers import universal_newlines
+    from greencode.serve import load_run
+    from greencode.serve.engine import Engine
+
+    dsd = datasets.load_from_disk(str(run / "corpus"))
+    manifest = json.loads((run / "corpus" / "manifest.json").read_text())
+    rec = dsd["train"][0]
+    src = Path(manifest["source_path"]) / rec["path"]
+    assert "".join(rec["code"][1:-1]) == universal_newlines(src.read_text(encoding="utf-8"))
+    vocab = json.loads((run / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert not any(p in tok for tok in vocab for p in PLACEHOLDERS)
+    methods = tmp_path / "results" / "eval" / "methods"
+    full = json.loads((methods / "full.json").read_text())["records"]
+    assert full and not any(p in r["prediction"] + r["reference"] for r in full for p in PLACEHOLDERS)
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={run}", "data.literal_mode=source"])
+    loaded = load_run(cfg, run)
+    eng = Engine(loaded.model, loaded.tokenizer, loaded.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding,
+                 literal_mode="source")
+    prompt = "def area(radius):\n    return 3.14 * radius"
+    assert eng.prompt_format == "raw" and eng.to_model_text(prompt) == (prompt, None)
+    from greencode.decoding import NeverExit, generate
+
+    ids, _ = eng.encode(prompt, max_new_tokens=24)
+    out = generate(loaded.model, ids, NeverExit(), 24, tokenizer=loaded.tokenizer)
+    assert out.text and not any(p in out.text for p in PLACEHOLDERS)

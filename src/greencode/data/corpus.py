@@ -34,15 +34,22 @@ _LOCAL_KEYS = ("source", "language", "local_path", "literal_mode", "keep_frequen
 _HUB_KEYS = ("source", "language", "hub_id", "validation_fraction", "max_files")
 
 
-def code_text(record_or_tokens: Union[Mapping[str, Any], Sequence[str]]) -> str:
-    """The authors' join: ``" ".join(code[1:-1])`` (the tokens without ``<s>``/``</s>``)."""
+def text_sep(cfg) -> str:
+    """How the run's records join into text: ``""`` for ``data.literal_mode=source`` (a local
+    corpus of source pieces), else CodeXGLUE's ``" "``."""
+    return lexers.joiner(cfg.data.literal_mode) if cfg.data.source == "local" else " "
+
+
+def code_text(record_or_tokens: Union[Mapping[str, Any], Sequence[str]], sep: str = " ") -> str:
+    """The authors' join: ``" ".join(code[1:-1])`` (the tokens without ``<s>``/``</s>``);
+    ``sep=""`` for source pieces (``text_sep(cfg)``)."""
     code = record_or_tokens["code"] if isinstance(record_or_tokens, Mapping) else record_or_tokens
     code = list(code)
     if code and code[0] == lexers.BOS:
         code = code[1:]
     if code and code[-1] == lexers.EOS:
         code = code[:-1]
-    return " ".join(code)
+    return sep.join(code)
 
 
 def corpus_features():
@@ -212,6 +219,9 @@ def prepare_corpus(cfg, *, force: bool = False, progress: bool | None = None) ->
         dsd = _records_to_dsd(build.splits)
         manifest["source_path"] = str(source)
         manifest["files"] = build.counts()
+        # what went where, by path and content (sha1 of the file's bytes): lets a model trained
+        # on one corpus be checked against another's test split
+        manifest["file_hashes"] = {s: [[r["path"], r.get("sha1", "")] for r in build.splits[s]] for s in SPLITS}
         manifest["skipped_examples"] = build.skipped_examples
         manifest["moved_to_fill_empty_splits"] = build.moved_to_fill_splits
         manifest["splits"] = _split_stats({s: [r["num_tokens"] for r in build.splits[s]] for s in SPLITS})

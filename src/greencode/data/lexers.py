@@ -35,7 +35,15 @@ BOS, EOS, EOL = "<s>", "</s>", "<EOL>"
 STR_LIT, NUM_LIT, CHAR_LIT = "<STR_LIT>", "<NUM_LIT>", "<CHAR_LIT>"
 PAD, UNK = "<pad>", "<unk>"
 LITERAL_TOKENS = (EOL, STR_LIT, NUM_LIT, CHAR_LIT)
-LITERAL_MODES = ("normalized", "raw")
+LITERAL_MODES = ("normalized", "raw", "source")
+# how a record's tokens are joined into the text a model sees: CodeXGLUE's space join, or
+# (``source``) nothing at all, because each piece carries its own whitespace
+SOURCE_MODE = "source"
+
+
+def joiner(literal_mode: str) -> str:
+    """The separator of a record's tokens: ``""`` for ``source`` pieces, ``" "`` otherwise."""
+    return "" if literal_mode == SOURCE_MODE else " "
 
 # keep_literals=KEEP_ALL writes every literal in its kept form (used to count literals
 # before the frequent ones are known; see finalize_literals)
@@ -339,9 +347,78 @@ def _first_error(node):
     return None
 
 
+# --------------------------------------------------------------------------- source pieces
+_JAVA_PIECE = re.compile(r"""[^\S\n]*(?:\n|//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|\w+|\S)""",
+                         re.DOTALL)
+
+
+def _py_piece_ends(text: str) -> list[int]:
+    """End offsets of the Python tokens of ``text`` that carry text (an f-string is one
+    token; INDENT whitespace joins the token after it)."""
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def offset(pos: tuple[int, int]) -> int:
+        return line_starts[pos[0] - 1] + pos[1]
+
+    ends: list[int] = []
+    depth = 0
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type in _PY_STRING_STARTS:
+                depth += 1
+                continue
+            if depth:
+                if tok.type in _PY_STRING_ENDS:
+                    depth -= 1
+                    if depth == 0:
+                        ends.append(offset(tok.end))
+                continue
+            if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.ENCODING):
+                continue
+            if tok.start == tok.end:
+                continue
+            if tok.type == tokenize.ERRORTOKEN and tok.string.strip():
+                raise LexError(f"invalid token {tok.string!r} at line {tok.start[0]}")
+            ends.append(offset(tok.end))
+    except (tokenize.TokenError, IndentationError, SyntaxError) as e:
+        raise LexError(f"python tokenize failed: {e}") from e
+    return ends
+
+
+def source_pieces(text: str, language: str) -> list[str]:
+    """Source text -> pieces whose concatenation is the text (after universal newlines).
+
+    A piece is one lexical token with the whitespace and comments before it; a line break
+    is a piece of its own (``"\n"``, possibly after trailing spaces or a comment), so a piece
+    that ends with ``"\n"`` closes a line. This is ``literal_mode="source"``: the model sees
+    the file as written and its completions are code an editor can insert.
+    """
+    text = universal_newlines(text)
+    if language == "python":
+        cuts = sorted(set(e for e in _py_piece_ends(text) if 0 < e <= len(text)))
+    elif language == "java":
+        cuts = [m.end() for m in _JAVA_PIECE.finditer(text)]
+    else:
+        raise ValueError(f"language={language!r}; use python or java")
+    pieces, prev = [], 0
+    for c in cuts:
+        if c > prev:
+            pieces.append(text[prev:c])
+            prev = c
+    if prev < len(text):
+        if pieces:
+            pieces[-1] += text[prev:]
+        else:
+            pieces.append(text[prev:])
+    return pieces
+
+
 def tokenize_source(text: str, language: str, literal_mode: str = "normalized",
                     keep_literals: KeepLiterals = None) -> list[str]:
-    """Dispatch on ``language`` (python | java)."""
+    """Dispatch on ``language`` (python | java); ``literal_mode="source"`` gives
+    ``source_pieces``."""
+    if literal_mode == SOURCE_MODE:
+        return source_pieces(text, language)
     if language == "python":
         return tokenize_python_source(text, literal_mode, keep_literals)
     if language == "java":

@@ -50,6 +50,14 @@ def default_python_source() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+SITE_PACKAGES = "@site-packages"
+
+
+def site_packages_source() -> Path:
+    """The running environment's ``site-packages`` (the project's ``.venv`` under make)."""
+    return Path(sysconfig.get_paths()["purelib"]).resolve()
+
+
 def jdk_src_zip_candidates() -> list[Path]:
     """Where a JDK keeps ``lib/src.zip``: $JAVA_HOME, the JDK of ``javac`` on PATH, then
     /usr/lib/jvm/* and macOS's JavaVirtualMachines (in that order)."""
@@ -88,6 +96,8 @@ def resolve_source(language: str, local_path: Optional[str]) -> Path:
         raise ValueError(f"data.language={language!r}; use python or java")
     if local_path is None:
         return default_python_source() if language == "python" else find_jdk_src_zip()
+    if local_path == SITE_PACKAGES:
+        return site_packages_source()
     p = Path(local_path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data.local_path={local_path!r} does not exist; point it at a directory or a .zip "
@@ -199,7 +209,13 @@ def process_bytes(data: bytes, language: str, literal_mode: str = "normalized", 
         return "empty", "no content"
     keep = lexers.KEEP_ALL if keep_all else None
     try:
-        if language == "python":
+        if literal_mode == lexers.SOURCE_MODE:
+            tokens = lexers.source_pieces(text, language)
+            if syntax_check and language == "python":
+                lexers.check_python_syntax(text)
+            elif syntax_check:
+                lexers.tokenize_java_source(text, "raw", None, syntax_check=True)
+        elif language == "python":
             tokens = lexers.tokenize_python_source(text, literal_mode, keep)
             if syntax_check:
                 lexers.check_python_syntax(text)
@@ -343,7 +359,7 @@ def build_local_corpus(source: Path, language: str, *, literal_mode: str = "norm
             seen_digests.add(digest)
             split = split_of(rel, validation_fraction, test_fraction)
             build.splits[split].append({"id": record_id(rel), "path": rel, "code": lexers.wrap(payload),
-                                        "num_tokens": len(payload), "language": language})
+                                        "num_tokens": len(payload), "language": language, "sha1": digest})
             build.files_used += 1
             if by_used:
                 bar.update(1)

@@ -16,6 +16,11 @@ cut at ``max_new_tokens``.
 
 ``reference_text == tokenizer.decode(reference_ids)`` (it starts with the separating
 space); decode predictions the same way and compare stripped texts.
+
+Source records (``data.literal_mode=source``, ``sep=""``): the tokens are pieces of the file
+as written, each with the whitespace before it, so context and reference are the file's own
+text cut at a token boundary (no separating space is added), and a Python line ends at a
+piece that ends with a newline.
 Records are visited in a seeded random order, so the same seed gives the same samples.
 """
 
@@ -69,8 +74,8 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _context(tokenizer, tokens: list[str], max_context_tokens: int) -> tuple[list[int], str, int]:
-    text = " ".join(tokens)
+def _context(tokenizer, tokens: list[str], max_context_tokens: int, sep: str = " ") -> tuple[list[int], str, int]:
+    text = sep.join(tokens)
     ids = encode_context(tokenizer, text)
     head = 1 if tokenizer.bos_token_id is not None else 0
     dropped = max(0, len(ids) - max_context_tokens)
@@ -80,26 +85,28 @@ def _context(tokenizer, tokens: list[str], max_context_tokens: int) -> tuple[lis
     return ids, text, dropped
 
 
-def _reference_ids(tokenizer, rest: list[str], n: int) -> list[int]:
-    """The first ``n`` model tokens of ``" " + " ".join(rest)``, tokenizing only a window
-    of words (the pre-tokenizer splits at spaces, so the window does not change them)."""
-    window = n + 2
+def _reference_ids(tokenizer, rest: list[str], n: int, sep: str = " ") -> list[int]:
+    """The first ``n`` model tokens of ``sep + sep.join(rest)``, tokenizing only a window
+    of words (the pre-tokenizer splits at spaces, so the window does not change them; for
+    source pieces, whose whitespace can merge across the window's end, a margin of 4 tokens
+    is kept beyond the ``n`` used)."""
+    window, margin = n + 2, (1 if sep else 4)
     while True:
-        ids = _encode_plain(tokenizer, " " + " ".join(rest[:window]))
-        if len(ids) > n or window >= len(rest):
+        ids = _encode_plain(tokenizer, sep + sep.join(rest[:window]))
+        if len(ids) >= n + margin or window >= len(rest):
             return ids[:n]
         window *= 2
 
 
-def _line_spans(body: list[str], language: str) -> list[tuple[int, int]]:
-    """[start, end) of each line's tokens (python: without the <EOL>; java: with the
-    closing ; { or })."""
+def _line_spans(body: list[str], language: str, sep: str = " ") -> list[tuple[int, int]]:
+    """[start, end) of each line's tokens (python: without the <EOL> or newline piece; java:
+    with the closing ; { or })."""
     spans, start = [], 0
     for i, t in enumerate(body):
-        if language == "python" and t == lexers.EOL:
+        if language == "python" and (t == lexers.EOL if sep else t.endswith("\n")):
             spans.append((start, i))
             start = i + 1
-        elif language != "python" and t in JAVA_LINE_ENDS:
+        elif language != "python" and (t if sep else t.strip()) in JAVA_LINE_ENDS:
             spans.append((start, i + 1))
             start = i + 1
     if start < len(body):
@@ -107,26 +114,26 @@ def _line_spans(body: list[str], language: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _token_sample(tokenizer, body, *, context_fraction, max_context_tokens, max_new_tokens):
+def _token_sample(tokenizer, body, *, context_fraction, max_context_tokens, max_new_tokens, sep=" "):
     if len(body) < 2:
         return None
     n = min(max(1, int(len(body) * context_fraction)), len(body) - 1)
-    ref_ids = _reference_ids(tokenizer, body[n:], max_new_tokens)
+    ref_ids = _reference_ids(tokenizer, body[n:], max_new_tokens, sep)
     if len(ref_ids) < max_new_tokens:
         return None
-    ctx_ids, ctx_text, dropped = _context(tokenizer, body[:n], max_context_tokens)
+    ctx_ids, ctx_text, dropped = _context(tokenizer, body[:n], max_context_tokens, sep)
     return ctx_ids, ctx_text, ref_ids, dropped, {"context_code_tokens": n}
 
 
-def _line_sample(tokenizer, body, language, rng, *, context_fraction, max_context_tokens):
+def _line_sample(tokenizer, body, language, rng, *, context_fraction, max_context_tokens, sep=" "):
     n = int(len(body) * context_fraction)
-    for start, end in _line_spans(body, language):
+    for start, end in _line_spans(body, language, sep):
         if start < n or end - start < 2:
             continue
         k = rng.randint(1, end - start - 1)  # tokens of the line already typed
         ref_tokens = body[start + k:end]
-        ref_ids = _encode_plain(tokenizer, " " + " ".join(ref_tokens))
-        ctx_ids, ctx_text, dropped = _context(tokenizer, body[:start + k], max_context_tokens)
+        ref_ids = _encode_plain(tokenizer, sep + sep.join(ref_tokens))
+        ctx_ids, ctx_text, dropped = _context(tokenizer, body[:start + k], max_context_tokens, sep)
         return ctx_ids, ctx_text, ref_ids, dropped, {"line_start": start, "typed_tokens": k,
                                                      "reference_code_tokens": ref_tokens}
     return None
@@ -134,8 +141,9 @@ def _line_sample(tokenizer, body, language, rng, *, context_fraction, max_contex
 
 def make_samples(split_dataset, tokenizer, *, num_samples: int, seed: int, context_fraction: float = 0.2,
                  max_context_tokens: int = 512, max_new_tokens: int = 15, mode: str = "token",
-                 language: Optional[str] = None) -> list[Sample]:
-    """Up to ``num_samples`` samples from ``split_dataset`` (records with ``code``)."""
+                 language: Optional[str] = None, sep: str = " ") -> list[Sample]:
+    """Up to ``num_samples`` samples from ``split_dataset`` (records with ``code``);
+    ``sep`` joins a record's tokens (``text_sep(cfg)``: ``""`` for source pieces)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; use one of {MODES}")
     if not 0.0 < context_fraction < 1.0:
@@ -155,11 +163,11 @@ def make_samples(split_dataset, tokenizer, *, num_samples: int, seed: int, conte
         rid = str(rec.get("id", idx))
         if mode == "token":
             got = _token_sample(tokenizer, body, context_fraction=context_fraction,
-                                max_context_tokens=max_context_tokens, max_new_tokens=max_new_tokens)
+                                max_context_tokens=max_context_tokens, max_new_tokens=max_new_tokens, sep=sep)
         else:
             rng = random.Random(f"{seed}:{rid}")
             got = _line_sample(tokenizer, body, lang, rng, context_fraction=context_fraction,
-                               max_context_tokens=max_context_tokens)
+                               max_context_tokens=max_context_tokens, sep=sep)
         if got is None:
             skipped += 1
             continue
@@ -178,10 +186,11 @@ def make_samples(split_dataset, tokenizer, *, num_samples: int, seed: int, conte
 
 def samples_for_config(cfg, tokenizer) -> list[Sample]:
     """``make_samples`` on ``cfg.eval.split`` of the run's corpus with ``cfg.eval``."""
-    from greencode.data.corpus import load_corpus
+    from greencode.data.corpus import load_corpus, text_sep
 
     e = cfg.eval
     split = load_corpus(cfg)[e.split]
     return make_samples(split, tokenizer, num_samples=e.num_samples, seed=e.sample_seed,
                         context_fraction=e.context_fraction, max_context_tokens=e.max_context_tokens,
-                        max_new_tokens=e.max_new_tokens, mode=e.mode, language=cfg.data.language)
+                        max_new_tokens=e.max_new_tokens, mode=e.mode, language=cfg.data.language,
+                        sep=text_sep(cfg))

@@ -42,12 +42,16 @@ CONTENT_TOKENS = list(lexers.LITERAL_TOKENS)  # <EOL>, <STR_LIT>, <NUM_LIT>, <CH
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, length: Optional[int] = None,
-              show_progress: bool = False):
-    """A byte-level BPE over ``texts`` wrapped as a transformers fast tokenizer."""
+              show_progress: bool = False, content_tokens: Sequence[str] = tuple(CONTENT_TOKENS)):
+    """A byte-level BPE over ``texts`` wrapped as a transformers fast tokenizer.
+
+    ``content_tokens``: the CodeXGLUE markers kept as single tokens; ``()`` for source text
+    (``data.literal_mode=source``), so such a model cannot produce a placeholder at all."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    fixed = SPECIAL_TOKENS + CONTENT_TOKENS
+    content_tokens = list(content_tokens)
+    fixed = SPECIAL_TOKENS + content_tokens
     if vocab_size < 256 + len(fixed):
         raise ValueError(f"tokenizer.vocab_size={vocab_size} is too small for a byte-level BPE; use >= {256 + len(fixed)}")
     tok = Tokenizer(models.BPE())
@@ -57,7 +61,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     # the CodeXGLUE markers are content, not control tokens: mark them non-special
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CONTENT_TOKENS])
+    if content_tokens:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in content_tokens])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=lexers.BOS, eos_token=lexers.EOS,
                                    pad_token=lexers.PAD, unk_token=lexers.UNK, clean_up_tokenization_spaces=False)
 
@@ -87,9 +92,9 @@ def encode_context(tokenizer, text: str, max_tokens: Optional[int] = None) -> li
     return head + ids
 
 
-def encode_record(tokenizer, record_or_tokens: Union[Mapping[str, Any], Sequence[str]]) -> list[int]:
-    """Training ids of a record: bos + ``code_text(record)`` + eos."""
-    ids = tokenizer(code_text(record_or_tokens), add_special_tokens=False)["input_ids"]
+def encode_record(tokenizer, record_or_tokens: Union[Mapping[str, Any], Sequence[str]], sep: str = " ") -> list[int]:
+    """Training ids of a record: bos + ``code_text(record, sep)`` + eos."""
+    ids = tokenizer(code_text(record_or_tokens, sep), add_special_tokens=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     return ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
 
@@ -101,6 +106,8 @@ def _fingerprint(cfg, corpus_content_hash: Optional[str]) -> str:
         key: dict[str, Any] = {"format": TOKENIZER_FORMAT, "path": cfg.tokenizer.path}
     else:
         key = {"format": TOKENIZER_FORMAT, "tokenizer": t, "corpus": corpus_content_hash, "seed": cfg.seed}
+        if cfg.data.source == "local" and cfg.data.literal_mode == lexers.SOURCE_MODE:
+            key["content_tokens"] = []  # source text: no CodeXGLUE markers in the vocabulary
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -112,13 +119,13 @@ def _read_manifest(tok_dir: Path) -> Optional[dict]:
         return None
 
 
-def training_texts(train_split, max_chars: int, seed: int) -> list[str]:
+def training_texts(train_split, max_chars: int, seed: int, sep: str = " ") -> list[str]:
     """``code_text`` of train records in a seeded order until ``max_chars`` characters."""
     order = list(range(len(train_split)))
     random.Random(seed).shuffle(order)
     texts, total = [], 0
     for i in order:
-        t = code_text(train_split[i]["code"])
+        t = code_text(train_split[i]["code"], sep)
         if total + len(t) > max_chars:
             if not texts:
                 texts.append(t[:max_chars])
@@ -167,9 +174,12 @@ def prepare_tokenizer(cfg, corpus_manifest: Optional[Mapping[str, Any]] = None, 
         if len(train) == 0:
             raise ValueError("the corpus has no train records to train a tokenizer on; enlarge the corpus "
                              "(data.max_files, data.min_file_tokens)")
-        texts = training_texts(train, cfg.tokenizer.max_train_chars, cfg.seed)
+        from greencode.data.corpus import text_sep
+
+        texts = training_texts(train, cfg.tokenizer.max_train_chars, cfg.seed, text_sep(cfg))
+        source = cfg.data.source == "local" and cfg.data.literal_mode == lexers.SOURCE_MODE
         tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, length=len(texts),
-                        show_progress=sys.stderr.isatty())
+                        show_progress=sys.stderr.isatty(), content_tokens=() if source else CONTENT_TOKENS)
         info.update(kind="bpe", train_records=len(texts), train_chars=sum(len(t) for t in texts))
     info["vocab_size"] = len(tok)
     info["special_token_ids"] = {n: tok.convert_tokens_to_ids(t) for n, t in

@@ -77,7 +77,7 @@ def _code_tokens(record: Any) -> list[str]:
     return code
 
 
-def context_ids(tokenizer, record: Any, fraction: float, max_context_tokens: int) -> Optional[list[int]]:
+def context_ids(tokenizer, record: Any, fraction: float, max_context_tokens: int, sep: str = " ") -> Optional[list[int]]:
     """The prompt for one bank sequence, built like the evaluator's samples: the first
     ``int(fraction * n)`` CodeXGLUE tokens of the record joined by spaces, encoded by
     :func:`greencode.data.encode_context` (bos + text, left-truncated to
@@ -88,7 +88,7 @@ def context_ids(tokenizer, record: Any, fraction: float, max_context_tokens: int
     if len(body) < 2:
         return None
     n = min(max(1, int(len(body) * fraction)), len(body) - 1)
-    return encode_context(tokenizer, " ".join(body[:n]), max_context_tokens)
+    return encode_context(tokenizer, sep.join(body[:n]), max_context_tokens)
 
 
 def _load_model(cfg, model):
@@ -189,7 +189,10 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
 def _record_all(cfg, model, tokenizer, records, rng, max_ctx, eos):
     from tqdm.auto import tqdm
 
+    from greencode.data.corpus import text_sep
+
     bc = cfg.rl.bank
+    sep = text_sep(cfg)
     chunks: list[dict[str, np.ndarray]] = []
     total = 0
     skipped = 0
@@ -199,7 +202,7 @@ def _record_all(cfg, model, tokenizer, records, rng, max_ctx, eos):
         if len(chunks) >= bc.num_sequences or (bc.max_tokens is not None and total >= bc.max_tokens):
             break
         frac = float(rng.uniform(bc.context_fraction[0], bc.context_fraction[1]))
-        context = context_ids(tokenizer, records[int(idx)], frac, max_ctx)
+        context = context_ids(tokenizer, records[int(idx)], frac, max_ctx, sep)
         if context is None:
             skipped += 1
             continue

@@ -164,6 +164,8 @@ class Engine:
         self.run_root = run_root
         self.notes = list(notes or [])
         self.prompt_format = getattr(serve_cfg, "prompt_format", "raw")
+        if literal_mode == "source":  # the model reads and writes source as written: nothing to convert
+            self.prompt_format = "raw"
         self.language = language
         self.literal_mode = literal_mode
         from greencode.decoding import generate

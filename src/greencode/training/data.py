@@ -41,7 +41,7 @@ def _select_files(ds, max_tokens: Optional[int], seq_len: int, seed: int, shuffl
 
 
 def pack_split(ds, tokenizer, seq_len: int, *, max_tokens: Optional[int] = None, seed: int = 0,
-               shuffle: bool = True, num_proc: Optional[int] = None, desc: str = "packing"):
+               shuffle: bool = True, num_proc: Optional[int] = None, desc: str = "packing", sep: str = " "):
     """Tokenize a corpus split (records with ``code``) and pack it into ``seq_len`` chunks.
 
     Returns a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (lists of ``seq_len``
@@ -57,7 +57,7 @@ def pack_split(ds, tokenizer, seq_len: int, *, max_tokens: Optional[int] = None,
     files = _select_files(ds, max_tokens, seq_len, seed, shuffle)
 
     def tokenize_and_chunk(batch):
-        ids = list(chain.from_iterable(encode_record(tokenizer, c) for c in batch["code"]))
+        ids = list(chain.from_iterable(encode_record(tokenizer, c, sep) for c in batch["code"]))
         n = len(ids) // seq_len * seq_len
         chunks = [ids[i:i + seq_len] for i in range(0, n, seq_len)]
         return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
@@ -81,13 +81,15 @@ def build_datasets(cfg, stage, tokenizer):
     ``cfg.finetune``): the train split capped at ``max_train_tokens``, the validation split
     at ``eval_max_tokens``."""
     from greencode.data import load_corpus
+    from greencode.data.corpus import text_sep
 
     dsd = load_corpus(cfg)
+    sep = text_sep(cfg)
     for split in ("train", "validation"):
         if split not in dsd:
             raise ValueError(f"the corpus has no {split!r} split; rebuild it with scripts/prepare_data.py")
     train = pack_split(dsd["train"], tokenizer, stage.seq_len, max_tokens=stage.max_train_tokens, seed=cfg.seed,
-                       desc="packing train")
+                       desc="packing train", sep=sep)
     val = pack_split(dsd["validation"], tokenizer, stage.seq_len, max_tokens=stage.eval_max_tokens, seed=cfg.seed,
                      desc="packing validation")
     log.info("data: %d train chunks (%d tokens), %d validation chunks (%d tokens) of %d tokens", len(train),
