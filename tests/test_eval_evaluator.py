@@ -139,13 +139,24 @@ def test_evaluate_smoke_end_to_end_writes_every_file(tmp_path, samples_patch):
     full = rows["full"]
     assert full["num_samples"] == 3 and full["compute_ratio"] == pytest.approx(1.0)
     assert full["layers_skipped_share"] == pytest.approx(0.0) and full["mean_exit_layer"] == 3
-    assert full["codebleu_delta_pct"] in (0.0, None) and full["latency_s_delta_pct"] == 0.0
+    assert full["latency_s_delta_pct"] == 0.0 and full["timed_samples"] == 3
+    # the reference agrees with itself, and has no difference to itself
+    assert full["token_agreement"] == 1.0 and full["prefix_match"] == pytest.approx(
+        sum(len(r["tokens"]) for r in json.loads((out / "methods" / "full.json").read_text())["records"]) / 3)
+    assert full["edit_similarity_diff"] is None and full["edit_similarity_ci"] is not None
     assert full["energy_j"] is None
     # our loop with all layers reproduces HF generate, and speculative decoding is lossless
     assert rows["full_hf"]["same_output_as_reference_share"] == 1.0
     assert rows["hf_early_exit@1"]["same_output_as_reference_share"] == 1.0
     assert rows["oracle"]["same_output_as_reference_share"] == 1.0 and rows["oracle"]["analysis_only"]
-    assert 0 <= rows["oracle"]["hypothetical_layers_skipped_share"] <= 1
+    for lossless in ("full_hf", "hf_early_exit@1", "oracle"):
+        assert rows[lossless]["token_agreement"] == 1.0
+        assert rows[lossless]["token_agreement_diff"] == 0.0 and not rows[lossless]["token_agreement_diff_significant"]
+    oracle_exits = [e for r in json.loads((out / "methods" / "oracle.json").read_text())["records"]
+                    for e in r["exit_layers"][1:]]
+    # 4 layers: a token exiting at 0-based layer e needed e + 1 of them
+    assert rows["oracle"]["hypothetical_layers_skipped_share"] == pytest.approx(
+        1 - sum(e + 1 for e in oracle_exits) / (4 * len(oracle_exits)))
     f1 = rows["fixed@1"]
     assert f1["mean_exit_layer"] == 1 and f1["layers_skipped_share"] == pytest.approx(0.5)
     assert 0.3 < f1["compute_ratio"] < 0.8 and f1["compute_ratio_delta_pct"] == pytest.approx(
@@ -155,7 +166,12 @@ def test_evaluate_smoke_end_to_end_writes_every_file(tmp_path, samples_patch):
     assert gc["mean_exit_layer"] < 3  # the biased policy exits
     assert rows["gc@0.9"]["mean_exit_layer"] >= gc["mean_exit_layer"]
     for r in rows.values():
-        assert r["tokens_per_s"] > 0 and r["latency_s"] > 0 and 0 <= r["codebleu"] <= 1
+        assert r["tokens_per_s"] > 0 and r["latency_s"] > 0
+        recs = json.loads((out / "methods" / f"{r['id']}.json").read_text())["records"]
+        per_sample = [x["metrics"]["edit_similarity"] for x in recs]
+        assert r["edit_similarity_mean"] == pytest.approx(sum(per_sample) / len(per_sample))
+        lo, hi = r["edit_similarity_ci"]
+        assert min(per_sample) <= lo <= r["edit_similarity_mean"] <= hi <= max(per_sample)
 
     method = json.loads((out / "methods" / "gc@0.5.json").read_text())
     assert len(method["records"]) == 3
@@ -329,3 +345,41 @@ evaluate(load_config(sys.argv[1], sys.argv[2:]), ["full", "fixed@1"])
         assert [r["index"] for r in a] == [0, 1, 2]
         assert [(r["id"], r["tokens"], r["prediction"]) for r in a] == [(r["id"], r["tokens"], r["prediction"])
                                                                          for r in b]
+
+
+def test_accuracy_only_samples_share_one_prefill_and_give_the_same_tokens(tmp_path, samples_patch):
+    """eval.timing_samples=1: samples 1 and 2 are decoded from one shared prefill, untimed; every
+    method's tokens equal the fully timed run's, and latency comes from the timed sample only."""
+    cfg, paths, tok = make_run(tmp_path / "a", "eval.methods=[full,fixed,gc,oracle]", "eval.overhead_ab=false")
+    timed_all = {r["id"]: r for r in summary_table(evaluate(cfg))}
+    methods_all = {p.stem: json.loads(p.read_text()) for p in (paths.results_eval / "methods").glob("*.json")}
+
+    import greencode.decoding as dec
+
+    calls = {"prefill": 0}
+    real_prefill = dec.prefill
+
+    def counting_prefill(*a, **k):
+        calls["prefill"] += 1
+        return real_prefill(*a, **k)
+
+    cfg2 = load_config(SMOKE, [f"run_dir={tmp_path}/a/runs/smoke", f"results_dir={tmp_path}/results2/smoke", "eval.num_samples=3",
+                               "eval.warmup_samples=1", "eval.methods=[full,fixed,gc,oracle]",
+                               "eval.overhead_ab=false", "eval.timing_samples=1"])
+    orig = dec.prefill
+    dec.prefill = counting_prefill
+    try:
+        out2 = evaluate(cfg2)
+    finally:
+        dec.prefill = orig
+    assert calls["prefill"] == 2  # one per untimed sample, shared by all 6 loop methods
+    rows = {r["id"]: r for r in summary_table(out2)}
+    assert set(rows) == set(timed_all)
+    for mid, row in rows.items():
+        recs = json.loads((out2 / "methods" / f"{mid}.json").read_text())["records"]
+        assert [r["tokens"] for r in recs] == [r["tokens"] for r in methods_all[mid]["records"]], mid
+        assert [r["timed"] for r in recs] == [True, False, False]
+        assert recs[1]["latency_s"] is None and recs[0]["latency_s"] > 0
+        assert row["timed_samples"] == 1 and row["num_samples"] == 3
+        assert row["latency_s"] == pytest.approx(recs[0]["latency_s"])
+        assert row["compute_ratio"] == pytest.approx(timed_all[mid]["compute_ratio"])

@@ -2,7 +2,8 @@
 
 from greencode.decoding.controllers import (ConfidenceExit, EntropyExit, ExitController, FixedExit, NeverExit,
                                             OracleExit, PolicyExit, policy_observation)
-from greencode.decoding.generate import KV_STRATEGIES, GenerationResult, compute_cost, generate
+from greencode.decoding.generate import KV_STRATEGIES, GenerationResult, Prefill, compute_cost, generate, prefill
 
 __all__ = ["ConfidenceExit", "EntropyExit", "ExitController", "FixedExit", "GenerationResult", "KV_STRATEGIES",
-           "NeverExit", "OracleExit", "PolicyExit", "compute_cost", "generate", "policy_observation"]
+           "NeverExit", "OracleExit", "PolicyExit", "Prefill", "compute_cost", "generate", "policy_observation",
+           "prefill"]

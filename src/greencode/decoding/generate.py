@@ -87,6 +87,39 @@ def _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_st
     return input_ids.to(model.device)
 
 
+@dataclass
+class Prefill:
+    """The full-model prefill of one prompt: its cache and the last position's logits.
+
+    Every method of an evaluation starts from the same prefill; computing it once and
+    handing a copy to each ``generate(..., prefill=...)`` call gives the same tokens as
+    prefilling each time (the cache is copied, never shared)."""
+
+    input_ids: torch.Tensor
+    cache: object
+    logits: torch.Tensor
+    time_s: float = 0.0
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: Union[torch.Tensor, Sequence[int]]) -> Prefill:
+    """Run the prompt through all layers once (HF's forward, filling a ``DynamicCache``)."""
+    from transformers import DynamicCache
+
+    ids = _validate(model, input_ids, 1, 1.0, 1.0, 0, "propagate")
+    t0 = time.perf_counter()
+    cache = DynamicCache(config=model.hf.config)
+    out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    logits = model.adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
+    return Prefill(ids, cache, logits, time.perf_counter() - t0)
+
+
+def _copy_cache(cache):
+    import copy
+
+    return copy.deepcopy(cache)
+
+
 @torch.inference_mode()
 def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: Optional[ExitController] = None,
              max_new_tokens: int = 15, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -94,7 +127,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
              stop_strings: Optional[Sequence[str]] = None, tokenizer=None,
              kv_strategy: str = "propagate", return_logits: bool = False,
              on_token: Optional[Callable[[int, int], None]] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+             should_stop: Optional[Callable[[], bool]] = None,
+             prefilled: Optional[Prefill] = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
@@ -103,6 +137,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
     ``on_token(token_id, exit_layer)`` is called as each token is chosen (for streaming);
     ``should_stop()`` is polled before each new token and ends generation with
     ``finish_reason="cancelled"`` when it returns true (timeouts, disconnected clients).
+    ``prefilled``: a :func:`prefill` of the same ``input_ids``, whose cache is copied instead of
+    running the prompt again (``prefill_time_s`` then counts the copy only).
     """
     from transformers import DynamicCache
 
@@ -125,9 +161,15 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
              decode_steps=0)
 
     t_start = time.perf_counter()
-    cache = DynamicCache(config=model.hf.config)
-    out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
-    logits = adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
+    if prefilled is not None:
+        if prefilled.input_ids.shape != ids.shape or not torch.equal(prefilled.input_ids.to(ids.device), ids):
+            raise ValueError("prefilled= holds the prefill of another prompt; call prefill(model, input_ids) "
+                             "with the same input_ids")
+        cache, logits = _copy_cache(prefilled.cache), prefilled.logits
+    else:
+        cache = DynamicCache(config=model.hf.config)
+        out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        logits = adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
     c["lm_head_calls"] += 1
     token = _select_token(logits, do_sample, temperature, top_p, top_k, generator)
     t_prefill = time.perf_counter()

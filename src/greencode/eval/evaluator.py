@@ -230,29 +230,37 @@ class Runner:
         self._controllers[spec.id] = c
         return c
 
-    def run(self, spec: MethodSpec, prompt: list[int], window: str) -> dict:
+    def run(self, spec: MethodSpec, prompt: list[int], window: str, prefilled=None) -> dict:
+        """One generation. ``window`` None: not timed (accuracy only; ``prefilled`` may carry
+        the shared full-model prefill of ``prompt`` for the loop methods)."""
         if spec.runs_hf:
             return self._run_hf(spec, prompt, window)
-        return self._run_loop(spec, self.controller(spec), prompt, window)
+        return self._run_loop(spec, self.controller(spec), prompt, window, prefilled)
 
-    def _measured(self, window: str, fn: Callable[[], Any]):
+    def _measured(self, window: Optional[str], fn: Callable[[], Any]):
+        if window is None:
+            return fn(), None
         with self.meter.window(window) as w:
             out = fn()
         return out, w.measurement
 
     def _record(self, tokens: list[int], measurement, prompt_len: int, exit_layers, finish, counters, cost) -> dict:
+        m = measurement
         return {"new_tokens": len(tokens), "tokens": list(tokens), "exit_layers": exit_layers, "finish_reason": finish,
-                "prompt_tokens": prompt_len, "latency_s": measurement.latency_s, "energy_j": measurement.energy_j,
-                "gpu_energy_j": measurement.gpu_energy_j, "cpu_energy_j": measurement.cpu_energy_j,
-                "energy_note": measurement.note, "counters": counters, "cost": cost}
+                "prompt_tokens": prompt_len, "timed": m is not None,
+                "latency_s": m.latency_s if m else None, "energy_j": m.energy_j if m else None,
+                "gpu_energy_j": m.gpu_energy_j if m else None, "cpu_energy_j": m.cpu_energy_j if m else None,
+                "energy_note": m.note if m else "not timed (accuracy-only sample)", "counters": counters,
+                "cost": cost}
 
-    def _run_loop(self, spec: MethodSpec, controller, prompt: list[int], window: str) -> dict:
+    def _run_loop(self, spec: MethodSpec, controller, prompt: list[int], window: Optional[str],
+                  prefilled=None) -> dict:
         from greencode.decoding import compute_cost, generate
 
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
         res, m = self._measured(window, lambda: generate(
             self.model, ids, controller, self.cfg.eval.max_new_tokens, eos_token_id=self.eos,
-            kv_strategy=self.cfg.decoding.kv_strategy))
+            kv_strategy=self.cfg.decoding.kv_strategy, prefilled=prefilled))
         cost = compute_cost(self.model, [res], controller)
         steps = res.counters["decode_steps"]
         cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
@@ -261,7 +269,7 @@ class Runner:
         return self._record(res.tokens, m, len(prompt), list(res.exit_layers), res.finish_reason, dict(res.counters),
                             cost)
 
-    def _run_hf(self, spec: MethodSpec, prompt: list[int], window: str) -> dict:
+    def _run_hf(self, spec: MethodSpec, prompt: list[int], window: Optional[str]) -> dict:
         from transformers import GenerationConfig
 
         model = self.inputs.base if spec.family == "base" else self.model
@@ -387,11 +395,11 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
 
     failed: dict[str, str] = {}
 
-    def attempt(spec: MethodSpec, prompt: list[int], window: str) -> Optional[dict]:
+    def attempt(spec: MethodSpec, prompt: list[int], window: Optional[str], prefilled=None) -> Optional[dict]:
         if spec.id in failed:
             return None
         try:
-            return runner.run(spec, prompt, window)
+            return runner.run(spec, prompt, window, prefilled)
         except Exception as e:  # noqa: BLE001 - only HF's own paths may fail for a model family
             if not spec.runs_hf or explicit:
                 raise
@@ -412,6 +420,10 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
 
     records: dict[str, list[dict]] = {s.id: [] for s in active}
     ab_records: list[dict] = []
+    # the timed samples are the first of the whole sample list (the same ones under any sharding)
+    timed_indices = set(range(cfg.eval.timing_samples if cfg.eval.timing_samples is not None else len(samples)))
+    log.info("%d of this process's %d samples are timed; the rest are decoded for accuracy only "
+             "(shared prefill)", sum(i in timed_indices for i in indices), len(prompts))
     iterator = range(len(prompts))
     if progress:
         from tqdm.auto import tqdm
@@ -425,14 +437,20 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         # methods, not on neighbours in the method list
         order = list(active)
         random.Random(cfg.seed * 1_000_003 + i).shuffle(order)
+        timed = i in timed_indices
+        shared = None
+        if not timed and any(not s.runs_hf for s in order):
+            from greencode.decoding import prefill
+
+            shared = prefill(model, prompt)
         for spec in order:
-            rec = attempt(spec, prompt, f"{spec.id}/{i}")
+            rec = attempt(spec, prompt, f"{spec.id}/{i}" if timed else None, shared)
             if rec is None:
                 continue
             rec.update(index=i, id=str(sample.id), reference=reference,
                        prediction=_decode(tok, rec["tokens"]))
             records[spec.id].append(rec)
-        if ab_spec is not None:
+        if ab_spec is not None and timed:
             threshold, pol_ctrl, never = ab_spec
             order = [("policy", pol_ctrl), ("full", never)] if k % 2 else [("full", never), ("policy", pol_ctrl)]
             res = {name: runner._run_loop(MethodSpec("full"), c, prompt, f"ab/{name}/{i}") for name, c in order}
@@ -470,6 +488,9 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         "kv_strategy": cfg.decoding.kv_strategy,
         "policy_temperature": cfg.decoding.policy_temperature,
         "warmup_samples": cfg.eval.warmup_samples,
+        "timing_samples": cfg.eval.timing_samples,
+        "bootstrap_resamples": cfg.eval.bootstrap_resamples,
+        "bootstrap_seed": cfg.seed,
         "model": model.fingerprint(),
         "base_model": inputs.base.fingerprint() if inputs.base is not None else None,
         "policy": getattr(inputs.policy, "metadata", None) and {
@@ -516,6 +537,11 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy="gc" in families)
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
+    from greencode.training.shipping import check_split_disjoint
+
+    checked = check_split_disjoint(cfg, cfg.eval.split)  # raises when the base was trained on these files
+    if checked:
+        log.info("the %d %s-split files are disjoint from the base model's training files", checked, cfg.eval.split)
     _check_languages(cfg, samples)
     indices = [i for i in range(len(samples)) if i % dist.world_size == dist.rank]
     log.info("evaluating %d methods on %d samples (rank %d/%d: %d samples)", len(specs), len(samples), dist.rank,

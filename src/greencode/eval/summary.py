@@ -44,10 +44,21 @@ METRIC_KEYS = ("codebleu", "codebleu_ngram", "codebleu_weighted_ngram", "codeble
 EFFICIENCY_KEYS = ("latency_s", "tokens_per_s", "energy_j", "mean_exit_layer", "layers_skipped_share",
                    "compute_ratio", "controller_overhead_share", "controller_overhead_share_ab")
 DELTA_KEYS = METRIC_KEYS + ("latency_s", "tokens_per_s", "energy_j", "compute_ratio")
-CSV_COLUMNS = (("id", "family", "param", "num_samples") + METRIC_KEYS + EFFICIENCY_KEYS
+
+def _ci_columns() -> tuple[str, ...]:
+    from greencode.eval.stats import CI_KEYS
+
+    cols: list[str] = []
+    for k in CI_KEYS:
+        cols += [f"{k}_mean", f"{k}_ci_low", f"{k}_ci_high", f"{k}_diff", f"{k}_diff_ci_low", f"{k}_diff_ci_high",
+                 f"{k}_diff_significant"]
+    return tuple(cols)
+
+
+CSV_COLUMNS = (("id", "family", "param", "num_samples", "timed_samples") + METRIC_KEYS + EFFICIENCY_KEYS
                + ("latency_s_median", "new_tokens_mean", "energy_source", "energy_null_reason", "analysis_only",
                   "hypothetical_layers_skipped_share", "same_output_as_reference_share")
-               + tuple(f"{k}_delta_pct" for k in DELTA_KEYS))
+               + tuple(f"{k}_delta_pct" for k in DELTA_KEYS) + _ci_columns())
 UNITS = {
     "latency_s": "seconds per sample (one generation: prefill + decode), mean over samples",
     "tokens_per_s": "new tokens / second = sum(new_tokens) / sum(latency_s)",
@@ -61,6 +72,13 @@ UNITS = {
     "controller_overhead_share_ab": "A/B run: (decode time with the policy evaluated but ignored - without it) / "
                                     "without it, same samples, interleaved",
     "*_delta_pct": "100 x (value - reference) / |reference|, reference = the fine-tuned all-layers row",
+    "token_agreement": "share of the reference method's generated tokens that this method generated at the same "
+                       "position, mean over samples (the primary fidelity measure)",
+    "prefix_match": "number of leading generated tokens equal to the reference method's, mean over samples",
+    "*_mean / *_ci": "mean per-sample value and its 95% paired-bootstrap interval (sentence-level scores for "
+                     "BLEU, chrF and CodeBLEU; the accuracy table's columns are corpus-level)",
+    "*_diff / *_diff_ci / *_diff_significant": "this method minus the reference, mean over paired samples, its "
+                                               "95% paired-bootstrap interval, and whether that interval excludes 0",
 }
 
 
@@ -89,14 +107,18 @@ def aggregate_efficiency(records: Sequence[dict]) -> dict[str, Any]:
     n = len(records)
     if n == 0:
         raise ValueError("no records to aggregate; the method produced no generations")
-    latencies = [float(r["latency_s"]) for r in records]
+    # latency and energy come from the timed samples only (eval.timing_samples); the rest were
+    # decoded for accuracy with a shared prefill and carry no timing
+    timed = [r for r in records if r.get("latency_s") is not None]
+    latencies = [float(r["latency_s"]) for r in timed]
+    timed_tokens = sum(int(r["new_tokens"]) for r in timed)
     new_tokens = sum(int(r["new_tokens"]) for r in records)
-    energies = [r.get("energy_j") for r in records]
-    energy_ok = all(e is not None for e in energies)
+    energies = [r.get("energy_j") for r in timed]
+    energy_ok = bool(timed) and all(e is not None for e in energies)
     reason = None
     if not energy_ok:
-        reason = next((r.get("energy_note") for r in records if r.get("energy_j") is None and r.get("energy_note")),
-                      "energy not measured")
+        reason = next((r.get("energy_note") for r in timed if r.get("energy_j") is None and r.get("energy_note")),
+                      "energy not measured" if timed else "no timed samples")
     costs = [r.get("cost") or {} for r in records]
     steps_full = sum(c.get("layer_steps_full", 0) for c in costs)
     layers_run = sum(c.get("layers_run", 0) for c in costs)
@@ -111,9 +133,10 @@ def aggregate_efficiency(records: Sequence[dict]) -> dict[str, Any]:
     has_cost = all("macs_full" in c for c in costs)
     return {
         "num_samples": n,
+        "timed_samples": len(timed),
         "latency_s": _mean(latencies),
-        "latency_s_median": float(statistics.median(latencies)),
-        "tokens_per_s": _ratio(new_tokens, sum(latencies)),
+        "latency_s_median": float(statistics.median(latencies)) if latencies else None,
+        "tokens_per_s": _ratio(timed_tokens, sum(latencies)) if latencies else None,
         "new_tokens_mean": new_tokens / n,
         "energy_j": _mean([float(e) for e in energies]) if energy_ok else None,
         "energy_null_reason": reason,
@@ -179,7 +202,15 @@ def build_rows(merged: dict, metrics_fn=None, sample_metrics_fn=None) -> list[di
             if exits:
                 row["hypothetical_layers_skipped_share"] = 1.0 - sum(e + 1 for e in exits) / (len(exits) * num_layers)
         rows.append(row)
-    add_deltas(rows, merged["methods"])
+    ref_id = add_deltas(rows, merged["methods"])
+    from greencode.eval.stats import add_agreement, add_confidence
+
+    add_agreement(merged["methods"], ref_id)
+    add_confidence(rows, merged["methods"], ref_id, resamples=int(meta.get("bootstrap_resamples", 2000) or 0),
+                   seed=int(meta.get("bootstrap_seed", 0) or 0))
+    for row in rows:
+        row["token_agreement"] = row.get("token_agreement_mean")
+        row["prefix_match"] = row.get("prefix_match_mean")
     return rows
 
 
@@ -325,7 +356,11 @@ def render_csv(rows: Sequence[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+        flat = dict(r)
+        for k, v in r.items():  # [low, high] intervals -> two columns
+            if k.endswith("_ci") and isinstance(v, (list, tuple)) and len(v) == 2:
+                flat[f"{k}_low"], flat[f"{k}_high"] = v
+        w.writerow({k: ("" if flat.get(k) is None else flat.get(k)) for k in CSV_COLUMNS})
     return buf.getvalue()
 
 
@@ -350,6 +385,7 @@ def render_markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Scales: " + ", ".join(f"{k} {v}" for k, v in summary.get("scales", {}).items()) + ".")
+    lines += _ci_section(rows, ref, summary.get("bootstrap"))
     lines.append("")
     lines.append("## Efficiency")
     lines.append("")
@@ -453,6 +489,8 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
         "skipped": merged.get("skipped", []),
         "overhead_ab": overhead_ab_summary(merged.get("overhead_ab")),
         "goal_check": goal_check(rows),
+        "bootstrap": {"resamples": meta.get("bootstrap_resamples", 2000), "seed": meta.get("bootstrap_seed", 0),
+                      "level": 0.95, "method": "paired percentile bootstrap over samples"},
         "notes": meta.get("notes", []),
         "model": meta.get("model"),
         "run_metadata": run_meta,
@@ -511,3 +549,41 @@ def summary_table(results_dir: Union[str, Path]) -> list[dict]:
     if data.get("format") != SUMMARY_FORMAT:
         raise ValueError(f"{str(path)!r} is not an evaluation summary (format {data.get('format')!r})")
     return list(data["rows"])
+
+
+def _ci_cell(row: dict, key: str, digits: int = 3) -> str:
+    d, ci, sig = row.get(f"{key}_diff"), row.get(f"{key}_diff_ci"), row.get(f"{key}_diff_significant")
+    if d is None:
+        return "–"
+    text = f"{d:+.{digits}f}"
+    if ci:
+        text += f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+    return text + (" *" if sig else "")
+
+
+def _mean_cell(row: dict, key: str, digits: int = 3) -> str:
+    m, ci = row.get(f"{key}_mean"), row.get(f"{key}_ci")
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _ci_section(rows: Sequence[dict], ref: Optional[str], boot: Optional[dict]) -> list[str]:
+    """The markdown table of per-sample means and paired differences with 95% intervals."""
+    if not any(r.get("token_agreement_mean") is not None or r.get("edit_similarity_mean") is not None for r in rows):
+        return []
+    n = (boot or {}).get("resamples")
+    lines = ["", "## Fidelity and accuracy with 95% confidence intervals", "",
+             f"Mean per-sample values and the difference to `{ref}` (method − `{ref}`) with paired-bootstrap 95% "
+             f"intervals{f' ({n} resamples)' if n else ''}; `*` marks a difference whose interval excludes zero. "
+             "Token agreement is the share of the full model's tokens reproduced at the same position.", ""]
+    head = ["method", "token agreement", "prefix match (tokens)", "Δ edit similarity", "Δ exact match",
+            "Δ ROUGE-L", "Δ CodeBLEU (sentence)", "Δ chrF (sentence)"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = [f"`{r['id']}`", _mean_cell(r, "token_agreement"), _mean_cell(r, "prefix_match", 2),
+                 _ci_cell(r, "edit_similarity", 2), _ci_cell(r, "exact_match"), _ci_cell(r, "rouge_l"),
+                 _ci_cell(r, "codebleu"), _ci_cell(r, "chrf", 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
