@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test benchmark clean-runs
+.PHONY: setup demo test benchmark pretrain clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# retrain the shipped base model (assets/default-base) from scratch: ~85 min on 2 CPU cores
+pretrain: $(STAMP)
+	$(PY) scripts/pretrain.py --config configs/base.yaml
+	$(PY) scripts/ship_base.py --config configs/base.yaml
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py --config configs/default.yaml

@@ -108,13 +108,16 @@ def check_same_tokenizer(model_dir, cfg, redo: str) -> None:
 
 
 # --------------------------------------------------------------------------- arguments
-def _precision(cfg) -> dict:
+def _precision(cfg, stage=None) -> dict:
     from greencode.utils import resolve_device
 
     device = resolve_device(cfg.hardware.device)
     dtype = cfg.hardware.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    mode = getattr(stage, "mixed_precision", "auto") if stage is not None else "auto"
+    if mode != "auto":
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}[mode]
     return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16", "use_cpu": device.type == "cpu"}
 
 
@@ -149,7 +152,7 @@ def training_arguments(cfg, stage, output_dir: Path, *, disable_tqdm: Optional[b
         disable_tqdm=disable_tqdm,
         ddp_find_unused_parameters=False,
         **{ckpt_key: stage.gradient_checkpointing},
-        **_precision(cfg),
+        **_precision(cfg, stage),
     )
     if stage.warmup_ratio > 0:
         kwargs["warmup_steps"] = stage.warmup_ratio if stage.warmup_ratio < 1 else max(stage.max_steps, 1)
