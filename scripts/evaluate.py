@@ -29,16 +29,21 @@ def main() -> None:
     out = evaluate(cfg, args.methods)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 of a sharded run prints the table
         return
-    print(f"{'method':<20} {'CodeBLEU':>9} {'ΔCodeBLEU':>10} {'latency s':>10} {'Δlatency':>9} {'tok/s':>8} "
-          f"{'compute':>8} {'exit L':>7}")
+    print(f"{'method':<20} {'CodeBLEU':>9} {'ΔCodeBLEU':>10} {'agree':>6} {'latency s':>10} {'Δlatency':>9} "
+          f"{'tok/s':>8} {'compute':>8} {'exit L':>7}")
+
+    def num(v, spec):
+        return "–" if v is None else format(v, spec)
+
     for r in summary_table(out):
         def pct(k):
             v = r.get(f"{k}_delta_pct")
             return "–" if v is None else f"{v:+.1f}%"
         exit_l = "–" if r["mean_exit_layer"] is None else f"{r['mean_exit_layer']:.2f}"
         compute = "–" if r["compute_ratio"] is None else f"{r['compute_ratio']:.3f}"
-        print(f"{r['id']:<20} {r['codebleu']:>9.4f} {pct('codebleu'):>10} {r['latency_s']:>10.4f} "
-              f"{pct('latency_s'):>9} {r['tokens_per_s']:>8.1f} {compute:>8} {exit_l:>7}")
+        print(f"{r['id']:<20} {num(r['codebleu'], '.4f'):>9} {pct('codebleu'):>10} "
+              f"{num(r.get('token_agreement'), '.3f'):>6} {num(r['latency_s'], '.4f'):>10} "
+              f"{pct('latency_s'):>9} {num(r['tokens_per_s'], '.1f'):>8} {compute:>8} {exit_l:>7}")
     print(f"-> {out}/summary.md")
 
 

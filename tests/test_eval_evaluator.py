@@ -383,3 +383,32 @@ def test_accuracy_only_samples_share_one_prefill_and_give_the_same_tokens(tmp_pa
         assert row["timed_samples"] == 1 and row["num_samples"] == 3
         assert row["latency_s"] == pytest.approx(recs[0]["latency_s"])
         assert row["compute_ratio"] == pytest.approx(timed_all[mid]["compute_ratio"])
+
+
+def test_knob_tuning_reads_validation_and_refuses_the_test_split(tmp_path, samples_patch):
+    from greencode.eval.tuning import tune_policy_temperature
+
+    cfg, paths, tok = make_run(tmp_path)
+    with pytest.raises(ConfigError, match="validation split only"):
+        tune_policy_temperature(cfg, [1.0, 3.0], num_samples=3, split="test")
+    out = tune_policy_temperature(cfg, [1.0, 3.0], num_samples=3)
+    knobs = json.loads((out / "knobs.json").read_text())
+    assert knobs["split"] == "validation" and knobs["chosen"] in (1.0, 3.0)
+    for c in knobs["candidates"]:
+        evald = json.loads((out / f"T{c['temperature']:g}" / "eval" / "summary.json").read_text())
+        assert evald["run_metadata"]["config"]["eval"]["split"] == "validation"
+        assert evald["run_metadata"]["config"]["decoding"]["policy_temperature"] == c["temperature"]
+        ratios = [r["compute_ratio"] for r in c["rows"]]
+        assert c["spread"] == pytest.approx(max(ratios) - min(ratios))
+    best = max(knobs["candidates"], key=lambda c: (round(c["spread"], 6), -c["temperature"]))
+    assert knobs["chosen"] == best["temperature"]
+
+
+def test_tune_script_refuses_test_split_with_a_clear_error():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "tune_knobs.py"), "--config", str(SMOKE),
+                           "eval.split=test"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "validation split only" in proc.stderr and "Traceback" not in proc.stderr
