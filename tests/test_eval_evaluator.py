@@ -188,6 +188,10 @@ def test_evaluate_smoke_end_to_end_writes_every_file(tmp_path, samples_patch):
     assert ab["summary"]["same_tokens"] and len(ab["records"]) == 3
     # no temporary folders left behind
     assert [p.name for p in out.parent.iterdir()] == ["eval"]
+    shown = (out / "completions.md").read_text()
+    full_recs = json.loads((out / "methods" / "full.json").read_text())["records"]
+    assert shown.count("Full model:") == 3 and "GC (`gc@0.9`" in shown  # the middle threshold: [0.5, 0.9][2 // 2]
+    assert all(r["prediction"] in shown for r in full_recs)
 
 
 def test_missing_policy_is_skipped_with_reason_unless_asked_for(tmp_path, samples_patch):

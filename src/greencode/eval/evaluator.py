@@ -512,6 +512,15 @@ def _check_languages(cfg: Config, samples: Sequence) -> None:
         check_language(lang)
 
 
+def _showcase(out_dir: Path, samples: Sequence, cfg: Config) -> None:
+    from greencode.eval.showcase import write_completions
+
+    try:
+        write_completions(out_dir, samples, seed=cfg.seed)
+    except (OSError, ValueError, KeyError) as e:  # a readable extra: never fail a finished evaluation on it
+        log.warning("completions.md not written: %s", e)
+
+
 def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Path:
     """Evaluate the methods (``cfg.eval.methods``, or ``methods``: families or ids such as
     ``gc@0.9``) on the config's samples and write ``results/<name>/eval``. Returns that path.
@@ -551,7 +560,9 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     meta = run_metadata(cfg, stage="evaluate", energy_source=shard["meta"]["energy_source"],
                         world_size=dist.world_size)
     if dist.world_size == 1:
-        return write_results(merge_shards([shard]), out_dir, meta)
+        write_results(merge_shards([shard]), out_dir, meta)
+        _showcase(out_dir, samples, cfg)
+        return out_dir
     shard_dir = paths.results / ".eval-shards"
     try:
         write_json(shard_dir / f"rank{dist.rank}.json", shard)
@@ -559,6 +570,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
         if dist.is_main:
             shards = [read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)]
             write_results(merge_shards(shards), out_dir, meta)
+            _showcase(out_dir, samples, cfg)
             shutil.rmtree(shard_dir, ignore_errors=True)
         dist.barrier()
     finally:

@@ -76,7 +76,7 @@ def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]
         layers.append(final)
     scales = summary.get("scales") or {}
     energy = I.energy_measured(rows)
-    fig, axes = new_figure(11.5, 3.6, 1, 3)
+    fig, axes = new_figure(15.0, 3.6, 1, 4)
     ax = axes[0, 0]
     for key, label in ACCURACY_METRICS:
         vals = _pct_rows(rows, key, scales)
@@ -120,8 +120,39 @@ def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]
         _layer_ticks(ax, layers, final)
     else:
         note_panel(ax, ENERGY_NOTE, "Energy per exit layer")
+    _fidelity_panel(axes[0, 3], rows, layers, final)
     fig.suptitle(f"Fixed exits: every token leaves at one layer ({_samples(summary)}, {summary.get('language')})")
     return save_figure(fig, Path(figures_dir), NAMES["fixed_exits"])
+
+
+def _fidelity_panel(ax, rows: list[dict], layers: list[int], final: Optional[int]) -> None:
+    """Token agreement with the full model and edit similarity per exit layer, with 95%
+    bootstrap intervals; a filled marker: the difference to the full model is significant."""
+    drawn = False
+    for key, label, color in (("token_agreement", "token agreement", "#2ca02c"),
+                              ("edit_similarity", "edit similarity", "#9467bd")):
+        scale = 1.0 if key == "edit_similarity" else 100.0  # edit similarity is already 0-100
+        pts = [(L, r[f"{key}_mean"] * scale, r.get(f"{key}_ci"), bool(r.get(f"{key}_diff_significant")))
+               for L, r in zip(layers, rows) if I.is_value(r.get(f"{key}_mean"))]
+        if not pts:
+            continue
+        drawn = True
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        lo = [p[1] - p[2][0] * scale if p[2] else 0.0 for p in pts]
+        hi = [p[2][1] * scale - p[1] if p[2] else 0.0 for p in pts]
+        ax.errorbar(xs, ys, yerr=[lo, hi], color=color, lw=1.3, capsize=2.5, label=label)
+        for x, y, _, sig in pts:
+            ax.plot([x], [y], marker="o", ms=5, color=color, markerfacecolor=color if sig else "white", zorder=4)
+    if not drawn:
+        note_panel(ax, "no per-sample intervals in this summary (rerun the evaluation)", "Fidelity per exit layer")
+        return
+    ax.set_xlabel("exit layer (0-based)")
+    ax.set_ylabel("% (mean per sample, 95% CI)")
+    ax.set_title("Fidelity per exit layer")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="lower right", frameon=False, title="filled: differs from full (CI excl. 0)",
+              title_fontsize=6.5)
+    _layer_ticks(ax, layers, final)
 
 
 # --------------------------------------------------------------------------- per-exit report
@@ -462,7 +493,7 @@ def _method_rows(summary: dict, exclude_families: Sequence[str]) -> list[dict]:
 
 def _hbar_panel(ax, rows: list[dict], values: list[Optional[float]], ref: Optional[float], xlabel: str,
                 title: str, fmt: str = "{:.3g}", deltas: Optional[list[Optional[float]]] = None,
-                min_hi: float = 1.0) -> None:
+                min_hi: float = 1.0, marks: Optional[list[str]] = None) -> None:
     ys = np.arange(len(rows))[::-1]
     vals = [v if v is not None else 0.0 for v in values]
     colors = [FAMILY_COLORS.get(family_of(r), "#333333") for r in rows]
@@ -476,7 +507,8 @@ def _hbar_panel(ax, rows: list[dict], values: list[Optional[float]], ref: Option
             labels.append(None)
             continue
         d = deltas[i] if deltas else None
-        labels.append((fmt.format(v) + (f" ({d:+.0f}%)" if d is not None and abs(d) >= 0.5 else "")))
+        labels.append((fmt.format(v) + (f" ({d:+.0f}%)" if d is not None and abs(d) >= 0.5 else ""))
+                      + (marks[i] if marks else ""))
     for b, lab, v in zip(bars, labels, values):
         x = b.get_width()
         txt = lab if lab is not None else "n/a"
@@ -503,9 +535,11 @@ def plot_accuracy_by_method(results_dir: PathLike, figures_dir: PathLike,
     rows = _method_rows(summary, exclude_families)
     scales = summary.get("scales") or {}
     ref = I.reference_row(summary)
-    metrics = [(k, n) for k, n in ACCURACY_METRICS if any(I.is_value(r.get(k)) for r in rows)]
+    metrics = [(k, n) for k, n in ACCURACY_METRICS + (("token_agreement", "Token agreement"),)
+               if any(I.is_value(r.get(k)) for r in rows)]
     if not metrics:
         raise MissingInput("the evaluation summary has no accuracy values")
+    scales = {**scales, "token_agreement": "0-1"}
     ncols = 3 if len(metrics) > 4 else len(metrics)
     nrows = int(np.ceil(len(metrics) / ncols))
     fig, axes = new_figure(3.7 * ncols + 1.2, (0.24 * len(rows) + 1.1) * nrows + 0.6, nrows, ncols, sharey=True)
@@ -513,13 +547,15 @@ def plot_accuracy_by_method(results_dir: PathLike, figures_dir: PathLike,
         ax = axes[i // ncols, i % ncols]
         vals = _pct_rows(rows, key, scales)
         refv = as_percent(ref.get(key), key, scales) if ref else None
-        _hbar_panel(ax, rows, vals, refv, f"{name} (%)", name, fmt="{:.1f}", min_hi=10.0)
+        marks = [" *" if r.get(f"{key}_diff_significant") else "" for r in rows]
+        _hbar_panel(ax, rows, vals, refv, f"{name} (%)", name, fmt="{:.1f}", min_hi=10.0, marks=marks)
         if i % ncols == 0:
             ax.set_yticks(np.arange(len(rows))[::-1], [method_label(r) for r in rows])
     for j in range(len(metrics), nrows * ncols):
         axes[j // ncols, j % ncols].set_visible(False)
     fig.suptitle(f"Accuracy per method ({_samples(summary)}, {summary.get('language')}, "
-                 f"{summary.get('max_new_tokens')} new tokens); dashed: fine-tuned, all layers")
+                 f"{summary.get('max_new_tokens')} new tokens); dashed: fine-tuned, all layers; "
+                 "*: the 95% CI of the per-sample difference to it excludes 0")
     return save_figure(fig, Path(figures_dir), NAMES["accuracy_by_method"])
 
 
