@@ -70,6 +70,12 @@ def model_dir_fingerprint(source: str) -> str:
     rec = read_stage(p)
     if rec and rec.get("key"):
         return f"stage:{rec['key']}"
+    shipped = p / "base_manifest.json"  # a shipped base (greencode.training.shipping): its weights' hash
+    if shipped.is_file():
+        try:
+            return f"shipped:{read_json(shipped)['weights_sha256']}"
+        except (OSError, ValueError, KeyError):
+            pass
     files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir()
                    if f.suffix in (".safetensors", ".bin", ".pt"))
     return f"dir:{file_digest(p / 'config.json')}:{make_key({'files': files})}"
