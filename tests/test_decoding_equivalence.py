@@ -118,3 +118,43 @@ def test_fused_propagation_equals_per_layer_projection(family):
             k_ref, v_ref = model.adapter.kv_for_layer(j, h, kw)
             torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_strategy", ["propagate", "compute"])
+def test_controller_list_rows_equal_separate_runs(family, kv_strategy):
+    """One prompt, one row per controller (shared prefill, batched layer steps): each row's
+    tokens, exit layers, logits and work counters equal a run with that controller alone."""
+    from greencode.decoding import ConfidenceExit, OracleExit, prefill
+
+    model = tiny_model(family)
+    prompt = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(5))
+
+    def make():
+        return [NeverExit(), FixedExit(model.exit_layers[0]), RandomExit(3), RandomExit(11), ConfidenceExit(0.02),
+                OracleExit(), FixedExit(model.exit_layers[-1])]
+
+    alone = [generate(model, prompt, c, 12, kv_strategy=kv_strategy, return_logits=True) for c in make()]
+    rows = generate(model, prompt, make(), 12, kv_strategy=kv_strategy, return_logits=True,
+                    prefilled=prefill(model, prompt))
+    assert len(rows) == len(alone)
+    assert len({tuple(r.exit_layers) for r in rows}) >= 4  # the rows really exit at different layers
+    for a, b in zip(alone, rows):
+        assert b.tokens == a.tokens and b.exit_layers == a.exit_layers
+        for la, lb in zip(a.logits, b.logits):
+            torch.testing.assert_close(lb, la, atol=2e-5, rtol=1e-4)
+        for key in ("layers_run", "exit_checks", "lm_head_calls", "kv_propagated_layers", "decode_steps"):
+            assert b.counters[key] == a.counters[key], key
+        assert b.counters["batch_rows"] == 7
+
+
+def test_controller_list_rows_stop_on_their_own_eos(family):
+    model = tiny_model(family)
+    prompt = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    never = generate(model, prompt, NeverExit(), 10)
+    eos = never.tokens[3]  # the full model emits it at step 3: that row stops there, the other goes on
+    rows = generate(model, prompt, [NeverExit(), FixedExit(model.exit_layers[0])], 10, eos_token_id=eos)
+    alone = generate(model, prompt, FixedExit(model.exit_layers[0]), 10, eos_token_id=eos)
+    assert rows[0].tokens == never.tokens[:never.tokens.index(eos) + 1] and rows[0].finish_reason == "eos"
+    assert rows[1].tokens == alone.tokens and rows[1].finish_reason == alone.finish_reason
+    with pytest.raises(ValueError, match="for one controller"):
+        generate(model, prompt, [NeverExit(), NeverExit()], 4, on_token=lambda t, l: None)

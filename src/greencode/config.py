@@ -330,6 +330,9 @@ class EvalConfig:
     # accuracy only, every loop method continuing one shared full-model prefill (same tokens,
     # far less work). null = time every sample
     timing_samples: Optional[int] = None
+    # HF-generate families that also run on the accuracy-only samples; the others (full_hf and
+    # hf_early_exit give the full model's tokens by construction, tested) run on the timed ones
+    accuracy_only_hf: list[str] = field(default_factory=lambda: ["base", "full_hf", "hf_early_exit"])
     # paired bootstrap resamples for the 95% confidence intervals of the summary (0 = none)
     bootstrap_resamples: int = 2000
     overhead_ab: bool = True  # A/B run: policy evaluated but ignored vs. not evaluated
@@ -353,6 +356,10 @@ class EvalConfig:
         _check_range(f"{path}.bootstrap_resamples", self.bootstrap_resamples, 0, None)
         if self.timing_samples is not None:
             _check_range(f"{path}.timing_samples", self.timing_samples, 0, None)
+        for m in self.accuracy_only_hf:
+            if m not in ("base", "full_hf", "hf_early_exit"):
+                raise ConfigError(f"{path}.accuracy_only_hf has {m!r}; it lists HF-generate families: base, full_hf, "
+                                  "hf_early_exit")
         known = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "oracle", "gc", "hf_early_exit")
         for m in self.methods:
             if m not in known:

@@ -120,19 +120,54 @@ def _copy_cache(cache):
     return copy.deepcopy(cache)
 
 
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value tensors ``[rows, kv_heads, T, head_dim]`` a cache holds for one layer
+    (transformers >= 4.56 ``cache.layers[i].keys``; older ``cache.key_cache[i]``)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and hasattr(layers[layer], "keys"):
+        return layers[layer].keys, layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _expand_cache(cache, rows: int) -> None:
+    """Repeat a one-row prefill cache for ``rows`` rows (every row continues the same prompt)."""
+    if rows == 1:
+        return
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(rows)
+        return
+    for i in range(len(cache)):  # pragma: no cover - transformers without batch_repeat_interleave
+        k, v = _layer_kv(cache, i)
+        cache.key_cache[i], cache.value_cache[i] = k.repeat_interleave(rows, 0), v.repeat_interleave(rows, 0)
+
+
+def _new_counters() -> dict:
+    return dict(layers_run=0, exit_checks=0, lm_head_calls=0, kv_propagated_layers=0, controller_time_s=0.0,
+                decode_steps=0)
+
+
 @torch.inference_mode()
-def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: Optional[ExitController] = None,
+def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
+             controller: Union[ExitController, Sequence[ExitController], None] = None,
              max_new_tokens: int = 15, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, seed: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
              stop_strings: Optional[Sequence[str]] = None, tokenizer=None,
              kv_strategy: str = "propagate", return_logits: bool = False,
              on_token: Optional[Callable[[int, int], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None,
-             prefilled: Optional[Prefill] = None) -> GenerationResult:
+             prefilled: Optional[Prefill] = None) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
     ``generate(do_sample=False)`` produces with its KV cache.
+
+    ``controller`` may be a list: one row per controller, all continuing the same prompt
+    (one shared prefill, one batched layer step per token), and a list of results comes back.
+    Each row exits where its own controller says; its deeper layers' K/V are its own
+    (propagated from its exit state, or computed), so each row's tokens equal a run with that
+    controller alone (greedy). A layer runs on every row while any row is still active (the
+    rows that exited are carried along and their outputs discarded): the counters count each
+    row's own work, which is what the compute ratio reads; the timers are the batch's.
 
     ``on_token(token_id, exit_layer)`` is called as each token is chosen (for streaming);
     ``should_stop()`` is polled before each new token and ends generation with
@@ -142,7 +177,14 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
     """
     from transformers import DynamicCache
 
-    controller = controller or NeverExit()
+    many = isinstance(controller, (list, tuple))
+    controllers = list(controller) if many else [controller or NeverExit()]
+    if not controllers:
+        raise ValueError("controller=[] gives no rows to decode; pass at least one controller")
+    if many and len(controllers) > 1 and (on_token is not None or should_stop is not None or stop_strings):
+        raise ValueError("on_token, should_stop and stop_strings are for one controller; decode the rows of a "
+                         "controller list for accuracy and stream single-controller generations")
+    R = len(controllers)
     ids = _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
@@ -154,11 +196,13 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
     adapter = model.adapter
     layers = list(adapter.layers)
     final = model.final_layer
-    check = controller.check_layers(model)
+    checks = [c.check_layers(model) for c in controllers]
     exit_points = model.exit_points
-    controller.reset()
-    c = dict(layers_run=0, exit_checks=0, lm_head_calls=0, kv_propagated_layers=0, controller_time_s=0.0,
-             decode_steps=0)
+    exit_set = frozenset(exit_points)
+    for ctrl in controllers:
+        ctrl.reset()
+    counters = [_new_counters() for _ in range(R)]
+    propagate = kv_strategy == "propagate"
 
     t_start = time.perf_counter()
     if prefilled is not None:
@@ -170,102 +214,163 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: O
         cache = DynamicCache(config=model.hf.config)
         out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
         logits = adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
-    c["lm_head_calls"] += 1
-    token = _select_token(logits, do_sample, temperature, top_p, top_k, generator)
+    _expand_cache(cache, R)
+    sample = (do_sample, temperature, top_p, top_k, generator)
+    tokens = [[_select_token(logits, *sample)] for _ in range(R)]
+    for c in counters:
+        c["lm_head_calls"] += 1
     t_prefill = time.perf_counter()
 
-    tokens, exit_layers = [token], [final]
-    all_logits = [logits.reshape(-1).float().cpu()] if return_logits else None
-    finish = "length"
+    exit_layers = [[final] for _ in range(R)]
+    all_logits = [[logits.reshape(-1).float().cpu()] for _ in range(R)] if return_logits else None
+    finish = ["length"] * R
+    done = [False] * R
     text = None
     pos = ids.shape[1]
-    sample = (do_sample, temperature, top_p, top_k, generator)
 
-    def stopped() -> bool:
-        nonlocal finish, text
+    def stopped(r: int) -> bool:
+        nonlocal text
+        token = tokens[r][-1]
         if on_token is not None:
-            on_token(token, exit_layers[-1])
+            on_token(token, exit_layers[r][-1])
         if token in eos:
-            finish = "eos"
+            finish[r] = "eos"
             return True
         if stop_strings:
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            text = tokenizer.decode(tokens[r], skip_special_tokens=True)
             if any(s and s in text for s in stop_strings):
-                finish = "stop"
+                finish[r] = "stop"
                 return True
-        if should_stop is not None and len(tokens) < max_new_tokens and should_stop():
-            finish = "cancelled"
+        if should_stop is not None and len(tokens[r]) < max_new_tokens and should_stop():
+            finish[r] = "cancelled"
             return True
         return False
 
-    while not stopped() and len(tokens) < max_new_tokens:
-        x = torch.tensor([[token]], device=ids.device)
-        position_ids = torch.tensor([[pos]], device=ids.device)
+    def refresh_done() -> None:
+        for r in range(R):
+            if not done[r] and (stopped(r) or len(tokens[r]) >= max_new_tokens):
+                done[r] = True
+
+    refresh_done()
+    while not all(done):
+        live = [r for r in range(R) if not done[r]]
+        x = torch.tensor([[tokens[r][-1]] for r in range(R)], device=ids.device)
+        position_ids = torch.full((R, 1), pos, dtype=torch.long, device=ids.device)
         h = adapter.embed(x, position_ids)
         lkw = adapter.layer_kwargs(h, position_ids)
-        exit_at = None
-        logits = None
-        oracle_preds: list[int] = []
+        lkw1 = lkw if R == 1 else adapter.layer_kwargs(h[:1], position_ids[:1])  # every row is at the same position
+        active = list(live)  # rows still climbing the layers this step
+        exit_at: dict[int, int] = {}
+        exit_h: dict[int, torch.Tensor] = {}
+        row_logits: dict[int, Optional[torch.Tensor]] = {}
+        prop: dict[int, list] = {}
+        oracle_preds = {r: [] for r in live if controllers[r].runs_all_layers}
         for i, layer in enumerate(layers):
+            if not active and propagate:
+                # every row has exited: its deeper layers get the K/V propagated from its exit state
+                for j in range(i, len(layers)):
+                    ks, vs = zip(*(prop[r][j - exit_at[r] - 1] if r in prop else _idle_kv(cache, j, r)
+                                   for r in range(R)))
+                    cache.update(torch.cat(ks), torch.cat(vs), j)
+                    for r in prop:
+                        counters[r]["kv_propagated_layers"] += 1
+                break
             h = layer(h, attention_mask=None, past_key_values=cache, use_cache=True, **lkw)
             if isinstance(h, tuple):
                 h = h[0]
-            c["layers_run"] += 1
-            if controller.runs_all_layers and i in exit_points and i != final:
-                oracle_preds.append(int(torch.argmax(model.decode(h)[0, -1])))
-                c["lm_head_calls"] += 1
-            elif i in check:
-                t0 = time.perf_counter()
-                need_norm = controller.needs_normed or controller.needs_logits
-                normed = model.final_norm(h) if need_norm else None
-                lg = adapter.lm_head(normed) if controller.needs_logits else None
-                c["lm_head_calls"] += lg is not None
-                decision = controller.should_exit(i, h, normed, lg)
-                c["controller_time_s"] += time.perf_counter() - t0
-                c["exit_checks"] += 1
+            for r in active:
+                counters[r]["layers_run"] += 1
+            if prop:  # rows that exited below: their K/V at this layer come from their exit state
+                keys, values = _layer_kv(cache, i)
+                for r, kv in prop.items():
+                    k, v = kv[i - exit_at[r] - 1]
+                    keys[r:r + 1, :, -1:] = k
+                    values[r:r + 1, :, -1:] = v
+                    counters[r]["kv_propagated_layers"] += 1
+            elif not propagate:
+                for r in exit_at:  # compute: the rows that exited keep running the deeper layers
+                    counters[r]["layers_run"] += 1
+            if i == final:
+                break
+            if oracle_preds and i in exit_set:  # the oracle records every exit point's prediction
+                for r in oracle_preds:
+                    oracle_preds[r].append(int(torch.argmax(model.decode(h[r:r + 1])[0, -1])))
+                    counters[r]["lm_head_calls"] += 1
+            asking = [r for r in active if i in checks[r] and not controllers[r].runs_all_layers]
+            if not asking:
+                continue
+            t0 = time.perf_counter()
+            normed_all = None
+            for r in asking:
+                ctrl = controllers[r]
+                hr = h[r:r + 1]
+                if (ctrl.needs_normed or ctrl.needs_logits) and normed_all is None:
+                    normed_all = model.final_norm(h)
+                normed = normed_all[r:r + 1] if (ctrl.needs_normed or ctrl.needs_logits) else None
+                lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                counters[r]["lm_head_calls"] += lg is not None
+                decision = ctrl.should_exit(i, hr, normed, lg)
+                counters[r]["exit_checks"] += 1
                 if decision:
-                    exit_at, logits = i, lg
-                    break
-        if exit_at is None:
-            logits = model.decode(h)
-            c["lm_head_calls"] += 1
-            exit_at = final
-            if oracle_preds:  # l_opt: the first exit point agreeing with the final layer
-                final_pred = int(torch.argmax(logits[0, -1]))
-                exit_at = next((exit_points[j] for j, p in enumerate(oracle_preds) if p == final_pred), final)
-        else:
-            if logits is None:
-                logits = model.decode(h)
-                c["lm_head_calls"] += 1
-            if kv_strategy == "propagate":
-                for j, (k, v) in enumerate(adapter.propagate(exit_at + 1, h, lkw), start=exit_at + 1):
-                    cache.update(k, v, j)
-                    c["kv_propagated_layers"] += 1
-            else:  # compute: run the deeper layers for an exact cache, discard their output
-                hc = h
-                for j in range(exit_at + 1, len(layers)):
-                    hc = layers[j](hc, attention_mask=None, past_key_values=cache, use_cache=True, **lkw)
-                    hc = hc[0] if isinstance(hc, tuple) else hc
-                    c["layers_run"] += 1
-        token = _select_token(logits, *sample)
-        if all_logits is not None:
-            all_logits.append(logits.reshape(-1).float().cpu())
-        tokens.append(token)
-        exit_layers.append(exit_at)
-        c["decode_steps"] += 1
+                    exit_at[r], row_logits[r] = i, lg
+                    active.remove(r)
+                    if R > 1 or not propagate:  # the batch (or compute's deeper layers) moves h on
+                        exit_h[r] = hr.clone()
+                    if propagate:
+                        prop[r] = adapter.propagate(i + 1, hr, lkw1)
+            elapsed = time.perf_counter() - t0
+            for r in asking:  # one row: its own time; several: the batch's time, shared
+                counters[r]["controller_time_s"] += elapsed / len(asking)
+        # the rows that ran to the top: one LM head for all of them
+        top = [r for r in live if r not in exit_at]
+        if top:
+            top_logits = model.decode(h[top] if R > 1 else h)
+            for k, r in enumerate(top):
+                row_logits[r] = top_logits[k:k + 1]
+                counters[r]["lm_head_calls"] += 1
+                exit_at[r] = final
+                if oracle_preds.get(r):  # l_opt: the first exit point agreeing with the final layer
+                    final_pred = int(torch.argmax(row_logits[r][0, -1]))
+                    exit_at[r] = next((exit_points[j] for j, p in enumerate(oracle_preds[r]) if p == final_pred),
+                                      final)
+        for r in live:
+            lg = row_logits.get(r)
+            if lg is None:
+                lg = model.decode(exit_h.get(r, h[r:r + 1]))
+                counters[r]["lm_head_calls"] += 1
+            tokens[r].append(_select_token(lg, *sample))
+            if all_logits is not None:
+                all_logits[r].append(lg.reshape(-1).float().cpu())
+            exit_layers[r].append(exit_at[r])
+            counters[r]["decode_steps"] += 1
         pos += 1
+        refresh_done()
 
     t_end = time.perf_counter()
-    if tokenizer is not None:
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if stop_strings:
-            cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-    c.update(prefill_time_s=t_prefill - t_start, decode_time_s=t_end - t_prefill, total_time_s=t_end - t_start,
-             new_tokens=len(tokens))
-    return GenerationResult(tokens=tokens, exit_layers=exit_layers, finish_reason=finish, counters=c, text=text,
-                            prompt_tokens=int(ids.shape[1]), logits=all_logits)
+    results = []
+    for r in range(R):
+        text = None
+        if tokenizer is not None:
+            text = tokenizer.decode(tokens[r], skip_special_tokens=True)
+            if stop_strings:
+                cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+        c = counters[r]
+        c.update(prefill_time_s=t_prefill - t_start, decode_time_s=t_end - t_prefill, total_time_s=t_end - t_start,
+                 new_tokens=len(tokens[r]))
+        if R > 1:
+            c["batch_rows"] = R
+        results.append(GenerationResult(tokens=tokens[r], exit_layers=exit_layers[r], finish_reason=finish[r],
+                                        counters=c, text=text, prompt_tokens=int(ids.shape[1]),
+                                        logits=all_logits[r] if all_logits is not None else None))
+    return results if many else results[0]
+
+
+def _idle_kv(cache, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V for a row that is finished (kept in the batch only for shape): its last entry again."""
+    k, v = _layer_kv(cache, layer)
+    return k[row:row + 1, :, -1:], v[row:row + 1, :, -1:]
 
 
 def compute_cost(model, results: Sequence[GenerationResult], controller: Optional[ExitController] = None) -> dict:

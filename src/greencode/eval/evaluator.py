@@ -269,6 +269,26 @@ class Runner:
         return self._record(res.tokens, m, len(prompt), list(res.exit_layers), res.finish_reason, dict(res.counters),
                             cost)
 
+    def run_rows(self, specs: Sequence[MethodSpec], prompt: list[int]) -> list[dict]:
+        """Loop methods on one prompt, untimed: one row per method in one batched decode from
+        one full-model prefill (the same tokens as separate runs, tested)."""
+        from greencode.decoding import compute_cost, generate, prefill
+
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
+        ctrls = [self.controller(s) for s in specs]
+        results = generate(self.model, ids, ctrls, self.cfg.eval.max_new_tokens, eos_token_id=self.eos,
+                           kv_strategy=self.cfg.decoding.kv_strategy, prefilled=prefill(self.model, ids))
+        out = []
+        for ctrl, res in zip(ctrls, results):
+            cost = compute_cost(self.model, [res], ctrl)
+            steps = res.counters["decode_steps"]
+            cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
+                    "layer_steps_full": steps * self.model.num_layers, "macs_done": cost["macs_done"],
+                    "macs_full": cost["macs_full"]}
+            out.append(self._record(res.tokens, None, len(prompt), list(res.exit_layers), res.finish_reason,
+                                    dict(res.counters), cost))
+        return out
+
     def _run_hf(self, spec: MethodSpec, prompt: list[int], window: Optional[str]) -> dict:
         from transformers import GenerationConfig
 
@@ -438,13 +458,14 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         order = list(active)
         random.Random(cfg.seed * 1_000_003 + i).shuffle(order)
         timed = i in timed_indices
-        shared = None
-        if not timed and any(not s.runs_hf for s in order):
-            from greencode.decoding import prefill
-
-            shared = prefill(model, prompt)
-        for spec in order:
-            rec = attempt(spec, prompt, f"{spec.id}/{i}" if timed else None, shared)
+        if timed:
+            got = [(spec, attempt(spec, prompt, f"{spec.id}/{i}")) for spec in order]
+        else:  # accuracy only: the loop methods as rows of one batched decode from one shared prefill
+            loop_specs = [s for s in active if not s.runs_hf]
+            got = list(zip(loop_specs, runner.run_rows(loop_specs, prompt))) if loop_specs else []
+            got += [(s, attempt(s, prompt, None)) for s in active
+                    if s.runs_hf and s.family in cfg.eval.accuracy_only_hf]
+        for spec, rec in got:
             if rec is None:
                 continue
             rec.update(index=i, id=str(sample.id), reference=reference,

@@ -125,9 +125,9 @@ def aggregate_efficiency(records: Sequence[dict]) -> dict[str, Any]:
     macs_full = sum(c.get("macs_full", 0) for c in costs)
     macs_done = sum(c.get("macs_done", 0) for c in costs)
     decode_exits = [e for r in records if r.get("exit_layers") for e in r["exit_layers"][1:]]
-    counters = [r["counters"] for r in records if r.get("counters")]
+    counters = [r["counters"] for r in timed if r.get("counters")]  # batched rows share their timers: left out
     controller_share = None
-    if counters and len(counters) == n:
+    if counters and len(counters) == len(timed):
         controller_share = _ratio(sum(c.get("controller_time_s", 0.0) for c in counters),
                                   sum(c.get("decode_time_s", 0.0) for c in counters))
     has_cost = all("macs_full" in c for c in costs)
