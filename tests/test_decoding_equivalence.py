@@ -158,3 +158,32 @@ def test_controller_list_rows_stop_on_their_own_eos(family):
     assert rows[1].tokens == alone.tokens and rows[1].finish_reason == alone.finish_reason
     with pytest.raises(ValueError, match="for one controller"):
         generate(model, prompt, [NeverExit(), NeverExit()], 4, on_token=lambda t, l: None)
+
+
+@pytest.mark.parametrize("kv_strategy", ["propagate", "compute"])
+def test_batch_of_prompts_rows_equal_batch_one(family, kv_strategy):
+    """Ragged prompts, left-padded with per-row positions: each row exits at its own layer and
+    its tokens, exit layers and logits equal decoding that prompt alone."""
+    from greencode.decoding import ConfidenceExit
+
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 9, 12)]
+
+    def make():
+        return [RandomExit(1), FixedExit(model.exit_layers[0]), NeverExit(), ConfidenceExit(0.02)]
+
+    alone = [generate(model, p, c, 10, kv_strategy=kv_strategy, return_logits=True) for p, c in zip(prompts, make())]
+    rows = generate(model, prompts, make(), 10, kv_strategy=kv_strategy, return_logits=True)
+    assert len({tuple(r.exit_layers) for r in rows}) >= 3
+    for a, b, p in zip(alone, rows, prompts):
+        assert b.tokens == a.tokens and b.exit_layers == a.exit_layers and b.prompt_tokens == len(p)
+        for la, lb in zip(a.logits, b.logits):
+            torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+        for key in ("layers_run", "exit_checks", "lm_head_calls", "kv_propagated_layers"):
+            assert b.counters[key] == a.counters[key], key
+    # one controller for every prompt; equal-length prompts need no padding
+    same = generate(model, [prompts[1], prompts[1]], NeverExit(), 6)
+    assert same[0].tokens == same[1].tokens == generate(model, prompts[1], NeverExit(), 6).tokens
+    with pytest.raises(ValueError, match="2 prompts but 3 controllers"):
+        generate(model, prompts[:2], make()[:3], 4)

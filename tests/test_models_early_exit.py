@@ -58,8 +58,10 @@ def test_entropy_threshold_must_be_non_negative():
 
 def test_generate_bad_input():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="one sequence at a time"):
-        generate(model, torch.ones(2, 3, dtype=torch.long))
+    rows = generate(model, torch.full((2, 3), 4, dtype=torch.long), max_new_tokens=2)  # two prompts: two rows
+    assert len(rows) == 2 and rows[0].tokens == rows[1].tokens
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, [[4, 5], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [4, 5], max_new_tokens=0)
     with pytest.raises(ValueError, match="exceeds the model's context"):

@@ -177,15 +177,32 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     """
     from transformers import DynamicCache
 
-    many = isinstance(controller, (list, tuple))
-    controllers = list(controller) if many else [controller or NeverExit()]
+    prompts = _prompt_list(input_ids)  # None: one prompt (every row continues it)
+    many = isinstance(controller, (list, tuple)) or prompts is not None
+    if isinstance(controller, (list, tuple)):
+        controllers = list(controller)
+    else:
+        controllers = [controller or NeverExit()] * (len(prompts) if prompts is not None else 1)
     if not controllers:
         raise ValueError("controller=[] gives no rows to decode; pass at least one controller")
-    if many and len(controllers) > 1 and (on_token is not None or should_stop is not None or stop_strings):
+    if prompts is not None and len(prompts) != len(controllers):
+        raise ValueError(f"{len(prompts)} prompts but {len(controllers)} controllers; give one controller for all "
+                         "prompts or one per prompt")
+    if len(controllers) > 1 and (on_token is not None or should_stop is not None or stop_strings):
         raise ValueError("on_token, should_stop and stop_strings are for one controller; decode the rows of a "
                          "controller list for accuracy and stream single-controller generations")
+    if prompts is not None and prefilled is not None:
+        raise ValueError("prefilled= is the prefill of one prompt; a batch of prompts is prefilled together")
     R = len(controllers)
-    ids = _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy)
+    if prompts is None:
+        ids = _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy)
+        lengths = [int(ids.shape[1])] * R
+        mask = None
+    else:
+        for p in prompts:
+            _validate(model, p, max_new_tokens, temperature, top_p, top_k, kv_strategy)
+        ids, mask = _left_pad(prompts, model.device)
+        lengths = [len(p) for p in prompts]
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
@@ -205,7 +222,12 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     propagate = kv_strategy == "propagate"
 
     t_start = time.perf_counter()
-    if prefilled is not None:
+    if mask is not None:  # several prompts: left-padded, one batched prefill with per-row positions
+        cache = DynamicCache(config=model.hf.config)
+        out = model.hf.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                             past_key_values=cache, use_cache=True)
+        logits = adapter.lm_head(out.last_hidden_state[:, -1:])
+    elif prefilled is not None:
         if prefilled.input_ids.shape != ids.shape or not torch.equal(prefilled.input_ids.to(ids.device), ids):
             raise ValueError("prefilled= holds the prefill of another prompt; call prefill(model, input_ids) "
                              "with the same input_ids")
@@ -214,19 +236,25 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         cache = DynamicCache(config=model.hf.config)
         out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
         logits = adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
-    _expand_cache(cache, R)
+    if prompts is None:
+        _expand_cache(cache, R)
     sample = (do_sample, temperature, top_p, top_k, generator)
-    tokens = [[_select_token(logits, *sample)] for _ in range(R)]
+    tokens = [[_select_token(logits[r if logits.shape[0] > 1 else 0], *sample)] for r in range(R)]
     for c in counters:
         c["lm_head_calls"] += 1
     t_prefill = time.perf_counter()
 
     exit_layers = [[final] for _ in range(R)]
-    all_logits = [[logits.reshape(-1).float().cpu()] for _ in range(R)] if return_logits else None
+    all_logits = ([[logits[r if logits.shape[0] > 1 else 0].reshape(-1).float().cpu()] for r in range(R)]
+                  if return_logits else None)
+    pad_mask = None
+    if mask is not None and not bool(mask.all()):  # additive: 0 where a row attends, min where it is padding
+        pad_mask = torch.zeros(mask.shape, dtype=model.dtype, device=ids.device)
+        pad_mask = pad_mask.masked_fill(mask == 0, torch.finfo(model.dtype).min)
     finish = ["length"] * R
     done = [False] * R
     text = None
-    pos = ids.shape[1]
+    steps_done = 0
 
     def stopped(r: int) -> bool:
         nonlocal text
@@ -255,10 +283,16 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     while not all(done):
         live = [r for r in range(R) if not done[r]]
         x = torch.tensor([[tokens[r][-1]] for r in range(R)], device=ids.device)
-        position_ids = torch.full((R, 1), pos, dtype=torch.long, device=ids.device)
+        if prompts is None:
+            position_ids = torch.full((R, 1), lengths[0] + steps_done, dtype=torch.long, device=ids.device)
+        else:
+            position_ids = torch.tensor([[n + steps_done] for n in lengths], dtype=torch.long, device=ids.device)
         h = adapter.embed(x, position_ids)
         lkw = adapter.layer_kwargs(h, position_ids)
-        lkw1 = lkw if R == 1 else adapter.layer_kwargs(h[:1], position_ids[:1])  # every row is at the same position
+        attn = None
+        if pad_mask is not None:  # the new position is real for every row
+            pad_mask = torch.cat([pad_mask, pad_mask.new_zeros((R, 1))], dim=1)
+            attn = pad_mask[:, None, None, :]
         active = list(live)  # rows still climbing the layers this step
         exit_at: dict[int, int] = {}
         exit_h: dict[int, torch.Tensor] = {}
@@ -275,7 +309,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                     for r in prop:
                         counters[r]["kv_propagated_layers"] += 1
                 break
-            h = layer(h, attention_mask=None, past_key_values=cache, use_cache=True, **lkw)
+            h = layer(h, attention_mask=attn, past_key_values=cache, use_cache=True, **lkw)
             if isinstance(h, tuple):
                 h = h[0]
             for r in active:
@@ -317,7 +351,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                     if R > 1 or not propagate:  # the batch (or compute's deeper layers) moves h on
                         exit_h[r] = hr.clone()
                     if propagate:
-                        prop[r] = adapter.propagate(i + 1, hr, lkw1)
+                        prop[r] = adapter.propagate(i + 1, hr, lkw if R == 1 else _row_kwargs(lkw, r))
             elapsed = time.perf_counter() - t0
             for r in asking:  # one row: its own time; several: the batch's time, shared
                 counters[r]["controller_time_s"] += elapsed / len(asking)
@@ -343,7 +377,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                 all_logits[r].append(lg.reshape(-1).float().cpu())
             exit_layers[r].append(exit_at[r])
             counters[r]["decode_steps"] += 1
-        pos += 1
+        steps_done += 1
         refresh_done()
 
     t_end = time.perf_counter()
@@ -362,9 +396,50 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         if R > 1:
             c["batch_rows"] = R
         results.append(GenerationResult(tokens=tokens[r], exit_layers=exit_layers[r], finish_reason=finish[r],
-                                        counters=c, text=text, prompt_tokens=int(ids.shape[1]),
+                                        counters=c, text=text, prompt_tokens=lengths[r],
                                         logits=all_logits[r] if all_logits is not None else None))
     return results if many else results[0]
+
+
+def _prompt_list(input_ids) -> Optional[list[list[int]]]:
+    """Several prompts (a list of token lists, or a 2-D tensor with more than one row) as
+    lists; None for one prompt."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.shape[0] > 1:
+            return [row.tolist() for row in input_ids]
+        return None
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, torch.Tensor)):
+        return [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in input_ids]
+    return None
+
+
+def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and the attention mask (1 = token, 0 = padding) of ragged prompts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row positions of a left-padded batch: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _row_kwargs(lkw: dict, r: int) -> dict:
+    """One row of the layer keyword arguments (tensors and tuples of tensors sliced)."""
+    out = {}
+    for k, v in lkw.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v[r:r + 1]
+        elif isinstance(v, tuple):
+            out[k] = tuple(t[r:r + 1] if isinstance(t, torch.Tensor) else t for t in v)
+        else:
+            out[k] = v
+    return out
 
 
 def _idle_kv(cache, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
