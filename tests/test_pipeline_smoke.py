@@ -76,7 +76,7 @@ def test_source_mode_pipeline_serves_code_an_editor_can_insert(tmp_path):
     """The default's data mode (literal_mode=source) end to end on the smoke shape: records are
     the files as written, the tokenizer has no CodeXGLUE markers, evaluation samples are real
     text, and the endpoint's engine answers raw code with no placeholder."""
-    _run(tmp_path, "data.literal_mode=source", "eval.methods=[full,fixed,gc]", "eval.timing_samples=1",
+    _run(tmp_path, "data.literal_mode=source", "eval.methods=[full,fixed,gc]", "eval.timing_samples=1", "eval.workers=2",
          "--only", "data", "pretrain", "finetune", "bank", "agent", "evaluate")
     run = tmp_path / "run"
     import datasets
@@ -96,6 +96,13 @@ def test_source_mode_pipeline_serves_code_an_editor_can_insert(tmp_path):
     methods = tmp_path / "results" / "eval" / "methods"
     full = json.loads((methods / "full.json").read_text())["records"]
     assert full and not any(p in r["prediction"] + r["reference"] for r in full for p in PLACEHOLDERS)
+    # sample 0 timed here, the rest decoded by 2 accuracy worker processes: every sample once, in order
+    summary = json.loads((tmp_path / "results" / "eval" / "summary.json").read_text())
+    n = summary["num_samples"]
+    assert n >= 3 and summary["run_metadata"]["accuracy_workers"] == 2
+    for p in methods.glob("*.json"):
+        recs = json.loads(p.read_text())["records"]
+        assert [r["index"] for r in recs] == list(range(n)) and [r["timed"] for r in recs] == [True] + [False] * (n - 1)
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={run}", "data.literal_mode=source"])
     loaded = load_run(cfg, run)

@@ -333,6 +333,9 @@ class EvalConfig:
     # HF-generate families that also run on the accuracy-only samples; the others (full_hf and
     # hf_early_exit give the full model's tokens by construction, tested) run on the timed ones
     accuracy_only_hf: list[str] = field(default_factory=lambda: ["base", "full_hf", "hf_early_exit"])
+    # processes for the accuracy-only samples (each with 1 torch thread), started after the timed
+    # samples ran alone on a quiet machine; 1 = everything in this process
+    workers: int = 1
     # paired bootstrap resamples for the 95% confidence intervals of the summary (0 = none)
     bootstrap_resamples: int = 2000
     overhead_ab: bool = True  # A/B run: policy evaluated but ignored vs. not evaluated
@@ -354,6 +357,7 @@ class EvalConfig:
             _check_range(f"{path}.overhead_ab_threshold", self.overhead_ab_threshold, 0.0, 1.0)
         _check_range(f"{path}.warmup_samples", self.warmup_samples, 0, None)
         _check_range(f"{path}.bootstrap_resamples", self.bootstrap_resamples, 0, None)
+        _check_range(f"{path}.workers", self.workers, 1, 64)
         if self.timing_samples is not None:
             _check_range(f"{path}.timing_samples", self.timing_samples, 0, None)
         for m in self.accuracy_only_hf:

@@ -533,6 +533,58 @@ def _check_languages(cfg: Config, samples: Sequence) -> None:
         check_language(lang)
 
 
+def _accuracy_worker(cfg_dict: dict, methods: Optional[list[str]], indices: list[int], rank: int,
+                     world_size: int) -> dict:
+    """One accuracy-only process of :func:`_run_with_workers` (1 torch thread, no timing)."""
+    import dataclasses as _dc
+
+    from greencode.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    cfg = _dc.replace(cfg, hardware=_dc.replace(cfg.hardware, num_threads=1),
+                      eval=_dc.replace(cfg.eval, warmup_samples=0, workers=1))
+    device, dtype = setup_torch(cfg.hardware)
+    names = methods if methods is not None else list(cfg.eval.methods)
+    families = {parse_method_name(n)[0] for n in names}
+    inputs = load_inputs(cfg, RunPaths.from_config(cfg), device, dtype, need_base="base" in families,
+                         need_policy="gc" in families)
+    specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
+    samples = load_samples(cfg, inputs.tokenizer)
+    return run_methods(inputs, samples, specs, cfg, explicit=methods is not None, indices=indices, rank=rank,
+                       world_size=world_size, device=device, progress=False)
+
+
+def _run_with_workers(cfg: Config, methods: Optional[list[str]], inputs: EvalInputs, samples: Sequence,
+                      specs: Sequence[MethodSpec], explicit: bool, device) -> list[dict]:
+    """The timed samples in this process first (nothing else running), then the accuracy-only
+    samples split over ``eval.workers`` fresh processes; one shard each, merged as ranks."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    n_timed = len(samples) if cfg.eval.timing_samples is None else min(cfg.eval.timing_samples, len(samples))
+    rest = list(range(n_timed, len(samples)))
+    workers = min(cfg.eval.workers, max(1, len(rest)))
+    world = 1 + workers
+    log.info("evaluating %d methods: %d timed samples here, then %d accuracy-only samples on %d processes",
+             len(specs), n_timed, len(rest), workers)
+    shards = [run_methods(inputs, samples, specs, cfg, explicit=explicit, indices=list(range(n_timed)), rank=0,
+                          world_size=world, device=device)]
+    if rest:
+        chunks = [rest[k::workers] for k in range(workers)]
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_accuracy_worker, cfg.to_dict(), methods, chunk, k + 1, world)
+                       for k, chunk in enumerate(chunks)]
+            from tqdm.auto import tqdm
+
+            for f in tqdm(cf.as_completed(futures), total=len(futures), desc="accuracy workers", unit="worker"):
+                shards.append(f.result())
+    else:
+        shards += [{**shards[0], "rank": k + 1, "methods": {m: {**e, "records": []}
+                                                            for m, e in shards[0]["methods"].items()},
+                    "overhead_ab": None} for k in range(workers)]
+    return shards
+
+
 def _showcase(out_dir: Path, samples: Sequence, cfg: Config) -> None:
     from greencode.eval.showcase import write_completions
 
@@ -573,6 +625,13 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     if checked:
         log.info("the %d %s-split files are disjoint from the base model's training files", checked, cfg.eval.split)
     _check_languages(cfg, samples)
+    if dist.world_size == 1 and cfg.eval.workers > 1:
+        shards = _run_with_workers(cfg, names if explicit else None, inputs, samples, specs, explicit, device)
+        meta = run_metadata(cfg, stage="evaluate", energy_source=shards[0]["meta"]["energy_source"],
+                            world_size=1, accuracy_workers=cfg.eval.workers)
+        write_results(merge_shards(shards), out_dir, meta)
+        _showcase(out_dir, samples, cfg)
+        return out_dir
     indices = [i for i in range(len(samples)) if i % dist.world_size == dist.rank]
     log.info("evaluating %d methods on %d samples (rank %d/%d: %d samples)", len(specs), len(samples), dist.rank,
              dist.world_size, len(indices))
