@@ -49,6 +49,8 @@ def main() -> None:
                 os.symlink(getattr(paths, shared), link)
         over = list(args.overrides) + shlex.split(variant) + [f"run_dir={run_dir}",
                                                               f"results_dir={paths.results / 'tune' / f'lite-{k}'}"]
+        if cfg.model.base is None:  # the embedded default pretrained in this run: start every variant from it
+            over.append(f"model.base={paths.base_model}")
         vcfg = load_config(args.config, over)
         finetune(vcfg)
         rep = exit_report(vcfg)

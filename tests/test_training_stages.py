@@ -385,3 +385,26 @@ def test_scripts_end_to_end_and_tensorboard(trained, tmp_path):
     proc = subprocess.run([PY, "scripts/finetune.py", "--config", SMOKE, *overrides, f"model.base={tmp_path / 'nope'}"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- LITE recipe tuning
+def test_tune_lite_compares_variants_on_validation(trained):
+    root = trained["root"]
+    proc = subprocess.run([PY, str(REPO_ROOT / "scripts" / "tune_lite.py"), "--config", SMOKE,
+                           f"run_dir={root / 'run'}", f"results_dir={root / 'results'}",
+                           "--variant", "finetune.learning_rate=1e-3 finetune.max_steps=4",
+                           "--variant", "finetune.learning_rate=1e-5 finetune.max_steps=4 finetune.budgets=[0.4,0.2,0.4]"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = read_json(root / "results" / "tune" / "lite.json")
+    assert out["split"] == "validation" and len(out["rows"]) == 2
+    fast, slow = out["rows"]
+    assert fast["finetune"]["learning_rate"] == 1e-3 and slow["finetune"]["budgets"] == [0.4, 0.2, 0.4]
+    # both start from the same base, measured on the same held-out tokens
+    assert fast["base_final_accuracy"] == slow["base_final_accuracy"] and fast["tokens"] == slow["tokens"]
+    for r in out["rows"]:
+        assert r["final_change_points"] == pytest.approx(100 * (r["lite_final_accuracy"] - r["base_final_accuracy"]))
+        assert r["keeps_full_model"] == (r["lite_final_accuracy"] >= r["base_final_accuracy"] - 0.01)
+    # lr 1e-5 for 4 steps barely moves the model; lr 1e-3 moves its first exit more
+    assert abs(slow["first_exit_gain_points"]) < abs(fast["first_exit_gain_points"])
+    assert (root / "results" / "tune" / "lite.md").read_text().count("| `finetune.") == 2
