@@ -1,0 +1,62 @@
+"""Print the README's results table from an evaluation summary (no hand-copied numbers).
+
+    python scripts/readme_table.py results/default/eval
+
+Columns: token agreement with the full model and the paired differences in edit similarity
+and exact match (95% bootstrap intervals; * = the interval excludes zero), corpus ROUGE-L,
+BLEU and CodeBLEU, the hardware-independent compute ratio and the timed latency.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ci(row: dict, key: str, digits: int, scale: float = 1.0) -> str:
+    d, ci, sig = row.get(f"{key}_diff"), row.get(f"{key}_diff_ci"), row.get(f"{key}_diff_significant")
+    if d is None:
+        return "–"
+    s = f"{d * scale:+.{digits}f}"
+    if ci:
+        s += f" [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]"
+    return s + (" *" if sig else "")
+
+
+def _mean(row: dict, key: str, digits: int) -> str:
+    m, ci = row.get(f"{key}_mean"), row.get(f"{key}_ci")
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _num(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | n | token agreement | Δ edit similarity | Δ exact match | ROUGE-L | BLEU | CodeBLEU | "
+             "compute vs full | latency s (timed n) | Δ latency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lat = r.get("latency_s_delta_pct")
+        lines.append(
+            f"| `{r['id']}` | {r['num_samples']} | {_mean(r, 'token_agreement', 3)} | {_ci(r, 'edit_similarity', 1)} | "
+            f"{_ci(r, 'exact_match', 3)} | {_num(r.get('rouge_l'), '.3f')} | {_num(r.get('bleu'), '.1f')} | "
+            f"{_num(r.get('codebleu'), '.3f')} | {_num(r.get('compute_ratio'), '.2f')} | "
+            f"{_num(r.get('latency_s'), '.3f')} ({r.get('timed_samples', '–')}) | "
+            f"{'–' if lat is None else f'{lat:+.0f}%'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("eval_dir", help="an evaluation folder, e.g. results/default/eval")
+    args = p.parse_args()
+    path = Path(args.eval_dir) / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run the evaluation first (scripts/evaluate.py)")
+    print(table(json.loads(path.read_text(encoding="utf-8"))))
+
+
+if __name__ == "__main__":
+    main()
