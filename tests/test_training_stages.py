@@ -408,3 +408,21 @@ def test_tune_lite_compares_variants_on_validation(trained):
     # lr 1e-5 for 4 steps barely moves the model; lr 1e-3 moves its first exit more
     assert abs(slow["first_exit_gain_points"]) < abs(fast["first_exit_gain_points"])
     assert (root / "results" / "tune" / "lite.md").read_text().count("| `finetune.") == 2
+
+
+def test_source_mode_packing_keeps_the_files_as_written(tmp_path):
+    """Train and validation chunks (and the per-exit report's held-out tokens) are the files'
+    own text in data.literal_mode=source: no separator is inserted between pieces."""
+    from greencode.data import load_corpus, load_tokenizer, prepare_data
+    from greencode.data.lexers import universal_newlines
+    from greencode.training.data import build_datasets
+
+    cfg = smoke_cfg(tmp_path, "data.literal_mode=source")
+    prepare_data(cfg)
+    tok = load_tokenizer(cfg)
+    train, val = build_datasets(cfg, cfg.finetune, tok)
+    dsd = load_corpus(cfg)
+    for chunks, split in ((train, "train"), (val, "validation")):
+        files = "\n\x00".join("".join(r["code"][1:-1]) for r in dsd[split])
+        text = tok.decode(chunks[0]["input_ids"][4:-4].tolist(), skip_special_tokens=True)
+        assert universal_newlines(text) in files, split

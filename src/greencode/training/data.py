@@ -91,7 +91,7 @@ def build_datasets(cfg, stage, tokenizer):
     train = pack_split(dsd["train"], tokenizer, stage.seq_len, max_tokens=stage.max_train_tokens, seed=cfg.seed,
                        desc="packing train", sep=sep)
     val = pack_split(dsd["validation"], tokenizer, stage.seq_len, max_tokens=stage.eval_max_tokens, seed=cfg.seed,
-                     desc="packing validation")
+                     desc="packing validation", sep=sep)
     log.info("data: %d train chunks (%d tokens), %d validation chunks (%d tokens) of %d tokens", len(train),
              len(train) * stage.seq_len, len(val), len(val) * stage.seq_len, stage.seq_len)
     return train, val

@@ -83,8 +83,10 @@ def exit_report(cfg, base: Optional[str] = None, finetuned: Optional[str] = None
     ft = EarlyExitModel.from_pretrained(finetuned, device=device, dtype=dtype)
     tokenizer = load_tokenizer(cfg)
     stage = cfg.finetune
+    from greencode.data.corpus import text_sep
+
     held_out = pack_split(load_corpus(cfg)["validation"], tokenizer, stage.seq_len, max_tokens=stage.eval_max_tokens,
-                          seed=cfg.seed, desc="packing held-out")
+                          seed=cfg.seed, desc="packing held-out", sep=text_sep(cfg))
     models = {}
     models["finetuned"] = layer_quality(ft, held_out, stage.batch_size, device)
     del ft
