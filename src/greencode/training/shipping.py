@@ -83,6 +83,7 @@ def ship_base(cfg, out_dir: Union[str, Path], *, command: Optional[str] = None) 
             for p, h in train:
                 f.write(f"{p}\t{h}\n")
         summary = stage.get("summary", {})
+        heldout = heldout_quality(cfg, src)
         meta = run_metadata(cfg, stage="ship_base")
         manifest = {
             "what": "GREEN-CODE embedded default base model: a Llama-architecture model pretrained from scratch on "
@@ -104,8 +105,14 @@ def ship_base(cfg, out_dir: Union[str, Path], *, command: Optional[str] = None) 
             "cpu_time_s": summary.get("train_cpu_time_s"),
             "tokens_per_s": summary.get("train_tokens_per_s"),
             "final_train_loss": summary.get("final_train_loss"),
-            "eval_loss": summary.get("eval_loss"),
-            "eval_perplexity": summary.get("eval_perplexity"),
+            "eval_loss": heldout["final_ce_loss"],
+            "eval_perplexity": heldout["final_perplexity"],
+            "heldout": heldout,
+            "trainer_eval_loss": summary.get("eval_loss"),
+            "trainer_eval_note": "the Trainer's periodic eval_loss (train_log.csv, split=eval) of this pretraining "
+                                 "was measured on validation files whose pieces were joined with spaces (a packing "
+                                 "bug fixed after it started); eval_loss / heldout above are re-measured on the "
+                                 "validation split as written",
             "weights_sha256": sha256_file(tmp / "model.safetensors"),
             "weights_mb": round(size_mb, 2),
             "pretrain_run": {k: v for k, v in (read_json(src / "run_info.json") if (src / "run_info.json").is_file()
@@ -121,6 +128,30 @@ def ship_base(cfg, out_dir: Union[str, Path], *, command: Optional[str] = None) 
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("shipped %s (%.1f MB, %d training files listed) -> %s", src, size_mb, len(train), out)
     return out
+
+
+def heldout_quality(cfg, model_dir: Union[str, Path], max_tokens: int = 65536) -> dict:
+    """Per-layer next-token accuracy and cross-entropy of a model on ``max_tokens`` validation
+    tokens of the run's corpus (packed as training packs them)."""
+    import math
+
+    import torch
+
+    from greencode.data import load_corpus, load_tokenizer
+    from greencode.data.corpus import text_sep
+    from greencode.models import EarlyExitModel
+    from greencode.training.data import pack_split
+    from greencode.training.report import layer_quality
+
+    tokenizer = load_tokenizer(cfg)
+    held = pack_split(load_corpus(cfg)["validation"], tokenizer, cfg.pretrain.seq_len, max_tokens=max_tokens,
+                      seed=cfg.seed, desc="packing held-out", sep=text_sep(cfg))
+    model = EarlyExitModel.from_run_config(cfg, model_dir, dtype=torch.float32).eval()
+    q = layer_quality(model, held, cfg.pretrain.batch_size)
+    final = q["per_layer"][-1]
+    return {"split": "validation", "tokens": q["tokens"], "final_accuracy": q["final_accuracy"],
+            "final_ce_loss": final["ce_loss"], "final_perplexity": math.exp(final["ce_loss"]),
+            "per_layer": q["per_layer"]}
 
 
 def read_train_files(base_dir: Union[str, Path]) -> Optional[tuple[set[str], set[str]]]:
