@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first (idempotent).
 PYTHON ?= python3
+MAKE_START := $(shell date +%s.%N)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -15,7 +16,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/reproduce.py --config configs/default.yaml
+	GREENCODE_MAKE_START=$(MAKE_START) $(PY) scripts/reproduce.py --config configs/default.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
