@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test benchmark pretrain clean-runs
+.PHONY: setup demo test benchmark pretrain gpu-check clean-runs
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 pretrain: $(STAMP)
 	$(PY) scripts/pretrain.py --config configs/base.yaml
 	$(PY) scripts/ship_base.py --config configs/base.yaml
+
+# on a CUDA box, with the machine's own python (torch + transformers), no set-up, no downloads
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py --config configs/default.yaml

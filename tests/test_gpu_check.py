@@ -1,0 +1,47 @@
+"""scripts/gpu_check.py on the CPU at toy sizes: the same code path as on the GPU box minus the
+CUDA-only parts, so the command is known to work before a GPU is lent."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_gpu_check_runs_every_part_and_records_failures(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--out", str(out),
+                           "--energy-window", "0.2"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tiny"] and res["environment"]["torch"] and "git_commit" in res["environment"]
+    assert set(res["shapes"]) == {"llama-3.2-3b", "opt-2.7b"}
+    for shape, e in res["shapes"].items():
+        assert e["build"]["status"] == "ok" and e["build"]["exit_layers"] == [1, 2, 3]
+        assert e["correctness"]["ok"] and e["correctness"]["identical"] == 4, shape
+        for batch in ("1", "8"):
+            rows = e["latency"]["batches"][batch]
+            for key in ("hf_generate_dynamic", "greencode_full", "greencode_fixed@1", "greencode_fixed@3",
+                        "greencode_policy@0.5"):
+                assert rows[key]["value"] > 0, (shape, batch, key)
+            assert "skipped" in rows["hf_generate_static_compile"]  # CUDA only
+        # no GPU: energy is a recorded failure with its reason, never an estimate; later parts still ran
+        assert e["energy"]["status"] == "failed" and "no CUDA device" in e["energy"]["error"]
+    lite = res["shapes"]["llama-3.2-3b"]["lite"]
+    assert lite["status"] == "ok" and lite["loss_finite"] and lite["steps_per_s"] > 0
+    assert "lite" not in res["shapes"]["opt-2.7b"]
+    assert "ms/token batch 8" in proc.stdout and str(out) in proc.stdout
+
+
+def test_paper_shapes_are_the_real_architectures():
+    from greencode.gpucheck import hf_config
+
+    llama = hf_config("llama-3.2-3b")
+    assert (llama.hidden_size, llama.num_hidden_layers, llama.num_attention_heads, llama.num_key_value_heads,
+            llama.intermediate_size, llama.vocab_size) == (3072, 28, 24, 8, 8192, 128256)
+    rope = getattr(llama, "rope_scaling", None) or getattr(llama, "rope_parameters", {})
+    assert rope.get("rope_type") == "llama3" and llama.tie_word_embeddings
+    opt = hf_config("opt-2.7b")
+    assert (opt.hidden_size, opt.num_hidden_layers, opt.num_attention_heads, opt.ffn_dim, opt.vocab_size) == (
+        2560, 32, 32, 10240, 50272)
