@@ -297,30 +297,37 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         exit_at: dict[int, int] = {}
         exit_h: dict[int, torch.Tensor] = {}
         row_logits: dict[int, Optional[torch.Tensor]] = {}
-        prop: dict[int, list] = {}
+        # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
+        groups: list[tuple[list[int], int, list]] = []
         oracle_preds = {r: [] for r in live if controllers[r].runs_all_layers}
         for i, layer in enumerate(layers):
             if not active and propagate:
                 # every row has exited: its deeper layers get the K/V propagated from its exit state
                 for j in range(i, len(layers)):
-                    ks, vs = zip(*(prop[r][j - exit_at[r] - 1] if r in prop else _idle_kv(cache, j, r)
-                                   for r in range(R)))
-                    cache.update(torch.cat(ks), torch.cat(vs), j)
-                    for r in prop:
-                        counters[r]["kv_propagated_layers"] += 1
+                    k, v = _gather_kv(groups, j, R, cache)
+                    cache.update(k, v, j)
+                    for rows_, _, _ in groups:
+                        for r in rows_:
+                            counters[r]["kv_propagated_layers"] += 1
                 break
             h = layer(h, attention_mask=attn, past_key_values=cache, use_cache=True, **lkw)
             if isinstance(h, tuple):
                 h = h[0]
             for r in active:
                 counters[r]["layers_run"] += 1
-            if prop:  # rows that exited below: their K/V at this layer come from their exit state
+            if groups:  # rows that exited below: their K/V at this layer come from their exit state
                 keys, values = _layer_kv(cache, i)
-                for r, kv in prop.items():
-                    k, v = kv[i - exit_at[r] - 1]
-                    keys[r:r + 1, :, -1:] = k
-                    values[r:r + 1, :, -1:] = v
-                    counters[r]["kv_propagated_layers"] += 1
+                for rows_, at, kv in groups:
+                    k, v = kv[i - at - 1]
+                    if len(rows_) == 1:
+                        keys[rows_[0]:rows_[0] + 1, :, -1:] = k
+                        values[rows_[0]:rows_[0] + 1, :, -1:] = v
+                    else:
+                        idx = torch.tensor(rows_, device=keys.device)
+                        keys[idx, :, -1:] = k
+                        values[idx, :, -1:] = v
+                    for r in rows_:
+                        counters[r]["kv_propagated_layers"] += 1
             elif not propagate:
                 for r in exit_at:  # compute: the rows that exited keep running the deeper layers
                     counters[r]["layers_run"] += 1
@@ -335,6 +342,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                 continue
             t0 = time.perf_counter()
             normed_all = None
+            exiting: list[int] = []
             for r in asking:
                 ctrl = controllers[r]
                 hr = h[r:r + 1]
@@ -350,8 +358,13 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                     active.remove(r)
                     if R > 1 or not propagate:  # the batch (or compute's deeper layers) moves h on
                         exit_h[r] = hr.clone()
-                    if propagate:
-                        prop[r] = adapter.propagate(i + 1, hr, lkw if R == 1 else _row_kwargs(lkw, r))
+                    exiting.append(r)
+            if exiting and propagate:  # one fused projection for every row leaving here
+                if len(exiting) == R:
+                    kv = adapter.propagate(i + 1, h, lkw)
+                else:
+                    kv = adapter.propagate(i + 1, h[exiting], _rows_kwargs(lkw, exiting))
+                groups.append((exiting, i, kv))
             elapsed = time.perf_counter() - t0
             for r in asking:  # one row: its own time; several: the batch's time, shared
                 counters[r]["controller_time_s"] += elapsed / len(asking)
@@ -429,23 +442,31 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _row_kwargs(lkw: dict, r: int) -> dict:
-    """One row of the layer keyword arguments (tensors and tuples of tensors sliced)."""
+def _rows_kwargs(lkw: dict, rows: list[int]) -> dict:
+    """Some rows of the layer keyword arguments (tensors and tuples of tensors indexed)."""
     out = {}
     for k, v in lkw.items():
         if isinstance(v, torch.Tensor):
-            out[k] = v[r:r + 1]
+            out[k] = v[rows]
         elif isinstance(v, tuple):
-            out[k] = tuple(t[r:r + 1] if isinstance(t, torch.Tensor) else t for t in v)
+            out[k] = tuple(t[rows] if isinstance(t, torch.Tensor) else t for t in v)
         else:
             out[k] = v
     return out
 
 
-def _idle_kv(cache, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V for a row that is finished (kept in the batch only for shape): its last entry again."""
-    k, v = _layer_kv(cache, layer)
-    return k[row:row + 1, :, -1:], v[row:row + 1, :, -1:]
+def _gather_kv(groups: list, layer: int, rows: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new position's K/V of one layer for every row: each group's propagated K/V, and
+    for a finished row (kept only for shape) its last entry again."""
+    if len(groups) == 1 and len(groups[0][0]) == rows:
+        return groups[0][2][layer - groups[0][1] - 1]
+    keys, values = _layer_kv(cache, layer)
+    k_all, v_all = keys[:, :, -1:].clone(), values[:, :, -1:].clone()
+    for rows_, at, kv in groups:
+        k, v = kv[layer - at - 1]
+        idx = torch.tensor(rows_, device=k_all.device)
+        k_all[idx], v_all[idx] = k, v
+    return k_all, v_all
 
 
 def compute_cost(model, results: Sequence[GenerationResult], controller: Optional[ExitController] = None) -> dict:
