@@ -187,3 +187,35 @@ def test_batch_of_prompts_rows_equal_batch_one(family, kv_strategy):
     assert same[0].tokens == same[1].tokens == generate(model, prompts[1], NeverExit(), 6).tokens
     with pytest.raises(ValueError, match="2 prompts but 3 controllers"):
         generate(model, prompts[:2], make()[:3], 4)
+
+
+def test_one_controller_over_a_batch_of_prompts_decides_per_row(family):
+    """A controller shared by every row decides for all rows at once (vectorised); each row
+    still equals decoding its prompt alone."""
+    from greencode.decoding import ConfidenceExit, EntropyExit, PolicyExit
+    from torch import nn
+
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 11, 8, 14, 9)]
+
+    class Policy(nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            torch.manual_seed(4)
+            self.policy_net = nn.Sequential(nn.Linear(hidden, 16), nn.Tanh())
+            self.action_net = nn.Linear(16, 2)
+            self.observation = "normed"
+
+        def forward(self, obs):
+            return self.action_net(self.policy_net(obs))
+
+    policy = Policy(model.hidden_size)
+    probs = []
+    for ctrl in (PolicyExit(policy, 0.5), ConfidenceExit(0.02), EntropyExit(6.0)):
+        rows = generate(model, prompts, ctrl, 8)
+        alone = [generate(model, p, ctrl, 8) for p in prompts]
+        for a, b in zip(alone, rows):
+            assert b.tokens == a.tokens and b.exit_layers == a.exit_layers, ctrl.name
+        probs.append({tuple(r.exit_layers) for r in rows})
+    assert any(len(p) > 1 for p in probs)  # rows of one batch left at different layers

@@ -54,6 +54,14 @@ class ExitController:
                     logits: Optional[torch.Tensor]) -> bool:
         raise NotImplementedError
 
+    def should_exit_rows(self, layer: int, hidden: torch.Tensor, normed: Optional[torch.Tensor],
+                         logits: Optional[torch.Tensor]) -> list[bool]:
+        """The decision for several rows at once (``[n, 1, H]`` states, ``[n, 1, V]`` logits):
+        the same answer as :meth:`should_exit` row by row (which is what this default does;
+        controllers override it with one vectorised computation)."""
+        return [self.should_exit(layer, hidden[r:r + 1], None if normed is None else normed[r:r + 1],
+                                 None if logits is None else logits[r:r + 1]) for r in range(hidden.shape[0])]
+
     def describe(self) -> dict:
         return {"controller": self.name}
 
@@ -87,6 +95,9 @@ class FixedExit(ExitController):
     def should_exit(self, layer, hidden, normed, logits) -> bool:
         return True
 
+    def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
+        return [True] * hidden.shape[0]
+
     def describe(self) -> dict:
         return {"controller": self.name, "layer": self.layer}
 
@@ -102,6 +113,9 @@ class ConfidenceExit(ExitController):
 
     def should_exit(self, layer, hidden, normed, logits) -> bool:
         return bool(torch.softmax(logits[0, -1].float(), dim=-1).max() >= self.threshold)
+
+    def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
+        return (torch.softmax(logits[:, -1].float(), dim=-1).amax(-1) >= self.threshold).tolist()
 
     def describe(self) -> dict:
         return {"controller": self.name, "threshold": self.threshold}
@@ -122,6 +136,10 @@ class EntropyExit(ExitController):
         logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
         entropy = -(logp.exp() * logp).sum()
         return bool(entropy <= self.threshold)
+
+    def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        return ((-(logp.exp() * logp).sum(-1)) <= self.threshold).tolist()
 
     def describe(self) -> dict:
         return {"controller": self.name, "threshold": self.threshold}
@@ -225,6 +243,24 @@ class PolicyExit(ExitController):
             obs = (normed if self.observation == "normed" else hidden).float()
             decision = bool(self.exit_probability(obs)[-1] >= self.threshold)
         return decision and not self.ignore_decision
+
+    def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
+        if self._fast is None or type(self).should_exit is not PolicyExit.should_exit:
+            return super().should_exit_rows(layer, hidden, normed, logits)
+        if self.ignore_decision:
+            return [False] * hidden.shape[0]
+        kind, eps, layers, w_diff, b_diff = self._fast
+        x = hidden[:, -1].float()  # [n, H]
+        if kind == "rms":
+            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+        elif kind == "layer":
+            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+        for w, b, act in layers:
+            x = torch.nn.functional.linear(x, w, b)
+            if act is not None:
+                x = act(x)
+        z = ((x @ w_diff).double() + b_diff) / self.temperature
+        return (torch.sigmoid(z) >= self.threshold).tolist()
 
     def _fast_probability(self, hidden: torch.Tensor) -> float:
         kind, eps, layers, w_diff, b_diff = self._fast

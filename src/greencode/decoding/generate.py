@@ -343,22 +343,34 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
             t0 = time.perf_counter()
             normed_all = None
             exiting: list[int] = []
+            by_ctrl: dict[int, list[int]] = {}  # rows sharing one controller decide together
             for r in asking:
-                ctrl = controllers[r]
-                hr = h[r:r + 1]
-                if (ctrl.needs_normed or ctrl.needs_logits) and normed_all is None:
+                by_ctrl.setdefault(id(controllers[r]), []).append(r)
+            for rows_ in by_ctrl.values():
+                ctrl = controllers[rows_[0]]
+                need = ctrl.needs_normed or ctrl.needs_logits
+                if need and normed_all is None:
                     normed_all = model.final_norm(h)
-                normed = normed_all[r:r + 1] if (ctrl.needs_normed or ctrl.needs_logits) else None
-                lg = adapter.lm_head(normed) if ctrl.needs_logits else None
-                counters[r]["lm_head_calls"] += lg is not None
-                decision = ctrl.should_exit(i, hr, normed, lg)
-                counters[r]["exit_checks"] += 1
-                if decision:
-                    exit_at[r], row_logits[r] = i, lg
-                    active.remove(r)
-                    if R > 1 or not propagate:  # the batch (or compute's deeper layers) moves h on
-                        exit_h[r] = hr.clone()
-                    exiting.append(r)
+                if len(rows_) == 1:
+                    r = rows_[0]
+                    normed = normed_all[r:r + 1] if need else None
+                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                    decisions = [ctrl.should_exit(i, h[r:r + 1], normed, lg)]
+                    lgs = [lg]
+                else:
+                    normed = normed_all[rows_] if need else None
+                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                    decisions = ctrl.should_exit_rows(i, h[rows_], normed, lg)
+                    lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
+                for r, decision, lg_r in zip(rows_, decisions, lgs):
+                    counters[r]["lm_head_calls"] += lg_r is not None
+                    counters[r]["exit_checks"] += 1
+                    if decision:
+                        exit_at[r], row_logits[r] = i, lg_r
+                        active.remove(r)
+                        if R > 1 or not propagate:  # the batch (or compute's deeper layers) moves h on
+                            exit_h[r] = h[r:r + 1].clone()
+                        exiting.append(r)
             if exiting and propagate:  # one fused projection for every row leaving here
                 if len(exiting) == R:
                     kv = adapter.propagate(i + 1, h, lkw)
