@@ -3,7 +3,8 @@
 from greencode.decoding.controllers import (ConfidenceExit, EntropyExit, ExitController, FixedExit, NeverExit,
                                             OracleExit, PolicyExit, policy_observation)
 from greencode.decoding.generate import KV_STRATEGIES, GenerationResult, Prefill, compute_cost, generate, prefill
+from greencode.decoding.speculative import generate_lossless
 
 __all__ = ["ConfidenceExit", "EntropyExit", "ExitController", "FixedExit", "GenerationResult", "KV_STRATEGIES",
-           "NeverExit", "OracleExit", "PolicyExit", "Prefill", "compute_cost", "generate", "policy_observation",
-           "prefill"]
+           "NeverExit", "OracleExit", "PolicyExit", "Prefill", "compute_cost", "generate", "generate_lossless",
+           "policy_observation", "prefill"]
