@@ -11,22 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _ci(row: dict, key: str, digits: int, scale: float = 1.0) -> str:
-    d, ci, sig = row.get(f"{key}_diff"), row.get(f"{key}_diff_ci"), row.get(f"{key}_diff_significant")
-    if d is None:
-        return "–"
-    s = f"{d * scale:+.{digits}f}"
-    if ci:
-        s += f" [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]"
-    return s + (" *" if sig else "")
-
-
-def _mean(row: dict, key: str, digits: int) -> str:
-    m, ci = row.get(f"{key}_mean"), row.get(f"{key}_ci")
-    if m is None:
-        return "–"
-    return f"{m:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+from greencode.eval.summary import ci_cell, mean_cell
 
 
 def _num(v, spec: str) -> str:
@@ -40,8 +25,8 @@ def table(summary: dict) -> str:
     for r in summary["rows"]:
         lat = r.get("latency_s_delta_pct")
         lines.append(
-            f"| `{r['id']}` | {r['num_samples']} | {_mean(r, 'token_agreement', 3)} | {_ci(r, 'edit_similarity', 1)} | "
-            f"{_ci(r, 'exact_match', 3)} | {_num(r.get('rouge_l'), '.3f')} | {_num(r.get('bleu'), '.1f')} | "
+            f"| `{r['id']}` | {r['num_samples']} | {mean_cell(r, 'token_agreement', 3)} | {ci_cell(r, 'edit_similarity', 1)} | "
+            f"{ci_cell(r, 'exact_match', 3)} | {_num(r.get('rouge_l'), '.3f')} | {_num(r.get('bleu'), '.1f')} | "
             f"{_num(r.get('codebleu'), '.3f')} | {_num(r.get('compute_ratio'), '.2f')} | "
             f"{_num(r.get('latency_s'), '.3f')} ({r.get('timed_samples', '–')}) | "
             f"{'–' if lat is None else f'{lat:+.0f}%'} |")

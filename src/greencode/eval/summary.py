@@ -551,7 +551,7 @@ def summary_table(results_dir: Union[str, Path]) -> list[dict]:
     return list(data["rows"])
 
 
-def _ci_cell(row: dict, key: str, digits: int = 3) -> str:
+def ci_cell(row: dict, key: str, digits: int = 3) -> str:
     d, ci, sig = row.get(f"{key}_diff"), row.get(f"{key}_diff_ci"), row.get(f"{key}_diff_significant")
     if d is None:
         return "–"
@@ -561,7 +561,7 @@ def _ci_cell(row: dict, key: str, digits: int = 3) -> str:
     return text + (" *" if sig else "")
 
 
-def _mean_cell(row: dict, key: str, digits: int = 3) -> str:
+def mean_cell(row: dict, key: str, digits: int = 3) -> str:
     m, ci = row.get(f"{key}_mean"), row.get(f"{key}_ci")
     if m is None:
         return "–"
@@ -582,8 +582,8 @@ def _ci_section(rows: Sequence[dict], ref: Optional[str], boot: Optional[dict]) 
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
-        cells = [f"`{r['id']}`", _mean_cell(r, "token_agreement"), _mean_cell(r, "prefix_match", 2),
-                 _ci_cell(r, "edit_similarity", 2), _ci_cell(r, "exact_match"), _ci_cell(r, "rouge_l"),
-                 _ci_cell(r, "codebleu"), _ci_cell(r, "chrf", 2)]
+        cells = [f"`{r['id']}`", mean_cell(r, "token_agreement"), mean_cell(r, "prefix_match", 2),
+                 ci_cell(r, "edit_similarity", 2), ci_cell(r, "exact_match"), ci_cell(r, "rouge_l"),
+                 ci_cell(r, "codebleu"), ci_cell(r, "chrf", 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
