@@ -1,10 +1,10 @@
 """The early-exit decoding loop and the exit controllers."""
 
 from greencode.decoding.controllers import (ConfidenceExit, EntropyExit, ExitController, FixedExit, NeverExit,
-                                            OracleExit, PolicyExit, policy_observation)
+                                            OracleExit, PolicyExit, RandomExit, SaturationExit, policy_observation)
 from greencode.decoding.generate import KV_STRATEGIES, GenerationResult, Prefill, compute_cost, generate, prefill
 from greencode.decoding.speculative import generate_lossless
 
 __all__ = ["ConfidenceExit", "EntropyExit", "ExitController", "FixedExit", "GenerationResult", "KV_STRATEGIES",
-           "NeverExit", "OracleExit", "PolicyExit", "Prefill", "compute_cost", "generate", "generate_lossless",
+           "NeverExit", "OracleExit", "PolicyExit", "Prefill", "RandomExit", "SaturationExit", "compute_cost", "generate", "generate_lossless",
            "policy_observation", "prefill"]

@@ -27,12 +27,61 @@ def policy_observation(model, h: torch.Tensor, mode: str) -> torch.Tensor:
     """THE preprocessing of a hidden state into an RL observation, shared by the trajectory
     bank (training) and :class:`PolicyExit` (inference): ``raw`` is the residual stream
     as the layer outputs it; ``normed`` goes through the model's own final norm (OPT: and
-    ``project_out``), the same transform the LM head sees. Returned as float32."""
+    ``project_out``), the same transform the LM head sees. Computed in float32 from the norm's
+    parts whatever the model's dtype, so a bf16 model's bank and the fused fast path of
+    :class:`PolicyExit` normalise alike."""
     if mode == "normed":
-        return model.final_norm(h).float()
+        kind, eps, scale, bias, proj = model.adapter.final_norm_parts()
+        x = h.float()
+        if kind == "rms":
+            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+        elif kind == "layer":
+            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+        if scale is not None:
+            x = x * scale.float()
+        if bias is not None:
+            x = x + bias.float()
+        return x @ proj.float().T if proj is not None else x
     if mode == "raw":
         return h.float()
     raise ConfigError(f"rl.observation={mode!r}; use 'raw' or 'normed'")
+
+
+# optional observation features beyond the hidden state (rl.observation_features), appended in
+# this order after the preprocessed hidden state:
+#   exit_index   one-hot of the exit point (E values)
+#   cosine_prev  cosine between this exit point's raw hidden state and the previous exit point's
+#                (0 at the first exit point, which has none)
+#   prev_exit    the previous token's exit point / E (1 = the final layer; the prefill's token counts
+#                as the final layer)
+OBSERVATION_FEATURES = ("exit_index", "cosine_prev", "prev_exit")
+
+
+def feature_size(features, n_exit_points: int) -> int:
+    """Number of values the ``features`` add to the observation."""
+    size = 0
+    for f in features:
+        if f not in OBSERVATION_FEATURES:
+            raise ConfigError(f"observation feature {f!r}; known: {', '.join(OBSERVATION_FEATURES)}")
+        size += n_exit_points if f == "exit_index" else 1
+    return size
+
+
+def observation_features(features, k: torch.Tensor, n_exit_points: int, cos_prev: torch.Tensor,
+                         prev_exit: torch.Tensor) -> torch.Tensor:
+    """The extra features [..., F] (float32) for exit-point indices ``k`` [...], the cosine to the
+    previous exit point's state [...] and the previous token's exit point index [...] (E = final)."""
+    parts = []
+    for f in features:
+        if f == "exit_index":
+            parts.append(torch.nn.functional.one_hot(k.long(), n_exit_points).float())
+        elif f == "cosine_prev":
+            parts.append(cos_prev.float().unsqueeze(-1))
+        elif f == "prev_exit":
+            parts.append((prev_exit.float() / n_exit_points).unsqueeze(-1))
+    if not parts:
+        return torch.zeros(tuple(k.shape) + (0,))
+    return torch.cat(parts, dim=-1)
 
 
 class ExitController:
@@ -145,6 +194,72 @@ class EntropyExit(ExitController):
         return {"controller": self.name, "threshold": self.threshold}
 
 
+class SaturationExit(ExitController):
+    """Hidden-state saturation (CALM): exit when the cosine similarity between this exit
+    point's hidden state and the previous exit point's is >= threshold (parameter-free; the
+    state stopped changing). The first exit point compares with the layer just below it (when
+    the first exit point is layer 0 there is none, and no token exits there). Keeps one state
+    per row between the checks of a token, so each row of a batch needs its own instance
+    (generate copies a shared one)."""
+
+    name = "saturation"
+    per_row_state = True
+
+    def __init__(self, threshold: float):
+        if not isinstance(threshold, (int, float)) or not -1.0 <= float(threshold) <= 1.0 or math.isnan(threshold):
+            raise ConfigError(f"saturation threshold={threshold!r} must be a cosine in [-1, 1]")
+        self.threshold = float(threshold)
+        self._prev: Optional[torch.Tensor] = None
+        self._last_layer = -1
+        self._below = -1  # the layer compared with at the first exit point
+
+    def reset(self) -> None:
+        self._prev, self._last_layer = None, -1
+
+    def check_layers(self, model) -> frozenset[int]:
+        first = min(model.exit_layers)
+        self._below = first - 1
+        self.macs_per_check = 3 * model.hidden_size  # one dot product and two norms
+        return frozenset(model.exit_layers) | ({first - 1} if first >= 1 else frozenset())
+
+    def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
+        x = hidden[:, -1].float()
+        if layer <= self._last_layer:  # a new token starts: nothing to compare with yet
+            self._prev = None
+        prev, self._prev, self._last_layer = self._prev, x, layer
+        if layer == self._below or prev is None or prev.shape != x.shape:
+            return [False] * x.shape[0]
+        return (torch.nn.functional.cosine_similarity(x, prev, dim=-1) >= self.threshold).tolist()
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        return self.should_exit_rows(layer, hidden, normed, logits)[0]
+
+    def describe(self) -> dict:
+        return {"controller": self.name, "threshold": self.threshold}
+
+
+class RandomExit(ExitController):
+    """Exit at each checked exit point with probability ``rate`` (seeded, reproducible): the
+    behaviour that puts the trajectory bank on the states early-exit decoding reaches (earlier
+    tokens exited, deeper layers holding propagated K/V) before any policy exists."""
+
+    name = "random"
+
+    def __init__(self, rate: float, seed: int = 0):
+        self.rate = _check_unit("random exit rate", rate)
+        self.seed = int(seed)
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def reset(self) -> None:
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        return bool(torch.rand((), generator=self._gen) < self.rate)
+
+    def describe(self) -> dict:
+        return {"controller": self.name, "rate": self.rate, "seed": self.seed}
+
+
 class OracleExit(ExitController):
     """The first exit point whose prediction equals the final layer's (l_opt). It runs
     every layer to know that, so it saves no compute: an upper bound for analysis."""
@@ -161,12 +276,16 @@ _FAST_ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu, nn.Sigmoid: torch
 
 class PolicyExit(ExitController):
     """An exported RL policy over the hidden state: exit when P(exit) >= threshold, where
-    P = softmax(policy(obs) / temperature)[exit]. Action 0 = continue, 1 = exit."""
+    P = softmax(policy(obs) / temperature)[exit]. Action 0 = continue, 1 = exit. The
+    supervised exit classifier (CALM's learned classifier, :mod:`greencode.rl.classifier`)
+    has the same shape and runs through this controller too (``name="classifier"``)."""
 
     name = "policy"
 
     def __init__(self, policy: nn.Module, threshold: float, temperature: float = 1.0, observation: str = "normed",
-                 ignore_decision: bool = False):
+                 ignore_decision: bool = False, name: Optional[str] = None):
+        if name is not None:
+            self.name = name
         self.policy = policy.eval()
         self.threshold = _check_unit("policy threshold", threshold)
         if not temperature > 0:
@@ -181,9 +300,35 @@ class PolicyExit(ExitController):
         self.macs_per_check = sum(m.weight.numel() for m in policy.modules() if isinstance(m, nn.Linear))
         self._param = next(policy.parameters(), None)
         self._fast = None  # (norm kind, eps, [(W, b, activation)], w_diff, b_diff) once fused
+        # observation features beyond the hidden state (rl.observation_features): they need the
+        # previous exit point's state and the previous token's exit, kept per row
+        self.features = list(getattr(policy, "features", None) or [])
+        self.per_row_state = bool(self.features)
+        self._w_feat = None  # the first layer's columns for the features (fast path)
+        self._exit_index = {}
+        self._n_exits = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._prev_h = None  # the previous exit point's raw state in this token
+        self._last_layer = -1
+        self._prev_exit = None  # exit point index of the previous token (None: the prefill's = final)
+        self._exited = None  # exit point index this token exited at, if it did
+
+    def _features(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The feature vector [F] for the state ``x`` [H] (float32) at ``layer``; advances the state."""
+        if layer <= self._last_layer:  # a new token: the previous one exited where it said, or at the final
+            self._prev_exit = self._exited if self._exited is not None else self._n_exits
+            self._prev_h, self._exited = None, None
+        k = self._exit_index[layer]
+        prev_h, self._prev_h, self._last_layer = self._prev_h, x, layer
+        cos = torch.zeros(()) if prev_h is None else torch.nn.functional.cosine_similarity(x, prev_h, dim=-1)
+        prev_exit = self._n_exits if self._prev_exit is None else self._prev_exit
+        return observation_features(self.features, torch.tensor(k), self._n_exits, cos.cpu(),
+                                    torch.tensor(prev_exit)).to(x.device)
 
     def check_layers(self, model) -> frozenset[int]:
-        hidden = getattr(self.policy, "hidden_size", None)
+        hidden = getattr(self.policy, "state_size", getattr(self.policy, "hidden_size", None))
         if hidden is not None and int(hidden) != model.hidden_size:
             raise ConfigError(f"the policy expects hidden size {hidden} but the model has {model.hidden_size}; "
                               "train the agent on this model's trajectory bank")
@@ -191,6 +336,8 @@ class PolicyExit(ExitController):
         if exits is not None and list(exits) and list(exits) != list(model.exit_layers):
             raise ConfigError(f"the policy was trained for exit layers {list(exits)} but the model has "
                               f"{model.exit_layers}; train the agent for these exits or load the matching model")
+        self._n_exits = len(model.exit_layers)
+        self._exit_index = {layer: k for k, layer in enumerate(model.exit_layers)}
         self._fuse(model)
         return frozenset(model.exit_layers)
 
@@ -216,6 +363,10 @@ class PolicyExit(ExitController):
                 return
         if not layers:
             return
+        n_feat = feature_size(self.features, len(model.exit_layers))
+        if n_feat:  # the feature columns stay apart; the norm folds into the state's columns only
+            w1 = layers[0][0]
+            layers[0][0], self._w_feat = w1[:, :w1.shape[1] - n_feat], w1[:, w1.shape[1] - n_feat:]
         kind, eps = "none", 0.0
         if self.observation == "normed":
             kind, eps, scale, bias, proj = model.adapter.final_norm_parts()
@@ -237,15 +388,21 @@ class PolicyExit(ExitController):
         return torch.softmax(logits.float() / self.temperature, dim=-1)[..., 1]
 
     def should_exit(self, layer, hidden, normed, logits) -> bool:
+        feats = self._features(layer, hidden[0, -1].float()) if self.features else None
         if self._fast is not None:
-            decision = self._fast_probability(hidden) >= self.threshold
+            decision = self._fast_probability(hidden, feats) >= self.threshold
         else:
-            obs = (normed if self.observation == "normed" else hidden).float()
-            decision = bool(self.exit_probability(obs)[-1] >= self.threshold)
-        return decision and not self.ignore_decision
+            obs = (normed if self.observation == "normed" else hidden).float()[0, -1]
+            if feats is not None:
+                obs = torch.cat([obs, feats])
+            decision = bool(self.exit_probability(obs[None])[-1] >= self.threshold)
+        decision = decision and not self.ignore_decision
+        if decision and self.features:
+            self._exited = self._exit_index[layer]
+        return decision
 
     def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
-        if self._fast is None or type(self).should_exit is not PolicyExit.should_exit:
+        if self._fast is None or type(self).should_exit is not PolicyExit.should_exit or self.features:
             return super().should_exit_rows(layer, hidden, normed, logits)
         if self.ignore_decision:
             return [False] * hidden.shape[0]
@@ -262,15 +419,17 @@ class PolicyExit(ExitController):
         z = ((x @ w_diff).double() + b_diff) / self.temperature
         return (torch.sigmoid(z) >= self.threshold).tolist()
 
-    def _fast_probability(self, hidden: torch.Tensor) -> float:
+    def _fast_probability(self, hidden: torch.Tensor, feats: Optional[torch.Tensor] = None) -> float:
         kind, eps, layers, w_diff, b_diff = self._fast
         x = hidden[0, -1].float()
         if kind == "rms":
             x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
         elif kind == "layer":
             x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
-        for w, b, act in layers:
+        for j, (w, b, act) in enumerate(layers):
             x = torch.mv(w, x) if b is None else torch.addmv(b, w, x)
+            if j == 0 and feats is not None and self._w_feat is not None:
+                x = x + torch.mv(self._w_feat, feats)
             if act is not None:
                 x = act(x)
         z = (float(torch.dot(w_diff, x)) + b_diff) / self.temperature  # logit(exit) - logit(continue)
@@ -278,4 +437,4 @@ class PolicyExit(ExitController):
 
     def describe(self) -> dict:
         return {"controller": self.name, "threshold": self.threshold, "temperature": self.temperature,
-                "observation": self.observation, "ignore_decision": self.ignore_decision}
+                "observation": self.observation, "features": self.features, "ignore_decision": self.ignore_decision}

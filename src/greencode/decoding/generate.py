@@ -16,6 +16,7 @@ Batch size 1 (one completion request), which is how an editor calls it.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -37,6 +38,11 @@ class GenerationResult:
     text: Optional[str] = None
     prompt_tokens: int = 0
     logits: Optional[list] = None  # per-token logits [V] (float32, CPU) when return_logits=True
+    # observe=True: for every decided token (tokens[1:]; token 0 comes from the prefill), the hidden
+    # state at each early exit point [E, H] and each exit point's greedy prediction [E + 1] (the
+    # last: the final layer's), both of the state this decoding reached (see generate)
+    exit_states: Optional[list] = None
+    exit_preds: Optional[list] = None
 
     @property
     def new_tokens(self) -> int:
@@ -155,7 +161,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              kv_strategy: str = "propagate", return_logits: bool = False,
              on_token: Optional[Callable[[int, int], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None,
-             prefilled: Optional[Prefill] = None) -> Union[GenerationResult, list[GenerationResult]]:
+             prefilled: Optional[Prefill] = None,
+             observe: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
@@ -174,6 +181,15 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     ``finish_reason="cancelled"`` when it returns true (timeouts, disconnected clients).
     ``prefilled``: a :func:`prefill` of the same ``input_ids``, whose cache is copied instead of
     running the prompt again (``prefill_time_s`` then counts the copy only).
+
+    ``observe=True`` records, for every decided token, the hidden state at every early exit
+    point and every exit point's greedy prediction (``exit_states``, ``exit_preds``), the data
+    of the RL trajectory bank. A row that exits keeps climbing in the shadow: its deeper states
+    are the ones it would have reached had it continued (this token's K/V in the cache are its
+    own until the layer has run; afterwards they are overwritten by the propagated K/V, exactly
+    as without observing), so the tokens, exits and cache are those of the unobserved run and
+    the states up to the exit are the ones its controller saw. The shadow layers and the
+    recording's LM heads are not counted in the counters.
     """
     from transformers import DynamicCache
 
@@ -210,6 +226,12 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     if do_sample and seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
 
+    seen_ids: set[int] = set()
+    for r, ctrl in enumerate(controllers):  # a controller with per-row state gets one instance per row
+        if getattr(ctrl, "per_row_state", False):
+            if id(ctrl) in seen_ids:
+                controllers[r] = copy.deepcopy(ctrl)
+            seen_ids.add(id(controllers[r]))
     adapter = model.adapter
     layers = list(adapter.layers)
     final = model.final_layer
@@ -220,6 +242,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         ctrl.reset()
     counters = [_new_counters() for _ in range(R)]
     propagate = kv_strategy == "propagate"
+    obs_states: Optional[list[list[torch.Tensor]]] = [[] for _ in range(R)] if observe else None
+    obs_preds: Optional[list[list[torch.Tensor]]] = [[] for _ in range(R)] if observe else None
 
     t_start = time.perf_counter()
     if mask is not None:  # several prompts: left-padded, one batched prefill with per-row positions
@@ -300,8 +324,9 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
         groups: list[tuple[list[int], int, list]] = []
         oracle_preds = {r: [] for r in live if controllers[r].runs_all_layers}
+        seen_h: list[torch.Tensor] = []  # observe: the states at the exit points, then the final one
         for i, layer in enumerate(layers):
-            if not active and propagate:
+            if not active and propagate and not observe:
                 # every row has exited: its deeper layers get the K/V propagated from its exit state
                 for j in range(i, len(layers)):
                     k, v = _gather_kv(groups, j, R, cache)
@@ -331,6 +356,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
             elif not propagate:
                 for r in exit_at:  # compute: the rows that exited keep running the deeper layers
                     counters[r]["layers_run"] += 1
+            if observe and (i in exit_set or i == final):
+                seen_h.append(h.detach().clone())
             if i == final:
                 break
             if oracle_preds and i in exit_set:  # the oracle records every exit point's prediction
@@ -368,7 +395,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                     if decision:
                         exit_at[r], row_logits[r] = i, lg_r
                         active.remove(r)
-                        if R > 1 or not propagate:  # the batch (or compute's deeper layers) moves h on
+                        if R > 1 or not propagate or observe:  # the batch (or compute, or the shadow) moves h on
                             exit_h[r] = h[r:r + 1].clone()
                         exiting.append(r)
             if exiting and propagate:  # one fused projection for every row leaving here
@@ -402,6 +429,12 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                 all_logits[r].append(lg.reshape(-1).float().cpu())
             exit_layers[r].append(exit_at[r])
             counters[r]["decode_steps"] += 1
+        if observe:
+            stacked = torch.stack(seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
+            preds = model.decode(stacked).argmax(-1)  # [R, E + 1]
+            for r in live:
+                obs_states[r].append(stacked[r, :-1].float().cpu())
+                obs_preds[r].append(preds[r].cpu())
         steps_done += 1
         refresh_done()
 
@@ -422,7 +455,9 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
             c["batch_rows"] = R
         results.append(GenerationResult(tokens=tokens[r], exit_layers=exit_layers[r], finish_reason=finish[r],
                                         counters=c, text=text, prompt_tokens=lengths[r],
-                                        logits=all_logits[r] if all_logits is not None else None))
+                                        logits=all_logits[r] if all_logits is not None else None,
+                                        exit_states=obs_states[r] if observe else None,
+                                        exit_preds=obs_preds[r] if observe else None))
     return results if many else results[0]
 
 

@@ -77,9 +77,19 @@ class FamilyAdapter:
         ``[k; v] = W @ standardize(h) + b``."""
         raise NotImplementedError
 
+    def _fold_inputs(self, layer_idx: int) -> list[torch.Tensor]:
+        """Every tensor :meth:`_fold` reads for one layer (its attention block's K/V
+        projections and its input norm): the fused weights are rebuilt when any of them changes."""
+        layer = self.layers[layer_idx]
+        mods = [layer.self_attn.k_proj, layer.self_attn.v_proj,
+                getattr(layer, "input_layernorm", None) or getattr(layer, "self_attn_layer_norm", None)]
+        return [p for m in mods if m is not None for p in m.parameters(recurse=False)]
+
     def _fused(self) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
-        ref = self.layers[0].self_attn.k_proj.weight
-        key = (ref.data_ptr(), ref._version, ref.dtype, ref.device)
+        # keyed on every folded tensor of every layer (storage, in-place version, dtype, device), so
+        # loading, editing or moving any one layer's weights rebuilds it, not only layer 0's
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for j in range(self.num_layers)
+                    for p in self._fold_inputs(j))
         cached = getattr(self, "_fused_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
