@@ -54,6 +54,20 @@ def test_penalties_are_scaled_into_minus_one_zero_and_positive_rewards_stay_one(
     assert max(values) == 1.0
 
 
+def test_default_epsilon_is_beta_over_e_and_keeps_late_at_least_as_good_as_early():
+    py = RewardConfig(alpha=0.5, beta=0.5, gamma=0.5)  # epsilon unset
+    assert reward_exit(2, 1, False, E, py) == pytest.approx(-0.5 / 4)  # wrong and late: -beta / E = -0.125
+    assert reward_exit(1, 2, False, E, py) == pytest.approx(-0.5 * 1 / 4)  # wrong, early by 1: the same
+    for e in (2, 4, 7, 9):  # at every E and distance, a wrong late exit >= a wrong early exit
+        late = reward_exit(e - 1, 0, False, e, py)
+        early = [reward_exit(0, lo, False, e, py) for lo in range(1, e + 1)]
+        assert all(late >= x - 1e-12 for x in early), (e, late, early)
+    old = RewardConfig(alpha=0.5, beta=0.5, gamma=0.5, epsilon=1.0)  # the former default reverses it
+    assert reward_exit(2, 1, False, E, old) < reward_exit(0, 4, False, E, old)
+    r_exit, _ = reward_tables(np.array([[3, 5, 7, 9, 5]]), np.array([1]), py)  # the vectorised form agrees
+    assert r_exit[0, 2] == pytest.approx(-0.125) and r_exit[0, 3] == pytest.approx(-0.125)
+
+
 def test_paper_coefficients_java_and_python():
     java = RewardConfig(alpha=0.5, beta=1.0, gamma=1.0, epsilon=1.0)
     py = RewardConfig(alpha=0.5, beta=0.5, gamma=0.5, epsilon=1.0)

@@ -100,6 +100,7 @@ class TrajectoryBank:
     offsets: np.ndarray  # int64 [S+1]
     heldout: np.ndarray  # bool [S]
     manifest: dict
+    behaviour_exit: Optional[np.ndarray] = None  # int16 [N]: the exit point the recording decoding took
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +118,13 @@ class TrajectoryBank:
     @property
     def hidden_size(self) -> int:
         return int(self.obs.shape[2])
+
+    @property
+    def state_size(self) -> int:
+        """The hidden-state part of an observation (the rest: ``observation_features``)."""
+        from greencode.decoding.controllers import feature_size
+
+        return self.hidden_size - feature_size(self.manifest.get("observation_features", []), self.n_exit_points)
 
     @property
     def num_sequences(self) -> int:
@@ -144,6 +152,8 @@ class TrajectoryBank:
         if self.heldout.shape != (max(len(self.offsets) - 1, 0),):
             problems.append(f"heldout must have one flag per sequence, got {self.heldout.shape}")
         exits = self.manifest.get("exit_layers")
+        if self.behaviour_exit is not None and self.behaviour_exit.shape != (n,):
+            problems.append(f"behaviour_exit {self.behaviour_exit.shape} must be [N]={n}")
         if exits is not None and self.obs.ndim == 3 and len(exits) != self.obs.shape[1]:
             problems.append(f"manifest exit_layers {exits} do not match E={self.obs.shape[1]} in obs")
         if not problems and n and not np.array_equal(self.l_opt.astype(np.int64), optimal_exit(self.preds)):
@@ -164,7 +174,8 @@ class TrajectoryBank:
         lengths = self.offsets[keep + 1] - self.offsets[keep]
         return TrajectoryBank(obs=self.obs[idx], preds=self.preds[idx], l_opt=self.l_opt[idx], tokens=self.tokens[idx],
                               offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                              heldout=np.full(keep.size, heldout), manifest=dict(self.manifest))
+                              heldout=np.full(keep.size, heldout), manifest=dict(self.manifest),
+                              behaviour_exit=None if self.behaviour_exit is None else self.behaviour_exit[idx])
 
     def l_opt_histogram(self) -> dict[str, Any]:
         """How often each exit point is the optimal exit (paper Fig. 7)."""
@@ -177,7 +188,8 @@ class TrajectoryBank:
     # ------------------------------------------------------------------ io
     @classmethod
     def from_arrays(cls, obs: np.ndarray, preds: np.ndarray, offsets: np.ndarray, *, tokens: Optional[np.ndarray] = None,
-                    heldout: Optional[np.ndarray] = None, manifest: Optional[dict] = None) -> "TrajectoryBank":
+                    heldout: Optional[np.ndarray] = None, manifest: Optional[dict] = None,
+                    behaviour_exit: Optional[np.ndarray] = None) -> "TrajectoryBank":
         """Build a bank from arrays (``l_opt`` is derived from ``preds``)."""
         obs = np.asarray(obs, dtype=np.float16)
         preds = np.asarray(preds, dtype=np.int32)
@@ -187,7 +199,8 @@ class TrajectoryBank:
                    tokens=np.asarray(tokens if tokens is not None else preds[:, -1], dtype=np.int32),
                    offsets=offsets,
                    heldout=np.asarray(heldout if heldout is not None else np.zeros(len(offsets) - 1, bool), dtype=bool),
-                   manifest=dict(manifest or {}, num_tokens=int(n)))
+                   manifest=dict(manifest or {}, num_tokens=int(n)),
+                   behaviour_exit=None if behaviour_exit is None else np.asarray(behaviour_exit, dtype=np.int16))
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write atomically: a temporary sibling directory renamed over ``path``."""
@@ -197,6 +210,8 @@ class TrajectoryBank:
         try:
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(self, name), allow_pickle=False)
+            if self.behaviour_exit is not None:
+                np.save(tmp / "behaviour_exit.npy", self.behaviour_exit, allow_pickle=False)
             manifest = {k: v for k, v in self.manifest.items() if k != "path"}
             manifest = dict(manifest, format=BANK_FORMAT, num_tokens=self.num_tokens,
                             num_sequences=self.num_sequences, n_exit_points=self.n_exit_points,
@@ -246,9 +261,12 @@ class TrajectoryBank:
             if not f.is_file():
                 raise FileNotFoundError(f"trajectory bank {str(path)!r} is incomplete (missing {f.name}); {fix}")
             arrays[name] = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+        extra = path / "behaviour_exit.npy"  # optional: banks recorded from an exiting decoding
+        if extra.is_file():
+            arrays["behaviour_exit"] = np.load(extra, mmap_mode="r" if mmap else None, allow_pickle=False)
         bank = cls(manifest=dict(manifest, path=str(path)), **arrays)
-        if model is not None and bank.hidden_size != model.hidden_size:
-            raise ValueError(f"the bank at {str(path)!r} has hidden size {bank.hidden_size} but the model has "
+        if model is not None and bank.state_size != model.hidden_size:
+            raise ValueError(f"the bank at {str(path)!r} has hidden size {bank.state_size} but the model has "
                              f"{model.hidden_size}; {fix}")
         return bank
 

@@ -32,6 +32,13 @@ def _model_key(fp: dict) -> dict:
     return {k: v for k, v in fp.items() if k != "name_or_path"}
 
 
+def _file_sha(path) -> Optional[str]:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None
+
+
 def bank_key(cfg, model) -> dict:
     """What a bank depends on: reused only when all of it matches (model fingerprint, exit
     layers, observation mode, corpus config and its manifest, bank config, seed)."""
@@ -48,9 +55,14 @@ def bank_key(cfg, model) -> dict:
         "model": _model_key(model.fingerprint()),
         "exit_layers": list(model.exit_layers),
         "observation": cfg.rl.observation,
+        "observation_features": list(cfg.rl.observation_features),
         "corpus": {**cfg.section_dict("data", "tokenizer"), "split": cfg.rl.bank.split,
                    "corpus_manifest_sha256": corpus_id},
         "bank": dataclasses.asdict(cfg.rl.bank),
+        "behaviour_policy_sha256": _file_sha(cfg.rl.bank.policy_path) if cfg.rl.bank.behaviour == "policy" else None,
+        "decoding": {"kv_strategy": cfg.decoding.kv_strategy,
+                     "policy_temperature": cfg.decoding.policy_temperature if cfg.rl.bank.behaviour == "policy"
+                     else None},
         "seed": cfg.seed,
     }, default=str))
 
@@ -122,23 +134,99 @@ def _load_data(cfg, tokenizer, dataset):
     return tokenizer, _records(dataset, cfg.rl.bank.split)
 
 
-@torch.inference_mode()
-def record_sequence(model, context_ids: Sequence[int], max_new_tokens: int, observation: str,
-                    eos_token_id: Optional[int] = None) -> dict[str, np.ndarray]:
-    """Generate greedily with the full model, then record every generated token's
-    observations [T, E, H] (float32), predictions [T, E+1] and the tokens [T]."""
-    from greencode.decoding import NeverExit, generate, policy_observation
+def behaviour_specs(cfg, rng: np.random.Generator, n: int) -> list[dict]:
+    """One behaviour per bank sequence (``rl.bank.behaviour``), as a plain spec (picklable, so a
+    sequence decodes the same in any process): the full model, random exits at a per-sequence
+    rate drawn from ``rl.bank.exit_rate``, or the exported policy at a per-sequence threshold
+    drawn from ``rl.bank.policy_thresholds``."""
+    bc = cfg.rl.bank
+    if bc.behaviour == "full":
+        return [{"kind": "full"} for _ in range(n)]
+    if bc.behaviour == "random":
+        lo, hi = bc.exit_rate
+        return [{"kind": "random", "rate": float(rng.uniform(lo, hi)), "seed": int(rng.integers(1 << 31))}
+                for _ in range(n)]
+    return [{"kind": "policy", "threshold": float(rng.choice(bc.policy_thresholds))} for _ in range(n)]
 
-    res = generate(model, list(context_ids), NeverExit(), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
-    toks = res.tokens
-    ids = torch.tensor([list(context_ids) + toks[:-1]], dtype=torch.long, device=model.device)
-    p = len(context_ids)
-    hs = model.exit_hidden_states(ids)  # [1, L, H] per exit point + final
-    sl = slice(p - 1, p - 1 + len(toks))  # position i predicts token i + 1
-    preds = torch.stack([model.decode(h[0, sl]).argmax(-1) for h in hs], dim=1)  # [T, E+1]
-    obs = torch.stack([policy_observation(model, h[0, sl], observation) for h in hs[:-1]], dim=1)  # [T, E, H]
-    return {"obs": obs.float().cpu().numpy(), "preds": preds.cpu().numpy().astype(np.int32),
-            "tokens": np.asarray(toks, dtype=np.int32)}
+
+def make_behaviour(spec: dict, cfg, model, policy=None):
+    """The controller of a behaviour spec (``policy``: the loaded behaviour policy, if any)."""
+    from greencode.decoding import NeverExit, RandomExit
+
+    if spec["kind"] == "full":
+        return NeverExit()
+    if spec["kind"] == "random":
+        return RandomExit(spec["rate"], seed=spec["seed"])
+    from greencode.rl.policy import load_policy, policy_controller
+
+    policy = policy if policy is not None else load_policy(cfg.rl.bank.policy_path, model)
+    return policy_controller(policy, model, spec["threshold"], cfg.decoding.policy_temperature)
+
+
+def behaviour_controllers(cfg, model, rng: np.random.Generator, n: int) -> list:
+    """:func:`behaviour_specs` as controllers."""
+    policy = None
+    if cfg.rl.bank.behaviour == "policy":
+        from greencode.rl.policy import load_policy
+
+        policy = load_policy(cfg.rl.bank.policy_path, model)
+    return [make_behaviour(s, cfg, model, policy) for s in behaviour_specs(cfg, rng, n)]
+
+
+@torch.inference_mode()
+def record_batch(model, contexts: Sequence[Sequence[int]], controllers: Sequence, max_new_tokens: int,
+                 observation: str, eos_token_id: Optional[int] = None,
+                 kv_strategy: str = "propagate", features: Sequence[str] = ()) -> list[Optional[dict[str, np.ndarray]]]:
+    """Decode each context with its behaviour controller (rows of one batched decode,
+    :func:`greencode.decoding.generate` with ``observe=True``) and record, for every *decided*
+    token (token 0 comes from the prefill and is never decided, so it is left out; up to
+    ``max_new_tokens`` decided tokens): the observation at each early exit point [T, E, H]
+    (float32, through :func:`greencode.decoding.policy_observation`), every exit point's
+    greedy prediction [T, E+1] on the state this decoding reached (the last column: the full
+    model's prediction there, the label), the emitted tokens [T] and the behaviour's exit
+    point [T] (E = the final layer). None for a context whose decoding ended at token 0.
+    ``features`` (``rl.observation_features``) are appended to each observation exactly as
+    :class:`~greencode.decoding.PolicyExit` computes them at inference."""
+    from greencode.decoding import generate, policy_observation
+    from greencode.decoding.controllers import observation_features
+
+    if len(contexts) != len(controllers):
+        raise ValueError(f"{len(contexts)} contexts but {len(controllers)} behaviour controllers")
+    prompts = [list(c) for c in contexts]
+    results = generate(model, prompts if len(prompts) > 1 else prompts[0], list(controllers),
+                       max_new_tokens=max_new_tokens + 1, eos_token_id=eos_token_id, kv_strategy=kv_strategy,
+                       observe=True)
+    points = {layer: k for k, layer in enumerate(model.exit_points)}
+    out: list[Optional[dict[str, np.ndarray]]] = []
+    for res in results:
+        if not res.exit_states:
+            out.append(None)
+            continue
+        states = torch.stack(res.exit_states).to(model.device)  # [T, E, H]
+        obs = policy_observation(model, states, observation)
+        behaviour = np.asarray([points[layer] for layer in res.exit_layers[1:]], dtype=np.int16)
+        if features:
+            t, e = states.shape[0], states.shape[1]
+            raw = states.float().cpu()
+            cos = torch.zeros(t, e)
+            cos[:, 1:] = torch.nn.functional.cosine_similarity(raw[:, 1:], raw[:, :-1], dim=-1)
+            prev = torch.cat([torch.tensor([e]), torch.from_numpy(behaviour[:-1].astype(np.int64))])  # token 0: final
+            extra = observation_features(features, torch.arange(e).expand(t, e), e, cos, prev[:, None].expand(t, e))
+            obs = torch.cat([obs.cpu(), extra], dim=-1)
+        out.append({"obs": obs.cpu().numpy(), "preds": torch.stack(res.exit_preds).numpy().astype(np.int32),
+                    "tokens": np.asarray(res.tokens[1:], dtype=np.int32), "behaviour_exit": behaviour})
+    return out
+
+
+def record_sequence(model, context_ids: Sequence[int], max_new_tokens: int, observation: str,
+                    eos_token_id: Optional[int] = None, controller=None) -> dict[str, np.ndarray]:
+    """:func:`record_batch` for one context (the full model's decoding unless ``controller``)."""
+    from greencode.decoding import NeverExit
+
+    rec = record_batch(model, [context_ids], [controller or NeverExit()], max_new_tokens, observation, eos_token_id)[0]
+    if rec is None:
+        raise ValueError("the decoding ended at its first token (eos); nothing to record")
+    return rec
 
 
 def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[Path] = None,
@@ -177,46 +265,145 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
     model.eval()
     # one torch thread on CPU unless hardware.num_threads says otherwise (see torch_threads)
     threads = cfg.hardware.num_threads or (1 if model.device.type == "cpu" else torch.get_num_threads())
-    with torch_threads(threads):
-        chunks, total, skipped = _record_all(cfg, model, tokenizer, records, rng, max_ctx, eos)
-    n_records = len(records)
-    if not chunks:
-        raise ValueError(f"no usable sequences in the {bc.split!r} split (all {n_records} records too short); "
-                         "use a larger corpus or another rl.bank.split")
-    return _save_bank(cfg, model, chunks, total, skipped, key, path, rng)
+    from greencode.distributed import Dist
+
+    dist = Dist.from_env()
+    items, skipped = _plan(cfg, tokenizer, records, rng, max_ctx)
+    try:
+        with torch_threads(threads):
+            recs = _record_all(cfg, model, items, eos, dist)
+        if recs is None:  # another rank: rank 0 merges and saves
+            dist.barrier()
+            return path
+        chunks, total, ended = _collect(cfg, items, recs)
+        skipped += ended
+        n_records = len(records)
+        if not chunks:
+            raise ValueError(f"no usable sequences in the {bc.split!r} split (all {n_records} records too short); "
+                             "use a larger corpus or another rl.bank.split")
+        out = _save_bank(cfg, model, chunks, total, skipped, key, path, rng)
+        dist.barrier()
+        return out
+    finally:
+        dist.close()
 
 
-def _record_all(cfg, model, tokenizer, records, rng, max_ctx, eos):
-    from tqdm.auto import tqdm
-
+def _plan(cfg, tokenizer, records, rng, max_ctx) -> tuple[list[tuple[list[int], float, dict]], int]:
+    """The sequences to record, fixed before any decoding (so every process agrees): for records in
+    a seeded order, a context fraction and the prompt (records too short are skipped), until
+    ``rl.bank.num_sequences``; then one behaviour spec each from its own seeded stream."""
     from greencode.data.corpus import text_sep
 
     bc = cfg.rl.bank
     sep = text_sep(cfg)
-    chunks: list[dict[str, np.ndarray]] = []
-    total = 0
+    plan: list[tuple[list[int], float]] = []
     skipped = 0
-    order = rng.permutation(len(records))
-    bar = tqdm(total=bc.num_sequences, desc="trajectory bank", unit="seq")
-    for idx in order:
-        if len(chunks) >= bc.num_sequences or (bc.max_tokens is not None and total >= bc.max_tokens):
+    for idx in rng.permutation(len(records)):
+        if len(plan) >= bc.num_sequences:
             break
         frac = float(rng.uniform(bc.context_fraction[0], bc.context_fraction[1]))
         context = context_ids(tokenizer, records[int(idx)], frac, max_ctx, sep)
         if context is None:
             skipped += 1
             continue
-        rec = record_sequence(model, context, bc.tokens_per_sequence, cfg.rl.observation, eos)
+        plan.append((context, frac))
+    specs = behaviour_specs(cfg, np.random.default_rng([cfg.seed, 1]), len(plan))
+    return [(c, f, s) for (c, f), s in zip(plan, specs)], skipped
+
+
+def _record_items(cfg, model, items, eos, progress: bool = True) -> list[Optional[dict[str, np.ndarray]]]:
+    """Record planned sequences in batches of ``rl.bank.batch_size`` rows."""
+    from tqdm.auto import tqdm
+
+    bc = cfg.rl.bank
+    policy = None
+    if any(s["kind"] == "policy" for _, _, s in items):
+        from greencode.rl.policy import load_policy
+
+        policy = load_policy(bc.policy_path, model)
+    out: list[Optional[dict[str, np.ndarray]]] = []
+    bar = tqdm(total=len(items), desc="trajectory bank", unit="seq", disable=not progress)
+    for start in range(0, len(items), bc.batch_size):
+        batch = items[start:start + bc.batch_size]
+        controllers = [make_behaviour(s, cfg, model, policy) for _, _, s in batch]
+        recs = record_batch(model, [c for c, _, _ in batch], controllers, bc.tokens_per_sequence, cfg.rl.observation,
+                            eos, cfg.decoding.kv_strategy, cfg.rl.observation_features)
+        for (context, frac, spec), ctrl, rec in zip(batch, controllers, recs):
+            if rec is not None:
+                rec.update(context_len=np.asarray(len(context)), frac=np.asarray(frac), behaviour=ctrl.describe())
+            out.append(rec)
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def _bank_worker(model, cfg_dict: dict, items, eos) -> list:
+    """One process of a local multi-process bank (1 torch thread)."""
+    from greencode.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    with torch_threads(1):
+        return _record_items(cfg, model, items, eos, progress=False)
+
+
+def _record_all(cfg, model, items, eos, dist) -> Optional[list]:
+    """Record every planned item: sharded over the ranks of a torchrun / accelerate launch (merged
+    on rank 0 through files; other ranks get None), or over ``rl.bank.workers`` local processes
+    (CPU), or here. The order of ``items`` is kept."""
+    bc = cfg.rl.bank
+    if dist.world_size > 1:
+        from greencode.paths import RunPaths
+        from greencode.utils import atomic_path
+
+        shard_dir = RunPaths.from_config(cfg).root / ".bank-shards"
+        mine = items[dist.rank::dist.world_size]
+        recs = _record_items(cfg, model, mine, eos, progress=dist.is_main)
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(shard_dir / f"rank{dist.rank}.pt") as tmp:
+            torch.save(recs, tmp)
+        dist.barrier()
+        out = None
+        if dist.is_main:
+            shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=False) for r in range(dist.world_size)]
+            out = [None] * len(items)
+            for r, shard in enumerate(shards):
+                out[r::dist.world_size] = shard
+            import shutil
+
+            shutil.rmtree(shard_dir, ignore_errors=True)
+        return out
+    workers = min(bc.workers, len(items))
+    if workers > 1 and model.device.type == "cpu":
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        log.info("trajectory bank: %d sequences on %d processes", len(items), workers)
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_bank_worker, model, cfg.to_dict(), items[k::workers], eos) for k in range(workers)]
+            shards = [f.result() for f in futures]
+        out = [None] * len(items)
+        for k, shard in enumerate(shards):
+            out[k::workers] = shard
+        return out
+    return _record_items(cfg, model, items, eos)
+
+
+def _collect(cfg, items, recs) -> tuple[list[dict[str, np.ndarray]], int, int]:
+    """The recorded sequences in plan order, cut at ``rl.bank.max_tokens``."""
+    bc = cfg.rl.bank
+    chunks, total, ended = [], 0, 0
+    for rec in recs:
+        if rec is None:
+            ended += 1
+            continue
+        if bc.max_tokens is not None and total >= bc.max_tokens:
+            break
         if bc.max_tokens is not None and total + len(rec["tokens"]) > bc.max_tokens:
             keep = bc.max_tokens - total
-            rec = {k: v[:keep] for k, v in rec.items()}
-        rec["context_len"] = np.asarray(len(context))
-        rec["frac"] = np.asarray(frac)
+            rec = {k: (v[:keep] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in rec.items()}
         chunks.append(rec)
         total += len(rec["tokens"])
-        bar.update(1)
-    bar.close()
-    return chunks, total, skipped
+    return chunks, total, ended
 
 
 def _save_bank(cfg, model, chunks, total, skipped, key, path, rng) -> Path:
@@ -240,24 +427,35 @@ def _save_bank(cfg, model, chunks, total, skipped, key, path, rng) -> Path:
         "exit_layers": list(model.exit_layers),
         "exit_points": list(model.exit_points),
         "final_layer": int(model.final_layer),
+        "observation_features": list(cfg.rl.observation_features),
         "observation": cfg.rl.observation,
         "corpus": key["corpus"],
         "bank_config": dataclasses.asdict(bc),
         "seed": cfg.seed,
         "context_lengths": [int(c["context_len"]) for c in chunks],
         "context_fractions": [round(float(c["frac"]), 4) for c in chunks],
+        "behaviour": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c["behaviour"].items()}
+                      for c in chunks],
+        "behaviour_early_exit_share": float(np.mean(np.concatenate([c["behaviour_exit"] for c in chunks])
+                                                    < len(model.exit_layers))),
+        "first_token_left_out": True,
         "skipped_records": skipped,
-        "note": "obs float16 [N, E, H] at the early exit points (final excluded); preds [N, E+1] (column E = "
-                "final layer); l_opt [N] exit-point index (E = final layer); 0-based layers",
+        "note": "obs float16 [N, E, H] at the early exit points (final excluded) of the states the behaviour's "
+                "decoding reached; preds [N, E+1] (column E = the final layer's prediction on that state, the "
+                "label); l_opt [N] exit-point index (E = final layer); tokens [N] the emitted tokens; "
+                "behaviour_exit [N] the behaviour's exit point; token 0 of each decoding (from the prefill, "
+                "never decided) left out; 0-based layers",
     }
     bank = TrajectoryBank.from_arrays(obs16, np.concatenate([c["preds"] for c in chunks]),
                                       np.concatenate([[0], np.cumsum(lengths)]),
                                       tokens=np.concatenate([c["tokens"] for c in chunks]), heldout=heldout,
-                                      manifest=manifest)
+                                      manifest=manifest,
+                                      behaviour_exit=np.concatenate([c["behaviour_exit"] for c in chunks]))
     bank.save(path)
     agree_y = float(np.mean(bank.preds[:, -1] == bank.tokens))
     log.info("trajectory bank: %d sequences, %d tokens, %d exit points, hidden %d, %d B/token (%.1f MB) at %s; "
-             "final-layer prediction == generated token on %.1f%%", n_seq, bank.num_tokens, bank.n_exit_points,
-             bank.hidden_size, bytes_per_token(bank.n_exit_points, bank.hidden_size),
-             bank.manifest["size_bytes"] / 1e6, path, 100 * agree_y)
+             "behaviour %s exited early on %.1f%% of tokens; emitted token == full model's on %.1f%%", n_seq,
+             bank.num_tokens, bank.n_exit_points, bank.hidden_size,
+             bytes_per_token(bank.n_exit_points, bank.hidden_size), bank.manifest["size_bytes"] / 1e6, path,
+             cfg.rl.bank.behaviour, 100 * manifest["behaviour_early_exit_share"], 100 * agree_y)
     return path

@@ -59,6 +59,12 @@ class ExitPolicy(nn.Module):
         self.metadata = meta
         self.observation: str = meta.get("observation", "normed")
         self.exit_layers: list[int] = list(meta.get("exit_layers", []))
+        # extra observation features after the hidden state (rl.observation_features); state_size =
+        # the model's hidden size the first part of the input comes from
+        self.features: list[str] = list(meta.get("features", []))
+        from greencode.decoding.controllers import feature_size
+
+        self.state_size = self.hidden_size - feature_size(self.features, len(self.exit_layers))
         self.fingerprint: dict = dict(meta.get("fingerprint", {}))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -145,8 +151,8 @@ def load_policy(path: Union[str, Path], model=None, *, strict_weights: bool = Tr
     module.eval()
     if model is not None:
         fix = "train the agent on this model's trajectory bank (scripts/train_agent.py) or load the matching model"
-        if module.hidden_size != model.hidden_size:
-            raise ValueError(f"the policy at {str(path)!r} expects hidden size {module.hidden_size} but the model "
+        if module.state_size != model.hidden_size:
+            raise ValueError(f"the policy at {str(path)!r} expects hidden size {module.state_size} but the model "
                              f"has hidden size {model.hidden_size}; {fix}")
         if list(module.exit_layers) != list(model.exit_layers):
             raise ValueError(f"the policy at {str(path)!r} was trained for exit layers {module.exit_layers} but the "
@@ -165,8 +171,8 @@ def policy_controller(path: Union[str, Path, ExitPolicy], model, threshold: floa
 
     if isinstance(path, ExitPolicy):
         policy = path.to(model.device)
-        if policy.hidden_size != model.hidden_size:
-            raise ValueError(f"the policy expects hidden size {policy.hidden_size} but the model has "
+        if policy.state_size != model.hidden_size:
+            raise ValueError(f"the policy expects hidden size {policy.state_size} but the model has "
                              f"{model.hidden_size}; train the agent on this model's trajectory bank")
     else:
         policy = load_policy(path, model, strict_weights=strict_weights)

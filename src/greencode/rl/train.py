@@ -103,11 +103,11 @@ def make_ppo(env, cfg: Config, tensorboard: bool = True, log_dir: Optional[Path]
 
 def _episode_curve(monitor_dir: Path, max_rows: int = 1000) -> list[dict[str, float]]:
     """Mean step reward per episode (reward / length) in time order, binned to ``max_rows``."""
-    from stable_baselines3.common.monitor import load_results
+    from stable_baselines3.common.monitor import LoadMonitorResultsError, load_results
 
     try:
         df = load_results(str(monitor_dir))
-    except Exception:  # noqa: BLE001 - no finished episode yet
+    except LoadMonitorResultsError:  # no monitor file: no environment ran (a broken file still raises)
         return []
     if df.empty:
         return []
@@ -168,6 +168,10 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     elif bank.observation is not None and bank.observation != cfg.rl.observation:
         raise ValueError(f"the bank holds {bank.observation!r} observations but rl.observation="
                          f"{cfg.rl.observation!r}; rebuild the bank with scripts/build_bank.py")
+    stored = list(bank.manifest.get("observation_features", []))
+    if stored != list(cfg.rl.observation_features):
+        raise ValueError(f"the bank holds observation features {stored} but rl.observation_features="
+                         f"{list(cfg.rl.observation_features)}; rebuild the bank with scripts/build_bank.py")
     set_seed(cfg.seed)
     has_heldout = bool(bank.heldout.any()) and not bool(bank.heldout.all())
     train_bank = bank.sequences(heldout=False) if has_heldout else bank
@@ -205,12 +209,19 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
 
     fp = bank.manifest.get("fingerprint", {"hidden_size": bank.hidden_size, "exit_layers": bank.exit_layers})
     metadata = {"observation": bank.observation or cfg.rl.observation, "exit_layers": bank.exit_layers,
+                "features": list(bank.manifest.get("observation_features", [])),
                 "final_layer": bank.manifest.get("final_layer"), "hidden_size": bank.hidden_size,
                 "fingerprint": fp, "model": bank.manifest.get("model"), "config_name": cfg.name, "seed": cfg.seed,
                 "total_timesteps": trained_steps, "reward": cfg.section_dict("rl")["rl"]["reward"],
                 "preprocessing": f"greencode.decoding.policy_observation(model, h, {cfg.rl.observation!r}), float32"}
     policy_path = export_policy(model, paths.policy, metadata)
     policy = from_sb3(model, metadata)
+    # the supervised rival (CALM's learned classifier): same MLP, same bank, same observation
+    from greencode.rl.classifier import train_classifier
+
+    _, classifier_report = train_classifier(
+        bank, p.net_arch, seed=cfg.seed, path=paths.classifier,
+        metadata={k: v for k, v in metadata.items() if k not in ("total_timesteps", "reward")})
 
     # ------------------------------------------------------------------ analysis data
     out_dir = paths.results_rl
@@ -232,6 +243,9 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
         "exit_accuracy": {"bank": "heldout" if heldout_bank is not None else "train (no held-out sequences)",
                           "temperature": cfg.decoding.policy_temperature,
                           **analyse_policy(policy, eval_bank, cfg)},
+        "classifier": {"path": str(paths.classifier), **classifier_report},
+        "bank_behaviour": {"behaviour": bank.manifest.get("bank_config", {}).get("behaviour"),
+                           "early_exit_share": bank.manifest.get("behaviour_early_exit_share")},
         "training": {"total_timesteps": trained_steps, "wall_time_s": wall_s,
                      "steps_per_s": trained_steps / wall_s, "episodes": sum(r["episodes_in_bin"] for r in curve),
                      "final_mean_step_reward": curve[-1]["mean_step_reward"] if curve else None,
