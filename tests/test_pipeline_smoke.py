@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["data", "pretrain", "finetune", "report", "bank", "agent", "evaluate", "figures"]
+STAGES = ["data", "pretrain", "finetune", "report", "bank", "agent", "calibrate", "evaluate", "figures"]
 
 
 def _run(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -37,13 +37,22 @@ def test_every_stage_writes_its_outputs(smoke_run):
     assert json.loads((run / "finetuned" / "greencode_exits.json").read_text())["exit_layers"] == [1, 2]
     assert (results / "finetune" / "exit_report.json").is_file()
     assert (run / "bank" / "manifest.json").is_file()
-    assert (run / "agent" / "policy.pt").is_file()
+    assert (run / "agent" / "policy.pt").is_file() and (run / "agent" / "classifier.pt").is_file()
+    bank = json.loads((run / "bank" / "manifest.json").read_text())
+    assert bank["bank_config"]["behaviour"] == "random" and bank["first_token_left_out"]
+    cal = json.loads((results / "calibration" / "calibration.json").read_text())
+    assert cal["split"] == "validation" and set(cal["families"]) == {"fixed", "confidence", "entropy", "saturation",
+                                                                     "classifier", "gc"}
     ev = results / "eval"
+    targets = json.loads((ev / "calibrated.json").read_text())
+    assert targets["split"] == "test" and {r["family"] for r in targets["rows"]} == set(cal["families"])
+    chosen = [r["method"] for r in targets["rows"] if r["method"]]
+    assert chosen and all((ev / "methods" / f"{m}.json").is_file() for m in chosen)
     for f in ("summary.csv", "summary.md", "summary.json"):
         assert (ev / f).is_file(), f
     methods = {p.stem for p in (ev / "methods").glob("*.json")}
     for m in ("base", "full_hf", "full", "fixed@1", "fixed@2", "oracle", "gc@0.5", "gc@0.9", "confidence@0.5",
-              "entropy@1.0"):
+              "entropy@1.0", "saturation@0.9", "classifier@0.5"):
         assert m in methods, (m, sorted(methods))
     summary = (ev / "summary.json").read_text()
     for field in ("git_commit", "versions", "hardware", "seed"):

@@ -159,3 +159,37 @@ def test_deadline_stops_the_decoding_loop(run):
     assert full.finish_reason in ("length", "eos", "stop")
     late = engine.complete(gen, deadline=time.perf_counter() - 1.0)
     assert late.finish_reason == "cancelled" and len(late.tokens) == 1
+
+
+CAL = {"targets": [0.02, 0.1], "families": {"gc": {"targets": {
+    "0.02": {"target": 0.02, "chosen": "gc@0.9", "chosen_param": 0.9},
+    "0.1": {"target": 0.1, "chosen": "gc@0.5", "chosen_param": 0.5}}}}}
+
+
+def test_max_disagreement_serves_the_calibrated_threshold(run):
+    """The demo policy exits at the first exit layer when threshold <= 0.7: a 5% target maps to
+    the 2% calibration (threshold 0.9, full depth), a 10% target to threshold 0.5 (exits)."""
+    cfg, r = run
+    engine = Engine(r.model, r.tokenizer, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding, calibration=CAL)
+    with TestClient(create_app(cfg, engine=engine)) as c:
+        assert c.get("/health").json()["calibrated_targets"] == [0.02, 0.1]
+
+        def ask(options):
+            return c.post("/api/generate", json={"inputs": "def f(x):\n    return",
+                                                 "parameters": {"max_new_tokens": 4, "details": True, **options}})
+
+        strict = ask({"max_disagreement": 0.05})
+        assert strict.status_code == 200, strict.text
+        stats = strict.json()["greencode"]
+        assert stats["threshold"] == 0.9 and stats["max_disagreement"] == 0.05
+        assert set(stats["exit_layers"][1:]) == {r.model.final_layer}
+        loose = ask({"max_disagreement": 0.1}).json()["greencode"]
+        assert loose["threshold"] == 0.5 and set(loose["exit_layers"][1:]) == {r.model.exit_layers[0]}
+        both = ask({"max_disagreement": 0.1, "exit_threshold": 0.5})
+        assert both.status_code == 422 and "not both" in both.json()["error"]
+        low = ask({"max_disagreement": 0.001})
+        assert low.status_code == 422 and "smallest calibrated target" in low.json()["error"]
+        assert ask({"max_disagreement": 0}).status_code == 422
+    with TestClient(_app(run)) as c:  # no calibration loaded: say what to do
+        r2 = c.post("/api/generate", json={"inputs": "x = ", "parameters": {"max_disagreement": 0.05}})
+        assert r2.status_code == 422 and "scripts/calibrate.py" in r2.json()["error"]

@@ -233,10 +233,33 @@ class BankConfig:
     max_tokens: Optional[int] = None  # cap on stored tokens (null = no cap)
     heldout_fraction: float = 0.1  # sequences kept aside for the agent's exit-accuracy report
     split: str = field(default="train", metadata=_choices("train", "validation"))
+    # the decoding the states are recorded from (labels are always the full model's prediction on
+    # the state reached): full = the full model (states early-exit decoding never reaches);
+    # random = each sequence exits at each exit point with a rate drawn from exit_rate, so deeper
+    # layers hold propagated K/V and earlier tokens came from early exits, as at inference;
+    # policy = an exported exit policy (policy_path, one threshold per sequence from policy_thresholds)
+    behaviour: str = field(default="random", metadata=_choices("full", "random", "policy"))
+    exit_rate: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    policy_path: Optional[str] = None
+    policy_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    batch_size: int = 8  # sequences decoded together (rows of one batched decode)
+    # local processes on CPU (1 torch thread each); under torchrun / accelerate launch the ranks shard
+    # the sequences instead and rank 0 merges them
+    workers: int = 1
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_sequences", self.num_sequences, 1, None)
         _check_range(f"{path}.tokens_per_sequence", self.tokens_per_sequence, 1, None)
+        _check_range(f"{path}.batch_size", self.batch_size, 1, None)
+        _check_range(f"{path}.workers", self.workers, 1, 64)
+        er = self.exit_rate
+        if len(er) != 2 or not (0.0 <= er[0] <= er[1] <= 1.0):
+            raise ConfigError(f"{path}.exit_rate={er} must be [low, high] with 0 <= low <= high <= 1")
+        if not self.policy_thresholds or any(not 0.0 <= t <= 1.0 for t in self.policy_thresholds):
+            raise ConfigError(f"{path}.policy_thresholds={self.policy_thresholds} must be numbers in [0, 1]")
+        if self.behaviour == "policy" and not self.policy_path:
+            raise ConfigError(f"{path}.behaviour=policy needs {path}.policy_path (an exported policy.pt); "
+                              "or use behaviour=random")
         cf = self.context_fraction
         if len(cf) != 2 or not (0.0 < cf[0] <= cf[1] < 1.0):
             raise ConfigError(f"{path}.context_fraction={cf} must be [low, high] with 0 < low <= high < 1")
@@ -250,11 +273,15 @@ class RewardConfig:
     alpha: float = 0.5  # correct but late
     beta: float = 1.0  # wrong and early
     gamma: float = 1.0  # continue past l_opt
-    epsilon: float = 1.0  # wrong and not early
+    # wrong and not early (a later exit point disagrees again): the paper's "small penalty". null =
+    # beta / E (E early exit points), the largest value that keeps such a late exit at least as good
+    # as a wrong early exit at any distance (-epsilon >= -beta * d / E for every d >= 1)
+    epsilon: Optional[float] = None
 
     def validate(self, path: str) -> None:
         for k in ("alpha", "beta", "gamma", "epsilon"):
-            _check_range(f"{path}.{k}", getattr(self, k), 0.0, 1.0)
+            if getattr(self, k) is not None or k != "epsilon":
+                _check_range(f"{path}.{k}", getattr(self, k), 0.0, 1.0)
         if self.alpha > self.beta:
             raise ConfigError(f"{path}.alpha={self.alpha} must be <= {path}.beta={self.beta} (paper: alpha <= beta)")
 
@@ -291,9 +318,21 @@ class RLConfig:
     # how the hidden state is preprocessed into the observation, identically at
     # training and inference: raw residual stream, or through the model's final norm
     observation: str = field(default="normed", metadata=_choices("raw", "normed"))
+    # extra observation values after the hidden state (each a few hundred MACs per check at most):
+    # exit_index (one-hot exit point), cosine_prev (cosine to the previous exit point's state),
+    # prev_exit (the previous token's exit point / E); [] = the paper's hidden state only
+    observation_features: list[str] = field(default_factory=list)
     bank: BankConfig = field(default_factory=BankConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def validate(self, path: str) -> None:
+        known = ("exit_index", "cosine_prev", "prev_exit")
+        for f in self.observation_features:
+            if f not in known:
+                raise ConfigError(f"{path}.observation_features has {f!r}; known: {', '.join(known)}")
+        if len(set(self.observation_features)) != len(self.observation_features):
+            raise ConfigError(f"{path}.observation_features={self.observation_features} repeats a feature")
 
 
 @dataclass
@@ -318,11 +357,15 @@ class EvalConfig:
     context_fraction: float = 0.2
     max_context_tokens: int = 512
     max_new_tokens: int = 15
+    # families, ids, or "calibrated" (every controller at its thresholds from the calibrate stage)
     methods: list[str] = field(default_factory=lambda: [
-        "base", "full_hf", "full", "fixed", "confidence", "entropy", "oracle", "gc", "hf_early_exit"])
+        "base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier", "oracle", "gc",
+        "calibrated", "hf_early_exit"])
     gc_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92, 0.94])
     confidence_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    saturation_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.99])
+    classifier_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     energy: str = field(default="auto", metadata=_choices("auto", "zeus", "time"))
     warmup_samples: int = 2
     # samples whose generations are timed (latency, energy): the first N of the sample list,
@@ -348,9 +391,11 @@ class EvalConfig:
         _check_range(f"{path}.context_fraction", self.context_fraction, 0.0, 1.0, low_open=True)
         _check_range(f"{path}.max_context_tokens", self.max_context_tokens, 1, None)
         _check_range(f"{path}.max_new_tokens", self.max_new_tokens, 1, None)
-        for k in ("gc_thresholds", "confidence_thresholds"):
+        for k in ("gc_thresholds", "confidence_thresholds", "classifier_thresholds"):
             for t in getattr(self, k):
                 _check_range(f"{path}.{k}", t, 0.0, 1.0)
+        for t in self.saturation_thresholds:
+            _check_range(f"{path}.saturation_thresholds", t, -1.0, 1.0)
         for t in self.entropy_thresholds:
             _check_range(f"{path}.entropy_thresholds", t, 0.0, None)
         if self.overhead_ab_threshold is not None:
@@ -364,10 +409,53 @@ class EvalConfig:
             if m not in ("base", "full_hf", "hf_early_exit"):
                 raise ConfigError(f"{path}.accuracy_only_hf has {m!r}; it lists HF-generate families: base, full_hf, "
                                   "hf_early_exit")
-        known = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "oracle", "gc", "hf_early_exit")
+        known = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier", "oracle",
+                 "gc", "hf_early_exit", "calibrated")
         for m in self.methods:
             if m not in known:
                 raise ConfigError(f"{path}.methods has unknown method {m!r}; known: {', '.join(known)}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Learn-then-Test calibration (as in CALM) on the validation split: for each exit
+    controller and each target (a maximum expected share of generated tokens that disagree
+    with the full model), the threshold with the least compute whose risk is certified at
+    level ``delta`` by fixed-sequence testing with the Hoeffding-Bentkus p-value."""
+
+    enabled: bool = True  # the pipeline's calibrate stage; the evaluation then reports every controller at the targets
+    num_samples: int = 300  # validation samples (certifying a 1% target at delta 0.1 needs >= 230)
+    targets: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.10])
+    delta: float = 0.1
+    # candidate thresholds per controller, most conservative first is derived per family; the
+    # RL policy's and the classifier's are probabilities (the policy temperature only rescales the
+    # same cutoff on the logit, so calibrating the threshold covers every temperature)
+    families: list[str] = field(default_factory=lambda: ["fixed", "confidence", "entropy", "saturation",
+                                                         "classifier", "gc"])
+    gc_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995])
+    classifier_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995])
+    confidence_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    entropy_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5])
+    saturation_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999])
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.num_samples", self.num_samples, 1, None)
+        _check_range(f"{path}.delta", self.delta, 0.0, 1.0, low_open=True)
+        if not self.targets:
+            raise ConfigError(f"{path}.targets is empty; give maximum disagreement shares such as [0.02, 0.05]")
+        for t in self.targets:
+            _check_range(f"{path}.targets", t, 0.0, 1.0, low_open=True)
+        for f in self.families:
+            if f not in ("fixed", "confidence", "entropy", "saturation", "classifier", "gc"):
+                raise ConfigError(f"{path}.families has {f!r}; known: fixed, confidence, entropy, saturation, "
+                                  "classifier, gc")
+        for k in ("gc_thresholds", "classifier_thresholds", "confidence_thresholds"):
+            for t in getattr(self, k):
+                _check_range(f"{path}.{k}", t, 0.0, 1.0)
+        for t in self.entropy_thresholds:
+            _check_range(f"{path}.entropy_thresholds", t, 0.0, None)
+        for t in self.saturation_thresholds:
+            _check_range(f"{path}.saturation_thresholds", t, -1.0, 1.0)
 
 
 @dataclass
@@ -413,6 +501,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     source_path: Optional[str] = field(default=None, metadata={"internal": True})
 

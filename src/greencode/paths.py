@@ -57,6 +57,14 @@ class RunPaths:
     def policy(self) -> Path:  # exported plain-torch policy
         return self.agent / "policy.pt"
 
+    @property
+    def classifier(self) -> Path:  # the supervised exit classifier (same shape as the policy)
+        return self.agent / "classifier.pt"
+
+    @property
+    def calibration(self) -> Path:  # thresholds calibrated on the validation split
+        return self.results / "calibration" / "calibration.json"
+
     # results (small, committed)
     @property
     def results_pretrain(self) -> Path:

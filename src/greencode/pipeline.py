@@ -1,7 +1,8 @@
 """The whole GREEN-CODE pipeline, stage by stage, with reuse of finished stages.
 
 data -> pretrain (embedded default only) -> finetune (LITE) -> exit report -> trajectory bank
--> PPO agent -> evaluate -> figures.
+-> PPO agent (+ the supervised exit classifier) -> calibrate (thresholds per fidelity target, on
+the validation split) -> evaluate -> figures.
 
 Each stage has a key: a hash of the config sections it reads and of the keys of the
 stages it depends on. A finished stage writes ``runs/<name>/pipeline/<stage>.json`` with its
@@ -74,6 +75,12 @@ def _run_agent(cfg):
     return train_agent(cfg)
 
 
+def _run_calibrate(cfg):
+    from greencode.eval.calibration import calibrate
+
+    return calibrate(cfg)
+
+
 def _run_evaluate(cfg):
     from greencode.eval import evaluate
 
@@ -97,11 +104,16 @@ STAGES: tuple[Stage, ...] = (
           lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning"),
     Stage("report", ("finetune.eval_max_tokens",), ("finetune",), _run_report,
           lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE"),
-    Stage("bank", ("rl.bank", "rl.observation", "seed"), ("finetune",), _run_bank,
+    Stage("bank", ("rl.bank", "rl.observation", "rl.observation_features", "decoding.kv_strategy", "seed"), ("finetune",), _run_bank,
           lambda p: [p.bank / "manifest.json"], description="trajectory bank"),
     Stage("agent", ("rl", "seed"), ("bank",), _run_agent,
           lambda p: [p.policy], description="PPO exit policy"),
-    Stage("evaluate", ("eval", "decoding", "seed", "hardware"), ("finetune", "agent", "pretrain"), _run_evaluate,
+    Stage("calibrate", ("calibration", "decoding", "eval.max_new_tokens", "eval.max_context_tokens",
+                        "eval.context_fraction", "eval.mode", "eval.sample_seed", "eval.workers", "seed", "hardware"),
+          ("finetune", "agent"), _run_calibrate, lambda p: [p.calibration], enabled=lambda cfg: cfg.calibration.enabled,
+          description="thresholds per fidelity target (validation split)"),
+    Stage("evaluate", ("eval", "decoding", "seed", "hardware"), ("finetune", "agent", "pretrain", "calibrate"),
+          _run_evaluate,
           lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples"),
     Stage("figures", (), ("evaluate", "report", "agent"), _run_figures,
           lambda p: [p.figures], description="the paper's figures"),

@@ -37,8 +37,9 @@ import torch
 from greencode.config import Config, ConfigError
 from greencode.eval.methods import MethodSpec, expand_methods, parse_method_name, split_names
 from greencode.eval.summary import SHARD_FORMAT, check_writable, merge_shards, write_results
+from greencode.distributed import Dist
 from greencode.paths import RunPaths
-from greencode.utils import read_json, run_metadata, set_seed, setup_torch, write_json
+from greencode.utils import read_json, run_metadata, set_seed, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class EvalInputs:
     base_reason: Optional[str] = None
     policy: Any = None  # exported exit policy (nn.Module with .observation)
     policy_reason: Optional[str] = None
+    classifier: Any = None  # the supervised exit classifier (an ExitPolicy), trained beside the agent
+    classifier_reason: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -94,6 +97,14 @@ def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch
             inputs.policy_reason = f"greencode.rl is not available ({e})"
         except (FileNotFoundError, ValueError) as e:
             inputs.policy_reason = str(e)
+        try:
+            from greencode.rl import load_policy
+
+            inputs.classifier = load_policy(paths.classifier, model)
+        except ImportError as e:
+            inputs.classifier_reason = f"greencode.rl is not available ({e})"
+        except (FileNotFoundError, ValueError) as e:
+            inputs.classifier_reason = str(e)
     return inputs
 
 
@@ -112,51 +123,9 @@ def load_samples(cfg: Config, tokenizer) -> list:
 
 
 # --------------------------------------------------------------------------- distribution
-@dataclass
-class _Dist:
-    """This process's place in a multi-process evaluation launched by ``torchrun`` or
-    ``accelerate launch`` (both set RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @classmethod
-    def from_env(cls) -> "_Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        here = False
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(local)
-            dist.init_process_group(backend=backend)
-            here = True
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, initialized_here=here)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.initialized_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+_Dist = Dist  # the process group of a torchrun / accelerate launch (greencode.distributed)
 
 
-# --------------------------------------------------------------------------- running
 class _RowCounter:
     """Counts the token rows every decoder layer and the LM head process (forward hooks),
     to measure the layer work of HF's speculative early exit without trusting a model."""
@@ -205,7 +174,8 @@ class Runner:
 
     # controllers are built once per method (PolicyExit holds the policy)
     def controller(self, spec: MethodSpec):
-        from greencode.decoding import ConfidenceExit, EntropyExit, FixedExit, NeverExit, OracleExit, PolicyExit
+        from greencode.decoding import (ConfidenceExit, EntropyExit, FixedExit, NeverExit, OracleExit, PolicyExit,
+                                        SaturationExit)
 
         if spec.id in self._controllers:
             return self._controllers[spec.id]
@@ -218,6 +188,12 @@ class Runner:
             c = ConfidenceExit(float(spec.param))
         elif f == "entropy":
             c = EntropyExit(float(spec.param))
+        elif f == "saturation":
+            c = SaturationExit(float(spec.param))
+        elif f == "classifier":
+            clf = self.inputs.classifier
+            c = PolicyExit(clf, float(spec.param), 1.0, observation=getattr(clf, "observation", self.cfg.rl.observation),
+                           name="classifier")
         elif f == "oracle":
             c = OracleExit()
         elif f == "gc":
@@ -352,6 +328,8 @@ def _available(spec: MethodSpec, inputs: EvalInputs) -> Optional[str]:
         return inputs.base_reason or "no base model"
     if spec.family == "gc" and inputs.policy is None:
         return inputs.policy_reason or "no exit policy"
+    if spec.family == "classifier" and inputs.classifier is None:
+        return inputs.classifier_reason or "no exit classifier"
     if spec.family == "base" and inputs.base is not None:
         tv, bv = inputs.model.vocab_size, inputs.base.vocab_size
         if tv != bv:
@@ -534,7 +512,7 @@ def _check_languages(cfg: Config, samples: Sequence) -> None:
 
 
 def _accuracy_worker(cfg_dict: dict, methods: Optional[list[str]], indices: list[int], rank: int,
-                     world_size: int) -> dict:
+                     world_size: int, explicit: Optional[bool] = None) -> dict:
     """One accuracy-only process of :func:`_run_with_workers` (1 torch thread, no timing)."""
     import dataclasses as _dc
 
@@ -547,10 +525,11 @@ def _accuracy_worker(cfg_dict: dict, methods: Optional[list[str]], indices: list
     names = methods if methods is not None else list(cfg.eval.methods)
     families = {parse_method_name(n)[0] for n in names}
     inputs = load_inputs(cfg, RunPaths.from_config(cfg), device, dtype, need_base="base" in families,
-                         need_policy="gc" in families)
+                         need_policy=bool({"gc", "classifier"} & set(families)))
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
-    return run_methods(inputs, samples, specs, cfg, explicit=methods is not None, indices=indices, rank=rank,
+    explicit = (methods is not None) if explicit is None else explicit
+    return run_methods(inputs, samples, specs, cfg, explicit=explicit, indices=indices, rank=rank,
                        world_size=world_size, device=device, progress=False)
 
 
@@ -572,7 +551,7 @@ def _run_with_workers(cfg: Config, methods: Optional[list[str]], inputs: EvalInp
     if rest:
         chunks = [rest[k::workers] for k in range(workers)]
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_accuracy_worker, cfg.to_dict(), methods, chunk, k + 1, world)
+            futures = [pool.submit(_accuracy_worker, cfg.to_dict(), methods, chunk, k + 1, world, explicit)
                        for k, chunk in enumerate(chunks)]
             from tqdm.auto import tqdm
 
@@ -594,6 +573,40 @@ def _showcase(out_dir: Path, samples: Sequence, cfg: Config) -> None:
         log.warning("completions.md not written: %s", e)
 
 
+def _expand_calibrated(cfg: Config, names: list[str], explicit: bool) -> tuple[list[str], Optional[dict]]:
+    """``calibrated`` -> the method ids chosen by the calibration stage (every controller at every
+    target, results/<name>/calibration/calibration.json); the calibration comes back too."""
+    if "calibrated" not in names:
+        return names, None
+    from greencode.eval.calibration import calibrated_ids, load_calibration
+
+    calibration = load_calibration(cfg)
+    rest = [n for n in names if n != "calibrated"]
+    if calibration is None:
+        msg = (f"no calibration at {RunPaths.from_config(cfg).calibration}; run `python scripts/calibrate.py "
+               f"--config {cfg.source_path or '<cfg>'}` (the pipeline's calibrate stage) first")
+        if explicit:
+            raise FileNotFoundError(msg)
+        log.warning("method 'calibrated' skipped: %s", msg)
+        return rest, None
+    ids = calibrated_ids(calibration)
+    log.info("calibrated methods (chosen on the %s split): %s", calibration.get("split"), ", ".join(ids) or "none")
+    return rest + [i for i in ids if i not in rest], calibration
+
+
+def _finish(out_dir: Path, samples: Sequence, cfg: Config, calibration: Optional[dict]) -> None:
+    _showcase(out_dir, samples, cfg)
+    if calibration is None:
+        return
+    from greencode.eval.calibration import render_targets, targets_table
+    from greencode.eval.summary import summary_table
+
+    table = targets_table(calibration, summary_table(out_dir))
+    table["split"] = cfg.eval.split
+    write_json(out_dir / "calibrated.json", table)
+    write_text(out_dir / "calibrated.md", render_targets(table, cfg.eval.split))
+
+
 def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Path:
     """Evaluate the methods (``cfg.eval.methods``, or ``methods``: families or ids such as
     ``gc@0.9``) on the config's samples and write ``results/<name>/eval``. Returns that path.
@@ -602,6 +615,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     the config are skipped with a recorded reason when their inputs are missing."""
     explicit = methods is not None
     names = split_names(methods) if explicit else list(cfg.eval.methods)
+    names, calibration = _expand_calibrated(cfg, names, explicit)
     for n in names:  # unknown names fail before anything is loaded
         parse_method_name(n)
     from greencode.eval.metrics import check_language
@@ -616,7 +630,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     if dist.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     families = {parse_method_name(n)[0] for n in names}
-    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy="gc" in families)
+    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy=bool({"gc", "classifier"} & set(families)))
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
     from greencode.training.shipping import check_split_disjoint
@@ -626,11 +640,11 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
         log.info("the %d %s-split files are disjoint from the base model's training files", checked, cfg.eval.split)
     _check_languages(cfg, samples)
     if dist.world_size == 1 and cfg.eval.workers > 1:
-        shards = _run_with_workers(cfg, names if explicit else None, inputs, samples, specs, explicit, device)
+        shards = _run_with_workers(cfg, names, inputs, samples, specs, explicit, device)
         meta = run_metadata(cfg, stage="evaluate", energy_source=shards[0]["meta"]["energy_source"],
                             world_size=1, accuracy_workers=cfg.eval.workers)
         write_results(merge_shards(shards), out_dir, meta)
-        _showcase(out_dir, samples, cfg)
+        _finish(out_dir, samples, cfg, calibration)
         return out_dir
     indices = [i for i in range(len(samples)) if i % dist.world_size == dist.rank]
     log.info("evaluating %d methods on %d samples (rank %d/%d: %d samples)", len(specs), len(samples), dist.rank,
@@ -641,7 +655,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
                         world_size=dist.world_size)
     if dist.world_size == 1:
         write_results(merge_shards([shard]), out_dir, meta)
-        _showcase(out_dir, samples, cfg)
+        _finish(out_dir, samples, cfg, calibration)
         return out_dir
     shard_dir = paths.results / ".eval-shards"
     try:
@@ -650,7 +664,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
         if dist.is_main:
             shards = [read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)]
             write_results(merge_shards(shards), out_dir, meta)
-            _showcase(out_dir, samples, cfg)
+            _finish(out_dir, samples, cfg, calibration)
             shutil.rmtree(shard_dir, ignore_errors=True)
         dist.barrier()
     finally:

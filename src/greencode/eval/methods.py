@@ -2,7 +2,7 @@
 
 A *family* names a kind of method (``gc``); a *method id* names one row of the results
 (``gc@0.9``; thresholds are written as Python floats, ``entropy@1.0``). Ids: ``base``, ``full_hf``, ``full``, ``fixed@L``, ``confidence@T``,
-``entropy@T``, ``oracle``, ``gc@T``, ``hf_early_exit@L``. ``L`` is a 0-based decoder-layer
+``entropy@T``, ``saturation@T``, ``classifier@T``, ``oracle``, ``gc@T``, ``hf_early_exit@L``. ``L`` is a 0-based decoder-layer
 index, ``T`` a threshold. A family name alone expands to the configured parameters
 (``fixed`` -> every exit layer, ``gc`` -> ``eval.gc_thresholds``, ...).
 """
@@ -15,9 +15,12 @@ from typing import Optional, Sequence, Union
 from greencode.config import ConfigError
 
 # the families in the order their rows appear in the summary
-FAMILIES = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "oracle", "gc", "hf_early_exit")
-PARAM_FAMILIES = {"fixed": "layer", "confidence": "threshold", "entropy": "threshold", "gc": "threshold",
-                  "hf_early_exit": "layer"}
+FAMILIES = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier", "oracle", "gc",
+            "hf_early_exit")
+PARAM_FAMILIES = {"fixed": "layer", "confidence": "threshold", "entropy": "threshold", "saturation": "threshold",
+                  "classifier": "threshold", "gc": "threshold", "hf_early_exit": "layer"}
+# the exit controllers compared at calibrated targets (scripts/calibrate.py)
+CONTROLLER_FAMILIES = ("fixed", "confidence", "entropy", "saturation", "classifier", "gc")
 HF_FAMILIES = ("base", "full_hf", "hf_early_exit")  # run through HF ``generate``
 
 DESCRIPTIONS = {
@@ -27,6 +30,9 @@ DESCRIPTIONS = {
     "fixed": "every token exits at one fixed 0-based layer",
     "confidence": "exit when the max softmax probability at an exit point >= threshold",
     "entropy": "exit when the prediction entropy (nats) at an exit point <= threshold",
+    "saturation": "exit when the cosine between consecutive exit points' hidden states >= threshold (CALM)",
+    "classifier": "supervised exit classifier (CALM), the agent's MLP size on the same bank: exit when "
+                  "P(agrees with the final layer) >= threshold",
     "oracle": "first exit point agreeing with the final layer; runs every layer (analysis only)",
     "gc": "GREEN-CODE RL policy: exit when P(exit) >= threshold",
     "hf_early_exit": "HF generate with assistant_early_exit (LayerSkip-style self-speculative decoding); "
@@ -59,8 +65,8 @@ class MethodSpec:
 
 
 def known_names_text() -> str:
-    return ("families " + ", ".join(FAMILIES) + " or ids like fixed@3, confidence@0.9, entropy@1.0, gc@0.9, "
-            "hf_early_exit@3 (layers 0-based)")
+    return ("families " + ", ".join(FAMILIES) + " or ids like fixed@3, confidence@0.9, entropy@1.0, "
+            "saturation@0.99, classifier@0.9, gc@0.9, hf_early_exit@3 (layers 0-based)")
 
 
 def parse_method_name(name: str) -> tuple[str, Optional[Union[int, float]]]:
@@ -80,10 +86,12 @@ def parse_method_name(name: str) -> tuple[str, Optional[Union[int, float]]]:
         what = "a 0-based layer index (integer)" if kind == "layer" else "a number"
         raise ConfigError(f"method {raw!r}: the part after '@' must be {what}") from None
     if kind == "threshold":
-        if family in ("confidence", "gc") and not 0.0 <= value <= 1.0:
+        if family in ("confidence", "gc", "classifier") and not 0.0 <= value <= 1.0:
             raise ConfigError(f"method {raw!r}: threshold must be in [0, 1]")
         if family == "entropy" and value < 0:
             raise ConfigError(f"method {raw!r}: entropy threshold must be >= 0 (nats)")
+        if family == "saturation" and not -1.0 <= value <= 1.0:
+            raise ConfigError(f"method {raw!r}: saturation threshold is a cosine in [-1, 1]")
     elif value < 0:
         raise ConfigError(f"method {raw!r}: layer must be >= 0 (0-based)")
     return family, value
@@ -120,6 +128,10 @@ def expand_methods(names: Sequence[str], eval_cfg, exit_layers: Sequence[int], f
             specs += [MethodSpec("entropy", float(t)) for t in eval_cfg.entropy_thresholds]
         elif family == "gc":
             specs += [MethodSpec("gc", float(t)) for t in eval_cfg.gc_thresholds]
+        elif family == "saturation":
+            specs += [MethodSpec("saturation", float(t)) for t in eval_cfg.saturation_thresholds]
+        elif family == "classifier":
+            specs += [MethodSpec("classifier", float(t)) for t in eval_cfg.classifier_thresholds]
         elif family == "hf_early_exit":
             layers = eval_cfg.hf_early_exit_layers if eval_cfg.hf_early_exit_layers is not None else exit_layers
             for layer in layers:

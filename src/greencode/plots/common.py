@@ -49,12 +49,14 @@ FAMILY_COLORS = {
     "fixed": "#8c564b",
     "confidence": "#ff7f0e",
     "entropy": "#9467bd",
+    "saturation": "#e377c2",
+    "classifier": "#393b79",
     "oracle": "#bcbd22",
     "gc": "#d62728",
     "hf_early_exit": "#2ca02c",
 }
 FAMILY_MARKERS = {"base": "X", "full_hf": "D", "full": "*", "fixed": "s", "confidence": "^", "entropy": "v",
-                  "oracle": "P", "gc": "o", "hf_early_exit": "<"}
+                  "saturation": "h", "classifier": "p", "oracle": "P", "gc": "o", "hf_early_exit": "<"}
 FAMILY_NAMES = {
     "base": "base model",
     "full_hf": "fine-tuned, all layers (HF generate)",
@@ -62,6 +64,8 @@ FAMILY_NAMES = {
     "fixed": "fixed exit layer",
     "confidence": "confidence exit (max softmax ≥ T)",
     "entropy": "entropy exit (entropy ≤ T nats)",
+    "saturation": "hidden-state saturation (cosine ≥ T)",
+    "classifier": "exit classifier, P(agree) ≥ T",
     "oracle": "oracle (analysis only)",
     "gc": "GREEN-CODE agent, P(exit) ≥ T",
     "hf_early_exit": "HF assistant_early_exit (draft = layers 0..L)",
@@ -104,6 +108,10 @@ def method_label(row: dict) -> str:
         return f"entropy ≤ {_num(param)} nats"
     if fam == "gc":
         return f"GC T={_num(param)}"
+    if fam == "saturation":
+        return f"saturation ≥ {_num(param)}"
+    if fam == "classifier":
+        return f"classifier ≥ {_num(param)}"
     if fam == "hf_early_exit":
         return f"HF early exit, layer {_num(param)}"
     return str(row.get("id", fam))

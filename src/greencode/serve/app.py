@@ -32,7 +32,7 @@ from greencode.serve.engine import Completion, Engine, GenRequest, load_run
 from greencode.serve.errors import RequestError, error_body
 from greencode.serve.metrics import ServeMetrics
 from greencode.serve.schemas import (HFRequest, OllamaRequest, OpenAIRequest, SeedOptions, ShowRequest, check_text,
-                                     parse_json_bytes, stop_list, threshold_of, validate)
+                                     parse_json_bytes, stop_list, target_of, threshold_of, validate)
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +185,18 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     means the full model)."""
     scfg = cfg.serve
     if engine is None:
-        root, notes = None, []
+        root, notes, calibration = None, [], None
         if model is None:
             run = load_run(cfg, run_dir)
             model, tokenizer, policy, root, notes = run.model, run.tokenizer, run.policy, run.root, run.notes
+            calibration = run.calibration
         if meter is None:
             from greencode.eval.energy import make_meter
 
             meter = make_meter(cfg.eval.energy, model.device)
         engine = Engine(model, tokenizer, policy, serve_cfg=scfg, decoding_cfg=cfg.decoding, meter=meter,
-                        run_root=root, notes=notes, language=cfg.data.language, literal_mode=cfg.data.literal_mode)
+                        run_root=root, notes=notes, language=cfg.data.language, literal_mode=cfg.data.literal_mode,
+                        calibration=calibration)
     api_key = scfg.api_key or os.environ.get(API_KEY_ENV) or None
     scheduler = Scheduler(scfg.queue_size, scfg.request_timeout_s)
     metrics = ServeMetrics(in_flight=lambda: scheduler.in_flight, energy_source=engine.meter.source)
@@ -302,7 +304,8 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
                          **sampling(temperature, _first(p.top_p, o.top_p), _first(p.top_k, o.top_k),
                                     {"temperature": 1.0, "top_p": 1.0, "top_k": 0}, do_sample),
                          seed=_first(p.seed, o.seed), stop=stop_list(p.stop, p.stop_sequences, o.stop),
-                         threshold=threshold_of(p, o, body), num_ctx=o.num_ctx)
+                         threshold=threshold_of(p, o, body), max_disagreement=target_of(p, o, body),
+                         num_ctx=o.num_ctx)
         return gen, {"return_full_text": bool(p.return_full_text), "details": bool(p.details)}
 
     async def complete(request: Request, gen: GenRequest, fmt: str) -> Completion:
@@ -366,6 +369,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
                                                                   ollama=True),
                          **sampling(o.temperature, o.top_p, o.top_k, OLLAMA_DEFAULTS), seed=o.seed,
                          stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o, body),
+                         max_disagreement=target_of(o, body),
                          num_ctx=o.num_ctx, want_pieces=stream)
         c = await complete(request, gen, "ollama")
         if suffix:
@@ -443,7 +447,8 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         gen = GenRequest(prompt=check_text(prompt, "body.prompt"),
                          max_new_tokens=max_tokens(body.max_tokens, "body.max_tokens"),
                          **sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS), seed=body.seed,
-                         stop=stop_list(body.stop), threshold=threshold_of(body), want_pieces=stream)
+                         stop=stop_list(body.stop), threshold=threshold_of(body), max_disagreement=target_of(body),
+                         want_pieces=stream)
         check_text(body.suffix, "body.suffix")
         c = await complete(request, gen, "openai")
         cid = f"cmpl-{c.stats['request_id']}"

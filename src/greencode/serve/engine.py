@@ -50,6 +50,7 @@ class GenRequest:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     threshold: Optional[float] = None  # None = the server default
+    max_disagreement: Optional[float] = None  # a calibrated fidelity target instead of a raw threshold
     num_ctx: Optional[int] = None  # client's context limit (Ollama); the model's own is the ceiling
     want_pieces: bool = False  # streaming: per-token text increments
     request_id: str = ""
@@ -80,6 +81,7 @@ class LoadedRun:
     policy: Any  # ExitPolicy or None
     root: Optional[Path]
     notes: list[str] = field(default_factory=list)
+    calibration: Optional[dict] = None  # results/<name>/calibration/calibration.json, when it belongs to this policy
 
 
 def strip_fim(prompt: str) -> tuple[str, Optional[str]]:
@@ -138,9 +140,22 @@ def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedR
         notes.append(f"no exit policy at {paths.policy}: serving the full model for every request "
                      "(train one with scripts/train_agent.py)")
         log.warning(notes[-1])
+    calibration = None
+    cal_file = RunPaths.from_config(cfg).calibration
+    if policy is not None and cal_file.is_file():
+        from greencode.eval.calibration import file_sha256
+        from greencode.utils import read_json
+
+        cal = read_json(cal_file)
+        if cal.get("policy_sha256") == file_sha256(paths.policy):
+            calibration = cal
+        else:
+            notes.append(f"{cal_file} was calibrated for another exit policy: max_disagreement is unavailable "
+                         "(rerun scripts/calibrate.py for this run)")
+            log.warning(notes[-1])
     log.info("loaded %s (%s, %d layers, exits %s) from %s on %s", model.family, type(model.hf).__name__,
              model.num_layers, model.exit_layers, model_dir, model.device)
-    return LoadedRun(model, tokenizer, policy, root, notes)
+    return LoadedRun(model, tokenizer, policy, root, notes, calibration)
 
 
 # --------------------------------------------------------------------------- engine
@@ -149,7 +164,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, policy=None, *, serve_cfg, decoding_cfg=None, meter=None,
                  run_root: Optional[Path] = None, notes: Optional[list[str]] = None, language: str = "python",
-                 literal_mode: str = "normalized"):
+                 literal_mode: str = "normalized", calibration: Optional[dict] = None):
         from greencode.config import DecodingConfig
         from greencode.eval.energy import TimeOnlyMeter
 
@@ -163,6 +178,7 @@ class Engine:
         self.meter = meter or TimeOnlyMeter(model.device, reason="no energy meter configured")
         self.run_root = run_root
         self.notes = list(notes or [])
+        self.calibration = calibration
         self.prompt_format = getattr(serve_cfg, "prompt_format", "raw")
         if literal_mode == "source":  # the model reads and writes source as written: nothing to convert
             self.prompt_format = "raw"
@@ -203,6 +219,7 @@ class Engine:
             "default_threshold": self.serve_cfg.default_threshold,
             "full_model_threshold": FULL_MODEL_THRESHOLD,
             "policy_temperature": self.decoding_cfg.policy_temperature,
+            "calibrated_targets": (sorted(self.calibration.get("targets", [])) if self.calibration else None),
             "policy_observation": getattr(self.policy, "observation", None),
             "kv_strategy": self.decoding_cfg.kv_strategy,
             "prompt_format": self.prompt_format,
@@ -249,10 +266,31 @@ class Engine:
         return [s for s in dict.fromkeys(out) if s]
 
     # ------------------------------------------------------------------ request -> generate
-    def controller_for(self, threshold: Optional[float]):
-        """(controller, threshold used, mode). ``threshold >= 1.0`` or no policy -> the full model."""
+    def controller_for(self, threshold: Optional[float], max_disagreement: Optional[float] = None):
+        """(controller, threshold used, mode). ``threshold >= 1.0`` or no policy -> the full model.
+        ``max_disagreement``: the threshold calibrated for the largest target at or below it
+        (results/<name>/calibration); none certified there -> the full model."""
         from greencode.decoding import NeverExit, PolicyExit
 
+        if max_disagreement is not None:
+            if threshold is not None:
+                raise RequestError(422, "give an exit threshold or max_disagreement, not both",
+                                   kind="invalid_request", loc="body.max_disagreement")
+            if self.policy is None:
+                return NeverExit(), None, "full_model_no_policy"
+            if self.calibration is None:
+                raise RequestError(422, "max_disagreement needs a calibration of this run's exit policy "
+                                        "(scripts/calibrate.py); none is loaded, send an exit threshold instead",
+                                   kind="invalid_request", loc="body.max_disagreement")
+            from greencode.eval.calibration import threshold_for
+
+            try:
+                calibrated = threshold_for(self.calibration, "gc", float(max_disagreement))
+            except ConfigError as e:
+                raise RequestError(422, str(e), kind="invalid_request", loc="body.max_disagreement") from None
+            if calibrated is None:
+                return NeverExit(), None, "full_model_target_not_certified"
+            threshold = calibrated
         thr = self.serve_cfg.default_threshold if threshold is None else float(threshold)
         if self.policy is None:
             return NeverExit(), None, "full_model_no_policy"
@@ -312,7 +350,7 @@ class Engine:
         t0 = time.perf_counter()
         queue_s = (t0 - submitted_at) if submitted_at is not None else 0.0
         ids, enc = self.encode(req.prompt, req.max_new_tokens, req.num_ctx)
-        controller, thr, mode = self.controller_for(req.threshold)
+        controller, thr, mode = self.controller_for(req.threshold, req.max_disagreement)
         t1 = time.perf_counter()
         name = f"gen-{next(self._ids)}"
         try:
@@ -336,6 +374,7 @@ class Engine:
             "request_id": req.request_id,
             "controller": mode,
             "threshold": thr,
+            "max_disagreement": req.max_disagreement,
             "policy_temperature": self.decoding_cfg.policy_temperature if mode == "policy" else None,
             "exit_layers": list(res.exit_layers),
             "num_layers": self.model.num_layers,

@@ -19,7 +19,9 @@ Formats (see the README, section "Serving completions to an editor"):
   "stream", "echo", "seed"}`` on ``/v1/completions``.
 
 Every format also accepts the exit threshold as ``RL_agent_thresh`` or ``exit_threshold`` (in
-``options`` / ``parameters``; top level for OpenAI).
+``options`` / ``parameters``; top level for OpenAI), or instead a fidelity target
+``max_disagreement`` (the largest expected share of tokens allowed to differ from the full
+model's), served at the threshold calibrated for it on the validation split.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MAX_STOP_STRINGS = 64  # Continue sends ~20 for autocomplete
 MAX_STOP_CHARS = 256
 
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0, le=1_000_000)]
@@ -50,6 +53,7 @@ class _Body(BaseModel):
 class _Knobs(_Body):
     RL_agent_thresh: Optional[Threshold] = None
     exit_threshold: Optional[Threshold] = None
+    max_disagreement: Optional[Fraction] = None
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
     top_k: Optional[TopK] = None
@@ -77,6 +81,7 @@ class _TopLevelThreshold(_Body):
 
     RL_agent_thresh: Optional[Threshold] = None
     exit_threshold: Optional[Threshold] = None
+    max_disagreement: Optional[Fraction] = None
 
 
 class HFRequest(_TopLevelThreshold):
@@ -195,6 +200,15 @@ def stop_list(*values: Optional[Stop], field: str = "body.stop") -> list[str]:
         raise RequestError(422, f"{field}: {len(out)} stop strings given; the limit is {MAX_STOP_STRINGS}",
                            kind="invalid_request", loc=field)
     return out
+
+
+def target_of(*knobs: Optional[BaseModel]) -> Optional[float]:
+    """``max_disagreement`` (options/parameters or top level); 422 when given twice differently."""
+    found = {v for k in knobs if k is not None for v in [getattr(k, "max_disagreement", None)] if v is not None}
+    if len(found) > 1:
+        raise RequestError(422, f"max_disagreement is given more than once with different values ({sorted(found)}); "
+                                "send one", kind="invalid_request", loc="body.max_disagreement")
+    return next(iter(found)) if found else None
 
 
 def threshold_of(*knobs: Optional[BaseModel]) -> Optional[float]:

@@ -1,0 +1,98 @@
+"""Calibrated targets: the Learn-then-Test arithmetic by hand, the choice rule on a fake
+evaluation, and the guards (test split refused, missing calibration named)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from greencode.config import ConfigError, config_from_dict
+from greencode.eval.calibration import (calibrated_ids, candidate_specs, choose, fixed_sequence, hb_pvalue,
+                                        targets_table, threshold_for)
+from greencode.utils import write_json
+
+
+def test_hoeffding_bentkus_by_hand():
+    # r = 0, n = 100, alpha = 0.05: Hoeffding 0.95^100 = 0.00592 < Bentkus e * 0.95^100
+    assert hb_pvalue(0.0, 100, 0.05) == pytest.approx(0.95 ** 100, rel=1e-9)
+    # r = 0.02: h(0.02, 0.05) = 0.012143 -> exp(-1.2143) = 0.2969; Bentkus e * P(Bin <= 2) = 0.3215
+    assert hb_pvalue(0.02, 100, 0.05) == pytest.approx(0.2969, abs=2e-4)
+    # Bentkus wins when r is just below alpha and n is small: n = 10, r = 0.1, alpha = 0.3
+    h = 0.1 * math.log(0.1 / 0.3) + 0.9 * math.log(0.9 / 0.7)
+    bentkus = math.e * (0.7 ** 10 + 10 * 0.3 * 0.7 ** 9)
+    assert hb_pvalue(0.1, 10, 0.3) == pytest.approx(min(math.exp(-10 * h), bentkus), rel=1e-9)
+    assert hb_pvalue(0.05, 100, 0.05) == 1.0 and hb_pvalue(0.2, 100, 0.05) == 1.0  # at or above the target
+    # certifying 1% at delta 0.1 with no disagreement at all needs n >= 230 (0.99^n <= 0.1)
+    assert hb_pvalue(0.0, 229, 0.01) > 0.1 >= hb_pvalue(0.0, 230, 0.01)
+
+
+def test_fixed_sequence_stops_at_the_first_failure():
+    good, bad = np.zeros(300), np.full(300, 0.5)
+    ok, p = fixed_sequence([good, good, bad, good], alpha=0.05, delta=0.1)
+    assert ok == [True, True, False, False]  # the 4th would pass alone but comes after a failure
+    assert p[3] < 0.1 and p[2] == 1.0
+
+
+def _cfg(tmp_path, **cal):
+    return config_from_dict({"name": "t", "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "res"),
+                             "calibration": {"targets": [0.02, 0.1], "delta": 0.1, **cal}})
+
+
+def test_candidates_are_ordered_most_conservative_first(tmp_path):
+    cfg = _cfg(tmp_path, gc_thresholds=[0.5, 0.99, 0.9], entropy_thresholds=[2.0, 0.1, 0.5])
+    specs = candidate_specs(cfg, [1, 2, 5])
+    assert [s.id for s in specs["fixed"]] == ["fixed@5", "fixed@2", "fixed@1"]
+    assert [s.param for s in specs["gc"]] == [0.99, 0.9, 0.5]
+    assert [s.param for s in specs["entropy"]] == [0.1, 0.5, 2.0]  # low entropy threshold = rarely exits
+
+
+def _fake_eval(path, per_method: dict[str, list[tuple[float, float]]]):
+    """methods/<id>.json with records holding token agreement and cost, like the evaluator's."""
+    for mid, rows in per_method.items():
+        records = [{"index": i, "token_agreement": 1.0 - d, "cost": {"macs_done": c * 1000.0, "macs_full": 1000.0}}
+                   for i, (d, c) in enumerate(rows)]
+        write_json(path / "methods" / f"{mid}.json", {"records": records})
+
+
+def test_choose_takes_the_cheapest_certified_candidate(tmp_path):
+    cfg = _cfg(tmp_path, families=["gc", "fixed"], gc_thresholds=[0.99, 0.9, 0.5])
+    n = 400
+    rng = np.random.default_rng(0)
+    # gc@0.99: no disagreement, compute 0.9; gc@0.9: 1% disagreement, compute 0.6; gc@0.5: 20%, compute 0.3
+    per = {"gc@0.99": [(0.0, 0.9)] * n,
+           "gc@0.9": [(float(rng.random() < 0.01) * 1.0, 0.6) for _ in range(n)],
+           "gc@0.5": [(0.2, 0.3)] * n,
+           "fixed@2": [(0.5, 0.5)] * n, "fixed@1": [(0.6, 0.3)] * n}
+    _fake_eval(tmp_path / "eval", per)
+    out = choose(cfg, tmp_path / "eval", candidate_specs(cfg, [1, 2]))
+    gc = out["gc"]["targets"]
+    d09 = np.mean([d for d, _ in per["gc@0.9"]])
+    assert gc["0.02"]["certified"][0] == "gc@0.99"
+    # gc@0.9 is certified at 2% exactly when its own p-value is <= 0.1 (and gc@0.99's is)
+    assert ("gc@0.9" in gc["0.02"]["certified"]) == (hb_pvalue(d09, n, 0.02) <= 0.1)
+    assert gc["0.1"]["chosen"] == "gc@0.9"  # gc@0.5 (20%) fails at 10%: the cheapest certified is gc@0.9
+    assert out["fixed"]["targets"]["0.1"]["chosen"] is None  # the deepest fixed exit already disagrees 50%
+    assert calibrated_ids({"families": out}) == list(dict.fromkeys([gc["0.02"]["chosen"], "gc@0.9"]))
+    cal = {"families": out, "targets": [0.02, 0.1], "delta": 0.1}
+    assert threshold_for(cal, "gc", 0.1) == 0.9 and threshold_for(cal, "gc", 0.5) == 0.9  # the largest target <= it
+    with pytest.raises(ConfigError, match="below the smallest calibrated target"):
+        threshold_for(cal, "gc", 0.001)
+    table = targets_table(cal, [{"id": "gc@0.9", "token_agreement": 0.97, "compute_ratio": 0.61}])
+    row = next(r for r in table["rows"] if r["target"] == 0.1 and r["family"] == "gc")
+    assert row["achieved_disagreement"] == pytest.approx(0.03) and row["meets_target"] is True
+
+
+def test_calibration_refuses_the_test_split(tmp_path):
+    from greencode.eval.calibration import calibrate
+
+    with pytest.raises(ConfigError, match="validation split only"):
+        calibrate(_cfg(tmp_path), split="test")
+
+
+def test_calibrated_method_without_calibration_is_named(tmp_path):
+    from greencode.eval.evaluator import _expand_calibrated
+
+    cfg = _cfg(tmp_path)
+    with pytest.raises(FileNotFoundError, match="scripts/calibrate.py"):
+        _expand_calibrated(cfg, ["full", "calibrated"], explicit=True)
+    assert _expand_calibrated(cfg, ["full", "calibrated"], explicit=False) == (["full"], None)
