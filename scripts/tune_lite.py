@@ -14,6 +14,7 @@ first exit (what LITE is for). The test split is never read.
 
 import os
 import shlex
+import time
 from pathlib import Path
 
 from greencode.cli import base_parser, friendly_errors, load_from_args
@@ -21,7 +22,7 @@ from greencode.config import load_config
 from greencode.data import prepare_data
 from greencode.paths import RunPaths
 from greencode.training import exit_report, finetune
-from greencode.utils import run_metadata, write_json, write_text
+from greencode.utils import read_json, run_metadata, write_json, write_text
 
 
 def _first_and_final(report: dict, model: str) -> tuple[float, float]:
@@ -34,6 +35,11 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--variant", action="append", required=True,
                         help="space-separated dotted overrides of one variant (repeat for each variant)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the earlier variants of results/<name>/tune/lite.json in the table")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a variant's finished run (results/<name>/tune/lite-<k>/finetune) when its "
+                             "recorded finetune section equals the variant's; train the others")
     args = parser.parse_args()
     cfg = load_from_args(args)
     prepare_data(cfg)
@@ -52,8 +58,18 @@ def main() -> None:
         if cfg.model.base is None:  # the embedded default pretrained in this run: start every variant from it
             over.append(f"model.base={paths.base_model}")
         vcfg = load_config(args.config, over)
-        finetune(vcfg)
-        rep = exit_report(vcfg)
+        done = Path(vcfg.results_dir) / "finetune"
+        rep = None
+        if args.reuse and (done / "exit_report.json").is_file() and (done / "summary.json").is_file():
+            old = read_json(done / "exit_report.json")
+            if old["meta"]["config"]["finetune"] == vcfg.section_dict("finetune")["finetune"]:
+                rep, finetune_seconds = old, read_json(done / "summary.json").get("train_runtime_s")
+                print(f"variant {k}: reusing the finished run in {done}")
+        if rep is None:
+            started = time.perf_counter()
+            finetune(vcfg)
+            finetune_seconds = time.perf_counter() - started
+            rep = exit_report(vcfg)
         b_first, b_final = _first_and_final(rep, "base")
         f_first, f_final = _first_and_final(rep, "finetuned")
         rows.append({"variant": variant, "finetune": vcfg.section_dict("finetune")["finetune"],
@@ -63,8 +79,14 @@ def main() -> None:
                      "first_exit_gain_points": 100 * (f_first - b_first),
                      "first_exit_share_of_final": f_first / f_final if f_final else None,
                      "keeps_full_model": f_final >= b_final - 0.01, "first_exit_gains_3_points": f_first >= b_first + 0.03,
-                     "per_exit": rep["models"]["finetuned"]["per_exit"], "tokens": rep["tokens"]})
+                     "per_exit": rep["models"]["finetuned"]["per_exit"], "tokens": rep["tokens"],
+                     "finetune_seconds": finetune_seconds})
     out = paths.results / "tune"
+    if args.keep and (out / "lite.json").exists():  # earlier variants stay in the table unless rerun now
+        import json
+        earlier = json.loads((out / "lite.json").read_text())["rows"]
+        rerun = {r["variant"] for r in rows}
+        rows = [r for r in earlier if r["variant"] not in rerun] + rows
     meta = run_metadata(cfg, stage="tune_lite")
     meta.pop("config", None)
     write_json(out / "lite.json", {"split": "validation", "rows": rows, "run": meta,
