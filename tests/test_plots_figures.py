@@ -198,10 +198,27 @@ def write_training(results: Path) -> None:
     write_json(results / "finetune" / "exit_report.json", report)
 
 
+def write_calibrated(results: Path) -> Path:
+    """eval/calibrated.json as the evaluator writes it (targets_table over the summary rows)."""
+    from greencode.eval.calibration import targets_table
+    from greencode.eval.summary import summary_table
+    from greencode.utils import write_json
+
+    cal = {"targets": [0.02, 0.1], "delta": 0.1, "families": {
+        "gc": {"targets": {"0.02": {"target": 0.02, "chosen": "gc@0.9", "calibration_disagreement": 0.01},
+                           "0.1": {"target": 0.1, "chosen": "gc@0.5", "calibration_disagreement": 0.06}}},
+        "confidence": {"targets": {"0.02": {"target": 0.02, "chosen": None, "calibration_disagreement": None},
+                                   "0.1": {"target": 0.1, "chosen": "confidence@0.9",
+                                           "calibration_disagreement": 0.05}}}}}
+    table = dict(targets_table(cal, summary_table(results / "eval")), split="test")
+    return write_json(results / "eval" / "calibrated.json", table)
+
+
 @pytest.fixture(scope="module")
 def full_results(tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("results") / "synthetic"
     write_eval(results)
+    write_calibrated(results)
     write_rl(results)
     write_training(results)
     return results
@@ -445,3 +462,18 @@ def test_method_labels():
     assert method_label({"id": "gc@0.9", "family": "gc", "param": 0.9}) == "GC T=0.9"
     assert method_label({"id": "fixed@3", "family": "fixed", "param": 3}) == "fixed layer 3"
     assert method_label({"id": "full", "family": "full", "param": None}) == "full (our loop)"
+
+
+def test_calibrated_targets_figure_draws_the_table(full_results, captured):
+    from greencode.plots import plot_calibrated_targets
+    from greencode.eval.summary import summary_table
+
+    plot_calibrated_targets(full_results, full_results)
+    fig = captured[-1]
+    bars = [p for p in fig.axes[0].patches]
+    rows = {r["id"]: r for r in summary_table(full_results / "eval")}
+    heights = sorted(round(b.get_height(), 6) for b in bars)
+    expected = sorted(round(100 * v, 6) for v in (rows["gc@0.9"]["compute_ratio"], rows["gc@0.5"]["compute_ratio"],
+                                                  rows["confidence@0.9"]["compute_ratio"], 1.0))  # 1.0: none certified
+    assert heights == expected
+    assert sum(1 for b in bars if b.get_hatch()) == 1  # confidence at 2%: nothing certified, drawn hatched

@@ -20,6 +20,7 @@ plot_accuracy_by_method   accuracy metrics per method (Figs. 8-9)               
 plot_cost_by_method   energy / latency / throughput / compute per method (Figs. 10-11) eval/summary.json
 plot_agent_overhead   the agent's overhead (Table IV)                                 eval/summary.json
 plot_pareto           accuracy vs cost, every controller, Pareto front                eval/summary.json
+plot_calibrated_targets  compute and disagreement at each calibrated target          eval/calibrated.json
 ====================  ==============================================================  =================
 """
 
@@ -31,7 +32,8 @@ from typing import Callable, Union
 
 from greencode.plots.common import ENERGY_NOTE, MissingInput
 from greencode.plots.figures import (NAMES, pareto_front, plot_accuracy_by_method, plot_agent_exit_accuracy,
-                                     plot_agent_overhead, plot_cost_by_method, plot_exit_report,
+                                     plot_agent_overhead, plot_calibrated_targets, plot_cost_by_method,
+                                     plot_exit_report,
                                      plot_finetune_loss, plot_fixed_exits, plot_lite_weights, plot_optimal_exits,
                                      plot_pareto, plot_ppo_reward, plot_pretrain_loss)
 
@@ -50,6 +52,7 @@ FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
     "cost_by_method": plot_cost_by_method,
     "agent_overhead": plot_agent_overhead,
     "pareto": plot_pareto,
+    "calibrated_targets": plot_calibrated_targets,
 }
 
 

@@ -37,6 +37,7 @@ NAMES = {
     "cost_by_method": "fig10_cost_by_method",
     "agent_overhead": "table4_agent_overhead",
     "pareto": "pareto_accuracy_vs_cost",
+    "calibrated_targets": "calibrated_targets",
 }
 
 
@@ -766,3 +767,55 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
     fig.suptitle(f"{metric_name} vs cost, every controller (labels: threshold T or exit layer L, 0-based); "
                  "up and left is better")
     return save_figure(fig, Path(figures_dir), NAMES["pareto"])
+
+
+# --------------------------------------------------------------------------- calibrated targets
+@styled
+def plot_calibrated_targets(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Every controller at its calibrated threshold for each fidelity target (chosen on the
+    validation split): decode compute on the test split (left) and the disagreement with the full
+    model it reached there next to the target (right, 95% CI). A controller with no certified
+    threshold is drawn at the full model's compute, hatched."""
+    path = Path(results_dir) / "eval" / "calibrated.json"
+    data = I._read_json(path, "calibrated-targets table", "run the calibrate stage and the evaluation with the "
+                        "'calibrated' method (scripts/reproduce.py)")
+    rows, targets = data.get("rows") or [], data.get("targets") or []
+    if not rows or not targets:
+        raise MissingInput(f"{str(path)!r} has no rows")
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    fig, axes = new_figure(11.5, 4.2, 1, 2)
+    ax1, ax2 = axes[0]
+    width = 0.8 / len(fams)
+    x = np.arange(len(targets))
+    for j, fam in enumerate(fams):
+        comp, hatch, dis, err = [], [], [], []
+        for t in targets:
+            r = next((r for r in rows if r["family"] == fam and r["target"] == t), {})
+            ok = r.get("method") is not None and I.is_value(r.get("compute_ratio"))
+            comp.append(100 * float(r["compute_ratio"]) if ok else 100.0)
+            hatch.append(not ok)
+            agree, ci = r.get("token_agreement"), r.get("token_agreement_ci")
+            dis.append(100 * (1 - float(agree)) if ok and I.is_value(agree) else np.nan)
+            err.append([100 * (float(agree) - ci[0]), 100 * (ci[1] - float(agree))] if ok and ci else [0, 0])
+        pos = x - 0.4 + (j + 0.5) * width
+        bars = ax1.bar(pos, comp, width, color=FAMILY_COLORS.get(fam, "#333333"), label=FAMILY_NAMES.get(fam, fam))
+        for b, h in zip(bars, hatch):
+            if h:
+                b.set_hatch("//")
+                b.set_alpha(0.35)
+        ax2.errorbar(pos, dis, yerr=np.array(err).T, fmt=FAMILY_MARKERS.get(fam, "o"),
+                     color=FAMILY_COLORS.get(fam, "#333333"), capsize=2, label=FAMILY_NAMES.get(fam, fam))
+    labels = [f"≤ {100 * t:g}%" for t in targets]
+    ax1.set_xticks(x, labels)
+    ax1.axhline(100, color="#444444", lw=0.8, ls="--")
+    ax1.set_ylabel("decode compute (% of the full model's MACs)")
+    ax1.set_xlabel("target: share of tokens allowed to differ from the full model")
+    ax1.set_title("Compute at each calibrated target (hatched: none certified)")
+    ax2.set_xticks(x, labels)
+    ax2.plot(x, [100 * t for t in targets], "k_", ms=30, mew=1.5, label="target")
+    ax2.set_ylabel(f"disagreement on the {data.get('split', 'test')} split (%)")
+    ax2.set_xlabel("target")
+    ax2.set_title("Disagreement reached (1 - token agreement, 95% CI)")
+    ax2.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Controllers at calibrated targets (thresholds from the validation split, δ = {data.get('delta')})")
+    return save_figure(fig, Path(figures_dir), NAMES["calibrated_targets"])
