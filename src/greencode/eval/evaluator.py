@@ -88,24 +88,22 @@ def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch
             inputs.base = EarlyExitModel.from_run_config(cfg, source, device=device, dtype=dtype).eval()
         except (FileNotFoundError, OSError, ValueError, ConfigError) as e:
             inputs.base_reason = f"base model {source!r} could not be loaded: {e}"
-    if need_policy:
-        try:
-            from greencode.rl import load_policy
-
-            inputs.policy = load_policy(paths.policy, model)
-        except ImportError as e:
-            inputs.policy_reason = f"greencode.rl is not available ({e})"
-        except (FileNotFoundError, ValueError) as e:
-            inputs.policy_reason = str(e)
-        try:
-            from greencode.rl import load_policy
-
-            inputs.classifier = load_policy(paths.classifier, model)
-        except ImportError as e:
-            inputs.classifier_reason = f"greencode.rl is not available ({e})"
-        except (FileNotFoundError, ValueError) as e:
-            inputs.classifier_reason = str(e)
+    if need_policy:  # the RL policy and the supervised classifier (same file format)
+        inputs.policy, inputs.policy_reason = _load_exit_policy(paths.policy, model)
+        inputs.classifier, inputs.classifier_reason = _load_exit_policy(paths.classifier, model)
     return inputs
+
+
+def _load_exit_policy(path: Path, model) -> tuple[Any, Optional[str]]:
+    """(the exported policy, None) or (None, why it cannot be used)."""
+    try:
+        from greencode.rl import load_policy
+
+        return load_policy(path, model), None
+    except ImportError as e:
+        return None, f"greencode.rl is not available ({e})"
+    except (FileNotFoundError, ValueError) as e:
+        return None, str(e)
 
 
 def load_samples(cfg: Config, tokenizer) -> list:
