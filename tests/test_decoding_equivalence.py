@@ -118,6 +118,15 @@ def test_fused_propagation_equals_per_layer_projection(family):
             k_ref, v_ref = model.adapter.kv_for_layer(j, h, kw)
             torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    # editing a deeper layer's weights in place (not layer 0's) rebuilds the fused weights
+    with torch.no_grad():
+        model.layers[4].self_attn.k_proj.weight.mul_(2.0)
+        norm = getattr(model.layers[5], "input_layernorm", None) or model.layers[5].self_attn_layer_norm
+        norm.weight.add_(0.5)
+    for j, (k, v) in enumerate(model.adapter.propagate(1, h, kw), start=1):
+        k_ref, v_ref = model.adapter.kv_for_layer(j, h, kw)
+        torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_strategy", ["propagate", "compute"])

@@ -123,8 +123,8 @@ def test_evaluate_smoke_end_to_end_writes_every_file(tmp_path, samples_patch):
     assert out == paths.results_eval
     for name in ("summary.csv", "summary.md", "summary.json", "overhead_ab.json"):
         assert (out / name).is_file(), name
-    expected = {"base", "full_hf", "full", "fixed@1", "fixed@2", "confidence@0.5", "entropy@1.0", "oracle", "gc@0.5",
-                "gc@0.9", "hf_early_exit@1", "hf_early_exit@2"}
+    expected = {"base", "full_hf", "full", "fixed@1", "fixed@2", "confidence@0.5", "entropy@1.0", "saturation@0.9",
+                "oracle", "gc@0.5", "gc@0.9", "hf_early_exit@1", "hf_early_exit@2"}
     assert {p.stem for p in (out / "methods").glob("*.json")} == expected
     rows = {r["id"]: r for r in summary_table(out)}
     assert set(rows) == expected
@@ -133,7 +133,10 @@ def test_evaluate_smoke_end_to_end_writes_every_file(tmp_path, samples_patch):
     assert meta["seed"] == cfg.seed and meta["config"]["name"] == "smoke"
     for key in ("git_commit", "versions", "hardware"):
         assert key in meta
-    assert summary["reference_method"] == "full" and summary["skipped"] == []
+    assert summary["reference_method"] == "full"
+    # no classifier in this run (the agent stage trains it): its family is skipped with the reason
+    assert [s["id"] for s in summary["skipped"]] == ["classifier@0.5"]
+    assert "scripts/train_agent.py" in summary["skipped"][0]["reason"]
     assert summary["energy_source"] == "time-only" and summary["energy_null_reason"]
 
     full = rows["full"]

@@ -103,7 +103,19 @@ def test_policy_controller_threshold_and_temperature():
 def test_policy_observation_modes():
     model = tiny_model("opt")
     h = torch.randn(1, 1, model.hidden_size)
+    # computed from the norm's parts; HF's own final_layer_norm module is the reference
     torch.testing.assert_close(policy_observation(model, h, "normed"), model.final_norm(h))
+    llama = tiny_model("llama")
+    torch.testing.assert_close(policy_observation(llama, h, "normed"), llama.final_norm(h))
+    # a bf16 model normalises in float32 (as the fused fast path does), not in bf16
+    llama.hf.to(torch.bfloat16)
+    hb = h.to(torch.bfloat16)
+    w = llama.hf.model.norm.weight.float()
+    x = hb.float()
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + llama.hf.model.norm.variance_epsilon) * w
+    got = policy_observation(llama, hb, "normed")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(policy_observation(model, h, "raw"), h)
     with pytest.raises(ConfigError):
         policy_observation(model, h, "whitened")
