@@ -45,6 +45,9 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--variant", action="append", required=True,
                         help="space-separated dotted overrides of one variant (repeat for each variant)")
+    parser.add_argument("--keep-records", action="store_true",
+                        help="keep every variant's per-sample method files (several MB each); by default only "
+                             "the summaries, calibration and calibrated tables are kept")
     args = parser.parse_args()
     cfg = load_from_args(args)
     paths = RunPaths.from_config(cfg)
@@ -76,6 +79,11 @@ def main() -> None:
         calibrate(vcfg)
         evaluate(vcfg, ["full", "calibrated"])
         table = read_json(out / str(k) / "eval" / "calibrated.json")
+        if not args.keep_records:
+            import shutil
+
+            for d in (out / str(k) / "eval" / "methods", out / str(k) / "calibration" / "eval" / "methods"):
+                shutil.rmtree(d, ignore_errors=True)
         manifest = read_json(Path(bank) / "manifest.json")
         variants.append({"variant": variant, "rows": _gc_rows(table),
                          "bank_behaviour": manifest.get("bank_config", {}).get("behaviour"),
