@@ -45,6 +45,13 @@ def test_api_key_guards_everything_but_health(run, monkeypatch):
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and r.json()["error"]
         assert c.get("/metrics").status_code == 401
         assert c.get("/v1/models").status_code == 401
+        for path in ("/", "/openapi.json", "/docs", "/redoc"):  # docs and schema too (docs are off with a key)
+            assert c.get(path).status_code in (401, 404), path
+            assert c.get(path).headers["content-type"].startswith("application/json"), path
+        assert c.get("/openapi.json").status_code == 401
+        schema = c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"})
+        assert schema.status_code == 200 and "/v1/completions" in schema.json()["paths"]
+        assert c.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         ok = c.post("/api/generate", json=BODY, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["generated_text"] is not None
     monkeypatch.setenv("GREENCODE_API_KEY", "from-env")
@@ -102,6 +109,26 @@ def test_timeout_is_504_and_frees_the_worker(run):
         engine.generate_fn = _slow(engine, 0.0)
         app.state.scheduler.timeout_s = 60.0  # a loaded CI machine may need more than 0.2 s for real work
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_health_shows_no_absolute_paths(run):
+    cfg, r = run
+    engine = Engine(r.model, r.tokenizer, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding,
+                    run_root=r.root, notes=[f"no exit policy at {r.root}/agent/policy.pt: serving the full model"])
+    with TestClient(create_app(cfg, engine=engine)) as c:
+        h = c.get("/health").json()
+        assert h["run_dir"] == r.root.name and str(r.root) not in str(h)
+        assert h["notes"] == ["no exit policy at <run_dir>/agent/policy.pt: serving the full model"]
+
+
+def test_openai_options_that_are_not_supported_are_refused(run):
+    with TestClient(_app(run)) as c:
+        body = {"prompt": "def f(x):\n    return", "max_tokens": 3}
+        assert c.post("/v1/completions", json=body).status_code == 200
+        for extra, word in (({"best_of": 3}, "best_of"), ({"logprobs": 2}, "logprobs")):
+            r2 = c.post("/v1/completions", json={**body, **extra})
+            assert r2.status_code == 422 and word in r2.json()["error"]["message"], r2.text
+        assert c.post("/v1/completions", json={**body, "best_of": 1}).status_code == 200
 
 
 def test_run_without_policy_serves_the_full_model(run):

@@ -21,6 +21,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -161,6 +162,23 @@ async def _read_json(request: Request, limit: int, timeout_s: float = 30.0) -> d
     return parse_json_bytes(bytes(buf))
 
 
+def _public_info(info: dict) -> dict:
+    """``engine.describe()`` for the open /health route: the run directory by name only and no
+    absolute paths in the notes (the full facts stay behind the key, in /api/show)."""
+    from greencode.utils import REPO_ROOT
+
+    out = dict(info)
+    run_dir = info.get("run_dir")
+    out["run_dir"] = Path(run_dir).name if run_dir else None
+    notes = []
+    for note in info.get("notes") or []:
+        if run_dir:
+            note = note.replace(str(run_dir), "<run_dir>")
+        notes.append(note.replace(str(REPO_ROOT), "<repo>"))
+    out["notes"] = notes
+    return out
+
+
 def _now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -215,8 +233,12 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         yield
         scheduler.shutdown()
 
+    # with an API key, the schema is served behind it (below) and the interactive docs are off: every route
+    # but /health needs the key
+    guarded_docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
     app = FastAPI(title="GREEN-CODE completion endpoint", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
-                  description="Energy-aware code completion with early exits; see the README, section Serving")
+                  description="Energy-aware code completion with early exits; see the README, section Serving",
+                  **guarded_docs)
     app.state.engine = engine
     app.state.scheduler = scheduler
     app.state.metrics = metrics
@@ -387,13 +409,20 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     # ------------------------------------------------------------------ routes
-    @app.get("/", response_class=PlainTextResponse)
+    @api.get("/", response_class=PlainTextResponse)
     async def root() -> str:
         return "GREEN-CODE completion server is running"
 
+    if api_key:
+        @api.get("/openapi.json", include_in_schema=False)
+        async def openapi_guarded() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+    public_info = _public_info(info)
+
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": name, **info, "queue": {"in_flight": scheduler.in_flight,
+        return {"status": "ok", "model": name, **public_info, "queue": {"in_flight": scheduler.in_flight,
                                                                   "capacity": scheduler.capacity,
                                                                   "queue_size": scfg.queue_size},
                 "max_new_tokens_cap": cap, "default_max_new_tokens": default_tokens,
@@ -443,6 +472,13 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         if body.n not in (None, 1):
             raise RequestError(422, f"body.n={body.n}: this server returns one completion per request; send n=1",
                                loc="body.n")
+        if body.best_of not in (None, 1):
+            raise RequestError(422, f"body.best_of={body.best_of}: this server generates one candidate per request; "
+                                    "send best_of=1 or leave it out", loc="body.best_of")
+        if body.logprobs is not None:
+            raise RequestError(422, "body.logprobs: log probabilities are not returned by this server; leave "
+                                    "logprobs out (the 'greencode' field reports each token's exit layer)",
+                               loc="body.logprobs")
         stream = bool(body.stream)
         gen = GenRequest(prompt=check_text(prompt, "body.prompt"),
                          max_new_tokens=max_tokens(body.max_tokens, "body.max_tokens"),

@@ -109,6 +109,8 @@ class OpenAIRequest(_Knobs):
     suffix: Optional[str] = None
     max_tokens: Optional[TokenCount] = None
     n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
+    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None  # not supported above 1: a clear 422
+    logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # not supported: a clear 422
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     echo: Optional[bool] = None
