@@ -220,3 +220,17 @@ def test_max_disagreement_serves_the_calibrated_threshold(run):
     with TestClient(_app(run)) as c:  # no calibration loaded: say what to do
         r2 = c.post("/api/generate", json={"inputs": "x = ", "parameters": {"max_disagreement": 0.05}})
         assert r2.status_code == 422 and "scripts/calibrate.py" in r2.json()["error"]
+
+
+def test_token_counts_stop_at_the_stop_string(run):
+    """A token wholly past a stop string is not a completion token (usage counts what is returned)."""
+    cfg, r = run
+    engine = Engine(r.model, r.tokenizer, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding,
+                    literal_mode="source")
+    ids = r.tokenizer.encode("abc\ndef ghi", add_special_tokens=False)
+    text = engine.to_editor_text(r.tokenizer.decode(ids, skip_special_tokens=True))
+    cut = engine._cut_at_stops(text, ["\n"])
+    k = engine.kept_tokens(ids, cut)
+    assert cut == "abc" and 0 < k < len(ids)
+    assert r.tokenizer.decode(ids[:k]).startswith("abc") and not r.tokenizer.decode(ids[:k - 1]).startswith("abc")
+    assert engine.kept_tokens(ids, "") == 0 and engine.kept_tokens(ids, text) == len(ids)

@@ -367,16 +367,19 @@ class Engine:
         m = w.measurement
         t2 = time.perf_counter()
         model_text = res.text if res.text is not None else self.tokenizer.decode(res.tokens, skip_special_tokens=True)
-        text = self._cut_at_stops(self.to_editor_text(model_text), req.stop)
+        full_text = self.to_editor_text(model_text)
+        text = self._cut_at_stops(full_text, req.stop)
+        # the tokens whose text is returned: a token wholly past a stop string is not counted as completion
+        kept = len(res.tokens) if text == full_text else self.kept_tokens(res.tokens, text)
         cost = compute_cost(self.model, [res], controller)
-        decode_exits = res.exit_layers[1:]
+        decode_exits = res.exit_layers[1:kept]
         stats = {
             "request_id": req.request_id,
             "controller": mode,
             "threshold": thr,
             "max_disagreement": req.max_disagreement,
             "policy_temperature": self.decoding_cfg.policy_temperature if mode == "policy" else None,
-            "exit_layers": list(res.exit_layers),
+            "exit_layers": list(res.exit_layers[:kept]),
             "num_layers": self.model.num_layers,
             "exit_points": list(self.model.exit_points),
             "mean_exit_layer": (sum(decode_exits) / len(decode_exits)) if decode_exits else None,
@@ -386,7 +389,9 @@ class Engine:
             "decode_steps": res.counters.get("decode_steps", len(decode_exits)),
             "prompt_tokens": len(ids),
             **enc,
-            "completion_tokens": len(res.tokens),
+            "completion_tokens": kept,
+            # what the model generated (the compute stats above count all of it, stop string included)
+            "generated_tokens": len(res.tokens),
             "finish_reason": res.finish_reason,
             "queue_s": queue_s,
             "tokenize_s": t1 - t0,
@@ -402,8 +407,18 @@ class Engine:
         pieces = self.pieces(res.tokens, text) if req.want_pieces else []
         stats["postprocess_s"] = time.perf_counter() - t2
         stats["done_at"] = time.perf_counter()  # the app turns it into worker_to_loop_s
-        return Completion(text=text, prompt_ids=[int(i) for i in ids], tokens=[int(t) for t in res.tokens],
+        return Completion(text=text, prompt_ids=[int(i) for i in ids], tokens=[int(t) for t in res.tokens[:kept]],
                           finish_reason=res.finish_reason, stats=stats, pieces=pieces)
+
+    def kept_tokens(self, tokens: list[int], text: str) -> int:
+        """How many leading ``tokens`` it takes to produce ``text`` (a prefix of their editor text):
+        the completion's token count when a stop string cut the text."""
+        if not text:
+            return 0
+        for k in range(1, len(tokens) + 1):
+            if len(self.to_editor_text(self.tokenizer.decode(tokens[:k], skip_special_tokens=True))) >= len(text):
+                return k
+        return len(tokens)
 
     def warmup(self) -> None:
         t0 = time.perf_counter()
