@@ -118,6 +118,30 @@ def test_hf_tgi_formats_and_stop_strings(http):
         assert stop not in r["generated_text"]
 
 
+def test_huggingface_hub_inference_client_with_and_without_stream(server, http):
+    """The official TGI client against the base URL (it posts to /), plain and streamed, and the
+    TGI /generate_stream route: the streamed pieces join into the plain answer."""
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=server.url)
+    plain = client.text_generation(PROMPT, max_new_tokens=8)
+    ref = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8}}).json()
+    assert plain == ref["generated_text"]
+    pieces = list(client.text_generation(PROMPT, max_new_tokens=8, stream=True))
+    assert "".join(pieces) == plain
+    detailed = list(client.text_generation(PROMPT, max_new_tokens=8, stream=True, details=True))
+    assert detailed[-1].generated_text == plain and detailed[-1].details.finish_reason in (
+        "length", "eos_token", "stop_sequence")
+    with http.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert "".join(e["token"]["text"] for e in events) == plain and events[-1]["generated_text"] == plain
+    # "stream": true on /generate streams too (it was silently ignored)
+    with http.stream("POST", "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8},
+                                                "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+
+
 def test_long_prompt_truncated_from_the_left(http):
     prompt = "x = 1\n" * 2000  # ~12 kB, far beyond the 512-token context
     r = http.post("/api/generate", json={"inputs": prompt, "options": {"num_predict": 4}})

@@ -38,9 +38,11 @@ from greencode.serve.schemas import (HFRequest, OllamaRequest, OpenAIRequest, Se
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "GREENCODE_API_KEY"
-ROUTES = ("POST /api/generate", "POST /generate", "POST /models/{model}", "POST /v1/completions", "GET /v1/models",
+ROUTES = ("POST /api/generate", "POST /", "POST /generate", "POST /generate_stream", "POST /models/{model}",
+          "POST /v1/completions", "GET /v1/models",
           "GET /api/tags", "POST /api/show", "GET /api/version", "GET /health", "GET /metrics")
-_KNOWN_PATHS = {"/", "/api/generate", "/api/generate/", "/generate", "/v1/completions", "/v1/models", "/api/tags",
+_KNOWN_PATHS = {"/", "/api/generate", "/api/generate/", "/generate", "/generate_stream", "/v1/completions",
+                "/v1/models", "/api/tags",
                 "/api/show", "/api/version", "/health", "/metrics"}
 # per-format sampling defaults when the request leaves a knob out
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
@@ -358,12 +360,32 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         out["greencode"] = c.stats
         return out
 
-    async def hf_generate(request: Request, data: dict) -> JSONResponse:
+    async def hf_generate(request: Request, data: dict, stream: Optional[bool] = None) -> Response:
         body = validate(HFRequest, data)
         gen, extra = hf_request(body)
+        stream = bool(body.stream) if stream is None else stream
+        gen.want_pieces = stream
         c = await complete(request, gen, "seed" if body.options is not None and body.parameters is None
                            else "huggingface")
-        return JSONResponse(hf_response(c, body, extra))
+        if not stream:
+            return JSONResponse(hf_response(c, body, extra))
+        return StreamingResponse(tgi_events(c, body, extra), media_type="text/event-stream")
+
+    def tgi_events(c: Completion, body: HFRequest, extra: dict):
+        """TGI's server-sent events: one per token ({"index", "token": {"id", "text", "logprob",
+        "special"}}), the last with the whole ``generated_text`` (and ``details`` when asked). The
+        events are sent once the generation is done (token-by-token streaming is not built yet)."""
+        final = hf_response(c, body, extra)
+        pieces = list(c.pieces) or [c.text]
+        tokens = list(c.tokens) + [None] * max(0, len(pieces) - len(c.tokens))
+        for i, (tok, piece) in enumerate(zip(tokens, pieces)):
+            last = i == len(pieces) - 1
+            event = {"index": i, "token": {"id": tok, "text": piece, "logprob": None, "special": False},
+                     "generated_text": final["generated_text"] if last else None,
+                     "details": final.get("details") if last else None}
+            if last:
+                event["greencode"] = c.stats
+            yield f"data: {json.dumps(event)}\n\n"
 
     # ------------------------------------------------------------------ Ollama
     def ollama_final(c: Completion, model: str, response: str) -> dict:
@@ -451,6 +473,16 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
 
     @api.post("/generate")
     async def tgi_generate(request: Request) -> Response:
+        data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
+        return await hf_generate(request, data)
+
+    @api.post("/generate_stream")
+    async def tgi_generate_stream(request: Request) -> Response:
+        data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
+        return await hf_generate(request, data, stream=True)
+
+    @api.post("/", include_in_schema=False)  # TGI answers generation on its root too (InferenceClient(base_url))
+    async def tgi_root(request: Request) -> Response:
         data = await _read_json(request, scfg.max_request_bytes, scfg.request_timeout_s)
         return await hf_generate(request, data)
 
