@@ -12,7 +12,7 @@ import greencode.data
 from greencode.config import ConfigError, load_config
 from greencode.eval import evaluate, summary_table
 from greencode.eval.evaluator import EvalInputs, run_methods
-from greencode.eval.methods import expand_methods
+from greencode.eval.methods import MethodSpec, expand_methods
 from greencode.eval.summary import merge_shards
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
@@ -419,3 +419,24 @@ def test_tune_script_refuses_test_split_with_a_clear_error():
     proc = subprocess.run([sys.executable, str(root / "scripts" / "tune_knobs.py"), "--config", str(SMOKE),
                            "eval.split=test"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "validation split only" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lossless_methods_give_the_full_models_tokens_and_fail_loudly_otherwise(tmp_path, samples_patch):
+    """gc_lossless@T and layerskip@L (self-speculative: drafted by early exits, verified by the full
+    model) on timed and accuracy-only samples: the evaluation itself checks their tokens equal the
+    full model's, reports acceptance rate and draft length, and counts drafting + verification."""
+    from greencode.eval.evaluator import _check_lossless
+
+    cfg, paths, _ = make_run(tmp_path, "eval.timing_samples=1", "eval.overhead_ab=false", "eval.lossless_k_max=3")
+    out = evaluate(cfg, ["full", "gc_lossless@0.5", "layerskip@1"])
+    rows = {r["id"]: r for r in summary_table(out)}
+    for mid in ("gc_lossless@0.5", "layerskip@1"):
+        assert rows[mid]["token_agreement"] == 1.0 and rows[mid]["num_samples"] == 3
+        assert rows[mid]["acceptance_rate"] is not None and 0.0 <= rows[mid]["acceptance_rate"] <= 1.0
+        assert rows[mid]["mean_draft_length"] is not None and 0 < rows[mid]["mean_draft_length"] <= 2  # k_max - 1
+        assert rows[mid]["compute_ratio"] > 1.0  # drafting and verifying cost more than the full model alone here
+    recs = json.loads((out / "methods" / "layerskip@1.json").read_text())["records"]
+    full = json.loads((out / "methods" / "full.json").read_text())["records"]
+    with pytest.raises(RuntimeError, match="not lossless on sample"):
+        bad = [dict(recs[0], tokens=list(recs[0]["tokens"][:-1]) + [recs[0]["tokens"][-1] + 1])]
+        _check_lossless({"full": full, "layerskip@1": bad}, [MethodSpec("layerskip", 1)])

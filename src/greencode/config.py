@@ -385,6 +385,8 @@ class EvalConfig:
     overhead_ab_threshold: Optional[float] = None  # GC threshold of the A/B run; null = the middle gc threshold
     # 0-based draft exit layers for HF's assistant_early_exit (LayerSkip-style); null = every exit layer
     hf_early_exit_layers: Optional[list[int]] = None
+    # gc_lossless / layerskip: tokens drafted at most before one full-model verification pass
+    lossless_k_max: int = 4
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
@@ -403,6 +405,7 @@ class EvalConfig:
         _check_range(f"{path}.warmup_samples", self.warmup_samples, 0, None)
         _check_range(f"{path}.bootstrap_resamples", self.bootstrap_resamples, 0, None)
         _check_range(f"{path}.workers", self.workers, 1, 64)
+        _check_range(f"{path}.lossless_k_max", self.lossless_k_max, 1, 64)
         if self.timing_samples is not None:
             _check_range(f"{path}.timing_samples", self.timing_samples, 0, None)
         for m in self.accuracy_only_hf:
@@ -410,7 +413,7 @@ class EvalConfig:
                 raise ConfigError(f"{path}.accuracy_only_hf has {m!r}; it lists HF-generate families: base, full_hf, "
                                   "hf_early_exit")
         known = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier", "oracle",
-                 "gc", "hf_early_exit", "calibrated")
+                 "gc", "gc_lossless", "layerskip", "hf_early_exit", "calibrated")
         for m in self.methods:
             if m not in known:
                 raise ConfigError(f"{path}.methods has unknown method {m!r}; known: {', '.join(known)}")

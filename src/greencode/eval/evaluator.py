@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from greencode.config import Config, ConfigError
-from greencode.eval.methods import MethodSpec, expand_methods, parse_method_name, split_names
+from greencode.eval.methods import LOSSLESS_FAMILIES, MethodSpec, expand_methods, parse_method_name, split_names
 from greencode.eval.summary import SHARD_FORMAT, check_writable, merge_shards, write_results
 from greencode.distributed import Dist
 from greencode.paths import RunPaths
@@ -186,6 +186,8 @@ class Runner:
             c = ConfidenceExit(float(spec.param))
         elif f == "entropy":
             c = EntropyExit(float(spec.param))
+        elif f == "layerskip":
+            c = FixedExit(int(spec.param))
         elif f == "saturation":
             c = SaturationExit(float(spec.param))
         elif f == "classifier":
@@ -194,7 +196,7 @@ class Runner:
                            name="classifier")
         elif f == "oracle":
             c = OracleExit()
-        elif f == "gc":
+        elif f in ("gc", "gc_lossless"):
             pol = self.inputs.policy
             c = PolicyExit(pol, float(spec.param), self.cfg.decoding.policy_temperature,
                            observation=getattr(pol, "observation", self.cfg.rl.observation))
@@ -209,7 +211,25 @@ class Runner:
         the shared full-model prefill of ``prompt`` for the loop methods)."""
         if spec.runs_hf:
             return self._run_hf(spec, prompt, window)
+        if spec.family in LOSSLESS_FAMILIES:
+            return self._run_lossless(spec, self.controller(spec), prompt, window)
         return self._run_loop(spec, self.controller(spec), prompt, window, prefilled)
+
+    def _run_lossless(self, spec: MethodSpec, controller, prompt: list[int], window: Optional[str]) -> dict:
+        """Self-speculative decoding (greencode.decoding.generate_lossless): drafted by ``controller``,
+        verified by the full model; the cost counts drafting, verification and rejected tokens."""
+        from greencode.decoding import compute_cost, generate_lossless
+
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
+        res, m = self._measured(window, lambda: generate_lossless(
+            self.model, ids, controller, self.cfg.eval.max_new_tokens, k_max=self.cfg.eval.lossless_k_max,
+            eos_token_id=self.eos, kv_strategy=self.cfg.decoding.kv_strategy))
+        cost = compute_cost(self.model, [res], controller)
+        steps = res.counters["decode_steps"]
+        cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
+                "layer_steps_full": steps * self.model.num_layers, "macs_done": cost["macs_done"],
+                "macs_full": cost["macs_full"]}
+        return self._record(res.tokens, m, len(prompt), None, res.finish_reason, dict(res.counters), cost)
 
     def _measured(self, window: Optional[str], fn: Callable[[], Any]):
         if window is None:
@@ -305,6 +325,20 @@ class Runner:
         return self._record(tokens, m, len(prompt), exit_layers, finish, None, cost)
 
 
+def _check_lossless(records: dict, active: Sequence[MethodSpec]) -> None:
+    """A lossless method must give the full model's tokens on every sample: a mismatch fails the run."""
+    if "full" not in records:
+        return
+    full = {r["index"]: r["tokens"] for r in records["full"]}
+    for spec in active:
+        if spec.family not in LOSSLESS_FAMILIES:
+            continue
+        for r in records.get(spec.id, []):
+            if r["index"] in full and r["tokens"] != full[r["index"]]:
+                raise RuntimeError(f"{spec.id} is not lossless on sample {r['index']}: {r['tokens']} vs the full "
+                                   f"model's {full[r['index']]}")
+
+
 def _decode(tokenizer, ids: list[int]) -> str:
     """Text of token ids, decoded like the data stage decodes references (no clean-up)."""
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -324,7 +358,7 @@ def _available(spec: MethodSpec, inputs: EvalInputs) -> Optional[str]:
     """None when the method can run, else the reason it cannot."""
     if spec.family == "base" and inputs.base is None:
         return inputs.base_reason or "no base model"
-    if spec.family == "gc" and inputs.policy is None:
+    if spec.family in ("gc", "gc_lossless") and inputs.policy is None:
         return inputs.policy_reason or "no exit policy"
     if spec.family == "classifier" and inputs.classifier is None:
         return inputs.classifier_reason or "no exit classifier"
@@ -437,10 +471,10 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         if timed:
             got = [(spec, attempt(spec, prompt, f"{spec.id}/{i}")) for spec in order]
         else:  # accuracy only: the loop methods as rows of one batched decode from one shared prefill
-            loop_specs = [s for s in active if not s.runs_hf]
+            loop_specs = [s for s in active if not s.runs_hf and s.family not in LOSSLESS_FAMILIES]
             got = list(zip(loop_specs, runner.run_rows(loop_specs, prompt))) if loop_specs else []
             got += [(s, attempt(s, prompt, None)) for s in active
-                    if s.runs_hf and s.family in cfg.eval.accuracy_only_hf]
+                    if (s.runs_hf and s.family in cfg.eval.accuracy_only_hf) or s.family in LOSSLESS_FAMILIES]
         for spec, rec in got:
             if rec is None:
                 continue
@@ -461,6 +495,7 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         spec = next(s for s in active if s.id == mid)
         skipped.append({"id": mid, "family": spec.family, "reason": reason})
         records.pop(mid, None)
+    _check_lossless(records, active)
 
     notes = list(inputs.notes)
     if any(s.family == "hf_early_exit" for s in active):
@@ -523,7 +558,7 @@ def _accuracy_worker(cfg_dict: dict, methods: Optional[list[str]], indices: list
     names = methods if methods is not None else list(cfg.eval.methods)
     families = {parse_method_name(n)[0] for n in names}
     inputs = load_inputs(cfg, RunPaths.from_config(cfg), device, dtype, need_base="base" in families,
-                         need_policy=bool({"gc", "classifier"} & set(families)))
+                         need_policy=bool({"gc", "gc_lossless", "classifier"} & set(families)))
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
     explicit = (methods is not None) if explicit is None else explicit
@@ -628,7 +663,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     if dist.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     families = {parse_method_name(n)[0] for n in names}
-    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy=bool({"gc", "classifier"} & set(families)))
+    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy=bool({"gc", "gc_lossless", "classifier"} & set(families)))
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
     from greencode.training.shipping import check_split_disjoint

@@ -16,9 +16,12 @@ from greencode.config import ConfigError
 
 # the families in the order their rows appear in the summary
 FAMILIES = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier", "oracle", "gc",
-            "hf_early_exit")
+            "gc_lossless", "layerskip", "hf_early_exit")
 PARAM_FAMILIES = {"fixed": "layer", "confidence": "threshold", "entropy": "threshold", "saturation": "threshold",
-                  "classifier": "threshold", "gc": "threshold", "hf_early_exit": "layer"}
+                  "classifier": "threshold", "gc": "threshold", "gc_lossless": "threshold", "layerskip": "layer",
+                  "hf_early_exit": "layer"}
+# self-speculative: draft with early exits, verify with the full model (greedy output = the full model's)
+LOSSLESS_FAMILIES = ("gc_lossless", "layerskip")
 # the exit controllers compared at calibrated targets (scripts/calibrate.py)
 CONTROLLER_FAMILIES = ("fixed", "confidence", "entropy", "saturation", "classifier", "gc")
 HF_FAMILIES = ("base", "full_hf", "hf_early_exit")  # run through HF ``generate``
@@ -35,6 +38,10 @@ DESCRIPTIONS = {
                   "P(agrees with the final layer) >= threshold",
     "oracle": "first exit point agreeing with the final layer; runs every layer (analysis only)",
     "gc": "GREEN-CODE RL policy: exit when P(exit) >= threshold",
+    "gc_lossless": "lossless GC: drafts up to eval.lossless_k_max tokens exiting where the RL policy says "
+                   "(P(exit) >= threshold), verifies them in one full-model pass; output = the full model's",
+    "layerskip": "LayerSkip-style static self-speculation: drafts up to eval.lossless_k_max tokens at a fixed "
+                 "0-based exit layer, verifies them in one full-model pass; output = the full model's",
     "hf_early_exit": "HF generate with assistant_early_exit (LayerSkip-style self-speculative decoding); "
                      "draft = layers 0..L, every token verified by the full model",
 }
@@ -86,7 +93,7 @@ def parse_method_name(name: str) -> tuple[str, Optional[Union[int, float]]]:
         what = "a 0-based layer index (integer)" if kind == "layer" else "a number"
         raise ConfigError(f"method {raw!r}: the part after '@' must be {what}") from None
     if kind == "threshold":
-        if family in ("confidence", "gc", "classifier") and not 0.0 <= value <= 1.0:
+        if family in ("confidence", "gc", "classifier", "gc_lossless") and not 0.0 <= value <= 1.0:
             raise ConfigError(f"method {raw!r}: threshold must be in [0, 1]")
         if family == "entropy" and value < 0:
             raise ConfigError(f"method {raw!r}: entropy threshold must be >= 0 (nats)")
@@ -128,6 +135,10 @@ def expand_methods(names: Sequence[str], eval_cfg, exit_layers: Sequence[int], f
             specs += [MethodSpec("entropy", float(t)) for t in eval_cfg.entropy_thresholds]
         elif family == "gc":
             specs += [MethodSpec("gc", float(t)) for t in eval_cfg.gc_thresholds]
+        elif family == "gc_lossless":
+            specs += [MethodSpec("gc_lossless", float(t)) for t in eval_cfg.gc_thresholds]
+        elif family == "layerskip":
+            specs += [MethodSpec("layerskip", int(layer)) for layer in exit_layers]
         elif family == "saturation":
             specs += [MethodSpec("saturation", float(t)) for t in eval_cfg.saturation_thresholds]
         elif family == "classifier":

@@ -131,7 +131,13 @@ def aggregate_efficiency(records: Sequence[dict]) -> dict[str, Any]:
         controller_share = _ratio(sum(c.get("controller_time_s", 0.0) for c in counters),
                                   sum(c.get("decode_time_s", 0.0) for c in counters))
     has_cost = all("macs_full" in c for c in costs)
+    spec_counters = [r["counters"] for r in records if (r.get("counters") or {}).get("rounds") is not None]
+    drafted = sum(c.get("drafted", 0) for c in spec_counters)
+    lossless = {"acceptance_rate": _ratio(sum(c.get("accepted", 0) for c in spec_counters), drafted),
+                "mean_draft_length": _ratio(drafted, sum(c.get("rounds", 0) for c in spec_counters))} \
+        if spec_counters else {}
     return {
+        **lossless,
         "num_samples": n,
         "timed_samples": len(timed),
         "latency_s": _mean(latencies),

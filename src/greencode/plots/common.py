@@ -52,11 +52,14 @@ FAMILY_COLORS = {
     "saturation": "#e377c2",
     "classifier": "#393b79",
     "oracle": "#bcbd22",
+    "gc_lossless": "#ff9896",
+    "layerskip": "#98df8a",
     "gc": "#d62728",
     "hf_early_exit": "#2ca02c",
 }
 FAMILY_MARKERS = {"base": "X", "full_hf": "D", "full": "*", "fixed": "s", "confidence": "^", "entropy": "v",
-                  "saturation": "h", "classifier": "p", "oracle": "P", "gc": "o", "hf_early_exit": "<"}
+                  "saturation": "h", "classifier": "p", "oracle": "P",
+                  "gc_lossless": "8", "layerskip": ">", "gc": "o", "hf_early_exit": "<"}
 FAMILY_NAMES = {
     "base": "base model",
     "full_hf": "fine-tuned, all layers (HF generate)",
@@ -66,6 +69,8 @@ FAMILY_NAMES = {
     "entropy": "entropy exit (entropy ≤ T nats)",
     "saturation": "hidden-state saturation (cosine ≥ T)",
     "classifier": "exit classifier, P(agree) ≥ T",
+    "gc_lossless": "lossless GC (GC drafts, full model verifies)",
+    "layerskip": "static self-speculation (fixed-layer drafts, full model verifies)",
     "oracle": "oracle (analysis only)",
     "gc": "GREEN-CODE agent, P(exit) ≥ T",
     "hf_early_exit": "HF assistant_early_exit (draft = layers 0..L)",
@@ -110,6 +115,10 @@ def method_label(row: dict) -> str:
         return f"GC T={_num(param)}"
     if fam == "saturation":
         return f"saturation ≥ {_num(param)}"
+    if fam == "gc_lossless":
+        return f"lossless GC T={_num(param)}"
+    if fam == "layerskip":
+        return f"self-spec., layer {_num(param)}"
     if fam == "classifier":
         return f"classifier ≥ {_num(param)}"
     if fam == "hf_early_exit":
