@@ -43,6 +43,8 @@ class GenerationResult:
     # last: the final layer's), both of the state this decoding reached (see generate)
     exit_states: Optional[list] = None
     exit_preds: Optional[list] = None
+    # return_state=True (one row): the decoding's end state, from which it can be continued (see generate)
+    state: Optional["Prefill"] = None
 
     @property
     def new_tokens(self) -> int:
@@ -162,7 +164,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              on_token: Optional[Callable[[int, int], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None,
              prefilled: Optional[Prefill] = None,
-             observe: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
+             observe: bool = False, return_state: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
@@ -190,6 +192,10 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     as without observing), so the tokens, exits and cache are those of the unobserved run and
     the states up to the exit are the ones its controller saw. The shadow layers and the
     recording's LM heads are not counted in the counters.
+
+    ``return_state=True`` (one row) sets ``result.state``: a :class:`Prefill` of the prompt plus
+    every generated token but the last, with this decoding's cache and the logits that chose the
+    last token, so a later call with ``prefilled=result.state`` continues exactly from here.
     """
     from transformers import DynamicCache
 
@@ -207,6 +213,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     if len(controllers) > 1 and (on_token is not None or should_stop is not None or stop_strings):
         raise ValueError("on_token, should_stop and stop_strings are for one controller; decode the rows of a "
                          "controller list for accuracy and stream single-controller generations")
+    if return_state and (len(controllers) > 1 or prompts is not None):
+        raise ValueError("return_state is for one row (one prompt, one controller)")
     if prompts is not None and prefilled is not None:
         raise ValueError("prefilled= is the prefill of one prompt; a batch of prompts is prefilled together")
     R = len(controllers)
@@ -269,6 +277,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     t_prefill = time.perf_counter()
 
     exit_layers = [[final] for _ in range(R)]
+    last_logits = [logits[r if logits.shape[0] > 1 else 0:(r if logits.shape[0] > 1 else 0) + 1] for r in range(R)]
     all_logits = ([[logits[r if logits.shape[0] > 1 else 0].reshape(-1).float().cpu()] for r in range(R)]
                   if return_logits else None)
     pad_mask = None
@@ -425,6 +434,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                 lg = model.decode(exit_h.get(r, h[r:r + 1]))
                 counters[r]["lm_head_calls"] += 1
             tokens[r].append(_select_token(lg, *sample))
+            last_logits[r] = lg
             if all_logits is not None:
                 all_logits[r].append(lg.reshape(-1).float().cpu())
             exit_layers[r].append(exit_at[r])
@@ -453,7 +463,12 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
                  new_tokens=len(tokens[r]))
         if R > 1:
             c["batch_rows"] = R
+        state = None
+        if return_state:
+            fed = torch.tensor([tokens[r][:-1]], dtype=torch.long, device=ids.device)
+            state = Prefill(torch.cat([ids, fed], dim=1), cache, last_logits[r].reshape(1, 1, -1))
         results.append(GenerationResult(tokens=tokens[r], exit_layers=exit_layers[r], finish_reason=finish[r],
+                                        state=state,
                                         counters=c, text=text, prompt_tokens=lengths[r],
                                         logits=all_logits[r] if all_logits is not None else None,
                                         exit_states=obs_states[r] if observe else None,

@@ -14,8 +14,11 @@ accepted token, and the full model's logits at the last one):
    K/V of rejected tokens are rolled back).
 
 So the output is exactly the full model's greedy output (tested), whatever the controller.
-Verification recomputes every layer of the drafted tokens; reusing the draft's exact lower
-layers (only the layers above the lowest exit are needed) is not built yet, and neither is
+A round in which no drafted token exited early needs no verification: every token was chosen by
+the full model, step by step, from an exact cache (what the never-exit loop does), so it is
+accepted as drafted and the next round continues from the draft's own state (``exact_tokens``).
+Otherwise verification recomputes every layer of the drafted tokens; reusing the draft's exact
+lower layers (only the layers above the lowest exit are needed) is not built yet, and neither is
 speculative sampling. Greedy only.
 """
 
@@ -67,8 +70,8 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
     final = model.final_layer
     tokens: list[int] = []
     exit_layers: list[int] = []
-    c = dict(rounds=0, drafted=0, accepted=0, verified_tokens=0, layers_run=0, kv_propagated_layers=0,
-             lm_head_calls=1, exit_checks=0, decode_steps=0)
+    c = dict(rounds=0, drafted=0, accepted=0, verified_tokens=0, exact_tokens=0, layers_run=0,
+             kv_propagated_layers=0, lm_head_calls=1, exit_checks=0, decode_steps=0)
     finish = "length"
     while len(tokens) < max_new_tokens:
         budget = min(k_max, max_new_tokens - len(tokens))
@@ -78,13 +81,32 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
             return len(seen) > 1 and seen[-1] == final  # the last drafted token ran every layer
 
         draft = generate(model, seq, controller, budget, kv_strategy=kv_strategy, prefilled=state,
-                         on_token=lambda _t, layer: seen.append(layer), should_stop=stop_when_not_confident)
+                         on_token=lambda _t, layer: seen.append(layer), should_stop=stop_when_not_confident,
+                         return_state=True)
         for k in ("layers_run", "kv_propagated_layers", "exit_checks"):
             c[k] += draft.counters[k]
         c["lm_head_calls"] += draft.counters["lm_head_calls"] - 1  # its first token reuses the exact logits
         d = draft.tokens  # d[0] is exact (the full model's argmax of the state's logits)
         c["rounds"] += 1
         c["drafted"] += len(d) - 1
+        if len(d) > 1 and all(layer == final for layer in draft.exit_layers[1:]):
+            # no early exit in this round: every token is the full model's, computed from an exact cache.
+            # The last one is not fed yet: the next round starts from the draft's own state and chooses
+            # it again from the same logits as its exact first token
+            c["accepted"] += len(d) - 1
+            c["exact_tokens"] += len(d) - 1
+            stop_at = next((i for i, t in enumerate(d) if t in eos), None)
+            if stop_at is not None or len(tokens) + len(d) >= max_new_tokens:
+                take = d if stop_at is None else d[:stop_at + 1]
+                finish = "eos" if stop_at is not None else finish
+                take = take[:max_new_tokens - len(tokens)]
+                tokens += take
+                exit_layers += [final] * len(take)
+                break
+            tokens += d[:-1]
+            exit_layers += [final] * (len(d) - 1)
+            state, seq = draft.state, draft.state.input_ids
+            continue
         # verify: the full model on the drafted block, from the exact cache
         cache = _copy_cache(state.cache)
         block = torch.tensor([d], dtype=torch.long, device=seq.device)
