@@ -66,3 +66,23 @@ def test_return_state_continues_exactly(family):
     assert first.tokens + rest.tokens[1:] == whole  # rest[0] is first's last token, chosen from the same logits
     with pytest.raises(ValueError, match="one row"):
         generate(model, prompt, [NeverExit(), NeverExit()], 3, return_state=True)
+
+
+def test_lossless_never_copies_the_cache(family, monkeypatch):
+    """One cache, advanced by the draft and cropped back for verification: copying it per round
+    (12 layers x the whole context) cost more than a decode step on the CPU default."""
+    import importlib
+
+    gen_mod = importlib.import_module("greencode.decoding.generate")  # the module (the package exports a function)
+
+    model = tiny_model(family)
+    prompt = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(6))
+    full = generate(model, prompt, NeverExit(), 14).tokens
+
+    def no_copy(cache):
+        raise AssertionError("the cache was copied")
+
+    monkeypatch.setattr(gen_mod, "_copy_cache", no_copy)
+    for ctrl in (FixedExit(model.exit_layers[0]), ConfidenceExit(0.05), NeverExit()):
+        out = generate_lossless(model, prompt, ctrl, 14, k_max=4)
+        assert out.tokens == full, type(ctrl).__name__

@@ -164,7 +164,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              on_token: Optional[Callable[[int, int], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None,
              prefilled: Optional[Prefill] = None,
-             observe: bool = False, return_state: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
+             observe: bool = False, return_state: bool = False,
+             consume_prefill: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
@@ -182,7 +183,10 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     ``should_stop()`` is polled before each new token and ends generation with
     ``finish_reason="cancelled"`` when it returns true (timeouts, disconnected clients).
     ``prefilled``: a :func:`prefill` of the same ``input_ids``, whose cache is copied instead of
-    running the prompt again (``prefill_time_s`` then counts the copy only).
+    running the prompt again (``prefill_time_s`` then counts the copy only); with
+    ``consume_prefill=True`` its cache is used and advanced in place, not copied (the caller gives
+    the prefill up; decoding only appends positions, so cropping the cache back to the prefill's
+    length restores it).
 
     ``observe=True`` records, for every decided token, the hidden state at every early exit
     point and every exit point's greedy prediction (``exit_states``, ``exit_preds``), the data
@@ -263,7 +267,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         if prefilled.input_ids.shape != ids.shape or not torch.equal(prefilled.input_ids.to(ids.device), ids):
             raise ValueError("prefilled= holds the prefill of another prompt; call prefill(model, input_ids) "
                              "with the same input_ids")
-        cache, logits = _copy_cache(prefilled.cache), prefilled.logits
+        cache, logits = (prefilled.cache if consume_prefill else _copy_cache(prefilled.cache)), prefilled.logits
     else:
         cache = DynamicCache(config=model.hf.config)
         out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)

@@ -1,7 +1,8 @@
 """Lossless early exit: self-speculative decoding with the exit controller as the drafter.
 
 Each round continues from an exact state (a cache holding the full model's K/V of every
-accepted token, and the full model's logits at the last one):
+accepted token, and the full model's logits at the last one; one cache, advanced and cropped in
+place, never copied):
 
 1. **Draft** with :func:`greencode.decoding.generate` itself (the one decoding loop): the first
    token comes from the exact logits; each further token exits where the controller says
@@ -30,7 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from greencode.decoding.controllers import ExitController
-from greencode.decoding.generate import GenerationResult, Prefill, _copy_cache, generate, prefill
+from greencode.decoding.generate import GenerationResult, Prefill, generate, prefill
 
 
 def _crop(cache, length: int) -> None:
@@ -80,9 +81,11 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
         def stop_when_not_confident() -> bool:  # seen[0] is the exact first token, not a draft
             return len(seen) > 1 and seen[-1] == final  # the last drafted token ran every layer
 
+        # the draft advances the exact cache in place (it only appends positions): no copy per round
+        start = int(seq.shape[1])
         draft = generate(model, seq, controller, budget, kv_strategy=kv_strategy, prefilled=state,
                          on_token=lambda _t, layer: seen.append(layer), should_stop=stop_when_not_confident,
-                         return_state=True)
+                         return_state=True, consume_prefill=True)
         for k in ("layers_run", "kv_propagated_layers", "exit_checks"):
             c[k] += draft.counters[k]
         c["lm_head_calls"] += draft.counters["lm_head_calls"] - 1  # its first token reuses the exact logits
@@ -107,8 +110,9 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
             exit_layers += [final] * (len(d) - 1)
             state, seq = draft.state, draft.state.input_ids
             continue
-        # verify: the full model on the drafted block, from the exact cache
-        cache = _copy_cache(state.cache)
+        # verify: the full model on the drafted block, from the exact cache (the draft's positions cropped off)
+        cache = state.cache
+        _crop(cache, start)
         block = torch.tensor([d], dtype=torch.long, device=seq.device)
         out = model.hf.model(input_ids=block, past_key_values=cache, use_cache=True)
         logits = model.adapter.lm_head(out.last_hidden_state)  # [1, len(d), V]
