@@ -11,7 +11,10 @@ still gets this token's K/V so later tokens attend to a complete cache:
 * ``compute``: the deeper layers run anyway (an exact cache that saves no compute; for
   comparing what propagation costs in accuracy).
 
-Batch size 1 (one completion request), which is how an editor calls it.
+One row is one completion request (how an editor calls it); a list of controllers gives one row
+each over the same prompt, and a list of prompts a left-padded ragged batch (each row exiting where
+its own controller says). ``observe=True`` records every exit point's state for the RL trajectory
+bank; ``return_state`` / ``consume_prefill`` let the lossless mode continue one cache across rounds.
 """
 
 from __future__ import annotations
@@ -281,7 +284,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     t_prefill = time.perf_counter()
 
     exit_layers = [[final] for _ in range(R)]
-    last_logits = [logits[r if logits.shape[0] > 1 else 0:(r if logits.shape[0] > 1 else 0) + 1] for r in range(R)]
+    first_row = [r if logits.shape[0] > 1 else 0 for r in range(R)]  # one shared prefill: row 0 for every row
+    last_logits = [logits[k:k + 1] for k in first_row]
     all_logits = ([[logits[r if logits.shape[0] > 1 else 0].reshape(-1).float().cpu()] for r in range(R)]
                   if return_logits else None)
     pad_mask = None
