@@ -14,7 +14,6 @@ chosen on the validation split only; nothing here is tuned on the test split.
 """
 
 import dataclasses
-import os
 import shlex
 from pathlib import Path
 
@@ -59,16 +58,10 @@ def main() -> None:
     from greencode.eval.calibration import calibrate
     from greencode.rl import build_bank, train_agent
 
-    root = Path(paths.root).with_name(f"{paths.root.name}-ablate")
     out = paths.results / "ablations"
     variants = []
     for k, variant in enumerate(args.variant):
-        run_dir = root / str(k)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for shared in ("corpus", "tokenizer", "finetuned"):
-            link = run_dir / shared
-            if not link.exists():
-                os.symlink(getattr(paths, shared), link)
+        run_dir = paths.variant_run("ablate", k, ("corpus", "tokenizer", "finetuned"))
         over = list(args.overrides) + shlex.split(variant) + [f"run_dir={run_dir}", f"results_dir={out / str(k)}",
                                                               f"figures_dir={out / str(k) / 'figures'}"]
         vcfg = load_config(args.config, over)

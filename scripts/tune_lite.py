@@ -6,13 +6,16 @@ report (held-out next-token accuracy per exit point, base vs LITE, on validation
         --variant "finetune.learning_rate=1e-4" \\
         --variant "finetune.learning_rate=3e-4 finetune.budgets=[0.45,0.2,0.35]"
 
+--keep keeps the earlier variants of results/<name>/tune/lite.json in the table; --reuse takes a
+variant's finished run (results/<name>/tune/lite-<k>/) when its recorded finetune section equals
+the variant's, instead of training it again.
+
 Each variant runs in runs/<name>-lite/<k>/ (sharing the run's corpus and tokenizer) and the
 trade-off table goes to results/<name>/tune/lite.{json,md}: the final layer's accuracy
 against the base's (the full model must be kept), and the first exit's gain over the base's
 first exit (what LITE is for). The test split is never read.
 """
 
-import os
 import shlex
 import time
 from pathlib import Path
@@ -44,15 +47,9 @@ def main() -> None:
     cfg = load_from_args(args)
     prepare_data(cfg)
     paths = RunPaths.from_config(cfg)
-    root = Path(paths.root).with_name(f"{paths.root.name}-lite")
     rows = []
     for k, variant in enumerate(args.variant):
-        run_dir = root / str(k)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for shared in ("corpus", "tokenizer"):
-            link = run_dir / shared
-            if not link.exists():
-                os.symlink(getattr(paths, shared), link)
+        run_dir = paths.variant_run("lite", k, ("corpus", "tokenizer"))
         over = list(args.overrides) + shlex.split(variant) + [f"run_dir={run_dir}",
                                                               f"results_dir={paths.results / 'tune' / f'lite-{k}'}"]
         if cfg.model.base is None:  # the embedded default pretrained in this run: start every variant from it

@@ -57,22 +57,24 @@ def _fake_eval(path, per_method: dict[str, list[tuple[float, float]]]):
 def test_choose_takes_the_cheapest_certified_candidate(tmp_path):
     cfg = _cfg(tmp_path, families=["gc", "fixed"], gc_thresholds=[0.99, 0.9, 0.5])
     n = 400
-    rng = np.random.default_rng(0)
-    # gc@0.99: no disagreement, compute 0.9; gc@0.9: 1% disagreement, compute 0.6; gc@0.5: 20%, compute 0.3
+    # gc@0.99: no disagreement, compute 0.9; gc@0.9: 4 of 400 samples disagree fully (1%), compute 0.6;
+    # gc@0.5: 20%, compute 0.3
     per = {"gc@0.99": [(0.0, 0.9)] * n,
-           "gc@0.9": [(float(rng.random() < 0.01) * 1.0, 0.6) for _ in range(n)],
+           "gc@0.9": [(1.0, 0.6)] * 4 + [(0.0, 0.6)] * (n - 4),
            "gc@0.5": [(0.2, 0.3)] * n,
            "fixed@2": [(0.5, 0.5)] * n, "fixed@1": [(0.6, 0.3)] * n}
     _fake_eval(tmp_path / "eval", per)
     out = choose(cfg, tmp_path / "eval", candidate_specs(cfg, [1, 2]))
     gc = out["gc"]["targets"]
-    d09 = np.mean([d for d, _ in per["gc@0.9"]])
-    assert gc["0.02"]["certified"][0] == "gc@0.99"
-    # gc@0.9 is certified at 2% exactly when its own p-value is <= 0.1 (and gc@0.99's is)
-    assert ("gc@0.9" in gc["0.02"]["certified"]) == (hb_pvalue(d09, n, 0.02) <= 0.1)
+    # by hand: at 2%, gc@0.99 has p = 0.98^400 = 3e-4 (certified); gc@0.9 (mean 1%) has Hoeffding
+    # exp(-400 h(0.01, 0.02)) = 0.287 and Bentkus e * P(Bin(400, 0.02) <= 4) = 0.265 > 0.1: testing stops there
+    bentkus = math.e * sum(math.comb(400, i) * 0.02 ** i * 0.98 ** (400 - i) for i in range(5))
+    assert bentkus == pytest.approx(0.2646, abs=1e-3)
+    assert gc["0.02"]["certified"] == ["gc@0.99"] and gc["0.02"]["chosen"] == "gc@0.99"
+    assert gc["0.02"]["p_values"]["gc@0.9"] == pytest.approx(bentkus, rel=1e-9)
     assert gc["0.1"]["chosen"] == "gc@0.9"  # gc@0.5 (20%) fails at 10%: the cheapest certified is gc@0.9
     assert out["fixed"]["targets"]["0.1"]["chosen"] is None  # the deepest fixed exit already disagrees 50%
-    assert calibrated_ids({"families": out}) == list(dict.fromkeys([gc["0.02"]["chosen"], "gc@0.9"]))
+    assert calibrated_ids({"families": out}) == ["gc@0.99", "gc@0.9"]
     cal = {"families": out, "targets": [0.02, 0.1], "delta": 0.1}
     assert threshold_for(cal, "gc", 0.1) == 0.9 and threshold_for(cal, "gc", 0.5) == 0.9  # the largest target <= it
     with pytest.raises(ConfigError, match="below the smallest calibrated target"):

@@ -78,6 +78,30 @@ def test_rerun_skips_finished_stages(smoke_run):
     assert ran == ["evaluate", "figures"], third.stdout
 
 
+def _script(tmp: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / name), "--config", str(ROOT / "configs" / "smoke.yaml"),
+           f"run_dir={tmp / 'run'}", f"results_dir={tmp / 'results'}", f"figures_dir={tmp / 'figures'}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_calibrate_and_ablate_scripts_on_the_finished_run(smoke_run):
+    tmp, _ = smoke_run
+    _run(tmp)  # the config's own evaluation (another test may have rerun it with fewer methods)
+    cal = _script(tmp, "calibrate.py")
+    assert cal.returncode == 0, cal.stderr[-3000:]
+    assert "Calibrated thresholds (validation split" in cal.stdout
+    refused = _script(tmp, "calibrate.py", "eval.split=test")
+    assert refused.returncode == 2 and "validation split only" in refused.stderr and "Traceback" not in refused.stderr
+    abl = _script(tmp, "ablate_agent.py", "--variant", "rl.bank.behaviour=full")
+    assert abl.returncode == 0, abl.stderr[-3000:]
+    table = json.loads((tmp / "results" / "ablations" / "agent.json").read_text())
+    assert table["variants"][0]["variant"] == "rl.bank.behaviour=full"
+    assert table["variants"][0]["bank_behaviour"] == "full" and table["variants"][0]["bank_early_exit_share"] == 0.0
+    assert {r["target"] for r in table["main"]["rows"]} == {0.2, 0.5}
+    assert not (tmp / "results" / "ablations" / "0" / "eval" / "methods").exists()  # per-sample files pruned
+    assert (tmp / "run-ablate" / "0" / "finetuned").is_symlink()
+
+
 PLACEHOLDERS = ("<STR_LIT", "<NUM_LIT", "<CHAR_LIT", "<EOL>")
 
 

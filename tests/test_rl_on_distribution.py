@@ -108,8 +108,8 @@ def test_full_behaviour_bank_equals_hf_forward(tmp_path, family):
         out = model.hf(input_ids=torch.tensor([ids + res.tokens[:-1]]), output_hidden_states=True)
     pos = slice(len(ids), len(ids) + 5)  # the positions that chose tokens 1..5
     for k, layer in enumerate([1, 2]):
-        with torch.no_grad():
-            ref = policy_observation(model, out.hidden_states[layer + 1][0, pos], "normed")
+        with torch.no_grad():  # HF's own final norm module, not the code under test
+            ref = model.final_norm(out.hidden_states[layer + 1][0, pos])
         np.testing.assert_allclose(bank.obs[:5, k].astype(np.float32), ref.numpy(), rtol=1e-2, atol=1e-2)
     assert bank.preds[:5, -1].tolist() == out.logits[0, pos].argmax(-1).tolist() == res.tokens[1:]
 
@@ -182,7 +182,7 @@ def test_policy_bank_rows_equal_what_the_fast_path_saw(tmp_path, batch_size):
         k = 0
         for t, e in enumerate(exits):  # the checks of token t: exit points 0 .. min(e, 1)
             for j in range(min(e, 1) + 1):
-                obs = policy_observation(model, calls[k], "normed").detach().numpy()
+                obs = model.final_norm(calls[k]).detach().numpy()  # HF's own norm on what the fast path saw
                 np.testing.assert_allclose(bank.obs[rows][t, j].astype(np.float32), obs, rtol=2e-3, atol=2e-3)
                 seen.append((s, t, j))
                 k += 1

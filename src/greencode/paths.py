@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,18 @@ class RunPaths:
     @property
     def calibration(self) -> Path:  # thresholds calibrated on the validation split
         return self.results / "calibration" / "calibration.json"
+
+    def variant_run(self, suffix: str, k: int, shared: tuple[str, ...]) -> Path:
+        """``runs/<name>-<suffix>/<k>``: the run folder of variant ``k`` of a sweep or ablation, with
+        the named stage outputs of this run (``corpus``, ``tokenizer``, ``finetuned``...) linked in,
+        so each variant reruns only what it changes."""
+        run_dir = self.root.with_name(f"{self.root.name}-{suffix}") / str(k)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in shared:
+            link = run_dir / name
+            if not link.exists():
+                os.symlink(getattr(self, name), link)
+        return run_dir
 
     # results (small, committed)
     @property

@@ -120,10 +120,6 @@ def load_samples(cfg: Config, tokenizer) -> list:
     return samples
 
 
-# --------------------------------------------------------------------------- distribution
-_Dist = Dist  # the process group of a torchrun / accelerate launch (greencode.distributed)
-
-
 class _RowCounter:
     """Counts the token rows every decoder layer and the LM head process (forward hooks),
     to measure the layer work of HF's speculative early exit without trusting a model."""
@@ -656,7 +652,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     check_language(cfg.data.language)
     paths = RunPaths.from_config(cfg)
     out_dir = paths.results_eval
-    dist = _Dist.from_env()
+    dist = Dist.from_env()
     check_writable(out_dir)
     set_seed(cfg.seed)
     device, dtype = setup_torch(cfg.hardware)

@@ -22,6 +22,10 @@ PARAM_FAMILIES = {"fixed": "layer", "confidence": "threshold", "entropy": "thres
                   "hf_early_exit": "layer"}
 # self-speculative: draft with early exits, verify with the full model (greedy output = the full model's)
 LOSSLESS_FAMILIES = ("gc_lossless", "layerskip")
+# the eval config list a threshold family expands to when named without a parameter
+THRESHOLD_GRIDS = {"confidence": "confidence_thresholds", "entropy": "entropy_thresholds", "gc": "gc_thresholds",
+                   "gc_lossless": "gc_thresholds", "saturation": "saturation_thresholds",
+                   "classifier": "classifier_thresholds"}
 # the exit controllers compared at calibrated targets (scripts/calibrate.py)
 CONTROLLER_FAMILIES = ("fixed", "confidence", "entropy", "saturation", "classifier", "gc")
 HF_FAMILIES = ("base", "full_hf", "hf_early_exit")  # run through HF ``generate``
@@ -127,22 +131,10 @@ def expand_methods(names: Sequence[str], eval_cfg, exit_layers: Sequence[int], f
                 raise ConfigError(f"method {family}@{param}: layer {param} is out of range [0, {final_layer - 1}] "
                                   f"(0-based; {final_layer} is the final layer, i.e. the full model)")
             specs.append(MethodSpec(family, param))
-        elif family == "fixed":
-            specs += [MethodSpec("fixed", int(layer)) for layer in exit_layers]
-        elif family == "confidence":
-            specs += [MethodSpec("confidence", float(t)) for t in eval_cfg.confidence_thresholds]
-        elif family == "entropy":
-            specs += [MethodSpec("entropy", float(t)) for t in eval_cfg.entropy_thresholds]
-        elif family == "gc":
-            specs += [MethodSpec("gc", float(t)) for t in eval_cfg.gc_thresholds]
-        elif family == "gc_lossless":
-            specs += [MethodSpec("gc_lossless", float(t)) for t in eval_cfg.gc_thresholds]
-        elif family == "layerskip":
-            specs += [MethodSpec("layerskip", int(layer)) for layer in exit_layers]
-        elif family == "saturation":
-            specs += [MethodSpec("saturation", float(t)) for t in eval_cfg.saturation_thresholds]
-        elif family == "classifier":
-            specs += [MethodSpec("classifier", float(t)) for t in eval_cfg.classifier_thresholds]
+        elif family in ("fixed", "layerskip"):
+            specs += [MethodSpec(family, int(layer)) for layer in exit_layers]
+        elif family in THRESHOLD_GRIDS:
+            specs += [MethodSpec(family, float(t)) for t in getattr(eval_cfg, THRESHOLD_GRIDS[family])]
         elif family == "hf_early_exit":
             layers = eval_cfg.hf_early_exit_layers if eval_cfg.hf_early_exit_layers is not None else exit_layers
             for layer in layers:

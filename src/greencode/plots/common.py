@@ -96,6 +96,13 @@ def _num(v: Any) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
+# labels of the parameterised families ({} = the threshold or the 0-based layer)
+PARAM_LABELS = {"fixed": "fixed layer {}", "confidence": "confidence ≥ {}", "entropy": "entropy ≤ {} nats",
+                "gc": "GC T={}", "saturation": "saturation ≥ {}", "gc_lossless": "lossless GC T={}",
+                "layerskip": "self-spec., layer {}", "classifier": "classifier ≥ {}",
+                "hf_early_exit": "HF early exit, layer {}"}
+
+
 def method_label(row: dict) -> str:
     """Short, human-readable label of one summary row (layers 0-based)."""
     fam, param = family_of(row), row.get("param")
@@ -105,24 +112,8 @@ def method_label(row: dict) -> str:
              "oracle": "oracle (analysis)"}
     if fam in short:
         return short[fam]
-    if fam == "fixed":
-        return f"fixed layer {_num(param)}"
-    if fam == "confidence":
-        return f"confidence ≥ {_num(param)}"
-    if fam == "entropy":
-        return f"entropy ≤ {_num(param)} nats"
-    if fam == "gc":
-        return f"GC T={_num(param)}"
-    if fam == "saturation":
-        return f"saturation ≥ {_num(param)}"
-    if fam == "gc_lossless":
-        return f"lossless GC T={_num(param)}"
-    if fam == "layerskip":
-        return f"self-spec., layer {_num(param)}"
-    if fam == "classifier":
-        return f"classifier ≥ {_num(param)}"
-    if fam == "hf_early_exit":
-        return f"HF early exit, layer {_num(param)}"
+    if fam in PARAM_LABELS:
+        return PARAM_LABELS[fam].format(_num(param))
     return str(row.get("id", fam))
 
 

@@ -7,7 +7,7 @@ layers are 0-based decoder-layer indices. See the module docstrings of
 """
 
 from greencode.rl.bank import TrajectoryBank, bytes_per_token, synthetic_bank
-from greencode.rl.build import build_bank, record_sequence
+from greencode.rl.build import build_bank, record_batch
 from greencode.rl.env import CONTINUE, EXIT, ExitEnv
 from greencode.rl.policy import (ExitPolicy, evaluate_agent_on_bank, exit_metrics, exit_probabilities, export_policy,
                                  from_sb3, load_policy, policy_controller, save_policy)
@@ -17,5 +17,5 @@ from greencode.rl.train import analyse_policy, benchmark_env, make_ppo, make_vec
 __all__ = ["CONTINUE", "EXIT", "ExitEnv", "ExitPolicy", "TrajectoryBank", "analyse_policy", "benchmark_env",
            "build_bank", "bytes_per_token", "evaluate_agent_on_bank", "exit_metrics", "exit_probabilities",
            "export_policy", "from_sb3", "load_policy", "make_ppo", "make_vec_env", "optimal_exit",
-           "policy_controller", "record_sequence", "reward_continue", "reward_exit", "reward_tables", "save_policy",
+           "policy_controller", "record_batch", "reward_continue", "reward_exit", "reward_tables", "save_policy",
            "synthetic_bank", "train_agent"]

@@ -2,9 +2,10 @@
 
 The bank is what makes PPO fast: the LLM runs once per sampled sequence when the bank
 is built, and never inside the environment. For each sampled training file a context
-fraction is drawn uniformly from ``rl.bank.context_fraction``, ``T =
-rl.bank.tokens_per_sequence`` tokens are generated greedily with the full model, and
-one forward pass over context + generated tokens records, for every generated token:
+fraction is drawn uniformly from ``rl.bank.context_fraction``, and the sequence is decoded by
+the real early-exit loop with a behaviour controller (``rl.bank.behaviour``: random exits, an
+exported policy, or the full model), recording for each of its ``T = rl.bank.tokens_per_sequence``
+decided tokens (token 0, from the prefill, is left out) the state that decoding reached:
 
 * ``obs``   float16 [N, E, H]: the observation at each *early* exit point (``E`` =
   number of early exits; no decision is taken at the final layer), already through the
@@ -14,7 +15,8 @@ one forward pass over context + generated tokens records, for every generated to
 * ``preds`` int32 [N, E+1]: each exit point's greedy prediction; column ``E`` is the
   final layer's prediction ``y`` (the label);
 * ``l_opt`` int16 [N]: the first exit point agreeing with ``y`` (``E`` = the final layer);
-* ``tokens`` int32 [N]: the generated token ids; ``offsets`` int64 [S+1]: sequence
+* ``tokens`` int32 [N]: the emitted token ids; ``behaviour_exit`` int16 [N] (optional file):
+  the exit point the behaviour took; ``offsets`` int64 [S+1]: sequence
   ``s`` is tokens ``offsets[s]:offsets[s+1]``; ``heldout`` bool [S]: sequences kept
   aside for the agent's exit-accuracy report (``rl.bank.heldout_fraction``).
 

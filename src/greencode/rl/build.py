@@ -3,11 +3,11 @@
 For each sampled file of ``rl.bank.split``: draw a context fraction uniformly from
 ``rl.bank.context_fraction``, build the prompt like the evaluator's samples (that
 fraction of the file's CodeXGLUE tokens, bos + text, left-truncated to
-``rl.bank.max_context_tokens`` model tokens; :func:`context_ids`), generate ``T`` tokens greedily
-with the full model (:func:`greencode.decoding.generate`, ``NeverExit``), then one
-forward pass over context + generated tokens records each generated token's hidden
-state at every exit point (through :func:`greencode.decoding.policy_observation`),
-every exit point's greedy prediction and the final layer's prediction.
+``rl.bank.max_context_tokens`` model tokens; :func:`context_ids`), then decode ``T + 1`` tokens
+with the sequence's behaviour controller (``rl.bank.behaviour``) through the one decoding loop with
+``observe=True`` (:func:`record_batch`): for every decided token, its hidden state at every exit
+point of the state that decoding reached (through :func:`greencode.decoding.policy_observation`),
+every exit point's greedy prediction and the full model's prediction there (the label).
 """
 
 from __future__ import annotations
@@ -163,16 +163,6 @@ def make_behaviour(spec: dict, cfg, model, policy=None):
     return policy_controller(policy, model, spec["threshold"], cfg.decoding.policy_temperature)
 
 
-def behaviour_controllers(cfg, model, rng: np.random.Generator, n: int) -> list:
-    """:func:`behaviour_specs` as controllers."""
-    policy = None
-    if cfg.rl.bank.behaviour == "policy":
-        from greencode.rl.policy import load_policy
-
-        policy = load_policy(cfg.rl.bank.policy_path, model)
-    return [make_behaviour(s, cfg, model, policy) for s in behaviour_specs(cfg, rng, n)]
-
-
 @torch.inference_mode()
 def record_batch(model, contexts: Sequence[Sequence[int]], controllers: Sequence, max_new_tokens: int,
                  observation: str, eos_token_id: Optional[int] = None,
@@ -216,17 +206,6 @@ def record_batch(model, contexts: Sequence[Sequence[int]], controllers: Sequence
         out.append({"obs": obs.cpu().numpy(), "preds": torch.stack(res.exit_preds).numpy().astype(np.int32),
                     "tokens": np.asarray(res.tokens[1:], dtype=np.int32), "behaviour_exit": behaviour})
     return out
-
-
-def record_sequence(model, context_ids: Sequence[int], max_new_tokens: int, observation: str,
-                    eos_token_id: Optional[int] = None, controller=None) -> dict[str, np.ndarray]:
-    """:func:`record_batch` for one context (the full model's decoding unless ``controller``)."""
-    from greencode.decoding import NeverExit
-
-    rec = record_batch(model, [context_ids], [controller or NeverExit()], max_new_tokens, observation, eos_token_id)[0]
-    if rec is None:
-        raise ValueError("the decoding ended at its first token (eos); nothing to record")
-    return rec
 
 
 def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[Path] = None,
