@@ -56,3 +56,17 @@ def test_no_resamples_gives_means_only_and_missing_reference_gives_no_diffs():
     add_confidence(rows, methods, None, resamples=0)
     assert rows[0]["edit_similarity_mean"] == 2.0 and rows[0]["edit_similarity_ci"] is None
     assert rows[0]["token_agreement_mean"] is None and rows[0]["edit_similarity_diff"] is None
+
+
+def test_latency_intervals_use_the_timed_samples_only_and_are_paired():
+    def recs(lat):
+        return [{"index": i, "metrics": {}, "latency_s": v} for i, v in enumerate(lat)]
+
+    methods = {"full": {"records": recs([1.0, 2.0, None, None])},  # samples 2, 3: accuracy only, untimed
+               "gc": {"records": recs([1.5, 2.5, None, None])}}
+    rows = [{"id": "full"}, {"id": "gc"}]
+    add_confidence(rows, methods, "full", resamples=200, seed=0)
+    gc = rows[1]
+    assert gc["latency_s_mean"] == 2.0 and gc["latency_s_diff"] == 0.5
+    assert gc["latency_s_diff_ci"] == [0.5, 0.5] and gc["latency_s_diff_significant"] is True  # paired: no spread
+    assert 1.5 <= gc["latency_s_ci"][0] <= gc["latency_s_ci"][1] <= 2.5

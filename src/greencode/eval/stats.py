@@ -8,7 +8,9 @@ Per-sample values (one per evaluation sample):
   BLEU, chrF, exact match, edit similarity);
 - ``token_agreement``: the share of the reference method's generated tokens that this method
   generated at the same position (positions past the shorter output count as disagreeing);
-- ``prefix_match``: the number of leading tokens equal to the reference method's.
+- ``prefix_match``: the number of leading tokens equal to the reference method's;
+- ``latency_s``: seconds per generation, on the timed samples only (``eval.timing_samples``), so a
+  latency difference carries its paired interval too.
 
 The summary's main accuracy columns stay the corpus-level scores the paper reports (corpus
 BLEU, CodeBLEU over all pairs); the intervals are those of the *mean per-sample* value, the
@@ -26,7 +28,9 @@ import numpy as np
 CI_LEVEL = 0.95
 SAMPLE_KEYS = ("codebleu", "rouge_l", "bleu", "chrf", "exact_match", "edit_similarity")
 AGREEMENT_KEYS = ("token_agreement", "prefix_match")
-CI_KEYS = SAMPLE_KEYS + AGREEMENT_KEYS
+# latency: seconds per sample on the timed samples only (paired with the reference on the same samples)
+TIMING_KEYS = ("latency_s",)
+CI_KEYS = SAMPLE_KEYS + AGREEMENT_KEYS + TIMING_KEYS
 
 
 def token_agreement(tokens: Sequence[int], reference: Sequence[int]) -> tuple[float, int]:
