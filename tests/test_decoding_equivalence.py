@@ -165,7 +165,7 @@ def test_controller_list_rows_stop_on_their_own_eos(family):
     alone = generate(model, prompt, FixedExit(model.exit_layers[0]), 10, eos_token_id=eos)
     assert rows[0].tokens == never.tokens[:never.tokens.index(eos) + 1] and rows[0].finish_reason == "eos"
     assert rows[1].tokens == alone.tokens and rows[1].finish_reason == alone.finish_reason
-    with pytest.raises(ValueError, match="for one controller"):
+    with pytest.raises(ValueError, match="for one row"):
         generate(model, prompt, [NeverExit(), NeverExit()], 4, on_token=lambda t, l: None)
 
 

@@ -355,31 +355,32 @@ evaluate(load_config(sys.argv[1], sys.argv[2:]), ["full", "fixed@1"])
 
 
 def test_accuracy_only_samples_share_one_prefill_and_give_the_same_tokens(tmp_path, samples_patch):
-    """eval.timing_samples=1: samples 1 and 2 are decoded from one shared prefill, untimed; every
-    method's tokens equal the fully timed run's, and latency comes from the timed sample only."""
+    """eval.timing_samples=1: samples 1 and 2 are decoded together, untimed (one batch of
+    2 prompts x 6 loop methods, each prompt prefilled once); every method's tokens equal the fully
+    timed run's, and latency comes from the timed sample only."""
     cfg, paths, tok = make_run(tmp_path / "a", "eval.methods=[full,fixed,gc,oracle]", "eval.overhead_ab=false")
     timed_all = {r["id"]: r for r in summary_table(evaluate(cfg))}
     methods_all = {p.stem: json.loads(p.read_text()) for p in (paths.results_eval / "methods").glob("*.json")}
 
-    import greencode.decoding as dec
+    from greencode.decoding.generate import DecodeBatch
 
-    calls = {"prefill": 0}
-    real_prefill = dec.prefill
+    adds = []
+    real_add = DecodeBatch.add
 
-    def counting_prefill(*a, **k):
-        calls["prefill"] += 1
-        return real_prefill(*a, **k)
+    def counting_add(self, rows, prompts, *a, **k):
+        if not isinstance(prompts, torch.Tensor):  # a list of prompts: the accuracy-only batch
+            adds.append((len(rows), len({tuple(p) for p in prompts})))
+        return real_add(self, rows, prompts, *a, **k)
 
     cfg2 = load_config(SMOKE, [f"run_dir={tmp_path}/a/runs/smoke", f"results_dir={tmp_path}/results2/smoke", "eval.num_samples=3",
                                "eval.warmup_samples=1", "eval.methods=[full,fixed,gc,oracle]",
                                "eval.overhead_ab=false", "eval.timing_samples=1"])
-    orig = dec.prefill
-    dec.prefill = counting_prefill
+    DecodeBatch.add = counting_add
     try:
         out2 = evaluate(cfg2)
     finally:
-        dec.prefill = orig
-    assert calls["prefill"] == 2  # one per untimed sample, shared by all 6 loop methods
+        DecodeBatch.add = real_add
+    assert adds == [(12, 2)]  # both untimed samples in one batch: 2 prompts x 6 loop methods, 2 prefills
     rows = {r["id"]: r for r in summary_table(out2)}
     assert set(rows) == set(timed_all)
     for mid, row in rows.items():

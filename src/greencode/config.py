@@ -379,6 +379,10 @@ class EvalConfig:
     # processes for the accuracy-only samples (each with 1 torch thread), started after the timed
     # samples ran alone on a quiet machine; 1 = everything in this process
     workers: int = 1
+    # accuracy-only samples decoded together: prompts x loop methods as the rows of one batched
+    # decode (each prompt prefilled once; rows that exit skip the deeper layers). Timed samples
+    # always run one request at a time (batch 1), as an editor calls the model
+    accuracy_batch_prompts: int = 4
     # paired bootstrap resamples for the 95% confidence intervals of the summary (0 = none)
     bootstrap_resamples: int = 2000
     overhead_ab: bool = True  # A/B run: policy evaluated but ignored vs. not evaluated
@@ -406,6 +410,7 @@ class EvalConfig:
         _check_range(f"{path}.bootstrap_resamples", self.bootstrap_resamples, 0, None)
         _check_range(f"{path}.workers", self.workers, 1, 64)
         _check_range(f"{path}.lossless_k_max", self.lossless_k_max, 1, 64)
+        _check_range(f"{path}.accuracy_batch_prompts", self.accuracy_batch_prompts, 1, 1024)
         if self.timing_samples is not None:
             _check_range(f"{path}.timing_samples", self.timing_samples, 0, None)
         for m in self.accuracy_only_hf:

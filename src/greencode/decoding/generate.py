@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -48,6 +48,9 @@ class GenerationResult:
     exit_preds: Optional[list] = None
     # return_state=True (one row): the decoding's end state, from which it can be continued (see generate)
     state: Optional["Prefill"] = None
+    # logprobs=n: each chosen token's log-probability, and (n > 0) the top-n (id, log-probability) pairs
+    token_logprobs: Optional[list] = None
+    top_logprobs: Optional[list] = None
 
     @property
     def new_tokens(self) -> int:
@@ -157,13 +160,497 @@ def _new_counters() -> dict:
                 decode_steps=0)
 
 
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.hf.config)
+    except TypeError:  # pragma: no cover - transformers whose DynamicCache takes no config
+        return DynamicCache()
+
+
+def _rebuild_cache(model, cache, rows: Optional[torch.Tensor] = None, first: int = 0, other=None,
+                   pad_to: int = 0):
+    """A new cache holding ``rows`` of ``cache`` from column ``first`` on, left-padded with zeros
+    to ``pad_to`` columns, then (``other``) the rows of another cache stacked below, padded alike."""
+    out = _new_cache(model)
+    for i in range(len(model.adapter.layers)):
+        k, v = _layer_kv(cache, i)
+        if rows is not None:
+            k, v = k[rows], v[rows]
+        k, v = k[:, :, first:], v[:, :, first:]
+        if other is not None:
+            k2, v2 = _layer_kv(other, i)
+            width = max(k.shape[2], k2.shape[2])
+            k, v = _pad_left(k, width), _pad_left(v, width)
+            k = torch.cat([k, _pad_left(k2, width)], dim=0)
+            v = torch.cat([v, _pad_left(v2, width)], dim=0)
+        elif pad_to > k.shape[2]:
+            k, v = _pad_left(k, pad_to), _pad_left(v, pad_to)
+        out.update(k.contiguous(), v.contiguous(), i)
+    return out
+
+
+def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the positions (dim 2 of K/V, dim 1 of a mask) up to ``width``."""
+    dim = 2 if x.dim() == 4 else 1
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class _RowsCache:
+    """The batch cache as a layer running on some rows sees it: the layer's ``update`` appends
+    the new position's K/V of its rows, every other row gets its own (``fill``: propagated from
+    its exit state), and the layer attends over its rows' entries only."""
+
+    def __init__(self, cache, rows: list[int], fill: Callable[[int], tuple[torch.Tensor, torch.Tensor]]):
+        self.cache, self.fill = cache, fill
+        self.index = torch.tensor(rows, dtype=torch.long)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        k_all, v_all = self.fill(layer_idx)
+        index = self.index.to(k_all.device)
+        k_all[index], v_all[index] = key_states.to(k_all.dtype), value_states.to(v_all.dtype)
+        keys, values = self.cache.update(k_all, v_all, layer_idx, cache_kwargs)
+        return keys[index], values[index]
+
+    def __getattr__(self, name):  # anything else a layer may ask (seq length, flags): the real cache's
+        return getattr(self.cache, name)
+
+
+@dataclass
+class Row:
+    """One sequence being decoded: its controller, sampling and stopping rules, and what it
+    produced so far. :class:`DecodeBatch` steps many rows together; ``handle`` is the caller's."""
+
+    controller: ExitController
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    eos: frozenset = frozenset()
+    stop_strings: Optional[Sequence[str]] = None
+    on_token: Optional[Callable[[int, int], None]] = None  # (token id, exit layer), as each token is chosen
+    should_stop: Optional[Callable[[], bool]] = None  # polled before each new token: true ends it "cancelled"
+    return_logits: bool = False
+    logprobs: Optional[int] = None  # record each chosen token's log-probability (and the top-n when n > 0)
+    handle: Any = None
+    # filled while decoding
+    prompt: Optional[torch.Tensor] = None
+    pos: int = 0  # position of the token fed next
+    tokens: list = field(default_factory=list)
+    exit_layers: list = field(default_factory=list)
+    counters: dict = field(default_factory=_new_counters)
+    logits_seen: Optional[list] = None
+    token_logprobs: Optional[list] = None
+    top_logprobs: Optional[list] = None
+    obs_states: Optional[list] = None
+    obs_preds: Optional[list] = None
+    last_logits: Optional[torch.Tensor] = None
+    finish: str = "length"
+    done: bool = False
+    text: Optional[str] = None
+    generator: Optional[torch.Generator] = None
+    checks: frozenset = frozenset()
+    t_added: float = 0.0
+    t_prefilled: float = 0.0
+    t_done: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return 0 if self.prompt is None else int(self.prompt.shape[-1])
+
+
+class DecodeBatch:
+    """Rows decoded together, one token per row per :meth:`step`, over one cache.
+
+    Rows join with :meth:`add` (their prompts prefilled by the full model, then aligned with the
+    rows already there by left padding) and leave when finished (EOS, stop string, length,
+    cancelled): :meth:`step` returns them and drops them from the cache. Each row exits where
+    its own controller says. With ``propagate`` a layer runs only on the rows still climbing:
+    a row that exited skips every deeper layer, whose K/V for it are propagated from its exit
+    state (its own, per row), so an exit saves work in a batch too. ``compute`` and ``observe``
+    carry exited rows through every layer (exact K/V; the shadow climb of the trajectory bank).
+    Every row's tokens equal a batch of one with the same controller (greedy; sampling with a
+    seed draws from the row's own generator), tested for every controller.
+    """
+
+    def __init__(self, model, *, kv_strategy: str = "propagate", observe: bool = False, tokenizer=None):
+        if kv_strategy not in KV_STRATEGIES:
+            raise ConfigError(f"kv_strategy={kv_strategy!r}; choose one of {', '.join(KV_STRATEGIES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.propagate = kv_strategy == "propagate"
+        self.observe = observe
+        self.rows: list[Row] = []
+        self.cache = None
+        self.pad: Optional[torch.Tensor] = None  # additive [rows, T]: 0 where a row attends, min on padding
+        self.layers = list(model.adapter.layers)
+        self.final = model.final_layer
+        self.exit_points = model.exit_points
+        self.exit_set = frozenset(self.exit_points)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # ------------------------------------------------------------------ joining
+    def _prepare(self, row: Row, in_use: set) -> None:
+        row.t_added = time.perf_counter()
+        if getattr(row.controller, "per_row_state", False):  # per-row state: one instance per row
+            if id(row.controller) in in_use:
+                row.controller = copy.deepcopy(row.controller)
+            in_use.add(id(row.controller))
+        row.controller.reset()
+        row.checks = row.controller.check_layers(self.model)
+        row.eos = frozenset(row.eos)
+        if row.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text")
+        if row.do_sample and row.seed is not None:
+            row.generator = torch.Generator(device=self.model.device).manual_seed(int(row.seed))
+        if row.return_logits:
+            row.logits_seen = []
+        if row.logprobs is not None:
+            row.token_logprobs, row.top_logprobs = [], []
+        if self.observe:
+            row.obs_states, row.obs_preds = [], []
+
+    @torch.inference_mode()
+    def add(self, rows: Sequence[Row], prompts: Union[Sequence[Sequence[int]], torch.Tensor],
+            prefilled: Optional[Prefill] = None, consume_prefill: bool = False) -> list[Row]:
+        """Prefill ``rows`` and let them join. ``prompts``: one token list per row, or one prompt
+        (a ``[1, T]`` tensor) that every row continues (one prefill, repeated per row).
+        ``prefilled``: that one prompt's :func:`prefill` (its cache copied, or with
+        ``consume_prefill`` used and advanced in place). Returns the rows already finished by
+        their first token (not kept)."""
+        rows = list(rows)
+        if not rows:
+            return []
+        in_use = {id(r.controller) for r in self.rows}
+        for row in rows:
+            self._prepare(row, in_use)
+        model, adapter = self.model, self.model.adapter
+        shared = isinstance(prompts, torch.Tensor)
+        if shared:
+            ids = prompts
+            if prefilled is not None:
+                if prefilled.input_ids.shape != ids.shape or not torch.equal(prefilled.input_ids.to(ids.device), ids):
+                    raise ValueError("prefilled= holds the prefill of another prompt; call prefill(model, input_ids) "
+                                     "with the same input_ids")
+                cache = prefilled.cache if consume_prefill else _copy_cache(prefilled.cache)
+                logits = prefilled.logits
+            else:
+                cache = _new_cache(model)
+                out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                logits = adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
+            _expand_cache(cache, len(rows))
+            pad = None
+            for row in rows:
+                row.prompt, row.pos = ids, int(ids.shape[1])
+            first_logits = [logits[0:1]] * len(rows)
+        else:
+            if len(prompts) != len(rows):
+                raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows")
+            unique = list(dict.fromkeys(tuple(int(t) for t in p) for p in prompts))  # each prompt prefilled once
+            of_row = [unique.index(tuple(int(t) for t in p)) for p in prompts]
+            ids, mask = _left_pad([list(p) for p in unique], model.device)
+            cache = _new_cache(model)
+            if len(unique) == 1:
+                out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                pad = None
+            else:
+                out = model.hf.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                                     past_key_values=cache, use_cache=True)
+                pad = None
+                if not bool(mask.all()):
+                    pad = torch.zeros(mask.shape, dtype=model.dtype, device=ids.device)
+                    pad = pad.masked_fill(mask == 0, torch.finfo(model.dtype).min)
+            logits = adapter.lm_head(out.last_hidden_state[:, -1:])
+            if of_row != list(range(len(unique))):  # repeated prompts: one row of the cache each
+                index = torch.tensor(of_row, device=ids.device)
+                cache = _rebuild_cache(model, cache, index)
+                pad = None if pad is None else pad[index]
+            for k, row in enumerate(rows):
+                row.prompt = torch.tensor([list(prompts[k])], dtype=torch.long, device=ids.device)
+                row.pos = len(prompts[k])
+            first_logits = [logits[u:u + 1] for u in of_row]
+        now = time.perf_counter()
+        for row, lg in zip(rows, first_logits):
+            row.t_prefilled = now
+            row.counters["lm_head_calls"] += 1
+            self._choose(row, lg, self.final)
+        self._join(cache, pad, len(rows))
+        self.rows.extend(rows)
+        finished = [row for row in rows if self._finished(row)]
+        self._drop(finished)
+        return finished
+
+    def _join(self, cache, pad: Optional[torch.Tensor], n: int) -> None:
+        if self.cache is None or not self.rows:
+            self.cache, self.pad = cache, pad
+            return
+        model = self.model
+        t_old, t_new = int(self.cache.get_seq_length()), int(cache.get_seq_length())
+        width = max(t_old, t_new)
+        min_ = torch.finfo(model.dtype).min
+        old = self.pad if self.pad is not None else torch.zeros((len(self.rows), t_old), dtype=model.dtype,
+                                                                device=model.device)
+        new = pad if pad is not None else torch.zeros((n, t_new), dtype=model.dtype, device=model.device)
+
+        def widen(m):
+            if m.shape[1] >= width:
+                return m
+            return torch.cat([m.new_full((m.shape[0], width - m.shape[1]), min_), m], dim=1)
+
+        self.pad = torch.cat([widen(old), widen(new)], dim=0)
+        self.cache = _rebuild_cache(model, self.cache, other=cache)
+        if not bool((self.pad < 0).any()):
+            self.pad = None
+
+    def _drop(self, finished: Sequence[Row]) -> None:
+        """Remove finished rows (and columns that are padding for every row left) from the cache."""
+        if not finished:
+            return
+        keep = [k for k, r in enumerate(self.rows) if not r.done]
+        self.rows = [self.rows[k] for k in keep]
+        if not self.rows:  # the last rows keep the cache (return_state continues it)
+            return
+        first = 0
+        pad = self.pad[keep] if self.pad is not None else None
+        if pad is not None:
+            real = (pad == 0).any(dim=0)
+            first = int(real.nonzero()[0]) if bool(real.any()) else 0
+            pad = pad[:, first:]
+            if not bool((pad < 0).any()):
+                pad = None
+        self.cache = _rebuild_cache(self.model, self.cache, torch.tensor(keep, device=self.model.device), first)
+        self.pad = pad
+
+    # ------------------------------------------------------------------ one token
+    def _choose(self, row: Row, lg: torch.Tensor, exit_layer: int) -> None:
+        token = _select_token(lg, row.do_sample, row.temperature, row.top_p, row.top_k, row.generator)
+        row.tokens.append(token)
+        row.exit_layers.append(exit_layer)
+        row.last_logits = lg
+        if row.logits_seen is not None:
+            row.logits_seen.append(lg.reshape(-1).float().cpu())
+        if row.token_logprobs is not None:
+            lp = torch.log_softmax(lg.reshape(-1).float(), dim=-1)
+            row.token_logprobs.append(float(lp[token]))
+            if row.logprobs:
+                top = torch.topk(lp, min(int(row.logprobs), lp.numel()))
+                row.top_logprobs.append([(int(i), float(v)) for v, i in zip(top.values, top.indices)])
+
+    def _finished(self, row: Row) -> bool:
+        token = row.tokens[-1]
+        if row.on_token is not None:
+            row.on_token(token, row.exit_layers[-1])
+        if token in row.eos:
+            row.finish = "eos"
+        elif row.stop_strings and any(s and s in self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                                      for s in row.stop_strings):
+            row.finish = "stop"
+        elif len(row.tokens) >= row.max_new_tokens:
+            row.finish = "length"
+        elif row.should_stop is not None and row.should_stop():
+            row.finish = "cancelled"
+        else:
+            return False
+        row.done = True
+        row.t_done = time.perf_counter()
+        return True
+
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """One new token for every row; returns the rows that finished with it."""
+        rows = self.rows
+        R = len(rows)
+        if not R:
+            return []
+        model, adapter, cache = self.model, self.model.adapter, self.cache
+        propagate, observe, final, layers = self.propagate, self.observe, self.final, self.layers
+        device = rows[0].prompt.device
+        x = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
+        position_ids = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=device)
+        h = adapter.embed(x, position_ids)
+        lkw = adapter.layer_kwargs(h, position_ids)
+        attn = None
+        if self.pad is not None:  # the new position is real for every row
+            self.pad = torch.cat([self.pad, self.pad.new_zeros((R, 1))], dim=1)
+            attn = self.pad[:, None, None, :]
+        counters = [r.counters for r in rows]
+        controllers = [r.controller for r in rows]
+        run = list(range(R))  # rows whose layers run (all of them, or in propagate mode those still climbing)
+        run_kw, run_attn = lkw, attn
+        active = list(run)  # rows still deciding
+        exit_at: dict[int, int] = {}
+        exit_h: dict[int, torch.Tensor] = {}
+        row_logits: dict[int, Optional[torch.Tensor]] = {}
+        # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
+        groups: list[tuple[list[int], int, list]] = []
+        oracle_preds = {r: [] for r in run if controllers[r].runs_all_layers}
+        seen_h: list[torch.Tensor] = []  # observe: the states at the exit points, then the final one
+        skip = propagate and not observe  # exited rows leave the layer loop
+
+        def fill(j: int):
+            return _gather_kv(groups, j, R, cache)
+
+        for i, layer in enumerate(layers):
+            if not run:
+                # every row has exited: its deeper layers get the K/V propagated from its exit state
+                for j in range(i, len(layers)):
+                    k, v = fill(j)
+                    cache.update(k, v, j)
+                    for rows_, _, _ in groups:
+                        for r in rows_:
+                            counters[r]["kv_propagated_layers"] += 1
+                break
+            if len(run) == R:
+                h = layer(h, attention_mask=run_attn, past_key_values=cache, use_cache=True, **run_kw)
+            else:
+                h = layer(h, attention_mask=run_attn, past_key_values=_RowsCache(cache, run, fill), use_cache=True,
+                          **run_kw)
+            if isinstance(h, tuple):
+                h = h[0]
+            for r in active:
+                counters[r]["layers_run"] += 1
+            if groups:
+                if not skip:  # observe: the shadow climb wrote its own K/V; the propagated ones replace them
+                    keys, values = _layer_kv(cache, i)
+                    for rows_, at, kv in groups:
+                        k, v = kv[i - at - 1]
+                        idx = torch.tensor(rows_, device=keys.device)
+                        keys[idx, :, -1:] = k
+                        values[idx, :, -1:] = v
+                for rows_, _, _ in groups:
+                    for r in rows_:
+                        counters[r]["kv_propagated_layers"] += 1
+            elif not propagate:
+                for r in exit_at:  # compute: the rows that exited keep running the deeper layers
+                    counters[r]["layers_run"] += 1
+            if observe and (i in self.exit_set or i == final):
+                seen_h.append(h.detach().clone())
+            if i == final:
+                break
+            where = {r: k for k, r in enumerate(run)}
+            if oracle_preds and i in self.exit_set:  # the oracle records every exit point's prediction
+                for r in oracle_preds:
+                    oracle_preds[r].append(int(torch.argmax(model.decode(h[where[r]:where[r] + 1])[0, -1])))
+                    counters[r]["lm_head_calls"] += 1
+            asking = [r for r in active if i in rows[r].checks and not controllers[r].runs_all_layers]
+            if not asking:
+                continue
+            t0 = time.perf_counter()
+            normed_all = None
+            exiting: list[int] = []
+            by_ctrl: dict[int, list[int]] = {}  # rows sharing one controller decide together
+            for r in asking:
+                by_ctrl.setdefault(id(controllers[r]), []).append(r)
+            for rows_ in by_ctrl.values():
+                ctrl = controllers[rows_[0]]
+                need = ctrl.needs_normed or ctrl.needs_logits
+                if need and normed_all is None:
+                    normed_all = model.final_norm(h)
+                pos = [where[r] for r in rows_]
+                if len(rows_) == 1:
+                    p = pos[0]
+                    normed = normed_all[p:p + 1] if need else None
+                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                    decisions = [ctrl.should_exit(i, h[p:p + 1], normed, lg)]
+                    lgs = [lg]
+                else:
+                    normed = normed_all[pos] if need else None
+                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                    decisions = ctrl.should_exit_rows(i, h[pos], normed, lg)
+                    lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
+                for r, p, decision, lg_r in zip(rows_, pos, decisions, lgs):
+                    counters[r]["lm_head_calls"] += lg_r is not None
+                    counters[r]["exit_checks"] += 1
+                    if decision:
+                        exit_at[r], row_logits[r] = i, lg_r
+                        active.remove(r)
+                        exit_h[r] = h[p:p + 1].clone()
+                        exiting.append(r)
+            if exiting and propagate:  # one fused projection for every row leaving here
+                pos = [where[r] for r in exiting]
+                if len(pos) == len(run):
+                    kv = adapter.propagate(i + 1, h, run_kw)
+                else:
+                    kv = adapter.propagate(i + 1, h[pos], _rows_kwargs(run_kw, pos))
+                groups.append((exiting, i, kv))
+            if exiting and skip:  # the rows that exited leave the layer loop
+                keep = [k for k, r in enumerate(run) if r not in exit_at]
+                run = [run[k] for k in keep]
+                if run:
+                    h = h[keep]
+                    run_kw = _rows_kwargs(lkw, run)
+                    run_attn = None if attn is None else attn[run]
+            elapsed = time.perf_counter() - t0
+            for r in asking:  # one row: its own time; several: the batch's time, shared
+                counters[r]["controller_time_s"] += elapsed / len(asking)
+        # the rows that ran to the top: one LM head for all of them
+        where = {r: k for k, r in enumerate(run)}
+        top = [r for r in range(R) if r not in exit_at]
+        if top:
+            pos = [where[r] for r in top]
+            top_logits = model.decode(h if len(pos) == h.shape[0] else h[pos])
+            for k, r in enumerate(top):
+                row_logits[r] = top_logits[k:k + 1]
+                counters[r]["lm_head_calls"] += 1
+                exit_at[r] = final
+                if oracle_preds.get(r):  # l_opt: the first exit point agreeing with the final layer
+                    final_pred = int(torch.argmax(row_logits[r][0, -1]))
+                    exit_at[r] = next((self.exit_points[j] for j, p in enumerate(oracle_preds[r]) if p == final_pred),
+                                      final)
+        for r, row in enumerate(rows):
+            lg = row_logits.get(r)
+            if lg is None:
+                lg = model.decode(exit_h[r])
+                counters[r]["lm_head_calls"] += 1
+            self._choose(row, lg, exit_at[r])
+            counters[r]["decode_steps"] += 1
+            row.pos += 1
+        if observe:
+            stacked = torch.stack(seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
+            preds = model.decode(stacked).argmax(-1)  # [R, E + 1]
+            for r, row in enumerate(rows):
+                row.obs_states.append(stacked[r, :-1].float().cpu())
+                row.obs_preds.append(preds[r].cpu())
+        finished = [row for row in rows if self._finished(row)]
+        self._drop(finished)
+        return finished
+
+    def result(self, row: Row) -> GenerationResult:
+        """A finished row as a :class:`GenerationResult` (text cut at the first stop string)."""
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            if row.stop_strings:
+                cut = min((text.find(s) for s in row.stop_strings if s and s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+        c = row.counters
+        end = row.t_done or time.perf_counter()
+        c.update(prefill_time_s=row.t_prefilled - row.t_added, decode_time_s=end - row.t_prefilled,
+                 total_time_s=end - row.t_added, new_tokens=len(row.tokens))
+        return GenerationResult(tokens=row.tokens, exit_layers=row.exit_layers, finish_reason=row.finish,
+                                counters=c, text=text, prompt_tokens=row.prompt_tokens, logits=row.logits_seen,
+                                exit_states=row.obs_states, exit_preds=row.obs_preds,
+                                token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs)
+
+
 @torch.inference_mode()
 def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              controller: Union[ExitController, Sequence[ExitController], None] = None,
              max_new_tokens: int = 15, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, seed: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
              stop_strings: Optional[Sequence[str]] = None, tokenizer=None,
-             kv_strategy: str = "propagate", return_logits: bool = False,
+             kv_strategy: str = "propagate", return_logits: bool = False, logprobs: Optional[int] = None,
              on_token: Optional[Callable[[int, int], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None,
              prefilled: Optional[Prefill] = None,
@@ -174,17 +661,21 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
     ``generate(do_sample=False)`` produces with its KV cache.
 
-    ``controller`` may be a list: one row per controller, all continuing the same prompt
-    (one shared prefill, one batched layer step per token), and a list of results comes back.
-    Each row exits where its own controller says; its deeper layers' K/V are its own
-    (propagated from its exit state, or computed), so each row's tokens equal a run with that
-    controller alone (greedy). A layer runs on every row while any row is still active (the
-    rows that exited are carried along and their outputs discarded): the counters count each
-    row's own work, which is what the compute ratio reads; the timers are the batch's.
+    ``controller`` may be a list: one row per controller, all continuing the same prompt (one
+    shared prefill), and a list of results comes back. ``input_ids`` may be a list of prompts:
+    one row each, left-padded into one batch (with one controller for all or one per prompt).
+    The rows are decoded together by a :class:`DecodeBatch`: each row exits where its own
+    controller says, a layer runs only on the rows still climbing (``propagate``), rows finish
+    independently and leave the batch, and each row's tokens equal a run with that controller
+    alone (greedy). The counters count each row's own work (what the compute ratio reads); the
+    timers are the batch's wall time while the row was in it. With a ``seed``, every row samples
+    from its own generator seeded with it.
 
-    ``on_token(token_id, exit_layer)`` is called as each token is chosen (for streaming);
-    ``should_stop()`` is polled before each new token and ends generation with
+    ``on_token(token_id, exit_layer)`` is called as each token is chosen (for streaming; one
+    row); ``should_stop()`` is polled before each new token and ends generation with
     ``finish_reason="cancelled"`` when it returns true (timeouts, disconnected clients).
+    ``logprobs``: record each chosen token's log-probability under the logits that chose it
+    (``result.token_logprobs``) and, when > 0, the top-``logprobs`` (id, log-probability) pairs.
     ``prefilled``: a :func:`prefill` of the same ``input_ids``, whose cache is copied instead of
     running the prompt again (``prefill_time_s`` then counts the copy only); with
     ``consume_prefill=True`` its cache is used and advanced in place, not copied (the caller gives
@@ -204,8 +695,6 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     every generated token but the last, with this decoding's cache and the logits that chose the
     last token, so a later call with ``prefilled=result.state`` continues exactly from here.
     """
-    from transformers import DynamicCache
-
     prompts = _prompt_list(input_ids)  # None: one prompt (every row continues it)
     many = isinstance(controller, (list, tuple)) or prompts is not None
     if isinstance(controller, (list, tuple)):
@@ -217,270 +706,37 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     if prompts is not None and len(prompts) != len(controllers):
         raise ValueError(f"{len(prompts)} prompts but {len(controllers)} controllers; give one controller for all "
                          "prompts or one per prompt")
-    if len(controllers) > 1 and (on_token is not None or should_stop is not None or stop_strings):
-        raise ValueError("on_token, should_stop and stop_strings are for one controller; decode the rows of a "
-                         "controller list for accuracy and stream single-controller generations")
+    if len(controllers) > 1 and (on_token is not None or should_stop is not None):
+        raise ValueError("on_token and should_stop are for one row; stream single-row generations (or step a "
+                         "DecodeBatch with one callback per row)")
     if return_state and (len(controllers) > 1 or prompts is not None):
         raise ValueError("return_state is for one row (one prompt, one controller)")
     if prompts is not None and prefilled is not None:
         raise ValueError("prefilled= is the prefill of one prompt; a batch of prompts is prefilled together")
-    R = len(controllers)
     if prompts is None:
         ids = _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy)
-        lengths = [int(ids.shape[1])] * R
-        mask = None
     else:
         for p in prompts:
             _validate(model, p, max_new_tokens, temperature, top_p, top_k, kv_strategy)
-        ids, mask = _left_pad(prompts, model.device)
-        lengths = [len(p) for p in prompts]
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(int(seed))
-
-    seen_ids: set[int] = set()
-    for r, ctrl in enumerate(controllers):  # a controller with per-row state gets one instance per row
-        if getattr(ctrl, "per_row_state", False):
-            if id(ctrl) in seen_ids:
-                controllers[r] = copy.deepcopy(ctrl)
-            seen_ids.add(id(controllers[r]))
-    adapter = model.adapter
-    layers = list(adapter.layers)
-    final = model.final_layer
-    checks = [c.check_layers(model) for c in controllers]
-    exit_points = model.exit_points
-    exit_set = frozenset(exit_points)
-    for ctrl in controllers:
-        ctrl.reset()
-    counters = [_new_counters() for _ in range(R)]
-    propagate = kv_strategy == "propagate"
-    obs_states: Optional[list[list[torch.Tensor]]] = [[] for _ in range(R)] if observe else None
-    obs_preds: Optional[list[list[torch.Tensor]]] = [[] for _ in range(R)] if observe else None
-
-    t_start = time.perf_counter()
-    if mask is not None:  # several prompts: left-padded, one batched prefill with per-row positions
-        cache = DynamicCache(config=model.hf.config)
-        out = model.hf.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                             past_key_values=cache, use_cache=True)
-        logits = adapter.lm_head(out.last_hidden_state[:, -1:])
-    elif prefilled is not None:
-        if prefilled.input_ids.shape != ids.shape or not torch.equal(prefilled.input_ids.to(ids.device), ids):
-            raise ValueError("prefilled= holds the prefill of another prompt; call prefill(model, input_ids) "
-                             "with the same input_ids")
-        cache, logits = (prefilled.cache if consume_prefill else _copy_cache(prefilled.cache)), prefilled.logits
-    else:
-        cache = DynamicCache(config=model.hf.config)
-        out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        logits = adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
-    if prompts is None:
-        _expand_cache(cache, R)
-    sample = (do_sample, temperature, top_p, top_k, generator)
-    tokens = [[_select_token(logits[r if logits.shape[0] > 1 else 0], *sample)] for r in range(R)]
-    for c in counters:
-        c["lm_head_calls"] += 1
-    t_prefill = time.perf_counter()
-
-    exit_layers = [[final] for _ in range(R)]
-    first_row = [r if logits.shape[0] > 1 else 0 for r in range(R)]  # one shared prefill: row 0 for every row
-    last_logits = [logits[k:k + 1] for k in first_row]
-    all_logits = ([[logits[r if logits.shape[0] > 1 else 0].reshape(-1).float().cpu()] for r in range(R)]
-                  if return_logits else None)
-    pad_mask = None
-    if mask is not None and not bool(mask.all()):  # additive: 0 where a row attends, min where it is padding
-        pad_mask = torch.zeros(mask.shape, dtype=model.dtype, device=ids.device)
-        pad_mask = pad_mask.masked_fill(mask == 0, torch.finfo(model.dtype).min)
-    finish = ["length"] * R
-    done = [False] * R
-    text = None
-    steps_done = 0
-
-    def stopped(r: int) -> bool:
-        nonlocal text
-        token = tokens[r][-1]
-        if on_token is not None:
-            on_token(token, exit_layers[r][-1])
-        if token in eos:
-            finish[r] = "eos"
-            return True
-        if stop_strings:
-            text = tokenizer.decode(tokens[r], skip_special_tokens=True)
-            if any(s and s in text for s in stop_strings):
-                finish[r] = "stop"
-                return True
-        if should_stop is not None and len(tokens[r]) < max_new_tokens and should_stop():
-            finish[r] = "cancelled"
-            return True
-        return False
-
-    def refresh_done() -> None:
-        for r in range(R):
-            if not done[r] and (stopped(r) or len(tokens[r]) >= max_new_tokens):
-                done[r] = True
-
-    refresh_done()
-    while not all(done):
-        live = [r for r in range(R) if not done[r]]
-        x = torch.tensor([[tokens[r][-1]] for r in range(R)], device=ids.device)
-        if prompts is None:
-            position_ids = torch.full((R, 1), lengths[0] + steps_done, dtype=torch.long, device=ids.device)
-        else:
-            position_ids = torch.tensor([[n + steps_done] for n in lengths], dtype=torch.long, device=ids.device)
-        h = adapter.embed(x, position_ids)
-        lkw = adapter.layer_kwargs(h, position_ids)
-        attn = None
-        if pad_mask is not None:  # the new position is real for every row
-            pad_mask = torch.cat([pad_mask, pad_mask.new_zeros((R, 1))], dim=1)
-            attn = pad_mask[:, None, None, :]
-        active = list(live)  # rows still climbing the layers this step
-        exit_at: dict[int, int] = {}
-        exit_h: dict[int, torch.Tensor] = {}
-        row_logits: dict[int, Optional[torch.Tensor]] = {}
-        # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
-        groups: list[tuple[list[int], int, list]] = []
-        oracle_preds = {r: [] for r in live if controllers[r].runs_all_layers}
-        seen_h: list[torch.Tensor] = []  # observe: the states at the exit points, then the final one
-        for i, layer in enumerate(layers):
-            if not active and propagate and not observe:
-                # every row has exited: its deeper layers get the K/V propagated from its exit state
-                for j in range(i, len(layers)):
-                    k, v = _gather_kv(groups, j, R, cache)
-                    cache.update(k, v, j)
-                    for rows_, _, _ in groups:
-                        for r in rows_:
-                            counters[r]["kv_propagated_layers"] += 1
-                break
-            h = layer(h, attention_mask=attn, past_key_values=cache, use_cache=True, **lkw)
-            if isinstance(h, tuple):
-                h = h[0]
-            for r in active:
-                counters[r]["layers_run"] += 1
-            if groups:  # rows that exited below: their K/V at this layer come from their exit state
-                keys, values = _layer_kv(cache, i)
-                for rows_, at, kv in groups:
-                    k, v = kv[i - at - 1]
-                    if len(rows_) == 1:
-                        keys[rows_[0]:rows_[0] + 1, :, -1:] = k
-                        values[rows_[0]:rows_[0] + 1, :, -1:] = v
-                    else:
-                        idx = torch.tensor(rows_, device=keys.device)
-                        keys[idx, :, -1:] = k
-                        values[idx, :, -1:] = v
-                    for r in rows_:
-                        counters[r]["kv_propagated_layers"] += 1
-            elif not propagate:
-                for r in exit_at:  # compute: the rows that exited keep running the deeper layers
-                    counters[r]["layers_run"] += 1
-            if observe and (i in exit_set or i == final):
-                seen_h.append(h.detach().clone())
-            if i == final:
-                break
-            if oracle_preds and i in exit_set:  # the oracle records every exit point's prediction
-                for r in oracle_preds:
-                    oracle_preds[r].append(int(torch.argmax(model.decode(h[r:r + 1])[0, -1])))
-                    counters[r]["lm_head_calls"] += 1
-            asking = [r for r in active if i in checks[r] and not controllers[r].runs_all_layers]
-            if not asking:
-                continue
-            t0 = time.perf_counter()
-            normed_all = None
-            exiting: list[int] = []
-            by_ctrl: dict[int, list[int]] = {}  # rows sharing one controller decide together
-            for r in asking:
-                by_ctrl.setdefault(id(controllers[r]), []).append(r)
-            for rows_ in by_ctrl.values():
-                ctrl = controllers[rows_[0]]
-                need = ctrl.needs_normed or ctrl.needs_logits
-                if need and normed_all is None:
-                    normed_all = model.final_norm(h)
-                if len(rows_) == 1:
-                    r = rows_[0]
-                    normed = normed_all[r:r + 1] if need else None
-                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
-                    decisions = [ctrl.should_exit(i, h[r:r + 1], normed, lg)]
-                    lgs = [lg]
-                else:
-                    normed = normed_all[rows_] if need else None
-                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
-                    decisions = ctrl.should_exit_rows(i, h[rows_], normed, lg)
-                    lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
-                for r, decision, lg_r in zip(rows_, decisions, lgs):
-                    counters[r]["lm_head_calls"] += lg_r is not None
-                    counters[r]["exit_checks"] += 1
-                    if decision:
-                        exit_at[r], row_logits[r] = i, lg_r
-                        active.remove(r)
-                        if R > 1 or not propagate or observe:  # the batch (or compute, or the shadow) moves h on
-                            exit_h[r] = h[r:r + 1].clone()
-                        exiting.append(r)
-            if exiting and propagate:  # one fused projection for every row leaving here
-                if len(exiting) == R:
-                    kv = adapter.propagate(i + 1, h, lkw)
-                else:
-                    kv = adapter.propagate(i + 1, h[exiting], _rows_kwargs(lkw, exiting))
-                groups.append((exiting, i, kv))
-            elapsed = time.perf_counter() - t0
-            for r in asking:  # one row: its own time; several: the batch's time, shared
-                counters[r]["controller_time_s"] += elapsed / len(asking)
-        # the rows that ran to the top: one LM head for all of them
-        top = [r for r in live if r not in exit_at]
-        if top:
-            top_logits = model.decode(h[top] if R > 1 else h)
-            for k, r in enumerate(top):
-                row_logits[r] = top_logits[k:k + 1]
-                counters[r]["lm_head_calls"] += 1
-                exit_at[r] = final
-                if oracle_preds.get(r):  # l_opt: the first exit point agreeing with the final layer
-                    final_pred = int(torch.argmax(row_logits[r][0, -1]))
-                    exit_at[r] = next((exit_points[j] for j, p in enumerate(oracle_preds[r]) if p == final_pred),
-                                      final)
-        for r in live:
-            lg = row_logits.get(r)
-            if lg is None:
-                lg = model.decode(exit_h.get(r, h[r:r + 1]))
-                counters[r]["lm_head_calls"] += 1
-            tokens[r].append(_select_token(lg, *sample))
-            last_logits[r] = lg
-            if all_logits is not None:
-                all_logits[r].append(lg.reshape(-1).float().cpu())
-            exit_layers[r].append(exit_at[r])
-            counters[r]["decode_steps"] += 1
-        if observe:
-            stacked = torch.stack(seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
-            preds = model.decode(stacked).argmax(-1)  # [R, E + 1]
-            for r in live:
-                obs_states[r].append(stacked[r, :-1].float().cpu())
-                obs_preds[r].append(preds[r].cpu())
-        steps_done += 1
-        refresh_done()
-
-    t_end = time.perf_counter()
-    results = []
-    for r in range(R):
-        text = None
-        if tokenizer is not None:
-            text = tokenizer.decode(tokens[r], skip_special_tokens=True)
-            if stop_strings:
-                cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-        c = counters[r]
-        c.update(prefill_time_s=t_prefill - t_start, decode_time_s=t_end - t_prefill, total_time_s=t_end - t_start,
-                 new_tokens=len(tokens[r]))
-        if R > 1:
-            c["batch_rows"] = R
-        state = None
-        if return_state:
-            fed = torch.tensor([tokens[r][:-1]], dtype=torch.long, device=ids.device)
-            state = Prefill(torch.cat([ids, fed], dim=1), cache, last_logits[r].reshape(1, 1, -1))
-        results.append(GenerationResult(tokens=tokens[r], exit_layers=exit_layers[r], finish_reason=finish[r],
-                                        state=state,
-                                        counters=c, text=text, prompt_tokens=lengths[r],
-                                        logits=all_logits[r] if all_logits is not None else None,
-                                        exit_states=obs_states[r] if observe else None,
-                                        exit_preds=obs_preds[r] if observe else None))
+    eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    rows = [Row(controller=c, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
+                should_stop=should_stop, return_logits=return_logits, logprobs=logprobs)
+            for c in controllers]
+    batch = DecodeBatch(model, kv_strategy=kv_strategy, observe=observe, tokenizer=tokenizer)
+    batch.add(rows, ids if prompts is None else prompts, prefilled=prefilled, consume_prefill=consume_prefill)
+    while batch.rows:
+        batch.step()
+    results = [batch.result(row) for row in rows]
+    if len(rows) > 1:
+        for res in results:
+            res.counters["batch_rows"] = len(rows)
+    if return_state:
+        row = rows[0]
+        fed = torch.tensor([row.tokens[:-1]], dtype=torch.long, device=ids.device)
+        results[0].state = Prefill(torch.cat([ids, fed], dim=1), batch.cache, row.last_logits.reshape(1, 1, -1))
     return results if many else results[0]
 
 

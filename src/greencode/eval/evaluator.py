@@ -259,17 +259,18 @@ class Runner:
         return self._record(res.tokens, m, len(prompt), list(res.exit_layers), res.finish_reason, dict(res.counters),
                             cost)
 
-    def run_rows(self, specs: Sequence[MethodSpec], prompt: list[int]) -> list[dict]:
-        """Loop methods on one prompt, untimed: one row per method in one batched decode from
-        one full-model prefill (the same tokens as separate runs, tested)."""
-        from greencode.decoding import compute_cost, generate, prefill
+    def run_rows(self, specs: Sequence[MethodSpec], prompts: Sequence[list[int]]) -> list[list[dict]]:
+        """Loop methods on some prompts, untimed: one row per (prompt, method) in one batched
+        decode, each prompt prefilled once (the same tokens as separate runs, tested). Returns
+        one list of records (in ``specs`` order) per prompt."""
+        from greencode.decoding import compute_cost, generate
 
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
-        ctrls = [self.controller(s) for s in specs]
-        results = generate(self.model, ids, ctrls, self.cfg.eval.max_new_tokens, eos_token_id=self.eos,
-                           kv_strategy=self.cfg.decoding.kv_strategy, prefilled=prefill(self.model, ids))
+        ctrls = [self.controller(s) for s in specs]  # one instance per method: its rows decide together
+        rows = [(p, c) for p in prompts for c in ctrls]
+        results = generate(self.model, [p for p, _ in rows], [c for _, c in rows], self.cfg.eval.max_new_tokens,
+                           eos_token_id=self.eos, kv_strategy=self.cfg.decoding.kv_strategy)
         out = []
-        for ctrl, res in zip(ctrls, results):
+        for (prompt, ctrl), res in zip(rows, results):
             cost = compute_cost(self.model, [res], ctrl)
             steps = res.counters["decode_steps"]
             cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
@@ -277,7 +278,7 @@ class Runner:
                     "macs_full": cost["macs_full"]}
             out.append(self._record(res.tokens, None, len(prompt), list(res.exit_layers), res.finish_reason,
                                     dict(res.counters), cost))
-        return out
+        return [out[k * len(ctrls):(k + 1) * len(ctrls)] for k in range(len(prompts))]
 
     def _run_hf(self, spec: MethodSpec, prompt: list[int], window: Optional[str]) -> dict:
         from transformers import GenerationConfig
@@ -449,15 +450,9 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
     # the timed samples are the first of the whole sample list (the same ones under any sharding)
     timed_indices = set(range(cfg.eval.timing_samples if cfg.eval.timing_samples is not None else len(samples)))
     log.info("%d of this process's %d samples are timed; the rest are decoded for accuracy only "
-             "(shared prefill)", sum(i in timed_indices for i in indices), len(prompts))
-    iterator = range(len(prompts))
-    if progress:
-        from tqdm.auto import tqdm
+             "(batched)", sum(i in timed_indices for i in indices), len(prompts))
 
-        iterator = tqdm(iterator, desc=f"evaluate (rank {rank})" if world_size > 1 else "evaluate", unit="sample")
-    for k in iterator:
-        i = indices[k]
-        sample, prompt = samples[i], prompts[k]
+    def _run_sample(k: int, i: int, sample, prompt: list[int], row_records: Optional[list[dict]]) -> None:
         reference = _decode(tok, list(sample.reference_ids))
         # a fresh seeded order per sample: a burst of load on the (shared) machine lands on random
         # methods, not on neighbours in the method list
@@ -466,16 +461,14 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         timed = i in timed_indices
         if timed:
             got = [(spec, attempt(spec, prompt, f"{spec.id}/{i}")) for spec in order]
-        else:  # accuracy only: the loop methods as rows of one batched decode from one shared prefill
-            loop_specs = [s for s in active if not s.runs_hf and s.family not in LOSSLESS_FAMILIES]
-            got = list(zip(loop_specs, runner.run_rows(loop_specs, prompt))) if loop_specs else []
+        else:
+            got = list(zip(loop_specs, row_records)) if row_records is not None else []
             got += [(s, attempt(s, prompt, None)) for s in active
                     if (s.runs_hf and s.family in cfg.eval.accuracy_only_hf) or s.family in LOSSLESS_FAMILIES]
         for spec, rec in got:
             if rec is None:
                 continue
-            rec.update(index=i, id=str(sample.id), reference=reference,
-                       prediction=_decode(tok, rec["tokens"]))
+            rec.update(index=i, id=str(sample.id), reference=reference, prediction=_decode(tok, rec["tokens"]))
             records[spec.id].append(rec)
         if ab_spec is not None and timed:
             threshold, pol_ctrl, never = ab_spec
@@ -486,6 +479,35 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
                                "controller_time_s": res["policy"]["counters"]["controller_time_s"],
                                "new_tokens": res["full"]["new_tokens"],
                                "same_tokens": res["full"]["tokens"] == res["policy"]["tokens"]})
+
+    # work units: each timed sample alone; accuracy-only samples in chunks decoded together
+    loop_specs = [s for s in active if not s.runs_hf and s.family not in LOSSLESS_FAMILIES]
+    units: list[list[int]] = []
+    for k in range(len(prompts)):
+        if indices[k] in timed_indices or not units or indices[units[-1][-1]] in timed_indices \
+                or len(units[-1]) >= cfg.eval.accuracy_batch_prompts:
+            units.append([k])
+        else:
+            units[-1].append(k)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"evaluate (rank {rank})" if world_size > 1 else "evaluate",
+                   unit="sample")
+    for unit in units:
+        rows = None
+        if indices[unit[0]] not in timed_indices and loop_specs:
+            # accuracy only: (prompt, loop method) pairs as the rows of one batched decode
+            rows = runner.run_rows(loop_specs, [prompts[k] for k in unit])
+        for u, k in enumerate(unit):
+            i = indices[k]
+            sample, prompt = samples[i], prompts[k]
+            _run_sample(k, i, sample, prompt, rows[u] if rows is not None else None)
+        if bar is not None:
+            bar.update(len(unit))
+    if bar is not None:
+        bar.close()
 
     for mid, reason in failed.items():
         spec = next(s for s in active if s.id == mid)
@@ -517,6 +539,10 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         "policy_temperature": cfg.decoding.policy_temperature,
         "warmup_samples": cfg.eval.warmup_samples,
         "timing_samples": cfg.eval.timing_samples,
+        # how the numbers were measured: latency/energy per request at batch 1; the accuracy-only samples
+        # decoded in batches of this many prompts x loop methods (same tokens as batch 1, tested)
+        "timed_batch_size": 1,
+        "accuracy_batch_prompts": cfg.eval.accuracy_batch_prompts,
         "bootstrap_resamples": cfg.eval.bootstrap_resamples,
         "bootstrap_seed": cfg.seed,
         "model": model.fingerprint(),

@@ -1,0 +1,151 @@
+"""Batched early-exit decoding (DecodeBatch): rows that exited skip the deeper layers, rows
+finish and leave independently, rows join mid-flight, and every row still equals decoding its
+prompt alone with the same controller."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import VOCAB, tiny_model
+from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate
+from greencode.decoding.generate import DecodeBatch, Row, _layer_kv
+
+
+class _Policy(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        torch.manual_seed(4)
+        self.policy_net = nn.Sequential(nn.Linear(hidden, 16), nn.Tanh())
+        self.action_net = nn.Linear(16, 2)
+        self.observation = "normed"
+
+    def forward(self, obs):
+        return self.action_net(self.policy_net(obs))
+
+
+def _prompts(seed, lengths):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _rows_through(layer):
+    """Count the rows each call of ``layer`` processes."""
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(args[0].shape[0]),
+                                             with_kwargs=True)
+    return seen, handle
+
+
+def test_exited_rows_skip_the_deeper_layers(family):
+    """A row that exited at the first exit point is not run through the last layer (propagate);
+    with kv_strategy=compute it is. The layer calls' row counts equal the per-row layers_run."""
+    model = tiny_model(family)
+    prompts = _prompts(3, (7, 12, 5, 9))
+    ctrls = lambda: [FixedExit(model.exit_layers[0]), NeverExit(), FixedExit(model.exit_layers[0]), NeverExit()]  # noqa: E731
+    out = {}
+    for kv in ("propagate", "compute"):
+        seen, handle = _rows_through(model.adapter.layers[-1])
+        try:
+            rows = generate(model, prompts, ctrls(), 6, kv_strategy=kv)
+        finally:
+            handle.remove()
+        out[kv] = (seen, rows)
+    seen_p, rows_p = out["propagate"]
+    seen_c, _ = out["compute"]
+    steps = 5  # 6 tokens: the first from the prefill
+    assert seen_p[1:] == [2] * steps  # the prefill call (4 rows), then only the two rows that never exit
+    assert seen_c[1:] == [4] * steps
+    layers_run = sum(r.counters["layers_run"] for r in rows_p)
+    assert layers_run == steps * (2 * model.num_layers + 2 * (model.exit_layers[0] + 1))
+
+
+@pytest.mark.parametrize("controller", ["never", "fixed", "confidence", "policy"])
+def test_rows_joining_mid_flight_equal_batch_one(family, controller):
+    """Rows join a running batch (other prompt lengths, so both sides get padded), stop at their
+    own length, and each row's tokens and exits equal decoding its prompt alone."""
+    model = tiny_model(family)
+    policy = _Policy(model.hidden_size)
+
+    def make():
+        return {"never": NeverExit(), "fixed": FixedExit(model.exit_layers[0]),
+                "confidence": ConfidenceExit(0.02), "policy": PolicyExit(policy, 0.45)}[controller]
+
+    prompts = _prompts(11, (6, 15, 4, 21, 9))
+    lengths = (9, 4, 7, 8, 5)
+    alone = [generate(model, p, make(), n) for p, n in zip(prompts, lengths)]
+    batch = DecodeBatch(model)
+    rows = [Row(controller=make(), max_new_tokens=n) for n in lengths]
+    batch.add(rows[:2], prompts[:2])
+    batch.step()
+    batch.step()
+    batch.add(rows[2:4], prompts[2:4])  # one shorter, one longer than the rows already there
+    batch.step()
+    batch.add(rows[4:], prompts[4:])
+    finished = []
+    while batch.rows:
+        finished += batch.step()
+        assert len(batch.rows) == _layer_kv(batch.cache, 0)[0].shape[0] or not batch.rows  # finished rows left
+    for a, row in zip(alone, rows):
+        res = batch.result(row)
+        assert res.tokens == a.tokens and res.exit_layers == a.exit_layers
+        assert res.counters["layers_run"] == a.counters["layers_run"]
+    if controller != "never":
+        assert any(layer != model.final_layer for r in rows for layer in r.exit_layers[1:])
+
+
+def test_sampling_rows_use_their_own_generator(family):
+    """With a seed, each row samples from its own generator: a row's tokens equal sampling its
+    prompt alone with that seed, whatever else is in the batch."""
+    model = tiny_model(family)
+    prompts = _prompts(5, (8, 13, 6))
+    kw = dict(do_sample=True, temperature=1.3, top_k=20, seed=17)
+    alone = [generate(model, p, FixedExit(model.exit_layers[0]), 8, **kw) for p in prompts]
+    rows = generate(model, prompts, FixedExit(model.exit_layers[0]), 8, **kw)
+    assert [r.tokens for r in rows] == [a.tokens for a in alone]
+    assert len({tuple(a.tokens) for a in alone}) > 1
+
+
+def test_logprobs_are_the_log_softmax_of_the_choosing_logits(family):
+    model = tiny_model(family)
+    res = generate(model, _prompts(2, (9,))[0], FixedExit(model.exit_layers[0]), 6, return_logits=True, logprobs=3)
+    assert len(res.token_logprobs) == len(res.tokens) == len(res.top_logprobs)
+    for tok, lg, lp, top in zip(res.tokens, res.logits, res.token_logprobs, res.top_logprobs):
+        ref = torch.log(torch.softmax(lg.double(), -1))
+        assert abs(lp - float(ref[tok])) < 1e-4
+        assert [i for i, _ in top] == ref.topk(3).indices.tolist()
+        assert top[0][0] == tok  # greedy: the chosen token is the most likely one
+
+
+def test_finished_rows_leave_and_padding_columns_are_trimmed(family):
+    """When the longest prompt's row finishes, the columns that were padding for every row
+    left are cut from the cache; the remaining rows go on unchanged."""
+    model = tiny_model(family)
+    prompts = _prompts(8, (20, 5, 6))
+    batch = DecodeBatch(model)
+    rows = [Row(controller=NeverExit(), max_new_tokens=n) for n in (2, 6, 6)]
+    batch.add(rows, prompts)
+    assert _layer_kv(batch.cache, 0)[0].shape[2] == 20
+    batch.step()  # the long row finishes (2 tokens)
+    assert len(batch.rows) == 2
+    keys = _layer_kv(batch.cache, 0)[0]
+    assert keys.shape[0] == 2 and keys.shape[2] == 6 + 1  # 6 real columns + the new position
+    while batch.rows:
+        batch.step()
+    for p, row in zip(prompts[1:], rows[1:]):
+        assert row.tokens == generate(model, p, NeverExit(), 6).tokens
+
+
+def test_repeated_prompts_are_prefilled_once(family):
+    """Rows repeating a prompt (several methods over several prompts, as the evaluator decodes
+    them) share its prefill; each row equals decoding alone."""
+    model = tiny_model(family)
+    a, b = _prompts(4, (7, 13))
+    ctrls = [NeverExit(), FixedExit(model.exit_layers[0]), ConfidenceExit(0.02)]
+    seen, handle = _rows_through(model.adapter.layers[0])
+    try:
+        rows = generate(model, [a, a, a, b, b, b], ctrls * 2, 5)
+    finally:
+        handle.remove()
+    assert seen[0] == 2  # the prefill ran two prompts
+    for k, (prompt, got) in enumerate(zip([a] * 3 + [b] * 3, rows)):
+        assert got.tokens == generate(model, prompt, ctrls[k % 3], 5).tokens
