@@ -11,10 +11,13 @@ still gets this token's K/V so later tokens attend to a complete cache:
 * ``compute``: the deeper layers run anyway (an exact cache that saves no compute; for
   comparing what propagation costs in accuracy).
 
-One row is one completion request (how an editor calls it); a list of controllers gives one row
-each over the same prompt, and a list of prompts a left-padded ragged batch (each row exiting where
-its own controller says). ``observe=True`` records every exit point's state for the RL trajectory
-bank; ``return_state`` / ``consume_prefill`` let the lossless mode continue one cache across rounds.
+Rows are decoded together by a :class:`DecodeBatch` (one cache, left-padded, per-row positions):
+each row exits where its own controller says, and a layer runs only on the rows still climbing, so
+an exit saves work in a batch too. Rows finish independently and leave the cache; new rows can
+join between steps (the endpoint's continuous batching). :func:`generate` is one such batch: one
+row (how an editor calls it), one row per controller over the same prompt, or a list of prompts.
+``observe=True`` records every exit point's state for the RL trajectory bank; ``return_state`` /
+``consume_prefill`` let the lossless mode continue one cache across rounds.
 """
 
 from __future__ import annotations
