@@ -1,9 +1,12 @@
 """The endpoint in-process (app factory with injected objects): API key, queue refusal, timeouts,
-a run without a policy, and the engine's prompt handling (FIM, CodeXGLUE text, truncation,
-streaming pieces)."""
+a run without a policy, the engine's prompt handling (FIM, CodeXGLUE text, truncation), the
+streamed text (pieces join into the final text, never show a stop string), streamed deadlines
+in every protocol, and log probabilities checked against the HF model's own forward."""
 
 import asyncio
 import dataclasses
+import json
+import random
 import time
 
 import httpx
@@ -121,14 +124,20 @@ def test_health_shows_no_absolute_paths(run):
         assert h["notes"] == ["no exit policy at <run_dir>/agent/policy.pt: serving the full model"]
 
 
-def test_openai_options_that_are_not_supported_are_refused(run):
+def test_options_that_are_not_supported_are_refused(run):
     with TestClient(_app(run)) as c:
         body = {"prompt": "def f(x):\n    return", "max_tokens": 3}
         assert c.post("/v1/completions", json=body).status_code == 200
-        for extra, word in (({"best_of": 3}, "best_of"), ({"logprobs": 2}, "logprobs")):
+        for extra, word in (({"best_of": 3}, "best_of"), ({"logprobs": 6}, "logprobs"),
+                            ({"suffix": "\n    pass"}, "suffix"), ({"echo": True, "logprobs": 1}, "echo")):
             r2 = c.post("/v1/completions", json={**body, **extra})
             assert r2.status_code == 422 and word in r2.json()["error"]["message"], r2.text
-        assert c.post("/v1/completions", json={**body, "best_of": 1}).status_code == 200
+        assert c.post("/v1/completions", json={**body, "best_of": 1, "suffix": ""}).status_code == 200
+        tgi = {"inputs": "def f(x):\n    return", "parameters": {"max_new_tokens": 3}}
+        for extra, word in (({"best_of": 2}, "best_of"), ({"decoder_input_details": True, "details": True},
+                                                          "decoder_input_details"), ({"top_n_tokens": 9}, "top_n")):
+            r3 = c.post("/generate", json={**tgi, "parameters": {**tgi["parameters"], **extra}})
+            assert r3.status_code == 422 and word in r3.json()["error"], r3.text
 
 
 def test_run_without_policy_serves_the_full_model(run):
@@ -234,3 +243,186 @@ def test_token_counts_stop_at_the_stop_string(run):
     assert cut == "abc" and 0 < k < len(ids)
     assert r.tokenizer.decode(ids[:k]).startswith("abc") and not r.tokenizer.decode(ids[:k - 1]).startswith("abc")
     assert engine.kept_tokens(ids, "") == 0 and engine.kept_tokens(ids, text) == len(ids)
+
+
+# ----------------------------------------------------------------------------- streaming and logprobs
+PROMPT = "import os\n\n\ndef read_file(path):\n    with open(path) as f:\n        return"
+
+
+def _per_token(engine, seconds, calls=None):
+    """generate slowed down by ``seconds`` per token, without EOS (so it runs to max_new_tokens)."""
+    real = engine.generate_fn
+
+    def slow(*a, on_token=None, **kw):
+        def tok(t, e):
+            time.sleep(seconds)
+            if on_token is not None:
+                on_token(t, e)
+
+        kw["eos_token_id"] = None
+        res = real(*a, on_token=tok, **kw)
+        if calls is not None:
+            calls.append(res)
+        return res
+
+    return slow
+
+
+def _check_stream(engine, tokens, stops):
+    """Push ``tokens`` through a streamer: what was sent is always a prefix of the final text (so
+    nothing past a stop string, nothing taken back), and pieces + flush == the final text."""
+    full = engine.to_editor_text(engine.tokenizer.decode(tokens, skip_special_tokens=True))
+    final = engine._cut_at_stops(full, stops)
+    streamer = engine.streamer(stops)
+    sent = ""
+    for t in tokens:
+        sent += streamer.push(t)
+        assert final.startswith(sent), (tokens, stops, sent, final)
+    assert not any(s in sent for s in stops)
+    assert sent + streamer.finish(final) == final
+    return sent, final
+
+
+def test_streamed_pieces_join_into_the_final_text_and_never_show_a_stop(run):
+    cfg, r = run
+    tok = r.tokenizer
+    codexglue = Engine(r.model, tok, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding)
+    raw = Engine(r.model, tok, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding, literal_mode="source")
+    assert codexglue.streamer().eol and not raw.streamer().eol
+    texts = ["for é in range(3): <EOL> print ( 'ü' ) <EOL> x = 1", "a <EOL>   <EOL> b  <EOL> <EO",
+             "def f ( x ) : <EOL> return x + 1 <EOL>", "x = '日本' <EOL> y = 2  ", "if a : <EOL> <EOL> <EOL> pass"]
+    stop_sets = [[], ["\n"], ["return"], ["\n\n"], ["+ 1"], ["ü' )"], ["本"], [" ", "x"]]
+    streamed_any = False
+    for engine in (codexglue, raw):
+        for text in texts:
+            ids = tok.encode(text, add_special_tokens=False)
+            # one token at a time as tokenized, and byte by byte split into smaller tokens where possible
+            for stops in stop_sets:
+                sent, final = _check_stream(engine, ids, stops)
+                streamed_any |= bool(sent) and len(sent) >= len(final) // 2
+    assert streamed_any  # the text goes out while tokens come, not all at the end
+    # random token sequences with stop strings cut from their own text, so they straddle tokens
+    rng = random.Random(0)
+    vocab = len(tok)
+    for _ in range(150):
+        engine = rng.choice((codexglue, raw))
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 24))]
+        full = engine.to_editor_text(tok.decode(ids, skip_special_tokens=True))
+        stops = []
+        if full and rng.random() < 0.8:
+            i = rng.randrange(len(full))
+            stops.append(full[i:i + rng.randint(1, 4)])
+        _check_stream(engine, ids, stops)
+
+
+def test_streamed_events_equal_the_plain_answer_and_stop_at_a_split_stop(run):
+    """The same greedy request streamed (engine events, then over SSE) and not: the pieces join
+    into the plain text; a stop string spanning two tokens is never streamed."""
+    from greencode.serve.engine import GenRequest
+
+    app = _app(run)
+    engine = app.state.engine
+    gen = GenRequest(prompt=PROMPT, max_new_tokens=16, threshold=1.0)
+    plain = engine.complete(gen)
+    events = []
+    streamed = engine.complete(GenRequest(prompt=PROMPT, max_new_tokens=16, threshold=1.0), on_event=events.append)
+    assert streamed.text == plain.text and streamed.tokens == plain.tokens
+    assert [e.token_id for e in events] == plain.tokens and [e.index for e in events] == list(range(len(events)))
+    assert [e.exit_layer for e in events] == plain.stats["exit_layers"]
+    tokens, text = plain.tokens, plain.text
+    # a stop string across a token boundary: the last character of one token's text and the first of the next
+    bounds = [len(engine.to_editor_text(r_dec)) for r_dec in
+              (engine.tokenizer.decode(tokens[:k], skip_special_tokens=True) for k in range(1, len(tokens)))]
+    cands = [b for b in bounds
+             if 0 < b < len(text) and text[b - 1:b + 1].strip() and text.find(text[b - 1:b + 1]) == b - 1]
+    assert cands, text
+    stop = text[cands[len(cands) // 2] - 1:cands[len(cands) // 2] + 1]
+    with TestClient(app) as c:
+        body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "RL_agent_thresh": 1.0}
+        ref = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert ref == text
+        for stops in ([], [stop]):
+            want = text[:text.find(stop)] if stops else text
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True, "stop": stops}) as resp:
+                chunks = [json.loads(e[6:]) for e in resp.read().decode().split("\n\n") if e and e != "data: [DONE]"]
+            pieces = [ch["choices"][0]["text"] for ch in chunks]
+            assert "".join(pieces) == want == c.post("/v1/completions", json={**body, "stop": stops}).json(
+                )["choices"][0]["text"]
+            sent = ""
+            for p in pieces:
+                sent += p
+                assert want.startswith(sent) and (not stops or stop not in sent)
+            if not stops:
+                assert sum(1 for p in pieces if p) >= 3  # token by token, not one lump
+
+
+def test_logprobs_are_the_full_models_log_softmax(run):
+    """OpenAI logprobs and TGI details for the full model (threshold 1.0, greedy) equal the
+    log-softmax of the HF model's own final-layer logits, computed here with a plain forward."""
+    import torch
+
+    cfg, r = run
+    app = _app(run)
+    engine = app.state.engine
+    with TestClient(app) as c:
+        tgi = c.post("/generate", json={"inputs": PROMPT, "parameters": {
+            "max_new_tokens": 6, "details": True, "top_n_tokens": 3, "RL_agent_thresh": 1.0}}).json()
+        oa = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 3,
+                                             "RL_agent_thresh": 1.0}).json()
+        streamed = c.post("/generate", json={"inputs": PROMPT, "stream": True, "parameters": {
+            "max_new_tokens": 6, "details": True, "RL_agent_thresh": 1.0}})
+    d = tgi["details"]
+    toks = [t["id"] for t in d["tokens"]]
+    assert len(toks) == d["generated_tokens"] == 6 and tgi["greencode"]["controller"] == "full_model"
+    ids, _ = engine.encode(PROMPT, 6)
+    with torch.inference_mode():
+        for i, t in enumerate(toks):
+            logits = r.model.hf(input_ids=torch.tensor([ids + toks[:i]])).logits[0, -1].float()
+            ref = torch.log_softmax(logits, -1)
+            assert t == int(torch.argmax(ref))  # greedy
+            assert d["tokens"][i]["logprob"] == pytest.approx(float(ref[t]), abs=1e-4)
+            top = torch.topk(ref, 3)
+            assert [x["id"] for x in d["top_tokens"][i]] == top.indices.tolist()
+            assert [x["logprob"] for x in d["top_tokens"][i]] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert d["tokens"][i]["text"] == r.tokenizer.decode([t])
+    lp = oa["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == pytest.approx([t["logprob"] for t in d["tokens"]], abs=1e-6)
+    assert lp["tokens"] == [t["text"] for t in d["tokens"]]
+    assert all(max(top.values()) == pytest.approx(own, abs=1e-6) for top, own in zip(lp["top_logprobs"],
+                                                                                       lp["token_logprobs"]))
+    offsets, text = lp["text_offset"], oa["choices"][0]["text"]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(text)
+    # streamed: token events carry no logprob yet, the final event's details do
+    events = [json.loads(line[5:]) for line in streamed.text.split("\n") if line.startswith("data:")]
+    assert all(e["token"]["logprob"] is None for e in events)
+    assert [t["logprob"] for t in events[-1]["details"]["tokens"]] == pytest.approx(
+        [t["logprob"] for t in d["tokens"]], abs=1e-6)
+
+
+def test_streamed_request_past_its_deadline_ends_with_an_error_event(run):
+    """A stream that runs past serve.request_timeout_s stops generating and ends with its
+    protocol's error event (the status line was already sent), counted as a timeout."""
+    app = _app(run, request_timeout_s=1.0, max_new_tokens_cap=64)
+    engine = app.state.engine
+    with TestClient(app) as c:
+        calls = []
+        engine.generate_fn = _per_token(engine, 0.05, calls)
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 64, "stream": True}) as resp:
+            events = [e for e in resp.read().decode().split("\n\n") if e]
+        assert resp.status_code == 200 and events[-1] == "data: [DONE]"
+        err = json.loads(events[-2][6:])["error"]
+        assert err["code"] == 504 and "request_timeout_s" in err["message"] and len(events) > 3
+        tgi = {"inputs": PROMPT, "parameters": {"max_new_tokens": 64}}
+        with c.stream("POST", "/generate_stream", json=tgi) as resp:
+            last = [line for line in resp.read().decode().split("\n") if line.startswith("data:")][-1]
+        assert json.loads(last[5:])["error_type"] == "timeout"
+        with c.stream("POST", "/api/generate", json={"model": "greencode", "prompt": PROMPT,
+                                                     "options": {"num_predict": 64}}) as resp:
+            lines = [json.loads(line) for line in resp.read().decode().split("\n") if line]
+        assert "request_timeout_s" in lines[-1]["error"] and not any(x.get("done") for x in lines)
+        assert all(res.finish_reason == "cancelled" and len(res.tokens) < 64 for res in calls)
+        engine.generate_fn = _slow(engine, 0.0)
+        deadline = time.monotonic() + 10
+        while app.state.scheduler.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert 'greencode_rejected_total{reason="timeout"} 3.0' in c.get("/metrics").text

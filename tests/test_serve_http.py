@@ -1,10 +1,15 @@
 """The endpoint started for real (scripts/serve.py in a child process, smoke config, a tiny
 random demo run, a free loopback port) and called over HTTP: every route and format, streaming
-parsed the way the clients parse it, the official openai and ollama clients, 50 simultaneous
-requests, and bad input (all 4xx, server alive)."""
+parsed the way the clients parse it, the official openai, ollama and huggingface_hub clients,
+50 and 200 simultaneous requests (every answer JSON, refusals 503 with Retry-After and counted),
+and bad input (all 4xx, server alive). A second server (uvicorn in a thread, generation slowed
+per token) shows streams are real: the first chunk arrives long before the last, with every
+official client, and a client that hangs up stops the generation."""
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -305,3 +310,158 @@ def test_bad_input_is_4xx_and_server_survives(server, http):
     assert http.get("/health").status_code == 200
     assert _gen(http)["generated_text"] is not None
     assert 'status="500"' not in http.get("/metrics").text
+
+
+def _counter(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_two_hundred_simultaneous_requests_all_get_json(server, http):
+    """A burst far past the queue: every answer is JSON, served (200) or refused (503 with
+    Retry-After, from the generation queue or the app's connection bound); some are served, every
+    refusal is counted in /metrics, and the server keeps serving."""
+    before = http.get("/metrics").text
+
+    async def burst():
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120.0, limits=limits) as c:
+            body = {"inputs": PROMPT, "options": {"num_predict": 16, "RL_agent_thresh": 0.5}}
+            return await asyncio.gather(*[c.post("/api/generate", json=body) for _ in range(200)])
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert all(r.headers["content-type"].startswith("application/json") for r in responses)
+    assert codes.count(200) >= 1
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"], r.text
+        else:
+            assert r.json()["generated_text"] is not None
+    after = http.get("/metrics").text
+    refused = sum(_counter(after, "greencode_rejected_total", reason=k) - _counter(before, "greencode_rejected_total",
+                                                                                    reason=k)
+                  for k in ("busy", "overload"))
+    assert refused == codes.count(503)
+    assert (_counter(after, "greencode_requests_total", route="/api/generate", status="503")
+            - _counter(before, "greencode_requests_total", route="/api/generate", status="503")) == codes.count(503)
+    assert http.get("/health").json()["queue"]["in_flight"] == 0
+    assert _gen(http, RL_agent_thresh=0.5)["generated_text"] is not None
+
+
+# ----------------------------------------------------------------------------- real streaming
+STEP_S = 0.015  # the slowed generation: 15 ms a token, 64 tokens ~ 1 s
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """The app in-process under uvicorn (a thread, a free loopback port) with generation slowed
+    per token and EOS ignored, so every request runs its full length."""
+    import dataclasses
+
+    import uvicorn
+
+    from greencode.serve import create_app, load_run
+    from greencode.serve.server import free_port
+
+    cfg = load_config(SMOKE, ["hardware.num_threads=1", "serve.max_new_tokens_cap=64", "serve.queue_size=4"])
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, api_key=None))
+    run = load_run(cfg, build_demo_run(cfg, tmp_path_factory.mktemp("slow_run"), p_exit=0.7))
+    app = create_app(cfg, model=run.model, tokenizer=run.tokenizer, policy=run.policy)
+    engine = app.state.engine
+    real, calls = engine.generate_fn, []
+
+    def slow(*a, on_token=None, **kw):
+        def tok(t, e):
+            time.sleep(STEP_S)
+            if on_token is not None:
+                on_token(t, e)
+
+        kw["eos_token_id"] = None
+        res = real(*a, on_token=tok, **kw)
+        calls.append(res)
+        return res
+
+    engine.generate_fn = slow
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}", app, calls
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def _timed(chunks):
+    t0, out = time.perf_counter(), []
+    for chunk in chunks:
+        out.append((time.perf_counter() - t0, chunk))
+    return out
+
+
+def _assert_streamed(timed, n_tokens=64):
+    first, last = timed[0][0], timed[-1][0]
+    assert last > n_tokens * STEP_S * 0.8  # the generation really took a while
+    assert first < 0.5 * last, (first, last)  # and the first piece came long before the end
+
+
+def test_openai_stream_is_real(slow_server):
+    import openai
+
+    url, _, _ = slow_server
+    oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    kw = dict(model="greencode", prompt=PROMPT, max_tokens=64, temperature=0)
+    timed = _timed(oa.completions.create(stream=True, **kw))
+    _assert_streamed(timed)
+    text_chunks = [c for _, c in timed if c.choices and c.choices[0].text]
+    assert len(text_chunks) >= 16
+    assert "".join(c.choices[0].text for _, c in timed if c.choices) == oa.completions.create(**kw).choices[0].text
+
+
+def test_ollama_stream_is_real(slow_server):
+    import ollama
+
+    url, _, _ = slow_server
+    ol = ollama.Client(host=url)
+    opts = {"num_predict": 64, "temperature": 0}
+    timed = _timed(ol.generate(model="greencode", prompt=PROMPT, options=opts, stream=True))
+    _assert_streamed(timed)
+    assert timed[-1][1].done and sum(1 for _, p in timed if p.response) >= 16
+    plain = ol.generate(model="greencode", prompt=PROMPT, options=opts, stream=False)
+    assert "".join(p.response for _, p in timed) == plain.response and plain.eval_count == 64
+
+
+def test_tgi_stream_is_real_with_the_inference_client(slow_server):
+    from huggingface_hub import InferenceClient
+
+    url, _, _ = slow_server
+    client = InferenceClient(base_url=url)
+    timed = _timed(client.text_generation(PROMPT, max_new_tokens=64, stream=True))
+    _assert_streamed(timed)
+    assert len(timed) == 64 + 1  # one event per token, then the last with generated_text
+    assert "".join(t for _, t in timed) == client.text_generation(PROMPT, max_new_tokens=64)
+
+
+def test_client_hanging_up_stops_the_generation(slow_server):
+    url, app, calls = slow_server
+    n = len(calls)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 64, "stream": True,
+                                                       "temperature": 0}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # one chunk, then hang up
+    deadline = time.monotonic() + 10
+    while (len(calls) == n or app.state.scheduler.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    res = calls[-1]
+    assert res.finish_reason == "cancelled" and len(res.tokens) < 48, (res.finish_reason, len(res.tokens))
+    assert app.state.scheduler.in_flight == 0

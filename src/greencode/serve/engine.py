@@ -2,8 +2,19 @@
 decoding loop (:func:`greencode.decoding.generate`, the same loop the evaluator uses), and the
 per-response statistics (exit layers, share of layers skipped, latency, energy when measured).
 
-:class:`Engine` is not thread-safe on purpose: the app runs it from a single worker thread,
-one request at a time (see :mod:`greencode.serve.app`).
+A request goes through three steps, so a scheduler can place each where it belongs:
+
+* :meth:`Engine.prepare` (``GenRequest`` -> :class:`Job`): encode the prompt, choose the exit
+  controller, convert the stop strings; raises :class:`RequestError` for a request that cannot
+  run. Safe to call from another thread than the one running the model (tokenizer only).
+* :meth:`Engine.run` (``Job`` -> the loop's result): the decoding loop, with ``on_token`` feeding a
+  :class:`TextStreamer` that turns each token into a safe editor-text increment, pushed as a
+  :class:`~greencode.serve.events.TokenEvent` while the loop runs.
+* :meth:`Engine.finish` (``Job``, result -> :class:`Completion`): the final text (cut at stop
+  strings), the counts and statistics (cut there too), log probabilities when asked.
+
+:meth:`Engine.complete` runs the three in a row. :meth:`Engine.run` is not thread-safe on
+purpose: the scheduler runs it from a single worker thread (see :mod:`greencode.serve.scheduler`).
 """
 
 from __future__ import annotations
@@ -15,17 +26,22 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from greencode.config import Config, ConfigError
 from greencode.paths import RunPaths
 from greencode.serve.errors import RequestError
+from greencode.serve.events import TokenEvent
 from greencode.utils import REPO_ROOT, setup_torch
 
 log = logging.getLogger(__name__)
 
 EOL = "<EOL>"
 _EOL_RE = re.compile(r"[ \t]*<EOL>[ \t]*")
+# the end of an editor text that the <EOL> -> newline conversion may still rewrite once more tokens
+# come: trailing spaces/tabs (eaten around an <EOL>) and a partial "<EOL" marker
+_EOL_TAIL_RE = re.compile(r"[ \t]*(?:<(?:E(?:O(?:L)?)?)?)?\Z")
+MAX_LOGPROBS = 5  # the most alternatives per token a request may ask for (OpenAI's own limit)
 FULL_MODEL_THRESHOLD = 1.0  # RL_agent_thresh >= 1.0 serves the exact full model (no exit checks at all)
 
 # fill-in-the-middle prompts from editors: (prefix, suffix, middle) markers. Our models are
@@ -52,8 +68,24 @@ class GenRequest:
     threshold: Optional[float] = None  # None = the server default
     max_disagreement: Optional[float] = None  # a calibrated fidelity target instead of a raw threshold
     num_ctx: Optional[int] = None  # client's context limit (Ollama); the model's own is the ceiling
-    want_pieces: bool = False  # streaming: per-token text increments
+    stream: bool = False  # push a TokenEvent per token as it is produced
+    # None: no log probabilities; 0: each returned token's own; n (<= MAX_LOGPROBS): also the n most likely
+    logprobs: Optional[int] = None
     request_id: str = ""
+
+
+@dataclass
+class TokenInfo:
+    """One returned token with its log probability (``GenRequest.logprobs``): the log-softmax of
+    the logits of the layer that produced it (the exit layer's head; the final layer's for the full
+    model), before any sampling temperature."""
+
+    id: int
+    text: str  # the token's own text, as the tokenizer decodes it alone
+    logprob: float
+    offset: int  # where this token's part of Completion.text starts
+    special: bool
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), most likely first
 
 
 @dataclass
@@ -61,9 +93,9 @@ class Completion:
     text: str
     prompt_ids: list[int]
     tokens: list[int]
-    finish_reason: str  # length | eos | stop (the decoding loop's words)
+    finish_reason: str  # length | eos | stop | cancelled (the decoding loop's words)
     stats: dict[str, Any]
-    pieces: list[str] = field(default_factory=list)
+    token_info: Optional[list[TokenInfo]] = None  # per returned token, when log probabilities were asked
 
     @property
     def prompt_tokens(self) -> int:
@@ -72,6 +104,90 @@ class Completion:
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
+
+
+@dataclass
+class Job:
+    """A prepared request (:meth:`Engine.prepare`): what the decoding loop needs, and the
+    timings and streaming state the run adds."""
+
+    gen: GenRequest
+    ids: list[int]
+    enc: dict
+    controller: Any
+    threshold: Optional[float]
+    mode: str
+    stops: list[str]  # the stop strings in model text (the loop stops on them)
+    submitted_at: float
+    tokenize_s: float
+    prepared_at: float
+    deadline: Optional[float] = None  # time.perf_counter() seconds; the loop stops between tokens past it
+    started_at: Optional[float] = None
+    measurement: Any = None
+    streamer: Optional["TextStreamer"] = None
+
+    def flush(self, text: str) -> str:
+        """The part of the final ``text`` no token event carried yet."""
+        return self.streamer.finish(text) if self.streamer is not None else text
+
+
+class TextStreamer:
+    """Tokens in, safe editor-text increments out: each :meth:`push` returns the text that can
+    be sent now, and :meth:`finish` the rest, so that every increment joined equals the final text.
+
+    Held back until certain: text that could still be the start of a stop string, a trailing
+    partial UTF-8 character (decoded as U+FFFD), and (with the ``<EOL>`` conversion) trailing
+    whitespace or a partial ``<EOL`` the conversion may still consume. Text from the first stop
+    string on is never sent. Relies on the tokenizer decoding a longer token list to a text that
+    extends the shorter one's (true of byte-level BPE and SentencePiece without clean-up)."""
+
+    def __init__(self, tokenizer, to_editor_text: Callable[[str], str] = lambda t: t, stops: Sequence[str] = (),
+                 eol: bool = False):
+        self.tokenizer = tokenizer
+        self.to_editor_text = to_editor_text
+        self.stops = [s for s in stops if s]
+        self.eol = eol
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self._stopped = False
+
+    def _safe(self, full: str) -> str:
+        """The part of ``full`` (the editor text of the tokens so far) that no later token can change."""
+        end = len(full)
+        while end and full[end - 1] == "\ufffd":
+            end -= 1
+        if self.eol:
+            end = _EOL_TAIL_RE.search(full[:end]).start()
+        stable = full[:end]
+        cut = min((stable.find(s) for s in self.stops if s in stable), default=-1)
+        if cut >= 0:  # a stop string wholly in the stable text: the answer ends there
+            self._stopped = True
+            return stable[:cut]
+        for i in range(max(0, end - max((len(s) for s in self.stops), default=0) + 1), end):
+            tail = stable[i:]
+            if any(s.startswith(tail) for s in self.stops):  # the earliest suffix that may begin a stop
+                return stable[:i]
+        return stable
+
+    def push(self, token_id: int) -> str:
+        self.tokens.append(int(token_id))
+        if self._stopped:
+            return ""
+        full = self.to_editor_text(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        safe = self._safe(full)
+        if len(safe) <= len(self.emitted) or not safe.startswith(self.emitted):
+            return ""
+        piece = safe[len(self.emitted):]
+        self.emitted = safe
+        return piece
+
+    def finish(self, text: str) -> str:
+        """The rest of the final ``text`` after what was already sent."""
+        if not text.startswith(self.emitted):  # cannot happen with a prefix-stable tokenizer; say so if it does
+            log.warning("streamed text %r is not a prefix of the final text %r", self.emitted[-40:], text[-40:])
+        tail = text[len(self.emitted):]
+        self.emitted = text
+        return tail
 
 
 @dataclass
@@ -341,44 +457,85 @@ class Engine:
             info["prompt_format_note"] = fmt_note
         return ids, info
 
-    def complete(self, req: GenRequest, submitted_at: Optional[float] = None,
-                 deadline: Optional[float] = None) -> Completion:
-        """Run one request. ``deadline`` (``time.perf_counter`` seconds) stops the decoding
-        loop between tokens once passed, so a request answered 504 frees the model at once."""
-        from greencode.decoding import compute_cost
-
+    def prepare(self, gen: GenRequest, submitted_at: Optional[float] = None,
+                deadline: Optional[float] = None) -> Job:
+        """Encode the prompt, choose the controller and convert the stop strings (no model call).
+        Raises :class:`RequestError` (422) for a request that cannot run."""
         t0 = time.perf_counter()
-        queue_s = (t0 - submitted_at) if submitted_at is not None else 0.0
-        ids, enc = self.encode(req.prompt, req.max_new_tokens, req.num_ctx)
-        controller, thr, mode = self.controller_for(req.threshold, req.max_disagreement)
+        if gen.logprobs is not None and not 0 <= gen.logprobs <= MAX_LOGPROBS:
+            raise RequestError(422, f"logprobs={gen.logprobs}: this server returns at most {MAX_LOGPROBS} "
+                                    "alternatives per token", loc="body.logprobs")
+        ids, enc = self.encode(gen.prompt, gen.max_new_tokens, gen.num_ctx)
+        controller, thr, mode = self.controller_for(gen.threshold, gen.max_disagreement)
         t1 = time.perf_counter()
-        name = f"gen-{next(self._ids)}"
+        return Job(gen=gen, ids=[int(i) for i in ids], enc=enc, controller=controller, threshold=thr, mode=mode,
+                   stops=self.model_stops(gen.stop), submitted_at=t0 if submitted_at is None else submitted_at,
+                   tokenize_s=t1 - t0, prepared_at=t1, deadline=deadline)
+
+    def streamer(self, stops: Sequence[str] = ()) -> TextStreamer:
+        """A :class:`TextStreamer` for this engine's editor text and the request's stop strings."""
+        return TextStreamer(self.tokenizer, self.to_editor_text, stops,
+                            eol=self.prompt_format != "raw" and self.language == "python")
+
+    def run(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
+            should_stop: Optional[Callable[[], bool]] = None):
+        """The decoding loop for ``job``. ``on_event`` gets a :class:`TokenEvent` for every token
+        as it is chosen; ``should_stop()`` (and ``job.deadline``) end the loop between tokens with
+        ``finish_reason="cancelled"``."""
+        job.started_at = time.perf_counter()
+        deadline = job.deadline
+        if deadline is not None or should_stop is not None:
+            def stop() -> bool:
+                return (deadline is not None and time.perf_counter() > deadline) or (
+                    should_stop is not None and bool(should_stop()))
+        else:
+            stop = None
+        on_token = None
+        if on_event is not None:
+            streamer = job.streamer = self.streamer(job.gen.stop)
+            count = itertools.count()
+
+            def push_token(token_id: int, exit_layer: int) -> None:
+                on_event(TokenEvent(next(count), int(token_id), streamer.push(token_id), int(exit_layer)))
+
+            on_token = push_token
+
+        gen = job.gen
+        kw = {"return_logits": True} if gen.logprobs is not None else {}
         try:
-            with self.meter.window(name) as w:
+            with self.meter.window(f"gen-{next(self._ids)}") as w:
                 res = self.generate_fn(
-                    self.model, ids, controller, req.max_new_tokens, do_sample=req.do_sample and req.temperature > 0,
-                    temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                    eos_token_id=self.eos_ids or None, stop_strings=self.model_stops(req.stop) or None,
-                    tokenizer=self.tokenizer,
-                    kv_strategy=self.decoding_cfg.kv_strategy,
-                    should_stop=(lambda: time.perf_counter() > deadline) if deadline is not None else None)
+                    self.model, job.ids, job.controller, gen.max_new_tokens,
+                    do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
+                    top_k=gen.top_k, seed=gen.seed, eos_token_id=self.eos_ids or None,
+                    stop_strings=job.stops or None, tokenizer=self.tokenizer,
+                    kv_strategy=self.decoding_cfg.kv_strategy, on_token=on_token, should_stop=stop, **kw)
         except (ValueError, ConfigError) as e:  # the loop's own argument checks: the request's fault
             raise RequestError(422, f"cannot generate: {e}") from None
-        m = w.measurement
+        job.measurement = w.measurement
+        return res
+
+    def finish(self, job: Job, res) -> Completion:
+        """The completion of a finished run: text cut at the first stop string, the tokens and
+        statistics of what is returned, log probabilities when asked."""
+        from greencode.decoding import compute_cost
+
         t2 = time.perf_counter()
+        req, m = job.gen, job.measurement
         model_text = res.text if res.text is not None else self.tokenizer.decode(res.tokens, skip_special_tokens=True)
         full_text = self.to_editor_text(model_text)
         text = self._cut_at_stops(full_text, req.stop)
         # the tokens whose text is returned: a token wholly past a stop string is not counted as completion
         kept = len(res.tokens) if text == full_text else self.kept_tokens(res.tokens, text)
-        cost = compute_cost(self.model, [res], controller)
+        cost = compute_cost(self.model, [res], job.controller)
         decode_exits = res.exit_layers[1:kept]
+        started = job.started_at if job.started_at is not None else job.prepared_at
         stats = {
             "request_id": req.request_id,
-            "controller": mode,
-            "threshold": thr,
+            "controller": job.mode,
+            "threshold": job.threshold,
             "max_disagreement": req.max_disagreement,
-            "policy_temperature": self.decoding_cfg.policy_temperature if mode == "policy" else None,
+            "policy_temperature": self.decoding_cfg.policy_temperature if job.mode == "policy" else None,
             "exit_layers": list(res.exit_layers[:kept]),
             "num_layers": self.model.num_layers,
             "exit_points": list(self.model.exit_points),
@@ -387,28 +544,66 @@ class Engine:
             "compute_ratio": cost["compute_ratio"],
             "layers_run": res.counters.get("layers_run"),
             "decode_steps": res.counters.get("decode_steps", len(decode_exits)),
-            "prompt_tokens": len(ids),
-            **enc,
+            "prompt_tokens": len(job.ids),
+            **job.enc,
             "completion_tokens": kept,
             # what the model generated (the compute stats above count all of it, stop string included)
             "generated_tokens": len(res.tokens),
             "finish_reason": res.finish_reason,
-            "queue_s": queue_s,
-            "tokenize_s": t1 - t0,
-            "generation_s": m.latency_s,
+            # from submission to the start of the run, less the preparation itself (thread hand-offs, waiting)
+            "queue_s": max(0.0, started - job.submitted_at - job.tokenize_s),
+            "tokenize_s": job.tokenize_s,
+            "generation_s": m.latency_s if m is not None else None,
             "prefill_s": res.counters.get("prefill_time_s"),
             "decode_s": res.counters.get("decode_time_s"),
-            "energy_j": m.energy_j,
-            "energy_source": m.source,
-            "energy_note": m.note,
+            "energy_j": m.energy_j if m is not None else None,
+            "energy_source": m.source if m is not None else self.meter.source,
+            "energy_note": m.note if m is not None else None,
         }
         if self.prompt_format != "raw":
             stats["model_text"] = model_text
-        pieces = self.pieces(res.tokens, text) if req.want_pieces else []
+        tokens = [int(t) for t in res.tokens[:kept]]
+        info = None
+        if req.logprobs is not None:
+            info = self.token_info(tokens, res.logits, text, req.logprobs)
         stats["postprocess_s"] = time.perf_counter() - t2
         stats["done_at"] = time.perf_counter()  # the app turns it into worker_to_loop_s
-        return Completion(text=text, prompt_ids=[int(i) for i in ids], tokens=[int(t) for t in res.tokens[:kept]],
-                          finish_reason=res.finish_reason, stats=stats, pieces=pieces)
+        return Completion(text=text, prompt_ids=list(job.ids), tokens=tokens, finish_reason=res.finish_reason,
+                          stats=stats, token_info=info)
+
+    def complete(self, req: GenRequest, submitted_at: Optional[float] = None, deadline: Optional[float] = None,
+                 on_event: Optional[Callable[[TokenEvent], None]] = None) -> Completion:
+        """Run one request: :meth:`prepare`, :meth:`run`, :meth:`finish`. ``deadline``
+        (``time.perf_counter`` seconds) stops the decoding loop between tokens once passed, so a
+        request answered 504 frees the model at once."""
+        job = self.prepare(req, submitted_at, deadline)
+        return self.finish(job, self.run(job, on_event))
+
+    def token_info(self, tokens: list[int], logits: Optional[list], text: str, top_n: int) -> list[TokenInfo]:
+        """Each returned token's log-softmax under the logits that chose it, the ``top_n`` most
+        likely alternatives, and where its text starts in ``text``."""
+        import torch
+
+        if not tokens:
+            return []
+        if logits is None or len(logits) < len(tokens):
+            raise RuntimeError("the decoding loop returned no logits for log probabilities (return_logits=True)")
+        lp = torch.log_softmax(torch.stack([lg.reshape(-1).float() for lg in logits[:len(tokens)]]), dim=-1)
+        chosen = lp.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
+        top_vals, top_ids = (torch.topk(lp, min(top_n, lp.shape[1]), dim=-1) if top_n else (None, None))
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        out, offset = [], 0
+        for i, tok in enumerate(tokens):
+            top = []
+            if top_ids is not None:
+                top = [(int(t), self.tokenizer.decode([int(t)]), float(v))
+                       for t, v in zip(top_ids[i].tolist(), top_vals[i].tolist())]
+            out.append(TokenInfo(id=tok, text=self.tokenizer.decode([tok]), logprob=float(chosen[i]), offset=offset,
+                                 special=tok in special, top=top))
+            # the next token's text starts where the editor text of the tokens so far ends (within text)
+            upto = len(self.to_editor_text(self.tokenizer.decode(tokens[:i + 1], skip_special_tokens=True)))
+            offset = max(offset, min(upto, len(text)))
+        return out
 
     def kept_tokens(self, tokens: list[int], text: str) -> int:
         """How many leading ``tokens`` it takes to produce ``text`` (a prefix of their editor text):
@@ -432,20 +627,10 @@ class Engine:
         cut = min((text.find(s) for s in stops if s and s in text), default=-1)
         return text[:cut] if cut >= 0 else text
 
-    def pieces(self, tokens: list[int], text: str) -> list[str]:
-        """Per-token text increments whose concatenation is exactly ``text`` (a token that ends
-        inside a multi-byte character, or text past a stop string, is held back)."""
-        out: list[str] = []
-        emitted = 0
-        for i in range(1, len(tokens) + 1):
-            partial = self.to_editor_text(self.tokenizer.decode(tokens[:i], skip_special_tokens=True))
-            n = min(len(partial), len(text))
-            if n > emitted and text[:n] == partial[:n] and "\ufffd" not in partial[emitted:n]:
-                out.append(text[emitted:n])
-                emitted = n
-            else:
-                out.append("")
-        if emitted < len(text):
-            out.append(text[emitted:])
+    def pieces(self, tokens: list[int], text: str, stops: Sequence[str] = ()) -> list[str]:
+        """The editor-text increments a stream of ``tokens`` sends (one per token, then the final
+        flush), whose concatenation is exactly ``text`` (see :class:`TextStreamer`)."""
+        streamer = self.streamer(stops)
+        out = [streamer.push(t) for t in tokens]
+        out.append(streamer.finish(text))
         return out
-

@@ -2,7 +2,7 @@
 
 Counters: requests by route and status, completions by format, prompt and generated tokens,
 decode steps, layers run against what the full model would run, the sum of exit layers,
-requests refused (busy / timeout), measured energy. Gauges derived from them: mean exit
+requests refused (busy / overload / timeout / shutdown), measured energy. Gauges derived from them: mean exit
 layer (0-based, over decode steps), share of layers skipped, requests in flight. Histograms:
 request latency per route and generation time.
 """
@@ -24,7 +24,7 @@ class ServeMetrics:
         r = self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._exit_sum = 0.0
-        self._decode_steps = 0
+        self._exit_steps = 0  # decode steps of returned tokens (the exit layers reported, cut at stop strings)
         self._layers_run = 0
         self._layers_full = 0
         self.requests = Counter("greencode_requests", "HTTP requests by route and status code",
@@ -45,14 +45,16 @@ class ServeMetrics:
                               "generations whose energy was measured)", registry=r)
         self.energy_measured = Counter("greencode_energy_measured_generations", "generations with measured "
                                        "energy", registry=r)
-        self.rejected = Counter("greencode_rejected", "requests refused: busy (queue full) or timeout", ["reason"],
+        self.rejected = Counter("greencode_rejected", "requests refused: busy (generation queue full), overload "
+                                "(too many requests in progress), timeout (past serve.request_timeout_s) or "
+                                "shutdown", ["reason"],
                                 registry=r)
         self.request_seconds = Histogram("greencode_request_latency_seconds", "server time per request",
                                          ["route"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.generation_seconds = Histogram("greencode_generation_seconds", "time inside the decoding loop per "
                                             "generation", buckets=LATENCY_BUCKETS_S, registry=r)
         Gauge("greencode_mean_exit_layer", "mean 0-based exit layer over all decode steps so far", registry=r
-              ).set_function(lambda: self._exit_sum / self._decode_steps if self._decode_steps else float("nan"))
+              ).set_function(lambda: self._exit_sum / self._exit_steps if self._exit_steps else float("nan"))
         Gauge("greencode_layers_skipped_share", "share of decoder layers skipped in decode steps so far",
               registry=r).set_function(lambda: 1 - self._layers_run / self._layers_full if self._layers_full
                                        else float("nan"))
@@ -72,7 +74,7 @@ class ServeMetrics:
         layers_run = int(stats.get("layers_run") or 0)
         with self._lock:
             self._exit_sum += float(sum(exits[1:]))
-            self._decode_steps += steps
+            self._exit_steps += max(0, len(exits) - 1)
             self._layers_run += layers_run
             self._layers_full += steps * num_layers
         self.completions.labels(format=fmt).inc()

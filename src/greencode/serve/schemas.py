@@ -11,12 +11,15 @@ Formats (see the README, section "Serving completions to an editor"):
 * seed / huggingface-vscode-endpoint-server: ``{"inputs", "options": {num_predict, temperature,
   top_p, RL_agent_thresh}}`` on ``/api/generate``;
 * HF Inference API / TGI: ``{"inputs", "parameters": {max_new_tokens, temperature, top_p, top_k,
-  do_sample, stop, return_full_text, seed, details}}`` on ``/api/generate``, ``/generate`` and
-  ``/models/{model}``;
+  do_sample, stop, return_full_text, seed, details, top_n_tokens}, "stream"}`` on ``/api/generate``,
+  ``/generate``, ``/generate_stream``, ``/`` and ``/models/{model}``;
 * Ollama: ``{"model", "prompt", "suffix", "options": {num_predict, temperature, top_p, top_k, stop,
   num_ctx, seed}, "stream"}`` on ``/api/generate``;
 * OpenAI completions: ``{"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop",
-  "stream", "echo", "seed"}`` on ``/v1/completions``.
+  "stream", "echo", "seed", "logprobs"}`` on ``/v1/completions``.
+
+These models are also the request bodies of the OpenAPI schema (``/openapi.json``), so
+schema-driven clients and fuzzers send real bodies.
 
 Every format also accepts the exit threshold as ``RL_agent_thresh`` or ``exit_threshold`` (in
 ``options`` / ``parameters``; top level for OpenAI), or instead a fidelity target
@@ -73,7 +76,10 @@ class HFParameters(_Knobs):
     do_sample: Optional[bool] = None
     stop_sequences: Optional[Stop] = None
     return_full_text: Optional[bool] = None
-    details: Optional[bool] = None
+    details: Optional[bool] = None  # finish reason, token count and each token's id, text and logprob
+    top_n_tokens: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # with details: the n most likely per token
+    decoder_input_details: Optional[bool] = None  # the prompt's logprobs: not supported, true is a clear 422
+    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None  # one candidate per request: above 1 is a 422
 
 
 class _TopLevelThreshold(_Body):
@@ -110,7 +116,7 @@ class OpenAIRequest(_Knobs):
     max_tokens: Optional[TokenCount] = None
     n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None  # not supported above 1: a clear 422
-    logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # not supported: a clear 422
+    logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # each token's logprob and the n most likely
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     echo: Optional[bool] = None

@@ -50,8 +50,9 @@ def serve(cfg, run_dir: Optional[Union[str, Path]] = None, *, host: Optional[str
     print(f"GREEN-CODE endpoint: http://{host}:{port}  model {cfg.serve.model_name!r} ({info['family']}, "
           f"{info['num_layers']} layers, exits {info['exit_layers']}) - {info['serving']}; default threshold "
           f"{cfg.serve.default_threshold}, energy: {info['energy_source']}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=30,
-                limit_concurrency=max(64, 8 * (cfg.serve.queue_size + 1)))
+    # no limit_concurrency: uvicorn would answer overload with text/plain 503s; the app bounds requests
+    # itself and answers JSON 503 with Retry-After (greencode.serve.app, max_concurrent_requests)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=30)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,133 @@
+"""The Ollama protocol: ``POST /api/generate`` with ``prompt`` (shared with the HF/seed format,
+told apart by its fields), ``GET /api/tags``, ``POST /api/show``, ``GET /api/version``.
+
+Answers: Ollama's object (``response``, ``done``, ``done_reason``, ``context``, token counts and
+durations in ns, plus ``greencode``); streamed (``"stream"`` is true unless false, as in
+Ollama): newline-terminated JSON lines, one per token piece as it is produced, the last with
+``done: true``, the stats, and any text held back until the end. An error after the stream
+started is a last ``{"error": ...}`` line, which the ollama client raises.
+
+A ``suffix`` is not used (the models are left-to-right); the statistics say ``suffix_ignored``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from greencode.serve.engine import Completion, GenRequest
+from greencode.serve.events import Event, TokenEvent
+from greencode.serve.protocols.common import (INFO_STATUSES, ServeContext, error_message, json_body, now_iso,
+                                              responses)
+from greencode.serve.schemas import (OllamaRequest, SeedOptions, ShowRequest, check_text, stop_list, target_of,
+                                     threshold_of, validate)
+
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
+NDJSON = "application/x-ndjson"
+
+
+def final(c: Completion, model: str, response: str, suffix_ignored: bool = False) -> dict:
+    s = c.stats
+    if suffix_ignored:
+        s["suffix_ignored"] = True
+    ns = lambda x: int(round((x or 0.0) * 1e9))  # noqa: E731
+    return {"model": model, "created_at": now_iso(), "response": response, "done": True,
+            "done_reason": "length" if c.finish_reason == "length" else "stop",
+            "context": c.prompt_ids + c.tokens, "total_duration": ns(s.get("latency_s")), "load_duration": 0,
+            "prompt_eval_count": c.prompt_tokens, "prompt_eval_duration": ns(s.get("prefill_s")),
+            "eval_count": c.completion_tokens, "eval_duration": ns(s.get("decode_s")), "greencode": s}
+
+
+async def lines(events: AsyncIterator[Event], model: str, suffix_ignored: bool) -> AsyncIterator[str]:
+    try:
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                if ev.text:
+                    yield json.dumps({"model": model, "created_at": now_iso(), "response": ev.text,
+                                      "done": False}) + "\n"
+                continue
+            yield json.dumps(final(ev.completion, model, ev.tail, suffix_ignored)) + "\n"
+    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band, as Ollama sends it
+        _, message, _ = error_message(e)
+        yield json.dumps({"error": message}) + "\n"
+
+
+async def generate(ctx: ServeContext, request: Request, data: dict) -> Response:
+    body = validate(OllamaRequest, data)
+    model = body.model or ctx.name
+    stream = True if body.stream is None else body.stream
+    prompt = check_text(body.prompt, "body.prompt")
+    suffix = check_text(body.suffix, "body.suffix")
+    if not prompt and not suffix:  # Ollama's "load the model" call
+        done = {"model": model, "created_at": now_iso(), "response": "", "done": True, "done_reason": "load"}
+        if stream:
+            return StreamingResponse(iter([json.dumps(done) + "\n"]), media_type=NDJSON)
+        return JSONResponse(done)
+    o = body.options or SeedOptions()
+    gen = GenRequest(prompt=prompt, max_new_tokens=ctx.max_tokens(o.num_predict, "body.options.num_predict",
+                                                                  ollama=True),
+                     **ctx.sampling(o.temperature, o.top_p, o.top_k, OLLAMA_DEFAULTS), seed=o.seed,
+                     stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o, body),
+                     max_disagreement=target_of(o, body), num_ctx=o.num_ctx)
+    if not stream:
+        c = await ctx.complete(request, gen, "ollama")
+        return JSONResponse(final(c, model, c.text, bool(suffix)))
+    events = await ctx.stream(request, gen, "ollama")
+    return StreamingResponse(lines(events, model, bool(suffix)), media_type=NDJSON)
+
+
+def _details(ctx: ServeContext) -> dict:
+    info = ctx.info
+    return {"parent_model": "", "format": "safetensors", "family": info["family"], "families": [info["family"]],
+            "parameter_size": _param_count(info["num_parameters"]),
+            "quantization_level": info["dtype"].upper().replace("FLOAT", "F")}
+
+
+def _param_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def register(router: APIRouter, ctx: ServeContext) -> None:
+    """Ollama's listing and model-info routes (``/api/generate`` is wired by the app)."""
+    info = ctx.info
+
+    async def ollama_tags() -> dict:
+        return {"models": [{"name": ctx.name, "model": ctx.name, "modified_at": _dt.datetime.fromtimestamp(
+            ctx.started, _dt.timezone.utc).isoformat(), "size": ctx.size_bytes, "digest": ctx.digest,
+            "details": _details(ctx)}]}
+
+    async def ollama_show(request: Request) -> dict:
+        validate(ShowRequest, await ctx.read_json(request))
+        arch = info["family"]
+        params = "\n".join(f"{k} {v}" for k, v in (("temperature", OLLAMA_DEFAULTS["temperature"]),
+                                                   ("top_p", OLLAMA_DEFAULTS["top_p"]),
+                                                   ("top_k", OLLAMA_DEFAULTS["top_k"]),
+                                                   ("num_predict", ctx.default_tokens)))
+        return {"license": "", "modelfile": f"# GREEN-CODE early-exit model served from {info['run_dir']}\n",
+                "parameters": params, "template": "{{ .Prompt }}", "details": _details(ctx),
+                "model_info": {"general.architecture": arch, "general.parameter_count": info["num_parameters"],
+                               f"{arch}.context_length": info["context_window"],
+                               f"{arch}.embedding_length": info["hidden_size"],
+                               f"{arch}.block_count": info["num_layers"],
+                               "greencode.exit_layers": info["exit_layers"],
+                               "greencode.policy_loaded": info["policy_loaded"],
+                               "greencode.serving": info["serving"],
+                               "greencode.default_threshold": info["default_threshold"]},
+                "capabilities": ["completion"], "modified_at": now_iso()}
+
+    async def ollama_version() -> dict:
+        return {"version": "0.0.0-greencode"}
+
+    router.add_api_route("/api/tags", ollama_tags, methods=["GET"], responses=responses(*INFO_STATUSES),
+                         summary="Ollama: list models")
+    router.add_api_route("/api/show", ollama_show, methods=["POST"], openapi_extra=json_body(ShowRequest),
+                         responses=responses(200, 400, 401, 408, 413, 422, 503), summary="Ollama: model info")
+    router.add_api_route("/api/version", ollama_version, methods=["GET"], responses=responses(*INFO_STATUSES),
+                         summary="Ollama: server version")

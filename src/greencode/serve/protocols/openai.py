@@ -1,0 +1,153 @@
+"""The OpenAI completions protocol: ``POST /v1/completions``, ``GET /v1/models``.
+
+Answers: a ``text_completion`` object (``choices[0].text``, ``finish_reason``, ``usage``, plus
+``greencode``); streamed: Server-Sent Events, one chunk per token piece as it is produced, a last
+chunk with ``finish_reason`` (and any text held back until the end), the usage chunk when
+``stream_options.include_usage``, then ``data: [DONE]``. An error after the stream started is a
+``data: {"error": {...}}`` event (the openai client raises it), then ``data: [DONE]``.
+
+``logprobs: n`` (0..5) returns ``choices[0].logprobs`` = ``{tokens, token_logprobs, top_logprobs,
+text_offset}``: each returned token's text (as the tokenizer decodes it alone), its log
+probability under the layer that produced it, the ``n`` most likely alternatives, and where its
+text starts in ``choices[0].text``. In a stream the token chunks carry ``logprobs: null`` for now
+and the last chunk carries the whole object.
+
+Refused with a 422 that says why: ``n`` or ``best_of`` above 1, more than one prompt, a non-empty
+``suffix`` (the models are left-to-right: send the code before the cursor as the prompt), and
+``echo`` with ``logprobs`` (the prompt's log probabilities are not computed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from greencode.serve.engine import Completion, GenRequest
+from greencode.serve.errors import RequestError
+from greencode.serve.events import Event, TokenEvent
+from greencode.serve.protocols.common import (GENERATION_STATUSES, INFO_STATUSES, SSE_HEADERS, ServeContext,
+                                              error_message, json_body, responses)
+from greencode.serve.schemas import OpenAIRequest, check_text, stop_list, target_of, threshold_of, validate
+
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+def parse(ctx: ServeContext, data: dict) -> tuple[OpenAIRequest, GenRequest, str]:
+    """A validated body -> (body, the internal request, the prompt)."""
+    body = validate(OpenAIRequest, data)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise RequestError(422, f"body.prompt holds {len(prompt)} prompts; this server completes one prompt "
+                                    "per request", loc="body.prompt")
+        prompt = prompt[0]
+    if body.n not in (None, 1):
+        raise RequestError(422, f"body.n={body.n}: this server returns one completion per request; send n=1",
+                           loc="body.n")
+    if body.best_of not in (None, 1):
+        raise RequestError(422, f"body.best_of={body.best_of}: this server generates one candidate per request; "
+                                "send best_of=1 or leave it out", loc="body.best_of")
+    if check_text(body.suffix, "body.suffix"):
+        raise RequestError(422, "body.suffix: fill-in-the-middle is not supported (the models complete left to "
+                                "right); send the code before the cursor as the prompt and leave suffix out",
+                           loc="body.suffix")
+    if body.echo and body.logprobs is not None:
+        raise RequestError(422, "body.echo with body.logprobs: the prompt's log probabilities are not computed; "
+                                "send one of them", loc="body.logprobs")
+    gen = GenRequest(prompt=check_text(prompt, "body.prompt"),
+                     max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"),
+                     **ctx.sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS), seed=body.seed,
+                     stop=stop_list(body.stop), threshold=threshold_of(body), max_disagreement=target_of(body),
+                     logprobs=body.logprobs)
+    return body, gen, prompt
+
+
+def logprobs(c: Completion, n: Optional[int]) -> Optional[dict]:
+    """OpenAI's ``choices[0].logprobs`` of a completion (None when not asked)."""
+    if n is None or c.token_info is None:
+        return None
+    infos = c.token_info
+    top: Optional[list] = None
+    if n:
+        top = []
+        for i in infos:
+            alternatives: dict[str, float] = {}
+            for _, text, lp in i.top:
+                alternatives.setdefault(text, lp)
+            top.append(alternatives)
+    return {"tokens": [i.text for i in infos], "token_logprobs": [i.logprob for i in infos], "top_logprobs": top,
+            "text_offset": [i.offset for i in infos]}
+
+
+def _finish(c: Completion) -> str:
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def _usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+async def sse(ctx: ServeContext, events: AsyncIterator[Event], body: OpenAIRequest, gen: GenRequest,
+              prefix: str) -> AsyncIterator[str]:
+    cid, created = f"cmpl-{gen.request_id}", int(time.time())
+
+    def chunk(text: str, finish_reason: Optional[str], lp: Optional[dict] = None, **extra) -> str:
+        obj = {"id": cid, "object": "text_completion", "created": created, "model": ctx.name,
+               "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason}], **extra}
+        return f"data: {json.dumps(obj)}\n\n"
+
+    try:
+        if prefix:
+            yield chunk(prefix, None)
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                if ev.text:
+                    yield chunk(ev.text, None)
+                continue
+            c = ev.completion
+            yield chunk(ev.tail, _finish(c), logprobs(c, gen.logprobs), greencode=c.stats)
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
+                                             "model": ctx.name, "choices": [], "usage": _usage(c)}) + "\n\n"
+    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band
+        status, message, kind = error_message(e)
+        yield "data: " + json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                               "code": status}}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def completions(ctx: ServeContext, request: Request) -> Response:
+    body, gen, prompt = parse(ctx, await ctx.read_json(request))
+    prefix = prompt if body.echo else ""
+    if body.stream:
+        events = await ctx.stream(request, gen, "openai")
+        return StreamingResponse(sse(ctx, events, body, gen, prefix), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    c = await ctx.complete(request, gen, "openai")
+    out: dict[str, Any] = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
+                           "model": ctx.name,
+                           "choices": [{"text": prefix + c.text, "index": 0, "logprobs": logprobs(c, gen.logprobs),
+                                        "finish_reason": _finish(c)}],
+                           "usage": _usage(c), "greencode": c.stats}
+    return JSONResponse(out)
+
+
+def register(router: APIRouter, ctx: ServeContext) -> None:
+    async def openai_completions(request: Request) -> Response:
+        return await completions(ctx, request)
+
+    async def openai_models() -> dict:
+        return {"object": "list", "data": [{"id": ctx.name, "object": "model", "created": int(ctx.started),
+                                            "owned_by": "greencode", "greencode": ctx.info}]}
+
+    router.add_api_route("/v1/completions", openai_completions, methods=["POST"],
+                         openapi_extra=json_body(OpenAIRequest),
+                         responses=responses(*GENERATION_STATUSES, openai=True, stream="text/event-stream"),
+                         summary="OpenAI completions (streams with \"stream\": true)")
+    router.add_api_route("/v1/models", openai_models, methods=["GET"],
+                         responses=responses(*INFO_STATUSES, openai=True), summary="OpenAI: list models")

@@ -1,0 +1,270 @@
+"""The one scheduler between the HTTP side and the model: admission control, deadlines,
+cancellation, and each request's stream of token events.
+
+* **Admission** (:meth:`Scheduler.submit`): at most ``serve.queue_size`` requests wait beside the
+  one running; past that ``submit`` raises a 503 :class:`RequestError` with ``Retry-After``
+  before any response byte is sent (counted in ``/metrics`` as ``rejected{reason="busy"}``).
+  An admitted request is always run (or answered 504 when its deadline passes first).
+* **Preparation** (encoding the prompt, choosing the controller) runs on a helper thread, so a
+  request that cannot run fails with its 4xx before its response starts, and a long prompt does
+  not block the event loop.
+* **The worker**: one thread runs the model, one job at a time (:meth:`Scheduler._worker_loop`,
+  the part batching will replace). Each token's :class:`~greencode.serve.events.TokenEvent` is
+  handed to the request's asyncio queue with ``loop.call_soon_threadsafe`` as the decoding loop
+  produces it.
+* **Deadlines**: every request has ``serve.request_timeout_s`` from submission. The decoding loop
+  stops between tokens once it passes, and the stream raises a 504 :class:`RequestError`
+  (``rejected{reason="timeout"}``): a non-streamed request is answered 504, a streamed one ends
+  with its protocol's error event.
+* **Cancellation**: :meth:`RequestStream.cancel` (the client went away) stops the decoding loop
+  between tokens, or drops the job if it has not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+from greencode.serve.engine import Completion, Engine, GenRequest, Job
+from greencode.serve.errors import RequestError
+from greencode.serve.events import Event, FinalEvent
+
+log = logging.getLogger(__name__)
+
+
+def _timeout_error(timeout_s: float) -> RequestError:
+    return RequestError(504, f"generation did not finish within serve.request_timeout_s={timeout_s:g} s; ask for "
+                             "fewer tokens or retry when the server is less busy", kind="timeout")
+
+
+class RequestStream:
+    """The events of one admitted request: ``async for event in stream``.
+
+    Yields :class:`TokenEvent`s (streamed requests) and then one :class:`FinalEvent`; an error
+    is raised in place of the next event. Past the request's deadline the stream raises a 504
+    :class:`RequestError` and the decoding loop is told to stop."""
+
+    def __init__(self, scheduler: "Scheduler", gen: GenRequest, deadline: float,
+                 loop: asyncio.AbstractEventLoop):
+        self.scheduler = scheduler
+        self.gen = gen
+        self.deadline = deadline  # time.perf_counter() seconds
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._done = False
+        self._timed_out = False
+
+    # ---------------------------------------------------------------- worker side (any thread)
+    def _put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def push(self, event: Event) -> None:
+        self._put(event)
+
+    def fail(self, exc: BaseException) -> None:
+        self._put(exc)
+
+    def should_stop(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # ---------------------------------------------------------------- consumer side (the event loop)
+    def cancel(self) -> None:
+        """Stop the request: the decoding loop ends between tokens (or never starts)."""
+        self._cancelled.set()
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if not self._queue.empty():  # what already arrived is delivered, deadline or not
+                item = self._queue.get_nowait()
+            else:
+                remaining = self.deadline - time.perf_counter()
+                item = await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            self._done = True
+            self.cancel()
+            if not self._timed_out:
+                self._timed_out = True
+                self.scheduler._count_rejected("timeout")
+            raise _timeout_error(self.scheduler.timeout_s) from None
+        if isinstance(item, BaseException):
+            self._done = True
+            if isinstance(item, RequestError) and item.status == 504 and not self._timed_out:
+                self._timed_out = True
+                self.scheduler._count_rejected("timeout")
+            raise item
+        if isinstance(item, FinalEvent):
+            self._done = True
+        return item
+
+    async def result(self) -> Completion:
+        """Drain the stream to its :class:`FinalEvent` and return the completion."""
+        async for event in self:
+            if isinstance(event, FinalEvent):
+                return event.completion
+        raise RuntimeError("the request's stream ended without a final event")
+
+
+class Scheduler:
+    """One worker thread runs the model; at most ``queue_size`` requests wait beside it."""
+
+    def __init__(self, engine: Engine, queue_size: int, timeout_s: float,
+                 on_rejected: Optional[Callable[[str], None]] = None):
+        self.engine = engine
+        self.capacity = int(queue_size) + 1
+        self.timeout_s = float(timeout_s)
+        self.on_rejected = on_rejected
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        # (job, stream) pairs for the worker, a callable to run there (warm-up), None to stop it
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-prepare")
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted requests not finished yet (running, queued or being prepared)."""
+        return self._in_flight
+
+    def _count_rejected(self, reason: str) -> None:
+        if self.on_rejected is not None:
+            self.on_rejected(reason)
+
+    # ---------------------------------------------------------------- admission
+    def _admit(self) -> None:
+        with self._lock:
+            if self._in_flight >= self.capacity:
+                busy = self._in_flight
+            else:
+                self._in_flight += 1
+                return
+        self._count_rejected("busy")
+        raise RequestError(503, f"server busy: {busy} requests running or queued (serve.queue_size="
+                                f"{self.capacity - 1}); retry shortly", kind="server_busy",
+                           headers={"Retry-After": "1"})
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    async def submit(self, gen: GenRequest) -> RequestStream:
+        """Admit ``gen`` (or raise a 503 :class:`RequestError` at once), prepare it (its 4xx
+        raised here) and queue it for the worker; returns its :class:`RequestStream`."""
+        self._admit()
+        submitted = time.perf_counter()
+        deadline = submitted + self.timeout_s
+        try:
+            if self._closed:
+                self._count_rejected("shutdown")
+                raise RequestError(503, "server is shutting down; retry against a running server",
+                                   kind="server_busy", headers={"Retry-After": "5"})
+            loop = asyncio.get_running_loop()
+            job = await loop.run_in_executor(self._prepare, self.engine.prepare, gen, submitted, deadline)
+            stream = RequestStream(self, gen, deadline, loop)
+            self._enqueue((job, stream))
+        except BaseException:
+            self._release()
+            raise
+        return stream
+
+    async def call(self, fn: Callable[..., Any], *args) -> Any:
+        """Run ``fn(*args)`` on the model's worker thread (warm-up), outside admission control."""
+        future: Future = Future()
+
+        def task() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
+
+        self._enqueue(task)
+        return await asyncio.wrap_future(future)
+
+    # ---------------------------------------------------------------- the worker
+    def start(self) -> None:
+        """Open for requests (again, after :meth:`shutdown`) and start the worker thread."""
+        with self._lock:
+            self._closed = False
+        self._enqueue(None)
+
+    def _enqueue(self, task: Any) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker_loop, args=(self._jobs,), name="greencode-model",
+                                                daemon=True)
+                self._thread.start()
+            if task is not None:
+                self._jobs.put(task)
+
+    def _worker_loop(self, jobs: queue.Queue) -> None:
+        """Take queued jobs and run them, one at a time (batching replaces this loop: it would take
+        every queued ``(job, stream)`` and decode them together, step by step)."""
+        while True:
+            item = jobs.get()
+            if item is None:
+                return
+            if callable(item):
+                item()
+            else:
+                self._run(*item)
+
+    def _run(self, job: Job, stream: RequestStream) -> None:
+        """One request on the worker thread: decode (pushing token events), finish, then the
+        final event or the error. The admission slot is released before that last item is handed
+        over, so a client that got its answer never sees its request still counted."""
+        last: Any = None  # the FinalEvent or the exception that ends the stream
+        try:
+            if stream.cancelled:
+                return
+            if self._closed:
+                last = RequestError(503, "server is shutting down; retry against a running server",
+                                    kind="server_busy", headers={"Retry-After": "5"})
+            elif time.perf_counter() > stream.deadline:  # timed out while queued: skip the work
+                last = _timeout_error(self.timeout_s)
+            else:
+                result = self.engine.run(job, stream.push if job.gen.stream else None, stream.should_stop)
+                if result.finish_reason == "cancelled":
+                    # the deadline stopped it (a cancelled stream has no listener)
+                    last = None if stream.cancelled else _timeout_error(self.timeout_s)
+                else:
+                    completion = self.engine.finish(job, result)
+                    last = FinalEvent(completion, tail=job.flush(completion.text))
+        except RequestError as e:
+            last = e
+        except Exception as e:  # noqa: BLE001 - reported to the request, logged with its traceback
+            log.exception("generation failed for request %s", job.gen.request_id)
+            last = e
+        finally:
+            self._release()
+            if last is not None:
+                stream.push(last) if isinstance(last, FinalEvent) else stream.fail(last)
+
+    def shutdown(self) -> None:
+        """Close for new requests and let the worker end after the jobs already queued (those
+        not started are answered 503)."""
+        with self._lock:
+            self._closed = True
+            jobs, self._jobs, self._thread = self._jobs, queue.Queue(), None
+        jobs.put(None)
+
+
+__all__ = ["RequestStream", "Scheduler"]

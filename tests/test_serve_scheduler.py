@@ -1,0 +1,175 @@
+"""The scheduler alone, over a stub engine (no model): token events arrive while the run is still
+going, admission refuses at once when full and serves every admitted request, deadlines end
+a stream with 504, cancellation stops the run between tokens or skips a queued job."""
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from greencode.serve.engine import Completion
+from greencode.serve.errors import RequestError
+from greencode.serve.events import FinalEvent, TokenEvent
+from greencode.serve.scheduler import Scheduler
+
+
+class StubEngine:
+    """prepare / run / finish like :class:`~greencode.serve.engine.Engine`: ``run`` emits
+    ``tokens`` token events ``step_s`` apart, polling ``should_stop`` between them."""
+
+    def __init__(self, tokens=8, step_s=0.02, bad_prompt="bad"):
+        self.tokens, self.step_s, self.bad_prompt = tokens, step_s, bad_prompt
+        self.runs: list[dict] = []
+        self.lock = threading.Lock()
+
+    def prepare(self, gen, submitted_at=None, deadline=None):
+        if gen.prompt == self.bad_prompt:
+            raise RequestError(422, "bad prompt", loc="body.prompt")
+        return SimpleNamespace(gen=gen, deadline=deadline, flush=lambda text: "!")
+
+    def run(self, job, on_event=None, should_stop=None):
+        record = {"prompt": job.gen.prompt, "tokens": 0, "emitted_at": []}
+        with self.lock:
+            self.runs.append(record)
+        for i in range(self.tokens):
+            if (should_stop is not None and should_stop()) or (job.deadline and time.perf_counter() > job.deadline):
+                record["finish"] = "cancelled"
+                return SimpleNamespace(finish_reason="cancelled")
+            time.sleep(self.step_s)
+            record["tokens"] += 1
+            record["emitted_at"].append(time.perf_counter())
+            if on_event is not None:
+                on_event(TokenEvent(i, 100 + i, "x", 0))
+        record["finish"] = "length"
+        return SimpleNamespace(finish_reason="length")
+
+    def finish(self, job, res):
+        return Completion(text="x" * self.tokens + "!", prompt_ids=[1], tokens=list(range(self.tokens)),
+                          finish_reason=res.finish_reason, stats={})
+
+
+def _gen(prompt="p", stream=True):
+    from greencode.serve.engine import GenRequest
+
+    return GenRequest(prompt=prompt, max_new_tokens=8, stream=stream)
+
+
+def test_token_events_arrive_as_produced_and_join_with_the_tail():
+    engine = StubEngine(tokens=8, step_s=0.05)
+    sched = Scheduler(engine, queue_size=2, timeout_s=30)
+
+    async def go():
+        stream = await sched.submit(_gen())
+        got = []
+        async for ev in stream:
+            got.append((time.perf_counter(), ev))
+        return got
+
+    got = asyncio.run(go())
+    tokens = [ev for _, ev in got if isinstance(ev, TokenEvent)]
+    assert [ev.index for ev in tokens] == list(range(8)) and isinstance(got[-1][1], FinalEvent)
+    final = got[-1][1]
+    assert "".join(ev.text for ev in tokens) + final.tail == final.completion.text
+    # each event reached the loop right after the worker produced it, long before the run ended
+    produced = engine.runs[0]["emitted_at"]
+    assert got[0][0] - produced[0] < 0.15 and got[0][0] < produced[-1] - 0.2
+    assert sched.in_flight == 0
+
+
+def test_admission_refuses_at_once_and_serves_everything_it_admitted():
+    engine = StubEngine(tokens=4, step_s=0.02)
+    rejected = []
+    sched = Scheduler(engine, queue_size=2, timeout_s=30, on_rejected=rejected.append)
+
+    async def one(i):
+        t0 = time.perf_counter()
+        try:
+            stream = await sched.submit(_gen(f"p{i}", stream=False))
+        except RequestError as e:
+            return e.status, time.perf_counter() - t0, e.headers
+        return (await stream.result()).text, None, None
+
+    async def burst():
+        return await asyncio.gather(*[one(i) for i in range(10)])
+
+    results = asyncio.run(burst())
+    served = [r for r in results if r[0] == "xxxx!"]
+    refused = [r for r in results if r[0] == 503]
+    assert len(served) == 3 and len(refused) == 7  # one running + queue_size waiting
+    assert all(dt < 0.05 and h["Retry-After"] for _, dt, h in refused)  # refused before any work
+    assert rejected == ["busy"] * 7 and sched.in_flight == 0
+    assert len(engine.runs) == 3 and all(r["finish"] == "length" for r in engine.runs)
+
+
+def test_prepare_errors_come_from_submit_and_free_the_slot():
+    sched = Scheduler(StubEngine(), queue_size=0, timeout_s=30)
+
+    async def go():
+        with pytest.raises(RequestError) as e:
+            await sched.submit(_gen("bad"))
+        assert e.value.status == 422 and sched.in_flight == 0
+        return await (await sched.submit(_gen("good", stream=False))).result()
+
+    assert asyncio.run(go()).text.endswith("!")
+
+
+def test_deadline_ends_a_stream_with_504_and_stops_the_run():
+    engine = StubEngine(tokens=50, step_s=0.02)
+    rejected = []
+    sched = Scheduler(engine, queue_size=2, timeout_s=0.2, on_rejected=rejected.append)
+
+    async def go():
+        stream = await sched.submit(_gen())
+        seen = 0
+        with pytest.raises(RequestError) as e:
+            async for ev in stream:
+                seen += isinstance(ev, TokenEvent)
+        return seen, e.value
+
+    seen, err = asyncio.run(go())
+    assert err.status == 504 and "request_timeout_s" in err.message and 1 <= seen < 50
+    deadline = time.monotonic() + 5
+    while sched.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.runs[0]["finish"] == "cancelled" and engine.runs[0]["tokens"] < 50
+    assert rejected == ["timeout"] and sched.in_flight == 0
+
+
+def test_cancel_stops_the_run_between_tokens_and_skips_queued_jobs():
+    engine = StubEngine(tokens=50, step_s=0.02)
+    sched = Scheduler(engine, queue_size=4, timeout_s=30)
+
+    async def go():
+        running = await sched.submit(_gen("running"))
+        queued = await sched.submit(_gen("queued"))
+        queued.cancel()  # gone before it started: never run
+        async for ev in running:
+            if isinstance(ev, TokenEvent) and ev.index == 2:
+                running.cancel()  # the client went away
+                break
+        t0 = time.perf_counter()
+        while sched.in_flight:
+            await asyncio.sleep(0.005)
+        return time.perf_counter() - t0
+
+    freed_after = asyncio.run(go())
+    assert [r["prompt"] for r in engine.runs] == ["running"]
+    assert engine.runs[0]["finish"] == "cancelled" and engine.runs[0]["tokens"] <= 5 and freed_after < 0.5
+
+
+def test_shutdown_refuses_new_work_and_start_reopens():
+    sched = Scheduler(StubEngine(tokens=1, step_s=0.0), queue_size=2, timeout_s=30)
+
+    async def go():
+        sched.start()
+        assert await sched.call(lambda: 41 + 1) == 42
+        sched.shutdown()
+        with pytest.raises(RequestError) as e:
+            await sched.submit(_gen())
+        assert e.value.status == 503 and sched.in_flight == 0
+        sched.start()
+        return await (await sched.submit(_gen(stream=False))).result()
+
+    assert asyncio.run(go()).text == "x!"
