@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from greencode.config import load_config
-from greencode.eval.benchmark import benchmark_path, format_table, middle_exit_layer, run_benchmark
+from greencode.eval.benchmark import (benchmark_path, format_table, middle_exit_layer, run_benchmark,
+                                      run_throughput)
 from greencode.utils import read_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,70 @@ def test_benchmark_script_writes_result_for_every_method(tmp_path, monkeypatch, 
     assert "random" in res["setup"]["model"] and "random MLP" in res["setup"]["policy"]
     out = capsys.readouterr().out
     assert "policy_check" in out and "target fixed_middle_speedup" in out
+    # the lossless methods, by wall clock, next to the full loop, HF generate and HF assistant_early_exit
+    ll = res["lossless"]
+    assert set(ll["methods"]) == {"never", "hf_generate", "gc_lossless@0.5", "gc_lossless@0.9", "layerskip@1:k2",
+                                  "layerskip@1:k4", "layerskip@1:k6", "layerskip@1:k8", "hf_early_exit@1"}
+    assert ll["best_static"].startswith("layerskip@1:k") and ll["best_gc_lossless"].startswith("gc_lossless@")
+    for name, row in ll["methods"].items():
+        assert row["num_runs"] == 2 and row["wall_s_median"] > 0 and row["speedup_vs_full"] > 0
+        assert row["speedup_vs_hf"] > 0 and row["speedup_vs_best_static"] > 0
+        if name.startswith(("gc_lossless", "layerskip")):
+            assert 0 <= row["acceptance_rate"] <= 1 and row["mean_draft_length"] > 0
+            assert row["decode_speedup_vs_full"] > 0
+    assert ll["methods"]["never"]["speedup_vs_full"] == 1.0
+    assert ll["methods"]["hf_early_exit@1"]["decode_speedup_vs_full"] is None  # no per-token clock in HF assisted
+    assert set(ll["targets"]) == {"lossless_vs_full", "lossless_vs_best_static"}
+    assert all(isinstance(t["met"], bool) for t in ll["targets"].values())
+    assert "Lossless (self-speculative)" in out and "target lossless_vs_best_static" in out
+
+
+def test_benchmark_lossless_flags(tmp_path):
+    cfg = load_config(SMOKE, [f"run_dir={tmp_path}/runs", f"results_dir={tmp_path}/results/smoke",
+                              "eval.gc_thresholds=[0.7]", "eval.lossless_draft_threshold=0.5"])
+    path = run_benchmark(cfg, context_tokens=10, new_tokens=3, num_prompts=1, repeats=1, warmup=0,
+                         layerskip_layers="all", layerskip_k=[2], hf_early_exit=False)
+    ll = read_json(path)["lossless"]
+    assert set(ll["methods"]) == {"never", "hf_generate", "gc_lossless@0.7", "layerskip@1:k2", "layerskip@2:k2"}
+    assert ll["draft_threshold"] == 0.5
+    path = run_benchmark(cfg, context_tokens=10, new_tokens=3, num_prompts=1, repeats=1, warmup=0, lossless=False)
+    assert read_json(path)["lossless"] is None
+    with pytest.raises(ValueError, match="out of range"):
+        run_benchmark(cfg, context_tokens=10, new_tokens=3, num_prompts=1, repeats=1, warmup=0, layerskip_layers=[3])
+
+
+def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
+    script = load_script("benchmark")
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--config", str(SMOKE), "--throughput", "--batch-sizes", "1,2,8",
+                                      "--throughput-prompts", "8", "--repeats", "1", "--context-tokens", "12",
+                                      "--new-tokens", "3", "--warmup", "0",
+                                      f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke"])
+    assert script.main() == 0
+    path = tmp_path / "results" / "benchmark" / "throughput_smoke.json"
+    res = read_json(path)
+    assert res["format"] == "greencode-throughput/1" and res["setup"]["batch_sizes"] == [1, 2, 8]
+    assert len(res["setup"]["prompt_lengths"]) == 8 and all(9 <= n <= 12 for n in res["setup"]["prompt_lengths"])
+    assert set(res["methods"]) == {"full", "gc@0.9", "hf_generate"}
+    for method, by_size in res["methods"].items():
+        assert set(by_size) == {"1", "2", "8"}
+        for b, row in by_size.items():
+            assert row["tokens_per_s_median"] > 0 and row["num_runs"] == 1
+            assert row["ratio_to_hf"] > 0 and row["ratio_to_full"] > 0 and row["ratio_to_batch_1"] > 0
+            assert 0 <= row["rows_equal_to_batch_1"] <= 1
+        assert by_size["1"]["ratio_to_batch_1"] == 1.0
+    # a left-padded ragged batch of the full model gives each prompt's batch-1 tokens (greedy)
+    assert res["methods"]["full"]["8"]["rows_equal_to_batch_1"] == 1.0
+    assert set(res["targets"]) == {"batch8_vs_batch1", "gc_vs_full_batch8"}
+    assert all(isinstance(t["met"], bool) for t in res["targets"].values())
+    meta = res["run_metadata"]
+    assert meta["config"]["name"] == "smoke" and meta["git_commit"] is not None and "hardware" in meta
+    assert meta["seed"] == 1234 and "versions" in meta
+    md = (tmp_path / "results" / "benchmark" / "throughput_smoke.md").read_text()
+    assert "| full | 8 |" in md and "| hf_generate | 1 |" in md and "target batch8_vs_batch1" in md
+    assert "| gc@0.9 | 2 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="batch sizes"):
+        run_throughput(load_config(SMOKE, [f"run_dir={tmp_path}/runs", f"results_dir={tmp_path}/results/smoke"]),
+                       batch_sizes="0,2")
 
 
 def test_benchmark_rejects_bad_sizes(tmp_path):

@@ -391,6 +391,9 @@ class EvalConfig:
     hf_early_exit_layers: Optional[list[int]] = None
     # gc_lossless / layerskip: tokens drafted at most before one full-model verification pass
     lossless_k_max: int = 4
+    # gc_lossless / layerskip: drafting also stops after a drafted token whose max softmax probability at
+    # its exit layer is below this (the draft length chosen as it goes); null = only lossless_k_max
+    lossless_draft_threshold: Optional[float] = None
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
@@ -410,6 +413,8 @@ class EvalConfig:
         _check_range(f"{path}.bootstrap_resamples", self.bootstrap_resamples, 0, None)
         _check_range(f"{path}.workers", self.workers, 1, 64)
         _check_range(f"{path}.lossless_k_max", self.lossless_k_max, 1, 64)
+        if self.lossless_draft_threshold is not None:
+            _check_range(f"{path}.lossless_draft_threshold", self.lossless_draft_threshold, 0.0, 1.0)
         _check_range(f"{path}.accuracy_batch_prompts", self.accuracy_batch_prompts, 1, 1024)
         if self.timing_samples is not None:
             _check_range(f"{path}.timing_samples", self.timing_samples, 0, None)

@@ -6,27 +6,45 @@ place, never copied):
 
 1. **Draft** with :func:`greencode.decoding.generate` itself (the one decoding loop): the first
    token comes from the exact logits; each further token exits where the controller says
-   (RL policy, fixed layer, confidence). Drafting stops after ``k_max`` tokens, or as soon as a
-   drafted token ran to the final layer (the controller was not confident anywhere), since
-   the next one would need the exact state anyway.
+   (RL policy, fixed layer, confidence). Drafting stops after ``k_max`` tokens, at EOS, as soon
+   as a drafted token ran to the final layer (the controller was not confident anywhere: the
+   next one would need the exact state anyway), or, with ``draft_threshold``, as soon as a
+   drafted token's max softmax probability at its exit layer is below that threshold (the draft
+   length is chosen as it goes).
 2. **Verify** all drafted tokens in one forward pass of the full model from the exact state.
-3. **Accept** the longest drafted prefix that equals the full model's greedy tokens, then the
-   full model's own next token; the verified cache is cropped to the accepted tokens (the
-   K/V of rejected tokens are rolled back).
+3. **Accept**, greedy: the longest drafted prefix that equals the full model's greedy tokens,
+   then the full model's own next token. Sampling (``do_sample``): speculative sampling (Leviathan
+   et al. 2023; Chen et al. 2023): drafted token ``x`` is accepted with probability
+   ``min(1, p(x) / q(x))``, where ``q`` is the processed distribution (temperature, top-k, top-p,
+   exactly as the loop samples) the draft sampled it from at its exit layer and ``p`` the full
+   model's processed distribution there; at the first rejection the next token is drawn from
+   ``norm(max(0, p - q))``, and when every drafted token is accepted the next one is drawn from
+   ``p``. The verified cache is cropped to the accepted tokens (the K/V of rejected tokens are
+   rolled back).
 
-So the output is exactly the full model's greedy output (tested), whatever the controller.
+So the greedy output is exactly the full model's greedy output, and the sampled output has
+exactly the full model's sampling distribution (tested with a chi-square test and a negative
+control), whatever the controller. With a ``seed`` the sampled output is reproducible: one
+``torch.Generator`` seeded from it draws the acceptance tests, the residual samples and each
+round's draft seed. A token that was sampled is never sampled again (a token chosen but not yet
+fed at the end of a round is carried into the next round as that round's first token), so no
+draw is discarded depending on its value.
+
 A round in which no drafted token exited early needs no verification: every token was chosen by
 the full model, step by step, from an exact cache (what the never-exit loop does), so it is
 accepted as drafted and the next round continues from the draft's own state (``exact_tokens``).
 Otherwise verification recomputes every layer of the drafted tokens; reusing the draft's exact
-lower layers (only the layers above the lowest exit are needed) is not built yet, and neither is
-speculative sampling. Greedy only.
+lower layers (only the layers above the lowest exit are needed) is not built yet.
+
+``eos_token_id``, ``stop_strings`` / ``tokenizer``, ``on_token`` and ``should_stop`` follow
+:func:`~greencode.decoding.generate`'s semantics on the emitted (accepted) tokens; ``should_stop``
+is polled between rounds.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -48,100 +66,290 @@ def _crop(cache, length: int) -> None:
         cache.value_cache[i] = cache.value_cache[i][:, :, :length]
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """The distribution ``[..., V]`` (float32) the decoding loop samples a token from, given its
+    logits ``[..., V]``: temperature, then top-k, then top-p (the smallest prefix reaching
+    ``top_p``), then softmax; the same processing as the loop's token selection (tested: the same
+    generator state gives the same token). ``temperature`` must be > 0 (0 is greedy)."""
+    logits = logits.float() / temperature
+    if top_k and top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cumulative = probs.cumsum(-1)
+        remove = cumulative - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def _forced_logits(token: int, vocab: int, device) -> torch.Tensor:
+    """Logits ``[1, 1, V]`` from which greedy and sampled selection (any temperature, top-k,
+    top-p) both choose ``token``: the next round's first token is one already chosen."""
+    out = torch.full((1, 1, vocab), float("-inf"), device=device)
+    out[0, 0, token] = 0.0
+    return out
+
+
+class _DraftConfidence(ExitController):
+    """Wraps the drafting controller and records the max softmax probability of the
+    distribution at the layer where the token exited (for ``draft_threshold``). The decisions
+    are the wrapped controller's. When the wrapped controller gets no logits (the policy, a
+    fixed layer), the LM head runs once more at the exit (counted in ``extra_heads``)."""
+
+    def __init__(self, inner: ExitController, model):
+        self.inner = inner
+        self.model = model
+        self.name = getattr(inner, "name", "draft")
+        self.confidence: Optional[float] = None
+        self.extra_heads = 0
+
+    # the loop reads these flags as it goes (PolicyExit changes needs_normed when it fuses)
+    needs_logits = property(lambda self: self.inner.needs_logits)
+    needs_normed = property(lambda self: self.inner.needs_normed)
+    runs_all_layers = property(lambda self: self.inner.runs_all_layers)
+    macs_per_check = property(lambda self: self.inner.macs_per_check)
+    per_row_state = property(lambda self: getattr(self.inner, "per_row_state", False))
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.confidence = None
+
+    def check_layers(self, model) -> frozenset[int]:
+        return self.inner.check_layers(model)
+
+    def take(self) -> Optional[float]:
+        value, self.confidence = self.confidence, None
+        return value
+
+    def _record(self, hidden, normed, logits) -> None:
+        if logits is None:
+            logits = self.model.adapter.lm_head(normed) if normed is not None else self.model.decode(hidden)
+            self.extra_heads += 1
+        self.confidence = float(torch.softmax(logits[0, -1].float(), dim=-1).max())
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        decision = bool(self.inner.should_exit(layer, hidden, normed, logits))
+        if decision:
+            self._record(hidden, normed, logits)
+        return decision
+
+    def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
+        decisions = list(self.inner.should_exit_rows(layer, hidden, normed, logits))
+        for r, decision in enumerate(decisions):  # the draft is one row
+            if decision:
+                self._record(hidden[r:r + 1], None if normed is None else normed[r:r + 1],
+                             None if logits is None else logits[r:r + 1])
+        return decisions
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+
+def _prompt_length(input_ids) -> int:
+    if isinstance(input_ids, torch.Tensor):
+        return int(input_ids.shape[-1])
+    return len(input_ids)
+
+
 @torch.inference_mode()
 def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: ExitController,
-                      max_new_tokens: int = 15, *, k_max: int = 6,
+                      max_new_tokens: int = 15, *, k_max: int = 6, draft_threshold: Optional[float] = None,
+                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      seed: Optional[int] = None,
                       eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-                      kv_strategy: str = "propagate") -> GenerationResult:
-    """Greedy generation whose tokens equal the full model's, drafted with early exits.
+                      stop_strings: Optional[Sequence[str]] = None, tokenizer=None,
+                      kv_strategy: str = "propagate",
+                      on_token: Optional[Callable[[int, int], None]] = None,
+                      should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+    """Generation whose output is the full model's (greedy: the same tokens; sampling: the same
+    distribution), drafted with early exits.
+
+    ``k_max``: tokens drafted at most per round (after the round's first token, which is the full
+    model's). ``draft_threshold``: drafting also stops after a drafted token whose max softmax
+    probability at its exit layer is below it (None: only ``k_max``, EOS and a token that ran
+    every layer stop it). ``do_sample`` / ``temperature`` / ``top_p`` / ``top_k`` / ``seed``: as in
+    :func:`~greencode.decoding.generate`, with speculative-sampling acceptance. ``on_token(token_id,
+    exit_layer)`` is called for each emitted token in order (every emitted token is the full
+    model's, so ``exit_layer`` is the final layer); ``should_stop()`` is polled between rounds and
+    ends generation with ``finish_reason="cancelled"``; ``stop_strings`` (with ``tokenizer``) end
+    it with ``"stop"`` and cut ``text`` there, as in ``generate``.
 
     ``counters`` add ``rounds``, ``drafted`` (tokens proposed after each round's exact
     first token), ``accepted`` (of those), ``verified_tokens`` (rows of the verification
-    passes) and the draft loop's own ``layers_run`` / ``kv_propagated_layers`` /
-    ``lm_head_calls`` / ``exit_checks``, so a cost model can count drafting, verification and
-    the work spent on rejected tokens."""
+    passes), ``residual_samples`` (sampling: rejections resampled from ``max(0, p - q)``),
+    ``draft_threshold_stops`` (rounds whose draft the threshold ended), ``draft_confidence_heads``
+    (LM heads run only to measure that confidence, included in ``lm_head_calls``) and the draft
+    loop's own ``layers_run`` / ``kv_propagated_layers`` / ``lm_head_calls`` / ``exit_checks``, so a
+    cost model can count drafting, verification and the work spent on rejected tokens."""
     if k_max < 1:
         raise ValueError(f"k_max={k_max} must be >= 1")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if draft_threshold is not None and not 0.0 <= float(draft_threshold) <= 1.0:
+        raise ValueError(f"draft_threshold={draft_threshold!r} must be in [0, 1] (a max softmax probability)")
+    if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0:
+        raise ValueError(f"sampling parameters out of range: temperature={temperature} (>= 0), "
+                         f"top_p={top_p} ([0, 1]), top_k={top_k} (>= 0)")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    limit = getattr(model.hf.config, "max_position_embeddings", None)
+    n_prompt = _prompt_length(input_ids)
+    if limit and n_prompt + max_new_tokens > limit:
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {limit} positions; shorten the prompt from the left")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    sampling = bool(do_sample) and temperature > 0
+    rng = torch.Generator().manual_seed(int(seed)) if sampling and seed is not None else None  # None: torch's global
+    drafter = _DraftConfidence(controller, model) if draft_threshold is not None else controller
+
     t0 = time.perf_counter()
     state = prefill(model, input_ids)
     prompt_len = int(state.input_ids.shape[1])
     t_prefill = time.perf_counter()
     seq = state.input_ids
     final = model.final_layer
+    vocab = int(state.logits.shape[-1])
     tokens: list[int] = []
     exit_layers: list[int] = []
     c = dict(rounds=0, drafted=0, accepted=0, verified_tokens=0, exact_tokens=0, layers_run=0,
-             kv_propagated_layers=0, lm_head_calls=1, exit_checks=0, decode_steps=0)
+             kv_propagated_layers=0, lm_head_calls=1, exit_checks=0, decode_steps=0, residual_samples=0,
+             draft_threshold_stops=0, draft_confidence_heads=0)
     finish = "length"
-    while len(tokens) < max_new_tokens:
+
+    def emit(toks: Sequence[int]) -> bool:
+        """Append accepted tokens one by one, as ``generate`` would; True when generation ends."""
+        nonlocal finish
+        for t in toks:
+            tokens.append(int(t))
+            exit_layers.append(final)  # every emitted token is the full model's
+            if on_token is not None:
+                on_token(int(t), final)
+            if t in eos:
+                finish = "eos"
+                return True
+            if stop_strings:
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                if any(s and s in text for s in stop_strings):
+                    finish = "stop"
+                    return True
+            if len(tokens) >= max_new_tokens:
+                return True
+        return False
+
+    def round_seed() -> Optional[int]:
+        if not sampling or rng is None:
+            return None  # greedy, or sampling from torch's global generator
+        return int(torch.randint(0, 2 ** 62, (1,), generator=rng))
+
+    while True:
         budget = min(k_max, max_new_tokens - len(tokens))
         seen: list[int] = []
+        confs: list[Optional[float]] = []
 
-        def stop_when_not_confident() -> bool:  # seen[0] is the exact first token, not a draft
-            return len(seen) > 1 and seen[-1] == final  # the last drafted token ran every layer
+        def on_draft_token(_t: int, layer: int) -> None:
+            seen.append(layer)
+            confs.append(drafter.take() if draft_threshold is not None else None)
+
+        def stop_drafting() -> bool:  # seen[0] is the exact first token, not a draft
+            if len(seen) <= 1:
+                return False
+            if seen[-1] == final:  # the last drafted token ran every layer
+                return True
+            if draft_threshold is not None and confs[-1] is not None and confs[-1] < draft_threshold:
+                c["draft_threshold_stops"] += 1
+                return True
+            return False
 
         # the draft advances the exact cache in place (it only appends positions): no copy per round
         start = int(seq.shape[1])
-        draft = generate(model, seq, controller, budget, kv_strategy=kv_strategy, prefilled=state,
-                         on_token=lambda _t, layer: seen.append(layer), should_stop=stop_when_not_confident,
-                         return_state=True, consume_prefill=True)
+        draft = generate(model, seq, drafter, budget, do_sample=sampling, temperature=temperature, top_p=top_p,
+                         top_k=top_k, seed=round_seed(), eos_token_id=eos_token_id, kv_strategy=kv_strategy,
+                         prefilled=state, on_token=on_draft_token, should_stop=stop_drafting,
+                         return_state=True, consume_prefill=True, return_logits=sampling)
         for k in ("layers_run", "kv_propagated_layers", "exit_checks"):
             c[k] += draft.counters[k]
         c["lm_head_calls"] += draft.counters["lm_head_calls"] - 1  # its first token reuses the exact logits
-        d = draft.tokens  # d[0] is exact (the full model's argmax of the state's logits)
+        d = draft.tokens  # d[0] is exact (chosen from the state's logits: the full model's)
         c["rounds"] += 1
         c["drafted"] += len(d) - 1
+        if len(d) == 1 and (d[0] in eos or len(tokens) + 1 >= max_new_tokens):
+            emit(d)  # nothing drafted, and this token ends the generation: nothing to verify
+            break
         if len(d) > 1 and all(layer == final for layer in draft.exit_layers[1:]):
-            # no early exit in this round: every token is the full model's, computed from an exact cache.
-            # The last one is not fed yet: the next round starts from the draft's own state and chooses
-            # it again from the same logits as its exact first token
+            # no early exit in this round: every token is the full model's, computed from an exact cache
             c["accepted"] += len(d) - 1
             c["exact_tokens"] += len(d) - 1
-            stop_at = next((i for i, t in enumerate(d) if t in eos), None)
-            if stop_at is not None or len(tokens) + len(d) >= max_new_tokens:
-                take = d if stop_at is None else d[:stop_at + 1]
-                finish = "eos" if stop_at is not None else finish
-                take = take[:max_new_tokens - len(tokens)]
-                tokens += take
-                exit_layers += [final] * len(take)
+            if emit(d[:-1]):
                 break
-            tokens += d[:-1]
-            exit_layers += [final] * (len(d) - 1)
-            state, seq = draft.state, draft.state.input_ids
-            continue
-        # verify: the full model on the drafted block, from the exact cache (the draft's positions cropped off)
-        cache = state.cache
-        _crop(cache, start)
-        block = torch.tensor([d], dtype=torch.long, device=seq.device)
-        out = model.hf.model(input_ids=block, past_key_values=cache, use_cache=True)
-        logits = model.adapter.lm_head(out.last_hidden_state)  # [1, len(d), V]
-        c["verified_tokens"] += len(d)
-        c["lm_head_calls"] += len(d)
-        c["layers_run"] += len(d) * model.num_layers
-        full_pred = logits[0].argmax(-1).tolist()  # full_pred[i]: the full model's token after d[i]
-        n = 1
-        while n < len(d) and d[n] == full_pred[n - 1]:
-            n += 1
-        c["accepted"] += n - 1
-        take = d[:n]
-        stop_at = next((i for i, t in enumerate(take) if t in eos), None)
-        if stop_at is not None:
-            take = take[:stop_at + 1]
-            finish = "eos"
-        take = take[:max_new_tokens - len(tokens)]
-        tokens += take
-        exit_layers += [final] * len(take)  # every emitted token is the full model's
-        if finish == "eos" or len(tokens) >= max_new_tokens:
+            if d[-1] in eos or len(tokens) + 1 >= max_new_tokens:
+                emit(d[-1:])
+                break
+            # the last token is chosen but not fed yet: the next round starts from the draft's own state,
+            # with this token as its first (greedy: the same logits choose it again; sampling: carried as is)
+            state = draft.state
+            if sampling:
+                state = Prefill(state.input_ids, state.cache, _forced_logits(d[-1], vocab, state.logits.device))
+            seq = state.input_ids
+        else:
+            # verify: the full model on the drafted block, from the exact cache (the draft's positions cropped off)
+            cache = state.cache
+            _crop(cache, start)
+            block = torch.tensor([d], dtype=torch.long, device=seq.device)
+            out = model.hf.model(input_ids=block, past_key_values=cache, use_cache=True)
+            logits = model.adapter.lm_head(out.last_hidden_state)  # [1, len(d), V]: after d[i] comes row i
+            c["verified_tokens"] += len(d)
+            c["lm_head_calls"] += len(d)
+            c["layers_run"] += len(d) * model.num_layers
+            forced = None  # the next round's first token, when a rejection already chose it
+            n = 1
+            if sampling:
+                p = sampling_probs(logits[0, :len(d) - 1].float().cpu(), temperature, top_p, top_k)
+                q = sampling_probs(torch.stack([draft.logits[i] for i in range(1, len(d))]), temperature, top_p,
+                                   top_k)
+                while n < len(d):
+                    x = d[n]
+                    u = float(torch.rand((), generator=rng))
+                    if u * float(q[n - 1, x]) < float(p[n - 1, x]):  # accept with probability min(1, p/q)
+                        n += 1
+                        continue
+                    residual = (p[n - 1] - q[n - 1]).clamp(min=0)
+                    if float(residual.sum()) <= 0:  # p == q up to rounding: never rejected in exact arithmetic
+                        residual = p[n - 1]
+                    forced = int(torch.multinomial(residual / residual.sum(), 1, generator=rng))
+                    c["residual_samples"] += 1
+                    break
+            else:
+                full_pred = logits[0].argmax(-1).tolist()  # full_pred[i]: the full model's token after d[i]
+                while n < len(d) and d[n] == full_pred[n - 1]:
+                    n += 1
+            c["accepted"] += n - 1
+            if emit(d[:n]):
+                break
+            # the exact state after the accepted tokens: crop the verified cache, keep the logits there
+            _crop(cache, start + n)
+            seq = torch.cat([seq, block[:, :n]], dim=1)
+            next_logits = logits[:, n - 1:n] if forced is None else _forced_logits(forced, vocab, logits.device)
+            state = Prefill(seq, cache, next_logits)
+        if should_stop is not None and should_stop():
+            finish = "cancelled"
             break
-        # the exact state after the accepted tokens: crop the verified cache, keep the logits there
-        _crop(cache, seq.shape[1] + n)
-        seq = torch.cat([seq, block[:, :n]], dim=1)
-        state = Prefill(seq, cache, logits[:, n - 1:n])
+    c["lm_head_calls"] += getattr(drafter, "extra_heads", 0)
+    c["draft_confidence_heads"] = getattr(drafter, "extra_heads", 0)
     c["decode_steps"] = max(len(tokens) - 1, 0)
     t_end = time.perf_counter()
     c.update(prefill_time_s=t_prefill - t0, decode_time_s=t_end - t_prefill, total_time_s=t_end - t0,
              new_tokens=len(tokens), acceptance_rate=(c["accepted"] / c["drafted"]) if c["drafted"] else None,
              mean_draft_length=(c["drafted"] / c["rounds"]) if c["rounds"] else None)
-    return GenerationResult(tokens=tokens, exit_layers=exit_layers, finish_reason=finish, counters=c,
+    text = None
+    if tokenizer is not None:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if stop_strings:
+            cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+    return GenerationResult(tokens=tokens, exit_layers=exit_layers, finish_reason=finish, counters=c, text=text,
                             prompt_tokens=prompt_len)

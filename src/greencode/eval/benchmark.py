@@ -14,6 +14,21 @@ rotated) after a warmup, and each method's per-run values are summarised by medi
 ratios to HF use the median of paired per-run ratios, so slow drifts of the shared machine
 cancel out.
 
+Lossless (self-speculative) methods run in the same interleaved rounds: ``gc_lossless@T`` at
+each of ``eval.gc_thresholds`` (drafts of up to ``eval.lossless_k_max`` tokens exiting where the
+policy says, ``eval.lossless_draft_threshold``), LayerSkip-style static drafts
+``layerskip@L:kK`` (fixed exit layer L, K tokens per draft; by default the middle exit point and
+K in 2, 4, 6, 8) and HF ``assistant_early_exit`` at the middle exit point. For them every method
+also records its wall-clock seconds per generation (prefill included: HF's assisted generation
+cannot separate it); speed-ups over our full loop (``never``), over HF ``generate`` and over the
+best (fastest) static setting are medians of paired per-run ratios, next to acceptance rates and
+mean draft lengths. Their tokens must equal the full loop's on every prompt (a mismatch fails the
+run).
+
+:func:`run_throughput` is the batched mode: tokens per second when the same prompts are decoded
+1, 4, 8, 16 at a time (left-padded ragged batches), for our loop (full model and GC) and HF
+``generate`` batched with an attention mask.
+
 Works before any training: without the run's fine-tuned model it uses a randomly
 initialised model of the config's shape and random prompts; without an exported policy a
 random MLP of ``rl.ppo.net_arch``.
@@ -26,13 +41,13 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from greencode.config import Config
 from greencode.paths import RunPaths
-from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch, write_json
+from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +55,15 @@ TARGETS = {
     "never_vs_hf_max_ratio": 1.0,  # never-exit seconds/token <= 1.0 x HF generate
     "fixed_middle_min_speedup": 1.5,  # fixed exit at the middle exit point >= 1.5x faster than HF generate
     "policy_check_max_share": 0.05,  # the MLP policy check <= 5% of a token's time
+    # issue 13: lossless GC (its fastest threshold), wall clock per generation
+    "lossless_vs_full_min_speedup": 1.5,
+    "lossless_vs_best_static_min_speedup": 1.15,
 }
+THROUGHPUT_TARGETS = {
+    "batch8_vs_batch1_min_ratio": 3.0,  # issue 14: tokens/s at batch 8 >= 3x batch 1 (full model)
+    "gc_vs_full_batch8_min_ratio": 1.0,  # GC still saves wall time over the full model at batch 8
+}
+LAYERSKIP_K = (2, 4, 6, 8)
 
 
 def benchmark_path(cfg: Config) -> Path:
@@ -77,6 +100,33 @@ class _StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _paired_median(xs: list[float], ys: list[float]) -> Optional[float]:
+    """Median of the per-run ratios x / y (same prompt, same round)."""
+    ratios = [x / y for x, y in zip(xs, ys) if x is not None and y]
+    return statistics.median(ratios) if ratios else None
+
+
+def _layerskip_layers(spec: Union[str, Sequence[int], None], exit_layers: list[int], num_layers: int) -> list[int]:
+    """``None`` / ``"mid"``: the middle exit point; ``"all"``: every exit point; or explicit layers."""
+    if spec is None or spec == "mid":
+        return [middle_exit_layer(exit_layers, num_layers)]
+    if spec == "all":
+        return list(exit_layers)
+    if isinstance(spec, str):
+        spec = [int(x) for x in spec.split(",") if x.strip()]
+    layers = [int(x) for x in spec]
+    for layer in layers:
+        if not 0 <= layer < num_layers - 1:
+            raise ValueError(f"layerskip layer {layer} is out of range [0, {num_layers - 2}] (0-based, below the "
+                             "final layer)")
+    return layers
+
+
 def _load_model(cfg: Config, paths: RunPaths, device, dtype):
     from greencode.models import EarlyExitModel
 
@@ -105,11 +155,18 @@ def _load_policy(cfg: Config, paths: RunPaths, model):
 
 
 def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 32, num_prompts: int = 4,
-                  repeats: int = 5, warmup: int = 1, out_path: Optional[Union[str, Path]] = None) -> Path:
-    """Measure seconds per new token for every method and write the JSON result; returns its path."""
+                  repeats: int = 5, warmup: int = 1, out_path: Optional[Union[str, Path]] = None,
+                  lossless: bool = True, layerskip_layers: Union[str, Sequence[int], None] = None,
+                  layerskip_k: Sequence[int] = LAYERSKIP_K, hf_early_exit: bool = True) -> Path:
+    """Measure seconds per new token for every method and write the JSON result; returns its path.
+
+    ``lossless``: also the self-speculative methods (``gc_lossless`` at ``eval.gc_thresholds``,
+    ``layerskip`` at ``layerskip_layers`` ("mid", "all" or a list; default the middle exit point) x
+    ``layerskip_k`` draft lengths, and with ``hf_early_exit`` HF ``assistant_early_exit`` at the
+    middle exit point), compared by wall clock in the result's ``lossless`` section."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate
+    from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate, generate_lossless
 
     for name, v, low in (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2),
                          ("num_prompts", num_prompts, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
@@ -144,27 +201,89 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     for c in controllers.values():
         c.check_layers(model)
     methods = ["hf_generate"] + list(controllers)
+    mid = middle_exit_layer(model.exit_layers, model.num_layers)
+    # lossless methods: name -> (drafting controller, k_max, draft threshold); HF's assisted early exit apart
+    speculative: dict[str, tuple[Any, int, Optional[float]]] = {}
+    hf_ee: Optional[str] = None
+    if lossless:
+        for t in cfg.eval.gc_thresholds:
+            speculative[f"gc_lossless@{float(t)!r}"] = (
+                PolicyExit(policy, float(t), cfg.decoding.policy_temperature,
+                           observation=getattr(policy, "observation", cfg.rl.observation)),
+                cfg.eval.lossless_k_max, cfg.eval.lossless_draft_threshold)
+        for layer in _layerskip_layers(layerskip_layers, list(model.exit_layers), model.num_layers):
+            for k in layerskip_k:
+                if int(k) < 1:
+                    raise ValueError(f"layerskip draft length {k} must be >= 1")
+                speculative[f"layerskip@{layer}:k{int(k)}"] = (FixedExit(layer), int(k), None)
+        for c, _, _ in speculative.values():
+            c.check_layers(model)
+        if hf_early_exit:
+            hf_ee = f"hf_early_exit@{mid}"
+    methods += list(speculative) + ([hf_ee] if hf_ee else [])
     pad = model.hf.config.pad_token_id
     gconf = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=pad if pad is not None else 0, eos_token_id=model.hf.config.eos_token_id)
+    gconf_ee = None
+    if hf_ee:  # HF counts layers; ours is the 0-based exit layer
+        gconf_ee = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                    num_beams=1, pad_token_id=pad if pad is not None else 0,
+                                    eos_token_id=model.hf.config.eos_token_id, assistant_early_exit=mid + 1)
+    full_tokens: dict[int, list[int]] = {}  # prompt index -> our full loop's tokens (the lossless reference)
+    spec_tokens: list[tuple[str, int, list[int]]] = []
 
-    def run(method: str, prompt: torch.Tensor) -> dict:
-        if method == "hf_generate":
+    def run(method: str, prompt: torch.Tensor, index: int) -> dict:
+        if method in ("hf_generate", hf_ee):
             clock = _StepClock(device)
-            with torch.inference_mode():
-                out = model.hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gconf,
-                                        stopping_criteria=StoppingCriteriaList([clock]))
+            base_cfg = getattr(model.hf, model.hf.base_model_prefix).config
+            saved_layers = base_cfg.num_hidden_layers  # HF's early-exit drafter may leave it lowered on errors
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    out = model.hf.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                            generation_config=gconf if method == "hf_generate" else gconf_ee,
+                                            stopping_criteria=StoppingCriteriaList([clock]))
+                _sync(device)
+                wall = time.perf_counter() - t0
+            finally:
+                base_cfg.num_hidden_layers = saved_layers
             n = out.shape[1] - prompt.shape[1]
-            if n != new_tokens or len(clock.times) != n:
-                raise RuntimeError(f"HF generate produced {n} tokens / {len(clock.times)} steps, expected {new_tokens}")
-            return {"s_per_token": (clock.times[-1] - clock.times[0]) / (n - 1), "mean_exit_layer": model.final_layer,
+            if n != new_tokens or (method == "hf_generate" and len(clock.times) != n):
+                raise RuntimeError(f"{method} produced {n} tokens / {len(clock.times)} steps, expected {new_tokens}")
+            # assisted generation checks its stopping criteria once per round: no per-token decode clock
+            s_tok = (clock.times[-1] - clock.times[0]) / (n - 1) if method == "hf_generate" else None
+            return {"s_per_token": s_tok, "wall_s": wall, "mean_exit_layer": model.final_layer,
                     "controller_share": None, "s_per_check": None}
+        if method in speculative:
+            c, k_max, draft_t = speculative[method]
+            _sync(device)
+            t0 = time.perf_counter()
+            res = generate_lossless(model, prompt, c, new_tokens, k_max=k_max, draft_threshold=draft_t,
+                                    kv_strategy=cfg.decoding.kv_strategy)
+            _sync(device)
+            wall = time.perf_counter() - t0
+            k = res.counters
+            if res.new_tokens != new_tokens:
+                raise RuntimeError(f"{method} produced {res.new_tokens} tokens, expected {new_tokens}")
+            spec_tokens.append((method, index, list(res.tokens)))
+            return {"s_per_token": k["decode_time_s"] / k["decode_steps"], "wall_s": wall,
+                    "mean_exit_layer": model.final_layer, "controller_share": None, "s_per_check": None,
+                    "drafted": k["drafted"], "accepted": k["accepted"], "rounds": k["rounds"],
+                    "verified_tokens": k["verified_tokens"], "layers_run": k["layers_run"],
+                    "decode_steps": k["decode_steps"]}
         c = controllers[method]
+        _sync(device)
+        t0 = time.perf_counter()
         res = generate(model, prompt, c, new_tokens, kv_strategy=cfg.decoding.kv_strategy)
+        _sync(device)
+        wall = time.perf_counter() - t0
         k = res.counters
         if res.new_tokens != new_tokens:
             raise RuntimeError(f"{method} produced {res.new_tokens} tokens, expected {new_tokens}")
-        return {"s_per_token": k["decode_time_s"] / k["decode_steps"],
+        if method == "never":
+            full_tokens.setdefault(index, list(res.tokens))
+        return {"s_per_token": k["decode_time_s"] / k["decode_steps"], "wall_s": wall,
                 "mean_exit_layer": statistics.fmean(res.exit_layers[1:]),
                 "controller_share": k["controller_time_s"] / k["decode_time_s"] if k["decode_time_s"] else None,
                 "s_per_check": k["controller_time_s"] / k["exit_checks"] if k["exit_checks"] else None}
@@ -173,21 +292,25 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     t0 = time.perf_counter()
     for w in range(warmup):
         for m in methods:
-            run(m, prompts[w % num_prompts])
+            run(m, prompts[w % num_prompts], w % num_prompts)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for rep in range(repeats):
         for p, prompt in enumerate(prompts):
             shift = rep * num_prompts + p
             for j in range(len(methods)):
                 m = methods[(j + shift) % len(methods)]
-                runs[m].append(run(m, prompt))
+                runs[m].append(run(m, prompt, p))
     wall_s = time.perf_counter() - t0
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for method, index, toks in spec_tokens:  # lossless: the full loop's tokens on every prompt, or the run fails
+        if index in full_tokens and toks != full_tokens[index]:
+            raise RuntimeError(f"{method} is not lossless on prompt {index}: {toks} vs the full loop's "
+                               f"{full_tokens[index]}")
 
     hf = [r["s_per_token"] for r in runs["hf_generate"]]
     never = [r["s_per_token"] for r in runs["never"]]
     rows = {}
-    for m in methods:
+    for m in ["hf_generate"] + list(controllers):
         xs = [r["s_per_token"] for r in runs[m]]
         q = _quartiles(xs)
         paired = [x / h for x, h in zip(xs, hf)]
@@ -204,7 +327,6 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
             "s_per_check_median": statistics.median(checks) if checks else None,
             "num_runs": len(xs), "s_per_token_runs": xs,
         }
-    mid = middle_exit_layer(model.exit_layers, model.num_layers)
     pol = [r["s_per_token"] for r in runs["policy_check"]]
     policy_ab = statistics.median([a / b - 1.0 for a, b in zip(pol, never)])
     never_ratio = rows["never"]["ratio_to_hf_paired_median"]
@@ -237,6 +359,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
                   "timing": "decode steps only (tokens 2..N), seconds per new token; interleaved, order rotated"},
         "methods": rows,
         "targets": targets,
+        "lossless": _lossless_section(runs, list(speculative), hf_ee, cfg) if lossless else None,
         "noise": {"load_average_before": load_before, "load_average_after": load_after, "wall_s": wall_s,
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for r in rows.values())},
         "run_metadata": run_metadata(cfg, stage="benchmark"),
@@ -244,6 +367,61 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     write_json(out_path, result)
     log.info("wrote %s", out_path)
     return out_path
+
+
+def _lossless_section(runs: dict[str, list[dict]], speculative: list[str], hf_ee: Optional[str], cfg: Config) -> dict:
+    """The lossless comparison: wall clock per generation (prefill included) of every lossless
+    method against our full loop, HF ``generate`` and the best static setting (paired per-run
+    ratios), decode-only seconds per token against the full loop, acceptance and draft lengths."""
+    names = ["never", "hf_generate"] + speculative + ([hf_ee] if hf_ee else [])
+    wall = {m: [r["wall_s"] for r in runs[m]] for m in names}
+    dec = {m: [r["s_per_token"] for r in runs[m]] for m in wall}
+    static = [m for m in speculative if m.startswith("layerskip@")]
+    best_static = min(static, key=lambda m: statistics.median(wall[m])) if static else None
+    rows = {}
+    for m in wall:
+        q = _quartiles(wall[m])
+        row = {"wall_s_median": q["median"], "wall_s_q1": q["q1"], "wall_s_q3": q["q3"], "wall_s_iqr": q["iqr"],
+               "relative_iqr": q["iqr"] / q["median"] if q["median"] else None,
+               # speed-up = the reference's time over this method's, median of paired runs
+               "speedup_vs_full": _paired_median(wall["never"], wall[m]),
+               "speedup_vs_hf": _paired_median(wall["hf_generate"], wall[m]),
+               "speedup_vs_best_static": _paired_median(wall[best_static], wall[m]) if best_static else None,
+               "decode_speedup_vs_full": (_paired_median(dec["never"], dec[m])
+                                          if all(x is not None for x in dec[m]) else None),
+               "num_runs": len(wall[m]), "wall_s_runs": wall[m]}
+        if m in speculative:
+            drafted = sum(r["drafted"] for r in runs[m])
+            rounds = sum(r["rounds"] for r in runs[m])
+            steps = sum(r["decode_steps"] for r in runs[m])
+            row.update(acceptance_rate=sum(r["accepted"] for r in runs[m]) / drafted if drafted else None,
+                       mean_draft_length=drafted / rounds if rounds else None,
+                       verified_tokens_per_token=sum(r["verified_tokens"] for r in runs[m]) / steps if steps else None,
+                       layers_run_per_token=sum(r["layers_run"] for r in runs[m]) / steps if steps else None)
+        rows[m] = row
+    gc_rows = [m for m in speculative if m.startswith("gc_lossless@")]
+    best_gc = min(gc_rows, key=lambda m: statistics.median(wall[m])) if gc_rows else None
+    targets = {}
+    if best_gc:
+        v = rows[best_gc]["speedup_vs_full"]
+        targets["lossless_vs_full"] = {"value": v, "method": best_gc,
+                                       "target": f">= {TARGETS['lossless_vs_full_min_speedup']}",
+                                       "met": v >= TARGETS["lossless_vs_full_min_speedup"],
+                                       "what": "wall clock of our full loop over the fastest lossless GC threshold's "
+                                               "(median of paired runs)"}
+        if best_static:
+            v = rows[best_gc]["speedup_vs_best_static"]
+            targets["lossless_vs_best_static"] = {
+                "value": v, "method": best_gc, "static": best_static,
+                "target": f">= {TARGETS['lossless_vs_best_static_min_speedup']}",
+                "met": v >= TARGETS["lossless_vs_best_static_min_speedup"],
+                "what": "wall clock of the fastest static self-speculative setting over the fastest lossless GC's "
+                        "(median of paired runs)"}
+    return {"methods": rows, "best_static": best_static, "best_gc_lossless": best_gc, "targets": targets,
+            "k_max": cfg.eval.lossless_k_max, "draft_threshold": cfg.eval.lossless_draft_threshold,
+            "tokens_checked": "every lossless generation equals the full loop's tokens on its prompt",
+            "timing": "wall clock per generation (prefill + decode; HF assisted generation cannot separate them); "
+                      "decode_speedup_vs_full from the decode-only seconds per token"}
 
 
 def format_table(result: dict) -> str:
@@ -270,5 +448,244 @@ def format_table(result: dict) -> str:
         lines.append(f"target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}{extra}")
     n = result["noise"]
     lines.append(f"noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative IQR "
+                 f"{n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
+    if result.get("lossless"):
+        lines += ["", format_lossless_table(result["lossless"])]
+    return "\n".join(lines)
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def format_lossless_table(section: dict) -> str:
+    """The lossless comparison as a text table."""
+    lines = [f"Lossless (self-speculative) methods, wall clock per generation; k_max {section['k_max']} for "
+             f"gc_lossless, draft threshold {section['draft_threshold']}",
+             f"{'method':<24} {'ms/gen':>8} {'IQR ms':>7} {'x full':>7} {'x HF':>6} {'x static':>8} {'dec x full':>10} "
+             f"{'accept':>7} {'draft':>6}",
+             "-" * 91]
+    for m, r in section["methods"].items():
+        lines.append(f"{m:<24} {1e3 * r['wall_s_median']:>8.2f} {1e3 * r['wall_s_iqr']:>7.2f} "
+                     f"{_fmt(r['speedup_vs_full'], '.2f'):>7} {_fmt(r['speedup_vs_hf'], '.2f'):>6} "
+                     f"{_fmt(r['speedup_vs_best_static'], '.2f'):>8} {_fmt(r['decode_speedup_vs_full'], '.2f'):>10} "
+                     f"{_fmt(r.get('acceptance_rate'), '.2f'):>7} {_fmt(r.get('mean_draft_length'), '.2f'):>6}")
+    lines.append(f"x full / x HF / x static = speed-up (median of paired runs) over our full loop, HF generate and "
+                 f"the fastest static setting ({section['best_static']}); dec x full = decode-only; accept = "
+                 "accepted / drafted; draft = drafted tokens per round")
+    for name, t in section["targets"].items():
+        lines.append(f"target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'} "
+                     f"({t['method']})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ throughput (batched decoding)
+
+def throughput_path(cfg: Config) -> Path:
+    """``results/benchmark/throughput_<config name>.json`` (the markdown table next to it)."""
+    return benchmark_path(cfg).with_name(f"throughput_{cfg.name}.json")
+
+
+def _parse_sizes(sizes: Union[str, Sequence[int]]) -> list[int]:
+    if isinstance(sizes, str):
+        sizes = [x for x in sizes.split(",") if x.strip()]
+    try:
+        out = [int(x) for x in sizes]
+    except ValueError:
+        raise ValueError(f"batch sizes {sizes!r} must be integers, e.g. 1,4,8,16") from None
+    if not out or any(b < 1 for b in out):
+        raise ValueError(f"batch sizes {out} must be integers >= 1")
+    return sorted(set(out))
+
+
+def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 4, 8, 16), context_tokens: int = 200,
+                   new_tokens: int = 32, num_prompts: Optional[int] = None, repeats: int = 3, warmup: int = 1,
+                   gc_threshold: Optional[float] = None, out_path: Optional[Union[str, Path]] = None) -> Path:
+    """Tokens per second when the same ``num_prompts`` prompts (default: the largest batch size;
+    ragged lengths in [3/4, 1] x ``context_tokens``, seeded) are decoded ``B`` at a time, for each
+    batch size ``B``: our loop with the full model (NeverExit) and with GC (the policy at
+    ``gc_threshold``, default the middle of ``eval.gc_thresholds``), one left-padded ragged batch per
+    ``generate(model, [prompt, ...], controller)`` call, against HF ``generate`` batched with left
+    padding and an attention mask (greedy, ``min_new_tokens`` = ``new_tokens`` so every method
+    produces the same tokens per row). Tokens/s = prompts x new tokens / wall clock of the whole
+    workload (prefill included). Rounds are interleaved (repetition -> batch size -> methods, order
+    rotated) after a warmup; ratios are medians of paired per-round ratios. Writes the JSON and a
+    markdown table; returns the JSON's path."""
+    from transformers import GenerationConfig
+
+    from greencode.decoding import NeverExit, PolicyExit, generate
+
+    sizes = _parse_sizes(batch_sizes)
+    num_prompts = max(sizes) if num_prompts is None else num_prompts
+    for name, v, low in (("context_tokens", context_tokens, 4), ("new_tokens", new_tokens, 2),
+                         ("num_prompts", num_prompts, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}={v!r} must be an integer >= {low}")
+    out_path = Path(out_path) if out_path is not None else throughput_path(cfg)
+    from greencode.eval.summary import check_writable
+
+    check_writable(out_path.parent)
+    set_seed(cfg.seed)
+    device, dtype = setup_torch(cfg.hardware)
+    paths = RunPaths.from_config(cfg)
+    model, model_note = _load_model(cfg, paths, device, dtype)
+    limit = getattr(model.hf.config, "max_position_embeddings", None)
+    if limit and context_tokens + new_tokens > limit:
+        raise ValueError(f"context_tokens ({context_tokens}) + new_tokens ({new_tokens}) exceed the model's "
+                         f"{limit} positions; use a shorter context")
+    policy, policy_note = _load_policy(cfg, paths, model)
+    if gc_threshold is None:
+        ts = sorted(cfg.eval.gc_thresholds)
+        gc_threshold = ts[len(ts) // 2] if ts else 0.9
+    gc_threshold = float(gc_threshold)
+    if not 0.0 <= gc_threshold <= 1.0:
+        raise ValueError(f"gc_threshold={gc_threshold} must be in [0, 1]")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    low = max(1, (3 * context_tokens) // 4)
+    lengths = [int(torch.randint(low, context_tokens + 1, (1,), generator=gen)) for _ in range(num_prompts)]
+    prompts = [torch.randint(3, model.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    controllers = {"full": NeverExit(),
+                   f"gc@{gc_threshold!r}": PolicyExit(policy, gc_threshold, cfg.decoding.policy_temperature,
+                                                      observation=getattr(policy, "observation", cfg.rl.observation))}
+    for c in controllers.values():
+        c.check_layers(model)
+    methods = list(controllers) + ["hf_generate"]
+    pad = model.hf.config.pad_token_id
+    pad = pad if pad is not None else 0
+    gconf = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad, eos_token_id=model.hf.config.eos_token_id)
+    tokens: dict[tuple[str, int], list[list[int]]] = {}  # (method, batch size) -> each prompt's tokens
+
+    def batches(size: int) -> list[list[list[int]]]:
+        return [prompts[i:i + size] for i in range(0, num_prompts, size)]
+
+    def run(method: str, size: int) -> float:
+        """Wall seconds to decode every prompt, ``size`` at a time."""
+        out: list[list[int]] = []
+        _sync(device)
+        t0 = time.perf_counter()
+        for chunk in batches(size):
+            if method == "hf_generate":
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, p in enumerate(chunk):
+                    ids[r, width - len(p):] = torch.tensor(p)
+                    mask[r, width - len(p):] = 1
+                with torch.inference_mode():
+                    gen_ids = model.hf.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gconf)
+                out += [row[width:].tolist() for row in gen_ids]
+            else:
+                res = generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[method], new_tokens,
+                               kv_strategy=cfg.decoding.kv_strategy)
+                out += [r.tokens for r in (res if isinstance(res, list) else [res])]
+        _sync(device)
+        wall = time.perf_counter() - t0
+        if len(out) != num_prompts or any(len(t) != new_tokens for t in out):
+            raise RuntimeError(f"{method} at batch {size} produced {[len(t) for t in out]} tokens, expected "
+                               f"{new_tokens} for each of {num_prompts} prompts")
+        tokens.setdefault((method, size), out)
+        return wall
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t_start = time.perf_counter()
+    for _ in range(warmup):
+        for size in sizes:
+            for m in methods:
+                run(m, size)
+    walls: dict[tuple[str, int], list[float]] = {(m, b): [] for m in methods for b in sizes}
+    for rep in range(repeats):
+        for i, size in enumerate(sizes):
+            shift = rep * len(sizes) + i
+            for j in range(len(methods)):
+                m = methods[(j + shift) % len(methods)]
+                walls[(m, size)].append(run(m, size))
+    wall_s = time.perf_counter() - t_start
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    total = num_prompts * new_tokens
+    tps = {key: [total / w for w in ws] for key, ws in walls.items()}
+    gc_name = methods[1]
+    rows: dict[str, dict[str, dict]] = {}
+    for m in methods:
+        rows[m] = {}
+        for b in sizes:
+            q = _quartiles(tps[(m, b)])
+            same = sum(t == u for t, u in zip(tokens[(m, b)], tokens[(m, sizes[0])]))
+            rows[m][str(b)] = {
+                "tokens_per_s_median": q["median"], "tokens_per_s_q1": q["q1"], "tokens_per_s_q3": q["q3"],
+                "tokens_per_s_iqr": q["iqr"], "relative_iqr": q["iqr"] / q["median"] if q["median"] else None,
+                f"ratio_to_batch_{sizes[0]}": _paired_median(tps[(m, b)], tps[(m, sizes[0])]),
+                "ratio_to_hf": _paired_median(tps[(m, b)], tps[("hf_generate", b)]),
+                "ratio_to_full": _paired_median(tps[(m, b)], tps[("full", b)]),
+                f"rows_equal_to_batch_{sizes[0]}": same / num_prompts,
+                "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)]}
+    targets = {}
+    if 8 in sizes and 1 in sizes:
+        v = rows["full"]["8"]["ratio_to_batch_1"]
+        targets["batch8_vs_batch1"] = {"value": v, "target": f">= {THROUGHPUT_TARGETS['batch8_vs_batch1_min_ratio']}",
+                                       "met": v >= THROUGHPUT_TARGETS["batch8_vs_batch1_min_ratio"],
+                                       "gc_value": rows[gc_name]["8"]["ratio_to_batch_1"],
+                                       "what": "full model tokens/s at batch 8 over batch 1 (median of paired rounds)"}
+    if 8 in sizes:
+        v = rows[gc_name]["8"]["ratio_to_full"]
+        targets["gc_vs_full_batch8"] = {"value": v, "target": f"> {THROUGHPUT_TARGETS['gc_vs_full_batch8_min_ratio']}",
+                                        "met": v > THROUGHPUT_TARGETS["gc_vs_full_batch8_min_ratio"],
+                                        "what": f"{gc_name} tokens/s over the full model's at batch 8 (median of "
+                                                "paired rounds)"}
+    result = {
+        "format": "greencode-throughput/1",
+        "config_name": cfg.name,
+        "setup": {"batch_sizes": sizes, "num_prompts": num_prompts, "prompt_lengths": lengths,
+                  "context_tokens": context_tokens, "new_tokens": new_tokens, "repeats": repeats,
+                  "warmup_rounds": warmup, "prompts": "uniform random token ids (seeded), ragged lengths in "
+                                                      "[3/4, 1] x context_tokens, left-padded per batch",
+                  "model": model_note, "policy": policy_note, "gc_threshold": gc_threshold,
+                  "num_layers": model.num_layers, "exit_layers": list(model.exit_layers),
+                  "hidden_size": model.hidden_size, "vocab_size": model.vocab_size, "family": model.family,
+                  "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
+                  "torch_threads": torch.get_num_threads(), "kv_strategy": cfg.decoding.kv_strategy,
+                  "timing": "wall clock of the whole workload (every prompt, prefill + decode), decoded B prompts "
+                            "per call; tokens/s = prompts x new_tokens / wall; interleaved, order rotated",
+                  "hf": "model.hf.generate, left padding + attention mask, greedy, min_new_tokens = max_new_tokens"},
+        "methods": rows,
+        "targets": targets,
+        "noise": {"load_average_before": load_before, "load_average_after": load_after, "wall_s": wall_s,
+                  "max_relative_iqr": max(r["relative_iqr"] or 0 for m in rows.values() for r in m.values())},
+        "run_metadata": run_metadata(cfg, stage="throughput"),
+    }
+    write_json(out_path, result)
+    write_text(out_path.with_suffix(".md"), format_throughput_markdown(result) + "\n")
+    log.info("wrote %s", out_path)
+    return out_path
+
+
+def format_throughput_markdown(result: dict) -> str:
+    """The throughput result as a markdown table."""
+    s = result["setup"]
+    sizes = s["batch_sizes"]
+    base = sizes[0]
+    meta = result.get("run_metadata", {})
+    lines = [f"# Throughput: {result['config_name']}",
+             "",
+             f"{s['family']}, {s['num_layers']} layers, exits {s['exit_layers']} (0-based), hidden {s['hidden_size']}, "
+             f"{s['device']} {s['dtype']}, {s['torch_threads']} threads; {s['num_prompts']} prompts of "
+             f"{min(s['prompt_lengths'])}-{max(s['prompt_lengths'])} tokens, {s['new_tokens']} new tokens each, "
+             f"{s['repeats']} interleaved rounds; model: {s['model']}; policy: {s['policy']}; "
+             f"commit {meta.get('git_commit')}.",
+             "",
+             f"| method | batch | tokens/s | IQR | x batch {base} | x HF | x full | rows = batch {base} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, by_size in result["methods"].items():
+        for b, r in by_size.items():
+            lines.append(f"| {m} | {b} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_iqr']:.1f} | "
+                         f"{_fmt(r[f'ratio_to_batch_{base}'], '.2f')} | {_fmt(r['ratio_to_hf'], '.2f')} | "
+                         f"{_fmt(r['ratio_to_full'], '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} |")
+    lines += ["", f"Ratios are medians of paired (same round) tokens/s ratios. {s['timing']}. rows = batch {base}: "
+                  f"share of prompts whose tokens equal their tokens at batch {base}.", ""]
+    for name, t in result["targets"].items():
+        lines.append(f"- target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}")
+    n = result["noise"]
+    lines.append(f"- noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative IQR "
                  f"{n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
     return "\n".join(lines)

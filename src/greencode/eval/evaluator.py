@@ -219,6 +219,7 @@ class Runner:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
         res, m = self._measured(window, lambda: generate_lossless(
             self.model, ids, controller, self.cfg.eval.max_new_tokens, k_max=self.cfg.eval.lossless_k_max,
+            draft_threshold=self.cfg.eval.lossless_draft_threshold,
             eos_token_id=self.eos, kv_strategy=self.cfg.decoding.kv_strategy))
         cost = compute_cost(self.model, [res], controller)
         steps = res.counters["decode_steps"]

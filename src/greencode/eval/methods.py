@@ -43,7 +43,9 @@ DESCRIPTIONS = {
     "oracle": "first exit point agreeing with the final layer; runs every layer (analysis only)",
     "gc": "GREEN-CODE RL policy: exit when P(exit) >= threshold",
     "gc_lossless": "lossless GC: drafts up to eval.lossless_k_max tokens exiting where the RL policy says "
-                   "(P(exit) >= threshold), verifies them in one full-model pass; output = the full model's",
+                   "(P(exit) >= threshold; with eval.lossless_draft_threshold, drafting also stops after a token "
+                   "whose exit-layer max probability is below it), verifies them in one full-model pass; "
+                   "output = the full model's",
     "layerskip": "LayerSkip-style static self-speculation: drafts up to eval.lossless_k_max tokens at a fixed "
                  "0-based exit layer, verifies them in one full-model pass; output = the full model's",
     "hf_early_exit": "HF generate with assistant_early_exit (LayerSkip-style self-speculative decoding); "
