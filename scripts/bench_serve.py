@@ -8,6 +8,12 @@ Tiny CPU check (a random demo run; numbers say nothing about quality):
 
 A trained run (default: this config's run directory):
     python scripts/bench_serve.py --config configs/default.yaml [--run-dir runs/default] --num-requests 50
+
+--load: 50 concurrent streaming clients (the official openai client) per serve.max_batch_size, first-chunk
+latency against a lone request's prefill + one step, then a burst of 200 simultaneous requests
+(results/benchmark/serve_load_<name>.json):
+    python scripts/bench_serve.py --config configs/smoke.yaml --demo runs/smoke-demo --load --clients 6 \
+        --batch-sizes 1,4 --burst 20 --max-new-tokens 8
 """
 
 from greencode.cli import base_parser, friendly_errors, load_from_args
@@ -23,15 +29,35 @@ def main() -> None:
                    help="new tokens per request (default: eval.max_new_tokens)")
     p.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: eval.gc_thresholds")
     p.add_argument("--out", default=None, help="output JSON (default results/benchmark/serve_<name>.json)")
+    p.add_argument("--load", action="store_true",
+                   help="instead: concurrent streaming clients per serve.max_batch_size, then a burst "
+                        "(results/benchmark/serve_load_<name>.json)")
+    p.add_argument("--clients", type=int, default=50, help="--load: concurrent streaming clients")
+    p.add_argument("--batch-sizes", default="1,16,64", help="--load: serve.max_batch_size values (comma list)")
+    p.add_argument("--burst", type=int, default=200, help="--load: simultaneous requests of the burst (0 = none)")
     args = p.parse_args()
     cfg = load_from_args(args)
-    from greencode.serve.bench import run_benchmark
+    from greencode.serve.bench import run_benchmark, run_streaming_load
 
     run_dir = args.run_dir
     if args.demo:
         from greencode.serve.demo import ensure_demo_run
 
         run_dir = ensure_demo_run(cfg, args.demo)
+    if args.load:
+        res = run_streaming_load(cfg, run_dir, clients=args.clients, max_new_tokens=args.max_new_tokens or 32,
+                                 batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
+                                 burst=args.burst, out_path=args.out, demo=bool(args.demo))
+        print(f"{'max_batch_size':<16}{'served':>8}{'first p50 ms':>14}{'first p90 ms':>14}{'total p50 ms':>14}"
+              f"{'tokens/s':>10}{'lone prefill+step ms':>22}")
+        for s in res["settings"].values():
+            f, t = s["first_chunk_ms"], s["total_ms"]
+            print(f"{s['max_batch_size']:<16}{s['served']:>5}/{s['clients']:<2}{f['p50'] or 0:>14.0f}{f['p90'] or 0:>14.0f}"
+                  f"{t['p50'] or 0:>14.0f}{s['tokens_per_s'] or 0:>10.1f}"
+                  f"{s['lone_request']['prefill_plus_one_step_ms']:>22.1f}")
+        if res["burst"]:
+            print(f"burst: {res['burst']}")
+        return
     res = run_benchmark(cfg, run_dir, num_requests=args.num_requests, thresholds=args.thresholds,
                         max_new_tokens=args.max_new_tokens, out_path=args.out, demo=bool(args.demo))
     print(f"{'setting':<18}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'gen p50':>9}{'overhead p50':>14}{'exit layer':>11}"

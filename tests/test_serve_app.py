@@ -71,19 +71,18 @@ def test_non_loopback_bind_needs_a_key(run, monkeypatch):
 
 
 def _slow(engine, seconds):
-    real = engine.generate_fn
-
-    def slow(*a, **kw):
-        time.sleep(seconds)
-        return real(*a, **kw)
-
-    return slow
+    """Every decoding step takes ``seconds`` longer (0: back to normal, EOS and all)."""
+    engine.before_step = (lambda: time.sleep(seconds)) if seconds else None
+    if not seconds:
+        engine.__dict__.pop("result", None)
+        if hasattr(engine, "_eos_saved"):
+            engine.eos_ids = engine._eos_saved
 
 
 def test_full_queue_answers_503_then_recovers(run):
-    app = _app(run, queue_size=1)
+    app = _app(run, queue_size=1, max_batch_size=1)
     engine = app.state.engine
-    engine.generate_fn = _slow(engine, 0.6)
+    _slow(engine, 0.6)
 
     async def burst():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
@@ -92,7 +91,7 @@ def test_full_queue_answers_503_then_recovers(run):
     codes = [r.status_code for r in asyncio.run(burst())]
     assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
     assert app.state.scheduler.in_flight == 0
-    engine.generate_fn = _slow(engine, 0.0)
+    _slow(engine, 0.0)
     with TestClient(app) as c:
         assert c.post("/api/generate", json=BODY).status_code == 200
         assert 'greencode_rejected_total{reason="busy"}' in c.get("/metrics").text
@@ -102,14 +101,14 @@ def test_timeout_is_504_and_frees_the_worker(run):
     app = _app(run, request_timeout_s=0.2)
     engine = app.state.engine
     with TestClient(app) as c:
-        engine.generate_fn = _slow(engine, 1.0)
+        _slow(engine, 1.0)
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
         deadline = time.monotonic() + 30
         while app.state.scheduler.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         assert app.state.scheduler.in_flight == 0
-        engine.generate_fn = _slow(engine, 0.0)
+        _slow(engine, 0.0)
         app.state.scheduler.timeout_s = 60.0  # a loaded CI machine may need more than 0.2 s for real work
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
@@ -250,22 +249,20 @@ PROMPT = "import os\n\n\ndef read_file(path):\n    with open(path) as f:\n      
 
 
 def _per_token(engine, seconds, calls=None):
-    """generate slowed down by ``seconds`` per token, without EOS (so it runs to max_new_tokens)."""
-    real = engine.generate_fn
+    """Decoding slowed down by ``seconds`` per step, without EOS (so it runs to max_new_tokens);
+    every finished row's result goes to ``calls``."""
+    engine.before_step = lambda: time.sleep(seconds)
+    engine._eos_saved = getattr(engine, "_eos_saved", engine.eos_ids)
+    engine.eos_ids = []
+    real = type(engine).result
 
-    def slow(*a, on_token=None, **kw):
-        def tok(t, e):
-            time.sleep(seconds)
-            if on_token is not None:
-                on_token(t, e)
-
-        kw["eos_token_id"] = None
-        res = real(*a, on_token=tok, **kw)
+    def result(batch, row):
+        res = real(engine, batch, row)
         if calls is not None:
             calls.append(res)
         return res
 
-    return slow
+    engine.result = result
 
 
 def _check_stream(engine, tokens, stops):
@@ -392,9 +389,10 @@ def test_logprobs_are_the_full_models_log_softmax(run):
                                                                                        lp["token_logprobs"]))
     offsets, text = lp["text_offset"], oa["choices"][0]["text"]
     assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(text)
-    # streamed: token events carry no logprob yet, the final event's details do
+    # streamed: every token event carries its token's log probability as it is produced; the final event's
+    # details have them all (the final event's own token is the held-back text, no model token)
     events = [json.loads(line[5:]) for line in streamed.text.split("\n") if line.startswith("data:")]
-    assert all(e["token"]["logprob"] is None for e in events)
+    assert [e["token"]["logprob"] for e in events[:6]] == pytest.approx([t["logprob"] for t in d["tokens"]], abs=1e-6)
     assert [t["logprob"] for t in events[-1]["details"]["tokens"]] == pytest.approx(
         [t["logprob"] for t in d["tokens"]], abs=1e-6)
 
@@ -406,7 +404,7 @@ def test_streamed_request_past_its_deadline_ends_with_an_error_event(run):
     engine = app.state.engine
     with TestClient(app) as c:
         calls = []
-        engine.generate_fn = _per_token(engine, 0.05, calls)
+        _per_token(engine, 0.05, calls)
         with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 64, "stream": True}) as resp:
             events = [e for e in resp.read().decode().split("\n\n") if e]
         assert resp.status_code == 200 and events[-1] == "data: [DONE]"
@@ -421,8 +419,49 @@ def test_streamed_request_past_its_deadline_ends_with_an_error_event(run):
             lines = [json.loads(line) for line in resp.read().decode().split("\n") if line]
         assert "request_timeout_s" in lines[-1]["error"] and not any(x.get("done") for x in lines)
         assert all(res.finish_reason == "cancelled" and len(res.tokens) < 64 for res in calls)
-        engine.generate_fn = _slow(engine, 0.0)
+        _slow(engine, 0.0)
         deadline = time.monotonic() + 10
         while app.state.scheduler.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
         assert 'greencode_rejected_total{reason="timeout"} 3.0' in c.get("/metrics").text
+
+
+def test_concurrent_requests_batched_equal_each_request_alone(run):
+    """Requests decoded together (continuous batching, each with its own threshold, sampling,
+    seed and stop strings) get exactly the answer each gets alone."""
+    prompts = [PROMPT, "def add(a, b):\n    return", "class Point:\n    def __init__(self", "for i in range("]
+    bodies = [
+        {"inputs": prompts[0], "parameters": {"max_new_tokens": 12, "RL_agent_thresh": 1.0}},
+        {"inputs": prompts[1], "parameters": {"max_new_tokens": 9, "RL_agent_thresh": 0.3}},
+        {"inputs": prompts[2], "parameters": {"max_new_tokens": 14, "do_sample": True, "temperature": 0.9,
+                                              "seed": 5, "RL_agent_thresh": 0.6}},
+        {"inputs": prompts[3], "parameters": {"max_new_tokens": 10, "stop": [")"], "RL_agent_thresh": 0.5}},
+    ]
+    alone_app = _app(run, max_batch_size=1)
+    with TestClient(alone_app) as c:
+        alone = [c.post("/generate", json=b).json() for b in bodies]
+    app = _app(run, max_batch_size=4)
+    engine = app.state.engine
+    sizes = []
+    real_step = type(engine).step
+
+    def step(batch):
+        sizes.append(len(batch))
+        time.sleep(0.01)  # long enough for every request to be queued before the first rows finish
+        return real_step(engine, batch)
+
+    engine.step = step
+
+    async def together():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await asyncio.gather(*[c.post("/generate", json=b) for b in bodies])
+
+    with TestClient(app):  # lifespan: the scheduler's worker runs
+        got = [r.json() for r in asyncio.run(together())]
+    assert max(sizes) >= 3  # decoded together
+    final = engine.model.final_layer
+    assert any(e < final for b in got[1:] for e in b["greencode"]["exit_layers"][1:])  # rows did exit
+    for a, b in zip(alone, got):
+        assert b["generated_text"] == a["generated_text"]
+        assert b["greencode"]["exit_layers"] == a["greencode"]["exit_layers"]
+        assert b["greencode"]["completion_tokens"] == a["greencode"]["completion_tokens"]

@@ -373,20 +373,17 @@ def slow_server(tmp_path_factory):
     run = load_run(cfg, build_demo_run(cfg, tmp_path_factory.mktemp("slow_run"), p_exit=0.7))
     app = create_app(cfg, model=run.model, tokenizer=run.tokenizer, policy=run.policy)
     engine = app.state.engine
-    real, calls = engine.generate_fn, []
+    calls = []
+    engine.before_step = lambda: time.sleep(STEP_S)  # every decoding step slowed down
+    engine.eos_ids = []  # and no EOS: every request runs its full length
+    real = type(engine).result
 
-    def slow(*a, on_token=None, **kw):
-        def tok(t, e):
-            time.sleep(STEP_S)
-            if on_token is not None:
-                on_token(t, e)
-
-        kw["eos_token_id"] = None
-        res = real(*a, on_token=tok, **kw)
+    def result(batch, row):
+        res = real(engine, batch, row)
         calls.append(res)
         return res
 
-    engine.generate_fn = slow
+    engine.result = result
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, daemon=True)

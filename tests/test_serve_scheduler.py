@@ -15,35 +15,81 @@ from greencode.serve.events import FinalEvent, TokenEvent
 from greencode.serve.scheduler import Scheduler
 
 
+class StubBatch:
+    """A DecodeBatch stand-in: each step sleeps ``step_s`` and gives every row one token event,
+    polling its ``should_stop`` first; records how many rows each step decoded."""
+
+    def __init__(self, engine):
+        self.engine, self.rows = engine, []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, rows, prompts):
+        assert len(rows) == len(prompts)
+        for row in rows:
+            row.record["joined_at_step"] = len(self.engine.step_sizes)
+        self.rows += rows
+        return []
+
+    def step(self):
+        self.engine.step_sizes.append(len(self.rows))
+        time.sleep(self.engine.step_s)
+        finished = []
+        for row in self.rows:
+            rec = row.record
+            if row.should_stop():
+                rec["finish"] = "cancelled"
+                finished.append(row)
+                continue
+            rec["tokens"] += 1
+            rec["emitted_at"].append(time.perf_counter())
+            if row.on_event is not None:
+                row.on_event(TokenEvent(rec["tokens"] - 1, 99 + rec["tokens"], "x", 0))
+            if rec["tokens"] >= self.engine.tokens:
+                rec["finish"] = "length"
+                finished.append(row)
+        self.rows = [r for r in self.rows if r not in finished]
+        return finished
+
+
 class StubEngine:
-    """prepare / run / finish like :class:`~greencode.serve.engine.Engine`: ``run`` emits
-    ``tokens`` token events ``step_s`` apart, polling ``should_stop`` between them."""
+    """prepare / row / step / result / finish like :class:`~greencode.serve.engine.Engine`, over
+    :class:`StubBatch`: ``tokens`` token events per request, ``step_s`` apart."""
 
     def __init__(self, tokens=8, step_s=0.02, bad_prompt="bad"):
         self.tokens, self.step_s, self.bad_prompt = tokens, step_s, bad_prompt
         self.runs: list[dict] = []
+        self.step_sizes: list[int] = []
         self.lock = threading.Lock()
 
     def prepare(self, gen, submitted_at=None, deadline=None):
         if gen.prompt == self.bad_prompt:
             raise RequestError(422, "bad prompt", loc="body.prompt")
-        return SimpleNamespace(gen=gen, deadline=deadline, flush=lambda text: "!")
+        return SimpleNamespace(gen=gen, deadline=deadline, ids=[1, 2], flush=lambda text: "!")
 
-    def run(self, job, on_event=None, should_stop=None):
+    def new_batch(self):
+        return StubBatch(self)
+
+    def row(self, job, on_event=None, should_stop=None):
         record = {"prompt": job.gen.prompt, "tokens": 0, "emitted_at": []}
         with self.lock:
             self.runs.append(record)
-        for i in range(self.tokens):
-            if (should_stop is not None and should_stop()) or (job.deadline and time.perf_counter() > job.deadline):
-                record["finish"] = "cancelled"
-                return SimpleNamespace(finish_reason="cancelled")
-            time.sleep(self.step_s)
-            record["tokens"] += 1
-            record["emitted_at"].append(time.perf_counter())
-            if on_event is not None:
-                on_event(TokenEvent(i, 100 + i, "x", 0))
-        record["finish"] = "length"
-        return SimpleNamespace(finish_reason="length")
+
+        def stop():
+            return (should_stop is not None and should_stop()) or bool(job.deadline and
+                                                                       time.perf_counter() > job.deadline)
+
+        return SimpleNamespace(record=record, on_event=on_event, should_stop=stop, handle=job)
+
+    def step(self, batch):
+        return batch.step()
+
+    def result(self, batch, row):
+        return SimpleNamespace(finish_reason=row.record["finish"])
+
+    def abandon(self, row):
+        pass
 
     def finish(self, job, res):
         return Completion(text="x" * self.tokens + "!", prompt_ids=[1], tokens=list(range(self.tokens)),
@@ -97,7 +143,7 @@ def test_admission_refuses_at_once_and_serves_everything_it_admitted():
     results = asyncio.run(burst())
     served = [r for r in results if r[0] == "xxxx!"]
     refused = [r for r in results if r[0] == 503]
-    assert len(served) == 3 and len(refused) == 7  # one running + queue_size waiting
+    assert len(served) == 3 and len(refused) == 7  # one decoding (max_batch_size=1) + queue_size waiting
     assert all(dt < 0.05 and h["Retry-After"] for _, dt, h in refused)  # refused before any work
     assert rejected == ["busy"] * 7 and sched.in_flight == 0
     assert len(engine.runs) == 3 and all(r["finish"] == "length" for r in engine.runs)
@@ -173,3 +219,30 @@ def test_shutdown_refuses_new_work_and_start_reopens():
         return await (await sched.submit(_gen(stream=False))).result()
 
     assert asyncio.run(go()).text == "x!"
+
+
+def test_concurrent_requests_are_decoded_together_and_late_ones_join_the_next_step():
+    """Continuous batching: requests admitted together share each step (up to max_batch_size);
+    one that arrives while others are decoding joins the next step instead of waiting for them;
+    past max_batch_size requests wait in the queue and join as rows leave."""
+    engine = StubEngine(tokens=10, step_s=0.03)
+    sched = Scheduler(engine, queue_size=4, timeout_s=30, max_batch_size=3)
+    assert sched.capacity == 7
+
+    async def go():
+        first = [await sched.submit(_gen(f"p{i}", stream=True)) for i in range(2)]
+        async for ev in first[0]:  # two tokens in: a third request arrives mid-generation
+            if isinstance(ev, TokenEvent) and ev.index == 1:
+                break
+        late = await sched.submit(_gen("late", stream=False))
+        extra = [await sched.submit(_gen(f"q{i}", stream=False)) for i in range(2)]
+        texts = [(await s.result()).text for s in first + [late] + extra]
+        return texts
+
+    texts = asyncio.run(go())
+    assert texts == ["x" * 10 + "!"] * 5 and sched.in_flight == 0
+    runs = {r["prompt"]: r for r in engine.runs}
+    assert runs["p0"]["joined_at_step"] == 0 and runs["p1"]["joined_at_step"] <= 1  # p1 may miss the first step
+    assert 2 <= runs["late"]["joined_at_step"] < 10  # joined while p0/p1 were still decoding
+    assert max(engine.step_sizes) == 3  # never more than max_batch_size rows in a step
+    assert min(runs[q]["joined_at_step"] for q in ("q0", "q1")) >= 10  # waited for a row to leave

@@ -481,7 +481,10 @@ class ServeConfig:
     default_max_new_tokens: int = 16
     max_new_tokens_cap: int = 256
     max_request_bytes: int = 1_000_000
-    queue_size: int = 8
+    queue_size: int = 8  # requests waiting beside the batch being decoded (past that: 503 + Retry-After)
+    # requests decoded together, step by step (continuous batching: a request arriving while a step
+    # runs joins the next one); 1 = one request at a time
+    max_batch_size: int = 8
     request_timeout_s: float = 60.0
     api_key: Optional[str] = None  # Bearer token required when set (or env GREENCODE_API_KEY)
     # codexglue: editor code -> the space-joined CodeXGLUE token text the models are trained on
@@ -493,6 +496,7 @@ class ServeConfig:
         _check_range(f"{path}.default_threshold", self.default_threshold, 0.0, 1.0)
         _check_range(f"{path}.max_new_tokens_cap", self.max_new_tokens_cap, 1, None)
         _check_range(f"{path}.queue_size", self.queue_size, 1, None)
+        _check_range(f"{path}.max_batch_size", self.max_batch_size, 1, 1024)
         _check_range(f"{path}.default_max_new_tokens", self.default_max_new_tokens, 1, None)
         _check_range(f"{path}.max_request_bytes", self.max_request_bytes, 1024, None)
         _check_range(f"{path}.request_timeout_s", self.request_timeout_s, 0.0, None, low_open=True)

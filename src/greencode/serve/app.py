@@ -162,7 +162,8 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     holder: dict = {}
     metrics = ServeMetrics(in_flight=lambda: holder["scheduler"].in_flight, energy_source=engine.meter.source)
     scheduler = holder["scheduler"] = Scheduler(engine, scfg.queue_size, scfg.request_timeout_s,
-                                                on_rejected=lambda reason: metrics.rejected.labels(reason=reason).inc())
+                                                on_rejected=lambda reason: metrics.rejected.labels(reason=reason).inc(),
+                                                max_batch_size=scfg.max_batch_size)
     cap = int(scfg.max_new_tokens_cap)
     info = engine.describe()
     started = time.time()
@@ -258,7 +259,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     async def health() -> dict:
         return {"status": "ok", "model": ctx.name, **public_info,
                 "queue": {"in_flight": scheduler.in_flight, "capacity": scheduler.capacity,
-                          "queue_size": scfg.queue_size},
+                          "queue_size": scfg.queue_size, "max_batch_size": scheduler.max_batch_size},
                 "max_concurrent_requests": connection_limit,
                 "max_new_tokens_cap": cap, "default_max_new_tokens": ctx.default_tokens,
                 "request_timeout_s": scfg.request_timeout_s, "auth_required": bool(api_key),

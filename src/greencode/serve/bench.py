@@ -202,3 +202,134 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
     write_json(out_path, result)
     log.info("benchmark written to %s", out_path)
     return result
+
+
+# --------------------------------------------------------------------------- concurrent streaming clients
+def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clients: int = 50,
+                       batch_sizes: Sequence[int] = (1, 16, 64), max_new_tokens: int = 32, burst: int = 200,
+                       out_path: Optional[Union[str, Path]] = None, demo: bool = False) -> dict[str, Any]:
+    """``clients`` concurrent streaming completions with the official ``openai`` client (SSE)
+    against a real server (one child process per ``serve.max_batch_size`` in ``batch_sizes``;
+    ``serve.queue_size`` large enough that every client is admitted): per client the time to the
+    first chunk and to the last, all served or not, and the server's own prefill and per-step
+    times of a lone request (what first-chunk latency is compared with). Then ``burst``
+    simultaneous non-streamed requests against the last server with ``serve.queue_size=8``: every
+    answer must be JSON, 200 or 503 with ``Retry-After``, and the server alive afterwards. Writes
+    ``results/benchmark/serve_load_<config name>.json``."""
+    import asyncio
+
+    import httpx
+    import openai
+
+    from greencode.serve.engine import run_root
+    from greencode.serve.server import ServerProcess
+    from greencode.utils import REPO_ROOT
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if clients < 1 or burst < 0 or max_new_tokens < 1:
+        raise ValueError(f"clients={clients} (>= 1), burst={burst} (>= 0), max_new_tokens={max_new_tokens} (>= 1)")
+    root = run_root(cfg, run_dir)
+    prompts = bench_prompts(clients, cfg.seed)
+    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_load_{cfg.name}.json"
+    extra = {"exit_threshold": 1.0}  # the full model: the comparison is about batching, not exits
+
+    async def one_stream(client, prompt: str) -> dict:
+        t0 = time.perf_counter()
+        first = None
+        pieces = 0
+        try:
+            stream = await client.completions.create(model="greencode", prompt=prompt, max_tokens=max_new_tokens,
+                                                     temperature=0, stream=True, extra_body=extra)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    pieces += 1
+                    if first is None:
+                        first = time.perf_counter() - t0
+            return {"ok": True, "first_chunk_s": first, "total_s": time.perf_counter() - t0, "chunks": pieces}
+        except Exception as e:  # noqa: BLE001 - recorded: the target is that none fails
+            return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}", "total_s": time.perf_counter() - t0}
+
+    async def load(url: str) -> tuple[list[dict], float]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
+        t0 = time.perf_counter()
+        rows = await asyncio.gather(*[one_stream(client, p) for p in prompts])
+        wall = time.perf_counter() - t0
+        await client.close()
+        return list(rows), wall
+
+    async def flood(url: str) -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=600.0,
+                                     limits=httpx.Limits(max_connections=burst + 10)) as c:
+            body = {"inputs": prompts[0], "parameters": {"max_new_tokens": 8}}
+            rs = await asyncio.gather(*[c.post("/generate", json=body) for _ in range(burst)],
+                                      return_exceptions=True)
+            alive = (await c.get("/health")).status_code == 200
+        codes: dict[str, int] = {}
+        json_ok = retry_after_ok = True
+        for r in rs:
+            if isinstance(r, Exception):
+                codes[type(r).__name__] = codes.get(type(r).__name__, 0) + 1
+                json_ok = False
+                continue
+            codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
+            json_ok &= r.headers.get("content-type", "").startswith("application/json")
+            if r.status_code == 503:
+                retry_after_ok &= bool(r.headers.get("retry-after"))
+        return {"requests": burst, "status_counts": codes, "all_json": json_ok,
+                "every_503_has_retry_after": retry_after_ok, "server_alive_after": alive,
+                "served": codes.get("200", 0)}
+
+    settings: dict[str, Any] = {}
+    burst_result = None
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="greencode-load-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        for b in batch_sizes:
+            overrides = [f"serve.max_batch_size={int(b)}", f"serve.queue_size={max(clients, 8)}",
+                         f"serve.max_new_tokens_cap={max(max_new_tokens, 16)}", "serve.request_timeout_s=600"]
+            with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv, \
+                    httpx.Client(base_url=srv.url, timeout=120.0) as c:
+                # a lone request first (twice; the second is kept): the server's own prefill and step times
+                lone = None
+                for _ in range(2):
+                    lone = c.post("/generate", json={"inputs": prompts[0], "parameters": {
+                        "max_new_tokens": max_new_tokens, "RL_agent_thresh": 1.0}}).json()["greencode"]
+                step_s = lone["decode_s"] / max(1, lone["decode_steps"])
+                rows, wall = asyncio.run(load(srv.url))
+                served = [r for r in rows if r["ok"]]
+                firsts = [r["first_chunk_s"] for r in served if r["first_chunk_s"] is not None]
+                settings[f"max_batch_size_{b}"] = {
+                    "max_batch_size": int(b), "clients": clients, "served": len(served),
+                    "all_served": len(served) == clients,
+                    "errors": [r["error"] for r in rows if not r["ok"]][:5],
+                    "first_chunk_ms": _pcts(firsts, 1e3), "total_ms": _pcts([r["total_s"] for r in served], 1e3),
+                    "wall_s": wall, "tokens_per_s": len(served) * max_new_tokens / wall if wall else None,
+                    "lone_request": {"prefill_ms": lone["prefill_s"] * 1e3, "decode_step_ms": step_s * 1e3,
+                                     "prefill_plus_one_step_ms": (lone["prefill_s"] + step_s) * 1e3,
+                                     "generation_ms": lone["generation_s"] * 1e3},
+                }
+                log.info("load: max_batch_size=%s: %d/%d served, first chunk p50 %.0f ms, wall %.1f s", b,
+                         len(served), clients, settings[f"max_batch_size_{b}"]["first_chunk_ms"]["p50"] or -1, wall)
+        if burst:
+            overrides = [f"serve.max_batch_size={int(batch_sizes[-1])}", "serve.queue_size=8",
+                         "serve.request_timeout_s=600"]
+            with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
+                burst_result = asyncio.run(flood(srv.url))
+    result = {
+        "what": f"{clients} concurrent streaming clients (openai.AsyncOpenAI, SSE, greedy, full model, "
+                f"{max_new_tokens} tokens each) per serve.max_batch_size; then {burst} simultaneous requests",
+        "run_dir": str(root), "demo_run": bool(demo),
+        "prompts": "prefixes of Python standard-library files cut at a seeded line/column (bench_prompts)",
+        "settings": settings,
+        "burst": burst_result,
+        "note": ("first chunk = time from sending the request to the first non-empty text chunk; with every "
+                 "client admitted at once, the rows join one batch: their prompts are prefilled together, then "
+                 "each step decodes one token for all of them. lone_request: one request alone on the same server "
+                 "(its prefill and mean decode step), the floor a first chunk is compared with."),
+        "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
+        "run": run_metadata(cfg, stage="bench_serve_load"),
+    }
+    write_json(out_path, result)
+    log.info("load benchmark written to %s", out_path)
+    return result

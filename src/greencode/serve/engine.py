@@ -1,20 +1,24 @@
-"""The model side of the endpoint: loading a run, turning one request into one call of the
-decoding loop (:func:`greencode.decoding.generate`, the same loop the evaluator uses), and the
+"""The model side of the endpoint: loading a run, turning a request into a row of the decoding
+loop (:class:`greencode.decoding.generate.DecodeBatch`, the same loop the evaluator uses), and the
 per-response statistics (exit layers, share of layers skipped, latency, energy when measured).
 
-A request goes through three steps, so a scheduler can place each where it belongs:
+A request goes through these steps, so the scheduler can place each where it belongs:
 
 * :meth:`Engine.prepare` (``GenRequest`` -> :class:`Job`): encode the prompt, choose the exit
   controller, convert the stop strings; raises :class:`RequestError` for a request that cannot
   run. Safe to call from another thread than the one running the model (tokenizer only).
-* :meth:`Engine.run` (``Job`` -> the loop's result): the decoding loop, with ``on_token`` feeding a
-  :class:`TextStreamer` that turns each token into a safe editor-text increment, pushed as a
-  :class:`~greencode.serve.events.TokenEvent` while the loop runs.
+* :meth:`Engine.row` (``Job`` -> a decoding row): its controller, sampling, stop strings and
+  deadline, with ``on_token`` feeding a :class:`TextStreamer` that turns each token into a safe
+  editor-text increment, pushed as a :class:`~greencode.serve.events.TokenEvent` (with its log
+  probability when asked) as the step that chose it ends. The scheduler adds rows to one
+  :meth:`Engine.new_batch` and steps it (:meth:`Engine.step`); :meth:`Engine.result` takes a
+  finished row's result.
 * :meth:`Engine.finish` (``Job``, result -> :class:`Completion`): the final text (cut at stop
   strings), the counts and statistics (cut there too), log probabilities when asked.
 
-:meth:`Engine.complete` runs the three in a row. :meth:`Engine.run` is not thread-safe on
-purpose: the scheduler runs it from a single worker thread (see :mod:`greencode.serve.scheduler`).
+:meth:`Engine.run` is one request alone (a batch of one row) and :meth:`Engine.complete` runs
+prepare, run and finish in a row. The batch is not thread-safe on purpose: the scheduler steps it
+from a single worker thread (see :mod:`greencode.serve.scheduler`).
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ class Job:
     started_at: Optional[float] = None
     measurement: Any = None
     streamer: Optional["TextStreamer"] = None
+    window: Optional[str] = None  # the open energy-meter window while the row decodes
 
     def flush(self, text: str) -> str:
         """The part of the final ``text`` no token event carried yet."""
@@ -300,9 +305,8 @@ class Engine:
             self.prompt_format = "raw"
         self.language = language
         self.literal_mode = literal_mode
-        from greencode.decoding import generate
-
-        self.generate_fn = generate  # the one decoding loop (replaceable in tests)
+        # called before every decoding step (tests slow the model down with it)
+        self.before_step: Optional[Callable[[], None]] = None
         self.context_window = int(getattr(model.hf.config, "max_position_embeddings", 0) or 2048)
         self._ids = itertools.count()
         self.cost = model.cost_model()
@@ -477,11 +481,22 @@ class Engine:
         return TextStreamer(self.tokenizer, self.to_editor_text, stops,
                             eol=self.prompt_format != "raw" and self.language == "python")
 
-    def run(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
+    def new_batch(self):
+        """An empty :class:`~greencode.decoding.generate.DecodeBatch` for this model (the one
+        decoding loop: rows join it, step together and leave it as they finish)."""
+        from greencode.decoding.generate import DecodeBatch
+
+        return DecodeBatch(self.model, kv_strategy=self.decoding_cfg.kv_strategy, tokenizer=self.tokenizer)
+
+    def row(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None):
-        """The decoding loop for ``job``. ``on_event`` gets a :class:`TokenEvent` for every token
-        as it is chosen; ``should_stop()`` (and ``job.deadline``) end the loop between tokens with
-        ``finish_reason="cancelled"``."""
+        """The decoding row of ``job``: its controller, sampling, stop strings, and (``on_event``)
+        a :class:`TokenEvent` for every token as it is chosen, with its log probability when asked.
+        ``should_stop()`` and ``job.deadline`` end it between tokens (``finish_reason="cancelled"``).
+        Opens the job's energy window (closed by :meth:`result`)."""
+        from greencode.decoding.generate import Row
+
+        gen = job.gen
         job.started_at = time.perf_counter()
         deadline = job.deadline
         if deadline is not None or should_stop is not None:
@@ -490,30 +505,64 @@ class Engine:
                     should_stop is not None and bool(should_stop()))
         else:
             stop = None
-        on_token = None
+        row = Row(controller=job.controller, max_new_tokens=gen.max_new_tokens,
+                  do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
+                  top_k=gen.top_k, seed=gen.seed, eos=frozenset(self.eos_ids), stop_strings=job.stops or None,
+                  should_stop=stop, return_logits=gen.logprobs is not None, logprobs=gen.logprobs, handle=job)
         if on_event is not None:
-            streamer = job.streamer = self.streamer(job.gen.stop)
+            streamer = job.streamer = self.streamer(gen.stop)
             count = itertools.count()
 
             def push_token(token_id: int, exit_layer: int) -> None:
-                on_event(TokenEvent(next(count), int(token_id), streamer.push(token_id), int(exit_layer)))
+                lp = top = None
+                if row.token_logprobs:  # recorded just before this call, for this token
+                    lp = row.token_logprobs[-1]
+                    top = row.top_logprobs[-1] if row.top_logprobs else None
+                on_event(TokenEvent(next(count), int(token_id), streamer.push(token_id), int(exit_layer), lp, top))
 
-            on_token = push_token
+            row.on_token = push_token
+        job.window = f"gen-{next(self._ids)}"
+        self.meter.begin(job.window)
+        return row
 
-        gen = job.gen
-        kw = {"return_logits": True} if gen.logprobs is not None else {}
+    def step(self, batch) -> list:
+        """One decoding step of ``batch``; returns the rows it finished."""
+        if self.before_step is not None:
+            self.before_step()
+        return batch.step()
+
+    def result(self, batch, row):
+        """A finished row's :class:`~greencode.decoding.generate.GenerationResult`; closes its
+        energy window (shared with the rows decoded beside it: a batch's energy is not split)."""
+        job = row.handle
+        if getattr(job, "window", None) is not None:
+            job.measurement = self.meter.end(job.window)
+            job.window = None
+        return batch.result(row)
+
+    def abandon(self, row) -> None:
+        """Close the energy window of a row that will not finish (its batch failed)."""
+        job = row.handle
+        if getattr(job, "window", None) is not None:
+            self.meter.cancel(job.window)
+            job.window = None
+
+    def run(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
+            should_stop: Optional[Callable[[], bool]] = None):
+        """``job`` alone: a batch of one row (the same loop the scheduler steps many rows in)."""
+        batch = self.new_batch()
+        row = self.row(job, on_event, should_stop)
         try:
-            with self.meter.window(f"gen-{next(self._ids)}") as w:
-                res = self.generate_fn(
-                    self.model, job.ids, job.controller, gen.max_new_tokens,
-                    do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
-                    top_k=gen.top_k, seed=gen.seed, eos_token_id=self.eos_ids or None,
-                    stop_strings=job.stops or None, tokenizer=self.tokenizer,
-                    kv_strategy=self.decoding_cfg.kv_strategy, on_token=on_token, should_stop=stop, **kw)
+            batch.add([row], [job.ids])
+            while batch.rows:
+                self.step(batch)
         except (ValueError, ConfigError) as e:  # the loop's own argument checks: the request's fault
+            self.abandon(row)
             raise RequestError(422, f"cannot generate: {e}") from None
-        job.measurement = w.measurement
-        return res
+        except BaseException:
+            self.abandon(row)
+            raise
+        return self.result(batch, row)
 
     def finish(self, job: Job, res) -> Completion:
         """The completion of a finished run: text cut at the first stop string, the tokens and
@@ -616,10 +665,11 @@ class Engine:
         return len(tokens)
 
     def warmup(self) -> None:
+        from greencode.decoding import generate
+
         t0 = time.perf_counter()
         ids = self.bos_prefix + self.tokenizer.encode("x", add_special_tokens=False)
-        self.generate_fn(self.model, ids, None, 2, tokenizer=self.tokenizer,
-                         kv_strategy=self.decoding_cfg.kv_strategy)
+        generate(self.model, ids, None, 2, tokenizer=self.tokenizer, kv_strategy=self.decoding_cfg.kv_strategy)
         log.info("warm-up generation: %.2f s", time.perf_counter() - t0)
 
     @staticmethod

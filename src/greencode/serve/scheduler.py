@@ -2,16 +2,19 @@
 cancellation, and each request's stream of token events.
 
 * **Admission** (:meth:`Scheduler.submit`): at most ``serve.queue_size`` requests wait beside the
-  one running; past that ``submit`` raises a 503 :class:`RequestError` with ``Retry-After``
+  ``serve.max_batch_size`` being decoded; past that ``submit`` raises a 503 :class:`RequestError` with ``Retry-After``
   before any response byte is sent (counted in ``/metrics`` as ``rejected{reason="busy"}``).
   An admitted request is always run (or answered 504 when its deadline passes first).
 * **Preparation** (encoding the prompt, choosing the controller) runs on a helper thread, so a
   request that cannot run fails with its 4xx before its response starts, and a long prompt does
   not block the event loop.
-* **The worker**: one thread runs the model, one job at a time (:meth:`Scheduler._worker_loop`,
-  the part batching will replace). Each token's :class:`~greencode.serve.events.TokenEvent` is
-  handed to the request's asyncio queue with ``loop.call_soon_threadsafe`` as the decoding loop
-  produces it.
+* **The worker** (:meth:`Scheduler._worker_loop`): one thread runs the model over one
+  :class:`~greencode.decoding.generate.DecodeBatch` (continuous batching). Before every decoding
+  step it takes the requests queued meanwhile, up to ``serve.max_batch_size`` rows, and lets them
+  join (prefill, then they step with the others); rows leave as they finish. Each row keeps its own
+  controller (threshold or target), sampling, stop strings and deadline. Each token's
+  :class:`~greencode.serve.events.TokenEvent` is handed to the request's asyncio queue with
+  ``loop.call_soon_threadsafe`` as the step produces it.
 * **Deadlines**: every request has ``serve.request_timeout_s`` from submission. The decoding loop
   stops between tokens once it passes, and the stream raises a 504 :class:`RequestError`
   (``rejected{reason="timeout"}``): a non-streamed request is answered 504, a streamed one ends
@@ -30,6 +33,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
+from greencode.config import ConfigError
 from greencode.serve.engine import Completion, Engine, GenRequest, Job
 from greencode.serve.errors import RequestError
 from greencode.serve.events import Event, FinalEvent
@@ -123,12 +127,14 @@ class RequestStream:
 
 
 class Scheduler:
-    """One worker thread runs the model; at most ``queue_size`` requests wait beside it."""
+    """One worker thread decodes up to ``max_batch_size`` requests together; at most
+    ``queue_size`` more wait."""
 
     def __init__(self, engine: Engine, queue_size: int, timeout_s: float,
-                 on_rejected: Optional[Callable[[str], None]] = None):
+                 on_rejected: Optional[Callable[[str], None]] = None, max_batch_size: int = 1):
         self.engine = engine
-        self.capacity = int(queue_size) + 1
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.capacity = int(queue_size) + self.max_batch_size
         self.timeout_s = float(timeout_s)
         self.on_rejected = on_rejected
         self._lock = threading.Lock()
@@ -157,8 +163,9 @@ class Scheduler:
                 self._in_flight += 1
                 return
         self._count_rejected("busy")
-        raise RequestError(503, f"server busy: {busy} requests running or queued (serve.queue_size="
-                                f"{self.capacity - 1}); retry shortly", kind="server_busy",
+        raise RequestError(503, f"server busy: {busy} requests running or queued (serve.max_batch_size="
+                                f"{self.max_batch_size}, serve.queue_size={self.capacity - self.max_batch_size}); "
+                                "retry shortly", kind="server_busy",
                            headers={"Retry-After": "1"})
 
     def _release(self) -> None:
@@ -216,47 +223,101 @@ class Scheduler:
                 self._jobs.put(task)
 
     def _worker_loop(self, jobs: queue.Queue) -> None:
-        """Take queued jobs and run them, one at a time (batching replaces this loop: it would take
-        every queued ``(job, stream)`` and decode them together, step by step)."""
+        """Continuous batching: before every step, the requests queued meanwhile join the batch
+        (up to ``max_batch_size`` rows); one step decodes one token for every row; finished rows
+        end their streams. Blocks only while nothing is being decoded."""
+        batch = None
+        live: dict[int, tuple[Any, Job, RequestStream]] = {}  # id(row) -> (row, job, stream)
+        stopping = False
         while True:
-            item = jobs.get()
-            if item is None:
+            new: list[tuple[Job, RequestStream]] = []
+            while not stopping and len(live) + len(new) < self.max_batch_size:
+                try:
+                    item = jobs.get(block=not live and not new)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                elif callable(item):
+                    item()
+                else:
+                    new.append(item)
+            if new:
+                batch = self._join(batch, new, live)
+            if live:
+                try:
+                    finished = self.engine.step(batch)
+                except Exception as e:  # noqa: BLE001 - the whole batch fails: every row learns why
+                    log.exception("decoding step failed for %d requests", len(live))
+                    for row, job, stream in live.values():
+                        self.engine.abandon(row)
+                        self._end(stream, e)
+                    live.clear()
+                    batch = None
+                    continue
+                self._finished(batch, finished, live)
+            elif stopping:
                 return
-            if callable(item):
-                item()
-            else:
-                self._run(*item)
 
-    def _run(self, job: Job, stream: RequestStream) -> None:
-        """One request on the worker thread: decode (pushing token events), finish, then the
-        final event or the error. The admission slot is released before that last item is handed
-        over, so a client that got its answer never sees its request still counted."""
-        last: Any = None  # the FinalEvent or the exception that ends the stream
-        try:
+    def _join(self, batch, new: list, live: dict):
+        """Let the queued requests ``new`` join ``batch`` (a new one when empty); returns it."""
+        rows = []
+        for job, stream in new:
             if stream.cancelled:
-                return
-            if self._closed:
-                last = RequestError(503, "server is shutting down; retry against a running server",
-                                    kind="server_busy", headers={"Retry-After": "5"})
-            elif time.perf_counter() > stream.deadline:  # timed out while queued: skip the work
-                last = _timeout_error(self.timeout_s)
+                self._end(stream, None)
+            elif self._closed:
+                self._end(stream, RequestError(503, "server is shutting down; retry against a running server",
+                                               kind="server_busy", headers={"Retry-After": "5"}))
+            elif job.deadline is not None and time.perf_counter() > job.deadline:  # timed out while queued
+                self._end(stream, _timeout_error(self.timeout_s))
             else:
-                result = self.engine.run(job, stream.push if job.gen.stream else None, stream.should_stop)
+                row = self.engine.row(job, stream.push if job.gen.stream else None, stream.should_stop)
+                rows.append((row, job, stream))
+        if not rows:
+            return batch
+        if batch is None or not len(batch):
+            batch = self.engine.new_batch()
+        try:
+            finished = batch.add([r for r, _, _ in rows], [j.ids for _, j, _ in rows])
+        except Exception as e:  # noqa: BLE001 - a prefill that fails fails its own requests only
+            log.exception("prefill failed for %d requests", len(rows))
+            err = RequestError(422, f"cannot generate: {e}") if isinstance(e, (ValueError, ConfigError)) else e
+            for row, _, stream in rows:
+                self.engine.abandon(row)
+                self._end(stream, err)
+            return batch
+        for entry in rows:
+            live[id(entry[0])] = entry
+        self._finished(batch, finished, live)
+        return batch
+
+    def _finished(self, batch, rows: list, live: dict) -> None:
+        """End the streams of the rows that finished: their final event, or the error."""
+        for row in rows:
+            _, job, stream = live.pop(id(row))
+            last: Any = None
+            try:
+                result = self.engine.result(batch, row)
                 if result.finish_reason == "cancelled":
                     # the deadline stopped it (a cancelled stream has no listener)
                     last = None if stream.cancelled else _timeout_error(self.timeout_s)
                 else:
                     completion = self.engine.finish(job, result)
                     last = FinalEvent(completion, tail=job.flush(completion.text))
-        except RequestError as e:
-            last = e
-        except Exception as e:  # noqa: BLE001 - reported to the request, logged with its traceback
-            log.exception("generation failed for request %s", job.gen.request_id)
-            last = e
-        finally:
-            self._release()
-            if last is not None:
-                stream.push(last) if isinstance(last, FinalEvent) else stream.fail(last)
+            except RequestError as e:
+                last = e
+            except Exception as e:  # noqa: BLE001 - reported to the request, logged with its traceback
+                log.exception("finishing request %s failed", job.gen.request_id)
+                last = e
+            self._end(stream, last)
+
+    def _end(self, stream: RequestStream, last: Any) -> None:
+        """Release the request's admission slot, then hand over its last item (the final event or
+        an error; none for a cancelled stream), so a client that got its answer never sees its
+        request still counted."""
+        self._release()
+        if last is not None:
+            stream.push(last) if isinstance(last, FinalEvent) else stream.fail(last)
 
     def shutdown(self) -> None:
         """Close for new requests and let the worker end after the jobs already queued (those

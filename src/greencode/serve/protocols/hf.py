@@ -14,8 +14,9 @@ Answers: ``{"generated_text", "details"?, "greencode"}``; streamed (``/generate_
 event, as TGI sends it.
 
 ``details: true`` returns each token's id, text, log probability and whether it is special (and
-the ``top_n_tokens`` most likely alternatives per token as ``top_tokens``). In a stream the token
-events carry ``logprob: null`` for now; the final event's ``details.tokens`` has them.
+the ``top_n_tokens`` most likely alternatives per token as ``top_tokens``). In a stream each token
+event carries its token's log probability as it is produced; the final event's ``details.tokens``
+has them all.
 """
 
 from __future__ import annotations
