@@ -225,7 +225,8 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
     from greencode.serve.server import ServerProcess
     from greencode.utils import REPO_ROOT
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2", "openai"):  # one INFO line per request or chunk
+        logging.getLogger(name).setLevel(logging.WARNING)
     if clients < 1 or burst < 0 or max_new_tokens < 1:
         raise ValueError(f"clients={clients} (>= 1), burst={burst} (>= 0), max_new_tokens={max_new_tokens} (>= 1)")
     root = run_root(cfg, run_dir)
