@@ -149,3 +149,31 @@ def test_repeated_prompts_are_prefilled_once(family):
     assert seen[0] == 2  # the prefill ran two prompts
     for k, (prompt, got) in enumerate(zip([a] * 3 + [b] * 3, rows)):
         assert got.tokens == generate(model, prompt, ctrls[k % 3], 5).tokens
+
+
+def test_cache_grows_in_place_between_steps(family):
+    """Decoding appends each position into spare room of one buffer per layer (no copy of the whole
+    layer per step); crop, row selection and copies still work (a changed tensor is re-buffered)."""
+    import copy
+
+    from greencode.decoding.generate import _grow_layer_class
+
+    if _grow_layer_class() is None:
+        pytest.skip("this transformers has no DynamicLayer")
+    model = tiny_model(family)
+    batch = DecodeBatch(model)
+    row = Row(controller=NeverExit(), max_new_tokens=8)
+    batch.add([row], [_prompts(1, (9,))[0]])
+    batch.step()
+    ptrs = [_layer_kv(batch.cache, 0)[0].data_ptr()]
+    for _ in range(3):
+        batch.step()
+        ptrs.append(_layer_kv(batch.cache, 0)[0].data_ptr())
+    assert len(set(ptrs)) == 1  # the same buffer: positions written in place
+    keys = _layer_kv(batch.cache, 0)[0]
+    assert keys.shape[2] == 9 + 4 and batch.cache.layers[0]._kbuf.shape[2] > keys.shape[2]
+    clone = copy.deepcopy(batch.cache)
+    batch.cache.crop(-2)
+    batch.step()  # after a crop the next position lands where the cropped ones were
+    assert _layer_kv(batch.cache, 0)[0].shape[2] == 9 + 4 - 2 + 1
+    assert _layer_kv(clone, 0)[0].shape[2] == 9 + 4

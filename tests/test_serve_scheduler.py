@@ -246,3 +246,18 @@ def test_concurrent_requests_are_decoded_together_and_late_ones_join_the_next_st
     assert 2 <= runs["late"]["joined_at_step"] < 10  # joined while p0/p1 were still decoding
     assert max(engine.step_sizes) == 3  # never more than max_batch_size rows in a step
     assert min(runs[q]["joined_at_step"] for q in ("q0", "q1")) >= 10  # waited for a row to leave
+
+
+def test_prefill_budget_lets_a_crowd_join_over_several_steps():
+    """At most max_prefill_tokens prompt tokens join per step (the stub's prompts have 2 tokens):
+    a crowd arriving together joins one request per step, and all are served."""
+    engine = StubEngine(tokens=6, step_s=0.01)
+    sched = Scheduler(engine, queue_size=4, timeout_s=30, max_batch_size=4, max_prefill_tokens=3)
+
+    async def go():
+        streams = await asyncio.gather(*[sched.submit(_gen(f"c{i}", stream=False)) for i in range(4)])
+        return [(await s.result()).text for s in streams]
+
+    assert asyncio.run(go()) == ["x" * 6 + "!"] * 4
+    joined = sorted(r["joined_at_step"] for r in engine.runs)
+    assert len(set(joined)) == 4  # one per step, never two prompts (4 tokens > 3) in one step

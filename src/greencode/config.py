@@ -485,6 +485,8 @@ class ServeConfig:
     # requests decoded together, step by step (continuous batching: a request arriving while a step
     # runs joins the next one); 1 = one request at a time
     max_batch_size: int = 8
+    # prompt tokens prefilled per decoding step when requests join (at least one request joins per step)
+    max_prefill_tokens: int = 4096
     request_timeout_s: float = 60.0
     api_key: Optional[str] = None  # Bearer token required when set (or env GREENCODE_API_KEY)
     # codexglue: editor code -> the space-joined CodeXGLUE token text the models are trained on
@@ -497,6 +499,7 @@ class ServeConfig:
         _check_range(f"{path}.max_new_tokens_cap", self.max_new_tokens_cap, 1, None)
         _check_range(f"{path}.queue_size", self.queue_size, 1, None)
         _check_range(f"{path}.max_batch_size", self.max_batch_size, 1, 1024)
+        _check_range(f"{path}.max_prefill_tokens", self.max_prefill_tokens, 1, None)
         _check_range(f"{path}.default_max_new_tokens", self.default_max_new_tokens, 1, None)
         _check_range(f"{path}.max_request_bytes", self.max_request_bytes, 1024, None)
         _check_range(f"{path}.request_timeout_s", self.request_timeout_s, 0.0, None, low_open=True)

@@ -172,6 +172,59 @@ def _new_cache(model):
         return DynamicCache()
 
 
+def _grow_layer_class():
+    """A ``DynamicLayer`` whose K/V grow in place: a buffer with spare positions (doubling when
+    full) and ``keys``/``values`` as views of its filled part, so appending a position writes one
+    column instead of copying the whole layer (``torch.cat``) on every step. None where this
+    transformers has no ``DynamicLayer``."""
+    global _GROW_LAYER
+    if _GROW_LAYER is not None:
+        return _GROW_LAYER or None
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - transformers < 4.56
+        _GROW_LAYER = False
+        return None
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys = self.keys if self.is_initialized else None
+            if keys is None or keys.dim() != 4 or keys.numel() == 0:
+                return super().update(key_states, value_states, *args, **kwargs)
+            n, add = keys.shape[-2], key_states.shape[-2]
+            kb, vb = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
+            if (kb is None or n + add > kb.shape[-2] or kb.shape[:2] != keys.shape[:2]
+                    or keys.data_ptr() != kb.data_ptr() or keys.stride() != kb.stride()
+                    or self.values.data_ptr() != vb.data_ptr() or self.values.stride() != vb.stride()):
+                cap = max(2 * (n + add), n + add + 64)  # (re)allocate: the filled part copied once
+                kb = keys.new_empty(*keys.shape[:2], cap, keys.shape[-1])
+                vb = self.values.new_empty(*self.values.shape[:2], cap, self.values.shape[-1])
+                kb[:, :, :n], vb[:, :, :n] = keys, self.values
+                self._kbuf, self._vbuf = kb, vb
+            kb[:, :, n:n + add] = key_states
+            vb[:, :, n:n + add] = value_states
+            self.keys, self.values = kb[:, :, :n + add], vb[:, :, :n + add]
+            return self.keys, self.values
+
+    _GROW_LAYER = GrowingLayer
+    return GrowingLayer
+
+
+_GROW_LAYER = None
+
+
+def _growable(cache) -> None:
+    """Make every plain ``DynamicLayer`` of ``cache`` grow in place (see :func:`_grow_layer_class`)."""
+    cls = _grow_layer_class()
+    layers = getattr(cache, "layers", None)
+    if cls is None or layers is None:
+        return
+    base = cls.__mro__[1]
+    for layer in layers:
+        if type(layer) is base:
+            layer.__class__ = cls
+
+
 def _rebuild_cache(model, cache, rows: Optional[torch.Tensor] = None, first: int = 0, other=None,
                    pad_to: int = 0):
     """A new cache holding ``rows`` of ``cache`` from column ``first`` on, left-padded with zeros
@@ -475,6 +528,7 @@ class DecodeBatch:
         R = len(rows)
         if not R:
             return []
+        _growable(self.cache)  # appending this step's position writes in place
         model, adapter, cache = self.model, self.model.adapter, self.cache
         propagate, observe, final, layers = self.propagate, self.observe, self.final, self.layers
         device = rows[0].prompt.device

@@ -163,7 +163,8 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     metrics = ServeMetrics(in_flight=lambda: holder["scheduler"].in_flight, energy_source=engine.meter.source)
     scheduler = holder["scheduler"] = Scheduler(engine, scfg.queue_size, scfg.request_timeout_s,
                                                 on_rejected=lambda reason: metrics.rejected.labels(reason=reason).inc(),
-                                                max_batch_size=scfg.max_batch_size)
+                                                max_batch_size=scfg.max_batch_size,
+                                                max_prefill_tokens=scfg.max_prefill_tokens)
     cap = int(scfg.max_new_tokens_cap)
     info = engine.describe()
     started = time.time()

@@ -11,7 +11,9 @@ cancellation, and each request's stream of token events.
 * **The worker** (:meth:`Scheduler._worker_loop`): one thread runs the model over one
   :class:`~greencode.decoding.generate.DecodeBatch` (continuous batching). Before every decoding
   step it takes the requests queued meanwhile, up to ``serve.max_batch_size`` rows, and lets them
-  join (prefill, then they step with the others); rows leave as they finish. Each row keeps its own
+  join (prefill, then they step with the others; at most ``serve.max_prefill_tokens`` prompt tokens
+  join per step, so a crowd of new prompts does not stall the rows already streaming); rows leave
+  as they finish. Each row keeps its own
   controller (threshold or target), sampling, stop strings and deadline. Each token's
   :class:`~greencode.serve.events.TokenEvent` is handed to the request's asyncio queue with
   ``loop.call_soon_threadsafe`` as the step produces it.
@@ -131,9 +133,11 @@ class Scheduler:
     ``queue_size`` more wait."""
 
     def __init__(self, engine: Engine, queue_size: int, timeout_s: float,
-                 on_rejected: Optional[Callable[[str], None]] = None, max_batch_size: int = 1):
+                 on_rejected: Optional[Callable[[str], None]] = None, max_batch_size: int = 1,
+                 max_prefill_tokens: int = 4096):
         self.engine = engine
         self.max_batch_size = max(1, int(max_batch_size))
+        self.max_prefill_tokens = max(1, int(max_prefill_tokens))
         self.capacity = int(queue_size) + self.max_batch_size
         self.timeout_s = float(timeout_s)
         self.on_rejected = on_rejected
@@ -228,12 +232,12 @@ class Scheduler:
         end their streams. Blocks only while nothing is being decoded."""
         batch = None
         live: dict[int, tuple[Any, Job, RequestStream]] = {}  # id(row) -> (row, job, stream)
+        pending: list[tuple[Job, RequestStream]] = []  # taken from the queue, not joined yet (prefill budget)
         stopping = False
         while True:
-            new: list[tuple[Job, RequestStream]] = []
-            while not stopping and len(live) + len(new) < self.max_batch_size:
+            while not stopping and len(live) + len(pending) < self.max_batch_size:
                 try:
-                    item = jobs.get(block=not live and not new)
+                    item = jobs.get(block=not live and not pending)
                 except queue.Empty:
                     break
                 if item is None:
@@ -241,8 +245,15 @@ class Scheduler:
                 elif callable(item):
                     item()
                 else:
-                    new.append(item)
-            if new:
+                    pending.append(item)
+            if pending:
+                # join in arrival order while the prompts fit the step's prefill budget (at least one), so
+                # the rows already decoding are not stalled behind one huge prefill
+                budget, n = self.max_prefill_tokens, 0
+                while n < len(pending) and (n == 0 or budget >= len(pending[n][0].ids)):
+                    budget -= len(pending[n][0].ids)
+                    n += 1
+                new, pending = pending[:n], pending[n:]
                 batch = self._join(batch, new, live)
             if live:
                 try:
