@@ -59,8 +59,9 @@ def test_exited_rows_skip_the_deeper_layers(family):
     assert layers_run == steps * (2 * model.num_layers + 2 * (model.exit_layers[0] + 1))
 
 
+@pytest.mark.parametrize("skip_share", [0.0, 2.0])  # exited rows always regrouped / always carried along
 @pytest.mark.parametrize("controller", ["never", "fixed", "confidence", "policy"])
-def test_rows_joining_mid_flight_equal_batch_one(family, controller):
+def test_rows_joining_mid_flight_equal_batch_one(family, controller, skip_share):
     """Rows join a running batch (other prompt lengths, so both sides get padded), stop at their
     own length, and each row's tokens and exits equal decoding its prompt alone."""
     model = tiny_model(family)
@@ -73,7 +74,7 @@ def test_rows_joining_mid_flight_equal_batch_one(family, controller):
     prompts = _prompts(11, (6, 15, 4, 21, 9))
     lengths = (9, 4, 7, 8, 5)
     alone = [generate(model, p, make(), n) for p, n in zip(prompts, lengths)]
-    batch = DecodeBatch(model)
+    batch = DecodeBatch(model, skip_share=skip_share)
     rows = [Row(controller=make(), max_new_tokens=n) for n in lengths]
     batch.add(rows[:2], prompts[:2])
     batch.step()
