@@ -465,3 +465,36 @@ def test_concurrent_requests_batched_equal_each_request_alone(run):
         assert b["generated_text"] == a["generated_text"]
         assert b["greencode"]["exit_layers"] == a["greencode"]["exit_layers"]
         assert b["greencode"]["completion_tokens"] == a["greencode"]["completion_tokens"]
+
+
+def test_lossless_mode_answers_the_full_models_text_in_every_format(run):
+    """mode="lossless" (per request, any format): drafted with the policy's exits and verified, so
+    the answer is the full model's (greedy), streamed or not, with the drafter's acceptance rate
+    in the statistics; a bad mode or logprobs with it is a 422."""
+    with TestClient(_app(run)) as c:
+        full = c.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12,
+                                                                          "RL_agent_thresh": 1.0}}).json()
+        lossy = c.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12,
+                                                                           "RL_agent_thresh": 0.2}}).json()
+        tgi = c.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "mode": "lossless",
+                                                                         "RL_agent_thresh": 0.2}}).json()
+        oa = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                                             "mode": "lossless", "exit_threshold": 0.2}).json()
+        ol = c.post("/api/generate", json={"model": "greencode", "prompt": PROMPT, "stream": False, "mode": "lossless",
+                                           "options": {"num_predict": 12, "temperature": 0,
+                                                       "RL_agent_thresh": 0.2}}).json()
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                                                       "stream": True, "mode": "lossless",
+                                                       "exit_threshold": 0.2}) as resp:
+            chunks = [json.loads(e[6:]) for e in resp.read().decode().split("\n\n") if e and e != "data: [DONE]"]
+        bad = c.post("/generate", json={"inputs": PROMPT, "parameters": {"mode": "fast"}})
+        both = c.post("/v1/completions", json={"prompt": PROMPT, "mode": "lossless", "logprobs": 1})
+    assert lossy["greencode"]["mode"] == "lossy" and any(
+        e < lossy["greencode"]["num_layers"] - 1 for e in lossy["greencode"]["exit_layers"][1:])  # the drafter exits
+    assert tgi["generated_text"] == full["generated_text"] == oa["choices"][0]["text"] == ol["response"]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks if ch.get("choices")) == full["generated_text"]
+    s = tgi["greencode"]
+    assert s["mode"] == "lossless" and s["drafted_tokens"] >= 1 and 0 <= s["acceptance_rate"] <= 1
+    assert s["mean_draft_length"] > 0 and s["verification_rounds"] >= 1
+    assert bad.status_code == 422 and "mode" in bad.text
+    assert both.status_code == 422 and "lossless" in both.json()["error"]["message"]

@@ -487,6 +487,10 @@ class ServeConfig:
     max_batch_size: int = 8
     # prompt tokens prefilled per decoding step when requests join (at least one request joins per step)
     max_prefill_tokens: int = 4096
+    # lossy: early exits (the threshold or target trades accuracy for compute); lossless: drafted with early
+    # exits and verified by the full model, so the answer is the full model's (per request: "mode")
+    default_mode: str = field(default="lossy", metadata=_choices("lossy", "lossless"))
+    lossless_k_max: int = 4  # lossless: tokens drafted at most per verification pass
     request_timeout_s: float = 60.0
     api_key: Optional[str] = None  # Bearer token required when set (or env GREENCODE_API_KEY)
     # codexglue: editor code -> the space-joined CodeXGLUE token text the models are trained on
@@ -500,6 +504,7 @@ class ServeConfig:
         _check_range(f"{path}.queue_size", self.queue_size, 1, None)
         _check_range(f"{path}.max_batch_size", self.max_batch_size, 1, 1024)
         _check_range(f"{path}.max_prefill_tokens", self.max_prefill_tokens, 1, None)
+        _check_range(f"{path}.lossless_k_max", self.lossless_k_max, 1, 64)
         _check_range(f"{path}.default_max_new_tokens", self.default_max_new_tokens, 1, None)
         _check_range(f"{path}.max_request_bytes", self.max_request_bytes, 1024, None)
         _check_range(f"{path}.request_timeout_s", self.request_timeout_s, 0.0, None, low_open=True)

@@ -75,6 +75,7 @@ class GenRequest:
     stream: bool = False  # push a TokenEvent per token as it is produced
     # None: no log probabilities; 0: each returned token's own; n (<= MAX_LOGPROBS): also the n most likely
     logprobs: Optional[int] = None
+    mode: Optional[str] = None  # lossy | lossless; None = the server default (serve.default_mode)
     request_id: str = ""
 
 
@@ -130,6 +131,7 @@ class Job:
     measurement: Any = None
     streamer: Optional["TextStreamer"] = None
     window: Optional[str] = None  # the open energy-meter window while the row decodes
+    lossless: bool = False  # drafted with early exits, verified by the full model (Engine.run_lossless)
 
     def flush(self, text: str) -> str:
         """The part of the final ``text`` no token event carried yet."""
@@ -342,6 +344,8 @@ class Engine:
             "calibrated_targets": (sorted(self.calibration.get("targets", [])) if self.calibration else None),
             "policy_observation": getattr(self.policy, "observation", None),
             "kv_strategy": self.decoding_cfg.kv_strategy,
+            "default_mode": getattr(self.serve_cfg, "default_mode", "lossy"),
+            "max_batch_size": getattr(self.serve_cfg, "max_batch_size", 1),
             "prompt_format": self.prompt_format,
             "language": self.language if self.prompt_format == "codexglue" else None,
             "energy_source": self.meter.source,
@@ -469,12 +473,17 @@ class Engine:
         if gen.logprobs is not None and not 0 <= gen.logprobs <= MAX_LOGPROBS:
             raise RequestError(422, f"logprobs={gen.logprobs}: this server returns at most {MAX_LOGPROBS} "
                                     "alternatives per token", loc="body.logprobs")
+        lossless = (gen.mode or getattr(self.serve_cfg, "default_mode", "lossy")) == "lossless"
+        if lossless and gen.logprobs is not None:
+            raise RequestError(422, "log probabilities are not returned in mode=lossless (its tokens come from "
+                                    "verification passes); leave logprobs/details out or use mode=lossy",
+                               loc="body.logprobs")
         ids, enc = self.encode(gen.prompt, gen.max_new_tokens, gen.num_ctx)
         controller, thr, mode = self.controller_for(gen.threshold, gen.max_disagreement)
         t1 = time.perf_counter()
         return Job(gen=gen, ids=[int(i) for i in ids], enc=enc, controller=controller, threshold=thr, mode=mode,
                    stops=self.model_stops(gen.stop), submitted_at=t0 if submitted_at is None else submitted_at,
-                   tokenize_s=t1 - t0, prepared_at=t1, deadline=deadline)
+                   tokenize_s=t1 - t0, prepared_at=t1, deadline=deadline, lossless=lossless)
 
     def streamer(self, stops: Sequence[str] = ()) -> TextStreamer:
         """A :class:`TextStreamer` for this engine's editor text and the request's stop strings."""
@@ -547,9 +556,57 @@ class Engine:
             self.meter.cancel(job.window)
             job.window = None
 
+    def run_lossless(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
+                     should_stop: Optional[Callable[[], bool]] = None):
+        """``job`` in lossless mode (:func:`~greencode.decoding.generate_lossless`): drafted with the
+        job's controller, verified by the full model, so the output is the full model's. It runs
+        alone (not as a batch row); token events are pushed as each token is accepted."""
+        from greencode.decoding import generate_lossless
+
+        gen = job.gen
+        job.started_at = time.perf_counter()
+        deadline = job.deadline
+
+        def stop() -> bool:
+            return (deadline is not None and time.perf_counter() > deadline) or (
+                should_stop is not None and bool(should_stop()))
+
+        on_token = None
+        if on_event is not None:
+            streamer = job.streamer = self.streamer(gen.stop)
+            count = itertools.count()
+
+            def on_token(token_id: int, exit_layer: int) -> None:
+                on_event(TokenEvent(next(count), int(token_id), streamer.push(token_id), int(exit_layer)))
+
+        job.window = f"gen-{next(self._ids)}"
+        self.meter.begin(job.window)
+        try:
+            res = generate_lossless(
+                self.model, job.ids, job.controller, gen.max_new_tokens,
+                k_max=int(getattr(self.serve_cfg, "lossless_k_max", 4)),
+                do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
+                top_k=gen.top_k, seed=gen.seed, eos_token_id=self.eos_ids or None, stop_strings=job.stops or None,
+                tokenizer=self.tokenizer, kv_strategy=self.decoding_cfg.kv_strategy, on_token=on_token,
+                should_stop=stop)
+        except (ValueError, ConfigError) as e:
+            self.meter.cancel(job.window)
+            job.window = None
+            raise RequestError(422, f"cannot generate: {e}") from None
+        except BaseException:
+            self.meter.cancel(job.window)
+            job.window = None
+            raise
+        job.measurement = self.meter.end(job.window)
+        job.window = None
+        return res
+
     def run(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None):
-        """``job`` alone: a batch of one row (the same loop the scheduler steps many rows in)."""
+        """``job`` alone: a batch of one row (the same loop the scheduler steps many rows in), or
+        :meth:`run_lossless` for a lossless job."""
+        if job.lossless:
+            return self.run_lossless(job, on_event, should_stop)
         batch = self.new_batch()
         row = self.row(job, on_event, should_stop)
         try:
@@ -609,6 +666,12 @@ class Engine:
             "energy_source": m.source if m is not None else self.meter.source,
             "energy_note": m.note if m is not None else None,
         }
+        stats["mode"] = "lossless" if job.lossless else "lossy"
+        if job.lossless:  # the drafter's work: how much of it the full model accepted
+            c = res.counters
+            stats.update(acceptance_rate=c.get("acceptance_rate"), mean_draft_length=c.get("mean_draft_length"),
+                         drafted_tokens=c.get("drafted"), accepted_tokens=c.get("accepted"),
+                         verification_rounds=c.get("rounds"))
         if self.prompt_format != "raw":
             stats["model_text"] = model_text
         tokens = [int(t) for t in res.tokens[:kept]]

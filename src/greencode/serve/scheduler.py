@@ -281,6 +281,16 @@ class Scheduler:
                                                kind="server_busy", headers={"Retry-After": "5"}))
             elif job.deadline is not None and time.perf_counter() > job.deadline:  # timed out while queued
                 self._end(stream, _timeout_error(self.timeout_s))
+            elif getattr(job, "lossless", False):  # drafted + verified: runs alone, between two steps
+                try:
+                    result = self.engine.run_lossless(job, stream.push if job.gen.stream else None,
+                                                      stream.should_stop)
+                except Exception as e:  # noqa: BLE001 - reported to the request
+                    if not isinstance(e, RequestError):
+                        log.exception("lossless generation failed for request %s", job.gen.request_id)
+                    self._end(stream, e)
+                    continue
+                self._end(stream, self._last_item(job, stream, result))
             else:
                 row = self.engine.row(job, stream.push if job.gen.stream else None, stream.should_stop)
                 rows.append((row, job, stream))
@@ -306,21 +316,27 @@ class Scheduler:
         """End the streams of the rows that finished: their final event, or the error."""
         for row in rows:
             _, job, stream = live.pop(id(row))
-            last: Any = None
             try:
                 result = self.engine.result(batch, row)
-                if result.finish_reason == "cancelled":
-                    # the deadline stopped it (a cancelled stream has no listener)
-                    last = None if stream.cancelled else _timeout_error(self.timeout_s)
-                else:
-                    completion = self.engine.finish(job, result)
-                    last = FinalEvent(completion, tail=job.flush(completion.text))
-            except RequestError as e:
-                last = e
             except Exception as e:  # noqa: BLE001 - reported to the request, logged with its traceback
                 log.exception("finishing request %s failed", job.gen.request_id)
-                last = e
-            self._end(stream, last)
+                self._end(stream, e)
+                continue
+            self._end(stream, self._last_item(job, stream, result))
+
+    def _last_item(self, job: Job, stream: RequestStream, result) -> Any:
+        """What ends a finished request's stream: its final event, or the error (None for a
+        cancelled stream, which has no listener)."""
+        try:
+            if result.finish_reason == "cancelled":  # the deadline stopped it, or the client went away
+                return None if stream.cancelled else _timeout_error(self.timeout_s)
+            completion = self.engine.finish(job, result)
+            return FinalEvent(completion, tail=job.flush(completion.text))
+        except RequestError as e:
+            return e
+        except Exception as e:  # noqa: BLE001 - reported to the request, logged with its traceback
+            log.exception("finishing request %s failed", job.gen.request_id)
+            return e
 
     def _end(self, stream: RequestStream, last: Any) -> None:
         """Release the request's admission slot, then hand over its last item (the final event or

@@ -30,7 +30,7 @@ model's), served at the threshold calibrated for it on the validation split.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -47,6 +47,7 @@ TopK = Annotated[int, Field(ge=0, le=1_000_000)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 TokenCount = Annotated[int, Field(ge=-(2**31), le=2**31)]  # range and sign checked per format with a clear message
 Stop = Union[str, list[str]]
+Mode = Literal["lossy", "lossless"]
 
 
 class _Body(BaseModel):
@@ -57,6 +58,7 @@ class _Knobs(_Body):
     RL_agent_thresh: Optional[Threshold] = None
     exit_threshold: Optional[Threshold] = None
     max_disagreement: Optional[Fraction] = None
+    mode: Optional[Mode] = None  # lossy (early exits; default) | lossless (drafted by exits, verified: the full model's output)
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
     top_k: Optional[TopK] = None
@@ -88,6 +90,7 @@ class _TopLevelThreshold(_Body):
     RL_agent_thresh: Optional[Threshold] = None
     exit_threshold: Optional[Threshold] = None
     max_disagreement: Optional[Fraction] = None
+    mode: Optional[Mode] = None
 
 
 class HFRequest(_TopLevelThreshold):
@@ -235,4 +238,14 @@ def threshold_of(*knobs: Optional[BaseModel]) -> Optional[float]:
         raise RequestError(422, f"the exit threshold is given more than once with different values ({given}); "
                                 "RL_agent_thresh and exit_threshold are the same setting, send one",
                            kind="invalid_request", loc="body.RL_agent_thresh")
+    return next(iter(found)) if found else None
+
+
+def mode_of(*knobs: Optional[BaseModel]) -> Optional[str]:
+    """``mode`` (lossy | lossless) from options/parameters or the top level; None when absent, 422
+    when given twice with different values."""
+    found = {v for k in knobs if k is not None for v in [getattr(k, "mode", None)] if v is not None}
+    if len(found) > 1:
+        raise RequestError(422, f"mode is given more than once with different values ({sorted(found)}); send one",
+                           kind="invalid_request", loc="body.mode")
     return next(iter(found)) if found else None

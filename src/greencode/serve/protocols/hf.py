@@ -33,7 +33,7 @@ from greencode.serve.events import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, SSE_HEADERS, ServeContext, error_message, first,
                                               json_body, responses)
 from greencode.serve.schemas import (HFParameters, HFRequest, SeedOptions, check_text, stop_list, target_of,
-                                     threshold_of, validate)
+                                     mode_of, threshold_of, validate)
 
 TGI_FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 HF_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # greedy unless do_sample / a temperature
@@ -63,6 +63,7 @@ def parse(ctx: ServeContext, data: dict) -> tuple[HFRequest, GenRequest, dict]:
                                     do_sample),
                      seed=first(p.seed, o.seed), stop=stop_list(p.stop, p.stop_sequences, o.stop),
                      threshold=threshold_of(p, o, body), max_disagreement=target_of(p, o, body),
+                     mode=mode_of(p, o, body),
                      num_ctx=o.num_ctx, logprobs=(p.top_n_tokens or 0) if details else None)
     return body, gen, {"return_full_text": bool(p.return_full_text), "details": details,
                        "top_n_tokens": p.top_n_tokens or 0}

@@ -31,7 +31,8 @@ from greencode.serve.errors import RequestError
 from greencode.serve.events import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, INFO_STATUSES, SSE_HEADERS, ServeContext,
                                               error_message, json_body, responses)
-from greencode.serve.schemas import OpenAIRequest, check_text, stop_list, target_of, threshold_of, validate
+from greencode.serve.schemas import (OpenAIRequest, check_text, mode_of, stop_list, target_of, threshold_of,
+                                     validate)
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
@@ -62,6 +63,7 @@ def parse(ctx: ServeContext, data: dict) -> tuple[OpenAIRequest, GenRequest, str
                      max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"),
                      **ctx.sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS), seed=body.seed,
                      stop=stop_list(body.stop), threshold=threshold_of(body), max_disagreement=target_of(body),
+                     mode=mode_of(body),
                      logprobs=body.logprobs)
     return body, gen, prompt
 
