@@ -91,7 +91,7 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
     res = read_json(path)
     assert res["format"] == "greencode-throughput/1" and res["setup"]["batch_sizes"] == [1, 2, 8]
     assert len(res["setup"]["prompt_lengths"]) == 8 and all(9 <= n <= 12 for n in res["setup"]["prompt_lengths"])
-    assert set(res["methods"]) == {"full", "gc@0.9", "hf_generate"}
+    assert set(res["methods"]) == {"full", "gc@0.9", "fixed@1", "hf_generate"}  # fixed: the middle exit point
     for method, by_size in res["methods"].items():
         assert set(by_size) == {"1", "2", "8"}
         for b, row in by_size.items():
@@ -101,7 +101,7 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
         assert by_size["1"]["ratio_to_batch_1"] == 1.0
     # a left-padded ragged batch of the full model gives each prompt's batch-1 tokens (greedy)
     assert res["methods"]["full"]["8"]["rows_equal_to_batch_1"] == 1.0
-    assert set(res["targets"]) == {"batch8_vs_batch1", "gc_vs_full_batch8"}
+    assert set(res["targets"]) == {"batch8_vs_batch1", "gc_vs_full_batch8", "fixed_vs_full_batch8"}
     assert all(isinstance(t["met"], bool) for t in res["targets"].values())
     meta = res["run_metadata"]
     assert meta["config"]["name"] == "smoke" and meta["git_commit"] is not None and "hardware" in meta

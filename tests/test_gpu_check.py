@@ -26,12 +26,17 @@ def test_tiny_gpu_check_runs_every_part_and_records_failures(tmp_path):
                         "greencode_policy@0.5"):
                 assert rows[key]["value"] > 0, (shape, batch, key)
             assert "skipped" in rows["hf_generate_static_compile"]  # CUDA only
+        lossless = e["latency"]["lossless"]["methods"]
+        assert set(lossless) == {"gc_lossless@0.5", "layerskip@2"}, shape
+        for key, row in lossless.items():  # verified by the full model: its tokens, whatever the drafts
+            assert row["value"] > 0 and row["identical_to_full"] is True, (shape, key)
+            assert 0 <= row["acceptance_rate"] <= 1 and row["mean_draft_length"] > 0
         # no GPU: energy is a recorded failure with its reason, never an estimate; later parts still ran
         assert e["energy"]["status"] == "failed" and "no CUDA device" in e["energy"]["error"]
     lite = res["shapes"]["llama-3.2-3b"]["lite"]
     assert lite["status"] == "ok" and lite["loss_finite"] and lite["steps_per_s"] > 0
     assert "lite" not in res["shapes"]["opt-2.7b"]
-    assert "ms/token batch 8" in proc.stdout and str(out) in proc.stdout
+    assert "ms/token batch 8" in proc.stdout and "lossless ms/token batch 1" in proc.stdout and str(out) in proc.stdout
 
 
 def test_paper_shapes_are_the_real_architectures():
