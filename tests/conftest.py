@@ -22,3 +22,18 @@ def tiny_model(family: str, num_layers: int = 4, exit_layers=(1, 2), seed: int =
 @pytest.fixture(params=["llama", "opt"])
 def family(request):
     return request.param
+
+
+class TinyPolicy(torch.nn.Module):
+    """An SB3-shaped exit policy (policy_net -> action_net, logits [continue, exit]) with fixed
+    random weights, on the normed hidden state."""
+
+    def __init__(self, hidden: int, seed: int = 4):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.policy_net = torch.nn.Sequential(torch.nn.Linear(hidden, 16), torch.nn.Tanh())
+        self.action_net = torch.nn.Linear(16, 2)
+        self.observation = "normed"
+
+    def forward(self, obs):
+        return self.action_net(self.policy_net(obs))

@@ -4,23 +4,9 @@ prompt alone with the same controller."""
 
 import pytest
 import torch
-from torch import nn
-
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, TinyPolicy, tiny_model
 from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate
 from greencode.decoding.generate import DecodeBatch, Row, _layer_kv
-
-
-class _Policy(nn.Module):
-    def __init__(self, hidden):
-        super().__init__()
-        torch.manual_seed(4)
-        self.policy_net = nn.Sequential(nn.Linear(hidden, 16), nn.Tanh())
-        self.action_net = nn.Linear(16, 2)
-        self.observation = "normed"
-
-    def forward(self, obs):
-        return self.action_net(self.policy_net(obs))
 
 
 def _prompts(seed, lengths):
@@ -65,7 +51,7 @@ def test_rows_joining_mid_flight_equal_batch_one(family, controller, skip_share)
     """Rows join a running batch (other prompt lengths, so both sides get padded), stop at their
     own length, and each row's tokens and exits equal decoding its prompt alone."""
     model = tiny_model(family)
-    policy = _Policy(model.hidden_size)
+    policy = TinyPolicy(model.hidden_size)
 
     def make():
         return {"never": NeverExit(), "fixed": FixedExit(model.exit_layers[0]),

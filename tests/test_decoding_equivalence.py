@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, TinyPolicy, tiny_model
 from greencode.decoding import ExitController, FixedExit, NeverExit, generate
 
 
@@ -202,24 +202,12 @@ def test_one_controller_over_a_batch_of_prompts_decides_per_row(family):
     """A controller shared by every row decides for all rows at once (vectorised); each row
     still equals decoding its prompt alone."""
     from greencode.decoding import ConfidenceExit, EntropyExit, PolicyExit
-    from torch import nn
 
     model = tiny_model(family)
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 11, 8, 14, 9)]
 
-    class Policy(nn.Module):
-        def __init__(self, hidden):
-            super().__init__()
-            torch.manual_seed(4)
-            self.policy_net = nn.Sequential(nn.Linear(hidden, 16), nn.Tanh())
-            self.action_net = nn.Linear(16, 2)
-            self.observation = "normed"
-
-        def forward(self, obs):
-            return self.action_net(self.policy_net(obs))
-
-    policy = Policy(model.hidden_size)
+    policy = TinyPolicy(model.hidden_size)
     probs = []
     for ctrl in (PolicyExit(policy, 0.5), ConfidenceExit(0.02), EntropyExit(6.0)):
         rows = generate(model, prompts, ctrl, 8)

@@ -154,6 +154,30 @@ def _load_policy(cfg: Config, paths: RunPaths, model):
     return policy.to(model.device).eval(), f"random MLP policy, net_arch {cfg.rl.ppo.net_arch}"
 
 
+def _setup(cfg: Config, out_path: Union[str, Path], context_tokens: int, new_tokens: int,
+           checks: Sequence[tuple[str, Any, int]]):
+    """Check the integer arguments (name, value, minimum), that the output folder is writable and
+    that the prompt fits the model; seed; load the model and the policy. Returns (out_path, device,
+    model, model note, policy, policy note)."""
+    from greencode.eval.summary import check_writable
+
+    for name, v, low in checks:
+        if not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}={v!r} must be an integer >= {low}")
+    out_path = Path(out_path)
+    check_writable(out_path.parent)
+    set_seed(cfg.seed)
+    device, dtype = setup_torch(cfg.hardware)
+    paths = RunPaths.from_config(cfg)
+    model, model_note = _load_model(cfg, paths, device, dtype)
+    limit = getattr(model.hf.config, "max_position_embeddings", None)
+    if limit and context_tokens + new_tokens > limit:
+        raise ValueError(f"context_tokens ({context_tokens}) + new_tokens ({new_tokens}) exceed the model's "
+                         f"{limit} positions; use a shorter context")
+    policy, policy_note = _load_policy(cfg, paths, model)
+    return out_path, device, model, model_note, policy, policy_note
+
+
 def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 32, num_prompts: int = 4,
                   repeats: int = 5, warmup: int = 1, out_path: Optional[Union[str, Path]] = None,
                   lossless: bool = True, layerskip_layers: Union[str, Sequence[int], None] = None,
@@ -168,23 +192,10 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
 
     from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate, generate_lossless
 
-    for name, v, low in (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2),
-                         ("num_prompts", num_prompts, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if not isinstance(v, int) or v < low:
-            raise ValueError(f"{name}={v!r} must be an integer >= {low}")
-    out_path = Path(out_path) if out_path is not None else benchmark_path(cfg)
-    from greencode.eval.summary import check_writable
-
-    check_writable(out_path.parent)
-    set_seed(cfg.seed)
-    device, dtype = setup_torch(cfg.hardware)
-    paths = RunPaths.from_config(cfg)
-    model, model_note = _load_model(cfg, paths, device, dtype)
-    limit = getattr(model.hf.config, "max_position_embeddings", None)
-    if limit and context_tokens + new_tokens > limit:
-        raise ValueError(f"context_tokens ({context_tokens}) + new_tokens ({new_tokens}) exceed the model's "
-                         f"{limit} positions; use a shorter context")
-    policy, policy_note = _load_policy(cfg, paths, model)
+    out_path, device, model, model_note, policy, policy_note = _setup(
+        cfg, out_path if out_path is not None else benchmark_path(cfg), context_tokens, new_tokens,
+        (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
+         ("repeats", repeats, 1), ("warmup", warmup, 0)))
     gen = torch.Generator().manual_seed(cfg.seed)
     prompts = [torch.randint(3, model.vocab_size, (1, context_tokens), generator=gen).to(device)
                for _ in range(num_prompts)]
@@ -517,23 +528,10 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
 
     sizes = _parse_sizes(batch_sizes)
     num_prompts = max(sizes) if num_prompts is None else num_prompts
-    for name, v, low in (("context_tokens", context_tokens, 4), ("new_tokens", new_tokens, 2),
-                         ("num_prompts", num_prompts, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if not isinstance(v, int) or v < low:
-            raise ValueError(f"{name}={v!r} must be an integer >= {low}")
-    out_path = Path(out_path) if out_path is not None else throughput_path(cfg)
-    from greencode.eval.summary import check_writable
-
-    check_writable(out_path.parent)
-    set_seed(cfg.seed)
-    device, dtype = setup_torch(cfg.hardware)
-    paths = RunPaths.from_config(cfg)
-    model, model_note = _load_model(cfg, paths, device, dtype)
-    limit = getattr(model.hf.config, "max_position_embeddings", None)
-    if limit and context_tokens + new_tokens > limit:
-        raise ValueError(f"context_tokens ({context_tokens}) + new_tokens ({new_tokens}) exceed the model's "
-                         f"{limit} positions; use a shorter context")
-    policy, policy_note = _load_policy(cfg, paths, model)
+    out_path, device, model, model_note, policy, policy_note = _setup(
+        cfg, out_path if out_path is not None else throughput_path(cfg), context_tokens, new_tokens,
+        (("context_tokens", context_tokens, 4), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
+         ("repeats", repeats, 1), ("warmup", warmup, 0)))
     if gc_threshold is None:
         ts = sorted(cfg.eval.gc_thresholds)
         gc_threshold = ts[len(ts) // 2] if ts else 0.9
