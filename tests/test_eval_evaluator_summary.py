@@ -109,6 +109,17 @@ def test_merge_keeps_sample_order_and_refuses_inconsistent_shards():
         merge_shards([{"format": "other"}])
 
 
+def test_a_method_no_shard_decoded_is_skipped_with_its_reason():
+    """eval.timing_samples=0 leaves the timed-only HF methods without a sample: they are listed as
+    skipped (with why and how to get them), not summarised over nothing."""
+    r0 = [rec(0, [1], [3], 1.0)]
+    merged = merge_shards([shard({"full": r0, "full_hf": []}, rank=0, world=2),
+                           shard({"full": [rec(1, [1], [3], 1.0)], "full_hf": []}, rank=1, world=2)])
+    assert list(merged["methods"]) == ["full"]
+    gone = {s["id"]: s for s in merged["skipped"]}
+    assert "timing_samples=0" in gone["full_hf"]["reason"] and "accuracy_only_hf" in gone["full_hf"]["reason"]
+
+
 def test_write_results_is_atomic(tmp_path):
     out = tmp_path / "results" / "eval"
     merged = merge_shards([shard({"full": [rec(0, [1, 2], [3, 3], 1.0, done=1.0, full=1.0)]})])

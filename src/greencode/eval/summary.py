@@ -308,6 +308,12 @@ def merge_shards(shards: Sequence[dict]) -> dict:
     for s in shards:
         for item in s.get("skipped", []):
             skipped.setdefault(item["id"], item)
+    for mid in [m for m, e in methods.items() if not e["records"]]:  # e.g. a timed-only method, timing_samples=0
+        spec = methods.pop(mid)["spec"]
+        skipped.setdefault(mid, {"id": mid, "family": spec.get("family"),
+                                 "reason": "no sample was decoded with it (HF's full model and assistant_early_exit "
+                                           "run on the timed samples only, and eval.timing_samples=0; list them in "
+                                           "eval.accuracy_only_hf to decode them on every sample)"})
     ab = None
     abs_ = [s.get("overhead_ab") for s in shards if s.get("overhead_ab")]
     if abs_:
