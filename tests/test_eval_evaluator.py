@@ -441,3 +441,33 @@ def test_lossless_methods_give_the_full_models_tokens_and_fail_loudly_otherwise(
     with pytest.raises(RuntimeError, match="not lossless on sample"):
         bad = [dict(recs[0], tokens=list(recs[0]["tokens"][:-1]) + [recs[0]["tokens"][-1] + 1])]
         _check_lossless({"full": full, "layerskip@1": bad}, [MethodSpec("layerskip", 1)])
+
+
+def test_accuracy_only_samples_are_batched_by_prompt_length(tmp_path, samples_patch):
+    """The accuracy-only samples are decoded in chunks of eval.accuracy_batch_prompts prompts of
+    similar length (sorted), so little left padding is prefilled; the records come back in sample
+    order with the same tokens as a timed run."""
+    from greencode.decoding.generate import DecodeBatch
+
+    cfg, paths, _ = make_run(tmp_path, "eval.methods=[full,fixed]", "eval.overhead_ab=false", "eval.num_samples=5",
+                             "eval.timing_samples=1", "eval.accuracy_batch_prompts=2")
+    chunks = []
+    real_add = DecodeBatch.add
+
+    def recording_add(self, rows, prompts, *a, **k):
+        if not isinstance(prompts, torch.Tensor):
+            chunks.append(sorted({len(p) for p in prompts}))
+        return real_add(self, rows, prompts, *a, **k)
+
+    DecodeBatch.add = recording_add
+    try:
+        out = evaluate(cfg)
+    finally:
+        DecodeBatch.add = real_add
+    assert len(chunks) == 2  # 4 accuracy-only samples, 2 prompts per batch
+    assert max(chunks[0]) <= min(chunks[1])  # the shorter prompts together
+    recs = json.loads((out / "methods" / "full.json").read_text())["records"]
+    assert [r["index"] for r in recs] == list(range(5))
+    cfg_t, _, _ = make_run(tmp_path / "t", "eval.methods=[full,fixed]", "eval.overhead_ab=false", "eval.num_samples=5")
+    timed = json.loads((evaluate(cfg_t) / "methods" / "full.json").read_text())["records"]
+    assert [r["tokens"] for r in recs] == [r["tokens"] for r in timed]

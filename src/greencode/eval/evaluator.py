@@ -481,15 +481,15 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
                                "new_tokens": res["full"]["new_tokens"],
                                "same_tokens": res["full"]["tokens"] == res["policy"]["tokens"]})
 
-    # work units: each timed sample alone; accuracy-only samples in chunks decoded together
+    # work units: each timed sample alone, in order; the accuracy-only samples sorted by prompt length and
+    # decoded in chunks (similar lengths: little left padding to prefill and attend over; a row's tokens do
+    # not depend on its batch, tested)
     loop_specs = [s for s in active if not s.runs_hf and s.family not in LOSSLESS_FAMILIES]
-    units: list[list[int]] = []
-    for k in range(len(prompts)):
-        if indices[k] in timed_indices or not units or indices[units[-1][-1]] in timed_indices \
-                or len(units[-1]) >= cfg.eval.accuracy_batch_prompts:
-            units.append([k])
-        else:
-            units[-1].append(k)
+    units: list[list[int]] = [[k] for k in range(len(prompts)) if indices[k] in timed_indices]
+    rest = sorted((k for k in range(len(prompts)) if indices[k] not in timed_indices),
+                  key=lambda k: (len(prompts[k]), k))
+    step = cfg.eval.accuracy_batch_prompts
+    units += [rest[i:i + step] for i in range(0, len(rest), step)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
