@@ -45,7 +45,7 @@ def test_exited_rows_skip_the_deeper_layers(family):
     assert layers_run == steps * (2 * model.num_layers + 2 * (model.exit_layers[0] + 1))
 
 
-@pytest.mark.parametrize("skip_share", [0.0, 2.0])  # exited rows always regrouped / always carried along
+@pytest.mark.parametrize("skip_share", [0.0, 0.5, 2.0])  # always regrouped / carried, then regrouped / carried
 @pytest.mark.parametrize("controller", ["never", "fixed", "confidence", "policy"])
 def test_rows_joining_mid_flight_equal_batch_one(family, controller, skip_share):
     """Rows join a running batch (other prompt lengths, so both sides get padded), stop at their
