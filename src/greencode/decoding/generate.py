@@ -550,6 +550,7 @@ class DecodeBatch:
         counters = [r.counters for r in rows]
         controllers = [r.controller for r in rows]
         run = list(range(R))  # rows whose layers run (all of them, or in propagate mode those still climbing)
+        where = {r: r for r in run}  # a running row -> its position in h (kept in step with run)
         run_kw, run_attn = lkw, attn
         active = list(run)  # rows still deciding
         exit_at: dict[int, int] = {}
@@ -574,7 +575,6 @@ class DecodeBatch:
                         for r in rows_:
                             counters[r]["kv_propagated_layers"] += 1
                 break
-            in_run = set(run)
             if len(run) == R:
                 h = layer(h, attention_mask=run_attn, past_key_values=cache, use_cache=True, **run_kw)
             else:
@@ -587,7 +587,7 @@ class DecodeBatch:
             if groups:
                 # rows carried through this layer after their exit (observe's shadow climb, or too few rows
                 # exited to regroup the batch) wrote their own K/V: the propagated ones replace them
-                carried = [(rows_, at, kv) for rows_, at, kv in groups if rows_[0] in in_run]
+                carried = [(rows_, at, kv) for rows_, at, kv in groups if rows_[0] in where]
                 if carried:
                     keys, values = _layer_kv(cache, i)
                     for rows_, at, kv in carried:
@@ -605,7 +605,6 @@ class DecodeBatch:
                 seen_h.append(h.detach().clone())
             if i == final:
                 break
-            where = {r: k for k, r in enumerate(run)}
             if oracle_preds and i in self.exit_set:  # the oracle records every exit point's prediction
                 for r in oracle_preds:
                     oracle_preds[r].append(int(torch.argmax(model.decode(h[where[r]:where[r] + 1])[0, -1])))
@@ -658,6 +657,7 @@ class DecodeBatch:
                 # for a few rows)
                 keep = [k for k, r in enumerate(run) if r not in exit_at]
                 run = [run[k] for k in keep]
+                where = {r: k for k, r in enumerate(run)}
                 if run:
                     h = h[keep]
                     run_kw = _rows_kwargs(lkw, run)
@@ -666,7 +666,6 @@ class DecodeBatch:
             for r in asking:  # one row: its own time; several: the batch's time, shared
                 counters[r]["controller_time_s"] += elapsed / len(asking)
         # the rows that ran to the top: one LM head for all of them
-        where = {r: k for k, r in enumerate(run)}
         top = [r for r in range(R) if r not in exit_at]
         if top:
             pos = [where[r] for r in top]

@@ -497,6 +497,41 @@ class Engine:
 
         return DecodeBatch(self.model, kv_strategy=self.decoding_cfg.kv_strategy, tokenizer=self.tokenizer)
 
+    def _start(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]],
+               should_stop: Optional[Callable[[], bool]], row=None):
+        """What a run of ``job`` needs from the serving side: the stop test (``should_stop()`` or
+        ``job.deadline`` passed) and the token callback that pushes a :class:`TokenEvent` (with the
+        log probability ``row`` recorded for it, when asked); opens the job's energy window."""
+        job.started_at = time.perf_counter()
+        deadline = job.deadline
+        stop = None
+        if deadline is not None or should_stop is not None:
+            def stop() -> bool:
+                return (deadline is not None and time.perf_counter() > deadline) or (
+                    should_stop is not None and bool(should_stop()))
+        on_token = None
+        if on_event is not None:
+            streamer = job.streamer = self.streamer(job.gen.stop)
+            count = itertools.count()
+
+            def on_token(token_id: int, exit_layer: int) -> None:
+                lp = top = None
+                if row is not None and row.token_logprobs:  # recorded just before this call, for this token
+                    lp = row.token_logprobs[-1]
+                    top = row.top_logprobs[-1] if row.top_logprobs else None
+                on_event(TokenEvent(next(count), int(token_id), streamer.push(token_id), int(exit_layer), lp, top))
+        job.window = f"gen-{next(self._ids)}"
+        self.meter.begin(job.window)
+        return stop, on_token
+
+    def _close_window(self, job: Job, cancel: bool = False) -> None:
+        if getattr(job, "window", None) is not None:
+            if cancel:
+                self.meter.cancel(job.window)
+            else:
+                job.measurement = self.meter.end(job.window)
+            job.window = None
+
     def row(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None):
         """The decoding row of ``job``: its controller, sampling, stop strings, and (``on_event``)
@@ -506,32 +541,11 @@ class Engine:
         from greencode.decoding.generate import Row
 
         gen = job.gen
-        job.started_at = time.perf_counter()
-        deadline = job.deadline
-        if deadline is not None or should_stop is not None:
-            def stop() -> bool:
-                return (deadline is not None and time.perf_counter() > deadline) or (
-                    should_stop is not None and bool(should_stop()))
-        else:
-            stop = None
         row = Row(controller=job.controller, max_new_tokens=gen.max_new_tokens,
                   do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
                   top_k=gen.top_k, seed=gen.seed, eos=frozenset(self.eos_ids), stop_strings=job.stops or None,
-                  should_stop=stop, return_logits=gen.logprobs is not None, logprobs=gen.logprobs, handle=job)
-        if on_event is not None:
-            streamer = job.streamer = self.streamer(gen.stop)
-            count = itertools.count()
-
-            def push_token(token_id: int, exit_layer: int) -> None:
-                lp = top = None
-                if row.token_logprobs:  # recorded just before this call, for this token
-                    lp = row.token_logprobs[-1]
-                    top = row.top_logprobs[-1] if row.top_logprobs else None
-                on_event(TokenEvent(next(count), int(token_id), streamer.push(token_id), int(exit_layer), lp, top))
-
-            row.on_token = push_token
-        job.window = f"gen-{next(self._ids)}"
-        self.meter.begin(job.window)
+                  return_logits=gen.logprobs is not None, logprobs=gen.logprobs, handle=job)
+        row.should_stop, row.on_token = self._start(job, on_event, should_stop, row)
         return row
 
     def step(self, batch) -> list:
@@ -543,18 +557,12 @@ class Engine:
     def result(self, batch, row):
         """A finished row's :class:`~greencode.decoding.generate.GenerationResult`; closes its
         energy window (shared with the rows decoded beside it: a batch's energy is not split)."""
-        job = row.handle
-        if getattr(job, "window", None) is not None:
-            job.measurement = self.meter.end(job.window)
-            job.window = None
+        self._close_window(row.handle)
         return batch.result(row)
 
     def abandon(self, row) -> None:
         """Close the energy window of a row that will not finish (its batch failed)."""
-        job = row.handle
-        if getattr(job, "window", None) is not None:
-            self.meter.cancel(job.window)
-            job.window = None
+        self._close_window(row.handle, cancel=True)
 
     def run_lossless(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
                      should_stop: Optional[Callable[[], bool]] = None):
@@ -564,23 +572,7 @@ class Engine:
         from greencode.decoding import generate_lossless
 
         gen = job.gen
-        job.started_at = time.perf_counter()
-        deadline = job.deadline
-
-        def stop() -> bool:
-            return (deadline is not None and time.perf_counter() > deadline) or (
-                should_stop is not None and bool(should_stop()))
-
-        on_token = None
-        if on_event is not None:
-            streamer = job.streamer = self.streamer(gen.stop)
-            count = itertools.count()
-
-            def on_token(token_id: int, exit_layer: int) -> None:
-                on_event(TokenEvent(next(count), int(token_id), streamer.push(token_id), int(exit_layer)))
-
-        job.window = f"gen-{next(self._ids)}"
-        self.meter.begin(job.window)
+        stop, on_token = self._start(job, on_event, should_stop)
         try:
             res = generate_lossless(
                 self.model, job.ids, job.controller, gen.max_new_tokens,
@@ -590,15 +582,12 @@ class Engine:
                 tokenizer=self.tokenizer, kv_strategy=self.decoding_cfg.kv_strategy, on_token=on_token,
                 should_stop=stop)
         except (ValueError, ConfigError) as e:
-            self.meter.cancel(job.window)
-            job.window = None
+            self._close_window(job, cancel=True)
             raise RequestError(422, f"cannot generate: {e}") from None
         except BaseException:
-            self.meter.cancel(job.window)
-            job.window = None
+            self._close_window(job, cancel=True)
             raise
-        job.measurement = self.meter.end(job.window)
-        job.window = None
+        self._close_window(job)
         return res
 
     def run(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
