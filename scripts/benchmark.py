@@ -9,18 +9,26 @@ of the config's shape, random prompts).
 full model and GC, against HF generate batched), writing results/benchmark/throughput_<config>.json
 and .md.
 
+--compiled measures the loop with its compiled layer step (decoding.compile; torch.compile mode
+--compile-mode, default: reduce-overhead on CUDA, default on the CPU) against the eager loop, at
+batch 1 and 8 (full model, fixed middle exit, GC), with HF generate as reference and a check that
+the tokens are identical; writes results/benchmark/compiled_<config>.json and .md.
+
 Tiny CPU run:
     python scripts/benchmark.py --config configs/smoke.yaml --repeats 2 --context-tokens 32 --new-tokens 8
     python scripts/benchmark.py --config configs/smoke.yaml --throughput --batch-sizes 1,2 --repeats 1 \
         --context-tokens 16 --new-tokens 4
+    python scripts/benchmark.py --config configs/smoke.yaml --compiled --batch-sizes 1,2 --repeats 1 \
+        --context-tokens 16 --new-tokens 4
 The default shape (make benchmark / make demo):
     python scripts/benchmark.py --config configs/default.yaml
     python scripts/benchmark.py --config configs/default.yaml --throughput
+    python scripts/benchmark.py --config configs/default.yaml --compiled
 """
 
 from greencode.cli import base_parser, friendly_errors, load_from_args
-from greencode.eval.benchmark import (LAYERSKIP_K, format_table, format_throughput_markdown, run_benchmark,
-                                      run_throughput)
+from greencode.eval.benchmark import (LAYERSKIP_K, format_compiled_markdown, format_table,
+                                      format_throughput_markdown, run_benchmark, run_compiled, run_throughput)
 from greencode.utils import read_json
 
 
@@ -33,7 +41,8 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--context-tokens", type=int, default=200, help="prompt length in model tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per generation (all methods)")
-    parser.add_argument("--prompts", type=int, default=4, help="number of random prompts")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="number of random prompts (default 4; --compiled: 8, one batch of 8)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved rounds over all prompts and methods (default 5; throughput 3)")
     parser.add_argument("--warmup", type=int, default=1, help="warmup rounds (not timed)")
@@ -48,15 +57,30 @@ def main() -> None:
     parser.add_argument("--no-hf-early-exit", action="store_true", help="skip HF assistant_early_exit")
     parser.add_argument("--throughput", action="store_true",
                         help="measure batched throughput (tokens/s per batch size) instead")
-    parser.add_argument("--batch-sizes", default="1,4,8,16", help="throughput: batch sizes (comma list)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="measure the compiled layer step against the eager loop instead")
+    parser.add_argument("--compile-mode", default=None,
+                        help="--compiled: torch.compile mode (default reduce-overhead on CUDA, default on the CPU)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="throughput / compiled: batch sizes (comma list; default 1,4,8,16 / 1,8)")
     parser.add_argument("--throughput-prompts", type=int, default=None,
                         help="throughput: prompts in the workload (default the largest batch size)")
     parser.add_argument("--gc-threshold", type=float, default=None,
                         help="throughput: GC's threshold (default the middle of eval.gc_thresholds)")
     args = parser.parse_args()
     cfg = load_from_args(args)
+    if args.throughput and args.compiled:
+        parser.error("--throughput and --compiled are two separate measurements; pick one")
+    if args.compiled:
+        path = run_compiled(cfg, mode=args.compile_mode, batch_sizes=args.batch_sizes or "1,8",
+                            context_tokens=args.context_tokens, new_tokens=args.new_tokens,
+                            num_prompts=args.prompts if args.prompts is not None else 8, repeats=args.repeats if args.repeats is not None else 5,
+                            warmup=max(1, args.warmup), gc_threshold=args.gc_threshold, out_path=args.out)
+        print(format_compiled_markdown(read_json(path)))
+        print(f"-> {path}")
+        return
     if args.throughput:
-        path = run_throughput(cfg, batch_sizes=args.batch_sizes, context_tokens=args.context_tokens,
+        path = run_throughput(cfg, batch_sizes=args.batch_sizes or "1,4,8,16", context_tokens=args.context_tokens,
                               new_tokens=args.new_tokens, num_prompts=args.throughput_prompts,
                               repeats=args.repeats if args.repeats is not None else 3, warmup=args.warmup,
                               gc_threshold=args.gc_threshold, out_path=args.out)
@@ -65,7 +89,7 @@ def main() -> None:
         return
     layers = args.layerskip_layers if args.layerskip_layers in ("mid", "all") else _ints(args.layerskip_layers)
     path = run_benchmark(cfg, context_tokens=args.context_tokens, new_tokens=args.new_tokens,
-                         num_prompts=args.prompts, repeats=args.repeats if args.repeats is not None else 5,
+                         num_prompts=args.prompts if args.prompts is not None else 4, repeats=args.repeats if args.repeats is not None else 5,
                          warmup=args.warmup, out_path=args.out, lossless=not args.no_lossless,
                          layerskip_layers=layers, layerskip_k=_ints(args.layerskip_k),
                          hf_early_exit=not args.no_hf_early_exit)

@@ -114,6 +114,32 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
                        batch_sizes="0,2")
 
 
+def test_compiled_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    """scripts/benchmark.py --compiled on the smoke config: eager and compiled rows for every
+    method and batch size, the compiled tokens identical to the eager ones, a markdown table."""
+    script = load_script("benchmark")
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--config", str(SMOKE), "--compiled", "--batch-sizes", "1,2",
+                                      "--prompts", "2", "--repeats", "1", "--context-tokens", "12", "--new-tokens", "4",
+                                      f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke"])
+    assert script.main() == 0
+    res = read_json(tmp_path / "results" / "benchmark" / "compiled_smoke.json")
+    assert res["setup"]["mode"] == "default" and res["setup"]["compile"]["active"] is True
+    assert res["setup"]["compile"]["fallback"] is None and res["setup"]["compile"]["compiled_calls"] > 0
+    assert set(res["methods"]) == {"full", "fixed@1", "gc@0.9"}
+    for name, by_size in res["methods"].items():
+        assert set(by_size) == {"1", "2"}
+        for b, row in by_size.items():
+            assert row["eager_s_per_step"]["median"] > 0 and row["compiled_s_per_step"]["median"] > 0
+            assert row["speedup"] > 0 and row["compared_chunks"] > 0
+            assert row["identical_chunks"] == row["compared_chunks"], (name, b)
+        assert by_size["1"]["compiled_vs_hf"] > 0 and "compiled_vs_hf" not in by_size["2"]
+    assert res["all_identical"] is True and res["hf_generate_batch1"]["s_per_token"]["median"] > 0
+    assert res["run_metadata"]["git_commit"] is not None
+    md = (tmp_path / "results" / "benchmark" / "compiled_smoke.md").read_text()
+    assert "| full | 1 |" in md and "| gc@0.9 | 2 |" in md and "equal the eager run's: True" in md
+    assert "| fixed@1 | 2 |" in capsys.readouterr().out
+
+
 def test_benchmark_rejects_bad_sizes(tmp_path):
     cfg = load_config(SMOKE, [f"run_dir={tmp_path}/runs", f"results_dir={tmp_path}/results/smoke"])
     assert benchmark_path(cfg) == tmp_path / "results" / "benchmark" / "smoke.json"

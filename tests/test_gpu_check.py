@@ -31,12 +31,21 @@ def test_tiny_gpu_check_runs_every_part_and_records_failures(tmp_path):
         for key, row in lossless.items():  # verified by the full model: its tokens, whatever the drafts
             assert row["value"] > 0 and row["identical_to_full"] is True, (shape, key)
             assert 0 <= row["acceptance_rate"] <= 1 and row["mean_draft_length"] > 0
+        compiled = e["compiled"]
+        assert compiled["status"] == "ok" and compiled["mode"] == "default", shape  # CUDA: reduce-overhead
+        for batch in ("1", "8"):
+            rows = compiled["batches"][batch]
+            assert set(rows) == {"full", "fixed@2", "policy@0.5"}, (shape, batch)
+            for key, row in rows.items():
+                assert row["identical_to_eager"] is True, (shape, batch, key)
+                assert row["eager_s"] > 0 and row["compiled_s"] > 0 and row["speedup"] > 0
+                assert row["compile"]["active"] and row["compile"]["compiled_calls"] > 0
         # no GPU: energy is a recorded failure with its reason, never an estimate; later parts still ran
         assert e["energy"]["status"] == "failed" and "no CUDA device" in e["energy"]["error"]
     lite = res["shapes"]["llama-3.2-3b"]["lite"]
     assert lite["status"] == "ok" and lite["loss_finite"] and lite["steps_per_s"] > 0
     assert "lite" not in res["shapes"]["opt-2.7b"]
-    assert "ms/token batch 8" in proc.stdout and "lossless ms/token batch 1" in proc.stdout and str(out) in proc.stdout
+    assert "ms/token batch 8" in proc.stdout and "compiled (default) ms/token batch 1" in proc.stdout and "lossless ms/token batch 1" in proc.stdout and str(out) in proc.stdout
 
 
 def test_paper_shapes_are_the_real_architectures():

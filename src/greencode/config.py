@@ -343,6 +343,11 @@ class DecodingConfig:
     # (exact cache, no compute saved: an analysis baseline)
     kv_strategy: str = field(default="propagate", metadata=_choices("propagate", "compute"))
     policy_temperature: float = 1.0
+    # the decode loop's per-layer step: off = eager; otherwise torch.compile with this mode and static
+    # shapes (default, reduce-overhead = also CUDA graphs, max-autotune, max-autotune-no-cudagraphs);
+    # tokens equal the eager loop's; falls back to eager (with a warning) where compiling fails
+    compile: str = field(default="off", metadata=_choices("off", "default", "reduce-overhead", "max-autotune",
+                                                          "max-autotune-no-cudagraphs"))
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.policy_temperature", self.policy_temperature, 0.0, None, low_open=True)

@@ -9,6 +9,10 @@ is recorded with its error and the others still run):
 - ``latency``: decode time per token at batch 1 and 8 for HF ``generate`` (dynamic cache; static
   cache + ``torch.compile``) and our loop (full model, fixed exits at the first, middle and last
   exit points, a random-init policy of the paper's size at threshold 0.5);
+- ``compiled``: our loop with its compiled layer step (``decoding.compile``: ``reduce-overhead``,
+  i.e. Inductor kernels replayed as CUDA graphs; ``default`` on the CPU) against the eager loop,
+  paired, for the full model, the middle fixed exit and the policy at batch 1 and 8: seconds per
+  token, the compile time, and whether the tokens equal the eager loop's;
 - ``energy``: joules per token for the full model and the middle fixed exit over steady-state
   windows of a few seconds after warm-up (Zeus when importable, else NVML's energy counter
   through ``nvidia-ml-py``, installed or carried in ``vendor/``);
@@ -42,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ("llama-3.2-3b", "opt-2.7b")
 # the paper's exit rules (configs/paper/*.yaml): first exit, stride in the first half, in the second half
 SCHEDULES = {"llama-3.2-3b": (3, 2, 4), "opt-2.7b": (3, 2, 4)}
-DEFAULT_BUDGETS_S = {"build": 90, "correctness": 45, "latency": 150, "energy": 60, "lite": 60}
+DEFAULT_BUDGETS_S = {"build": 90, "correctness": 45, "latency": 150, "compiled": 150, "energy": 60, "lite": 60}
 
 
 # --------------------------------------------------------------------------- models
@@ -231,6 +235,52 @@ def _lossless(model, policy, device, ctx: int, new: int, deadline: float) -> dic
     return {"batch": 1, "k_max": 4, "methods": rows}
 
 
+def part_compiled(model, policy, device, tiny: bool, deadline: float) -> dict:
+    """Our loop with the compiled layer step against the eager loop, paired (same prompts, one
+    after the other): seconds per token, speed-up, compile time, identical tokens."""
+    from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
+    from greencode.decoding.compiled import use_compiled_steps
+
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    ctx, new = (32, 8) if tiny else (512, 64)
+    ex = model.exit_layers
+    ctrls = {"full": NeverExit(), f"fixed@{ex[len(ex) // 2]}": FixedExit(ex[len(ex) // 2]),
+             "policy@0.5": PolicyExit(policy, 0.5, 1.0, observation="normed")}
+    out: dict[str, Any] = {"mode": mode, "context_tokens": ctx, "new_tokens": new, "batches": {},
+                           "unit": "seconds per generated token (decode only), eager vs compiled layer step"}
+    try:
+        for batch in (1, 8):
+            ids = _prompts(model.vocab_size, batch, ctx, device, 2)
+            rows: dict[str, Any] = {}
+            for name, ctrl in ctrls.items():
+                if time.monotonic() > deadline:
+                    rows[name] = {"skipped": "part time budget spent"}
+                    continue
+                model.layer_step = None
+                eager_tokens = [r.tokens for r in _as_list(generate(model, ids, ctrl, new))]
+                eager = _guarded(lambda: _per_token(device, lambda n: generate(model, ids, ctrl, n), new), deadline)
+                steps = use_compiled_steps(model, mode)
+                got, compile_s = _timed(device, lambda: _as_list(generate(model, ids, ctrl, new)))
+                compiled = _guarded(lambda: _per_token(device, lambda n: generate(model, ids, ctrl, n), new), deadline)
+                row = {"eager_s": eager.get("value"), "compiled_s": compiled.get("value"),
+                       "first_call_s": compile_s, "identical_to_eager": [r.tokens for r in got] == eager_tokens,
+                       "compile": steps.describe()}
+                if row["eager_s"] and row["compiled_s"]:
+                    row["speedup"] = row["eager_s"] / row["compiled_s"]
+                for key, r in (("eager", eager), ("compiled", compiled)):
+                    if "value" not in r:
+                        row[f"{key}_error"] = r
+                rows[name] = row
+            out["batches"][str(batch)] = rows
+    finally:
+        model.layer_step = None
+    return out
+
+
+def _as_list(res):
+    return res if isinstance(res, list) else [res]
+
+
 def _guarded(fn: Callable[[], float], deadline: float) -> dict:
     if time.monotonic() > deadline:
         return {"skipped": "part time budget spent"}
@@ -383,9 +433,7 @@ def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, 
     budgets = {**DEFAULT_BUDGETS_S, **(budgets or {})}
     t_start = time.monotonic()
     result: dict[str, Any] = {"format": "greencode-gpu-check/1", "tiny": tiny, "dtype": str(dtype).split(".")[-1],
-                              "environment": environment(device), "shapes": {},
-                              "not_built": ["a decode path that is not launch-bound (CUDA graphs / torch.compile "
-                                            "of the layer steps)"]}
+                              "environment": environment(device), "shapes": {}}
     for shape in shapes:
         entry: dict[str, Any] = {}
         holder: dict[str, Any] = {}
@@ -405,6 +453,8 @@ def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, 
                                                  budgets["correctness"])
                 entry["latency"] = _run_part("latency", lambda d: part_latency(m, pol, device, tiny, d, compile_hf),
                                              budgets["latency"])
+                entry["compiled"] = _run_part("compiled", lambda d: part_compiled(m, pol, device, tiny, d),
+                                              budgets["compiled"])
                 entry["energy"] = _run_part("energy", lambda d: part_energy(m, device, tiny, d, energy_window_s),
                                             budgets["energy"])
             if shape == shapes[0]:  # one LITE measurement (the first shape) keeps the check within minutes
@@ -430,7 +480,7 @@ def summary_lines(result: dict) -> list[str]:
              f"transformers {env['transformers']}, {result['total_seconds']} s"]
     for shape, e in result["shapes"].items():
         lines.append(f"{shape}:")
-        for part in ("build", "correctness", "latency", "energy", "lite"):
+        for part in ("build", "correctness", "latency", "compiled", "energy", "lite"):
             p = e.get(part)
             if p is None:
                 continue
@@ -449,6 +499,12 @@ def summary_lines(result: dict) -> list[str]:
                          f"{v.get('acceptance_rate') or 0:.2f})" for k, v in lossless.items() if "value" in v]
                 if cells:
                     lines.append("  lossless ms/token batch 1: " + ", ".join(cells))
+            elif part == "compiled":
+                for b, rows in p["batches"].items():
+                    cells = [f"{k} {v['eager_s'] * 1e3:.2f} -> {v['compiled_s'] * 1e3:.2f} (same tokens "
+                             f"{v['identical_to_eager']})" for k, v in rows.items()
+                             if v.get("eager_s") and v.get("compiled_s")]
+                    lines.append(f"  compiled ({p['mode']}) ms/token batch {b}: " + ", ".join(cells))
             elif part == "energy":
                 cells = [f"{k} {v['joules_per_token']:.3f} J/token" for k, v in p["methods"].items()
                          if "joules_per_token" in v]

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from greencode.config import ConfigError
+from greencode.decoding.compiled import _Slot as _StaticSlot
 from greencode.decoding.controllers import ExitController, NeverExit
 
 KV_STRATEGIES = ("propagate", "compute")
@@ -187,23 +188,37 @@ def _grow_layer_class():
         return None
 
     class GrowingLayer(DynamicLayer):
+        def reserve(self, add: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+            """Room for ``add`` more positions: the (re)allocated buffers and the filled length.
+            Buffers hold a power of two of positions (so a compiled step sees few shapes) and
+            start zeroed (a static-shape step attends over them, masked, so they must be finite)."""
+            keys, values = self.keys, self.values
+            n = keys.shape[-2]
+            kb, vb = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
+            if (kb is None or n + add > kb.shape[-2] or kb.shape[:2] != keys.shape[:2]
+                    or keys.data_ptr() != kb.data_ptr() or keys.stride() != kb.stride()
+                    or values.data_ptr() != vb.data_ptr() or values.stride() != vb.stride()):
+                cap = 1 << max(6, (n + add - 1).bit_length())  # (re)allocate: the filled part copied once
+                kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
+                vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
+                kb[:, :, :n], vb[:, :, :n] = keys, values
+                self._kbuf, self._vbuf = kb, vb
+                self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+            return kb, vb, n
+
+        def extend(self, length: int) -> None:
+            """The first ``length`` buffer positions are filled (written in place by a compiled step)."""
+            self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
+
         def update(self, key_states, value_states, *args, **kwargs):
             keys = self.keys if self.is_initialized else None
             if keys is None or keys.dim() != 4 or keys.numel() == 0:
                 return super().update(key_states, value_states, *args, **kwargs)
-            n, add = keys.shape[-2], key_states.shape[-2]
-            kb, vb = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
-            if (kb is None or n + add > kb.shape[-2] or kb.shape[:2] != keys.shape[:2]
-                    or keys.data_ptr() != kb.data_ptr() or keys.stride() != kb.stride()
-                    or self.values.data_ptr() != vb.data_ptr() or self.values.stride() != vb.stride()):
-                cap = max(2 * (n + add), n + add + 64)  # (re)allocate: the filled part copied once
-                kb = keys.new_empty(*keys.shape[:2], cap, keys.shape[-1])
-                vb = self.values.new_empty(*self.values.shape[:2], cap, self.values.shape[-1])
-                kb[:, :, :n], vb[:, :, :n] = keys, self.values
-                self._kbuf, self._vbuf = kb, vb
+            add = key_states.shape[-2]
+            kb, vb, n = self.reserve(add)
             kb[:, :, n:n + add] = key_states
             vb[:, :, n:n + add] = value_states
-            self.keys, self.values = kb[:, :, :n + add], vb[:, :, :n + add]
+            self.extend(n + add)
             return self.keys, self.values
 
     _GROW_LAYER = GrowingLayer
@@ -358,6 +373,11 @@ class DecodeBatch:
         self.final = model.final_layer
         self.exit_points = model.exit_points
         self.exit_set = frozenset(self.exit_points)
+        # decoding.compile: a compiled layer step (greencode.decoding.compiled) where every row runs a layer
+        self.compiled = getattr(model, "layer_step", None)
+        if self.compiled is not None:
+            # a layer run on a subset of rows is eager: rows that exited are carried along until all have
+            self.skip_share = float("inf")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -561,46 +581,68 @@ class DecodeBatch:
         oracle_preds = {r: [] for r in run if controllers[r].runs_all_layers}
         seen_h: list[torch.Tensor] = []  # observe: the states at the exit points, then the final one
         skip = propagate and not observe  # exited rows leave the layer loop
+        static = self._static_step(R) if self.compiled is not None and self.compiled.active else None
 
         def fill(j: int):
             return _gather_kv(groups, j, R, cache)
 
-        for i, layer in enumerate(layers):
+        # the compiled step runs the layers between two decision points as one graph: a segment ends at
+        # every layer where some row's controller checks, where observe or the oracle read the state,
+        # and at the final layer (eager: one layer at a time)
+        stops = None
+        if static is not None:
+            need = {final}
+            for r in range(R):
+                need |= set(self.exit_points) if (observe or controllers[r].runs_all_layers) else rows[r].checks
+            stops = sorted(need)
+        start = 0
+        while start < len(layers):
             if not run:
                 # every row has exited: its deeper layers get the K/V propagated from its exit state
-                for j in range(i, len(layers)):
+                for j in range(start, len(layers)):
                     k, v = fill(j)
                     cache.update(k, v, j)
                     for rows_, _, _ in groups:
                         for r in rows_:
                             counters[r]["kv_propagated_layers"] += 1
                 break
-            if len(run) == R:
-                h = layer(h, attention_mask=run_attn, past_key_values=cache, use_cache=True, **run_kw)
+            if static is not None:  # every row runs it (compiled steps carry rows that exited)
+                i = next(b for b in stops if b >= start)
+                buf_k, buf_v, column, static_mask, length = static
+                h = self.compiled(layers[start:i + 1], h, static_mask,
+                                  [_StaticSlot(buf_k[j], buf_v[j], column) for j in range(start, i + 1)], run_kw)
+                for j in range(start, i + 1):
+                    cache.layers[j].extend(length)
             else:
-                h = layer(h, attention_mask=run_attn, past_key_values=_RowsCache(cache, run, fill), use_cache=True,
-                          **run_kw)
-            if isinstance(h, tuple):
-                h = h[0]
+                i = start
+                if len(run) == R:
+                    h = layers[i](h, attention_mask=run_attn, past_key_values=cache, use_cache=True, **run_kw)
+                else:
+                    h = layers[i](h, attention_mask=run_attn, past_key_values=_RowsCache(cache, run, fill),
+                                  use_cache=True, **run_kw)
+                if isinstance(h, tuple):
+                    h = h[0]
+            span, start = range(start, i + 1), i + 1  # the layers just run; the loop goes on after them
             for r in active:
-                counters[r]["layers_run"] += 1
+                counters[r]["layers_run"] += len(span)
             if groups:
-                # rows carried through this layer after their exit (observe's shadow climb, or too few rows
-                # exited to regroup the batch) wrote their own K/V: the propagated ones replace them
+                # rows carried through these layers after their exit (observe's shadow climb, or too few rows
+                # exited to regroup the batch) wrote their own K/V: the propagated ones replace them (a row
+                # attends over its own cache row only, so replacing them after a segment is the same)
                 carried = [(rows_, at, kv) for rows_, at, kv in groups if rows_[0] in where]
-                if carried:
-                    keys, values = _layer_kv(cache, i)
+                for j in span if carried else ():
+                    keys, values = _layer_kv(cache, j)
                     for rows_, at, kv in carried:
-                        k, v = kv[i - at - 1]
+                        k, v = kv[j - at - 1]
                         idx = torch.tensor(rows_, device=keys.device)
                         keys[idx, :, -1:] = k
                         values[idx, :, -1:] = v
                 for rows_, _, _ in groups:
                     for r in rows_:
-                        counters[r]["kv_propagated_layers"] += 1
+                        counters[r]["kv_propagated_layers"] += len(span)
             elif not propagate:
                 for r in exit_at:  # compute: the rows that exited keep running the deeper layers
-                    counters[r]["layers_run"] += 1
+                    counters[r]["layers_run"] += len(span)
             if observe and (i in self.exit_set or i == final):
                 seen_h.append(h.detach().clone())
             if i == final:
@@ -695,6 +737,25 @@ class DecodeBatch:
         finished = [row for row in rows if self._finished(row)]
         self._drop(finished)
         return finished
+
+    def _static_step(self, rows: int):
+        """The compiled step's view of this step: every layer's K/V buffer (room for the new
+        position), the new position's column, the mask over the whole buffer and the new length."""
+        layers = getattr(self.cache, "layers", None)
+        if not layers or not all(hasattr(lay, "reserve") for lay in layers):
+            return None  # a cache this transformers does not let grow in place: eager
+        bufs = [lay.reserve(1) for lay in layers]
+        n = bufs[0][2]
+        caps = {b[0].shape[2] for b in bufs}
+        if len(caps) != 1 or any(b[2] != n for b in bufs):
+            return None
+        for kb, vb, _ in bufs:
+            self.compiled.prepare(kb, vb)
+        device, dtype = bufs[0][0].device, self.model.dtype
+        mask = torch.full((rows, 1, 1, caps.pop()), torch.finfo(dtype).min, dtype=dtype, device=device)
+        mask[:, 0, 0, :n + 1] = 0 if self.pad is None else self.pad
+        column = torch.tensor([n], dtype=torch.long, device=device)
+        return [b[0] for b in bufs], [b[1] for b in bufs], column, mask, n + 1
 
     def result(self, row: Row) -> GenerationResult:
         """A finished row as a :class:`GenerationResult` (text cut at the first stop string)."""

@@ -46,6 +46,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from greencode.config import Config
+from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.paths import RunPaths
 from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch, write_json, write_text
 
@@ -131,14 +132,17 @@ def _load_model(cfg: Config, paths: RunPaths, device, dtype):
     from greencode.models import EarlyExitModel
 
     if (paths.finetuned / "config.json").is_file():
-        return EarlyExitModel.from_run_config(cfg, paths.finetuned, device=device, dtype=dtype).eval(), \
-            f"fine-tuned model {paths.finetuned}"
+        model = EarlyExitModel.from_run_config(cfg, paths.finetuned, device=device, dtype=dtype).eval()
+        use_compiled_steps(model, cfg.decoding.compile)
+        return model, f"fine-tuned model {paths.finetuned}"
     model = EarlyExitModel.from_config(cfg.model, vocab_size=cfg.tokenizer.vocab_size, bos_token_id=0,
                                        eos_token_id=2, pad_token_id=1)
     note = "randomly initialised model of the config's shape (no fine-tuned model in the run folder yet)"
     if cfg.model.base:
         note += f"; model.base={cfg.model.base!r} is not loaded, the shape fields of model.* are used"
-    return model.to(device=device, dtype=dtype).eval(), note
+    model = model.to(device=device, dtype=dtype).eval()
+    use_compiled_steps(model, cfg.decoding.compile)
+    return model, note
 
 
 def _load_policy(cfg: Config, paths: RunPaths, model):
@@ -366,7 +370,8 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
                   "exit_layers": list(model.exit_layers), "hidden_size": model.hidden_size,
                   "vocab_size": model.vocab_size, "family": model.family, "device": str(device),
                   "dtype": str(model.dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads(),
-                  "kv_strategy": cfg.decoding.kv_strategy, "confidence_threshold": conf_t,
+                  "kv_strategy": cfg.decoding.kv_strategy, "decode_compile": compile_info(model),
+                  "confidence_threshold": conf_t,
                   "timing": "decode steps only (tokens 2..N), seconds per new token; interleaved, order rotated"},
         "methods": rows,
         "targets": targets,
@@ -654,6 +659,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                   "hidden_size": model.hidden_size, "vocab_size": model.vocab_size, "family": model.family,
                   "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                   "torch_threads": torch.get_num_threads(), "kv_strategy": cfg.decoding.kv_strategy,
+                  "decode_compile": compile_info(model),
                   "timing": "wall clock of the whole workload (every prompt, prefill + decode), decoded B prompts "
                             "per call; tokens/s = prompts x new_tokens / wall; interleaved, order rotated",
                   "hf": "model.hf.generate, left padding + attention mask, greedy, min_new_tokens = max_new_tokens"},
@@ -697,4 +703,189 @@ def format_throughput_markdown(result: dict) -> str:
     n = result["noise"]
     lines.append(f"- noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative IQR "
                  f"{n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- compiled layer steps
+def compiled_path(cfg: Config) -> Path:
+    """``results/benchmark/compiled_<config name>.json`` (the markdown table next to it)."""
+    return benchmark_path(cfg).with_name(f"compiled_{cfg.name}.json")
+
+
+def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[str, Sequence[int]] = (1, 8),
+                 context_tokens: int = 200, new_tokens: int = 32, num_prompts: int = 4, repeats: int = 5,
+                 warmup: int = 1, gc_threshold: Optional[float] = None,
+                 out_path: Optional[Union[str, Path]] = None) -> Path:
+    """The decode loop with its compiled layer step (``decoding.compile``) against the eager loop.
+
+    For each batch size ``B`` (``num_prompts`` seeded random prompts of ``context_tokens`` tokens,
+    decoded ``B`` at a time): seconds per decode step (tokens 2..N, the loop's ``decode_time_s``;
+    per token = per step / ``B``) of the full model, a fixed exit at the middle exit point and GC
+    (the run's policy at ``gc_threshold``), each eager and compiled, and HF ``generate`` at batch 1
+    (its step clock). The first compiled call of each shape compiles: the warmup rounds take it
+    and it is recorded apart (``compile_s``). Rounds are interleaved, order rotated; speed-ups are
+    medians of paired per-round ratios. Every compiled run's tokens and exit layers must equal the
+    eager run's (counted; a mismatch is reported, not hidden). Writes the JSON and a markdown
+    table; returns the JSON's path."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
+    from greencode.decoding.compiled import COMPILE_MODES, use_compiled_steps
+
+    sizes = _parse_sizes(batch_sizes)
+    out_path, device, model, model_note, policy, policy_note = _setup(
+        cfg, out_path if out_path is not None else compiled_path(cfg), context_tokens, new_tokens,
+        (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
+         ("repeats", repeats, 1), ("warmup", warmup, 1)))
+    if mode is None:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in COMPILE_MODES or mode == "off":
+        raise ValueError(f"compile mode {mode!r}; choose one of {', '.join(m for m in COMPILE_MODES if m != 'off')}")
+    if gc_threshold is None:
+        ts = sorted(cfg.eval.gc_thresholds)
+        gc_threshold = ts[len(ts) // 2] if ts else 0.9
+    gc_threshold = float(gc_threshold)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompts = [torch.randint(3, model.vocab_size, (context_tokens,), generator=gen).tolist()
+               for _ in range(num_prompts)]
+    mid = middle_exit_layer(list(model.exit_layers), model.num_layers)
+    controllers = {"full": NeverExit(), f"fixed@{mid}": FixedExit(mid),
+                   f"gc@{gc_threshold!r}": PolicyExit(policy, gc_threshold, cfg.decoding.policy_temperature,
+                                                      observation=getattr(policy, "observation", cfg.rl.observation))}
+    for c in controllers.values():
+        c.check_layers(model)
+    steps = use_compiled_steps(model, mode)
+    pad = model.hf.config.pad_token_id
+    gconf = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad if pad is not None else 0, eos_token_id=model.hf.config.eos_token_id)
+    methods = [(name, impl) for name in controllers for impl in ("eager", "compiled")]
+    reference: dict[tuple[str, int, int], tuple] = {}  # (method, batch, chunk) -> eager tokens and exits
+    agree: dict[tuple[str, int], list[int]] = {}  # (method, batch) -> [compiled chunks equal to eager, compared]
+    compile_s: dict[str, float] = {}
+
+    def run(name: str, impl: str, size: int) -> Optional[float]:
+        """Median seconds per decode step over the chunks of ``size`` prompts."""
+        if name == "hf_generate":
+            per = []
+            for p in prompts:
+                ids = torch.tensor([p], device=device)
+                clock = _StepClock(device)
+                with torch.inference_mode():
+                    model.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gconf,
+                                      stopping_criteria=StoppingCriteriaList([clock]))
+                per.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
+            return statistics.median(per)
+        model.layer_step = steps if impl == "compiled" else None
+        per = []
+        for k in range(0, num_prompts, size):
+            chunk = prompts[k:k + size]
+            t0 = time.perf_counter()
+            res = generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[name], new_tokens,
+                           kv_strategy=cfg.decoding.kv_strategy)
+            wall = time.perf_counter() - t0
+            res = res if isinstance(res, list) else [res]
+            got = ([r.tokens for r in res], [r.exit_layers for r in res])
+            key = (name, size, k)
+            if impl == "eager":
+                reference[key] = got
+            elif key in reference:
+                a = agree.setdefault((name, size), [0, 0])
+                a[0] += got == reference[key]
+                a[1] += 1
+                compile_s.setdefault(f"{name}@{size}", wall)  # the first compiled call of this shape compiles
+            per.append(res[0].counters["decode_time_s"] / (new_tokens - 1))
+        model.layer_step = None
+        return statistics.median(per)
+
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    t_start = time.perf_counter()
+    times: dict[tuple[str, str, int], list[float]] = {}
+    order = [(n, i, b) for b in sizes for n, i in methods] + ([("hf_generate", "eager", 1)] if 1 in sizes else [])
+    for rnd in range(warmup + repeats):
+        shift = rnd % len(order)
+        for name, impl, size in order[shift:] + order[:shift]:
+            value = run(name, impl, size)
+            if rnd >= warmup:
+                times.setdefault((name, impl, size), []).append(value)
+    wall_s = time.perf_counter() - t_start
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows: dict[str, dict] = {}
+    for size in sizes:
+        for name in controllers:
+            e, c = times[(name, "eager", size)], times[(name, "compiled", size)]
+            a = agree.get((name, size), [0, 0])
+            row = {"eager_s_per_step": _quartiles(e), "compiled_s_per_step": _quartiles(c),
+                   "eager_tokens_per_s": size / statistics.median(e), "compiled_tokens_per_s": size / statistics.median(c),
+                   "speedup": _paired_median(e, c), "identical_chunks": a[0], "compared_chunks": a[1],
+                   "first_compiled_call_s": compile_s.get(f"{name}@{size}")}
+            if size == 1 and ("hf_generate", "eager", 1) in times:
+                hf = times[("hf_generate", "eager", 1)]
+                row["compiled_vs_hf"] = _paired_median(hf, c)
+                row["eager_vs_hf"] = _paired_median(hf, e)
+            rows.setdefault(name, {})[str(size)] = row
+    hf_row = ({"s_per_token": _quartiles(times[("hf_generate", "eager", 1)])}
+              if ("hf_generate", "eager", 1) in times else None)
+    full_c = {b: statistics.median(times[("full", "compiled", b)]) for b in sizes}
+    exits_save = {f"fixed@{mid}": {}, f"gc@{gc_threshold!r}": {}}
+    for name in exits_save:
+        for b in sizes:
+            exits_save[name][str(b)] = full_c[b] / statistics.median(times[(name, "compiled", b)])
+    result = {
+        "format": "greencode-compiled/1",
+        "config_name": cfg.name,
+        "setup": {"mode": mode, "batch_sizes": sizes, "num_prompts": num_prompts, "context_tokens": context_tokens,
+                  "new_tokens": new_tokens, "repeats": repeats, "warmup_rounds": warmup,
+                  "prompts": "uniform random token ids (seeded), equal lengths", "model": model_note,
+                  "policy": policy_note, "gc_threshold": gc_threshold, "num_layers": model.num_layers,
+                  "exit_layers": list(model.exit_layers), "hidden_size": model.hidden_size, "family": model.family,
+                  "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
+                  "torch_threads": torch.get_num_threads(), "kv_strategy": cfg.decoding.kv_strategy,
+                  "compile": steps.describe(),
+                  "timing": "seconds per decode step (tokens 2..N) from the loop's decode_time_s, median over the "
+                            "chunks of a round; tokens/s = batch / s per step; HF generate at batch 1 from its "
+                            "step clock; interleaved rounds, order rotated; speed-ups = medians of paired ratios"},
+        "methods": rows,
+        "hf_generate_batch1": hf_row,
+        "compiled_exit_speedup_over_compiled_full": exits_save,
+        "all_identical": all(a[0] == a[1] and a[1] > 0 for a in agree.values()),
+        "noise": {"load_average_before": load_before, "load_average_after": load_after, "wall_s": wall_s},
+        "run_metadata": run_metadata(cfg, stage="compiled-benchmark"),
+    }
+    write_json(out_path, result)
+    write_text(out_path.with_suffix(".md"), format_compiled_markdown(result) + "\n")
+    log.info("wrote %s", out_path)
+    return out_path
+
+
+def format_compiled_markdown(result: dict) -> str:
+    s = result["setup"]
+    meta = result.get("run_metadata", {})
+    lines = [f"# Compiled layer steps: {result['config_name']}",
+             "",
+             f"{s['family']}, {s['num_layers']} layers, exits {s['exit_layers']} (0-based), hidden {s['hidden_size']}, "
+             f"{s['device']} {s['dtype']}, {s['torch_threads']} threads; torch.compile mode `{s['mode']}`; "
+             f"{s['num_prompts']} prompts of {s['context_tokens']} tokens, {s['new_tokens']} new tokens each, "
+             f"{s['repeats']} interleaved rounds; model: {s['model']}; policy: {s['policy']}; "
+             f"commit {meta.get('git_commit')}.",
+             "",
+             "| method | batch | eager ms/step | compiled ms/step | compiled tokens/s | speed-up | "
+             "compiled x HF (batch 1) | same tokens | first compiled call s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, by_size in result["methods"].items():
+        for b, r in by_size.items():
+            lines.append(f"| {m} | {b} | {r['eager_s_per_step']['median'] * 1e3:.2f} | "
+                         f"{r['compiled_s_per_step']['median'] * 1e3:.2f} | {r['compiled_tokens_per_s']:.0f} | "
+                         f"{_fmt(r['speedup'], '.2f')} | {_fmt(r.get('compiled_vs_hf'), '.2f')} | "
+                         f"{r['identical_chunks']}/{r['compared_chunks']} | {_fmt(r['first_compiled_call_s'], '.1f')} |")
+    hf = result.get("hf_generate_batch1")
+    lines.append("")
+    if hf:
+        lines.append(f"HF `generate` at batch 1: {hf['s_per_token']['median'] * 1e3:.2f} ms/token.")
+    for name, by in result["compiled_exit_speedup_over_compiled_full"].items():
+        cells = ", ".join(f"batch {b}: {v:.2f}x" for b, v in by.items())
+        lines.append(f"- compiled {name} over the compiled full model: {cells}")
+    lines += [f"- every compiled run's tokens and exits equal the eager run's: {result['all_identical']}",
+              f"- {s['timing']}.",
+              f"- noise: load average {result['noise']['load_average_before']} -> "
+              f"{result['noise']['load_average_after']}, wall {result['noise']['wall_s']:.1f} s"]
     return "\n".join(lines)

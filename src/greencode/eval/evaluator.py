@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from greencode.config import Config, ConfigError
+from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.eval.methods import LOSSLESS_FAMILIES, MethodSpec, expand_methods, parse_method_name, split_names
 from greencode.eval.summary import SHARD_FORMAT, check_writable, merge_shards, write_results
 from greencode.distributed import Dist
@@ -80,6 +81,7 @@ def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch
                                 f"--config {cfg.source_path or '<cfg>'}` (or scripts/reproduce.py) first")
     tokenizer = _load_tokenizer(paths)
     model = EarlyExitModel.from_run_config(cfg, paths.finetuned, device=device, dtype=dtype).eval()
+    use_compiled_steps(model, cfg.decoding.compile)
     inputs = EvalInputs(model=model, tokenizer=tokenizer)
     if need_base:
         source = cfg.model.base or str(paths.base_model)
@@ -537,6 +539,7 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         "dtype": str(model.dtype).replace("torch.", ""),
         "energy_source": getattr(meter, "source", None),
         "kv_strategy": cfg.decoding.kv_strategy,
+        "decode_compile": compile_info(model),
         "policy_temperature": cfg.decoding.policy_temperature,
         "warmup_samples": cfg.eval.warmup_samples,
         "timing_samples": cfg.eval.timing_samples,

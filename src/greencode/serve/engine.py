@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from greencode.config import Config, ConfigError
+from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.paths import RunPaths
 from greencode.serve.errors import RequestError
 from greencode.serve.events import TokenEvent
@@ -250,6 +251,7 @@ def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedR
                                 "config or pass --run-dir pointing at a run that has finetuned/")
     device, dtype = setup_torch(cfg.hardware)
     model = EarlyExitModel.from_pretrained(model_dir, device=device, dtype=dtype)
+    use_compiled_steps(model, cfg.decoding.compile)
     tok_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else paths.tokenizer
     if not (tok_dir / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"no tokenizer in {str(model_dir)!r} or {str(paths.tokenizer)!r}; the training "
@@ -344,6 +346,7 @@ class Engine:
             "calibrated_targets": (sorted(self.calibration.get("targets", [])) if self.calibration else None),
             "policy_observation": getattr(self.policy, "observation", None),
             "kv_strategy": self.decoding_cfg.kv_strategy,
+            "decode_compile": compile_info(self.model),
             "default_mode": getattr(self.serve_cfg, "default_mode", "lossy"),
             "max_batch_size": getattr(self.serve_cfg, "max_batch_size", 1),
             "prompt_format": self.prompt_format,
