@@ -398,3 +398,55 @@ def test_speculative_sampling_matches_the_full_models_distribution(family, setti
     assert p_control < 1e-6, (df, p_control)  # the test can tell a wrong distribution
     # full-model samples against themselves: the test's own calibration
     assert _two_sample_chi2(full[:n], full[n:])[2] > 1e-3
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_verification_reuses_the_drafts_exact_lower_layers(family, seed):
+    """Verifying a draft whose tokens exited at random exit points: the logits after every block
+    token and the cache afterwards equal the full model's on prompt + block (HF forward, no cache),
+    while each fed token ran only the layers above the lowest exit up to it."""
+    from greencode.decoding import RandomExit, prefill
+    from greencode.decoding.generate import _layer_kv
+    from greencode.decoding.speculative import _verify_reusing
+
+    model = tiny_model(family, num_layers=6, exit_layers=(1, 2, 3))
+    prompt = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(seed))
+    start = prompt.shape[1]
+    state = prefill(model, prompt)
+    draft = generate(model, prompt, RandomExit(0.4, seed), 6, prefilled=state, consume_prefill=True,
+                     keep_states=True, return_logits=True)
+    d = draft.tokens
+    assert len(draft.kept_states) == len(d) - 1
+    logits, layers_run, heads = _verify_reusing(model, state.cache, start, d, draft)
+    whole = torch.cat([prompt, torch.tensor([d])], dim=1)
+    with torch.inference_mode():
+        ref = model.hf(whole).logits[0, start:]  # row i: the full model's logits after d[i]
+    torch.testing.assert_close(logits[0], ref, atol=2e-4, rtol=1e-4)
+    ref_cache = prefill(model, whole).cache
+    for j in range(model.num_layers):
+        for got, want in zip(_layer_kv(state.cache, j), _layer_kv(ref_cache, j)):
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # work: fed token i needs the layers above E_i = min(exits of tokens 1..i+1); the last token all six
+    exits = draft.exit_layers[1:]
+    lowest = [min(exits[:i + 1]) for i in range(len(d) - 1)]
+    assert layers_run == sum(model.num_layers - 1 - e for e in lowest) + model.num_layers
+    assert any(e < model.final_layer for e in exits)  # the draft exited early somewhere: layers were saved
+    assert layers_run < len(d) * model.num_layers
+
+
+def test_reusing_verification_equals_full_verification_with_less_work(family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(12)
+    saved = 0
+    for n in range(4):
+        prompt = torch.randint(3, VOCAB, (1, 5 + 4 * n), generator=g)
+        for ctrl in (FixedExit(model.exit_layers[1]), ConfidenceExit(0.05)):
+            reuse = generate_lossless(model, prompt, ctrl, 16, k_max=4)
+            full = generate_lossless(model, prompt, ctrl, 16, k_max=4, verify="full")
+            assert reuse.tokens == full.tokens
+            assert reuse.counters["verified_tokens"] == full.counters["verified_tokens"]
+            saved += full.counters["layers_run"] - reuse.counters["layers_run"]
+            assert reuse.counters["layers_run"] <= full.counters["layers_run"]
+    assert saved > 0
+    with pytest.raises(ValueError, match="verify="):
+        generate_lossless(model, prompt, NeverExit(), 4, verify="partial")

@@ -55,6 +55,9 @@ class GenerationResult:
     # logprobs=n: each chosen token's log-probability, and (n > 0) the top-n (id, log-probability) pairs
     token_logprobs: Optional[list] = None
     top_logprobs: Optional[list] = None
+    # keep_states=True: for every decided token (tokens[1:]), the hidden state [H] of the token fed in that
+    # step at each early exit point it ran through, {0-based layer: state} (what lossless verification reuses)
+    kept_states: Optional[list] = None
 
     @property
     def new_tokens(self) -> int:
@@ -311,6 +314,7 @@ class Row:
     should_stop: Optional[Callable[[], bool]] = None  # polled before each new token: true ends it "cancelled"
     return_logits: bool = False
     logprobs: Optional[int] = None  # record each chosen token's log-probability (and the top-n when n > 0)
+    keep_states: bool = False  # record the fed token's state at every exit point it runs through, per step
     handle: Any = None
     # filled while decoding
     prompt: Optional[torch.Tensor] = None
@@ -323,6 +327,7 @@ class Row:
     top_logprobs: Optional[list] = None
     obs_states: Optional[list] = None
     obs_preds: Optional[list] = None
+    kept_states: Optional[list] = None
     last_logits: Optional[torch.Tensor] = None
     finish: str = "length"
     done: bool = False
@@ -402,6 +407,8 @@ class DecodeBatch:
             row.token_logprobs, row.top_logprobs = [], []
         if self.observe:
             row.obs_states, row.obs_preds = [], []
+        if row.keep_states:
+            row.kept_states = []
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row], prompts: Union[Sequence[Sequence[int]], torch.Tensor],
@@ -580,6 +587,9 @@ class DecodeBatch:
         groups: list[tuple[list[int], int, list]] = []
         oracle_preds = {r: [] for r in run if controllers[r].runs_all_layers}
         seen_h: list[torch.Tensor] = []  # observe: the states at the exit points, then the final one
+        keepers = [r for r in range(R) if rows[r].keep_states]
+        for r in keepers:
+            rows[r].kept_states.append({})
         skip = propagate and not observe  # exited rows leave the layer loop
         static = self._static_step(R) if self.compiled is not None and self.compiled.active else None
 
@@ -593,7 +603,8 @@ class DecodeBatch:
         if static is not None:
             need = {final}
             for r in range(R):
-                need |= set(self.exit_points) if (observe or controllers[r].runs_all_layers) else rows[r].checks
+                every = observe or controllers[r].runs_all_layers or rows[r].keep_states
+                need |= set(self.exit_points) if every else rows[r].checks
             stops = sorted(need)
         start = 0
         while start < len(layers):
@@ -647,6 +658,10 @@ class DecodeBatch:
                 seen_h.append(h.detach().clone())
             if i == final:
                 break
+            if keepers and i in self.exit_set:  # rows still climbing ran this layer: keep their state
+                for r in keepers:
+                    if r in active:
+                        rows[r].kept_states[-1][i] = h[where[r], -1].clone()
             if oracle_preds and i in self.exit_set:  # the oracle records every exit point's prediction
                 for r in oracle_preds:
                     oracle_preds[r].append(int(torch.argmax(model.decode(h[where[r]:where[r] + 1])[0, -1])))
@@ -773,7 +788,8 @@ class DecodeBatch:
         return GenerationResult(tokens=row.tokens, exit_layers=row.exit_layers, finish_reason=row.finish,
                                 counters=c, text=text, prompt_tokens=row.prompt_tokens, logits=row.logits_seen,
                                 exit_states=row.obs_states, exit_preds=row.obs_preds,
-                                token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs)
+                                token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs,
+                                kept_states=row.kept_states)
 
 
 @torch.inference_mode()
@@ -787,7 +803,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              should_stop: Optional[Callable[[], bool]] = None,
              prefilled: Optional[Prefill] = None,
              observe: bool = False, return_state: bool = False,
-             consume_prefill: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
+             consume_prefill: bool = False, keep_states: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
@@ -823,6 +839,10 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     the states up to the exit are the ones its controller saw. The shadow layers and the
     recording's LM heads are not counted in the counters.
 
+    ``keep_states=True`` records, for every decided token, the state of the token fed in that step at
+    each early exit point it ran through (``kept_states``; not the shadow climb of ``observe``):
+    the lossless mode's verification starts from them instead of recomputing the exact lower layers.
+
     ``return_state=True`` (one row) sets ``result.state``: a :class:`Prefill` of the prompt plus
     every generated token but the last, with this decoding's cache and the logits that chose the
     last token, so a later call with ``prefilled=result.state`` continues exactly from here.
@@ -855,7 +875,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     rows = [Row(controller=c, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
-                should_stop=should_stop, return_logits=return_logits, logprobs=logprobs)
+                should_stop=should_stop, return_logits=return_logits, logprobs=logprobs, keep_states=keep_states)
             for c in controllers]
     batch = DecodeBatch(model, kv_strategy=kv_strategy, observe=observe, tokenizer=tokenizer)
     batch.add(rows, ids if prompts is None else prompts, prefilled=prefilled, consume_prefill=consume_prefill)

@@ -33,8 +33,16 @@ draw is discarded depending on its value.
 A round in which no drafted token exited early needs no verification: every token was chosen by
 the full model, step by step, from an exact cache (what the never-exit loop does), so it is
 accepted as drafted and the next round continues from the draft's own state (``exact_tokens``).
-Otherwise verification recomputes every layer of the drafted tokens; reusing the draft's exact
-lower layers (only the layers above the lowest exit are needed) is not built yet.
+
+Otherwise (``verify="reuse"``, the default) verification reuses what the draft computed exactly.
+A fed draft token's states are the full model's up to the lowest exit of the drafted tokens up
+to and including it (deeper, it attended to propagated K/V): its ``E_i = min(e_0..e_i)``. So its
+K/V of layers ``0..E_i`` stay in the cache, and only the layers above are run, from its state at
+``E_i`` (kept by the draft, ``keep_states``): layer ``j`` runs on the block's suffix of tokens
+with ``E_i < j`` (a suffix, since ``E`` only falls), writing their exact K/V over the propagated
+ones, and the last drafted token (never fed) runs every layer. LayerSkip's cache reuse is the
+case of one fixed exit layer. ``verify="full"`` recomputes every layer of the block from the
+exact cache before it (the first implementation; for comparison).
 
 ``eos_token_id``, ``stop_strings`` / ``tokenizer``, ``on_token`` and ``should_stop`` follow
 :func:`~greencode.decoding.generate`'s semantics on the emitted (accepted) tokens; ``should_stop``
@@ -48,8 +56,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from greencode.decoding.compiled import _Slot
 from greencode.decoding.controllers import ExitController
-from greencode.decoding.generate import GenerationResult, Prefill, generate, prefill
+from greencode.decoding.generate import GenerationResult, Prefill, _growable, generate, prefill
+
+VERIFY_MODES = ("reuse", "full")
 
 
 def _crop(cache, length: int) -> None:
@@ -149,6 +160,61 @@ class _DraftConfidence(ExitController):
         return self.inner.describe()
 
 
+@torch.inference_mode()
+def _verify_reusing(model, cache, start: int, d: Sequence[int], draft: GenerationResult):
+    """The full model's logits after each token of the block ``d`` (``[1, len(d), V]``), reusing the
+    draft's exact lower layers (see the module docstring). ``cache`` holds the exact positions
+    before ``start`` and the draft's fed tokens ``d[:-1]`` (exact K/V up to each token's ``E_i``,
+    propagated above); on return it holds the full model's K/V of every block token at every
+    layer. Returns (logits, layers run, LM heads run)."""
+    n = len(d)
+    final = model.final_layer
+    adapter, layers = model.adapter, model.adapter.layers
+    exact = []  # E_i: the highest layer through which fed token i's states are the full model's
+    low = final
+    for i in range(n - 1):
+        low = min(low, draft.exit_layers[i + 1])
+        exact.append(low)
+    exact.append(-1)  # the last token was never fed: every layer
+    device = cache.layers[0].keys.device if hasattr(cache, "layers") else draft.state.logits.device
+    total = start + n
+    if int(cache.get_seq_length()) != total - 1:
+        raise RuntimeError(f"the draft's cache holds {int(cache.get_seq_length())} positions, expected {total - 1}")
+    _growable(cache)
+    first = n - 1  # the block's suffix being run: tokens first..n-1
+    last = torch.tensor([[d[-1]]], dtype=torch.long, device=device)
+    h = adapter.embed(last, torch.tensor([[total - 1]], device=device))
+    min_ = torch.finfo(model.dtype).min
+    layers_run = 0
+    for j, layer in enumerate(layers):
+        join = first
+        while join > 0 and exact[join - 1] < j:  # tokens whose exact part ends below this layer join the suffix
+            join -= 1
+        if join < first:
+            states = torch.stack([draft.kept_states[i][j - 1] for i in range(join, first)])[None].to(h.dtype)
+            h = torch.cat([states, h], dim=1)
+            first = join
+        q = n - first
+        positions = torch.arange(start + first, total, device=device)[None]
+        lkw = adapter.layer_kwargs(h, positions)
+        mask = torch.full((1, 1, q, total), min_, dtype=model.dtype, device=device)
+        mask[0, 0] = mask[0, 0].triu(start + first + 1)  # each query sees the columns up to its own
+        kb, vb, _ = cache.layers[j].reserve(1)
+        slot = _Slot(kb[:, :, :total], vb[:, :, :total], positions[0])
+        out = layer(h, attention_mask=mask, past_key_values=slot, use_cache=True, **lkw)
+        h = out[0] if isinstance(out, tuple) else out
+        cache.layers[j].extend(total)
+        layers_run += q
+    top = model.decode(h)  # the suffix's logits at the final layer
+    if first == 0:
+        return top, layers_run, n
+    # tokens exact through the final layer: the logits that chose the next drafted token were the full model's
+    before = torch.stack([draft.logits[i + 1].to(top.device, top.dtype) if draft.logits is not None else
+                          _forced_logits(d[i + 1], top.shape[-1], top.device)[0, 0].to(top.dtype)
+                          for i in range(first)])[None]
+    return torch.cat([before, top], dim=1), layers_run, n - first
+
+
 def _prompt_length(input_ids) -> int:
     if isinstance(input_ids, torch.Tensor):
         return int(input_ids.shape[-1])
@@ -164,7 +230,7 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
                       stop_strings: Optional[Sequence[str]] = None, tokenizer=None,
                       kv_strategy: str = "propagate",
                       on_token: Optional[Callable[[int, int], None]] = None,
-                      should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+                      should_stop: Optional[Callable[[], bool]] = None, verify: str = "reuse") -> GenerationResult:
     """Generation whose output is the full model's (greedy: the same tokens; sampling: the same
     distribution), drafted with early exits.
 
@@ -176,7 +242,8 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
     exit_layer)`` is called for each emitted token in order (every emitted token is the full
     model's, so ``exit_layer`` is the final layer); ``should_stop()`` is polled between rounds and
     ends generation with ``finish_reason="cancelled"``; ``stop_strings`` (with ``tokenizer``) end
-    it with ``"stop"`` and cut ``text`` there, as in ``generate``.
+    it with ``"stop"`` and cut ``text`` there, as in ``generate``. ``verify``: ``reuse`` (the draft's
+    exact lower layers are kept, only the layers above each token's exact part run) or ``full``.
 
     ``counters`` add ``rounds``, ``drafted`` (tokens proposed after each round's exact
     first token), ``accepted`` (of those), ``verified_tokens`` (rows of the verification
@@ -187,6 +254,8 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
     cost model can count drafting, verification and the work spent on rejected tokens."""
     if k_max < 1:
         raise ValueError(f"k_max={k_max} must be >= 1")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}; choose one of {', '.join(VERIFY_MODES)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if draft_threshold is not None and not 0.0 <= float(draft_threshold) <= 1.0:
@@ -269,7 +338,8 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
         draft = generate(model, seq, drafter, budget, do_sample=sampling, temperature=temperature, top_p=top_p,
                          top_k=top_k, seed=round_seed(), eos_token_id=eos_token_id, kv_strategy=kv_strategy,
                          prefilled=state, on_token=on_draft_token, should_stop=stop_drafting,
-                         return_state=True, consume_prefill=True, return_logits=sampling)
+                         return_state=True, consume_prefill=True, return_logits=sampling,
+                         keep_states=verify == "reuse")
         for k in ("layers_run", "kv_propagated_layers", "exit_checks"):
             c[k] += draft.counters[k]
         c["lm_head_calls"] += draft.counters["lm_head_calls"] - 1  # its first token reuses the exact logits
@@ -295,15 +365,18 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
                 state = Prefill(state.input_ids, state.cache, _forced_logits(d[-1], vocab, state.logits.device))
             seq = state.input_ids
         else:
-            # verify: the full model on the drafted block, from the exact cache (the draft's positions cropped off)
             cache = state.cache
-            _crop(cache, start)
             block = torch.tensor([d], dtype=torch.long, device=seq.device)
-            out = model.hf.model(input_ids=block, past_key_values=cache, use_cache=True)
-            logits = model.adapter.lm_head(out.last_hidden_state)  # [1, len(d), V]: after d[i] comes row i
+            if verify == "reuse":
+                logits, layers_run, heads = _verify_reusing(model, cache, start, d, draft)
+            else:  # the full model on the drafted block, from the exact cache (the draft's positions cropped off)
+                _crop(cache, start)
+                out = model.hf.model(input_ids=block, past_key_values=cache, use_cache=True)
+                logits = model.adapter.lm_head(out.last_hidden_state)  # [1, len(d), V]: after d[i] comes row i
+                layers_run, heads = len(d) * model.num_layers, len(d)
             c["verified_tokens"] += len(d)
-            c["lm_head_calls"] += len(d)
-            c["layers_run"] += len(d) * model.num_layers
+            c["lm_head_calls"] += heads
+            c["layers_run"] += layers_run
             forced = None  # the next round's first token, when a rejection already chose it
             n = 1
             if sampling:
