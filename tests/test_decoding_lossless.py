@@ -38,6 +38,11 @@ def test_lossless_stops_at_eos_and_checks_k(family):
     eos = full[5]
     out = generate_lossless(model, prompt, FixedExit(model.exit_layers[0]), 12, eos_token_id=eos)
     assert out.tokens == full[:full.index(eos) + 1] and out.finish_reason == "eos"
+    # a fixed exit drafts every time: k_max tokens per round after the round's exact first token
+    # (LayerSkip's number of speculations), fewer only where max_new_tokens ends the last round
+    for k in (1, 3):
+        c = generate_lossless(model, prompt, FixedExit(model.exit_layers[0]), 30, k_max=k).counters
+        assert c["drafted"] <= k * c["rounds"] and c["drafted"] >= k * (c["rounds"] - 1), (k, c)
     with pytest.raises(ValueError, match="k_max"):
         generate_lossless(model, prompt, NeverExit(), 4, k_max=0)
 
@@ -178,7 +183,7 @@ def test_cancellation_and_on_token_between_rounds(family):
     assert out.finish_reason == "cancelled" and out.counters["rounds"] == 2
     assert out.tokens == full[:len(out.tokens)] and 0 < len(out.tokens) < 16
     assert seen == [(t, model.final_layer) for t in out.tokens]  # every accepted token, in order
-    assert polls == [3, 6]  # polled between rounds, after each round's accepted tokens were streamed
+    assert polls == [4, 8]  # polled between rounds, after each round's accepted tokens (1 + k_max) were streamed
     # a generation that finishes is not cancelled, and on_token sees the whole output
     seen.clear()
     done = generate_lossless(model, prompt, FixedExit(1), 16, k_max=3,

@@ -315,7 +315,7 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
         return int(torch.randint(0, 2 ** 62, (1,), generator=rng))
 
     while True:
-        budget = min(k_max, max_new_tokens - len(tokens))
+        budget = min(k_max + 1, max_new_tokens - len(tokens))  # the exact first token, then up to k_max drafted
         seen: list[int] = []
         confs: list[Optional[float]] = []
 
