@@ -4,7 +4,8 @@ the draft's exact lower layers), verify=reuse vs full, and LayerSkip-style stati
 only speed is chosen here, and only on the validation split.
 
 Ad-hoc measurement kept with its numbers in results/LOG.md. Run from the repo root on a quiet machine:
-    .venv/bin/python results/adhoc/lossless_sweep.py RUN_DIR [OUT_JSON]   (RUN_DIR: a trained default run)
+    .venv/bin/python results/adhoc/lossless_sweep.py RUN_DIR [OUT_JSON [METHODS]]   (RUN_DIR: a trained default run;
+    METHODS: a comma list of the names below, to time only those against the full loop)
 """
 import json, statistics, sys, time
 from pathlib import Path
@@ -37,6 +38,9 @@ for k in (2, 4, 8):
 methods["gc_lossless@0.5:k4:verify-full"] = (lambda: PolicyExit(pol, 0.5, 1.0, observation=obs), 4, "full")
 methods["layerskip@5:k2"] = (lambda: FixedExit(5), 2, "reuse")
 methods["layerskip@5:k2:verify-full"] = (lambda: FixedExit(5), 2, "full")
+if len(sys.argv) > 3:  # only these methods (comma list), with the full loop
+    keep = set(sys.argv[3].split(",")) | {"full"}
+    methods = {m: v for m, v in methods.items() if m in keep}
 full_tokens = {}
 times = {m: [] for m in methods}
 stats = {m: {"drafted": 0, "accepted": 0, "rounds": 0, "layers_run": 0} for m in methods}

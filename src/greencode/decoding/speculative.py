@@ -190,15 +190,17 @@ def _verify_reusing(model, cache, start: int, d: Sequence[int], draft: Generatio
         join = first
         while join > 0 and exact[join - 1] < j:  # tokens whose exact part ends below this layer join the suffix
             join -= 1
-        if join < first:
-            states = torch.stack([draft.kept_states[i][j - 1] for i in range(join, first)])[None].to(h.dtype)
-            h = torch.cat([states, h], dim=1)
-            first = join
-        q = n - first
-        positions = torch.arange(start + first, total, device=device)[None]
-        lkw = adapter.layer_kwargs(h, positions)
-        mask = torch.full((1, 1, q, total), min_, dtype=model.dtype, device=device)
-        mask[0, 0] = mask[0, 0].triu(start + first + 1)  # each query sees the columns up to its own
+        if join < first or j == 0:
+            if join < first:
+                states = torch.stack([draft.kept_states[i][j - 1] for i in range(join, first)])[None].to(h.dtype)
+                h = torch.cat([states, h], dim=1)
+                first = join
+            # positions, rotary tables and the causal mask change only when tokens join the suffix
+            q = n - first
+            positions = torch.arange(start + first, total, device=device)[None]
+            lkw = adapter.layer_kwargs(h, positions)
+            mask = torch.full((1, 1, q, total), min_, dtype=model.dtype, device=device)
+            mask[0, 0] = mask[0, 0].triu(start + first + 1)  # each query sees the columns up to its own
         kb, vb, _ = cache.layers[j].reserve(1)
         slot = _Slot(kb[:, :, :total], vb[:, :, :total], positions[0])
         out = layer(h, attention_mask=mask, past_key_values=slot, use_cache=True, **lkw)
