@@ -35,7 +35,6 @@ def test_compiled_step_equals_eager_for_every_controller(family):
         assert got.exit_layers == eager[name].exit_layers, name
         assert got.counters["layers_run"] == eager[name].counters["layers_run"], name
     assert steps.active and steps.fallback is None and steps.compiled_calls > 0
-    assert steps.fused_checks > 0  # the policy's checks ran inside the compiled calls
     assert any(x != model.final_layer for x in eager["policy"].exit_layers[1:])  # the policy exits somewhere
 
 
@@ -61,32 +60,6 @@ def test_compiled_batch_with_rows_joining_equals_alone(family):
         res = batch.result(row)
         assert res.tokens == a.tokens and res.exit_layers == a.exit_layers
     assert model.layer_step.compiled_calls > 0 and model.layer_step.fallback is None
-
-
-def test_fused_policy_check_decides_like_the_policy():
-    """The check fused into a compiled call (final norm folded, MLP, exit-minus-continue logit)
-    gives the policy's own decisions, also at thresholds near the scores and for raw states."""
-    from greencode.decoding.compiled import exit_score
-
-    model = tiny_model("llama")
-    h = torch.randn(6, 1, model.hidden_size, generator=torch.Generator().manual_seed(3))
-    for observation in ("normed", "raw"):
-        policy = TinyPolicy(model.hidden_size)
-        probe = PolicyExit(policy, 0.5, observation=observation)
-        probe.check_layers(model)
-        normed = model.final_norm(h)
-        p = probe.exit_probability((normed if observation == "normed" else h)[:, -1]).double()
-        scores = exit_score(h, *probe.fused_score())
-        # thresholds a hair either side of every row's own probability (at the boundary itself any two
-        # float implementations may round differently), and the extremes
-        grid = [x + d for x in p.tolist() for d in (-1e-5, 1e-5)] + [0.0, 1.0]
-        for t in grid:
-            ctrl = PolicyExit(policy, min(max(t, 0.0), 1.0), observation=observation)
-            ctrl.check_layers(model)
-            assert ctrl.decide_scores(scores) == (p >= t).tolist() == ctrl.should_exit_rows(1, h, normed, None)
-        assert 0 < sum(p >= 0.5) < len(p) or observation == "raw"  # the rows straddle a real threshold
-    feat = TinyPolicy(model.hidden_size)
-    assert PolicyExit(feat, 0.5, ignore_decision=True).decide_scores(torch.zeros(2)) == [False, False]
 
 
 def test_layers_between_decision_points_run_as_one_graph():

@@ -54,30 +54,12 @@ class _Slot:
         return self.keys, self.values
 
 
-def exit_score(h: torch.Tensor, kind: str, eps: float, layers, w_diff: torch.Tensor) -> torch.Tensor:
-    """A fused policy check on the last position of every row: the final norm without its affine part
-    (folded into the first weight), the MLP, and the exit-minus-continue logit without its bias
-    (:meth:`~greencode.decoding.controllers.PolicyExit.fused_score`); ``[rows]``, float32."""
-    x = h[:, -1].float()
-    if kind == "rms":
-        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
-    elif kind == "layer":
-        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
-    for w, b, act in layers:
-        x = torch.nn.functional.linear(x, w, b)
-        if act is not None:
-            x = act(x)
-    return x @ w_diff
-
-
-def layer_step(layers, h: torch.Tensor, mask: torch.Tensor, slots, layer_kwargs: dict, score=None):
-    """Consecutive decoder layers on every row for one new position (what is compiled); with
-    ``score`` (a controller's :meth:`fused_score`) also the exit check at the last of them:
-    returns ``(h, scores)``."""
+def layer_step(layers, h: torch.Tensor, mask: torch.Tensor, slots, layer_kwargs: dict) -> torch.Tensor:
+    """Consecutive decoder layers on every row for one new position (what is compiled)."""
     for layer, slot in zip(layers, slots):
         h = layer(h, attention_mask=mask, past_key_values=slot, use_cache=True, **layer_kwargs)
         h = h[0] if isinstance(h, tuple) else h
-    return h if score is None else (h, exit_score(h, *score))
+    return h
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -97,7 +79,6 @@ class CompiledSteps:
         self.mode = mode
         self.fallback: Optional[str] = None  # why the loop runs eagerly after all
         self.compiled_calls = 0
-        self.fused_checks = 0  # compiled calls that also computed a policy check
         self._fn = None
         compile_fn = getattr(torch, "compile", None)
         if compile_fn is None:  # pragma: no cover - torch < 2.0
@@ -124,20 +105,19 @@ class CompiledSteps:
                 mark(t)
                 t._greencode_static = True
 
-    def __call__(self, layers, h, mask, slots, layer_kwargs, score=None):
+    def __call__(self, layers, h, mask, slots, layer_kwargs):
         if self.active:
             try:
-                out = self._fn(layers, h, mask, slots, layer_kwargs, score)
+                out = self._fn(layers, h, mask, slots, layer_kwargs)
                 self.compiled_calls += 1
-                self.fused_checks += score is not None
                 return out
             except Exception as e:  # a backend that cannot compile here: the eager step computes the same
                 self._fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
-        return layer_step(layers, h, mask, slots, layer_kwargs, score)
+        return layer_step(layers, h, mask, slots, layer_kwargs)
 
     def describe(self) -> dict:
         return {"mode": self.mode, "active": self.active, "compiled_calls": self.compiled_calls,
-                "fused_checks": self.fused_checks, "fallback": self.fallback}
+                "fallback": self.fallback}
 
 
 def use_compiled_steps(model, mode: str = "default") -> Optional[CompiledSteps]:

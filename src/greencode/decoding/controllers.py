@@ -111,15 +111,6 @@ class ExitController:
         return [self.should_exit(layer, hidden[r:r + 1], None if normed is None else normed[r:r + 1],
                                  None if logits is None else logits[r:r + 1]) for r in range(hidden.shape[0])]
 
-    def fused_score(self) -> Optional[tuple]:
-        """The check as plain tensors a compiled layer step can compute with the layers (see
-        :func:`greencode.decoding.compiled.exit_score`), decided by :meth:`decide_scores`; None (the
-        default) where it cannot, and the loop asks :meth:`should_exit` instead."""
-        return None
-
-    def decide_scores(self, scores: torch.Tensor) -> list[bool]:  # pragma: no cover - only with fused_score
-        raise NotImplementedError
-
     def describe(self) -> dict:
         return {"controller": self.name}
 
@@ -409,23 +400,6 @@ class PolicyExit(ExitController):
         if decision and self.features:
             self._exited = self._exit_index[layer]
         return decision
-
-    def fused_score(self) -> Optional[tuple]:
-        """(norm kind, eps, [(W, b, activation)], w_diff): the policy with the final norm folded in,
-        whose ``x @ w_diff`` is the exit-minus-continue logit up to ``b_diff`` (the compiled step
-        computes it for every row with the layers). None without the fast path, with observation
-        features (they need per-row history) or in a subclass with its own decision."""
-        if self._fast is None or self.features or type(self).should_exit is not PolicyExit.should_exit:
-            return None
-        kind, eps, layers, w_diff, _ = self._fast
-        return kind, eps, [tuple(x) for x in layers], w_diff
-
-    def decide_scores(self, scores: torch.Tensor) -> list[bool]:
-        """Decisions from the fused scores ``x @ w_diff`` [n]: the same formula as :meth:`should_exit_rows`."""
-        if self.ignore_decision:
-            return [False] * int(scores.shape[0])
-        z = (scores.double() + self._fast[4]) / self.temperature
-        return (torch.sigmoid(z) >= self.threshold).tolist()
 
     def should_exit_rows(self, layer, hidden, normed, logits) -> list[bool]:
         if self._fast is None or type(self).should_exit is not PolicyExit.should_exit or self.features:

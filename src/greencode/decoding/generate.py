@@ -617,23 +617,11 @@ class DecodeBatch:
                         for r in rows_:
                             counters[r]["kv_propagated_layers"] += 1
                 break
-            fused = None  # (controller id, its scores for every row) when the check ran inside the compiled call
             if static is not None:  # every row runs it (compiled steps carry rows that exited)
                 i = next(b for b in stops if b >= start)
                 buf_k, buf_v, column, static_mask, length = static
-                spec = None
-                if i != final:  # rows asking at i all share one controller whose check fuses: compute it in the call
-                    ask = [r for r in active if i in rows[r].checks and not controllers[r].runs_all_layers]
-                    if ask and len({id(controllers[r]) for r in ask}) == 1:
-                        spec = controllers[ask[0]].fused_score()
-                out = self.compiled(layers[start:i + 1], h, static_mask,
-                                    [_StaticSlot(buf_k[j], buf_v[j], column) for j in range(start, i + 1)], run_kw,
-                                    spec)
-                if spec is None:
-                    h = out
-                else:
-                    h, scores = out
-                    fused = (id(controllers[ask[0]]), scores)
+                h = self.compiled(layers[start:i + 1], h, static_mask,
+                                  [_StaticSlot(buf_k[j], buf_v[j], column) for j in range(start, i + 1)], run_kw)
                 for j in range(start, i + 1):
                     cache.layers[j].extend(length)
             else:
@@ -689,24 +677,21 @@ class DecodeBatch:
                 by_ctrl.setdefault(id(controllers[r]), []).append(r)
             for rows_ in by_ctrl.values():
                 ctrl = controllers[rows_[0]]
+                need = ctrl.needs_normed or ctrl.needs_logits
+                if need and normed_all is None:
+                    normed_all = model.final_norm(h)
                 pos = [where[r] for r in rows_]
-                if fused is not None and fused[0] == id(ctrl):  # the compiled call computed this check
-                    decisions, lgs = ctrl.decide_scores(fused[1][pos]), [None] * len(rows_)
+                if len(rows_) == 1:
+                    p = pos[0]
+                    normed = normed_all[p:p + 1] if need else None
+                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                    decisions = [ctrl.should_exit(i, h[p:p + 1], normed, lg)]
+                    lgs = [lg]
                 else:
-                    need = ctrl.needs_normed or ctrl.needs_logits
-                    if need and normed_all is None:
-                        normed_all = model.final_norm(h)
-                    if len(rows_) == 1:
-                        p = pos[0]
-                        normed = normed_all[p:p + 1] if need else None
-                        lg = adapter.lm_head(normed) if ctrl.needs_logits else None
-                        decisions = [ctrl.should_exit(i, h[p:p + 1], normed, lg)]
-                        lgs = [lg]
-                    else:
-                        normed = normed_all[pos] if need else None
-                        lg = adapter.lm_head(normed) if ctrl.needs_logits else None
-                        decisions = ctrl.should_exit_rows(i, h[pos], normed, lg)
-                        lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
+                    normed = normed_all[pos] if need else None
+                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                    decisions = ctrl.should_exit_rows(i, h[pos], normed, lg)
+                    lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
                 for r, p, decision, lg_r in zip(rows_, pos, decisions, lgs):
                     counters[r]["lm_head_calls"] += lg_r is not None
                     counters[r]["exit_checks"] += 1
