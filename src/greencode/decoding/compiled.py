@@ -38,6 +38,7 @@ from greencode.config import ConfigError
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 class _Slot:
@@ -86,6 +87,10 @@ class CompiledSteps:
             return
         _raise_recompile_limit()
         self._fn = compile_fn(layer_step, mode=None if mode == "default" else mode)
+        # CUDA graph replays: each call starts a new step (torch's documented pattern), and its output is cloned out
+        # of the graph's memory pool, which the next replay may overwrite (one [rows, 1, hidden] copy per call)
+        self._step_begin = (getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+                            if mode in GRAPH_MODES and torch.cuda.is_available() else None)
 
     def _fail(self, reason: str) -> None:
         self.fallback = reason
@@ -97,7 +102,7 @@ class CompiledSteps:
 
     def prepare(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """CUDA graphs need buffers that stay at one address: say so once per buffer."""
-        if self.mode != "reduce-overhead" or not keys.is_cuda or getattr(keys, "_greencode_static", False):
+        if self.mode not in GRAPH_MODES or not keys.is_cuda or getattr(keys, "_greencode_static", False):
             return
         mark = getattr(torch._dynamo, "mark_static_address", None)
         if mark is not None:
@@ -108,9 +113,11 @@ class CompiledSteps:
     def __call__(self, layers, h, mask, slots, layer_kwargs):
         if self.active:
             try:
+                if self._step_begin is not None:
+                    self._step_begin()
                 out = self._fn(layers, h, mask, slots, layer_kwargs)
                 self.compiled_calls += 1
-                return out
+                return out if self._step_begin is None else out.clone()
             except Exception as e:  # a backend that cannot compile here: the eager step computes the same
                 self._fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
         return layer_step(layers, h, mask, slots, layer_kwargs)
