@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from greencode.gpucheck import SHAPES, run_check, summary_lines  # noqa: E402
+from greencode.gpucheck import SHAPES, TOTAL_BUDGET_S, run_check, summary_lines  # noqa: E402
 
 
 def main() -> int:
@@ -28,9 +28,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help="result file (default results/gpu/<gpu-name>.json)")
     p.add_argument("--no-compile", action="store_true", help="skip HF's static cache + torch.compile baseline")
     p.add_argument("--energy-window", type=float, default=4.0, help="seconds of steady state per energy window")
+    p.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S,
+                   help="seconds for the whole check (parts with no time left are recorded as skipped)")
     args = p.parse_args()
     result = run_check(tiny=args.tiny, shapes=tuple(args.shapes), out=args.out, compile_hf=not args.no_compile,
-                       energy_window_s=args.energy_window)
+                       energy_window_s=args.energy_window, total_budget_s=args.total_budget)
     print("\n".join(summary_lines(result)))
     return 0
 
