@@ -1,5 +1,6 @@
 """Lossless drafting knobs on validation samples: policy threshold T x k_max for gc_lossless (verification reusing
-the draft's exact lower layers), verify=reuse vs full, and LayerSkip-style static drafts, against the full loop
+the draft's exact lower layers), the supervised exit classifier as the drafter, verify=reuse vs full, and
+LayerSkip-style static drafts, against the full loop
 ('Lossless drafting knobs on validation', results/LOG.md). The output is the full model's whatever the knob, so
 only speed is chosen here, and only on the validation split.
 
@@ -35,6 +36,13 @@ methods = {"full": None}
 for k in (2, 4, 8):
     for t in (0.05, 0.1, 0.2, 0.3, 0.5):
         methods[f"gc_lossless@{t}:k{k}"] = (lambda t=t: PolicyExit(pol, t, 1.0, observation=obs), k, "reuse")
+# the supervised exit classifier (trained on the bank to predict whether an exit's prediction equals the final
+# layer's: for greedy drafting, whether the draft is accepted) as the drafter
+clf = load_policy(root + "/agent/classifier.pt", model) if Path(root + "/agent/classifier.pt").is_file() else None
+for t in (0.3, 0.5, 0.7, 0.9):
+    if clf is not None:
+        methods[f"classifier_lossless@{t}:k4"] = (lambda t=t: PolicyExit(clf, t, 1.0, observation=getattr(
+            clf, "observation", "normed"), name="classifier"), 4, "reuse")
 methods["gc_lossless@0.5:k4:verify-full"] = (lambda: PolicyExit(pol, 0.5, 1.0, observation=obs), 4, "full")
 methods["layerskip@5:k2"] = (lambda: FixedExit(5), 2, "reuse")
 methods["layerskip@5:k2:verify-full"] = (lambda: FixedExit(5), 2, "full")

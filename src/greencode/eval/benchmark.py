@@ -669,8 +669,13 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for m in rows.values() for r in m.values())},
         "run_metadata": run_metadata(cfg, stage="throughput"),
     }
+    return _write_result(out_path, result, format_throughput_markdown)
+
+
+def _write_result(out_path: Path, result: dict, markdown) -> Path:
+    """The result JSON and, next to it, its markdown table (both written atomically)."""
     write_json(out_path, result)
-    write_text(out_path.with_suffix(".md"), format_throughput_markdown(result) + "\n")
+    write_text(out_path.with_suffix(".md"), markdown(result) + "\n")
     log.info("wrote %s", out_path)
     return out_path
 
@@ -851,13 +856,11 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
         "noise": {"load_average_before": load_before, "load_average_after": load_after, "wall_s": wall_s},
         "run_metadata": run_metadata(cfg, stage="compiled-benchmark"),
     }
-    write_json(out_path, result)
-    write_text(out_path.with_suffix(".md"), format_compiled_markdown(result) + "\n")
-    log.info("wrote %s", out_path)
-    return out_path
+    return _write_result(out_path, result, format_compiled_markdown)
 
 
 def format_compiled_markdown(result: dict) -> str:
+    """The compiled-vs-eager result as a markdown table."""
     s = result["setup"]
     meta = result.get("run_metadata", {})
     lines = [f"# Compiled layer steps: {result['config_name']}",
