@@ -47,6 +47,14 @@ def test_overrides_apply_with_types():
     assert cfg.model.num_layers == 6 and cfg.eval.gc_thresholds == [0.7, 0.8] and cfg.data.max_files is None
 
 
+def test_yaml_boolean_words_become_the_choice_they_spell():
+    """YAML 1.1 reads off / no as false: a choice field gets its word back instead of a type error."""
+    cfg = load_config("configs/smoke.yaml", ["decoding.compile=off", "finetune.mixed_precision=no"])
+    assert cfg.decoding.compile == "off" and cfg.finetune.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_config("configs/smoke.yaml", ["decoding.compile=yes"])  # no choice spells true
+
+
 @pytest.mark.parametrize("override,needle", [
     ("model.hiden_size=3", "did you mean 'hidden_size'"),
     ("nonsense=1", "unknown config key 'nonsense'"),

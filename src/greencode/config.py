@@ -639,8 +639,16 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {full!r}{hint} Allowed keys here: {', '.join(fields)}")
         f = fields[key]
-        v = _coerce(value, hints[key], full)
         choices = f.metadata.get("choices")
+        if isinstance(value, bool) and choices:
+            # YAML 1.1 reads off / no / false (on / yes / true) as booleans: give back the word the choices use
+            words = ("off", "no", "false") if not value else ("on", "yes", "true")
+            word = next((w for w in words if w in choices), None)
+            if word is None:
+                raise ConfigError(f"{full}={value!r} (YAML reads {'/'.join(words)} as a boolean) is not allowed; "
+                                  f"choose one of: {', '.join(choices)}")
+            value = word
+        v = _coerce(value, hints[key], full)
         if choices and v not in choices:
             raise ConfigError(f"{full}={v!r} is not allowed; choose one of: {', '.join(choices)}")
         kwargs[key] = v
