@@ -680,6 +680,12 @@ def _write_result(out_path: Path, result: dict, markdown) -> Path:
     return out_path
 
 
+def _shape_line(s: dict) -> str:
+    """The model and machine a benchmark's ``setup`` describes, for its markdown header."""
+    return (f"{s['family']}, {s['num_layers']} layers, exits {s['exit_layers']} (0-based), hidden {s['hidden_size']}, "
+            f"{s['device']} {s['dtype']}, {s['torch_threads']} threads")
+
+
 def format_throughput_markdown(result: dict) -> str:
     """The throughput result as a markdown table."""
     s = result["setup"]
@@ -688,8 +694,7 @@ def format_throughput_markdown(result: dict) -> str:
     meta = result.get("run_metadata", {})
     lines = [f"# Throughput: {result['config_name']}",
              "",
-             f"{s['family']}, {s['num_layers']} layers, exits {s['exit_layers']} (0-based), hidden {s['hidden_size']}, "
-             f"{s['device']} {s['dtype']}, {s['torch_threads']} threads; {s['num_prompts']} prompts of "
+             f"{_shape_line(s)}; {s['num_prompts']} prompts of "
              f"{min(s['prompt_lengths'])}-{max(s['prompt_lengths'])} tokens, {s['new_tokens']} new tokens each, "
              f"{s['repeats']} interleaved rounds; model: {s['model']}; policy: {s['policy']}; "
              f"commit {meta.get('git_commit')}.",
@@ -865,8 +870,7 @@ def format_compiled_markdown(result: dict) -> str:
     meta = result.get("run_metadata", {})
     lines = [f"# Compiled layer steps: {result['config_name']}",
              "",
-             f"{s['family']}, {s['num_layers']} layers, exits {s['exit_layers']} (0-based), hidden {s['hidden_size']}, "
-             f"{s['device']} {s['dtype']}, {s['torch_threads']} threads; torch.compile mode `{s['mode']}`; "
+             f"{_shape_line(s)}; torch.compile mode `{s['mode']}`; "
              f"{s['num_prompts']} prompts of {s['context_tokens']} tokens, {s['new_tokens']} new tokens each, "
              f"{s['repeats']} interleaved rounds; model: {s['model']}; policy: {s['policy']}; "
              f"commit {meta.get('git_commit')}.",
