@@ -192,12 +192,42 @@ class TrainStageConfig:
 
 
 @dataclass
+class EarlyExitPretrainConfig:
+    """Early-exit-ready pretraining (LayerSkip-style; greencode.training.early_exit_loss):
+    ``loss = CE_final + e_scale * sum_i s_i CE_i + distill * sum_i s_i KL(p_final || p_i)`` over
+    the exit points that the curriculum switches on, plus layer dropout rising with depth.
+    Off (``enabled: false``) is the plain recipe: the final layer's loss alone."""
+
+    enabled: bool = False
+    scale: str = field(default="one", metadata=_choices("one", "l", "sqrt_l", "inv_l"))
+    e_scale: float = 1.0
+    curriculum: str = field(default="none", metadata=_choices("none", "rotational", "gradual"))
+    curriculum_period: int = 2          # rotational: each exit point gets a loss every `period` steps
+    gradual_fraction: float = 0.5       # gradual: all exit points on after this share of the steps
+    token_fraction: float = 1.0         # share of positions whose exit losses are computed (the LM head is costly)
+    distill: float = 0.0                # self-distillation weight (0 = off)
+    distill_temperature: float = 1.0
+    layer_dropout: float = 0.0          # drop probability of the last layer (0 = off)
+    layer_dropout_scale: str = field(default="linear", metadata=_choices("uniform", "linear", "exp"))
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.e_scale", self.e_scale, 0.0, None)
+        _check_range(f"{path}.curriculum_period", self.curriculum_period, 1, None)
+        _check_range(f"{path}.gradual_fraction", self.gradual_fraction, 0.0, 1.0, low_open=True)
+        _check_range(f"{path}.distill", self.distill, 0.0, None)
+        _check_range(f"{path}.token_fraction", self.token_fraction, 0.0, 1.0, low_open=True)
+        _check_range(f"{path}.distill_temperature", self.distill_temperature, 0.0, None, low_open=True)
+        _check_range(f"{path}.layer_dropout", self.layer_dropout, 0.0, 0.9)
+
+
+@dataclass
 class PretrainConfig(TrainStageConfig):
     learning_rate: float = 1e-3
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 256
     warmup_ratio: float = 0.05
+    early_exit: EarlyExitPretrainConfig = field(default_factory=EarlyExitPretrainConfig)
 
 
 @dataclass
@@ -357,6 +387,7 @@ class DecodingConfig:
 class EvalConfig:
     num_samples: int = 1000
     sample_seed: int = 0
+    sample_offset: int = 0  # skip the first N samples of the seeded order (disjoint slices of one split)
     split: str = field(default="test", metadata=_choices("test", "validation"))
     mode: str = field(default="token", metadata=_choices("token", "line"))
     context_fraction: float = 0.2

@@ -141,9 +141,13 @@ def _line_sample(tokenizer, body, language, rng, *, context_fraction, max_contex
 
 def make_samples(split_dataset, tokenizer, *, num_samples: int, seed: int, context_fraction: float = 0.2,
                  max_context_tokens: int = 512, max_new_tokens: int = 15, mode: str = "token",
-                 language: Optional[str] = None, sep: str = " ") -> list[Sample]:
+                 language: Optional[str] = None, sep: str = " ", offset: int = 0) -> list[Sample]:
     """Up to ``num_samples`` samples from ``split_dataset`` (records with ``code``);
-    ``sep`` joins a record's tokens (``text_sep(cfg)``: ``""`` for source pieces)."""
+    ``sep`` joins a record's tokens (``text_sep(cfg)``: ``""`` for source pieces). ``offset``
+    skips the first ``offset`` samples of the seeded order, so slices ``[0, a)`` and
+    ``[a, a + n)`` of one split (knob tuning, calibration) share no sample."""
+    if offset < 0:
+        raise ValueError(f"offset={offset} must be >= 0")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; use one of {MODES}")
     if not 0.0 < context_fraction < 1.0:
@@ -154,6 +158,7 @@ def make_samples(split_dataset, tokenizer, *, num_samples: int, seed: int, conte
     random.Random(seed).shuffle(order)
     samples: list[Sample] = []
     skipped = 0
+    to_skip = offset
     for idx in order:
         if len(samples) >= num_samples:
             break
@@ -170,6 +175,9 @@ def make_samples(split_dataset, tokenizer, *, num_samples: int, seed: int, conte
                                max_context_tokens=max_context_tokens, sep=sep)
         if got is None:
             skipped += 1
+            continue
+        if to_skip > 0:
+            to_skip -= 1
             continue
         ctx_ids, ctx_text, ref_ids, dropped, extra = got
         samples.append(Sample(id=f"{rid}:{mode}", context_ids=ctx_ids, context_text=ctx_text, reference_ids=ref_ids,
@@ -193,4 +201,4 @@ def samples_for_config(cfg, tokenizer) -> list[Sample]:
     return make_samples(split, tokenizer, num_samples=e.num_samples, seed=e.sample_seed,
                         context_fraction=e.context_fraction, max_context_tokens=e.max_context_tokens,
                         max_new_tokens=e.max_new_tokens, mode=e.mode, language=cfg.data.language,
-                        sep=text_sep(cfg))
+                        sep=text_sep(cfg), offset=e.sample_offset)

@@ -58,6 +58,8 @@ class GenerationResult:
     # keep_states=True: for every decided token (tokens[1:]), the hidden state [H] of the token fed in that
     # step at each early exit point it ran through, {0-based layer: state} (what lossless verification reuses)
     kept_states: Optional[list] = None
+    # forced_tokens=...: the token the row itself chose at each position while fed the forced ones
+    own_tokens: Optional[list] = None
 
     @property
     def new_tokens(self) -> int:
@@ -315,6 +317,9 @@ class Row:
     return_logits: bool = False
     logprobs: Optional[int] = None  # record each chosen token's log-probability (and the top-n when n > 0)
     keep_states: bool = False  # record the fed token's state at every exit point it runs through, per step
+    # teacher forcing: feed these tokens (the full model's continuation) instead of the row's own
+    # choices; ``own_tokens`` records what the row chose at each position (token consistency)
+    forced: Optional[Sequence[int]] = None
     handle: Any = None
     # filled while decoding
     prompt: Optional[torch.Tensor] = None
@@ -328,6 +333,7 @@ class Row:
     obs_states: Optional[list] = None
     obs_preds: Optional[list] = None
     kept_states: Optional[list] = None
+    own_tokens: Optional[list] = None
     last_logits: Optional[torch.Tensor] = None
     finish: str = "length"
     done: bool = False
@@ -524,6 +530,11 @@ class DecodeBatch:
     # ------------------------------------------------------------------ one token
     def _choose(self, row: Row, lg: torch.Tensor, exit_layer: int) -> None:
         token = _select_token(lg, row.do_sample, row.temperature, row.top_p, row.top_k, row.generator)
+        if row.forced is not None:
+            if row.own_tokens is None:
+                row.own_tokens = []
+            row.own_tokens.append(token)
+            token = int(row.forced[len(row.tokens)])
         row.tokens.append(token)
         row.exit_layers.append(exit_layer)
         row.last_logits = lg
@@ -789,7 +800,7 @@ class DecodeBatch:
                                 counters=c, text=text, prompt_tokens=row.prompt_tokens, logits=row.logits_seen,
                                 exit_states=row.obs_states, exit_preds=row.obs_preds,
                                 token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs,
-                                kept_states=row.kept_states)
+                                kept_states=row.kept_states, own_tokens=row.own_tokens)
 
 
 @torch.inference_mode()
@@ -803,7 +814,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              should_stop: Optional[Callable[[], bool]] = None,
              prefilled: Optional[Prefill] = None,
              observe: bool = False, return_state: bool = False,
-             consume_prefill: bool = False, keep_states: bool = False) -> Union[GenerationResult, list[GenerationResult]]:
+             consume_prefill: bool = False, keep_states: bool = False,
+             forced_tokens: Optional[Sequence[Sequence[int]]] = None) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
@@ -843,6 +855,12 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     each early exit point it ran through (``kept_states``; not the shadow climb of ``observe``):
     the lossless mode's verification starts from them instead of recomputing the exact lower layers.
 
+    ``forced_tokens`` (one token list per row) teacher-forces decoding: each row is fed the given
+    tokens instead of its own choices (it stops at the list's end, or at an EOS in it), and
+    ``result.own_tokens`` holds what the row chose at each position. With the full model's greedy
+    continuation forced, the share of positions where ``own_tokens`` differs is the teacher-forced
+    disagreement (token consistency): one wrong exit changes one position, not all after it.
+
     ``return_state=True`` (one row) sets ``result.state``: a :class:`Prefill` of the prompt plus
     every generated token but the last, with this decoding's cache and the logits that chose the
     last token, so a later call with ``prefilled=result.state`` continues exactly from here.
@@ -872,11 +890,21 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
             _validate(model, p, max_new_tokens, temperature, top_p, top_k, kv_strategy)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    if forced_tokens is not None:
+        if len(forced_tokens) != len(controllers):
+            raise ValueError(f"forced_tokens has {len(forced_tokens)} lists for {len(controllers)} rows; give one per row")
+        if any(len(f) == 0 for f in forced_tokens):
+            raise ValueError("forced_tokens has an empty list; each row needs at least one token to be fed")
+        if do_sample:
+            raise ValueError("forced_tokens is for greedy decoding (teacher-forced consistency); set do_sample=False")
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     rows = [Row(controller=c, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
                 should_stop=should_stop, return_logits=return_logits, logprobs=logprobs, keep_states=keep_states)
             for c in controllers]
+    for row, f in zip(rows, forced_tokens or []):
+        row.forced = [int(t) for t in f]
+        row.max_new_tokens = min(row.max_new_tokens, len(row.forced))
     batch = DecodeBatch(model, kv_strategy=kv_strategy, observe=observe, tokenizer=tokenizer)
     batch.add(rows, ids if prompts is None else prompts, prefilled=prefilled, consume_prefill=consume_prefill)
     while batch.rows:

@@ -1,7 +1,12 @@
 """Base pretraining of the embedded default: a small Llama- or OPT-architecture model of the
-configured shape, from a random init, standard causal-LM loss on the packed corpus, on the
-HF Trainer. The result is a normal HF model directory plus the tokenizer (the paper's
-"base model"); no exit file, so the fine-tuning stage takes its exits from the config.
+configured shape, from a random init, on the packed corpus, on the HF Trainer. The result is
+a normal HF model directory plus the tokenizer (the paper's "base model"); no exit file, so
+the fine-tuning stage takes its exits from the config.
+
+Two recipes: the plain one (``pretrain.early_exit.enabled: false``, the final layer's
+causal-LM loss alone) and the early-exit-ready one (LayerSkip-style: an early-exit loss at
+every exit point through the shared final norm and LM head, with a curriculum, layer dropout
+rising with depth and optional self-distillation; :mod:`greencode.training.early_exit_loss`).
 """
 
 from __future__ import annotations
@@ -10,12 +15,66 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from greencode.config import ConfigError
 from greencode.paths import RunPaths
 from greencode.training import common
 from greencode.utils import set_seed, setup_torch, write_json
 
 log = logging.getLogger(__name__)
+
+
+class EarlyExitPretrainer(common.GreenTrainer):
+    """``compute_loss`` = :func:`~greencode.training.early_exit_loss.early_exit_loss` with the
+    curriculum's exit points at the current step (all of them at evaluation); each layer's
+    mean loss since the last log is added as ``loss_exit_<layer>`` / ``eval_loss_exit_<layer>``.
+    Layer dropout is installed on the decoder layers for the trainer's lifetime (it acts only
+    in training mode)."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, ee_model, ee_cfg, seed: int = 0, **kwargs):
+        from greencode.training import early_exit_loss as eel
+
+        super().__init__(*args, **kwargs)
+        self.ee, self.ee_cfg = ee_model, ee_cfg
+        n = len(ee_model.exit_layers)
+        self.scales = eel.loss_scales(ee_model.exit_layers, ee_cfg.scale)
+        self.curriculum = eel.ExitCurriculum(n, ee_cfg.curriculum, ee_cfg.curriculum_period, ee_cfg.gradual_fraction,
+                                             max(1, self.args.max_steps))
+        probs = eel.layer_dropout_probs(ee_model.num_layers, ee_cfg.layer_dropout, ee_cfg.layer_dropout_scale)
+        self.dropout = eel.LayerDropout(probs, seed=seed).install(list(ee_model.layers))
+        self._sums: dict[str, dict[int, list[float]]] = {"train": {}, "eval": {}}
+        self._gen = torch.Generator().manual_seed(seed + 1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from greencode.training.early_exit_loss import early_exit_loss
+
+        c = self.ee_cfg
+        split = "train" if model.training else "eval"
+        active = self.curriculum.active(self.state.global_step) if split == "train" else list(range(len(self.scales)))
+        total, per_layer = early_exit_loss(self.ee, inputs["input_ids"], inputs.get("labels"),
+                                           inputs.get("attention_mask"), active=active, scales=self.scales,
+                                           e_scale=c.e_scale, distill=c.distill,
+                                           distill_temperature=c.distill_temperature,
+                                           token_fraction=c.token_fraction if split == "train" else 1.0,
+                                           generator=self._gen, forward_module=model)
+        n = float(inputs["input_ids"].shape[0])
+        for layer, v in per_layer.items():
+            acc = self._sums[split].setdefault(layer, [0.0, 0.0])
+            acc[0] += float(v) * n
+            acc[1] += n
+        return (total, {"loss": total}) if return_outputs else total
+
+    def _add_extra_logs(self, logs: dict) -> None:
+        if common.log_split(logs) is None:
+            return
+        split, prefix = common.log_split(logs)
+        for layer, (s, n) in sorted(self._sums[split].items()):
+            if n > 0:
+                logs[f"{prefix}loss_exit_{layer}"] = round(s / n, 6)
+        self._sums[split] = {}
 
 _SHAPE_KEYS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                "max_position_embeddings", "rope_theta", "tie_word_embeddings", "attn_implementation")
@@ -75,9 +134,22 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
     callbacks = common.log_callbacks(trainer_dir, tokens_per_step)
     from transformers import default_data_collator
 
-    trainer = common.GreenTrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                  processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks)
+    ee_cfg = stage.early_exit
+    if ee_cfg.enabled:
+        log.info("pretrain: early-exit loss at exits %s (scale %s, e_scale %g, curriculum %s, distill %g), "
+                 "layer dropout up to %g (%s)", model.exit_layers, ee_cfg.scale, ee_cfg.e_scale, ee_cfg.curriculum,
+                 ee_cfg.distill, ee_cfg.layer_dropout, ee_cfg.layer_dropout_scale)
+        callbacks = common.log_callbacks(trainer_dir, tokens_per_step, model.exit_points)
+        trainer = EarlyExitPretrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                                      processing_class=tokenizer, data_collator=default_data_collator,
+                                      callbacks=callbacks, ee_model=model, ee_cfg=ee_cfg, seed=cfg.seed)
+    else:
+        trainer = common.GreenTrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                                      processing_class=tokenizer, data_collator=default_data_collator,
+                                      callbacks=callbacks)
     train_out, train_s, train_cpu_s, metrics, state_dict = common.train_and_evaluate(trainer, ckpt)
+    if ee_cfg.enabled:
+        trainer.dropout.remove()
     if trainer.is_world_process_zero():
         from greencode.cli import save_run_info
 
@@ -94,7 +166,10 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
             "train_runtime_s": round(train_s, 3), "train_cpu_time_s": round(train_cpu_s, 3),
             "train_tokens_per_s": round((steps - common.checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1),
             "final_train_loss": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
-            "eval_loss": metrics.get("eval_loss"), "eval_perplexity": common.perplexity(metrics.get("eval_loss")),
+            "eval_loss": metrics.get(f"eval_loss_exit_{model.num_layers - 1}", metrics.get("eval_loss")),
+            "eval_perplexity": common.perplexity(metrics.get(f"eval_loss_exit_{model.num_layers - 1}", metrics.get("eval_loss"))),
+            "recipe": "early_exit" if ee_cfg.enabled else "plain",
+            "eval_loss_per_layer": {k.rsplit("_", 1)[-1]: v for k, v in metrics.items() if "loss_exit_" in k},
             "stage_time_s": round(time.perf_counter() - t_start, 3),
             "stage_cpu_time_s": round(time.process_time() - c_start, 3),
         }
