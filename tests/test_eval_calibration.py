@@ -98,3 +98,53 @@ def test_calibrated_method_without_calibration_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="scripts/calibrate.py"):
         _expand_calibrated(cfg, ["full", "calibrated"], explicit=True)
     assert _expand_calibrated(cfg, ["full", "calibrated"], explicit=False) == (["full"], None)
+
+
+def _fake_eval_es(path, per_method: dict[str, list[tuple[float, float]]]):
+    """methods/<id>.json whose records hold an edit similarity (0-100) and a cost, like the evaluator's."""
+    for mid, rows in per_method.items():
+        records = [{"index": i, "token_agreement": 1.0, "metrics": {"edit_similarity": es},
+                    "cost": {"macs_done": c * 1000.0, "macs_full": 1000.0}} for i, (es, c) in enumerate(rows)]
+        write_json(path / "methods" / f"{mid}.json", {"records": records})
+
+
+def test_quality_and_token_criteria_use_their_own_losses(tmp_path):
+    from greencode.eval.calibration import sample_losses
+
+    cfg = _cfg(tmp_path, families=["gc"], gc_thresholds=[0.9, 0.5])
+    n = 300
+    # the full model: edit similarity 60 on every sample. gc@0.9: 61 (better: loss clipped to 0) on every
+    # sample; gc@0.5: 30 points worse on every sample (loss 0.3)
+    _fake_eval_es(tmp_path / "eval", {"full": [(60.0, 1.0)] * n, "gc@0.9": [(61.0, 0.7)] * n,
+                                      "gc@0.5": [(30.0, 0.4)] * n})
+    q = sample_losses(tmp_path / "eval", "gc@0.5", "quality")
+    assert q[0] == (pytest.approx(0.3), pytest.approx(0.4))
+    assert sample_losses(tmp_path / "eval", "gc@0.9", "quality")[5][0] == 0.0
+    specs = candidate_specs(cfg, [1])
+    quality = choose(cfg, tmp_path / "eval", specs, "quality")
+    assert quality["gc"]["targets"]["0.02"]["chosen"] == "gc@0.9"
+    # teacher-forced: gc@0.9 never differs, gc@0.5 on 1 position in 20 of every sample (5%)
+    forced = {"gc@0.9": {str(i): 0.0 for i in range(n)}, "gc@0.5": {str(i): 0.05 for i in range(n)}}
+    token = choose(cfg, tmp_path / "eval", specs, "token", forced)
+    assert token["gc"]["targets"]["0.02"]["chosen"] == "gc@0.9"
+    assert token["gc"]["targets"]["0.1"]["chosen"] == "gc@0.5"  # 5% mean is certified at 10% with n = 300
+    assert sample_losses(tmp_path / "eval", "gc@0.5", "token") is None  # no teacher-forced pass: no token loss
+    # the sequence criterion sees no disagreement at all here (token_agreement 1.0): all three differ
+    seq = choose(cfg, tmp_path / "eval", specs, "sequence")
+    assert seq["gc"]["targets"]["0.02"]["chosen"] == "gc@0.5"
+    cal = {"targets": [0.02, 0.1], "delta": 0.1, "families": seq,
+           "criteria": {"sequence": {"families": seq}, "quality": {"families": quality}, "token": {"families": token}}}
+    assert threshold_for(cal, "gc", 0.02, "quality") == 0.9 and threshold_for(cal, "gc", 0.02) == 0.5
+    assert threshold_for(cal, "gc", 0.1, "token") == 0.5
+    with pytest.raises(ConfigError, match="not calibrated"):
+        threshold_for({"criteria": {"sequence": {"families": seq}}}, "gc", 0.1, "token")
+    assert set(calibrated_ids(cal)) == {"gc@0.9", "gc@0.5"}
+    rows = [{"id": "gc@0.9", "token_agreement": 1.0, "compute_ratio": 0.7, "layers_skipped_share": 0.3},
+            {"id": "gc@0.5", "token_agreement": 1.0, "compute_ratio": 0.4, "layers_skipped_share": 0.6},
+            {"id": "oracle", "hypothetical_layers_skipped_share": 0.75}]
+    table = targets_table(cal, rows, tmp_path / "eval", forced)
+    q2 = next(r for r in table["rows"] if r["criterion"] == "quality" and r["target"] == 0.02)
+    assert q2["method"] == "gc@0.9" and q2["achieved_disagreement"] == 0.0 and q2["meets_target"] is True
+    assert q2["oracle_savings_share"] == pytest.approx(0.4)
+    t10 = next(r for r in table["rows"] if r["criterion"] == "token" and r["target"] == 0.1)
+    assert t10["achieved_disagreement"] == pytest.approx(0.05)

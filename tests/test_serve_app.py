@@ -230,6 +230,35 @@ def test_max_disagreement_serves_the_calibrated_threshold(run):
         assert r2.status_code == 422 and "scripts/calibrate.py" in r2.json()["error"]
 
 
+def test_fidelity_names_the_criterion_of_the_target(run):
+    """max_disagreement keeps meaning sequence consistency; fidelity=token / quality reads that
+    criterion's calibration; each wire format carries it."""
+    cfg, r = run
+    tok_fams = {"gc": {"targets": {"0.02": {"target": 0.02, "chosen": "gc@0.5", "chosen_param": 0.5},
+                                   "0.1": {"target": 0.1, "chosen": "gc@0.5", "chosen_param": 0.5}}}}
+    cal = {**CAL, "criteria": {"sequence": {"families": CAL["families"]}, "token": {"families": tok_fams}}}
+    engine = Engine(r.model, r.tokenizer, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding, calibration=cal)
+    with TestClient(create_app(cfg, engine=engine)) as c:
+        def ask(options):
+            return c.post("/api/generate", json={"inputs": "def f(x):\n    return",
+                                                 "parameters": {"max_new_tokens": 3, "details": True, **options}})
+
+        seq = ask({"max_disagreement": 0.05}).json()["greencode"]
+        assert seq["threshold"] == 0.9 and seq["fidelity"] == "sequence"
+        tok = ask({"max_disagreement": 0.05, "fidelity": "token"}).json()["greencode"]
+        assert tok["threshold"] == 0.5 and tok["fidelity"] == "token"
+        q = ask({"max_disagreement": 0.05, "fidelity": "quality"})
+        assert q.status_code == 422 and "not calibrated" in q.json()["error"]
+        assert ask({"fidelity": "token"}).status_code == 422  # a criterion without a target
+        assert ask({"max_disagreement": 0.05, "fidelity": "vibes"}).status_code == 422
+        oa = c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 3, "max_disagreement": 0.05,
+                                             "fidelity": "token"})
+        assert oa.status_code == 200 and oa.json()["greencode"]["threshold"] == 0.5
+        ol = c.post("/api/generate", json={"model": "greencode", "prompt": "x = ", "stream": False,
+                                           "options": {"num_predict": 3, "max_disagreement": 0.05, "fidelity": "token"}})
+        assert ol.status_code == 200, ol.text
+
+
 def test_token_counts_stop_at_the_stop_string(run):
     """A token wholly past a stop string is not a completion token (usage counts what is returned)."""
     cfg, r = run

@@ -474,6 +474,12 @@ class CalibrationConfig:
 
     enabled: bool = True  # the pipeline's calibrate stage; the evaluation then reports every controller at the targets
     num_samples: int = 300  # validation samples (certifying a 1% target at delta 0.1 needs >= 230)
+    # the calibration samples start here in the validation split's seeded order: the samples before it are
+    # the tuning slice (grids, knobs such as the policy temperature), so calibration reuses nothing
+    sample_offset: int = 0
+    # fidelity criteria, each calibrated on its own: sequence (free-running disagreement with the full model),
+    # token (teacher-forced disagreement), quality (loss of edit similarity against the real code vs the full model)
+    criteria: list[str] = field(default_factory=lambda: ["sequence", "token", "quality"])
     targets: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.10])
     delta: float = 0.1
     # candidate thresholds per controller, most conservative first is derived per family; the
@@ -490,6 +496,12 @@ class CalibrationConfig:
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
         _check_range(f"{path}.delta", self.delta, 0.0, 1.0, low_open=True)
+        _check_range(f"{path}.sample_offset", self.sample_offset, 0, None)
+        for crit in self.criteria:
+            if crit not in ("sequence", "token", "quality"):
+                raise ConfigError(f"{path}.criteria has {crit!r}; known: sequence, token, quality")
+        if not self.criteria:
+            raise ConfigError(f"{path}.criteria is empty; give at least one of sequence, token, quality")
         if not self.targets:
             raise ConfigError(f"{path}.targets is empty; give maximum disagreement shares such as [0.02, 0.05]")
         for t in self.targets:

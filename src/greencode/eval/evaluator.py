@@ -660,7 +660,15 @@ def _finish(out_dir: Path, samples: Sequence, cfg: Config, calibration: Optional
     from greencode.eval.calibration import render_targets, targets_table
     from greencode.eval.summary import summary_table
 
-    table = targets_table(calibration, summary_table(out_dir))
+    from greencode.eval.calibration import _criteria, calibrated_ids, teacher_forced
+
+    forced = None
+    if "token" in _criteria(calibration):
+        try:
+            forced = teacher_forced(cfg, out_dir, calibrated_ids(calibration))
+        except FileNotFoundError as e:  # no full-model records: the token criterion's test risk stays unknown
+            log.warning("teacher-forced pass skipped: %s", e)
+    table = targets_table(calibration, summary_table(out_dir), out_dir, forced)
     table["split"] = cfg.eval.split
     write_json(out_dir / "calibrated.json", table)
     write_text(out_dir / "calibrated.md", render_targets(table, cfg.eval.split))

@@ -72,6 +72,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     threshold: Optional[float] = None  # None = the server default
     max_disagreement: Optional[float] = None  # a calibrated fidelity target instead of a raw threshold
+    fidelity: Optional[str] = None  # the target's criterion: sequence (None) | token | quality
     num_ctx: Optional[int] = None  # client's context limit (Ollama); the model's own is the ceiling
     stream: bool = False  # push a TokenEvent per token as it is produced
     # None: no log probabilities; 0: each returned token's own; n (<= MAX_LOGPROBS): also the n most likely
@@ -393,11 +394,18 @@ class Engine:
         return [s for s in dict.fromkeys(out) if s]
 
     # ------------------------------------------------------------------ request -> generate
-    def controller_for(self, threshold: Optional[float], max_disagreement: Optional[float] = None):
+    def controller_for(self, threshold: Optional[float], max_disagreement: Optional[float] = None,
+                       fidelity: Optional[str] = None):
         """(controller, threshold used, mode). ``threshold >= 1.0`` or no policy -> the full model.
         ``max_disagreement``: the threshold calibrated for the largest target at or below it
-        (results/<name>/calibration); none certified there -> the full model."""
+        (results/<name>/calibration), under the criterion ``fidelity`` (sequence when None);
+        none certified there -> the full model."""
         from greencode.decoding import NeverExit, PolicyExit
+
+        if fidelity is not None and max_disagreement is None:
+            raise RequestError(422, f"fidelity={fidelity!r} names the criterion of a max_disagreement target; send "
+                                    "max_disagreement too (or leave fidelity out)",
+                               kind="invalid_request", loc="body.fidelity")
 
         if max_disagreement is not None:
             if threshold is not None:
@@ -412,9 +420,10 @@ class Engine:
             from greencode.eval.calibration import threshold_for
 
             try:
-                calibrated = threshold_for(self.calibration, "gc", float(max_disagreement))
+                calibrated = threshold_for(self.calibration, "gc", float(max_disagreement), fidelity or "sequence")
             except ConfigError as e:
-                raise RequestError(422, str(e), kind="invalid_request", loc="body.max_disagreement") from None
+                loc = "body.fidelity" if "criterion" in str(e) else "body.max_disagreement"
+                raise RequestError(422, str(e), kind="invalid_request", loc=loc) from None
             if calibrated is None:
                 return NeverExit(), None, "full_model_target_not_certified"
             threshold = calibrated
@@ -482,7 +491,7 @@ class Engine:
                                     "verification passes); leave logprobs/details out or use mode=lossy",
                                loc="body.logprobs")
         ids, enc = self.encode(gen.prompt, gen.max_new_tokens, gen.num_ctx)
-        controller, thr, mode = self.controller_for(gen.threshold, gen.max_disagreement)
+        controller, thr, mode = self.controller_for(gen.threshold, gen.max_disagreement, gen.fidelity)
         t1 = time.perf_counter()
         return Job(gen=gen, ids=[int(i) for i in ids], enc=enc, controller=controller, threshold=thr, mode=mode,
                    stops=self.model_stops(gen.stop), submitted_at=t0 if submitted_at is None else submitted_at,
@@ -633,6 +642,7 @@ class Engine:
             "controller": job.mode,
             "threshold": job.threshold,
             "max_disagreement": req.max_disagreement,
+            "fidelity": (req.fidelity or "sequence") if req.max_disagreement is not None else None,
             "policy_temperature": self.decoding_cfg.policy_temperature if job.mode == "policy" else None,
             "exit_layers": list(res.exit_layers[:kept]),
             "num_layers": self.model.num_layers,

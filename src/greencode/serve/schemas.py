@@ -24,7 +24,10 @@ schema-driven clients and fuzzers send real bodies.
 Every format also accepts the exit threshold as ``RL_agent_thresh`` or ``exit_threshold`` (in
 ``options`` / ``parameters``; top level for OpenAI), or instead a fidelity target
 ``max_disagreement`` (the largest expected share of tokens allowed to differ from the full
-model's), served at the threshold calibrated for it on the validation split.
+model's, free-running: sequence consistency), served at the threshold calibrated for it on the
+validation split. ``fidelity`` names another calibrated criterion for that target: ``token``
+(teacher-forced disagreement with the full model) or ``quality`` (loss of edit similarity
+against the real code relative to the full model); ``sequence`` is the default.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 TokenCount = Annotated[int, Field(ge=-(2**31), le=2**31)]  # range and sign checked per format with a clear message
 Stop = Union[str, list[str]]
 Mode = Literal["lossy", "lossless"]
+Fidelity = Literal["sequence", "token", "quality"]
 
 
 class _Body(BaseModel):
@@ -58,6 +62,7 @@ class _Knobs(_Body):
     RL_agent_thresh: Optional[Threshold] = None
     exit_threshold: Optional[Threshold] = None
     max_disagreement: Optional[Fraction] = None
+    fidelity: Optional[Fidelity] = None  # the criterion of max_disagreement: sequence (default) | token | quality
     mode: Optional[Mode] = None  # lossy (early exits; default) | lossless (drafted by exits, verified: the full model's output)
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
@@ -90,6 +95,7 @@ class _TopLevelThreshold(_Body):
     RL_agent_thresh: Optional[Threshold] = None
     exit_threshold: Optional[Threshold] = None
     max_disagreement: Optional[Fraction] = None
+    fidelity: Optional[Fidelity] = None
     mode: Optional[Mode] = None
 
 
@@ -219,6 +225,16 @@ def target_of(*knobs: Optional[BaseModel]) -> Optional[float]:
     if len(found) > 1:
         raise RequestError(422, f"max_disagreement is given more than once with different values ({sorted(found)}); "
                                 "send one", kind="invalid_request", loc="body.max_disagreement")
+    return next(iter(found)) if found else None
+
+
+def fidelity_of(*knobs: Optional[BaseModel]) -> Optional[str]:
+    """``fidelity`` (options/parameters or top level): the criterion ``max_disagreement`` is
+    calibrated under; 422 when given twice differently."""
+    found = {v for k in knobs if k is not None for v in [getattr(k, "fidelity", None)] if v is not None}
+    if len(found) > 1:
+        raise RequestError(422, f"fidelity is given more than once with different values ({sorted(found)}); send one",
+                           kind="invalid_request", loc="body.fidelity")
     return next(iter(found)) if found else None
 
 

@@ -32,7 +32,7 @@ from greencode.serve.errors import RequestError
 from greencode.serve.events import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, SSE_HEADERS, ServeContext, error_message, first,
                                               json_body, responses)
-from greencode.serve.schemas import (HFParameters, HFRequest, SeedOptions, check_text, stop_list, target_of,
+from greencode.serve.schemas import (HFParameters, HFRequest, SeedOptions, check_text, fidelity_of, stop_list, target_of,
                                      mode_of, threshold_of, validate)
 
 TGI_FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -62,7 +62,7 @@ def parse(ctx: ServeContext, data: dict) -> tuple[HFRequest, GenRequest, dict]:
                      **ctx.sampling(temperature, first(p.top_p, o.top_p), first(p.top_k, o.top_k), HF_DEFAULTS,
                                     do_sample),
                      seed=first(p.seed, o.seed), stop=stop_list(p.stop, p.stop_sequences, o.stop),
-                     threshold=threshold_of(p, o, body), max_disagreement=target_of(p, o, body),
+                     threshold=threshold_of(p, o, body), max_disagreement=target_of(p, o, body), fidelity=fidelity_of(p, o, body),
                      mode=mode_of(p, o, body),
                      num_ctx=o.num_ctx, logprobs=(p.top_n_tokens or 0) if details else None)
     return body, gen, {"return_full_text": bool(p.return_full_text), "details": details,

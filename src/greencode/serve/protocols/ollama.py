@@ -23,7 +23,7 @@ from greencode.serve.engine import Completion, GenRequest
 from greencode.serve.events import Event, TokenEvent
 from greencode.serve.protocols.common import (INFO_STATUSES, ServeContext, error_message, json_body, now_iso,
                                               responses)
-from greencode.serve.schemas import (OllamaRequest, SeedOptions, ShowRequest, check_text, stop_list, target_of,
+from greencode.serve.schemas import (OllamaRequest, SeedOptions, ShowRequest, check_text, fidelity_of, stop_list, target_of,
                                      mode_of, threshold_of, validate)
 
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
@@ -73,7 +73,7 @@ async def generate(ctx: ServeContext, request: Request, data: dict) -> Response:
                      **ctx.sampling(o.temperature, o.top_p, o.top_k, OLLAMA_DEFAULTS), seed=o.seed,
                      stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o, body),
                      mode=mode_of(o, body),
-                     max_disagreement=target_of(o, body), num_ctx=o.num_ctx)
+                     max_disagreement=target_of(o, body), fidelity=fidelity_of(o, body), num_ctx=o.num_ctx)
     if not stream:
         c = await ctx.complete(request, gen, "ollama")
         return JSONResponse(final(c, model, c.text, bool(suffix)))

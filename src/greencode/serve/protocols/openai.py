@@ -31,7 +31,7 @@ from greencode.serve.errors import RequestError
 from greencode.serve.events import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, INFO_STATUSES, SSE_HEADERS, ServeContext,
                                               error_message, json_body, responses)
-from greencode.serve.schemas import (OpenAIRequest, check_text, mode_of, stop_list, target_of, threshold_of,
+from greencode.serve.schemas import (OpenAIRequest, check_text, fidelity_of, mode_of, stop_list, target_of, threshold_of,
                                      validate)
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -62,7 +62,7 @@ def parse(ctx: ServeContext, data: dict) -> tuple[OpenAIRequest, GenRequest, str
     gen = GenRequest(prompt=check_text(prompt, "body.prompt"),
                      max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"),
                      **ctx.sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS), seed=body.seed,
-                     stop=stop_list(body.stop), threshold=threshold_of(body), max_disagreement=target_of(body),
+                     stop=stop_list(body.stop), threshold=threshold_of(body), max_disagreement=target_of(body), fidelity=fidelity_of(body),
                      mode=mode_of(body),
                      logprobs=body.logprobs)
     return body, gen, prompt
