@@ -43,9 +43,17 @@ def test_every_stage_writes_its_outputs(smoke_run):
     cal = json.loads((results / "calibration" / "calibration.json").read_text())
     assert cal["split"] == "validation" and set(cal["families"]) == {"fixed", "confidence", "entropy", "saturation",
                                                                      "classifier", "gc"}
+    # three fidelity criteria, each calibrated on its own; the samples used are listed
+    assert set(cal["criteria"]) == {"sequence", "token", "quality"}
+    assert all(set(c["families"]) == set(cal["families"]) for c in cal["criteria"].values())
+    assert cal["samples"]["count"] == len(cal["samples"]["ids"]) > 0 and cal["samples"]["offset"] == 0
+    forced = json.loads((results / "calibration" / "eval" / "teacher_forced.json").read_text())["methods"]
+    assert "gc@0.9" in forced and all(0.0 <= v <= 1.0 for v in forced["gc@0.9"].values())
     ev = results / "eval"
     targets = json.loads((ev / "calibrated.json").read_text())
     assert targets["split"] == "test" and {r["family"] for r in targets["rows"]} == set(cal["families"])
+    assert {r["criterion"] for r in targets["rows"]} == {"sequence", "token", "quality"}
+    assert (ev / "teacher_forced.json").is_file()
     chosen = [r["method"] for r in targets["rows"] if r["method"]]
     assert chosen and all((ev / "methods" / f"{m}.json").is_file() for m in chosen)
     for f in ("summary.csv", "summary.md", "summary.json"):

@@ -426,3 +426,39 @@ def test_source_mode_packing_keeps_the_files_as_written(tmp_path):
         files = "\n\x00".join("".join(r["code"][1:-1]) for r in dsd[split])
         text = tok.decode(chunks[0]["input_ids"][4:-4].tolist(), skip_special_tokens=True)
         assert universal_newlines(text) in files, split
+
+
+def test_early_exit_pretraining_and_the_base_ablation(trained, tmp_path):
+    """The early-exit recipe trains through the Trainer (per-exit losses logged, layer dropout on),
+    and scripts/ablate_base.py puts it beside the plain base on the same held-out tokens."""
+    root = tmp_path / "ee"
+    _linked_run(root, trained["root"] / "run", with_base=False)
+    cfg = smoke_cfg(root, "pretrain.early_exit.enabled=true", "pretrain.early_exit.curriculum=rotational",
+                    "pretrain.early_exit.distill=0.5", "pretrain.early_exit.token_fraction=0.5",
+                    "pretrain.early_exit.layer_dropout=0.2")
+    out = pretrain(cfg)
+    summary = common.read_stage(out)["summary"]
+    assert summary["recipe"] == "early_exit" and set(summary["eval_loss_per_layer"]) >= {"1", "2"}
+    assert summary["eval_loss"] == summary["eval_loss_per_layer"][str(cfg.model.num_layers - 1)]
+    rows = _csv(out / "trainer" / "train_log.csv")
+    assert any(r.get("loss_exit_1") for r in rows if r["split"] == "train")
+    assert common.read_stage(trained["base"])["summary"]["recipe"] == "plain"
+    proc = subprocess.run([PY, str(REPO_ROOT / "scripts" / "ablate_base.py"), "--config", SMOKE,
+                           f"run_dir={root / 'run'}", f"results_dir={root / 'results'}",
+                           "--base", f"plain={trained['base']}", "--base", f"early_exit={out}", "--resamples", "50"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = read_json(root / "results" / "ablations" / "base_recipes.json")
+    assert set(rep["models"]) == {"plain", "early_exit"}
+    for m in rep["models"].values():
+        assert len(m["per_layer"]) == cfg.model.num_layers and m["tokens"] > 0
+        lo, hi = m["final_accuracy_ci"]
+        assert lo <= m["final_accuracy"] <= hi
+        assert m["per_layer"][-1]["agreement_with_final"] == 1.0
+    assert rep["models"]["early_exit"]["training_cost"]["recipe"] == "early_exit"
+    assert rep["models"]["plain"]["training_cost"]["tokens"] > 0
+    assert "plain - early_exit" in rep["final_accuracy_differences"] or "early_exit - plain" in rep["final_accuracy_differences"]
+    bad = subprocess.run([PY, str(REPO_ROOT / "scripts" / "ablate_base.py"), "--config", SMOKE,
+                          f"run_dir={root / 'run'}", f"results_dir={root / 'results'}", "--base", "x=/nonexistent"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "config.json missing" in bad.stderr and "Traceback" not in bad.stderr

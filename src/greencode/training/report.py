@@ -143,3 +143,164 @@ def read_report(cfg) -> dict:
     from greencode.utils import read_json
 
     return read_json(Path(RunPaths.from_config(cfg).results_finetune) / "exit_report.json")
+
+
+# --------------------------------------------------------------------------- base ablation
+@torch.no_grad()
+def chunk_stats(model, dataset, batch_size: int) -> dict:
+    """Per packed chunk and per layer (every layer, 0-based): correct next-token predictions and
+    agreements with the final layer's prediction, plus the chunk's token count; numpy arrays
+    ``correct`` / ``agree`` [chunks, layers] and ``tokens`` [chunks] (the unit of the bootstrap)."""
+    import numpy as np
+
+    from greencode.models import EarlyExitModel
+    from greencode.training.lite import IGNORE_INDEX, shifted_targets
+
+    every = EarlyExitModel(model.hf, list(range(model.num_layers - 1)))
+    every.eval()
+    correct, agree, tokens = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        ids = torch.as_tensor(dataset[start:start + batch_size]["input_ids"]).to(model.device)
+        targets = shifted_targets(ids)
+        valid = targets != IGNORE_INDEX
+        preds = [every.decode(h)[:, :-1].argmax(-1) for h in every.exit_hidden_states(ids)]
+        final = preds[-1]
+        correct.append(torch.stack([((p == targets) & valid).sum(1) for p in preds], 1).cpu().numpy())
+        agree.append(torch.stack([((p == final) & valid).sum(1) for p in preds], 1).cpu().numpy())
+        tokens.append(valid.sum(1).cpu().numpy())
+    return {"correct": np.concatenate(correct).astype(float), "agree": np.concatenate(agree).astype(float),
+            "tokens": np.concatenate(tokens).astype(float)}
+
+
+def _training_cost(model_dir: Path) -> dict:
+    """What a base cost to train, from its shipped manifest or its pretraining stage record."""
+    from greencode.utils import read_json
+
+    m = model_dir / "base_manifest.json"
+    if m.is_file():
+        d = read_json(m)
+        run = d.get("pretrain_run") or {}
+        cfg = d.get("config") or {}
+        return {"tokens": d.get("tokens_seen"), "steps": d.get("steps"), "wall_time_s": d.get("wall_time_s"),
+                "cpu_time_s": d.get("cpu_time_s"), "tokens_per_s": d.get("tokens_per_s"),
+                "recipe": ("early_exit" if ((cfg.get("pretrain") or {}).get("early_exit") or {}).get("enabled")
+                           else "plain"),
+                "pretrain_config": cfg.get("pretrain"), "hardware": run.get("hardware"),
+                "git_commit": run.get("git_commit")}
+    rec = common.read_stage(model_dir) or {}
+    s = rec.get("summary") or {}
+    return {"tokens": s.get("train_tokens"), "steps": s.get("steps"), "wall_time_s": s.get("train_runtime_s"),
+            "cpu_time_s": s.get("train_cpu_time_s"), "tokens_per_s": s.get("train_tokens_per_s"),
+            "recipe": s.get("recipe"), "pretrain_config": (rec.get("payload") or {}).get("pretrain")}
+
+
+def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[Path] = None) -> dict:
+    """The base ablation: each named base model (``{name: directory}``) on the same validation
+    tokens (the exit report's: ``finetune.eval_max_tokens`` in ``finetune.seq_len`` chunks), per
+    layer: next-token accuracy, its share of the final layer's, agreement with the final layer,
+    each with a 95% bootstrap CI over chunks (paired: the same resampled chunks for every base),
+    the difference of the final layers' accuracies with its CI, and each base's training cost.
+    Written to ``results/<name>/ablations/base_recipes.{json,md}``."""
+    import numpy as np
+
+    from greencode.data import load_corpus, load_tokenizer
+    from greencode.data.corpus import text_sep
+    from greencode.eval.stats import bootstrap_indices
+    from greencode.models import EarlyExitModel
+    from greencode.training.data import pack_split
+
+    device, dtype = setup_torch(cfg.hardware)
+    tokenizer = load_tokenizer(cfg)
+    stage = cfg.finetune
+    held = pack_split(load_corpus(cfg)["validation"], tokenizer, stage.seq_len, max_tokens=stage.eval_max_tokens,
+                      seed=cfg.seed, desc="packing held-out", sep=text_sep(cfg))
+    stats, exit_points = {}, None
+    for name, d in bases.items():
+        m = EarlyExitModel.from_run_config(cfg, str(d), device=device, dtype=dtype).eval()
+        exit_points = list(m.exit_points)
+        stats[name] = chunk_stats(m, held, stage.batch_size)
+        del m
+    n = len(next(iter(stats.values()))["tokens"])
+    idx = bootstrap_indices(n, resamples, cfg.seed)
+
+    def ci(values):
+        return [round(float(np.percentile(values, 2.5)), 6), round(float(np.percentile(values, 97.5)), 6)]
+
+    models = {}
+    for name, s in stats.items():
+        tok = s["tokens"].sum()
+        acc = s["correct"].sum(0) / tok
+        boot_tok = s["tokens"][idx].sum(1)  # [resamples]
+        boot_acc = s["correct"][idx].sum(1) / boot_tok[:, None]  # [resamples, layers]
+        boot_agree = s["agree"][idx].sum(1) / boot_tok[:, None]
+        boot_share = boot_acc / boot_acc[:, -1:]
+        layers = []
+        for layer in range(acc.shape[0]):
+            layers.append({"layer": layer, "is_exit_point": layer in exit_points,
+                           "accuracy": round(float(acc[layer]), 6), "accuracy_ci": ci(boot_acc[:, layer]),
+                           "accuracy_share_of_final": round(float(acc[layer] / acc[-1]), 6),
+                           "accuracy_share_of_final_ci": ci(boot_share[:, layer]),
+                           "agreement_with_final": round(float(s["agree"][:, layer].sum() / tok), 6),
+                           "agreement_with_final_ci": ci(boot_agree[:, layer])})
+        models[name] = {"model_dir": str(bases[name]), "tokens": int(tok), "final_accuracy": round(float(acc[-1]), 6),
+                        "final_accuracy_ci": ci(boot_acc[:, -1]), "per_layer": layers,
+                        "training_cost": _training_cost(Path(bases[name]))}
+    names = list(stats)
+    diffs = {}
+    for a in names:
+        for b in names:
+            if a < b:
+                da = stats[a]["correct"][idx].sum(1)[:, -1] / stats[a]["tokens"][idx].sum(1)
+                db = stats[b]["correct"][idx].sum(1)[:, -1] / stats[b]["tokens"][idx].sum(1)
+                point = models[a]["final_accuracy"] - models[b]["final_accuracy"]
+                lo, hi = ci(da - db)
+                diffs[f"{a} - {b}"] = {"final_accuracy_diff": round(point, 6), "ci": [lo, hi],
+                                       "significant": bool(lo > 0 or hi < 0)}
+    report = {"description": "base ablation: per-layer next-token accuracy, its share of the final layer's and "
+                             "agreement with the final layer on the same held-out (validation) tokens, decoded "
+                             "through each model's own final norm and LM head; 95% bootstrap CIs over 256-token "
+                             "chunks, paired across models",
+              "split": "validation", "chunks": n, "seq_len": stage.seq_len, "resamples": resamples,
+              "exit_points": exit_points, "models": models, "final_accuracy_differences": diffs,
+              "meta": run_metadata(cfg, stage="base_ablation")}
+    out_dir = Path(out_dir) if out_dir is not None else RunPaths.from_config(cfg).results / "ablations"
+    write_json(out_dir / "base_recipes.json", report)
+    from greencode.utils import write_text
+
+    write_text(out_dir / "base_recipes.md", render_bases(report))
+    return report
+
+
+def render_bases(report: dict) -> str:
+    names = list(report["models"])
+    lines = [f"# Base recipes side by side ({report['split']} split, {report['chunks']} chunks of "
+             f"{report['seq_len']} tokens, the same for every base)", "",
+             report["description"] + ".", "",
+             "| layer | " + " | ".join(f"{n}: accuracy (share of final) | {n}: agreement" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    exits = set(report["exit_points"])
+    rows = {n: report["models"][n]["per_layer"] for n in names}
+    for i in range(len(rows[names[0]])):
+        mark = " (exit)" if i in exits else ""
+        cells = []
+        for n in names:
+            r = rows[n][i]
+            lo, hi = r["accuracy_ci"]
+            cells.append(f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] ({100 * r['accuracy_share_of_final']:.0f}%)")
+            cells.append(f"{r['agreement_with_final']:.3f}")
+        lines.append(f"| {i}{mark} | " + " | ".join(cells) + " |")
+    lines += ["", "| base | final accuracy [95% CI] | recipe | tokens | steps | wall time (min) | CPU time (min) | "
+                  "tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        m, c = report["models"][n], report["models"][n]["training_cost"]
+        lo, hi = m["final_accuracy_ci"]
+
+        def mins(v):
+            return "–" if v is None else f"{v / 60:.0f}"
+        lines.append(f"| {n} | {m['final_accuracy']:.4f} [{lo:.4f}, {hi:.4f}] | {c.get('recipe')} | {c.get('tokens')} | "
+                     f"{c.get('steps')} | {mins(c.get('wall_time_s'))} | {mins(c.get('cpu_time_s'))} | "
+                     f"{c.get('tokens_per_s')} |")
+    for k, d in report["final_accuracy_differences"].items():
+        lines.append(f"\nFinal accuracy {k}: {d['final_accuracy_diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+                     f"{' (significant)' if d['significant'] else ''}.")
+    return "\n".join(lines) + "\n"

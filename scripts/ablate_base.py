@@ -1,0 +1,43 @@
+"""The base-recipe ablation: the plain base (final layer's loss alone, configs/base_plain.yaml) and
+the early-exit-ready base (configs/base.yaml, shipped as assets/default-base) on the same validation
+tokens: per-layer accuracy, share of the final layer's and agreement with it, the final layer's
+accuracy with its 95% CI, and each base's training cost -> results/<name>/ablations/base_recipes.{json,md}.
+
+    python scripts/ablate_base.py --config configs/default.yaml \
+        --base plain=runs/base_plain/base_model --base early_exit=assets/default-base
+
+Tiny CPU run:
+    python scripts/ablate_base.py --config configs/smoke.yaml --base a=<dir> --base b=<dir>
+"""
+
+from pathlib import Path
+
+from greencode.cli import base_parser, friendly_errors, load_from_args
+from greencode.config import ConfigError
+
+
+@friendly_errors
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--base", action="append", required=True, metavar="NAME=DIR",
+                        help="a base model directory under a name (give two or more)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the CIs")
+    args = parser.parse_args()
+    cfg = load_from_args(args)
+    bases = {}
+    for item in args.base:
+        if "=" not in item:
+            raise ConfigError(f"--base {item!r} must look like NAME=DIR (e.g. plain=runs/base_plain/base_model)")
+        name, d = item.split("=", 1)
+        if not (Path(d) / "config.json").is_file():
+            raise FileNotFoundError(f"--base {name}={d}: no HF model there (config.json missing); pretrain it with "
+                                    "scripts/pretrain.py or point at a model directory")
+        bases[name] = d
+    from greencode.training.report import compare_bases, render_bases
+
+    report = compare_bases(cfg, bases, resamples=args.resamples)
+    print(render_bases(report))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
