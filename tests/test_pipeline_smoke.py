@@ -156,3 +156,22 @@ def test_source_mode_pipeline_serves_code_an_editor_can_insert(tmp_path):
     ids, _ = eng.encode(prompt, max_new_tokens=24)
     out = generate(loaded.model, ids, NeverExit(), 24, tokenizer=loaded.tokenizer)
     assert out.text and not any(p in out.text for p in PLACEHOLDERS)
+
+
+def test_benchmark_prompts_are_code_once_a_model_is_trained(smoke_run):
+    import torch
+
+    from greencode.config import load_config
+    from greencode.eval.benchmark import bench_prompts
+
+    tmp, _ = smoke_run
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={tmp / 'run'}", f"results_dir={tmp / 'results'}"])
+    from greencode.models import EarlyExitModel
+
+    model = EarlyExitModel.from_run_config(cfg, tmp / "run" / "finetuned")
+    prompts, note = bench_prompts(cfg, model, 2, 8, torch.Generator().manual_seed(0), lengths=[8, 6])
+    assert note.startswith("code") and [len(p) for p in prompts] == [8, 6]
+    from greencode.data import load_tokenizer
+
+    text = load_tokenizer(cfg).decode(prompts[0])
+    assert text.strip() and all(0 <= t < model.vocab_size for t in prompts[0])

@@ -210,6 +210,7 @@ def write_calibrated(results: Path) -> Path:
         "confidence": {"targets": {"0.02": {"target": 0.02, "chosen": None, "calibration_disagreement": None},
                                    "0.1": {"target": 0.1, "chosen": "confidence@0.9",
                                            "calibration_disagreement": 0.05}}}}}
+    cal["criteria"] = {"sequence": {"families": cal["families"]}, "quality": {"families": cal["families"]}}
     table = dict(targets_table(cal, summary_table(results / "eval")), split="test")
     return write_json(results / "eval" / "calibrated.json", table)
 
@@ -477,3 +478,4 @@ def test_calibrated_targets_figure_draws_the_table(full_results, captured):
                                                   rows["confidence@0.9"]["compute_ratio"], 1.0))  # 1.0: none certified
     assert heights == expected
     assert sum(1 for b in bars if b.get_hatch()) == 1  # confidence at 2%: nothing certified, drawn hatched
+    assert len(fig.axes) == 4  # one row per fidelity criterion (sequence, quality)

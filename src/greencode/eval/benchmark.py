@@ -36,6 +36,7 @@ random MLP of ``rl.ppo.net_arch``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
@@ -158,6 +159,38 @@ def _load_policy(cfg: Config, paths: RunPaths, model):
     return policy.to(model.device).eval(), f"random MLP policy, net_arch {cfg.rl.ppo.net_arch}"
 
 
+def bench_prompts(cfg: Config, model, num_prompts: int, context_tokens: int, gen: torch.Generator,
+                  lengths: Optional[Sequence[int]] = None) -> tuple[list[list[int]], str]:
+    """Prompts for the speed benchmarks: with a trained model, code contexts from the validation
+    split's tuning slice (the first samples of its seeded order; the test split is never read),
+    each the last ``context_tokens`` (or ``lengths[i]``) tokens of a sample whose context is long
+    enough; otherwise (a random model, or no corpus yet) uniform random token ids. Early exits,
+    and so the lossless methods' drafts, behave on code as they do in use, not as on noise."""
+    want = list(lengths) if lengths is not None else [context_tokens] * num_prompts
+    if (RunPaths.from_config(cfg).finetuned / "config.json").is_file():
+        try:
+            from greencode.data import load_tokenizer
+            from greencode.data.samples import samples_for_config
+
+            sub = dataclasses.replace(cfg, eval=dataclasses.replace(
+                cfg.eval, split="validation", num_samples=4 * num_prompts + 8, sample_offset=0,
+                context_fraction=0.6, max_context_tokens=max(want)))
+            samples = samples_for_config(sub, load_tokenizer(cfg))
+            ctx = [list(map(int, s.context_ids)) for s in samples]
+            out = []
+            for n in want:
+                pick = next((c for c in ctx if len(c) >= n and c not in out), None)
+                if pick is None:
+                    raise ValueError(f"no validation sample with {n} context tokens")
+                out.append(pick[-n:])
+            return out, (f"code: the last {context_tokens} tokens of the first validation samples' contexts "
+                         "(tuning slice; 60% of the file as context)")
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("benchmark prompts: no code contexts (%s); using random token ids", e)
+    return ([torch.randint(3, model.vocab_size, (n,), generator=gen).tolist() for n in want],
+            "uniform random token ids (seeded)")
+
+
 def _setup(cfg: Config, out_path: Union[str, Path], context_tokens: int, new_tokens: int,
            checks: Sequence[tuple[str, Any, int]]):
     """Check the integer arguments (name, value, minimum), that the output folder is writable and
@@ -201,8 +234,8 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
         (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
          ("repeats", repeats, 1), ("warmup", warmup, 0)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    prompts = [torch.randint(3, model.vocab_size, (1, context_tokens), generator=gen).to(device)
-               for _ in range(num_prompts)]
+    prompt_lists, prompt_note = bench_prompts(cfg, model, num_prompts, context_tokens, gen)
+    prompts = [torch.tensor([p], dtype=torch.long, device=device) for p in prompt_lists]
 
     conf_t = sorted(cfg.eval.confidence_thresholds)[len(cfg.eval.confidence_thresholds) // 2] \
         if cfg.eval.confidence_thresholds else 0.9
@@ -365,7 +398,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
         "format": "greencode-benchmark/1",
         "config_name": cfg.name,
         "setup": {"context_tokens": context_tokens, "new_tokens": new_tokens, "num_prompts": num_prompts,
-                  "repeats": repeats, "warmup_rounds": warmup, "prompts": "uniform random token ids (seeded)",
+                  "repeats": repeats, "warmup_rounds": warmup, "prompts": prompt_note,
                   "model": model_note, "policy": policy_note, "num_layers": model.num_layers,
                   "exit_layers": list(model.exit_layers), "hidden_size": model.hidden_size,
                   "vocab_size": model.vocab_size, "family": model.family, "device": str(device),
@@ -546,7 +579,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     gen = torch.Generator().manual_seed(cfg.seed)
     low = max(1, (3 * context_tokens) // 4)
     lengths = [int(torch.randint(low, context_tokens + 1, (1,), generator=gen)) for _ in range(num_prompts)]
-    prompts = [torch.randint(3, model.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    prompts, prompt_note = bench_prompts(cfg, model, num_prompts, context_tokens, gen, lengths)
     mid = middle_exit_layer(list(model.exit_layers), model.num_layers)
     # the full model, GC, and a fixed exit at the middle exit point (an exit every token: what skipping
     # layers in a batch saves when rows do exit, whatever the policy decides on these prompts)
@@ -652,8 +685,8 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
         "config_name": cfg.name,
         "setup": {"batch_sizes": sizes, "num_prompts": num_prompts, "prompt_lengths": lengths,
                   "context_tokens": context_tokens, "new_tokens": new_tokens, "repeats": repeats,
-                  "warmup_rounds": warmup, "prompts": "uniform random token ids (seeded), ragged lengths in "
-                                                      "[3/4, 1] x context_tokens, left-padded per batch",
+                  "warmup_rounds": warmup, "prompts": f"{prompt_note}; ragged lengths in [3/4, 1] x context_tokens, "
+                                                      "left-padded per batch",
                   "model": model_note, "policy": policy_note, "gc_threshold": gc_threshold,
                   "num_layers": model.num_layers, "exit_layers": list(model.exit_layers),
                   "hidden_size": model.hidden_size, "vocab_size": model.vocab_size, "family": model.family,

@@ -773,49 +773,56 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
 @styled
 def plot_calibrated_targets(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
     """Every controller at its calibrated threshold for each fidelity target (chosen on the
-    validation split): decode compute on the test split (left) and the disagreement with the full
-    model it reached there next to the target (right, 95% CI). A controller with no certified
-    threshold is drawn at the full model's compute, hatched."""
+    validation split), one row per fidelity criterion (sequence, token, quality): decode compute on
+    the test split (left) and the risk it reached there next to the target (right; the sequence
+    criterion with its 95% CI). A controller with no certified threshold is drawn at the full
+    model's compute, hatched."""
     path = Path(results_dir) / "eval" / "calibrated.json"
     data = I._read_json(path, "calibrated-targets table", "run the calibrate stage and the evaluation with the "
                         "'calibrated' method (scripts/reproduce.py)")
     rows, targets = data.get("rows") or [], data.get("targets") or []
     if not rows or not targets:
         raise MissingInput(f"{str(path)!r} has no rows")
+    criteria = list(dict.fromkeys(r.get("criterion", "sequence") for r in rows))
     fams = list(dict.fromkeys(r["family"] for r in rows))
-    fig, axes = new_figure(11.5, 4.2, 1, 2)
-    ax1, ax2 = axes[0]
+    fig, axes = new_figure(11.5, 3.6 * len(criteria), len(criteria), 2)
     width = 0.8 / len(fams)
     x = np.arange(len(targets))
-    for j, fam in enumerate(fams):
-        comp, hatch, dis, err = [], [], [], []
-        for t in targets:
-            r = next((r for r in rows if r["family"] == fam and r["target"] == t), {})
-            ok = r.get("method") is not None and I.is_value(r.get("compute_ratio"))
-            comp.append(100 * float(r["compute_ratio"]) if ok else 100.0)
-            hatch.append(not ok)
-            agree, ci = r.get("token_agreement"), r.get("token_agreement_ci")
-            dis.append(100 * (1 - float(agree)) if ok and I.is_value(agree) else np.nan)
-            err.append([100 * (float(agree) - ci[0]), 100 * (ci[1] - float(agree))] if ok and ci else [0, 0])
-        pos = x - 0.4 + (j + 0.5) * width
-        bars = ax1.bar(pos, comp, width, color=FAMILY_COLORS.get(fam, "#333333"), label=FAMILY_NAMES.get(fam, fam))
-        for b, h in zip(bars, hatch):
-            if h:
-                b.set_hatch("//")
-                b.set_alpha(0.35)
-        ax2.errorbar(pos, dis, yerr=np.array(err).T, fmt=FAMILY_MARKERS.get(fam, "o"),
-                     color=FAMILY_COLORS.get(fam, "#333333"), capsize=2, label=FAMILY_NAMES.get(fam, fam))
     labels = [f"≤ {100 * t:g}%" for t in targets]
-    ax1.set_xticks(x, labels)
-    ax1.axhline(100, color="#444444", lw=0.8, ls="--")
-    ax1.set_ylabel("decode compute (% of the full model's MACs)")
-    ax1.set_xlabel("target: share of tokens allowed to differ from the full model")
-    ax1.set_title("Compute at each calibrated target (hatched: none certified)")
-    ax2.set_xticks(x, labels)
-    ax2.plot(x, [100 * t for t in targets], "k_", ms=30, mew=1.5, label="target")
-    ax2.set_ylabel(f"disagreement on the {data.get('split', 'test')} split (%)")
-    ax2.set_xlabel("target")
-    ax2.set_title("Disagreement reached (1 - token agreement, 95% CI)")
-    ax2.legend(fontsize=7, loc="upper left")
+    for c, crit in enumerate(criteria):
+        ax1, ax2 = axes[c]
+        for j, fam in enumerate(fams):
+            comp, hatch, risk, err = [], [], [], []
+            for t in targets:
+                r = next((r for r in rows if r.get("criterion", "sequence") == crit and r["family"] == fam
+                          and r["target"] == t), {})
+                ok = r.get("method") is not None and I.is_value(r.get("compute_ratio"))
+                comp.append(100 * float(r["compute_ratio"]) if ok else 100.0)
+                hatch.append(not ok)
+                got = r.get("achieved_disagreement")
+                risk.append(100 * float(got) if ok and I.is_value(got) else np.nan)
+                agree, ci = r.get("token_agreement"), r.get("token_agreement_ci")
+                err.append([100 * (float(agree) - ci[0]), 100 * (ci[1] - float(agree))]
+                           if ok and ci and crit == "sequence" and I.is_value(agree) else [0, 0])
+            pos = x - 0.4 + (j + 0.5) * width
+            bars = ax1.bar(pos, comp, width, color=FAMILY_COLORS.get(fam, "#333333"), label=FAMILY_NAMES.get(fam, fam))
+            for b, h in zip(bars, hatch):
+                if h:
+                    b.set_hatch("//")
+                    b.set_alpha(0.35)
+            ax2.errorbar(pos, risk, yerr=np.array(err).T, fmt=FAMILY_MARKERS.get(fam, "o"),
+                         color=FAMILY_COLORS.get(fam, "#333333"), capsize=2, label=FAMILY_NAMES.get(fam, fam))
+        ax1.set_xticks(x, labels)
+        ax1.axhline(100, color="#444444", lw=0.8, ls="--")
+        ax1.set_ylabel("decode compute (% of full)")
+        ax1.set_title(f"{crit}: compute at each calibrated target (hatched: none certified)")
+        ax2.set_xticks(x, labels)
+        ax2.plot(x, [100 * t for t in targets], "k_", ms=30, mew=1.5, label="target")
+        ax2.set_ylabel(f"risk on the {data.get('split', 'test')} split (%)")
+        ax2.set_title(f"{crit}: risk reached" + (" (1 - token agreement, 95% CI)" if crit == "sequence" else ""))
+        if c == 0:
+            ax2.legend(fontsize=7, loc="upper left")
+    axes[-1][0].set_xlabel("target: expected loss allowed (share of tokens / of edit similarity)")
+    axes[-1][1].set_xlabel("target")
     fig.suptitle(f"Controllers at calibrated targets (thresholds from the validation split, δ = {data.get('delta')})")
     return save_figure(fig, Path(figures_dir), NAMES["calibrated_targets"])
