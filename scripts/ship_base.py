@@ -1,6 +1,6 @@
 """Ship a finished pretraining run as the embedded default's base model (assets/default-base).
 
-    python scripts/pretrain.py --config configs/base.yaml      # ~85 min on 2 CPU cores
+    python scripts/pretrain.py --config configs/base.yaml      # ~88 min on 2 CPU cores
     python scripts/ship_base.py --config configs/base.yaml     # -> assets/default-base
 
 (`make pretrain` runs both.) The folder holds the HF model and tokenizer, the pretraining

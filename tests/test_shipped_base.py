@@ -32,7 +32,9 @@ def test_manifest_records_how_the_base_was_made(manifest):
     for key in ("git_commit", "versions", "hardware"):
         assert run.get(key), key
     assert manifest["data"]["content_hash"] and manifest["data"]["literal_mode"] == "source"
-    assert manifest["tokens_seen"] >= 10_000_000
+    assert manifest["tokens_seen"] >= 5_000_000
+    cfg = manifest["config"]
+    assert cfg["pretrain"]["early_exit"]["enabled"]  # the demo's base is the early-exit-ready one
     weights = BASE / "model.safetensors"
     assert weights.stat().st_size <= 60e6
     assert sha256_file(weights) == manifest["weights_sha256"]

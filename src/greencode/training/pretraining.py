@@ -80,6 +80,13 @@ _SHAPE_KEYS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads
                "max_position_embeddings", "rope_theta", "tie_word_embeddings", "attn_implementation")
 
 
+def _last_log(trainer, key: str):
+    for rec in reversed(trainer.state.log_history):
+        if key in rec:
+            return float(rec[key])
+    return None
+
+
 def pretrain_key(cfg) -> tuple[str, dict]:
     model = cfg.section_dict("model")["model"]
     payload = {"stage": "pretrain", "model": {k: model[k] for k in _SHAPE_KEYS},
@@ -165,7 +172,10 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
             "eval_tokens": len(val_ds) * stage.seq_len, "world_size": args.world_size,
             "train_runtime_s": round(train_s, 3), "train_cpu_time_s": round(train_cpu_s, 3),
             "train_tokens_per_s": round((steps - common.checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1),
-            "final_train_loss": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
+            # the final layer's own loss (with the early-exit recipe the Trainer's "loss" is the whole objective)
+            "final_train_loss": (_last_log(trainer, f"loss_exit_{model.num_layers - 1}") if ee_cfg.enabled
+                                 else common.last_train_loss(trainer)),
+            "final_train_objective": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
             "eval_loss": metrics.get(f"eval_loss_exit_{model.num_layers - 1}", metrics.get("eval_loss")),
             "eval_perplexity": common.perplexity(metrics.get(f"eval_loss_exit_{model.num_layers - 1}", metrics.get("eval_loss"))),
             "recipe": "early_exit" if ee_cfg.enabled else "plain",
