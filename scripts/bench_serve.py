@@ -14,6 +14,11 @@ latency against a lone request's prefill + one step, then a burst of 200 simulta
 (results/benchmark/serve_load_<name>.json):
     python scripts/bench_serve.py --config configs/smoke.yaml --demo runs/smoke-demo --load --clients 6 \
         --batch-sizes 1,4 --burst 20 --max-new-tokens 8
+
+--lossless-mix: lossless requests as batch rows: a lossy stream's first chunk and p95 gap alone and beside 3
+lossless 200-token requests, and 8 concurrent lossless requests against one at a time (tokens/s, every
+answer checked equal to the full model's; results/benchmark/serve_lossless_<name>.json):
+    python scripts/bench_serve.py --config configs/default.yaml --lossless-mix
 """
 
 from greencode.cli import base_parser, friendly_errors, load_from_args
@@ -35,15 +40,35 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=50, help="--load: concurrent streaming clients")
     p.add_argument("--batch-sizes", default="1,16,64", help="--load: serve.max_batch_size values (comma list)")
     p.add_argument("--burst", type=int, default=200, help="--load: simultaneous requests of the burst (0 = none)")
+    p.add_argument("--lossless-mix", action="store_true",
+                   help="instead: lossless rows beside lossy ones, and lossless batching "
+                        "(results/benchmark/serve_lossless_<name>.json)")
+    p.add_argument("--lossless-tokens", type=int, default=200, help="--lossless-mix: tokens of each lossless request")
+    p.add_argument("--batch", type=int, default=8, help="--lossless-mix: concurrent lossless requests")
+    p.add_argument("--repeats", type=int, default=3, help="--lossless-mix: tries of the probe alone and beside")
     args = p.parse_args()
     cfg = load_from_args(args)
-    from greencode.serve.bench import run_benchmark, run_streaming_load
+    from greencode.serve.bench import run_benchmark, run_lossless_mix, run_streaming_load
 
     run_dir = args.run_dir
     if args.demo:
         from greencode.serve.demo import ensure_demo_run
 
         run_dir = ensure_demo_run(cfg, args.demo)
+    if args.lossless_mix:
+        res = run_lossless_mix(cfg, run_dir, lossless_tokens=args.lossless_tokens, batch=args.batch,
+                               probe_tokens=args.max_new_tokens or 64, batch_tokens=args.max_new_tokens or 64,
+                               repeats=args.repeats, out_path=args.out, demo=bool(args.demo))
+        ns, lb = res["no_stall"], res["lossless_batching"]
+        print(f"lossy probe first chunk: alone {ns['first_chunk_ms']['alone']:.0f} ms, beside lossless "
+              f"{ns['first_chunk_ms']['beside_lossless']:.0f} ms (x{ns['ratios']['first_chunk']:.2f}); p95 gap "
+              f"{ns['gap_p95_ms']['alone']:.1f} -> {ns['gap_p95_ms']['beside_lossless']:.1f} ms "
+              f"(x{ns['ratios']['gap_p95']:.2f})")
+        print(f"{lb['requests']} concurrent lossless: {lb['concurrent']['tokens_per_s']:.1f} tokens/s vs "
+              f"{lb['one_at_a_time']['tokens_per_s']:.1f} one at a time (x{lb['speedup']:.2f}); equal to the full "
+              f"model: {sum(lb['equal_to_full_model'])}/{lb['requests']}")
+        print(f"targets: {res['targets']}")
+        return
     if args.load:
         res = run_streaming_load(cfg, run_dir, clients=args.clients, max_new_tokens=args.max_new_tokens or 32,
                                  batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import VOCAB, TinyPolicy, tiny_model
 from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate
-from greencode.decoding.generate import DecodeBatch, Row, _layer_kv
+from greencode.decoding.generate import DecodeBatch, Row
+from greencode.decoding.steps import grow_layer_class, layer_kv
 
 
 def _prompts(seed, lengths):
@@ -71,7 +72,7 @@ def test_rows_joining_mid_flight_equal_batch_one(family, controller, skip_share)
     finished = []
     while batch.rows:
         finished += batch.step()
-        assert len(batch.rows) == _layer_kv(batch.cache, 0)[0].shape[0] or not batch.rows  # finished rows left
+        assert len(batch.rows) == layer_kv(batch.cache, 0)[0].shape[0] or not batch.rows  # finished rows left
     for a, row in zip(alone, rows):
         res = batch.result(row)
         assert res.tokens == a.tokens and res.exit_layers == a.exit_layers
@@ -111,10 +112,10 @@ def test_finished_rows_leave_and_padding_columns_are_trimmed(family):
     batch = DecodeBatch(model)
     rows = [Row(controller=NeverExit(), max_new_tokens=n) for n in (2, 6, 6)]
     batch.add(rows, prompts)
-    assert _layer_kv(batch.cache, 0)[0].shape[2] == 20
+    assert layer_kv(batch.cache, 0)[0].shape[2] == 20
     batch.step()  # the long row finishes (2 tokens)
     assert len(batch.rows) == 2
-    keys = _layer_kv(batch.cache, 0)[0]
+    keys = layer_kv(batch.cache, 0)[0]
     assert keys.shape[0] == 2 and keys.shape[2] == 6 + 1  # 6 real columns + the new position
     while batch.rows:
         batch.step()
@@ -143,24 +144,23 @@ def test_cache_grows_in_place_between_steps(family):
     layer per step); crop, row selection and copies still work (a changed tensor is re-buffered)."""
     import copy
 
-    from greencode.decoding.generate import _grow_layer_class
 
-    if _grow_layer_class() is None:
+    if grow_layer_class() is None:
         pytest.skip("this transformers has no DynamicLayer")
     model = tiny_model(family)
     batch = DecodeBatch(model)
     row = Row(controller=NeverExit(), max_new_tokens=8)
     batch.add([row], [_prompts(1, (9,))[0]])
     batch.step()
-    ptrs = [_layer_kv(batch.cache, 0)[0].data_ptr()]
+    ptrs = [layer_kv(batch.cache, 0)[0].data_ptr()]
     for _ in range(3):
         batch.step()
-        ptrs.append(_layer_kv(batch.cache, 0)[0].data_ptr())
+        ptrs.append(layer_kv(batch.cache, 0)[0].data_ptr())
     assert len(set(ptrs)) == 1  # the same buffer: positions written in place
-    keys = _layer_kv(batch.cache, 0)[0]
+    keys = layer_kv(batch.cache, 0)[0]
     assert keys.shape[2] == 9 + 4 and batch.cache.layers[0]._kbuf.shape[2] > keys.shape[2]
     clone = copy.deepcopy(batch.cache)
     batch.cache.crop(-2)
     batch.step()  # after a crop the next position lands where the cropped ones were
-    assert _layer_kv(batch.cache, 0)[0].shape[2] == 9 + 4 - 2 + 1
-    assert _layer_kv(clone, 0)[0].shape[2] == 9 + 4
+    assert layer_kv(batch.cache, 0)[0].shape[2] == 9 + 4 - 2 + 1
+    assert layer_kv(clone, 0)[0].shape[2] == 9 + 4

@@ -6,7 +6,7 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from greencode.decoding import ConfidenceExit, ExitController, FixedExit, NeverExit, generate
-from greencode.decoding.speculative import generate_lossless
+from greencode.decoding import generate_lossless
 from test_decoding_equivalence import RandomExit
 
 
@@ -62,19 +62,8 @@ def test_a_round_without_exits_needs_no_verification(family):
     assert fixed.tokens == full.tokens and fixed.counters["verified_tokens"] > 0
 
 
-def test_return_state_continues_exactly(family):
-    model = tiny_model(family)
-    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
-    whole = generate(model, prompt, NeverExit(), 12).tokens
-    first = generate(model, prompt, NeverExit(), 5, return_state=True)
-    rest = generate(model, first.state.input_ids, NeverExit(), 8, prefilled=first.state)
-    assert first.tokens + rest.tokens[1:] == whole  # rest[0] is first's last token, chosen from the same logits
-    with pytest.raises(ValueError, match="one row"):
-        generate(model, prompt, [NeverExit(), NeverExit()], 3, return_state=True)
-
-
 def test_lossless_never_copies_the_cache(family, monkeypatch):
-    """One cache, advanced by the draft and cropped back for verification: copying it per round
+    """One cache, advanced by the draft and rewritten in place by verification: copying it per round
     (12 layers x the whole context) cost more than a decode step on the CPU default."""
     import importlib
 
@@ -87,7 +76,8 @@ def test_lossless_never_copies_the_cache(family, monkeypatch):
     def no_copy(cache):
         raise AssertionError("the cache was copied")
 
-    monkeypatch.setattr(gen_mod, "_copy_cache", no_copy)
+    monkeypatch.setattr(gen_mod, "copy_cache", no_copy)
+    monkeypatch.setattr(gen_mod, "rebuild_cache", no_copy)
     for ctrl in (FixedExit(model.exit_layers[0]), ConfidenceExit(0.05), NeverExit()):
         out = generate_lossless(model, prompt, ctrl, 14, k_max=4)
         assert out.tokens == full, type(ctrl).__name__
@@ -147,7 +137,7 @@ def test_eos_and_stop_string_inside_an_accepted_draft(family):
     out = generate_lossless(model, prompt, FixedExit(1), 12, k_max=6, eos_token_id=full.tokens[j])
     assert out.tokens == full.tokens[:j + 1] and out.finish_reason == "eos"
     assert out.counters["rounds"] == 1 and out.counters["accepted"] == j == out.counters["drafted"]
-    assert out.counters["verified_tokens"] == j + 1  # the draft stopped at EOS: nothing drafted past it
+    assert out.counters["verified_tokens"] == j  # the draft stopped at EOS: nothing drafted past it
     # a stop string: the same tokens and text as the loop's own stop-string handling
     stop = full.text[j]
     assert stop not in full.text[:j]
@@ -172,18 +162,22 @@ def test_max_new_tokens_reached_mid_draft(family):
                 assert out.counters["drafted"] < m and out.counters["verified_tokens"] <= m
 
 
-def test_cancellation_and_on_token_between_rounds(family):
+def test_cancellation_and_on_token_see_verified_tokens_only(family):
     model = perfect_drafter(family)
     prompt = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(13))
     full = generate(model, prompt, NeverExit(), 16).tokens
     seen, polls = [], []
     out = generate_lossless(model, prompt, FixedExit(1), 16, k_max=3,
                             on_token=lambda t, layer: seen.append((t, layer)),
-                            should_stop=lambda: len(polls.append(len(seen)) or polls) >= 2)
-    assert out.finish_reason == "cancelled" and out.counters["rounds"] == 2
-    assert out.tokens == full[:len(out.tokens)] and 0 < len(out.tokens) < 16
-    assert seen == [(t, model.final_layer) for t in out.tokens]  # every accepted token, in order
-    assert polls == [4, 8]  # polled between rounds, after each round's accepted tokens (1 + k_max) were streamed
+                            should_stop=lambda: len(polls.append(len(seen)) or polls) >= 3)
+    assert out.finish_reason == "cancelled" and polls == [1, 1, 1]  # polled every step, drafting or not
+    # a draft not verified when it was cancelled is dropped: the output is what was streamed
+    assert out.tokens == full[:1] and seen == [(full[0], model.final_layer)]
+    seen.clear()
+    out = generate_lossless(model, prompt, FixedExit(1), 16, k_max=3,
+                            on_token=lambda t, layer: seen.append((t, layer)), should_stop=lambda: len(seen) >= 5)
+    assert out.finish_reason == "cancelled" and out.tokens == full[:len(out.tokens)] and 5 <= len(out.tokens) < 16
+    assert seen == [(t, model.final_layer) for t in out.tokens]  # every verified token, in order, once
     # a generation that finishes is not cancelled, and on_token sees the whole output
     seen.clear()
     done = generate_lossless(model, prompt, FixedExit(1), 16, k_max=3,
@@ -204,7 +198,7 @@ def test_a_draft_rejected_at_its_first_drafted_token(family):
     out = generate_lossless(model, prompt, FixedExit(1), 2, k_max=3)
     assert out.tokens == full[:2]
     c = out.counters
-    assert (c["rounds"], c["drafted"], c["accepted"], c["verified_tokens"]) == (2, 1, 0, 2)
+    assert (c["rounds"], c["drafted"], c["accepted"], c["verified_tokens"]) == (1, 1, 0, 1)
     assert generate_lossless(model, prompt, FixedExit(1), 10, k_max=3).tokens == full
 
 
@@ -231,16 +225,15 @@ def test_draft_threshold_stops_drafting_and_stays_lossless(family):
     zero = generate_lossless(model, prompt, FixedExit(1), 16, k_max=4, draft_threshold=0.0)
     one = generate_lossless(model, prompt, FixedExit(1), 16, k_max=4, draft_threshold=1.0)
     assert base.tokens == zero.tokens == one.tokens == full
-    # threshold 0 never stops a draft: the same rounds, plus one LM head per drafted token for its confidence
+    # threshold 0 never stops a draft: the same rounds and the same work (the confidence is read off the logits
+    # that chose the token at its exit layer: no extra LM head)
     assert zero.counters["rounds"] == base.counters["rounds"] and zero.counters["draft_threshold_stops"] == 0
-    assert zero.counters["draft_confidence_heads"] == zero.counters["drafted"] > 0
-    assert zero.counters["lm_head_calls"] == base.counters["lm_head_calls"] + zero.counters["drafted"]
+    assert zero.counters["lm_head_calls"] == base.counters["lm_head_calls"]
     # threshold 1 stops every draft after its first drafted token
     assert one.counters["drafted"] <= one.counters["rounds"]
     assert one.counters["draft_threshold_stops"] > 0 and one.counters["rounds"] > base.counters["rounds"]
-    # a controller that has the exit logits already pays no extra head
     conf = generate_lossless(model, prompt, ConfidenceExit(0.02), 16, k_max=4, draft_threshold=0.5)
-    assert conf.tokens == full and conf.counters["draft_confidence_heads"] == 0
+    assert conf.tokens == full
     with pytest.raises(ValueError, match="draft_threshold"):
         generate_lossless(model, prompt, FixedExit(1), 4, draft_threshold=1.5)
 
@@ -257,23 +250,18 @@ def test_draft_threshold_config():
         load_config(smoke, ["eval.lossless_draft_threshold=1.5"])
 
 
-def test_draft_confidence_is_the_exit_layers_max_probability(family):
-    from greencode.decoding.speculative import _DraftConfidence
-
+def test_draft_threshold_reads_the_exit_layers_max_probability(family):
+    """The threshold compares the max softmax probability of the distribution the tentative token
+    was chosen from, at its exit layer: thresholds just above and below that value of the first
+    drafted token stop the draft there or let it go on."""
     model = tiny_model(family)
     prompt = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(17))
-    for inner in (FixedExit(2), ConfidenceExit(0.03), RandomExit(3)):
-        drafter = _DraftConfidence(inner, model)
-        confs = []
-        out = generate(model, prompt, drafter, 8, return_logits=True,
-                       on_token=lambda t, layer: confs.append(drafter.take()))
-        ref = generate(model, prompt, inner if not isinstance(inner, RandomExit) else RandomExit(3), 8)
-        assert out.tokens == ref.tokens and out.exit_layers == ref.exit_layers
-        for layer, lg, conf in zip(out.exit_layers, out.logits, confs):
-            if layer == model.final_layer:
-                assert conf is None
-            else:
-                assert conf == pytest.approx(float(torch.softmax(lg, -1).max()), rel=1e-5)
+    ref = generate(model, prompt, FixedExit(2), 2, return_logits=True)  # token 1: exited at layer 2
+    conf = float(torch.softmax(ref.logits[1], -1).max())
+    above = generate_lossless(model, prompt, FixedExit(2), 3, k_max=4, draft_threshold=min(1.0, conf * 1.001))
+    below = generate_lossless(model, prompt, FixedExit(2), 3, k_max=4, draft_threshold=conf * 0.999)
+    assert above.counters["draft_threshold_stops"] >= 1 and above.counters["rounds"] >= 2
+    assert below.counters["rounds"] <= above.counters["rounds"]
 
 
 # ---------------------------------------------------------------- speculative sampling
@@ -281,8 +269,7 @@ def test_draft_confidence_is_the_exit_layers_max_probability(family):
 def test_sampling_probs_match_the_loops_token_selection():
     """The q and p of the acceptance test are the distributions the loop really samples from: with
     the same generator state, sampling from them picks the loop's token."""
-    from greencode.decoding.generate import _select_token
-    from greencode.decoding.speculative import sampling_probs
+    from greencode.decoding.steps import sampling_probs, select_token
 
     g = torch.Generator().manual_seed(0)
     for trial in range(40):
@@ -290,7 +277,7 @@ def test_sampling_probs_match_the_loops_token_selection():
         for temperature, top_p, top_k in ((1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5), (0.5, 0.8, 12), (2.0, 0.3, 1)):
             probs = sampling_probs(logits, temperature, top_p, top_k)
             assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
-            want = _select_token(logits, True, temperature, top_p, top_k, torch.Generator().manual_seed(trial))
+            want = select_token(logits, True, temperature, top_p, top_k, torch.Generator().manual_seed(trial))
             got = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(trial)))
             assert got == want
     rows = torch.randn(3, 50, generator=g)
@@ -407,36 +394,42 @@ def test_speculative_sampling_matches_the_full_models_distribution(family, setti
 
 @pytest.mark.parametrize("seed", range(4))
 def test_verification_reuses_the_drafts_exact_lower_layers(family, seed):
-    """Verifying a draft whose tokens exited at random exit points: the logits after every block
-    token and the cache afterwards equal the full model's on prompt + block (HF forward, no cache),
-    while each fed token ran only the layers above the lowest exit up to it."""
+    """Verifying a draft whose tokens exited at random exit points: the logits after every fed
+    token and the cache afterwards equal the full model's on prompt + those tokens (HF forward, no
+    cache), while each fed token ran only the layers above the lowest exit up to it."""
     from greencode.decoding import RandomExit, prefill
-    from greencode.decoding.generate import _layer_kv
-    from greencode.decoding.speculative import _verify_reusing
+    from greencode.decoding.generate import DecodeBatch, Row
+    from greencode.decoding.speculative import block_logits
+    from greencode.decoding.steps import layer_kv
 
     model = tiny_model(family, num_layers=6, exit_layers=(1, 2, 3))
     prompt = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(seed))
     start = prompt.shape[1]
-    state = prefill(model, prompt)
-    draft = generate(model, prompt, RandomExit(0.4, seed), 6, prefilled=state, consume_prefill=True,
-                     keep_states=True, return_logits=True)
-    d = draft.tokens
-    assert len(draft.kept_states) == len(d) - 1
-    logits, layers_run, heads = _verify_reusing(model, state.cache, start, d, draft)
-    whole = torch.cat([prompt, torch.tensor([d])], dim=1)
+    batch = DecodeBatch(model)
+    row = Row(controller=RandomExit(0.4, seed), max_new_tokens=6, keep_states=True, return_logits=True)
+    batch.add([row], prompt)
+    for _ in range(5):  # a normal row drafts: tokens 0..4 fed with exits, token 5 chosen
+        batch.step()
+    d, m = row.tokens, 5
+    assert len(row.kept_states) == m
+    exits = row.exit_layers[1:]  # exits[i]: the exit of the step that fed d[i]
+    exact = [min(exits[:i + 1]) for i in range(m)]
+    logits, layers_run, heads = block_logits(
+        model, batch.cache, None, 0, torch.tensor([d[:m]]), torch.arange(start, start + m)[None], exact,
+        row.kept_states, row.logits_seen[1:])
+    whole = torch.cat([prompt, torch.tensor([d[:m]])], dim=1)
     with torch.inference_mode():
         ref = model.hf(whole).logits[0, start:]  # row i: the full model's logits after d[i]
-    torch.testing.assert_close(logits[0], ref, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(logits), ref, atol=2e-4, rtol=1e-4)
     ref_cache = prefill(model, whole).cache
     for j in range(model.num_layers):
-        for got, want in zip(_layer_kv(state.cache, j), _layer_kv(ref_cache, j)):
+        for got, want in zip(layer_kv(batch.cache, j), layer_kv(ref_cache, j)):
             torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
-    # work: fed token i needs the layers above E_i = min(exits of tokens 1..i+1); the last token all six
-    exits = draft.exit_layers[1:]
-    lowest = [min(exits[:i + 1]) for i in range(len(d) - 1)]
-    assert layers_run == sum(model.num_layers - 1 - e for e in lowest) + model.num_layers
+    # work: fed token i needs the layers above E_i = min(exits of the steps feeding tokens 0..i)
+    assert layers_run == sum(model.num_layers - 1 - e for e in exact)
+    assert heads == sum(e < model.final_layer for e in exact)
     assert any(e < model.final_layer for e in exits)  # the draft exited early somewhere: layers were saved
-    assert layers_run < len(d) * model.num_layers
+    assert layers_run < m * model.num_layers
 
 
 def test_reusing_verification_equals_full_verification_with_less_work(family):
@@ -455,3 +448,37 @@ def test_reusing_verification_equals_full_verification_with_less_work(family):
     assert saved > 0
     with pytest.raises(ValueError, match="verify="):
         generate_lossless(model, prompt, NeverExit(), 4, verify="partial")
+
+
+# ---------------------------------------------------------------- lossless rows in the batch
+
+def test_lossless_rows_step_beside_lossy_rows(family):
+    """A lossless row is a row of the batch: several of them step beside lossy rows, rows join
+    mid-way, rejected drafts roll positions back, and every row equals its run alone (each lossless
+    one the full model's output, greedy or seeded sampling)."""
+    from greencode.decoding.generate import DecodeBatch, Row
+
+    model = wide_model(family, VOCAB)  # exits that often disagree with the final layer: drafts get rejected
+    g = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(3, VOCAB, (5 + 3 * i,), generator=g).tolist() for i in range(6)]
+    specs = [(FixedExit(1), True, {}), (FixedExit(1), False, {}), (ConfidenceExit(0.05), True, {}),
+             (FixedExit(2), True, dict(do_sample=True, temperature=0.9, seed=3)), (NeverExit(), False, {}),
+             (FixedExit(2), True, {})]
+    alone = []
+    for p, (ctrl, lossless, kw) in zip(prompts, specs):
+        run = generate_lossless(model, p, ctrl, 12, k_max=3, **kw) if lossless else generate(model, p, ctrl, 12, **kw)
+        alone.append(run.tokens)
+    for p, (ctrl, lossless, kw), want in zip(prompts, specs, alone):
+        if lossless and not kw:
+            assert want == generate(model, p, NeverExit(), 12).tokens
+    batch = DecodeBatch(model)
+    rows = [Row(controller=ctrl, max_new_tokens=12, lossless=lossless, k_max=3, **kw) for ctrl, lossless, kw in specs]
+    batch.add(rows[:3], prompts[:3])
+    batch.step()
+    batch.step()
+    batch.add(rows[3:], prompts[3:])
+    while batch.rows:
+        batch.step()
+    assert [r.tokens for r in rows] == alone
+    assert sum(r.counters["accepted"] < r.counters["drafted"] for r in rows if r.lossless) >= 1  # rejections
+    assert all(r.exit_layers == [model.final_layer] * 12 for r in rows if r.lossless)

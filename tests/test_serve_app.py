@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from greencode.config import ConfigError, load_config
+from greencode.decoding.steps import cut_at_stops
 from greencode.serve import create_app, load_run, serve
 from greencode.serve.demo import build_demo_run
 from greencode.serve.engine import Engine, strip_fim
@@ -266,7 +267,7 @@ def test_token_counts_stop_at_the_stop_string(run):
                     literal_mode="source")
     ids = r.tokenizer.encode("abc\ndef ghi", add_special_tokens=False)
     text = engine.to_editor_text(r.tokenizer.decode(ids, skip_special_tokens=True))
-    cut = engine._cut_at_stops(text, ["\n"])
+    cut = cut_at_stops(text, ["\n"])
     k = engine.kept_tokens(ids, cut)
     assert cut == "abc" and 0 < k < len(ids)
     assert r.tokenizer.decode(ids[:k]).startswith("abc") and not r.tokenizer.decode(ids[:k - 1]).startswith("abc")
@@ -298,7 +299,7 @@ def _check_stream(engine, tokens, stops):
     """Push ``tokens`` through a streamer: what was sent is always a prefix of the final text (so
     nothing past a stop string, nothing taken back), and pieces + flush == the final text."""
     full = engine.to_editor_text(engine.tokenizer.decode(tokens, skip_special_tokens=True))
-    final = engine._cut_at_stops(full, stops)
+    final = cut_at_stops(full, stops)
     streamer = engine.streamer(stops)
     sent = ""
     for t in tokens:

@@ -2,8 +2,8 @@
 
 from greencode.decoding.controllers import (ConfidenceExit, EntropyExit, ExitController, FixedExit, NeverExit,
                                             OracleExit, PolicyExit, RandomExit, SaturationExit, policy_observation)
-from greencode.decoding.generate import KV_STRATEGIES, GenerationResult, Prefill, compute_cost, generate, prefill
-from greencode.decoding.speculative import generate_lossless
+from greencode.decoding.generate import (KV_STRATEGIES, GenerationResult, Prefill, compute_cost, generate,
+                                        generate_lossless, prefill)
 
 __all__ = ["ConfidenceExit", "EntropyExit", "ExitController", "FixedExit", "GenerationResult", "KV_STRATEGIES",
            "NeverExit", "OracleExit", "PolicyExit", "Prefill", "RandomExit", "SaturationExit", "compute_cost", "generate", "generate_lossless",

@@ -41,20 +41,6 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autot
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
-class _Slot:
-    """The cache one layer sees in a compiled step: it writes the new position's K/V into the
-    static buffers at ``column`` and hands back the whole buffers (attention masks what is not
-    written yet)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor):
-        self.keys, self.values, self.column = keys, values, column
-
-    def update(self, key_states, value_states, layer_idx=None, cache_kwargs=None):
-        self.keys.index_copy_(2, self.column, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, self.column, value_states.to(self.values.dtype))
-        return self.keys, self.values
-
-
 def layer_step(layers, h: torch.Tensor, mask: torch.Tensor, slots, layer_kwargs: dict) -> torch.Tensor:
     """Consecutive decoder layers on every row for one new position (what is compiled)."""
     for layer, slot in zip(layers, slots):

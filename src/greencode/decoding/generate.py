@@ -16,8 +16,9 @@ each row exits where its own controller says, and a layer runs only on the rows 
 an exit saves work in a batch too. Rows finish independently and leave the cache; new rows can
 join between steps (the endpoint's continuous batching). :func:`generate` is one such batch: one
 row (how an editor calls it), one row per controller over the same prompt, or a list of prompts.
-``observe=True`` records every exit point's state for the RL trajectory bank; ``return_state`` /
-``consume_prefill`` let the lossless mode continue one cache across rounds.
+``observe=True`` records every exit point's state for the RL trajectory bank. A lossless row
+(``Row(lossless=True)``, :func:`generate_lossless`) drafts through the same step and is verified by the
+full model within it (:mod:`greencode.decoding.speculative`), beside lossy rows.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from greencode.config import ConfigError
-from greencode.decoding.compiled import _Slot as _StaticSlot
+from greencode.decoding import speculative
 from greencode.decoding.controllers import ExitController, NeverExit
-
-KV_STRATEGIES = ("propagate", "compute")
+from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Slot, check_request, copy_cache, cut_at_stops,
+                                      expand_cache, gather_kv, growable, layer_kv, left_pad, left_pad_positions,
+                                      new_cache, rebuild_cache, rows_kwargs, select_token)
 
 
 @dataclass
@@ -50,8 +52,6 @@ class GenerationResult:
     # last: the final layer's), both of the state this decoding reached (see generate)
     exit_states: Optional[list] = None
     exit_preds: Optional[list] = None
-    # return_state=True (one row): the decoding's end state, from which it can be continued (see generate)
-    state: Optional["Prefill"] = None
     # logprobs=n: each chosen token's log-probability, and (n > 0) the top-n (id, log-probability) pairs
     token_logprobs: Optional[list] = None
     top_logprobs: Optional[list] = None
@@ -66,27 +66,6 @@ class GenerationResult:
         return len(self.tokens)
 
 
-def _select_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                  generator: Optional[torch.Generator]) -> int:
-    logits = logits.reshape(-1).float()
-    if not do_sample or temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / temperature
-    if top_k and top_k > 0:
-        k = min(top_k, logits.numel())
-        kth = torch.topk(logits, k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cumulative = probs.cumsum(-1)
-        remove = cumulative - probs > top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy) -> torch.Tensor:
     if isinstance(input_ids, (list, tuple)):
         input_ids = torch.tensor([list(input_ids)], dtype=torch.long)
@@ -94,19 +73,7 @@ def _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_st
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate() decodes one sequence at a time; got a batch of {input_ids.shape[0]}")
-    if input_ids.shape[1] < 1:
-        raise ValueError("the prompt is empty; give at least one token")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-    limit = getattr(model.hf.config, "max_position_embeddings", None)
-    if limit and input_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {limit} positions; shorten the prompt from the left")
-    if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0:
-        raise ValueError(f"sampling parameters out of range: temperature={temperature} (>= 0), "
-                         f"top_p={top_p} ([0, 1]), top_k={top_k} (>= 0)")
-    if kv_strategy not in KV_STRATEGIES:
-        raise ConfigError(f"kv_strategy={kv_strategy!r}; choose one of {', '.join(KV_STRATEGIES)}")
+    check_request(model, int(input_ids.shape[1]), max_new_tokens, temperature, top_p, top_k, kv_strategy)
     return input_ids.to(model.device)
 
 
@@ -127,175 +94,17 @@ class Prefill:
 @torch.inference_mode()
 def prefill(model, input_ids: Union[torch.Tensor, Sequence[int]]) -> Prefill:
     """Run the prompt through all layers once (HF's forward, filling a ``DynamicCache``)."""
-    from transformers import DynamicCache
-
     ids = _validate(model, input_ids, 1, 1.0, 1.0, 0, "propagate")
     t0 = time.perf_counter()
-    cache = DynamicCache(config=model.hf.config)
+    cache = new_cache(model)
     out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
     logits = model.adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
     return Prefill(ids, cache, logits, time.perf_counter() - t0)
 
 
-def _copy_cache(cache):
-    import copy
-
-    return copy.deepcopy(cache)
-
-
-def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The key and value tensors ``[rows, kv_heads, T, head_dim]`` a cache holds for one layer
-    (transformers >= 4.56 ``cache.layers[i].keys``; older ``cache.key_cache[i]``)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and hasattr(layers[layer], "keys"):
-        return layers[layer].keys, layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
-
-
-def _expand_cache(cache, rows: int) -> None:
-    """Repeat a one-row prefill cache for ``rows`` rows (every row continues the same prompt)."""
-    if rows == 1:
-        return
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache.batch_repeat_interleave(rows)
-        return
-    for i in range(len(cache)):  # pragma: no cover - transformers without batch_repeat_interleave
-        k, v = _layer_kv(cache, i)
-        cache.key_cache[i], cache.value_cache[i] = k.repeat_interleave(rows, 0), v.repeat_interleave(rows, 0)
-
-
 def _new_counters() -> dict:
     return dict(layers_run=0, exit_checks=0, lm_head_calls=0, kv_propagated_layers=0, controller_time_s=0.0,
                 decode_steps=0)
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.hf.config)
-    except TypeError:  # pragma: no cover - transformers whose DynamicCache takes no config
-        return DynamicCache()
-
-
-def _grow_layer_class():
-    """A ``DynamicLayer`` whose K/V grow in place: a buffer with spare positions (doubling when
-    full) and ``keys``/``values`` as views of its filled part, so appending a position writes one
-    column instead of copying the whole layer (``torch.cat``) on every step. None where this
-    transformers has no ``DynamicLayer``."""
-    global _GROW_LAYER
-    if _GROW_LAYER is not None:
-        return _GROW_LAYER or None
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # pragma: no cover - transformers < 4.56
-        _GROW_LAYER = False
-        return None
-
-    class GrowingLayer(DynamicLayer):
-        def reserve(self, add: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-            """Room for ``add`` more positions: the (re)allocated buffers and the filled length.
-            Buffers hold a power of two of positions (so a compiled step sees few shapes) and
-            start zeroed (a static-shape step attends over them, masked, so they must be finite)."""
-            keys, values = self.keys, self.values
-            n = keys.shape[-2]
-            kb, vb = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
-            if (kb is None or n + add > kb.shape[-2] or kb.shape[:2] != keys.shape[:2]
-                    or keys.data_ptr() != kb.data_ptr() or keys.stride() != kb.stride()
-                    or values.data_ptr() != vb.data_ptr() or values.stride() != vb.stride()):
-                cap = 1 << max(6, (n + add - 1).bit_length())  # (re)allocate: the filled part copied once
-                kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
-                vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
-                kb[:, :, :n], vb[:, :, :n] = keys, values
-                self._kbuf, self._vbuf = kb, vb
-                self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
-            return kb, vb, n
-
-        def extend(self, length: int) -> None:
-            """The first ``length`` buffer positions are filled (written in place by a compiled step)."""
-            self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            keys = self.keys if self.is_initialized else None
-            if keys is None or keys.dim() != 4 or keys.numel() == 0:
-                return super().update(key_states, value_states, *args, **kwargs)
-            add = key_states.shape[-2]
-            kb, vb, n = self.reserve(add)
-            kb[:, :, n:n + add] = key_states
-            vb[:, :, n:n + add] = value_states
-            self.extend(n + add)
-            return self.keys, self.values
-
-    _GROW_LAYER = GrowingLayer
-    return GrowingLayer
-
-
-_GROW_LAYER = None
-
-
-def _growable(cache) -> None:
-    """Make every plain ``DynamicLayer`` of ``cache`` grow in place (see :func:`_grow_layer_class`)."""
-    cls = _grow_layer_class()
-    layers = getattr(cache, "layers", None)
-    if cls is None or layers is None:
-        return
-    base = cls.__mro__[1]
-    for layer in layers:
-        if type(layer) is base:
-            layer.__class__ = cls
-
-
-def _rebuild_cache(model, cache, rows: Optional[torch.Tensor] = None, first: int = 0, other=None,
-                   pad_to: int = 0):
-    """A new cache holding ``rows`` of ``cache`` from column ``first`` on, left-padded with zeros
-    to ``pad_to`` columns, then (``other``) the rows of another cache stacked below, padded alike."""
-    out = _new_cache(model)
-    for i in range(len(model.adapter.layers)):
-        k, v = _layer_kv(cache, i)
-        if rows is not None:
-            k, v = k[rows], v[rows]
-        k, v = k[:, :, first:], v[:, :, first:]
-        if other is not None:
-            k2, v2 = _layer_kv(other, i)
-            width = max(k.shape[2], k2.shape[2])
-            k, v = _pad_left(k, width), _pad_left(v, width)
-            k = torch.cat([k, _pad_left(k2, width)], dim=0)
-            v = torch.cat([v, _pad_left(v2, width)], dim=0)
-        elif pad_to > k.shape[2]:
-            k, v = _pad_left(k, pad_to), _pad_left(v, pad_to)
-        out.update(k.contiguous(), v.contiguous(), i)
-    return out
-
-
-def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros before the positions (dim 2 of K/V, dim 1 of a mask) up to ``width``."""
-    dim = 2 if x.dim() == 4 else 1
-    missing = width - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-class _RowsCache:
-    """The batch cache as a layer running on some rows sees it: the layer's ``update`` appends
-    the new position's K/V of its rows, every other row gets its own (``fill``: propagated from
-    its exit state), and the layer attends over its rows' entries only."""
-
-    def __init__(self, cache, rows: list[int], fill: Callable[[int], tuple[torch.Tensor, torch.Tensor]]):
-        self.cache, self.fill = cache, fill
-        self.index = torch.tensor(rows, dtype=torch.long)
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        k_all, v_all = self.fill(layer_idx)
-        index = self.index.to(k_all.device)
-        k_all[index], v_all[index] = key_states.to(k_all.dtype), value_states.to(v_all.dtype)
-        keys, values = self.cache.update(k_all, v_all, layer_idx, cache_kwargs)
-        return keys[index], values[index]
-
-    def __getattr__(self, name):  # anything else a layer may ask (seq length, flags): the real cache's
-        return getattr(self.cache, name)
 
 
 @dataclass
@@ -320,6 +129,12 @@ class Row:
     # teacher forcing: feed these tokens (the full model's continuation) instead of the row's own
     # choices; ``own_tokens`` records what the row chose at each position (token consistency)
     forced: Optional[Sequence[int]] = None
+    # lossless: tokens are drafted with early exits (this row's controller) and verified by the full model
+    # in the same batch (speculative.py), so the row emits exactly the full model's output
+    lossless: bool = False
+    k_max: int = 4  # lossless: tokens drafted at most before a verification
+    draft_threshold: Optional[float] = None  # lossless: also verify after a draft token less confident than this
+    verify: str = "reuse"  # lossless: reuse the draft's exact lower layers, or recompute every layer ("full")
     handle: Any = None
     # filled while decoding
     prompt: Optional[torch.Tensor] = None
@@ -334,6 +149,8 @@ class Row:
     obs_preds: Optional[list] = None
     kept_states: Optional[list] = None
     own_tokens: Optional[list] = None
+    draft: Optional[speculative.Draft] = None  # lossless: the tokens drafted since the last verification
+    emitted: int = 0  # tokens handed on (on_token, stop tests); a lossless row's draft waits for verification
     last_logits: Optional[torch.Tensor] = None
     finish: str = "length"
     done: bool = False
@@ -415,15 +232,16 @@ class DecodeBatch:
             row.obs_states, row.obs_preds = [], []
         if row.keep_states:
             row.kept_states = []
+        if row.lossless:
+            speculative.start(row, self.model, self.observe)
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row], prompts: Union[Sequence[Sequence[int]], torch.Tensor],
-            prefilled: Optional[Prefill] = None, consume_prefill: bool = False) -> list[Row]:
+            prefilled: Optional[Prefill] = None) -> list[Row]:
         """Prefill ``rows`` and let them join. ``prompts``: one token list per row, or one prompt
         (a ``[1, T]`` tensor) that every row continues (one prefill, repeated per row).
-        ``prefilled``: that one prompt's :func:`prefill` (its cache copied, or with
-        ``consume_prefill`` used and advanced in place). Returns the rows already finished by
-        their first token (not kept)."""
+        ``prefilled``: that one prompt's :func:`prefill` (its cache copied). Returns the rows
+        already finished by their first token (not kept)."""
         rows = list(rows)
         if not rows:
             return []
@@ -438,13 +256,13 @@ class DecodeBatch:
                 if prefilled.input_ids.shape != ids.shape or not torch.equal(prefilled.input_ids.to(ids.device), ids):
                     raise ValueError("prefilled= holds the prefill of another prompt; call prefill(model, input_ids) "
                                      "with the same input_ids")
-                cache = prefilled.cache if consume_prefill else _copy_cache(prefilled.cache)
+                cache = copy_cache(prefilled.cache)
                 logits = prefilled.logits
             else:
-                cache = _new_cache(model)
+                cache = new_cache(model)
                 out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
                 logits = adapter.lm_head(out.last_hidden_state[:, -1:])  # already through the final norm
-            _expand_cache(cache, len(rows))
+            expand_cache(cache, len(rows))
             pad = None
             for row in rows:
                 row.prompt, row.pos = ids, int(ids.shape[1])
@@ -454,13 +272,13 @@ class DecodeBatch:
                 raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows")
             unique = list(dict.fromkeys(tuple(int(t) for t in p) for p in prompts))  # each prompt prefilled once
             of_row = [unique.index(tuple(int(t) for t in p)) for p in prompts]
-            ids, mask = _left_pad([list(p) for p in unique], model.device)
-            cache = _new_cache(model)
+            ids, mask = left_pad([list(p) for p in unique], model.device)
+            cache = new_cache(model)
             if len(unique) == 1:
                 out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
                 pad = None
             else:
-                out = model.hf.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                out = model.hf.model(input_ids=ids, attention_mask=mask, position_ids=left_pad_positions(mask),
                                      past_key_values=cache, use_cache=True)
                 pad = None
                 if not bool(mask.all()):
@@ -469,7 +287,7 @@ class DecodeBatch:
             logits = adapter.lm_head(out.last_hidden_state[:, -1:])
             if of_row != list(range(len(unique))):  # repeated prompts: one row of the cache each
                 index = torch.tensor(of_row, device=ids.device)
-                cache = _rebuild_cache(model, cache, index)
+                cache = rebuild_cache(model, cache, index)
                 pad = None if pad is None else pad[index]
             for k, row in enumerate(rows):
                 row.prompt = torch.tensor([list(prompts[k])], dtype=torch.long, device=ids.device)
@@ -480,6 +298,8 @@ class DecodeBatch:
             row.t_prefilled = now
             row.counters["lm_head_calls"] += 1
             self._choose(row, lg, self.final)
+            if row.draft is not None:  # chosen by the full model from the prompt: final at once
+                row.draft.verified = len(row.tokens)
         self._join(cache, pad, len(rows))
         self.rows.extend(rows)
         finished = [row for row in rows if self._finished(row)]
@@ -504,7 +324,7 @@ class DecodeBatch:
             return torch.cat([m.new_full((m.shape[0], width - m.shape[1]), min_), m], dim=1)
 
         self.pad = torch.cat([widen(old), widen(new)], dim=0)
-        self.cache = _rebuild_cache(model, self.cache, other=cache)
+        self.cache = rebuild_cache(model, self.cache, other=cache)
         if not bool((self.pad < 0).any()):
             self.pad = None
 
@@ -514,7 +334,7 @@ class DecodeBatch:
             return
         keep = [k for k, r in enumerate(self.rows) if not r.done]
         self.rows = [self.rows[k] for k in keep]
-        if not self.rows:  # the last rows keep the cache (return_state continues it)
+        if not self.rows:  # the last rows keep the cache
             return
         first = 0
         pad = self.pad[keep] if self.pad is not None else None
@@ -524,12 +344,12 @@ class DecodeBatch:
             pad = pad[:, first:]
             if not bool((pad < 0).any()):
                 pad = None
-        self.cache = _rebuild_cache(self.model, self.cache, torch.tensor(keep, device=self.model.device), first)
+        self.cache = rebuild_cache(self.model, self.cache, torch.tensor(keep, device=self.model.device), first)
         self.pad = pad
 
     # ------------------------------------------------------------------ one token
     def _choose(self, row: Row, lg: torch.Tensor, exit_layer: int) -> None:
-        token = _select_token(lg, row.do_sample, row.temperature, row.top_p, row.top_k, row.generator)
+        token = select_token(lg, row.do_sample, row.temperature, row.top_p, row.top_k, row.generator)
         if row.forced is not None:
             if row.own_tokens is None:
                 row.own_tokens = []
@@ -548,23 +368,40 @@ class DecodeBatch:
                 row.top_logprobs.append([(int(i), float(v)) for v, i in zip(top.values, top.indices)])
 
     def _finished(self, row: Row) -> bool:
-        token = row.tokens[-1]
-        if row.on_token is not None:
-            row.on_token(token, row.exit_layers[-1])
-        if token in row.eos:
-            row.finish = "eos"
-        elif row.stop_strings and any(s and s in self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-                                      for s in row.stop_strings):
-            row.finish = "stop"
-        elif len(row.tokens) >= row.max_new_tokens:
-            row.finish = "length"
-        elif row.should_stop is not None and row.should_stop():
-            row.finish = "cancelled"
-        else:
-            return False
-        row.done = True
-        row.t_done = time.perf_counter()
+        """Hand on the row's new tokens (a lossless row's once verified), each tested for an end in
+        turn: EOS, a stop string, the length; then cancellation. An ended row drops the tokens after
+        its end (a lossless row: its unverified draft)."""
+        ready = len(row.tokens) if row.draft is None else row.draft.verified
+        while row.emitted < ready:
+            k = row.emitted
+            row.emitted += 1
+            token = row.tokens[k]
+            if row.on_token is not None:
+                row.on_token(token, row.exit_layers[k])
+            if token in row.eos:
+                return self._end(row, "eos")
+            if row.stop_strings and any(s and s in self.tokenizer.decode(row.tokens[:k + 1], skip_special_tokens=True)
+                                        for s in row.stop_strings):
+                return self._end(row, "stop")
+            if k + 1 >= row.max_new_tokens:
+                return self._end(row, "length")
+        if row.should_stop is not None and row.should_stop():
+            return self._end(row, "cancelled")
+        return False
+
+    @staticmethod
+    def _end(row: Row, reason: str) -> bool:
+        row.finish, row.done, row.t_done = reason, True, time.perf_counter()
+        del row.tokens[row.emitted:], row.exit_layers[row.emitted:]
         return True
+
+    def mask_last(self, r: int, n: int) -> None:
+        """Take back row ``r``'s last ``n`` positions (a rejected draft): its attention masks them
+        from now on (the columns stay until the batch drops leading padding)."""
+        if self.pad is None:
+            self.pad = torch.zeros((len(self.rows), int(self.cache.get_seq_length())), dtype=self.model.dtype,
+                                   device=self.model.device)
+        self.pad[r, -n:] = torch.finfo(self.model.dtype).min
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
@@ -573,7 +410,7 @@ class DecodeBatch:
         R = len(rows)
         if not R:
             return []
-        _growable(self.cache)  # appending this step's position writes in place
+        growable(self.cache)  # appending this step's position writes in place
         model, adapter, cache = self.model, self.model.adapter, self.cache
         propagate, observe, final, layers = self.propagate, self.observe, self.final, self.layers
         device = rows[0].prompt.device
@@ -605,7 +442,7 @@ class DecodeBatch:
         static = self._static_step(R) if self.compiled is not None and self.compiled.active else None
 
         def fill(j: int):
-            return _gather_kv(groups, j, R, cache)
+            return gather_kv(groups, j, R, cache)
 
         # the compiled step runs the layers between two decision points as one graph: a segment ends at
         # every layer where some row's controller checks, where observe or the oracle read the state,
@@ -632,7 +469,7 @@ class DecodeBatch:
                 i = next(b for b in stops if b >= start)
                 buf_k, buf_v, column, static_mask, length = static
                 h = self.compiled(layers[start:i + 1], h, static_mask,
-                                  [_StaticSlot(buf_k[j], buf_v[j], column) for j in range(start, i + 1)], run_kw)
+                                  [Slot(buf_k[j], buf_v[j], column) for j in range(start, i + 1)], run_kw)
                 for j in range(start, i + 1):
                     cache.layers[j].extend(length)
             else:
@@ -640,7 +477,7 @@ class DecodeBatch:
                 if len(run) == R:
                     h = layers[i](h, attention_mask=run_attn, past_key_values=cache, use_cache=True, **run_kw)
                 else:
-                    h = layers[i](h, attention_mask=run_attn, past_key_values=_RowsCache(cache, run, fill),
+                    h = layers[i](h, attention_mask=run_attn, past_key_values=RowsCache(cache, run, fill),
                                   use_cache=True, **run_kw)
                 if isinstance(h, tuple):
                     h = h[0]
@@ -653,7 +490,7 @@ class DecodeBatch:
                 # attends over its own cache row only, so replacing them after a segment is the same)
                 carried = [(rows_, at, kv) for rows_, at, kv in groups if rows_[0] in where]
                 for j in span if carried else ():
-                    keys, values = _layer_kv(cache, j)
+                    keys, values = layer_kv(cache, j)
                     for rows_, at, kv in carried:
                         k, v = kv[j - at - 1]
                         idx = torch.tensor(rows_, device=keys.device)
@@ -716,7 +553,7 @@ class DecodeBatch:
                 if len(pos) == len(run):
                     kv = adapter.propagate(i + 1, h, run_kw)
                 else:
-                    kv = adapter.propagate(i + 1, h[pos], _rows_kwargs(run_kw, pos))
+                    kv = adapter.propagate(i + 1, h[pos], rows_kwargs(run_kw, pos))
                 groups.append((exiting, i, kv))
             gone = sum(r in exit_at for r in run) if exiting and skip else 0
             if gone and (gone == len(run) or gone >= self.skip_share * R):
@@ -728,7 +565,7 @@ class DecodeBatch:
                 where = {r: k for k, r in enumerate(run)}
                 if run:
                     h = h[keep]
-                    run_kw = _rows_kwargs(lkw, run)
+                    run_kw = rows_kwargs(lkw, run)
                     run_attn = None if attn is None else attn[run]
             elapsed = time.perf_counter() - t0
             for r in asking:  # one row: its own time; several: the batch's time, shared
@@ -754,6 +591,8 @@ class DecodeBatch:
             self._choose(row, lg, exit_at[r])
             counters[r]["decode_steps"] += 1
             row.pos += 1
+            if row.draft is not None and speculative.drafted(row, exit_at[r], lg, controllers[r].runs_all_layers):
+                speculative.verify(self, r)
         if observe:
             stacked = torch.stack(seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
             preds = model.decode(stacked).argmax(-1)  # [R, E + 1]
@@ -787,12 +626,10 @@ class DecodeBatch:
         """A finished row as a :class:`GenerationResult` (text cut at the first stop string)."""
         text = None
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            if row.stop_strings:
-                cut = min((text.find(s) for s in row.stop_strings if s and s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
+            text = cut_at_stops(self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.stop_strings)
         c = row.counters
+        if row.draft is not None:
+            speculative.finish_counters(row)
         end = row.t_done or time.perf_counter()
         c.update(prefill_time_s=row.t_prefilled - row.t_added, decode_time_s=end - row.t_prefilled,
                  total_time_s=end - row.t_added, new_tokens=len(row.tokens))
@@ -812,9 +649,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              kv_strategy: str = "propagate", return_logits: bool = False, logprobs: Optional[int] = None,
              on_token: Optional[Callable[[int, int], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None,
-             prefilled: Optional[Prefill] = None,
-             observe: bool = False, return_state: bool = False,
-             consume_prefill: bool = False, keep_states: bool = False,
+             prefilled: Optional[Prefill] = None, observe: bool = False,
              forced_tokens: Optional[Sequence[Sequence[int]]] = None) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
@@ -837,10 +672,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     ``logprobs``: record each chosen token's log-probability under the logits that chose it
     (``result.token_logprobs``) and, when > 0, the top-``logprobs`` (id, log-probability) pairs.
     ``prefilled``: a :func:`prefill` of the same ``input_ids``, whose cache is copied instead of
-    running the prompt again (``prefill_time_s`` then counts the copy only); with
-    ``consume_prefill=True`` its cache is used and advanced in place, not copied (the caller gives
-    the prefill up; decoding only appends positions, so cropping the cache back to the prefill's
-    length restores it).
+    running the prompt again (``prefill_time_s`` then counts the copy only).
 
     ``observe=True`` records, for every decided token, the hidden state at every early exit
     point and every exit point's greedy prediction (``exit_states``, ``exit_preds``), the data
@@ -851,19 +683,12 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     the states up to the exit are the ones its controller saw. The shadow layers and the
     recording's LM heads are not counted in the counters.
 
-    ``keep_states=True`` records, for every decided token, the state of the token fed in that step at
-    each early exit point it ran through (``kept_states``; not the shadow climb of ``observe``):
-    the lossless mode's verification starts from them instead of recomputing the exact lower layers.
-
     ``forced_tokens`` (one token list per row) teacher-forces decoding: each row is fed the given
     tokens instead of its own choices (it stops at the list's end, or at an EOS in it), and
     ``result.own_tokens`` holds what the row chose at each position. With the full model's greedy
     continuation forced, the share of positions where ``own_tokens`` differs is the teacher-forced
     disagreement (token consistency): one wrong exit changes one position, not all after it.
 
-    ``return_state=True`` (one row) sets ``result.state``: a :class:`Prefill` of the prompt plus
-    every generated token but the last, with this decoding's cache and the logits that chose the
-    last token, so a later call with ``prefilled=result.state`` continues exactly from here.
     """
     prompts = _prompt_list(input_ids)  # None: one prompt (every row continues it)
     many = isinstance(controller, (list, tuple)) or prompts is not None
@@ -879,8 +704,6 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     if len(controllers) > 1 and (on_token is not None or should_stop is not None):
         raise ValueError("on_token and should_stop are for one row; stream single-row generations (or step a "
                          "DecodeBatch with one callback per row)")
-    if return_state and (len(controllers) > 1 or prompts is not None):
-        raise ValueError("return_state is for one row (one prompt, one controller)")
     if prompts is not None and prefilled is not None:
         raise ValueError("prefilled= is the prefill of one prompt; a batch of prompts is prefilled together")
     if prompts is None:
@@ -900,24 +723,58 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     rows = [Row(controller=c, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
-                should_stop=should_stop, return_logits=return_logits, logprobs=logprobs, keep_states=keep_states)
+                should_stop=should_stop, return_logits=return_logits, logprobs=logprobs)
             for c in controllers]
     for row, f in zip(rows, forced_tokens or []):
         row.forced = [int(t) for t in f]
         row.max_new_tokens = min(row.max_new_tokens, len(row.forced))
     batch = DecodeBatch(model, kv_strategy=kv_strategy, observe=observe, tokenizer=tokenizer)
-    batch.add(rows, ids if prompts is None else prompts, prefilled=prefilled, consume_prefill=consume_prefill)
+    batch.add(rows, ids if prompts is None else prompts, prefilled=prefilled)
     while batch.rows:
         batch.step()
     results = [batch.result(row) for row in rows]
     if len(rows) > 1:
         for res in results:
             res.counters["batch_rows"] = len(rows)
-    if return_state:
-        row = rows[0]
-        fed = torch.tensor([row.tokens[:-1]], dtype=torch.long, device=ids.device)
-        results[0].state = Prefill(torch.cat([ids, fed], dim=1), batch.cache, row.last_logits.reshape(1, 1, -1))
     return results if many else results[0]
+
+
+@torch.inference_mode()
+def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], controller: ExitController,
+                      max_new_tokens: int = 15, *, k_max: int = 6, draft_threshold: Optional[float] = None,
+                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      seed: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                      stop_strings: Optional[Sequence[str]] = None, tokenizer=None, kv_strategy: str = "propagate",
+                      on_token: Optional[Callable[[int, int], None]] = None,
+                      should_stop: Optional[Callable[[], bool]] = None, verify: str = "reuse") -> GenerationResult:
+    """Generation whose output is the full model's (greedy: the same tokens; sampling: the same
+    distribution), drafted with early exits by ``controller``: one lossless row of a
+    :class:`DecodeBatch` (see :mod:`greencode.decoding.speculative`).
+
+    ``k_max``: tokens drafted at most before a verification. ``draft_threshold``: also verify
+    after a drafted token whose max softmax probability at its exit layer is below it.
+    ``verify``: ``reuse`` (the draft's exact lower layers are kept) or ``full``. The other
+    arguments are :func:`generate`'s; ``on_token`` sees each token once it is verified (its exit
+    layer: the final one), ``should_stop`` is polled every step.
+
+    ``counters`` add ``rounds`` (verifications), ``drafted`` (tentative tokens), ``accepted`` (of
+    those), ``verified_tokens`` (tokens the verification ran layers for), ``exact_tokens``
+    (accepted without verification: no exit since the last one), ``residual_samples``,
+    ``draft_threshold_stops``, ``acceptance_rate`` and ``mean_draft_length``; ``layers_run``,
+    ``kv_propagated_layers``, ``lm_head_calls`` and ``exit_checks`` count drafting and
+    verification, the work spent on rejected tokens included."""
+    ids = _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    row = Row(controller=controller, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+              top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
+              should_stop=should_stop, lossless=True, k_max=k_max, draft_threshold=draft_threshold, verify=verify)
+    batch = DecodeBatch(model, kv_strategy=kv_strategy, tokenizer=tokenizer)
+    batch.add([row], ids)
+    while batch.rows:
+        batch.step()
+    return batch.result(row)
 
 
 def _prompt_list(input_ids) -> Optional[list[list[int]]]:
@@ -930,49 +787,6 @@ def _prompt_list(input_ids) -> Optional[list[list[int]]]:
     if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, torch.Tensor)):
         return [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in input_ids]
     return None
-
-
-def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and the attention mask (1 = token, 0 = padding) of ragged prompts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Per-row positions of a left-padded batch: 0 at each row's first real token."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _rows_kwargs(lkw: dict, rows: list[int]) -> dict:
-    """Some rows of the layer keyword arguments (tensors and tuples of tensors indexed)."""
-    out = {}
-    for k, v in lkw.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v[rows]
-        elif isinstance(v, tuple):
-            out[k] = tuple(t[rows] if isinstance(t, torch.Tensor) else t for t in v)
-        else:
-            out[k] = v
-    return out
-
-
-def _gather_kv(groups: list, layer: int, rows: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The new position's K/V of one layer for every row: each group's propagated K/V, and
-    for a finished row (kept only for shape) its last entry again."""
-    if len(groups) == 1 and len(groups[0][0]) == rows:
-        return groups[0][2][layer - groups[0][1] - 1]
-    keys, values = _layer_kv(cache, layer)
-    k_all, v_all = keys[:, :, -1:].clone(), values[:, :, -1:].clone()
-    for rows_, at, kv in groups:
-        k, v = kv[layer - at - 1]
-        idx = torch.tensor(rows_, device=k_all.device)
-        k_all[idx], v_all[idx] = k, v
-    return k_all, v_all
 
 
 def compute_cost(model, results: Sequence[GenerationResult], controller: Optional[ExitController] = None) -> dict:

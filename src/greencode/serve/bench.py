@@ -334,3 +334,152 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
     write_json(out_path, result)
     log.info("load benchmark written to %s", out_path)
     return result
+
+
+# --------------------------------------------------------------------------- lossless rows beside lossy rows
+def _gaps(times: Sequence[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossless_requests: int = 3,
+                     lossless_tokens: int = 200, probe_tokens: int = 64, batch: int = 8, batch_tokens: int = 64,
+                     repeats: int = 3, out_path: Optional[Union[str, Path]] = None,
+                     demo: bool = False) -> dict[str, Any]:
+    """Lossless requests as rows of the batch, measured through a real server with the official
+    ``openai`` client:
+
+    * **no stall**: a streamed lossy probe of ``probe_tokens`` tokens alone, then while
+      ``lossless_requests`` lossless requests of ``lossless_tokens`` tokens are in flight; its time
+      to the first chunk and its p95 gap between chunks, each the median of ``repeats`` tries,
+      and their ratios (target: each at most 2x);
+    * **lossless batching**: ``batch`` concurrent lossless requests of ``batch_tokens`` tokens
+      against the same requests one at a time (tokens/s; target at least 2.5x), and every answer
+      checked equal to the full model's greedy answer (``exit_threshold: 1.0``, lossy).
+
+    Writes ``results/benchmark/serve_lossless_<config name>.json``."""
+    import asyncio
+
+    import openai
+
+    from greencode.serve.engine import run_root
+    from greencode.serve.server import ServerProcess
+    from greencode.utils import REPO_ROOT
+
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    root = run_root(cfg, run_dir)
+    prompts = bench_prompts(max(batch, lossless_requests) + repeats, cfg.seed)
+    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_lossless_{cfg.name}.json"
+    lossless = {"mode": "lossless"}
+
+    async def stream_probe(client, prompt: str) -> dict:
+        t0 = time.perf_counter()
+        stamps = []
+        stream = await client.completions.create(model="greencode", prompt=prompt, max_tokens=probe_tokens,
+                                                 temperature=0, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter() - t0)
+        gaps = _gaps(stamps)
+        return {"first_chunk_s": stamps[0] if stamps else None, "chunks": len(stamps),
+                "gap_p95_s": float(np.percentile(gaps, 95)) if gaps else None}
+
+    async def complete(client, prompt: str, tokens: int, extra: dict) -> dict:
+        t0 = time.perf_counter()
+        r = await client.completions.create(model="greencode", prompt=prompt, max_tokens=tokens, temperature=0,
+                                            extra_body=extra)
+        return {"text": r.choices[0].text, "tokens": r.usage.completion_tokens, "s": time.perf_counter() - t0}
+
+    async def measure(url: str) -> dict:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
+        out: dict[str, Any] = {"alone": [], "beside_lossless": []}
+        await stream_probe(client, prompts[0])  # warm-up
+        for k in range(repeats):
+            probe = prompts[batch + k] if batch + k < len(prompts) else prompts[k]
+            out["alone"].append(await stream_probe(client, probe))
+            background = [asyncio.create_task(complete(client, prompts[i], lossless_tokens, lossless))
+                          for i in range(lossless_requests)]
+            await asyncio.sleep(0.5)  # the lossless requests are prefilled and decoding
+            running = sum(not t.done() for t in background)
+            row = await stream_probe(client, probe)
+            row["lossless_in_flight_at_start"] = running
+            row["lossless_in_flight_at_end"] = sum(not t.done() for t in background)
+            done = await asyncio.gather(*background)
+            row["lossless_tokens"] = [d["tokens"] for d in done]
+            out["beside_lossless"].append(row)
+        # lossless batching: one at a time, then all at once; the full model's answers to check them
+        texts = prompts[:batch]
+        t0 = time.perf_counter()
+        one = [await complete(client, p, batch_tokens, lossless) for p in texts]
+        one_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        many = await asyncio.gather(*[complete(client, p, batch_tokens, lossless) for p in texts])
+        many_s = time.perf_counter() - t0
+        full = [await complete(client, p, batch_tokens, {"exit_threshold": 1.0}) for p in texts]
+        await client.close()
+        out["batching"] = {
+            "requests": batch, "tokens_each": batch_tokens,
+            "one_at_a_time": {"wall_s": one_s, "tokens": sum(r["tokens"] for r in one),
+                              "tokens_per_s": sum(r["tokens"] for r in one) / one_s},
+            "concurrent": {"wall_s": many_s, "tokens": sum(r["tokens"] for r in many),
+                           "tokens_per_s": sum(r["tokens"] for r in many) / many_s},
+            "equal_to_full_model": [a["text"] == f["text"] for a, f in zip(many, full)],
+            "one_at_a_time_equal_to_full_model": [a["text"] == f["text"] for a, f in zip(one, full)],
+        }
+        return out
+
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="greencode-lossless-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        overrides = [f"serve.max_batch_size={max(batch, lossless_requests + 1)}", "serve.queue_size=16",
+                     f"serve.max_new_tokens_cap={max(lossless_tokens, batch_tokens, probe_tokens)}",
+                     "serve.request_timeout_s=600"]
+        with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
+            raw = asyncio.run(measure(srv.url))
+
+    def med(rows: list, key: str) -> Optional[float]:
+        vals = [r[key] for r in rows if r[key] is not None]
+        return float(np.median(vals)) if vals else None
+
+    alone_first, beside_first = med(raw["alone"], "first_chunk_s"), med(raw["beside_lossless"], "first_chunk_s")
+    alone_gap, beside_gap = med(raw["alone"], "gap_p95_s"), med(raw["beside_lossless"], "gap_p95_s")
+    b = raw["batching"]
+    speedup = b["concurrent"]["tokens_per_s"] / b["one_at_a_time"]["tokens_per_s"]
+    ratios = {"first_chunk": beside_first / alone_first if alone_first and beside_first else None,
+              "gap_p95": beside_gap / alone_gap if alone_gap and beside_gap else None}
+    result = {
+        "what": (f"a streamed lossy probe ({probe_tokens} tokens, openai client) alone and beside {lossless_requests} "
+                 f"lossless requests of {lossless_tokens} tokens ({repeats} tries each, medians); {batch} concurrent "
+                 f"lossless requests of {batch_tokens} tokens vs one at a time, checked against the full model"),
+        "run_dir": _rel(root), "demo_run": bool(demo),
+        "prompts": "prefixes of Python standard-library files cut at a seeded line/column (bench_prompts)",
+        "no_stall": {"first_chunk_ms": {"alone": alone_first * 1e3 if alone_first else None,
+                                        "beside_lossless": beside_first * 1e3 if beside_first else None},
+                     "gap_p95_ms": {"alone": alone_gap * 1e3 if alone_gap else None,
+                                    "beside_lossless": beside_gap * 1e3 if beside_gap else None},
+                     "ratios": ratios, "tries": raw},
+        "lossless_batching": {**{k: v for k, v in b.items()}, "speedup": speedup},
+        "targets": {
+            "first_chunk_within_2x": ratios["first_chunk"] is not None and ratios["first_chunk"] <= 2.0,
+            "gap_p95_within_2x": ratios["gap_p95"] is not None and ratios["gap_p95"] <= 2.0,
+            "lossless_batch_speedup_2_5x": speedup >= 2.5,
+            "every_lossless_answer_equals_full_model": all(b["equal_to_full_model"])
+            and all(b["one_at_a_time_equal_to_full_model"]),
+        },
+        "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
+        "run": run_metadata(cfg, stage="bench_serve_lossless"),
+    }
+    write_json(out_path, result)
+    log.info("lossless mix benchmark written to %s", out_path)
+    return result
+
+
+def _rel(path: Union[str, Path]) -> str:
+    """A path relative to the repository when it lies inside it (results carry no machine paths)."""
+    from greencode.utils import REPO_ROOT
+
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return Path(path).name

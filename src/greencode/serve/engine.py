@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from greencode.config import Config, ConfigError
 from greencode.decoding.compiled import compile_info, use_compiled_steps
+from greencode.decoding.steps import cut_at_stops
 from greencode.paths import RunPaths
 from greencode.serve.errors import RequestError
 from greencode.serve.events import TokenEvent
@@ -133,7 +134,7 @@ class Job:
     measurement: Any = None
     streamer: Optional["TextStreamer"] = None
     window: Optional[str] = None  # the open energy-meter window while the row decodes
-    lossless: bool = False  # drafted with early exits, verified by the full model (Engine.run_lossless)
+    lossless: bool = False  # drafted with early exits, verified by the full model (a lossless row of the batch)
 
     def flush(self, text: str) -> str:
         """The part of the final ``text`` no token event carried yet."""
@@ -556,7 +557,8 @@ class Engine:
         row = Row(controller=job.controller, max_new_tokens=gen.max_new_tokens,
                   do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
                   top_k=gen.top_k, seed=gen.seed, eos=frozenset(self.eos_ids), stop_strings=job.stops or None,
-                  return_logits=gen.logprobs is not None, logprobs=gen.logprobs, handle=job)
+                  return_logits=gen.logprobs is not None, logprobs=gen.logprobs, handle=job,
+                  lossless=job.lossless, k_max=int(getattr(self.serve_cfg, "lossless_k_max", 4)))
         row.should_stop, row.on_token = self._start(job, on_event, should_stop, row)
         return row
 
@@ -576,38 +578,10 @@ class Engine:
         """Close the energy window of a row that will not finish (its batch failed)."""
         self._close_window(row.handle, cancel=True)
 
-    def run_lossless(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
-                     should_stop: Optional[Callable[[], bool]] = None):
-        """``job`` in lossless mode (:func:`~greencode.decoding.generate_lossless`): drafted with the
-        job's controller, verified by the full model, so the output is the full model's. It runs
-        alone (not as a batch row); token events are pushed as each token is accepted."""
-        from greencode.decoding import generate_lossless
-
-        gen = job.gen
-        stop, on_token = self._start(job, on_event, should_stop)
-        try:
-            res = generate_lossless(
-                self.model, job.ids, job.controller, gen.max_new_tokens,
-                k_max=int(getattr(self.serve_cfg, "lossless_k_max", 4)),
-                do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
-                top_k=gen.top_k, seed=gen.seed, eos_token_id=self.eos_ids or None, stop_strings=job.stops or None,
-                tokenizer=self.tokenizer, kv_strategy=self.decoding_cfg.kv_strategy, on_token=on_token,
-                should_stop=stop)
-        except (ValueError, ConfigError) as e:
-            self._close_window(job, cancel=True)
-            raise RequestError(422, f"cannot generate: {e}") from None
-        except BaseException:
-            self._close_window(job, cancel=True)
-            raise
-        self._close_window(job)
-        return res
-
     def run(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None):
-        """``job`` alone: a batch of one row (the same loop the scheduler steps many rows in), or
-        :meth:`run_lossless` for a lossless job."""
-        if job.lossless:
-            return self.run_lossless(job, on_event, should_stop)
+        """``job`` alone: a batch of one row (the same loop the scheduler steps many rows in,
+        lossless rows included)."""
         batch = self.new_batch()
         row = self.row(job, on_event, should_stop)
         try:
@@ -631,7 +605,7 @@ class Engine:
         req, m = job.gen, job.measurement
         model_text = res.text if res.text is not None else self.tokenizer.decode(res.tokens, skip_special_tokens=True)
         full_text = self.to_editor_text(model_text)
-        text = self._cut_at_stops(full_text, req.stop)
+        text = cut_at_stops(full_text, req.stop)
         # the tokens whose text is returned: a token wholly past a stop string is not counted as completion
         kept = len(res.tokens) if text == full_text else self.kept_tokens(res.tokens, text)
         cost = compute_cost(self.model, [res], job.controller)
@@ -736,11 +710,6 @@ class Engine:
         ids = self.bos_prefix + self.tokenizer.encode("x", add_special_tokens=False)
         generate(self.model, ids, None, 2, tokenizer=self.tokenizer, kv_strategy=self.decoding_cfg.kv_strategy)
         log.info("warm-up generation: %.2f s", time.perf_counter() - t0)
-
-    @staticmethod
-    def _cut_at_stops(text: str, stops: list[str]) -> str:
-        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-        return text[:cut] if cut >= 0 else text
 
     def pieces(self, tokens: list[int], text: str, stops: Sequence[str] = ()) -> list[str]:
         """The editor-text increments a stream of ``tokens`` sends (one per token, then the final

@@ -14,7 +14,8 @@ cancellation, and each request's stream of token events.
   join (prefill, then they step with the others; at most ``serve.max_prefill_tokens`` prompt tokens
   join per step, so a crowd of new prompts does not stall the rows already streaming); rows leave
   as they finish. Each row keeps its own
-  controller (threshold or target), sampling, stop strings and deadline. Each token's
+  controller (threshold or target), mode (a lossless row drafts and is verified within the same steps),
+  sampling, stop strings and deadline. Each token's
   :class:`~greencode.serve.events.TokenEvent` is handed to the request's asyncio queue with
   ``loop.call_soon_threadsafe`` as the step produces it.
 * **Deadlines**: every request has ``serve.request_timeout_s`` from submission. The decoding loop
@@ -281,16 +282,6 @@ class Scheduler:
                                                kind="server_busy", headers={"Retry-After": "5"}))
             elif job.deadline is not None and time.perf_counter() > job.deadline:  # timed out while queued
                 self._end(stream, _timeout_error(self.timeout_s))
-            elif getattr(job, "lossless", False):  # drafted + verified: runs alone, between two steps
-                try:
-                    result = self.engine.run_lossless(job, stream.push if job.gen.stream else None,
-                                                      stream.should_stop)
-                except Exception as e:  # noqa: BLE001 - reported to the request
-                    if not isinstance(e, RequestError):
-                        log.exception("lossless generation failed for request %s", job.gen.request_id)
-                    self._end(stream, e)
-                    continue
-                self._end(stream, self._last_item(job, stream, result))
             else:
                 row = self.engine.row(job, stream.push if job.gen.stream else None, stream.should_stop)
                 rows.append((row, job, stream))
