@@ -63,10 +63,13 @@ def main() -> None:
         print(f"lossy probe first chunk: alone {ns['first_chunk_ms']['alone']:.0f} ms, beside lossless "
               f"{ns['first_chunk_ms']['beside_lossless']:.0f} ms (x{ns['ratios']['first_chunk']:.2f}); p95 gap "
               f"{ns['gap_p95_ms']['alone']:.1f} -> {ns['gap_p95_ms']['beside_lossless']:.1f} ms "
-              f"(x{ns['ratios']['gap_p95']:.2f})")
+              f"(x{ns['ratios']['gap_p95']:.2f}); control beside lossy full-model rows: first chunk "
+              f"x{ns['control_beside_lossy_full_model']['first_chunk_ratio']:.2f}, p95 gap "
+              f"x{ns['control_beside_lossy_full_model']['gap_p95_ratio']:.2f}")
         print(f"{lb['requests']} concurrent lossless: {lb['concurrent']['tokens_per_s']:.1f} tokens/s vs "
               f"{lb['one_at_a_time']['tokens_per_s']:.1f} one at a time (x{lb['speedup']:.2f}); equal to the full "
-              f"model: {sum(lb['equal_to_full_model'])}/{lb['requests']}")
+              f"model: {sum(lb['equal_to_full_model'])}/{lb['requests']}; the full model lossy: "
+              f"x{lb['full_model_lossy_reference']['speedup']:.2f}")
         print(f"targets: {res['targets']}")
         return
     if args.load:

@@ -583,6 +583,7 @@ class DecodeBatch:
                     final_pred = int(torch.argmax(row_logits[r][0, -1]))
                     exit_at[r] = next((self.exit_points[j] for j, p in enumerate(oracle_preds[r]) if p == final_pred),
                                       final)
+        verifying = False
         for r, row in enumerate(rows):
             lg = row_logits.get(r)
             if lg is None:
@@ -592,7 +593,9 @@ class DecodeBatch:
             counters[r]["decode_steps"] += 1
             row.pos += 1
             if row.draft is not None and speculative.drafted(row, exit_at[r], lg, controllers[r].runs_all_layers):
-                speculative.verify(self, r)
+                verifying = True
+        if verifying:  # every lossless row with a draft verifies now, in one multi-token step
+            speculative.verify(self, [r for r, row in enumerate(rows) if row.draft is not None and row.draft.exact])
         if observe:
             stacked = torch.stack(seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
             preds = model.decode(stacked).argmax(-1)  # [R, E + 1]

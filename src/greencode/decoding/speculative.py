@@ -7,12 +7,12 @@ as every other row, through the same layer step, exit checks and K/V propagation
 1. **Draft.** Each step feeds the row's last token and its controller exits where it says, as
    for a lossy row; the token chosen at the exit is *tentative*: nothing is handed on (streamed,
    tested for EOS or a stop string) until it is verified.
-2. **Verify,** in the same step, once the draft has ``k_max`` tentative tokens, a drafted token ran
-   to the final layer (the controller was not confident anywhere), a tentative token is an EOS,
-   the length is reached, or (``draft_threshold``) the last tentative token's max softmax
-   probability at its exit layer is below the threshold. Verification is a multi-token step of
-   this row alone over the batch cache: the full model's logits after each token fed since the
-   last verification (:func:`block_logits`).
+2. **Verify,** in the same step, once the draft has ``k_max`` tentative tokens, a tentative token is
+   an EOS, the length is reached, or (``draft_threshold``) the last tentative token's max softmax
+   probability at its exit layer is below the threshold. When one row verifies, every lossless row
+   with a draft verifies with it: one multi-token step over the batch cache for all of them, each
+   row's block of tokens fed since its last verification (:func:`block_logits`). A token fed with
+   every layer from an exact state is final at once, with no verification (the never-exit loop).
 3. **Accept,** greedy: the longest prefix of tentative tokens equal to the full model's greedy
    tokens, then the full model's own token in place of the first that differs. Sampling:
    speculative sampling (Leviathan et al. 2023; Chen et al. 2023): tentative token ``x`` is kept
@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from greencode.decoding.steps import RowSlot, block_mask, sampling_probs
+from greencode.decoding.steps import BlockSlot, block_mask, cache_device, sampling_probs
 
 VERIFY_MODES = ("reuse", "full")
 LOSSLESS_COUNTERS = ("rounds", "drafted", "accepted", "verified_tokens", "exact_tokens", "residual_samples",
@@ -97,8 +97,10 @@ def drafted(row, exit_layer: int, logits: torch.Tensor, ran_all: bool) -> bool:
     d.low = min(d.low, d.final if ran_all else exit_layer)
     d.exact.append(d.low)
     d.logits.append(logits)
-    if exit_layer == d.final or len(d.exact) >= row.k_max or row.tokens[-1] in row.eos \
-            or len(row.tokens) >= row.max_new_tokens:
+    if d.low == d.final:  # every token since the last verification ran every layer: final as it stands
+        _exact(row)
+        return False
+    if len(d.exact) >= row.k_max or row.tokens[-1] in row.eos or len(row.tokens) >= row.max_new_tokens:
         return True
     if row.draft_threshold is not None:
         confidence = float(torch.softmax(logits.reshape(-1).float(), dim=-1).max())
@@ -108,41 +110,74 @@ def drafted(row, exit_layer: int, logits: torch.Tensor, ran_all: bool) -> bool:
     return False
 
 
+@dataclass
+class Block:
+    """One row's part of a verification: its batch row, the tokens fed since its last
+    verification (``fed``, at positions ``start..start+m-1``), their exact parts, kept states and
+    the logits that chose the token after each."""
+
+    r: int
+    fed: list
+    start: int
+    exact: list
+    states: Optional[list]
+    chosen: list
+
+    @property
+    def join(self) -> int:  # the first layer any of its tokens runs (E only falls: the last token's)
+        return self.exact[-1] + 1
+
+
 @torch.inference_mode()
-def block_logits(model, cache, pad_row: Optional[torch.Tensor], r: int, fed: torch.Tensor, positions: torch.Tensor,
-                 exact: list, states: Optional[list], chosen: list) -> tuple[list, int, int]:
-    """The full model's logits ``[V]`` after each of the ``m`` tokens ``fed`` (``[1, m]``, at
-    ``positions``) that batch row ``r`` fed last, the layers run and the LM heads run. The tokens' K/V of the
-    layers above their exact part are overwritten with the full model's (see the module
-    docstring); ``states[i][j]``: token ``i``'s state after layer ``j``; ``chosen[i]``: the
-    logits that chose the token after token ``i`` (the full model's when ``exact[i]`` is final)."""
-    m = fed.shape[1]
+def block_logits(model, cache, pad: Optional[torch.Tensor], blocks: list) -> list:
+    """The full model's logits ``[V]`` after every fed token of each :class:`Block`, verified
+    together: one multi-token step over the batch cache for the rows of all blocks, each block
+    padded on the left to the longest. Token ``i`` of a block runs the layers above its exact part
+    (``exact[i]``) from its kept state there (layer 0: its embedding) and overwrites its propagated
+    K/V with the full model's; padding positions and tokens not yet running write nothing. Returns
+    per block (logits, layers run, LM heads run)."""
     adapter = model.adapter
     width = int(cache.get_seq_length())
-    first, h, layers_run = m, None, 0  # the block's suffix being run: tokens first..m-1
-    mask = lkw = None
+    size = max(len(b.fed) for b in blocks)
+    device = cache_device(cache)
+    rows: list = []  # the blocks running, in the order of h's rows
+    h = mask = lkw = index = None
+    runs = [0] * len(blocks)
     for j, layer in enumerate(adapter.layers):
-        join = first
-        while join > 0 and exact[join - 1] < j:  # tokens whose exact part ends below this layer join the suffix
-            join -= 1
-        if join < first:
-            if j == 0:
-                new = adapter.embed(fed[:, join:first], positions[:, join:first])
-            else:
-                new = torch.stack([states[i][j - 1] for i in range(join, first)])[None].to(model.dtype)
-            h = new if h is None else torch.cat([new, h], dim=1)
-            first = join
-            # positions, rotary tables and the causal mask change only when tokens join the suffix
-            lkw = adapter.layer_kwargs(h, positions[:, first:])
-            mask = block_mask(pad_row, m - first, width, model.dtype, h.device)
+        joining = [k for k, b in enumerate(blocks) if b.join == j]
+        if joining:
+            fresh = torch.zeros((len(joining), size, model.hidden_size), dtype=model.dtype, device=device)
+            h = fresh if h is None else torch.cat([h, fresh], dim=0)
+            rows += joining
+            index = torch.tensor([blocks[k].r for k in rows], device=device)
+            positions = torch.stack([torch.arange(blocks[k].start + len(blocks[k].fed) - size,
+                                                  blocks[k].start + len(blocks[k].fed), device=device).clamp(min=0)
+                                     for k in rows])
+            lkw = adapter.layer_kwargs(h, positions)
+            mask = torch.cat([block_mask(None if pad is None else pad[blocks[k].r], size, width, model.dtype, device)
+                              for k in rows])
         if h is None:
             continue
-        out = layer(h, attention_mask=mask, past_key_values=RowSlot(cache, j, r, m - first), use_cache=True, **lkw)
+        valid = torch.zeros((len(rows), size), dtype=torch.bool, device=device)
+        for p, k in enumerate(rows):
+            b, off = blocks[k], size - len(blocks[k].fed)
+            for i, e in enumerate(b.exact):
+                if e == j - 1:  # token i joins: its state after layer j - 1 (its embedding at layer 0)
+                    h[p, off + i] = (adapter.embed(torch.tensor([[b.fed[i]]], device=device),
+                                                   torch.tensor([[b.start + i]], device=device))[0, 0] if j == 0
+                                     else b.states[i][j - 1].to(model.dtype))
+                valid[p, off + i] = e < j
+            runs[k] += int(sum(e < j for e in b.exact))
+        out = layer(h, attention_mask=mask, past_key_values=BlockSlot(cache, j, index, valid), use_cache=True, **lkw)
         h = out[0] if isinstance(out, tuple) else out
-        layers_run += m - first
-    top = model.decode(h)[0] if h is not None else None
-    logits = [chosen[i].reshape(-1) for i in range(first)] + [top[k] for k in range(m - first)]
-    return logits, layers_run, m - first
+    top = model.decode(h) if h is not None else None
+    results = []
+    for k, b in enumerate(blocks):
+        m, p = len(b.fed), rows.index(k)
+        first = next(i for i, e in enumerate(b.exact) if e < len(adapter.layers) - 1)
+        logits = [b.chosen[i].reshape(-1) for i in range(first)] + [top[p, size - m + i] for i in range(first, m)]
+        results.append((logits, runs[k], m - first))
+    return results
 
 
 def accept(row, full: list) -> tuple[int, Optional[int]]:
@@ -170,46 +205,58 @@ def accept(row, full: list) -> tuple[int, Optional[int]]:
     return len(full), None
 
 
-def verify(batch, r: int) -> None:
-    """Verify batch row ``r``'s draft (see the module docstring): keep the accepted tokens, put the
-    full model's token in place of the first rejected one, and roll back the positions after it."""
-    row, model = batch.rows[r], batch.model
+def _exact(row) -> None:
+    """Every token since the last verification ran every layer from an exact state: they are the
+    full model's as they stand (no verification)."""
     d, c = row.draft, row.counters
-    m = len(d.exact)
     c["rounds"] += 1
-    c["drafted"] += m
-    if all(e == d.final for e in d.exact):  # no early exit since the last verification: all the full model's
-        c["accepted"] += m
-        c["exact_tokens"] += m
-        d.reset(len(row.tokens))
-        return
-    device = row.prompt.device
-    fed = torch.tensor([row.tokens[-1 - m:-1]], dtype=torch.long, device=device)
-    positions = torch.arange(row.pos - m, row.pos, device=device)[None]
-    exact = d.exact if row.verify == "reuse" else [-1] * m
-    pad_row = batch.pad[r] if batch.pad is not None else None
-    full, layers_run, heads = block_logits(model, batch.cache, pad_row, r, fed, positions, exact,
-                                           row.kept_states[-m:] if row.kept_states else None, d.logits)
-    c["verified_tokens"] += m
-    c["lm_head_calls"] += heads
-    c["layers_run"] += layers_run
-    n, replacement = accept(row, full)
-    c["accepted"] += n
-    keep = d.verified + n
-    if replacement is not None:
-        rolled = m - n - 1  # fed tokens after the rejected one: their positions are taken back
-        del row.tokens[keep:], row.exit_layers[keep:]
-        row.tokens.append(replacement)
-        row.exit_layers.append(d.final)
-        row.last_logits = full[n].reshape(1, 1, -1)
-        if rolled:
-            batch.mask_last(r, rolled)
-            row.pos -= rolled
-    for k in range(d.verified, len(row.exit_layers)):
-        row.exit_layers[k] = d.final  # every emitted token is the full model's
-    if row.kept_states is not None:
-        row.kept_states.clear()
+    c["drafted"] += len(d.exact)
+    c["accepted"] += len(d.exact)
+    c["exact_tokens"] += len(d.exact)
     d.reset(len(row.tokens))
+
+
+def verify(batch, rs: list) -> None:
+    """Verify the drafts of batch rows ``rs`` together (see the module docstring): keep each row's
+    accepted tokens, put the full model's token in place of its first rejected one, and roll back
+    the positions after it."""
+    blocks = []
+    for r in rs:
+        row = batch.rows[r]
+        d, c = row.draft, row.counters
+        m = len(d.exact)
+        if all(e == d.final for e in d.exact):  # no early exit since the last verification: all the full model's
+            _exact(row)
+            continue
+        c["rounds"] += 1
+        c["drafted"] += m
+        blocks.append(Block(r, row.tokens[-1 - m:-1], row.pos - m, d.exact if row.verify == "reuse" else [-1] * m,
+                            row.kept_states[-m:] if row.kept_states else None, d.logits))
+    if not blocks:
+        return
+    for b, (full, layers_run, heads) in zip(blocks, block_logits(batch.model, batch.cache, batch.pad, blocks)):
+        row = batch.rows[b.r]
+        d, c, m = row.draft, row.counters, len(b.fed)
+        c["verified_tokens"] += m
+        c["lm_head_calls"] += heads
+        c["layers_run"] += layers_run
+        n, replacement = accept(row, full)
+        c["accepted"] += n
+        keep = d.verified + n
+        if replacement is not None:
+            rolled = m - n - 1  # fed tokens after the rejected one: their positions are taken back
+            del row.tokens[keep:], row.exit_layers[keep:]
+            row.tokens.append(replacement)
+            row.exit_layers.append(d.final)
+            row.last_logits = full[n].reshape(1, 1, -1)
+            if rolled:
+                batch.mask_last(b.r, rolled)
+                row.pos -= rolled
+        for k in range(d.verified, len(row.exit_layers)):
+            row.exit_layers[k] = d.final  # every emitted token is the full model's
+        if row.kept_states is not None:
+            row.kept_states.clear()
+        d.reset(len(row.tokens))
 
 
 def finish_counters(row) -> None:

@@ -8,7 +8,7 @@ compiled step (:mod:`greencode.decoding.compiled`) all use these, and none keeps
   left-padded (``rebuild_cache``), in-place growth (``growable``), cropping (``crop``);
 * **running layers on some rows**: ``RowsCache`` (one new position for a subset of the batch,
   the other rows' K/V filled in), ``Slot`` (one position written into a static buffer: the
-  compiled step), ``RowSlot`` (a block of positions of one row: verification), ``block_mask``;
+  compiled step), ``BlockSlot`` (blocks of positions of some rows: verification), ``block_mask``;
 * **K/V propagation** for rows that exited: ``gather_kv``;
 * **choosing a token**: ``sampling_probs`` / ``select_token`` (one processing for the loop and for
   speculative sampling), ``cut_at_stops``; ``check_request`` (the argument checks every entry
@@ -304,20 +304,29 @@ class Slot:
         return self.keys, self.values
 
 
-class RowSlot:
-    """The cache one layer sees while a block of one row's last positions runs (verification):
-    the block's K/V overwrite that row's last columns of the batch cache, and the layer attends
-    over that row's columns."""
+class BlockSlot:
+    """The cache one layer sees while blocks of some rows' last positions run (verification):
+    ``rows`` (an index tensor) each write their block's K/V into their last ``valid.shape[1]``
+    columns of the batch cache where ``valid`` says (padding and tokens not running keep what the
+    cache holds), and the layer attends over those rows' columns."""
 
-    def __init__(self, cache, layer: int, row: int, block: int):
+    def __init__(self, cache, layer: int, rows: torch.Tensor, valid: torch.Tensor):
         self.keys, self.values = layer_kv(cache, layer)
-        self.row, self.block = row, block
+        # every row of the batch, in order: views, no copy of the cache rows
+        whole = rows.numel() == self.keys.shape[0] and bool((rows == torch.arange(rows.numel(), device=rows.device)).all())
+        self.rows = slice(None) if whole else rows
+        self.valid = valid[:, None, :, None]
 
     def update(self, key_states, value_states, layer_idx=None, cache_kwargs=None):
-        r, first = self.row, self.keys.shape[2] - self.block
-        self.keys[r, :, first:] = key_states[0].to(self.keys.dtype)
-        self.values[r, :, first:] = value_states[0].to(self.values.dtype)
-        return self.keys[r:r + 1], self.values[r:r + 1]
+        first = self.keys.shape[2] - self.valid.shape[2]
+        for store, new in ((self.keys, key_states), (self.values, value_states)):
+            old = store[self.rows, :, first:]
+            store[self.rows, :, first:] = torch.where(self.valid, new.to(store.dtype), old)
+        return self.keys[self.rows], self.values[self.rows]
+
+
+def cache_device(cache) -> torch.device:
+    return layer_kv(cache, 0)[0].device
 
 
 def block_mask(pad_row: Optional[torch.Tensor], block: int, width: int, dtype, device) -> torch.Tensor:

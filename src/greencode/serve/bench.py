@@ -351,10 +351,12 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
     * **no stall**: a streamed lossy probe of ``probe_tokens`` tokens alone, then while
       ``lossless_requests`` lossless requests of ``lossless_tokens`` tokens are in flight; its time
       to the first chunk and its p95 gap between chunks, each the median of ``repeats`` tries,
-      and their ratios (target: each at most 2x);
+      and their ratios (target: each at most 2x); the control: the same requests in lossy mode
+      with the full model beside it (what as many more rows cost anyway);
     * **lossless batching**: ``batch`` concurrent lossless requests of ``batch_tokens`` tokens
       against the same requests one at a time (tokens/s; target at least 2.5x), and every answer
-      checked equal to the full model's greedy answer (``exit_threshold: 1.0``, lossy).
+      checked equal to the full model's greedy answer (``exit_threshold: 1.0``, lossy); the same
+      for the full model in lossy mode as the reference (what batching gives on this machine).
 
     Writes ``results/benchmark/serve_lossless_<config name>.json``."""
     import asyncio
@@ -392,21 +394,24 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
 
     async def measure(url: str) -> dict:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
-        out: dict[str, Any] = {"alone": [], "beside_lossless": []}
+        out: dict[str, Any] = {"alone": [], "beside_lossless": [], "beside_lossy": []}
         await stream_probe(client, prompts[0])  # warm-up
         for k in range(repeats):
             probe = prompts[batch + k] if batch + k < len(prompts) else prompts[k]
             out["alone"].append(await stream_probe(client, probe))
-            background = [asyncio.create_task(complete(client, prompts[i], lossless_tokens, lossless))
-                          for i in range(lossless_requests)]
-            await asyncio.sleep(0.5)  # the lossless requests are prefilled and decoding
-            running = sum(not t.done() for t in background)
-            row = await stream_probe(client, probe)
-            row["lossless_in_flight_at_start"] = running
-            row["lossless_in_flight_at_end"] = sum(not t.done() for t in background)
-            done = await asyncio.gather(*background)
-            row["lossless_tokens"] = [d["tokens"] for d in done]
-            out["beside_lossless"].append(row)
+            # beside lossless requests, then (the control) beside the same requests in lossy mode with the full
+            # model: what three more rows in the batch cost anyway
+            for key, extra in (("beside_lossless", lossless), ("beside_lossy", {"exit_threshold": 1.0})):
+                background = [asyncio.create_task(complete(client, prompts[i], lossless_tokens, extra))
+                              for i in range(lossless_requests)]
+                await asyncio.sleep(0.5)  # the background requests are prefilled and decoding
+                running = sum(not t.done() for t in background)
+                row = await stream_probe(client, probe)
+                row["background_in_flight_at_start"] = running
+                row["background_in_flight_at_end"] = sum(not t.done() for t in background)
+                done = await asyncio.gather(*background)
+                row["background_tokens"] = [d["tokens"] for d in done]
+                out[key].append(row)
         # lossless batching: one at a time, then all at once; the full model's answers to check them
         texts = prompts[:batch]
         t0 = time.perf_counter()
@@ -416,6 +421,10 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
         many = await asyncio.gather(*[complete(client, p, batch_tokens, lossless) for p in texts])
         many_s = time.perf_counter() - t0
         full = [await complete(client, p, batch_tokens, {"exit_threshold": 1.0}) for p in texts]
+        t0 = time.perf_counter()
+        full_many = await asyncio.gather(*[complete(client, p, batch_tokens, {"exit_threshold": 1.0}) for p in texts])
+        full_many_s = time.perf_counter() - t0
+        full_one_s = sum(r["s"] for r in full)
         await client.close()
         out["batching"] = {
             "requests": batch, "tokens_each": batch_tokens,
@@ -423,6 +432,10 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
                               "tokens_per_s": sum(r["tokens"] for r in one) / one_s},
             "concurrent": {"wall_s": many_s, "tokens": sum(r["tokens"] for r in many),
                            "tokens_per_s": sum(r["tokens"] for r in many) / many_s},
+            "full_model_lossy_reference": {
+                "one_at_a_time_tokens_per_s": sum(r["tokens"] for r in full) / full_one_s,
+                "concurrent_tokens_per_s": sum(r["tokens"] for r in full_many) / full_many_s,
+                "speedup": (sum(r["tokens"] for r in full_many) / full_many_s) / (sum(r["tokens"] for r in full) / full_one_s)},
             "equal_to_full_model": [a["text"] == f["text"] for a, f in zip(many, full)],
             "one_at_a_time_equal_to_full_model": [a["text"] == f["text"] for a, f in zip(one, full)],
         }
@@ -444,6 +457,7 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
 
     alone_first, beside_first = med(raw["alone"], "first_chunk_s"), med(raw["beside_lossless"], "first_chunk_s")
     alone_gap, beside_gap = med(raw["alone"], "gap_p95_s"), med(raw["beside_lossless"], "gap_p95_s")
+    lossy_first, lossy_gap = med(raw["beside_lossy"], "first_chunk_s"), med(raw["beside_lossy"], "gap_p95_s")
     b = raw["batching"]
     speedup = b["concurrent"]["tokens_per_s"] / b["one_at_a_time"]["tokens_per_s"]
     ratios = {"first_chunk": beside_first / alone_first if alone_first and beside_first else None,
@@ -458,7 +472,13 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
                                         "beside_lossless": beside_first * 1e3 if beside_first else None},
                      "gap_p95_ms": {"alone": alone_gap * 1e3 if alone_gap else None,
                                     "beside_lossless": beside_gap * 1e3 if beside_gap else None},
-                     "ratios": ratios, "tries": raw},
+                     "ratios": ratios,
+                     "control_beside_lossy_full_model": {
+                         "first_chunk_ms": lossy_first * 1e3 if lossy_first else None,
+                         "gap_p95_ms": lossy_gap * 1e3 if lossy_gap else None,
+                         "first_chunk_ratio": lossy_first / alone_first if lossy_first and alone_first else None,
+                         "gap_p95_ratio": lossy_gap / alone_gap if lossy_gap and alone_gap else None},
+                     "tries": {k: v for k, v in raw.items() if k != "batching"}},
         "lossless_batching": {**{k: v for k, v in b.items()}, "speedup": speedup},
         "targets": {
             "first_chunk_within_2x": ratios["first_chunk"] is not None and ratios["first_chunk"] <= 2.0,
