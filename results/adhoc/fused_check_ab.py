@@ -3,16 +3,17 @@ tokens, 6 alternating rounds, ms per decode step). Needs commit 7e1b227 (the fus
 this measurement: 5.26 vs 5.08 ms, no gain on the CPU; results/LOG.md).
 
 Ad-hoc measurement kept with its numbers in results/LOG.md. Run from the repo root at commit 7e1b227:
-    .venv/bin/python results/adhoc/fused_check_ab.py   (expects the demo run in /tmp/demo4/runs/default)
+    .venv/bin/python results/adhoc/fused_check_ab.py RUN_DIR   (RUN_DIR: a trained default run, e.g. runs/default)
 """
-import time, torch, statistics as st
+import sys, time, torch, statistics as st
 from greencode.models.early_exit import EarlyExitModel
 from greencode.decoding import generate, PolicyExit
 from greencode.decoding.compiled import use_compiled_steps
 from greencode.rl.policy import load_policy
 torch.set_num_threads(2)
-m = EarlyExitModel.from_pretrained("/tmp/demo4/runs/default/finetuned").eval()
-pol = load_policy("/tmp/demo4/runs/default/agent/policy.pt", m)
+root = sys.argv[1] if len(sys.argv) > 1 else "runs/default"
+m = EarlyExitModel.from_pretrained(root + "/finetuned").eval()
+pol = load_policy(root + "/agent/policy.pt", m)
 g = torch.Generator().manual_seed(0)
 prompts = [torch.randint(5, 1000, (200,), generator=g).tolist() for _ in range(8)]
 steps = use_compiled_steps(m, "default")

@@ -2,7 +2,9 @@
 vs the batched loop: never-exit vs PolicyExit(ignore_decision) ('Policy check share').
 
 Ad-hoc measurement kept with its numbers in results/LOG.md. Run from the repo root:
-    .venv/bin/python results/adhoc/pc.py RUN_DIR   (RUN_DIR: a trained default run, e.g. runs/default)
+    .venv/bin/python results/adhoc/pc.py RUN_DIR OLD_GENERATE
+    (RUN_DIR: a trained default run, e.g. runs/default; OLD_GENERATE: generate.py as of e9a7d5c, e.g. from
+    git show e9a7d5c:src/greencode/decoding/generate.py > old_generate.py)
 """
 import os, sys, time, torch, importlib.util
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "src"))
@@ -13,7 +15,9 @@ from greencode.decoding import NeverExit, PolicyExit, generate
 root = sys.argv[1] if len(sys.argv) > 1 else "runs/default"
 model = EarlyExitModel.from_pretrained(root + "/finetuned", device=torch.device("cpu"), dtype=torch.float32)
 pol = load_policy(root + "/agent/policy.pt", model)
-spec = importlib.util.spec_from_file_location("oldgen", os.environ.get("OLD_GENERATE", "/tmp/generate_old.py"))
+if len(sys.argv) < 3:
+    sys.exit("usage: pc.py RUN_DIR OLD_GENERATE (see the docstring)")
+spec = importlib.util.spec_from_file_location("oldgen", sys.argv[2])
 old = importlib.util.module_from_spec(spec); sys.modules["oldgen"] = old; spec.loader.exec_module(old)
 g = torch.Generator().manual_seed(0)
 prompts = [torch.randint(3, 8000, (1, 200), generator=g) for _ in range(4)]

@@ -162,7 +162,7 @@ def _controllers(model, policy) -> dict:
     ex = model.exit_layers
     return {"full": NeverExit(), f"fixed@{ex[0]}": FixedExit(ex[0]), f"fixed@{ex[len(ex) // 2]}":
             FixedExit(ex[len(ex) // 2]), f"fixed@{ex[-1]}": FixedExit(ex[-1]),
-            "policy@0.5": PolicyExit(policy, 0.5, 1.0, observation="normed")}
+            "policy@0.5": PolicyExit.of(policy, 0.5)}
 
 
 def part_latency(model, policy, device, tiny: bool, deadline: float, compile_hf: bool) -> dict:
@@ -220,7 +220,7 @@ def _lossless(model, policy, device, ctx: int, new: int, deadline: float) -> dic
     prompt = _prompts(model.vocab_size, 1, ctx, device, 1)
     full = generate(model, prompt, NeverExit(), new).tokens
     rows: dict[str, Any] = {}
-    for name, ctrl in (("gc_lossless@0.5", PolicyExit(policy, 0.5, 1.0, observation="normed")),
+    for name, ctrl in (("gc_lossless@0.5", PolicyExit.of(policy, 0.5)),
                        (f"layerskip@{ex[len(ex) // 2]}", FixedExit(ex[len(ex) // 2]))):
         if time.monotonic() > deadline:
             rows[name] = {"skipped": "part time budget spent"}
@@ -247,7 +247,7 @@ def part_compiled(model, policy, device, tiny: bool, deadline: float) -> dict:
     ctx, new = (32, 8) if tiny else (512, 64)
     ex = model.exit_layers
     ctrls = {"full": NeverExit(), f"fixed@{ex[len(ex) // 2]}": FixedExit(ex[len(ex) // 2]),
-             "policy@0.5": PolicyExit(policy, 0.5, 1.0, observation="normed")}
+             "policy@0.5": PolicyExit.of(policy, 0.5)}
     out: dict[str, Any] = {"mode": mode, "context_tokens": ctx, "new_tokens": new, "batches": {},
                            "unit": "seconds per generated token (decode only), eager vs compiled layer step"}
     try:
@@ -482,7 +482,9 @@ def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, 
     out = Path(out) if out is not None else ROOT / "results" / "gpu" / f"{name.lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    from greencode.utils import scrub_paths  # a committed result: no machine paths
+
+    tmp.write_text(scrub_paths(json.dumps(result, indent=2, default=str)) + "\n")
     tmp.replace(out)
     result["written_to"] = str(out)
     return result

@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -157,14 +158,54 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+# absolute paths of this machine inside a result file: the repository itself, and the usual scratch and home roots
+MACHINE_PATH = re.compile(r"(?<![\w.:/-])/(?:tmp|home|work|root|mnt|scratch|Users|var/folders|private)/[^\s\"'`,;|()\[\]{}<>]*")
+PORTABLE_ROOTS = ("runs", "results", "figures", "assets", "configs", "src", "scripts", "tests")
+
+
+def portable_path(path: Union[str, Path]) -> str:
+    """``path`` as a result file should name it: relative to the repository when inside it; else from
+    its last ``runs/``, ``results/``, ... component (another clone's run directory); else
+    ``<outside>/<name>``. Result files carry no machine paths."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.resolve().relative_to(REPO_ROOT)) or "."
+    except (ValueError, OSError):
+        pass
+    parts = p.parts
+    for k in range(len(parts) - 1, 0, -1):
+        if parts[k] in PORTABLE_ROOTS:
+            return str(Path(*parts[k:]))
+    return f"<outside>/{p.name}"
+
+
+def scrub_paths(text: str) -> str:
+    """Every absolute machine path in ``text`` replaced by its :func:`portable_path`."""
+    text = text.replace(str(REPO_ROOT) + "/", "").replace(str(REPO_ROOT), ".")
+    return MACHINE_PATH.sub(lambda m: portable_path(m.group(0)), text)
+
+
+def _for_results(path: Union[str, Path], text: str) -> str:
+    """Files written under ``results/`` are committed: their machine paths are made portable."""
+    try:
+        Path(path).resolve().relative_to(REPO_ROOT / "results")
+    except ValueError:
+        return text
+    return scrub_paths(text)
+
+
 def write_json(path: Union[str, Path], obj: Any) -> Path:
-    """Write valid JSON atomically (temp file, then rename)."""
+    """Write valid JSON atomically (temp file, then rename); under ``results/`` without machine paths."""
+    text = _for_results(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
 def write_text(path: Union[str, Path], text: str) -> Path:
+    text = _for_results(path, text)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
@@ -188,3 +229,16 @@ def read_json(path: Union[str, Path]) -> Any:
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def save_run_info(directory: Union[str, Path], cfg, stage: str, **extra) -> None:
+    """Every run folder holds the resolved config, the command line and the commit."""
+    from greencode.config import dump_config
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text(directory / "config.yaml", dump_config(cfg))
+    meta = run_metadata(cfg, stage=stage, **extra)
+    meta.pop("config", None)
+    write_json(directory / "run_info.json", meta)
+    write_text(directory / "command.txt", " ".join(sys.argv) + "\n")
