@@ -16,7 +16,24 @@ def tiny_model(family: str, num_layers: int = 4, exit_layers=(1, 2), seed: int =
     mc = ModelConfig(family=family, hidden_size=kw.pop("hidden_size", 64), num_layers=num_layers, num_heads=4,
                      num_kv_heads=2 if family == "llama" else 4, intermediate_size=128, max_position_embeddings=256,
                      exit_layers=list(exit_layers), **kw)
-    return EarlyExitModel.from_config(mc, vocab_size=VOCAB, eos_token_id=2, bos_token_id=1, pad_token_id=0).eval()
+    model = EarlyExitModel.from_config(mc, vocab_size=VOCAB, eos_token_id=2, bos_token_id=1, pad_token_id=0).eval()
+    _non_identity_norms(model, seed)
+    return model
+
+
+def _non_identity_norms(model, seed: int) -> None:
+    """Norm weights (and OPT's biases) drawn away from their identity init, so code that dropped a
+    norm's scale (e.g. a policy observation without the final norm's weight) would not pass."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, module in model.hf.named_modules():
+            if "norm" in type(module).__name__.lower() or "layernorm" in name.lower() or name.endswith("_norm"):
+                w = getattr(module, "weight", None)
+                if w is not None:
+                    w.copy_(1.0 + 0.2 * torch.randn(w.shape, generator=g))
+                b = getattr(module, "bias", None)
+                if b is not None:
+                    b.copy_(0.05 * torch.randn(b.shape, generator=g))
 
 
 @pytest.fixture(params=["llama", "opt"])

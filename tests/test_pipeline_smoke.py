@@ -1,6 +1,7 @@
 """The whole pipeline end to end on configs/smoke.yaml, then a rerun that skips every stage."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,15 @@ def _run(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     first = _run(tmp)
+    # what the first run wrote, kept aside: other tests rerun stages with other settings (any order)
+    for d in ("results", "figures"):
+        shutil.copytree(tmp / d, tmp / "first" / d)
     return tmp, first
 
 
 def test_every_stage_writes_its_outputs(smoke_run):
     tmp, first = smoke_run
-    run, results, figures = tmp / "run", tmp / "results", tmp / "figures"
+    run, results, figures = tmp / "run", tmp / "first" / "results", tmp / "first" / "figures"
     manifest = json.loads((run / "corpus" / "manifest.json").read_text())
     assert manifest["language"] == "python"
     assert (run / "tokenizer" / "tokenizer.json").is_file()

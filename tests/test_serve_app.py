@@ -64,6 +64,39 @@ def test_api_key_guards_everything_but_health(run, monkeypatch):
         assert c.post("/api/generate", json=BODY, headers={"Authorization": "Bearer from-env"}).status_code == 200
 
 
+def test_every_route_but_health_needs_the_key(run, monkeypatch):
+    """Loops over the app's own routes: a route added later is guarded too, whatever its method."""
+    monkeypatch.delenv("GREENCODE_API_KEY", raising=False)
+    import re
+
+    def flat(routes, prefix=""):  # included routers (FastAPI >= 0.120 wraps them) are opened up
+        for r in routes:
+            inner = getattr(r, "original_router", None)
+            if inner is not None:
+                yield from flat(inner.routes, prefix + (getattr(getattr(r, "include_context", None), "prefix", "") or ""))
+            elif hasattr(r, "path"):
+                yield prefix + r.path, sorted(getattr(r, "methods", None) or {"GET"})
+
+    app = _app(run, api_key="s3cret")
+    routes = list(flat(app.routes))
+    assert len(routes) >= 14 and ("/v1/completions", ["POST"]) in routes
+    tried = 0
+    with TestClient(app) as c:
+        for path, methods in routes:
+            url = re.sub(r"\{[^}]+\}", "greencode", path)
+            for method in methods:
+                if method == "HEAD":
+                    continue
+                r = c.request(method, url, json=BODY if method in ("POST", "PUT", "PATCH") else None)
+                if path == "/health":
+                    assert r.status_code == 200, (method, path)
+                else:
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    assert r.headers["content-type"].startswith("application/json"), (method, path)
+                tried += 1
+    assert tried >= len(routes)
+
+
 def test_non_loopback_bind_needs_a_key(run, monkeypatch):
     monkeypatch.delenv("GREENCODE_API_KEY", raising=False)
     cfg, _ = run
@@ -187,7 +220,7 @@ def test_engine_prompt_text_truncation_and_pieces(run):
 def test_deadline_stops_the_decoding_loop(run):
     """A request past its deadline stops between tokens (the model is freed), it does not
     run to max_new_tokens in the background."""
-    from greencode.serve.engine import GenRequest
+    from greencode.serve.requests import GenRequest
 
     engine = _app(run).state.engine
     gen = GenRequest(prompt="def f(x):\n    return", max_new_tokens=12, threshold=1.0)
@@ -345,7 +378,7 @@ def test_streamed_pieces_join_into_the_final_text_and_never_show_a_stop(run):
 def test_streamed_events_equal_the_plain_answer_and_stop_at_a_split_stop(run):
     """The same greedy request streamed (engine events, then over SSE) and not: the pieces join
     into the plain text; a stop string spanning two tokens is never streamed."""
-    from greencode.serve.engine import GenRequest
+    from greencode.serve.requests import GenRequest
 
     app = _app(run)
     engine = app.state.engine

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from greencode.serve.engine import Completion
+from greencode.serve.requests import Completion
 from greencode.serve.errors import RequestError
-from greencode.serve.events import FinalEvent, TokenEvent
+from greencode.serve.requests import FinalEvent, TokenEvent
 from greencode.serve.scheduler import Scheduler
 
 
@@ -97,7 +97,7 @@ class StubEngine:
 
 
 def _gen(prompt="p", stream=True):
-    from greencode.serve.engine import GenRequest
+    from greencode.serve.requests import GenRequest
 
     return GenRequest(prompt=prompt, max_new_tokens=8, stream=stream)
 

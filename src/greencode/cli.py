@@ -6,11 +6,10 @@ import argparse
 import functools
 import logging
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
-from greencode.config import Config, ConfigError, dump_config, load_config
-from greencode.utils import run_metadata, setup_logging, write_json, write_text
+from greencode.config import Config, ConfigError, load_config
+from greencode.utils import setup_logging
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -25,17 +24,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def load_from_args(args: argparse.Namespace) -> Config:
     setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     return load_config(args.config, args.overrides)
-
-
-def save_run_info(directory: Path, cfg: Config, stage: str, **extra) -> None:
-    """Every run folder holds the resolved config, the command line and the commit."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_text(directory / "config.yaml", dump_config(cfg))
-    meta = run_metadata(cfg, stage=stage, **extra)
-    meta.pop("config", None)
-    write_json(directory / "run_info.json", meta)
-    write_text(directory / "command.txt", " ".join(sys.argv) + "\n")
 
 
 def friendly_errors(fn: Callable[..., Optional[int]]) -> Callable[..., int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from greencode.data import lexers
-from greencode.data.local import SPLITS, build_local_corpus, list_source_files, resolve_source
+from greencode.data.local import SPLITS, build_local_corpus, corpus_features, list_source_files, resolve_source
 from greencode.paths import RunPaths
 from greencode.utils import read_json, run_metadata, write_json
 
@@ -50,15 +50,6 @@ def code_text(record_or_tokens: Union[Mapping[str, Any], Sequence[str]], sep: st
     if code and code[-1] == lexers.EOS:
         code = code[:-1]
     return sep.join(code)
-
-
-def corpus_features():
-    import datasets
-
-    seq = datasets.List(datasets.Value("string")) if hasattr(datasets, "List") else \
-        datasets.Sequence(datasets.Value("string"))
-    return datasets.Features({"id": datasets.Value("string"), "path": datasets.Value("string"), "code": seq,
-                              "num_tokens": datasets.Value("int32"), "language": datasets.Value("string")})
 
 
 def _sha256_json(obj: Any) -> str:

@@ -18,7 +18,7 @@ import os
 from typing import Any, Iterator
 
 from greencode.config import ConfigError
-from greencode.data.local import split_of
+from greencode.data.local import corpus_features, split_of
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,6 @@ def load_hub_corpus(cfg) -> "datasets.DatasetDict":
 
 
 def _standardize(ds, split: str, language: str):
-    from greencode.data.corpus import corpus_features
 
     has_path = "path" in ds.column_names
 

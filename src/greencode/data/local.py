@@ -408,3 +408,13 @@ def frequent_literals(records: list[dict], n: int) -> dict[str, list[str]]:
             if kv is not None:
                 counts[kv[0]][kv[1]] += 1
     return {k: [v for v, _ in sorted(c.items(), key=lambda x: (-x[1], x[0]))[:n]] for k, c in counts.items()}
+
+
+def corpus_features():
+    """The corpus records' schema (both sources write it)."""
+    import datasets
+
+    seq = datasets.List(datasets.Value("string")) if hasattr(datasets, "List") else \
+        datasets.Sequence(datasets.Value("string"))
+    return datasets.Features({"id": datasets.Value("string"), "path": datasets.Value("string"), "code": seq,
+                              "num_tokens": datasets.Value("int32"), "language": datasets.Value("string")})

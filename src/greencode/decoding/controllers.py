@@ -309,6 +309,13 @@ class PolicyExit(ExitController):
         self._n_exits = 0
         self.reset()
 
+    @classmethod
+    def of(cls, policy: nn.Module, threshold: float, temperature: float = 1.0, **kwargs) -> "PolicyExit":
+        """The one way the evaluator, the benchmark, the bank, the GPU check and the endpoint build
+        a policy's controller: the observation is the one the policy was trained on (an exported
+        policy records it; ``normed`` when a module does not say)."""
+        return cls(policy, threshold, temperature, observation=getattr(policy, "observation", "normed"), **kwargs)
+
     def reset(self) -> None:
         self._prev_h = None  # the previous exit point's raw state in this token
         self._last_layer = -1

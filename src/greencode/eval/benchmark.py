@@ -243,9 +243,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     for layer in model.exit_layers:
         controllers[f"fixed@{layer}"] = FixedExit(layer)
     controllers[f"confidence@{conf_t:g}"] = ConfidenceExit(conf_t)
-    controllers["policy_check"] = PolicyExit(policy, 0.5, cfg.decoding.policy_temperature,
-                                             observation=getattr(policy, "observation", cfg.rl.observation),
-                                             ignore_decision=True)
+    controllers["policy_check"] = PolicyExit.of(policy, 0.5, cfg.decoding.policy_temperature, ignore_decision=True)
     for c in controllers.values():
         c.check_layers(model)
     methods = ["hf_generate"] + list(controllers)
@@ -256,8 +254,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     if lossless:
         for t in cfg.eval.gc_thresholds:
             speculative[f"gc_lossless@{float(t)!r}"] = (
-                PolicyExit(policy, float(t), cfg.decoding.policy_temperature,
-                           observation=getattr(policy, "observation", cfg.rl.observation)),
+                PolicyExit.of(policy, float(t), cfg.decoding.policy_temperature),
                 cfg.eval.lossless_k_max, cfg.eval.lossless_draft_threshold)
         for layer in _layerskip_layers(layerskip_layers, list(model.exit_layers), model.num_layers):
             for k in layerskip_k:
@@ -584,8 +581,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     # the full model, GC, and a fixed exit at the middle exit point (an exit every token: what skipping
     # layers in a batch saves when rows do exit, whatever the policy decides on these prompts)
     controllers = {"full": NeverExit(),
-                   f"gc@{gc_threshold!r}": PolicyExit(policy, gc_threshold, cfg.decoding.policy_temperature,
-                                                      observation=getattr(policy, "observation", cfg.rl.observation)),
+                   f"gc@{gc_threshold!r}": PolicyExit.of(policy, gc_threshold, cfg.decoding.policy_temperature),
                    f"fixed@{mid}": FixedExit(mid)}
     for c in controllers.values():
         c.check_layers(model)
@@ -793,8 +789,7 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
                for _ in range(num_prompts)]
     mid = middle_exit_layer(list(model.exit_layers), model.num_layers)
     controllers = {"full": NeverExit(), f"fixed@{mid}": FixedExit(mid),
-                   f"gc@{gc_threshold!r}": PolicyExit(policy, gc_threshold, cfg.decoding.policy_temperature,
-                                                      observation=getattr(policy, "observation", cfg.rl.observation))}
+                   f"gc@{gc_threshold!r}": PolicyExit.of(policy, gc_threshold, cfg.decoding.policy_temperature)}
     for c in controllers.values():
         c.check_layers(model)
     steps = use_compiled_steps(model, mode)

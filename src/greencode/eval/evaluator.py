@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -190,14 +189,12 @@ class Runner:
             c = SaturationExit(float(spec.param))
         elif f == "classifier":
             clf = self.inputs.classifier
-            c = PolicyExit(clf, float(spec.param), 1.0, observation=getattr(clf, "observation", self.cfg.rl.observation),
-                           name="classifier")
+            c = PolicyExit.of(clf, float(spec.param), name="classifier")
         elif f == "oracle":
             c = OracleExit()
         elif f in ("gc", "gc_lossless"):
             pol = self.inputs.policy
-            c = PolicyExit(pol, float(spec.param), self.cfg.decoding.policy_temperature,
-                           observation=getattr(pol, "observation", self.cfg.rl.observation))
+            c = PolicyExit.of(pol, float(spec.param), self.cfg.decoding.policy_temperature)
         else:
             raise ValueError(f"method {spec.id!r} does not run in the decoding loop")
         c.check_layers(self.model)  # validates layer/shape now, not mid-run
@@ -216,19 +213,26 @@ class Runner:
     def _run_lossless(self, spec: MethodSpec, controller, prompt: list[int], window: Optional[str]) -> dict:
         """Self-speculative decoding (greencode.decoding.generate_lossless): drafted by ``controller``,
         verified by the full model; the cost counts drafting, verification and rejected tokens."""
-        from greencode.decoding import compute_cost, generate_lossless
+        from greencode.decoding import generate_lossless
 
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
         res, m = self._measured(window, lambda: generate_lossless(
             self.model, ids, controller, self.cfg.eval.max_new_tokens, k_max=self.cfg.eval.lossless_k_max,
             draft_threshold=self.cfg.eval.lossless_draft_threshold,
             eos_token_id=self.eos, kv_strategy=self.cfg.decoding.kv_strategy))
+        cost = self._cost(res, controller)
+        return self._record(res.tokens, m, len(prompt), None, res.finish_reason, dict(res.counters), cost)
+
+    def _cost(self, res, controller) -> dict:
+        """One record's cost, the same accounting for every loop method (lossless included):
+        :func:`greencode.decoding.compute_cost`'s MACs and the layer steps against the full model's."""
+        from greencode.decoding import compute_cost
+
         cost = compute_cost(self.model, [res], controller)
         steps = res.counters["decode_steps"]
-        cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
+        return {"decode_steps": steps, "layers_run": res.counters["layers_run"],
                 "layer_steps_full": steps * self.model.num_layers, "macs_done": cost["macs_done"],
                 "macs_full": cost["macs_full"]}
-        return self._record(res.tokens, m, len(prompt), None, res.finish_reason, dict(res.counters), cost)
 
     def _measured(self, window: Optional[str], fn: Callable[[], Any]):
         if window is None:
@@ -248,17 +252,13 @@ class Runner:
 
     def _run_loop(self, spec: MethodSpec, controller, prompt: list[int], window: Optional[str],
                   prefilled=None) -> dict:
-        from greencode.decoding import compute_cost, generate
+        from greencode.decoding import generate
 
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
         res, m = self._measured(window, lambda: generate(
             self.model, ids, controller, self.cfg.eval.max_new_tokens, eos_token_id=self.eos,
             kv_strategy=self.cfg.decoding.kv_strategy, prefilled=prefilled))
-        cost = compute_cost(self.model, [res], controller)
-        steps = res.counters["decode_steps"]
-        cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
-                "layer_steps_full": steps * self.model.num_layers, "macs_done": cost["macs_done"],
-                "macs_full": cost["macs_full"]}
+        cost = self._cost(res, controller)
         return self._record(res.tokens, m, len(prompt), list(res.exit_layers), res.finish_reason, dict(res.counters),
                             cost)
 
@@ -266,7 +266,7 @@ class Runner:
         """Loop methods on some prompts, untimed: one row per (prompt, method) in one batched
         decode, each prompt prefilled once (the same tokens as separate runs, tested). Returns
         one list of records (in ``specs`` order) per prompt."""
-        from greencode.decoding import compute_cost, generate
+        from greencode.decoding import generate
 
         ctrls = [self.controller(s) for s in specs]  # one instance per method: its rows decide together
         rows = [(p, c) for p in prompts for c in ctrls]
@@ -274,11 +274,7 @@ class Runner:
                            eos_token_id=self.eos, kv_strategy=self.cfg.decoding.kv_strategy)
         out = []
         for (prompt, ctrl), res in zip(rows, results):
-            cost = compute_cost(self.model, [res], ctrl)
-            steps = res.counters["decode_steps"]
-            cost = {"decode_steps": steps, "layers_run": res.counters["layers_run"],
-                    "layer_steps_full": steps * self.model.num_layers, "macs_done": cost["macs_done"],
-                    "macs_full": cost["macs_full"]}
+            cost = self._cost(res, ctrl)
             out.append(self._record(res.tokens, None, len(prompt), list(res.exit_layers), res.finish_reason,
                                     dict(res.counters), cost))
         return [out[k * len(ctrls):(k + 1) * len(ctrls)] for k in range(len(prompts))]
@@ -418,8 +414,7 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
     if cfg.eval.overhead_ab and inputs.policy is not None and any(s.family == "gc" for s in active):
         pol = inputs.policy
         ab_threshold = _ab_threshold(cfg)
-        ab_ctrl = PolicyExit(pol, ab_threshold, cfg.decoding.policy_temperature,
-                             observation=getattr(pol, "observation", cfg.rl.observation), ignore_decision=True)
+        ab_ctrl = PolicyExit.of(pol, ab_threshold, cfg.decoding.policy_temperature, ignore_decision=True)
         ab_ctrl.check_layers(model)
         ab_spec = (ab_threshold, ab_ctrl, NeverExit())
 

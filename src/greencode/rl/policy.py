@@ -176,7 +176,7 @@ def policy_controller(path: Union[str, Path, ExitPolicy], model, threshold: floa
                              f"{model.hidden_size}; train the agent on this model's trajectory bank")
     else:
         policy = load_policy(path, model, strict_weights=strict_weights)
-    return PolicyExit(policy, threshold, temperature, observation=policy.observation, **kwargs)
+    return PolicyExit.of(policy, threshold, temperature, **kwargs)
 
 
 # --------------------------------------------------------------------------- evaluation on a bank

@@ -154,7 +154,7 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     Returns the exported policy path."""
     from stable_baselines3.common.callbacks import CheckpointCallback
 
-    from greencode.cli import save_run_info
+    from greencode.utils import save_run_info
     from greencode.paths import RunPaths
 
     check_ppo_config(cfg)

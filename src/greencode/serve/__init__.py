@@ -10,9 +10,9 @@ module per wire format), ``app`` (wiring: routes, auth, errors, middleware).
 """
 
 from greencode.serve.app import create_app
-from greencode.serve.engine import FULL_MODEL_THRESHOLD, Completion, Engine, GenRequest, load_run
+from greencode.serve.engine import FULL_MODEL_THRESHOLD, Engine, load_run
 from greencode.serve.errors import RequestError
-from greencode.serve.events import FinalEvent, TokenEvent
+from greencode.serve.requests import Completion, FinalEvent, GenRequest, TokenEvent
 from greencode.serve.scheduler import RequestStream, Scheduler
 from greencode.serve.server import ServerProcess, serve
 

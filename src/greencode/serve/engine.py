@@ -9,7 +9,7 @@ A request goes through these steps, so the scheduler can place each where it bel
   run. Safe to call from another thread than the one running the model (tokenizer only).
 * :meth:`Engine.row` (``Job`` -> a decoding row): its controller, sampling, stop strings and
   deadline, with ``on_token`` feeding a :class:`TextStreamer` that turns each token into a safe
-  editor-text increment, pushed as a :class:`~greencode.serve.events.TokenEvent` (with its log
+  editor-text increment, pushed as a :class:`~greencode.serve.requests.TokenEvent` (with its log
   probability when asked) as the step that chose it ends. The scheduler adds rows to one
   :meth:`Engine.new_batch` and steps it (:meth:`Engine.step`); :meth:`Engine.result` takes a
   finished row's result.
@@ -37,7 +37,7 @@ from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.decoding.steps import cut_at_stops
 from greencode.paths import RunPaths
 from greencode.serve.errors import RequestError
-from greencode.serve.events import TokenEvent
+from greencode.serve.requests import Completion, GenRequest, TokenEvent, TokenInfo
 from greencode.utils import REPO_ROOT, setup_torch
 
 log = logging.getLogger(__name__)
@@ -57,61 +57,6 @@ FIM_STYLES = {
     "codellama": ("<PRE>", "<SUF>", "<MID>"),
     "deepseek": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
 }
-
-
-@dataclass
-class GenRequest:
-    """One completion, whatever the wire format it came in."""
-
-    prompt: str
-    max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    threshold: Optional[float] = None  # None = the server default
-    max_disagreement: Optional[float] = None  # a calibrated fidelity target instead of a raw threshold
-    fidelity: Optional[str] = None  # the target's criterion: sequence (None) | token | quality
-    num_ctx: Optional[int] = None  # client's context limit (Ollama); the model's own is the ceiling
-    stream: bool = False  # push a TokenEvent per token as it is produced
-    # None: no log probabilities; 0: each returned token's own; n (<= MAX_LOGPROBS): also the n most likely
-    logprobs: Optional[int] = None
-    mode: Optional[str] = None  # lossy | lossless; None = the server default (serve.default_mode)
-    request_id: str = ""
-
-
-@dataclass
-class TokenInfo:
-    """One returned token with its log probability (``GenRequest.logprobs``): the log-softmax of
-    the logits of the layer that produced it (the exit layer's head; the final layer's for the full
-    model), before any sampling temperature."""
-
-    id: int
-    text: str  # the token's own text, as the tokenizer decodes it alone
-    logprob: float
-    offset: int  # where this token's part of Completion.text starts
-    special: bool
-    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), most likely first
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_ids: list[int]
-    tokens: list[int]
-    finish_reason: str  # length | eos | stop | cancelled (the decoding loop's words)
-    stats: dict[str, Any]
-    token_info: Optional[list[TokenInfo]] = None  # per returned token, when log probabilities were asked
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
 
 
 @dataclass
@@ -328,8 +273,7 @@ class Engine:
         if policy is not None:  # fail at start-up, not on the first request, when the policy does not fit
             from greencode.decoding import PolicyExit
 
-            PolicyExit(policy, 0.5, self.decoding_cfg.policy_temperature,
-                       observation=getattr(policy, "observation", "normed")).check_layers(model)
+            PolicyExit.of(policy, 0.5, self.decoding_cfg.policy_temperature).check_layers(model)
 
     # ------------------------------------------------------------------ facts
     def describe(self) -> dict[str, Any]:
@@ -433,8 +377,7 @@ class Engine:
             return NeverExit(), None, "full_model_no_policy"
         if thr >= FULL_MODEL_THRESHOLD:
             return NeverExit(), thr, "full_model"
-        ctrl = PolicyExit(self.policy, thr, self.decoding_cfg.policy_temperature,
-                          observation=getattr(self.policy, "observation", "normed"))
+        ctrl = PolicyExit.of(self.policy, thr, self.decoding_cfg.policy_temperature)
         return ctrl, thr, "policy"
 
     def encode(self, prompt: str, max_new_tokens: int, num_ctx: Optional[int] = None) -> tuple[list[int], dict]:

@@ -16,7 +16,7 @@ cancellation, and each request's stream of token events.
   as they finish. Each row keeps its own
   controller (threshold or target), mode (a lossless row drafts and is verified within the same steps),
   sampling, stop strings and deadline. Each token's
-  :class:`~greencode.serve.events.TokenEvent` is handed to the request's asyncio queue with
+  :class:`~greencode.serve.requests.TokenEvent` is handed to the request's asyncio queue with
   ``loop.call_soon_threadsafe`` as the step produces it.
 * **Deadlines**: every request has ``serve.request_timeout_s`` from submission. The decoding loop
   stops between tokens once it passes, and the stream raises a 504 :class:`RequestError`
@@ -37,9 +37,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 from greencode.config import ConfigError
-from greencode.serve.engine import Completion, Engine, GenRequest, Job
+from greencode.serve.engine import Engine, Job
+from greencode.serve.requests import Completion, GenRequest
 from greencode.serve.errors import RequestError
-from greencode.serve.events import Event, FinalEvent
+from greencode.serve.requests import Event, FinalEvent
 
 log = logging.getLogger(__name__)
 

@@ -157,7 +157,7 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
                           data_collator=default_data_collator, callbacks=callbacks, ee_model=ee, lite_weights=weights)
     train_out, train_s, train_cpu_s, metrics, state_dict = common.train_and_evaluate(trainer, ckpt)
     if trainer.is_world_process_zero():
-        from greencode.cli import save_run_info
+        from greencode.utils import save_run_info
 
         ee.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(out)

@@ -158,7 +158,7 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
     if ee_cfg.enabled:
         trainer.dropout.remove()
     if trainer.is_world_process_zero():
-        from greencode.cli import save_run_info
+        from greencode.utils import save_run_info
 
         hf.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(out)

@@ -1,6 +1,6 @@
 """One module per wire protocol, each over the one internal request type
 (:class:`~greencode.serve.engine.GenRequest`) and the one stream of events
-(:mod:`greencode.serve.events`):
+(:mod:`greencode.serve.requests`):
 
 * :mod:`.hf`: seed / HF Inference API / TGI (``/api/generate`` with ``inputs``, ``/generate``,
   ``/generate_stream``, ``POST /``, ``/models/{model}``);

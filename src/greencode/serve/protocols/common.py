@@ -3,7 +3,7 @@ per-format knobs into a :class:`~greencode.serve.engine.GenRequest`, submitting 
 scheduler, the final statistics, and the OpenAPI description of bodies and answers.
 
 No protocol touches the model: they see the :class:`ServeContext` and the events of
-:mod:`greencode.serve.events`.
+:mod:`greencode.serve.requests`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request
 from pydantic import BaseModel
 
-from greencode.serve.engine import Completion, GenRequest
+from greencode.serve.requests import Completion, GenRequest
 from greencode.serve.errors import RequestError
-from greencode.serve.events import Event, FinalEvent
+from greencode.serve.requests import Event, FinalEvent
 from greencode.serve.metrics import ServeMetrics
 from greencode.serve.scheduler import RequestStream, Scheduler
 from greencode.serve.schemas import parse_json_bytes

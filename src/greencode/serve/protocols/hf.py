@@ -27,9 +27,9 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from greencode.serve.engine import Completion, GenRequest
+from greencode.serve.requests import Completion, GenRequest
 from greencode.serve.errors import RequestError
-from greencode.serve.events import Event, TokenEvent
+from greencode.serve.requests import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, SSE_HEADERS, ServeContext, error_message, first,
                                               json_body, responses)
 from greencode.serve.schemas import (HFParameters, HFRequest, SeedOptions, check_text, fidelity_of, stop_list, target_of,

@@ -19,8 +19,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from greencode.serve.engine import Completion, GenRequest
-from greencode.serve.events import Event, TokenEvent
+from greencode.serve.requests import Completion, GenRequest
+from greencode.serve.requests import Event, TokenEvent
 from greencode.serve.protocols.common import (INFO_STATUSES, ServeContext, error_message, json_body, now_iso,
                                               responses)
 from greencode.serve.schemas import (OllamaRequest, SeedOptions, ShowRequest, check_text, fidelity_of, stop_list, target_of,

@@ -26,9 +26,9 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from greencode.serve.engine import Completion, GenRequest
+from greencode.serve.requests import Completion, GenRequest
 from greencode.serve.errors import RequestError
-from greencode.serve.events import Event, TokenEvent
+from greencode.serve.requests import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, INFO_STATUSES, SSE_HEADERS, ServeContext,
                                               error_message, json_body, responses)
 from greencode.serve.schemas import (OpenAIRequest, check_text, fidelity_of, mode_of, stop_list, target_of, threshold_of,
