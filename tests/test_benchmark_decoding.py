@@ -99,8 +99,9 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
             assert row["ratio_to_hf"] > 0 and row["ratio_to_full"] > 0 and row["ratio_to_batch_1"] > 0
             assert 0 <= row["rows_equal_to_batch_1"] <= 1
         assert by_size["1"]["ratio_to_batch_1"] == 1.0
-    # a left-padded ragged batch of the full model gives each prompt's batch-1 tokens (greedy)
-    assert res["methods"]["full"]["8"]["rows_equal_to_batch_1"] == 1.0
+    # a left-padded ragged batch gives each prompt's batch-1 tokens (greedy), for every method of our loop
+    for method in ("full", "gc@0.9", "fixed@1"):
+        assert all(res["methods"][method][b]["rows_equal_to_batch_1"] == 1.0 for b in ("2", "8")), method
     assert set(res["targets"]) == {"batch8_vs_batch1", "gc_vs_full_batch8", "fixed_vs_full_batch8"}
     assert all(isinstance(t["met"], bool) for t in res["targets"].values())
     meta = res["run_metadata"]

@@ -166,6 +166,33 @@ class Row:
         return 0 if self.prompt is None else int(self.prompt.shape[-1])
 
 
+@dataclass
+class _Step:
+    """One step's bookkeeping: the running rows' states and which rows still climb, decide, exited."""
+
+    rows: list
+    h: torch.Tensor  # the running rows' hidden states [len(run), 1, H]
+    lkw: dict  # layer keyword arguments of every row
+    attn: Optional[torch.Tensor]  # every row's additive mask (None: no padding)
+    run: list  # rows whose layers run (all of them, or in propagate mode those still climbing)
+    where: dict  # a running row -> its position in h (kept in step with run)
+    run_kw: dict
+    run_attn: Optional[torch.Tensor]
+    active: list  # rows still deciding
+    exit_at: dict = field(default_factory=dict)
+    exit_h: dict = field(default_factory=dict)
+    row_logits: dict = field(default_factory=dict)
+    # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
+    groups: list = field(default_factory=list)
+    oracle_preds: dict = field(default_factory=dict)
+    seen_h: list = field(default_factory=list)  # observe: the states at the exit points, then the final one
+    keepers: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.counters = [r.counters for r in self.rows]
+        self.controllers = [r.controller for r in self.rows]
+
+
 class DecodeBatch:
     """Rows decoded together, one token per row per :meth:`step`, over one cache.
 
@@ -405,14 +432,39 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
-        """One new token for every row; returns the rows that finished with it."""
-        rows = self.rows
-        R = len(rows)
-        if not R:
+        """One new token for every row; returns the rows that finished with it. The layers run
+        segment by segment (eager: one layer; compiled: up to the next decision point); after each,
+        what is read there is read (:meth:`_look`) and the rows whose controllers check there decide
+        (:meth:`_decide`); then every row's token is chosen (a lossless row's drafts verified)."""
+        if not self.rows:
             return []
         growable(self.cache)  # appending this step's position writes in place
-        model, adapter, cache = self.model, self.model.adapter, self.cache
-        propagate, observe, final, layers = self.propagate, self.observe, self.final, self.layers
+        st = self._begin()
+        static = self._static_step(len(st.rows)) if self.compiled is not None and self.compiled.active else None
+        stops = self._segment_stops(st) if static is not None else None
+        start = 0
+        while start < len(self.layers):
+            if not st.run:  # every row has exited: its deeper layers get the K/V propagated from its exit state
+                self._propagate_rest(st, start)
+                break
+            end = self._run_segment(st, start, static, stops)
+            self._after_segment(st, range(start, end + 1))
+            start = end + 1
+            if self._look(st, end):
+                break
+            self._decide(st, end)
+        self._top_logits(st)
+        self._choose_tokens(st)
+        if self.observe:
+            self._observed(st)
+        finished = [row for row in st.rows if self._finished(row)]
+        self._drop(finished)
+        return finished
+
+    def _begin(self) -> "_Step":
+        """This step's input: every row's last token embedded at its position; every row runs and decides."""
+        rows, adapter = self.rows, self.model.adapter
+        n = len(rows)
         device = rows[0].prompt.device
         x = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
         position_ids = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=device)
@@ -420,191 +472,196 @@ class DecodeBatch:
         lkw = adapter.layer_kwargs(h, position_ids)
         attn = None
         if self.pad is not None:  # the new position is real for every row
-            self.pad = torch.cat([self.pad, self.pad.new_zeros((R, 1))], dim=1)
+            self.pad = torch.cat([self.pad, self.pad.new_zeros((n, 1))], dim=1)
             attn = self.pad[:, None, None, :]
-        counters = [r.counters for r in rows]
-        controllers = [r.controller for r in rows]
-        run = list(range(R))  # rows whose layers run (all of them, or in propagate mode those still climbing)
-        where = {r: r for r in run}  # a running row -> its position in h (kept in step with run)
-        run_kw, run_attn = lkw, attn
-        active = list(run)  # rows still deciding
-        exit_at: dict[int, int] = {}
-        exit_h: dict[int, torch.Tensor] = {}
-        row_logits: dict[int, Optional[torch.Tensor]] = {}
-        # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
-        groups: list[tuple[list[int], int, list]] = []
-        oracle_preds = {r: [] for r in run if controllers[r].runs_all_layers}
-        seen_h: list[torch.Tensor] = []  # observe: the states at the exit points, then the final one
-        keepers = [r for r in range(R) if rows[r].keep_states]
-        for r in keepers:
+        st = _Step(rows=rows, h=h, lkw=lkw, attn=attn, run=list(range(n)), where={r: r for r in range(n)},
+                   run_kw=lkw, run_attn=attn, active=list(range(n)))
+        st.oracle_preds = {r: [] for r in range(n) if st.controllers[r].runs_all_layers}
+        st.keepers = [r for r in range(n) if rows[r].keep_states]
+        for r in st.keepers:
             rows[r].kept_states.append({})
-        skip = propagate and not observe  # exited rows leave the layer loop
-        static = self._static_step(R) if self.compiled is not None and self.compiled.active else None
+        return st
 
-        def fill(j: int):
-            return gather_kv(groups, j, R, cache)
+    def _segment_stops(self, st: "_Step") -> list[int]:
+        """Where a compiled segment must end: every layer where some row's controller checks, where
+        observe, kept states or the oracle read the state, and the final layer."""
+        need = {self.final}
+        for r, row in enumerate(st.rows):
+            every = self.observe or st.controllers[r].runs_all_layers or row.keep_states
+            need |= set(self.exit_points) if every else row.checks
+        return sorted(need)
 
-        # the compiled step runs the layers between two decision points as one graph: a segment ends at
-        # every layer where some row's controller checks, where observe or the oracle read the state,
-        # and at the final layer (eager: one layer at a time)
-        stops = None
-        if static is not None:
-            need = {final}
-            for r in range(R):
-                every = observe or controllers[r].runs_all_layers or rows[r].keep_states
-                need |= set(self.exit_points) if every else rows[r].checks
-            stops = sorted(need)
-        start = 0
-        while start < len(layers):
-            if not run:
-                # every row has exited: its deeper layers get the K/V propagated from its exit state
-                for j in range(start, len(layers)):
-                    k, v = fill(j)
-                    cache.update(k, v, j)
-                    for rows_, _, _ in groups:
-                        for r in rows_:
-                            counters[r]["kv_propagated_layers"] += 1
-                break
-            if static is not None:  # every row runs it (compiled steps carry rows that exited)
-                i = next(b for b in stops if b >= start)
-                buf_k, buf_v, column, static_mask, length = static
-                h = self.compiled(layers[start:i + 1], h, static_mask,
-                                  [Slot(buf_k[j], buf_v[j], column) for j in range(start, i + 1)], run_kw)
-                for j in range(start, i + 1):
-                    cache.layers[j].extend(length)
-            else:
-                i = start
-                if len(run) == R:
-                    h = layers[i](h, attention_mask=run_attn, past_key_values=cache, use_cache=True, **run_kw)
-                else:
-                    h = layers[i](h, attention_mask=run_attn, past_key_values=RowsCache(cache, run, fill),
-                                  use_cache=True, **run_kw)
-                if isinstance(h, tuple):
-                    h = h[0]
-            span, start = range(start, i + 1), i + 1  # the layers just run; the loop goes on after them
-            for r in active:
+    def _propagate_rest(self, st: "_Step", start: int) -> None:
+        for j in range(start, len(self.layers)):
+            k, v = gather_kv(st.groups, j, len(st.rows), self.cache)
+            self.cache.update(k, v, j)
+            for rows_, _, _ in st.groups:
+                for r in rows_:
+                    st.counters[r]["kv_propagated_layers"] += 1
+
+    def _run_segment(self, st: "_Step", start: int, static, stops) -> int:
+        """Run the running rows through layers ``start``..(returned): compiled, every row up to the
+        next stop; eager, one layer (on a subset of rows through :class:`RowsCache`)."""
+        layers, cache = self.layers, self.cache
+        if static is not None:  # every row runs it (compiled steps carry rows that exited)
+            end = next(b for b in stops if b >= start)
+            buf_k, buf_v, column, static_mask, length = static
+            st.h = self.compiled(layers[start:end + 1], st.h, static_mask,
+                                 [Slot(buf_k[j], buf_v[j], column) for j in range(start, end + 1)], st.run_kw)
+            for j in range(start, end + 1):
+                cache.layers[j].extend(length)
+            return end
+        n = len(st.rows)
+        kv = cache if len(st.run) == n else RowsCache(cache, st.run, lambda j: gather_kv(st.groups, j, n, cache))
+        out = layers[start](st.h, attention_mask=st.run_attn, past_key_values=kv, use_cache=True, **st.run_kw)
+        st.h = out[0] if isinstance(out, tuple) else out
+        return start
+
+    def _after_segment(self, st: "_Step", span: range) -> None:
+        """Count the layers just run; rows carried through them after their exit (observe's shadow
+        climb, or too few rows exited to regroup) wrote their own K/V: the propagated ones replace
+        them (a row attends over its own cache row only, so replacing them after a segment is the same)."""
+        counters = st.counters
+        for r in st.active:
+            counters[r]["layers_run"] += len(span)
+        if st.groups:
+            carried = [(rows_, at, kv) for rows_, at, kv in st.groups if rows_[0] in st.where]
+            for j in span if carried else ():
+                keys, values = layer_kv(self.cache, j)
+                for rows_, at, kv in carried:
+                    k, v = kv[j - at - 1]
+                    idx = torch.tensor(rows_, device=keys.device)
+                    keys[idx, :, -1:] = k
+                    values[idx, :, -1:] = v
+            for rows_, _, _ in st.groups:
+                for r in rows_:
+                    counters[r]["kv_propagated_layers"] += len(span)
+        elif not self.propagate:
+            for r in st.exit_at:  # compute: the rows that exited keep running the deeper layers
                 counters[r]["layers_run"] += len(span)
-            if groups:
-                # rows carried through these layers after their exit (observe's shadow climb, or too few rows
-                # exited to regroup the batch) wrote their own K/V: the propagated ones replace them (a row
-                # attends over its own cache row only, so replacing them after a segment is the same)
-                carried = [(rows_, at, kv) for rows_, at, kv in groups if rows_[0] in where]
-                for j in span if carried else ():
-                    keys, values = layer_kv(cache, j)
-                    for rows_, at, kv in carried:
-                        k, v = kv[j - at - 1]
-                        idx = torch.tensor(rows_, device=keys.device)
-                        keys[idx, :, -1:] = k
-                        values[idx, :, -1:] = v
-                for rows_, _, _ in groups:
-                    for r in rows_:
-                        counters[r]["kv_propagated_layers"] += len(span)
-            elif not propagate:
-                for r in exit_at:  # compute: the rows that exited keep running the deeper layers
-                    counters[r]["layers_run"] += len(span)
-            if observe and (i in self.exit_set or i == final):
-                seen_h.append(h.detach().clone())
-            if i == final:
-                break
-            if keepers and i in self.exit_set:  # rows still climbing ran this layer: keep their state
-                for r in keepers:
-                    if r in active:
-                        rows[r].kept_states[-1][i] = h[where[r], -1].clone()
-            if oracle_preds and i in self.exit_set:  # the oracle records every exit point's prediction
-                for r in oracle_preds:
-                    oracle_preds[r].append(int(torch.argmax(model.decode(h[where[r]:where[r] + 1])[0, -1])))
-                    counters[r]["lm_head_calls"] += 1
-            asking = [r for r in active if i in rows[r].checks and not controllers[r].runs_all_layers]
-            if not asking:
-                continue
-            t0 = time.perf_counter()
-            normed_all = None
-            exiting: list[int] = []
-            by_ctrl: dict[int, list[int]] = {}  # rows sharing one controller decide together
-            for r in asking:
-                by_ctrl.setdefault(id(controllers[r]), []).append(r)
-            for rows_ in by_ctrl.values():
-                ctrl = controllers[rows_[0]]
-                need = ctrl.needs_normed or ctrl.needs_logits
-                if need and normed_all is None:
-                    normed_all = model.final_norm(h)
-                pos = [where[r] for r in rows_]
-                if len(rows_) == 1:
-                    p = pos[0]
-                    normed = normed_all[p:p + 1] if need else None
-                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
-                    decisions = [ctrl.should_exit(i, h[p:p + 1], normed, lg)]
-                    lgs = [lg]
-                else:
-                    normed = normed_all[pos] if need else None
-                    lg = adapter.lm_head(normed) if ctrl.needs_logits else None
-                    decisions = ctrl.should_exit_rows(i, h[pos], normed, lg)
-                    lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
-                for r, p, decision, lg_r in zip(rows_, pos, decisions, lgs):
-                    counters[r]["lm_head_calls"] += lg_r is not None
-                    counters[r]["exit_checks"] += 1
-                    if decision:
-                        exit_at[r], row_logits[r] = i, lg_r
-                        active.remove(r)
-                        exit_h[r] = h[p:p + 1].clone()
-                        exiting.append(r)
-            if exiting and propagate:  # one fused projection for every row leaving here
-                pos = [where[r] for r in exiting]
-                if len(pos) == len(run):
-                    kv = adapter.propagate(i + 1, h, run_kw)
-                else:
-                    kv = adapter.propagate(i + 1, h[pos], rows_kwargs(run_kw, pos))
-                groups.append((exiting, i, kv))
-            gone = sum(r in exit_at for r in run) if exiting and skip else 0
-            if gone and (gone == len(run) or gone >= self.skip_share * R):
-                # the rows that exited leave the layer loop; below skip_share of the batch they are carried
-                # along instead (running a layer on a subset of rows copies their cache rows: not worth it
-                # for a few rows)
-                keep = [k for k, r in enumerate(run) if r not in exit_at]
-                run = [run[k] for k in keep]
-                where = {r: k for k, r in enumerate(run)}
-                if run:
-                    h = h[keep]
-                    run_kw = rows_kwargs(lkw, run)
-                    run_attn = None if attn is None else attn[run]
-            elapsed = time.perf_counter() - t0
-            for r in asking:  # one row: its own time; several: the batch's time, shared
-                counters[r]["controller_time_s"] += elapsed / len(asking)
-        # the rows that ran to the top: one LM head for all of them
-        top = [r for r in range(R) if r not in exit_at]
-        if top:
-            pos = [where[r] for r in top]
-            top_logits = model.decode(h if len(pos) == h.shape[0] else h[pos])
-            for k, r in enumerate(top):
-                row_logits[r] = top_logits[k:k + 1]
-                counters[r]["lm_head_calls"] += 1
-                exit_at[r] = final
-                if oracle_preds.get(r):  # l_opt: the first exit point agreeing with the final layer
-                    final_pred = int(torch.argmax(row_logits[r][0, -1]))
-                    exit_at[r] = next((self.exit_points[j] for j, p in enumerate(oracle_preds[r]) if p == final_pred),
-                                      final)
+
+    def _look(self, st: "_Step", i: int) -> bool:
+        """What is read at layer ``i`` before any decision: the observed states (observe), each
+        climbing row's kept state (keep_states, lossless), the oracle's prediction at every exit
+        point. True at the final layer."""
+        if self.observe and (i in self.exit_set or i == self.final):
+            st.seen_h.append(st.h.detach().clone())
+        if i == self.final:
+            return True
+        if i in self.exit_set:
+            for r in st.keepers:
+                if r in st.active:
+                    st.rows[r].kept_states[-1][i] = st.h[st.where[r], -1].clone()
+            for r in st.oracle_preds:
+                p = st.where[r]
+                st.oracle_preds[r].append(int(torch.argmax(self.model.decode(st.h[p:p + 1])[0, -1])))
+                st.counters[r]["lm_head_calls"] += 1
+        return False
+
+    def _decide(self, st: "_Step", i: int) -> None:
+        """The exit checks at layer ``i``. The rows that exit get their deeper layers' K/V (one fused
+        projection) and leave the layer loop once ``skip_share`` of the batch has (below that they are
+        carried along: running a layer on a subset of rows copies their cache rows)."""
+        asking = [r for r in st.active if i in st.rows[r].checks and not st.controllers[r].runs_all_layers]
+        if not asking:
+            return
+        t0 = time.perf_counter()
+        exiting = self._exit_checks(st, i, asking)
+        if exiting and self.propagate:  # one fused projection for every row leaving here
+            pos = [st.where[r] for r in exiting]
+            if len(pos) == len(st.run):
+                kv = self.model.adapter.propagate(i + 1, st.h, st.run_kw)
+            else:
+                kv = self.model.adapter.propagate(i + 1, st.h[pos], rows_kwargs(st.run_kw, pos))
+            st.groups.append((exiting, i, kv))
+        gone = sum(r in st.exit_at for r in st.run) if exiting and self.propagate and not self.observe else 0
+        if gone and (gone == len(st.run) or gone >= self.skip_share * len(st.rows)):
+            keep = [k for k, r in enumerate(st.run) if r not in st.exit_at]
+            st.run = [st.run[k] for k in keep]
+            st.where = {r: k for k, r in enumerate(st.run)}
+            if st.run:
+                st.h = st.h[keep]
+                st.run_kw = rows_kwargs(st.lkw, st.run)
+                st.run_attn = None if st.attn is None else st.attn[st.run]
+        elapsed = time.perf_counter() - t0
+        for r in asking:  # one row: its own time; several: the batch's time, shared
+            st.counters[r]["controller_time_s"] += elapsed / len(asking)
+
+    def _exit_checks(self, st: "_Step", i: int, asking: list[int]) -> list[int]:
+        """Ask each row's controller at layer ``i`` (rows sharing one controller decide together);
+        returns the rows that exit."""
+        model, adapter, counters = self.model, self.model.adapter, st.counters
+        normed_all = None
+        exiting: list[int] = []
+        by_ctrl: dict[int, list[int]] = {}
+        for r in asking:
+            by_ctrl.setdefault(id(st.controllers[r]), []).append(r)
+        for rows_ in by_ctrl.values():
+            ctrl = st.controllers[rows_[0]]
+            need = ctrl.needs_normed or ctrl.needs_logits
+            if need and normed_all is None:
+                normed_all = model.final_norm(st.h)
+            pos = [st.where[r] for r in rows_]
+            if len(rows_) == 1:
+                p = pos[0]
+                normed = normed_all[p:p + 1] if need else None
+                lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                decisions, lgs = [ctrl.should_exit(i, st.h[p:p + 1], normed, lg)], [lg]
+            else:
+                normed = normed_all[pos] if need else None
+                lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                decisions = ctrl.should_exit_rows(i, st.h[pos], normed, lg)
+                lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
+            for r, p, decision, lg_r in zip(rows_, pos, decisions, lgs):
+                counters[r]["lm_head_calls"] += lg_r is not None
+                counters[r]["exit_checks"] += 1
+                if decision:
+                    st.exit_at[r], st.row_logits[r] = i, lg_r
+                    st.active.remove(r)
+                    st.exit_h[r] = st.h[p:p + 1].clone()
+                    exiting.append(r)
+        return exiting
+
+    def _top_logits(self, st: "_Step") -> None:
+        """The rows that ran to the top: one LM head for all of them (the oracle's exit: the first
+        exit point agreeing with the final layer)."""
+        top = [r for r in range(len(st.rows)) if r not in st.exit_at]
+        if not top:
+            return
+        pos = [st.where[r] for r in top]
+        top_logits = self.model.decode(st.h if len(pos) == st.h.shape[0] else st.h[pos])
+        for k, r in enumerate(top):
+            st.row_logits[r] = top_logits[k:k + 1]
+            st.counters[r]["lm_head_calls"] += 1
+            st.exit_at[r] = self.final
+            if st.oracle_preds.get(r):
+                final_pred = int(torch.argmax(st.row_logits[r][0, -1]))
+                st.exit_at[r] = next((self.exit_points[j] for j, p in enumerate(st.oracle_preds[r]) if p == final_pred),
+                                     self.final)
+
+    def _choose_tokens(self, st: "_Step") -> None:
+        """Every row's token from the logits where it exited; lossless rows whose draft ends here
+        verify, all of them in one multi-token step."""
         verifying = False
-        for r, row in enumerate(rows):
-            lg = row_logits.get(r)
+        for r, row in enumerate(st.rows):
+            lg = st.row_logits.get(r)
             if lg is None:
-                lg = model.decode(exit_h[r])
-                counters[r]["lm_head_calls"] += 1
-            self._choose(row, lg, exit_at[r])
-            counters[r]["decode_steps"] += 1
+                lg = self.model.decode(st.exit_h[r])
+                st.counters[r]["lm_head_calls"] += 1
+            self._choose(row, lg, st.exit_at[r])
+            st.counters[r]["decode_steps"] += 1
             row.pos += 1
-            if row.draft is not None and speculative.drafted(row, exit_at[r], lg, controllers[r].runs_all_layers):
+            if row.draft is not None and speculative.drafted(row, st.exit_at[r], lg, st.controllers[r].runs_all_layers):
                 verifying = True
-        if verifying:  # every lossless row with a draft verifies now, in one multi-token step
-            speculative.verify(self, [r for r, row in enumerate(rows) if row.draft is not None and row.draft.exact])
-        if observe:
-            stacked = torch.stack(seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
-            preds = model.decode(stacked).argmax(-1)  # [R, E + 1]
-            for r, row in enumerate(rows):
-                row.obs_states.append(stacked[r, :-1].float().cpu())
-                row.obs_preds.append(preds[r].cpu())
-        finished = [row for row in rows if self._finished(row)]
-        self._drop(finished)
-        return finished
+        if verifying:
+            speculative.verify(self, [r for r, row in enumerate(st.rows) if row.draft is not None and row.draft.exact])
+
+    def _observed(self, st: "_Step") -> None:
+        stacked = torch.stack(st.seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
+        preds = self.model.decode(stacked).argmax(-1)  # [R, E + 1]
+        for r, row in enumerate(st.rows):
+            row.obs_states.append(stacked[r, :-1].float().cpu())
+            row.obs_preds.append(preds[r].cpu())
 
     def _static_step(self, rows: int):
         """The compiled step's view of this step: every layer's K/V buffer (room for the new
