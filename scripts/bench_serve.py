@@ -40,6 +40,9 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=50, help="--load: concurrent streaming clients")
     p.add_argument("--batch-sizes", default="1,16,64", help="--load: serve.max_batch_size values (comma list)")
     p.add_argument("--burst", type=int, default=200, help="--load: simultaneous requests of the burst (0 = none)")
+    p.add_argument("--burst-only", action="store_true",
+                   help="--load: only the burst (16-token completions against the configured admission), written "
+                        "into the existing serve_load file")
     p.add_argument("--lossless-mix", action="store_true",
                    help="instead: lossless rows beside lossy ones, and lossless batching "
                         "(results/benchmark/serve_lossless_<name>.json)")
@@ -75,7 +78,11 @@ def main() -> None:
     if args.load:
         res = run_streaming_load(cfg, run_dir, clients=args.clients, max_new_tokens=args.max_new_tokens or 32,
                                  batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
-                                 burst=args.burst, out_path=args.out, demo=bool(args.demo))
+                                 burst=args.burst, burst_only=args.burst_only, out_path=args.out,
+                                 demo=bool(args.demo))
+        if args.burst_only:
+            print(f"burst: {res['burst']}")
+            return
         print(f"{'max_batch_size':<16}{'served':>8}{'first p50 ms':>14}{'first p90 ms':>14}{'total p50 ms':>14}"
               f"{'tokens/s':>10}{'lone prefill+step ms':>22}")
         for s in res["settings"].values():

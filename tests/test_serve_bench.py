@@ -31,3 +31,23 @@ def test_run_benchmark_writes_percentiles_and_overhead(tmp_path):
         assert s["overhead_ms"]["p50"] is not None
     assert saved["demo_run"] is True and saved["run"]["config_name"] == "smoke"
     assert saved["overhead_target_ms"] == 5.0 and saved["http_floor_ms"]["p50"] > 0
+
+
+def test_burst_against_deadline_admission(tmp_path):
+    """The burst of run_streaming_load on a tiny demo run (real server): every answer JSON, served
+    ones complete and within the deadline, refusals 503 with Retry-After; written beside the
+    previous burst of the same file."""
+    from greencode.serve.bench import run_streaming_load
+
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1", "serve.request_timeout_s=3"])
+    run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
+    out = tmp_path / "serve_load_smoke.json"
+    out.write_text(json.dumps({"burst": {"served": 16}, "settings": {"kept": 1}}))
+    res = run_streaming_load(cfg, run, burst=30, burst_tokens=8, burst_batch_size=4, burst_only=True,
+                             out_path=out, demo=True)
+    saved = json.loads(out.read_text())
+    b = saved["burst"]
+    assert saved["burst_previous"] == {"served": 16} and saved["settings"] == {"kept": 1} and res["burst"] == b
+    assert b["requests"] == 30 and b["served"] + b["refused"] == 30 and b["served"] >= 4
+    assert b["all_json"] and b["every_503_has_retry_after"] and b["every_served_within_deadline"]
+    assert b["every_served_answer_complete"] and b["server_alive_after"] and b["metrics_answered_after"]

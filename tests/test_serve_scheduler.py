@@ -43,6 +43,7 @@ class StubBatch:
                 finished.append(row)
                 continue
             rec["tokens"] += 1
+            row.tokens.append(99 + rec["tokens"])
             rec["emitted_at"].append(time.perf_counter())
             if row.on_event is not None:
                 row.on_event(TokenEvent(rec["tokens"] - 1, 99 + rec["tokens"], "x", 0))
@@ -66,7 +67,8 @@ class StubEngine:
     def prepare(self, gen, submitted_at=None, deadline=None):
         if gen.prompt == self.bad_prompt:
             raise RequestError(422, "bad prompt", loc="body.prompt")
-        return SimpleNamespace(gen=gen, deadline=deadline, ids=[1, 2], flush=lambda text: "!")
+        return SimpleNamespace(gen=gen, deadline=deadline, ids=[1, 2], flush=lambda text: "!",
+                               submitted_at=submitted_at or time.perf_counter(), tokenize_s=0.0)
 
     def new_batch(self):
         return StubBatch(self)
@@ -80,7 +82,7 @@ class StubEngine:
             return (should_stop is not None and should_stop()) or bool(job.deadline and
                                                                        time.perf_counter() > job.deadline)
 
-        return SimpleNamespace(record=record, on_event=on_event, should_stop=stop, handle=job)
+        return SimpleNamespace(record=record, on_event=on_event, should_stop=stop, handle=job, tokens=[])
 
     def step(self, batch):
         return batch.step()
@@ -261,3 +263,76 @@ def test_prefill_budget_lets_a_crowd_join_over_several_steps():
     assert asyncio.run(go()) == ["x" * 6 + "!"] * 4
     joined = sorted(r["joined_at_step"] for r in engine.runs)
     assert len(set(joined)) == 4  # one per step, never two prompts (4 tokens > 3) in one step
+
+
+# ---------------------------------------------------------------- admission by deadline
+
+def test_drain_model_simulates_first_come_first_served():
+    from greencode.serve.scheduler import DrainModel
+
+    d = DrainModel()
+    assert d.expected_finish([5], [], 2, (10, 4)) is None  # nothing measured yet: no estimate
+    d.observe_step(0.1, rows=2)
+    d.observe_prefill(0.1, 100)  # 1 ms per prompt token
+    # at 2 rows, 0.1 s a step: the slots free after 5 and 10 steps; the waiting request takes the first, the
+    # new one the second (steps 10..14: 1.4 s), and both prefills (150 tokens: 0.15 s) hold everyone up
+    assert abs(d.expected_finish([5, 10], [(100, 8)], 2, (50, 4)) - 1.55) < 1e-9
+    # alone it runs at the one-row step time, taken from the nearest larger measurement (an upper bound)
+    assert abs(d.expected_finish([], [], 4, (50, 4)) - 0.45) < 1e-9
+    # more rows than measured: extrapolated linearly from 2 rows (4 rows: 0.2 s a step)
+    assert abs(d.step_s(4) - 0.2) < 1e-9
+    assert abs(d.expected_finish([2, 2, 2], [], 4, (0, 3)) - 0.6) < 1e-9
+    d.observe_step(0.2, rows=2)  # moving average: 0.8 x 0.1 + 0.2 x 0.2
+    assert abs(d.step_s(2) - 0.12) < 1e-9
+
+
+def test_admission_by_deadline_refuses_only_what_cannot_finish_in_time():
+    """Once the drain rate is measured, a burst is admitted as far as each request can still finish
+    within its deadline; the rest get a 503 at once, with a Retry-After from the backlog, and every
+    admitted request is served in time (none ends with a 504)."""
+    engine = StubEngine(tokens=8, step_s=0.05)  # 0.4 s per request, one at a time
+    rejected = []
+    sched = Scheduler(engine, queue_size=100, timeout_s=1.5, on_rejected=rejected.append)
+
+    async def main():
+        await (await sched.submit(_gen("warm", stream=False))).result()  # the drain rate is measured
+
+        async def one(i):
+            t0 = time.perf_counter()
+            try:
+                await (await sched.submit(_gen(f"p{i}", stream=False))).result()
+                return 200, time.perf_counter() - t0, None
+            except RequestError as e:
+                return e.status, time.perf_counter() - t0, e.headers.get("Retry-After")
+
+        return await asyncio.gather(*[one(i) for i in range(10)])
+
+    results = asyncio.run(main())
+    sched.shutdown()
+    served = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 503]
+    assert len(served) + len(refused) == 10 and 2 <= len(served) <= 4, results
+    assert all(t <= 1.5 for _, t, _ in served)  # each within its deadline
+    assert all(t < 0.3 and int(ra) >= 1 for _, t, ra in refused)  # refused at once, told when to come back
+    assert rejected == ["deadline"] * len(refused) and sched.in_flight == 0
+
+
+def test_waiting_room_is_bounded_in_prompt_tokens():
+    engine = StubEngine(tokens=4, step_s=0.05)
+    rejected = []
+    sched = Scheduler(engine, queue_size=100, timeout_s=30, on_rejected=rejected.append, max_queued_tokens=5)
+
+    async def main():
+        async def one(i):
+            try:
+                await (await sched.submit(_gen(f"p{i}", stream=False))).result()
+                return 200
+            except RequestError as e:
+                return e.status
+
+        return await asyncio.gather(*[one(i) for i in range(6)])
+
+    codes = asyncio.run(main())
+    sched.shutdown()
+    # 2 prompt tokens each: at most 5 wait (two requests; the first waits alone whatever its size)
+    assert codes.count(503) >= 2 and codes.count(200) >= 2 and set(rejected) == {"busy"}

@@ -529,7 +529,14 @@ class ServeConfig:
     default_max_new_tokens: int = 16
     max_new_tokens_cap: int = 256
     max_request_bytes: int = 1_000_000
-    queue_size: int = 8  # requests waiting beside the batch being decoded (past that: 503 + Retry-After)
+    # the waiting room beside the batch being decoded: a request waits while it can still finish within
+    # request_timeout_s at the measured drain rate (else 503 + Retry-After at once); at most this many
+    # prompt tokens (its memory) and queue_size requests (a safety count, as Ollama's 512) wait
+    max_queued_tokens: int = 1_048_576
+    queue_size: int = 512
+    # the expected finish is taken this many times over when admitting (the drain model leaves out what a
+    # join costs the running rows; measured on the CPU default: 1.0 let 34 of 130 admitted requests time out)
+    admission_margin: float = 1.5
     # requests decoded together, step by step (continuous batching: a request arriving while a step
     # runs joins the next one); 1 = one request at a time
     max_batch_size: int = 8
@@ -550,6 +557,8 @@ class ServeConfig:
         _check_range(f"{path}.default_threshold", self.default_threshold, 0.0, 1.0)
         _check_range(f"{path}.max_new_tokens_cap", self.max_new_tokens_cap, 1, None)
         _check_range(f"{path}.queue_size", self.queue_size, 1, None)
+        _check_range(f"{path}.max_queued_tokens", self.max_queued_tokens, 1, None)
+        _check_range(f"{path}.admission_margin", self.admission_margin, 1.0, None)
         _check_range(f"{path}.max_batch_size", self.max_batch_size, 1, 1024)
         _check_range(f"{path}.max_prefill_tokens", self.max_prefill_tokens, 1, None)
         _check_range(f"{path}.lossless_k_max", self.lossless_k_max, 1, 64)

@@ -3,9 +3,11 @@ the API key, error handlers and middleware; the model side is :mod:`greencode.se
 queue, deadlines and token events :mod:`greencode.serve.scheduler`.
 
 Overload is answered by the app, always as JSON 503 with ``Retry-After`` and counted in
-``/metrics`` (``greencode_rejected_total{reason=...}``): at most ``serve.queue_size`` generations
-wait beside the one running (``busy``), and at most :func:`max_concurrent_requests` HTTP requests
-are in progress at once (``overload``; ``/health`` and ``/metrics`` always answer). Bodies are read
+``/metrics`` (``greencode_rejected_total{reason=...}``): a generation that could not finish within
+its deadline at the measured drain rate is refused at once (``deadline``), the waiting room holds at
+most ``serve.max_queued_tokens`` prompt tokens and ``serve.queue_size`` requests (``busy``), and at
+most :func:`max_concurrent_requests` HTTP requests are in progress at once (``overload``; ``/health``
+and ``/metrics`` always answer). Bodies are read
 with a size cap (413), must be UTF-8 JSON (400) and are validated strictly (422); no bad input
 reaches a 500. The README's serving section documents the formats.
 """
@@ -164,7 +166,10 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     scheduler = holder["scheduler"] = Scheduler(engine, scfg.queue_size, scfg.request_timeout_s,
                                                 on_rejected=lambda reason: metrics.rejected.labels(reason=reason).inc(),
                                                 max_batch_size=scfg.max_batch_size,
-                                                max_prefill_tokens=scfg.max_prefill_tokens)
+                                                max_prefill_tokens=scfg.max_prefill_tokens,
+                                                max_queued_tokens=scfg.max_queued_tokens,
+                                                on_queue_wait=metrics.queue_wait_seconds.observe,
+                                                admission_margin=scfg.admission_margin)
     cap = int(scfg.max_new_tokens_cap)
     info = engine.describe()
     started = time.time()
@@ -260,7 +265,8 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     async def health() -> dict:
         return {"status": "ok", "model": ctx.name, **public_info,
                 "queue": {"in_flight": scheduler.in_flight, "capacity": scheduler.capacity,
-                          "queue_size": scfg.queue_size, "max_batch_size": scheduler.max_batch_size},
+                          "queue_size": scfg.queue_size, "max_queued_tokens": scfg.max_queued_tokens,
+                          "max_batch_size": scheduler.max_batch_size},
                 "max_concurrent_requests": connection_limit,
                 "max_new_tokens_cap": cap, "default_max_new_tokens": ctx.default_tokens,
                 "request_timeout_s": scfg.request_timeout_s, "auth_required": bool(api_key),

@@ -207,15 +207,19 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
 # --------------------------------------------------------------------------- concurrent streaming clients
 def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clients: int = 50,
                        batch_sizes: Sequence[int] = (1, 16, 64), max_new_tokens: int = 32, burst: int = 200,
+                       burst_tokens: int = 16, burst_batch_size: int = 8, burst_only: bool = False,
                        out_path: Optional[Union[str, Path]] = None, demo: bool = False) -> dict[str, Any]:
     """``clients`` concurrent streaming completions with the official ``openai`` client (SSE)
     against a real server (one child process per ``serve.max_batch_size`` in ``batch_sizes``;
     ``serve.queue_size`` large enough that every client is admitted): per client the time to the
     first chunk and to the last, all served or not, and the server's own prefill and per-step
     times of a lone request (what first-chunk latency is compared with). Then ``burst``
-    simultaneous non-streamed requests against the last server with ``serve.queue_size=8``: every
-    answer must be JSON, 200 or 503 with ``Retry-After``, and the server alive afterwards. Writes
-    ``results/benchmark/serve_load_<config name>.json``."""
+    simultaneous non-streamed ``burst_tokens``-token requests against a server with the configured
+    admission (deadline-based) and ``serve.max_batch_size=burst_batch_size``: every answer must be
+    JSON, 200 within the deadline or 503 with ``Retry-After``, every served answer complete, the
+    server (``/health``, ``/metrics``) alive afterwards; latency p50/p99 and the count refused.
+    ``burst_only``: only the burst, written into the existing file (its previous burst kept as
+    ``burst_previous``). Writes ``results/benchmark/serve_load_<config name>.json``."""
     import asyncio
 
     import httpx
@@ -258,27 +262,52 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
         await client.close()
         return list(rows), wall
 
-    async def flood(url: str) -> dict:
+    async def flood(url: str, timeout_s: float) -> dict:
         async with httpx.AsyncClient(base_url=url, timeout=600.0,
                                      limits=httpx.Limits(max_connections=burst + 10)) as c:
-            body = {"inputs": prompts[0], "parameters": {"max_new_tokens": 8}}
-            rs = await asyncio.gather(*[c.post("/generate", json=body) for _ in range(burst)],
-                                      return_exceptions=True)
+            body = {"inputs": prompts[0], "parameters": {"max_new_tokens": burst_tokens}}
+            # warm-up: one full batch, so the server has measured its drain rate at that size
+            for r in await asyncio.gather(*[c.post("/generate", json=body) for _ in range(burst_batch_size)]):
+                r.raise_for_status()
+
+            async def one():
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/generate", json=body)
+                    return r, time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001 - recorded: the target is that none fails
+                    return e, time.perf_counter() - t0
+
+            rs = await asyncio.gather(*[one() for _ in range(burst)])
             alive = (await c.get("/health")).status_code == 200
+            metrics_ok = (await c.get("/metrics")).status_code == 200
         codes: dict[str, int] = {}
-        json_ok = retry_after_ok = True
-        for r in rs:
+        json_ok = retry_after_ok = complete = True
+        served_s, refused_s, retry_after, messages = [], [], [], []
+        for r, dt in rs:
             if isinstance(r, Exception):
                 codes[type(r).__name__] = codes.get(type(r).__name__, 0) + 1
                 json_ok = False
                 continue
             codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
             json_ok &= r.headers.get("content-type", "").startswith("application/json")
-            if r.status_code == 503:
+            if r.status_code == 200:
+                served_s.append(dt)
+                g = r.json().get("greencode") or {}
+                complete &= g.get("finish_reason") in ("length", "eos", "stop")
+            elif r.status_code == 503:
+                refused_s.append(dt)
+                if len(messages) < 3:
+                    messages.append(str(r.json().get("error", ""))[:300])
                 retry_after_ok &= bool(r.headers.get("retry-after"))
-        return {"requests": burst, "status_counts": codes, "all_json": json_ok,
-                "every_503_has_retry_after": retry_after_ok, "server_alive_after": alive,
-                "served": codes.get("200", 0)}
+                if r.headers.get("retry-after"):
+                    retry_after.append(int(r.headers["retry-after"]))
+        return {"requests": burst, "max_new_tokens": burst_tokens, "request_timeout_s": timeout_s,
+                "status_counts": codes, "all_json": json_ok, "every_503_has_retry_after": retry_after_ok,
+                "server_alive_after": alive, "metrics_answered_after": metrics_ok, "served": len(served_s),
+                "refused": len(refused_s), "served_latency_s": _pcts(served_s), "refused_latency_s": _pcts(refused_s),
+                "retry_after_s": _pcts(retry_after), "refusal_messages": messages, "every_served_within_deadline": all(t <= timeout_s for t in served_s),
+                "every_served_answer_complete": complete}
 
     settings: dict[str, Any] = {}
     burst_result = None
@@ -286,7 +315,7 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
     with tempfile.TemporaryDirectory(prefix="greencode-load-") as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(dump_config(cfg))
-        for b in batch_sizes:
+        for b in ([] if burst_only else batch_sizes):
             overrides = [f"serve.max_batch_size={int(b)}", f"serve.queue_size={max(clients, 8)}",
                          f"serve.max_new_tokens_cap={max(max_new_tokens, 16)}", "serve.request_timeout_s=600"]
             with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv, \
@@ -313,10 +342,23 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
                 log.info("load: max_batch_size=%s: %d/%d served, first chunk p50 %.0f ms, wall %.1f s", b,
                          len(served), clients, settings[f"max_batch_size_{b}"]["first_chunk_ms"]["p50"] or -1, wall)
         if burst:
-            overrides = [f"serve.max_batch_size={int(batch_sizes[-1])}", "serve.queue_size=8",
-                         "serve.request_timeout_s=600"]
+            # the server's own admission (serve.* as configured, batch of burst_batch_size): deadlines, not a count
+            overrides = [f"serve.max_batch_size={int(burst_batch_size)}",
+                         f"serve.max_new_tokens_cap={max(burst_tokens, 16)}"]
             with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
-                burst_result = asyncio.run(flood(srv.url))
+                burst_result = asyncio.run(flood(srv.url, float(cfg.serve.request_timeout_s)))
+    if burst_only:
+        from greencode.utils import read_json
+
+        result = read_json(out_path) if out_path.is_file() else {}
+        if result.get("burst") is not None:
+            result["burst_previous"] = result["burst"]
+        result["burst"] = burst_result
+        result["burst_run"] = run_metadata(cfg, stage="bench_serve_burst")
+        result["burst_load_average_1m"] = {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()}
+        write_json(out_path, result)
+        log.info("burst written to %s", out_path)
+        return result
     result = {
         "what": f"{clients} concurrent streaming clients (openai.AsyncOpenAI, SSE, greedy, full model, "
                 f"{max_new_tokens} tokens each) per serve.max_batch_size; then {burst} simultaneous requests",

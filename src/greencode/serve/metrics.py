@@ -2,9 +2,9 @@
 
 Counters: requests by route and status, completions by format, prompt and generated tokens,
 decode steps, layers run against what the full model would run, the sum of exit layers,
-requests refused (busy / overload / timeout / shutdown), measured energy. Gauges derived from them: mean exit
-layer (0-based, over decode steps), share of layers skipped, requests in flight. Histograms:
-request latency per route and generation time.
+requests refused (deadline / busy / overload / timeout / shutdown), measured energy. Gauges derived from them:
+mean exit layer (0-based, over decode steps), share of layers skipped, requests in flight. Histograms:
+request latency per route, generation time and queue wait (submission to joining the batch).
 """
 
 from __future__ import annotations
@@ -45,10 +45,14 @@ class ServeMetrics:
                               "generations whose energy was measured)", registry=r)
         self.energy_measured = Counter("greencode_energy_measured_generations", "generations with measured "
                                        "energy", registry=r)
-        self.rejected = Counter("greencode_rejected", "requests refused: busy (generation queue full), overload "
-                                "(too many requests in progress), timeout (past serve.request_timeout_s) or "
-                                "shutdown", ["reason"],
+        self.rejected = Counter("greencode_rejected", "requests refused: deadline (could not finish within "
+                                "serve.request_timeout_s at the measured drain rate), busy (the waiting room is "
+                                "full), overload (too many requests in progress), timeout (past "
+                                "serve.request_timeout_s) or shutdown", ["reason"],
                                 registry=r)
+        self.queue_wait_seconds = Histogram("greencode_queue_wait_seconds", "time from submission (after "
+                                            "tokenizing) to joining the decoding batch",
+                                            buckets=LATENCY_BUCKETS_S, registry=r)
         self.request_seconds = Histogram("greencode_request_latency_seconds", "server time per request",
                                          ["route"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.generation_seconds = Histogram("greencode_generation_seconds", "time inside the decoding loop per "

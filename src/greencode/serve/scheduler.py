@@ -1,10 +1,19 @@
 """The one scheduler between the HTTP side and the model: admission control, deadlines,
 cancellation, and each request's stream of token events.
 
-* **Admission** (:meth:`Scheduler.submit`): at most ``serve.queue_size`` requests wait beside the
-  ``serve.max_batch_size`` being decoded; past that ``submit`` raises a 503 :class:`RequestError` with ``Retry-After``
-  before any response byte is sent (counted in ``/metrics`` as ``rejected{reason="busy"}``).
-  An admitted request is always run (or answered 504 when its deadline passes first).
+* **Admission by deadline** (:meth:`Scheduler.submit`): a request waits while it can still finish within
+  its deadline. From the drain rate the worker measures (seconds per decoding step, seconds per
+  prefilled prompt token) and the work ahead of it (each decoding row's remaining tokens, each
+  waiting request's prompt and tokens, first come first served over ``serve.max_batch_size`` rows),
+  :class:`DrainModel` gives its expected finish (times ``serve.admission_margin``: the model leaves out
+  what a join costs the rows already decoding and the longer contexts of a full batch); a request that
+  cannot finish in time is refused at once with a JSON 503 whose ``Retry-After`` is how long the
+  backlog needs to drain enough
+  (``rejected{reason="deadline"}``). The waiting room is bounded in memory: at most
+  ``serve.max_queued_tokens`` prompt tokens wait (and ``serve.queue_size`` requests, a safety count);
+  past that a 503 ``rejected{reason="busy"}``. Before the first step has been measured every request
+  within those bounds is admitted. An admitted request is run (or answered 504 if its deadline passes
+  first after all).
 * **Preparation** (encoding the prompt, choosing the controller) runs on a helper thread, so a
   request that cannot run fails with its 4xx before its response starts, and a long prompt does
   not block the event loop.
@@ -29,7 +38,9 @@ cancellation, and each request's stream of token events.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import queue
 import threading
 import time
@@ -48,6 +59,65 @@ log = logging.getLogger(__name__)
 def _timeout_error(timeout_s: float) -> RequestError:
     return RequestError(504, f"generation did not finish within serve.request_timeout_s={timeout_s:g} s; ask for "
                              "fewer tokens or retry when the server is less busy", kind="timeout")
+
+
+class DrainModel:
+    """The worker's measured drain rate, and a request's expected finish from it.
+
+    Seconds per decoding step are kept per number of rows decoded (an exponential moving average
+    each); a step at a number of rows not measured yet is extrapolated linearly from the nearest
+    smaller one measured (an upper bound: a batch costs less than its rows one by one), or taken
+    from the nearest larger one. Prefill is kept as seconds per prompt token. The expected finish of
+    a new request simulates first come, first served over ``slots`` rows, in steps at the step time of
+    the occupancy it will run at: every decoding row frees its slot after its remaining tokens, each
+    waiting request then takes the first free slot for its tokens (upper bounds: an EOS ends a row
+    sooner); every prefill up to the new request's own is added, since a prefill holds up every row."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.step_s_by_rows: dict[int, float] = {}
+        self.prefill_s_per_token: Optional[float] = None
+
+    def _ewma(self, old: Optional[float], new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+
+    def observe_step(self, seconds: float, rows: int = 1) -> None:
+        rows = max(1, int(rows))
+        self.step_s_by_rows[rows] = self._ewma(self.step_s_by_rows.get(rows), float(seconds))
+
+    def observe_prefill(self, seconds: float, tokens: int) -> None:
+        if tokens > 0:
+            self.prefill_s_per_token = self._ewma(self.prefill_s_per_token, float(seconds) / tokens)
+
+    def step_s(self, rows: int) -> Optional[float]:
+        """Expected seconds per step with ``rows`` rows (None before any step was measured)."""
+        known = self.step_s_by_rows
+        if not known:
+            return None
+        if rows in known:
+            return known[rows]
+        below = [r for r in known if r < rows]
+        if below:
+            r0 = max(below)
+            return known[r0] * rows / r0
+        return known[min(known)]
+
+    def expected_finish(self, running: list, waiting: list, slots: int, new: tuple) -> Optional[float]:
+        """Seconds from now until ``new`` = (prompt tokens, max new tokens) would finish after the
+        ``running`` rows' remaining tokens and the ``waiting`` (prompt, max new tokens) ahead of it;
+        None before anything was measured."""
+        step = self.step_s(max(1, min(slots, len(running) + len(waiting) + 1)))
+        if step is None:
+            return None
+        free = list(running[:slots]) + [0] * max(0, slots - len(running))  # in steps
+        heapq.heapify(free)
+        done = 0
+        for _, max_new in list(waiting) + [new]:
+            done = heapq.heappop(free) + max_new
+            heapq.heappush(free, done)
+        # one worker: every prefill up to this request's (its own included) holds up every row
+        prefill = (self.prefill_s_per_token or 0.0) * (sum(p for p, _ in waiting) + new[0])
+        return done * step + prefill
 
 
 class RequestStream:
@@ -136,13 +206,20 @@ class Scheduler:
 
     def __init__(self, engine: Engine, queue_size: int, timeout_s: float,
                  on_rejected: Optional[Callable[[str], None]] = None, max_batch_size: int = 1,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, max_queued_tokens: Optional[int] = None,
+                 on_queue_wait: Optional[Callable[[float], None]] = None, admission_margin: float = 1.0):
         self.engine = engine
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_prefill_tokens = max(1, int(max_prefill_tokens))
         self.capacity = int(queue_size) + self.max_batch_size
+        self.max_queued_tokens = None if max_queued_tokens is None else int(max_queued_tokens)
         self.timeout_s = float(timeout_s)
         self.on_rejected = on_rejected
+        self.on_queue_wait = on_queue_wait
+        self.drain = DrainModel()
+        self.admission_margin = float(admission_margin)  # the expected finish is taken this many times over
+        self._waiting: dict[int, tuple[int, int]] = {}  # id(job) -> (prompt tokens, max new tokens), not joined yet
+        self._running: list[int] = []  # the decoding rows' remaining tokens (published by the worker)
         self._lock = threading.Lock()
         self._in_flight = 0
         # (job, stream) pairs for the worker, a callable to run there (warm-up), None to stop it
@@ -178,6 +255,43 @@ class Scheduler:
         with self._lock:
             self._in_flight -= 1
 
+    def _admit_by_deadline(self, job: Job, submitted: float) -> None:
+        """Queue ``job`` only if it can finish within its deadline and the waiting room has room for
+        its prompt (else a 503 with ``Retry-After``); registers it as waiting."""
+        work = (len(job.ids), int(job.gen.max_new_tokens))
+        with self._lock:
+            waiting, running = list(self._waiting.values()), list(self._running)
+            queued = sum(p for p, _ in waiting)
+            if self.max_queued_tokens is not None and waiting and queued + work[0] > self.max_queued_tokens:
+                reason = "busy"
+            else:
+                eta = self.drain.expected_finish(running, waiting, self.max_batch_size, work)
+                eta = None if eta is None else eta * self.admission_margin
+                late = None if eta is None else time.perf_counter() - submitted + eta - self.timeout_s
+                if late is None or late <= 0:
+                    self._waiting[id(job)] = work
+                    return
+                reason = "deadline"
+        self._count_rejected(reason)
+        if reason == "busy":
+            raise RequestError(503, f"server busy: {queued} prompt tokens are waiting (serve.max_queued_tokens="
+                                    f"{self.max_queued_tokens}); retry shortly", kind="server_busy",
+                               headers={"Retry-After": "1"})
+        raise RequestError(503, f"server busy: this request would finish in about {eta:.1f} s, past its deadline "
+                                f"(serve.request_timeout_s={self.timeout_s:g}); {len(waiting)} requests wait and "
+                                f"{len(running)} are decoding. Retry in {math.ceil(late)} s or ask for fewer tokens",
+                           kind="server_busy", headers={"Retry-After": str(max(1, math.ceil(late)))})
+
+    def _left_queue(self, job: Job) -> None:
+        with self._lock:
+            self._waiting.pop(id(job), None)
+
+    def _publish(self, live: dict) -> None:
+        """The decoding rows' remaining tokens, for admission (worker side)."""
+        running = [max(0, job.gen.max_new_tokens - len(row.tokens)) for row, job, _ in live.values()]
+        with self._lock:
+            self._running = running
+
     async def submit(self, gen: GenRequest) -> RequestStream:
         """Admit ``gen`` (or raise a 503 :class:`RequestError` at once), prepare it (its 4xx
         raised here) and queue it for the worker; returns its :class:`RequestStream`."""
@@ -191,6 +305,7 @@ class Scheduler:
                                    kind="server_busy", headers={"Retry-After": "5"})
             loop = asyncio.get_running_loop()
             job = await loop.run_in_executor(self._prepare, self.engine.prepare, gen, submitted, deadline)
+            self._admit_by_deadline(job, submitted)
             stream = RequestStream(self, gen, deadline, loop)
             self._enqueue((job, stream))
         except BaseException:
@@ -259,16 +374,20 @@ class Scheduler:
                 batch = self._join(batch, new, live)
             if live:
                 try:
+                    t0, rows = time.perf_counter(), len(live)
                     finished = self.engine.step(batch)
+                    self.drain.observe_step(time.perf_counter() - t0, rows)
                 except Exception as e:  # noqa: BLE001 - the whole batch fails: every row learns why
                     log.exception("decoding step failed for %d requests", len(live))
                     for row, job, stream in live.values():
                         self.engine.abandon(row)
                         self._end(stream, e)
                     live.clear()
+                    self._publish(live)
                     batch = None
                     continue
                 self._finished(batch, finished, live)
+                self._publish(live)
             elif stopping:
                 return
 
@@ -276,6 +395,7 @@ class Scheduler:
         """Let the queued requests ``new`` join ``batch`` (a new one when empty); returns it."""
         rows = []
         for job, stream in new:
+            self._left_queue(job)
             if stream.cancelled:
                 self._end(stream, None)
             elif self._closed:
@@ -290,8 +410,13 @@ class Scheduler:
             return batch
         if batch is None or not len(batch):
             batch = self.engine.new_batch()
+        now = time.perf_counter()
+        if self.on_queue_wait is not None:
+            for _, job, _ in rows:
+                self.on_queue_wait(max(0.0, now - job.submitted_at - job.tokenize_s))
         try:
             finished = batch.add([r for r, _, _ in rows], [j.ids for _, j, _ in rows])
+            self.drain.observe_prefill(time.perf_counter() - now, sum(len(j.ids) for _, j, _ in rows))
         except Exception as e:  # noqa: BLE001 - a prefill that fails fails its own requests only
             log.exception("prefill failed for %d requests", len(rows))
             err = RequestError(422, f"cannot generate: {e}") if isinstance(e, (ValueError, ConfigError)) else e
@@ -302,6 +427,7 @@ class Scheduler:
         for entry in rows:
             live[id(entry[0])] = entry
         self._finished(batch, finished, live)
+        self._publish(live)
         return batch
 
     def _finished(self, batch, rows: list, live: dict) -> None:
@@ -347,4 +473,4 @@ class Scheduler:
         jobs.put(None)
 
 
-__all__ = ["RequestStream", "Scheduler"]
+__all__ = ["DrainModel", "RequestStream", "Scheduler"]
