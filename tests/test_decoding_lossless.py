@@ -491,3 +491,24 @@ def test_lossless_rows_step_beside_lossy_rows(family):
     assert [r.tokens for r in run_batch()] == [r.tokens for r in rows]
     assert sum(r.counters["accepted"] < r.counters["drafted"] for r in rows if r.lossless) >= 1  # rejections
     assert all(r.exit_layers == [model.final_layer] * 12 for r in rows if r.lossless)
+
+
+def test_lossless_rows_return_the_full_models_log_probabilities(family):
+    """A lossless row's log probabilities are the full model's for the tokens it emits (from the
+    verification pass), not the draft's exit layer's."""
+    from greencode.decoding.generate import DecodeBatch, Row
+
+    model = wide_model(family, VOCAB)
+    prompt = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(23)).tolist()
+    rows = [Row(controller=NeverExit(), max_new_tokens=10, logprobs=2, return_logits=True),
+            Row(controller=FixedExit(1), max_new_tokens=10, logprobs=2, return_logits=True, lossless=True, k_max=3)]
+    batch = DecodeBatch(model)
+    batch.add(rows, [prompt, prompt])
+    while batch.rows:
+        batch.step()
+    full, lossless = rows
+    assert lossless.tokens == full.tokens and lossless.counters["accepted"] < lossless.counters["drafted"]
+    assert len(lossless.token_logprobs) == len(lossless.logits_seen) == 10
+    torch.testing.assert_close(torch.tensor(lossless.token_logprobs), torch.tensor(full.token_logprobs),
+                               atol=1e-4, rtol=1e-4)
+    assert [[i for i, _ in t] for t in lossless.top_logprobs] == [[i for i, _ in t] for t in full.top_logprobs]

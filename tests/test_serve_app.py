@@ -254,14 +254,15 @@ def test_max_disagreement_serves_the_calibrated_threshold(run):
         assert set(stats["exit_layers"][1:]) == {r.model.final_layer}
         loose = ask({"max_disagreement": 0.1}).json()["greencode"]
         assert loose["threshold"] == 0.5 and set(loose["exit_layers"][1:]) == {r.model.exit_layers[0]}
-        both = ask({"max_disagreement": 0.1, "exit_threshold": 0.5})
-        assert both.status_code == 422 and "not both" in both.json()["error"]
-        low = ask({"max_disagreement": 0.001})
-        assert low.status_code == 422 and "smallest calibrated target" in low.json()["error"]
-        assert ask({"max_disagreement": 0}).status_code == 422
-    with TestClient(_app(run)) as c:  # no calibration loaded: say what to do
+        both = ask({"max_disagreement": 0.1, "exit_threshold": 0.9})  # the target wins over the threshold
+        assert both.status_code == 200 and both.json()["greencode"]["threshold"] == 0.5
+        low = ask({"max_disagreement": 0.001}).json()["greencode"]  # stricter than anything certified
+        assert low["controller"] == "full_model_target_not_certified" and low["threshold"] is None
+        assert set(low["exit_layers"][1:]) == {r.model.final_layer}
+        assert ask({"max_disagreement": 0}).status_code == 422  # outside the schema's (0, 1]
+    with TestClient(_app(run)) as c:  # no calibration loaded: nothing certified, the full model meets any target
         r2 = c.post("/api/generate", json={"inputs": "x = ", "parameters": {"max_disagreement": 0.05}})
-        assert r2.status_code == 422 and "scripts/calibrate.py" in r2.json()["error"]
+        assert r2.status_code == 200 and r2.json()["greencode"]["controller"] == "full_model_no_calibration"
 
 
 def test_fidelity_names_the_criterion_of_the_target(run):
@@ -281,9 +282,10 @@ def test_fidelity_names_the_criterion_of_the_target(run):
         assert seq["threshold"] == 0.9 and seq["fidelity"] == "sequence"
         tok = ask({"max_disagreement": 0.05, "fidelity": "token"}).json()["greencode"]
         assert tok["threshold"] == 0.5 and tok["fidelity"] == "token"
-        q = ask({"max_disagreement": 0.05, "fidelity": "quality"})
-        assert q.status_code == 422 and "not calibrated" in q.json()["error"]
-        assert ask({"fidelity": "token"}).status_code == 422  # a criterion without a target
+        q = ask({"max_disagreement": 0.05, "fidelity": "quality"}).json()["greencode"]  # not in this calibration
+        assert q["controller"] == "full_model_criterion_not_calibrated"
+        alone = ask({"fidelity": "token"}).json()["greencode"]  # a criterion without a target: ignored
+        assert alone["threshold"] == 0.9 and alone["controller"] == "policy"
         assert ask({"max_disagreement": 0.05, "fidelity": "vibes"}).status_code == 422
         oa = c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 3, "max_disagreement": 0.05,
                                              "fidelity": "token"})
@@ -543,7 +545,7 @@ def test_concurrent_requests_batched_equal_each_request_alone(run):
 def test_lossless_mode_answers_the_full_models_text_in_every_format(run):
     """mode="lossless" (per request, any format): drafted with the policy's exits and verified, so
     the answer is the full model's (greedy), streamed or not, with the drafter's acceptance rate
-    in the statistics; a bad mode or logprobs with it is a 422."""
+    in the statistics, and log probabilities that are the full model's; a bad mode is a 422."""
     with TestClient(_app(run)) as c:
         full = c.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12,
                                                                           "RL_agent_thresh": 1.0}}).json()
@@ -561,7 +563,10 @@ def test_lossless_mode_answers_the_full_models_text_in_every_format(run):
                                                        "exit_threshold": 0.2}) as resp:
             chunks = [json.loads(e[6:]) for e in resp.read().decode().split("\n\n") if e and e != "data: [DONE]"]
         bad = c.post("/generate", json={"inputs": PROMPT, "parameters": {"mode": "fast"}})
-        both = c.post("/v1/completions", json={"prompt": PROMPT, "mode": "lossless", "logprobs": 1})
+        both = c.post("/v1/completions", json={"prompt": PROMPT, "mode": "lossless", "logprobs": 1, "max_tokens": 6,
+                                               "temperature": 0, "exit_threshold": 0.2}).json()
+        plain = c.post("/v1/completions", json={"prompt": PROMPT, "logprobs": 1, "max_tokens": 6, "temperature": 0,
+                                                "exit_threshold": 1.0}).json()
     assert lossy["greencode"]["mode"] == "lossy" and any(
         e < lossy["greencode"]["num_layers"] - 1 for e in lossy["greencode"]["exit_layers"][1:])  # the drafter exits
     assert tgi["generated_text"] == full["generated_text"] == oa["choices"][0]["text"] == ol["response"]
@@ -570,4 +575,6 @@ def test_lossless_mode_answers_the_full_models_text_in_every_format(run):
     assert s["mode"] == "lossless" and s["drafted_tokens"] >= 1 and 0 <= s["acceptance_rate"] <= 1
     assert s["mean_draft_length"] > 0 and s["verification_rounds"] >= 1
     assert bad.status_code == 422 and "mode" in bad.text
-    assert both.status_code == 422 and "lossless" in both.json()["error"]["message"]
+    lp, ref = both["choices"][0]["logprobs"], plain["choices"][0]["logprobs"]
+    assert both["choices"][0]["text"] == plain["choices"][0]["text"] and lp["tokens"] == ref["tokens"]
+    assert all(abs(a - b) < 1e-4 for a, b in zip(lp["token_logprobs"], ref["token_logprobs"]))

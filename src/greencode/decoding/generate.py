@@ -35,7 +35,8 @@ from greencode.decoding import speculative
 from greencode.decoding.controllers import ExitController, NeverExit
 from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Slot, check_request, copy_cache, cut_at_stops,
                                       expand_cache, gather_kv, growable, layer_kv, left_pad, left_pad_positions,
-                                      new_cache, rebuild_cache, rows_kwargs, select_token)
+                                      new_cache, rebuild_cache, record_logits, rows_kwargs, select_token,
+                                      truncate_logits)
 
 
 @dataclass
@@ -385,14 +386,7 @@ class DecodeBatch:
         row.tokens.append(token)
         row.exit_layers.append(exit_layer)
         row.last_logits = lg
-        if row.logits_seen is not None:
-            row.logits_seen.append(lg.reshape(-1).float().cpu())
-        if row.token_logprobs is not None:
-            lp = torch.log_softmax(lg.reshape(-1).float(), dim=-1)
-            row.token_logprobs.append(float(lp[token]))
-            if row.logprobs:
-                top = torch.topk(lp, min(int(row.logprobs), lp.numel()))
-                row.top_logprobs.append([(int(i), float(v)) for v, i in zip(top.values, top.indices)])
+        record_logits(row, token, lg)
 
     def _finished(self, row: Row) -> bool:
         """Hand on the row's new tokens (a lossless row's once verified), each tested for an end in
@@ -420,6 +414,7 @@ class DecodeBatch:
     def _end(row: Row, reason: str) -> bool:
         row.finish, row.done, row.t_done = reason, True, time.perf_counter()
         del row.tokens[row.emitted:], row.exit_layers[row.emitted:]
+        truncate_logits(row, row.emitted)
         return True
 
     def mask_last(self, r: int, n: int) -> None:

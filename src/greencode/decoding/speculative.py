@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from greencode.decoding.steps import BlockSlot, block_mask, cache_device, sampling_probs
+from greencode.decoding.steps import BlockSlot, block_mask, cache_device, record_logits, sampling_probs, truncate_logits
 
 VERIFY_MODES = ("reuse", "full")
 LOSSLESS_COUNTERS = ("rounds", "drafted", "accepted", "verified_tokens", "exact_tokens", "residual_samples",
@@ -80,9 +80,8 @@ def start(row, model, observe: bool) -> None:
         raise ValueError(f"verify={row.verify!r}; choose one of {', '.join(VERIFY_MODES)}")
     if row.draft_threshold is not None and not 0.0 <= float(row.draft_threshold) <= 1.0:
         raise ValueError(f"draft_threshold={row.draft_threshold!r} must be in [0, 1] (a max softmax probability)")
-    if observe or row.forced is not None or row.return_logits or row.logprobs is not None:
-        raise ValueError("a lossless row returns the full model's tokens only: no observe, forced tokens, logits "
-                         "or log probabilities")
+    if observe or row.forced is not None:
+        raise ValueError("a lossless row emits the full model's tokens: it cannot be observed or teacher-forced")
     row.draft = Draft(final=model.final_layer)
     row.keep_states = row.verify == "reuse"
     row.kept_states = [] if row.keep_states else None
@@ -243,6 +242,12 @@ def verify(batch, rs: list) -> None:
         n, replacement = accept(row, full)
         c["accepted"] += n
         keep = d.verified + n
+        if row.logits_seen is not None or row.token_logprobs is not None:  # the full model's, not the draft's
+            truncate_logits(row, d.verified)
+            for i in range(n):
+                record_logits(row, row.tokens[d.verified + i], full[i])
+            if replacement is not None:
+                record_logits(row, replacement, full[n])
         if replacement is not None:
             rolled = m - n - 1  # fed tokens after the rejected one: their positions are taken back
             del row.tokens[keep:], row.exit_layers[keep:]

@@ -31,7 +31,11 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float 
     """The distribution ``[..., V]`` (float32) a token is sampled from, given its logits ``[..., V]``:
     temperature, then top-k, then top-p (the smallest prefix reaching ``top_p``), then softmax.
     The loop samples from it and speculative sampling accepts against it. ``temperature`` > 0."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted so the largest logit is 0 first: a tiny temperature then sends the others to -inf, not the
+    # largest to +inf (softmax is shift-invariant; +inf / +inf made NaN probabilities)
+    # a temperature below 1e-6 samples the argmax anyway; as a float32 it could underflow to 0 (0 / 0 = NaN)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(float(temperature), 1e-6)
     if top_k and top_k > 0:
         k = min(top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -53,6 +57,26 @@ def select_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_
     if not do_sample or temperature == 0:
         return int(torch.argmax(logits))
     return int(torch.multinomial(sampling_probs(logits, temperature, top_p, top_k), 1, generator=generator))
+
+
+def record_logits(row, token: int, lg: torch.Tensor) -> None:
+    """What a row keeps of the logits that chose ``token``: the logits (``return_logits``), the
+    token's log-probability and the top-n (``logprobs``)."""
+    if row.logits_seen is not None:
+        row.logits_seen.append(lg.reshape(-1).float().cpu())
+    if row.token_logprobs is not None:
+        lp = torch.log_softmax(lg.reshape(-1).float(), dim=-1)
+        row.token_logprobs.append(float(lp[token]))
+        if row.logprobs:
+            top = torch.topk(lp, min(int(row.logprobs), lp.numel()))
+            row.top_logprobs.append([(int(i), float(v)) for v, i in zip(top.values, top.indices)])
+
+
+def truncate_logits(row, n: int) -> None:
+    """Keep the logit records of the row's first ``n`` tokens."""
+    for records in (row.logits_seen, row.token_logprobs, row.top_logprobs):
+        if records is not None:
+            del records[n:]
 
 
 def cut_at_stops(text: str, stops: Optional[Sequence[str]]) -> str:

@@ -122,6 +122,42 @@ class _Admission:
             self.active -= 1
 
 
+def _state_token_counts(components: dict, cap: int) -> None:
+    """The token-count fields as this server takes them: 1..``serve.max_new_tokens_cap`` (Ollama's
+    ``num_predict`` also -1 and -2, "up to the cap"), so a schema-valid count is served."""
+    counts = {"minimum": 1, "maximum": int(cap), "type": "integer"}
+    for model, field, extra in (("HFParameters", "max_new_tokens", None), ("OpenAIRequest", "max_tokens", None),
+                                ("SeedOptions", "num_predict", {"enum": [-1, -2], "type": "integer"})):
+        prop = components.get(model, {}).get("properties", {}).get(field)
+        if prop is not None:
+            prop["anyOf"] = [dict(counts)] + ([extra] if extra else []) + [{"type": "null"}]
+
+
+def _methods_of(app, path: str) -> list[str]:
+    """The methods some route of ``app`` answers on ``path`` (included routers opened up)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+
+    def walk(routes):
+        for r in routes:
+            inner = getattr(r, "original_router", None)
+            if inner is not None:
+                walk(inner.routes)
+                continue
+            matches = getattr(r, "matches", None)
+            if matches is None or not getattr(r, "methods", None):
+                continue
+            match, _ = matches({"type": "http", "path": path, "method": next(iter(r.methods)), "root_path": ""})
+            if match != Match.NONE:
+                methods.update(r.methods)
+
+    walk(app.routes)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def _public_info(info: dict) -> dict:
     """``engine.describe()`` for the open /health route: the run directory by name only and no
     absolute paths in the notes (the full facts stay behind the key, in /api/show)."""
@@ -218,12 +254,15 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         path = request.url.path[:200]
         if exc.status_code == 404:
             msg = f"no route {request.method} {path}; routes: {', '.join(ROUTES)}"
-        elif exc.status_code == 405:
-            msg = f"method {request.method} is not allowed on {path}; routes: {', '.join(ROUTES)}"
-        else:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            allowed = _methods_of(request.app, request.url.path)  # every route on this path, not the first one
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            msg = f"method {request.method} is not allowed on {path}; allowed: {', '.join(allowed)}"
+        elif exc.status_code != 404:
             msg = str(exc.detail)
         return _error(request, exc.status_code, msg, "not_found" if exc.status_code == 404 else "http_error",
-                      headers=getattr(exc, "headers", None))
+                      headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(request: Request, exc: RequestValidationError):
@@ -278,16 +317,11 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
 
     async def api_generate(request: Request) -> Response:
         data = await ctx.read_json(request)
-        if "inputs" in data and "prompt" in data:
-            raise RequestError(422, "the body has both 'inputs' (HF/seed format) and 'prompt' (Ollama format); send "
-                                    "one of them", loc="body")
+        # {"inputs", ...} is the HF/seed format (a "prompt" beside it is an unknown field, ignored as any other);
+        # anything else is Ollama's (which answers a body without a prompt by loading the model)
         if "inputs" in data:
             return await hf.generate(ctx, request, data)
-        if "prompt" in data or "model" in data:
-            return await ollama.generate(ctx, request, data)
-        raise RequestError(422, "the body needs 'inputs' (HF/seed format: {\"inputs\", \"parameters\" or \"options\"})"
-                                " or 'prompt' (Ollama format: {\"model\", \"prompt\", \"options\", \"stream\"})",
-                           loc="body.inputs")
+        return await ollama.generate(ctx, request, data)
 
     generate_doc = dict(openapi_extra=json_body(HFRequest, OllamaRequest),
                         responses=responses(*GENERATION_STATUSES, stream="text/event-stream or application/x-ndjson"),
@@ -312,6 +346,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(defs.get("$defs", {}))
         components.update(ERROR_SCHEMAS)
+        _state_token_counts(components, cap)
         app.openapi_schema = schema
         return schema
 

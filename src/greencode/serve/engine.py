@@ -342,33 +342,25 @@ class Engine:
     def controller_for(self, threshold: Optional[float], max_disagreement: Optional[float] = None,
                        fidelity: Optional[str] = None):
         """(controller, threshold used, mode). ``threshold >= 1.0`` or no policy -> the full model.
-        ``max_disagreement``: the threshold calibrated for the largest target at or below it
-        (results/<name>/calibration), under the criterion ``fidelity`` (sequence when None);
-        none certified there -> the full model."""
+        ``max_disagreement`` (it wins over a threshold sent with it): the threshold calibrated for the
+        largest target at or below it (results/<name>/calibration), under the criterion ``fidelity``
+        (sequence when None); none certified there, or no calibration loaded -> the full model, which
+        meets any target. ``fidelity`` without a target is ignored."""
         from greencode.decoding import NeverExit, PolicyExit
 
-        if fidelity is not None and max_disagreement is None:
-            raise RequestError(422, f"fidelity={fidelity!r} names the criterion of a max_disagreement target; send "
-                                    "max_disagreement too (or leave fidelity out)",
-                               kind="invalid_request", loc="body.fidelity")
-
+        # a fidelity without a target names nothing and is ignored; a target sent with a threshold wins over it
         if max_disagreement is not None:
-            if threshold is not None:
-                raise RequestError(422, "give an exit threshold or max_disagreement, not both",
-                                   kind="invalid_request", loc="body.max_disagreement")
             if self.policy is None:
                 return NeverExit(), None, "full_model_no_policy"
-            if self.calibration is None:
-                raise RequestError(422, "max_disagreement needs a calibration of this run's exit policy "
-                                        "(scripts/calibrate.py); none is loaded, send an exit threshold instead",
-                                   kind="invalid_request", loc="body.max_disagreement")
+            if self.calibration is None:  # nothing certified: the full model meets any target
+                return NeverExit(), None, "full_model_no_calibration"
             from greencode.eval.calibration import threshold_for
 
             try:
                 calibrated = threshold_for(self.calibration, "gc", float(max_disagreement), fidelity or "sequence")
-            except ConfigError as e:
-                loc = "body.fidelity" if "criterion" in str(e) else "body.max_disagreement"
-                raise RequestError(422, str(e), kind="invalid_request", loc=loc) from None
+            except ConfigError as e:  # stricter than anything certified, or a criterion not calibrated
+                return NeverExit(), None, ("full_model_target_not_certified" if "smallest calibrated target" in str(e)
+                                           else "full_model_criterion_not_calibrated")
             if calibrated is None:
                 return NeverExit(), None, "full_model_target_not_certified"
             threshold = calibrated
@@ -386,6 +378,8 @@ class Engine:
         body, fim = strip_fim(prompt)
         ctx = min(self.context_window, num_ctx or self.context_window)
         budget = ctx - max_new_tokens - len(self.bos_prefix)
+        if budget < 1 and ctx < self.context_window:  # the client's num_ctx is smaller than its tokens: as Ollama,
+            budget = 1  # generate anyway, from the code right before the cursor
         if budget < 1:
             raise RequestError(422, f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context "
                                     f"of {ctx} tokens; ask for fewer new tokens", loc="body.max_new_tokens")
@@ -430,10 +424,6 @@ class Engine:
             raise RequestError(422, f"logprobs={gen.logprobs}: this server returns at most {MAX_LOGPROBS} "
                                     "alternatives per token", loc="body.logprobs")
         lossless = (gen.mode or getattr(self.serve_cfg, "default_mode", "lossy")) == "lossless"
-        if lossless and gen.logprobs is not None:
-            raise RequestError(422, "log probabilities are not returned in mode=lossless (its tokens come from "
-                                    "verification passes); leave logprobs/details out or use mode=lossy",
-                               loc="body.logprobs")
         ids, enc = self.encode(gen.prompt, gen.max_new_tokens, gen.num_ctx)
         controller, thr, mode = self.controller_for(gen.threshold, gen.max_disagreement, gen.fidelity)
         t1 = time.perf_counter()

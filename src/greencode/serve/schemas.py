@@ -1,8 +1,9 @@
 """Request bodies of every wire format the endpoint speaks, and their validation.
 
 Bodies are parsed by hand (size limit, strict UTF-8, JSON without NaN/Infinity) and then
-validated with pydantic in strict mode: a string where a number belongs, a float where an
-integer belongs or a boolean where a number belongs is a 422, never silently coerced.
+validated with pydantic in strict mode: a string where a number belongs, a fractional float where
+an integer belongs or a boolean where a number belongs is a 422, never silently coerced (an
+integral float such as ``5.0`` is the integer 5: JSON does not tell them apart).
 Unknown fields are ignored, because editors put arbitrary extras into their request bodies
 (llm-vscode's ``llm.requestBody`` is user-defined).
 
@@ -27,7 +28,10 @@ Every format also accepts the exit threshold as ``RL_agent_thresh`` or ``exit_th
 model's, free-running: sequence consistency), served at the threshold calibrated for it on the
 validation split. ``fidelity`` names another calibrated criterion for that target: ``token``
 (teacher-forced disagreement with the full model) or ``quality`` (loss of edit similarity
-against the real code relative to the full model); ``sequence`` is the default.
+against the real code relative to the full model); ``sequence`` is the default. A setting sent at
+both levels takes the inner value (options/parameters), ``exit_threshold`` before ``RL_agent_thresh``;
+a target sent with a threshold wins over it; a fidelity without a target is ignored. What JSON Schema
+can state is in the schema (one prompt, ``n`` and ``best_of`` 1, no suffix on ``/v1/completions``).
 """
 
 from __future__ import annotations
@@ -35,20 +39,38 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from greencode.serve.errors import RequestError
 
 MAX_STOP_STRINGS = 64  # Continue sends ~20 for autocomplete
 MAX_STOP_CHARS = 256
 
+def _integral(value: Any) -> Any:
+    """An integral float (``5.0``: what JavaScript clients send for 5) is the integer it stands for; any
+    other float stays a float and is refused where an integer is meant."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2.0 ** 63:
+        return int(value)
+    return value
+
+
+def _false(value: bool) -> bool:
+    if value:
+        raise ValueError("not supported: the prompt's log probabilities are not returned; send false or leave it out")
+    return value
+
+
+def _int(**bounds: int) -> Any:
+    """An integer field with ``bounds`` (``ge``/``le``) that also takes integral floats (strict
+    otherwise: no strings, no booleans, no 5.5); the bounds come first so the schema states them."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=0, le=1_000_000)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-TokenCount = Annotated[int, Field(ge=-(2**31), le=2**31)]  # range and sign checked per format with a clear message
+TopK = _int(ge=0, le=1_000_000)
+Seed = _int(ge=0, le=2**63 - 1)
+TokenCount = _int(ge=-(2**31), le=2**31)  # range and sign checked per format with a clear message
 Stop = Union[str, list[str]]
 Mode = Literal["lossy", "lossless"]
 Fidelity = Literal["sequence", "token", "quality"]
@@ -75,7 +97,7 @@ class SeedOptions(_Knobs):
     """``options`` of the seed format and of Ollama (extra Ollama options are ignored)."""
 
     num_predict: Optional[TokenCount] = None
-    num_ctx: Optional[Annotated[int, Field(ge=1, le=2**31)]] = None
+    num_ctx: Optional[_int(ge=1, le=2**31)] = None
 
 
 class HFParameters(_Knobs):
@@ -84,9 +106,11 @@ class HFParameters(_Knobs):
     stop_sequences: Optional[Stop] = None
     return_full_text: Optional[bool] = None
     details: Optional[bool] = None  # finish reason, token count and each token's id, text and logprob
-    top_n_tokens: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # with details: the n most likely per token
-    decoder_input_details: Optional[bool] = None  # the prompt's logprobs: not supported, true is a clear 422
-    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None  # one candidate per request: above 1 is a 422
+    top_n_tokens: Optional[_int(ge=0, le=5)] = None  # with details: the n most likely per token
+    # the prompt's logprobs are not returned: false only (the schema says so)
+    decoder_input_details: Optional[Annotated[bool, Field(json_schema_extra={"const": False}),
+                                              AfterValidator(_false)]] = None
+    best_of: Optional[_int(ge=1, le=1)] = None  # one candidate per request (the schema says so)
 
 
 class _TopLevelThreshold(_Body):
@@ -120,12 +144,12 @@ class StreamOptions(_Body):
 
 class OpenAIRequest(_Knobs):
     model: Optional[str] = None
-    prompt: Union[str, list[str]]
-    suffix: Optional[str] = None
+    prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=1)]]  # one prompt per request
+    suffix: Optional[Annotated[str, Field(max_length=0)]] = None  # left-to-right models: no fill-in-the-middle yet
     max_tokens: Optional[TokenCount] = None
-    n: Optional[Annotated[int, Field(ge=1, le=128)]] = None
-    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None  # not supported above 1: a clear 422
-    logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # each token's logprob and the n most likely
+    n: Optional[_int(ge=1, le=1)] = None  # one completion per request
+    best_of: Optional[_int(ge=1, le=1)] = None
+    logprobs: Optional[_int(ge=0, le=5)] = None  # each token's logprob and the n most likely
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     echo: Optional[bool] = None
@@ -219,49 +243,36 @@ def stop_list(*values: Optional[Stop], field: str = "body.stop") -> list[str]:
     return out
 
 
-def target_of(*knobs: Optional[BaseModel]) -> Optional[float]:
-    """``max_disagreement`` (options/parameters or top level); 422 when given twice differently."""
-    found = {v for k in knobs if k is not None for v in [getattr(k, "max_disagreement", None)] if v is not None}
-    if len(found) > 1:
-        raise RequestError(422, f"max_disagreement is given more than once with different values ({sorted(found)}); "
-                                "send one", kind="invalid_request", loc="body.max_disagreement")
-    return next(iter(found)) if found else None
-
-
-def fidelity_of(*knobs: Optional[BaseModel]) -> Optional[str]:
-    """``fidelity`` (options/parameters or top level): the criterion ``max_disagreement`` is
-    calibrated under; 422 when given twice differently."""
-    found = {v for k in knobs if k is not None for v in [getattr(k, "fidelity", None)] if v is not None}
-    if len(found) > 1:
-        raise RequestError(422, f"fidelity is given more than once with different values ({sorted(found)}); send one",
-                           kind="invalid_request", loc="body.fidelity")
-    return next(iter(found)) if found else None
-
-
-def threshold_of(*knobs: Optional[BaseModel]) -> Optional[float]:
-    """``RL_agent_thresh`` or ``exit_threshold`` (the same setting, accepted in options/parameters
-    and at the top level); None when absent, 422 when given twice with different values."""
-    found: dict[str, float] = {}
+def _first(knobs, *names: str) -> Any:
+    """The first value given, in the order of ``knobs`` (options/parameters before the top level) and
+    of ``names``; the same setting sent twice with different values is not an error: the first wins."""
     for k in knobs:
         if k is None:
             continue
-        for name in ("RL_agent_thresh", "exit_threshold"):
+        for name in names:
             v = getattr(k, name, None)
             if v is not None:
-                found.setdefault(v, name)
-    if len(found) > 1:
-        given = ", ".join(f"{name}={v}" for v, name in found.items())
-        raise RequestError(422, f"the exit threshold is given more than once with different values ({given}); "
-                                "RL_agent_thresh and exit_threshold are the same setting, send one",
-                           kind="invalid_request", loc="body.RL_agent_thresh")
-    return next(iter(found)) if found else None
+                return v
+    return None
+
+
+def target_of(*knobs: Optional[BaseModel]) -> Optional[float]:
+    """``max_disagreement`` (options/parameters, else the top level)."""
+    return _first(knobs, "max_disagreement")
+
+
+def fidelity_of(*knobs: Optional[BaseModel]) -> Optional[str]:
+    """``fidelity``: the criterion ``max_disagreement`` is calibrated under (options/parameters, else
+    the top level)."""
+    return _first(knobs, "fidelity")
+
+
+def threshold_of(*knobs: Optional[BaseModel]) -> Optional[float]:
+    """The exit threshold: ``exit_threshold`` or ``RL_agent_thresh`` (the same setting; options/
+    parameters, else the top level; ``exit_threshold`` first); None when absent."""
+    return _first(knobs, "exit_threshold", "RL_agent_thresh")
 
 
 def mode_of(*knobs: Optional[BaseModel]) -> Optional[str]:
-    """``mode`` (lossy | lossless) from options/parameters or the top level; None when absent, 422
-    when given twice with different values."""
-    found = {v for k in knobs if k is not None for v in [getattr(k, "mode", None)] if v is not None}
-    if len(found) > 1:
-        raise RequestError(422, f"mode is given more than once with different values ({sorted(found)}); send one",
-                           kind="invalid_request", loc="body.mode")
-    return next(iter(found)) if found else None
+    """``mode`` (lossy | lossless) from options/parameters, else the top level; None when absent."""
+    return _first(knobs, "mode")

@@ -192,6 +192,7 @@ _STATUS_TEXT = {
     400: "the body is not UTF-8 JSON (malformed, NaN, empty)",
     401: "missing or wrong API key (only when the server has one)",
     408: "the body did not arrive within serve.request_timeout_s",
+    404: "no such route (e.g. a model id holding a line break, which the path does not take)",
     413: "the body exceeds serve.max_request_bytes",
     422: "a field has the wrong type or value, or asks for something this server does not do",
     503: "the server is busy (queue full or too many connections); retry after Retry-After seconds",
@@ -216,15 +217,26 @@ def responses(*codes: int, openai: bool = False, stream: Optional[str] = None, m
     out: dict[int, dict] = {}
     for code in codes:
         if code == 200:
-            content: dict[str, Any] = {media: {"schema": {"type": "object" if media == "application/json"
-                                                          else "string"}}}
-            if stream:
-                content[stream] = {"schema": {"type": "string"}}
+            content: dict[str, Any] = {media: {"schema": _body_schema(media)}}
+            for kind in (stream or "").split(" or "):  # "text/event-stream or application/x-ndjson": both
+                if kind:
+                    content[kind] = {"schema": _body_schema(kind)}
             out[200] = {"description": _STATUS_TEXT[200] + (f" ({stream} when streamed)" if stream else ""),
                         "content": content}
         else:
             out[code] = {"description": _STATUS_TEXT[code], "content": {"application/json": {"schema": error_ref}}}
     return out
+
+
+def _body_schema(media: str) -> dict:
+    """A 200 answer's schema: JSON bodies and the events of a stream (each server-sent event's data,
+    each NDJSON line) are objects; OpenAI's stream ends with the string ``[DONE]``."""
+    if media == "text/event-stream":
+        return {"anyOf": [{"type": "object"}, {"type": "string", "enum": ["[DONE]"]}],
+                "description": "each event's data: a JSON object (OpenAI's stream ends with [DONE])"}
+    if media in ("application/json", "application/x-ndjson"):
+        return {"type": "object"}
+    return {"type": "string"}
 
 
 GENERATION_STATUSES = (200, 400, 401, 408, 413, 422, 503, 504)

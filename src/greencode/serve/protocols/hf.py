@@ -28,7 +28,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from greencode.serve.requests import Completion, GenRequest
-from greencode.serve.errors import RequestError
 from greencode.serve.requests import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, SSE_HEADERS, ServeContext, error_message, first,
                                               json_body, responses)
@@ -47,14 +46,7 @@ def parse(ctx: ServeContext, data: dict) -> tuple[HFRequest, GenRequest, dict]:
     if p.max_new_tokens is not None:
         n = ctx.max_tokens(p.max_new_tokens, "body.parameters.max_new_tokens")
     else:
-        n = ctx.max_tokens(o.num_predict, "body.options.num_predict")
-    if p.best_of not in (None, 1):
-        raise RequestError(422, f"body.parameters.best_of={p.best_of}: this server generates one candidate per "
-                                "request; send best_of=1 or leave it out", loc="body.parameters.best_of")
-    if p.decoder_input_details:
-        raise RequestError(422, "body.parameters.decoder_input_details: the prompt's log probabilities are not "
-                                "returned by this server; leave it out (details=true returns the generated tokens')",
-                           loc="body.parameters.decoder_input_details")
+        n = ctx.max_tokens(o.num_predict, "body.options.num_predict", ollama=True)  # -1/-2 as in Ollama
     temperature = first(p.temperature, o.temperature)
     do_sample = p.do_sample if p.do_sample is not None else (temperature is not None and temperature > 0)
     details = bool(p.details)
@@ -154,4 +146,6 @@ def register(router: APIRouter, ctx: ServeContext) -> None:
     router.add_api_route("/", tgi_generate, methods=["POST"], openapi_extra=body, responses=statuses,
                          summary="TGI generate on the root", operation_id="tgi_root_generate")
     router.add_api_route("/models/{model_id:path}", hf_models, methods=["POST"], openapi_extra=body,
-                         responses=statuses, summary="HF Inference API (llm-ls' huggingface backend)")
+                         responses=responses(*sorted(set(GENERATION_STATUSES) | {404}),
+                                             stream="text/event-stream"),
+                         summary="HF Inference API (llm-ls' huggingface backend)")

@@ -62,14 +62,14 @@ async def generate(ctx: ServeContext, request: Request, data: dict) -> Response:
     stream = True if body.stream is None else body.stream
     prompt = check_text(body.prompt, "body.prompt")
     suffix = check_text(body.suffix, "body.suffix")
+    o = body.options or SeedOptions()
+    max_new = ctx.max_tokens(o.num_predict, "body.options.num_predict", ollama=True)  # checked for a load call too
     if not prompt and not suffix:  # Ollama's "load the model" call
         done = {"model": model, "created_at": now_iso(), "response": "", "done": True, "done_reason": "load"}
         if stream:
             return StreamingResponse(iter([json.dumps(done) + "\n"]), media_type=NDJSON)
         return JSONResponse(done)
-    o = body.options or SeedOptions()
-    gen = GenRequest(prompt=prompt, max_new_tokens=ctx.max_tokens(o.num_predict, "body.options.num_predict",
-                                                                  ollama=True),
+    gen = GenRequest(prompt=prompt, max_new_tokens=max_new,
                      **ctx.sampling(o.temperature, o.top_p, o.top_k, OLLAMA_DEFAULTS), seed=o.seed,
                      stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o, body),
                      mode=mode_of(o, body),

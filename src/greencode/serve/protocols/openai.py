@@ -12,9 +12,9 @@ probability under the layer that produced it, the ``n`` most likely alternatives
 text starts in ``choices[0].text``. In a stream the token chunks carry ``logprobs: null`` for now
 and the last chunk carries the whole object.
 
-Refused with a 422 that says why: ``n`` or ``best_of`` above 1, more than one prompt, a non-empty
-``suffix`` (the models are left-to-right: send the code before the cursor as the prompt), and
-``echo`` with ``logprobs`` (the prompt's log probabilities are not computed).
+The schema states what is not served: ``n`` or ``best_of`` above 1, more than one prompt, a non-empty
+``suffix`` (the models are left-to-right: send the code before the cursor as the prompt); a 422
+says so. ``echo`` with ``logprobs`` is a 422 too (the prompt's log probabilities are not computed).
 """
 
 from __future__ import annotations
@@ -40,22 +40,7 @@ OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 def parse(ctx: ServeContext, data: dict) -> tuple[OpenAIRequest, GenRequest, str]:
     """A validated body -> (body, the internal request, the prompt)."""
     body = validate(OpenAIRequest, data)
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise RequestError(422, f"body.prompt holds {len(prompt)} prompts; this server completes one prompt "
-                                    "per request", loc="body.prompt")
-        prompt = prompt[0]
-    if body.n not in (None, 1):
-        raise RequestError(422, f"body.n={body.n}: this server returns one completion per request; send n=1",
-                           loc="body.n")
-    if body.best_of not in (None, 1):
-        raise RequestError(422, f"body.best_of={body.best_of}: this server generates one candidate per request; "
-                                "send best_of=1 or leave it out", loc="body.best_of")
-    if check_text(body.suffix, "body.suffix"):
-        raise RequestError(422, "body.suffix: fill-in-the-middle is not supported (the models complete left to "
-                                "right); send the code before the cursor as the prompt and leave suffix out",
-                           loc="body.suffix")
+    prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt  # the schema allows one
     if body.echo and body.logprobs is not None:
         raise RequestError(422, "body.echo with body.logprobs: the prompt's log probabilities are not computed; "
                                 "send one of them", loc="body.logprobs")
