@@ -43,6 +43,9 @@ def main() -> None:
     p.add_argument("--burst-only", action="store_true",
                    help="--load: only the burst (16-token completions against the configured admission), written "
                         "into the existing serve_load file")
+    p.add_argument("--chunked-prefill", action="store_true",
+                   help="instead: a running stream's p95 gap while long prompts keep joining, per "
+                        "serve.max_prefill_tokens 256 and 4096 (into results/benchmark/serve_load_<name>.json)")
     p.add_argument("--lossless-mix", action="store_true",
                    help="instead: lossless rows beside lossy ones, and lossless batching "
                         "(results/benchmark/serve_lossless_<name>.json)")
@@ -51,13 +54,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="--lossless-mix: tries of the probe alone and beside")
     args = p.parse_args()
     cfg = load_from_args(args)
-    from greencode.serve.bench import run_benchmark, run_lossless_mix, run_streaming_load
+    from greencode.serve.bench import run_benchmark, run_chunked_prefill, run_lossless_mix, run_streaming_load
 
     run_dir = args.run_dir
     if args.demo:
         from greencode.serve.demo import ensure_demo_run
 
         run_dir = ensure_demo_run(cfg, args.demo)
+    if args.chunked_prefill:
+        res = run_chunked_prefill(cfg, run_dir, out_path=args.out)["chunked_prefill"]
+        for name, r in res["settings"].items():
+            print(f"{name}: p95 gap {r['gap_p95_ms_alone']:.1f} ms alone, {r['gap_p95_ms_beside']:.1f} ms while "
+                  f"{r['prompts_joined']} prompts joined (x{r['ratio']:.2f})")
+        return
     if args.lossless_mix:
         res = run_lossless_mix(cfg, run_dir, lossless_tokens=args.lossless_tokens, batch=args.batch,
                                probe_tokens=args.max_new_tokens or 64, batch_tokens=args.max_new_tokens or 64,

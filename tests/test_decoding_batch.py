@@ -164,3 +164,34 @@ def test_cache_grows_in_place_between_steps(family):
     batch.step()  # after a crop the next position lands where the cropped ones were
     assert layer_kv(batch.cache, 0)[0].shape[2] == 9 + 4 - 2 + 1
     assert layer_kv(clone, 0)[0].shape[2] == 9 + 4
+
+
+def test_chunked_prefill_equals_one_prefill_and_joins_a_running_batch(family):
+    """A prompt prefilled in chunks has the one-shot prefill's logits and cache, and a row joining a
+    running batch from it decodes the tokens it decodes alone."""
+    from greencode.decoding import prefill, prefill_chunk
+
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(31)
+    prompt = torch.randint(3, VOCAB, (1, 23), generator=g)
+    whole = prefill(model, prompt)
+    state = None
+    for upto in (5, 6, 17, 23):
+        state = prefill_chunk(model, prompt, upto, state)
+    torch.testing.assert_close(state.logits, whole.logits, atol=1e-5, rtol=1e-5)
+    for j in range(model.num_layers):
+        for got, want in zip(layer_kv(state.cache, j), layer_kv(whole.cache, j)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="upto"):
+        prefill_chunk(model, prompt, 23, state)
+    other = torch.randint(3, VOCAB, (9,), generator=g).tolist()
+    alone = generate(model, prompt, FixedExit(1), 8).tokens
+    batch = DecodeBatch(model)
+    first = Row(controller=NeverExit(), max_new_tokens=12)
+    batch.add([first], [other])
+    batch.step()
+    late = Row(controller=FixedExit(1), max_new_tokens=8)
+    batch.add([late], state.input_ids, prefilled=state)
+    while batch.rows:
+        batch.step()
+    assert late.tokens == alone and first.tokens == generate(model, [other], NeverExit(), 12)[0].tokens

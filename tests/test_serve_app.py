@@ -501,9 +501,11 @@ def test_streamed_request_past_its_deadline_ends_with_an_error_event(run):
         assert 'greencode_rejected_total{reason="timeout"} 3.0' in c.get("/metrics").text
 
 
-def test_concurrent_requests_batched_equal_each_request_alone(run):
+@pytest.mark.parametrize("prefill_budget", [256, 3])
+def test_concurrent_requests_batched_equal_each_request_alone(run, prefill_budget):
     """Requests decoded together (continuous batching, each with its own threshold, sampling,
-    seed and stop strings) get exactly the answer each gets alone."""
+    seed and stop strings) get exactly the answer each gets alone; with a prefill budget of 3
+    tokens the prompts join in chunks while the others decode (chunked prefill)."""
     prompts = [PROMPT, "def add(a, b):\n    return", "class Point:\n    def __init__(self", "for i in range("]
     bodies = [
         {"inputs": prompts[0], "parameters": {"max_new_tokens": 12, "RL_agent_thresh": 1.0}},
@@ -515,10 +517,12 @@ def test_concurrent_requests_batched_equal_each_request_alone(run):
     alone_app = _app(run, max_batch_size=1)
     with TestClient(alone_app) as c:
         alone = [c.post("/generate", json=b).json() for b in bodies]
-    app = _app(run, max_batch_size=4)
+    app = _app(run, max_batch_size=4, max_prefill_tokens=prefill_budget)
     engine = app.state.engine
-    sizes = []
+    sizes, chunks = [], []
     real_step = type(engine).step
+    real_chunk = type(engine).prefill_chunk
+    engine.prefill_chunk = lambda job, upto, state=None: chunks.append(upto) or real_chunk(engine, job, upto, state)
 
     def step(batch):
         sizes.append(len(batch))
@@ -533,7 +537,8 @@ def test_concurrent_requests_batched_equal_each_request_alone(run):
 
     with TestClient(app):  # lifespan: the scheduler's worker runs
         got = [r.json() for r in asyncio.run(together())]
-    assert max(sizes) >= 3  # decoded together
+    assert max(sizes) >= (3 if prefill_budget > 3 else 2)  # decoded together (chunks join more slowly)
+    assert (len(chunks) > 3) == (prefill_budget == 3), chunks  # chunked only when the prompts exceed the budget
     final = engine.model.final_layer
     assert any(e < final for b in got[1:] for e in b["greencode"]["exit_layers"][1:])  # rows did exit
     for a, b in zip(alone, got):

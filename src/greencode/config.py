@@ -540,8 +540,9 @@ class ServeConfig:
     # requests decoded together, step by step (continuous batching: a request arriving while a step
     # runs joins the next one); 1 = one request at a time
     max_batch_size: int = 8
-    # prompt tokens prefilled per decoding step when requests join (at least one request joins per step)
-    max_prefill_tokens: int = 4096
+    # prompt tokens prefilled between two decoding steps while rows are decoding: prompts that fit join
+    # together, a longer one is prefilled in chunks of this size over several steps (chunked prefill)
+    max_prefill_tokens: int = 256
     # lossy: early exits (the threshold or target trades accuracy for compute); lossless: drafted with early
     # exits and verified by the full model, so the answer is the full model's (per request: "mode")
     default_mode: str = field(default="lossy", metadata=_choices("lossy", "lossless"))

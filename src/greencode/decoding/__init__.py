@@ -3,8 +3,8 @@
 from greencode.decoding.controllers import (ConfidenceExit, EntropyExit, ExitController, FixedExit, NeverExit,
                                             OracleExit, PolicyExit, RandomExit, SaturationExit, policy_observation)
 from greencode.decoding.generate import (KV_STRATEGIES, GenerationResult, Prefill, compute_cost, generate,
-                                        generate_lossless, prefill)
+                                        generate_lossless, prefill, prefill_chunk)
 
 __all__ = ["ConfidenceExit", "EntropyExit", "ExitController", "FixedExit", "GenerationResult", "KV_STRATEGIES",
            "NeverExit", "OracleExit", "PolicyExit", "Prefill", "RandomExit", "SaturationExit", "compute_cost", "generate", "generate_lossless",
-           "policy_observation", "prefill"]
+           "policy_observation", "prefill", "prefill_chunk"]

@@ -103,6 +103,24 @@ def prefill(model, input_ids: Union[torch.Tensor, Sequence[int]]) -> Prefill:
     return Prefill(ids, cache, logits, time.perf_counter() - t0)
 
 
+@torch.inference_mode()
+def prefill_chunk(model, input_ids: torch.Tensor, upto: int, state: Optional[Prefill] = None) -> Prefill:
+    """Chunked prefill: ``input_ids[:, :upto]`` prefilled, continuing ``state`` (the prefill of a
+    shorter prefix of the same prompt, its cache advanced in place). The last chunk gives the same
+    logits and cache as :func:`prefill` of the whole prompt (tested), so a long prompt can join a
+    batch a step's budget at a time while the rows already there keep decoding."""
+    ids = _validate(model, input_ids, 1, 1.0, 1.0, 0, "propagate")
+    t0 = time.perf_counter()
+    cache = new_cache(model) if state is None else state.cache
+    done = int(cache.get_seq_length())
+    if not done < upto <= ids.shape[1]:
+        raise ValueError(f"prefill_chunk: {done} tokens are prefilled; upto={upto} must be above that and at most "
+                         f"the prompt's {ids.shape[1]}")
+    out = model.hf.model(input_ids=ids[:, done:upto], past_key_values=cache, use_cache=True)
+    logits = model.adapter.lm_head(out.last_hidden_state[:, -1:])
+    return Prefill(ids[:, :upto], cache, logits, (state.time_s if state is not None else 0.0) + time.perf_counter() - t0)
+
+
 def _new_counters() -> dict:
     return dict(layers_run=0, exit_checks=0, lm_head_calls=0, kv_propagated_layers=0, controller_time_s=0.0,
                 decode_steps=0)

@@ -545,3 +545,89 @@ def _rel(path: Union[str, Path]) -> str:
         return str(Path(path).resolve().relative_to(REPO_ROOT))
     except ValueError:
         return Path(path).name
+
+
+def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budgets: Sequence[int] = (256, 4096),
+                        probe_tokens: int = 64, joiners: int = 2, joiner_tokens: int = 4, repeats: int = 3,
+                        out_path: Optional[Union[str, Path]] = None) -> dict[str, Any]:
+    """A running stream while long prompts keep joining, measured with the official ``openai``
+    client: a streamed probe of ``probe_tokens`` tokens alone, then while ``joiners`` clients keep
+    sending ~3,000-character prompts (``joiner_tokens`` tokens each, one after another); the probe's
+    p95 gap between chunks and its ratio to alone (target: at most 3x), per ``serve.max_prefill_tokens``
+    in ``budgets`` (the first the default; a budget above the prompts' length is the unchunked join).
+    Written into ``results/benchmark/serve_load_<config name>.json`` as ``chunked_prefill``."""
+    import asyncio
+
+    import openai
+
+    from greencode.serve.engine import run_root
+    from greencode.serve.server import ServerProcess
+    from greencode.utils import REPO_ROOT, read_json
+
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    root = run_root(cfg, run_dir)
+    long_prompts = [p for p in bench_prompts(40, cfg.seed) if len(p) >= 2500][:10]
+    probe_prompt = "def fibonacci(n):\n    "
+    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_load_{cfg.name}.json"
+
+    async def probe(client) -> dict:
+        t0, stamps = time.perf_counter(), []
+        stream = await client.completions.create(model="greencode", prompt=probe_prompt, max_tokens=probe_tokens,
+                                                 temperature=0, stream=True, extra_body={"exit_threshold": 1.0})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter() - t0)
+        gaps = _gaps(stamps)
+        return {"chunks": len(stamps), "gap_p95_s": float(np.percentile(gaps, 95)) if gaps else None,
+                "gap_p50_s": float(np.percentile(gaps, 50)) if gaps else None}
+
+    async def measure(url: str) -> dict:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
+        await probe(client)  # warm-up
+        alone = [await probe(client) for _ in range(repeats)]
+        beside, joined, stop = [], [0], asyncio.Event()
+
+        async def joiner(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                await client.completions.create(model="greencode", prompt=long_prompts[i % len(long_prompts)],
+                                                max_tokens=joiner_tokens, temperature=0,
+                                                extra_body={"exit_threshold": 1.0})
+                joined[0] += 1
+                i += joiners
+
+        tasks = [asyncio.create_task(joiner(k)) for k in range(joiners)]
+        await asyncio.sleep(1.0)
+        for _ in range(repeats):
+            beside.append(await probe(client))
+        stop.set()
+        await asyncio.gather(*tasks)
+        await client.close()
+        return {"alone": alone, "beside_joining_prompts": beside, "prompts_joined": joined[0]}
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="greencode-chunked-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        for budget in budgets:
+            overrides = [f"serve.max_prefill_tokens={int(budget)}", "serve.request_timeout_s=600",
+                         f"serve.max_new_tokens_cap={max(probe_tokens, 16)}"]
+            with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
+                raw = asyncio.run(measure(srv.url))
+            a = float(np.median([r["gap_p95_s"] for r in raw["alone"]]))
+            b = float(np.median([r["gap_p95_s"] for r in raw["beside_joining_prompts"]]))
+            results[f"max_prefill_tokens_{budget}"] = {"max_prefill_tokens": int(budget), "gap_p95_ms_alone": a * 1e3,
+                                                       "gap_p95_ms_beside": b * 1e3, "ratio": b / a, **raw}
+    result = read_json(out_path) if out_path.is_file() else {}
+    result["chunked_prefill"] = {
+        "what": (f"a streamed probe ({probe_tokens} tokens, full model, openai client) alone and while {joiners} "
+                 f"clients keep sending prompts of 2,500-3,000 characters ({joiner_tokens} tokens each); p95 gap "
+                 f"between the probe's chunks, median of {repeats} tries; target: at most 3x alone"),
+        "settings": results,
+        "target_met_at_default": results[f"max_prefill_tokens_{budgets[0]}"]["ratio"] <= 3.0,
+        "run": run_metadata(cfg, stage="bench_serve_chunked_prefill"),
+        "load_average_1m": _loadavg(),
+    }
+    write_json(out_path, result)
+    return result

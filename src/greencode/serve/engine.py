@@ -478,6 +478,16 @@ class Engine:
                 job.measurement = self.meter.end(job.window)
             job.window = None
 
+    def prefill_chunk(self, job: Job, upto: int, state=None):
+        """The first ``upto`` prompt tokens of ``job`` prefilled, continuing ``state`` (chunked prefill:
+        :func:`greencode.decoding.prefill_chunk`)."""
+        import torch
+
+        from greencode.decoding import prefill_chunk
+
+        return prefill_chunk(self.model, torch.tensor([job.ids], dtype=torch.long, device=self.model.device), upto,
+                             state)
+
     def row(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]] = None,
             should_stop: Optional[Callable[[], bool]] = None):
         """The decoding row of ``job``: its controller, sampling, stop strings, and (``on_event``)

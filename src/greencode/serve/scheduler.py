@@ -20,9 +20,10 @@ cancellation, and each request's stream of token events.
 * **The worker** (:meth:`Scheduler._worker_loop`): one thread runs the model over one
   :class:`~greencode.decoding.generate.DecodeBatch` (continuous batching). Before every decoding
   step it takes the requests queued meanwhile, up to ``serve.max_batch_size`` rows, and lets them
-  join (prefill, then they step with the others; at most ``serve.max_prefill_tokens`` prompt tokens
-  join per step, so a crowd of new prompts does not stall the rows already streaming); rows leave
-  as they finish. Each row keeps its own
+  join (prefill, then they step with the others); rows leave as they finish. While rows are decoding,
+  at most ``serve.max_prefill_tokens`` prompt tokens are prefilled between two steps: prompts that fit
+  join together, and a longer one is prefilled a chunk per step and joins after its last chunk
+  (chunked prefill), so a long prompt does not stall the streams already running. Each row keeps its own
   controller (threshold or target), mode (a lossless row drafts and is verified within the same steps),
   sampling, stop strings and deadline. Each token's
   :class:`~greencode.serve.requests.TokenEvent` is handed to the request's asyncio queue with
@@ -350,6 +351,7 @@ class Scheduler:
         batch = None
         live: dict[int, tuple[Any, Job, RequestStream]] = {}  # id(row) -> (row, job, stream)
         pending: list[tuple[Job, RequestStream]] = []  # taken from the queue, not joined yet (prefill budget)
+        partial: dict[int, Any] = {}  # id(job) -> its chunked prefill so far (a long prompt joining over steps)
         stopping = False
         while True:
             while not stopping and len(live) + len(pending) < self.max_batch_size:
@@ -363,15 +365,15 @@ class Scheduler:
                     item()
                 else:
                     pending.append(item)
-            if pending:
-                # join in arrival order while the prompts fit the step's prefill budget (at least one), so
-                # the rows already decoding are not stalled behind one huge prefill
+            if pending and not live:  # nobody is decoding: whole prompts join at once (at least one)
                 budget, n = self.max_prefill_tokens, 0
                 while n < len(pending) and (n == 0 or budget >= len(pending[n][0].ids)):
                     budget -= len(pending[n][0].ids)
                     n += 1
                 new, pending = pending[:n], pending[n:]
                 batch = self._join(batch, new, live)
+            elif pending:
+                batch = self._prefill_budgeted(batch, pending, partial, live)
             if live:
                 try:
                     t0, rows = time.perf_counter(), len(live)
@@ -391,8 +393,60 @@ class Scheduler:
             elif stopping:
                 return
 
-    def _join(self, batch, new: list, live: dict):
-        """Let the queued requests ``new`` join ``batch`` (a new one when empty); returns it."""
+    def _prefill_budgeted(self, batch, pending: list, partial: dict, live: dict):
+        """Chunked prefill while rows are decoding: at most ``max_prefill_tokens`` prompt tokens are
+        prefilled before the next step. Whole prompts that fit join together; a longer one is
+        prefilled a chunk per step (its cache kept in ``partial``) and joins when its last chunk is
+        done, so the running streams keep producing tokens meanwhile (vLLM's and TGI's chunked
+        prefill). ``pending`` is consumed in arrival order, in place."""
+        budget = self.max_prefill_tokens
+        while pending and budget > 0:
+            job, stream = pending[0]
+            state = partial.get(id(job))
+            if stream.cancelled or (job.deadline is not None and time.perf_counter() > job.deadline):
+                pending.pop(0)
+                partial.pop(id(job), None)
+                batch = self._join(batch, [(job, stream)], live)  # ends it (cancelled / timed out)
+                continue
+            if state is None and len(job.ids) <= self.max_prefill_tokens:
+                if len(job.ids) > budget:  # a short prompt waits for the next step's budget, whole
+                    break
+                # whole prompts that fit: together, as one prefill
+                n, used = 0, 0
+                while n < len(pending) and id(pending[n][0]) not in partial and used + len(pending[n][0].ids) <= budget:
+                    used += len(pending[n][0].ids)
+                    n += 1
+                new = pending[:n]
+                del pending[:n]
+                budget -= used
+                batch = self._join(batch, new, live)
+                continue
+            done = 0 if state is None else int(state.input_ids.shape[1])
+            upto = min(len(job.ids), done + budget)
+            t0 = time.perf_counter()
+            try:
+                state = self.engine.prefill_chunk(job, upto, state)
+            except Exception as e:  # noqa: BLE001 - a prefill that fails fails its own request only
+                log.exception("chunked prefill failed for request %s", job.gen.request_id)
+                pending.pop(0)
+                partial.pop(id(job), None)
+                self._left_queue(job)
+                self._end(stream, RequestError(422, f"cannot generate: {e}") if isinstance(e, (ValueError, ConfigError))
+                          else e)
+                continue
+            self.drain.observe_prefill(time.perf_counter() - t0, upto - done)
+            budget -= upto - done
+            if upto < len(job.ids):
+                partial[id(job)] = state
+                break
+            pending.pop(0)
+            partial.pop(id(job), None)
+            batch = self._join(batch, [(job, stream)], live, prefilled=state)
+        return batch
+
+    def _join(self, batch, new: list, live: dict, prefilled=None):
+        """Let the queued requests ``new`` join ``batch`` (a new one when empty); returns it.
+        ``prefilled``: the one request's prompt, already prefilled (chunked)."""
         rows = []
         for job, stream in new:
             self._left_queue(job)
@@ -415,8 +469,11 @@ class Scheduler:
             for _, job, _ in rows:
                 self.on_queue_wait(max(0.0, now - job.submitted_at - job.tokenize_s))
         try:
-            finished = batch.add([r for r, _, _ in rows], [j.ids for _, j, _ in rows])
-            self.drain.observe_prefill(time.perf_counter() - now, sum(len(j.ids) for _, j, _ in rows))
+            if prefilled is not None:
+                finished = batch.add([r for r, _, _ in rows], prefilled.input_ids, prefilled=prefilled)
+            else:
+                finished = batch.add([r for r, _, _ in rows], [j.ids for _, j, _ in rows])
+                self.drain.observe_prefill(time.perf_counter() - now, sum(len(j.ids) for _, j, _ in rows))
         except Exception as e:  # noqa: BLE001 - a prefill that fails fails its own requests only
             log.exception("prefill failed for %d requests", len(rows))
             err = RequestError(422, f"cannot generate: {e}") if isinstance(e, (ValueError, ConfigError)) else e
