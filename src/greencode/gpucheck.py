@@ -110,18 +110,17 @@ class RandomPolicy(nn.Module):
         return self.action_net(self.policy_net(obs))
 
 
-# --------------------------------------------------------------------------- timing helpers
+# --------------------------------------------------------------------------- timing (the benchmarks' harness)
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from greencode.eval.timing import sync
+
+    sync(device)
 
 
 def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t0
+    from greencode.eval.timing import timed
+
+    return timed(device, fn)
 
 
 def _prompts(vocab: int, batch: int, length: int, device: torch.device, seed: int = 0) -> torch.Tensor:

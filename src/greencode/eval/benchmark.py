@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -49,7 +48,8 @@ import torch
 from greencode.config import Config
 from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.paths import RunPaths
-from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch, write_json, write_text
+from greencode.eval.timing import Noise, interleaved_rounds, paired_median, quartiles, sync, write_result
+from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,6 @@ def middle_exit_layer(exit_layers: list[int], num_layers: int) -> int:
     return min(exit_layers, key=lambda e: (abs(e - mid), e))
 
 
-def _quartiles(xs: list[float]) -> dict[str, float]:
-    if len(xs) == 1:
-        return {"median": xs[0], "q1": xs[0], "q3": xs[0], "iqr": 0.0}
-    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1}
-
-
 class _StepClock:
     """A stopping criterion that never stops and timestamps every generation step."""
 
@@ -100,17 +93,6 @@ class _StepClock:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _paired_median(xs: list[float], ys: list[float]) -> Optional[float]:
-    """Median of the per-run ratios x / y (same prompt, same round)."""
-    ratios = [x / y for x, y in zip(xs, ys) if x is not None and y]
-    return statistics.median(ratios) if ratios else None
 
 
 def _layerskip_layers(spec: Union[str, Sequence[int], None], exit_layers: list[int], num_layers: int) -> list[int]:
@@ -283,13 +265,13 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
             base_cfg = getattr(model.hf, model.hf.base_model_prefix).config
             saved_layers = base_cfg.num_hidden_layers  # HF's early-exit drafter may leave it lowered on errors
             try:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     out = model.hf.generate(prompt, attention_mask=torch.ones_like(prompt),
                                             generation_config=gconf if method == "hf_generate" else gconf_ee,
                                             stopping_criteria=StoppingCriteriaList([clock]))
-                _sync(device)
+                sync(device)
                 wall = time.perf_counter() - t0
             finally:
                 base_cfg.num_hidden_layers = saved_layers
@@ -302,11 +284,11 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
                     "controller_share": None, "s_per_check": None}
         if method in speculative:
             c, k_max, draft_t = speculative[method]
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             res = generate_lossless(model, prompt, c, new_tokens, k_max=k_max, draft_threshold=draft_t,
                                     kv_strategy=cfg.decoding.kv_strategy)
-            _sync(device)
+            sync(device)
             wall = time.perf_counter() - t0
             k = res.counters
             if res.new_tokens != new_tokens:
@@ -318,10 +300,10 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
                     "verified_tokens": k["verified_tokens"], "layers_run": k["layers_run"],
                     "decode_steps": k["decode_steps"]}
         c = controllers[method]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         res = generate(model, prompt, c, new_tokens, kv_strategy=cfg.decoding.kv_strategy)
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t0
         k = res.counters
         if res.new_tokens != new_tokens:
@@ -333,20 +315,14 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
                 "controller_share": k["controller_time_s"] / k["decode_time_s"] if k["decode_time_s"] else None,
                 "s_per_check": k["controller_time_s"] / k["exit_checks"] if k["exit_checks"] else None}
 
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    t0 = time.perf_counter()
-    for w in range(warmup):
-        for m in methods:
-            run(m, prompts[w % num_prompts], w % num_prompts)
+    with Noise() as noise:  # one group per prompt: every method on it, in a rotated order
+        cells = interleaved_rounds([[(m, p) for m in methods] for p in range(num_prompts)], repeats, warmup,
+                                   lambda cell: run(cell[0], prompts[cell[1]], cell[1]), warmup_one_group=True)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for rep in range(repeats):
-        for p, prompt in enumerate(prompts):
-            shift = rep * num_prompts + p
-            for j in range(len(methods)):
-                m = methods[(j + shift) % len(methods)]
-                runs[m].append(run(m, prompt, p))
-    wall_s = time.perf_counter() - t0
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for rep in range(repeats):  # per method: round by round, prompt by prompt (the pairing the ratios use)
+        for p in range(num_prompts):
+            for m in methods:
+                runs[m].append(cells[(m, p)][rep])
     for method, index, toks in spec_tokens:  # lossless: the full loop's tokens on every prompt, or the run fails
         if index in full_tokens and toks != full_tokens[index]:
             raise RuntimeError(f"{method} is not lossless on prompt {index}: {toks} vs the full loop's "
@@ -357,7 +333,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     rows = {}
     for m in ["hf_generate"] + list(controllers):
         xs = [r["s_per_token"] for r in runs[m]]
-        q = _quartiles(xs)
+        q = quartiles(xs)
         paired = [x / h for x, h in zip(xs, hf)]
         shares = [r["controller_share"] for r in runs[m] if r["controller_share"] is not None]
         checks = [r["s_per_check"] for r in runs[m] if r["s_per_check"] is not None]
@@ -406,13 +382,11 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
         "methods": rows,
         "targets": targets,
         "lossless": _lossless_section(runs, list(speculative), hf_ee, cfg) if lossless else None,
-        "noise": {"load_average_before": load_before, "load_average_after": load_after, "wall_s": wall_s,
+        "noise": {**noise.record(),
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for r in rows.values())},
         "run_metadata": run_metadata(cfg, stage="benchmark"),
     }
-    write_json(out_path, result)
-    log.info("wrote %s", out_path)
-    return out_path
+    return write_result(out_path, result)
 
 
 def _lossless_section(runs: dict[str, list[dict]], speculative: list[str], hf_ee: Optional[str], cfg: Config) -> dict:
@@ -426,14 +400,14 @@ def _lossless_section(runs: dict[str, list[dict]], speculative: list[str], hf_ee
     best_static = min(static, key=lambda m: statistics.median(wall[m])) if static else None
     rows = {}
     for m in wall:
-        q = _quartiles(wall[m])
+        q = quartiles(wall[m])
         row = {"wall_s_median": q["median"], "wall_s_q1": q["q1"], "wall_s_q3": q["q3"], "wall_s_iqr": q["iqr"],
                "relative_iqr": q["iqr"] / q["median"] if q["median"] else None,
                # speed-up = the reference's time over this method's, median of paired runs
-               "speedup_vs_full": _paired_median(wall["never"], wall[m]),
-               "speedup_vs_hf": _paired_median(wall["hf_generate"], wall[m]),
-               "speedup_vs_best_static": _paired_median(wall[best_static], wall[m]) if best_static else None,
-               "decode_speedup_vs_full": (_paired_median(dec["never"], dec[m])
+               "speedup_vs_full": paired_median(wall["never"], wall[m]),
+               "speedup_vs_hf": paired_median(wall["hf_generate"], wall[m]),
+               "speedup_vs_best_static": paired_median(wall[best_static], wall[m]) if best_static else None,
+               "decode_speedup_vs_full": (paired_median(dec["never"], dec[m])
                                           if all(x is not None for x in dec[m]) else None),
                "num_runs": len(wall[m]), "wall_s_runs": wall[m]}
         if m in speculative:
@@ -598,7 +572,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     def run(method: str, size: int) -> float:
         """Wall seconds to decode every prompt, ``size`` at a time."""
         out: list[list[int]] = []
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for chunk in batches(size):
             if method == "hf_generate":
@@ -615,7 +589,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                 res = generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[method], new_tokens,
                                kv_strategy=cfg.decoding.kv_strategy)
                 out += [r.tokens for r in (res if isinstance(res, list) else [res])]
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t0
         if len(out) != num_prompts or any(len(t) != new_tokens for t in out):
             raise RuntimeError(f"{method} at batch {size} produced {[len(t) for t in out]} tokens, expected "
@@ -623,21 +597,9 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
         tokens.setdefault((method, size), out)
         return wall
 
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    t_start = time.perf_counter()
-    for _ in range(warmup):
-        for size in sizes:
-            for m in methods:
-                run(m, size)
-    walls: dict[tuple[str, int], list[float]] = {(m, b): [] for m in methods for b in sizes}
-    for rep in range(repeats):
-        for i, size in enumerate(sizes):
-            shift = rep * len(sizes) + i
-            for j in range(len(methods)):
-                m = methods[(j + shift) % len(methods)]
-                walls[(m, size)].append(run(m, size))
-    wall_s = time.perf_counter() - t_start
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    with Noise() as noise:  # one group per batch size: every method at it, in a rotated order
+        walls = interleaved_rounds([[(m, b) for m in methods] for b in sizes], repeats, warmup,
+                                   lambda cell: run(*cell))
 
     total = num_prompts * new_tokens
     tps = {key: [total / w for w in ws] for key, ws in walls.items()}
@@ -646,14 +608,14 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     for m in methods:
         rows[m] = {}
         for b in sizes:
-            q = _quartiles(tps[(m, b)])
+            q = quartiles(tps[(m, b)])
             same = sum(t == u for t, u in zip(tokens[(m, b)], tokens[(m, sizes[0])]))
             rows[m][str(b)] = {
                 "tokens_per_s_median": q["median"], "tokens_per_s_q1": q["q1"], "tokens_per_s_q3": q["q3"],
                 "tokens_per_s_iqr": q["iqr"], "relative_iqr": q["iqr"] / q["median"] if q["median"] else None,
-                f"ratio_to_batch_{sizes[0]}": _paired_median(tps[(m, b)], tps[(m, sizes[0])]),
-                "ratio_to_hf": _paired_median(tps[(m, b)], tps[("hf_generate", b)]),
-                "ratio_to_full": _paired_median(tps[(m, b)], tps[("full", b)]),
+                f"ratio_to_batch_{sizes[0]}": paired_median(tps[(m, b)], tps[(m, sizes[0])]),
+                "ratio_to_hf": paired_median(tps[(m, b)], tps[("hf_generate", b)]),
+                "ratio_to_full": paired_median(tps[(m, b)], tps[("full", b)]),
                 f"rows_equal_to_batch_{sizes[0]}": same / num_prompts,
                 "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)]}
     targets = {}
@@ -694,19 +656,11 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                   "hf": "model.hf.generate, left padding + attention mask, greedy, min_new_tokens = max_new_tokens"},
         "methods": rows,
         "targets": targets,
-        "noise": {"load_average_before": load_before, "load_average_after": load_after, "wall_s": wall_s,
+        "noise": {**noise.record(),
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for m in rows.values() for r in m.values())},
         "run_metadata": run_metadata(cfg, stage="throughput"),
     }
-    return _write_result(out_path, result, format_throughput_markdown)
-
-
-def _write_result(out_path: Path, result: dict, markdown) -> Path:
-    """The result JSON and, next to it, its markdown table (both written atomically)."""
-    write_json(out_path, result)
-    write_text(out_path.with_suffix(".md"), markdown(result) + "\n")
-    log.info("wrote %s", out_path)
-    return out_path
+    return write_result(out_path, result, format_throughput_markdown)
 
 
 def _shape_line(s: dict) -> str:
@@ -835,33 +789,24 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
         model.layer_step = None
         return statistics.median(per)
 
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    t_start = time.perf_counter()
-    times: dict[tuple[str, str, int], list[float]] = {}
     order = [(n, i, b) for b in sizes for n, i in methods] + ([("hf_generate", "eager", 1)] if 1 in sizes else [])
-    for rnd in range(warmup + repeats):
-        shift = rnd % len(order)
-        for name, impl, size in order[shift:] + order[:shift]:
-            value = run(name, impl, size)
-            if rnd >= warmup:
-                times.setdefault((name, impl, size), []).append(value)
-    wall_s = time.perf_counter() - t_start
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    with Noise() as noise:  # one group: every (method, eager or compiled, batch size), in a rotated order
+        times = interleaved_rounds([order], repeats, warmup, lambda cell: run(*cell))
     rows: dict[str, dict] = {}
     for size in sizes:
         for name in controllers:
             e, c = times[(name, "eager", size)], times[(name, "compiled", size)]
             a = agree.get((name, size), [0, 0])
-            row = {"eager_s_per_step": _quartiles(e), "compiled_s_per_step": _quartiles(c),
+            row = {"eager_s_per_step": quartiles(e), "compiled_s_per_step": quartiles(c),
                    "eager_tokens_per_s": size / statistics.median(e), "compiled_tokens_per_s": size / statistics.median(c),
-                   "speedup": _paired_median(e, c), "identical_chunks": a[0], "compared_chunks": a[1],
+                   "speedup": paired_median(e, c), "identical_chunks": a[0], "compared_chunks": a[1],
                    "first_compiled_call_s": compile_s.get(f"{name}@{size}")}
             if size == 1 and ("hf_generate", "eager", 1) in times:
                 hf = times[("hf_generate", "eager", 1)]
-                row["compiled_vs_hf"] = _paired_median(hf, c)
-                row["eager_vs_hf"] = _paired_median(hf, e)
+                row["compiled_vs_hf"] = paired_median(hf, c)
+                row["eager_vs_hf"] = paired_median(hf, e)
             rows.setdefault(name, {})[str(size)] = row
-    hf_row = ({"s_per_token": _quartiles(times[("hf_generate", "eager", 1)])}
+    hf_row = ({"s_per_token": quartiles(times[("hf_generate", "eager", 1)])}
               if ("hf_generate", "eager", 1) in times else None)
     full_c = {b: statistics.median(times[("full", "compiled", b)]) for b in sizes}
     exits_save = {f"fixed@{mid}": {}, f"gc@{gc_threshold!r}": {}}
@@ -886,10 +831,10 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
         "hf_generate_batch1": hf_row,
         "compiled_exit_speedup_over_compiled_full": exits_save,
         "all_identical": all(a[0] == a[1] and a[1] > 0 for a in agree.values()),
-        "noise": {"load_average_before": load_before, "load_average_after": load_after, "wall_s": wall_s},
+        "noise": noise.record(),
         "run_metadata": run_metadata(cfg, stage="compiled-benchmark"),
     }
-    return _write_result(out_path, result, format_compiled_markdown)
+    return write_result(out_path, result, format_compiled_markdown)
 
 
 def format_compiled_markdown(result: dict) -> str:
