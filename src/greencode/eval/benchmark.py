@@ -669,19 +669,21 @@ def _shape_line(s: dict) -> str:
             f"{s['device']} {s['dtype']}, {s['torch_threads']} threads")
 
 
+def _md_header(title: str, result: dict, prompts: str) -> list[str]:
+    """A benchmark table's title and the line saying what ran on what."""
+    s, meta = result["setup"], result.get("run_metadata", {})
+    return [f"# {title}", "",
+            f"{_shape_line(s)}; {prompts}, {s['new_tokens']} new tokens each, {s['repeats']} interleaved rounds; "
+            f"model: {s['model']}; policy: {s['policy']}; commit {meta.get('git_commit')}.", ""]
+
+
 def format_throughput_markdown(result: dict) -> str:
     """The throughput result as a markdown table."""
     s = result["setup"]
     sizes = s["batch_sizes"]
     base = sizes[0]
-    meta = result.get("run_metadata", {})
-    lines = [f"# Throughput: {result['config_name']}",
-             "",
-             f"{_shape_line(s)}; {s['num_prompts']} prompts of "
-             f"{min(s['prompt_lengths'])}-{max(s['prompt_lengths'])} tokens, {s['new_tokens']} new tokens each, "
-             f"{s['repeats']} interleaved rounds; model: {s['model']}; policy: {s['policy']}; "
-             f"commit {meta.get('git_commit')}.",
-             "",
+    lines = _md_header(f"Throughput: {result['config_name']}", result,
+                       f"{s['num_prompts']} prompts of {min(s['prompt_lengths'])}-{max(s['prompt_lengths'])} tokens") + [
              f"| method | batch | tokens/s | IQR | x batch {base} | x HF | x full | rows = batch {base} |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, by_size in result["methods"].items():
@@ -840,14 +842,8 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
 def format_compiled_markdown(result: dict) -> str:
     """The compiled-vs-eager result as a markdown table."""
     s = result["setup"]
-    meta = result.get("run_metadata", {})
-    lines = [f"# Compiled layer steps: {result['config_name']}",
-             "",
-             f"{_shape_line(s)}; torch.compile mode `{s['mode']}`; "
-             f"{s['num_prompts']} prompts of {s['context_tokens']} tokens, {s['new_tokens']} new tokens each, "
-             f"{s['repeats']} interleaved rounds; model: {s['model']}; policy: {s['policy']}; "
-             f"commit {meta.get('git_commit')}.",
-             "",
+    lines = _md_header(f"Compiled layer steps: {result['config_name']}", result,
+                       f"torch.compile mode `{s['mode']}`; {s['num_prompts']} prompts of {s['context_tokens']} tokens") + [
              "| method | batch | eager ms/step | compiled ms/step | compiled tokens/s | speed-up | "
              "compiled x HF (batch 1) | same tokens | first compiled call s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
