@@ -46,6 +46,9 @@ def main() -> None:
     p.add_argument("--chunked-prefill", action="store_true",
                    help="instead: a running stream's p95 gap while long prompts keep joining, per "
                         "serve.max_prefill_tokens 256 and 4096 (into results/benchmark/serve_load_<name>.json)")
+    p.add_argument("--memory-soak", action="store_true",
+                   help="instead: 2,000 requests in every format, the server's memory every 200 (into "
+                        "results/benchmark/serve_load_<name>.json)")
     p.add_argument("--lossless-mix", action="store_true",
                    help="instead: lossless rows beside lossy ones, and lossless batching "
                         "(results/benchmark/serve_lossless_<name>.json)")
@@ -54,13 +57,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="--lossless-mix: tries of the probe alone and beside")
     args = p.parse_args()
     cfg = load_from_args(args)
-    from greencode.serve.bench import run_benchmark, run_chunked_prefill, run_lossless_mix, run_streaming_load
+    from greencode.serve.bench import (run_benchmark, run_chunked_prefill, run_lossless_mix, run_memory_soak,
+                                       run_streaming_load)
 
     run_dir = args.run_dir
     if args.demo:
         from greencode.serve.demo import ensure_demo_run
 
         run_dir = ensure_demo_run(cfg, args.demo)
+    if args.memory_soak:
+        res = run_memory_soak(cfg, run_dir, out_path=args.out)["memory_soak"]
+        print(f"status {res['status_counts']}; RSS MB {[s['rss_mb'] for s in res['samples']]}; "
+              f"growth after the first window {res['rss_growth_after_first_window_mb']:.1f} MB; {res['wall_s']:.0f} s")
+        return
     if args.chunked_prefill:
         res = run_chunked_prefill(cfg, run_dir, out_path=args.out)["chunked_prefill"]
         for name, r in res["settings"].items():

@@ -51,3 +51,15 @@ def test_burst_against_deadline_admission(tmp_path):
     assert b["requests"] == 30 and b["served"] + b["refused"] == 30 and b["served"] >= 4
     assert b["all_json"] and b["every_503_has_retry_after"] and b["every_served_within_deadline"]
     assert b["every_served_answer_complete"] and b["server_alive_after"] and b["metrics_answered_after"]
+
+
+def test_memory_soak_records_rss_and_statuses(tmp_path):
+    from greencode.serve.bench import run_memory_soak
+
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1"])
+    run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
+    out = tmp_path / "serve_load_smoke.json"
+    res = run_memory_soak(cfg, run, requests=16, concurrency=4, max_new_tokens=3, every=8, out_path=out)
+    m = json.loads(out.read_text())["memory_soak"]
+    assert m == json.loads(json.dumps(res["memory_soak"])) and m["all_200"] and m["alive_after"]
+    assert [s["requests"] for s in m["samples"]] == [0, 8, 16] and all(s["rss_mb"] > 0 for s in m["samples"])

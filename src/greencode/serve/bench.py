@@ -631,3 +631,86 @@ def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budg
     }
     write_json(out_path, result)
     return result
+
+
+def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests: int = 2000, concurrency: int = 8,
+                    max_new_tokens: int = 8, every: int = 200,
+                    out_path: Optional[Union[str, Path]] = None) -> dict[str, Any]:
+    """``requests`` completions (every wire format in turn, some streamed, some lossless) from
+    ``concurrency`` clients against a real server, its resident memory read from ``/proc`` every
+    ``every`` requests: is it flat? Every answer must be 200 and complete. Written into
+    ``results/benchmark/serve_load_<config name>.json`` as ``memory_soak``."""
+    import asyncio
+
+    import httpx
+
+    from greencode.serve.engine import run_root
+    from greencode.serve.server import ServerProcess
+    from greencode.utils import REPO_ROOT, read_json
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    root = run_root(cfg, run_dir)
+    prompts = [p[-600:] for p in bench_prompts(20, cfg.seed)]
+    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_load_{cfg.name}.json"
+
+    def body(i: int) -> tuple[str, dict]:
+        p = prompts[i % len(prompts)]
+        kind = i % 4
+        if kind == 0:
+            return "/generate", {"inputs": p, "parameters": {"max_new_tokens": max_new_tokens}}
+        if kind == 1:
+            return "/v1/completions", {"prompt": p, "max_tokens": max_new_tokens, "temperature": 0,
+                                       "stream": i % 8 == 1}
+        if kind == 2:
+            return "/api/generate", {"model": "greencode", "prompt": p, "stream": False,
+                                     "options": {"num_predict": max_new_tokens}}
+        return "/generate", {"inputs": p, "parameters": {"max_new_tokens": max_new_tokens, "mode": "lossless"}}
+
+    def rss_mb(pid: int) -> Optional[float]:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    async def soak(url: str, pid: int) -> dict:
+        samples, codes, done = [{"requests": 0, "rss_mb": rss_mb(pid)}], {}, [0]
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=600.0) as c:
+            async def one(i: int) -> None:
+                path, b = body(i)
+                async with sem:
+                    r = await c.post(path, json=b)
+                codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
+                done[0] += 1
+                if done[0] % every == 0:
+                    samples.append({"requests": done[0], "rss_mb": rss_mb(pid)})
+
+            await asyncio.gather(*[one(i) for i in range(requests)])
+            alive = (await c.get("/health")).status_code == 200 and (await c.get("/metrics")).status_code == 200
+        return {"samples": samples, "status_counts": codes, "alive_after": alive}
+
+    with tempfile.TemporaryDirectory(prefix="greencode-soak-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        with ServerProcess(cfg_path, ["serve.request_timeout_s=600"], run_dir=root,
+                           env={"GREENCODE_API_KEY": ""}) as srv:
+            t0 = time.perf_counter()
+            raw = asyncio.run(soak(srv.url, srv.proc.pid))
+            wall = time.perf_counter() - t0
+    rss = [s["rss_mb"] for s in raw["samples"] if s["rss_mb"] is not None]
+    after_warm = rss[1:] if len(rss) > 2 else rss
+    result = read_json(out_path) if out_path.is_file() else {}
+    result["memory_soak"] = {
+        "what": (f"{requests} requests (TGI, OpenAI plain and streamed, Ollama, lossless TGI in turn; {max_new_tokens} "
+                 f"tokens, prompts of up to 600 characters) from {concurrency} clients; server RSS every {every}"),
+        **raw, "wall_s": wall,
+        "rss_mb_first_window": after_warm[0] if after_warm else None, "rss_mb_last": rss[-1] if rss else None,
+        "rss_growth_after_first_window_mb": (rss[-1] - after_warm[0]) if after_warm else None,
+        "all_200": set(raw["status_counts"]) == {"200"},
+        "run": run_metadata(cfg, stage="bench_serve_memory"), "load_average_1m": _loadavg(),
+    }
+    write_json(out_path, result)
+    return result
