@@ -33,10 +33,10 @@ import torch
 from greencode.config import ConfigError
 from greencode.decoding import speculative
 from greencode.decoding.controllers import ExitController, NeverExit
-from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Slot, check_request, copy_cache, cut_at_stops,
-                                      expand_cache, gather_kv, growable, layer_kv, left_pad, left_pad_positions,
-                                      new_cache, rebuild_cache, record_logits, rows_kwargs, select_token,
-                                      truncate_logits)
+from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Sampling, Slot, check_request, copy_cache,
+                                      cut_at_stops, expand_cache, gather_kv, growable, layer_kv, left_pad,
+                                      left_pad_positions, new_cache, rebuild_cache, record_logits, rows_kwargs,
+                                      select_token, truncate_logits)
 
 
 @dataclass
@@ -127,17 +127,12 @@ def _new_counters() -> dict:
 
 
 @dataclass
-class Row:
+class Row(Sampling):
     """One sequence being decoded: its controller, sampling and stopping rules, and what it
     produced so far. :class:`DecodeBatch` steps many rows together; ``handle`` is the caller's."""
 
     controller: ExitController
     max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: Optional[int] = None
     eos: frozenset = frozenset()
     stop_strings: Optional[Sequence[str]] = None
     on_token: Optional[Callable[[int, int], None]] = None  # (token id, exit layer), as each token is chosen

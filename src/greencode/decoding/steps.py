@@ -18,6 +18,7 @@ compiled step (:mod:`greencode.decoding.compiled`) all use these, and none keeps
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -25,6 +26,18 @@ import torch
 from greencode.config import ConfigError
 
 KV_STRATEGIES = ("propagate", "compute")
+
+
+@dataclass(kw_only=True)
+class Sampling:
+    """How a token is chosen: greedy, or sampled with temperature, top-p, top-k and a seed. A
+    decoding row and an endpoint request both carry these (keyword-only fields)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:

@@ -19,18 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from greencode.decoding.steps import Sampling
+
 
 @dataclass
-class GenRequest:
-    """One completion, whatever the wire format it came in."""
+class GenRequest(Sampling):
+    """One completion, whatever the wire format it came in (its sampling: :class:`Sampling`)."""
 
     prompt: str
     max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     threshold: Optional[float] = None  # None = the server default
     max_disagreement: Optional[float] = None  # a calibrated fidelity target instead of a raw threshold
