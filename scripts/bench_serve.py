@@ -14,6 +14,17 @@ latency against a lone request's prefill + one step, then a burst of 200 simulta
 (results/benchmark/serve_load_<name>.json):
     python scripts/bench_serve.py --config configs/smoke.yaml --demo runs/smoke-demo --load --clients 6 \
         --batch-sizes 1,4 --burst 20 --max-new-tokens 8
+--load --burst-only: only the burst (200 simultaneous 16-token requests against the configured admission by
+deadline), written into the existing serve_load file (the previous burst kept as burst_previous):
+    python scripts/bench_serve.py --config configs/default.yaml --load --burst-only [serve.request_timeout_s=20]
+
+--chunked-prefill: a running stream's p95 gap between chunks alone and while 3,000-character prompts keep
+joining, at serve.max_prefill_tokens 256 and 4096 (into serve_load_<name>.json, key chunked_prefill):
+    python scripts/bench_serve.py --config configs/default.yaml --chunked-prefill
+
+--memory-soak: 2,000 requests in every format (some streamed, some lossless), the server's resident memory
+every 200 (into serve_load_<name>.json, key memory_soak):
+    python scripts/bench_serve.py --config configs/default.yaml --memory-soak
 
 --lossless-mix: lossless requests as batch rows: a lossy stream's first chunk and p95 gap alone and beside 3
 lossless 200-token requests, and 8 concurrent lossless requests against one at a time (tokens/s, every
@@ -34,24 +45,21 @@ def main() -> None:
                    help="new tokens per request (default: eval.max_new_tokens)")
     p.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: eval.gc_thresholds")
     p.add_argument("--out", default=None, help="output JSON (default results/benchmark/serve_<name>.json)")
-    p.add_argument("--load", action="store_true",
-                   help="instead: concurrent streaming clients per serve.max_batch_size, then a burst "
-                        "(results/benchmark/serve_load_<name>.json)")
     p.add_argument("--clients", type=int, default=50, help="--load: concurrent streaming clients")
     p.add_argument("--batch-sizes", default="1,16,64", help="--load: serve.max_batch_size values (comma list)")
     p.add_argument("--burst", type=int, default=200, help="--load: simultaneous requests of the burst (0 = none)")
     p.add_argument("--burst-only", action="store_true",
                    help="--load: only the burst (16-token completions against the configured admission), written "
                         "into the existing serve_load file")
-    p.add_argument("--chunked-prefill", action="store_true",
-                   help="instead: a running stream's p95 gap while long prompts keep joining, per "
-                        "serve.max_prefill_tokens 256 and 4096 (into results/benchmark/serve_load_<name>.json)")
-    p.add_argument("--memory-soak", action="store_true",
-                   help="instead: 2,000 requests in every format, the server's memory every 200 (into "
-                        "results/benchmark/serve_load_<name>.json)")
-    p.add_argument("--lossless-mix", action="store_true",
-                   help="instead: lossless rows beside lossy ones, and lossless batching "
-                        "(results/benchmark/serve_lossless_<name>.json)")
+    modes = p.add_mutually_exclusive_group()  # instead of the latency benchmark, one of:
+    for flag, what in (
+            ("--load", "concurrent streaming clients per serve.max_batch_size, then a burst (serve_load_<name>.json)"),
+            ("--chunked-prefill", "a running stream's p95 gap while long prompts keep joining, at "
+                                  "serve.max_prefill_tokens 256 and 4096 (into serve_load_<name>.json)"),
+            ("--memory-soak", "2,000 requests in every format, the server's memory every 200 (into "
+                              "serve_load_<name>.json)"),
+            ("--lossless-mix", "lossless rows beside lossy ones, and lossless batching (serve_lossless_<name>.json)")):
+        modes.add_argument(flag, action="store_true", help=f"instead: {what}; in results/benchmark/")
     p.add_argument("--lossless-tokens", type=int, default=200, help="--lossless-mix: tokens of each lossless request")
     p.add_argument("--batch", type=int, default=8, help="--lossless-mix: concurrent lossless requests")
     p.add_argument("--repeats", type=int, default=3, help="--lossless-mix: tries of the probe alone and beside")

@@ -63,3 +63,24 @@ def test_memory_soak_records_rss_and_statuses(tmp_path):
     m = json.loads(out.read_text())["memory_soak"]
     assert m == json.loads(json.dumps(res["memory_soak"])) and m["all_200"] and m["alive_after"]
     assert [s["requests"] for s in m["samples"]] == [0, 8, 16] and all(s["rss_mb"] > 0 for s in m["samples"])
+
+
+def test_lossless_mix_and_chunked_prefill_on_a_demo_run(tmp_path):
+    """The two measurements end to end on a tiny demo run (real servers): every lossless answer
+    checked against the full model's, the gap ratios recorded per setting."""
+    from greencode.serve.bench import run_chunked_prefill, run_lossless_mix
+
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1"])
+    run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
+    mix = run_lossless_mix(cfg, run, lossless_requests=2, lossless_tokens=8, probe_tokens=6, batch=3, batch_tokens=6,
+                           repeats=1, out_path=tmp_path / "mix.json", demo=True)
+    assert json.loads((tmp_path / "mix.json").read_text())["targets"] == mix["targets"]
+    assert mix["targets"]["every_lossless_answer_equals_full_model"] and mix["run_dir"] == "<outside>/run"
+    assert len(mix["no_stall"]["tries"]["beside_lossless"]) == 1 and mix["lossless_batching"]["speedup"] > 0
+    out = tmp_path / "load.json"
+    out.write_text(json.dumps({"burst": {"served": 1}}))
+    res = run_chunked_prefill(cfg, run, budgets=(8, 4096), probe_tokens=6, joiners=1, repeats=1, out_path=out)
+    saved = json.loads(out.read_text())
+    assert saved["burst"] == {"served": 1} and set(saved["chunked_prefill"]["settings"]) == {
+        "max_prefill_tokens_8", "max_prefill_tokens_4096"} == set(res["chunked_prefill"]["settings"])
+    assert all(s["ratio"] > 0 and s["prompts_joined"] >= 1 for s in saved["chunked_prefill"]["settings"].values())

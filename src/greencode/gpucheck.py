@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from greencode.eval.timing import sync, timed
+
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ("llama-3.2-3b", "opt-2.7b")
 # the paper's exit rules (configs/paper/*.yaml): first exit, stride in the first half, in the second half
@@ -110,19 +112,7 @@ class RandomPolicy(nn.Module):
         return self.action_net(self.policy_net(obs))
 
 
-# --------------------------------------------------------------------------- timing (the benchmarks' harness)
-def _sync(device: torch.device) -> None:
-    from greencode.eval.timing import sync
-
-    sync(device)
-
-
-def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
-    from greencode.eval.timing import timed
-
-    return timed(device, fn)
-
-
+# --------------------------------------------------------------------------- inputs and per-token timing
 def _prompts(vocab: int, batch: int, length: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab - 10, (batch, length), generator=g).to(device)
@@ -131,8 +121,8 @@ def _prompts(vocab: int, batch: int, length: int, device: torch.device, seed: in
 def _per_token(device, run: Callable[[int], Any], new_tokens: int) -> float:
     """Decode seconds per generated token: (time for n tokens - time for 1) / (n - 1)."""
     run(2)  # warm-up
-    t1 = min(_timed(device, lambda: run(1))[1] for _ in range(2))  # the faster of two: less noise
-    tn = min(_timed(device, lambda: run(new_tokens))[1] for _ in range(2))
+    t1 = min(timed(device, lambda: run(1))[1] for _ in range(2))  # the faster of two: less noise
+    tn = min(timed(device, lambda: run(new_tokens))[1] for _ in range(2))
     return max(tn - t1, 0.0) / (new_tokens - 1)
 
 
@@ -261,7 +251,7 @@ def part_compiled(model, policy, device, tiny: bool, deadline: float) -> dict:
                 eager_tokens = [r.tokens for r in _as_list(generate(model, ids, ctrl, new))]
                 eager = _guarded(lambda: _per_token(device, lambda n: generate(model, ids, ctrl, n), new), deadline)
                 steps = use_compiled_steps(model, mode)
-                got, compile_s = _timed(device, lambda: _as_list(generate(model, ids, ctrl, new)))
+                got, compile_s = timed(device, lambda: _as_list(generate(model, ids, ctrl, new)))
                 compiled = _guarded(lambda: _per_token(device, lambda n: generate(model, ids, ctrl, n), new), deadline)
                 row = {"eager_s": eager.get("value"), "compiled_s": compiled.get("value"),
                        "first_call_s": compile_s, "identical_to_eager": [r.tokens for r in got] == eager_tokens,
@@ -331,7 +321,7 @@ def part_energy(model, device, tiny: bool, deadline: float, window_s: float) -> 
             continue
         for _ in range(3):  # warm-up
             generate(model, prompt, ctrl, new)
-        _sync(device)
+        sync(device)
         if monitor is not None:
             monitor.begin_window(name)
         else:
@@ -339,7 +329,7 @@ def part_energy(model, device, tiny: bool, deadline: float, window_s: float) -> 
         t0, tokens = time.perf_counter(), 0
         while time.perf_counter() - t0 < window_s:
             tokens += len(generate(model, prompt, ctrl, new).tokens)
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - t0
         joules = monitor.end_window(name).total_energy if monitor is not None else read() - e0
         out["methods"][name] = {"joules_per_token": joules / tokens, "tokens": tokens, "seconds": elapsed,
@@ -372,13 +362,13 @@ def part_lite(model, device, tiny: bool, deadline: float) -> dict:
     for step in range(2 + (2 if tiny else 5)):
         if time.monotonic() > deadline:
             break
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss, _ = lite_loss(ee, ids, weights=weights)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         if step >= 2:  # the first two are warm-up
             times.append(time.perf_counter() - t0)
     hf.eval()

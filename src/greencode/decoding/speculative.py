@@ -43,7 +43,8 @@ from typing import Optional
 
 import torch
 
-from greencode.decoding.steps import BlockSlot, block_mask, cache_device, record_logits, sampling_probs, truncate_logits
+from greencode.decoding.steps import (BlockSlot, block_mask, cache_device, layer_kv, record_logits, sampling_probs,
+                                      truncate_logits)
 
 VERIFY_MODES = ("reuse", "full")
 LOSSLESS_COUNTERS = ("rounds", "drafted", "accepted", "verified_tokens", "exact_tokens", "residual_samples",
@@ -148,7 +149,9 @@ def block_logits(model, cache, pad: Optional[torch.Tensor], blocks: list) -> lis
             fresh = torch.zeros((len(joining), size, model.hidden_size), dtype=model.dtype, device=device)
             h = fresh if h is None else torch.cat([h, fresh], dim=0)
             rows += joining
-            index = torch.tensor([blocks[k].r for k in rows], device=device)
+            batch_rows = [blocks[k].r for k in rows]
+            every = batch_rows == list(range(len(batch_rows))) and len(batch_rows) == layer_kv(cache, 0)[0].shape[0]
+            index = slice(None) if every else torch.tensor(batch_rows, device=device)  # all rows in order: views
             positions = torch.stack([torch.arange(blocks[k].start + len(blocks[k].fed) - size,
                                                   blocks[k].start + len(blocks[k].fed), device=device).clamp(min=0)
                                      for k in rows])

@@ -343,15 +343,13 @@ class Slot:
 
 class BlockSlot:
     """The cache one layer sees while blocks of some rows' last positions run (verification):
-    ``rows`` (an index tensor) each write their block's K/V into their last ``valid.shape[1]``
+    ``rows`` each write their block's K/V into their last ``valid.shape[1]``
     columns of the batch cache where ``valid`` says (padding and tokens not running keep what the
     cache holds), and the layer attends over those rows' columns."""
 
-    def __init__(self, cache, layer: int, rows: torch.Tensor, valid: torch.Tensor):
+    def __init__(self, cache, layer: int, rows, valid: torch.Tensor):
         self.keys, self.values = layer_kv(cache, layer)
-        # every row of the batch, in order: views, no copy of the cache rows
-        whole = rows.numel() == self.keys.shape[0] and bool((rows == torch.arange(rows.numel(), device=rows.device)).all())
-        self.rows = slice(None) if whole else rows
+        self.rows = rows  # an index tensor, or slice(None) for every row in order (views, no copy)
         self.valid = valid[:, None, :, None]
 
     def update(self, key_states, value_states, layer_idx=None, cache_kwargs=None):

@@ -19,6 +19,7 @@ request is (``serve.prompt_format``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from greencode.config import dump_config
-from greencode.utils import run_metadata, write_json
+from greencode.utils import portable_path, run_metadata, write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,34 @@ def bench_prompts(n: int, seed: int, max_chars: int = 3000) -> list[str]:
 
 
 def _loadavg() -> Optional[float]:
-    try:
-        return float(os.getloadavg()[0])
-    except (OSError, AttributeError):
-        return None
+    from greencode.eval.timing import load_average
+
+    avg = load_average()
+    return float(avg[0]) if avg else None
+
+
+@contextlib.contextmanager
+def _server(cfg, root: Path, overrides: Sequence[str]):
+    """A real server for ``cfg`` (written to a temporary config file) on ``root``, without an API key."""
+    from greencode.serve.server import ServerProcess
+
+    with tempfile.TemporaryDirectory(prefix="greencode-bench-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        with ServerProcess(cfg_path, list(overrides), run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
+            yield srv
+
+
+def _merge_into(out_path: Path, **parts: Any) -> dict:
+    """Write ``parts`` (key -> value) into the result file at ``out_path``, keeping its other keys
+    (the load benchmark's parts run one at a time); returns the whole result."""
+    from greencode.utils import read_json
+
+    result = read_json(out_path) if out_path.is_file() else {}
+    result.update(parts)
+    write_json(out_path, result)
+    log.info("%s written to %s", ", ".join(parts), out_path)
+    return result
 
 
 def _pcts(values: Sequence[float], scale: float = 1.0) -> dict[str, Optional[float]]:
@@ -350,15 +375,11 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
     if burst_only:
         from greencode.utils import read_json
 
-        result = read_json(out_path) if out_path.is_file() else {}
-        if result.get("burst") is not None:
-            result["burst_previous"] = result["burst"]
-        result["burst"] = burst_result
-        result["burst_run"] = run_metadata(cfg, stage="bench_serve_burst")
-        result["burst_load_average_1m"] = {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()}
-        write_json(out_path, result)
-        log.info("burst written to %s", out_path)
-        return result
+        previous = (read_json(out_path) if out_path.is_file() else {}).get("burst")
+        kept = {"burst_previous": previous} if previous is not None else {}
+        return _merge_into(out_path, **kept, burst=burst_result, burst_run=run_metadata(cfg, stage="bench_serve_burst"),
+                           burst_load_average_1m={"before": load_before, "after": _loadavg(),
+                                                  "cpu_count": os.cpu_count()})
     result = {
         "what": f"{clients} concurrent streaming clients (openai.AsyncOpenAI, SSE, greedy, full model, "
                 f"{max_new_tokens} tokens each) per serve.max_batch_size; then {burst} simultaneous requests",
@@ -406,7 +427,6 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
     import openai
 
     from greencode.serve.engine import run_root
-    from greencode.serve.server import ServerProcess
     from greencode.utils import REPO_ROOT
 
     for name in ("httpx", "httpx2", "openai"):
@@ -484,14 +504,11 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
         return out
 
     load_before = _loadavg()
-    with tempfile.TemporaryDirectory(prefix="greencode-lossless-") as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(dump_config(cfg))
-        overrides = [f"serve.max_batch_size={max(batch, lossless_requests + 1)}", "serve.queue_size=16",
-                     f"serve.max_new_tokens_cap={max(lossless_tokens, batch_tokens, probe_tokens)}",
-                     "serve.request_timeout_s=600"]
-        with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
-            raw = asyncio.run(measure(srv.url))
+    overrides = [f"serve.max_batch_size={max(batch, lossless_requests + 1)}", "serve.queue_size=16",
+                 f"serve.max_new_tokens_cap={max(lossless_tokens, batch_tokens, probe_tokens)}",
+                 "serve.request_timeout_s=600"]
+    with _server(cfg, root, overrides) as srv:
+        raw = asyncio.run(measure(srv.url))
 
     def med(rows: list, key: str) -> Optional[float]:
         vals = [r[key] for r in rows if r[key] is not None]
@@ -508,7 +525,7 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
         "what": (f"a streamed lossy probe ({probe_tokens} tokens, openai client) alone and beside {lossless_requests} "
                  f"lossless requests of {lossless_tokens} tokens ({repeats} tries each, medians); {batch} concurrent "
                  f"lossless requests of {batch_tokens} tokens vs one at a time, checked against the full model"),
-        "run_dir": _rel(root), "demo_run": bool(demo),
+        "run_dir": portable_path(root), "demo_run": bool(demo),
         "prompts": "prefixes of Python standard-library files cut at a seeded line/column (bench_prompts)",
         "no_stall": {"first_chunk_ms": {"alone": alone_first * 1e3 if alone_first else None,
                                         "beside_lossless": beside_first * 1e3 if beside_first else None},
@@ -537,16 +554,6 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
     return result
 
 
-def _rel(path: Union[str, Path]) -> str:
-    """A path relative to the repository when it lies inside it (results carry no machine paths)."""
-    from greencode.utils import REPO_ROOT
-
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return Path(path).name
-
-
 def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budgets: Sequence[int] = (256, 4096),
                         probe_tokens: int = 64, joiners: int = 2, joiner_tokens: int = 4, repeats: int = 3,
                         out_path: Optional[Union[str, Path]] = None) -> dict[str, Any]:
@@ -561,8 +568,7 @@ def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budg
     import openai
 
     from greencode.serve.engine import run_root
-    from greencode.serve.server import ServerProcess
-    from greencode.utils import REPO_ROOT, read_json
+    from greencode.utils import REPO_ROOT
 
     for name in ("httpx", "httpx2", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -607,20 +613,16 @@ def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budg
         return {"alone": alone, "beside_joining_prompts": beside, "prompts_joined": joined[0]}
 
     results = {}
-    with tempfile.TemporaryDirectory(prefix="greencode-chunked-") as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(dump_config(cfg))
-        for budget in budgets:
-            overrides = [f"serve.max_prefill_tokens={int(budget)}", "serve.request_timeout_s=600",
-                         f"serve.max_new_tokens_cap={max(probe_tokens, 16)}"]
-            with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
-                raw = asyncio.run(measure(srv.url))
-            a = float(np.median([r["gap_p95_s"] for r in raw["alone"]]))
-            b = float(np.median([r["gap_p95_s"] for r in raw["beside_joining_prompts"]]))
-            results[f"max_prefill_tokens_{budget}"] = {"max_prefill_tokens": int(budget), "gap_p95_ms_alone": a * 1e3,
-                                                       "gap_p95_ms_beside": b * 1e3, "ratio": b / a, **raw}
-    result = read_json(out_path) if out_path.is_file() else {}
-    result["chunked_prefill"] = {
+    for budget in budgets:
+        overrides = [f"serve.max_prefill_tokens={int(budget)}", "serve.request_timeout_s=600",
+                     f"serve.max_new_tokens_cap={max(probe_tokens, 16)}"]
+        with _server(cfg, root, overrides) as srv:
+            raw = asyncio.run(measure(srv.url))
+        a = float(np.median([r["gap_p95_s"] for r in raw["alone"]]))
+        b = float(np.median([r["gap_p95_s"] for r in raw["beside_joining_prompts"]]))
+        results[f"max_prefill_tokens_{budget}"] = {"max_prefill_tokens": int(budget), "gap_p95_ms_alone": a * 1e3,
+                                                   "gap_p95_ms_beside": b * 1e3, "ratio": b / a, **raw}
+    return _merge_into(out_path, chunked_prefill={
         "what": (f"a streamed probe ({probe_tokens} tokens, full model, openai client) alone and while {joiners} "
                  f"clients keep sending prompts of 2,500-3,000 characters ({joiner_tokens} tokens each); p95 gap "
                  f"between the probe's chunks, median of {repeats} tries; target: at most 3x alone"),
@@ -628,9 +630,7 @@ def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budg
         "target_met_at_default": results[f"max_prefill_tokens_{budgets[0]}"]["ratio"] <= 3.0,
         "run": run_metadata(cfg, stage="bench_serve_chunked_prefill"),
         "load_average_1m": _loadavg(),
-    }
-    write_json(out_path, result)
-    return result
+    })
 
 
 def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests: int = 2000, concurrency: int = 8,
@@ -645,8 +645,7 @@ def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests
     import httpx
 
     from greencode.serve.engine import run_root
-    from greencode.serve.server import ServerProcess
-    from greencode.utils import REPO_ROOT, read_json
+    from greencode.utils import REPO_ROOT
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     root = run_root(cfg, run_dir)
@@ -692,18 +691,13 @@ def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests
             alive = (await c.get("/health")).status_code == 200 and (await c.get("/metrics")).status_code == 200
         return {"samples": samples, "status_counts": codes, "alive_after": alive}
 
-    with tempfile.TemporaryDirectory(prefix="greencode-soak-") as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(dump_config(cfg))
-        with ServerProcess(cfg_path, ["serve.request_timeout_s=600"], run_dir=root,
-                           env={"GREENCODE_API_KEY": ""}) as srv:
-            t0 = time.perf_counter()
-            raw = asyncio.run(soak(srv.url, srv.proc.pid))
-            wall = time.perf_counter() - t0
+    with _server(cfg, root, ["serve.request_timeout_s=600"]) as srv:
+        t0 = time.perf_counter()
+        raw = asyncio.run(soak(srv.url, srv.proc.pid))
+        wall = time.perf_counter() - t0
     rss = [s["rss_mb"] for s in raw["samples"] if s["rss_mb"] is not None]
     after_warm = rss[1:] if len(rss) > 2 else rss
-    result = read_json(out_path) if out_path.is_file() else {}
-    result["memory_soak"] = {
+    return _merge_into(out_path, memory_soak={
         "what": (f"{requests} requests (TGI, OpenAI plain and streamed, Ollama, lossless TGI in turn; {max_new_tokens} "
                  f"tokens, prompts of up to 600 characters) from {concurrency} clients; server RSS every {every}"),
         **raw, "wall_s": wall,
@@ -711,6 +705,4 @@ def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests
         "rss_growth_after_first_window_mb": (rss[-1] - after_warm[0]) if after_warm else None,
         "all_200": set(raw["status_counts"]) == {"200"},
         "run": run_metadata(cfg, stage="bench_serve_memory"), "load_average_1m": _loadavg(),
-    }
-    write_json(out_path, result)
-    return result
+    })
