@@ -17,7 +17,7 @@ from greencode.config import ConfigError, load_config
 from greencode.decoding.steps import cut_at_stops
 from greencode.serve import create_app, load_run, serve
 from greencode.serve.demo import build_demo_run
-from greencode.serve.engine import Engine, strip_fim
+from greencode.serve.engine import Engine, split_fim
 from greencode.utils import REPO_ROOT
 
 SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
@@ -162,7 +162,7 @@ def test_options_that_are_not_supported_are_refused(run):
         body = {"prompt": "def f(x):\n    return", "max_tokens": 3}
         assert c.post("/v1/completions", json=body).status_code == 200
         for extra, word in (({"best_of": 3}, "best_of"), ({"logprobs": 6}, "logprobs"),
-                            ({"suffix": "\n    pass"}, "suffix"), ({"echo": True, "logprobs": 1}, "echo")):
+                            ({"echo": True, "logprobs": 1}, "echo")):
             r2 = c.post("/v1/completions", json={**body, **extra})
             assert r2.status_code == 422 and word in r2.json()["error"]["message"], r2.text
         assert c.post("/v1/completions", json={**body, "best_of": 1, "suffix": ""}).status_code == 200
@@ -182,10 +182,31 @@ def test_run_without_policy_serves_the_full_model(run):
         assert s["controller"] == "full_model_no_policy" and all(e == 3 for e in s["exit_layers"])
 
 
-def test_fim_prompts_keep_the_code_before_the_cursor():
-    assert strip_fim("<fim_prefix>def f():\n    <fim_suffix>\n\nx = 1<fim_middle>") == ("def f():\n    ", "starcoder")
-    assert strip_fim("<PRE> a = [<SUF>]\n <MID>") == ("a = [", "codellama")
-    assert strip_fim("plain <fim_prefix> text") == ("plain <fim_prefix> text", None)
+def test_fim_prompts_split_into_prefix_and_suffix():
+    assert split_fim("<fim_prefix>def f():\n    <fim_suffix>\n\nx = 1<fim_middle>") == (
+        "def f():\n    ", "\n\nx = 1", "starcoder")
+    assert split_fim("<PRE> a = [<SUF>]\n <MID>") == ("a = [", "]\n", "codellama")
+    assert split_fim("<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>") == ("a", "b", "qwen")
+    assert split_fim("plain <fim_prefix> text") == ("plain <fim_prefix> text", None, None)
+    # markers out of order are not a FIM prompt
+    assert split_fim("<fim_prefix>a<fim_middle>b<fim_suffix>") == ("<fim_prefix>a<fim_middle>b<fim_suffix>", None, None)
+
+
+def test_left_to_right_model_ignores_the_suffix_and_says_so(run):
+    cfg, r = run
+    eng = Engine(r.model, r.tokenizer, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding)
+    assert eng.fim_ids is None and eng.describe()["fill_in_the_middle"] is False
+    plain, _ = eng.encode("def f(x):\n    return", 4)
+    for prompt, suffix in (("def f(x):\n    return", "\n\nprint(f(1))"),
+                           ("<fim_prefix>def f(x):\n    return<fim_suffix>\n\nprint(f(1))<fim_middle>", None)):
+        ids, info = eng.encode(prompt, 4, suffix=suffix)
+        assert ids == plain and info["suffix_ignored"] is True and "not trained to fill in the middle" in info["suffix_note"]
+    with TestClient(_app(run)) as c:
+        s = c.post("/api/generate", json={"prompt": "x = ", "suffix": "\ny = 2", "stream": False,
+                                          "options": {"num_predict": 2}}).json()["greencode"]
+        assert s["suffix_ignored"] is True
+        o = c.post("/v1/completions", json={"prompt": "x = ", "suffix": "\ny = 2", "max_tokens": 2}).json()
+        assert o["greencode"]["suffix_ignored"] is True
 
 
 def test_engine_prompt_text_truncation_and_pieces(run):

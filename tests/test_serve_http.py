@@ -27,7 +27,8 @@ PROMPT = "import os\n\n\ndef read_file(path):\n    with open(path) as f:\n      
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = load_config(SMOKE)
-    run = build_demo_run(cfg, tmp_path_factory.mktemp("serve_run"), p_exit=0.7)
+    # a tokenizer with the fill-in-the-middle sentinels: editors' FIM bodies get the model's own layout
+    run = build_demo_run(cfg, tmp_path_factory.mktemp("serve_run"), p_exit=0.7, fim=True)
     overrides = ["hardware.num_threads=1", "serve.queue_size=4", f"serve.max_request_bytes={MAX_BYTES}",
                  "serve.default_threshold=0.9", "serve.max_new_tokens_cap=64"]
     with ServerProcess(SMOKE, overrides, run_dir=run, env={"GREENCODE_API_KEY": ""}) as srv:
@@ -216,6 +217,71 @@ def test_openai_client_and_sse(server, http):
     objs = [json.loads(e[6:]) for e in events[:-1]]
     assert objs[-1]["choices"] == [] and objs[-1]["usage"]["completion_tokens"] == res.usage.completion_tokens
     assert "".join(o["choices"][0]["text"] for o in objs if o["choices"]) == res.choices[0].text
+
+
+FIM_PREFIX, FIM_SUFFIX = "def area(r):\n    return ", "\n\n\ndef main():\n    print(area(2))\n"
+
+
+def test_editors_fim_bodies_are_filled_in_the_middle(server, http):
+    """llm-vscode's default (StarCoder markers in ``inputs``, its default requestBody), Continue's
+    Ollama autocomplete (``prompt`` + ``suffix``, raw, streamed NDJSON), Continue's Mistral provider
+    (``/v1/fim/completions``, streamed) and the openai client's ``suffix``: each reaches the model as
+    its own FIM layout, and greedy answers agree across the formats."""
+    import openai
+
+    knob = {"RL_agent_thresh": 0.5}
+    starcoder = f"<fim_prefix>{FIM_PREFIX}<fim_suffix>{FIM_SUFFIX}<fim_middle>"
+    # llm-vscode 0.2 defaults: llm.fillInTheMiddle.enabled with StarCoder's tokens; requestBody
+    # {"parameters": {"max_new_tokens": 60, "temperature": 0.2, "top_p": 0.95}}; llm-ls adds return_full_text
+    vscode = http.post("/models/greencode", json={"inputs": starcoder, "parameters": {
+        "max_new_tokens": 60, "temperature": 0.2, "top_p": 0.95, "return_full_text": False}})
+    assert vscode.status_code == 200, vscode.text
+    v = vscode.json()
+    v = v[0] if isinstance(v, list) else v
+    assert isinstance(v["generated_text"], str) and "<fim_" not in v["generated_text"]
+
+    # Continue's Ollama provider (autocomplete): prompt = prefix, suffix, raw, streamed lines
+    continue_body = {"model": "greencode", "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX, "raw": True, "stream": True,
+                     "keep_alive": 1800, "options": {"temperature": 0, "num_predict": 12, "num_ctx": 512,
+                                                     "stop": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>",
+                                                              "<|endoftext|>", "\n\n", "```"], **knob}}
+    with http.stream("POST", "/api/generate", json=continue_body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.read().decode().split("\n") if line]
+    last = lines[-1]
+    assert last["done"] is True and last["greencode"]["fim"] is True and "suffix_ignored" not in last["greencode"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(server.run_dir / "finetuned"))
+    pre, mid, suf = (tok.convert_tokens_to_ids(t) for t in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>"))
+    prompt_ids = last["context"][:last["prompt_eval_count"]]
+    # the smoke model reads CodeXGLUE text (the layout with plain source text: tests/test_fim.py)
+    assert prompt_ids[:2] == [pre, tok.bos_token_id] and prompt_ids[-1] == mid and prompt_ids.count(suf) == 1
+    s_at = prompt_ids.index(suf)
+    assert tok.decode(prompt_ids[2:s_at]).startswith("def area ( r )")
+    assert tok.decode(prompt_ids[s_at + 1:-1]).strip().startswith("def main ( )")
+    middle = "".join(x["response"] for x in lines)
+
+    # Continue's Mistral provider / Codestral: /v1/fim/completions, streamed chat.completion.chunk events
+    mistral = {"model": "greencode", "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX, "max_tokens": 12, "temperature": 0,
+               "stream": True, "stop": ["\n\n", "```"], **knob}
+    with http.stream("POST", "/v1/fim/completions", json=mistral) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [e[6:] for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == middle
+    plain = http.post("/v1/fim/completions", json={**mistral, "stream": False}).json()
+    assert plain["object"] == "chat.completion" and plain["choices"][0]["message"]["content"] == middle
+
+    # the official openai client's suffix, and the StarCoder prompt sent greedily to TGI's /generate
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="anything", max_retries=0)
+    res = oa.completions.create(model="greencode", prompt=FIM_PREFIX, suffix=FIM_SUFFIX, max_tokens=12,
+                                temperature=0, stop=["\n\n", "```"], extra_body=knob)
+    assert res.choices[0].text == middle and res.model_extra["greencode"]["fim"] is True
+    tgi = http.post("/generate", json={"inputs": starcoder, "parameters": {"max_new_tokens": 12, "do_sample": False,
+                                                                          "stop": ["\n\n", "```"], **knob}})
+    assert tgi.json()["generated_text"] == middle
 
 
 # ----------------------------------------------------------------------------- load and abuse

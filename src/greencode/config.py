@@ -152,10 +152,29 @@ class TokenizerConfig:
     vocab_size: int = 4096
     min_frequency: int = 2
     max_train_chars: int = 5_000_000  # BPE training text cap (train records in a seeded order)
+    # fill-in-the-middle sentinels <fim_prefix>, <fim_middle>, <fim_suffix> (StarCoder's names), appended
+    # after the BPE's own vocabulary as special tokens, so the other ids equal those of the tokenizer without
+    fim_tokens: bool = False
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.vocab_size", self.vocab_size, 300, None)
         _check_range(f"{path}.max_train_chars", self.max_train_chars, 1000, None)
+
+
+@dataclass
+class FimConfig:
+    """Fill-in-the-middle training (Bavarian et al. 2022, "FIM for free"; StarCoder's recipe): a ``rate``
+    share of the packed chunks is cut at two uniformly random token positions into prefix, middle and
+    suffix and rearranged as ``<fim_prefix> P <fim_suffix> S <fim_middle> M <eos>`` (PSM), or, for a
+    ``spm_rate`` share of those, ``<fim_prefix> <fim_suffix> S <fim_middle> P M <eos>`` (SPM).
+    Needs a tokenizer with the sentinels (``tokenizer.fim_tokens``); 0 = off."""
+
+    rate: float = 0.0
+    spm_rate: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.rate", self.rate, 0.0, 1.0)
+        _check_range(f"{path}.spm_rate", self.spm_rate, 0.0, 1.0)
 
 
 @dataclass
@@ -183,6 +202,7 @@ class TrainStageConfig:
     # is bfloat16), "bf16" forces bf16 autocast (2.3x faster on a CPU with AVX512-BF16,
     # results/LOG.md 2026-12-01), "no" trains in the weights' own precision
     mixed_precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp16", "no"))
+    fim: FimConfig = field(default_factory=FimConfig)
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.learning_rate", self.learning_rate, 0.0, 1.0)

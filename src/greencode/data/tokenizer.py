@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from greencode.data import lexers
 from greencode.data.corpus import _swap_in, code_text
+from greencode.data.fim import FIM_TOKENS
 from greencode.paths import RunPaths
 from greencode.utils import read_json, run_metadata, write_json
 
@@ -42,11 +43,14 @@ CONTENT_TOKENS = list(lexers.LITERAL_TOKENS)  # <EOL>, <STR_LIT>, <NUM_LIT>, <CH
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, length: Optional[int] = None,
-              show_progress: bool = False, content_tokens: Sequence[str] = tuple(CONTENT_TOKENS)):
+              show_progress: bool = False, content_tokens: Sequence[str] = tuple(CONTENT_TOKENS),
+              fim_tokens: bool = False):
     """A byte-level BPE over ``texts`` wrapped as a transformers fast tokenizer.
 
     ``content_tokens``: the CodeXGLUE markers kept as single tokens; ``()`` for source text
-    (``data.literal_mode=source``), so such a model cannot produce a placeholder at all."""
+    (``data.literal_mode=source``), so such a model cannot produce a placeholder at all.
+    ``fim_tokens``: the fill-in-the-middle sentinels appended as special tokens after the trained
+    vocabulary (ids ``vocab_size ...``), so every other id equals the tokenizer's without them."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -63,6 +67,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, 
     # the CodeXGLUE markers are content, not control tokens: mark them non-special
     if content_tokens:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in content_tokens])
+    if fim_tokens:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in FIM_TOKENS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=lexers.BOS, eos_token=lexers.EOS,
                                    pad_token=lexers.PAD, unk_token=lexers.UNK, clean_up_tokenization_spaces=False)
 
@@ -100,8 +106,17 @@ def encode_record(tokenizer, record_or_tokens: Union[Mapping[str, Any], Sequence
 
 
 # --------------------------------------------------------------------------- prepare / load
-def _fingerprint(cfg, corpus_content_hash: Optional[str]) -> str:
+def _settings(cfg) -> dict:
+    """The tokenizer section as fingerprinted; ``fim_tokens`` only when on, so the tokenizers built
+    before the option existed keep their fingerprint."""
     t = cfg.section_dict("tokenizer")["tokenizer"]
+    if not t.get("fim_tokens"):
+        t.pop("fim_tokens", None)
+    return t
+
+
+def _fingerprint(cfg, corpus_content_hash: Optional[str]) -> str:
+    t = _settings(cfg)
     if cfg.tokenizer.path:
         key: dict[str, Any] = {"format": TOKENIZER_FORMAT, "path": cfg.tokenizer.path}
     else:
@@ -162,7 +177,7 @@ def prepare_tokenizer(cfg, corpus_manifest: Optional[Mapping[str, Any]] = None, 
 
     t0 = time.perf_counter()
     info: dict[str, Any] = {"format": TOKENIZER_FORMAT, "fingerprint": fp,
-                            "tokenizer": cfg.section_dict("tokenizer")["tokenizer"], "corpus_content_hash": content_hash}
+                            "tokenizer": _settings(cfg), "corpus_content_hash": content_hash}
     if cfg.tokenizer.path:
         tok = ensure_special_tokens(_load_pretrained(cfg.tokenizer.path))
         info["kind"] = "pretrained"
@@ -179,7 +194,8 @@ def prepare_tokenizer(cfg, corpus_manifest: Optional[Mapping[str, Any]] = None, 
         texts = training_texts(train, cfg.tokenizer.max_train_chars, cfg.seed, text_sep(cfg))
         source = cfg.data.source == "local" and cfg.data.literal_mode == lexers.SOURCE_MODE
         tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, length=len(texts),
-                        show_progress=sys.stderr.isatty(), content_tokens=() if source else CONTENT_TOKENS)
+                        show_progress=sys.stderr.isatty(), content_tokens=() if source else CONTENT_TOKENS,
+                        fim_tokens=cfg.tokenizer.fim_tokens)
         info.update(kind="bpe", train_records=len(texts), train_chars=sum(len(t) for t in texts))
     info["vocab_size"] = len(tok)
     info["special_token_ids"] = {n: tok.convert_tokens_to_ids(t) for n, t in
@@ -215,10 +231,9 @@ def load_tokenizer(cfg):
                     manifest.get("source"), cfg.tokenizer.path)
         saved = False
     if saved:
-        if manifest is not None and manifest.get("tokenizer") != cfg.section_dict("tokenizer")["tokenizer"]:
+        if manifest is not None and manifest.get("tokenizer") != _settings(cfg):
             log.warning("the tokenizer at %s was built with %s, the config now says %s; rebuild it with "
-                        "scripts/prepare_data.py", tok_dir, manifest.get("tokenizer"),
-                        cfg.section_dict("tokenizer")["tokenizer"])
+                        "scripts/prepare_data.py", tok_dir, manifest.get("tokenizer"), _settings(cfg))
         return ensure_special_tokens(AutoTokenizer.from_pretrained(str(tok_dir)))
     if cfg.tokenizer.path:
         return ensure_special_tokens(_load_pretrained(cfg.tokenizer.path))

@@ -37,18 +37,18 @@ from greencode.serve.protocols import hf, ollama, openai
 from greencode.serve.protocols.common import (ERROR_SCHEMAS, GENERATION_STATUSES, INFO_STATUSES, ServeContext,
                                               json_body, responses)
 from greencode.serve.scheduler import Scheduler
-from greencode.serve.schemas import HFRequest, OllamaRequest, OpenAIRequest, ShowRequest
+from greencode.serve.schemas import FimRequest, HFRequest, OllamaRequest, OpenAIRequest, ShowRequest
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "GREENCODE_API_KEY"
 ROUTES = ("POST /api/generate", "POST /", "POST /generate", "POST /generate_stream", "POST /models/{model}",
-          "POST /v1/completions", "GET /v1/models",
+          "POST /v1/completions", "POST /v1/fim/completions", "GET /v1/models",
           "GET /api/tags", "POST /api/show", "GET /api/version", "GET /health", "GET /metrics")
 _KNOWN_PATHS = {"/", "/api/generate", "/api/generate/", "/generate", "/generate_stream", "/v1/completions",
-                "/v1/models", "/api/tags",
+                "/v1/fim/completions", "/v1/models", "/api/tags",
                 "/api/show", "/api/version", "/health", "/metrics"}
-BODY_MODELS = (HFRequest, OllamaRequest, OpenAIRequest, ShowRequest)
+BODY_MODELS = (HFRequest, OllamaRequest, OpenAIRequest, FimRequest, ShowRequest)
 ALWAYS_ANSWERED = ("/health", "/metrics")  # never refused by the connection bound (probes, scrapes)
 
 

@@ -47,8 +47,10 @@ def _training_texts(language: str) -> list[str]:
     return texts
 
 
-def build_demo_run(cfg, directory: Union[str, Path], *, p_exit: float = 0.7) -> Path:
-    """Write a tiny random run (model, tokenizer, constant exit policy) into ``directory``."""
+def build_demo_run(cfg, directory: Union[str, Path], *, p_exit: float = 0.7, fim: bool = False) -> Path:
+    """Write a tiny random run (model, tokenizer, constant exit policy) into ``directory``; with
+    ``fim`` (or ``tokenizer.fim_tokens``) the tokenizer has the fill-in-the-middle sentinels, so the
+    endpoint serves FIM prompts in the model's own format."""
     import torch
 
     from greencode.data.tokenizer import train_bpe
@@ -62,7 +64,8 @@ def build_demo_run(cfg, directory: Union[str, Path], *, p_exit: float = 0.7) -> 
     finetuned = root / "finetuned"
     finetuned.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    tok = train_bpe(_training_texts(cfg.data.language), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    tok = train_bpe(_training_texts(cfg.data.language), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
+                    fim_tokens=fim or cfg.tokenizer.fim_tokens)
     model = EarlyExitModel.from_config(cfg.model, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(finetuned)

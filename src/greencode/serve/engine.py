@@ -50,13 +50,17 @@ _EOL_TAIL_RE = re.compile(r"[ \t]*(?:<(?:E(?:O(?:L)?)?)?)?\Z")
 MAX_LOGPROBS = 5  # the most alternatives per token a request may ask for (OpenAI's own limit)
 FULL_MODEL_THRESHOLD = 1.0  # RL_agent_thresh >= 1.0 serves the exact full model (no exit checks at all)
 
-# fill-in-the-middle prompts from editors: (prefix, suffix, middle) markers. Our models are
-# left-to-right only, so such a prompt is reduced to the code before the cursor.
+# fill-in-the-middle prompts from editors: (prefix, suffix, middle) markers, in the order the prompt
+# holds them (prefix-suffix-middle). A model that knows FIM gets its own format (greencode.data.fim);
+# a left-to-right model gets the code before the cursor, and the answer says the suffix was ignored.
 FIM_STYLES = {
     "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
     "codellama": ("<PRE>", "<SUF>", "<MID>"),
     "deepseek": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+    "qwen": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
 }
+SUFFIX_IGNORED_NOTE = ("this model was not trained to fill in the middle: the code after the cursor was ignored and the "
+                       "completion continues the code before it")
 
 
 @dataclass
@@ -155,14 +159,26 @@ class LoadedRun:
     calibration: Optional[dict] = None  # results/<name>/calibration/calibration.json, when it belongs to this policy
 
 
-def strip_fim(prompt: str) -> tuple[str, Optional[str]]:
-    """The code before the cursor of a fill-in-the-middle prompt (and which style it was)."""
+def split_fim(prompt: str) -> tuple[str, Optional[str], Optional[str]]:
+    """(prefix, suffix, style) of a fill-in-the-middle prompt; ``(prompt, None, None)`` for any other.
+
+    A prompt is FIM when it starts (after whitespace) with a style's prefix marker and holds its
+    suffix and middle markers in that order. CodeLlama's spaces (``<PRE> {prefix} <SUF>{suffix} <MID>``)
+    are its format's, not the code's, and are dropped."""
+    s = prompt.lstrip()
     for style, (pre, suf, mid) in FIM_STYLES.items():
-        s = prompt.lstrip()
-        if s.startswith(pre) and suf in s and mid in s:
-            body = s[len(pre):]
-            return body.split(suf, 1)[0].removeprefix(" "), style
-    return prompt, None
+        if not s.startswith(pre):
+            continue
+        body = s[len(pre):]
+        i = body.find(suf)
+        j = body.find(mid, i + len(suf)) if i >= 0 else -1
+        if j < 0:
+            continue
+        prefix, suffix = body[:i], body[i + len(suf):j]
+        if style == "codellama":
+            prefix, suffix = prefix.removeprefix(" ").removesuffix(" "), suffix.removesuffix(" ")
+        return prefix, suffix, style
+    return prompt, None, None
 
 
 # --------------------------------------------------------------------------- loading
@@ -263,6 +279,9 @@ class Engine:
         self.cost = model.cost_model()
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.bos_prefix = self._bos_prefix()
+        from greencode.data.fim import sentinel_ids
+
+        self.fim_ids = sentinel_ids(tokenizer)  # None: a left-to-right model (a suffix is ignored, and said so)
         eos = set()
         for v in (tokenizer.eos_token_id, getattr(getattr(model.hf, "generation_config", None), "eos_token_id", None)):
             if isinstance(v, int):
@@ -296,6 +315,7 @@ class Engine:
             "default_mode": getattr(self.serve_cfg, "default_mode", "lossy"),
             "max_batch_size": getattr(self.serve_cfg, "max_batch_size", 1),
             "prompt_format": self.prompt_format,
+            "fill_in_the_middle": self.fim_ids is not None,
             "language": self.language if self.prompt_format == "codexglue" else None,
             "energy_source": self.meter.source,
             "run_dir": str(self.run_root) if self.run_root else None,
@@ -372,10 +392,18 @@ class Engine:
         ctrl = PolicyExit.of(self.policy, thr, self.decoding_cfg.policy_temperature)
         return ctrl, thr, "policy"
 
-    def encode(self, prompt: str, max_new_tokens: int, num_ctx: Optional[int] = None) -> tuple[list[int], dict]:
+    def encode(self, prompt: str, max_new_tokens: int, num_ctx: Optional[int] = None,
+               suffix: Optional[str] = None) -> tuple[list[int], dict]:
         """Token ids that fit ``context - max_new_tokens`` by dropping the oldest tokens (as
-        llm-ls does: the code nearest the cursor is kept). BOS, when the tokenizer has one, leads and stays."""
-        body, fim = strip_fim(prompt)
+        llm-ls does: the code nearest the cursor is kept). BOS, when the tokenizer has one, leads and stays.
+
+        Fill in the middle: a ``suffix`` (Ollama, OpenAI) or a FIM-formatted prompt (StarCoder, CodeLlama,
+        DeepSeek, Qwen markers) gives the code after the cursor. A model that knows FIM gets its own PSM
+        prompt (:func:`greencode.data.fim.fim_prompt` layout; the suffix keeps up to a quarter of the room,
+        cut at its far end); a left-to-right model gets the prefix, and ``suffix_ignored`` says so."""
+        prefix, fim_suffix, fim = split_fim(prompt)
+        if suffix:  # an explicit suffix wins over markers in the prompt (Ollama's own template would nest them)
+            fim_suffix = suffix
         ctx = min(self.context_window, num_ctx or self.context_window)
         budget = ctx - max_new_tokens - len(self.bos_prefix)
         if budget < 1 and ctx < self.context_window:  # the client's num_ctx is smaller than its tokens: as Ollama,
@@ -383,24 +411,24 @@ class Engine:
         if budget < 1:
             raise RequestError(422, f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context "
                                     f"of {ctx} tokens; ask for fewer new tokens", loc="body.max_new_tokens")
-        # A stranger's 1 MB prompt must stay cheap (lexing + tokenizing it whole takes seconds): first try
-        # only the last lines, starting at a line boundary; when they already give more than budget (+ a
-        # margin for the cut) tokens, the kept newest tokens are the same as from the whole prompt (barring
-        # a cut inside a multi-line string). Otherwise the whole prompt is used.
-        ids = None
-        window = max(8192, 32 * budget)
-        if len(body) > window:
-            nl = body.find("\n", len(body) - window)
-            tail_text, fmt_note = self.to_model_text(body[nl + 1:] if nl >= 0 else body[-window:])
-            tail = self.tokenizer.encode(tail_text, add_special_tokens=False)
-            if len(tail) > budget + 16:
-                ids, total = tail, None
-        if ids is None:
-            body, fmt_note = self.to_model_text(body)
-            ids = self.tokenizer.encode(body, add_special_tokens=False) if body else []
-            total = len(ids)
-        dropped = max(0, len(ids) - budget)
-        ids = self.bos_prefix + ids[dropped:]
+        info: dict[str, Any] = {"fim_style": fim, "prompt_format": self.prompt_format}
+        head: list[int] = []
+        tail: list[int] = []
+        if fim_suffix and self.fim_ids is not None and budget > 8:
+            pre, mid, suf = self.fim_ids
+            budget -= 3
+            s_text, _ = self.to_model_text(fim_suffix[:max(8192, 32 * budget)])
+            s_ids = self.tokenizer.encode(s_text, add_special_tokens=False) if s_text else []
+            s_ids = s_ids[:max(budget // 4, budget - self._count_at_least(prefix, budget))]
+            budget -= len(s_ids)
+            head, tail = [pre], [suf] + s_ids + [mid]
+            info.update(fim=True, suffix_tokens=len(s_ids))
+        elif fim_suffix:
+            info.update(suffix_ignored=True, suffix_note=SUFFIX_IGNORED_NOTE if self.fim_ids is None else
+                        "no room for the code after the cursor in this context: it was ignored")
+        ids, total, fmt_note = self._encode_prefix(prefix, budget)
+        dropped = max(0, len(ids) - budget) if total is not None else 0
+        ids = head + self.bos_prefix + ids[len(ids) - min(len(ids), budget):] + tail
         if not ids:
             fallback = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else (
                 self.eos_ids[0] if self.eos_ids else None)
@@ -408,12 +436,35 @@ class Engine:
                 raise RequestError(422, "the prompt is empty and the tokenizer has no BOS/EOS token to start from; "
                                         "send some text", loc="body.prompt")
             ids = [int(fallback)]
-        info = {"prompt_tokens_dropped": dropped if total is not None else None,
-                "prompt_truncated": dropped > 0 or total is None, "fim_style": fim,
-                "prompt_format": self.prompt_format}
+        info.update({"prompt_tokens_dropped": dropped if total is not None else None,
+                     "prompt_truncated": dropped > 0 or total is None})
         if fmt_note:
             info["prompt_format_note"] = fmt_note
         return ids, info
+
+    def _encode_prefix(self, body: str, budget: int) -> tuple[list[int], Optional[int], Optional[str]]:
+        """(ids, total or None when only the tail was tokenized, format note) of the code before the cursor.
+
+        A stranger's 1 MB prompt must stay cheap (lexing + tokenizing it whole takes seconds): first try
+        only the last lines, starting at a line boundary; when they already give more than budget (+ a
+        margin for the cut) tokens, the kept newest tokens are the same as from the whole prompt (barring
+        a cut inside a multi-line string). Otherwise the whole prompt is used."""
+        window = max(8192, 32 * budget)
+        if len(body) > window:
+            nl = body.find("\n", len(body) - window)
+            tail_text, fmt_note = self.to_model_text(body[nl + 1:] if nl >= 0 else body[-window:])
+            tail = self.tokenizer.encode(tail_text, add_special_tokens=False)
+            if len(tail) > budget + 16:
+                return tail, None, fmt_note
+        text, fmt_note = self.to_model_text(body)
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        return ids, len(ids), fmt_note
+
+    def _count_at_least(self, text: str, n: int) -> int:
+        """The prefix's token count, or ``n`` when it surely has at least ``n`` (a byte-level BPE token
+        holds at most a few dozen characters; only the last ``64 n`` characters are tokenized)."""
+        ids = self.tokenizer.encode(text[-64 * max(n, 1):], add_special_tokens=False) if text else []
+        return min(len(ids), n)
 
     def prepare(self, gen: GenRequest, submitted_at: Optional[float] = None,
                 deadline: Optional[float] = None) -> Job:
@@ -424,7 +475,7 @@ class Engine:
             raise RequestError(422, f"logprobs={gen.logprobs}: this server returns at most {MAX_LOGPROBS} "
                                     "alternatives per token", loc="body.logprobs")
         lossless = (gen.mode or getattr(self.serve_cfg, "default_mode", "lossy")) == "lossless"
-        ids, enc = self.encode(gen.prompt, gen.max_new_tokens, gen.num_ctx)
+        ids, enc = self.encode(gen.prompt, gen.max_new_tokens, gen.num_ctx, gen.suffix)
         controller, thr, mode = self.controller_for(gen.threshold, gen.max_disagreement, gen.fidelity)
         t1 = time.perf_counter()
         return Job(gen=gen, ids=[int(i) for i in ids], enc=enc, controller=controller, threshold=thr, mode=mode,

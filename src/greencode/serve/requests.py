@@ -28,6 +28,7 @@ class GenRequest(Sampling):
 
     prompt: str
     max_new_tokens: int
+    suffix: Optional[str] = None  # the code after the cursor (fill in the middle); FIM markers in the prompt also say it
     stop: list[str] = field(default_factory=list)
     threshold: Optional[float] = None  # None = the server default
     max_disagreement: Optional[float] = None  # a calibrated fidelity target instead of a raw threshold

@@ -31,7 +31,10 @@ validation split. ``fidelity`` names another calibrated criterion for that targe
 against the real code relative to the full model); ``sequence`` is the default. A setting sent at
 both levels takes the inner value (options/parameters), ``exit_threshold`` before ``RL_agent_thresh``;
 a target sent with a threshold wins over it; a fidelity without a target is ignored. What JSON Schema
-can state is in the schema (one prompt, ``n`` and ``best_of`` 1, no suffix on ``/v1/completions``).
+can state is in the schema (one prompt, ``n`` and ``best_of`` 1).
+
+Fill in the middle: ``suffix`` (Ollama, OpenAI, ``/v1/fim/completions``) or a FIM-formatted prompt
+(StarCoder, CodeLlama, DeepSeek, Qwen markers, as llm-vscode sends them) is the code after the cursor.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ class StreamOptions(_Body):
 class OpenAIRequest(_Knobs):
     model: Optional[str] = None
     prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=1)]]  # one prompt per request
-    suffix: Optional[Annotated[str, Field(max_length=0)]] = None  # left-to-right models: no fill-in-the-middle yet
+    suffix: Optional[str] = None  # the code after the cursor (fill in the middle)
     max_tokens: Optional[TokenCount] = None
     n: Optional[_int(ge=1, le=1)] = None  # one completion per request
     best_of: Optional[_int(ge=1, le=1)] = None
@@ -153,6 +156,19 @@ class OpenAIRequest(_Knobs):
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     echo: Optional[bool] = None
+
+
+class FimRequest(_Knobs):
+    """Mistral's ``/v1/fim/completions`` (Codestral; Continue's Mistral provider): ``prompt`` is the code
+    before the cursor, ``suffix`` the code after it."""
+
+    model: Optional[str] = None
+    prompt: str
+    suffix: Optional[str] = None
+    max_tokens: Optional[TokenCount] = None
+    min_tokens: Optional[_int(ge=0, le=0)] = None  # a minimum length is not served
+    stream: Optional[bool] = None
+    random_seed: Optional[_int(ge=0)] = None
 
 
 class ShowRequest(_Body):

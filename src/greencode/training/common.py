@@ -81,6 +81,15 @@ def model_dir_fingerprint(source: str) -> str:
     return f"dir:{file_digest(p / 'config.json')}:{make_key({'files': files})}"
 
 
+def stage_settings(cfg, stage: str) -> dict:
+    """A training stage's section as its key sees it: ``fim`` only when on, so the runs made before
+    fill-in-the-middle existed keep their keys."""
+    d = cfg.section_dict(stage)[stage]
+    if not (d.get("fim") or {}).get("rate"):
+        d.pop("fim", None)
+    return d
+
+
 def data_fingerprint(cfg) -> dict:
     """The corpus content hash and the tokenizer fingerprint written by greencode.data."""
     from greencode.paths import RunPaths

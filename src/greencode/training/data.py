@@ -41,13 +41,21 @@ def _select_files(ds, max_tokens: Optional[int], seq_len: int, seed: int, shuffl
 
 
 def pack_split(ds, tokenizer, seq_len: int, *, max_tokens: Optional[int] = None, seed: int = 0,
-               shuffle: bool = True, num_proc: Optional[int] = None, desc: str = "packing", sep: str = " "):
+               shuffle: bool = True, num_proc: Optional[int] = None, desc: str = "packing", sep: str = " ",
+               fim=None):
     """Tokenize a corpus split (records with ``code``) and pack it into ``seq_len`` chunks.
 
     Returns a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (lists of ``seq_len``
-    ids), at most ``max_tokens // seq_len`` chunks when ``max_tokens`` is set.
+    ids), at most ``max_tokens // seq_len`` chunks when ``max_tokens`` is set. With ``fim``
+    (a :class:`~greencode.config.FimConfig` with ``rate > 0``) a seeded ``rate`` share of the
+    chunks becomes fill-in-the-middle examples (:func:`greencode.data.fim.fim_transform`); which
+    ones depends only on ``seed`` and the chunk's place in the packed stream.
     """
     from greencode.data import encode_record
+    from greencode.data.fim import fim_transform, require_sentinels
+
+    rate = float(fim.rate) if fim is not None else 0.0
+    sentinels = require_sentinels(tokenizer, f"fim.rate={rate}") if rate > 0 else None
 
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} is too short for next-token training; use >= 2")
@@ -56,14 +64,18 @@ def pack_split(ds, tokenizer, seq_len: int, *, max_tokens: Optional[int] = None,
                          "or the split fraction")
     files = _select_files(ds, max_tokens, seq_len, seed, shuffle)
 
-    def tokenize_and_chunk(batch):
+    def tokenize_and_chunk(batch, indices):
         ids = list(chain.from_iterable(encode_record(tokenizer, c, sep) for c in batch["code"]))
         n = len(ids) // seq_len * seq_len
         chunks = [ids[i:i + seq_len] for i in range(0, n, seq_len)]
+        if rate > 0:
+            rng = random.Random(f"fim-{seed}-{indices[0]}")
+            chunks = [fim_transform(c, rng, sentinels=sentinels, eos=tokenizer.eos_token_id, spm_rate=fim.spm_rate)
+                      if rng.random() < rate else c for c in chunks]
         return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
 
     packed = files.map(tokenize_and_chunk, batched=True, batch_size=MAP_BATCH, remove_columns=files.column_names,
-                       num_proc=num_proc, desc=desc)
+                       num_proc=num_proc, desc=desc, with_indices=True)
     if len(packed) == 0:
         raise ValueError(f"the split holds fewer than seq_len={seq_len} tokens; lower seq_len or enlarge the corpus")
     if max_tokens is not None:
@@ -88,8 +100,9 @@ def build_datasets(cfg, stage, tokenizer):
     for split in ("train", "validation"):
         if split not in dsd:
             raise ValueError(f"the corpus has no {split!r} split; rebuild it with scripts/prepare_data.py")
+    # FIM in training only: the validation loss (and the per-exit report on it) stays left-to-right
     train = pack_split(dsd["train"], tokenizer, stage.seq_len, max_tokens=stage.max_train_tokens, seed=cfg.seed,
-                       desc="packing train", sep=sep)
+                       desc="packing train", sep=sep, fim=stage.fim)
     val = pack_split(dsd["validation"], tokenizer, stage.seq_len, max_tokens=stage.eval_max_tokens, seed=cfg.seed,
                      desc="packing validation", sep=sep)
     log.info("data: %d train chunks (%d tokens), %d validation chunks (%d tokens) of %d tokens", len(train),

@@ -99,7 +99,7 @@ def finetune_key(cfg, base: str) -> tuple[str, dict]:
     model = cfg.section_dict("model")["model"]
     payload = {"stage": "finetune", "base": base, "base_fingerprint": common.model_dir_fingerprint(base),
                "exits": {"exit_layers": model["exit_layers"], "exit_schedule": model["exit_schedule"]},
-               "finetune": cfg.section_dict("finetune")["finetune"], "seed": cfg.seed, "dtype": cfg.hardware.dtype,
+               "finetune": common.stage_settings(cfg, "finetune"), "seed": cfg.seed, "dtype": cfg.hardware.dtype,
                "data": common.data_fingerprint(cfg)}
     return common.make_key(payload), payload
 

@@ -90,7 +90,7 @@ def _last_log(trainer, key: str):
 def pretrain_key(cfg) -> tuple[str, dict]:
     model = cfg.section_dict("model")["model"]
     payload = {"stage": "pretrain", "model": {k: model[k] for k in _SHAPE_KEYS},
-               "pretrain": cfg.section_dict("pretrain")["pretrain"], "seed": cfg.seed, "dtype": cfg.hardware.dtype,
+               "pretrain": common.stage_settings(cfg, "pretrain"), "seed": cfg.seed, "dtype": cfg.hardware.dtype,
                "data": common.data_fingerprint(cfg)}
     return common.make_key(payload), payload
 

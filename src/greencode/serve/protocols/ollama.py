@@ -7,7 +7,9 @@ Ollama): newline-terminated JSON lines, one per token piece as it is produced, t
 ``done: true``, the stats, and any text held back until the end. An error after the stream
 started is a last ``{"error": ...}`` line, which the ollama client raises.
 
-A ``suffix`` is not used (the models are left-to-right); the statistics say ``suffix_ignored``.
+A ``suffix`` is the code after the cursor (fill in the middle, as Continue sends it): a model trained
+with FIM fills the middle; a left-to-right one continues the prefix and ``greencode.suffix_ignored``
+says so.
 """
 
 from __future__ import annotations
@@ -30,10 +32,8 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 NDJSON = "application/x-ndjson"
 
 
-def final(c: Completion, model: str, response: str, suffix_ignored: bool = False) -> dict:
+def final(c: Completion, model: str, response: str) -> dict:
     s = c.stats
-    if suffix_ignored:
-        s["suffix_ignored"] = True
     ns = lambda x: int(round((x or 0.0) * 1e9))  # noqa: E731
     return {"model": model, "created_at": now_iso(), "response": response, "done": True,
             "done_reason": "length" if c.finish_reason == "length" else "stop",
@@ -42,7 +42,7 @@ def final(c: Completion, model: str, response: str, suffix_ignored: bool = False
             "eval_count": c.completion_tokens, "eval_duration": ns(s.get("decode_s")), "greencode": s}
 
 
-async def lines(events: AsyncIterator[Event], model: str, suffix_ignored: bool) -> AsyncIterator[str]:
+async def lines(events: AsyncIterator[Event], model: str) -> AsyncIterator[str]:
     try:
         async for ev in events:
             if isinstance(ev, TokenEvent):
@@ -50,7 +50,7 @@ async def lines(events: AsyncIterator[Event], model: str, suffix_ignored: bool) 
                     yield json.dumps({"model": model, "created_at": now_iso(), "response": ev.text,
                                       "done": False}) + "\n"
                 continue
-            yield json.dumps(final(ev.completion, model, ev.tail, suffix_ignored)) + "\n"
+            yield json.dumps(final(ev.completion, model, ev.tail)) + "\n"
     except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band, as Ollama sends it
         _, message, _ = error_message(e)
         yield json.dumps({"error": message}) + "\n"
@@ -69,16 +69,16 @@ async def generate(ctx: ServeContext, request: Request, data: dict) -> Response:
         if stream:
             return StreamingResponse(iter([json.dumps(done) + "\n"]), media_type=NDJSON)
         return JSONResponse(done)
-    gen = GenRequest(prompt=prompt, max_new_tokens=max_new,
+    gen = GenRequest(prompt=prompt, suffix=suffix or None, max_new_tokens=max_new,
                      **ctx.sampling(o.temperature, o.top_p, o.top_k, OLLAMA_DEFAULTS), seed=o.seed,
                      stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o, body),
                      mode=mode_of(o, body),
                      max_disagreement=target_of(o, body), fidelity=fidelity_of(o, body), num_ctx=o.num_ctx)
     if not stream:
         c = await ctx.complete(request, gen, "ollama")
-        return JSONResponse(final(c, model, c.text, bool(suffix)))
+        return JSONResponse(final(c, model, c.text))
     events = await ctx.stream(request, gen, "ollama")
-    return StreamingResponse(lines(events, model, bool(suffix)), media_type=NDJSON)
+    return StreamingResponse(lines(events, model), media_type=NDJSON)
 
 
 def _details(ctx: ServeContext) -> dict:

@@ -12,9 +12,14 @@ probability under the layer that produced it, the ``n`` most likely alternatives
 text starts in ``choices[0].text``. In a stream the token chunks carry ``logprobs: null`` for now
 and the last chunk carries the whole object.
 
-The schema states what is not served: ``n`` or ``best_of`` above 1, more than one prompt, a non-empty
-``suffix`` (the models are left-to-right: send the code before the cursor as the prompt); a 422
+The schema states what is not served: ``n`` or ``best_of`` above 1, more than one prompt; a 422
 says so. ``echo`` with ``logprobs`` is a 422 too (the prompt's log probabilities are not computed).
+``suffix`` is the code after the cursor (fill in the middle).
+
+``POST /v1/fim/completions`` is Mistral's fill-in-the-middle route (Codestral; Continue's Mistral
+provider): ``{model, prompt, suffix, max_tokens, temperature, top_p, stop, stream, random_seed}``
+answered as a ``chat.completion`` (``choices[0].message.content``), streamed as
+``chat.completion.chunk`` events (``choices[0].delta.content``) ending with ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from greencode.serve.errors import RequestError
 from greencode.serve.requests import Event, TokenEvent
 from greencode.serve.protocols.common import (GENERATION_STATUSES, INFO_STATUSES, SSE_HEADERS, ServeContext,
                                               error_message, json_body, responses)
-from greencode.serve.schemas import (OpenAIRequest, check_text, fidelity_of, mode_of, stop_list, target_of, threshold_of,
+from greencode.serve.schemas import (FimRequest, OpenAIRequest, check_text, fidelity_of, mode_of, stop_list, target_of, threshold_of,
                                      validate)
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -44,7 +49,7 @@ def parse(ctx: ServeContext, data: dict) -> tuple[OpenAIRequest, GenRequest, str
     if body.echo and body.logprobs is not None:
         raise RequestError(422, "body.echo with body.logprobs: the prompt's log probabilities are not computed; "
                                 "send one of them", loc="body.logprobs")
-    gen = GenRequest(prompt=check_text(prompt, "body.prompt"),
+    gen = GenRequest(prompt=check_text(prompt, "body.prompt"), suffix=check_text(body.suffix, "body.suffix") or None,
                      max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"),
                      **ctx.sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS), seed=body.seed,
                      stop=stop_list(body.stop), threshold=threshold_of(body), max_disagreement=target_of(body), fidelity=fidelity_of(body),
@@ -124,9 +129,60 @@ async def completions(ctx: ServeContext, request: Request) -> Response:
     return JSONResponse(out)
 
 
+def parse_fim(ctx: ServeContext, data: dict) -> tuple[GenRequest, bool]:
+    """A validated ``/v1/fim/completions`` body -> (the internal request, streamed)."""
+    body = validate(FimRequest, data)
+    return GenRequest(prompt=check_text(body.prompt, "body.prompt"), suffix=check_text(body.suffix, "body.suffix") or None,
+                      max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"),
+                      **ctx.sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS),
+                      seed=body.random_seed if body.random_seed is not None else body.seed, stop=stop_list(body.stop),
+                      threshold=threshold_of(body), max_disagreement=target_of(body), fidelity=fidelity_of(body),
+                      mode=mode_of(body)), bool(body.stream)
+
+
+async def fim_sse(ctx: ServeContext, events: AsyncIterator[Event], gen: GenRequest) -> AsyncIterator[str]:
+    cid, created = f"fim-{gen.request_id}", int(time.time())
+
+    def chunk(delta: dict, finish_reason: Optional[str], **extra) -> str:
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.name,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+        return f"data: {json.dumps(obj)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""}, None)
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                if ev.text:
+                    yield chunk({"content": ev.text}, None)
+                continue
+            c = ev.completion
+            yield chunk({"content": ev.tail}, _finish(c), usage=_usage(c), greencode=c.stats)
+    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band
+        status, message, kind = error_message(e)
+        yield "data: " + json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                               "code": status}}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def fim_completions(ctx: ServeContext, request: Request) -> Response:
+    gen, stream = parse_fim(ctx, await ctx.read_json(request))
+    if stream:
+        events = await ctx.stream(request, gen, "fim")
+        return StreamingResponse(fim_sse(ctx, events, gen), media_type="text/event-stream", headers=SSE_HEADERS)
+    c = await ctx.complete(request, gen, "fim")
+    return JSONResponse({"id": f"fim-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
+                         "model": ctx.name,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
+                                      "finish_reason": _finish(c)}],
+                         "usage": _usage(c), "greencode": c.stats})
+
+
 def register(router: APIRouter, ctx: ServeContext) -> None:
     async def openai_completions(request: Request) -> Response:
         return await completions(ctx, request)
+
+    async def fim_route(request: Request) -> Response:
+        return await fim_completions(ctx, request)
 
     async def openai_models() -> dict:
         return {"object": "list", "data": [{"id": ctx.name, "object": "model", "created": int(ctx.started),
@@ -136,5 +192,8 @@ def register(router: APIRouter, ctx: ServeContext) -> None:
                          openapi_extra=json_body(OpenAIRequest),
                          responses=responses(*GENERATION_STATUSES, openai=True, stream="text/event-stream"),
                          summary="OpenAI completions (streams with \"stream\": true)")
+    router.add_api_route("/v1/fim/completions", fim_route, methods=["POST"], openapi_extra=json_body(FimRequest),
+                         responses=responses(*GENERATION_STATUSES, openai=True, stream="text/event-stream"),
+                         summary="Mistral fill-in-the-middle completions (Codestral's route; streams with \"stream\": true)")
     router.add_api_route("/v1/models", openai_models, methods=["GET"],
                          responses=responses(*INFO_STATUSES, openai=True), summary="OpenAI: list models")

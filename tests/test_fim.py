@@ -1,0 +1,211 @@
+"""Fill in the middle: the training transformation (StarCoder's PSM/SPM), packing with it, the
+tokenizer's sentinels, the serving engine's prompt layout (every editor format), and what the
+in-process app answers (the model's own greedy continuation of that layout)."""
+
+import random
+
+import pytest
+from fastapi.testclient import TestClient
+
+from greencode.config import ConfigError, FimConfig, load_config
+from greencode.data.fim import FIM_TOKENS, OVERHEAD, fim_prompt, fim_transform, sentinel_ids
+from greencode.data.tokenizer import train_bpe
+from greencode.utils import REPO_ROOT
+
+SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
+TEXTS = ["def add(a, b):\n    return a + b\n\n\nclass Box:\n    def __init__(self, x):\n        self.x = x\n"] * 40
+PRE, MID, SUF = 9001, 9002, 9003
+EOS = 2
+
+
+def _split(out, psm_only=False):
+    """(prefix, middle, suffix, order) read back from a transformed chunk (a PSM chunk with an empty
+    prefix reads as SPM with an empty prefix: the same tokens)."""
+    assert out[0] == PRE and out[-1] == EOS
+    if out[1] == SUF and not psm_only:  # SPM: <pre> <suf> S <mid> P M <eos>
+        m = out.index(MID)
+        return None, out[m + 1:-1], out[2:m], "spm"
+    s, m = out.index(SUF), out.index(MID)
+    return out[1:s], out[m + 1:-1], out[s + 1:m], "psm"
+
+
+def test_fim_transform_keeps_the_length_and_every_token_in_place():
+    rng = random.Random(0)
+    orders = set()
+    for trial in range(400):
+        ids = [10 + i for i in range(rng.randint(OVERHEAD + 2, 60))]  # distinct, none a sentinel
+        out = fim_transform(ids, rng, sentinels=(PRE, MID, SUF), eos=EOS, spm_rate=0.5)
+        assert len(out) == len(ids)
+        body = ids[:len(ids) - OVERHEAD]
+        p, m, s, order = _split(out)
+        orders.add(order)
+        if order == "psm":
+            assert p + m + s == body
+        else:  # SPM puts prefix and middle together after the suffix
+            assert out[out.index(MID) + 1:-1] + s == body
+    assert orders == {"psm", "spm"}
+    with pytest.raises(ValueError, match="more than"):
+        fim_transform([1, 2, 3, 4, 5], rng, sentinels=(PRE, MID, SUF), eos=EOS)
+
+
+def test_fim_transform_cut_points_are_uniform():
+    """Two uniform cuts: the middle's expected share is 1/3, the prefix's 1/3."""
+    rng = random.Random(1)
+    ids = list(range(10, 110))
+    mids, pres = [], []
+    for _ in range(3000):
+        p, m, s, _ = _split(fim_transform(ids, rng, sentinels=(PRE, MID, SUF), eos=EOS), psm_only=True)
+        mids.append(len(m))
+        pres.append(len(p))
+    n = len(ids) - OVERHEAD
+    assert abs(sum(mids) / len(mids) / n - 1 / 3) < 0.02 and abs(sum(pres) / len(pres) / n - 1 / 3) < 0.02
+
+
+def test_tokenizer_sentinels_are_appended_and_leave_every_other_id_alone():
+    with_fim, without = train_bpe(TEXTS, 320, fim_tokens=True), train_bpe(TEXTS, 320)
+    assert sentinel_ids(without) is None
+    ids = sentinel_ids(with_fim)
+    assert ids is not None and sorted(ids) == list(range(len(without), len(without) + 3))
+    text = "def add(a, b):\n    return a + b\n"
+    assert with_fim(text)["input_ids"] == without(text)["input_ids"]
+    marked = with_fim("<fim_prefix>x<fim_suffix>y<fim_middle>")["input_ids"]
+    assert [t for t in marked if t in ids] == list(ids[i] for i in (0, 2, 1))  # one token each, prefix-suffix-middle
+    assert with_fim.decode(marked, skip_special_tokens=True) == "xy"
+    assert all(with_fim.convert_ids_to_tokens(i) in FIM_TOKENS for i in ids)
+
+
+def test_packing_with_fim_turns_a_seeded_share_of_chunks():
+    from datasets import Dataset
+
+    from greencode.training.data import pack_split
+
+    tok = train_bpe(TEXTS, 320, fim_tokens=True)
+    pre, mid, suf = sentinel_ids(tok)
+    ds = Dataset.from_dict({"code": [t * (1 + i % 3) for i, t in enumerate(TEXTS * 5)]})
+    plain = pack_split(ds, tok, 32, seed=3, sep="")
+    fim = pack_split(ds, tok, 32, seed=3, sep="", fim=FimConfig(rate=0.5, spm_rate=0.0))
+    again = pack_split(ds, tok, 32, seed=3, sep="", fim=FimConfig(rate=0.5, spm_rate=0.0))
+    assert len(plain) == len(fim) > 100
+    n_fim = 0
+    for a, b, c in zip(*(list(d.with_format(None)["input_ids"]) for d in (plain, fim, again))):
+        assert len(b) == 32 and b == c
+        if b[0] == pre:
+            n_fim += 1
+            s, m = b.index(suf), b.index(mid)
+            assert b[1:s] + b[m + 1:-1] + b[s + 1:m] == a[:32 - OVERHEAD] and b[-1] == tok.eos_token_id
+        else:
+            assert b == a
+    assert 0.35 < n_fim / len(fim) < 0.65
+    with pytest.raises(ValueError, match="tokenizer.fim_tokens=true"):
+        pack_split(ds, train_bpe(TEXTS, 320), 32, fim=FimConfig(rate=0.5))
+
+
+def test_fim_config_is_checked():
+    cfg = load_config(SMOKE, ["pretrain.fim.rate=0.5", "tokenizer.fim_tokens=true"])
+    assert cfg.pretrain.fim.rate == 0.5 and cfg.finetune.fim.rate == 0.0
+    with pytest.raises(ConfigError, match="pretrain.fim.rate"):
+        load_config(SMOKE, ["pretrain.fim.rate=1.5"])
+    with pytest.raises(ConfigError, match="unknown config key 'pretrain.fim.rat'"):
+        load_config(SMOKE, ["pretrain.fim.rat=0.5"])
+
+
+# ----------------------------------------------------------------------------- serving
+@pytest.fixture(scope="module")
+def fim_run(tmp_path_factory):
+    from greencode.serve import load_run
+    from greencode.serve.demo import build_demo_run
+
+    cfg = load_config(SMOKE, ["hardware.num_threads=1"])
+    root = build_demo_run(cfg, tmp_path_factory.mktemp("fim_run"), p_exit=0.7, fim=True)
+    return cfg, load_run(cfg, root)
+
+
+def _engine(fim_run):
+    from greencode.serve.engine import Engine
+
+    cfg, r = fim_run
+    # source-text prompts (the embedded default's format): the layout is plain tokenizer ids
+    return Engine(r.model, r.tokenizer, r.policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding,
+                  literal_mode="source")
+
+
+PREFIX, SUFFIX = "def add(a, b):\n    return ", "\n\n\nclass Box:\n    pass\n"
+
+
+def test_every_editor_fim_format_becomes_the_models_own_layout(fim_run):
+    eng = _engine(fim_run)
+    tok = eng.tokenizer
+    pre, mid, suf = eng.fim_ids
+    want = [pre, tok.bos_token_id] + tok(PREFIX)["input_ids"] + [suf] + tok(SUFFIX)["input_ids"] + [mid]
+    assert fim_prompt(tok, PREFIX, SUFFIX) == want  # the training-side helper agrees
+    for prompt, suffix in ((f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>", None),  # StarCoder / llm-vscode
+                           (f"<PRE> {PREFIX} <SUF>{SUFFIX} <MID>", None),  # CodeLlama
+                           (f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>", None),  # Qwen
+                           (PREFIX, SUFFIX)):  # Ollama / OpenAI / Mistral suffix field
+        ids, info = eng.encode(prompt, 8, suffix=suffix)
+        assert ids == want, prompt
+        assert info["fim"] is True and "suffix_ignored" not in info
+    assert eng.encode(PREFIX, 8)[0] == [tok.bos_token_id] + tok(PREFIX)["input_ids"]  # no suffix: left to right
+
+
+def test_fim_prompt_truncation_keeps_the_code_nearest_the_cursor(fim_run):
+    eng = _engine(fim_run)
+    pre, mid, suf = eng.fim_ids
+    prefix = "".join(f"x{i} = {i}\n" for i in range(300))
+    suffix = "".join(f"y{i} = {i}\n" for i in range(300))
+    ids, info = eng.encode(prefix, 16, num_ctx=128, suffix=suffix)
+    assert len(ids) == 128 - 16 and info["prompt_truncated"] is True
+    s, m = ids.index(suf), ids.index(mid)
+    assert ids[:2] == [pre, eng.tokenizer.bos_token_id] and m == len(ids) - 1
+    room = 128 - 16 - 4
+    assert info["suffix_tokens"] == m - s - 1 == room // 4
+    assert eng.tokenizer.decode(ids[s + 1:m]).startswith("y0 = 0\ny1 = 1\n")  # the suffix keeps its head
+    assert eng.tokenizer.decode(ids[2:s]).endswith("x298 = 298\nx299 = 299\n")  # the prefix keeps its tail
+    short, info2 = eng.encode("z = ", 16, num_ctx=128, suffix=suffix)  # a short prefix leaves the suffix more room
+    assert len(short) == 128 - 16 and info2["suffix_tokens"] > room // 4
+
+
+def test_fim_routes_answer_with_the_models_continuation_of_the_layout(fim_run):
+    import torch
+
+    from greencode.decoding import NeverExit, generate
+    from greencode.serve import create_app
+
+    cfg, r = fim_run
+    eng = _engine(fim_run)
+    ids, _ = eng.encode(PREFIX, 6, suffix=SUFFIX)
+    with torch.no_grad():
+        res = generate(r.model, ids, NeverExit(), 6, eos_token_id=eng.eos_ids)
+    want = r.tokenizer.decode(res.tokens, skip_special_tokens=True)
+    knobs = {"RL_agent_thresh": 1.0}
+    with TestClient(create_app(cfg, engine=eng)) as c:
+        assert c.get("/health").json()["fill_in_the_middle"] is True
+        bodies = {
+            "/v1/fim/completions": {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 6, "temperature": 0, **knobs},
+            "/v1/completions": {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 6, "temperature": 0, **knobs},
+            "/api/generate": {"model": "x", "prompt": PREFIX, "suffix": SUFFIX, "raw": True, "stream": False,
+                              "options": {"num_predict": 6, "temperature": 0, **knobs}},
+            "/generate": {"inputs": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",
+                          "parameters": {"max_new_tokens": 6, "do_sample": False, "return_full_text": False, **knobs}},
+        }
+        for path, body in bodies.items():
+            out = c.post(path, json=body)
+            assert out.status_code == 200, out.text
+            j = out.json()
+            text = {"/v1/fim/completions": lambda: j["choices"][0]["message"]["content"],
+                    "/v1/completions": lambda: j["choices"][0]["text"], "/api/generate": lambda: j["response"],
+                    "/generate": lambda: j["generated_text"]}[path]()
+            assert text == want, path
+        ol = c.post("/api/generate", json=bodies["/api/generate"]).json()
+        assert ol["context"][:len(ids)] == ids and ol["greencode"]["fim"] is True
+        with c.stream("POST", "/v1/fim/completions", json={**bodies["/v1/fim/completions"], "stream": True}) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            events = [ln[6:] for ln in resp.iter_lines() if ln.startswith("data: ")]
+        import json
+
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["object"] == "chat.completion.chunk" and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == want
+        bad = c.post("/v1/fim/completions", json={"suffix": SUFFIX})
+        assert bad.status_code == 422 and "prompt" in bad.text
