@@ -6,6 +6,10 @@ accuracy with its 95% CI, and each base's training cost -> results/<name>/ablati
     python scripts/ablate_base.py --config configs/default.yaml \
         --base plain=runs/base_plain/base_model --base early_exit=assets/default-base
 
+Fill in the middle's left-to-right cost (the same recipe with and without FIM):
+    python scripts/ablate_base.py --config configs/default.yaml --out-name fim_cost \
+        --base fim=runs/base/base_model --base no_fim=runs/base_nofim/base_model
+
 Tiny CPU run:
     python scripts/ablate_base.py --config configs/smoke.yaml --base a=<dir> --base b=<dir>
 """
@@ -22,6 +26,8 @@ def main() -> None:
     parser.add_argument("--base", action="append", required=True, metavar="NAME=DIR",
                         help="a base model directory under a name (give two or more)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--out-name", default="base_recipes",
+                        help="file name (without extension) under results/<name>/ablations, e.g. fim_cost")
     args = parser.parse_args()
     cfg = load_from_args(args)
     bases = {}
@@ -35,7 +41,7 @@ def main() -> None:
         bases[name] = d
     from greencode.training.report import compare_bases, render_bases
 
-    report = compare_bases(cfg, bases, resamples=args.resamples)
+    report = compare_bases(cfg, bases, resamples=args.resamples, out_name=args.out_name)
     print(render_bases(report))
 
 

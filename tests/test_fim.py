@@ -209,3 +209,92 @@ def test_fim_routes_answer_with_the_models_continuation_of_the_layout(fim_run):
         assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == want
         bad = c.post("/v1/fim/completions", json={"suffix": SUFFIX})
         assert bad.status_code == 422 and "prompt" in bad.text
+
+
+# ----------------------------------------------------------------------------- single-line infilling
+FILES = [
+    "import os\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n\nprint(read('x'))\n",
+    "class Box:\n    def __init__(self, x):\n        self.x = x\n\n    def get(self):\n        return self.x\n",
+    "def add(a, b):\n    total = a + b\n    return total\n\n\nresult = add(1, 2)\nprint(result)\n",
+] * 4
+
+
+def test_infill_samples_hold_out_one_whole_line(fim_run):
+    from datasets import Dataset
+
+    from greencode.eval.infill import make_infill_samples
+
+    _, r = fim_run
+    tok = r.tokenizer
+    pre, mid, suf = sentinel_ids(tok)
+    ds = Dataset.from_dict({"code": FILES, "id": [str(i) for i in range(len(FILES))]})
+    samples = make_infill_samples(ds, tok, num_samples=8, seed=0, max_context_tokens=256, max_new_tokens=32)
+    assert len(samples) == 8 and len({s.id for s in samples}) == 8
+    for s in samples:
+        text = FILES[int(s.id.split(":")[0])]
+        assert s.fim_ids[0] == pre and s.fim_ids[-1] == mid and s.l2r_ids[0] == tok.bos_token_id
+        at = s.fim_ids.index(suf)
+        assert s.fim_ids[1:at] == s.l2r_ids  # the control reads exactly the same prefix tokens
+        prefix, suffix = tok.decode(s.l2r_ids[1:]), tok.decode(s.fim_ids[at + 1:-1])
+        assert prefix + s.reference + suffix == text  # short files: nothing cut
+        line = text.split("\n")[s.line_index]
+        assert line == s.indent + s.reference and s.reference.strip() == s.reference.rstrip() and s.reference
+        assert suffix.startswith("\n")
+    again = make_infill_samples(ds, tok, num_samples=8, seed=0, max_context_tokens=256, max_new_tokens=32)
+    assert [s.fim_ids for s in again] == [s.fim_ids for s in samples]
+    later = make_infill_samples(ds, tok, num_samples=4, seed=0, max_context_tokens=256, max_new_tokens=32, offset=8)
+    assert not {s.id for s in later} & {s.id for s in samples}
+
+
+def test_infill_runs_every_method_and_the_oracle_matches_the_full_model(fim_run):
+    import torch
+    from datasets import Dataset
+
+    from greencode.decoding import FixedExit, NeverExit, OracleExit, generate
+    from greencode.eval.infill import NO_SUFFIX, make_infill_samples, prediction_text, run_infill, summarize
+
+    _, r = fim_run
+    tok, model = r.tokenizer, r.model
+    ds = Dataset.from_dict({"code": FILES, "id": [str(i) for i in range(len(FILES))]})
+    samples = make_infill_samples(ds, tok, num_samples=6, seed=1, max_context_tokens=256, max_new_tokens=16)
+    layer = model.exit_layers[0]
+    ctrls = {"full": NeverExit(), NO_SUFFIX: NeverExit(), f"fixed@{layer}": FixedExit(layer), "oracle": OracleExit()}
+    recs = run_infill(model, tok, samples, ctrls, max_new_tokens=16, batch_size=4)
+    for k, s in enumerate(samples):
+        for mid, prompt in (("full", s.fim_ids), (NO_SUFFIX, s.l2r_ids)):
+            with torch.no_grad():
+                alone = generate(model, prompt, NeverExit(), 16, eos_token_id=tok.eos_token_id, stop_strings=["\n"],
+                                 tokenizer=tok)
+            assert recs[mid][k]["prediction"] == prediction_text(tok, alone.tokens) and "\n" not in recs[mid][k]["prediction"]
+        assert recs["oracle"][k]["prediction"] == recs["full"][k]["prediction"]
+        assert set(recs[f"fixed@{layer}"][k]["exit_layers"]) <= {layer}
+    recs["full"][0]["exact_match"] = 1.0  # a known difference: the summary's paired delta must see it
+    summary = summarize(recs, model.num_layers, resamples=200, seed=0)
+    m = summary["methods"]
+    n = len(samples)
+    want = (sum(x["exact_match"] for x in recs[NO_SUFFIX]) - sum(x["exact_match"] for x in recs["full"])) / n
+    assert m[NO_SUFFIX]["exact_match_minus_full"]["mean"] == pytest.approx(want)
+    assert "exact_match_minus_full" not in m["full"] and m["oracle"]["same_line_as_full"]["mean"] == 1.0
+    assert m[f"fixed@{layer}"]["layers_skipped_share"] > 0.4 and m["full"]["layers_skipped_share"] == 0.0
+
+
+def test_infill_script_end_to_end(fim_run, tmp_path):
+    """scripts/eval_infill.py on the tiny FIM run with a source-text corpus of the smoke files."""
+    import json
+    import subprocess
+    import sys
+
+    cfg, r = fim_run
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "eval_infill.py"), "--config", str(SMOKE),
+           f"run_dir={r.root}", f"results_dir={tmp_path}", "data.literal_mode=source", "eval.infill_samples=4",
+           "eval.infill_max_new_tokens=24", "eval.gc_thresholds=[0.5]", "eval.bootstrap_resamples=100",
+           "hardware.num_threads=1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = json.loads((tmp_path / "infill" / "infill.json").read_text())
+    assert set(got["methods"]) == {"full", "full_no_suffix", "fixed@1", "fixed@2", "gc@0.5", "oracle"}
+    assert got["meta"]["num_samples"] == 4 and got["run"]["git_commit"]
+    assert (tmp_path / "infill" / "infill.md").read_text().startswith("# Single-line infilling")
+    bad = subprocess.run(cmd[:4] + [f"run_dir={r.root}", f"results_dir={tmp_path}"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "eval.infill_samples" in bad.stderr

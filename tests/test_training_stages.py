@@ -457,7 +457,13 @@ def test_early_exit_pretraining_and_the_base_ablation(trained, tmp_path):
         assert m["per_layer"][-1]["agreement_with_final"] == 1.0
     assert rep["models"]["early_exit"]["training_cost"]["recipe"] == "early_exit"
     assert rep["models"]["plain"]["training_cost"]["tokens"] > 0
-    assert "plain - early_exit" in rep["final_accuracy_differences"] or "early_exit - plain" in rep["final_accuracy_differences"]
+    (key, d), = rep["final_accuracy_differences"].items()
+    assert key == "early_exit - plain" and len(d["per_layer"]) == cfg.model.num_layers
+    a, b = rep["models"]["early_exit"]["per_layer"], rep["models"]["plain"]["per_layer"]
+    for r in d["per_layer"]:  # each layer's paired difference, with a CI
+        assert r["accuracy_diff"] == pytest.approx(a[r["layer"]]["accuracy"] - b[r["layer"]]["accuracy"], abs=1e-5)
+        assert r["ci"][0] <= r["ci"][1]
+    assert d["per_layer"][-1]["accuracy_diff"] == pytest.approx(d["final_accuracy_diff"], abs=1e-5)
     bad = subprocess.run([PY, str(REPO_ROOT / "scripts" / "ablate_base.py"), "--config", SMOKE,
                           f"run_dir={root / 'run'}", f"results_dir={root / 'results'}", "--base", "x=/nonexistent"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

@@ -450,12 +450,18 @@ class EvalConfig:
     # gc_lossless / layerskip: drafting also stops after a drafted token whose max softmax probability at
     # its exit layer is below this (the draft length chosen as it goes); null = only lossless_k_max
     lossless_draft_threshold: Optional[float] = None
+    # single-line infilling slice (greencode.eval.infill): a held-out line per file of eval.split given its
+    # prefix and suffix, for models trained to fill in the middle; 0 = off
+    infill_samples: int = 0
+    infill_max_new_tokens: int = 48
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
         _check_range(f"{path}.context_fraction", self.context_fraction, 0.0, 1.0, low_open=True)
         _check_range(f"{path}.max_context_tokens", self.max_context_tokens, 1, None)
         _check_range(f"{path}.max_new_tokens", self.max_new_tokens, 1, None)
+        _check_range(f"{path}.infill_samples", self.infill_samples, 0, None)
+        _check_range(f"{path}.infill_max_new_tokens", self.infill_max_new_tokens, 10, None)
         for k in ("gc_thresholds", "confidence_thresholds", "classifier_thresholds"):
             for t in getattr(self, k):
                 _check_range(f"{path}.{k}", t, 0.0, 1.0)

@@ -87,6 +87,12 @@ def _run_evaluate(cfg):
     return evaluate(cfg)
 
 
+def _run_infill(cfg):
+    from greencode.eval.infill import evaluate_infill
+
+    return evaluate_infill(cfg)
+
+
 def _run_figures(cfg):
     from greencode.plots import plot_all
 
@@ -115,6 +121,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", ("eval", "decoding", "seed", "hardware"), ("finetune", "agent", "pretrain", "calibrate"),
           _run_evaluate,
           lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples"),
+    Stage("infill", ("eval.infill_samples", "eval.infill_max_new_tokens", "eval.gc_thresholds", "eval.split",
+                     "eval.sample_seed", "eval.sample_offset", "eval.max_context_tokens", "decoding", "seed"),
+          ("finetune", "agent"), _run_infill, lambda p: [p.results / "infill" / "infill.json"],
+          enabled=lambda cfg: cfg.eval.infill_samples > 0,
+          description="single-line infilling (models trained to fill in the middle)"),
     Stage("figures", (), ("evaluate", "report", "agent"), _run_figures,
           lambda p: [p.figures], description="the paper's figures"),
 )

@@ -194,13 +194,16 @@ def _training_cost(model_dir: Path) -> dict:
             "recipe": s.get("recipe"), "pretrain_config": (rec.get("payload") or {}).get("pretrain")}
 
 
-def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[Path] = None) -> dict:
+def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[Path] = None,
+                  out_name: str = "base_recipes") -> dict:
     """The base ablation: each named base model (``{name: directory}``) on the same validation
     tokens (the exit report's: ``finetune.eval_max_tokens`` in ``finetune.seq_len`` chunks), per
     layer: next-token accuracy, its share of the final layer's, agreement with the final layer,
     each with a 95% bootstrap CI over chunks (paired: the same resampled chunks for every base),
     the difference of the final layers' accuracies with its CI, and each base's training cost.
-    Written to ``results/<name>/ablations/base_recipes.{json,md}``."""
+    Also each layer's accuracy difference between every two bases (paired, with its CI: what a
+    recipe change such as fill-in-the-middle costs an exit). Written to
+    ``results/<name>/ablations/<out_name>.{json,md}``."""
     import numpy as np
 
     from greencode.data import load_corpus, load_tokenizer
@@ -254,8 +257,13 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
                 db = stats[b]["correct"][idx].sum(1)[:, -1] / stats[b]["tokens"][idx].sum(1)
                 point = models[a]["final_accuracy"] - models[b]["final_accuracy"]
                 lo, hi = ci(da - db)
+                ba = stats[a]["correct"][idx].sum(1) / stats[a]["tokens"][idx].sum(1)[:, None]
+                bb = stats[b]["correct"][idx].sum(1) / stats[b]["tokens"][idx].sum(1)[:, None]
+                per_layer = [{"layer": layer, "accuracy_diff": round(models[a]["per_layer"][layer]["accuracy"]
+                                                                      - models[b]["per_layer"][layer]["accuracy"], 6),
+                              "ci": ci(ba[:, layer] - bb[:, layer])} for layer in range(ba.shape[1])]
                 diffs[f"{a} - {b}"] = {"final_accuracy_diff": round(point, 6), "ci": [lo, hi],
-                                       "significant": bool(lo > 0 or hi < 0)}
+                                       "significant": bool(lo > 0 or hi < 0), "per_layer": per_layer}
     report = {"description": "base ablation: per-layer next-token accuracy, its share of the final layer's and "
                              "agreement with the final layer on the same held-out (validation) tokens, decoded "
                              "through each model's own final norm and LM head; 95% bootstrap CIs over 256-token "
@@ -264,10 +272,10 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
               "exit_points": exit_points, "models": models, "final_accuracy_differences": diffs,
               "meta": run_metadata(cfg, stage="base_ablation")}
     out_dir = Path(out_dir) if out_dir is not None else RunPaths.from_config(cfg).results / "ablations"
-    write_json(out_dir / "base_recipes.json", report)
+    write_json(out_dir / f"{out_name}.json", report)
     from greencode.utils import write_text
 
-    write_text(out_dir / "base_recipes.md", render_bases(report))
+    write_text(out_dir / f"{out_name}.md", render_bases(report))
     return report
 
 
@@ -303,4 +311,11 @@ def render_bases(report: dict) -> str:
     for k, d in report["final_accuracy_differences"].items():
         lines.append(f"\nFinal accuracy {k}: {d['final_accuracy_diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
                      f"{' (significant)' if d['significant'] else ''}.")
+        if d.get("per_layer"):
+            lines += ["", f"Per-layer accuracy difference {k} (points, 95% paired CI):", "",
+                      "| layer | difference | 95% CI |", "|---|---|---|"]
+            for r in d["per_layer"]:
+                mark = " (exit)" if r["layer"] in exits else (" (final)" if r["layer"] == len(d["per_layer"]) - 1 else "")
+                lines.append(f"| {r['layer']}{mark} | {100 * r['accuracy_diff']:+.2f} | "
+                             f"[{100 * r['ci'][0]:+.2f}, {100 * r['ci'][1]:+.2f}] |")
     return "\n".join(lines) + "\n"

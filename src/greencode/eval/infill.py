@@ -1,0 +1,273 @@
+"""Single-line infilling: a held-out line of a test file, given the code before it and after it.
+
+A sample is one line of one file of the evaluation split (seeded choice among the lines with at
+least two model tokens and at most ``max_new_tokens - 8``): the **prefix** is the file up to that
+line's first non-blank character (its indentation stays in the prefix, as an editor's cursor
+would), the **middle** (the reference) is the rest of the line without its newline, the
+**suffix** is the newline and everything after. The prompt is the model's own PSM layout
+(:func:`greencode.data.fim.fim_prompt`: the suffix keeps up to a quarter of the room, the prefix
+the rest, each cut away from the cursor). The left-to-right control reads exactly the same
+prefix tokens, without the suffix: the paired difference is what the suffix is worth.
+
+Every method decodes greedily until a newline or an end of sequence, at most ``max_new_tokens``;
+the prediction is the text before the first newline. Scores per sample: exact match (CodeXGLUE:
+``pred.split() == ref.split()``) and edit similarity (``fuzz.ratio``), plus agreement with the full
+model's own prediction; 95% paired bootstrap CIs over the samples (the same resamples for every
+method). Compute: the decode steps' layers skipped and compute ratio (the prefill, the same for
+every method, excluded), as in the main evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NO_SUFFIX = "full_no_suffix"  # the left-to-right control: the full model without the suffix
+
+
+@dataclass
+class InfillSample:
+    id: str
+    path: str
+    fim_ids: list[int]
+    l2r_ids: list[int]  # the same prefix tokens without the suffix
+    reference: str
+    indent: str
+    line_index: int
+    suffix_tokens: int
+
+
+def _candidate_lines(text: str) -> list[tuple[int, int, int]]:
+    """(line index, start offset of its first non-blank character, end offset before its newline)
+    of every non-blank line that has a line after it."""
+    out, pos = [], 0
+    lines = text.split("\n")
+    for i, line in enumerate(lines[:-1]):
+        stripped = line.lstrip()
+        if stripped.strip():
+            out.append((i, pos + len(line) - len(stripped), pos + len(line.rstrip())))
+        pos += len(line) + 1
+    return out
+
+
+def make_infill_samples(split, tokenizer, *, num_samples: int, seed: int, max_context_tokens: int,
+                        max_new_tokens: int, sep: str = "", offset: int = 0) -> list[InfillSample]:
+    """Up to ``num_samples`` single-line infilling samples, one per file, files in a seeded order
+    (``offset`` skips the first samples of that order, so slices share no sample)."""
+    from greencode.data.corpus import code_text
+    from greencode.data.fim import fim_prompt, require_sentinels
+
+    _, _, suf = require_sentinels(tokenizer, "single-line infilling")
+    room = max_context_tokens - max_new_tokens
+    if room < 16:
+        raise ValueError(f"max_context_tokens={max_context_tokens} leaves no room for a prompt after "
+                         f"{max_new_tokens} new tokens")
+    order = list(range(len(split)))
+    random.Random(seed).shuffle(order)
+    samples: list[InfillSample] = []
+    to_skip = offset
+    for idx in order:
+        if len(samples) >= num_samples:
+            break
+        rec = split[idx]
+        text = code_text(rec["code"], sep)
+        rid = str(rec.get("id", idx))
+        rng = random.Random(f"infill:{seed}:{rid}")
+        lines = _candidate_lines(text)
+        rng.shuffle(lines)
+        for line_index, start, end in lines[:8]:  # a few tries per file: a line of a usable length
+            middle = text[start:end]
+            n = len(tokenizer(middle, add_special_tokens=False)["input_ids"])
+            if 2 <= n <= max_new_tokens - 8:
+                break
+        else:
+            continue
+        if to_skip > 0:
+            to_skip -= 1
+            continue
+        prefix, suffix = text[:start], text[end:]
+        ids = fim_prompt(tokenizer, prefix, suffix, max_tokens=room)
+        s = ids.index(suf)
+        samples.append(InfillSample(id=f"{rid}:infill", path=str(rec.get("path", "")), fim_ids=ids,
+                                    l2r_ids=ids[1:s], reference=middle, indent=text[text.rfind("\n", 0, start) + 1:start],
+                                    line_index=line_index, suffix_tokens=len(ids) - s - 2))
+    if len(samples) < num_samples:
+        log.warning("only %d of the %d requested infilling samples (%d files in the split)", len(samples),
+                    num_samples, len(split))
+    return samples
+
+
+def prediction_text(tokenizer, tokens: Sequence[int]) -> str:
+    """The generated line: the decoded text (special tokens dropped) before the first newline."""
+    return tokenizer.decode(list(tokens), skip_special_tokens=True).split("\n", 1)[0]
+
+
+def _scores(pred: str, ref: str) -> tuple[float, float]:
+    from rapidfuzz import fuzz
+
+    return float(pred.split() == ref.split()), float(fuzz.ratio(pred.strip(), ref.strip()))
+
+
+def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: dict[str, Any], *,
+               max_new_tokens: int, batch_size: int = 8) -> dict[str, list[dict]]:
+    """Decode every sample with every controller (``{method id: controller}``; the id
+    :data:`NO_SUFFIX` runs the full model on the left-to-right prompt). Returns per-method records."""
+    import torch
+
+    from greencode.decoding import NeverExit, generate
+    from greencode.decoding.generate import compute_cost
+
+    eos = tokenizer.eos_token_id
+    out: dict[str, list[dict]] = {}
+    for mid, ctrl in controllers.items():
+        prompts = [s.l2r_ids if mid == NO_SUFFIX else s.fim_ids for s in samples]
+        ctrl = NeverExit() if mid == NO_SUFFIX else ctrl
+        recs = []
+        for i in range(0, len(samples), batch_size):
+            rows = prompts[i:i + batch_size]
+            with torch.no_grad():
+                res = generate(model, rows, [ctrl] * len(rows), max_new_tokens, eos_token_id=eos,
+                               stop_strings=["\n"], tokenizer=tokenizer)
+            for s, r in zip(samples[i:i + batch_size], res):
+                pred = prediction_text(tokenizer, r.tokens)
+                em, es = _scores(pred, s.reference)
+                cost = compute_cost(model, [r], ctrl)
+                recs.append({"id": s.id, "prediction": pred, "exact_match": em, "edit_similarity": es,
+                             "tokens": len(r.tokens), "exit_layers": list(r.exit_layers[1:]),
+                             "decode_steps": cost["decode_steps"], "layers_run": r.counters.get("layers_run"),
+                             "macs_done": cost["macs_done"], "macs_full": cost["macs_full"]})
+        out[mid] = recs
+        log.info("infill %s: exact match %.3f, edit similarity %.1f", mid,
+                 float(np.mean([r["exact_match"] for r in recs])), float(np.mean([r["edit_similarity"] for r in recs])))
+    return out
+
+
+def summarize(records: dict[str, list[dict]], num_layers: int, *, resamples: int = 2000, seed: int = 0,
+              reference: str = "full") -> dict[str, Any]:
+    """Means with 95% paired bootstrap CIs; differences against ``reference`` (paired, same resamples)."""
+    from greencode.eval.stats import bootstrap_indices, mean_ci
+
+    n = len(next(iter(records.values())))
+    idx = bootstrap_indices(n, resamples, seed)
+    ref = records.get(reference)
+    rows = {}
+    for mid, recs in records.items():
+        row: dict[str, Any] = {"num_samples": len(recs)}
+        for key in ("exact_match", "edit_similarity"):
+            v = np.array([r[key] for r in recs], dtype=float)
+            row[key] = dict(zip(("mean", "ci_low", "ci_high"), mean_ci(v, idx)))
+            if ref is not None and mid != reference:
+                d = v - np.array([r[key] for r in ref], dtype=float)
+                row[f"{key}_minus_{reference}"] = dict(zip(("mean", "ci_low", "ci_high"), mean_ci(d, idx)))
+        if ref is not None:
+            same = np.array([a["prediction"].split() == b["prediction"].split() for a, b in zip(recs, ref)], dtype=float)
+            row[f"same_line_as_{reference}"] = dict(zip(("mean", "ci_low", "ci_high"), mean_ci(same, idx)))
+        steps = sum(r["decode_steps"] for r in recs)
+        run = sum(r["layers_run"] or 0 for r in recs)
+        row["layers_skipped_share"] = (1 - run / (steps * num_layers)) if steps else None
+        row["compute_ratio"] = (sum(r["macs_done"] for r in recs) / sum(r["macs_full"] for r in recs)) if steps else None
+        exits = [e for r in recs for e in r["exit_layers"]]
+        row["mean_exit_layer"] = float(np.mean(exits)) if exits else None
+        row["mean_tokens"] = float(np.mean([r["tokens"] for r in recs]))
+        rows[mid] = row
+    return {"methods": rows, "reference": reference, "bootstrap_resamples": resamples, "bootstrap_seed": seed}
+
+
+def _cell(d: Optional[dict], scale: float = 1.0, digits: int = 1) -> str:
+    if not d:
+        return "–"
+    return f"{d['mean'] * scale:.{digits}f} [{d['ci_low'] * scale:.{digits}f}, {d['ci_high'] * scale:.{digits}f}]"
+
+
+def render(summary: dict, meta: dict) -> str:
+    ref = summary["reference"]
+    lines = [f"# Single-line infilling ({meta['num_samples']} samples, {meta['split']} split)", "",
+             f"A held-out line of each file, given its prefix and suffix in the model's FIM layout; `{NO_SUFFIX}` "
+             "reads the same prefix tokens without the suffix. Greedy, until a newline; 95% paired bootstrap CIs "
+             f"({summary['bootstrap_resamples']} resamples). Differences are against `{ref}` (with the suffix).", "",
+             "| method | exact match % | Δ exact match (points) | edit similarity | Δ edit similarity | same line as full % "
+             "| layers skipped % | compute ratio | mean exit layer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mid, r in summary["methods"].items():
+        lines.append(" | ".join([
+            f"| `{mid}`", _cell(r["exact_match"], 100), _cell(r.get(f"exact_match_minus_{ref}"), 100),
+            _cell(r["edit_similarity"]), _cell(r.get(f"edit_similarity_minus_{ref}")),
+            _cell(r.get(f"same_line_as_{ref}"), 100),
+            f"{r['layers_skipped_share'] * 100:.1f}" if r["layers_skipped_share"] is not None else "–",
+            f"{r['compute_ratio']:.3f}" if r["compute_ratio"] is not None else "–",
+            f"{r['mean_exit_layer']:.2f}" if r["mean_exit_layer"] is not None else "–"]) + " |")
+    lines += ["", "Layers are 0-based; the oracle runs every layer to find the first exit agreeing with the final "
+              "layer (its skipped share is what an exact exit predictor could skip).", ""]
+    return "\n".join(lines)
+
+
+def samples_meta(samples: Sequence[InfillSample]) -> dict:
+    return {"num_samples": len(samples), "mean_reference_chars": float(np.mean([len(s.reference) for s in samples])),
+            "mean_prompt_tokens": float(np.mean([len(s.fim_ids) for s in samples])),
+            "mean_suffix_tokens": float(np.mean([s.suffix_tokens for s in samples])),
+            "examples": [asdict(s) | {"fim_ids": None, "l2r_ids": None} for s in samples[:3]]}
+
+
+def evaluate_infill(cfg) -> Path:
+    """The infilling slice of ``cfg.eval.split`` (``eval.infill_samples`` samples) for the full model
+    with and without the suffix, every fixed exit, GC at ``eval.gc_thresholds`` and the oracle ->
+    ``results/<name>/infill/{infill.json, infill.md, records.json}``. A model whose tokenizer has no FIM
+    sentinels gets a file that says so (nothing to measure)."""
+    from greencode.data.corpus import load_corpus, text_sep
+    from greencode.data.fim import sentinel_ids
+    from greencode.decoding import FixedExit, NeverExit, OracleExit, PolicyExit
+    from greencode.eval.evaluator import load_inputs
+    from greencode.paths import RunPaths
+    from greencode.training.shipping import check_split_disjoint
+    from greencode.utils import run_metadata, set_seed, setup_torch, write_json, write_text
+
+    e = cfg.eval
+    paths = RunPaths.from_config(cfg)
+    out = paths.results / "infill"
+    set_seed(cfg.seed)
+    device, dtype = setup_torch(cfg.hardware)
+    inputs = load_inputs(cfg, paths, device, dtype, need_base=False, need_policy=True)
+    model, tok = inputs.model, inputs.tokenizer
+    meta = run_metadata(cfg, stage="infill")
+    skipped = None
+    if sentinel_ids(tok) is None:
+        skipped = "the model's tokenizer has no fill-in-the-middle sentinels: it was not trained to fill in the middle"
+    elif cfg.data.literal_mode != "source":
+        skipped = ("the corpus is CodeXGLUE token text (data.literal_mode=normalized), not source lines: the infilling "
+                   "slice holds out a line of a file as written")
+    if skipped is not None:
+        log.warning("infill: skipped: %s", skipped)
+        write_json(out / "infill.json", {"skipped": skipped, "run": meta})
+        return out
+    check_split_disjoint(cfg, e.split)
+    split = load_corpus(cfg)[e.split]
+    samples = make_infill_samples(split, tok, num_samples=e.infill_samples, seed=e.sample_seed,
+                                  max_context_tokens=e.max_context_tokens, max_new_tokens=e.infill_max_new_tokens,
+                                  sep=text_sep(cfg), offset=e.sample_offset)
+    if not samples:
+        raise ValueError(f"no infilling samples in the {e.split!r} split; check the corpus")
+    controllers: dict[str, Any] = {"full": NeverExit(), NO_SUFFIX: NeverExit()}
+    controllers.update({f"fixed@{layer}": FixedExit(layer) for layer in model.exit_layers})
+    if inputs.policy is not None:
+        controllers.update({f"gc@{t:g}": PolicyExit.of(inputs.policy, t, cfg.decoding.policy_temperature)
+                            for t in e.gc_thresholds})
+    controllers["oracle"] = OracleExit()
+    for c in controllers.values():
+        c.check_layers(model)
+    records = run_infill(model, tok, samples, controllers, max_new_tokens=e.infill_max_new_tokens)
+    summary = summarize(records, model.num_layers, resamples=e.bootstrap_resamples, seed=cfg.seed)
+    info = {"split": e.split, "sample_seed": e.sample_seed, "max_new_tokens": e.infill_max_new_tokens,
+            "max_context_tokens": e.max_context_tokens, "num_layers": model.num_layers,
+            "exit_layers": list(model.exit_layers), "policy_loaded": inputs.policy is not None,
+            "policy_note": inputs.policy_reason, **samples_meta(samples)}
+    write_json(out / "infill.json", {**summary, "meta": info, "run": meta})
+    write_json(out / "records.json", records)
+    write_text(out / "infill.md", render(summary, info))
+    return out
