@@ -30,6 +30,11 @@ every 200 (into serve_load_<name>.json, key memory_soak):
 lossless 200-token requests, and 8 concurrent lossless requests against one at a time (tokens/s, every
 answer checked equal to the full model's; results/benchmark/serve_lossless_<name>.json):
     python scripts/bench_serve.py --config configs/default.yaml --lossless-mix
+
+--fim: editors' fill-in-the-middle bodies (llm-vscode, Continue's Ollama, Mistral's /v1/fim/completions, the
+openai client's suffix) on held-out lines of the test split, scored against the line, with a left-to-right
+control (results/benchmark/serve_fim_<name>.json):
+    python scripts/bench_serve.py --config configs/default.yaml --fim [--num-requests 40]
 """
 
 from greencode.cli import base_parser, friendly_errors, load_from_args
@@ -58,21 +63,31 @@ def main() -> None:
                                   "serve.max_prefill_tokens 256 and 4096 (into serve_load_<name>.json)"),
             ("--memory-soak", "2,000 requests in every format, the server's memory every 200 (into "
                               "serve_load_<name>.json)"),
-            ("--lossless-mix", "lossless rows beside lossy ones, and lossless batching (serve_lossless_<name>.json)")):
+            ("--lossless-mix", "lossless rows beside lossy ones, and lossless batching (serve_lossless_<name>.json)"),
+            ("--fim", "editors' fill-in-the-middle bodies on held-out lines of the test split (serve_fim_<name>.json)")):
         modes.add_argument(flag, action="store_true", help=f"instead: {what}; in results/benchmark/")
     p.add_argument("--lossless-tokens", type=int, default=200, help="--lossless-mix: tokens of each lossless request")
     p.add_argument("--batch", type=int, default=8, help="--lossless-mix: concurrent lossless requests")
     p.add_argument("--repeats", type=int, default=3, help="--lossless-mix: tries of the probe alone and beside")
     args = p.parse_args()
     cfg = load_from_args(args)
-    from greencode.serve.bench import (run_benchmark, run_chunked_prefill, run_lossless_mix, run_memory_soak,
-                                       run_streaming_load)
+    from greencode.serve.bench import (run_benchmark, run_chunked_prefill, run_fim_clients, run_lossless_mix,
+                                       run_memory_soak, run_streaming_load)
 
     run_dir = args.run_dir
     if args.demo:
         from greencode.serve.demo import ensure_demo_run
 
         run_dir = ensure_demo_run(cfg, args.demo)
+    if args.fim:
+        res = run_fim_clients(cfg, run_dir, samples=args.num_requests, out_path=args.out)
+        for name, r in res["summary"].items():
+            print(f"{name:<18} 200: {r['all_200']}  as FIM: {r['answered_as_fim']}/{r['requests']}  exact match "
+                  f"{100 * r['exact_match']['mean']:.1f}%  edit similarity {r['edit_similarity']['mean']:.1f}")
+        d = res["exact_match_suffix_minus_no_suffix"]
+        print(f"exact match, suffix - no suffix: {100 * d['mean']:+.1f} points [{100 * d['ci_low']:+.1f}, "
+              f"{100 * d['ci_high']:+.1f}]")
+        return
     if args.memory_soak:
         res = run_memory_soak(cfg, run_dir, out_path=args.out)["memory_soak"]
         print(f"status {res['status_counts']}; RSS MB {[s['rss_mb'] for s in res['samples']]}; "

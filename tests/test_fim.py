@@ -298,3 +298,23 @@ def test_infill_script_end_to_end(fim_run, tmp_path):
     bad = subprocess.run(cmd[:4] + [f"run_dir={r.root}", f"results_dir={tmp_path}"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "eval.infill_samples" in bad.stderr
+
+
+def test_fim_clients_benchmark_smoke(fim_run, tmp_path):
+    """The editors' FIM benchmark (scripts/bench_serve.py --fim) against a real server on the tiny run."""
+    from greencode.data import prepare_data
+    from greencode.serve.bench import run_fim_clients
+
+    _, r = fim_run
+    cfg = load_config(SMOKE, [f"run_dir={r.root}", f"results_dir={tmp_path}", "data.literal_mode=source",
+                              "hardware.num_threads=1"])
+    prepare_data(cfg)
+    res = run_fim_clients(cfg, r.root, samples=3, max_new_tokens=24, out_path=tmp_path / "fim.json")
+    s = res["summary"]
+    assert set(s) == {"llm_vscode", "continue_ollama", "mistral_fim", "openai_suffix", "openai_no_suffix"}
+    assert all(v["all_200"] and v["requests"] == 3 for v in s.values()) and res["health_after"]
+    assert s["openai_no_suffix"]["answered_as_fim"] == 0
+    assert all(s[k]["answered_as_fim"] == 3 for k in ("llm_vscode", "continue_ollama", "mistral_fim", "openai_suffix"))
+    # greedy with the full model: Mistral's route and the openai suffix are the same request
+    assert [x["answer"] for x in res["records"]["mistral_fim"]] == [x["answer"] for x in res["records"]["openai_suffix"]]
+    assert (tmp_path / "fim.json").is_file()

@@ -42,6 +42,8 @@ class InfillSample:
     indent: str
     line_index: int
     suffix_tokens: int
+    prefix_text: str = ""  # the code before the cursor / after it, as a client would send them (uncut)
+    suffix_text: str = ""
 
 
 def _candidate_lines(text: str) -> list[tuple[int, int, int]]:
@@ -97,7 +99,8 @@ def make_infill_samples(split, tokenizer, *, num_samples: int, seed: int, max_co
         s = ids.index(suf)
         samples.append(InfillSample(id=f"{rid}:infill", path=str(rec.get("path", "")), fim_ids=ids,
                                     l2r_ids=ids[1:s], reference=middle, indent=text[text.rfind("\n", 0, start) + 1:start],
-                                    line_index=line_index, suffix_tokens=len(ids) - s - 2))
+                                    line_index=line_index, suffix_tokens=len(ids) - s - 2, prefix_text=prefix,
+                                    suffix_text=suffix))
     if len(samples) < num_samples:
         log.warning("only %d of the %d requested infilling samples (%d files in the split)", len(samples),
                     num_samples, len(split))
@@ -212,7 +215,8 @@ def samples_meta(samples: Sequence[InfillSample]) -> dict:
     return {"num_samples": len(samples), "mean_reference_chars": float(np.mean([len(s.reference) for s in samples])),
             "mean_prompt_tokens": float(np.mean([len(s.fim_ids) for s in samples])),
             "mean_suffix_tokens": float(np.mean([s.suffix_tokens for s in samples])),
-            "examples": [asdict(s) | {"fim_ids": None, "l2r_ids": None} for s in samples[:3]]}
+            "examples": [{k: v for k, v in asdict(s).items() if k not in ("fim_ids", "l2r_ids", "prefix_text", "suffix_text")}
+                         for s in samples[:3]]}
 
 
 def evaluate_infill(cfg) -> Path:

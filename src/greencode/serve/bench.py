@@ -706,3 +706,108 @@ def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests
         "all_200": set(raw["status_counts"]) == {"200"},
         "run": run_metadata(cfg, stage="bench_serve_memory"), "load_average_1m": _loadavg(),
     })
+
+
+def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples: int = 40, max_new_tokens: int = 48,
+                    out_path: Optional[Union[str, Path]] = None) -> dict[str, Any]:
+    """Editors' fill-in-the-middle requests against a real server, on held-out lines of the test split
+    (the infilling slice's samples, :mod:`greencode.eval.infill`): llm-vscode's default body (StarCoder
+    markers in ``inputs``, temperature 0.2), Continue's Ollama autocomplete body (``prompt`` + ``suffix``,
+    raw, streamed), Mistral's ``/v1/fim/completions`` and the openai client's ``suffix`` (greedy), and the
+    openai client without the suffix as the left-to-right control. Each answer's first line is scored
+    against the held-out line (exact match, edit similarity). -> ``results/benchmark/serve_fim_<name>.json``."""
+    import json as _json
+
+    import httpx
+    import openai
+    from transformers import AutoTokenizer
+
+    from greencode.data.corpus import load_corpus, text_sep
+    from greencode.eval.infill import _scores, make_infill_samples
+    from greencode.eval.stats import bootstrap_indices, mean_ci
+    from greencode.serve.engine import run_root
+    from greencode.utils import REPO_ROOT
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    root = run_root(cfg, run_dir)
+    tok = AutoTokenizer.from_pretrained(str(root / "finetuned"))
+    e = cfg.eval
+    # the slice's own sample order (the first ``samples`` of the same seeded choice as results/<name>/infill)
+    picked = make_infill_samples(load_corpus(cfg)[e.split], tok, num_samples=samples, seed=e.sample_seed,
+                                 max_context_tokens=e.max_context_tokens, max_new_tokens=max_new_tokens,
+                                 sep=text_sep(cfg), offset=e.sample_offset)
+    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_fim_{cfg.name}.json"
+    full = {"RL_agent_thresh": 1.0}
+
+    def first_line(text: str) -> str:
+        return text.split("\n", 1)[0]
+
+    rows: dict[str, list[dict]] = {k: [] for k in ("llm_vscode", "continue_ollama", "mistral_fim", "openai_suffix",
+                                                   "openai_no_suffix")}
+    with _server(cfg, root, ["serve.request_timeout_s=600"]) as srv, \
+            httpx.Client(base_url=srv.url, timeout=600.0) as http:
+        oa = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="anything", max_retries=0)
+        for s in picked:
+            t0 = time.perf_counter()
+            r = http.post("/models/greencode", json={
+                "inputs": f"<fim_prefix>{s.prefix_text}<fim_suffix>{s.suffix_text}<fim_middle>",
+                "parameters": {"max_new_tokens": 60, "temperature": 0.2, "top_p": 0.95, "return_full_text": False}})
+            j = r.json()
+            j = j[0] if isinstance(j, list) else j
+            got = {"llm_vscode": (r.status_code, j.get("generated_text", ""), j.get("greencode", {}), time.perf_counter() - t0)}
+            t0 = time.perf_counter()
+            with http.stream("POST", "/api/generate", json={
+                    "model": "greencode", "prompt": s.prefix_text, "suffix": s.suffix_text, "raw": True, "stream": True,
+                    "keep_alive": 1800, "options": {"temperature": 0.01, "num_predict": max_new_tokens, "num_ctx": 1024,
+                                                    "stop": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>",
+                                                             "<|endoftext|>", "\n\n", "```"]}}) as resp:
+                lines = [_json.loads(x) for x in resp.read().decode().split("\n") if x]
+            got["continue_ollama"] = (resp.status_code, "".join(x.get("response", "") for x in lines),
+                                      lines[-1].get("greencode", {}), time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            r = http.post("/v1/fim/completions", json={"model": "greencode", "prompt": s.prefix_text,
+                                                       "suffix": s.suffix_text, "max_tokens": max_new_tokens,
+                                                       "temperature": 0, "stop": ["\n"], **full})
+            j = r.json()
+            got["mistral_fim"] = (r.status_code, j["choices"][0]["message"]["content"] if r.status_code == 200 else "",
+                                  j.get("greencode", {}), time.perf_counter() - t0)
+            for name, suffix in (("openai_suffix", s.suffix_text), ("openai_no_suffix", None)):
+                t0 = time.perf_counter()
+                res = oa.completions.create(model="greencode", prompt=s.prefix_text, suffix=suffix,
+                                            max_tokens=max_new_tokens, temperature=0, stop=["\n"], extra_body=full)
+                got[name] = (200, res.choices[0].text, res.model_extra["greencode"], time.perf_counter() - t0)
+            for name, (status, text, stats, rtt) in got.items():
+                em, es = _scores(first_line(text), s.reference)
+                rows[name].append({"id": s.id, "status": status, "answer": text[:200], "reference": s.reference,
+                                   "exact_match": em, "edit_similarity": es, "fim": bool(stats.get("fim")),
+                                   "suffix_ignored": bool(stats.get("suffix_ignored")),
+                                   "threshold": stats.get("threshold"), "rtt_s": rtt,
+                                   "layers_skipped_share": stats.get("layers_skipped_share")})
+        alive = http.get("/health").status_code == 200
+    idx = bootstrap_indices(len(picked), 2000, cfg.seed)
+    summary = {}
+    for name, rs in rows.items():
+        em = np.array([r["exact_match"] for r in rs])
+        es = np.array([r["edit_similarity"] for r in rs])
+        summary[name] = {"requests": len(rs), "all_200": all(r["status"] == 200 for r in rs),
+                         "answered_as_fim": sum(r["fim"] for r in rs),
+                         "answered_with_a_middle_line": sum(bool(first_line(r["answer"]).strip()) for r in rs),
+                         "exact_match": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(em, idx))),
+                         "edit_similarity": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(es, idx))),
+                         "rtt_ms": _pcts([r["rtt_s"] for r in rs], 1e3)}
+    d = np.array([a["exact_match"] - b["exact_match"] for a, b in zip(rows["openai_suffix"], rows["openai_no_suffix"])])
+    result = {"what": (f"{len(picked)} held-out lines of the {e.split} split (the infilling slice's first samples), each "
+                       "sent as editors send fill-in-the-middle requests; answers' first lines scored against the line"),
+              "clients": {"llm_vscode": "POST /models/greencode, StarCoder markers in inputs, llm-vscode's default "
+                                        "requestBody (max_new_tokens 60, temperature 0.2, top_p 0.95), server default knob",
+                          "continue_ollama": "POST /api/generate, prompt + suffix, raw, streamed NDJSON, temperature 0.01, "
+                                             "server default knob",
+                          "mistral_fim": "POST /v1/fim/completions, greedy, full model",
+                          "openai_suffix": "openai client completions.create(suffix=...), greedy, full model",
+                          "openai_no_suffix": "the same without the suffix (left-to-right control)"},
+              "summary": summary,
+              "exact_match_suffix_minus_no_suffix": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(d, idx))),
+              "health_after": alive, "records": rows,
+              "run": run_metadata(cfg, stage="bench_serve_fim"), "load_average_1m": _loadavg()}
+    write_json(out_path, result)
+    return result
