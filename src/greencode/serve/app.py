@@ -127,6 +127,7 @@ def _state_token_counts(components: dict, cap: int) -> None:
     ``num_predict`` also -1 and -2, "up to the cap"), so a schema-valid count is served."""
     counts = {"minimum": 1, "maximum": int(cap), "type": "integer"}
     for model, field, extra in (("HFParameters", "max_new_tokens", None), ("OpenAIRequest", "max_tokens", None),
+                                ("FimRequest", "max_tokens", None),
                                 ("SeedOptions", "num_predict", {"enum": [-1, -2], "type": "integer"})):
         prop = components.get(model, {}).get("properties", {}).get(field)
         if prop is not None:

@@ -146,6 +146,9 @@ class StreamOptions(_Body):
 
 
 class OpenAIRequest(_Knobs):
+    # echo with logprobs would ask for the prompt's log probabilities, which are not computed: stated here
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["echo", "logprobs"], "properties": {
+        "echo": {"const": True}, "logprobs": {"type": "integer"}}}})
     model: Optional[str] = None
     prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=1)]]  # one prompt per request
     suffix: Optional[str] = None  # the code after the cursor (fill in the middle)
