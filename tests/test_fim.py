@@ -318,3 +318,19 @@ def test_fim_clients_benchmark_smoke(fim_run, tmp_path):
     # greedy with the full model: Mistral's route and the openai suffix are the same request
     assert [x["answer"] for x in res["records"]["mistral_fim"]] == [x["answer"] for x in res["records"]["openai_suffix"]]
     assert (tmp_path / "fim.json").is_file()
+
+
+def test_a_reshipped_tokenizer_directory_is_a_new_tokenizer(tmp_path):
+    """tokenizer.path pointing at a local directory (the shipped base): its content is in the fingerprint, so a
+    base reshipped with the FIM sentinels is copied into the run again instead of the stale copy being reused."""
+    from greencode.data.tokenizer import _fingerprint
+
+    d = tmp_path / "base"
+    train_bpe(TEXTS, 320).save_pretrained(str(d))
+    cfg = load_config(SMOKE, [f"tokenizer.path={d}"])
+    before = _fingerprint(cfg, "corpus")
+    assert _fingerprint(cfg, "corpus") == before
+    train_bpe(TEXTS, 320, fim_tokens=True).save_pretrained(str(d))
+    assert _fingerprint(cfg, "corpus") != before
+    assert _fingerprint(load_config(SMOKE, ["tokenizer.path=gpt2"]), "c") == _fingerprint(
+        load_config(SMOKE, ["tokenizer.path=gpt2"]), "c")  # a hub id: the name alone

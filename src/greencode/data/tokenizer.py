@@ -115,10 +115,32 @@ def _settings(cfg) -> dict:
     return t
 
 
+def _dir_content_hash(path: str) -> Optional[str]:
+    """sha256 over a local tokenizer directory's tokenizer files; None for a hub id."""
+    from greencode.utils import REPO_ROOT
+
+    d = Path(path).expanduser()
+    if not d.is_dir() and not d.is_absolute():
+        d = REPO_ROOT / path
+    if not d.is_dir():
+        return None
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "tokenizer.model"):
+        f = d / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _fingerprint(cfg, corpus_content_hash: Optional[str]) -> str:
     t = _settings(cfg)
     if cfg.tokenizer.path:
         key: dict[str, Any] = {"format": TOKENIZER_FORMAT, "path": cfg.tokenizer.path}
+        content = _dir_content_hash(cfg.tokenizer.path)
+        if content is not None:  # a local directory: a new tokenizer there (a reshipped base) is a new tokenizer
+            key["content"] = content
     else:
         key = {"format": TOKENIZER_FORMAT, "tokenizer": t, "corpus": corpus_content_hash, "seed": cfg.seed}
         if cfg.data.source == "local" and cfg.data.literal_mode == lexers.SOURCE_MODE:
