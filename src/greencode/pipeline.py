@@ -142,6 +142,12 @@ def _section(cfg: Config, dotted: str):
 def stage_key(cfg: Config, stage: Stage, upstream: dict[str, str]) -> str:
     payload = {"stage": stage.name, "sections": {s: _section(cfg, s) for s in stage.sections},
                "upstream": {d: upstream.get(d) for d in stage.depends}}
+    if stage.name == "finetune" and cfg.model.base:  # a reshipped base (same path, new weights) is a new input
+        from greencode.training.common import model_dir_fingerprint
+        from greencode.utils import REPO_ROOT
+
+        base = cfg.model.base if Path(cfg.model.base).is_dir() else str(REPO_ROOT / cfg.model.base)
+        payload["base"] = model_dir_fingerprint(base)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
