@@ -412,23 +412,26 @@ class Engine:
             raise RequestError(422, f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context "
                                     f"of {ctx} tokens; ask for fewer new tokens", loc="body.max_new_tokens")
         info: dict[str, Any] = {"fim_style": fim, "prompt_format": self.prompt_format}
+        as_fim = bool(fim_suffix) and self.fim_ids is not None and budget > 8
+        if fim_suffix and not as_fim:
+            info.update(suffix_ignored=True, suffix_note=SUFFIX_IGNORED_NOTE if self.fim_ids is None else
+                        "no room for the code after the cursor in this context: it was ignored")
+        if as_fim:
+            budget -= 3  # the three sentinels
+        ids, total, fmt_note = self._encode_prefix(prefix, budget)
         head: list[int] = []
         tail: list[int] = []
-        if fim_suffix and self.fim_ids is not None and budget > 8:
+        if as_fim:
             pre, mid, suf = self.fim_ids
-            budget -= 3
             s_text, _ = self.to_model_text(fim_suffix[:max(8192, 32 * budget)])
             s_ids = self.tokenizer.encode(s_text, add_special_tokens=False) if s_text else []
-            s_ids = s_ids[:max(budget // 4, budget - self._count_at_least(prefix, budget))]
+            s_ids = s_ids[:max(budget // 4, budget - len(ids))]  # a quarter of the room, more when the prefix is short
             budget -= len(s_ids)
             head, tail = [pre], [suf] + s_ids + [mid]
             info.update(fim=True, suffix_tokens=len(s_ids))
-        elif fim_suffix:
-            info.update(suffix_ignored=True, suffix_note=SUFFIX_IGNORED_NOTE if self.fim_ids is None else
-                        "no room for the code after the cursor in this context: it was ignored")
-        ids, total, fmt_note = self._encode_prefix(prefix, budget)
-        dropped = max(0, len(ids) - budget) if total is not None else 0
-        ids = head + self.bos_prefix + ids[len(ids) - min(len(ids), budget):] + tail
+        kept = min(len(ids), budget)
+        dropped = len(ids) - kept
+        ids = head + self.bos_prefix + ids[len(ids) - kept:] + tail
         if not ids:
             fallback = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else (
                 self.eos_ids[0] if self.eos_ids else None)
@@ -459,12 +462,6 @@ class Engine:
         text, fmt_note = self.to_model_text(body)
         ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
         return ids, len(ids), fmt_note
-
-    def _count_at_least(self, text: str, n: int) -> int:
-        """The prefix's token count, or ``n`` when it surely has at least ``n`` (a byte-level BPE token
-        holds at most a few dozen characters; only the last ``64 n`` characters are tokenized)."""
-        ids = self.tokenizer.encode(text[-64 * max(n, 1):], add_special_tokens=False) if text else []
-        return min(len(ids), n)
 
     def prepare(self, gen: GenRequest, submitted_at: Optional[float] = None,
                 deadline: Optional[float] = None) -> Job:
