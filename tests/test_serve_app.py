@@ -505,11 +505,17 @@ def test_streamed_request_past_its_deadline_ends_with_an_error_event(run):
         assert 'greencode_rejected_total{reason="deadline"} 1.0' in c.get("/metrics").text
         from greencode.serve.scheduler import DrainModel
 
-        app.state.scheduler.drain = DrainModel()  # forgotten: the next ones are admitted, and time out
+        def forget():  # once the earlier rows are gone (their last steps would be measured again), a fresh drain model
+            deadline = time.monotonic() + 10
+            while app.state.scheduler.in_flight and time.monotonic() < deadline:
+                time.sleep(0.02)
+            app.state.scheduler.drain = DrainModel()
+
+        forget()  # forgotten: the next ones are admitted, and time out
         with c.stream("POST", "/generate_stream", json=tgi) as resp:
             last = [line for line in resp.read().decode().split("\n") if line.startswith("data:")][-1]
         assert json.loads(last[5:])["error_type"] == "timeout"
-        app.state.scheduler.drain = DrainModel()
+        forget()
         with c.stream("POST", "/api/generate", json={"model": "greencode", "prompt": PROMPT,
                                                      "options": {"num_predict": 64}}) as resp:
             lines = [json.loads(line) for line in resp.read().decode().split("\n") if line]
