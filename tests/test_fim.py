@@ -238,7 +238,10 @@ def test_infill_samples_hold_out_one_whole_line(fim_run):
         prefix, suffix = tok.decode(s.l2r_ids[1:]), tok.decode(s.fim_ids[at + 1:-1])
         assert prefix + s.reference + suffix == text  # short files: nothing cut
         line = text.split("\n")[s.line_index]
-        assert line == s.indent + s.reference and s.reference.strip() == s.reference.rstrip() and s.reference
+        assert line == s.indent + s.reference and s.reference == s.reference.rstrip() and s.reference.strip()
+        # the cut is a token boundary of the whole file: the prefix's and middle's tokens are the file's own
+        whole = tok(prefix + s.reference)["input_ids"]
+        assert whole == tok(prefix)["input_ids"] + tok(s.reference)["input_ids"]
         assert suffix.startswith("\n")
     again = make_infill_samples(ds, tok, num_samples=8, seed=0, max_context_tokens=256, max_new_tokens=32)
     assert [s.fim_ids for s in again] == [s.fim_ids for s in samples]

@@ -454,6 +454,8 @@ class EvalConfig:
     # prefix and suffix, for models trained to fill in the middle; 0 = off
     infill_samples: int = 0
     infill_max_new_tokens: int = 48
+    infill_fixed_layers: Optional[list[int]] = None  # the fixed exits run on it; null = every exit point
+    infill_gc_thresholds: Optional[list[float]] = None  # GC's thresholds on it; null = eval.gc_thresholds
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)

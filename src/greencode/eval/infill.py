@@ -2,9 +2,11 @@
 
 A sample is one line of one file of the evaluation split (seeded choice among the lines with at
 least two model tokens and at most ``max_new_tokens - 8``): the **prefix** is the file up to that
-line's first non-blank character (its indentation stays in the prefix, as an editor's cursor
-would), the **middle** (the reference) is the rest of the line without its newline, the
-**suffix** is the newline and everything after. The prompt is the model's own PSM layout
+line's indentation less its last space, the **middle** (the reference) is the rest of the line without
+its newline (one leading space on an indented line), the **suffix** is the newline and everything
+after. The cut falls where the byte-level BPE puts a token boundary in the whole file (its
+pre-tokenizer gives a line's last indentation space to the line's first word), as FIM training's cut
+points do; a prefix ending in the whole indentation would be a token boundary the model never saw. The prompt is the model's own PSM layout
 (:func:`greencode.data.fim.fim_prompt`: the suffix keeps up to a quarter of the room, the prefix
 the rest, each cut away from the cursor). The left-to-right control reads exactly the same
 prefix tokens, without the suffix: the paired difference is what the suffix is worth.
@@ -54,7 +56,10 @@ def _candidate_lines(text: str) -> list[tuple[int, int, int]]:
     for i, line in enumerate(lines[:-1]):
         stripped = line.lstrip()
         if stripped.strip():
-            out.append((i, pos + len(line) - len(stripped), pos + len(line.rstrip())))
+            start = pos + len(line) - len(stripped)
+            if start > pos and line[start - pos - 1] == " ":
+                start -= 1  # the last indentation space belongs to the line's first token
+            out.append((i, start, pos + len(line.rstrip())))
         pos += len(line) + 1
     return out
 
@@ -221,7 +226,8 @@ def samples_meta(samples: Sequence[InfillSample]) -> dict:
 
 def evaluate_infill(cfg) -> Path:
     """The infilling slice of ``cfg.eval.split`` (``eval.infill_samples`` samples) for the full model
-    with and without the suffix, every fixed exit, GC at ``eval.gc_thresholds`` and the oracle ->
+    with and without the suffix, the fixed exits (``eval.infill_fixed_layers``, null = every exit), GC
+    (``eval.infill_gc_thresholds``, null = ``eval.gc_thresholds``) and the oracle ->
     ``results/<name>/infill/{infill.json, infill.md, records.json}``. A model whose tokenizer has no FIM
     sentinels gets a file that says so (nothing to measure)."""
     from greencode.data.corpus import load_corpus, text_sep
@@ -258,10 +264,12 @@ def evaluate_infill(cfg) -> Path:
     if not samples:
         raise ValueError(f"no infilling samples in the {e.split!r} split; check the corpus")
     controllers: dict[str, Any] = {"full": NeverExit(), NO_SUFFIX: NeverExit()}
-    controllers.update({f"fixed@{layer}": FixedExit(layer) for layer in model.exit_layers})
+    fixed = model.exit_layers if e.infill_fixed_layers is None else e.infill_fixed_layers
+    controllers.update({f"fixed@{layer}": FixedExit(layer) for layer in fixed})
     if inputs.policy is not None:
+        thresholds = e.gc_thresholds if e.infill_gc_thresholds is None else e.infill_gc_thresholds
         controllers.update({f"gc@{t:g}": PolicyExit.of(inputs.policy, t, cfg.decoding.policy_temperature)
-                            for t in e.gc_thresholds})
+                            for t in thresholds})
     controllers["oracle"] = OracleExit()
     for c in controllers.values():
         c.check_layers(model)
