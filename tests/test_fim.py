@@ -136,8 +136,11 @@ def test_every_editor_fim_format_becomes_the_models_own_layout(fim_run):
     eng = _engine(fim_run)
     tok = eng.tokenizer
     pre, mid, suf = eng.fim_ids
-    want = [pre, tok.bos_token_id] + tok(PREFIX)["input_ids"] + [suf] + tok(SUFFIX)["input_ids"] + [mid]
+    # SPM (the default layout): <fim_prefix> <fim_suffix> S <fim_middle> <s> P, the middle continuing the prefix
+    want = [pre, suf] + tok(SUFFIX)["input_ids"] + [mid, tok.bos_token_id] + tok(PREFIX)["input_ids"]
     assert fim_prompt(tok, PREFIX, SUFFIX) == want  # the training-side helper agrees
+    psm = [pre, tok.bos_token_id] + tok(PREFIX)["input_ids"] + [suf] + tok(SUFFIX)["input_ids"] + [mid]
+    assert fim_prompt(tok, PREFIX, SUFFIX, layout="psm") == psm
     for prompt, suffix in ((f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>", None),  # StarCoder / llm-vscode
                            (f"<PRE> {PREFIX} <SUF>{SUFFIX} <MID>", None),  # CodeLlama
                            (f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>", None),  # Qwen
@@ -146,6 +149,8 @@ def test_every_editor_fim_format_becomes_the_models_own_layout(fim_run):
         assert ids == want, prompt
         assert info["fim"] is True and "suffix_ignored" not in info
     assert eng.encode(PREFIX, 8)[0] == [tok.bos_token_id] + tok(PREFIX)["input_ids"]  # no suffix: left to right
+    eng.fim_layout = "psm"  # serve.fim_layout=psm
+    assert eng.encode(PREFIX, 8, suffix=SUFFIX)[0] == psm
 
 
 def test_fim_prompt_truncation_keeps_the_code_nearest_the_cursor(fim_run):
@@ -155,12 +160,12 @@ def test_fim_prompt_truncation_keeps_the_code_nearest_the_cursor(fim_run):
     suffix = "".join(f"y{i} = {i}\n" for i in range(300))
     ids, info = eng.encode(prefix, 16, num_ctx=128, suffix=suffix)
     assert len(ids) == 128 - 16 and info["prompt_truncated"] is True
-    s, m = ids.index(suf), ids.index(mid)
-    assert ids[:2] == [pre, eng.tokenizer.bos_token_id] and m == len(ids) - 1
+    m = ids.index(mid)
+    assert ids[:2] == [pre, suf] and ids[m + 1] == eng.tokenizer.bos_token_id
     room = 128 - 16 - 4
-    assert info["suffix_tokens"] == m - s - 1 == room // 4
-    assert eng.tokenizer.decode(ids[s + 1:m]).startswith("y0 = 0\ny1 = 1\n")  # the suffix keeps its head
-    assert eng.tokenizer.decode(ids[2:s]).endswith("x298 = 298\nx299 = 299\n")  # the prefix keeps its tail
+    assert info["suffix_tokens"] == m - 2 == room // 4
+    assert eng.tokenizer.decode(ids[2:m]).startswith("y0 = 0\ny1 = 1\n")  # the suffix keeps its head
+    assert eng.tokenizer.decode(ids[m + 2:]).endswith("x298 = 298\nx299 = 299\n")  # the prefix keeps its tail
     short, info2 = eng.encode("z = ", 16, num_ctx=128, suffix=suffix)  # a short prefix leaves the suffix more room
     assert len(short) == 128 - 16 and info2["suffix_tokens"] > room // 4
 
@@ -232,10 +237,11 @@ def test_infill_samples_hold_out_one_whole_line(fim_run):
     assert len(samples) == 8 and len({s.id for s in samples}) == 8
     for s in samples:
         text = FILES[int(s.id.split(":")[0])]
-        assert s.fim_ids[0] == pre and s.fim_ids[-1] == mid and s.l2r_ids[0] == tok.bos_token_id
-        at = s.fim_ids.index(suf)
-        assert s.fim_ids[1:at] == s.l2r_ids  # the control reads exactly the same prefix tokens
-        prefix, suffix = tok.decode(s.l2r_ids[1:]), tok.decode(s.fim_ids[at + 1:-1])
+        assert s.fim_ids[:2] == [pre, suf] and s.l2r_ids[0] == tok.bos_token_id
+        m = s.fim_ids.index(mid)
+        assert s.fim_ids[m + 1:] == s.l2r_ids  # the control reads exactly the same prefix tokens
+        assert s.psm_ids == [pre] + s.l2r_ids + [suf] + s.fim_ids[2:m] + [mid]
+        prefix, suffix = tok.decode(s.l2r_ids[1:]), tok.decode(s.fim_ids[2:m])
         assert prefix + s.reference + suffix == text  # short files: nothing cut
         line = text.split("\n")[s.line_index]
         assert line == s.indent + s.reference and s.reference == s.reference.rstrip() and s.reference.strip()
@@ -254,17 +260,18 @@ def test_infill_runs_every_method_and_the_oracle_matches_the_full_model(fim_run)
     from datasets import Dataset
 
     from greencode.decoding import FixedExit, NeverExit, OracleExit, generate
-    from greencode.eval.infill import NO_SUFFIX, make_infill_samples, prediction_text, run_infill, summarize
+    from greencode.eval.infill import NO_SUFFIX, PSM, make_infill_samples, prediction_text, run_infill, summarize
 
     _, r = fim_run
     tok, model = r.tokenizer, r.model
     ds = Dataset.from_dict({"code": FILES, "id": [str(i) for i in range(len(FILES))]})
     samples = make_infill_samples(ds, tok, num_samples=6, seed=1, max_context_tokens=256, max_new_tokens=16)
     layer = model.exit_layers[0]
-    ctrls = {"full": NeverExit(), NO_SUFFIX: NeverExit(), f"fixed@{layer}": FixedExit(layer), "oracle": OracleExit()}
+    ctrls = {"full": NeverExit(), NO_SUFFIX: NeverExit(), PSM: NeverExit(), f"fixed@{layer}": FixedExit(layer),
+             "oracle": OracleExit()}
     recs = run_infill(model, tok, samples, ctrls, max_new_tokens=16, batch_size=4)
     for k, s in enumerate(samples):
-        for mid, prompt in (("full", s.fim_ids), (NO_SUFFIX, s.l2r_ids)):
+        for mid, prompt in (("full", s.fim_ids), (NO_SUFFIX, s.l2r_ids), (PSM, s.psm_ids)):
             with torch.no_grad():
                 alone = generate(model, prompt, NeverExit(), 16, eos_token_id=tok.eos_token_id, stop_strings=["\n"],
                                  tokenizer=tok)
@@ -295,7 +302,7 @@ def test_infill_script_end_to_end(fim_run, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     got = json.loads((tmp_path / "infill" / "infill.json").read_text())
-    assert set(got["methods"]) == {"full", "full_no_suffix", "fixed@1", "fixed@2", "gc@0.5", "oracle"}
+    assert set(got["methods"]) == {"full", "full_no_suffix", "full_psm", "fixed@1", "fixed@2", "gc@0.5", "oracle"}
     assert got["meta"]["num_samples"] == 4 and got["run"]["git_commit"]
     assert (tmp_path / "infill" / "infill.md").read_text().startswith("# Single-line infilling")
     bad = subprocess.run(cmd[:4] + [f"run_dir={r.root}", f"results_dir={tmp_path}"], cwd=REPO_ROOT,

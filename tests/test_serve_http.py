@@ -256,10 +256,11 @@ def test_editors_fim_bodies_are_filled_in_the_middle(server, http):
     pre, mid, suf = (tok.convert_tokens_to_ids(t) for t in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>"))
     prompt_ids = last["context"][:last["prompt_eval_count"]]
     # the smoke model reads CodeXGLUE text (the layout with plain source text: tests/test_fim.py)
-    assert prompt_ids[:2] == [pre, tok.bos_token_id] and prompt_ids[-1] == mid and prompt_ids.count(suf) == 1
-    s_at = prompt_ids.index(suf)
-    assert tok.decode(prompt_ids[2:s_at]).startswith("def area ( r )")
-    assert tok.decode(prompt_ids[s_at + 1:-1]).strip().startswith("def main ( )")
+    # SPM, the default layout: <fim_prefix> <fim_suffix> suffix <fim_middle> <s> prefix
+    assert prompt_ids[:2] == [pre, suf] and prompt_ids.count(mid) == 1
+    m_at = prompt_ids.index(mid)
+    assert prompt_ids[m_at + 1] == tok.bos_token_id and tok.decode(prompt_ids[m_at + 2:]).startswith("def area ( r )")
+    assert tok.decode(prompt_ids[2:m_at]).strip().startswith("def main ( )")
     middle = "".join(x["response"] for x in lines)
 
     # Continue's Mistral provider / Codestral: /v1/fim/completions, streamed chat.completion.chunk events

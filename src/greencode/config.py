@@ -580,6 +580,9 @@ class ServeConfig:
     # codexglue: editor code -> the space-joined CodeXGLUE token text the models are trained on
     # (data.language, data.literal_mode), and <EOL> -> newline in the answer; raw: text as sent
     prompt_format: str = field(default="codexglue", metadata=_choices("codexglue", "raw"))
+    # fill in the middle, for models whose tokenizer has the sentinels: the order of the prompt (data/fim.py);
+    # spm (suffix first, the middle continuing the prefix) is what the embedded default fills in best
+    fim_layout: str = field(default="spm", metadata=_choices("spm", "psm"))
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.port", self.port, 0, 65535)

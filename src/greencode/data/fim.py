@@ -11,9 +11,13 @@ The chunk gives up its last four tokens for the sentinels and the ``<eos>``, so 
 its length; the ``<eos>`` teaches the model where a middle ends (it meets the suffix). The loss runs
 over every position, as in StarCoder.
 
-Inference: :func:`fim_prompt` = ``<fim_prefix> <bos> prefix <fim_suffix> suffix <fim_middle>``
-(the ``<bos>`` marks a file's start, as in left-to-right prompts), with the prefix cut from the
-left and the suffix from the right to fit the context. Cuts fall on token boundaries in training;
+Inference: :func:`fim_prompt`, by default in SPM order, ``<fim_prefix> <fim_suffix> suffix
+<fim_middle> <bos> prefix`` (the middle continues the prefix; the ``<bos>`` marks a file's start, as
+in left-to-right prompts), or in PSM order, ``<fim_prefix> <bos> prefix <fim_suffix> suffix
+<fim_middle>``; the prefix cut from the left and the suffix from the right to fit the context. The
+embedded default, trained on both orders (9.0M tokens), fills in the middle usefully only in SPM
+order: in PSM order its lines are worse than with no suffix at all (results/default/infill,
+``full_psm``; results/LOG.md 2026-12-06). Cuts fall on token boundaries in training;
 at inference the prefix and the suffix are tokenized apart, so the cursor is a token boundary too.
 """
 
@@ -25,6 +29,7 @@ from typing import Optional, Sequence
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
 FIM_TOKENS = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
 OVERHEAD = 4  # three sentinels and the <eos> that ends the middle
+LAYOUTS = ("spm", "psm")
 
 
 def sentinel_ids(tokenizer) -> Optional[tuple[int, int, int]]:
@@ -60,12 +65,25 @@ def fim_transform(ids: Sequence[int], rng: random.Random, *, sentinels: tuple[in
     return [pre] + p + [suf] + s + [mid] + m + [eos]
 
 
-def fim_prompt(tokenizer, prefix: str, suffix: str, max_tokens: Optional[int] = None,
-               suffix_share: float = 0.25) -> list[int]:
-    """The PSM prompt ids for ``prefix``/``suffix``; with ``max_tokens`` the suffix keeps at most
-    ``suffix_share`` of the room (more when the prefix is short), the prefix the rest, each cut
+def layout_ids(sentinels: tuple[int, int, int], prefix_ids: list[int], suffix_ids: list[int],
+               layout: str = "spm") -> list[int]:
+    """An inference prompt in one of the two trained orders; the model's answer is the middle.
+
+    ``psm``: ``<fim_prefix> P <fim_suffix> S <fim_middle>``; ``spm`` (StarCoder's SPM variant, the
+    default): ``<fim_prefix> <fim_suffix> S <fim_middle> P``, the middle continuing the prefix."""
+    pre, mid, suf = sentinels
+    if layout == "psm":
+        return [pre] + prefix_ids + [suf] + suffix_ids + [mid]
+    if layout == "spm":
+        return [pre, suf] + suffix_ids + [mid] + prefix_ids
+    raise ValueError(f"FIM layout {layout!r}; use one of {LAYOUTS}")
+
+
+def fim_parts(tokenizer, prefix: str, suffix: str, max_tokens: Optional[int] = None,
+              suffix_share: float = 0.25) -> tuple[list[int], list[int]]:
+    """(bos + prefix ids, suffix ids) that fit ``max_tokens`` with the three sentinels: the suffix keeps
+    at most ``suffix_share`` of the room (more when the prefix is short), the prefix the rest, each cut
     away from the cursor."""
-    pre, mid, suf = require_sentinels(tokenizer, "a fill-in-the-middle prompt")
     p = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     s = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -77,4 +95,11 @@ def fim_prompt(tokenizer, prefix: str, suffix: str, max_tokens: Optional[int] = 
         s = s[:max(0, min(len(s), s_room))]
         p_room = room - len(s)
         p = p[len(p) - p_room:] if len(p) > p_room else p
-    return [pre] + bos + p + [suf] + s + [mid]
+    return bos + p, s
+
+
+def fim_prompt(tokenizer, prefix: str, suffix: str, max_tokens: Optional[int] = None,
+               suffix_share: float = 0.25, layout: str = "spm") -> list[int]:
+    """The prompt ids for ``prefix``/``suffix`` (:func:`fim_parts`, :func:`layout_ids`)."""
+    sentinels = require_sentinels(tokenizer, "a fill-in-the-middle prompt")
+    return layout_ids(sentinels, *fim_parts(tokenizer, prefix, suffix, max_tokens, suffix_share), layout)

@@ -6,9 +6,10 @@ line's indentation less its last space, the **middle** (the reference) is the re
 its newline (one leading space on an indented line), the **suffix** is the newline and everything
 after. The cut falls where the byte-level BPE puts a token boundary in the whole file (its
 pre-tokenizer gives a line's last indentation space to the line's first word), as FIM training's cut
-points do; a prefix ending in the whole indentation would be a token boundary the model never saw. The prompt is the model's own PSM layout
-(:func:`greencode.data.fim.fim_prompt`: the suffix keeps up to a quarter of the room, the prefix
-the rest, each cut away from the cursor). The left-to-right control reads exactly the same
+points do; a prefix ending in the whole indentation would be a token boundary the model never saw. The prompt is the model's own layout,
+``serve.fim_layout`` (SPM by default; :func:`greencode.data.fim.fim_parts`: the suffix keeps up to a
+quarter of the room, the prefix the rest, each cut away from the cursor); ``full_psm`` runs the same
+parts in PSM order. The left-to-right control reads exactly the same
 prefix tokens, without the suffix: the paired difference is what the suffix is worth.
 
 Every method decodes greedily until a newline or an end of sequence, at most ``max_new_tokens``;
@@ -32,13 +33,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 NO_SUFFIX = "full_no_suffix"  # the left-to-right control: the full model without the suffix
+PSM = "full_psm"  # the full model on the same parts in PSM order (which layout the model fills in)
 
 
 @dataclass
 class InfillSample:
     id: str
     path: str
-    fim_ids: list[int]
+    fim_ids: list[int]  # in the slice's layout (SPM by default)
+    psm_ids: list[int]  # the same parts in PSM order (the diagnostic row full_psm)
     l2r_ids: list[int]  # the same prefix tokens without the suffix
     reference: str
     indent: str
@@ -65,13 +68,13 @@ def _candidate_lines(text: str) -> list[tuple[int, int, int]]:
 
 
 def make_infill_samples(split, tokenizer, *, num_samples: int, seed: int, max_context_tokens: int,
-                        max_new_tokens: int, sep: str = "", offset: int = 0) -> list[InfillSample]:
+                        max_new_tokens: int, sep: str = "", offset: int = 0, layout: str = "spm") -> list[InfillSample]:
     """Up to ``num_samples`` single-line infilling samples, one per file, files in a seeded order
     (``offset`` skips the first samples of that order, so slices share no sample)."""
     from greencode.data.corpus import code_text
-    from greencode.data.fim import fim_prompt, require_sentinels
+    from greencode.data.fim import fim_parts, layout_ids, require_sentinels
 
-    _, _, suf = require_sentinels(tokenizer, "single-line infilling")
+    sentinels = require_sentinels(tokenizer, "single-line infilling")
     room = max_context_tokens - max_new_tokens
     if room < 16:
         raise ValueError(f"max_context_tokens={max_context_tokens} leaves no room for a prompt after "
@@ -100,11 +103,12 @@ def make_infill_samples(split, tokenizer, *, num_samples: int, seed: int, max_co
             to_skip -= 1
             continue
         prefix, suffix = text[:start], text[end:]
-        ids = fim_prompt(tokenizer, prefix, suffix, max_tokens=room)
-        s = ids.index(suf)
-        samples.append(InfillSample(id=f"{rid}:infill", path=str(rec.get("path", "")), fim_ids=ids,
-                                    l2r_ids=ids[1:s], reference=middle, indent=text[text.rfind("\n", 0, start) + 1:start],
-                                    line_index=line_index, suffix_tokens=len(ids) - s - 2, prefix_text=prefix,
+        p_ids, s_ids = fim_parts(tokenizer, prefix, suffix, max_tokens=room)
+        samples.append(InfillSample(id=f"{rid}:infill", path=str(rec.get("path", "")),
+                                    fim_ids=layout_ids(sentinels, p_ids, s_ids, layout),
+                                    psm_ids=layout_ids(sentinels, p_ids, s_ids, "psm"), l2r_ids=p_ids,
+                                    reference=middle, indent=text[text.rfind("\n", 0, start) + 1:start],
+                                    line_index=line_index, suffix_tokens=len(s_ids), prefix_text=prefix,
                                     suffix_text=suffix))
     if len(samples) < num_samples:
         log.warning("only %d of the %d requested infilling samples (%d files in the split)", len(samples),
@@ -135,8 +139,8 @@ def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: d
     eos = tokenizer.eos_token_id
     out: dict[str, list[dict]] = {}
     for mid, ctrl in controllers.items():
-        prompts = [s.l2r_ids if mid == NO_SUFFIX else s.fim_ids for s in samples]
-        ctrl = NeverExit() if mid == NO_SUFFIX else ctrl
+        prompts = [s.l2r_ids if mid == NO_SUFFIX else s.psm_ids if mid == PSM else s.fim_ids for s in samples]
+        ctrl = NeverExit() if mid in (NO_SUFFIX, PSM) else ctrl
         recs = []
         for i in range(0, len(samples), batch_size):
             rows = prompts[i:i + batch_size]
@@ -197,7 +201,8 @@ def _cell(d: Optional[dict], scale: float = 1.0, digits: int = 1) -> str:
 def render(summary: dict, meta: dict) -> str:
     ref = summary["reference"]
     lines = [f"# Single-line infilling ({meta['num_samples']} samples, {meta['split']} split)", "",
-             f"A held-out line of each file, given its prefix and suffix in the model's FIM layout; `{NO_SUFFIX}` "
+             f"A held-out line of each file, given its prefix and suffix in the model's FIM layout "
+             f"({meta.get('layout', 'spm').upper()}; `{PSM}`: the same parts in PSM order); `{NO_SUFFIX}` "
              "reads the same prefix tokens without the suffix. Greedy, until a newline; 95% paired bootstrap CIs "
              f"({summary['bootstrap_resamples']} resamples). Differences are against `{ref}` (with the suffix).", "",
              "| method | exact match % | Δ exact match (points) | edit similarity | Δ edit similarity | same line as full % "
@@ -220,7 +225,8 @@ def samples_meta(samples: Sequence[InfillSample]) -> dict:
     return {"num_samples": len(samples), "mean_reference_chars": float(np.mean([len(s.reference) for s in samples])),
             "mean_prompt_tokens": float(np.mean([len(s.fim_ids) for s in samples])),
             "mean_suffix_tokens": float(np.mean([s.suffix_tokens for s in samples])),
-            "examples": [{k: v for k, v in asdict(s).items() if k not in ("fim_ids", "l2r_ids", "prefix_text", "suffix_text")}
+            "examples": [{k: v for k, v in asdict(s).items()
+                          if k not in ("fim_ids", "psm_ids", "l2r_ids", "prefix_text", "suffix_text")}
                          for s in samples[:3]]}
 
 
@@ -260,10 +266,10 @@ def evaluate_infill(cfg) -> Path:
     split = load_corpus(cfg)[e.split]
     samples = make_infill_samples(split, tok, num_samples=e.infill_samples, seed=e.sample_seed,
                                   max_context_tokens=e.max_context_tokens, max_new_tokens=e.infill_max_new_tokens,
-                                  sep=text_sep(cfg), offset=e.sample_offset)
+                                  sep=text_sep(cfg), offset=e.sample_offset, layout=cfg.serve.fim_layout)
     if not samples:
         raise ValueError(f"no infilling samples in the {e.split!r} split; check the corpus")
-    controllers: dict[str, Any] = {"full": NeverExit(), NO_SUFFIX: NeverExit()}
+    controllers: dict[str, Any] = {"full": NeverExit(), NO_SUFFIX: NeverExit(), PSM: NeverExit()}
     fixed = model.exit_layers if e.infill_fixed_layers is None else e.infill_fixed_layers
     controllers.update({f"fixed@{layer}": FixedExit(layer) for layer in fixed})
     if inputs.policy is not None:
@@ -275,7 +281,7 @@ def evaluate_infill(cfg) -> Path:
         c.check_layers(model)
     records = run_infill(model, tok, samples, controllers, max_new_tokens=e.infill_max_new_tokens)
     summary = summarize(records, model.num_layers, resamples=e.bootstrap_resamples, seed=cfg.seed)
-    info = {"split": e.split, "sample_seed": e.sample_seed, "max_new_tokens": e.infill_max_new_tokens,
+    info = {"layout": cfg.serve.fim_layout, "split": e.split, "sample_seed": e.sample_seed, "max_new_tokens": e.infill_max_new_tokens,
             "max_context_tokens": e.max_context_tokens, "num_layers": model.num_layers,
             "exit_layers": list(model.exit_layers), "policy_loaded": inputs.policy is not None,
             "policy_note": inputs.policy_reason, **samples_meta(samples)}

@@ -282,6 +282,7 @@ class Engine:
         from greencode.data.fim import sentinel_ids
 
         self.fim_ids = sentinel_ids(tokenizer)  # None: a left-to-right model (a suffix is ignored, and said so)
+        self.fim_layout = getattr(serve_cfg, "fim_layout", "spm")  # the order the model fills in best (data/fim.py)
         eos = set()
         for v in (tokenizer.eos_token_id, getattr(getattr(model.hf, "generation_config", None), "eos_token_id", None)):
             if isinstance(v, int):
@@ -398,9 +399,10 @@ class Engine:
         llm-ls does: the code nearest the cursor is kept). BOS, when the tokenizer has one, leads and stays.
 
         Fill in the middle: a ``suffix`` (Ollama, OpenAI) or a FIM-formatted prompt (StarCoder, CodeLlama,
-        DeepSeek, Qwen markers) gives the code after the cursor. A model that knows FIM gets its own PSM
-        prompt (:func:`greencode.data.fim.fim_prompt` layout; the suffix keeps up to a quarter of the room,
-        cut at its far end); a left-to-right model gets the prefix, and ``suffix_ignored`` says so."""
+        DeepSeek, Qwen markers) gives the code after the cursor. A model that knows FIM gets its own layout
+        (:func:`greencode.data.fim.layout_ids`, ``serve.fim_layout``: SPM by default; the suffix keeps up to a
+        quarter of the room, cut at its far end); a left-to-right model gets the prefix, and
+        ``suffix_ignored`` says so."""
         prefix, fim_suffix, fim = split_fim(prompt)
         if suffix:  # an explicit suffix wins over markers in the prompt (Ollama's own template would nest them)
             fim_suffix = suffix
@@ -419,19 +421,20 @@ class Engine:
         if as_fim:
             budget -= 3  # the three sentinels
         ids, total, fmt_note = self._encode_prefix(prefix, budget)
-        head: list[int] = []
-        tail: list[int] = []
+        s_ids: list[int] = []
         if as_fim:
-            pre, mid, suf = self.fim_ids
             s_text, _ = self.to_model_text(fim_suffix[:max(8192, 32 * budget)])
             s_ids = self.tokenizer.encode(s_text, add_special_tokens=False) if s_text else []
             s_ids = s_ids[:max(budget // 4, budget - len(ids))]  # a quarter of the room, more when the prefix is short
             budget -= len(s_ids)
-            head, tail = [pre], [suf] + s_ids + [mid]
-            info.update(fim=True, suffix_tokens=len(s_ids))
+            info.update(fim=True, fim_layout=self.fim_layout, suffix_tokens=len(s_ids))
         kept = min(len(ids), budget)
         dropped = len(ids) - kept
-        ids = head + self.bos_prefix + ids[len(ids) - kept:] + tail
+        ids = self.bos_prefix + ids[len(ids) - kept:]
+        if as_fim:
+            from greencode.data.fim import layout_ids
+
+            ids = layout_ids(self.fim_ids, ids, s_ids, self.fim_layout)
         if not ids:
             fallback = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else (
                 self.eos_ids[0] if self.eos_ids else None)
