@@ -75,6 +75,12 @@ def logprobs(c: Completion, n: Optional[int]) -> Optional[dict]:
             "text_offset": [i.offset for i in infos]}
 
 
+def _error_event(e: Exception) -> str:
+    """An error after the stream started, as OpenAI sends it (the openai client raises it)."""
+    status, message, kind = error_message(e)
+    return "data: " + json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}) + "\n\n"
+
+
 def _finish(c: Completion) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
@@ -107,9 +113,7 @@ async def sse(ctx: ServeContext, events: AsyncIterator[Event], body: OpenAIReque
                 yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
                                              "model": ctx.name, "choices": [], "usage": _usage(c)}) + "\n\n"
     except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band
-        status, message, kind = error_message(e)
-        yield "data: " + json.dumps({"error": {"message": message, "type": kind, "param": None,
-                                               "code": status}}) + "\n\n"
+        yield _error_event(e)
     yield "data: [DONE]\n\n"
 
 
@@ -158,9 +162,7 @@ async def fim_sse(ctx: ServeContext, events: AsyncIterator[Event], gen: GenReque
             c = ev.completion
             yield chunk({"content": ev.tail}, _finish(c), usage=_usage(c), greencode=c.stats)
     except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band
-        status, message, kind = error_message(e)
-        yield "data: " + json.dumps({"error": {"message": message, "type": kind, "param": None,
-                                               "code": status}}) + "\n\n"
+        yield _error_event(e)
     yield "data: [DONE]\n\n"
 
 
