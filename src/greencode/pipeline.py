@@ -37,6 +37,7 @@ class Stage:
     outputs: Callable[[RunPaths], list[Path]]
     enabled: Callable[[Config], bool] = lambda cfg: True
     description: str = ""
+    inputs: Optional[Callable[[Config], dict]] = None  # identities of files outside the run that the stage reads
 
 
 def _run_data(cfg):
@@ -49,6 +50,17 @@ def _run_pretrain(cfg):
     from greencode.training import pretrain
 
     return pretrain(cfg)
+
+
+def _base_identity(cfg) -> dict:
+    """The configured base model's identity: a reshipped base (same path, new weights) is a new input."""
+    if not cfg.model.base:
+        return {}
+    from greencode.training.common import model_dir_fingerprint
+    from greencode.utils import REPO_ROOT
+
+    base = cfg.model.base if Path(cfg.model.base).is_dir() else str(REPO_ROOT / cfg.model.base)
+    return {"base": model_dir_fingerprint(base)}
 
 
 def _run_finetune(cfg):
@@ -107,7 +119,7 @@ STAGES: tuple[Stage, ...] = (
           lambda p: [p.base_model / "config.json"], enabled=lambda cfg: cfg.model.base is None,
           description="base model from scratch (embedded default only)"),
     Stage("finetune", ("model", "finetune", "seed", "hardware"), ("data", "pretrain"), _run_finetune,
-          lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning"),
+          lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning", inputs=_base_identity),
     Stage("report", ("finetune.eval_max_tokens",), ("finetune",), _run_report,
           lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE"),
     Stage("bank", ("rl.bank", "rl.observation", "rl.observation_features", "decoding.kv_strategy", "seed"), ("finetune",), _run_bank,
@@ -143,12 +155,8 @@ def _section(cfg: Config, dotted: str):
 def stage_key(cfg: Config, stage: Stage, upstream: dict[str, str]) -> str:
     payload = {"stage": stage.name, "sections": {s: _section(cfg, s) for s in stage.sections},
                "upstream": {d: upstream.get(d) for d in stage.depends}}
-    if stage.name == "finetune" and cfg.model.base:  # a reshipped base (same path, new weights) is a new input
-        from greencode.training.common import model_dir_fingerprint
-        from greencode.utils import REPO_ROOT
-
-        base = cfg.model.base if Path(cfg.model.base).is_dir() else str(REPO_ROOT / cfg.model.base)
-        payload["base"] = model_dir_fingerprint(base)
+    if stage.inputs is not None:  # inputs the config names but does not hold (a base model's weights)
+        payload.update(stage.inputs(cfg))
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

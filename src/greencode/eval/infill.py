@@ -121,12 +121,6 @@ def prediction_text(tokenizer, tokens: Sequence[int]) -> str:
     return tokenizer.decode(list(tokens), skip_special_tokens=True).split("\n", 1)[0]
 
 
-def _scores(pred: str, ref: str) -> tuple[float, float]:
-    from rapidfuzz import fuzz
-
-    return float(pred.split() == ref.split()), float(fuzz.ratio(pred.strip(), ref.strip()))
-
-
 def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: dict[str, Any], *,
                max_new_tokens: int, batch_size: int = 8) -> dict[str, list[dict]]:
     """Decode every sample with every controller (``{method id: controller}``; the id
@@ -135,6 +129,7 @@ def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: d
 
     from greencode.decoding import NeverExit, generate
     from greencode.decoding.generate import compute_cost
+    from greencode.eval.metrics import line_scores
 
     eos = tokenizer.eos_token_id
     out: dict[str, list[dict]] = {}
@@ -149,7 +144,7 @@ def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: d
                                stop_strings=["\n"], tokenizer=tokenizer)
             for s, r in zip(samples[i:i + batch_size], res):
                 pred = prediction_text(tokenizer, r.tokens)
-                em, es = _scores(pred, s.reference)
+                em, es = line_scores(pred, s.reference)
                 cost = compute_cost(model, [r], ctrl)
                 recs.append({"id": s.id, "prediction": pred, "exact_match": em, "edit_similarity": es,
                              "tokens": len(r.tokens), "exit_layers": list(r.exit_layers[1:]),

@@ -219,6 +219,13 @@ def _edit_similarity(prediction: str, reference: str) -> float:
     return float(fuzz.ratio(prediction, reference))
 
 
+def line_scores(prediction: str, reference: str) -> tuple[float, float]:
+    """(exact match, edit similarity) of one stripped pair: the two line-level scores, without the
+    corpus metrics (single-line infilling, the editors' FIM benchmark)."""
+    pred, ref = prediction.strip(), reference.strip()
+    return _exact_match(pred, ref), _edit_similarity(pred, ref)
+
+
 def _exact_match(prediction: str, reference: str) -> float:
     return float(prediction.split() == reference.split())
 

@@ -723,7 +723,8 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
     from transformers import AutoTokenizer
 
     from greencode.data.corpus import load_corpus, text_sep
-    from greencode.eval.infill import _scores, make_infill_samples
+    from greencode.eval.infill import make_infill_samples
+    from greencode.eval.metrics import line_scores
     from greencode.eval.stats import bootstrap_indices, mean_ci
     from greencode.serve.engine import run_root
     from greencode.utils import REPO_ROOT
@@ -777,7 +778,7 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
                                             max_tokens=max_new_tokens, temperature=0, stop=["\n"], extra_body=full)
                 got[name] = (200, res.choices[0].text, res.model_extra["greencode"], time.perf_counter() - t0)
             for name, (status, text, stats, rtt) in got.items():
-                em, es = _scores(first_line(text), s.reference)
+                em, es = line_scores(first_line(text), s.reference)
                 rows[name].append({"id": s.id, "status": status, "answer": text[:200], "reference": s.reference,
                                    "exact_match": em, "edit_similarity": es, "fim": bool(stats.get("fim")),
                                    "suffix_ignored": bool(stats.get("suffix_ignored")),

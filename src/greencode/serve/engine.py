@@ -37,6 +37,7 @@ from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.decoding.steps import cut_at_stops
 from greencode.paths import RunPaths
 from greencode.serve.errors import RequestError
+from greencode.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, layout_ids, sentinel_ids
 from greencode.serve.requests import Completion, GenRequest, TokenEvent, TokenInfo
 from greencode.utils import REPO_ROOT, setup_torch
 
@@ -54,7 +55,7 @@ FULL_MODEL_THRESHOLD = 1.0  # RL_agent_thresh >= 1.0 serves the exact full model
 # holds them (prefix-suffix-middle). A model that knows FIM gets its own format (greencode.data.fim);
 # a left-to-right model gets the code before the cursor, and the answer says the suffix was ignored.
 FIM_STYLES = {
-    "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    "starcoder": (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE),  # StarCoder's sentinels: the embedded default's own
     "codellama": ("<PRE>", "<SUF>", "<MID>"),
     "deepseek": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
     "qwen": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
@@ -279,8 +280,6 @@ class Engine:
         self.cost = model.cost_model()
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.bos_prefix = self._bos_prefix()
-        from greencode.data.fim import sentinel_ids
-
         self.fim_ids = sentinel_ids(tokenizer)  # None: a left-to-right model (a suffix is ignored, and said so)
         self.fim_layout = getattr(serve_cfg, "fim_layout", "spm")  # the order the model fills in best (data/fim.py)
         eos = set()
@@ -432,8 +431,6 @@ class Engine:
         dropped = len(ids) - kept
         ids = self.bos_prefix + ids[len(ids) - kept:]
         if as_fim:
-            from greencode.data.fim import layout_ids
-
             ids = layout_ids(self.fim_ids, ids, s_ids, self.fim_layout)
         if not ids:
             fallback = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else (
