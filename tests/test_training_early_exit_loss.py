@@ -127,6 +127,24 @@ def test_early_exit_loss_matches_an_independent_computation(family):
     assert set(per1) == {2, 3}
 
 
+def test_distillation_at_a_temperature_matches_the_textbook_kl():
+    """At T != 1 the KL term uses its own tempered log-softmax (the fused T = 1 path shares CE's), scaled by T^2."""
+    m = tiny_model("llama", num_layers=4, exit_layers=(1,))
+    ids = _ids()
+    hs = _reference_terms(m, ids)
+    y = ids[:, 1:].reshape(-1)
+    t = 2.0
+    final_logits = m.hf(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB)
+    exit_logits = m.adapter.lm_head(m.adapter.final_norm(hs[2]))[:, :-1].reshape(-1, VOCAB)
+    kl = F.kl_div(F.log_softmax(exit_logits / t, -1), F.log_softmax(final_logits / t, -1), log_target=True,
+                  reduction="batchmean") * t * t
+    want = F.cross_entropy(final_logits, y) + F.cross_entropy(exit_logits, y) + 0.4 * kl
+    with torch.no_grad():
+        total, _ = early_exit_loss(m, ids, active=[0], scales=[1.0], distill=0.4, distill_temperature=t)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
+    assert float(kl) > 1e-3  # the term is really there
+
+
 def test_token_fraction_samples_the_same_positions_for_every_exit():
     m = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
     ids = _ids(batch=4, length=16)

@@ -205,19 +205,26 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: Optional[torch.Tenso
     y = targets.reshape(-1).index_select(0, pos)
     w = [scales[i] for i in active]
     w_sum = sum(w) or 1.0
-    target_logp = None
+    target_p = neg_entropy = None
     if distill > 0:
+        # the final layer's distribution is a detached target: its probabilities and its negative entropy
+        # (the constant part of the KL) are computed once per step, not once per exit
         final_sel = logits[:, :-1].reshape(-1, vocab).index_select(0, pos).detach().float()
         target_logp = F.log_softmax(final_sel / distill_temperature, dim=-1)
+        target_p = target_logp.exp()
+        neg_entropy = (target_p * target_logp).sum(-1).mean()
     for layer, wi in zip(layers, w):
         h = states[layer][:, :-1].reshape(-1, states[layer].shape[-1]).index_select(0, pos)
         exit_logits = model.decode(h).float()
-        ce = F.cross_entropy(exit_logits, y)
+        # one log-softmax per exit serves both terms (at temperature 1): CE = -logp[y] and
+        # KL(p_final || p_exit) = sum p_final log p_final - sum p_final logp
+        logp = F.log_softmax(exit_logits, dim=-1)
+        ce = F.nll_loss(logp, y)
         per_layer[layer] = ce.detach()
         term = e_scale * ce
-        if target_logp is not None:
-            logp = F.log_softmax(exit_logits / distill_temperature, dim=-1)
-            kl = (target_logp.exp() * (target_logp - logp)).sum(-1).mean() * distill_temperature ** 2
+        if target_p is not None:
+            logp_t = logp if distill_temperature == 1.0 else F.log_softmax(exit_logits / distill_temperature, dim=-1)
+            kl = (neg_entropy - (target_p * logp_t).sum(-1).mean()) * distill_temperature ** 2
             term = term + distill * kl
         total = total + (wi / w_sum) * term
     return total, per_layer
