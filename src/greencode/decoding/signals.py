@@ -1,0 +1,344 @@
+"""Cheap exit signals: what an exit decision can see without running the full LM head.
+
+At an exit point the full LM head (``vocab x hidden`` multiply-accumulates: 2.65 decoder layers on
+the embedded default) tells whether the exit's prediction is settled (max softmax, margin, entropy),
+but paying it at every check costs more than an exit saves. These signals see the same logits
+through a handful of **candidate tokens**: the logits of ``k`` (<= 10) candidates, ``k x hidden``
+MACs, from which the max softmax over the candidates, the margin top-1 - top-2 and the entropy over
+the candidates follow (SpecEE, ISCA 2025, uses the top-4 of a draft model the same way).
+
+**Candidate sources** (where a token's ``k`` candidates come from at its *first* exit point; every
+later exit point takes the previous exit point's top-k of the same token, i.e. the same set re-ranked
+by this exit's candidate logits, so the set is fixed once per token):
+
+* ``first_full``: one full LM head at the first exit point (``vocab x hidden`` MACs once per token;
+  when the token exits right there, that head is the one that chooses the token, so it costs nothing
+  extra), its top-k; the features at the first exit point are those of the full head's top-k logits.
+* ``prev_token``: the top-k of the logits that chose the current input token (the previous token's
+  own head, at whatever exit it left; the prefill's last position for the first new token). No MACs:
+  those logits are computed anyway. Weak by construction: they rank candidates for the *current*
+  token, not the next one (the analysis reports how often the final answer is among them).
+* ``bigram``: the ``k`` most frequent next tokens after the current input token, counted once on
+  training tokens (:func:`bigram_table`, a ``[vocab, k]`` table). No MACs: a table lookup.
+
+**Features** per check, in :data:`FEATURES` order, then a one-hot of the exit point (``E`` values):
+``cand_max_prob``, ``cand_margin`` (top-1 - top-2 probability over the candidates),
+``cand_neg_entropy`` (minus the entropy over the candidates, nats: larger = more certain, like the
+others), ``cand_top1_logit`` (the largest candidate logit itself), ``cand_top1_stable`` (1 when this
+exit's top candidate equals the previous exit point's; 0 at the first exit point), ``saturation`` (the
+cosine between this exit's normed state and the previous exit point's; at the first exit point the
+layer just below it, as :class:`~greencode.decoding.SaturationExit` does; 0 when the first exit is
+layer 0), ``prev_exit`` (the previous token's exit point / E; 1 = the final layer).
+
+The same step (:func:`signal_step`, over rows) serves both uses: offline over teacher-forced hidden
+states (:func:`exit_signals`, every exit point of every position at once) and online inside the
+decoding loop (:class:`CheapSignals` keeps the per-row state between a token's checks).
+
+**Cost.** :func:`signal_macs` counts every multiply-accumulate of a check (the state's norm, the
+candidate logits or the full head, the candidate softmax and entropy, the saturation's dot products,
+a linear read-out of the features), so a compute ratio can include it; :func:`macs_in_layers`
+expresses it in decoder layers of the model's shape (``EarlyExitModel.cost_model()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from greencode.config import ConfigError
+
+CANDIDATE_SOURCES = ("first_full", "prev_token", "bigram")
+FEATURES = ("cand_max_prob", "cand_margin", "cand_neg_entropy", "cand_top1_logit", "cand_top1_stable",
+            "saturation", "prev_exit")
+MAX_CANDIDATES = 10
+
+
+def feature_names(n_exit_points: int) -> list[str]:
+    """The feature vector's column names: :data:`FEATURES`, then ``exit_index_0 .. exit_index_{E-1}``."""
+    return list(FEATURES) + [f"exit_index_{j}" for j in range(n_exit_points)]
+
+
+def check_candidates(k: int, source: str) -> None:
+    if not isinstance(k, int) or not 2 <= k <= MAX_CANDIDATES:
+        raise ConfigError(f"candidates k={k!r} must be an integer in [2, {MAX_CANDIDATES}] (the margin needs two)")
+    if source not in CANDIDATE_SOURCES:
+        raise ConfigError(f"candidate source {source!r}; choose one of {', '.join(CANDIDATE_SOURCES)}")
+
+
+# --------------------------------------------------------------------------- shape and cost
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost of a signal depends on. ``head_in`` is the LM head's input width (the hidden size,
+    or OPT's ``word_embed_proj_dim`` behind ``project_out``); ``norm`` is the final norm's kind."""
+
+    hidden_size: int
+    head_in: int
+    vocab_size: int
+    layer_macs: int
+    n_exit_points: int  # early exit points (decisions are taken there; not the final layer)
+    norm: str = "rms"  # "rms" | "layer" | "none"
+    has_proj: bool = False
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        kind, _eps, _scale, _bias, proj = model.adapter.final_norm_parts()
+        w = model.adapter.lm_head.weight
+        return cls(hidden_size=int(model.hidden_size), head_in=int(w.shape[1]), vocab_size=int(w.shape[0]),
+                   layer_macs=int(model.cost_model()["layer_macs"]), n_exit_points=len(model.exit_layers),
+                   norm=kind, has_proj=proj is not None)
+
+
+def norm_macs(shape: ModelShape) -> int:
+    """The final norm of one state: RMS = sum of squares, scale, weight (3 H); LayerNorm adds the mean
+    (4 H); OPT's ``project_out`` adds ``H x head_in``."""
+    per = {"rms": 3, "layer": 4, "none": 0}[shape.norm]
+    return per * shape.hidden_size + (shape.hidden_size * shape.head_in if shape.has_proj else 0)
+
+
+def signal_macs(shape: ModelShape, signal: str, *, k: int = 4, source: str = "first_full", exit_index: int = 1,
+                readout: int = 0) -> dict:
+    """Multiply-accumulates of one check of ``signal`` at exit point ``exit_index`` (0-based among the
+    early exit points), with its parts. ``signal``:
+
+    * ``cheap``: the candidate features (norm + ``k x head_in`` candidate logits, or the full head at
+      the first exit point for ``source=first_full``, + ``2k`` for the candidate softmax and entropy +
+      ``2 head_in`` for the saturation's dot product and this state's squared norm; at the first exit
+      point the saturation also normalises the layer below: + norm + ``head_in``);
+    * ``full_head``: norm + ``vocab x head_in`` + ``2 vocab`` (softmax, entropy);
+    * ``hidden``: a read-out of the normed state: norm + ``head_in``;
+    * ``saturation``: norm + ``2 head_in`` (+ the layer below's norm + ``head_in`` at the first exit point).
+
+    ``readout``: the number of inputs of a linear read-out on top (e.g. a logistic regression over the
+    features: one MAC each). Softmax exponentials and comparisons (top-k) are not MACs and not counted."""
+    h = shape.head_in
+    parts: dict[str, int] = {"norm": norm_macs(shape)}
+    first = exit_index == 0
+    below = {"saturation_layer_below": norm_macs(shape) + h} if first else {}
+    if signal == "cheap":
+        check_candidates(k, source)
+        if first and source == "first_full":
+            parts["full_head"] = shape.vocab_size * h
+        else:
+            parts["candidate_logits"] = k * h
+        parts["candidate_softmax_entropy"] = 2 * k
+        parts["saturation"] = 2 * h
+        parts.update(below)
+    elif signal == "full_head":
+        parts["full_head"] = shape.vocab_size * h
+        parts["softmax_entropy"] = 2 * shape.vocab_size
+    elif signal == "hidden":
+        pass
+    elif signal == "saturation":
+        parts["saturation"] = 2 * h
+        parts.update(below)
+    else:
+        raise ValueError(f"signal {signal!r}; known: cheap, full_head, hidden, saturation")
+    if readout:
+        parts["readout"] = int(readout)
+    return {"macs": int(sum(parts.values())), "parts": parts}
+
+
+def macs_in_layers(macs: float, shape: ModelShape) -> float:
+    """``macs`` in decoder-layer equivalents (one layer's per-token MACs, attention scores excluded)."""
+    return float(macs) / float(shape.layer_macs)
+
+
+def token_macs(shape: ModelShape, signal: str, checks: int, **kw) -> int:
+    """MACs of ``checks`` consecutive checks of one token (exit points ``0 .. checks-1``)."""
+    return sum(signal_macs(shape, signal, exit_index=j, **kw)["macs"] for j in range(checks))
+
+
+# --------------------------------------------------------------------------- the computation
+def head_parts(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The LM head's weight [V, D] and bias [V] (None for Llama / OPT)."""
+    head = model.adapter.lm_head
+    return head.weight, getattr(head, "bias", None)
+
+
+def candidate_logits(weight: torch.Tensor, bias: Optional[torch.Tensor], normed: torch.Tensor,
+                     candidates: torch.Tensor) -> torch.Tensor:
+    """Logits [N, k] (float32) of ``candidates`` [N, k] for normed states ``normed`` [N, D]: the same
+    numbers as the full head's logits at those ids, for ``k x D`` MACs instead of ``V x D``."""
+    rows = weight[candidates].float()  # [N, k, D]
+    out = torch.einsum("nkd,nd->nk", rows, normed.float())
+    if bias is not None:
+        out = out + bias.float()[candidates]
+    return out
+
+
+def candidate_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """From candidate logits [N, k]: max softmax over the candidates, margin top-1 - top-2 (probabilities),
+    minus the entropy over the candidates (nats), the largest logit, and the argmax (position in the row)."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    top2 = torch.topk(p, 2, dim=-1).values
+    return {"max_prob": top2[:, 0], "margin": top2[:, 0] - top2[:, 1], "neg_entropy": (p * logp).sum(-1),
+            "top1_logit": logits.max(-1).values, "argmax": logits.argmax(-1)}
+
+
+def full_head_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same statistics over the whole vocabulary (the expensive signals, for comparison)."""
+    return candidate_stats(logits)
+
+
+@dataclass
+class SignalState:
+    """Per-row state between the checks of a token. ``candidates`` [N, k] token ids (None: the first
+    exit point runs the full head, ``first_full``); ``prev_normed`` [N, D] the previous exit point's
+    normed state (or the layer below the first exit point); ``prev_top1`` [N] the previous exit point's
+    top candidate (token id); ``prev_exit`` [N] the previous token's exit point (E = the final layer)."""
+
+    candidates: Optional[torch.Tensor]
+    prev_exit: torch.Tensor
+    prev_normed: Optional[torch.Tensor] = None
+    prev_top1: Optional[torch.Tensor] = None
+
+
+def signal_step(weight: torch.Tensor, bias: Optional[torch.Tensor], state: SignalState, normed: torch.Tensor,
+                exit_index: int, n_exit_points: int, k: int,
+                full_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, SignalState]:
+    """One check for N rows at early exit point ``exit_index``: the features [N, F] (float32, F =
+    ``len(feature_names(E))``) and the state for the next exit point. ``full_logits`` [N, V]: the full
+    head's logits at this exit point, given when the candidate set is still open (``first_full`` at the
+    first exit point); the candidates become their top-k."""
+    n = normed.shape[0]
+    normed = normed.float()
+    if state.candidates is None:
+        if full_logits is None:
+            raise ValueError("no candidates yet: pass the full head's logits at the first exit point (first_full)")
+        vals, cands = torch.topk(full_logits.float(), k, dim=-1)
+        logits = vals
+    else:
+        cands = state.candidates
+        logits = candidate_logits(weight, bias, normed, cands)
+    st = candidate_stats(logits)
+    order = torch.argsort(logits, dim=-1, descending=True)
+    cands = torch.gather(cands, 1, order)  # this exit point's top-k, passed on to the next one
+    top1 = cands[:, 0]
+    zeros = torch.zeros(n, device=normed.device)
+    stable = zeros if state.prev_top1 is None else (top1 == state.prev_top1).float()
+    sat = zeros if state.prev_normed is None else torch.nn.functional.cosine_similarity(normed, state.prev_normed.float(),
+                                                                                        dim=-1)
+    onehot = torch.zeros(n, n_exit_points, device=normed.device)
+    onehot[:, exit_index] = 1.0
+    feats = torch.cat([torch.stack([st["max_prob"], st["margin"], st["neg_entropy"], st["top1_logit"], stable, sat,
+                                    state.prev_exit.float().to(normed.device) / n_exit_points], dim=-1), onehot], dim=-1)
+    return feats, SignalState(candidates=cands, prev_exit=state.prev_exit, prev_normed=normed, prev_top1=top1)
+
+
+def first_candidates(source: str, k: int, *, input_ids: Optional[torch.Tensor] = None,
+                     prev_logits: Optional[torch.Tensor] = None,
+                     bigram: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """A token's candidate set before its first exit point [N, k] (None for ``first_full``):
+    ``prev_token`` from the logits [N, V] that chose the input token, ``bigram`` from the table [V, >=k]
+    at the input token ids [N]."""
+    check_candidates(k, source)
+    if source == "first_full":
+        return None
+    if source == "prev_token":
+        if prev_logits is None:
+            raise ValueError("the prev_token source needs the logits that chose the input token")
+        return torch.topk(prev_logits.float(), k, dim=-1).indices
+    if bigram is None or input_ids is None:
+        raise ValueError("the bigram source needs the table (bigram_table) and the input token ids")
+    if bigram.shape[1] < k:
+        raise ValueError(f"the bigram table holds {bigram.shape[1]} candidates per token; k={k} needs more")
+    return bigram.to(input_ids.device)[input_ids.long(), :k]
+
+
+def exit_signals(model, normed: Sequence[torch.Tensor], *, k: int, source: str,
+                 prev_exit: torch.Tensor, below: Optional[torch.Tensor] = None,
+                 full_logits_first: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
+                 prev_logits: Optional[torch.Tensor] = None, bigram: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Offline: the features [E, N, F] of N positions at every early exit point, from their normed
+    states ``normed`` (E tensors [N, D], the early exit points in order), as the online loop computes them
+    when every exit point is checked (:func:`signal_step` in turn). ``below`` [N, D]: the normed state of
+    the layer under the first exit point (None when that is layer 0); ``full_logits_first`` [N, V]: the
+    full head at the first exit point (``first_full``)."""
+    weight, bias = head_parts(model)
+    e = len(normed)
+    state = SignalState(candidates=first_candidates(source, k, input_ids=input_ids, prev_logits=prev_logits,
+                                                    bigram=bigram),
+                        prev_exit=prev_exit, prev_normed=below)
+    out = []
+    for j in range(e):
+        feats, state = signal_step(weight, bias, state, normed[j], j, e, k,
+                                   full_logits=full_logits_first if (j == 0 and state.candidates is None) else None)
+        out.append(feats)
+    return torch.stack(out)
+
+
+class CheapSignals:
+    """Online: the cheap signals of a batch of rows inside the decoding loop. Call :meth:`start` when
+    the rows begin a token (their input ids, the logits that chose them, the previous token's exit
+    point), :meth:`below` with the raw state of the layer under the first exit point (for saturation),
+    then :meth:`check` at each exit point the rows reach (raw hidden states [N, H]; the full head's
+    logits at the first exit point for ``first_full``). :meth:`macs_per_check` is what each check costs."""
+
+    def __init__(self, model, k: int = 4, source: str = "first_full", bigram: Optional[torch.Tensor] = None):
+        check_candidates(k, source)
+        if source == "bigram" and bigram is None:
+            raise ConfigError("the bigram candidate source needs a table (greencode.decoding.signals.bigram_table)")
+        self.model, self.k, self.source, self.bigram = model, int(k), source, bigram
+        self.shape = ModelShape.of(model)
+        self.weight, self.bias = head_parts(model)
+        self.state: Optional[SignalState] = None
+        self.feature_names = feature_names(self.shape.n_exit_points)
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        from greencode.decoding.controllers import policy_observation
+
+        return policy_observation(self.model, hidden, "normed")
+
+    def start(self, input_ids: torch.Tensor, prev_exit: torch.Tensor, prev_logits: Optional[torch.Tensor] = None) -> None:
+        self.state = SignalState(candidates=first_candidates(self.source, self.k, input_ids=input_ids,
+                                                             prev_logits=prev_logits, bigram=self.bigram),
+                                 prev_exit=prev_exit)
+
+    def below(self, hidden: torch.Tensor) -> None:
+        self.state.prev_normed = self.normed(hidden)
+
+    def check(self, exit_index: int, hidden: torch.Tensor, full_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.state is None:
+            raise RuntimeError("call start() at the beginning of each token")
+        feats, self.state = signal_step(self.weight, self.bias, self.state, self.normed(hidden), exit_index,
+                                        self.shape.n_exit_points, self.k,
+                                        full_logits=full_logits if self.state.candidates is None else None)
+        return feats
+
+    def macs_per_check(self, exit_index: int, readout: int = 0) -> int:
+        return signal_macs(self.shape, "cheap", k=self.k, source=self.source, exit_index=exit_index,
+                           readout=readout)["macs"]
+
+
+# --------------------------------------------------------------------------- the bigram table
+def bigram_table(sequences: Iterable[Sequence[int]], vocab_size: int, k: int = MAX_CANDIDATES) -> torch.Tensor:
+    """``[vocab, k]`` int64: for each token id, the ``k`` most frequent next tokens over ``sequences``
+    (token id lists; counted within each sequence); rows with fewer than ``k`` seen successors are
+    filled with the most frequent tokens overall (ties broken by the lower id)."""
+    counts: dict[int, dict[int, int]] = {}
+    unigram = torch.zeros(vocab_size, dtype=torch.float64)
+    for seq in sequences:
+        ids = torch.as_tensor(list(seq), dtype=torch.long)
+        if ids.numel() == 0:
+            continue
+        unigram += torch.bincount(ids, minlength=vocab_size)[:vocab_size].double()
+        if ids.numel() < 2:
+            continue
+        pairs = ids[:-1] * vocab_size + ids[1:]
+        uniq, cnt = torch.unique(pairs, return_counts=True)
+        for p, c in zip(uniq.tolist(), cnt.tolist()):
+            row = counts.setdefault(p // vocab_size, {})
+            row[p % vocab_size] = row.get(p % vocab_size, 0) + c
+    # stable orders: by count descending, then id ascending
+    fill = sorted(range(vocab_size), key=lambda i: (-float(unigram[i]), i))[:k]
+    table = torch.empty(vocab_size, k, dtype=torch.long)
+    for t in range(vocab_size):
+        row = sorted((counts.get(t) or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        ids = [i for i, _ in row]
+        ids += [i for i in fill if i not in ids][:k - len(ids)]
+        table[t] = torch.tensor(ids[:k])
+    return table
