@@ -1,0 +1,518 @@
+"""Decision quality of exit signals, measured directly (issue 30, item 3).
+
+Before any controller is tuned: on held-out **validation** files (never test), one teacher-forced
+pass of an early-exit model gives, for every token position and every early exit point, the
+**oracle label** (this exit's greedy token equals the final layer's) and every signal an exit
+decision could use. Each signal's AUC against the label per exit point, and its precision at
+matched recall, say which signals can reach the oracle's savings at all:
+
+* ``hidden_lr``: a logistic regression on the normed hidden state (what the paper's GC and the
+  classifier see), one model over all exit points, trained on a file-disjoint train part of the
+  validation files and scored on the rest; ``hidden_lr_4k``: the same trained on 4,000 tokens
+  (about today's trajectory bank);
+* ``full_max_prob``, ``full_margin`` (top-1 - top-2 probability), ``full_neg_entropy``: the full LM
+  head at the exit (2.65 decoder layers per check on the default);
+* per candidate source ``s`` (:mod:`greencode.decoding.signals`): ``cheap[s]_max_prob``,
+  ``cheap[s]_margin``, ``cheap[s]_neg_entropy`` alone, ``cheap[s]_lr`` (a logistic regression on all
+  cheap features + the exit index) and ``hidden+cheap[s]_lr`` (the normed state + those features);
+* ``saturation``: the cosine of this exit's normed state to the previous exit point's (the layer below
+  the first exit point for the first);
+* ``hidden+full_lr``: the normed state + the full head's max softmax, margin and entropy + saturation
+  (what a policy could learn with the expensive features; a reference, not a candidate).
+
+Teacher forcing runs every layer with exact K/V (no exits simulated); ``prev_exit`` (the previous
+token's exit point) is the previous position's oracle exit, what a perfect controller would have
+done. The ``prev_token`` source takes the previous position's final-layer top-k.
+
+Written to ``results/<name>/signals/auc.{json,md}`` and ``figures/<name>/signals_auc.{png,pdf}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, ModelShape, bigram_table, exit_signals,
+                                        macs_in_layers, signal_macs, token_macs)
+from greencode.paths import RunPaths
+from greencode.utils import REPO_ROOT, run_metadata, setup_torch, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+FULL_STATS = ("max_prob", "margin", "neg_entropy")
+FIXED_RECALLS = (0.5, 0.8)
+MATCH_THRESHOLD = 0.9  # precision at the recall that full_max_prob >= 0.9 reaches
+
+
+# --------------------------------------------------------------------------- metrics
+def auc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
+    """ROC AUC by the rank formula (Mann-Whitney U; tied scores share their average rank): the
+    probability that a random positive scores above a random negative (ties count one half).
+    None when one class is absent."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # average ranks (1-based) over runs of equal scores
+    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def precision_at_recall(scores: np.ndarray, labels: np.ndarray, recall: float) -> Optional[dict]:
+    """The precision at the highest threshold whose recall (exits taken among the positives) reaches
+    ``recall``: exit when ``score >= threshold``; tied scores are all in or all out. None without
+    positives."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return None
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    # the ends of runs of equal scores: a threshold takes a whole run
+    ends = np.r_[np.flatnonzero(np.diff(s)) , len(s) - 1]
+    rec = tp[ends] / n_pos
+    i = int(np.searchsorted(rec, recall - 1e-12))  # rec is non-decreasing
+    i = min(i, len(ends) - 1)
+    end = ends[i]
+    return {"threshold": float(s[end]), "recall": float(rec[i]), "precision": float(tp[end] / (end + 1)),
+            "exit_share": float((end + 1) / len(s))}
+
+
+def recall_at_threshold(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Optional[float]:
+    labels = np.asarray(labels).astype(bool)
+    if not labels.any():
+        return None
+    return float((np.asarray(scores)[labels] >= threshold).mean())
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int, max_iter: int = 300):
+    """A standardised L2 logistic regression (sklearn, lbfgs). Returns a ``score(x) -> P(agree)``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(y)) < 2:  # nothing to learn: a constant score
+        const = float(np.mean(y)) if len(y) else 0.5
+        return lambda z: np.full(len(z), const)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=1.0, random_state=seed))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: the ranking is what is scored
+        model.fit(x.astype(np.float32), y.astype(np.int64))
+    return lambda z: model.predict_proba(z.astype(np.float32))[:, 1]
+
+
+# --------------------------------------------------------------------------- data
+def resolve_model(cfg, model_dir: Optional[str] = None) -> tuple[str, str]:
+    """(directory, kind): ``model_dir`` if given, else the run's LITE fine-tuned model when it exists,
+    else the base the run starts from (``model.base``, e.g. the shipped ``assets/default-base``)."""
+    if model_dir:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {model_dir}: no HF model there (config.json missing)")
+        return str(model_dir), "given"
+    ft = RunPaths.from_config(cfg).finetuned
+    if (ft / "config.json").is_file():
+        return str(ft), "finetuned"
+    from greencode.training.finetuning import base_source
+
+    return base_source(cfg), "base (no LITE fine-tuned model in this run)"
+
+
+def _portable(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def validation_windows(cfg, tokenizer, n_files: int, window: int, min_tokens: int, seed: int) -> list[dict]:
+    """Up to ``n_files`` validation files in a seeded order, each encoded (bos + text + eos) and cut to
+    one seeded window of at most ``window`` tokens; files shorter than ``min_tokens`` are skipped."""
+    from greencode.data import encode_record, load_corpus
+    from greencode.data.corpus import text_sep
+
+    dsd = load_corpus(cfg)
+    if "validation" not in dsd or len(dsd["validation"]) == 0:
+        raise ValueError("the corpus has no validation files; rebuild it with scripts/prepare_data.py")
+    val = dsd["validation"]
+    order = list(range(len(val)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    sep = text_sep(cfg)
+    out = []
+    for i in order:
+        if len(out) >= n_files:
+            break
+        rec = val[i]
+        ids = encode_record(tokenizer, rec, sep)
+        if len(ids) < min_tokens:
+            continue
+        start = rng.randint(0, len(ids) - window) if len(ids) > window else 0
+        out.append({"file": rec.get("path") or rec.get("id") or str(i), "ids": ids[start:start + window],
+                    "start": start})
+    if len(out) < 2:
+        raise ValueError(f"only {len(out)} validation files have >= {min_tokens} tokens; the file-disjoint split needs "
+                         "two or more (enlarge the corpus or lower --min-tokens)")
+    return out
+
+
+def train_bigrams(cfg, tokenizer, vocab_size: int, k: int, max_tokens: int, seed: int) -> tuple[torch.Tensor, int]:
+    """The bigram candidate table from the corpus' **train** split (seeded files up to ``max_tokens``)."""
+    from greencode.data import encode_record, load_corpus
+    from greencode.data.corpus import text_sep
+
+    train = load_corpus(cfg)["train"]
+    order = list(range(len(train)))
+    random.Random(seed + 1).shuffle(order)
+    seqs, total = [], 0
+    for i in order:
+        if total >= max_tokens:
+            break
+        ids = encode_record(tokenizer, train[i], text_sep(cfg))
+        seqs.append(ids)
+        total += len(ids)
+    return bigram_table(seqs, vocab_size, k), total
+
+
+@torch.no_grad()
+def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigram: Optional[torch.Tensor],
+            batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The teacher-forced pass: per (position, early exit point) example, its label, file, exit index,
+    normed state (float16), full-head statistics and each source's cheap features. Position 0 of each
+    window (no previous token) and padding are left out."""
+    from greencode.decoding.controllers import policy_observation
+
+    exits = list(model.exit_layers)
+    e = len(exits)
+    first = exits[0]
+    layers = sorted(set(exits) | {model.final_layer} | ({first - 1} if first >= 1 else set()))
+    every = type(model)(model.hf, [x for x in layers if x != model.final_layer])
+    dev = model.device
+    cols: dict[str, list] = {"label": [], "file": [], "exit": [], "hidden": [], "token_pos": []}
+    for s in FULL_STATS:
+        cols[f"full_{s}"] = []
+    for src in sources:
+        cols[f"cheap_{src}"] = []
+    cov: dict[str, list] = {src: [] for src in sources}
+    for b0 in range(0, len(windows), batch_size):
+        batch = windows[b0:b0 + batch_size]
+        t = max(len(w["ids"]) for w in batch)
+        ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), t), dtype=torch.long)
+        for r, w in enumerate(batch):
+            ids[r, :len(w["ids"])] = torch.tensor(w["ids"])
+            mask[r, :len(w["ids"])] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        hs = dict(zip(every.exit_points, every.exit_hidden_states(ids, mask)))
+        final_logits = model.decode(hs[model.final_layer]).float()  # [B, T, V]
+        final_pred = final_logits.argmax(-1)
+        preds, full = [], []
+        first_logits = None
+        for j, layer in enumerate(exits):
+            lg = final_logits if layer == model.final_layer else model.decode(hs[layer]).float()
+            preds.append(lg.argmax(-1))
+            logp = torch.log_softmax(lg, -1)
+            top2 = torch.topk(logp, 2, -1).values.exp()
+            full.append(torch.stack([top2[..., 0], top2[..., 0] - top2[..., 1], (logp.exp() * logp).sum(-1)], -1))
+            if j == 0:
+                first_logits = lg
+            del lg, logp
+        agree = torch.stack([p == final_pred for p in preds], 0)  # [E, B, T]
+        # oracle exit per position: the first agreeing exit point, E when none does
+        any_agree = agree.any(0)
+        oracle = torch.where(any_agree, agree.float().argmax(0), torch.full_like(final_pred, e))
+        valid = mask.bool().clone()
+        valid[:, 0] = False
+        sel = valid.reshape(-1)
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        prev_exit = torch.cat([torch.full_like(oracle[:, :1], e), oracle[:, :-1]], 1).reshape(-1)[sel]
+        prev_logits = torch.cat([final_logits[:, :1], final_logits[:, :-1]], 1).reshape(-1, final_logits.shape[-1])[sel]
+        flat = lambda x: x.reshape(-1, x.shape[-1])[sel]  # noqa: E731
+        normed = [policy_observation(model, flat(hs[layer]), "normed") for layer in exits]
+        below = policy_observation(model, flat(hs[first - 1]), "normed") if first >= 1 else None
+        input_ids = ids.reshape(-1)[sel]
+        file_idx = torch.arange(b0, b0 + len(batch), device=dev)[:, None].expand(-1, t).reshape(-1)[sel]
+        pos = torch.arange(t, device=dev)[None].expand(len(batch), -1).reshape(-1)[sel]
+        fin = final_pred.reshape(-1)[sel]
+        for src in sources:
+            feats = exit_signals(model, normed, k=k, source=src, prev_exit=prev_exit, below=below,
+                                 full_logits_first=flat(first_logits), input_ids=input_ids, prev_logits=prev_logits,
+                                 bigram=bigram)  # [E, n, F]
+            cols[f"cheap_{src}"].append(feats.permute(1, 0, 2).reshape(n * e, -1).cpu().numpy())
+            # how often the final layer's answer is among the token's candidates (the set is fixed per token)
+            from greencode.decoding.signals import first_candidates
+
+            cands = first_candidates(src, k, input_ids=input_ids, prev_logits=prev_logits, bigram=bigram)
+            if cands is None:
+                cands = torch.topk(flat(first_logits), k, -1).indices
+            cov[src].append((cands == fin[:, None]).any(-1).cpu().numpy())
+        cols["label"].append(agree.permute(1, 2, 0).reshape(-1, e)[sel].reshape(-1).cpu().numpy())
+        cols["exit"].append(np.tile(np.arange(e), n))
+        cols["file"].append(np.repeat(file_idx.cpu().numpy(), e))
+        cols["token_pos"].append(np.repeat(np.arange(n) + sum(len(x) for x in cols["token_pos"]) // e, e))
+        cols["hidden"].append(torch.stack(normed, 1).reshape(n * e, -1).to(torch.float16).cpu().numpy())
+        fs = torch.stack(full, 0).permute(1, 2, 0, 3).reshape(-1, e, 3)[sel].reshape(n * e, 3).cpu().numpy()
+        for i, s in enumerate(FULL_STATS):
+            cols[f"full_{s}"].append(fs[:, i])
+        log.info("signals: %d / %d windows", min(b0 + batch_size, len(windows)), len(windows))
+    out = {key: np.concatenate(v) for key, v in cols.items()}
+    out["label"] = out["label"].astype(bool)
+    for src in sources:
+        out[f"coverage_{src}"] = np.concatenate(cov[src])
+    return out
+
+
+# --------------------------------------------------------------------------- the analysis
+def _signal_table(data: dict, train: np.ndarray, test: np.ndarray, small: np.ndarray, sources: Sequence[str],
+                  e: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Scores of every signal on the test examples, and a description of each."""
+    col = {c: i for i, c in enumerate(FEATURES)}
+    hidden = data["hidden"]
+    y = data["label"]
+    scores: dict[str, np.ndarray] = {}
+    desc: dict[str, str] = {}
+
+    def lr(name: str, x_fn, rows: np.ndarray, what: str):
+        t0 = time.perf_counter()
+        score = fit_logistic(x_fn(rows), y[rows], seed)
+        scores[name] = score(x_fn(test))
+        desc[name] = what
+        log.info("signals: %s fitted on %d examples in %.1f s", name, len(rows), time.perf_counter() - t0)
+
+    lr("hidden_lr", lambda r: hidden[r].astype(np.float32), train,
+       "logistic regression on the normed hidden state (GC's observation), all train-part tokens")
+    lr("hidden_lr_4k", lambda r: hidden[r].astype(np.float32), small,
+       "the same trained on 4,000 train-part tokens (about today's bank)")
+    for s in FULL_STATS:
+        scores[f"full_{s}"] = data[f"full_{s}"][test]
+    desc.update({"full_max_prob": "max softmax of the full LM head", "full_margin": "full head: top-1 - top-2 probability",
+                 "full_neg_entropy": "full head: minus the entropy (nats)"})
+    for src in sources:
+        f = data[f"cheap_{src}"]
+        for s in ("max_prob", "margin", "neg_entropy"):
+            scores[f"cheap[{src}]_{s}"] = f[test, col[f"cand_{s}"]]
+            desc[f"cheap[{src}]_{s}"] = f"candidates from {src}: {s.replace('_', ' ')} over the k candidates"
+        lr(f"cheap[{src}]_lr", lambda r, f=f: f[r], train,
+           f"logistic regression on the cheap features ({src}) + exit index")
+        lr(f"hidden+cheap[{src}]_lr", lambda r, f=f: np.concatenate([hidden[r].astype(np.float32), f[r]], 1), train,
+           f"logistic regression on the normed hidden state + the cheap features ({src})")
+    sat = data[f"cheap_{sources[0]}"][:, col["saturation"]]
+    scores["saturation"] = sat[test]
+    desc["saturation"] = "cosine of this exit's normed state to the previous exit point's"
+    full3 = np.stack([data[f"full_{s}"] for s in FULL_STATS], 1)
+    onehot = np.eye(e, dtype=np.float32)[data["exit"]]
+    lr("hidden+full_lr", lambda r: np.concatenate([hidden[r].astype(np.float32), full3[r], sat[r, None], onehot[r]], 1),
+       train, "reference: normed hidden state + full-head max softmax, margin, entropy + saturation + exit index")
+    return scores, desc
+
+
+def _costs(shape: ModelShape, k: int, sources: Sequence[str]) -> dict[str, dict]:
+    """Per signal: MACs of a check at a later exit point and at the first exit point, and of one token
+    checked at every exit point, with the layer equivalents."""
+    e, d, nf = shape.n_exit_points, shape.head_in, len(FEATURES) + shape.n_exit_points
+    spec: dict[str, tuple[str, dict]] = {
+        "hidden_lr": ("hidden", {"readout": d}), "hidden_lr_4k": ("hidden", {"readout": d}),
+        "full_max_prob": ("full_head", {}), "full_margin": ("full_head", {}), "full_neg_entropy": ("full_head", {}),
+        "saturation": ("saturation", {}),
+    }
+    for src in sources:
+        for s in ("max_prob", "margin", "neg_entropy"):
+            spec[f"cheap[{src}]_{s}"] = ("cheap", {"k": k, "source": src})
+        spec[f"cheap[{src}]_lr"] = ("cheap", {"k": k, "source": src, "readout": nf})
+        spec[f"hidden+cheap[{src}]_lr"] = ("cheap", {"k": k, "source": src, "readout": nf + d})
+    out = {}
+    for name, (sig, kw) in spec.items():
+        later = signal_macs(shape, sig, exit_index=min(1, e - 1), **kw)["macs"]
+        first = signal_macs(shape, sig, exit_index=0, **kw)["macs"]
+        per_token = token_macs(shape, sig, e, **kw)
+        out[name] = {"macs_per_check": later, "macs_first_check": first, "macs_per_token_all_checks": per_token,
+                     "layers_per_check": round(macs_in_layers(later, shape), 5),
+                     "layers_first_check": round(macs_in_layers(first, shape), 5),
+                     "layers_per_token_all_checks": round(macs_in_layers(per_token, shape), 5)}
+    # the reference: full head + saturation + a read-out of the state and 4 numbers + the exit index
+    full = signal_macs(shape, "full_head", exit_index=1)["macs"] + 2 * d + d + 4 + e
+    out["hidden+full_lr"] = {"macs_per_check": full, "macs_first_check": full + 4 * d,
+                             "macs_per_token_all_checks": full * e + 4 * d,
+                             "layers_per_check": round(macs_in_layers(full, shape), 5),
+                             "layers_first_check": round(macs_in_layers(full + 4 * d, shape), 5),
+                             "layers_per_token_all_checks": round(macs_in_layers(full * e + 4 * d, shape), 5)}
+    return out
+
+
+def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150, window: int = 512,
+                    min_tokens: int = 64, k: int = 4, sources: Sequence[str] = CANDIDATE_SOURCES,
+                    train_fraction: float = 0.5, small_tokens: int = 4000, bigram_tokens: int = 2_000_000,
+                    batch_size: int = 8, out_dir: Optional[Path] = None, figures_dir: Optional[Path] = None) -> dict:
+    """Run the analysis (see the module docstring) and write ``auc.json``, ``auc.md`` and the figure.
+    Returns the report."""
+    from greencode.data import load_tokenizer
+    from greencode.models import EarlyExitModel
+
+    t0 = time.perf_counter()
+    sources = list(sources)
+    for s in sources:
+        if s not in CANDIDATE_SOURCES:
+            raise ValueError(f"candidate source {s!r}; choose from {', '.join(CANDIDATE_SOURCES)}")
+    if not sources:
+        raise ValueError("give at least one candidate source")
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction={train_fraction} must be in (0, 1)")
+    src_dir, kind = resolve_model(cfg, model_dir)
+    device, dtype = setup_torch(cfg.hardware)
+    model = EarlyExitModel.from_run_config(cfg, src_dir, device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(cfg)
+    shape = ModelShape.of(model)
+    e = shape.n_exit_points
+    windows = validation_windows(cfg, tokenizer, n_files, window, min_tokens, cfg.seed)
+    bigram, bigram_seen = None, 0
+    if "bigram" in sources:
+        bigram, bigram_seen = train_bigrams(cfg, tokenizer, shape.vocab_size, k, bigram_tokens, cfg.seed)
+        bigram = bigram.to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    data = collect(model, windows, k=k, sources=sources, bigram=bigram, batch_size=batch_size, pad_id=pad)
+    t_pass = time.perf_counter() - t0
+
+    n_train_files = max(1, min(len(windows) - 1, int(round(train_fraction * len(windows)))))
+    is_train = data["file"] < n_train_files  # windows are in the seeded order: a file-disjoint split
+    train, test = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+    rng = np.random.default_rng(cfg.seed)
+    train_tokens = np.unique(data["token_pos"][train])
+    pick = rng.choice(train_tokens, size=min(small_tokens, len(train_tokens)), replace=False)
+    small = train[np.isin(data["token_pos"][train], pick)]
+    scores, desc = _signal_table(data, train, test, small, sources, e, cfg.seed)
+
+    y, ex = data["label"][test], data["exit"][test]
+    per_exit_masks = [ex == j for j in range(e)]
+    conf = scores["full_max_prob"]
+    matched_pooled = recall_at_threshold(conf, y, MATCH_THRESHOLD)
+    matched_exit = [recall_at_threshold(conf[m], y[m], MATCH_THRESHOLD) for m in per_exit_masks]
+    costs = _costs(shape, k, sources)
+    signals: dict[str, Any] = {}
+    for name, sc in scores.items():
+        per = [auc(sc[m], y[m]) for m in per_exit_masks]
+        vals = [a for a in per if a is not None]
+        prec = {f"recall_{r}": precision_at_recall(sc, y, r) for r in FIXED_RECALLS}
+        prec["matched_recall"] = precision_at_recall(sc, y, matched_pooled) if matched_pooled else None
+        per_prec = [precision_at_recall(sc[m], y[m], r) if r else None for m, r in zip(per_exit_masks, matched_exit)]
+        pp = [p["precision"] for p in per_prec if p is not None]
+        signals[name] = {"description": desc[name], "auc_per_exit": [None if a is None else round(a, 4) for a in per],
+                         "auc_mean": round(float(np.mean(vals)), 4) if vals else None,
+                         "auc_pooled": None if auc(sc, y) is None else round(auc(sc, y), 4),
+                         "precision_pooled": prec, "precision_matched_per_exit": per_prec,
+                         "precision_matched_mean": round(float(np.mean(pp)), 4) if pp else None,
+                         "cost": costs[name]}
+    coverage = {src: {"final_answer_among_candidates": round(float(data[f"coverage_{src}"][
+        data["file"][::e] >= n_train_files].mean()), 4)} for src in sources}
+    positives = [round(float(y[m].mean()), 4) if m.any() else None for m in per_exit_masks]
+    report = {
+        "description": "decision quality of exit signals on held-out validation tokens (teacher forced, every layer "
+                       "run, exact K/V): AUC of each signal against the oracle label (this exit point's greedy token "
+                       "== the final layer's) per early exit point, and precision at matched recall (exit when the "
+                       "signal >= a threshold; pooled over exit points at recall 0.5 and 0.8 and at the recall "
+                       f"full_max_prob >= {MATCH_THRESHOLD} reaches; per exit point at that exit's matched recall). "
+                       "Logistic regressions are trained on a file-disjoint train part of the same validation files "
+                       "and scored on the rest; layers are 0-based",
+        "split": "validation", "model_dir": _portable(src_dir), "model_kind": kind,
+        "model": model.fingerprint(), "exit_layers": list(model.exit_layers), "final_layer": model.final_layer,
+        "shape": {"hidden_size": shape.hidden_size, "head_in": shape.head_in, "vocab_size": shape.vocab_size,
+                  "layer_macs": shape.layer_macs, "lm_head_layers": round(macs_in_layers(
+                      shape.vocab_size * shape.head_in, shape), 4)},
+        "files": len(windows), "train_files": n_train_files, "test_files": len(windows) - n_train_files,
+        "window": window, "min_tokens": min_tokens,
+        "tokens": {"train": int(len(train) // e), "test": int(len(test) // e), "small_train": int(len(small) // e)},
+        "examples": {"train": int(len(train)), "test": int(len(test))},
+        "k": k, "sources": sources, "bigram_train_tokens": bigram_seen,
+        "candidate_coverage_test": coverage,
+        "positive_share_per_exit": positives,
+        "matched_recall": {"threshold": MATCH_THRESHOLD, "pooled": matched_pooled, "per_exit": matched_exit},
+        "signals": signals,
+        "time_s": {"pass": round(t_pass, 2), "total": round(time.perf_counter() - t0, 2)},
+        "meta": run_metadata(cfg, stage="signal_quality", model_dir=_portable(src_dir)),
+    }
+    paths = RunPaths.from_config(cfg)
+    out_dir = Path(out_dir) if out_dir is not None else paths.results / "signals"
+    figures_dir = Path(figures_dir) if figures_dir is not None else paths.figures
+    write_json(out_dir / "auc.json", report)
+    write_text(out_dir / "auc.md", render_markdown(report))
+    from greencode.plots.signals import plot_signals_auc
+
+    plot_signals_auc(report, figures_dir)
+    log.info("signal quality: %d test tokens, %d signals in %.1f s -> %s", report["tokens"]["test"], len(signals),
+             report["time_s"]["total"], out_dir / "auc.json")
+    return report
+
+
+def _f(v: Optional[float], fmt: str = "{:.3f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def render_markdown(report: dict) -> str:
+    exits = report["exit_layers"]
+    sig = report["signals"]
+    lines = [f"# Exit signals: AUC against the oracle label ({report['split']} split)", "",
+             f"Model `{report['model_dir']}` ({report['model_kind']}); exit points {exits} (0-based), final layer "
+             f"{report['final_layer']}. {report['files']} validation files, one window of <= {report['window']} "
+             f"tokens each; logistic regressions trained on {report['train_files']} files "
+             f"({report['tokens']['train']:,} tokens; `hidden_lr_4k`: {report['tokens']['small_train']:,}) and scored "
+             f"on the other {report['test_files']} ({report['tokens']['test']:,} tokens x {len(exits)} exit points). "
+             f"Candidates: k = {report['k']}.", "",
+             report["description"] + ".", "",
+             "Share of test tokens whose exit agrees with the final layer (the label's base rate), per exit point: "
+             + ", ".join(f"{x}: {_f(p)}" for x, p in zip(exits, report["positive_share_per_exit"])) + ".", "",
+             "Candidate coverage (the final layer's token among the k candidates, test tokens): "
+             + ", ".join(f"{s}: {_f(c['final_answer_among_candidates'])}" for s, c in
+                         report["candidate_coverage_test"].items()) + ".", "",
+             "## AUC per exit point", "",
+             "| signal | " + " | ".join(f"exit {x}" for x in exits) + " | mean | pooled |",
+             "|---|" + "---|" * (len(exits) + 2)]
+    for name, s in sig.items():
+        lines.append(f"| `{name}` | " + " | ".join(_f(a) for a in s["auc_per_exit"])
+                     + f" | **{_f(s['auc_mean'])}** | {_f(s['auc_pooled'])} |")
+    mr = report["matched_recall"]
+    lines += ["", "## Precision at matched recall", "",
+              f"Exit when the signal >= a threshold. Pooled over exit points: the precision at the first threshold "
+              f"reaching recall 0.5, 0.8, and {_f(mr['pooled'])} (the recall of `full_max_prob >= {mr['threshold']}`); "
+              "per exit point: at each exit's own matched recall ("
+              + ", ".join(f"{x}: {_f(r)}" for x, r in zip(exits, mr["per_exit"])) + "), then the mean. "
+              "The precision of always exiting is the base rate above.", "",
+              "| signal | P @ R=0.5 | P @ R=0.8 | P @ matched R (pooled) | exits taken (matched) | "
+              "P @ matched R, mean over exits |", "|---|---|---|---|---|---|"]
+    for name, s in sig.items():
+        p = s["precision_pooled"]
+        m = p.get("matched_recall") or {}
+        lines.append(f"| `{name}` | {_f((p.get('recall_0.5') or {}).get('precision'))} | "
+                     f"{_f((p.get('recall_0.8') or {}).get('precision'))} | {_f(m.get('precision'))} | "
+                     f"{_f(m.get('exit_share'))} | {_f(s['precision_matched_mean'])} |")
+    sh = report["shape"]
+    lines += ["", "## Cost of each signal", "",
+              f"Multiply-accumulates per check (hidden {sh['hidden_size']}, vocabulary {sh['vocab_size']}, one decoder "
+              f"layer = {sh['layer_macs']:,} MACs; a full LM head = {sh['lm_head_layers']} layers). 'first' is the "
+              "check at the first exit point (the `first_full` source runs the full head there; saturation normalises "
+              "the layer below); 'per token' checks every exit point.", "",
+              "| signal | MACs / check | layers / check | MACs first check | layers first check | "
+              "layers / token (all checks) |", "|---|---|---|---|---|---|"]
+    for name, s in sig.items():
+        c = s["cost"]
+        lines.append(f"| `{name}` | {c['macs_per_check']:,} | {c['layers_per_check']:.4f} | {c['macs_first_check']:,} | "
+                     f"{c['layers_first_check']:.4f} | {c['layers_per_token_all_checks']:.4f} |")
+    lines += ["", "Descriptions:", ""] + [f"- `{n}`: {s['description']}" for n, s in sig.items()]
+    return "\n".join(lines) + "\n"
