@@ -296,9 +296,22 @@ class BankConfig:
     # local processes on CPU (1 torch thread each); under torchrun / accelerate launch the ranks shard
     # the sequences instead and rank 0 merges them
     workers: int = 1
+    # where the states come from: decode = the decoding loop, token by token (observe mode; T tokens per
+    # sequence after a prefix of the file); simulate = teacher-forced windows of the split's files with
+    # the behaviour's exits simulated layer by layer (greencode.rl.simulate: the same states as the loop
+    # fed the same tokens, all positions at once; a window of max_context_tokens is one sequence)
+    source: str = field(default="decode", metadata=_choices("decode", "simulate"))
+    decision_tokens: Optional[int] = None  # simulate: decided tokens in the bank (null = num_sequences x T)
+    min_context_tokens: int = 32  # simulate: a window's first positions (the prompt) are never decided
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_sequences", self.num_sequences, 1, None)
+        if self.decision_tokens is not None:
+            _check_range(f"{path}.decision_tokens", self.decision_tokens, 1, None)
+        _check_range(f"{path}.min_context_tokens", self.min_context_tokens, 1, None)
+        if self.source == "simulate" and self.min_context_tokens + 2 > self.max_context_tokens:
+            raise ConfigError(f"{path}.min_context_tokens={self.min_context_tokens} leaves no decided position in a "
+                              f"window of {path}.max_context_tokens={self.max_context_tokens}; lower it")
         _check_range(f"{path}.tokens_per_sequence", self.tokens_per_sequence, 1, None)
         _check_range(f"{path}.batch_size", self.batch_size, 1, None)
         _check_range(f"{path}.workers", self.workers, 1, 64)

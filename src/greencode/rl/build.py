@@ -39,6 +39,16 @@ def _file_sha(path) -> Optional[str]:
         return None
 
 
+def _bank_settings(bc) -> dict:
+    """The bank config as keyed: the simulate-only keys only when ``source`` is simulate, so a decoding
+    bank built before they existed keeps its key."""
+    d = dataclasses.asdict(bc)
+    if bc.source == "decode":
+        for k in ("source", "decision_tokens", "min_context_tokens"):
+            d.pop(k, None)
+    return d
+
+
 def bank_key(cfg, model) -> dict:
     """What a bank depends on: reused only when all of it matches (model fingerprint, exit
     layers, observation mode, corpus config and its manifest, bank config, seed)."""
@@ -58,7 +68,7 @@ def bank_key(cfg, model) -> dict:
         "observation_features": list(cfg.rl.observation_features),
         "corpus": {**cfg.section_dict("data", "tokenizer"), "split": cfg.rl.bank.split,
                    "corpus_manifest_sha256": corpus_id},
-        "bank": dataclasses.asdict(cfg.rl.bank),
+        "bank": _bank_settings(cfg.rl.bank),
         "behaviour_policy_sha256": _file_sha(cfg.rl.bank.policy_path) if cfg.rl.bank.behaviour == "policy" else None,
         "decoding": {"kv_strategy": cfg.decoding.kv_strategy,
                      "policy_temperature": cfg.decoding.policy_temperature if cfg.rl.bank.behaviour == "policy"
@@ -234,6 +244,10 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
             log.info("reusing the trajectory bank at %s (manifest matches model, exits, corpus and config)", path)
             return path
         log.info("the trajectory bank at %s was built for another model/exits/corpus/config; rebuilding", path)
+    if bc.source == "simulate":  # teacher-forced windows with the behaviour's exits simulated
+        from greencode.rl.simulate import build_simulated_bank
+
+        return build_simulated_bank(cfg, model, path, key, tokenizer, dataset)
 
     tokenizer, records = _load_data(cfg, tokenizer, dataset)
     set_seed(cfg.seed)

@@ -1,0 +1,502 @@
+"""A trajectory bank from teacher-forced passes with the behaviour's early exits simulated.
+
+The decoding-loop bank (:mod:`greencode.rl.build`, ``rl.bank.source: decode``) runs one token
+at a time. This module gets the same states from one teacher-forced pass over a window of a
+training file, layer by layer and in parallel over all positions (``rl.bank.source: simulate``):
+
+* the decoder layers run in order over the whole window (the real HF layers, called directly);
+* after each exit-point layer, every still-running *decided* position (``p >= m``, the minimum
+  context: the positions before it are the prompt, which the loop prefills with the full model)
+  may exit there: a random behaviour (``rl.bank.behaviour: random``, one rate per sequence drawn
+  from ``rl.bank.exit_rate``), the full model, or a stateless exit controller;
+* a position that has exited keeps its residual stream frozen at its exit state for every deeper
+  layer, yet each deeper layer still computes its K/V from that frozen state (through the layer's
+  own input norm and K/V projections, rotary at its position), which is exactly the decoding loop's
+  ``propagate`` K/V strategy: later positions attend to the propagated K/V.
+
+A position's state at layer ``l`` depends only on layers ``<= l`` of positions ``<= p``, so this
+gives the states the decoding loop reaches token by token with the same exits when it is fed the
+same tokens (``generate(..., forced_tokens=..., observe=True)`` with the window's first ``m``
+tokens as the prompt): tested against that loop in fp32 for Llama and OPT.
+
+**What is recorded, and how it matches the decoding bank.** In observe mode the loop lets a token
+that exited keep climbing "in the shadow": its states at the deeper exit points, and the label, are
+those it would have reached had it continued *this token*, over the cache the behaviour really left
+(earlier tokens' propagated K/V); only the token's own K/V at each deeper layer are its shadow
+ones, as a token that continues computes them. The simulation runs that shadow stream too: at each
+layer after the first exit, the shadow states of all positions go through the layer once more,
+attending to the real stream's K/V of the earlier positions (propagated where those exited) and to
+their own shadow K/V at their own position. So, per decided position, with the same definitions as
+the decoding bank:
+
+* ``obs``: the state at every early exit point (the shadow state past the behaviour's exit),
+  through :func:`greencode.decoding.policy_observation` and ``rl.observation_features`` computed as
+  :func:`greencode.rl.build.record_batch` computes them (``prev_exit``: the previous position's
+  behaviour exit; the first decided position's predecessor is a prompt position = the final layer);
+* ``preds``: every exit point's greedy prediction on those states; column ``E`` (the final layer's
+  prediction on the state the behaviour's history reached) is the label ``y``;
+* ``l_opt``: the first exit point agreeing with ``y`` (E = the final layer), derived from ``preds``.
+
+The differences, all from teacher forcing: the tokens fed are the file's own, not the behaviour's
+choices, so a wrong exit changes the K/V later tokens attend to but never the tokens that follow;
+``tokens`` holds the file's next token (what a teacher-forced loop emits), not the behaviour's
+choice (which is ``preds[i, behaviour_exit[i]]``); a sequence is one window of a file (its context
+grows from ``m`` to the window's length) rather than ``T`` tokens after a prefix of the file; the
+random behaviour's draws come from a per-sequence generator of its own (the same distribution as
+:class:`~greencode.decoding.RandomExit`, not the same draws). Controllers that carry state from one
+token to the next (``per_row_state``: saturation, a policy with observation features) cannot be
+simulated in parallel over positions and are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# decide(k, layer, h, running) -> exit[B, T]: at early exit point k (0-based index into exit_layers;
+# ``layer`` its 0-based decoder layer), for the raw states h [B, T, H], which of the ``running``
+# positions [B, T] (decided positions that have not exited) exit there
+Decider = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Simulation:
+    """What :func:`simulate_exits` computes for a batch of windows."""
+
+    states: torch.Tensor  # [B, T, E+1, H] raw states at every exit point, the final layer last (shadow past the exit)
+    exit_point: torch.Tensor  # [B, T] int64: the exit point each position took (E: ran to the final layer)
+    decided: torch.Tensor  # [B, T] bool: positions the behaviour decided (p >= min_context, p < length)
+
+
+class _Capture:
+    """A cache a layer writes its K/V into (kept for the shadow pass), nothing before them."""
+
+    kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def update(self, key_states, value_states, layer_idx=None, cache_kwargs=None):
+        self.kv = (key_states, value_states)
+        return key_states, value_states
+
+
+class _Prefixed:
+    """A cache holding the real stream's K/V of every position; the shadow pass's own K/V come after
+    them (the shadow mask lets position t see the real ones before t and its own at t)."""
+
+    def __init__(self, kv: tuple[torch.Tensor, torch.Tensor]):
+        self.keys, self.values = kv
+
+    def update(self, key_states, value_states, layer_idx=None, cache_kwargs=None):
+        return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
+
+
+def _masks(t: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive masks [1, 1, T, T] (causal) and [1, 1, T, 2T] (shadow: the real K/V before t, its own at t)."""
+    lo = torch.finfo(dtype).min
+    idx = torch.arange(t, device=device)
+    causal = torch.zeros((t, t), dtype=dtype, device=device).masked_fill(idx[None, :] > idx[:, None], lo)
+    before = torch.zeros((t, t), dtype=dtype, device=device).masked_fill(idx[None, :] >= idx[:, None], lo)
+    own = torch.full((t, t), lo, dtype=dtype, device=device).fill_diagonal_(0)
+    return causal[None, None], torch.cat([before, own], dim=1)[None, None]
+
+
+def _run_layer(layer, h, mask, cache, kw) -> torch.Tensor:
+    out = layer(h, attention_mask=mask, past_key_values=cache, use_cache=cache is not None, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.inference_mode()
+def simulate_exits(model, input_ids: torch.Tensor, decide: Optional[Decider], min_context,
+                   lengths: Optional[Sequence[int]] = None) -> Simulation:
+    """Teacher-forced pass of ``input_ids`` [B, T] (right-padded to ``lengths``) with the exits
+    ``decide`` takes simulated as the decoding loop's ``propagate`` strategy does (module docstring).
+    ``min_context``: an int or one per row; positions before it are never decided (the prompt).
+    ``decide=None``: the full model (no exits). Returns every exit point's raw state per position
+    (the shadow state past the position's exit, as the loop's observe mode records), the exit point
+    each position took and which positions were decided."""
+    ids = input_ids.to(model.device)
+    b, t = ids.shape
+    device, dtype = ids.device, model.dtype
+    adapter = model.adapter
+    exits = list(model.exit_layers)
+    points = {layer: k for k, layer in enumerate(model.exit_points)}
+    e = len(exits)
+    lengths_t = torch.full((b,), t, device=device) if lengths is None else torch.as_tensor(lengths, device=device)
+    m = torch.as_tensor(min_context, device=device).reshape(-1).expand(b)
+    pos = torch.arange(t, device=device)
+    decided = (pos[None, :] >= m[:, None]) & (pos[None, :] < lengths_t[:, None])
+    position_ids = pos[None, :].expand(b, t)
+    h = adapter.embed(ids, position_ids)
+    kw = adapter.layer_kwargs(h, position_ids)
+    causal, shadow_mask = _masks(t, dtype, device)
+    # sdpa's own causal path (no mask) where the model's attention has one; eager needs the mask
+    real_mask = None if getattr(model.hf.config, "_attn_implementation", "eager") == "sdpa" else causal
+    exited = torch.zeros((b, t), dtype=torch.bool, device=device)
+    exit_point = torch.full((b, t), e, dtype=torch.long, device=device)
+    states = torch.empty((b, t, e + 1, h.shape[-1]), dtype=dtype, device=device)
+    shadow: Optional[torch.Tensor] = None  # None while no position has exited (it equals the real stream)
+    for j, layer in enumerate(adapter.layers):
+        if shadow is None:
+            h = _run_layer(layer, h, real_mask, None, kw)
+        else:
+            frozen = exited[..., None]
+            cap = _Capture()
+            out = _run_layer(layer, h, causal, cap, kw)
+            shadow_out = _run_layer(layer, shadow, shadow_mask, _Prefixed(cap.kv), kw)
+            h = torch.where(frozen, h, out)  # an exited position's residual stream stays at its exit state
+            shadow = torch.where(frozen, shadow_out, h)
+        k = points.get(j)
+        if k is None:
+            continue
+        states[:, :, k] = h if shadow is None else shadow
+        if k < e and decide is not None:
+            running = decided & ~exited
+            if bool(running.any()):
+                now = decide(k, j, h, running).to(device).bool() & running
+                if bool(now.any()):
+                    if shadow is None:
+                        shadow = h.clone()
+                    exit_point[now] = k
+                    exited |= now
+    return Simulation(states=states, exit_point=exit_point, decided=decided)
+
+
+# --------------------------------------------------------------------------- behaviours
+def random_decider(rates: Sequence[float], seeds: Sequence[int]) -> Decider:
+    """Each row exits at each exit point with its own rate (``RandomExit``'s behaviour), drawn from
+    its own generator seeded with its seed (so a row's exits do not depend on the batch it is in)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    rate = torch.tensor([float(r) for r in rates])
+
+    def decide(k, layer, h, running):
+        u = torch.stack([torch.rand(h.shape[1], generator=g) for g in gens])
+        return (u < rate[:, None]).to(running.device) & running
+
+    return decide
+
+
+def pattern_decider(exit_point: torch.Tensor) -> Decider:
+    """Exits given in advance: ``exit_point`` [B, T] holds each position's exit point (E or more: none)."""
+
+    def decide(k, layer, h, running):
+        return (exit_point.to(running.device) == k) & running
+
+    return decide
+
+
+def controller_decider(model, controllers: Sequence) -> Decider:
+    """One exit controller per row, asked at the exit points it checks for the running positions
+    (rows sharing a controller are asked together, as the loop asks them). Only controllers without
+    state carried from token to token can decide all positions at once."""
+    for c in controllers:
+        if getattr(c, "per_row_state", False) or getattr(c, "runs_all_layers", False):
+            raise ValueError(f"controller {c.describe() if hasattr(c, 'describe') else c!r} carries state from "
+                             "token to token (or runs every layer), so its exits cannot be simulated in parallel "
+                             "over positions; use rl.bank.source=decode for it")
+    groups: dict[int, list[int]] = {}
+    for r, c in enumerate(controllers):
+        groups.setdefault(id(c), []).append(r)
+    checks = {id(c): c.check_layers(model) for c in controllers}
+    for c in controllers:
+        c.reset()
+
+    def decide(k, layer, h, running):
+        out = torch.zeros_like(running)
+        for rows in groups.values():
+            ctrl = controllers[rows[0]]
+            if layer not in checks[id(ctrl)]:
+                continue
+            sel = torch.zeros_like(running)
+            sel[rows] = running[rows]
+            if not bool(sel.any()):
+                continue
+            hs = h[sel][:, None]  # [n, 1, H]
+            need = ctrl.needs_normed or ctrl.needs_logits
+            normed = model.final_norm(hs) if need else None
+            logits = model.adapter.lm_head(normed) if ctrl.needs_logits else None
+            dec = ctrl.should_exit_rows(layer, hs, normed, logits)
+            out[sel] = torch.as_tensor(dec, dtype=torch.bool, device=out.device).reshape(-1)
+        return out
+
+    return decide
+
+
+# --------------------------------------------------------------------------- the bank
+@torch.inference_mode()
+def record_simulation(model, sim: Simulation, input_ids: torch.Tensor, observation: str,
+                      features: Sequence[str] = ()) -> list[Optional[dict[str, np.ndarray]]]:
+    """Per row, the bank's arrays for its decided positions ``p`` with a next token (``p + 1`` inside
+    the row): ``obs`` [n, E, H'] (float32, :func:`policy_observation` + features), ``preds``
+    [n, E+1], ``tokens`` [n] (the file's next token), ``behaviour_exit`` [n]; None for a row with
+    none."""
+    from greencode.decoding import policy_observation
+
+    out: list[Optional[dict[str, np.ndarray]]] = []
+    e = len(model.exit_layers)
+    ids = input_ids.to(sim.states.device)
+    for r in range(ids.shape[0]):
+        keep = sim.decided[r].clone()
+        last = int(keep.nonzero().max()) if bool(keep.any()) else -1
+        if last >= 0:
+            keep[last] = False  # the last position's next token is outside the window
+        where = keep.nonzero().flatten()
+        if where.numel() == 0:
+            out.append(None)
+            continue
+        states = sim.states[r, where]  # [n, E+1, H]
+        preds = model.decode(states).argmax(-1)
+        behaviour = sim.exit_point[r, where].cpu().numpy().astype(np.int16)
+        obs = policy_observation(model, states[:, :e], observation)
+        if features:
+            # the predecessor of the first decided position: a prompt position (never exits) = final
+            prev_p = (where - 1).clamp(min=0)
+            prev = torch.where(sim.decided[r, prev_p], sim.exit_point[r, prev_p], torch.full_like(prev_p, e))
+            obs = torch.cat([obs.cpu(), _extras(states[:, :e], prev.cpu(), features)], dim=-1)
+        out.append({"obs": obs.float().cpu().numpy(), "preds": preds.cpu().numpy().astype(np.int32),
+                    "tokens": ids[r, where + 1].cpu().numpy().astype(np.int32), "behaviour_exit": behaviour,
+                    "positions": where.cpu().numpy().astype(np.int32)})
+    return out
+
+
+def _extras(states: torch.Tensor, prev: torch.Tensor, features: Sequence[str]) -> torch.Tensor:
+    """``rl.observation_features`` [n, E, F] for raw states [n, E, H] and the previous position's exit
+    point [n], computed as :func:`greencode.rl.build.record_batch` computes them."""
+    from greencode.decoding.controllers import observation_features
+
+    n, e = states.shape[0], states.shape[1]
+    raw = states.float().cpu()
+    cos = torch.zeros(n, e)
+    cos[:, 1:] = torch.nn.functional.cosine_similarity(raw[:, 1:], raw[:, :-1], dim=-1)
+    return observation_features(features, torch.arange(e).expand(n, e), e, cos, prev.long()[:, None].expand(n, e))
+
+
+def plan_windows(cfg, tokenizer, records, rng: np.random.Generator, window: int) -> list[tuple[int, int, list[int]]]:
+    """One window per record (records in a seeded order, up to what ``rl.bank.decision_tokens``
+    needs): bos + the record's text ids from a uniformly drawn start, ``window`` ids at most.
+    Records too short for ``min_context_tokens + 2`` ids are skipped. Returns (record index, start
+    in the text ids, window ids)."""
+    from greencode.data.corpus import text_sep
+    from greencode.rl.build import _code_tokens
+
+    bc = cfg.rl.bank
+    sep = text_sep(cfg)
+    bos = tokenizer.bos_token_id
+    head = [bos] if bos is not None else []
+    need = simulated_size(cfg)
+    plan, planned = [], 0
+    for idx in rng.permutation(len(records)):
+        if planned >= need:
+            break
+        body = _code_tokens(records[int(idx)])
+        if len(body) < 2:
+            continue
+        text_ids = tokenizer(sep.join(body), add_special_tokens=False)["input_ids"]
+        room = window - len(head)
+        start = int(rng.integers(0, max(len(text_ids) - room, 0) + 1))
+        ids = head + text_ids[start:start + room]
+        if len(ids) < bc.min_context_tokens + 2:
+            continue
+        plan.append((int(idx), start, ids))
+        planned += len(ids) - 1 - bc.min_context_tokens
+    return plan
+
+
+def simulated_size(cfg) -> int:
+    """The simulated bank's size in decided tokens: ``rl.bank.decision_tokens`` (null: the decoding
+    bank's ``num_sequences x tokens_per_sequence``), capped by ``rl.bank.max_tokens``."""
+    bc = cfg.rl.bank
+    n = bc.decision_tokens if bc.decision_tokens is not None else bc.num_sequences * bc.tokens_per_sequence
+    return int(min(n, bc.max_tokens) if bc.max_tokens is not None else n)
+
+
+def _decider_for(cfg, model, specs: list[dict], policy) -> Optional[Decider]:
+    kinds = {s["kind"] for s in specs}
+    if kinds == {"full"}:
+        return None
+    if kinds == {"random"}:
+        return random_decider([s["rate"] for s in specs], [s["seed"] for s in specs])
+    from greencode.rl.build import make_behaviour
+
+    return controller_decider(model, [make_behaviour(s, cfg, model, policy) for s in specs])
+
+
+def _describe(spec: dict) -> dict:
+    if spec["kind"] == "full":
+        return {"controller": "never"}
+    if spec["kind"] == "random":
+        return {"controller": "random", "rate": round(spec["rate"], 4), "seed": spec["seed"]}
+    return {"controller": "policy", "threshold": spec["threshold"]}
+
+
+def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, dataset=None) -> Path:
+    """Build the bank of ``cfg`` (``rl.bank.source: simulate``) at ``path``: windows of
+    ``rl.bank.split`` files (:func:`plan_windows`), ``rl.bank.batch_size`` at a time through
+    :func:`simulate_exits` with the behaviour of ``rl.bank.behaviour`` (one spec per window, as the
+    decoding bank draws them), until ``rl.bank.decision_tokens`` decided tokens. The observations
+    are written straight into a memory-mapped ``obs.npy`` (a 400k-token bank is about 1.4 GB on the
+    default), in the same on-disk format as the decoding bank, atomically (temporary folder, then
+    rename). Each window is one sequence of the bank; ``heldout`` is drawn per window, and a file
+    gives one window, so held-out sequences are held-out files."""
+    from numpy.lib.format import open_memmap
+    from tqdm.auto import tqdm
+
+    from greencode.decoding.controllers import feature_size
+    from greencode.rl.bank import BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, torch_threads
+    from greencode.rl.build import _load_data, behaviour_specs
+    from greencode.utils import set_seed, write_json
+
+    bc = cfg.rl.bank
+    t0 = time.perf_counter()
+    tokenizer, records = _load_data(cfg, tokenizer, dataset)
+    set_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    limit = getattr(model.hf.config, "max_position_embeddings", None) or 1 << 30
+    window = max(bc.min_context_tokens + 2, min(bc.max_context_tokens, limit))
+    plan = plan_windows(cfg, tokenizer, records, rng, window)
+    if not plan:
+        raise ValueError(f"no file of the {bc.split!r} split has the {bc.min_context_tokens + 2} tokens a window needs "
+                         f"(rl.bank.min_context_tokens + 2); use a larger corpus, another rl.bank.split or a smaller "
+                         "rl.bank.min_context_tokens")
+    specs = behaviour_specs(cfg, np.random.default_rng([cfg.seed, 1]), len(plan))
+    policy = None
+    if any(s["kind"] == "policy" for s in specs):
+        from greencode.rl.policy import load_policy
+
+        policy = load_policy(bc.policy_path, model)
+    target = simulated_size(cfg)
+    e, hsz = len(model.exit_layers), model.hidden_size + feature_size(cfg.rl.observation_features, len(model.exit_layers))
+    model.eval()
+    threads = cfg.hardware.num_threads or (1 if model.device.type == "cpu" else torch.get_num_threads())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        obs = open_memmap(tmp / "obs.npy", mode="w+", dtype=np.float16, shape=(target, e, hsz))
+        preds, tokens, behaviour, lengths, seqs = [], [], [], [], []
+        total = 0
+        bar = tqdm(total=target, desc="simulated bank", unit="tok")
+        with torch_threads(threads):
+            for start in range(0, len(plan), bc.batch_size):
+                if total >= target:
+                    break
+                batch = plan[start:start + bc.batch_size]
+                bspecs = specs[start:start + bc.batch_size]
+                width = max(len(ids) for _, _, ids in batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, (_, _, w) in enumerate(batch):
+                    ids[r, :len(w)] = torch.tensor(w, dtype=torch.long)
+                sim = simulate_exits(model, ids, _decider_for(cfg, model, bspecs, policy), bc.min_context_tokens,
+                                     lengths=[len(w) for _, _, w in batch])
+                recs = record_simulation(model, sim, ids, cfg.rl.observation, cfg.rl.observation_features)
+                for (idx, first, w), spec, rec in zip(batch, bspecs, recs):
+                    if rec is None or total >= target:
+                        continue
+                    n = min(len(rec["tokens"]), target - total)
+                    o16 = rec["obs"][:n].astype(np.float16)
+                    if not np.isfinite(o16).all():
+                        raise ValueError("some observations overflow float16 (|value| > 65504); use "
+                                         "rl.observation=normed")
+                    obs[total:total + n] = o16
+                    preds.append(rec["preds"][:n])
+                    tokens.append(rec["tokens"][:n])
+                    behaviour.append(rec["behaviour_exit"][:n])
+                    lengths.append(n)
+                    seqs.append({"record": idx, "start": first, "window_tokens": len(w),
+                                 "first_position": int(rec["positions"][0]), "behaviour": _describe(spec)})
+                    total += n
+                    bar.update(n)
+        bar.close()
+        if total < target:
+            log.warning("the %r split gave only %d of the %d decided tokens asked for (rl.bank.decision_tokens)",
+                        bc.split, total, target)
+        obs.flush()
+        del obs
+        if total < target:  # shrink the memory-mapped file to what was written
+            full = np.load(tmp / "obs.npy", mmap_mode="r")
+            small = open_memmap(tmp / "obs.part.npy", mode="w+", dtype=np.float16, shape=(total, e, hsz))
+            for a in range(0, total, 65536):
+                small[a:a + 65536] = full[a:a + 65536]
+            small.flush()
+            del small, full
+            (tmp / "obs.part.npy").replace(tmp / "obs.npy")
+        preds_a = np.concatenate(preds)
+        from greencode.rl.reward import optimal_exit
+
+        n_seq = len(lengths)
+        n_held = min(int(round(bc.heldout_fraction * n_seq)), n_seq - 1)
+        heldout = np.zeros(n_seq, dtype=bool)
+        heldout[rng.permutation(n_seq)[:n_held]] = True
+        arrays = {"preds": preds_a, "l_opt": optimal_exit(preds_a).astype(np.int16),
+                  "tokens": np.concatenate(tokens).astype(np.int32),
+                  "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), "heldout": heldout,
+                  "behaviour_exit": np.concatenate(behaviour).astype(np.int16)}
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+        fp = model.fingerprint()
+        behaviour_all = arrays["behaviour_exit"]
+        seconds = time.perf_counter() - t0
+        manifest = {
+            "format": BANK_FORMAT,
+            "key": key,
+            "source": "simulate",
+            "model": fp.get("name_or_path"),
+            "fingerprint": fp,
+            "exit_layers": list(model.exit_layers),
+            "exit_points": list(model.exit_points),
+            "final_layer": int(model.final_layer),
+            "observation_features": list(cfg.rl.observation_features),
+            "observation": cfg.rl.observation,
+            "corpus": key["corpus"],
+            "bank_config": dataclasses.asdict(bc),
+            "seed": cfg.seed,
+            "teacher_forced": True,
+            "window_tokens": window,
+            "sequences": seqs,
+            "behaviour_early_exit_share": float(np.mean(behaviour_all < e)),
+            "exit_point_share": (np.bincount(behaviour_all.astype(np.int64), minlength=e + 1) / total).tolist(),
+            "next_token_accuracy_final": float(np.mean(preds_a[:, -1] == arrays["tokens"])),
+            "build_seconds": round(seconds, 1),
+            "tokens_per_s": round(total / max(seconds, 1e-9), 1),
+            "num_tokens": int(total),
+            "num_sequences": n_seq,
+            "n_exit_points": e,
+            "hidden_size": hsz,
+            "bytes_per_token": bytes_per_token(e, hsz),
+            "size_bytes": int(sum((tmp / f"{a}.npy").stat().st_size for a in ("obs", *arrays))),
+            "note": "teacher-forced windows with the behaviour's exits simulated (greencode.rl.simulate): obs "
+                    "float16 [N, E, H] at the early exit points (final excluded) of the states the behaviour's "
+                    "history reached (past its exit: the shadow climb, as the decoding bank's observe mode); "
+                    "preds [N, E+1] (column E = the final layer's prediction on that state, the label); l_opt [N] "
+                    "exit-point index (E = final layer); tokens [N] the file's next token (teacher forced); "
+                    "behaviour_exit [N] the behaviour's exit point; positions before rl.bank.min_context_tokens "
+                    "are the prompt (never decided); 0-based layers",
+        }
+        write_json(tmp / MANIFEST, manifest)
+        # the same checks as any bank load (shapes, offsets, l_opt from preds), before it takes the place
+        TrajectoryBank.load(tmp, model, observation=cfg.rl.observation, mmap=True)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("simulated trajectory bank: %d windows, %d decided tokens, %d exit points, %.1f MB at %s in %.0f s "
+             "(%.0f tokens/s); behaviour exited early on %.1f%% of tokens", n_seq, total, e,
+             manifest["size_bytes"] / 1e6, path, seconds, total / max(seconds, 1e-9),
+             100 * manifest["behaviour_early_exit_share"])
+    return path

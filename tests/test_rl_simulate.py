@@ -1,0 +1,166 @@
+"""The simulated trajectory bank (greencode.rl.simulate): a teacher-forced pass with the behaviour's
+exits simulated layer by layer equals the decoding loop token by token with the same exits and the
+same fed tokens; no exits equals HF's forward; the builder writes a loadable bank of the size asked."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+from test_rl_bank import CharTokenizer, tiny_cfg
+
+from greencode.config import ConfigError, config_from_dict
+from greencode.decoding import ExitController, FixedExit, generate
+from greencode.rl import TrajectoryBank, build_bank
+from greencode.rl.simulate import pattern_decider, simulate_exits
+
+
+class ScriptedExit(ExitController):
+    """Exits each decided token at a layer given in advance (None: no exit)."""
+
+    name = "scripted"
+    per_row_state = True
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.reset()
+
+    def reset(self):
+        self._t, self._last = -1, float("inf")
+
+    def should_exit(self, layer, hidden, normed, logits):
+        if layer <= self._last:  # a new token's first check
+            self._t += 1
+        self._last = layer
+        return self.layers[self._t] == layer
+
+
+def _ids(seed, length):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=g)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_simulated_states_equal_the_decoding_loop_with_the_same_exits(family):
+    model = tiny_model(family, num_layers=6, exit_layers=(1, 2, 4))
+    e = len(model.exit_layers)
+    lengths, m = [22, 17], [6, 9]
+    ids = torch.zeros((2, max(lengths)), dtype=torch.long)
+    patterns = torch.full((2, max(lengths)), e, dtype=torch.long)
+    g = torch.Generator().manual_seed(3)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = _ids(10 + r, n)
+        # every exit point and no exit, at random, on the decided positions
+        patterns[r, m[r]:n] = torch.randint(0, e + 1, (n - m[r],), generator=g)
+    sim = simulate_exits(model, ids, pattern_decider(patterns), torch.tensor(m), lengths=lengths)
+    assert torch.equal(sim.exit_point, torch.where(sim.decided, patterns, torch.full_like(patterns, e)))
+    for r, n in enumerate(lengths):
+        exits = [model.exit_layers[k] if k < e else None for k in patterns[r, m[r]:n - 1].tolist()]
+        # the loop: prompt = the first m ids (prefilled by the full model), then the window's ids fed
+        res = generate(model, ids[r, :m[r]][None], ScriptedExit(exits), n - m[r], forced_tokens=[ids[r, m[r]:n].tolist()],
+                       observe=True)
+        assert res.tokens == ids[r, m[r]:n].tolist()
+        want_layers = [model.exit_points[k] for k in patterns[r, m[r]:n - 1].tolist()]
+        assert res.exit_layers[1:] == want_layers
+        loop_states = torch.stack(res.exit_states)  # [n - m - 1, E, H]: positions m .. n-2
+        sim_states = sim.states[r, m[r]:n - 1]
+        torch.testing.assert_close(sim_states[:, :e].float(), loop_states, rtol=1e-4, atol=1e-4)
+        # every exit point's prediction on those states (the label: the final layer's, past the exit)
+        with torch.inference_mode():
+            assert torch.equal(model.decode(sim_states).argmax(-1), torch.stack(res.exit_preds))
+    # the exits really changed the states (else the comparison proves little)
+    plain = simulate_exits(model, ids, None, torch.tensor(m), lengths=lengths)
+    assert not torch.allclose(plain.states[:, :, -1], sim.states[:, :, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_no_exits_equals_hf_forward(family):
+    model = tiny_model(family, num_layers=4, exit_layers=(1, 2))
+    ids = torch.stack([_ids(1, 20), _ids(2, 20)])
+    sim = simulate_exits(model, ids, None, 0)
+    assert bool((sim.exit_point == len(model.exit_layers)).all())
+    with torch.no_grad():
+        hs = model.hf.model(input_ids=ids, output_hidden_states=True).hidden_states
+    for k, layer in enumerate(model.exit_points[:-1]):
+        torch.testing.assert_close(sim.states[:, :, k], hs[layer + 1], rtol=1e-5, atol=1e-5)
+    # the last entry of hidden_states is after the final norm; the final state decodes to HF's logits
+    with torch.inference_mode():
+        logits = model.hf(input_ids=ids).logits
+        torch.testing.assert_close(model.decode(sim.states[:, :, -1]), logits, rtol=1e-4, atol=1e-4)
+    # a controller that exits everywhere at layer 2: the positions before min_context never exit
+    from greencode.rl.simulate import controller_decider
+
+    fixed = simulate_exits(model, ids, controller_decider(model, [FixedExit(2)] * 2), 5)
+    assert bool((fixed.exit_point[:, :5] == 2).all()) and bool((fixed.exit_point[:, 5:] == 1).all())
+
+
+def test_eager_attention_simulates_like_sdpa():
+    sdpa = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    eager = tiny_model("llama", num_layers=4, exit_layers=(1, 2), attn_implementation="eager")
+    ids = torch.stack([_ids(4, 16)])
+    pattern = torch.randint(0, 3, (1, 16), generator=torch.Generator().manual_seed(0))
+    a = simulate_exits(sdpa, ids, pattern_decider(pattern), 4)
+    b = simulate_exits(eager, ids, pattern_decider(pattern), 4)
+    torch.testing.assert_close(a.states, b.states, rtol=1e-4, atol=1e-4)
+
+
+def _corpus(n=20):
+    rng = np.random.default_rng(0)
+    words = ["def", "f", "(", ")", ":", "return", "x", "+", "1", "<EOL>", "import", "os"]
+    return [{"code": ["<s>"] + list(rng.choice(words, size=int(rng.integers(10, 40)))) + ["</s>"]} for _ in range(n)]
+
+
+def test_builder_writes_a_loadable_bank_of_the_size_asked(tmp_path):
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    cfg = tiny_cfg(tmp_path, source="simulate", decision_tokens=500, min_context_tokens=8, max_context_tokens=64,
+                   exit_rate=[0.2, 0.5], batch_size=3)
+    path = build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=_corpus())
+    bank = TrajectoryBank.load(path, model, observation="normed", mmap=True)
+    assert bank.num_tokens == 500 and bank.obs.shape == (500, 2, model.hidden_size)
+    assert bank.obs.dtype == np.float16 and bank.behaviour_exit is not None
+    m = bank.manifest
+    assert m["source"] == "simulate" and m["teacher_forced"] and m["num_tokens"] == 500
+    assert m["fingerprint"]["weights_sha256"] == model.fingerprint()["weights_sha256"]
+    assert len(m["sequences"]) == bank.num_sequences and bank.heldout.any() and not bank.heldout.all()
+    assert {s["behaviour"]["controller"] for s in m["sequences"]} == {"random"}
+    assert 0.2 < m["behaviour_early_exit_share"] < 0.9
+    # the label is the final layer's prediction; l_opt the first exit point agreeing with it
+    assert np.array_equal(bank.l_opt, [next((k for k in range(2) if r[k] == r[2]), 2) for r in bank.preds])
+    # reused when nothing changed; a decode bank is rebuilt over it
+    assert build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=_corpus()) == path
+    # the recorded rows are the simulation's: rebuild the first window and compare
+    seq = m["sequences"][0]
+    words = _corpus()[seq["record"]]["code"][1:-1]
+    text = CharTokenizer()(" ".join(words))["input_ids"]
+    ids = torch.tensor([[1] + text[seq["start"]:seq["start"] + 63]])
+    first = bank.offsets[1]
+    pattern = torch.full(ids.shape, 2)
+    pattern[0, 8:8 + first] = torch.from_numpy(bank.behaviour_exit[:first].astype(np.int64))
+    sim = simulate_exits(model, ids, pattern_decider(pattern), 8)
+    from greencode.decoding import policy_observation
+
+    with torch.inference_mode():
+        want = policy_observation(model, sim.states[0, 8:8 + first, :2], "normed")
+    torch.testing.assert_close(torch.from_numpy(np.asarray(bank.obs[:first], dtype=np.float32)), want, rtol=2e-3,
+                               atol=2e-3)
+    assert np.array_equal(bank.tokens[:first], ids[0, 9:9 + first].numpy())
+
+
+def test_features_and_the_full_behaviour(tmp_path):
+    model = tiny_model("opt", num_layers=4, exit_layers=(1, 2))
+    cfg = config_from_dict({"name": "t", "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "res"),
+                            "rl": {"observation": "normed", "observation_features": ["exit_index", "prev_exit"],
+                                   "bank": {"source": "simulate", "behaviour": "full", "decision_tokens": 120,
+                                            "min_context_tokens": 4, "max_context_tokens": 32}}})
+    bank = TrajectoryBank.load(build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=_corpus()), model)
+    assert bank.num_tokens == 120 and bank.obs.shape[2] == model.hidden_size + 3
+    assert bool((bank.behaviour_exit == 2).all())
+    # exit_index one-hot, then prev_exit / E = 1 (the full model never exits)
+    assert np.array_equal(bank.obs[:, :, -3:-1], np.broadcast_to(np.eye(2, dtype=np.float16), (120, 2, 2)))
+    assert bool((bank.obs[:, :, -1] == 1).all())
+
+
+def test_a_wrong_source_errors_clearly():
+    with pytest.raises(ConfigError, match=r"rl\.bank\.source='simulated'.*decode, simulate"):
+        config_from_dict({"rl": {"bank": {"source": "simulated"}}})
+    with pytest.raises(ConfigError, match="decision_tokens"):
+        config_from_dict({"rl": {"bank": {"source": "simulate", "decision_tokens": 0}}})
