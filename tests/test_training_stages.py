@@ -468,3 +468,42 @@ def test_early_exit_pretraining_and_the_base_ablation(trained, tmp_path):
                           f"run_dir={root / 'run'}", f"results_dir={root / 'results'}", "--base", "x=/nonexistent"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "config.json missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_context_ablation_pairs_the_same_targets(trained, tmp_path):
+    """scripts/ablate_context.py: the final layer's long- and short-context accuracies equal an independent
+    computation from HF's own logits on the same files; a bad window is refused with a clear message."""
+    from greencode.data import load_tokenizer
+    from greencode.training.context import long_files
+
+    out = tmp_path / "ctx"
+    args = ["--window", "48", "--short", "24", "--target-from", "32", "--min-file-tokens", "48", "--max-files", "6",
+            "--resamples", "50"]
+    proc = subprocess.run([PY, str(REPO_ROOT / "scripts" / "ablate_context.py"), "--config", SMOKE,
+                           f"run_dir={trained['root'] / 'run'}", "--model", f"base={trained['base']}",
+                           "--out-dir", str(out), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = read_json(out / "context.json")
+    cfg = smoke_cfg(trained["root"])
+    files = long_files(cfg, load_tokenizer(cfg), min_file_tokens=48, max_files=6)
+    assert rep["files"] == len(files) >= 2
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(trained["base"]).eval()
+    ids = torch.tensor([f[:48] for f in files])
+    with torch.no_grad():
+        long_pred = hf(input_ids=ids).logits[:, 31:47].argmax(-1)
+        short_pred = hf(input_ids=ids[:, 24:]).logits[:, 7:23].argmax(-1)
+    want_long = float((long_pred == ids[:, 32:48]).float().mean())
+    want_short = float((short_pred == ids[:, 32:48]).float().mean())
+    final = rep["models"]["base"]["final"]
+    assert final["accuracy_long"] == pytest.approx(want_long, abs=1e-6)
+    assert final["accuracy_short"] == pytest.approx(want_short, abs=1e-6)
+    lo, hi = final["difference_ci"]
+    assert lo <= final["difference"] <= hi
+    assert len(rep["models"]["base"]["per_layer"]) == cfg.model.num_layers
+    bad = subprocess.run([PY, str(REPO_ROOT / "scripts" / "ablate_context.py"), "--config", SMOKE,
+                          f"run_dir={trained['root'] / 'run'}", "--model", f"base={trained['base']}",
+                          "--out-dir", str(out), "--window", "48", "--short", "8", "--target-from", "32",
+                          "--min-file-tokens", "48"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "short read" in bad.stderr and "Traceback" not in bad.stderr
