@@ -121,7 +121,21 @@ def _cpu_model() -> str:
 
 
 def run_metadata(cfg=None, **extra: Any) -> dict[str, Any]:
-    """What every result records: config, seed, commit, versions, hardware, command, time."""
+    """What every result records: config, seed, commit, versions, hardware, command, time, and the
+    weights it came from (``weights``: :func:`greencode.provenance.weights_record`).
+
+    A writer that loaded its models passes ``weights=weights_record(model, ...)`` (computed once per
+    run, from the directories actually loaded); without it, a config's run is described by its models
+    on disk now (:func:`greencode.provenance.weights_for_run`). ``weights=None`` records none."""
+    if "weights" not in extra and cfg is not None:
+        from greencode.provenance import weights_for_run
+
+        try:
+            extra["weights"] = weights_for_run(cfg)
+        except Exception as e:  # noqa: BLE001 - the record never fails the result it describes
+            log.warning("no weights record for this result: %s: %s", type(e).__name__, e)
+    if extra.get("weights", True) is None:
+        extra.pop("weights")
     meta: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),

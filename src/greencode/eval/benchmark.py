@@ -49,6 +49,7 @@ from greencode.config import Config
 from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.paths import RunPaths
 from greencode.eval.timing import Noise, interleaved_rounds, paired_median, quartiles, sync, write_result
+from greencode.provenance import weights_record
 from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch
 
 log = logging.getLogger(__name__)
@@ -384,7 +385,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
         "lossless": _lossless_section(runs, list(speculative), hf_ee, cfg) if lossless else None,
         "noise": {**noise.record(),
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for r in rows.values())},
-        "run_metadata": run_metadata(cfg, stage="benchmark"),
+        "run_metadata": run_metadata(cfg, stage="benchmark", weights=weights_record(model)),
     }
     return write_result(out_path, result)
 
@@ -658,7 +659,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
         "targets": targets,
         "noise": {**noise.record(),
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for m in rows.values() for r in m.values())},
-        "run_metadata": run_metadata(cfg, stage="throughput"),
+        "run_metadata": run_metadata(cfg, stage="throughput", weights=weights_record(model)),
     }
     return write_result(out_path, result, format_throughput_markdown)
 
@@ -834,7 +835,7 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
         "compiled_exit_speedup_over_compiled_full": exits_save,
         "all_identical": all(a[0] == a[1] and a[1] > 0 for a in agree.values()),
         "noise": noise.record(),
-        "run_metadata": run_metadata(cfg, stage="compiled-benchmark"),
+        "run_metadata": run_metadata(cfg, stage="compiled-benchmark", weights=weights_record(model)),
     }
     return write_result(out_path, result, format_compiled_markdown)
 

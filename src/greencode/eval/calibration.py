@@ -248,8 +248,11 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str]) -> di
         for (i, s, _), r in zip(rows, res):
             f = forced_of[i]
             out[s.id][i] = sum(a != b for a, b in zip(r.own_tokens, f)) / len(f)
+    from greencode.provenance import weights_record
+
     write_json(eval_dir / TEACHER_FORCED_FILE, {"format": "greencode-teacher-forced/1", "split": cfg.eval.split,
-                                                 "what": CRITERIA["token"], "methods": out})
+                                                 "what": CRITERIA["token"], "methods": out,
+                                                 "weights": weights_record(model)})
     return out
 
 
@@ -304,7 +307,12 @@ def calibrate(cfg: Config, *, split: str = CALIBRATION_SPLIT) -> Path:
     if not (paths.finetuned / "config.json").is_file():
         raise FileNotFoundError(f"no fine-tuned model in {str(paths.finetuned)!r}; run the finetune stage first "
                                 "(scripts/finetune.py or scripts/reproduce.py)")
-    exits = EarlyExitModel.from_run_config(cfg, paths.finetuned).exit_layers
+    loaded = EarlyExitModel.from_run_config(cfg, paths.finetuned)
+    exits = loaded.exit_layers
+    from greencode.provenance import weights_record
+
+    weights = weights_record(loaded)
+    del loaded
     specs = candidate_specs(cfg, exits)
     sub = dataclasses.replace(
         cfg, results_dir=str(out),
@@ -337,7 +345,8 @@ def calibrate(cfg: Config, *, split: str = CALIBRATION_SPLIT) -> Path:
                           "note": f"the first {c.sample_offset} samples of this seeded order are the tuning slice "
                                   "(grids, knobs); these follow them and chose nothing"},
               "families": families, "criteria": criteria, "policy_sha256": file_sha256(paths.policy),
-              "classifier_sha256": file_sha256(paths.classifier), "run": run_metadata(cfg, stage="calibrate")}
+              "classifier_sha256": file_sha256(paths.classifier),
+              "run": run_metadata(cfg, stage="calibrate", weights=weights)}
     result["run"].pop("config", None)
     write_json(paths.calibration, result)
     write_text(out / "calibration.md", render(result))

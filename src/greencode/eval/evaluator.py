@@ -648,7 +648,8 @@ def _expand_calibrated(cfg: Config, names: list[str], explicit: bool) -> tuple[l
     return rest + [i for i in ids if i not in rest], calibration
 
 
-def _finish(out_dir: Path, samples: Sequence, cfg: Config, calibration: Optional[dict]) -> None:
+def _finish(out_dir: Path, samples: Sequence, cfg: Config, calibration: Optional[dict],
+            weights: Optional[dict] = None) -> None:
     _showcase(out_dir, samples, cfg)
     if calibration is None:
         return
@@ -665,6 +666,7 @@ def _finish(out_dir: Path, samples: Sequence, cfg: Config, calibration: Optional
             log.warning("teacher-forced pass skipped: %s", e)
     table = targets_table(calibration, summary_table(out_dir), out_dir, forced)
     table["split"] = cfg.eval.split
+    table["weights"] = weights
     write_json(out_dir / "calibrated.json", table)
     write_text(out_dir / "calibrated.md", render_targets(table, cfg.eval.split))
 
@@ -701,12 +703,15 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     if checked:
         log.info("the %d %s-split files are disjoint from the base model's training files", checked, cfg.eval.split)
     _check_languages(cfg, samples)
+    from greencode.provenance import weights_record
+
+    weights = weights_record(inputs.model, inputs.base)  # the directories loaded, fingerprinted when loaded
     if dist.world_size == 1 and cfg.eval.workers > 1:
         shards = _run_with_workers(cfg, names, inputs, samples, specs, explicit, device)
         meta = run_metadata(cfg, stage="evaluate", energy_source=shards[0]["meta"]["energy_source"],
-                            world_size=1, accuracy_workers=cfg.eval.workers)
+                            world_size=1, accuracy_workers=cfg.eval.workers, weights=weights)
         write_results(merge_shards(shards), out_dir, meta)
-        _finish(out_dir, samples, cfg, calibration)
+        _finish(out_dir, samples, cfg, calibration, weights)
         return out_dir
     indices = [i for i in range(len(samples)) if i % dist.world_size == dist.rank]
     log.info("evaluating %d methods on %d samples (rank %d/%d: %d samples)", len(specs), len(samples), dist.rank,
@@ -714,10 +719,10 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     shard = run_methods(inputs, samples, specs, cfg, explicit=explicit, indices=indices, rank=dist.rank,
                         world_size=dist.world_size, device=device)
     meta = run_metadata(cfg, stage="evaluate", energy_source=shard["meta"]["energy_source"],
-                        world_size=dist.world_size)
+                        world_size=dist.world_size, weights=weights)
     if dist.world_size == 1:
         write_results(merge_shards([shard]), out_dir, meta)
-        _finish(out_dir, samples, cfg, calibration)
+        _finish(out_dir, samples, cfg, calibration, weights)
         return out_dir
     shard_dir = paths.results / ".eval-shards"
     try:
@@ -726,7 +731,7 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
         if dist.is_main:
             shards = [read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)]
             write_results(merge_shards(shards), out_dir, meta)
-            _finish(out_dir, samples, cfg, calibration)
+            _finish(out_dir, samples, cfg, calibration, weights)
             shutil.rmtree(shard_dir, ignore_errors=True)
         dist.barrier()
     finally:

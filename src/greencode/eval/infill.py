@@ -246,7 +246,9 @@ def evaluate_infill(cfg) -> Path:
     device, dtype = setup_torch(cfg.hardware)
     inputs = load_inputs(cfg, paths, device, dtype, need_base=False, need_policy=True)
     model, tok = inputs.model, inputs.tokenizer
-    meta = run_metadata(cfg, stage="infill")
+    from greencode.provenance import weights_record
+
+    meta = run_metadata(cfg, stage="infill", weights=weights_record(model))
     skipped = None
     if sentinel_ids(tok) is None:
         skipped = "the model's tokenizer has no fill-in-the-middle sentinels: it was not trained to fill in the middle"
@@ -281,6 +283,6 @@ def evaluate_infill(cfg) -> Path:
             "exit_layers": list(model.exit_layers), "policy_loaded": inputs.policy is not None,
             "policy_note": inputs.policy_reason, **samples_meta(samples)}
     write_json(out / "infill.json", {**summary, "meta": info, "run": meta})
-    write_json(out / "records.json", records)
+    write_json(out / "records.json", {"records": records, "weights": meta.get("weights")})
     write_text(out / "infill.md", render(summary, info))
     return out

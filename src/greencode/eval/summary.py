@@ -518,7 +518,8 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
                        {"method": entry["spec"], "summary": row, "records": entry["records"],
                         "run_metadata": {k: v for k, v in run_meta.items() if k != "config"}})
         if summary["overhead_ab"]:
-            write_json(tmp / "overhead_ab.json", {"summary": summary["overhead_ab"], **merged["overhead_ab"]})
+            write_json(tmp / "overhead_ab.json", {"summary": summary["overhead_ab"], **merged["overhead_ab"],
+                                                  "weights": run_meta.get("weights")})
         write_json(tmp / "summary.json", summary)
         write_text(tmp / "summary.csv", render_csv(rows))
         write_text(tmp / "summary.md", render_markdown(summary))

@@ -279,6 +279,9 @@ class EarlyExitModel(nn.Module):
         self.exit_layers = validate_exit_layers(exit_layers, self.num_layers)
         self.exit_points = self.exit_layers + [self.final_layer]
         self.family = self.adapter.family
+        # the identity of the directory the weights were loaded from (greencode.provenance), taken at
+        # load time; None for a model built in memory
+        self.loaded_from: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -346,7 +349,14 @@ class EarlyExitModel(nn.Module):
             exits = json.loads(saved.read_text())["exit_layers"]
         if exits is None:
             schedule = schedule or ExitScheduleConfig()
-        return cls(hf.eval(), resolve_exit_layers(num_layers, exits, schedule or ExitScheduleConfig()))
+        model = cls(hf.eval(), resolve_exit_layers(num_layers, exits, schedule or ExitScheduleConfig()))
+        try:  # what every result computed with this model will name as its weights
+            from greencode.provenance import model_identity
+
+            model.loaded_from = model_identity(source)
+        except (OSError, ValueError) as e:  # never fail a load on the record
+            log.warning("could not fingerprint %s for the results' weights record: %s", source, e)
+        return model
 
     @classmethod
     def from_run_config(cls, cfg, source: Union[str, Path], device: Optional[torch.device] = None,

@@ -60,8 +60,12 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> li
     """Draw every figure whose inputs exist; skip (and log why) the others. Never raises on a
     partial or malformed results folder, only when ``results_dir`` itself is missing or the
     figures folder cannot be written. Returns the files written (PNG and PDF per figure) and
-    writes ``index.json`` listing them, the skipped figures with reasons, and run metadata."""
-    from greencode.utils import run_metadata, write_json
+    writes ``index.json`` listing them, the skipped figures with reasons, run metadata, and for each
+    figure (``provenance``) the result files it was drawn from and the weights they name (one record,
+    or a list when they name several; :mod:`greencode.provenance`)."""
+    from greencode.plots.inputs import recording_reads
+    from greencode.provenance import weights_of_inputs
+    from greencode.utils import portable_path, run_metadata, write_json
 
     results_dir, figures_dir = Path(results_dir), Path(figures_dir)
     if not results_dir.is_dir():
@@ -69,10 +73,12 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> li
                                 "(python scripts/reproduce.py --config <cfg>) or pass --results results/<name>")
     figures_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    index: dict = {"results_dir": str(results_dir), "figures": {}, "skipped": {}}
+    index: dict = {"results_dir": portable_path(results_dir), "figures": {}, "skipped": {}, "provenance": {}}
+    all_inputs: set[Path] = set()
     for key, fn in FIGURES.items():
         try:
-            files = fn(results_dir, figures_dir)
+            with recording_reads() as reads:
+                files = fn(results_dir, figures_dir)
         except MissingInput as e:
             log.info("figure %s skipped: %s", key, e)
             index["skipped"][key] = str(e)
@@ -86,6 +92,13 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> li
             continue
         written += files
         index["figures"][key] = [p.name for p in files]
+        inputs = sorted(set(reads))
+        all_inputs.update(inputs)
+        recs = weights_of_inputs(inputs)
+        index["provenance"][key] = {"inputs": [portable_path(p) for p in inputs],
+                                    "weights": recs[0] if len(recs) == 1 else (recs or None)}
+    every = weights_of_inputs(sorted(all_inputs))
+    index["weights"] = every[0] if len(every) == 1 else None  # the one record all figures share, if they do
     index["run_metadata"] = {k: v for k, v in run_metadata().items() if k != "config"}
     write_json(figures_dir / "index.json", index)
     log.info("wrote %d figures (%d files) to %s; skipped %d: %s", len(index["figures"]), len(written), figures_dir,

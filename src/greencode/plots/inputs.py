@@ -16,6 +16,7 @@ command that writes it when its input is absent.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -27,9 +28,35 @@ from typing import Any, Optional, Union
 import yaml
 
 from greencode.plots.common import MissingInput, family_of
-from greencode.utils import read_json
+from greencode.utils import read_json as _utils_read_json
 
 log = logging.getLogger(__name__)
+
+_READS: Optional[list[Path]] = None  # the result files read while recording (see recording_reads)
+
+
+@contextlib.contextmanager
+def recording_reads():
+    """Collect every result file the loaders below read (the figure writer records them, and the
+    weights they name, for each figure: greencode.provenance)."""
+    global _READS
+    previous, _READS = _READS, []
+    try:
+        yield _READS
+    finally:
+        _READS = previous
+
+
+def _note(path: Union[str, Path]) -> None:
+    if _READS is not None:
+        _READS.append(Path(path))
+
+
+def read_json(path: Union[str, Path]) -> Any:
+    """``greencode.utils.read_json``, noted as a figure's input."""
+    data = _utils_read_json(path)
+    _note(path)
+    return data
 
 SUMMARY_FORMAT = "greencode-eval-summary/1"
 
@@ -122,6 +149,7 @@ def read_csv(path: Path, what: str, how: str) -> list[dict[str, Any]]:
     """A CSV as a list of dicts, numbers parsed, empty cells as None."""
     if not path.is_file():
         raise MissingInput(f"no {what} at {str(path)!r}; {how}")
+    _note(path)
     with open(path, newline="", encoding="utf-8") as f:
         return [{k: _parse(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
 
@@ -217,6 +245,7 @@ def recorded_config(results_dir: Union[str, Path]) -> tuple[dict, str]:
             except yaml.YAMLError:
                 continue
             if isinstance(data, dict):
+                _note(p)
                 return data, str(p)
     for p, keys in ((d / "finetune" / "summary.json", ("meta", "config")),
                     (d / "eval" / "summary.json", ("run_metadata", "config")),

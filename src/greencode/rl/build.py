@@ -413,10 +413,13 @@ def _save_bank(cfg, model, chunks, total, skipped, key, path, rng) -> Path:
     heldout = np.zeros(n_seq, dtype=bool)
     heldout[rng.permutation(n_seq)[:n_held]] = True
     fp = model.fingerprint()
+    from greencode.provenance import weights_record
+
     manifest = {
         "key": key,
         "model": fp.get("name_or_path"),
         "fingerprint": fp,
+        "weights": weights_record(model),  # carried into the RL stage's results (greencode.provenance)
         "exit_layers": list(model.exit_layers),
         "exit_points": list(model.exit_points),
         "final_layer": int(model.final_layer),

@@ -231,8 +231,10 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     if progress.is_file():
         shutil.copyfile(progress, out_dir / "progress.csv")
     eval_bank = heldout_bank if heldout_bank is not None else train_bank
+    # the weights the bank was recorded from (an older bank without the record: the run's models now)
+    weights = {"weights": bank.manifest["weights"]} if bank.manifest.get("weights") else {}
     analysis = {
-        "meta": run_metadata(cfg, stage="rl"),
+        "meta": run_metadata(cfg, stage="rl", **weights),
         "policy": str(policy_path),
         "bank": {"num_sequences": bank.num_sequences, "num_tokens": bank.num_tokens,
                  "n_exit_points": bank.n_exit_points, "hidden_size": bank.hidden_size,
@@ -252,7 +254,7 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
                      "first_mean_step_reward": curve[0]["mean_step_reward"] if curve else None},
     }
     write_json(out_dir / "analysis.json", analysis)
-    bench = {"meta": run_metadata(cfg, stage="rl_env_benchmark"),
+    bench = {"meta": run_metadata(cfg, stage="rl_env_benchmark", **weights),
              "bank_shape": {"num_tokens": train_bank.num_tokens, "n_exit_points": train_bank.n_exit_points,
                             "hidden_size": train_bank.hidden_size},
              **env_speed,

@@ -79,6 +79,14 @@ def _server(cfg, root: Path, overrides: Sequence[str]):
             yield srv
 
 
+def _weights(root: Path) -> Optional[dict]:
+    """The weights record of the run the server loads (``<run>/finetuned``; greencode.provenance)."""
+    from greencode.provenance import weights_record
+
+    ft = Path(root) / "finetuned"
+    return weights_record(ft) if (ft / "config.json").is_file() else None
+
+
 def _merge_into(out_path: Path, **parts: Any) -> dict:
     """Write ``parts`` (key -> value) into the result file at ``out_path``, keeping its other keys
     (the load benchmark's parts run one at a time); returns the whole result."""
@@ -222,7 +230,7 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
         "note": ("overhead = client round trip - the server's generation_s (time inside the decoding loop's "
                  "measurement window); it includes HTTP, JSON, validation, queue hand-off, prompt conversion "
                  "and tokenization. Energy is null where no counter is readable (never estimated)."),
-        "run": run_metadata(cfg, stage="bench_serve"),
+        "run": run_metadata(cfg, stage="bench_serve", weights=_weights(root)),
     }
     write_json(out_path, result)
     log.info("benchmark written to %s", out_path)
@@ -377,7 +385,8 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
 
         previous = (read_json(out_path) if out_path.is_file() else {}).get("burst")
         kept = {"burst_previous": previous} if previous is not None else {}
-        return _merge_into(out_path, **kept, burst=burst_result, burst_run=run_metadata(cfg, stage="bench_serve_burst"),
+        return _merge_into(out_path, **kept, burst=burst_result,
+                           burst_run=run_metadata(cfg, stage="bench_serve_burst", weights=_weights(root)),
                            burst_load_average_1m={"before": load_before, "after": _loadavg(),
                                                   "cpu_count": os.cpu_count()})
     result = {
@@ -392,7 +401,7 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
                  "each step decodes one token for all of them. lone_request: one request alone on the same server "
                  "(its prefill and mean decode step), the floor a first chunk is compared with."),
         "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
-        "run": run_metadata(cfg, stage="bench_serve_load"),
+        "run": run_metadata(cfg, stage="bench_serve_load", weights=_weights(root)),
     }
     write_json(out_path, result)
     log.info("load benchmark written to %s", out_path)
@@ -547,7 +556,7 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
             and all(b["one_at_a_time_equal_to_full_model"]),
         },
         "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
-        "run": run_metadata(cfg, stage="bench_serve_lossless"),
+        "run": run_metadata(cfg, stage="bench_serve_lossless", weights=_weights(root)),
     }
     write_json(out_path, result)
     log.info("lossless mix benchmark written to %s", out_path)
@@ -628,7 +637,7 @@ def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budg
                  f"between the probe's chunks, median of {repeats} tries; target: at most 3x alone"),
         "settings": results,
         "target_met_at_default": results[f"max_prefill_tokens_{budgets[0]}"]["ratio"] <= 3.0,
-        "run": run_metadata(cfg, stage="bench_serve_chunked_prefill"),
+        "run": run_metadata(cfg, stage="bench_serve_chunked_prefill", weights=_weights(root)),
         "load_average_1m": _loadavg(),
     })
 
@@ -704,7 +713,7 @@ def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests
         "rss_mb_first_window": after_warm[0] if after_warm else None, "rss_mb_last": rss[-1] if rss else None,
         "rss_growth_after_first_window_mb": (rss[-1] - after_warm[0]) if after_warm else None,
         "all_200": set(raw["status_counts"]) == {"200"},
-        "run": run_metadata(cfg, stage="bench_serve_memory"), "load_average_1m": _loadavg(),
+        "run": run_metadata(cfg, stage="bench_serve_memory", weights=_weights(root)), "load_average_1m": _loadavg(),
     })
 
 
@@ -809,6 +818,6 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
               "summary": summary,
               "exact_match_suffix_minus_no_suffix": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(d, idx))),
               "health_after": alive, "records": rows,
-              "run": run_metadata(cfg, stage="bench_serve_fim"), "load_average_1m": _loadavg()}
+              "run": run_metadata(cfg, stage="bench_serve_fim", weights=_weights(root)), "load_average_1m": _loadavg()}
     write_json(out_path, result)
     return result

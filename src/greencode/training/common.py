@@ -396,8 +396,25 @@ def checkpoint_step(ckpt: Optional[str]) -> int:
         return 0
 
 
-def write_stage_results(results_dir: Path, trainer_dir: Path, cfg, summary: dict) -> None:
-    """Small committed results of a stage: the loss CSV and ``summary.json`` (with run metadata)."""
+def stage_weights(stage: str, key: str, payload: dict, output_dir: Path) -> dict:
+    """The weights record of a training stage's results (:mod:`greencode.provenance`): the fingerprint
+    its output directory will have once its stage record is written (``stage:<key>``), and for LITE
+    the base it was trained from."""
+    from greencode.utils import portable_path
+
+    fp = f"stage:{key}"
+    if stage == "pretrain":
+        return {"base": fp, "finetuned": None, "dirs": {"base": portable_path(output_dir), "finetuned": None}}
+    base = payload.get("base")
+    return {"base": payload.get("base_fingerprint"), "finetuned": fp,
+            "dirs": {"base": portable_path(base) if base and Path(base).is_dir() else base,
+                     "finetuned": portable_path(output_dir)}}
+
+
+def write_stage_results(results_dir: Path, trainer_dir: Path, cfg, summary: dict,
+                        weights: Optional[dict] = None) -> None:
+    """Small committed results of a stage: the loss CSV and ``summary.json`` (with run metadata and
+    the ``weights`` record, :func:`stage_weights`)."""
     from greencode.utils import atomic_path, run_metadata
 
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -405,4 +422,5 @@ def write_stage_results(results_dir: Path, trainer_dir: Path, cfg, summary: dict
     if src.is_file():
         with atomic_path(results_dir / CSV_NAME) as tmp:
             shutil.copyfile(src, tmp)
-    write_json(results_dir / "summary.json", {**summary, "meta": run_metadata(cfg)})
+    meta = run_metadata(cfg, **({"weights": weights} if weights is not None else {}))
+    write_json(results_dir / "summary.json", {**summary, "meta": meta})

@@ -177,7 +177,8 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
             "stage_time_s": round(time.perf_counter() - t_start, 3),
             "stage_cpu_time_s": round(time.process_time() - c_start, 3),
         }
-        common.write_stage_results(paths.results_finetune, trainer_dir, cfg, summary)
+        common.write_stage_results(paths.results_finetune, trainer_dir, cfg, summary,
+                                   common.stage_weights("finetune", key, payload, out))
         write_json(out / common.STAGE_FILE, {"stage": "finetune", "key": key, "complete": True, "payload": payload,
                                              "summary": summary})
         log.info("finetune: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval LITE loss %.4f, per exit %s -> %s",

@@ -183,7 +183,8 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
             "stage_time_s": round(time.perf_counter() - t_start, 3),
             "stage_cpu_time_s": round(time.process_time() - c_start, 3),
         }
-        common.write_stage_results(paths.results_pretrain, trainer_dir, cfg, summary)
+        common.write_stage_results(paths.results_pretrain, trainer_dir, cfg, summary,
+                                   common.stage_weights("pretrain", key, payload, out))
         write_json(out / common.STAGE_FILE, {"stage": "pretrain", "key": key, "complete": True,
                                              "payload": payload, "summary": summary})
         log.info("pretrain: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval loss %.4f -> %s", train_s, steps,

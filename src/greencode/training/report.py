@@ -89,10 +89,14 @@ def exit_report(cfg, base: Optional[str] = None, finetuned: Optional[str] = None
                           seed=cfg.seed, desc="packing held-out", sep=text_sep(cfg))
     models = {}
     models["finetuned"] = layer_quality(ft, held_out, stage.batch_size, device)
+    ft_identity = ft.loaded_from
     del ft
     bm = EarlyExitModel.from_pretrained(base, exit_layers=models_exit_layers(models["finetuned"]), device=device,
                                         dtype=dtype)
     models["base"] = layer_quality(bm, held_out, stage.batch_size, device)
+    from greencode.provenance import weights_record
+
+    weights = weights_record(ft_identity, bm)
     report = {
         "description": "per-layer next-token accuracy, agreement with the final layer's prediction and mean "
                        "cross-entropy on held-out (validation) tokens, decoded through the model's own final norm "
@@ -102,7 +106,7 @@ def exit_report(cfg, base: Optional[str] = None, finetuned: Optional[str] = None
         "base_model": base, "finetuned_model": finetuned,
         "models": {"base": models["base"], "finetuned": models["finetuned"]},
         "time_s": round(time.perf_counter() - t0, 3),
-        "meta": run_metadata(cfg, stage="exit_report"),
+        "meta": run_metadata(cfg, stage="exit_report", weights=weights),
     }
     out_dir = paths.results_finetune
     write_json(out_dir / "exit_report.json", report)
@@ -217,9 +221,10 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
     stage = cfg.finetune
     held = pack_split(load_corpus(cfg)["validation"], tokenizer, stage.seq_len, max_tokens=stage.eval_max_tokens,
                       seed=cfg.seed, desc="packing held-out", sep=text_sep(cfg))
-    stats, exit_points = {}, None
+    stats, exit_points, identities = {}, None, {}
     for name, d in bases.items():
         m = EarlyExitModel.from_run_config(cfg, str(d), device=device, dtype=dtype).eval()
+        identities[name] = m.loaded_from
         exit_points = list(m.exit_points)
         stats[name] = chunk_stats(m, held, stage.batch_size)
         del m
@@ -270,13 +275,26 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
                              "chunks, paired across models",
               "split": "validation", "chunks": n, "seq_len": stage.seq_len, "resamples": resamples,
               "exit_points": exit_points, "models": models, "final_accuracy_differences": diffs,
-              "meta": run_metadata(cfg, stage="base_ablation")}
+              "meta": run_metadata(cfg, stage="base_ablation", weights=_ablation_weights(cfg, identities))}
     out_dir = Path(out_dir) if out_dir is not None else RunPaths.from_config(cfg).results / "ablations"
     write_json(out_dir / f"{out_name}.json", report)
     from greencode.utils import write_text
 
     write_text(out_dir / f"{out_name}.md", render_bases(report))
     return report
+
+
+def _ablation_weights(cfg, identities: dict) -> Optional[dict]:
+    """An ablation's record: the run's own base is its weights; the bases it compared are listed
+    under ``compared`` (they do not make it a result of another base)."""
+    from greencode.provenance import weights_record
+    from greencode.training.finetuning import base_source
+
+    try:
+        base = base_source(cfg)
+    except (FileNotFoundError, ValueError):
+        base = None
+    return weights_record(base=base, compared=identities)
 
 
 def render_bases(report: dict) -> str:
