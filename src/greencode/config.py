@@ -30,6 +30,21 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
+# the evaluated methods that run through HF ``generate`` (greencode.eval.methods); every other method
+# family is a controller of greencode.decoding.registry, or a lossless method drafted by one
+HF_METHODS = ("base", "full_hf", "hf_early_exit")
+
+
+def _controller_registry():
+    """The controller registry (greencode.decoding.registry), for validating method names and
+    threshold grids. Imported here, not at the top: the registry holds the controller classes
+    (torch), one floor above this module, and every other stage imports this one; validation
+    runs after both are loaded, so there is no import circle."""
+    from greencode.decoding import registry
+
+    return registry
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass
 class HardwareConfig:
@@ -430,11 +445,15 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: [
         "base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier", "oracle", "gc",
         "calibrated", "hf_early_exit"])
+    # a threshold controller named without a threshold runs at each of its grid's: <name>_thresholds for the
+    # built-in ones (the registry's defaults), or thresholds: {<name>: [...]} for any registered controller
+    # (it wins over the named key); a controller with neither runs at its registered default grid
     gc_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92, 0.94])
     confidence_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     saturation_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.99])
     classifier_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    thresholds: dict[str, list[float]] = field(default_factory=dict)
     energy: str = field(default="auto", metadata=_choices("auto", "zeus", "time"))
     warmup_samples: int = 2
     # samples whose generations are timed (latency, energy): the first N of the sample list,
@@ -477,13 +496,8 @@ class EvalConfig:
         _check_range(f"{path}.max_new_tokens", self.max_new_tokens, 1, None)
         _check_range(f"{path}.infill_samples", self.infill_samples, 0, None)
         _check_range(f"{path}.infill_max_new_tokens", self.infill_max_new_tokens, 10, None)
-        for k in ("gc_thresholds", "confidence_thresholds", "classifier_thresholds"):
-            for t in getattr(self, k):
-                _check_range(f"{path}.{k}", t, 0.0, 1.0)
-        for t in self.saturation_thresholds:
-            _check_range(f"{path}.saturation_thresholds", t, -1.0, 1.0)
-        for t in self.entropy_thresholds:
-            _check_range(f"{path}.entropy_thresholds", t, 0.0, None)
+        registry = _controller_registry()
+        registry.validate_section(self, path)
         if self.overhead_ab_threshold is not None:
             _check_range(f"{path}.overhead_ab_threshold", self.overhead_ab_threshold, 0.0, 1.0)
         _check_range(f"{path}.warmup_samples", self.warmup_samples, 0, None)
@@ -496,11 +510,11 @@ class EvalConfig:
         if self.timing_samples is not None:
             _check_range(f"{path}.timing_samples", self.timing_samples, 0, None)
         for m in self.accuracy_only_hf:
-            if m not in ("base", "full_hf", "hf_early_exit"):
-                raise ConfigError(f"{path}.accuracy_only_hf has {m!r}; it lists HF-generate families: base, full_hf, "
-                                  "hf_early_exit")
-        known = ("base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier", "oracle",
-                 "gc", "gc_lossless", "layerskip", "hf_early_exit", "calibrated")
+            if m not in HF_METHODS:
+                raise ConfigError(f"{path}.accuracy_only_hf has {m!r}; it lists HF-generate families: "
+                                  f"{', '.join(HF_METHODS)}")
+        known = (HF_METHODS[:2] + registry.controller_names() + tuple(registry.lossless_methods()) + HF_METHODS[2:]
+                 + ("calibrated",))
         for m in self.methods:
             if m not in known:
                 raise ConfigError(f"{path}.methods has unknown method {m!r}; known: {', '.join(known)}")
@@ -533,6 +547,9 @@ class CalibrationConfig:
     confidence_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5])
     saturation_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999])
+    # any registered threshold controller's candidates (wins over the named key; default: the registry's
+    # calibration grid)
+    thresholds: dict[str, list[float]] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
@@ -547,17 +564,13 @@ class CalibrationConfig:
             raise ConfigError(f"{path}.targets is empty; give maximum disagreement shares such as [0.02, 0.05]")
         for t in self.targets:
             _check_range(f"{path}.targets", t, 0.0, 1.0, low_open=True)
+        registry = _controller_registry()
+        calibrated = [c.name for c in registry.controllers() if c.param is not None]
         for f in self.families:
-            if f not in ("fixed", "confidence", "entropy", "saturation", "classifier", "gc"):
-                raise ConfigError(f"{path}.families has {f!r}; known: fixed, confidence, entropy, saturation, "
-                                  "classifier, gc")
-        for k in ("gc_thresholds", "classifier_thresholds", "confidence_thresholds"):
-            for t in getattr(self, k):
-                _check_range(f"{path}.{k}", t, 0.0, 1.0)
-        for t in self.entropy_thresholds:
-            _check_range(f"{path}.entropy_thresholds", t, 0.0, None)
-        for t in self.saturation_thresholds:
-            _check_range(f"{path}.saturation_thresholds", t, -1.0, 1.0)
+            if f not in calibrated:
+                raise ConfigError(f"{path}.families has {f!r}; known: {', '.join(calibrated)} (the registered "
+                                  "controllers with a parameter)")
+        registry.validate_section(self, path, calibration=True)
 
 
 @dataclass
@@ -566,6 +579,9 @@ class ServeConfig:
     port: int = 8000
     run_dir: Optional[str] = None  # null = this config's run directory
     model_name: str = "greencode"
+    # the registered controller (greencode.decoding.registry) a request's exit threshold is for: gc = the run's
+    # RL policy; any controller with a threshold, or none
+    controller: str = "gc"
     default_threshold: float = 0.9
     default_max_new_tokens: int = 16
     max_new_tokens_cap: int = 256
@@ -600,6 +616,10 @@ class ServeConfig:
     def validate(self, path: str) -> None:
         _check_range(f"{path}.port", self.port, 0, 65535)
         _check_range(f"{path}.default_threshold", self.default_threshold, 0.0, 1.0)
+        info = _controller_registry().get_controller(self.controller, f"{path}.controller")
+        if info.param == "layer":
+            raise ConfigError(f"{path}.controller={self.controller!r} takes a layer, not a threshold; serve a "
+                              "controller with a threshold (or none)")
         _check_range(f"{path}.max_new_tokens_cap", self.max_new_tokens_cap, 1, None)
         _check_range(f"{path}.queue_size", self.queue_size, 1, None)
         _check_range(f"{path}.max_queued_tokens", self.max_queued_tokens, 1, None)
@@ -699,6 +719,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list of {_type_name(item_tp)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return {_coerce(k, key_tp, key): _coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

@@ -53,7 +53,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from greencode.config import Config, ConfigError
-from greencode.eval.methods import MethodSpec
+from greencode.decoding.registry import get_controller, threshold_grid
+from greencode.eval.methods import MethodSpec, needs, param_kind
 from greencode.eval.tuning import refuse_test_split
 from greencode.paths import RunPaths
 from greencode.utils import read_json, run_metadata, write_json, write_text
@@ -128,17 +129,15 @@ def fixed_sequence(losses: Sequence[np.ndarray], alpha: float, delta: float) -> 
 
 # --------------------------------------------------------------------------- candidates
 def candidate_specs(cfg: Config, exit_layers: Sequence[int]) -> dict[str, list[MethodSpec]]:
-    """Each calibrated family's candidates, most conservative first (an order fixed a priori)."""
+    """Each calibrated family's candidates, most conservative first (an order fixed a priori by the
+    controller's registry entry: the deepest exit layer first, or from the conservative end of its
+    grid, ``calibration.thresholds.<name>`` / ``calibration.<name>_thresholds`` / its default)."""
     c = cfg.calibration
     out: dict[str, list[MethodSpec]] = {}
     for fam in c.families:
-        if fam == "fixed":
-            out[fam] = [MethodSpec("fixed", int(layer)) for layer in sorted(exit_layers, reverse=True)]
-        elif fam == "entropy":
-            out[fam] = [MethodSpec(fam, float(t)) for t in sorted(set(c.entropy_thresholds))]
-        else:
-            grid = getattr(c, f"{fam}_thresholds")
-            out[fam] = [MethodSpec(fam, float(t)) for t in sorted(set(grid), reverse=True)]
+        info = get_controller(fam, "calibration.families")
+        grid = threshold_grid(c, fam, calibration=True)[1] if info.param == "threshold" else []
+        out[fam] = [MethodSpec(fam, p) for p in info.candidates(grid, exit_layers)]
     return out
 
 
@@ -217,18 +216,17 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str]) -> di
     specs = []
     for mid in method_ids:
         fam, param = parse_method_name(mid)
-        if fam in ("full", "oracle") or fam in ("base", "full_hf", "hf_early_exit", "gc_lossless", "layerskip"):
+        spec = MethodSpec(fam, param)
+        if spec.runs_hf or spec.lossless or param_kind(fam) is None:  # HF rows, lossless rows, full, oracle
             continue
-        specs.append(MethodSpec(fam, param))
+        specs.append(spec)
     paths = RunPaths.from_config(cfg)
     device, dtype = setup_torch(cfg.hardware)
-    inputs = load_inputs(cfg, paths, device, dtype, need_base=False,
-                         need_policy=any(s.family in ("gc", "classifier") for s in specs))
+    inputs = load_inputs(cfg, paths, device, dtype, need_base=False, need_policy=any(needs(s.family) for s in specs))
     samples = load_samples(cfg, inputs.tokenizer)
     model, tok = inputs.model, inputs.tokenizer
     runner = Runner(inputs, cfg, None, tok.eos_token_id, tok.pad_token_id)
-    specs = [s for s in specs if (s.family != "gc" or inputs.policy is not None)
-             and (s.family != "classifier" or inputs.classifier is not None)]
+    specs = [s for s in specs if all(getattr(inputs, n) is not None for n in needs(s.family))]
     ctrls = [runner.controller(s) for s in specs]
     limit = getattr(model.hf.config, "max_position_embeddings", None)
     out: dict[str, dict[int, float]] = {s.id: {} for s in specs}
@@ -320,15 +318,13 @@ def calibrate(cfg: Config, *, split: str = CALIBRATION_SPLIT) -> Path:
                                  sample_offset=c.sample_offset,
                                  overhead_ab=False, warmup_samples=0, bootstrap_resamples=0, accuracy_only_hf=[]))
     ids = ["full"] + [s.id for fam in specs.values() for s in fam]
-    needs = {"gc": "policy", "classifier": "classifier"}
     available = []
     for i in ids:
-        fam = i.split("@")[0]
-        f = getattr(paths, needs[fam]) if fam in needs else None
-        if f is None or Path(f).is_file():
+        missing = [(n, getattr(paths, n)) for n in needs(i.split("@")[0]) if not Path(getattr(paths, n)).is_file()]
+        if not missing:
             available.append(i)
         else:
-            log.warning("calibration: %s skipped (no %s at %s)", i, needs[fam], f)
+            log.warning("calibration: %s skipped (no %s at %s)", i, *missing[0])
     evaluate(sub, available)
     eval_dir = out / "eval"
     forced = teacher_forced(sub, eval_dir, available) if "token" in c.criteria else None

@@ -35,7 +35,8 @@ import torch
 
 from greencode.config import Config, ConfigError
 from greencode.decoding.compiled import compile_info, use_compiled_steps
-from greencode.eval.methods import LOSSLESS_FAMILIES, MethodSpec, expand_methods, parse_method_name, split_names
+from greencode.decoding.registry import Resources, get_controller, threshold_grid
+from greencode.eval.methods import MethodSpec, controller_of, expand_methods, needs, parse_method_name, split_names
 from greencode.eval.summary import SHARD_FORMAT, check_writable, merge_shards, write_results
 from greencode.distributed import Dist
 from greencode.paths import RunPaths
@@ -165,38 +166,18 @@ class Runner:
         self.pad = pad_token_id if pad_token_id is not None else eos_token_id
         self.model = inputs.model
         self.full_macs = _full_step_macs(self.model)
+        self.resources = Resources(policy=inputs.policy, classifier=inputs.classifier,
+                                   policy_temperature=cfg.decoding.policy_temperature)
         self._controllers: dict[str, Any] = {}
 
-    # controllers are built once per method (PolicyExit holds the policy)
+    # controllers are built once per method (PolicyExit holds the policy), from the registry
     def controller(self, spec: MethodSpec):
-        from greencode.decoding import (ConfidenceExit, EntropyExit, FixedExit, NeverExit, OracleExit, PolicyExit,
-                                        SaturationExit)
-
         if spec.id in self._controllers:
             return self._controllers[spec.id]
-        f = spec.family
-        if f == "full":
-            c = NeverExit()
-        elif f == "fixed":
-            c = FixedExit(int(spec.param))
-        elif f == "confidence":
-            c = ConfidenceExit(float(spec.param))
-        elif f == "entropy":
-            c = EntropyExit(float(spec.param))
-        elif f == "layerskip":
-            c = FixedExit(int(spec.param))
-        elif f == "saturation":
-            c = SaturationExit(float(spec.param))
-        elif f == "classifier":
-            clf = self.inputs.classifier
-            c = PolicyExit.of(clf, float(spec.param), name="classifier")
-        elif f == "oracle":
-            c = OracleExit()
-        elif f in ("gc", "gc_lossless"):
-            pol = self.inputs.policy
-            c = PolicyExit.of(pol, float(spec.param), self.cfg.decoding.policy_temperature)
-        else:
+        name = controller_of(spec.family)  # a lossless family: the controller that drafts for it
+        if name is None:
             raise ValueError(f"method {spec.id!r} does not run in the decoding loop")
+        c = get_controller(name).build(spec.param, self.resources)
         c.check_layers(self.model)  # validates layer/shape now, not mid-run
         self._controllers[spec.id] = c
         return c
@@ -206,7 +187,7 @@ class Runner:
         the shared full-model prefill of ``prompt`` for the loop methods)."""
         if spec.runs_hf:
             return self._run_hf(spec, prompt, window)
-        if spec.family in LOSSLESS_FAMILIES:
+        if spec.lossless:
             return self._run_lossless(spec, self.controller(spec), prompt, window)
         return self._run_loop(spec, self.controller(spec), prompt, window, prefilled)
 
@@ -327,7 +308,7 @@ def _check_lossless(records: dict, active: Sequence[MethodSpec]) -> None:
         return
     full = {r["index"]: r["tokens"] for r in records["full"]}
     for spec in active:
-        if spec.family not in LOSSLESS_FAMILIES:
+        if not spec.lossless:
             continue
         for r in records.get(spec.id, []):
             if r["index"] in full and r["tokens"] != full[r["index"]]:
@@ -354,10 +335,9 @@ def _available(spec: MethodSpec, inputs: EvalInputs) -> Optional[str]:
     """None when the method can run, else the reason it cannot."""
     if spec.family == "base" and inputs.base is None:
         return inputs.base_reason or "no base model"
-    if spec.family in ("gc", "gc_lossless") and inputs.policy is None:
-        return inputs.policy_reason or "no exit policy"
-    if spec.family == "classifier" and inputs.classifier is None:
-        return inputs.classifier_reason or "no exit classifier"
+    for need in needs(spec.family):  # the run's trained parts its controller is built from
+        if getattr(inputs, need) is None:
+            return getattr(inputs, f"{need}_reason") or f"no exit {need}"
     if spec.family == "base" and inputs.base is not None:
         tv, bv = inputs.model.vocab_size, inputs.base.vocab_size
         if tv != bv:
@@ -368,7 +348,7 @@ def _available(spec: MethodSpec, inputs: EvalInputs) -> Optional[str]:
 def _ab_threshold(cfg: Config) -> float:
     if cfg.eval.overhead_ab_threshold is not None:
         return float(cfg.eval.overhead_ab_threshold)
-    ts = sorted(cfg.eval.gc_thresholds) or [0.9]
+    ts = sorted(threshold_grid(cfg.eval, "gc")[1]) or [0.9]
     return float(ts[len(ts) // 2])
 
 
@@ -462,7 +442,7 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
         else:
             got = list(zip(loop_specs, row_records)) if row_records is not None else []
             got += [(s, attempt(s, prompt, None)) for s in active
-                    if (s.runs_hf and s.family in cfg.eval.accuracy_only_hf) or s.family in LOSSLESS_FAMILIES]
+                    if (s.runs_hf and s.family in cfg.eval.accuracy_only_hf) or s.lossless]
         for spec, rec in got:
             if rec is None:
                 continue
@@ -481,7 +461,7 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
     # work units: each timed sample alone, in order; the accuracy-only samples sorted by prompt length and
     # decoded in chunks (similar lengths: little left padding to prefill and attend over; a row's tokens do
     # not depend on its batch, tested)
-    loop_specs = [s for s in active if not s.runs_hf and s.family not in LOSSLESS_FAMILIES]
+    loop_specs = [s for s in active if not s.runs_hf and not s.lossless]
     units: list[list[int]] = [[k] for k in range(len(prompts)) if indices[k] in timed_indices]
     rest = sorted((k for k in range(len(prompts)) if indices[k] not in timed_indices),
                   key=lambda k: (len(prompts[k]), k))
@@ -579,7 +559,7 @@ def _accuracy_worker(cfg_dict: dict, methods: Optional[list[str]], indices: list
     names = methods if methods is not None else list(cfg.eval.methods)
     families = {parse_method_name(n)[0] for n in names}
     inputs = load_inputs(cfg, RunPaths.from_config(cfg), device, dtype, need_base="base" in families,
-                         need_policy=bool({"gc", "gc_lossless", "classifier"} & set(families)))
+                         need_policy=any(needs(f) for f in families))
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
     explicit = (methods is not None) if explicit is None else explicit
@@ -694,7 +674,8 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     if dist.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     families = {parse_method_name(n)[0] for n in names}
-    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families, need_policy=bool({"gc", "gc_lossless", "classifier"} & set(families)))
+    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families,
+                         need_policy=any(needs(f) for f in families))
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
     from greencode.training.shipping import check_split_disjoint

@@ -185,18 +185,18 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     means the full model)."""
     scfg = cfg.serve
     if engine is None:
-        root, notes, calibration = None, [], None
+        root, notes, calibration, classifier = None, [], None, None
         if model is None:
             run = load_run(cfg, run_dir)
             model, tokenizer, policy, root, notes = run.model, run.tokenizer, run.policy, run.root, run.notes
-            calibration = run.calibration
+            calibration, classifier = run.calibration, run.classifier
         if meter is None:
             from greencode.eval.energy import make_meter
 
             meter = make_meter(cfg.eval.energy, model.device)
         engine = Engine(model, tokenizer, policy, serve_cfg=scfg, decoding_cfg=cfg.decoding, meter=meter,
                         run_root=root, notes=notes, language=cfg.data.language, literal_mode=cfg.data.literal_mode,
-                        calibration=calibration)
+                        calibration=calibration, classifier=classifier)
     api_key = scfg.api_key or os.environ.get(API_KEY_ENV) or None
     holder: dict = {}
     metrics = ServeMetrics(in_flight=lambda: holder["scheduler"].in_flight, energy_source=engine.meter.source)

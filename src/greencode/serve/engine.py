@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from greencode.config import Config, ConfigError
 from greencode.decoding.compiled import compile_info, use_compiled_steps
+from greencode.decoding.controllers import NeverExit
+from greencode.decoding.registry import Resources, get_controller
 from greencode.decoding.steps import cut_at_stops
 from greencode.paths import RunPaths
 from greencode.serve.errors import RequestError
@@ -158,6 +160,7 @@ class LoadedRun:
     root: Optional[Path]
     notes: list[str] = field(default_factory=list)
     calibration: Optional[dict] = None  # results/<name>/calibration/calibration.json, when it belongs to this policy
+    classifier: Any = None  # the supervised exit classifier, loaded when the served controller needs it
 
 
 def split_fim(prompt: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -195,9 +198,11 @@ def run_root(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> Path:
 
 
 def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedRun:
-    """Load the fine-tuned early-exit model, its tokenizer and the exported policy of a run.
+    """Load the fine-tuned early-exit model, its tokenizer and the exported policy of a run (and the
+    exit classifier when ``serve.controller`` needs it).
 
-    A run without ``agent/policy.pt`` serves the full model (and says so in /health)."""
+    A run without what the served controller needs (``agent/policy.pt`` for gc) serves the full model
+    (and says so in /health)."""
     from transformers import AutoTokenizer
 
     from greencode.models import EarlyExitModel
@@ -222,38 +227,48 @@ def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedR
                                 "stage saves it next to the model")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     notes: list[str] = []
-    policy = None
-    if paths.policy.is_file():
-        policy = load_policy(paths.policy, model)
-    else:
-        notes.append(f"no exit policy at {paths.policy}: serving the full model for every request "
-                     "(train one with scripts/train_agent.py)")
-        log.warning(notes[-1])
+    served = get_controller(cfg.serve.controller, "serve.controller")
+    loaded: dict[str, Any] = {"policy": None, "classifier": None}
+    for need in ("policy", "classifier"):
+        if paths_file(paths, need).is_file() and (need == "policy" or need in served.needs):
+            loaded[need] = load_policy(paths_file(paths, need), model)
+        elif need in served.needs:
+            notes.append(f"no exit {need} at {paths_file(paths, need)}: serving the full model for every request "
+                         "(train one with scripts/train_agent.py)")
+            log.warning(notes[-1])
     calibration = None
     cal_file = RunPaths.from_config(cfg).calibration
-    if policy is not None and cal_file.is_file():
+    if all(loaded[n] is not None for n in served.inputs) and cal_file.is_file():
         from greencode.eval.calibration import file_sha256
         from greencode.utils import read_json
 
         cal = read_json(cal_file)
-        if cal.get("policy_sha256") == file_sha256(paths.policy):
+        stale = [n for n in served.inputs if cal.get(f"{n}_sha256") != file_sha256(paths_file(paths, n))]
+        if not stale:
             calibration = cal
         else:
-            notes.append(f"{cal_file} was calibrated for another exit policy: max_disagreement is unavailable "
+            notes.append(f"{cal_file} was calibrated for another exit {stale[0]}: max_disagreement is unavailable "
                          "(rerun scripts/calibrate.py for this run)")
             log.warning(notes[-1])
     log.info("loaded %s (%s, %d layers, exits %s) from %s on %s", model.family, type(model.hf).__name__,
              model.num_layers, model.exit_layers, model_dir, model.device)
-    return LoadedRun(model, tokenizer, policy, root, notes, calibration)
+    return LoadedRun(model, tokenizer, loaded["policy"], root, notes, calibration, loaded["classifier"])
+
+
+def paths_file(paths: RunPaths, need: str) -> Path:
+    """Where a run keeps a trained part a controller needs (``policy``, ``classifier``)."""
+    return Path(getattr(paths, need))
 
 
 # --------------------------------------------------------------------------- engine
 class Engine:
-    """One model, its tokenizer and (optionally) its exit policy, answering :class:`GenRequest`s."""
+    """One model, its tokenizer and (optionally) its exit policy, answering :class:`GenRequest`s.
+    A request's threshold is the parameter of the served controller (``serve.controller``, a name in
+    :mod:`greencode.decoding.registry`; gc = the RL policy)."""
 
     def __init__(self, model, tokenizer, policy=None, *, serve_cfg, decoding_cfg=None, meter=None,
                  run_root: Optional[Path] = None, notes: Optional[list[str]] = None, language: str = "python",
-                 literal_mode: str = "normalized", calibration: Optional[dict] = None):
+                 literal_mode: str = "normalized", calibration: Optional[dict] = None, classifier=None):
         from greencode.config import DecodingConfig
         from greencode.eval.energy import TimeOnlyMeter
 
@@ -289,10 +304,11 @@ class Engine:
             elif isinstance(v, (list, tuple)):
                 eos.update(int(x) for x in v)
         self.eos_ids = sorted(eos)
-        if policy is not None:  # fail at start-up, not on the first request, when the policy does not fit
-            from greencode.decoding import PolicyExit
-
-            PolicyExit.of(policy, 0.5, self.decoding_cfg.policy_temperature).check_layers(model)
+        self.served = get_controller(getattr(serve_cfg, "controller", "gc"), "serve.controller")
+        self.resources = Resources(policy=policy, classifier=classifier,
+                                   policy_temperature=self.decoding_cfg.policy_temperature)
+        if not self.served.missing(self.resources):  # fail at start-up, not on the first request, when it does not fit
+            self._build(self.served.grid[0] if self.served.grid else 0.5).check_layers(model)
 
     # ------------------------------------------------------------------ facts
     def describe(self) -> dict[str, Any]:
@@ -303,8 +319,8 @@ class Engine:
             "context_window": self.context_window, "num_parameters": self.num_parameters,
             "device": str(m.device), "dtype": str(m.dtype).removeprefix("torch."),
             "policy_loaded": self.policy is not None,
-            "serving": ("early-exit (RL policy)" if self.policy is not None
-                        else "full model (no exit policy in this run)"),
+            "controller": self.served.name,
+            "serving": self._serving(),
             "default_threshold": self.serve_cfg.default_threshold,
             "full_model_threshold": FULL_MODEL_THRESHOLD,
             "policy_temperature": self.decoding_cfg.policy_temperature,
@@ -358,26 +374,40 @@ class Engine:
         out = [" ".join(s.replace("\n", eol).split()) for s in stops]
         return [s for s in dict.fromkeys(out) if s]
 
+    def _serving(self) -> str:
+        missing = self.served.missing(self.resources)
+        if missing:
+            return f"full model (no exit {missing[0]} in this run)"
+        return "early-exit (RL policy)" if self.served.name == "gc" else f"early-exit ({self.served.name})"
+
+    def _build(self, threshold: float):
+        """The served controller at ``threshold`` (ignored by a controller without a parameter)."""
+        try:
+            return self.served.build(threshold if self.served.param else None, self.resources)
+        except ConfigError as e:
+            raise RequestError(422, f"exit threshold: {e}", loc="body.exit_threshold") from None
+
     # ------------------------------------------------------------------ request -> generate
     def controller_for(self, threshold: Optional[float], max_disagreement: Optional[float] = None,
                        fidelity: Optional[str] = None):
-        """(controller, threshold used, mode). ``threshold >= 1.0`` or no policy -> the full model.
-        ``max_disagreement`` (it wins over a threshold sent with it): the threshold calibrated for the
-        largest target at or below it (results/<name>/calibration), under the criterion ``fidelity``
-        (sequence when None); none certified there, or no calibration loaded -> the full model, which
-        meets any target. ``fidelity`` without a target is ignored."""
-        from greencode.decoding import NeverExit, PolicyExit
-
+        """(controller, threshold used, mode). ``threshold >= 1.0`` (for a controller whose thresholds
+        end at 1) or a run without what the served controller needs (the policy, for gc) -> the full
+        model. ``max_disagreement`` (it wins over a threshold sent with it): the threshold calibrated for
+        the served controller at the largest target at or below it (results/<name>/calibration), under
+        the criterion ``fidelity`` (sequence when None); none certified there, or no calibration loaded ->
+        the full model, which meets any target. ``fidelity`` without a target is ignored."""
+        missing = self.served.missing(self.resources)
         # a fidelity without a target names nothing and is ignored; a target sent with a threshold wins over it
         if max_disagreement is not None:
-            if self.policy is None:
-                return NeverExit(), None, "full_model_no_policy"
+            if missing:
+                return NeverExit(), None, f"full_model_no_{missing[0]}"
             if self.calibration is None:  # nothing certified: the full model meets any target
                 return NeverExit(), None, "full_model_no_calibration"
             from greencode.eval.calibration import threshold_for
 
             try:
-                calibrated = threshold_for(self.calibration, "gc", float(max_disagreement), fidelity or "sequence")
+                calibrated = threshold_for(self.calibration, self.served.name, float(max_disagreement),
+                                           fidelity or "sequence")
             except ConfigError as e:  # stricter than anything certified, or a criterion not calibrated
                 return NeverExit(), None, ("full_model_target_not_certified" if "smallest calibrated target" in str(e)
                                            else "full_model_criterion_not_calibrated")
@@ -385,12 +415,11 @@ class Engine:
                 return NeverExit(), None, "full_model_target_not_certified"
             threshold = calibrated
         thr = self.serve_cfg.default_threshold if threshold is None else float(threshold)
-        if self.policy is None:
-            return NeverExit(), None, "full_model_no_policy"
-        if thr >= FULL_MODEL_THRESHOLD:
+        if missing:
+            return NeverExit(), None, f"full_model_no_{missing[0]}"
+        if thr >= FULL_MODEL_THRESHOLD and self.served.bounds[1] == FULL_MODEL_THRESHOLD:
             return NeverExit(), thr, "full_model"
-        ctrl = PolicyExit.of(self.policy, thr, self.decoding_cfg.policy_temperature)
-        return ctrl, thr, "policy"
+        return self._build(thr), thr, self.served.label
 
     def encode(self, prompt: str, max_new_tokens: int, num_ctx: Optional[int] = None,
                suffix: Optional[str] = None) -> tuple[list[int], dict]:
