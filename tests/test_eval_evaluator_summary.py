@@ -192,3 +192,56 @@ def test_goal_check():
     rows[2]["codebleu"] = 0.32
     assert goal_check(rows)["gc_ahead_of_confidence_entropy"] is True
     assert goal_check([rows[0]]) is None
+
+
+def _em_metrics(pred, ref, language):
+    return {"codebleu": float(pred == ref), "exact_match": float(pred.split() == ref.split())}
+
+
+def test_exact_match_reported_with_its_boilerplate_separated(tmp_path):
+    """The matches on licence-header references are counted apart; exact match without them has a CI."""
+    header = "# Licensed under the Apache License, Version 2.0"
+
+    def r(i, pred, ref):
+        x = rec(i, [1], [3], 1.0, done=1.0, full=1.0)
+        x.update(prediction=pred, reference=ref)
+        return x
+
+    full = [r(0, header, header), r(1, "a = 1", "a = 1"), r(2, "b", "c"), r(3, "", "  ")]
+    fixed = [r(0, header, header), r(1, "a = 2", "a = 1"), r(2, "b", "c"), r(3, "x", "  ")]
+    merged = merge_shards([shard({"full": full, "fixed@1": fixed})])
+    merged["meta"]["bootstrap_resamples"] = 200
+    rows = {x["id"]: x for x in build_rows(merged, fake_metrics, _em_metrics)}
+    f, x = rows["full"], rows["fixed@1"]
+    assert f["exact_match_boilerplate_share"] == pytest.approx(2 / 3)  # the header and the blank reference
+    assert f["exact_match_no_boilerplate"] == pytest.approx(1 / 2) and f["num_samples_no_boilerplate"] == 2
+    assert f["boilerplate_reference_share"] == pytest.approx(1 / 2)
+    assert x["exact_match_boilerplate_share"] == 1.0 and x["exact_match_no_boilerplate"] == 0.0
+    assert x["exact_match_no_boilerplate_diff"] == pytest.approx(-0.5)
+    assert x["exact_match_no_boilerplate_ci"] is not None and x["exact_match_no_boilerplate_diff_ci"] is not None
+    assert [rec_["boilerplate_reference"] for rec_ in merged["methods"]["full"]["records"]] == [True, False, False,
+                                                                                               True]
+    out = tmp_path / "eval"
+    write_results(merge_shards([shard({"full": full, "fixed@1": fixed})]), out, {}, metrics_fn=fake_metrics,
+                  sample_metrics_fn=_em_metrics)
+    md = (out / "summary.md").read_text()
+    assert "EM w/o boilerplate" in md and "Δ exact match w/o boilerplate" in md
+    assert "exact_match_no_boilerplate" in (out / "summary.csv").read_text().splitlines()[0]
+
+
+def test_every_row_is_scored_on_the_same_samples():
+    """A method decoded on fewer samples (an HF row left to the timed samples) makes every row use the
+    samples all methods have, with a note; the rows' sample sets are then equal."""
+    full = [rec(i, [1, 2], [3, 3], 1.0 if i == 0 else None, done=1.0, full=1.0) for i in range(4)]
+    hf = [rec(0, [1, 2], [3, 3], 1.0, done=1.0, full=1.0)]
+    merged = merge_shards([shard({"full": full, "full_hf": hf})])
+    rows = build_rows(merged, fake_metrics, fake_sample_metrics)
+    assert [r["num_samples"] for r in rows] == [1, 1]
+    assert rows[0]["sample_set"] == rows[1]["sample_set"]
+    assert [x["index"] for x in merged["methods"]["full"]["records"]] == [0]
+    assert any("scored on the 1 samples all methods decoded" in n for n in merged["meta"]["notes"])
+    # all on the same samples: nothing left out, no note
+    merged = merge_shards([shard({"full": full, "fixed@1": [dict(x) for x in full]})])
+    rows = build_rows(merged, fake_metrics, fake_sample_metrics)
+    assert [r["num_samples"] for r in rows] == [4, 4] and rows[0]["sample_set"] == rows[1]["sample_set"]
+    assert not merged["meta"].get("notes")

@@ -122,3 +122,59 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"references\[0\] is a NoneType"):
         compute_metrics(["a"], [None], "java")
     assert sample_metrics("x", "x", " Python ")["exact_match"] == 1.0
+
+
+# boilerplate references (greencode.eval.metrics.is_boilerplate): the exact matches of the full model on the
+# default test split are all of these (Apache headers), so exact match is reported with them separated
+@pytest.mark.parametrize("reference", [
+    "#     http://www.apache.org/licenses/LICENSE-2",  # a line cut short, as the 15-token references are
+    "\n#     http://www.apache.org/licenses/LICENSE-",
+    "\n# See the License for the specific language governing permissions and\n# limitations",
+    "\n# Unless required by applicable law or agreed to in writing, software\n",
+    "\n#\n# Unless required by applicable law or agreed to in writing,",
+    "# Licensed under the Apache License, Version 2.0 (the \"License\");",
+    "# distributed under the License is distributed on an \"AS IS\" BASIS,",
+    "# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.",
+    "// Copyright 2020 Google LLC",
+    "/*\n * Copyright (c) 2015, Oracle and/or its affiliates. All rights reserved.\n */",
+    " * SPDX-License-Identifier: MIT",
+    "# Copyright 2019 The TensorFlow Authors. <EOL> #",  # token format: <EOL> separates lines
+    "Licensed under the Apache License, Version 2.0",  # the first fragment continues the context's comment
+    "",
+    "   \n\t\n",
+])
+def test_boilerplate_references(reference):
+    from greencode.eval.metrics import is_boilerplate
+
+    assert is_boilerplate(reference)
+
+
+@pytest.mark.parametrize("reference", [
+    " \"B\"])\n\n        tm.assert_frame_equal(other, float",
+    "class License(models.Model):",  # the word in code, not in a comment
+    "    license = \"MIT\"",
+    "x = 1  # Copyright",  # code with a trailing comment
+    "# limitations under the License.\n\nimport os",  # the header ends and code follows
+    "# TODO: handle the empty case",  # a comment, but no licence
+    "#",
+    "return a + b <EOL> }",
+    "    def push(self, item):\n        self.items.append(item)",
+])
+def test_not_boilerplate_references(reference):
+    from greencode.eval.metrics import is_boilerplate
+
+    assert not is_boilerplate(reference)
+
+
+def test_exact_match_breakdown():
+    from greencode.eval.metrics import exact_match_breakdown
+
+    b = exact_match_breakdown([1.0, 1.0, 0.0, 1.0, 0.0], [True, True, True, False, False])
+    assert b["exact_match_boilerplate_share"] == pytest.approx(2 / 3)
+    assert b["exact_match_no_boilerplate"] == pytest.approx(1 / 2) and b["num_samples_no_boilerplate"] == 2
+    assert b["boilerplate_reference_share"] == pytest.approx(3 / 5)
+    none = exact_match_breakdown([0.0, 0.0], [True, False])
+    assert none["exact_match_boilerplate_share"] is None and none["exact_match_no_boilerplate"] == 0.0
+    assert exact_match_breakdown([1.0], [True])["exact_match_no_boilerplate"] is None
+    with pytest.raises(ValueError, match="boilerplate flags"):
+        exact_match_breakdown([1.0], [])

@@ -344,3 +344,24 @@ def test_a_reshipped_tokenizer_directory_is_a_new_tokenizer(tmp_path):
     assert _fingerprint(cfg, "corpus") != before
     assert _fingerprint(load_config(SMOKE, ["tokenizer.path=gpt2"]), "c") == _fingerprint(
         load_config(SMOKE, ["tokenizer.path=gpt2"]), "c")  # a hub id: the name alone
+
+
+def test_infill_summary_separates_boilerplate_exact_matches():
+    """The infilling slice reports exact match with the licence-header lines apart (no model needed)."""
+    from greencode.eval.infill import render, summarize
+
+    def r(em, bp, pred="x"):
+        return {"id": "s", "prediction": pred, "exact_match": em, "edit_similarity": 100.0 * em, "boilerplate": bp,
+                "tokens": 2, "exit_layers": [], "decode_steps": 1, "layers_run": 4, "macs_done": 1, "macs_full": 1}
+
+    recs = {"full": [r(1.0, True), r(1.0, False), r(0.0, False), r(1.0, True)],
+            "fixed@1": [r(1.0, True), r(0.0, False), r(0.0, False), r(0.0, True)]}
+    s = summarize(recs, 4, resamples=200, seed=0)
+    full, fixed = s["methods"]["full"], s["methods"]["fixed@1"]
+    assert full["exact_match_boilerplate_share"] == pytest.approx(2 / 3) and full["num_samples_no_boilerplate"] == 2
+    assert full["exact_match_no_boilerplate"]["mean"] == pytest.approx(0.5)
+    assert fixed["exact_match_boilerplate_share"] == 1.0 and fixed["exact_match_no_boilerplate"]["mean"] == 0.0
+    d = fixed["exact_match_no_boilerplate_minus_full"]
+    assert d["mean"] == pytest.approx(-0.5) and d["ci_low"] <= d["mean"] <= d["ci_high"]
+    md = render(s, {"num_samples": 4, "split": "test"})
+    assert "EM w/o boilerplate" in md and "other 2 samples" in md

@@ -461,8 +461,9 @@ class EvalConfig:
     # accuracy only, every loop method continuing one shared full-model prefill (same tokens,
     # far less work). null = time every sample
     timing_samples: Optional[int] = None
-    # HF-generate families that also run on the accuracy-only samples; the others (full_hf and
-    # hf_early_exit give the full model's tokens by construction, tested) run on the timed ones
+    # HF-generate families that also run on the accuracy-only samples (default: all of them). A family
+    # left out runs on the timed samples only, and then every row of the table is scored on those (the
+    # samples all methods decoded: greencode.eval.summary.common_samples), so rows stay comparable
     accuracy_only_hf: list[str] = field(default_factory=lambda: ["base", "full_hf", "hf_early_exit"])
     # processes for the accuracy-only samples (each with 1 torch thread), started after the timed
     # samples ran alone on a quiet machine; 1 = everything in this process

@@ -6,6 +6,14 @@ confidence and entropy exits, the oracle and GC(T) through our decoding loop; HF
 self-speculative early exit (``assistant_early_exit``) as a peer. Every baseline uses the KV
 cache; all decoding is greedy with ``eval.max_new_tokens``.
 
+Same samples for every row: every method decodes every sample (HF ``generate``'s rows too: by
+default ``eval.accuracy_only_hf`` lists every HF family), so each row of the table and each point of
+a figure is scored on the same samples. Scoring the HF rows on the timed subset only would be
+cheaper but would leave them on other samples than the rest (the Pareto figure once showed HF
+``generate`` at 30 samples beside our identical loop at 500); the summary guards this
+(:func:`greencode.eval.summary.common_samples`): if a config leaves an HF family to the timed samples,
+every row is scored on the samples all methods decoded, with a note.
+
 Fairness of the timing: samples are processed one at a time and, for each sample, every
 method runs on it back to back in a seeded random order drawn per sample (so no method
 always runs first or last, or next to the same neighbours, while the machine's load drifts); warmup runs on the first

@@ -16,7 +16,9 @@ Every method decodes greedily until a newline or an end of sequence, at most ``m
 the prediction is the text before the first newline. Scores per sample: exact match (CodeXGLUE:
 ``pred.split() == ref.split()``) and edit similarity (``fuzz.ratio``), plus agreement with the full
 model's own prediction; 95% paired bootstrap CIs over the samples (the same resamples for every
-method). Compute: the decode steps' layers skipped and compute ratio (the prefill, the same for
+method). Exact match is also reported with its boilerplate separated (held-out lines of licence
+headers: :func:`greencode.eval.metrics.is_boilerplate`): the share of a method's matches on them and
+``exact_match_no_boilerplate``, exact match on the other samples with its paired CI. Compute: the decode steps' layers skipped and compute ratio (the prefill, the same for
 every method, excluded), as in the main evaluation.
 """
 
@@ -129,7 +131,7 @@ def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: d
 
     from greencode.decoding import NeverExit, generate
     from greencode.decoding.generate import compute_cost
-    from greencode.eval.metrics import line_scores
+    from greencode.eval.metrics import is_boilerplate, line_scores
 
     eos = tokenizer.eos_token_id
     out: dict[str, list[dict]] = {}
@@ -147,6 +149,7 @@ def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: d
                 em, es = line_scores(pred, s.reference)
                 cost = compute_cost(model, [r], ctrl)
                 recs.append({"id": s.id, "prediction": pred, "exact_match": em, "edit_similarity": es,
+                             "boilerplate": is_boilerplate(s.reference),
                              "tokens": len(r.tokens), "exit_layers": list(r.exit_layers[1:]),
                              "decode_steps": cost["decode_steps"], "layers_run": r.counters.get("layers_run"),
                              "macs_done": cost["macs_done"], "macs_full": cost["macs_full"]})
@@ -173,6 +176,7 @@ def summarize(records: dict[str, list[dict]], num_layers: int, *, resamples: int
             if ref is not None and mid != reference:
                 d = v - np.array([r[key] for r in ref], dtype=float)
                 row[f"{key}_minus_{reference}"] = dict(zip(("mean", "ci_low", "ci_high"), mean_ci(d, idx)))
+        _exact_match_without_boilerplate(row, recs, ref if mid != reference else None, reference, resamples, seed)
         if ref is not None:
             same = np.array([a["prediction"].split() == b["prediction"].split() for a, b in zip(recs, ref)], dtype=float)
             row[f"same_line_as_{reference}"] = dict(zip(("mean", "ci_low", "ci_high"), mean_ci(same, idx)))
@@ -185,6 +189,30 @@ def summarize(records: dict[str, list[dict]], num_layers: int, *, resamples: int
         row["mean_tokens"] = float(np.mean([r["tokens"] for r in recs]))
         rows[mid] = row
     return {"methods": rows, "reference": reference, "bootstrap_resamples": resamples, "bootstrap_seed": seed}
+
+
+def _exact_match_without_boilerplate(row: dict, recs: list[dict], ref: Optional[list[dict]], reference: str,
+                                     resamples: int, seed: int) -> None:
+    """``exact_match_boilerplate_share`` (share of the matches on boilerplate references) and
+    ``exact_match_no_boilerplate`` (mean and 95% CI on the other samples, and the paired difference to
+    ``reference``'s; the same samples for every method, resampled with one seed)."""
+    from greencode.eval.metrics import exact_match_breakdown
+    from greencode.eval.stats import bootstrap_indices, mean_ci
+
+    flags = [bool(r.get("boilerplate")) for r in recs]
+    b = exact_match_breakdown([r["exact_match"] for r in recs], flags)
+    row["exact_match_boilerplate_share"] = b["exact_match_boilerplate_share"]
+    row["num_samples_no_boilerplate"] = b["num_samples_no_boilerplate"]
+    keep = [k for k, f in enumerate(flags) if not f]
+    row["exact_match_no_boilerplate"] = None
+    if not keep:
+        return
+    idx = bootstrap_indices(len(keep), resamples, seed)
+    v = np.array([recs[k]["exact_match"] for k in keep], dtype=float)
+    row["exact_match_no_boilerplate"] = dict(zip(("mean", "ci_low", "ci_high"), mean_ci(v, idx)))
+    if ref is not None:
+        d = v - np.array([ref[k]["exact_match"] for k in keep], dtype=float)
+        row[f"exact_match_no_boilerplate_minus_{reference}"] = dict(zip(("mean", "ci_low", "ci_high"), mean_ci(d, idx)))
 
 
 def _cell(d: Optional[dict], scale: float = 1.0, digits: int = 1) -> str:
@@ -200,17 +228,25 @@ def render(summary: dict, meta: dict) -> str:
              f"({meta.get('layout', 'spm').upper()}; `{PSM}`: the same parts in PSM order); `{NO_SUFFIX}` "
              "reads the same prefix tokens without the suffix. Greedy, until a newline; 95% paired bootstrap CIs "
              f"({summary['bootstrap_resamples']} resamples). Differences are against `{ref}` (with the suffix).", "",
-             "| method | exact match % | Δ exact match (points) | edit similarity | Δ edit similarity | same line as full % "
+             "| method | exact match % | Δ exact match (points) | EM: boilerplate share % | EM w/o boilerplate % "
+             "| Δ EM w/o boilerplate (points) | edit similarity | Δ edit similarity | same line as full % "
              "| layers skipped % | compute ratio | mean exit layer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mid, r in summary["methods"].items():
         lines.append(" | ".join([
             f"| `{mid}`", _cell(r["exact_match"], 100), _cell(r.get(f"exact_match_minus_{ref}"), 100),
+            f"{100 * r['exact_match_boilerplate_share']:.0f}" if r.get("exact_match_boilerplate_share") is not None
+            else "–", _cell(r.get("exact_match_no_boilerplate"), 100),
+            _cell(r.get(f"exact_match_no_boilerplate_minus_{ref}"), 100),
             _cell(r["edit_similarity"]), _cell(r.get(f"edit_similarity_minus_{ref}")),
             _cell(r.get(f"same_line_as_{ref}"), 100),
             f"{r['layers_skipped_share'] * 100:.1f}" if r["layers_skipped_share"] is not None else "–",
             f"{r['compute_ratio']:.3f}" if r["compute_ratio"] is not None else "–",
             f"{r['mean_exit_layer']:.2f}" if r["mean_exit_layer"] is not None else "–"]) + " |")
+    n_rest = next((r.get("num_samples_no_boilerplate") for r in summary["methods"].values()), None)
+    lines += ["", f"Exact match on boilerplate: a held-out line of a licence header (or blank) is boilerplate "
+              f"(greencode.eval.metrics.is_boilerplate); `EM: boilerplate share` is the share of a method's exact "
+              f"matches on such lines, `EM w/o boilerplate` the exact match on the other {n_rest} samples."]
     lines += ["", "Layers are 0-based; the oracle runs every layer to find the first exit agreeing with the final "
               "layer (its skipped share is what an exact exit predictor could skip).", ""]
     return "\n".join(lines)

@@ -230,6 +230,71 @@ def _exact_match(prediction: str, reference: str) -> float:
     return float(prediction.split() == reference.split())
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# boilerplate references: where an exact match carries no signal about completion quality
+
+# phrases of licence and copyright headers (Apache-2.0, MIT, BSD, GPL), matched case-insensitively on any line
+_LICENCE_PHRASES = re.compile("|".join(re.escape(p) for p in (
+    "licensed under", "spdx-license-identifier", "without warranties", "apache.org/licenses", "licenses/license-",
+    "unless required by applicable law", "agreed to in writing", "you may not use this file",
+    "obtain a copy of the license", "distributed under the license", "distributed on an \"as is\" basis",
+    "limitations under the license", "governing permissions and", "permission is hereby granted",
+    "all rights reserved", "gnu general public license", "gnu lesser general public", "free software foundation",
+    "this program is free software", "redistribution and use in source and binary forms",
+    'the software is provided "as is"', "copyright (c)", "copyright ©", "mit license", "bsd license")), re.IGNORECASE)
+# single words that name a licence or copyright: only on a comment line (``class License`` is code)
+_LICENCE_WORDS = re.compile(r"\b(?:Licen[cs]e[ds]?|LICEN[CS]E[DS]?|Copyright|COPYRIGHT)\b")
+_COMMENT_START = ("#", "//", "/*", "*", "--", ";;", "<!--")
+_LINE_BREAK = re.compile(r"<EOL>|\r?\n")
+
+BOILERPLATE_NOTE = ("boilerplate reference: blank or whitespace-only, or licence/copyright header text (every "
+                    "non-blank line a comment line or a line with a licence phrase, and at least one licence or "
+                    "copyright line: 'Licensed under', 'SPDX-License-Identifier', 'WITHOUT WARRANTIES', "
+                    "'http://www.apache.org/licenses', 'Copyright' or 'License' in a comment, ...); "
+                    "greencode.eval.metrics.is_boilerplate")
+
+
+def _licence_line(line: str, comment: bool) -> bool:
+    return bool(_LICENCE_PHRASES.search(line)) or (comment and bool(_LICENCE_WORDS.search(line)))
+
+
+def is_boilerplate(reference: str) -> bool:
+    """True when an exact match of ``reference`` says nothing about completion quality: the reference is
+    blank (whitespace only) or licence/copyright header text. Header text: every non-blank line is a
+    comment line (``#``, ``//``, ``/*``, ``*``, ``--``) or carries a licence phrase, and at least one line is
+    a licence or copyright line (a licence phrase anywhere, or the word License/Copyright on a comment line).
+    Works on raw code and on CodeXGLUE token text (``<EOL>`` separates lines). One definition for the
+    evaluation summary and the infilling slice."""
+    lines = [line.strip() for line in _LINE_BREAK.split(reference)]
+    lines = [line for line in lines if line]
+    if not lines:
+        return True
+    found = False
+    for line in lines:
+        comment = line.startswith(_COMMENT_START)
+        licence = _licence_line(line, comment)
+        if not (comment or licence):
+            return False
+        found = found or licence
+    return found
+
+
+def exact_match_breakdown(exact: Sequence[float], boilerplate: Sequence[bool]) -> dict[str, Any]:
+    """Exact match with the boilerplate separated (per-sample exact matches and :func:`is_boilerplate`
+    of each reference, paired): ``exact_match_boilerplate_share`` (share of the matches whose reference
+    is boilerplate; None without matches), ``exact_match_no_boilerplate`` (exact match on the samples
+    whose reference is not; None when every reference is), ``boilerplate_reference_share`` and
+    ``num_samples_no_boilerplate``."""
+    if len(exact) != len(boilerplate):
+        raise ValueError(f"{len(exact)} exact-match values but {len(boilerplate)} boilerplate flags")
+    hits = [bool(b) for e, b in zip(exact, boilerplate) if e]
+    rest = [float(e) for e, b in zip(exact, boilerplate) if not b]
+    return {"exact_match_boilerplate_share": (sum(hits) / len(hits)) if hits else None,
+            "exact_match_no_boilerplate": (sum(rest) / len(rest)) if rest else None,
+            "boilerplate_reference_share": (sum(map(bool, boilerplate)) / len(boilerplate)) if boilerplate else None,
+            "num_samples_no_boilerplate": len(rest)}
+
+
 def _edge_case(pred: str, ref: str) -> dict[str, Any] | None:
     """The defined scores when one or both sides are empty; None when both are non-empty."""
     if pred and ref:

@@ -5,7 +5,8 @@ method's difference to the reference row (the fine-tuned full model).
 Per-sample values (one per evaluation sample):
 
 - the sentence-level metrics of ``greencode.eval.metrics.sample_metrics`` (CodeBLEU, ROUGE-L,
-  BLEU, chrF, exact match, edit similarity);
+  BLEU, chrF, exact match, edit similarity), and exact match on the samples whose reference is not
+  boilerplate (``exact_match_no_boilerplate``; its interval resamples those samples only);
 - ``token_agreement``: the share of the reference method's generated tokens that this method
   generated at the same position (positions past the shorter output count as disagreeing);
 - ``prefix_match``: the number of leading tokens equal to the reference method's;
@@ -21,12 +22,15 @@ differences are paired.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 CI_LEVEL = 0.95
-SAMPLE_KEYS = ("codebleu", "rouge_l", "bleu", "chrf", "exact_match", "edit_similarity")
+# exact_match_no_boilerplate: a sample's exact match, None (left out) when its reference is boilerplate;
+# the same samples are left out for every method, so its differences stay paired
+SAMPLE_KEYS = ("codebleu", "rouge_l", "bleu", "chrf", "exact_match", "exact_match_no_boilerplate", "edit_similarity")
 AGREEMENT_KEYS = ("token_agreement", "prefix_match")
 # latency: seconds per sample on the timed samples only (paired with the reference on the same samples)
 TIMING_KEYS = ("latency_s",)
@@ -128,7 +132,9 @@ def _subset_ci(vals: dict[int, float], pos: dict[int, int], idx: np.ndarray, lev
         _, lo, hi = mean_ci(arr, idx, level)
         return [lo, hi]
     drawn = arr[idx]
-    means = np.nanmean(np.where(np.isnan(drawn), np.nan, drawn), axis=1)
+    with warnings.catch_warnings():  # a resample that drew none of the samples present: left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(np.where(np.isnan(drawn), np.nan, drawn), axis=1)
     means = means[~np.isnan(means)]
     a = (1.0 - level) / 2.0
     return [float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))]

@@ -13,6 +13,17 @@ A *record* is one generation (one method on one sample)::
 A *shard* is what one process produced: ``{"format", "rank", "world_size", "meta", "methods":
 {id: {"spec", "records"}}, "skipped": [...], "overhead_ab": {...} or null}``.
 
+Same samples for every row: :func:`common_samples` restricts every method to the samples all of
+them decoded before anything is computed, so each row of the table (and each point of a figure
+drawn from it) is scored on the same samples; ``sample_set`` (a hash of the sample ids) shows it
+per row. The evaluator decodes every method on every sample, so the set is normally all of them;
+when a config leaves HF-generate families to the timed samples (``eval.accuracy_only_hf``), every
+row is scored on those, with a note.
+
+Exact match with its boilerplate separated: ``exact_match_boilerplate_share`` (share of the
+matches whose reference is licence-header text or blank, :func:`greencode.eval.metrics.is_boilerplate`)
+and ``exact_match_no_boilerplate`` (exact match on the other samples, with its paired CI).
+
 Units and scales: seconds, joules, tokens per second; shares in [0, 1]; ``*_delta_pct`` in
 percent of the reference row (``full``, the fine-tuned model with all layers in our loop;
 ``full_hf`` when ``full`` was not run). Accuracy scales are in ``scales`` (CodeBLEU, ROUGE-L
@@ -41,6 +52,9 @@ SUMMARY_FORMAT = "greencode-eval-summary/1"
 
 METRIC_KEYS = ("codebleu", "codebleu_ngram", "codebleu_weighted_ngram", "codebleu_syntax", "codebleu_dataflow",
                "rouge_l", "bleu", "chrf", "exact_match", "edit_similarity")
+# exact match with its boilerplate separated (greencode.eval.metrics.exact_match_breakdown)
+EXACT_MATCH_KEYS = ("exact_match_boilerplate_share", "exact_match_no_boilerplate", "boilerplate_reference_share",
+                    "num_samples_no_boilerplate")
 EFFICIENCY_KEYS = ("latency_s", "tokens_per_s", "energy_j", "mean_exit_layer", "layers_skipped_share",
                    "compute_ratio", "controller_overhead_share", "controller_overhead_share_ab")
 DELTA_KEYS = METRIC_KEYS + ("latency_s", "tokens_per_s", "energy_j", "compute_ratio")
@@ -55,7 +69,8 @@ def _ci_columns() -> tuple[str, ...]:
     return tuple(cols)
 
 
-CSV_COLUMNS = (("id", "family", "param", "num_samples", "timed_samples") + METRIC_KEYS + EFFICIENCY_KEYS
+CSV_COLUMNS = (("id", "family", "param", "num_samples", "timed_samples", "sample_set") + METRIC_KEYS
+               + EXACT_MATCH_KEYS + EFFICIENCY_KEYS
                + ("latency_s_median", "new_tokens_mean", "energy_source", "energy_null_reason", "analysis_only",
                   "hypothetical_layers_skipped_share", "same_output_as_reference_share")
                + tuple(f"{k}_delta_pct" for k in DELTA_KEYS) + _ci_columns())
@@ -72,6 +87,10 @@ UNITS = {
     "controller_overhead_share_ab": "A/B run: (decode time with the policy evaluated but ignored - without it) / "
                                     "without it, same samples, interleaved",
     "*_delta_pct": "100 x (value - reference) / |reference|, reference = the fine-tuned all-layers row",
+    "exact_match_boilerplate_share": "share of this method's exact matches whose reference is boilerplate "
+                                     "(licence/copyright header text or blank; greencode.eval.metrics.is_boilerplate)",
+    "exact_match_no_boilerplate": "exact match (0-1) on the samples whose reference is not boilerplate",
+    "sample_set": "hash of the sample ids the row is scored on (the same for every row)",
     "token_agreement": "share of the reference method's generated tokens that this method generated at the same "
                        "position, mean over samples (the primary fidelity measure)",
     "prefix_match": "number of leading generated tokens equal to the reference method's, mean over samples",
@@ -175,9 +194,41 @@ def overhead_ab_summary(ab: Optional[dict]) -> Optional[dict]:
     }
 
 
+def sample_set_id(records: Sequence[dict]) -> str:
+    """A short hash of the sample indices and ids of some records: equal for two rows scored on the
+    same samples."""
+    import hashlib
+
+    keys = sorted((int(r["index"]), str(r.get("id"))) for r in records)
+    return hashlib.sha256(repr(keys).encode()).hexdigest()[:12]
+
+
+def common_samples(methods: dict) -> Optional[str]:
+    """Restrict every method's records (in place) to the samples every method decoded, so every row
+    is scored on the same samples. Returns a note when samples were left out, else None."""
+    if not methods:
+        return None
+    sets = {mid: {int(r["index"]) for r in e["records"]} for mid, e in methods.items()}
+    common = set.intersection(*sets.values())
+    dropped = {mid: len(s - common) for mid, s in sets.items() if s - common}
+    if not dropped:
+        return None
+    for e in methods.values():
+        e["records"] = [r for r in e["records"] if int(r["index"]) in common]
+    short = sorted((mid for mid in sets if len(sets[mid]) == len(common)))
+    note = (f"every row is scored on the {len(common)} samples all methods decoded (the others left out: "
+            + ", ".join(f"{mid} {n}" for mid, n in dropped.items()) + "); decoded on fewer: "
+            + ", ".join(short) + " (eval.accuracy_only_hf lists the HF-generate families decoded on every sample)")
+    log.warning(note)
+    return note
+
+
 def build_rows(merged: dict, metrics_fn=None, sample_metrics_fn=None) -> list[dict]:
-    """One summary row per evaluated method (accuracy + efficiency + deltas vs the reference).
-    Fills each record's per-sample ``metrics`` in place."""
+    """One summary row per evaluated method (accuracy + efficiency + deltas vs the reference), every
+    row on the same samples (:func:`common_samples`; a note in ``merged["meta"]["notes"]`` when some
+    were left out). Fills each record's per-sample ``metrics`` and ``boilerplate_reference`` in place."""
+    from greencode.eval.metrics import exact_match_breakdown, is_boilerplate
+
     if metrics_fn is None or sample_metrics_fn is None:
         from greencode.eval.metrics import compute_metrics, sample_metrics
 
@@ -185,19 +236,32 @@ def build_rows(merged: dict, metrics_fn=None, sample_metrics_fn=None) -> list[di
         sample_metrics_fn = sample_metrics_fn or sample_metrics
     meta = merged["meta"]
     language = meta["language"]
+    note = common_samples(merged["methods"])
+    if note:
+        meta["notes"] = list(meta.get("notes") or []) + [note]
     ab = overhead_ab_summary(merged.get("overhead_ab"))
     rows = []
     for mid, entry in merged["methods"].items():
         spec, records = entry["spec"], entry["records"]
         for r in records:
             r["metrics"] = sample_metrics_fn(r["prediction"], r["reference"], language)
+            r["boilerplate_reference"] = is_boilerplate(r["reference"])
+            if "exact_match" in r["metrics"]:
+                r["metrics"]["exact_match_no_boilerplate"] = (None if r["boilerplate_reference"]
+                                                              else r["metrics"]["exact_match"])
         acc = metrics_fn([r["prediction"] for r in records], [r["reference"] for r in records], language)
         row: dict[str, Any] = {"id": mid, "family": spec["family"],
                                "param": spec.get("layer", spec.get("threshold")),
                                "description": spec.get("description")}
         row.update({k: acc.get(k) for k in METRIC_KEYS})
         row["codebleu_dataflow_counted_as_one"] = acc.get("codebleu_dataflow_counted_as_one")
+        if all("exact_match" in r["metrics"] for r in records):
+            row.update(exact_match_breakdown([r["metrics"]["exact_match"] for r in records],
+                                             [r["boilerplate_reference"] for r in records]))
+        else:
+            row.update({k: None for k in EXACT_MATCH_KEYS})
         row.update(aggregate_efficiency(records))
+        row["sample_set"] = sample_set_id(records)
         row["energy_source"] = meta.get("energy_source")
         row["controller_overhead_share_ab"] = ab["overhead_share"] if (ab and spec["family"] == "gc") else None
         row["analysis_only"] = spec["family"] == "oracle"
@@ -389,14 +453,23 @@ def render_markdown(summary: dict) -> str:
     lines.append("")
     lines.append("## Accuracy")
     lines.append("")
-    head = ["method"] + list(METRIC_KEYS) + ["Δ codebleu"]
+    head = ["method"] + list(METRIC_KEYS) + ["EM: boilerplate share", "EM w/o boilerplate", "Δ codebleu"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
-        cells = [f"`{r['id']}`"] + [_fmt(r.get(k)) for k in METRIC_KEYS] + [_pct(r.get("codebleu_delta_pct"))]
+        cells = ([f"`{r['id']}`"] + [_fmt(r.get(k)) for k in METRIC_KEYS]
+                 + [_fmt(r.get("exact_match_boilerplate_share")), _fmt(r.get("exact_match_no_boilerplate")),
+                    _pct(r.get("codebleu_delta_pct"))])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Scales: " + ", ".join(f"{k} {v}" for k, v in summary.get("scales", {}).items()) + ".")
+    bp = next((r for r in rows if r.get("boilerplate_reference_share") is not None), None)
+    if bp is not None:
+        lines.append(f"Exact match: {_fmt(100 * bp['boilerplate_reference_share'], 3)}% of the references are "
+                     "boilerplate (licence/copyright header text or blank); `EM: boilerplate share` is the share of a "
+                     "method's exact matches on them, `EM w/o boilerplate` the exact match on the other "
+                     f"{bp.get('num_samples_no_boilerplate')} samples. Every row is scored on the same "
+                     f"{summary['num_samples']} samples.")
     lines += _ci_section(rows, ref, summary.get("bootstrap"))
     lines.append("")
     lines.append("## Efficiency")
@@ -488,7 +561,8 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
     summary = {
         "format": SUMMARY_FORMAT,
         "reference_method": reference_id(r["id"] for r in rows),
-        "num_samples": meta.get("num_samples"),
+        "num_samples": rows[0]["num_samples"] if rows else meta.get("num_samples"),  # every row's (the same)
+        "num_samples_drawn": meta.get("num_samples"),
         "language": meta.get("language"),
         "max_new_tokens": meta.get("max_new_tokens"),
         "device": meta.get("device"),
@@ -591,12 +665,13 @@ def _ci_section(rows: Sequence[dict], ref: Optional[str], boot: Optional[dict]) 
              f"intervals{f' ({n} resamples)' if n else ''}; `*` marks a difference whose interval excludes zero. "
              "Token agreement is the share of the full model's tokens reproduced at the same position.", ""]
     head = ["method", "token agreement", "prefix match (tokens)", "Δ edit similarity", "Δ exact match",
-            "Δ ROUGE-L", "Δ CodeBLEU (sentence)", "Δ chrF (sentence)"]
+            "Δ exact match w/o boilerplate", "Δ ROUGE-L", "Δ CodeBLEU (sentence)", "Δ chrF (sentence)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
         cells = [f"`{r['id']}`", mean_cell(r, "token_agreement"), mean_cell(r, "prefix_match", 2),
-                 ci_cell(r, "edit_similarity", 2), ci_cell(r, "exact_match"), ci_cell(r, "rouge_l"),
+                 ci_cell(r, "edit_similarity", 2), ci_cell(r, "exact_match"),
+                 ci_cell(r, "exact_match_no_boilerplate"), ci_cell(r, "rouge_l"),
                  ci_cell(r, "codebleu"), ci_cell(r, "chrf", 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
