@@ -151,7 +151,7 @@ def simulate_exits(model, input_ids: torch.Tensor, decide: Optional[Decider], mi
         else:
             frozen = exited[..., None]
             cap = _Capture()
-            out = _run_layer(layer, h, causal, cap, kw)
+            out = _run_layer(layer, h, real_mask, cap, kw)
             shadow_out = _run_layer(layer, shadow, shadow_mask, _Prefixed(cap.kv), kw)
             h = torch.where(frozen, h, out)  # an exited position's residual stream stays at its exit state
             shadow = torch.where(frozen, shadow_out, h)
