@@ -432,7 +432,8 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
                        "Logistic regressions are trained on a file-disjoint train part of the same validation files "
                        "and scored on the rest; layers are 0-based",
         "split": "validation", "model_dir": _portable(src_dir), "model_kind": kind,
-        "model": model.fingerprint(), "exit_layers": list(model.exit_layers), "final_layer": model.final_layer,
+        "model": model.fingerprint(), "weights": getattr(model, "loaded_from", None),
+        "exit_layers": list(model.exit_layers), "final_layer": model.final_layer,
         "shape": {"hidden_size": shape.hidden_size, "head_in": shape.head_in, "vocab_size": shape.vocab_size,
                   "layer_macs": shape.layer_macs, "lm_head_layers": round(macs_in_layers(
                       shape.vocab_size * shape.head_in, shape), 4)},
