@@ -143,6 +143,13 @@ def test_builder_writes_a_loadable_bank_of_the_size_asked(tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.asarray(bank.obs[:first], dtype=np.float32)), want, rtol=2e-3,
                                atol=2e-3)
     assert np.array_equal(bank.tokens[:first], ids[0, 9:9 + first].numpy())
+    # a window's exits and states do not depend on the windows batched with it
+    one = TrajectoryBank.load(build_bank(tiny_cfg(tmp_path, source="simulate", decision_tokens=500, min_context_tokens=8,
+                                                  max_context_tokens=64, exit_rate=[0.2, 0.5], batch_size=1),
+                                         model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                         path=tmp_path / "one"), model)
+    assert np.array_equal(one.behaviour_exit, bank.behaviour_exit) and np.array_equal(one.preds, bank.preds)
+    np.testing.assert_allclose(one.obs.astype(np.float32), bank.obs.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_features_and_the_full_behaviour(tmp_path):

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -172,14 +173,20 @@ def simulate_exits(model, input_ids: torch.Tensor, decide: Optional[Decider], mi
 
 
 # --------------------------------------------------------------------------- behaviours
-def random_decider(rates: Sequence[float], seeds: Sequence[int]) -> Decider:
+def random_decider(rates: Sequence[float], seeds: Sequence[int], width: Optional[int] = None) -> Decider:
     """Each row exits at each exit point with its own rate (``RandomExit``'s behaviour), drawn from
-    its own generator seeded with its seed (so a row's exits do not depend on the batch it is in)."""
+    its own generator seeded with its seed. ``width`` (at least the batch's length; default: that
+    length) draws are made per exit point, so with a fixed ``width`` a row's exits do not depend on
+    the other rows of its batch."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rate = torch.tensor([float(r) for r in rates])
 
     def decide(k, layer, h, running):
-        u = torch.stack([torch.rand(h.shape[1], generator=g) for g in gens])
+        t = h.shape[1]
+        n = t if width is None else width
+        if n < t:
+            raise ValueError(f"random_decider(width={width}) is narrower than the batch's {t} positions")
+        u = torch.stack([torch.rand(n, generator=g)[:t] for g in gens])
         return (u < rate[:, None]).to(running.device) & running
 
     return decide
@@ -319,12 +326,12 @@ def simulated_size(cfg) -> int:
     return int(min(n, bc.max_tokens) if bc.max_tokens is not None else n)
 
 
-def _decider_for(cfg, model, specs: list[dict], policy) -> Optional[Decider]:
+def _decider_for(cfg, model, specs: list[dict], policy, width: int) -> Optional[Decider]:
     kinds = {s["kind"] for s in specs}
     if kinds == {"full"}:
         return None
     if kinds == {"random"}:
-        return random_decider([s["rate"] for s in specs], [s["seed"] for s in specs])
+        return random_decider([s["rate"] for s in specs], [s["seed"] for s in specs], width)
     from greencode.rl.build import make_behaviour
 
     return controller_decider(model, [make_behaviour(s, cfg, model, policy) for s in specs])
@@ -342,7 +349,9 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     """Build the bank of ``cfg`` (``rl.bank.source: simulate``) at ``path``: windows of
     ``rl.bank.split`` files (:func:`plan_windows`), ``rl.bank.batch_size`` at a time through
     :func:`simulate_exits` with the behaviour of ``rl.bank.behaviour`` (one spec per window, as the
-    decoding bank draws them), until ``rl.bank.decision_tokens`` decided tokens. The observations
+    decoding bank draws them), until ``rl.bank.decision_tokens`` decided tokens, in this one process
+    (``rl.bank.workers`` and launcher ranks are the decoding bank's; one torch thread on CPU unless
+    ``hardware.num_threads`` says otherwise). The observations
     are written straight into a memory-mapped ``obs.npy`` (a 400k-token bank is about 1.4 GB on the
     default), in the same on-disk format as the decoding bank, atomically (temporary folder, then
     rename). Each window is one sequence of the bank; ``heldout`` is drawn per window, and a file
@@ -356,6 +365,9 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     from greencode.utils import set_seed, write_json
 
     bc = cfg.rl.bank
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("rl.bank.source=simulate builds the bank in one process; run scripts/build_bank.py without "
+                         "torchrun / accelerate launch (or use rl.bank.source=decode, which shards over the ranks)")
     t0 = time.perf_counter()
     tokenizer, records = _load_data(cfg, tokenizer, dataset)
     set_seed(cfg.seed)
@@ -395,7 +407,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
                 for r, (_, _, w) in enumerate(batch):
                     ids[r, :len(w)] = torch.tensor(w, dtype=torch.long)
-                sim = simulate_exits(model, ids, _decider_for(cfg, model, bspecs, policy), bc.min_context_tokens,
+                sim = simulate_exits(model, ids, _decider_for(cfg, model, bspecs, policy, window), bc.min_context_tokens,
                                      lengths=[len(w) for _, _, w in batch])
                 recs = record_simulation(model, sim, ids, cfg.rl.observation, cfg.rl.observation_features)
                 for (idx, first, w), spec, rec in zip(batch, bspecs, recs):
