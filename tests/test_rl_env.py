@@ -63,6 +63,21 @@ def test_wrong_early_exit_and_continue_at_last_point():
     assert r == pytest.approx(-1.0) and term and info["exit_point"] == 2
 
 
+def test_cost_weighted_reward_prices_the_bank_models_layers():
+    """kind=cost: the segment prices come from the bank's model (exits at layers 1, 2, final 3, and a
+    fingerprint of 6 layers: segments 1/6 and 1/6), an exit earns +1 or -wrong_exit_penalty."""
+    bank = hand_bank()
+    bank.manifest["fingerprint"] = {"num_layers": 6}
+    env = ExitEnv(bank, RewardConfig(kind="cost", cost_weight=3.0, wrong_exit_penalty=0.25))
+    env.reset(options={"sequence": 0})  # t0: exit 0 wrong, exit 1 right
+    _, r, _, _, _ = env.step(EXIT)
+    assert r == pytest.approx(-0.25)
+    _, r, _, _, _ = env.step(CONTINUE)  # t1 at exit point 0: one layer of six at weight 3
+    assert r == pytest.approx(-0.5)
+    _, r, term, _, info = env.step(CONTINUE)  # at the last exit point: to the final layer, which answers
+    assert r == pytest.approx(-0.5 + 1.0) and term and info["exit_point"] == 2
+
+
 @pytest.mark.parametrize("action, steps_per_token", [(EXIT, 1), (CONTINUE, 4)])
 def test_episode_length(action, steps_per_token):
     bank = synthetic_bank(num_sequences=5, tokens_per_sequence=7, n_exit_points=4, hidden_size=8)

@@ -103,3 +103,95 @@ def test_reward_tables_equal_the_scalar_functions():
             correct = bool(preds[i, l] == preds[i, E])
             assert r_exit[i, l] == pytest.approx(reward_exit(l, int(l_opt[i]), correct, E, CFG), abs=1e-6)
             assert r_cont[i, l] == pytest.approx(reward_continue(l, int(l_opt[i]), E, CFG), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the cost-weighted reward
+COST = RewardConfig(kind="cost", cost_weight=2.0, wrong_exit_penalty=0.5)
+SEG = [0.1, 0.2, 0.25, 0.3]  # each segment's share of the layers, hand-chosen and uneven
+
+
+@pytest.mark.parametrize("l, correct, expected", [
+    (0, True, 1.0), (3, True, 1.0),            # an agreeing exit earns +1 wherever it is
+    (0, False, -0.5), (2, False, -0.5),         # a disagreeing one costs the wrong-exit penalty, nothing else
+])
+def test_cost_reward_exit_cases(l, correct, expected):
+    # l_opt does not enter the cost reward: only whether this exit agrees
+    for l_opt in range(E + 1):
+        assert reward_exit(l, l_opt, correct, E, COST) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("l, expected", [
+    (0, -2.0 * 0.1), (1, -2.0 * 0.2), (2, -2.0 * 0.25),
+    (3, -2.0 * 0.3 + 1.0),                      # the last segment ends at the final layer, which answers (+1)
+])
+def test_cost_reward_continue_cases(l, expected):
+    for l_opt in range(E + 1):
+        assert reward_continue(l, l_opt, E, COST, SEG) == pytest.approx(expected)
+
+
+def test_cost_reward_without_costs_spaces_the_exit_points_evenly():
+    assert reward_continue(1, 0, E, COST) == pytest.approx(-2.0 / E)
+    assert reward_continue(E - 1, 0, E, COST) == pytest.approx(-2.0 / E + 1.0)
+
+
+def test_segment_costs_from_the_model_shape():
+    from greencode.rl.reward import segment_costs
+
+    # the default's exits [1, 2, 3, 4, 5, 7, 9], final 11, 12 layers
+    c = segment_costs([1, 2, 3, 4, 5, 7, 9], 11, 12)
+    np.testing.assert_allclose(c, [1 / 12, 1 / 12, 1 / 12, 1 / 12, 2 / 12, 2 / 12, 2 / 12])
+    with pytest.raises(ValueError, match="must increase"):
+        segment_costs([3, 2], 5, 6)
+
+
+def test_cost_reward_tables_match_the_scalar_functions():
+    rng = np.random.default_rng(0)
+    preds = rng.integers(0, 3, size=(200, E + 1))
+    l_opt = optimal_exit(preds)
+    r_exit, r_cont = reward_tables(preds, l_opt, COST, SEG)
+    for i in range(len(preds)):
+        for l in range(E):
+            ok = bool(preds[i, l] == preds[i, E])
+            assert r_exit[i, l] == pytest.approx(reward_exit(l, int(l_opt[i]), ok, E, COST))
+            assert r_cont[i, l] == pytest.approx(reward_continue(l, int(l_opt[i]), E, COST, SEG))
+
+
+def _best_policy_compute(p_correct: np.ndarray, seg: np.ndarray, cfg: RewardConfig) -> float:
+    """Compute share (past the first exit) of the return-maximising policy that knows P(correct) at each
+    exit point (same for every token), by backward induction over the exit points."""
+    e = len(seg)
+    value = 1.0  # at the final layer
+    exit_at = e
+    cont_values = []
+    for l in reversed(range(e)):
+        v_exit = p_correct[l] * 1.0 - (1 - p_correct[l]) * cfg.wrong_exit_penalty
+        v_cont = -cfg.cost_weight * seg[l] + value
+        cont_values.append((l, v_exit, v_cont))
+        value = max(v_exit, v_cont)
+    for l, v_exit, v_cont in reversed(cont_values):  # the first exit point where exiting is best
+        if v_exit >= v_cont:
+            exit_at = l
+            break
+    return float(np.sum(seg[:exit_at]))
+
+
+def test_the_cost_weight_spans_the_full_model_to_the_first_exit():
+    """The knob the paper's reward lacks: at cost weight 0 the best policy runs the whole model; as the
+    weight grows it exits earlier, monotonically, down to the first exit point."""
+    seg = np.array(SEG)
+    p = np.array([0.55, 0.7, 0.85, 0.95])  # agreement rising with depth
+    computes = [_best_policy_compute(p, seg, RewardConfig(kind="cost", cost_weight=w))
+                for w in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 50.0)]
+    assert computes[0] == pytest.approx(seg.sum())  # full model
+    assert computes[-1] == 0.0  # the first exit point
+    assert all(a >= b for a, b in zip(computes, computes[1:]))
+    assert len(set(computes)) >= 3  # intermediate settings exist
+
+
+def test_cost_reward_config_is_validated():
+    from greencode.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="kind"):
+        config_from_dict({"name": "x", "rl": {"reward": {"kind": "lagrange"}}})
+    with pytest.raises(ConfigError, match="cost_weight"):
+        config_from_dict({"name": "x", "rl": {"reward": {"kind": "cost", "cost_weight": -1}}})

@@ -346,8 +346,13 @@ class BankConfig:
 
 @dataclass
 class RewardConfig:
-    """Equations 2 and 3 of the paper; penalties are scaled into [-1, 0]."""
+    """The exit agent's reward (greencode.rl.reward). ``kind: paper`` (the default): equations 2 and 3
+    of the paper, penalties scaled into [-1, 0]. ``kind: cost``: a Lagrangian of agreement and compute,
+    +1 for an exit that agrees with the final layer, -wrong_exit_penalty for one that does not, and
+    -cost_weight x (the share of the model's layers) for every segment of layers a token runs, so
+    cost_weight moves the agent from the full model (0) to the aggressive end."""
 
+    kind: str = field(default="paper", metadata=_choices("paper", "cost"))
     alpha: float = 0.5  # correct but late
     beta: float = 1.0  # wrong and early
     gamma: float = 1.0  # continue past l_opt
@@ -355,6 +360,8 @@ class RewardConfig:
     # beta / E (E early exit points), the largest value that keeps such a late exit at least as good
     # as a wrong early exit at any distance (-epsilon >= -beta * d / E for every d >= 1)
     epsilon: Optional[float] = None
+    cost_weight: float = 1.0  # kind=cost: lambda, the price of running every layer once (in agreement units)
+    wrong_exit_penalty: float = 1.0  # kind=cost: what an exit that disagrees with the final layer costs
 
     def validate(self, path: str) -> None:
         for k in ("alpha", "beta", "gamma", "epsilon"):
@@ -362,6 +369,8 @@ class RewardConfig:
                 _check_range(f"{path}.{k}", getattr(self, k), 0.0, 1.0)
         if self.alpha > self.beta:
             raise ConfigError(f"{path}.alpha={self.alpha} must be <= {path}.beta={self.beta} (paper: alpha <= beta)")
+        _check_range(f"{path}.cost_weight", self.cost_weight, 0.0, None)
+        _check_range(f"{path}.wrong_exit_penalty", self.wrong_exit_penalty, 0.0, None)
 
 
 @dataclass

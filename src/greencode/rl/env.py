@@ -28,7 +28,7 @@ import numpy as np
 
 from greencode.config import RewardConfig
 from greencode.rl.bank import TrajectoryBank
-from greencode.rl.reward import reward_tables
+from greencode.rl.reward import bank_segment_costs, reward_tables
 
 CONTINUE, EXIT = 0, 1
 
@@ -45,7 +45,7 @@ class ExitEnv(gym.Env):
         self.n_exit_points = bank.n_exit_points
         # float32 once, so step() only slices (fp16 -> fp32 conversion is not per step)
         self._obs = np.ascontiguousarray(bank.obs, dtype=np.float32)
-        self._r_exit, self._r_cont = reward_tables(bank.preds, bank.l_opt, self.reward_cfg)
+        self._r_exit, self._r_cont = reward_tables(bank.preds, bank.l_opt, self.reward_cfg, bank_segment_costs(bank))
         self._r_exit = self._r_exit.astype(np.float64)
         self._r_cont = self._r_cont.astype(np.float64)
         self._l_opt = bank.l_opt.astype(np.int64)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from greencode.rl.bank import TrajectoryBank, check_fingerprint
-from greencode.rl.reward import reward_tables
+from greencode.rl.reward import bank_segment_costs, reward_tables
 from greencode.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def exit_metrics(exit_point: np.ndarray, bank: TrajectoryBank, reward_cfg=None) 
     agree = pred == bank.preds[:, e]
     layers = np.asarray(bank.exit_layers + [bank.manifest.get("final_layer", e)], dtype=np.float64) \
         if bank.exit_layers else np.arange(e + 1, dtype=np.float64)
-    r_exit, r_cont = reward_tables(bank.preds, bank.l_opt, reward_cfg or RewardConfig())
+    r_exit, r_cont = reward_tables(bank.preds, bank.l_opt, reward_cfg or RewardConfig(), bank_segment_costs(bank))
     cum_cont = np.concatenate([np.zeros((n, 1)), np.cumsum(r_cont, axis=1)], axis=1)  # [N, E+1]
     ret = cum_cont[rows, exit_point] + np.where(exit_point < e, r_exit[rows, np.minimum(exit_point, e - 1)], 0.0)
     hist = np.bincount(exit_point, minlength=e + 1)
