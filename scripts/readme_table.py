@@ -3,8 +3,10 @@
     python scripts/readme_table.py results/default/eval
 
 Columns: token agreement with the full model and the paired differences in edit similarity
-and exact match (95% bootstrap intervals; * = the interval excludes zero), corpus ROUGE-L,
-BLEU and CodeBLEU, the hardware-independent compute ratio and the timed latency.
+and exact match (95% bootstrap intervals; * = the interval excludes zero), the share of the exact
+matches on boilerplate references (licence headers, blank) and the exact-match difference without
+them, corpus ROUGE-L, BLEU and CodeBLEU, the hardware-independent compute ratio and the timed latency.
+Every row is on the same samples (n).
 """
 
 import argparse
@@ -18,15 +20,20 @@ def _num(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _share(v) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
 def table(summary: dict) -> str:
-    lines = ["| method | n | token agreement | Δ edit similarity | Δ exact match | ROUGE-L | BLEU | CodeBLEU | "
-             "compute vs full | latency s (timed n) | Δ latency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | n | token agreement | Δ edit similarity | Δ exact match | EM on boilerplate | "
+             "Δ EM w/o boilerplate | ROUGE-L | BLEU | CodeBLEU | compute vs full | latency s (timed n) | Δ latency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         lat = r.get("latency_s_delta_pct")
         lines.append(
             f"| `{r['id']}` | {r['num_samples']} | {mean_cell(r, 'token_agreement', 3)} | {ci_cell(r, 'edit_similarity', 1)} | "
-            f"{ci_cell(r, 'exact_match', 3)} | {_num(r.get('rouge_l'), '.3f')} | {_num(r.get('bleu'), '.1f')} | "
+            f"{ci_cell(r, 'exact_match', 3)} | {_share(r.get('exact_match_boilerplate_share'))} | "
+            f"{ci_cell(r, 'exact_match_no_boilerplate', 3)} | {_num(r.get('rouge_l'), '.3f')} | {_num(r.get('bleu'), '.1f')} | "
             f"{_num(r.get('codebleu'), '.3f')} | {_num(r.get('compute_ratio'), '.2f')} | "
             f"{_num(r.get('latency_s'), '.3f')} ({r.get('timed_samples', '–')}) | "
             f"{'–' if lat is None else f'{lat:+.0f}%'} |")

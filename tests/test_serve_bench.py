@@ -84,3 +84,15 @@ def test_lossless_mix_and_chunked_prefill_on_a_demo_run(tmp_path):
     assert saved["burst"] == {"served": 1} and set(saved["chunked_prefill"]["settings"]) == {
         "max_prefill_tokens_8", "max_prefill_tokens_4096"} == set(res["chunked_prefill"]["settings"])
     assert all(s["ratio"] > 0 and s["prompts_joined"] >= 1 for s in saved["chunked_prefill"]["settings"].values())
+
+
+def test_fim_benchmark_reports_exact_match_without_boilerplate():
+    """The editors' FIM benchmark scores exact match with the licence-header lines apart too."""
+    from greencode.serve.bench import _exact_match_without_boilerplate
+
+    rows = [{"reference": "# Licensed under the Apache License, Version 2.0", "exact_match": 1.0},
+            {"reference": "    return a + b", "exact_match": 1.0},
+            {"reference": "x = compute(y)", "exact_match": 0.0}]
+    got = _exact_match_without_boilerplate(rows, seed=0)
+    assert got["exact_match_boilerplate_share"] == 0.5 and got["num_samples_no_boilerplate"] == 2
+    assert got["exact_match_no_boilerplate"]["mean"] == 0.5

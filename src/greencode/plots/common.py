@@ -77,10 +77,11 @@ FAMILY_NAMES = {
 }
 # accuracy columns of the evaluation summary and their scales (see greencode.eval.metrics.SCALES)
 ACCURACY_METRICS = (("codebleu", "CodeBLEU"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU"), ("chrf", "chrF"),
-                    ("exact_match", "Exact match"), ("edit_similarity", "Edit similarity"))
+                    ("exact_match", "Exact match"), ("exact_match_no_boilerplate", "Exact match w/o boilerplate"),
+                    ("edit_similarity", "Edit similarity"))
 DEFAULT_SCALES = {"codebleu": "0-1", "codebleu_ngram": "0-1", "codebleu_weighted_ngram": "0-1",
                   "codebleu_syntax": "0-1", "codebleu_dataflow": "0-1", "rouge_l": "0-1", "bleu": "0-100",
-                  "chrf": "0-100", "exact_match": "0-1", "edit_similarity": "0-100"}
+                  "chrf": "0-100", "exact_match": "0-1", "exact_match_no_boilerplate": "0-1", "edit_similarity": "0-100"}
 
 
 class MissingInput(FileNotFoundError):

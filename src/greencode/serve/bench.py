@@ -87,6 +87,22 @@ def _weights(root: Path) -> Optional[dict]:
     return weights_record(ft) if (ft / "config.json").is_file() else None
 
 
+def _exact_match_without_boilerplate(rows: list[dict], seed: int) -> dict[str, Any]:
+    """The share of the exact matches on boilerplate reference lines (licence headers, blank:
+    greencode.eval.metrics.is_boilerplate) and exact match on the other lines, with its 95% CI."""
+    from greencode.eval.metrics import exact_match_breakdown, is_boilerplate
+    from greencode.eval.stats import bootstrap_indices, mean_ci
+
+    flags = [is_boilerplate(r["reference"]) for r in rows]
+    b = exact_match_breakdown([r["exact_match"] for r in rows], flags)
+    rest = np.array([r["exact_match"] for r, f in zip(rows, flags) if not f], dtype=float)
+    return {"exact_match_boilerplate_share": b["exact_match_boilerplate_share"],
+            "exact_match_no_boilerplate": (dict(zip(("mean", "ci_low", "ci_high"),
+                                                    mean_ci(rest, bootstrap_indices(len(rest), 2000, seed))))
+                                           if len(rest) else None),
+            "num_samples_no_boilerplate": b["num_samples_no_boilerplate"]}
+
+
 def _merge_into(out_path: Path, **parts: Any) -> dict:
     """Write ``parts`` (key -> value) into the result file at ``out_path``, keeping its other keys
     (the load benchmark's parts run one at a time); returns the whole result."""
@@ -803,6 +819,7 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
                          "answered_as_fim": sum(r["fim"] for r in rs),
                          "answered_with_a_middle_line": sum(bool(first_line(r["answer"]).strip()) for r in rs),
                          "exact_match": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(em, idx))),
+                         **_exact_match_without_boilerplate(rs, cfg.seed),
                          "edit_similarity": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(es, idx))),
                          "rtt_ms": _pcts([r["rtt_s"] for r in rs], 1e3)}
     d = np.array([a["exact_match"] - b["exact_match"] for a, b in zip(rows["openai_suffix"], rows["openai_no_suffix"])])
