@@ -25,8 +25,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512, help="tokens per file window (the context the model serves)")
     parser.add_argument("--min-tokens", type=int, default=64, help="skip validation files shorter than this")
     parser.add_argument("-k", "--candidates", type=int, default=4, help="candidate tokens per check (2..10)")
-    parser.add_argument("--sources", default="first_full,prev_token,bigram",
-                        help="comma-separated candidate sources: first_full, prev_token, bigram")
+    parser.add_argument("--sources", default="first_full,prev_token,bigram,context",
+                        help="comma-separated candidate sources: first_full, prev_token, bigram, context")
     parser.add_argument("--train-fraction", type=float, default=0.5,
                         help="share of the files the logistic regressions are trained on (file-disjoint)")
     parser.add_argument("--small-tokens", type=int, default=4000, help="tokens of the small (bank-sized) training set")

@@ -8,9 +8,9 @@ import torch
 from conftest import VOCAB, tiny_model
 from greencode.config import ConfigError
 from greencode.decoding import policy_observation
-from greencode.decoding.signals import (FEATURES, CheapSignals, ModelShape, bigram_table, candidate_logits,
-                                        candidate_stats, exit_signals, feature_names, head_parts, macs_in_layers,
-                                        signal_macs, token_macs)
+from greencode.decoding.signals import (FEATURES, CheapSignals, ContextBigrams, ModelShape, bigram_table,
+                                        candidate_logits, candidate_stats, context_candidates, exit_signals,
+                                        feature_names, head_parts, macs_in_layers, signal_macs, token_macs)
 
 
 def _states(model, seq=9, batch=2, seed=0):
@@ -75,7 +75,7 @@ def test_mac_count_matches_a_hand_computation():
     assert macs_in_layers(8195 * 256, big) == pytest.approx(2.654, abs=1e-3)
 
 
-@pytest.mark.parametrize("source", ["first_full", "prev_token", "bigram"])
+@pytest.mark.parametrize("source", ["first_full", "prev_token", "bigram", "context"])
 def test_features_are_finite_shaped_and_the_same_online(family, source):
     model = tiny_model(family, num_layers=4, exit_layers=(1, 2))
     ids, by_layer = _states(model, seq=7, batch=3)
@@ -87,10 +87,11 @@ def test_features_are_finite_shaped_and_the_same_online(family, source):
     table = bigram_table(ids.tolist(), VOCAB, k)
     prev_exit = torch.randint(0, e + 1, (n,))
     full_first = model.decode(flat[model.exit_layers[0]])
+    context = torch.cat([context_candidates(row, k, table) for row in ids.tolist()])  # [N, k], row by row
     with torch.no_grad():
         feats = exit_signals(model, normed, k=k, source=source, prev_exit=prev_exit, below=below,
                              full_logits_first=full_first, input_ids=ids.reshape(-1), prev_logits=prev_logits,
-                             bigram=table)
+                             bigram=table, context=context)
     assert feats.shape == (e, n, len(FEATURES) + e) and len(feature_names(e)) == feats.shape[-1]
     assert torch.isfinite(feats).all()
     names = feature_names(e)
@@ -107,7 +108,7 @@ def test_features_are_finite_shaped_and_the_same_online(family, source):
         assert (feats[0, :, col["cand_max_prob"]] >= top - 1e-6).all()
     # online, check by check, through the raw states: the same numbers
     sig = CheapSignals(model, k=k, source=source, bigram=table)
-    sig.start(ids.reshape(-1), prev_exit, prev_logits=prev_logits)
+    sig.start(ids.reshape(-1), prev_exit, prev_logits=prev_logits, context=context)
     sig.below(flat[model.exit_layers[0] - 1])
     with torch.no_grad():
         for j, layer in enumerate(model.exit_layers):
@@ -115,6 +116,22 @@ def test_features_are_finite_shaped_and_the_same_online(family, source):
             torch.testing.assert_close(got, feats[j], rtol=1e-5, atol=1e-5)
     assert sig.macs_per_check(1) == signal_macs(ModelShape.of(model), "cheap", k=k, source=source,
                                                 exit_index=1)["macs"]
+
+
+def test_context_bigrams_by_hand():
+    fill = torch.tensor([[9, 8, 7]] * 10)  # every token's fill: 9, 8, 7
+    ctx = ContextBigrams(3, fill)
+    seen = []
+    for t in [1, 2, 1, 3, 1]:
+        ctx.push(t)
+        seen.append(ctx.candidates(t))
+    assert seen[0] == [9, 8, 7]  # nothing followed 1 yet
+    assert seen[1] == [9, 8, 7]  # nothing followed 2 yet
+    assert seen[2] == [2, 9, 8]  # 1 was followed by 2
+    assert seen[3] == [9, 8, 7]
+    assert seen[4] == [3, 2, 9]  # 1 -> 3 most recently, then 1 -> 2
+    table = context_candidates([1, 2, 1, 3, 1], 3, fill)
+    assert table.tolist() == seen
 
 
 def test_bigram_table_and_bad_arguments():

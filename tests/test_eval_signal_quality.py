@@ -70,7 +70,7 @@ def test_analyze_signals_script_on_smoke(tmp_path):
     assert rep["files"] == 8 and rep["train_files"] == 4 and rep["tokens"]["test"] > 0
     assert rep["tokens"]["small_train"] <= 50
     names = set(rep["signals"])
-    for src in ("first_full", "prev_token", "bigram"):
+    for src in ("first_full", "prev_token", "bigram", "context"):
         assert {f"cheap[{src}]_max_prob", f"cheap[{src}]_margin", f"cheap[{src}]_lr", f"hidden+cheap[{src}]_lr"} <= names
     assert {"hidden_lr", "hidden_lr_4k", "full_max_prob", "full_margin", "saturation"} <= names
     for s in rep["signals"].values():

@@ -20,6 +20,9 @@ by this exit's candidate logits, so the set is fixed once per token):
   token, not the next one (the analysis reports how often the final answer is among them).
 * ``bigram``: the ``k`` most frequent next tokens after the current input token, counted once on
   training tokens (:func:`bigram_table`, a ``[vocab, k]`` table). No MACs: a table lookup.
+* ``context``: the prompt's own bigrams (code repeats itself): the distinct tokens that followed the
+  most recent earlier occurrences of the current input token in this sequence, most recent first,
+  filled up to ``k`` from the bigram table (:class:`ContextBigrams`). No MACs: a lookup per token.
 
 **Features** per check, in :data:`FEATURES` order, then a one-hot of the exit point (``E`` values):
 ``cand_max_prob``, ``cand_margin`` (top-1 - top-2 probability over the candidates),
@@ -49,7 +52,7 @@ import torch
 
 from greencode.config import ConfigError
 
-CANDIDATE_SOURCES = ("first_full", "prev_token", "bigram")
+CANDIDATE_SOURCES = ("first_full", "prev_token", "bigram", "context")
 FEATURES = ("cand_max_prob", "cand_margin", "cand_neg_entropy", "cand_top1_logit", "cand_top1_stable",
             "saturation", "prev_exit")
 MAX_CANDIDATES = 10
@@ -231,10 +234,11 @@ def signal_step(weight: torch.Tensor, bias: Optional[torch.Tensor], state: Signa
 
 def first_candidates(source: str, k: int, *, input_ids: Optional[torch.Tensor] = None,
                      prev_logits: Optional[torch.Tensor] = None,
-                     bigram: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                     bigram: Optional[torch.Tensor] = None,
+                     context: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """A token's candidate set before its first exit point [N, k] (None for ``first_full``):
     ``prev_token`` from the logits [N, V] that chose the input token, ``bigram`` from the table [V, >=k]
-    at the input token ids [N]."""
+    at the input token ids [N], ``context`` as given (``[N, k]``, from :class:`ContextBigrams`)."""
     check_candidates(k, source)
     if source == "first_full":
         return None
@@ -242,6 +246,10 @@ def first_candidates(source: str, k: int, *, input_ids: Optional[torch.Tensor] =
         if prev_logits is None:
             raise ValueError("the prev_token source needs the logits that chose the input token")
         return torch.topk(prev_logits.float(), k, dim=-1).indices
+    if source == "context":
+        if context is None:
+            raise ValueError("the context source needs the candidates of ContextBigrams for each row")
+        return context[:, :k].long()
     if bigram is None or input_ids is None:
         raise ValueError("the bigram source needs the table (bigram_table) and the input token ids")
     if bigram.shape[1] < k:
@@ -252,7 +260,8 @@ def first_candidates(source: str, k: int, *, input_ids: Optional[torch.Tensor] =
 def exit_signals(model, normed: Sequence[torch.Tensor], *, k: int, source: str,
                  prev_exit: torch.Tensor, below: Optional[torch.Tensor] = None,
                  full_logits_first: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None,
-                 prev_logits: Optional[torch.Tensor] = None, bigram: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 prev_logits: Optional[torch.Tensor] = None, bigram: Optional[torch.Tensor] = None,
+                 context: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Offline: the features [E, N, F] of N positions at every early exit point, from their normed
     states ``normed`` (E tensors [N, D], the early exit points in order), as the online loop computes them
     when every exit point is checked (:func:`signal_step` in turn). ``below`` [N, D]: the normed state of
@@ -261,7 +270,7 @@ def exit_signals(model, normed: Sequence[torch.Tensor], *, k: int, source: str,
     weight, bias = head_parts(model)
     e = len(normed)
     state = SignalState(candidates=first_candidates(source, k, input_ids=input_ids, prev_logits=prev_logits,
-                                                    bigram=bigram),
+                                                    bigram=bigram, context=context),
                         prev_exit=prev_exit, prev_normed=below)
     out = []
     for j in range(e):
@@ -293,9 +302,12 @@ class CheapSignals:
 
         return policy_observation(self.model, hidden, "normed")
 
-    def start(self, input_ids: torch.Tensor, prev_exit: torch.Tensor, prev_logits: Optional[torch.Tensor] = None) -> None:
+    def start(self, input_ids: torch.Tensor, prev_exit: torch.Tensor, prev_logits: Optional[torch.Tensor] = None,
+              context: Optional[torch.Tensor] = None) -> None:
+        """``context`` [N, k]: each row's :meth:`ContextBigrams.candidates` (the ``context`` source)."""
         self.state = SignalState(candidates=first_candidates(self.source, self.k, input_ids=input_ids,
-                                                             prev_logits=prev_logits, bigram=self.bigram),
+                                                             prev_logits=prev_logits, bigram=self.bigram,
+                                                             context=context),
                                  prev_exit=prev_exit)
 
     def below(self, hidden: torch.Tensor) -> None:
@@ -342,3 +354,46 @@ def bigram_table(sequences: Iterable[Sequence[int]], vocab_size: int, k: int = M
         ids += [i for i in fill if i not in ids][:k - len(ids)]
         table[t] = torch.tensor(ids[:k])
     return table
+
+
+class ContextBigrams:
+    """The ``context`` candidate source for one sequence: which tokens followed each token so far.
+    :meth:`push` each token as the sequence grows (prompt and generated tokens alike); :meth:`candidates`
+    of the current input token gives the distinct tokens that followed its earlier occurrences, most
+    recent first, filled from ``fill`` (a ``[vocab, >=k]`` table, e.g. :func:`bigram_table`) up to ``k``.
+    Dictionary work per token, no multiply-accumulates."""
+
+    def __init__(self, k: int, fill: torch.Tensor):
+        self.k, self.fill = int(k), fill
+        self._followers: dict[int, list[int]] = {}
+        self._last: Optional[int] = None
+
+    def push(self, token: int) -> None:
+        token = int(token)
+        if self._last is not None:
+            seen = self._followers.setdefault(self._last, [])
+            if token in seen:
+                seen.remove(token)
+            seen.insert(0, token)
+            del seen[self.k:]
+        self._last = token
+
+    def candidates(self, token: int) -> list[int]:
+        out = list(self._followers.get(int(token), ()))
+        for t in self.fill[int(token)].tolist():
+            if len(out) >= self.k:
+                break
+            if t not in out:
+                out.append(t)
+        return out[:self.k]
+
+
+def context_candidates(ids: Sequence[int], k: int, fill: torch.Tensor) -> torch.Tensor:
+    """``[T, k]``: the ``context`` source's candidates at every position of one sequence (position ``t``'s
+    input token ``ids[t]``, with ``ids[:t+1]`` seen), as :class:`ContextBigrams` gives them online."""
+    ctx = ContextBigrams(k, fill.cpu())
+    rows = []
+    for t in ids:
+        ctx.push(t)
+        rows.append(ctx.candidates(t))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), k)

@@ -22,7 +22,8 @@ matched recall, say which signals can reach the oracle's savings at all:
 
 Teacher forcing runs every layer with exact K/V (no exits simulated); ``prev_exit`` (the previous
 token's exit point) is the previous position's oracle exit, what a perfect controller would have
-done. The ``prev_token`` source takes the previous position's final-layer top-k.
+done. The ``prev_token`` source takes the previous position's final-layer top-k; the ``bigram`` table is
+counted on the corpus' train split; the ``context`` source reads the window itself up to the position.
 
 Written to ``results/<name>/signals/auc.{json,md}`` and ``figures/<name>/signals_auc.{png,pdf}``.
 """
@@ -38,8 +39,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, ModelShape, bigram_table, exit_signals,
-                                        macs_in_layers, signal_macs, token_macs)
+from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, ModelShape, bigram_table, context_candidates,
+                                        exit_signals, first_candidates, macs_in_layers, signal_macs, token_macs)
 from greencode.paths import RunPaths
 from greencode.utils import REPO_ROOT, run_metadata, setup_torch, write_json, write_text
 
@@ -221,6 +222,12 @@ def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigra
             mask[r, :len(w["ids"])] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         hs = dict(zip(every.exit_points, every.exit_hidden_states(ids, mask)))
+        context = None
+        if "context" in sources:  # the prompt's own bigrams, position by position as online
+            context = torch.zeros((len(batch), t, k), dtype=torch.long)
+            for r, w in enumerate(batch):
+                context[r, :len(w["ids"])] = context_candidates(w["ids"], k, bigram)
+            context = context.to(dev)
         final_logits = model.decode(hs[model.final_layer]).float()  # [B, T, V]
         final_pred = final_logits.argmax(-1)
         preds, full = [], []
@@ -256,12 +263,11 @@ def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigra
         for src in sources:
             feats = exit_signals(model, normed, k=k, source=src, prev_exit=prev_exit, below=below,
                                  full_logits_first=flat(first_logits), input_ids=input_ids, prev_logits=prev_logits,
-                                 bigram=bigram)  # [E, n, F]
+                                 bigram=bigram, context=None if context is None else flat(context))  # [E, n, F]
             cols[f"cheap_{src}"].append(feats.permute(1, 0, 2).reshape(n * e, -1).cpu().numpy())
             # how often the final layer's answer is among the token's candidates (the set is fixed per token)
-            from greencode.decoding.signals import first_candidates
-
-            cands = first_candidates(src, k, input_ids=input_ids, prev_logits=prev_logits, bigram=bigram)
+            cands = first_candidates(src, k, input_ids=input_ids, prev_logits=prev_logits, bigram=bigram,
+                                     context=None if context is None else flat(context))
             if cands is None:
                 cands = torch.topk(flat(first_logits), k, -1).indices
             cov[src].append((cands == fin[:, None]).any(-1).cpu().numpy())
@@ -384,7 +390,7 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
     e = shape.n_exit_points
     windows = validation_windows(cfg, tokenizer, n_files, window, min_tokens, cfg.seed)
     bigram, bigram_seen = None, 0
-    if "bigram" in sources:
+    if "bigram" in sources or "context" in sources:  # the context source fills up from the bigram table
         bigram, bigram_seen = train_bigrams(cfg, tokenizer, shape.vocab_size, k, bigram_tokens, cfg.seed)
         bigram = bigram.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -20,7 +20,7 @@ _STYLE = {
     "saturation": ("#e377c2", "h", "-"),
     "hidden+full_lr": ("#7f7f7f", "P", "--"),
 }
-_SOURCE_COLORS = {"first_full": "#2ca02c", "prev_token": "#8c564b", "bigram": "#17becf"}
+_SOURCE_COLORS = {"first_full": "#2ca02c", "prev_token": "#8c564b", "bigram": "#17becf", "context": "#bcbd22"}
 
 
 def _style(name: str):
