@@ -8,7 +8,10 @@
 * :mod:`.openai`: OpenAI completions (``/v1/completions``, ``/v1/models``).
 
 Each parses a validated body into a ``GenRequest`` and turns the events into its own JSON,
-SSE or NDJSON; none touches the model (see :class:`.common.ServeContext`).
+SSE or NDJSON; none touches the model (see :class:`.common.ServeContext`). What they share is
+written once in :mod:`.common`: building the request (``ServeContext.request``: threshold, target,
+fidelity, mode, sampling, stops), answering whole or streamed (``ServeContext.respond``) and the
+streaming loop (``relay``), so each protocol keeps only its wire format.
 """
 
 from greencode.serve.protocols.common import ServeContext

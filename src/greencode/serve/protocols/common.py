@@ -1,6 +1,7 @@
 """What every wire protocol shares: the server's facts and limits, reading a body, turning
-per-format knobs into a :class:`~greencode.serve.engine.GenRequest`, submitting it to the
-scheduler, the final statistics, and the OpenAPI description of bodies and answers.
+per-format knobs into a :class:`~greencode.serve.engine.GenRequest` (:meth:`ServeContext.request`),
+submitting it to the scheduler and answering it whole or streamed (:meth:`ServeContext.respond`,
+:func:`relay`), the final statistics, and the OpenAPI description of bodies and answers.
 
 No protocol touches the model: they see the :class:`ServeContext` and the events of
 :mod:`greencode.serve.requests`.
@@ -10,21 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from greencode.serve.requests import Completion, GenRequest
 from greencode.serve.errors import RequestError
-from greencode.serve.requests import Event, FinalEvent
+from greencode.serve.requests import Event, FinalEvent, TokenEvent
 from greencode.serve.metrics import ServeMetrics
 from greencode.serve.scheduler import RequestStream, Scheduler
-from greencode.serve.schemas import parse_json_bytes
+from greencode.serve.schemas import fidelity_of, mode_of, parse_json_bytes, stop_list, target_of, threshold_of
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,20 @@ class ServeContext:
         return {"do_sample": sample, "temperature": t if sample else 1.0,
                 "top_p": defaults["top_p"] if top_p is None else float(top_p),
                 "top_k": defaults["top_k"] if top_k is None else int(top_k)}
+
+    def request(self, knobs: Sequence[Optional[BaseModel]], *, prompt: str, max_new_tokens: int, defaults: dict,
+                temperature=None, top_p=None, top_k=None, do_sample: Optional[bool] = None, seed=None,
+                stop: Sequence = (), stop_field: str = "body.stop", suffix: Optional[str] = None,
+                **extra) -> GenRequest:
+        """The internal request of any protocol: its prompt (and ``suffix``), token count, sampling
+        (``defaults``: the protocol's own), ``stop`` strings (from each of these fields), and the exit
+        knobs (threshold, target, fidelity, lossy/lossless mode) read from ``knobs`` (options or
+        parameters first, then the top level); ``extra``: further :class:`GenRequest` fields."""
+        return GenRequest(prompt=prompt, suffix=suffix or None, max_new_tokens=max_new_tokens,
+                          **self.sampling(temperature, top_p, top_k, defaults, do_sample), seed=seed,
+                          stop=stop_list(*stop, field=stop_field), threshold=threshold_of(*knobs),
+                          max_disagreement=target_of(*knobs), fidelity=fidelity_of(*knobs), mode=mode_of(*knobs),
+                          **extra)
 
     async def read_json(self, request: Request) -> dict:
         """The body as a JSON object: 413 past ``serve.max_request_bytes``, 408 when it trickles in
@@ -128,6 +145,17 @@ class ServeContext:
         self.finalize(request, c, fmt, submitted)
         return c
 
+    async def respond(self, request: Request, gen: GenRequest, fmt: str, stream: bool,
+                      answer: Callable[[Completion], dict],
+                      lines: Callable[[AsyncIterator[Event]], AsyncIterator[str]],
+                      media_type: str = "text/event-stream", headers: Optional[dict] = SSE_HEADERS) -> Response:
+        """Run ``gen`` and answer in a protocol's format: ``answer(completion)`` as JSON, or, when
+        ``stream``, the lines ``lines(events)`` makes of its events (see :func:`relay`)."""
+        if stream:
+            events = await self.stream(request, gen, fmt)
+            return StreamingResponse(lines(events), media_type=media_type, headers=headers)
+        return JSONResponse(answer(await self.complete(request, gen, fmt)))
+
     async def stream(self, request: Request, gen: GenRequest, fmt: str) -> AsyncIterator[Event]:
         """Submit a streamed request (admission and 4xx raised here, before the response starts)
         and return its events; the final event's completion gets the final statistics, and
@@ -168,6 +196,35 @@ async def _disconnected(request: Request) -> None:
         if message.get("type") == "http.disconnect":
             return
     await asyncio.Event().wait()  # a server that keeps answering with empty body messages: never spin
+
+
+async def relay(events: AsyncIterator[Event], token: Callable[[TokenEvent], Optional[str]],
+                final: Callable[[FinalEvent], Iterable[str]], error: Callable[[Exception], str], *,
+                first: Sequence[str] = (), last: Sequence[str] = ()) -> AsyncIterator[str]:
+    """The one streaming loop, in a protocol's wire format: the ``first`` lines, ``token(event)`` for
+    each token as it is produced (nothing when it gives no text), the ``final(event)`` lines, and
+    when the stream fails after it started, the in-band ``error(exception)`` line; then the ``last``
+    lines (OpenAI's ``[DONE]``)."""
+    try:
+        for line in first:
+            yield line
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                line = token(ev)
+                if line:
+                    yield line
+            else:
+                for line in final(ev):
+                    yield line
+    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band
+        yield error(e)
+    for line in last:
+        yield line
+
+
+def sse_data(obj: Any) -> str:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 def now_iso() -> str:

@@ -21,18 +21,16 @@ has them all.
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from greencode.serve.requests import Completion, GenRequest
-from greencode.serve.requests import Event, TokenEvent
-from greencode.serve.protocols.common import (GENERATION_STATUSES, SSE_HEADERS, ServeContext, error_message, first,
-                                              json_body, responses)
-from greencode.serve.schemas import (HFParameters, HFRequest, SeedOptions, check_text, fidelity_of, stop_list, target_of,
-                                     mode_of, threshold_of, validate)
+from greencode.serve.requests import Event, FinalEvent, TokenEvent
+from greencode.serve.protocols.common import (GENERATION_STATUSES, ServeContext, error_message, first, json_body,
+                                              relay, responses, sse_data)
+from greencode.serve.schemas import HFParameters, HFRequest, SeedOptions, check_text, validate
 
 TGI_FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 HF_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # greedy unless do_sample / a temperature
@@ -50,13 +48,11 @@ def parse(ctx: ServeContext, data: dict) -> tuple[HFRequest, GenRequest, dict]:
     temperature = first(p.temperature, o.temperature)
     do_sample = p.do_sample if p.do_sample is not None else (temperature is not None and temperature > 0)
     details = bool(p.details)
-    gen = GenRequest(prompt=check_text(body.inputs, "body.inputs"), max_new_tokens=n,
-                     **ctx.sampling(temperature, first(p.top_p, o.top_p), first(p.top_k, o.top_k), HF_DEFAULTS,
-                                    do_sample),
-                     seed=first(p.seed, o.seed), stop=stop_list(p.stop, p.stop_sequences, o.stop),
-                     threshold=threshold_of(p, o, body), max_disagreement=target_of(p, o, body), fidelity=fidelity_of(p, o, body),
-                     mode=mode_of(p, o, body),
-                     num_ctx=o.num_ctx, logprobs=(p.top_n_tokens or 0) if details else None)
+    gen = ctx.request([p, o, body], prompt=check_text(body.inputs, "body.inputs"), max_new_tokens=n,
+                      defaults=HF_DEFAULTS, temperature=temperature, top_p=first(p.top_p, o.top_p),
+                      top_k=first(p.top_k, o.top_k), do_sample=do_sample, seed=first(p.seed, o.seed),
+                      stop=[p.stop, p.stop_sequences, o.stop], num_ctx=o.num_ctx,
+                      logprobs=(p.top_n_tokens or 0) if details else None)
     return body, gen, {"return_full_text": bool(p.return_full_text), "details": details,
                        "top_n_tokens": p.top_n_tokens or 0}
 
@@ -90,37 +86,37 @@ def answer(c: Completion, body: HFRequest, gen: GenRequest, extra: dict) -> dict
     return out
 
 
-async def sse(ctx: ServeContext, events: AsyncIterator[Event], body: HFRequest, gen: GenRequest,
-              extra: dict) -> AsyncIterator[str]:
-    """TGI's server-sent events, each sent as its token is produced."""
-    last_id, n = None, 0
-    try:
-        async for ev in events:
-            if isinstance(ev, TokenEvent):
-                last_id, n = ev.token_id, ev.index + 1
-                yield "data: " + json.dumps({"index": ev.index, "token": _token(ctx, ev.token_id, ev.text, ev.logprob),
-                                             "generated_text": None, "details": None}) + "\n\n"
-                continue
-            c = ev.completion
-            text = (body.inputs + c.text) if extra["return_full_text"] else c.text
-            last = {"id": last_id if last_id is not None else 0, "text": ev.tail, "logprob": None,
-                    "special": ev.tail == ""}
-            yield "data: " + json.dumps({"index": n, "token": last, "generated_text": text,
-                                         "details": details(c, gen, extra, stream=True) if extra["details"] else None,
-                                         "greencode": c.stats}) + "\n\n"
-    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band, as TGI sends it
+def sse(ctx: ServeContext, events: AsyncIterator[Event], body: HFRequest, gen: GenRequest,
+        extra: dict) -> AsyncIterator[str]:
+    """TGI's server-sent events, each sent as its token is produced; an error in-band, as TGI sends it."""
+    seen = {"last_id": None, "n": 0}
+
+    def token(ev: TokenEvent) -> str:
+        seen["last_id"], seen["n"] = ev.token_id, ev.index + 1
+        return sse_data({"index": ev.index, "token": _token(ctx, ev.token_id, ev.text, ev.logprob),
+                         "generated_text": None, "details": None})
+
+    def final(ev: FinalEvent) -> list[str]:
+        c = ev.completion
+        text = (body.inputs + c.text) if extra["return_full_text"] else c.text
+        last = {"id": seen["last_id"] if seen["last_id"] is not None else 0, "text": ev.tail, "logprob": None,
+                "special": ev.tail == ""}
+        return [sse_data({"index": seen["n"], "token": last, "generated_text": text,
+                          "details": details(c, gen, extra, stream=True) if extra["details"] else None,
+                          "greencode": c.stats})]
+
+    def error(e: Exception) -> str:
         _, message, kind = error_message(e)
-        yield "data: " + json.dumps({"error": message, "error_type": kind}) + "\n\n"
+        return sse_data({"error": message, "error_type": kind})
+
+    return relay(events, token, final, error)
 
 
 async def generate(ctx: ServeContext, request: Request, data: dict, stream: Optional[bool] = None) -> Response:
     body, gen, extra = parse(ctx, data)
     fmt = "seed" if body.options is not None and body.parameters is None else "huggingface"
-    if not (bool(body.stream) if stream is None else stream):
-        c = await ctx.complete(request, gen, fmt)
-        return JSONResponse(answer(c, body, gen, extra))
-    events = await ctx.stream(request, gen, fmt)
-    return StreamingResponse(sse(ctx, events, body, gen, extra), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await ctx.respond(request, gen, fmt, bool(body.stream) if stream is None else stream,
+                             lambda c: answer(c, body, gen, extra), lambda events: sse(ctx, events, body, gen, extra))
 
 
 def register(router: APIRouter, ctx: ServeContext) -> None:

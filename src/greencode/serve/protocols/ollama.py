@@ -21,12 +21,11 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from greencode.serve.requests import Completion, GenRequest
-from greencode.serve.requests import Event, TokenEvent
-from greencode.serve.protocols.common import (INFO_STATUSES, ServeContext, error_message, json_body, now_iso,
+from greencode.serve.requests import Completion
+from greencode.serve.requests import Event
+from greencode.serve.protocols.common import (INFO_STATUSES, ServeContext, error_message, json_body, now_iso, relay,
                                               responses)
-from greencode.serve.schemas import (OllamaRequest, SeedOptions, ShowRequest, check_text, fidelity_of, stop_list, target_of,
-                                     mode_of, threshold_of, validate)
+from greencode.serve.schemas import OllamaRequest, SeedOptions, ShowRequest, check_text, validate
 
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 NDJSON = "application/x-ndjson"
@@ -42,18 +41,13 @@ def final(c: Completion, model: str, response: str) -> dict:
             "eval_count": c.completion_tokens, "eval_duration": ns(s.get("decode_s")), "greencode": s}
 
 
-async def lines(events: AsyncIterator[Event], model: str) -> AsyncIterator[str]:
-    try:
-        async for ev in events:
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield json.dumps({"model": model, "created_at": now_iso(), "response": ev.text,
-                                      "done": False}) + "\n"
-                continue
-            yield json.dumps(final(ev.completion, model, ev.tail)) + "\n"
-    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band, as Ollama sends it
-        _, message, _ = error_message(e)
-        yield json.dumps({"error": message}) + "\n"
+def lines(events: AsyncIterator[Event], model: str) -> AsyncIterator[str]:
+    """Ollama's stream: one JSON line per token piece, the final object, an error in-band as Ollama sends it."""
+    return relay(events,
+                 lambda ev: ev.text and json.dumps({"model": model, "created_at": now_iso(), "response": ev.text,
+                                                    "done": False}) + "\n",
+                 lambda ev: [json.dumps(final(ev.completion, model, ev.tail)) + "\n"],
+                 lambda e: json.dumps({"error": error_message(e)[1]}) + "\n")
 
 
 async def generate(ctx: ServeContext, request: Request, data: dict) -> Response:
@@ -69,16 +63,11 @@ async def generate(ctx: ServeContext, request: Request, data: dict) -> Response:
         if stream:
             return StreamingResponse(iter([json.dumps(done) + "\n"]), media_type=NDJSON)
         return JSONResponse(done)
-    gen = GenRequest(prompt=prompt, suffix=suffix or None, max_new_tokens=max_new,
-                     **ctx.sampling(o.temperature, o.top_p, o.top_k, OLLAMA_DEFAULTS), seed=o.seed,
-                     stop=stop_list(o.stop, field="body.options.stop"), threshold=threshold_of(o, body),
-                     mode=mode_of(o, body),
-                     max_disagreement=target_of(o, body), fidelity=fidelity_of(o, body), num_ctx=o.num_ctx)
-    if not stream:
-        c = await ctx.complete(request, gen, "ollama")
-        return JSONResponse(final(c, model, c.text))
-    events = await ctx.stream(request, gen, "ollama")
-    return StreamingResponse(lines(events, model), media_type=NDJSON)
+    gen = ctx.request([o, body], prompt=prompt, suffix=suffix, max_new_tokens=max_new, defaults=OLLAMA_DEFAULTS,
+                      temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, seed=o.seed, stop=[o.stop],
+                      stop_field="body.options.stop", num_ctx=o.num_ctx)
+    return await ctx.respond(request, gen, "ollama", stream, lambda c: final(c, model, c.text),
+                             lambda events: lines(events, model), media_type=NDJSON, headers=None)
 
 
 def _details(ctx: ServeContext) -> dict:

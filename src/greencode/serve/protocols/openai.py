@@ -24,20 +24,18 @@ answered as a ``chat.completion`` (``choices[0].message.content``), streamed as
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from greencode.serve.requests import Completion, GenRequest
 from greencode.serve.errors import RequestError
-from greencode.serve.requests import Event, TokenEvent
-from greencode.serve.protocols.common import (GENERATION_STATUSES, INFO_STATUSES, SSE_HEADERS, ServeContext,
-                                              error_message, json_body, responses)
-from greencode.serve.schemas import (FimRequest, OpenAIRequest, check_text, fidelity_of, mode_of, stop_list, target_of, threshold_of,
-                                     validate)
+from greencode.serve.requests import Event
+from greencode.serve.protocols.common import (GENERATION_STATUSES, INFO_STATUSES, ServeContext, error_message,
+                                              json_body, relay, responses, sse_data)
+from greencode.serve.schemas import FimRequest, OpenAIRequest, check_text, validate
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
@@ -49,12 +47,10 @@ def parse(ctx: ServeContext, data: dict) -> tuple[OpenAIRequest, GenRequest, str
     if body.echo and body.logprobs is not None:
         raise RequestError(422, "body.echo with body.logprobs: the prompt's log probabilities are not computed; "
                                 "send one of them", loc="body.logprobs")
-    gen = GenRequest(prompt=check_text(prompt, "body.prompt"), suffix=check_text(body.suffix, "body.suffix") or None,
-                     max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"),
-                     **ctx.sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS), seed=body.seed,
-                     stop=stop_list(body.stop), threshold=threshold_of(body), max_disagreement=target_of(body), fidelity=fidelity_of(body),
-                     mode=mode_of(body),
-                     logprobs=body.logprobs)
+    gen = ctx.request([body], prompt=check_text(prompt, "body.prompt"), suffix=check_text(body.suffix, "body.suffix"),
+                      max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"), defaults=OPENAI_DEFAULTS,
+                      temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                      stop=[body.stop], logprobs=body.logprobs)
     return body, gen, prompt
 
 
@@ -78,7 +74,15 @@ def logprobs(c: Completion, n: Optional[int]) -> Optional[dict]:
 def _error_event(e: Exception) -> str:
     """An error after the stream started, as OpenAI sends it (the openai client raises it)."""
     status, message, kind = error_message(e)
-    return "data: " + json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}) + "\n\n"
+    return sse_data({"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def _stream(events: AsyncIterator[Event], token, final, first: tuple = ()) -> AsyncIterator[str]:
+    """An OpenAI stream: the events as chunks, an error in-band, then ``[DONE]``."""
+    return relay(events, token, final, _error_event, first=first, last=(DONE,))
 
 
 def _finish(c: Completion) -> str:
@@ -90,93 +94,78 @@ def _usage(c: Completion) -> dict:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
-async def sse(ctx: ServeContext, events: AsyncIterator[Event], body: OpenAIRequest, gen: GenRequest,
-              prefix: str) -> AsyncIterator[str]:
+def sse(ctx: ServeContext, events: AsyncIterator[Event], body: OpenAIRequest, gen: GenRequest,
+        prefix: str) -> AsyncIterator[str]:
     cid, created = f"cmpl-{gen.request_id}", int(time.time())
 
     def chunk(text: str, finish_reason: Optional[str], lp: Optional[dict] = None, **extra) -> str:
-        obj = {"id": cid, "object": "text_completion", "created": created, "model": ctx.name,
-               "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason}], **extra}
-        return f"data: {json.dumps(obj)}\n\n"
+        return sse_data({"id": cid, "object": "text_completion", "created": created, "model": ctx.name,
+                         "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason}],
+                         **extra})
 
-    try:
-        if prefix:
-            yield chunk(prefix, None)
-        async for ev in events:
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield chunk(ev.text, None)
-                continue
-            c = ev.completion
-            yield chunk(ev.tail, _finish(c), logprobs(c, gen.logprobs), greencode=c.stats)
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
-                                             "model": ctx.name, "choices": [], "usage": _usage(c)}) + "\n\n"
-    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band
-        yield _error_event(e)
-    yield "data: [DONE]\n\n"
+    def final(ev) -> list[str]:
+        c = ev.completion
+        out = [chunk(ev.tail, _finish(c), logprobs(c, gen.logprobs), greencode=c.stats)]
+        if body.stream_options is not None and body.stream_options.include_usage:
+            out.append(sse_data({"id": cid, "object": "text_completion", "created": created, "model": ctx.name,
+                                 "choices": [], "usage": _usage(c)}))
+        return out
+
+    return _stream(events, lambda ev: ev.text and chunk(ev.text, None), final,
+                   first=(chunk(prefix, None),) if prefix else ())
 
 
 async def completions(ctx: ServeContext, request: Request) -> Response:
     body, gen, prompt = parse(ctx, await ctx.read_json(request))
     prefix = prompt if body.echo else ""
-    if body.stream:
-        events = await ctx.stream(request, gen, "openai")
-        return StreamingResponse(sse(ctx, events, body, gen, prefix), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
-    c = await ctx.complete(request, gen, "openai")
-    out: dict[str, Any] = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
-                           "model": ctx.name,
-                           "choices": [{"text": prefix + c.text, "index": 0, "logprobs": logprobs(c, gen.logprobs),
-                                        "finish_reason": _finish(c)}],
-                           "usage": _usage(c), "greencode": c.stats}
-    return JSONResponse(out)
+
+    def answer(c: Completion) -> dict[str, Any]:
+        return {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
+                "model": ctx.name,
+                "choices": [{"text": prefix + c.text, "index": 0, "logprobs": logprobs(c, gen.logprobs),
+                             "finish_reason": _finish(c)}],
+                "usage": _usage(c), "greencode": c.stats}
+
+    return await ctx.respond(request, gen, "openai", bool(body.stream), answer,
+                             lambda events: sse(ctx, events, body, gen, prefix))
 
 
 def parse_fim(ctx: ServeContext, data: dict) -> tuple[GenRequest, bool]:
     """A validated ``/v1/fim/completions`` body -> (the internal request, streamed)."""
     body = validate(FimRequest, data)
-    return GenRequest(prompt=check_text(body.prompt, "body.prompt"), suffix=check_text(body.suffix, "body.suffix") or None,
-                      max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"),
-                      **ctx.sampling(body.temperature, body.top_p, body.top_k, OPENAI_DEFAULTS),
-                      seed=body.random_seed if body.random_seed is not None else body.seed, stop=stop_list(body.stop),
-                      threshold=threshold_of(body), max_disagreement=target_of(body), fidelity=fidelity_of(body),
-                      mode=mode_of(body)), bool(body.stream)
+    return ctx.request([body], prompt=check_text(body.prompt, "body.prompt"), suffix=check_text(body.suffix, "body.suffix"),
+                       max_new_tokens=ctx.max_tokens(body.max_tokens, "body.max_tokens"), defaults=OPENAI_DEFAULTS,
+                       temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                       seed=body.random_seed if body.random_seed is not None else body.seed,
+                       stop=[body.stop]), bool(body.stream)
 
 
-async def fim_sse(ctx: ServeContext, events: AsyncIterator[Event], gen: GenRequest) -> AsyncIterator[str]:
+def fim_sse(ctx: ServeContext, events: AsyncIterator[Event], gen: GenRequest) -> AsyncIterator[str]:
     cid, created = f"fim-{gen.request_id}", int(time.time())
 
     def chunk(delta: dict, finish_reason: Optional[str], **extra) -> str:
-        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.name,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
-        return f"data: {json.dumps(obj)}\n\n"
+        return sse_data({"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.name,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra})
 
-    try:
-        yield chunk({"role": "assistant", "content": ""}, None)
-        async for ev in events:
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield chunk({"content": ev.text}, None)
-                continue
-            c = ev.completion
-            yield chunk({"content": ev.tail}, _finish(c), usage=_usage(c), greencode=c.stats)
-    except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in-band
-        yield _error_event(e)
-    yield "data: [DONE]\n\n"
+    def final(ev) -> list[str]:
+        c = ev.completion
+        return [chunk({"content": ev.tail}, _finish(c), usage=_usage(c), greencode=c.stats)]
+
+    return _stream(events, lambda ev: ev.text and chunk({"content": ev.text}, None), final,
+                   first=(chunk({"role": "assistant", "content": ""}, None),))
 
 
 async def fim_completions(ctx: ServeContext, request: Request) -> Response:
     gen, stream = parse_fim(ctx, await ctx.read_json(request))
-    if stream:
-        events = await ctx.stream(request, gen, "fim")
-        return StreamingResponse(fim_sse(ctx, events, gen), media_type="text/event-stream", headers=SSE_HEADERS)
-    c = await ctx.complete(request, gen, "fim")
-    return JSONResponse({"id": f"fim-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
-                         "model": ctx.name,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
-                                      "finish_reason": _finish(c)}],
-                         "usage": _usage(c), "greencode": c.stats})
+
+    def answer(c: Completion) -> dict[str, Any]:
+        return {"id": f"fim-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
+                "model": ctx.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
+                             "finish_reason": _finish(c)}],
+                "usage": _usage(c), "greencode": c.stats}
+
+    return await ctx.respond(request, gen, "fim", stream, answer, lambda events: fim_sse(ctx, events, gen))
 
 
 def register(router: APIRouter, ctx: ServeContext) -> None:
