@@ -257,3 +257,18 @@ def test_the_figure_writer_records_the_inputs_and_their_weights(tmp_path, monkey
     got = problems(check_results(tmp_path))
     assert sorted(got) == ["figures/default/b.png", "results/default/rl/analysis.json"]
     assert OTHER_FT in got["figures/default/b.png"]
+
+
+def test_training_stage_results_name_the_fingerprint_their_model_will_have(tmp_path):
+    """A stage's summary is written before its stage record: it names the ``stage:<key>`` fingerprint
+    the output directory gets once the record is written, and LITE the base it was trained from."""
+    from greencode.training.common import STAGE_FILE, model_dir_fingerprint, stage_weights
+
+    out = tmp_path / "finetuned"
+    out.mkdir()
+    w = stage_weights("finetune", "abcd", {"base": str(tmp_path / "base"), "base_fingerprint": BASE}, out)
+    put(out / STAGE_FILE, {"stage": "finetune", "key": "abcd", "payload": {"base_fingerprint": BASE}})
+    assert (w["base"], w["finetuned"]) == (BASE, model_dir_fingerprint(str(out)))
+    assert (w["base"], w["finetuned"]) == (weights_record(out)["base"], weights_record(out)["finetuned"])
+    p = stage_weights("pretrain", "ef01", {}, tmp_path / "base_model")
+    assert (p["base"], p["finetuned"]) == ("stage:ef01", None)
