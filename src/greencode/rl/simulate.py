@@ -101,14 +101,42 @@ class _Prefixed:
         return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
 
 
-def _masks(t: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive masks [1, 1, T, T] (causal) and [1, 1, T, 2T] (shadow: the real K/V before t, its own at t)."""
-    lo = torch.finfo(dtype).min
+def _causal_mask(t: int, dtype, device) -> torch.Tensor:
+    """The additive causal mask [1, 1, T, T]."""
     idx = torch.arange(t, device=device)
-    causal = torch.zeros((t, t), dtype=dtype, device=device).masked_fill(idx[None, :] > idx[:, None], lo)
-    before = torch.zeros((t, t), dtype=dtype, device=device).masked_fill(idx[None, :] >= idx[:, None], lo)
-    own = torch.full((t, t), lo, dtype=dtype, device=device).fill_diagonal_(0)
-    return causal[None, None], torch.cat([before, own], dim=1)[None, None]
+    mask = torch.zeros((t, t), dtype=dtype, device=device).masked_fill(idx[None, :] > idx[:, None], torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+@dataclass
+class _Packed:
+    """The exited positions of each row packed into ``S`` = the most any row has, in position order:
+    (row, position, slot) of each, the slots' positions [B, S] and the shadow pass's mask
+    [B, 1, S, T + S] (a slot sees the real K/V before its position and its own shadow K/V; an empty
+    slot only its own, so nothing is all-masked)."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    slot: torch.Tensor
+    slot_pos: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, exited: torch.Tensor, dtype) -> "_Packed":
+        b, t = exited.shape
+        rows, pos = exited.nonzero(as_tuple=True)  # row-major: each row's positions in order
+        slot = (exited.long().cumsum(1) - 1)[rows, pos]
+        s = int(exited.sum(1).max())
+        slot_pos = torch.zeros((b, s), dtype=torch.long, device=exited.device)
+        slot_pos[rows, slot] = pos
+        valid = torch.zeros((b, s), dtype=torch.bool, device=exited.device)
+        valid[rows, slot] = True
+        cols = torch.arange(t, device=exited.device)
+        sees_real = (cols[None, None, :] < slot_pos[:, :, None]) & valid[:, :, None]  # [B, S, T]
+        sees_own = torch.eye(s, dtype=torch.bool, device=exited.device).expand(b, s, s)
+        allowed = torch.cat([sees_real, sees_own], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=exited.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return cls(rows=rows, pos=pos, slot=slot, slot_pos=slot_pos, mask=mask[:, None])
 
 
 def _run_layer(layer, h, mask, cache, kw) -> torch.Tensor:
@@ -139,23 +167,28 @@ def simulate_exits(model, input_ids: torch.Tensor, decide: Optional[Decider], mi
     position_ids = pos[None, :].expand(b, t)
     h = adapter.embed(ids, position_ids)
     kw = adapter.layer_kwargs(h, position_ids)
-    causal, shadow_mask = _masks(t, dtype, device)
     # sdpa's own causal path (no mask) where the model's attention has one; eager needs the mask
-    real_mask = None if getattr(model.hf.config, "_attn_implementation", "eager") == "sdpa" else causal
+    real_mask = None if getattr(model.hf.config, "_attn_implementation", "eager") == "sdpa" else _causal_mask(t, dtype, device)
     exited = torch.zeros((b, t), dtype=torch.bool, device=device)
     exit_point = torch.full((b, t), e, dtype=torch.long, device=device)
     states = torch.empty((b, t, e + 1, h.shape[-1]), dtype=dtype, device=device)
-    shadow: Optional[torch.Tensor] = None  # None while no position has exited (it equals the real stream)
+    # the shadow stream [B, T, H]: None while no position has exited (it equals the real stream); only the
+    # exited positions differ, and only they run the shadow pass (packed, with their own positions)
+    shadow: Optional[torch.Tensor] = None
+    packed: Optional[_Packed] = None
+    packed_kw: dict = {}
     for j, layer in enumerate(adapter.layers):
         if shadow is None:
             h = _run_layer(layer, h, real_mask, None, kw)
         else:
-            frozen = exited[..., None]
             cap = _Capture()
             out = _run_layer(layer, h, real_mask, cap, kw)
-            shadow_out = _run_layer(layer, shadow, shadow_mask, _Prefixed(cap.kv), kw)
-            h = torch.where(frozen, h, out)  # an exited position's residual stream stays at its exit state
-            shadow = torch.where(frozen, shadow_out, h)
+            hs = shadow.new_zeros((b, packed.slot_pos.shape[1], shadow.shape[-1]))
+            hs[packed.rows, packed.slot] = shadow[packed.rows, packed.pos]
+            shadow_out = _run_layer(layer, hs, packed.mask, _Prefixed(cap.kv), packed_kw)
+            h = torch.where(exited[..., None], h, out)  # an exited position's residual stream stays at its exit state
+            shadow = h.clone()
+            shadow[packed.rows, packed.pos] = shadow_out[packed.rows, packed.slot]
         k = points.get(j)
         if k is None:
             continue
@@ -169,6 +202,8 @@ def simulate_exits(model, input_ids: torch.Tensor, decide: Optional[Decider], mi
                         shadow = h.clone()
                     exit_point[now] = k
                     exited |= now
+                    packed = _Packed.of(exited, dtype)
+                    packed_kw = adapter.layer_kwargs(shadow, packed.slot_pos)
     return Simulation(states=states, exit_point=exit_point, decided=decided)
 
 
