@@ -72,6 +72,32 @@ def test_simulated_states_equal_the_decoding_loop_with_the_same_exits(family):
     assert not torch.allclose(plain.states[:, :, -1], sim.states[:, :, -1], atol=1e-3)
 
 
+def test_a_controllers_exits_simulated_equal_the_loops():
+    """A stateless controller deciding on the states (confidence) takes the same exits in the simulation
+    as in the loop fed the same tokens, and the states agree."""
+    from greencode.decoding import ConfidenceExit
+    from greencode.rl.simulate import controller_decider
+
+    model = tiny_model("llama", num_layers=6, exit_layers=(1, 2, 4))
+    ids = _ids(7, 24)[None]
+    m = 5
+    with torch.inference_mode():
+        plain = simulate_exits(model, ids, None, m)
+        conf = torch.softmax(model.decode(plain.states[0, m:, :3]).float(), -1).amax(-1)
+    # about half the positions exit at the first exit point; the threshold halfway between two confidences,
+    # so float rounding (one position vs all at once) cannot flip a decision
+    first = conf[:, 0].sort().values
+    mid = len(first) // 2
+    threshold = float(first[mid - 1] + first[mid]) / 2
+    ctrl = ConfidenceExit(threshold)
+    sim = simulate_exits(model, ids, controller_decider(model, [ctrl]), m)
+    res = generate(model, ids[:, :m], ConfidenceExit(threshold), 24 - m, forced_tokens=[ids[0, m:].tolist()],
+                   observe=True)
+    assert res.exit_layers[1:] == [model.exit_points[k] for k in sim.exit_point[0, m:23].tolist()]
+    assert len(set(res.exit_layers[1:])) > 1
+    torch.testing.assert_close(sim.states[0, m:23, :3], torch.stack(res.exit_states), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_no_exits_equals_hf_forward(family):
     model = tiny_model(family, num_layers=4, exit_layers=(1, 2))
