@@ -639,24 +639,41 @@ def _expand_calibrated(cfg: Config, names: list[str], explicit: bool) -> tuple[l
 def _finish(out_dir: Path, samples: Sequence, cfg: Config, calibration: Optional[dict],
             weights: Optional[dict] = None) -> None:
     _showcase(out_dir, samples, cfg)
-    if calibration is None:
-        return
+    if calibration is not None:
+        _calibrated(out_dir, cfg, calibration, weights)
+    _hull(out_dir, calibration)
+
+
+def _calibrated(out_dir: Path, cfg: Config, calibration: dict, weights: Optional[dict]) -> None:
     from greencode.eval.calibration import render_targets, targets_table
     from greencode.eval.summary import summary_table
 
     from greencode.eval.calibration import _criteria, calibrated_ids, teacher_forced
 
     forced = None
+    rows = summary_table(out_dir)
     if "token" in _criteria(calibration):
+        # the calibrated rows and every other loop row (the fixed exits: the static hull's token risk)
+        ids = list(dict.fromkeys(calibrated_ids(calibration) + [r["id"] for r in rows]))
         try:
-            forced = teacher_forced(cfg, out_dir, calibrated_ids(calibration))
+            forced = teacher_forced(cfg, out_dir, ids)
         except FileNotFoundError as e:  # no full-model records: the token criterion's test risk stays unknown
             log.warning("teacher-forced pass skipped: %s", e)
-    table = targets_table(calibration, summary_table(out_dir), out_dir, forced)
+    table = targets_table(calibration, rows, out_dir, forced)
     table["split"] = cfg.eval.split
     table["weights"] = weights
     write_json(out_dir / "calibrated.json", table)
     write_text(out_dir / "calibrated.md", render_targets(table, cfg.eval.split))
+
+
+def _hull(out_dir: Path, calibration: Optional[dict]) -> None:
+    """Every controller against the static exits' hull at matched compute (hull.json, hull.md, summary.json)."""
+    from greencode.eval.hull import write_hull
+
+    try:
+        write_hull(out_dir, calibration=calibration)
+    except (OSError, ValueError, KeyError) as e:  # a finished evaluation is kept; the hull says why it is missing
+        log.warning("static hull not written: %s: %s", type(e).__name__, e)
 
 
 def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Path:

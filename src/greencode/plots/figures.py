@@ -38,6 +38,7 @@ NAMES = {
     "agent_overhead": "table4_agent_overhead",
     "pareto": "pareto_accuracy_vs_cost",
     "calibrated_targets": "calibrated_targets",
+    "static_hull": "static_hull",
 }
 
 
