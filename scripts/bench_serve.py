@@ -71,8 +71,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="--lossless-mix: tries of the probe alone and beside")
     args = p.parse_args()
     cfg = load_from_args(args)
-    from greencode.serve.bench import (run_benchmark, run_chunked_prefill, run_fim_clients, run_lossless_mix,
-                                       run_memory_soak, run_streaming_load)
+    from greencode.bench.serving import (run_benchmark, run_chunked_prefill, run_fim_clients, run_lossless_mix,
+                                         run_memory_soak, run_streaming_load)
 
     run_dir = args.run_dir
     if args.demo:

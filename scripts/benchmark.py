@@ -26,9 +26,10 @@ The default shape (make benchmark / make demo):
     python scripts/benchmark.py --config configs/default.yaml --compiled
 """
 
+from greencode.bench.compiled import format_compiled_markdown, run_compiled
+from greencode.bench.decoding import LAYERSKIP_K, format_table, run_benchmark
+from greencode.bench.throughput import format_throughput_markdown, run_throughput
 from greencode.cli import base_parser, friendly_errors, load_from_args
-from greencode.eval.benchmark import (LAYERSKIP_K, format_compiled_markdown, format_table,
-                                      format_throughput_markdown, run_benchmark, run_compiled, run_throughput)
 from greencode.utils import read_json
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from greencode.gpucheck import SHAPES, TOTAL_BUDGET_S, run_check, summary_lines  # noqa: E402
+from greencode.bench.gpu import SHAPES, TOTAL_BUDGET_S, run_check, summary_lines  # noqa: E402
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from greencode.eval import timing
+    from greencode.bench import timing
     from greencode.models import EarlyExitModel
     from greencode.training import early_exit_loss as eel
     from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch

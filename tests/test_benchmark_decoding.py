@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from greencode.config import load_config
-from greencode.eval.benchmark import (benchmark_path, format_table, middle_exit_layer, run_benchmark,
-                                      run_throughput)
+from greencode.bench.common import benchmark_path, middle_exit_layer
+from greencode.bench.decoding import format_table, run_benchmark
+from greencode.bench.throughput import run_throughput
 from greencode.utils import read_json
 
 REPO = Path(__file__).resolve().parents[1]

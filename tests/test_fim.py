@@ -313,7 +313,7 @@ def test_infill_script_end_to_end(fim_run, tmp_path):
 def test_fim_clients_benchmark_smoke(fim_run, tmp_path):
     """The editors' FIM benchmark (scripts/bench_serve.py --fim) against a real server on the tiny run."""
     from greencode.data import prepare_data
-    from greencode.serve.bench import run_fim_clients
+    from greencode.bench.serving import run_fim_clients
 
     _, r = fim_run
     cfg = load_config(SMOKE, [f"run_dir={r.root}", f"results_dir={tmp_path}", "data.literal_mode=source",

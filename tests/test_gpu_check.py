@@ -49,7 +49,7 @@ def test_tiny_gpu_check_runs_every_part_and_records_failures(tmp_path):
 
 
 def test_paper_shapes_are_the_real_architectures():
-    from greencode.gpucheck import hf_config
+    from greencode.bench.gpu import hf_config
 
     llama = hf_config("llama-3.2-3b")
     assert (llama.hidden_size, llama.num_hidden_layers, llama.num_attention_heads, llama.num_key_value_heads,
@@ -64,7 +64,7 @@ def test_paper_shapes_are_the_real_architectures():
 def test_total_budget_skips_what_has_no_time_left(tmp_path, monkeypatch):
     """The whole check stays within its total budget: the compiled part of a shape leaves time for
     the shapes still to come, and a part with no time left is recorded as skipped, with why."""
-    import greencode.gpucheck as gc
+    import greencode.bench.gpu as gc
 
     ran = []
     for name in ("part_correctness", "part_latency", "part_energy", "part_lite", "part_compiled"):

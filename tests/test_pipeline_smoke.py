@@ -168,7 +168,7 @@ def test_benchmark_prompts_are_code_once_a_model_is_trained(smoke_run):
     import torch
 
     from greencode.config import load_config
-    from greencode.eval.benchmark import bench_prompts
+    from greencode.bench.common import bench_prompts
 
     tmp, _ = smoke_run
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={tmp / 'run'}", f"results_dir={tmp / 'results'}"])

@@ -3,7 +3,7 @@
 import json
 
 from greencode.config import load_config
-from greencode.serve.bench import bench_prompts, run_benchmark
+from greencode.bench.serving import bench_prompts, run_benchmark
 from greencode.serve.demo import build_demo_run
 from greencode.utils import REPO_ROOT
 
@@ -37,7 +37,7 @@ def test_burst_against_deadline_admission(tmp_path):
     """The burst of run_streaming_load on a tiny demo run (real server): every answer JSON, served
     ones complete and within the deadline, refusals 503 with Retry-After; written beside the
     previous burst of the same file."""
-    from greencode.serve.bench import run_streaming_load
+    from greencode.bench.serving import run_streaming_load
 
     cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1", "serve.request_timeout_s=3"])
     run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
@@ -54,7 +54,7 @@ def test_burst_against_deadline_admission(tmp_path):
 
 
 def test_memory_soak_records_rss_and_statuses(tmp_path):
-    from greencode.serve.bench import run_memory_soak
+    from greencode.bench.serving import run_memory_soak
 
     cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1"])
     run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
@@ -68,7 +68,7 @@ def test_memory_soak_records_rss_and_statuses(tmp_path):
 def test_lossless_mix_and_chunked_prefill_on_a_demo_run(tmp_path):
     """The two measurements end to end on a tiny demo run (real servers): every lossless answer
     checked against the full model's, the gap ratios recorded per setting."""
-    from greencode.serve.bench import run_chunked_prefill, run_lossless_mix
+    from greencode.bench.serving import run_chunked_prefill, run_lossless_mix
 
     cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1"])
     run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
@@ -88,7 +88,7 @@ def test_lossless_mix_and_chunked_prefill_on_a_demo_run(tmp_path):
 
 def test_fim_benchmark_reports_exact_match_without_boilerplate():
     """The editors' FIM benchmark scores exact match with the licence-header lines apart too."""
-    from greencode.serve.bench import _exact_match_without_boilerplate
+    from greencode.bench.serving import _exact_match_without_boilerplate
 
     rows = [{"reference": "# Licensed under the Apache License, Version 2.0", "exact_match": 1.0},
             {"reference": "    return a + b", "exact_match": 1.0},

@@ -21,7 +21,8 @@ is recorded with its error and the others still run):
 
 Results go to ``results/gpu/<gpu-name>.json`` with hardware, versions and commit; a short
 summary is printed. Only torch, transformers and this package's model/decoding/training-loss
-modules are imported (no gymnasium, SB3, codebleu or zeus needed). ``--tiny`` runs the same
+modules and its timing harness (:mod:`greencode.bench.timing`, which adds numpy) are imported (no
+gymnasium, SB3, codebleu or zeus needed). ``--tiny`` runs the same
 code path on the CPU with tiny shapes (what the test suite does).
 """
 
@@ -34,7 +35,6 @@ import os
 import platform
 import re
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -42,9 +42,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from greencode.eval.timing import sync, timed
-
-ROOT = Path(__file__).resolve().parents[2]
+from greencode.bench.timing import Deadline, Stopwatch, best_of, steady_window, sync, timed, write_result
+from greencode.utils import REPO_ROOT as ROOT
 SHAPES = ("llama-3.2-3b", "opt-2.7b")
 # the paper's exit rules (configs/paper/*.yaml): first exit, stride in the first half, in the second half
 SCHEDULES = {"llama-3.2-3b": (3, 2, 4), "opt-2.7b": (3, 2, 4)}
@@ -119,21 +118,22 @@ def _prompts(vocab: int, batch: int, length: int, device: torch.device, seed: in
 
 
 def _per_token(device, run: Callable[[int], Any], new_tokens: int) -> float:
-    """Decode seconds per generated token: (time for n tokens - time for 1) / (n - 1)."""
+    """Decode seconds per generated token: (time for n tokens - time for 1) / (n - 1), each the
+    faster of two timed calls (less noise)."""
     run(2)  # warm-up
-    t1 = min(timed(device, lambda: run(1))[1] for _ in range(2))  # the faster of two: less noise
-    tn = min(timed(device, lambda: run(new_tokens))[1] for _ in range(2))
+    t1 = best_of(device, lambda: run(1))
+    tn = best_of(device, lambda: run(new_tokens))
     return max(tn - t1, 0.0) / (new_tokens - 1)
 
 
 # --------------------------------------------------------------------------- parts
-def part_correctness(model, device, tiny: bool, deadline: float) -> dict:
+def part_correctness(model, device, tiny: bool, deadline: Deadline) -> dict:
     from greencode.decoding import NeverExit, generate
 
     n_new = 8 if tiny else 16
     same, tried = 0, 0
     for seed in range(4):
-        if time.monotonic() > deadline:
+        if deadline.passed:
             break
         prompt = _prompts(model.vocab_size, 1, 32 if tiny else 128, device, seed)
         ref = model.hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
@@ -154,7 +154,7 @@ def _controllers(model, policy) -> dict:
             "policy@0.5": PolicyExit.of(policy, 0.5)}
 
 
-def part_latency(model, policy, device, tiny: bool, deadline: float, compile_hf: bool) -> dict:
+def part_latency(model, policy, device, tiny: bool, deadline: Deadline, compile_hf: bool) -> dict:
     from greencode.decoding import generate
 
     ctx, new = (32, 8) if tiny else (512, 64)
@@ -198,7 +198,7 @@ def part_latency(model, policy, device, tiny: bool, deadline: float, compile_hf:
     return out
 
 
-def _lossless(model, policy, device, ctx: int, new: int, deadline: float) -> dict:
+def _lossless(model, policy, device, ctx: int, new: int, deadline: Deadline) -> dict:
     """Batch 1, lossless (self-speculative) decoding: drafted by the random-init policy at 0.5
     and by a fixed exit at the middle exit point (LayerSkip-style, k = 4), verified by the full
     model. Seconds per generated token (as above), whether the tokens equal the full model's
@@ -211,7 +211,7 @@ def _lossless(model, policy, device, ctx: int, new: int, deadline: float) -> dic
     rows: dict[str, Any] = {}
     for name, ctrl in (("gc_lossless@0.5", PolicyExit.of(policy, 0.5)),
                        (f"layerskip@{ex[len(ex) // 2]}", FixedExit(ex[len(ex) // 2]))):
-        if time.monotonic() > deadline:
+        if deadline.passed:
             rows[name] = {"skipped": "part time budget spent"}
             continue
         try:
@@ -226,7 +226,7 @@ def _lossless(model, policy, device, ctx: int, new: int, deadline: float) -> dic
     return {"batch": 1, "k_max": 4, "methods": rows}
 
 
-def part_compiled(model, policy, device, tiny: bool, deadline: float) -> dict:
+def part_compiled(model, policy, device, tiny: bool, deadline: Deadline) -> dict:
     """Our loop with the compiled layer step against the eager loop, paired (same prompts, one
     after the other): seconds per token, speed-up, compile time, identical tokens."""
     from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
@@ -244,7 +244,7 @@ def part_compiled(model, policy, device, tiny: bool, deadline: float) -> dict:
             ids = _prompts(model.vocab_size, batch, ctx, device, 2)
             rows: dict[str, Any] = {}
             for name, ctrl in ctrls.items():
-                if time.monotonic() > deadline:
+                if deadline.passed:
                     rows[name] = {"skipped": "part time budget spent"}
                     continue
                 model.layer_step = None
@@ -272,8 +272,8 @@ def _as_list(res):
     return res if isinstance(res, list) else [res]
 
 
-def _guarded(fn: Callable[[], float], deadline: float) -> dict:
-    if time.monotonic() > deadline:
+def _guarded(fn: Callable[[], float], deadline: Deadline) -> dict:
+    if deadline.passed:
         return {"skipped": "part time budget spent"}
     try:
         return {"value": float(fn())}
@@ -307,7 +307,7 @@ def _energy_reader(device: torch.device):
     return "nvml (nvidia-ml-py)", read, None
 
 
-def part_energy(model, device, tiny: bool, deadline: float, window_s: float) -> dict:
+def part_energy(model, device, tiny: bool, deadline: Deadline, window_s: float) -> dict:
     from greencode.decoding import FixedExit, NeverExit, generate
 
     source, read, monitor = _energy_reader(device)
@@ -316,7 +316,7 @@ def part_energy(model, device, tiny: bool, deadline: float, window_s: float) -> 
     new = 8 if tiny else 64
     out: dict[str, Any] = {"source": source, "window_s": window_s, "new_tokens_per_generation": new, "methods": {}}
     for name, ctrl in (("full", NeverExit()), (f"fixed@{ex[len(ex) // 2]}", FixedExit(ex[len(ex) // 2]))):
-        if time.monotonic() > deadline:
+        if deadline.passed:
             out["methods"][name] = {"skipped": "part time budget spent"}
             continue
         for _ in range(3):  # warm-up
@@ -326,11 +326,7 @@ def part_energy(model, device, tiny: bool, deadline: float, window_s: float) -> 
             monitor.begin_window(name)
         else:
             e0 = read()
-        t0, tokens = time.perf_counter(), 0
-        while time.perf_counter() - t0 < window_s:
-            tokens += len(generate(model, prompt, ctrl, new).tokens)
-        sync(device)
-        elapsed = time.perf_counter() - t0
+        tokens, elapsed = steady_window(device, lambda: len(generate(model, prompt, ctrl, new).tokens), window_s)
         joules = monitor.end_window(name).total_energy if monitor is not None else read() - e0
         out["methods"][name] = {"joules_per_token": joules / tokens, "tokens": tokens, "seconds": elapsed,
                                 "watts": joules / elapsed}
@@ -341,7 +337,7 @@ def part_energy(model, device, tiny: bool, deadline: float, window_s: float) -> 
     return out
 
 
-def part_lite(model, device, tiny: bool, deadline: float) -> dict:
+def part_lite(model, device, tiny: bool, deadline: Deadline) -> dict:
     from greencode.models import lite_weights
     from greencode.training.lite import lite_loss
 
@@ -360,17 +356,15 @@ def part_lite(model, device, tiny: bool, deadline: float) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(2 + (2 if tiny else 5)):
-        if time.monotonic() > deadline:
+        if deadline.passed:
             break
-        sync(device)
-        t0 = time.perf_counter()
+        clock = Stopwatch(device)
         loss, _ = lite_loss(ee, ids, weights=weights)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
         if step >= 2:  # the first two are warm-up
-            times.append(time.perf_counter() - t0)
+            times.append(clock.elapsed)
     hf.eval()
     out = {"batch_size": batch, "seq_len": seq, "dtype": str(next(hf.parameters()).dtype).replace("torch.", ""),
            "gradient_checkpointing": True, "optimizer": "AdamW lr 1e-5", "timed_steps": len(times),
@@ -403,15 +397,15 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def _run_part(name: str, fn: Callable[[float], dict], budget_s: float) -> dict:
-    t0 = time.monotonic()
+def _run_part(name: str, fn: Callable[[Deadline], dict], budget_s: float) -> dict:
+    deadline = Deadline(budget_s)
     try:
-        res = fn(t0 + budget_s)
+        res = fn(deadline)
         res["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - recorded; the other parts still run
         res = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc(limit=4)}
-    res["seconds"] = round(time.monotonic() - t0, 2)
+    res["seconds"] = round(deadline.elapsed, 2)
     res["budget_s"] = budget_s
     return res
 
@@ -427,12 +421,12 @@ def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, 
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     budgets = {**DEFAULT_BUDGETS_S, **(budgets or {})}
-    t_start = time.monotonic()
+    check = Deadline(total_budget_s)
     result: dict[str, Any] = {"format": "greencode-gpu-check/1", "tiny": tiny, "dtype": str(dtype).split(".")[-1],
                               "environment": environment(device), "total_budget_s": total_budget_s, "shapes": {}}
 
-    def run(name: str, fn: Callable[[float], dict], reserve: float = 0.0) -> dict:
-        left = t_start + total_budget_s - time.monotonic() - reserve
+    def run(name: str, fn: Callable[[Deadline], dict], reserve: float = 0.0) -> dict:
+        left = check.left - reserve
         if left < 5:
             return {"status": "skipped", "budget_s": 0, "seconds": 0.0,
                     "reason": f"the check's total budget ({total_budget_s:.0f} s) is spent"
@@ -466,15 +460,11 @@ def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result["shapes"][shape] = entry
-    result["total_seconds"] = round(time.monotonic() - t_start, 1)
+    result["total_seconds"] = round(check.elapsed, 1)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", result["environment"].get("gpu", "cpu-tiny" if tiny else "cpu")).strip("-")
     out = Path(out) if out is not None else ROOT / "results" / "gpu" / f"{name.lower()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    from greencode.utils import scrub_paths  # a committed result: no machine paths
-
-    tmp.write_text(scrub_paths(json.dumps(result, indent=2, default=str)) + "\n")
-    tmp.replace(out)
+    # random-initialised models: no weights to record; the environment above names commit and versions
+    write_result(out, json.loads(json.dumps(result, default=str)))
     result["written_to"] = str(out)
     return result
 

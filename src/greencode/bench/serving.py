@@ -15,28 +15,37 @@ measurement window) and ``latency_s`` (the server's time from request arrival to
 Prompts are prefixes of real source files (the interpreter's standard library, cut at a
 seeded line and column, like an editor's cursor), converted by the server as any editor
 request is (``serve.prompt_format``).
+
+The other serving benchmarks of ``scripts/bench_serve.py``: :func:`run_streaming_load` (concurrent
+streaming clients, then a burst against admission by deadline), :func:`run_lossless_mix`,
+:func:`run_chunked_prefill`, :func:`run_memory_soak` and :func:`run_fim_clients`. Every clock,
+percentile and result file goes through :mod:`greencode.bench.timing`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from greencode.bench.timing import (Stopwatch, load_average_1m, load_record, merge_result, percentile, percentiles,
+                                    run_record, timed, write_result)
 from greencode.config import dump_config
-from greencode.utils import portable_path, run_metadata, write_json
+from greencode.utils import REPO_ROOT, portable_path
 
 log = logging.getLogger(__name__)
 
 OVERHEAD_TARGET_MS = 5.0
+# what the latency benchmark keeps of the server's own numbers per request (its ``greencode`` block)
+SERVER_STATS = ("generation_s", "latency_s", "completion_tokens", "decode_steps", "layers_run", "exit_layers",
+                "energy_j", "prompt_tokens", "finish_reason", "queue_s", "tokenize_s", "postprocess_s",
+                "request_parse_s", "worker_to_loop_s")
 
 
 def bench_prompts(n: int, seed: int, max_chars: int = 3000) -> list[str]:
@@ -58,13 +67,6 @@ def bench_prompts(n: int, seed: int, max_chars: int = 3000) -> list[str]:
         if prompt.strip():
             prompts.append(prompt[-max_chars:])
     return prompts
-
-
-def _loadavg() -> Optional[float]:
-    from greencode.eval.timing import load_average
-
-    avg = load_average()
-    return float(avg[0]) if avg else None
 
 
 @contextlib.contextmanager
@@ -103,24 +105,15 @@ def _exact_match_without_boilerplate(rows: list[dict], seed: int) -> dict[str, A
             "num_samples_no_boilerplate": b["num_samples_no_boilerplate"]}
 
 
-def _merge_into(out_path: Path, **parts: Any) -> dict:
-    """Write ``parts`` (key -> value) into the result file at ``out_path``, keeping its other keys
-    (the load benchmark's parts run one at a time); returns the whole result."""
-    from greencode.utils import read_json
-
-    result = read_json(out_path) if out_path.is_file() else {}
-    result.update(parts)
-    write_json(out_path, result)
-    log.info("%s written to %s", ", ".join(parts), out_path)
-    return result
+def _result_path(cfg, out_path: Optional[Union[str, Path]], prefix: str) -> Path:
+    """``out_path``, else ``results/benchmark/<prefix>_<config name>.json``."""
+    return Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"{prefix}_{cfg.name}.json"
 
 
-def _pcts(values: Sequence[float], scale: float = 1.0) -> dict[str, Optional[float]]:
-    if not len(values):
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    a = np.asarray(values, dtype=np.float64) * scale
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+def _quiet_clients() -> None:
+    """No INFO line per request or chunk from the HTTP clients."""
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _summary(rows: list[dict], num_layers: int) -> dict[str, Any]:
@@ -133,17 +126,17 @@ def _summary(rows: list[dict], num_layers: int) -> dict[str, Any]:
     energy = [r["energy_j"] for r in rows if r["energy_j"] is not None]
     return {
         "requests": len(rows),
-        "round_trip_ms": _pcts(rtt, 1e3),
-        "generation_ms": _pcts(gen, 1e3),
-        "server_latency_ms": _pcts([r["latency_s"] for r in rows], 1e3),
-        "overhead_ms": _pcts([a - b for a, b in zip(rtt, gen)], 1e3),
-        "server_internal_overhead_ms": _pcts([r["latency_s"] - r["generation_s"] for r in rows], 1e3),
-        "transport_ms": _pcts([r["rtt_s"] - r["latency_s"] for r in rows], 1e3),
-        "handoff_to_worker_ms": _pcts([r["queue_s"] for r in rows], 1e3),
-        "prompt_conversion_and_tokenize_ms": _pcts([r["tokenize_s"] for r in rows], 1e3),
-        "postprocess_ms": _pcts([r["postprocess_s"] for r in rows], 1e3),
-        "request_parse_ms": _pcts([r["request_parse_s"] for r in rows], 1e3),
-        "worker_to_loop_ms": _pcts([r["worker_to_loop_s"] for r in rows], 1e3),
+        "round_trip_ms": percentiles(rtt, 1e3),
+        "generation_ms": percentiles(gen, 1e3),
+        "server_latency_ms": percentiles([r["latency_s"] for r in rows], 1e3),
+        "overhead_ms": percentiles([a - b for a, b in zip(rtt, gen)], 1e3),
+        "server_internal_overhead_ms": percentiles([r["latency_s"] - r["generation_s"] for r in rows], 1e3),
+        "transport_ms": percentiles([r["rtt_s"] - r["latency_s"] for r in rows], 1e3),
+        "handoff_to_worker_ms": percentiles([r["queue_s"] for r in rows], 1e3),
+        "prompt_conversion_and_tokenize_ms": percentiles([r["tokenize_s"] for r in rows], 1e3),
+        "postprocess_ms": percentiles([r["postprocess_s"] for r in rows], 1e3),
+        "request_parse_ms": percentiles([r["request_parse_s"] for r in rows], 1e3),
+        "worker_to_loop_ms": percentiles([r["worker_to_loop_s"] for r in rows], 1e3),
         "completion_tokens_mean": tokens / len(rows) if rows else None,
         "tokens_per_s": tokens / sum(gen) if sum(gen) > 0 else None,
         "mean_exit_layer": float(np.mean(exits)) if exits else None,
@@ -161,10 +154,8 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
     import httpx
 
     from greencode.serve.engine import FULL_MODEL_THRESHOLD, run_root
-    from greencode.serve.server import ServerProcess
-    from greencode.utils import REPO_ROOT
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would skew nothing but the log
+    _quiet_clients()
     if num_requests < 1:
         raise ValueError(f"num_requests={num_requests} must be >= 1")
     thresholds = list(cfg.eval.gc_thresholds if thresholds is None else thresholds)
@@ -176,47 +167,38 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
     n_new = int(max_new_tokens or cfg.eval.max_new_tokens)
     root = run_root(cfg, run_dir)
     prompts = bench_prompts(num_requests, cfg.seed)
-    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_{cfg.name}.json"
+    out_path = _result_path(cfg, out_path, "serve")
 
-    load_before = _loadavg()
-    with tempfile.TemporaryDirectory(prefix="greencode-bench-") as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(dump_config(cfg))
-        with ServerProcess(cfg_path, [], run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv, \
-                httpx.Client(base_url=srv.url, timeout=max(60.0, cfg.serve.request_timeout_s + 10)) as client:
-            health = client.get("/health").json()
-            num_layers = int(health["num_layers"])
+    load_before = load_average_1m()
+    with _server(cfg, root, []) as srv, \
+            httpx.Client(base_url=srv.url, timeout=max(60.0, cfg.serve.request_timeout_s + 10)) as client:
+        health = client.get("/health").json()
+        num_layers = int(health["num_layers"])
 
-            def ask(prompt: str, thr: float) -> dict:
-                body = {"inputs": prompt, "options": {"num_predict": n_new, "temperature": 0,
-                                                      "RL_agent_thresh": thr}}
-                t0 = time.perf_counter()
-                r = client.post("/api/generate", json=body)
-                rtt = time.perf_counter() - t0
-                if r.status_code != 200:
-                    raise RuntimeError(f"benchmark request failed with {r.status_code}: {r.text[:500]}")
-                s = r.json()["greencode"]
-                return {"rtt_s": rtt, "generation_s": s["generation_s"], "latency_s": s["latency_s"],
-                        "completion_tokens": s["completion_tokens"], "decode_steps": s["decode_steps"],
-                        "layers_run": s["layers_run"], "exit_layers": s["exit_layers"], "energy_j": s["energy_j"],
-                        "prompt_tokens": s["prompt_tokens"], "finish_reason": s["finish_reason"],
-                        "queue_s": s["queue_s"], "tokenize_s": s["tokenize_s"], "postprocess_s": s["postprocess_s"],
-                        "request_parse_s": s["request_parse_s"], "worker_to_loop_s": s["worker_to_loop_s"]}
+        def ask(prompt: str, thr: float) -> dict:
+            body = {"inputs": prompt, "options": {"num_predict": n_new, "temperature": 0, "RL_agent_thresh": thr}}
+            clock = Stopwatch()
+            r = client.post("/api/generate", json=body)
+            rtt = clock.elapsed
+            if r.status_code != 200:
+                raise RuntimeError(f"benchmark request failed with {r.status_code}: {r.text[:500]}")
+            s = r.json()["greencode"]
+            return {"rtt_s": rtt, **{k: s[k] for k in SERVER_STATS}}
 
-            for i in range(warmup):
-                for _, thr in settings:
-                    ask(prompts[i % len(prompts)], thr)
-            rows: dict[str, list[dict]] = {name: [] for name, _ in settings}
-            health_rtt = []
-            t_start = time.perf_counter()
-            for i, prompt in enumerate(prompts):
-                for name, thr in settings:
-                    rows[name].append(ask(prompt, thr))
-                t0 = time.perf_counter()
-                client.get("/health")
-                health_rtt.append(time.perf_counter() - t0)
-                log.info("benchmark: prompt %d/%d done", i + 1, len(prompts))
-            wall_s = time.perf_counter() - t_start
+        for i in range(warmup):
+            for _, thr in settings:
+                ask(prompts[i % len(prompts)], thr)
+        rows: dict[str, list[dict]] = {name: [] for name, _ in settings}
+        health_rtt = []
+        total = Stopwatch()
+        for i, prompt in enumerate(prompts):
+            for name, thr in settings:
+                rows[name].append(ask(prompt, thr))
+            clock = Stopwatch()
+            client.get("/health")
+            health_rtt.append(clock.elapsed)
+            log.info("benchmark: prompt %d/%d done", i + 1, len(prompts))
+        wall_s = total.elapsed
 
     summaries = {name: {"threshold": thr, **_summary(rows[name], num_layers)} for name, thr in settings}
     full_p50 = summaries["full_model"]["generation_ms"]["p50"]
@@ -224,7 +206,7 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
         p50 = s["generation_ms"]["p50"]
         s["generation_speedup_vs_full_p50"] = (full_p50 / p50) if p50 else None
     all_rows = [r for v in rows.values() for r in v]
-    overhead = _pcts([r["rtt_s"] - r["generation_s"] for r in all_rows], 1e3)
+    overhead = percentiles([r["rtt_s"] - r["generation_s"] for r in all_rows], 1e3)
     result = {
         "what": "endpoint latency per setting (full model = threshold 1.0) and the server's overhead per request",
         "run_dir": str(root),
@@ -240,16 +222,14 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
         "overhead_ms_all_requests": overhead,
         "overhead_target_ms": OVERHEAD_TARGET_MS,
         "overhead_p50_meets_target": overhead["p50"] is not None and overhead["p50"] <= OVERHEAD_TARGET_MS,
-        "http_floor_ms": _pcts(health_rtt, 1e3),
+        "http_floor_ms": percentiles(health_rtt, 1e3),
         "wall_s": wall_s,
-        "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
+        "load_average_1m": load_record(load_before),
         "note": ("overhead = client round trip - the server's generation_s (time inside the decoding loop's "
                  "measurement window); it includes HTTP, JSON, validation, queue hand-off, prompt conversion "
                  "and tokenization. Energy is null where no counter is readable (never estimated)."),
-        "run": run_metadata(cfg, stage="bench_serve", weights=_weights(root)),
     }
-    write_json(out_path, result)
-    log.info("benchmark written to %s", out_path)
+    write_result(out_path, result, cfg=cfg, stage="bench_serve", weights=_weights(root), meta_key="run")
     return result
 
 
@@ -275,39 +255,29 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
     import openai
 
     from greencode.serve.engine import run_root
-    from greencode.serve.server import ServerProcess
-    from greencode.utils import REPO_ROOT
 
-    for name in ("httpx", "httpx2", "openai"):  # one INFO line per request or chunk
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_clients()
     if clients < 1 or burst < 0 or max_new_tokens < 1:
         raise ValueError(f"clients={clients} (>= 1), burst={burst} (>= 0), max_new_tokens={max_new_tokens} (>= 1)")
     root = run_root(cfg, run_dir)
     prompts = bench_prompts(clients, cfg.seed)
-    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_load_{cfg.name}.json"
+    out_path = _result_path(cfg, out_path, "serve_load")
     extra = {"exit_threshold": 1.0}  # the full model: the comparison is about batching, not exits
 
     async def one_stream(client, prompt: str) -> dict:
-        t0 = time.perf_counter()
-        first = None
-        pieces = 0
+        clock = Stopwatch()
         try:
-            stream = await client.completions.create(model="greencode", prompt=prompt, max_tokens=max_new_tokens,
-                                                     temperature=0, stream=True, extra_body=extra)
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    pieces += 1
-                    if first is None:
-                        first = time.perf_counter() - t0
-            return {"ok": True, "first_chunk_s": first, "total_s": time.perf_counter() - t0, "chunks": pieces}
+            await _stream(client, prompt, max_new_tokens, extra, clock)
+            first = clock.stamps[0] if clock.stamps else None
+            return {"ok": True, "first_chunk_s": first, "total_s": clock.elapsed, "chunks": len(clock.stamps)}
         except Exception as e:  # noqa: BLE001 - recorded: the target is that none fails
-            return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}", "total_s": time.perf_counter() - t0}
+            return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}", "total_s": clock.elapsed}
 
     async def load(url: str) -> tuple[list[dict], float]:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         rows = await asyncio.gather(*[one_stream(client, p) for p in prompts])
-        wall = time.perf_counter() - t0
+        wall = clock.elapsed
         await client.close()
         return list(rows), wall
 
@@ -320,12 +290,12 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
                 r.raise_for_status()
 
             async def one():
-                t0 = time.perf_counter()
+                clock = Stopwatch()
                 try:
                     r = await c.post("/generate", json=body)
-                    return r, time.perf_counter() - t0
+                    return r, clock.elapsed
                 except Exception as e:  # noqa: BLE001 - recorded: the target is that none fails
-                    return e, time.perf_counter() - t0
+                    return e, clock.elapsed
 
             rs = await asyncio.gather(*[one() for _ in range(burst)])
             alive = (await c.get("/health")).status_code == 200
@@ -354,57 +324,53 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
         return {"requests": burst, "max_new_tokens": burst_tokens, "request_timeout_s": timeout_s,
                 "status_counts": codes, "all_json": json_ok, "every_503_has_retry_after": retry_after_ok,
                 "server_alive_after": alive, "metrics_answered_after": metrics_ok, "served": len(served_s),
-                "refused": len(refused_s), "served_latency_s": _pcts(served_s), "refused_latency_s": _pcts(refused_s),
-                "retry_after_s": _pcts(retry_after), "refusal_messages": messages, "every_served_within_deadline": all(t <= timeout_s for t in served_s),
+                "refused": len(refused_s), "served_latency_s": percentiles(served_s),
+                "refused_latency_s": percentiles(refused_s), "retry_after_s": percentiles(retry_after),
+                "refusal_messages": messages, "every_served_within_deadline": all(t <= timeout_s for t in served_s),
                 "every_served_answer_complete": complete}
 
     settings: dict[str, Any] = {}
     burst_result = None
-    load_before = _loadavg()
-    with tempfile.TemporaryDirectory(prefix="greencode-load-") as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(dump_config(cfg))
-        for b in ([] if burst_only else batch_sizes):
-            overrides = [f"serve.max_batch_size={int(b)}", f"serve.queue_size={max(clients, 8)}",
-                         f"serve.max_new_tokens_cap={max(max_new_tokens, 16)}", "serve.request_timeout_s=600"]
-            with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv, \
-                    httpx.Client(base_url=srv.url, timeout=120.0) as c:
-                # a lone request first (twice; the second is kept): the server's own prefill and step times
-                lone = None
-                for _ in range(2):
-                    lone = c.post("/generate", json={"inputs": prompts[0], "parameters": {
-                        "max_new_tokens": max_new_tokens, "RL_agent_thresh": 1.0}}).json()["greencode"]
-                step_s = lone["decode_s"] / max(1, lone["decode_steps"])
-                rows, wall = asyncio.run(load(srv.url))
-                served = [r for r in rows if r["ok"]]
-                firsts = [r["first_chunk_s"] for r in served if r["first_chunk_s"] is not None]
-                settings[f"max_batch_size_{b}"] = {
-                    "max_batch_size": int(b), "clients": clients, "served": len(served),
-                    "all_served": len(served) == clients,
-                    "errors": [r["error"] for r in rows if not r["ok"]][:5],
-                    "first_chunk_ms": _pcts(firsts, 1e3), "total_ms": _pcts([r["total_s"] for r in served], 1e3),
-                    "wall_s": wall, "tokens_per_s": len(served) * max_new_tokens / wall if wall else None,
-                    "lone_request": {"prefill_ms": lone["prefill_s"] * 1e3, "decode_step_ms": step_s * 1e3,
-                                     "prefill_plus_one_step_ms": (lone["prefill_s"] + step_s) * 1e3,
-                                     "generation_ms": lone["generation_s"] * 1e3},
-                }
-                log.info("load: max_batch_size=%s: %d/%d served, first chunk p50 %.0f ms, wall %.1f s", b,
-                         len(served), clients, settings[f"max_batch_size_{b}"]["first_chunk_ms"]["p50"] or -1, wall)
-        if burst:
-            # the server's own admission (serve.* as configured, batch of burst_batch_size): deadlines, not a count
-            overrides = [f"serve.max_batch_size={int(burst_batch_size)}",
-                         f"serve.max_new_tokens_cap={max(burst_tokens, 16)}"]
-            with ServerProcess(cfg_path, overrides, run_dir=root, env={"GREENCODE_API_KEY": ""}) as srv:
-                burst_result = asyncio.run(flood(srv.url, float(cfg.serve.request_timeout_s)))
+    load_before = load_average_1m()
+    for b in ([] if burst_only else batch_sizes):
+        overrides = [f"serve.max_batch_size={int(b)}", f"serve.queue_size={max(clients, 8)}",
+                     f"serve.max_new_tokens_cap={max(max_new_tokens, 16)}", "serve.request_timeout_s=600"]
+        with _server(cfg, root, overrides) as srv, httpx.Client(base_url=srv.url, timeout=120.0) as c:
+            # a lone request first (twice; the second is kept): the server's own prefill and step times
+            lone = None
+            for _ in range(2):
+                lone = c.post("/generate", json={"inputs": prompts[0], "parameters": {
+                    "max_new_tokens": max_new_tokens, "RL_agent_thresh": 1.0}}).json()["greencode"]
+            step_s = lone["decode_s"] / max(1, lone["decode_steps"])
+            rows, wall = asyncio.run(load(srv.url))
+        served = [r for r in rows if r["ok"]]
+        firsts = [r["first_chunk_s"] for r in served if r["first_chunk_s"] is not None]
+        settings[f"max_batch_size_{b}"] = {
+            "max_batch_size": int(b), "clients": clients, "served": len(served),
+            "all_served": len(served) == clients,
+            "errors": [r["error"] for r in rows if not r["ok"]][:5],
+            "first_chunk_ms": percentiles(firsts, 1e3), "total_ms": percentiles([r["total_s"] for r in served], 1e3),
+            "wall_s": wall, "tokens_per_s": len(served) * max_new_tokens / wall if wall else None,
+            "lone_request": {"prefill_ms": lone["prefill_s"] * 1e3, "decode_step_ms": step_s * 1e3,
+                             "prefill_plus_one_step_ms": (lone["prefill_s"] + step_s) * 1e3,
+                             "generation_ms": lone["generation_s"] * 1e3},
+        }
+        log.info("load: max_batch_size=%s: %d/%d served, first chunk p50 %.0f ms, wall %.1f s", b,
+                 len(served), clients, settings[f"max_batch_size_{b}"]["first_chunk_ms"]["p50"] or -1, wall)
+    if burst:
+        # the server's own admission (serve.* as configured, batch of burst_batch_size): deadlines, not a count
+        overrides = [f"serve.max_batch_size={int(burst_batch_size)}",
+                     f"serve.max_new_tokens_cap={max(burst_tokens, 16)}"]
+        with _server(cfg, root, overrides) as srv:
+            burst_result = asyncio.run(flood(srv.url, float(cfg.serve.request_timeout_s)))
     if burst_only:
         from greencode.utils import read_json
 
         previous = (read_json(out_path) if out_path.is_file() else {}).get("burst")
         kept = {"burst_previous": previous} if previous is not None else {}
-        return _merge_into(out_path, **kept, burst=burst_result,
-                           burst_run=run_metadata(cfg, stage="bench_serve_burst", weights=_weights(root)),
-                           burst_load_average_1m={"before": load_before, "after": _loadavg(),
-                                                  "cpu_count": os.cpu_count()})
+        return merge_result(out_path, **kept, burst=burst_result,
+                            burst_run=run_record(cfg, "bench_serve_burst", _weights(root)),
+                            burst_load_average_1m=load_record(load_before))
     result = {
         "what": f"{clients} concurrent streaming clients (openai.AsyncOpenAI, SSE, greedy, full model, "
                 f"{max_new_tokens} tokens each) per serve.max_batch_size; then {burst} simultaneous requests",
@@ -416,17 +382,24 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
                  "client admitted at once, the rows join one batch: their prompts are prefilled together, then "
                  "each step decodes one token for all of them. lone_request: one request alone on the same server "
                  "(its prefill and mean decode step), the floor a first chunk is compared with."),
-        "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
-        "run": run_metadata(cfg, stage="bench_serve_load", weights=_weights(root)),
+        "load_average_1m": load_record(load_before),
     }
-    write_json(out_path, result)
-    log.info("load benchmark written to %s", out_path)
+    write_result(out_path, result, cfg=cfg, stage="bench_serve_load", weights=_weights(root), meta_key="run")
     return result
 
 
 # --------------------------------------------------------------------------- lossless rows beside lossy rows
-def _gaps(times: Sequence[float]) -> list[float]:
-    return [b - a for a, b in zip(times, times[1:])]
+async def _stream(client, prompt: str, tokens: int, extra: Optional[dict] = None,
+                  clock: Optional[Stopwatch] = None) -> Stopwatch:
+    """A streamed greedy completion with the ``openai`` client; the clock (started before the
+    request) stamps every non-empty text chunk's arrival."""
+    clock = clock if clock is not None else Stopwatch()
+    stream = await client.completions.create(model="greencode", prompt=prompt, max_tokens=tokens, temperature=0,
+                                             stream=True, extra_body=extra)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            clock.stamp()
+    return clock
 
 
 def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossless_requests: int = 3,
@@ -452,32 +425,23 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
     import openai
 
     from greencode.serve.engine import run_root
-    from greencode.utils import REPO_ROOT
 
-    for name in ("httpx", "httpx2", "openai"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_clients()
     root = run_root(cfg, run_dir)
     prompts = bench_prompts(max(batch, lossless_requests) + repeats, cfg.seed)
-    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_lossless_{cfg.name}.json"
+    out_path = _result_path(cfg, out_path, "serve_lossless")
     lossless = {"mode": "lossless"}
 
     async def stream_probe(client, prompt: str) -> dict:
-        t0 = time.perf_counter()
-        stamps = []
-        stream = await client.completions.create(model="greencode", prompt=prompt, max_tokens=probe_tokens,
-                                                 temperature=0, stream=True)
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
-                stamps.append(time.perf_counter() - t0)
-        gaps = _gaps(stamps)
-        return {"first_chunk_s": stamps[0] if stamps else None, "chunks": len(stamps),
-                "gap_p95_s": float(np.percentile(gaps, 95)) if gaps else None}
+        clock = await _stream(client, prompt, probe_tokens)
+        return {"first_chunk_s": clock.stamps[0] if clock.stamps else None, "chunks": len(clock.stamps),
+                "gap_p95_s": percentile(clock.gaps(), 95)}
 
     async def complete(client, prompt: str, tokens: int, extra: dict) -> dict:
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         r = await client.completions.create(model="greencode", prompt=prompt, max_tokens=tokens, temperature=0,
                                             extra_body=extra)
-        return {"text": r.choices[0].text, "tokens": r.usage.completion_tokens, "s": time.perf_counter() - t0}
+        return {"text": r.choices[0].text, "tokens": r.usage.completion_tokens, "s": clock.elapsed}
 
     async def measure(url: str) -> dict:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
@@ -501,16 +465,20 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
                 out[key].append(row)
         # lossless batching: one at a time, then all at once; the full model's answers to check them
         texts = prompts[:batch]
-        t0 = time.perf_counter()
-        one = [await complete(client, p, batch_tokens, lossless) for p in texts]
-        one_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        many = await asyncio.gather(*[complete(client, p, batch_tokens, lossless) for p in texts])
-        many_s = time.perf_counter() - t0
-        full = [await complete(client, p, batch_tokens, {"exit_threshold": 1.0}) for p in texts]
-        t0 = time.perf_counter()
-        full_many = await asyncio.gather(*[complete(client, p, batch_tokens, {"exit_threshold": 1.0}) for p in texts])
-        full_many_s = time.perf_counter() - t0
+
+        async def every_text(extra: dict, together: bool) -> tuple[list[dict], float]:
+            """Every text completed, one at a time or all at once; and the wall seconds it took."""
+            clock = Stopwatch()
+            if together:
+                rs = list(await asyncio.gather(*[complete(client, p, batch_tokens, extra) for p in texts]))
+            else:
+                rs = [await complete(client, p, batch_tokens, extra) for p in texts]
+            return rs, clock.elapsed
+
+        one, one_s = await every_text(lossless, together=False)
+        many, many_s = await every_text(lossless, together=True)
+        full, _ = await every_text({"exit_threshold": 1.0}, together=False)
+        full_many, full_many_s = await every_text({"exit_threshold": 1.0}, together=True)
         full_one_s = sum(r["s"] for r in full)
         await client.close()
         out["batching"] = {
@@ -528,7 +496,7 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
         }
         return out
 
-    load_before = _loadavg()
+    load_before = load_average_1m()
     overrides = [f"serve.max_batch_size={max(batch, lossless_requests + 1)}", "serve.queue_size=16",
                  f"serve.max_new_tokens_cap={max(lossless_tokens, batch_tokens, probe_tokens)}",
                  "serve.request_timeout_s=600"]
@@ -536,8 +504,7 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
         raw = asyncio.run(measure(srv.url))
 
     def med(rows: list, key: str) -> Optional[float]:
-        vals = [r[key] for r in rows if r[key] is not None]
-        return float(np.median(vals)) if vals else None
+        return percentile([r[key] for r in rows if r[key] is not None], 50)
 
     alone_first, beside_first = med(raw["alone"], "first_chunk_s"), med(raw["beside_lossless"], "first_chunk_s")
     alone_gap, beside_gap = med(raw["alone"], "gap_p95_s"), med(raw["beside_lossless"], "gap_p95_s")
@@ -571,11 +538,9 @@ def run_lossless_mix(cfg, run_dir: Optional[Union[str, Path]] = None, *, lossles
             "every_lossless_answer_equals_full_model": all(b["equal_to_full_model"])
             and all(b["one_at_a_time_equal_to_full_model"]),
         },
-        "load_average_1m": {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()},
-        "run": run_metadata(cfg, stage="bench_serve_lossless", weights=_weights(root)),
+        "load_average_1m": load_record(load_before),
     }
-    write_json(out_path, result)
-    log.info("lossless mix benchmark written to %s", out_path)
+    write_result(out_path, result, cfg=cfg, stage="bench_serve_lossless", weights=_weights(root), meta_key="run")
     return result
 
 
@@ -593,25 +558,17 @@ def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budg
     import openai
 
     from greencode.serve.engine import run_root
-    from greencode.utils import REPO_ROOT
 
-    for name in ("httpx", "httpx2", "openai"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_clients()
     root = run_root(cfg, run_dir)
     long_prompts = [p for p in bench_prompts(40, cfg.seed) if len(p) >= 2500][:10]
     probe_prompt = "def fibonacci(n):\n    "
-    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_load_{cfg.name}.json"
+    out_path = _result_path(cfg, out_path, "serve_load")
 
     async def probe(client) -> dict:
-        t0, stamps = time.perf_counter(), []
-        stream = await client.completions.create(model="greencode", prompt=probe_prompt, max_tokens=probe_tokens,
-                                                 temperature=0, stream=True, extra_body={"exit_threshold": 1.0})
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
-                stamps.append(time.perf_counter() - t0)
-        gaps = _gaps(stamps)
-        return {"chunks": len(stamps), "gap_p95_s": float(np.percentile(gaps, 95)) if gaps else None,
-                "gap_p50_s": float(np.percentile(gaps, 50)) if gaps else None}
+        clock = await _stream(client, probe_prompt, probe_tokens, {"exit_threshold": 1.0})
+        gaps = clock.gaps()
+        return {"chunks": len(clock.stamps), "gap_p95_s": percentile(gaps, 95), "gap_p50_s": percentile(gaps, 50)}
 
     async def measure(url: str) -> dict:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600.0)
@@ -643,18 +600,17 @@ def run_chunked_prefill(cfg, run_dir: Optional[Union[str, Path]] = None, *, budg
                      f"serve.max_new_tokens_cap={max(probe_tokens, 16)}"]
         with _server(cfg, root, overrides) as srv:
             raw = asyncio.run(measure(srv.url))
-        a = float(np.median([r["gap_p95_s"] for r in raw["alone"]]))
-        b = float(np.median([r["gap_p95_s"] for r in raw["beside_joining_prompts"]]))
+        a = percentile([r["gap_p95_s"] for r in raw["alone"]], 50)
+        b = percentile([r["gap_p95_s"] for r in raw["beside_joining_prompts"]], 50)
         results[f"max_prefill_tokens_{budget}"] = {"max_prefill_tokens": int(budget), "gap_p95_ms_alone": a * 1e3,
                                                    "gap_p95_ms_beside": b * 1e3, "ratio": b / a, **raw}
-    return _merge_into(out_path, chunked_prefill={
+    return merge_result(out_path, cfg=cfg, stage="bench_serve_chunked_prefill", weights=_weights(root), chunked_prefill={
         "what": (f"a streamed probe ({probe_tokens} tokens, full model, openai client) alone and while {joiners} "
                  f"clients keep sending prompts of 2,500-3,000 characters ({joiner_tokens} tokens each); p95 gap "
                  f"between the probe's chunks, median of {repeats} tries; target: at most 3x alone"),
         "settings": results,
         "target_met_at_default": results[f"max_prefill_tokens_{budgets[0]}"]["ratio"] <= 3.0,
-        "run": run_metadata(cfg, stage="bench_serve_chunked_prefill", weights=_weights(root)),
-        "load_average_1m": _loadavg(),
+        "load_average_1m": load_average_1m(),
     })
 
 
@@ -670,12 +626,11 @@ def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests
     import httpx
 
     from greencode.serve.engine import run_root
-    from greencode.utils import REPO_ROOT
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _quiet_clients()
     root = run_root(cfg, run_dir)
     prompts = [p[-600:] for p in bench_prompts(20, cfg.seed)]
-    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_load_{cfg.name}.json"
+    out_path = _result_path(cfg, out_path, "serve_load")
 
     def body(i: int) -> tuple[str, dict]:
         p = prompts[i % len(prompts)]
@@ -717,19 +672,16 @@ def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests
         return {"samples": samples, "status_counts": codes, "alive_after": alive}
 
     with _server(cfg, root, ["serve.request_timeout_s=600"]) as srv:
-        t0 = time.perf_counter()
-        raw = asyncio.run(soak(srv.url, srv.proc.pid))
-        wall = time.perf_counter() - t0
+        raw, wall = timed(None, lambda: asyncio.run(soak(srv.url, srv.proc.pid)))
     rss = [s["rss_mb"] for s in raw["samples"] if s["rss_mb"] is not None]
     after_warm = rss[1:] if len(rss) > 2 else rss
-    return _merge_into(out_path, memory_soak={
+    return merge_result(out_path, cfg=cfg, stage="bench_serve_memory", weights=_weights(root), memory_soak={
         "what": (f"{requests} requests (TGI, OpenAI plain and streamed, Ollama, lossless TGI in turn; {max_new_tokens} "
                  f"tokens, prompts of up to 600 characters) from {concurrency} clients; server RSS every {every}"),
         **raw, "wall_s": wall,
         "rss_mb_first_window": after_warm[0] if after_warm else None, "rss_mb_last": rss[-1] if rss else None,
         "rss_growth_after_first_window_mb": (rss[-1] - after_warm[0]) if after_warm else None,
-        "all_200": set(raw["status_counts"]) == {"200"},
-        "run": run_metadata(cfg, stage="bench_serve_memory", weights=_weights(root)), "load_average_1m": _loadavg(),
+        "all_200": set(raw["status_counts"]) == {"200"}, "load_average_1m": load_average_1m(),
     })
 
 
@@ -752,9 +704,8 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
     from greencode.eval.metrics import line_scores
     from greencode.eval.stats import bootstrap_indices, mean_ci
     from greencode.serve.engine import run_root
-    from greencode.utils import REPO_ROOT
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _quiet_clients()
     root = run_root(cfg, run_dir)
     tok = AutoTokenizer.from_pretrained(str(root / "finetuned"))
     e = cfg.eval
@@ -762,7 +713,7 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
     picked = make_infill_samples(load_corpus(cfg)[e.split], tok, num_samples=samples, seed=e.sample_seed,
                                  max_context_tokens=e.max_context_tokens, max_new_tokens=max_new_tokens,
                                  sep=text_sep(cfg), offset=e.sample_offset)
-    out_path = Path(out_path) if out_path else REPO_ROOT / "results" / "benchmark" / f"serve_fim_{cfg.name}.json"
+    out_path = _result_path(cfg, out_path, "serve_fim")
     full = {"RL_agent_thresh": 1.0}
 
     def first_line(text: str) -> str:
@@ -773,36 +724,44 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
     with _server(cfg, root, ["serve.request_timeout_s=600"]) as srv, \
             httpx.Client(base_url=srv.url, timeout=600.0) as http:
         oa = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="anything", max_retries=0)
-        for s in picked:
-            t0 = time.perf_counter()
+
+        # each client's request for a sample -> (status, answer text, the server's greencode block)
+        def llm_vscode(s) -> tuple:
             r = http.post("/models/greencode", json={
                 "inputs": f"<fim_prefix>{s.prefix_text}<fim_suffix>{s.suffix_text}<fim_middle>",
                 "parameters": {"max_new_tokens": 60, "temperature": 0.2, "top_p": 0.95, "return_full_text": False}})
             j = r.json()
             j = j[0] if isinstance(j, list) else j
-            got = {"llm_vscode": (r.status_code, j.get("generated_text", ""), j.get("greencode", {}), time.perf_counter() - t0)}
-            t0 = time.perf_counter()
+            return r.status_code, j.get("generated_text", ""), j.get("greencode", {})
+
+        def continue_ollama(s) -> tuple:
             with http.stream("POST", "/api/generate", json={
                     "model": "greencode", "prompt": s.prefix_text, "suffix": s.suffix_text, "raw": True, "stream": True,
                     "keep_alive": 1800, "options": {"temperature": 0.01, "num_predict": max_new_tokens, "num_ctx": 1024,
                                                     "stop": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>",
                                                              "<|endoftext|>", "\n\n", "```"]}}) as resp:
                 lines = [_json.loads(x) for x in resp.read().decode().split("\n") if x]
-            got["continue_ollama"] = (resp.status_code, "".join(x.get("response", "") for x in lines),
-                                      lines[-1].get("greencode", {}), time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            return resp.status_code, "".join(x.get("response", "") for x in lines), lines[-1].get("greencode", {})
+
+        def mistral_fim(s) -> tuple:
             r = http.post("/v1/fim/completions", json={"model": "greencode", "prompt": s.prefix_text,
                                                        "suffix": s.suffix_text, "max_tokens": max_new_tokens,
                                                        "temperature": 0, "stop": ["\n"], **full})
             j = r.json()
-            got["mistral_fim"] = (r.status_code, j["choices"][0]["message"]["content"] if r.status_code == 200 else "",
-                                  j.get("greencode", {}), time.perf_counter() - t0)
-            for name, suffix in (("openai_suffix", s.suffix_text), ("openai_no_suffix", None)):
-                t0 = time.perf_counter()
-                res = oa.completions.create(model="greencode", prompt=s.prefix_text, suffix=suffix,
-                                            max_tokens=max_new_tokens, temperature=0, stop=["\n"], extra_body=full)
-                got[name] = (200, res.choices[0].text, res.model_extra["greencode"], time.perf_counter() - t0)
-            for name, (status, text, stats, rtt) in got.items():
+            return (r.status_code, j["choices"][0]["message"]["content"] if r.status_code == 200 else "",
+                    j.get("greencode", {}))
+
+        def openai_client(s, suffix: Optional[str]) -> tuple:
+            res = oa.completions.create(model="greencode", prompt=s.prefix_text, suffix=suffix,
+                                        max_tokens=max_new_tokens, temperature=0, stop=["\n"], extra_body=full)
+            return 200, res.choices[0].text, res.model_extra["greencode"]
+
+        clients = {"llm_vscode": llm_vscode, "continue_ollama": continue_ollama, "mistral_fim": mistral_fim,
+                   "openai_suffix": lambda s: openai_client(s, s.suffix_text),
+                   "openai_no_suffix": lambda s: openai_client(s, None)}
+        for s in picked:
+            for name, ask in clients.items():
+                (status, text, stats), rtt = timed(None, lambda: ask(s))
                 em, es = line_scores(first_line(text), s.reference)
                 rows[name].append({"id": s.id, "status": status, "answer": text[:200], "reference": s.reference,
                                    "exact_match": em, "edit_similarity": es, "fim": bool(stats.get("fim")),
@@ -821,7 +780,7 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
                          "exact_match": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(em, idx))),
                          **_exact_match_without_boilerplate(rs, cfg.seed),
                          "edit_similarity": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(es, idx))),
-                         "rtt_ms": _pcts([r["rtt_s"] for r in rs], 1e3)}
+                         "rtt_ms": percentiles([r["rtt_s"] for r in rs], 1e3)}
     d = np.array([a["exact_match"] - b["exact_match"] for a, b in zip(rows["openai_suffix"], rows["openai_no_suffix"])])
     result = {"what": (f"{len(picked)} held-out lines of the {e.split} split (the infilling slice's first samples), each "
                        "sent as editors send fill-in-the-middle requests; answers' first lines scored against the line"),
@@ -834,7 +793,6 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
                           "openai_no_suffix": "the same without the suffix (left-to-right control)"},
               "summary": summary,
               "exact_match_suffix_minus_no_suffix": dict(zip(("mean", "ci_low", "ci_high"), mean_ci(d, idx))),
-              "health_after": alive, "records": rows,
-              "run": run_metadata(cfg, stage="bench_serve_fim", weights=_weights(root)), "load_average_1m": _loadavg()}
-    write_json(out_path, result)
+              "health_after": alive, "records": rows, "load_average_1m": load_average_1m()}
+    write_result(out_path, result, cfg=cfg, stage="bench_serve_fim", weights=_weights(root), meta_key="run")
     return result

@@ -1,8 +1,8 @@
-"""greencode.eval: accuracy metrics, energy meters, the evaluator and the decoding benchmark.
+"""greencode.eval: accuracy metrics, energy meters and the evaluator (the speed benchmarks live in
+:mod:`greencode.bench`).
 
 ``evaluate(cfg, methods=None) -> Path`` runs every method on the same samples and writes
-``results/<name>/eval``; ``summary_table(results_dir) -> list[dict]`` reads its rows back;
-``run_benchmark(cfg) -> Path`` writes ``results/benchmark/<name>.json``.
+``results/<name>/eval``; ``summary_table(results_dir) -> list[dict]`` reads its rows back.
 """
 
 from __future__ import annotations
@@ -20,10 +20,4 @@ def summary_table(results_dir):
     return _summary_table(results_dir)
 
 
-def run_benchmark(cfg, **kwargs):
-    from greencode.eval.benchmark import run_benchmark as _run_benchmark
-
-    return _run_benchmark(cfg, **kwargs)
-
-
-__all__ = ["evaluate", "run_benchmark", "summary_table"]
+__all__ = ["evaluate", "summary_table"]

@@ -1,0 +1,190 @@
+"""The batched decoding benchmark (a measurement, not a test): tokens per second when the same
+prompts are decoded 1, 4, 8, 16 at a time (left-padded ragged batches), for our loop (the full
+model, GC and a fixed exit at the middle exit point) and HF ``generate`` batched with an attention
+mask. ``python scripts/benchmark.py --throughput`` -> ``results/benchmark/throughput_<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from greencode.bench.common import (benchmark_path, bench_prompts, fmt, hf_greedy_config, md_header,
+                                    median_gc_threshold, middle_exit_layer, model_setup, parse_sizes, setup)
+from greencode.bench.timing import Noise, interleaved_rounds, paired_median, quartiles, timed, write_result
+from greencode.config import Config
+from greencode.decoding.compiled import compile_info
+from greencode.provenance import weights_record
+
+THROUGHPUT_TARGETS = {
+    "batch8_vs_batch1_min_ratio": 3.0,  # issue 14: tokens/s at batch 8 >= 3x batch 1 (full model)
+    "gc_vs_full_batch8_min_ratio": 1.0,  # GC still saves wall time over the full model at batch 8
+}
+
+
+def throughput_path(cfg: Config) -> Path:
+    """``results/benchmark/throughput_<config name>.json`` (the markdown table next to it)."""
+    return benchmark_path(cfg).with_name(f"throughput_{cfg.name}.json")
+
+
+def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 4, 8, 16), context_tokens: int = 200,
+                   new_tokens: int = 32, num_prompts: Optional[int] = None, repeats: int = 3, warmup: int = 1,
+                   gc_threshold: Optional[float] = None, out_path: Optional[Union[str, Path]] = None) -> Path:
+    """Tokens per second when the same ``num_prompts`` prompts (default: the largest batch size;
+    ragged lengths in [3/4, 1] x ``context_tokens``, seeded) are decoded ``B`` at a time, for each
+    batch size ``B``: our loop with the full model (NeverExit) and with GC (the policy at
+    ``gc_threshold``, default the middle of ``eval.gc_thresholds``), one left-padded ragged batch per
+    ``generate(model, [prompt, ...], controller)`` call, against HF ``generate`` batched with left
+    padding and an attention mask (greedy, ``min_new_tokens`` = ``new_tokens`` so every method
+    produces the same tokens per row). Tokens/s = prompts x new tokens / wall clock of the whole
+    workload (prefill included). Rounds are interleaved (repetition -> batch size -> methods, order
+    rotated) after a warmup; ratios are medians of paired per-round ratios. Writes the JSON and a
+    markdown table; returns the JSON's path."""
+    from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
+
+    sizes = parse_sizes(batch_sizes)
+    num_prompts = max(sizes) if num_prompts is None else num_prompts
+    out_path, device, model, model_note, policy, policy_note = setup(
+        cfg, out_path if out_path is not None else throughput_path(cfg), context_tokens, new_tokens,
+        (("context_tokens", context_tokens, 4), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
+         ("repeats", repeats, 1), ("warmup", warmup, 0)))
+    gc_threshold = median_gc_threshold(cfg, gc_threshold)
+    if not 0.0 <= gc_threshold <= 1.0:
+        raise ValueError(f"gc_threshold={gc_threshold} must be in [0, 1]")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    low = max(1, (3 * context_tokens) // 4)
+    lengths = [int(torch.randint(low, context_tokens + 1, (1,), generator=gen)) for _ in range(num_prompts)]
+    prompts, prompt_note = bench_prompts(cfg, model, num_prompts, context_tokens, gen, lengths)
+    mid = middle_exit_layer(list(model.exit_layers), model.num_layers)
+    # the full model, GC, and a fixed exit at the middle exit point (an exit every token: what skipping
+    # layers in a batch saves when rows do exit, whatever the policy decides on these prompts)
+    controllers = {"full": NeverExit(),
+                   f"gc@{gc_threshold!r}": PolicyExit.of(policy, gc_threshold, cfg.decoding.policy_temperature),
+                   f"fixed@{mid}": FixedExit(mid)}
+    for c in controllers.values():
+        c.check_layers(model)
+    methods = list(controllers) + ["hf_generate"]
+    pad = model.hf.config.pad_token_id
+    pad = pad if pad is not None else 0
+    gconf = hf_greedy_config(model, new_tokens)
+    tokens: dict[tuple[str, int], list[list[int]]] = {}  # (method, batch size) -> each prompt's tokens
+
+    def batches(size: int) -> list[list[list[int]]]:
+        return [prompts[i:i + size] for i in range(0, num_prompts, size)]
+
+    def decode_all(method: str, size: int) -> list[list[int]]:
+        """Every prompt's new tokens, decoded ``size`` at a time."""
+        out: list[list[int]] = []
+        for chunk in batches(size):
+            if method == "hf_generate":
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, p in enumerate(chunk):
+                    ids[r, width - len(p):] = torch.tensor(p)
+                    mask[r, width - len(p):] = 1
+                with torch.inference_mode():
+                    gen_ids = model.hf.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gconf)
+                out += [row[width:].tolist() for row in gen_ids]
+            else:
+                res = generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[method], new_tokens,
+                               kv_strategy=cfg.decoding.kv_strategy)
+                out += [r.tokens for r in (res if isinstance(res, list) else [res])]
+        return out
+
+    def run(method: str, size: int) -> float:
+        """Wall seconds to decode every prompt, ``size`` at a time."""
+        out, wall = timed(device, lambda: decode_all(method, size))
+        if len(out) != num_prompts or any(len(t) != new_tokens for t in out):
+            raise RuntimeError(f"{method} at batch {size} produced {[len(t) for t in out]} tokens, expected "
+                               f"{new_tokens} for each of {num_prompts} prompts")
+        tokens.setdefault((method, size), out)
+        return wall
+
+    with Noise() as noise:  # one group per batch size: every method at it, in a rotated order
+        walls = interleaved_rounds([[(m, b) for m in methods] for b in sizes], repeats, warmup,
+                                   lambda cell: run(*cell))
+
+    total = num_prompts * new_tokens
+    tps = {key: [total / w for w in ws] for key, ws in walls.items()}
+    gc_name = methods[1]
+    rows: dict[str, dict[str, dict]] = {}
+    for m in methods:
+        rows[m] = {}
+        for b in sizes:
+            q = quartiles(tps[(m, b)])
+            same = sum(t == u for t, u in zip(tokens[(m, b)], tokens[(m, sizes[0])]))
+            rows[m][str(b)] = {
+                "tokens_per_s_median": q["median"], "tokens_per_s_q1": q["q1"], "tokens_per_s_q3": q["q3"],
+                "tokens_per_s_iqr": q["iqr"], "relative_iqr": q["iqr"] / q["median"] if q["median"] else None,
+                f"ratio_to_batch_{sizes[0]}": paired_median(tps[(m, b)], tps[(m, sizes[0])]),
+                "ratio_to_hf": paired_median(tps[(m, b)], tps[("hf_generate", b)]),
+                "ratio_to_full": paired_median(tps[(m, b)], tps[("full", b)]),
+                f"rows_equal_to_batch_{sizes[0]}": same / num_prompts,
+                "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)]}
+    targets = {}
+    if 8 in sizes and 1 in sizes:
+        v = rows["full"]["8"]["ratio_to_batch_1"]
+        targets["batch8_vs_batch1"] = {"value": v, "target": f">= {THROUGHPUT_TARGETS['batch8_vs_batch1_min_ratio']}",
+                                       "met": v >= THROUGHPUT_TARGETS["batch8_vs_batch1_min_ratio"],
+                                       "gc_value": rows[gc_name]["8"]["ratio_to_batch_1"],
+                                       "what": "full model tokens/s at batch 8 over batch 1 (median of paired rounds)"}
+    if 8 in sizes:
+        v = rows[gc_name]["8"]["ratio_to_full"]
+        targets["gc_vs_full_batch8"] = {"value": v, "target": f"> {THROUGHPUT_TARGETS['gc_vs_full_batch8_min_ratio']}",
+                                        "met": v > THROUGHPUT_TARGETS["gc_vs_full_batch8_min_ratio"],
+                                        "what": f"{gc_name} tokens/s over the full model's at batch 8 (median of "
+                                                "paired rounds)"}
+    if 8 in sizes:
+        fixed_name = methods[2]
+        v = rows[fixed_name]["8"]["ratio_to_full"]
+        targets["fixed_vs_full_batch8"] = {"value": v, "target": "> 1.0", "met": v > 1.0,
+                                           "batch1_value": rows[fixed_name][str(sizes[0])]["ratio_to_full"],
+                                           "what": f"{fixed_name} tokens/s over the full model's at batch 8: rows that "
+                                                   "exited skip the deeper layers in a batch too"}
+    result = {
+        "format": "greencode-throughput/1",
+        "config_name": cfg.name,
+        "setup": {"batch_sizes": sizes, "num_prompts": num_prompts, "prompt_lengths": lengths,
+                  "context_tokens": context_tokens, "new_tokens": new_tokens, "repeats": repeats,
+                  "warmup_rounds": warmup, "prompts": f"{prompt_note}; ragged lengths in [3/4, 1] x context_tokens, "
+                                                      "left-padded per batch",
+                  "model": model_note, "policy": policy_note, "gc_threshold": gc_threshold,
+                  **model_setup(cfg, model, device), "decode_compile": compile_info(model),
+                  "timing": "wall clock of the whole workload (every prompt, prefill + decode), decoded B prompts "
+                            "per call; tokens/s = prompts x new_tokens / wall; interleaved, order rotated",
+                  "hf": "model.hf.generate, left padding + attention mask, greedy, min_new_tokens = max_new_tokens"},
+        "methods": rows,
+        "targets": targets,
+        "noise": {**noise.record(),
+                  "max_relative_iqr": max(r["relative_iqr"] or 0 for m in rows.values() for r in m.values())},
+    }
+    return write_result(out_path, result, format_throughput_markdown, cfg=cfg, stage="throughput",
+                        weights=weights_record(model))
+
+
+def format_throughput_markdown(result: dict) -> str:
+    """The throughput result as a markdown table."""
+    s = result["setup"]
+    sizes = s["batch_sizes"]
+    base = sizes[0]
+    lines = md_header(f"Throughput: {result['config_name']}", result,
+                       f"{s['num_prompts']} prompts of {min(s['prompt_lengths'])}-{max(s['prompt_lengths'])} tokens") + [
+             f"| method | batch | tokens/s | IQR | x batch {base} | x HF | x full | rows = batch {base} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, by_size in result["methods"].items():
+        for b, r in by_size.items():
+            lines.append(f"| {m} | {b} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_iqr']:.1f} | "
+                         f"{fmt(r[f'ratio_to_batch_{base}'], '.2f')} | {fmt(r['ratio_to_hf'], '.2f')} | "
+                         f"{fmt(r['ratio_to_full'], '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} |")
+    lines += ["", f"Ratios are medians of paired (same round) tokens/s ratios. {s['timing']}. rows = batch {base}: "
+                  f"share of prompts whose tokens equal their tokens at batch {base}.", ""]
+    for name, t in result["targets"].items():
+        lines.append(f"- target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}")
+    n = result["noise"]
+    lines.append(f"- noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative IQR "
+                 f"{n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
+    return "\n".join(lines)
+
