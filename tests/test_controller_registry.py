@@ -120,8 +120,8 @@ def test_config_validates_names_and_grids_through_the_registry(tmp_path, depth_c
 
 
 def test_builtin_entries_keep_their_methods_grids_and_order():
-    assert families() == ("base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation", "classifier",
-                          "oracle", "gc", "gc_lossless", "layerskip", "hf_early_exit")
+    assert families() == ("base", "full_hf", "full", "fixed", "confidence", "entropy", "saturation",
+                          "cheap_confidence", "classifier", "oracle", "gc", "gc_lossless", "layerskip", "hf_early_exit")
     assert registry.lossless_methods() == {"gc_lossless": "gc", "layerskip": "fixed"}
     cfg = load_config(SMOKE)
     from greencode.config import CalibrationConfig, EvalConfig
@@ -134,6 +134,7 @@ def test_builtin_entries_keep_their_methods_grids_and_order():
     needs = {c.name: set(c.needs) for c in registry.controllers()}
     assert needs["confidence"] == needs["entropy"] == {"logits"} and needs["gc"] == {"policy"}
     assert needs["classifier"] == {"classifier"} and needs["saturation"] == needs["fixed"] == set()
+    assert needs["cheap_confidence"] == set()  # the first exit point's head: ExitController.logits_at, not needs
     assert all(c.cost for c in registry.controllers())
     # a controller without what it needs is not built
     with pytest.raises(ConfigError, match="needs the run's policy"):

@@ -246,8 +246,8 @@ def test_observation_features_in_the_bank_equal_what_the_controller_computes(tmp
     spy.check_layers(model)
     real = spy._features
 
-    def record(layer, x, _real=real):
-        f = _real(layer, x)
+    def record(layer, x, *rest, _real=real):
+        f = _real(layer, x, *rest)
         seen.append((layer, f.clone()))
         return f
 

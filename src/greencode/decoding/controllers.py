@@ -8,6 +8,7 @@ normed hidden state (the RL policy on ``normed`` observations) sets ``needs_norm
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -54,7 +55,14 @@ def policy_observation(model, h: torch.Tensor, mode: str) -> torch.Tensor:
 #                (0 at the first exit point, which has none)
 #   prev_exit    the previous token's exit point / E (1 = the final layer; the prefill's token counts
 #                as the final layer)
-OBSERVATION_FEATURES = ("exit_index", "cosine_prev", "prev_exit")
+#   cand_*       the cheap candidate features of greencode.decoding.signals (its FEATURES names and
+#                meaning, one value each): cand_max_prob, cand_margin, cand_neg_entropy, cand_top1_logit,
+#                cand_top1_stable, over the k candidates of rl.candidate_source (rl.candidate_k)
+CANDIDATE_FEATURES = ("cand_max_prob", "cand_margin", "cand_neg_entropy", "cand_top1_logit", "cand_top1_stable")
+OBSERVATION_FEATURES = ("exit_index", "cosine_prev", "prev_exit") + CANDIDATE_FEATURES
+# the candidate sources an observation (and the cheap-confidence controller) can use online today: the others
+# (prev_token, bigram, context) need the input token's logits or ids, which no controller is handed yet
+ONLINE_CANDIDATE_SOURCES = ("first_full",)
 
 
 def feature_size(features, n_exit_points: int) -> int:
@@ -67,10 +75,30 @@ def feature_size(features, n_exit_points: int) -> int:
     return size
 
 
+def uses_candidates(features) -> bool:
+    """Whether ``features`` include cheap candidate features (they need a candidate source and k)."""
+    return any(f in CANDIDATE_FEATURES for f in features)
+
+
+def check_online_candidates(source: str, k: int, where: str = "candidates") -> None:
+    """A ConfigError naming ``where`` unless ``source`` / ``k`` can be computed inside the decoding loop."""
+    from greencode.decoding.signals import check_candidates
+
+    try:
+        check_candidates(k, source)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if source not in ONLINE_CANDIDATE_SOURCES:
+        raise ConfigError(f"{where}: candidate source {source!r} is measured offline only (results/<name>/signals); "
+                          f"online (controllers, observations) use one of {', '.join(ONLINE_CANDIDATE_SOURCES)}")
+
+
 def observation_features(features, k: torch.Tensor, n_exit_points: int, cos_prev: torch.Tensor,
-                         prev_exit: torch.Tensor) -> torch.Tensor:
+                         prev_exit: torch.Tensor, cand: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The extra features [..., F] (float32) for exit-point indices ``k`` [...], the cosine to the
-    previous exit point's state [...] and the previous token's exit point index [...] (E = final)."""
+    previous exit point's state [...], the previous token's exit point index [...] (E = final) and the
+    cheap candidate features ``cand`` [..., len(CANDIDATE_FEATURES)] (the first columns of
+    :func:`greencode.decoding.signals.signal_step`'s features; needed when a ``cand_*`` feature is asked)."""
     parts = []
     for f in features:
         if f == "exit_index":
@@ -79,9 +107,47 @@ def observation_features(features, k: torch.Tensor, n_exit_points: int, cos_prev
             parts.append(cos_prev.float().unsqueeze(-1))
         elif f == "prev_exit":
             parts.append((prev_exit.float() / n_exit_points).unsqueeze(-1))
+        elif f in CANDIDATE_FEATURES:
+            if cand is None:
+                raise ValueError(f"observation feature {f!r} needs the candidate features (cand=...)")
+            parts.append(cand[..., CANDIDATE_FEATURES.index(f)].float().unsqueeze(-1))
     if not parts:
         return torch.zeros(tuple(k.shape) + (0,))
     return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def candidate_observation(model, states: torch.Tensor, source: str = "first_full", k: int = 4) -> torch.Tensor:
+    """The cheap candidate features [n, E, len(CANDIDATE_FEATURES)] (float32, CPU) of ``n`` tokens from their
+    raw states at every early exit point [n, E, H], as :class:`PolicyExit` computes them online check by check
+    (:class:`~greencode.decoding.signals.CheapSignals`; ``first_full``: the full head at the first exit point)."""
+    from greencode.decoding.signals import exit_signals
+
+    check_online_candidates(source, k)
+    states = states.to(model.device)
+    e = states.shape[1]
+    normed = [policy_observation(model, states[:, j], "normed") for j in range(e)]
+    full = model.decode(states[:, 0].to(model.dtype)) if source == "first_full" else None
+    prev = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)  # prev_exit: not a candidate feature
+    feats = exit_signals(model, normed, k=k, source=source, prev_exit=prev, full_logits_first=full)  # [E, n, F]
+    return feats[..., :len(CANDIDATE_FEATURES)].permute(1, 0, 2).float().cpu()
+
+
+def recorded_features(model, states: torch.Tensor, prev_exit: torch.Tensor, features, *,
+                      source: str = "first_full", k: int = 4) -> torch.Tensor:
+    """THE extra observation features a trajectory bank records [n, E, F] (float32, CPU), for ``n`` tokens'
+    raw states at every early exit point [n, E, H] and each token's previous token's exit point [n] (E =
+    the final layer): what :class:`PolicyExit` computes online at each check for the same state and history
+    (both bank sources, :func:`greencode.rl.build.record_batch` and :func:`greencode.rl.simulate.record_simulation`,
+    call this)."""
+    n, e = states.shape[0], states.shape[1]
+    raw = states.float().cpu()
+    cos = torch.zeros(n, e)
+    if e > 1:
+        cos[:, 1:] = torch.nn.functional.cosine_similarity(raw[:, 1:], raw[:, :-1], dim=-1)
+    cand = candidate_observation(model, states, source, k) if uses_candidates(features) else None
+    return observation_features(features, torch.arange(e).expand(n, e), e, cos,
+                                prev_exit.long().cpu()[:, None].expand(n, e), cand)
 
 
 class ExitController:
@@ -98,6 +164,19 @@ class ExitController:
 
     def check_layers(self, model) -> frozenset[int]:
         return frozenset(model.exit_layers)
+
+    def logits_at(self, layer: int) -> bool:
+        """Whether the check at ``layer`` needs the LM head's logits (the loop runs the head then and
+        counts it as an LM-head call; a token exiting there is chosen from those logits, never a second
+        head). Default: ``needs_logits`` at every check; a controller that needs the head at some checks
+        only (the cheap signals' ``first_full`` source: the first exit point) says so here."""
+        return self.needs_logits
+
+    def check_macs(self, layer: int) -> int:
+        """Multiply-accumulates of the check at ``layer`` beyond the LM head the loop runs for it (which
+        the loop counts itself): what the loop adds to ``counters["controller_macs"]`` and so to the
+        compute ratio. Default: ``macs_per_check`` at every check."""
+        return int(self.macs_per_check)
 
     def should_exit(self, layer: int, hidden: torch.Tensor, normed: Optional[torch.Tensor],
                     logits: Optional[torch.Tensor]) -> bool:
@@ -307,6 +386,18 @@ class PolicyExit(ExitController):
         self._w_feat = None  # the first layer's columns for the features (fast path)
         self._exit_index = {}
         self._n_exits = 0
+        # the cheap candidate features (cand_*): their source and k, as the bank recorded them
+        self.candidates: Optional[dict] = None
+        self._signals = None  # CheapSignals, once the model is known (check_layers)
+        self._cand_macs: dict = {}
+        self._first_layer = None
+        if uses_candidates(self.features):
+            rec = getattr(policy, "candidates", None) or (getattr(policy, "metadata", None) or {}).get("candidates")
+            if not rec:
+                raise ConfigError(f"the policy observes candidate features {self.features} but records no candidate "
+                                  "source (metadata 'candidates': {source, k}); re-export it with scripts/train_agent.py")
+            self.candidates = {"source": str(rec["source"]), "k": int(rec["k"])}
+            check_online_candidates(self.candidates["source"], self.candidates["k"], "the policy's candidates")
         self.reset()
 
     @classmethod
@@ -321,9 +412,12 @@ class PolicyExit(ExitController):
         self._last_layer = -1
         self._prev_exit = None  # exit point index of the previous token (None: the prefill's = final)
         self._exited = None  # exit point index this token exited at, if it did
+        if self._signals is not None:
+            self._signals.state = None
 
-    def _features(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The feature vector [F] for the state ``x`` [H] (float32) at ``layer``; advances the state."""
+    def _features(self, layer: int, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The feature vector [F] for the state ``x`` [H] (float32) at ``layer`` (``logits`` [V]: the full
+        head's there, when :meth:`logits_at` asked for them); advances the state."""
         if layer <= self._last_layer:  # a new token: the previous one exited where it said, or at the final
             self._prev_exit = self._exited if self._exited is not None else self._n_exits
             self._prev_h, self._exited = None, None
@@ -331,8 +425,23 @@ class PolicyExit(ExitController):
         prev_h, self._prev_h, self._last_layer = self._prev_h, x, layer
         cos = torch.zeros(()) if prev_h is None else torch.nn.functional.cosine_similarity(x, prev_h, dim=-1)
         prev_exit = self._n_exits if self._prev_exit is None else self._prev_exit
+        cand = None
+        if self._signals is not None:
+            if k == 0:  # every token's first check: its candidate set opens
+                self._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+            cand = self._signals.check(k, x[None], None if logits is None else logits.reshape(1, -1))
+            cand = cand[0, :len(CANDIDATE_FEATURES)].cpu()
         return observation_features(self.features, torch.tensor(k), self._n_exits, cos.cpu(),
-                                    torch.tensor(prev_exit)).to(x.device)
+                                    torch.tensor(prev_exit), cand).to(x.device)
+
+    def logits_at(self, layer: int) -> bool:
+        # the first_full candidates: the full head at the first exit point (reused when the token exits there)
+        return self._signals is not None and self._signals.source == "first_full" and layer == self._first_layer
+
+    def check_macs(self, layer: int) -> int:
+        """The policy MLP's MACs, plus the candidate features' (norm, candidate logits, candidate softmax and
+        entropy; the ``first_full`` full head at the first exit point is the loop's LM-head call)."""
+        return int(self.macs_per_check) + self._cand_macs.get(layer, 0)
 
     def check_layers(self, model) -> frozenset[int]:
         hidden = getattr(self.policy, "state_size", getattr(self.policy, "hidden_size", None))
@@ -345,6 +454,13 @@ class PolicyExit(ExitController):
                               f"{model.exit_layers}; train the agent for these exits or load the matching model")
         self._n_exits = len(model.exit_layers)
         self._exit_index = {layer: k for k, layer in enumerate(model.exit_layers)}
+        self._first_layer = min(model.exit_layers)
+        if self.candidates is not None:
+            from greencode.decoding.signals import CheapSignals
+
+            self._signals = CheapSignals(model, self.candidates["k"], self.candidates["source"], saturation=False)
+            self._cand_macs = {layer: sum(v for n, v in self._signals.macs_parts(k).items() if n != "full_head")
+                               for layer, k in self._exit_index.items()}
         self._fuse(model)
         return frozenset(model.exit_layers)
 
@@ -395,7 +511,8 @@ class PolicyExit(ExitController):
         return torch.softmax(logits.float() / self.temperature, dim=-1)[..., 1]
 
     def should_exit(self, layer, hidden, normed, logits) -> bool:
-        feats = self._features(layer, hidden[0, -1].float()) if self.features else None
+        feats = (self._features(layer, hidden[0, -1].float(), None if logits is None else logits[0, -1])
+                 if self.features else None)
         if self._fast is not None:
             decision = self._fast_probability(hidden, feats) >= self.threshold
         else:
@@ -446,5 +563,92 @@ class PolicyExit(ExitController):
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
     def describe(self) -> dict:
-        return {"controller": self.name, "threshold": self.threshold, "temperature": self.temperature,
-                "observation": self.observation, "features": self.features, "ignore_decision": self.ignore_decision}
+        out = {"controller": self.name, "threshold": self.threshold, "temperature": self.temperature,
+               "observation": self.observation, "features": self.features, "ignore_decision": self.ignore_decision}
+        if self.candidates is not None:
+            out["candidates"] = dict(self.candidates)
+        return out
+
+
+class CheapConfidenceExit(ExitController):
+    """Cheap confidence: exit when the softmax over ``k`` candidate tokens' logits is confident enough
+    (its max, or its margin top-1 - top-2, >= threshold), at a fraction of the full head's cost.
+
+    The candidates come from a stated source (:mod:`greencode.decoding.signals`); ``first_full``: the
+    full LM head at the first exit point gives the token's top-``k`` (the score there is the softmax over
+    those ``k`` logits), and every later exit point computes only those ``k`` logits (``k x hidden``
+    MACs), re-ranked. That first head is the loop's LM-head call: when the token exits at the first exit
+    point, those logits choose it (no second head); otherwise it was paid for the decision. The rest of a
+    check (the state's norm, the ``k`` logits, the candidate softmax) is :meth:`check_macs`.
+
+    ``score``: ``max_prob`` (default: the higher pooled AUC of the two on the default, 0.802 vs 0.798 for
+    the margin, and one threshold acts on all exit points pooled; ``results/default/signals/auc.md``) or
+    ``margin``. Keeps the token's candidates between its checks, so each row has its own instance."""
+
+    name = "cheap_confidence"
+    per_row_state = True
+    SCORES = ("max_prob", "margin")
+
+    def __init__(self, threshold: float, *, source: str = "first_full", k: int = 4, score: str = "max_prob"):
+        self.threshold = _check_unit("cheap_confidence threshold", threshold)
+        check_online_candidates(source, k, "cheap_confidence")
+        if score not in self.SCORES:
+            raise ConfigError(f"cheap_confidence score={score!r}; use one of {', '.join(self.SCORES)}")
+        self.source, self.k, self.score = source, int(k), score
+        self._col = 0 if score == "max_prob" else 1  # the column of signals.FEATURES (cand_max_prob, cand_margin)
+        self._signals = None
+        self._index: dict = {}
+        self._macs: dict = {}
+        self._first = None
+        self._last_layer = -1
+
+    def reset(self) -> None:
+        self._last_layer = -1
+        if self._signals is not None:
+            self._signals.state = None
+
+    def check_layers(self, model) -> frozenset[int]:
+        from greencode.decoding.signals import CheapSignals
+
+        if self._signals is None or self._signals.model is not model:
+            self._signals = CheapSignals(model, self.k, self.source, saturation=False)
+        self._index = {layer: j for j, layer in enumerate(model.exit_layers)}
+        self._first = min(model.exit_layers)
+        # the full head (first_full, first exit point) is counted by the loop as an LM-head call
+        self._macs = {layer: sum(v for n, v in self._signals.macs_parts(j).items() if n != "full_head")
+                      for layer, j in self._index.items()}
+        later = [m for layer, m in self._macs.items() if layer != self._first]
+        self.macs_per_check = later[0] if later else self._macs[self._first]
+        return frozenset(model.exit_layers)
+
+    def logits_at(self, layer: int) -> bool:
+        return self.source == "first_full" and layer == self._first
+
+    def check_macs(self, layer: int) -> int:
+        return int(self._macs.get(layer, self.macs_per_check))
+
+    def scores(self, layer: int, hidden: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
+        """The score [1] of one row's check at ``layer`` (raw state ``hidden`` [1, 1, H]); advances its state."""
+        j = self._index[layer]
+        if j == 0 or layer <= self._last_layer:  # a new token: its candidate set opens at the first exit point
+            self._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        self._last_layer = layer
+        feats = self._signals.check(j, hidden[:, -1], None if logits is None else logits[:, -1])
+        return feats[:, self._col]
+
+    def should_exit(self, layer, hidden, normed, logits) -> bool:
+        return bool(self.scores(layer, hidden, logits)[0] >= self.threshold)
+
+    def __deepcopy__(self, memo):
+        """A row's own instance: same settings and model (shared, never copied), no state."""
+        new = type(self)(self.threshold, source=self.source, k=self.k, score=self.score)
+        new._signals = None if self._signals is None else copy.copy(self._signals)
+        if new._signals is not None:
+            new._signals.state = None
+        new._index, new._macs, new._first = dict(self._index), dict(self._macs), self._first
+        new.macs_per_check = self.macs_per_check
+        return new
+
+    def describe(self) -> dict:
+        return {"controller": self.name, "threshold": self.threshold, "source": self.source, "k": self.k,
+                "score": self.score}

@@ -123,7 +123,7 @@ def prefill_chunk(model, input_ids: torch.Tensor, upto: int, state: Optional[Pre
 
 def _new_counters() -> dict:
     return dict(layers_run=0, exit_checks=0, lm_head_calls=0, kv_propagated_layers=0, controller_time_s=0.0,
-                decode_steps=0)
+                decode_steps=0, controller_macs=0)
 
 
 @dataclass
@@ -606,23 +606,26 @@ class DecodeBatch:
             by_ctrl.setdefault(id(st.controllers[r]), []).append(r)
         for rows_ in by_ctrl.values():
             ctrl = st.controllers[rows_[0]]
-            need = ctrl.needs_normed or ctrl.needs_logits
+            head = ctrl.logits_at(i)  # the LM head at this check (counted below, reused if the row exits)
+            need = ctrl.needs_normed or head
             if need and normed_all is None:
                 normed_all = model.final_norm(st.h)
             pos = [st.where[r] for r in rows_]
             if len(rows_) == 1:
                 p = pos[0]
                 normed = normed_all[p:p + 1] if need else None
-                lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                lg = adapter.lm_head(normed) if head else None
                 decisions, lgs = [ctrl.should_exit(i, st.h[p:p + 1], normed, lg)], [lg]
             else:
                 normed = normed_all[pos] if need else None
-                lg = adapter.lm_head(normed) if ctrl.needs_logits else None
+                lg = adapter.lm_head(normed) if head else None
                 decisions = ctrl.should_exit_rows(i, st.h[pos], normed, lg)
                 lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
+            macs = ctrl.check_macs(i)
             for r, p, decision, lg_r in zip(rows_, pos, decisions, lgs):
                 counters[r]["lm_head_calls"] += lg_r is not None
                 counters[r]["exit_checks"] += 1
+                counters[r]["controller_macs"] += macs
                 if decision:
                     st.exit_at[r], st.row_logits[r] = i, lg_r
                     st.active.remove(r)
@@ -862,14 +865,18 @@ def compute_cost(model, results: Sequence[GenerationResult], controller: Optiona
     method and excluded), as multiply-accumulates from the model's cost model: layers run,
     K/V propagation, LM-head calls and the controller's own work, over what the full model
     does for the same steps (every layer + one LM head per token). Attention-score work,
-    which grows with the context, is left out of both."""
+    which grows with the context, is left out of both. The controller's work is what the loop
+    counted at each check (``counters["controller_macs"]``: :meth:`ExitController.check_macs`, which
+    may differ from one exit point to the next); a result without that counter is charged
+    ``controller.macs_per_check`` per exit check."""
     cm = model.cost_model()
     steps = sum(r.counters["decode_steps"] for r in results)
     done = sum(r.counters["layers_run"] * cm["layer_macs"] + r.counters["kv_propagated_layers"] * cm["kv_macs"]
                + (r.counters["lm_head_calls"] - 1) * cm["lm_head_macs"]  # minus the prefill's head
                for r in results)
     ctrl = controller.macs_per_check if controller is not None else 0
-    done += sum(r.counters["exit_checks"] for r in results) * ctrl
+    done += sum(r.counters["controller_macs"] if "controller_macs" in r.counters else r.counters["exit_checks"] * ctrl
+                for r in results)
     full = steps * (model.num_layers * cm["layer_macs"] + cm["lm_head_macs"])
     layers_run = sum(r.counters["layers_run"] for r in results)
     return {"compute_ratio": (done / full) if full else None,

@@ -101,7 +101,7 @@ def norm_macs(shape: ModelShape) -> int:
 
 
 def signal_macs(shape: ModelShape, signal: str, *, k: int = 4, source: str = "first_full", exit_index: int = 1,
-                readout: int = 0) -> dict:
+                readout: int = 0, saturation: bool = True) -> dict:
     """Multiply-accumulates of one check of ``signal`` at exit point ``exit_index`` (0-based among the
     early exit points), with its parts. ``signal``:
 
@@ -114,7 +114,9 @@ def signal_macs(shape: ModelShape, signal: str, *, k: int = 4, source: str = "fi
     * ``saturation``: norm + ``2 head_in`` (+ the layer below's norm + ``head_in`` at the first exit point).
 
     ``readout``: the number of inputs of a linear read-out on top (e.g. a logistic regression over the
-    features: one MAC each). Softmax exponentials and comparisons (top-k) are not MACs and not counted."""
+    features: one MAC each). ``saturation=False``: a ``cheap`` check that does not compute the saturation
+    (:class:`CheapSignals` with ``saturation=False``; its feature is 0), without its parts. Softmax
+    exponentials and comparisons (top-k) are not MACs and not counted."""
     h = shape.head_in
     parts: dict[str, int] = {"norm": norm_macs(shape)}
     first = exit_index == 0
@@ -126,8 +128,9 @@ def signal_macs(shape: ModelShape, signal: str, *, k: int = 4, source: str = "fi
         else:
             parts["candidate_logits"] = k * h
         parts["candidate_softmax_entropy"] = 2 * k
-        parts["saturation"] = 2 * h
-        parts.update(below)
+        if saturation:
+            parts["saturation"] = 2 * h
+            parts.update(below)
     elif signal == "full_head":
         parts["full_head"] = shape.vocab_size * h
         parts["softmax_entropy"] = 2 * shape.vocab_size
@@ -285,17 +288,30 @@ class CheapSignals:
     the rows begin a token (their input ids, the logits that chose them, the previous token's exit
     point), :meth:`below` with the raw state of the layer under the first exit point (for saturation),
     then :meth:`check` at each exit point the rows reach (raw hidden states [N, H]; the full head's
-    logits at the first exit point for ``first_full``). :meth:`macs_per_check` is what each check costs."""
+    logits at the first exit point for ``first_full``). :meth:`macs_per_check` is what each check costs.
+    ``saturation=False``: the saturation is not computed (its feature is 0, and its MACs are not counted),
+    for a user that does not read it."""
 
-    def __init__(self, model, k: int = 4, source: str = "first_full", bigram: Optional[torch.Tensor] = None):
+    def __init__(self, model, k: int = 4, source: str = "first_full", bigram: Optional[torch.Tensor] = None,
+                 saturation: bool = True):
         check_candidates(k, source)
         if source == "bigram" and bigram is None:
             raise ConfigError("the bigram candidate source needs a table (greencode.decoding.signals.bigram_table)")
         self.model, self.k, self.source, self.bigram = model, int(k), source, bigram
+        self.saturation = bool(saturation)
         self.shape = ModelShape.of(model)
         self.weight, self.bias = head_parts(model)
         self.state: Optional[SignalState] = None
         self.feature_names = feature_names(self.shape.n_exit_points)
+
+    def __deepcopy__(self, memo):
+        """A copy for another row (a controller's per-row instance): the model, its head and the bigram table
+        are shared, never copied; the per-token state is the copy's own."""
+        import copy
+
+        new = copy.copy(self)
+        new.state = copy.deepcopy(self.state, memo)
+        return new
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
         from greencode.decoding.controllers import policy_observation
@@ -311,7 +327,8 @@ class CheapSignals:
                                  prev_exit=prev_exit)
 
     def below(self, hidden: torch.Tensor) -> None:
-        self.state.prev_normed = self.normed(hidden)
+        if self.saturation:
+            self.state.prev_normed = self.normed(hidden)
 
     def check(self, exit_index: int, hidden: torch.Tensor, full_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.state is None:
@@ -319,11 +336,18 @@ class CheapSignals:
         feats, self.state = signal_step(self.weight, self.bias, self.state, self.normed(hidden), exit_index,
                                         self.shape.n_exit_points, self.k,
                                         full_logits=full_logits if self.state.candidates is None else None)
+        if not self.saturation:
+            self.state.prev_normed = None
         return feats
 
-    def macs_per_check(self, exit_index: int, readout: int = 0) -> int:
+    def macs_parts(self, exit_index: int, readout: int = 0) -> dict[str, int]:
+        """:func:`signal_macs`' parts of the check at ``exit_index`` (``full_head``: the full LM head of the
+        ``first_full`` source at the first exit point)."""
         return signal_macs(self.shape, "cheap", k=self.k, source=self.source, exit_index=exit_index,
-                           readout=readout)["macs"]
+                           readout=readout, saturation=self.saturation)["parts"]
+
+    def macs_per_check(self, exit_index: int, readout: int = 0) -> int:
+        return int(sum(self.macs_parts(exit_index, readout).values()))
 
 
 # --------------------------------------------------------------------------- the bigram table
