@@ -407,19 +407,47 @@ class RLConfig:
     observation: str = field(default="normed", metadata=_choices("raw", "normed"))
     # extra observation values after the hidden state (each a few hundred MACs per check at most):
     # exit_index (one-hot exit point), cosine_prev (cosine to the previous exit point's state),
-    # prev_exit (the previous token's exit point / E); [] = the paper's hidden state only
+    # prev_exit (the previous token's exit point / E), and the cheap candidate features of
+    # greencode.decoding.signals: cand_max_prob, cand_margin, cand_neg_entropy, cand_top1_logit,
+    # cand_top1_stable (the softmax over candidate_k candidate tokens' logits from candidate_source; with
+    # first_full the full LM head runs at the first exit point); [] = the paper's hidden state only
     observation_features: list[str] = field(default_factory=list)
+    # where the cand_* features' candidates come from (first_full: the full head's top-k at the first exit
+    # point; the other sources of greencode.decoding.signals are measured offline only for now) and how many
+    candidate_source: str = "first_full"
+    candidate_k: int = 4
     bank: BankConfig = field(default_factory=BankConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self, path: str) -> None:
-        known = ("exit_index", "cosine_prev", "prev_exit")
+        from greencode.decoding.controllers import (OBSERVATION_FEATURES, check_online_candidates,
+                                                    uses_candidates)
+        from greencode.decoding.signals import CANDIDATE_SOURCES, MAX_CANDIDATES
+
         for f in self.observation_features:
-            if f not in known:
-                raise ConfigError(f"{path}.observation_features has {f!r}; known: {', '.join(known)}")
+            if f not in OBSERVATION_FEATURES:
+                raise ConfigError(f"{path}.observation_features has {f!r}; known: {', '.join(OBSERVATION_FEATURES)}")
         if len(set(self.observation_features)) != len(self.observation_features):
             raise ConfigError(f"{path}.observation_features={self.observation_features} repeats a feature")
+        if self.candidate_source not in CANDIDATE_SOURCES:
+            raise ConfigError(f"{path}.candidate_source={self.candidate_source!r}; choose one of "
+                              f"{', '.join(CANDIDATE_SOURCES)}")
+        if isinstance(self.candidate_k, bool) or not isinstance(self.candidate_k, int) \
+                or not 2 <= self.candidate_k <= MAX_CANDIDATES:
+            raise ConfigError(f"{path}.candidate_k={self.candidate_k!r} must be an integer in [2, {MAX_CANDIDATES}] "
+                              "(the margin needs two candidates)")
+        if uses_candidates(self.observation_features):
+            check_online_candidates(self.candidate_source, self.candidate_k,
+                                    f"{path}.candidate_source (for the cand_* observation features)")
+
+    def candidates(self) -> Optional[dict]:
+        """``{"source", "k"}`` when the observation has cand_* features (what a bank and a policy record), else None."""
+        from greencode.decoding.controllers import uses_candidates
+
+        if not uses_candidates(self.observation_features):
+            return None
+        return {"source": self.candidate_source, "k": int(self.candidate_k)}
 
 
 @dataclass

@@ -66,6 +66,8 @@ def bank_key(cfg, model) -> dict:
         "exit_layers": list(model.exit_layers),
         "observation": cfg.rl.observation,
         "observation_features": list(cfg.rl.observation_features),
+        # the cand_* features' candidate source and k (only when they are observed, so other banks keep their key)
+        **({"candidates": cfg.rl.candidates()} if cfg.rl.candidates() else {}),
         "corpus": {**cfg.section_dict("data", "tokenizer"), "split": cfg.rl.bank.split,
                    "corpus_manifest_sha256": corpus_id},
         "bank": _bank_settings(cfg.rl.bank),
@@ -176,7 +178,8 @@ def make_behaviour(spec: dict, cfg, model, policy=None):
 @torch.inference_mode()
 def record_batch(model, contexts: Sequence[Sequence[int]], controllers: Sequence, max_new_tokens: int,
                  observation: str, eos_token_id: Optional[int] = None,
-                 kv_strategy: str = "propagate", features: Sequence[str] = ()) -> list[Optional[dict[str, np.ndarray]]]:
+                 kv_strategy: str = "propagate", features: Sequence[str] = (),
+                 candidates: Optional[dict] = None) -> list[Optional[dict[str, np.ndarray]]]:
     """Decode each context with its behaviour controller (rows of one batched decode,
     :func:`greencode.decoding.generate` with ``observe=True``) and record, for every *decided*
     token (token 0 comes from the prefill and is never decided, so it is left out; up to
@@ -186,9 +189,11 @@ def record_batch(model, contexts: Sequence[Sequence[int]], controllers: Sequence
     model's prediction there, the label), the emitted tokens [T] and the behaviour's exit
     point [T] (E = the final layer). None for a context whose decoding ended at token 0.
     ``features`` (``rl.observation_features``) are appended to each observation exactly as
-    :class:`~greencode.decoding.PolicyExit` computes them at inference."""
+    :class:`~greencode.decoding.PolicyExit` computes them at inference
+    (:func:`greencode.decoding.controllers.recorded_features`; ``candidates``: ``{"source", "k"}`` of the
+    cand_* features, ``RLConfig.candidates()``)."""
     from greencode.decoding import generate, policy_observation
-    from greencode.decoding.controllers import observation_features
+    from greencode.decoding.controllers import recorded_features
 
     if len(contexts) != len(controllers):
         raise ValueError(f"{len(contexts)} contexts but {len(controllers)} behaviour controllers")
@@ -206,12 +211,9 @@ def record_batch(model, contexts: Sequence[Sequence[int]], controllers: Sequence
         obs = policy_observation(model, states, observation)
         behaviour = np.asarray([points[layer] for layer in res.exit_layers[1:]], dtype=np.int16)
         if features:
-            t, e = states.shape[0], states.shape[1]
-            raw = states.float().cpu()
-            cos = torch.zeros(t, e)
-            cos[:, 1:] = torch.nn.functional.cosine_similarity(raw[:, 1:], raw[:, :-1], dim=-1)
+            e = states.shape[1]
             prev = torch.cat([torch.tensor([e]), torch.from_numpy(behaviour[:-1].astype(np.int64))])  # token 0: final
-            extra = observation_features(features, torch.arange(e).expand(t, e), e, cos, prev[:, None].expand(t, e))
+            extra = recorded_features(model, states, prev, features, **(candidates or {}))
             obs = torch.cat([obs.cpu(), extra], dim=-1)
         out.append({"obs": obs.cpu().numpy(), "preds": torch.stack(res.exit_preds).numpy().astype(np.int32),
                     "tokens": np.asarray(res.tokens[1:], dtype=np.int32), "behaviour_exit": behaviour})
@@ -320,7 +322,7 @@ def _record_items(cfg, model, items, eos, progress: bool = True) -> list[Optiona
         batch = items[start:start + bc.batch_size]
         controllers = [make_behaviour(s, cfg, model, policy) for _, _, s in batch]
         recs = record_batch(model, [c for c, _, _ in batch], controllers, bc.tokens_per_sequence, cfg.rl.observation,
-                            eos, cfg.decoding.kv_strategy, cfg.rl.observation_features)
+                            eos, cfg.decoding.kv_strategy, cfg.rl.observation_features, cfg.rl.candidates())
         for (context, frac, spec), ctrl, rec in zip(batch, controllers, recs):
             if rec is not None:
                 rec.update(context_len=np.asarray(len(context)), frac=np.asarray(frac), behaviour=ctrl.describe())
@@ -424,6 +426,7 @@ def _save_bank(cfg, model, chunks, total, skipped, key, path, rng) -> Path:
         "exit_points": list(model.exit_points),
         "final_layer": int(model.final_layer),
         "observation_features": list(cfg.rl.observation_features),
+        "candidates": cfg.rl.candidates(),
         "observation": cfg.rl.observation,
         "corpus": key["corpus"],
         "bank_config": dataclasses.asdict(bc),

@@ -62,6 +62,8 @@ class ExitPolicy(nn.Module):
         # extra observation features after the hidden state (rl.observation_features); state_size =
         # the model's hidden size the first part of the input comes from
         self.features: list[str] = list(meta.get("features", []))
+        # the cand_* features' candidate source and k ({"source", "k"}; None without them)
+        self.candidates: Optional[dict] = meta.get("candidates")
         from greencode.decoding.controllers import feature_size
 
         self.state_size = self.hidden_size - feature_size(self.features, len(self.exit_layers))

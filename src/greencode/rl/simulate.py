@@ -276,12 +276,14 @@ def controller_decider(model, controllers: Sequence) -> Decider:
 # --------------------------------------------------------------------------- the bank
 @torch.inference_mode()
 def record_simulation(model, sim: Simulation, input_ids: torch.Tensor, observation: str,
-                      features: Sequence[str] = ()) -> list[Optional[dict[str, np.ndarray]]]:
+                      features: Sequence[str] = (), candidates: Optional[dict] = None
+                      ) -> list[Optional[dict[str, np.ndarray]]]:
     """Per row, the bank's arrays for its decided positions ``p`` with a next token (``p + 1`` inside
     the row): ``obs`` [n, E, H'] (float32, :func:`policy_observation` + features), ``preds``
     [n, E+1], ``tokens`` [n] (the file's next token), ``behaviour_exit`` [n]; None for a row with
-    none."""
+    none. ``candidates``: ``{"source", "k"}`` of the cand_* features (``RLConfig.candidates()``)."""
     from greencode.decoding import policy_observation
+    from greencode.decoding.controllers import recorded_features
 
     out: list[Optional[dict[str, np.ndarray]]] = []
     e = len(model.exit_layers)
@@ -303,23 +305,12 @@ def record_simulation(model, sim: Simulation, input_ids: torch.Tensor, observati
             # the predecessor of the first decided position: a prompt position (never exits) = final
             prev_p = (where - 1).clamp(min=0)
             prev = torch.where(sim.decided[r, prev_p], sim.exit_point[r, prev_p], torch.full_like(prev_p, e))
-            obs = torch.cat([obs.cpu(), _extras(states[:, :e], prev.cpu(), features)], dim=-1)
+            obs = torch.cat([obs.cpu(), recorded_features(model, states[:, :e], prev.cpu(), features,
+                                                          **(candidates or {}))], dim=-1)
         out.append({"obs": obs.float().cpu().numpy(), "preds": preds.cpu().numpy().astype(np.int32),
                     "tokens": ids[r, where + 1].cpu().numpy().astype(np.int32), "behaviour_exit": behaviour,
                     "positions": where.cpu().numpy().astype(np.int32)})
     return out
-
-
-def _extras(states: torch.Tensor, prev: torch.Tensor, features: Sequence[str]) -> torch.Tensor:
-    """``rl.observation_features`` [n, E, F] for raw states [n, E, H] and the previous position's exit
-    point [n], computed as :func:`greencode.rl.build.record_batch` computes them."""
-    from greencode.decoding.controllers import observation_features
-
-    n, e = states.shape[0], states.shape[1]
-    raw = states.float().cpu()
-    cos = torch.zeros(n, e)
-    cos[:, 1:] = torch.nn.functional.cosine_similarity(raw[:, 1:], raw[:, :-1], dim=-1)
-    return observation_features(features, torch.arange(e).expand(n, e), e, cos, prev.long()[:, None].expand(n, e))
 
 
 def plan_windows(cfg, tokenizer, records, rng: np.random.Generator, window: int) -> list[tuple[int, int, list[int]]]:
@@ -444,7 +435,8 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
                     ids[r, :len(w)] = torch.tensor(w, dtype=torch.long)
                 sim = simulate_exits(model, ids, _decider_for(cfg, model, bspecs, policy, window), bc.min_context_tokens,
                                      lengths=[len(w) for _, _, w in batch])
-                recs = record_simulation(model, sim, ids, cfg.rl.observation, cfg.rl.observation_features)
+                recs = record_simulation(model, sim, ids, cfg.rl.observation, cfg.rl.observation_features,
+                                         cfg.rl.candidates())
                 for (idx, first, w), spec, rec in zip(batch, bspecs, recs):
                     if rec is None or total >= target:
                         continue
@@ -502,6 +494,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
             "exit_points": list(model.exit_points),
             "final_layer": int(model.final_layer),
             "observation_features": list(cfg.rl.observation_features),
+            "candidates": cfg.rl.candidates(),
             "observation": cfg.rl.observation,
             "corpus": key["corpus"],
             "bank_config": dataclasses.asdict(bc),

@@ -172,6 +172,10 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     if stored != list(cfg.rl.observation_features):
         raise ValueError(f"the bank holds observation features {stored} but rl.observation_features="
                          f"{list(cfg.rl.observation_features)}; rebuild the bank with scripts/build_bank.py")
+    if bank.manifest.get("candidates") != cfg.rl.candidates():
+        raise ValueError(f"the bank's candidate features come from {bank.manifest.get('candidates')} but the config "
+                         f"asks for {cfg.rl.candidates()} (rl.candidate_source, rl.candidate_k); rebuild the bank with "
+                         "scripts/build_bank.py")
     set_seed(cfg.seed)
     has_heldout = bool(bank.heldout.any()) and not bool(bank.heldout.all())
     train_bank = bank.sequences(heldout=False) if has_heldout else bank
@@ -210,6 +214,7 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     fp = bank.manifest.get("fingerprint", {"hidden_size": bank.hidden_size, "exit_layers": bank.exit_layers})
     metadata = {"observation": bank.observation or cfg.rl.observation, "exit_layers": bank.exit_layers,
                 "features": list(bank.manifest.get("observation_features", [])),
+                "candidates": bank.manifest.get("candidates"),
                 "final_layer": bank.manifest.get("final_layer"), "hidden_size": bank.hidden_size,
                 "fingerprint": fp, "model": bank.manifest.get("model"), "config_name": cfg.name, "seed": cfg.seed,
                 "total_timesteps": trained_steps, "reward": cfg.section_dict("rl")["rl"]["reward"],
