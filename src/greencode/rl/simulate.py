@@ -540,3 +540,178 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
              manifest["size_bytes"] / 1e6, path, seconds, total / max(seconds, 1e-9),
              100 * manifest["behaviour_early_exit_share"])
     return path
+
+
+# --------------------------------------------------------------------------- token consistency
+@dataclass
+class ForcedRow:
+    """One row of :func:`simulate_forced`: what the decoding loop's teacher-forced row
+    (``generate(..., forced_tokens=...)``) returns for the same prompt, controller and fed tokens."""
+
+    own_tokens: list[int]  # the row's own choice at each of the N positions (the first: the full model's prefill)
+    exit_layers: list[int]  # the 0-based layer each choice was made at (the first: the final layer)
+    counters: dict  # the loop's counters: decode_steps, layers_run, kv_propagated_layers, lm_head_calls, ...
+
+
+def token_local(controller) -> bool:
+    """Whether ``controller``'s decision for a token depends on that token's own states only (no
+    state carried from one token to the next), so its exits can be simulated at every position at
+    once: stateless controllers, and those whose state lives within a token (saturation's previous
+    exit point, the cheap candidates of ``first_full``, a policy's features other than
+    ``prev_exit``). A controller may say so itself with a ``token_local`` attribute."""
+    flag = getattr(controller, "token_local", None)
+    if flag is not None:
+        return bool(flag)
+    if getattr(controller, "runs_all_layers", False):
+        return False
+    if not getattr(controller, "per_row_state", False):
+        return True
+    features = getattr(controller, "features", None)
+    if features is not None:
+        return "prev_exit" not in features
+    from greencode.decoding.controllers import CheapConfidenceExit, SaturationExit
+
+    return isinstance(controller, (SaturationExit, CheapConfidenceExit))
+
+
+def _own_copy(controller, model):
+    """A fresh instance for one token of a controller with per-token state (the model and a policy shared)."""
+    import copy
+
+    memo = {id(model): model}
+    policy = getattr(controller, "policy", None)
+    if policy is not None:
+        memo[id(policy)] = policy
+    c = copy.deepcopy(controller, memo)
+    c.reset()
+    c.check_layers(model)
+    return c
+
+
+@torch.inference_mode()
+def simulate_forced(model, prompt: Sequence[int], forced: Sequence[int], controllers: Sequence,
+                    *, oracle: bool = False) -> tuple[list[ForcedRow], Optional[list[int]]]:
+    """The teacher-forced decoding loop (``generate(model, prompt, controller, len(forced),
+    forced_tokens=[forced])``, ``propagate`` K/V) for every controller in ``controllers`` at once,
+    simulated layer by layer over the continuation's positions: the prompt is prefilled once by the
+    full model (its K/V shared by every row, as the loop's prefill), then each row is fed
+    ``forced[:-1]`` at positions ``len(prompt)...``, every position deciding at its controller's
+    check layers. A position that exits keeps its exit state for the deeper layers, whose K/V it
+    still fills from that state (the loop's ``propagate``); its own choice is the argmax of the head
+    on its exit state. Per row: the own choices, the exit layers and the loop's counters (so
+    :func:`greencode.decoding.compute_cost` prices it as the loop's row), equal to the loop's (tested).
+
+    Rows holding the same controller instance decide together (a stateless controller, one
+    vectorised check); a controller with per-token state (:func:`token_local`) gets one instance per
+    position. Controllers that carry state from token to token, or run every layer (the oracle),
+    are refused. ``oracle``: also the oracle's exit point (index into ``model.exit_points``) at each
+    continuation position, from the full model's stream (which the oracle's tokens follow)."""
+    bad = [c for c in controllers if not token_local(c)]
+    if bad:
+        raise ValueError(f"controller {bad[0].describe()} carries state from token to token (or runs every layer); "
+                         "its teacher-forced pass needs the decoding loop (generate(..., forced_tokens=...))")
+    if not forced:
+        raise ValueError("forced is empty; feed at least one token")
+    adapter, dev, dtype = model.adapter, model.device, model.dtype
+    layers, final, num_layers = list(adapter.layers), model.final_layer, model.num_layers
+    eager = getattr(model.hf.config, "_attn_implementation", "eager") != "sdpa"
+    p_len = len(prompt)
+    # the prefill: the full model over the prompt; every layer's K/V kept
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
+    pos = torch.arange(p_len, device=dev)[None]
+    h = adapter.embed(ids, pos)
+    kw = adapter.layer_kwargs(h, pos)
+    mask = _causal_mask(p_len, dtype, dev) if eager else None
+    prefix = []
+    for layer in layers:
+        cap = _Capture()
+        h = _run_layer(layer, h, mask, cap, kw)
+        prefix.append(cap.kv)
+    first = int(model.decode(h[:, -1:]).argmax(-1))
+    rows = len(controllers) + (1 if oracle else 0)
+    base = {"decode_steps": 0, "layers_run": 0, "kv_propagated_layers": 0, "lm_head_calls": 1, "exit_checks": 0,
+            "controller_macs": 0}
+    out = [ForcedRow([first], [final], dict(base)) for _ in controllers]
+    t = len(forced) - 1
+    if t == 0:
+        return out, ([] if oracle else None)
+    # the continuation: every row fed forced[:-1] at positions p_len .. p_len + t - 1
+    cont = torch.tensor([list(forced[:-1])], dtype=torch.long, device=dev).expand(rows, t)
+    cpos = (p_len + torch.arange(t, device=dev))[None].expand(rows, t)
+    h = adapter.embed(cont, cpos)
+    kw = adapter.layer_kwargs(h, cpos)
+    seg = torch.ones((t, t), dtype=torch.bool, device=dev).tril()
+    allowed = torch.cat([torch.ones((t, p_len), dtype=torch.bool, device=dev), seg], dim=1)
+    cmask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    exited = torch.zeros((rows, t), dtype=torch.bool, device=dev)
+    exit_layer = torch.full((rows, t), final, dtype=torch.long, device=dev)
+    from_logits = torch.zeros((rows, t), dtype=torch.bool, device=dev)  # the choice reuses the check's head
+    checks = [c.check_layers(model) for c in controllers]
+    groups: dict[int, list[int]] = {}
+    for r, c in enumerate(controllers):
+        groups.setdefault(id(c), []).append(r)
+    own: dict[tuple[int, int], object] = {}  # (row, position) -> its instance (per-token state)
+    for r, c in enumerate(controllers):
+        if getattr(c, "per_row_state", False):
+            for p in range(t):
+                own[(r, p)] = _own_copy(c, model)
+    counters = [dict(o.counters) for o in out]
+    ask_at = sorted(set().union(*checks)) if checks else []
+    exit_index = {layer: k for k, layer in enumerate(model.exit_points)}
+    oracle_preds = []
+    for j, layer in enumerate(layers):
+        kv = tuple(x.expand(rows, *x.shape[1:]) for x in prefix[j])
+        new = _run_layer(layer, h, cmask, _Prefixed(kv), kw)
+        h = torch.where(exited[..., None], h, new)  # an exited position keeps its exit state (its K/V: propagated)
+        if oracle and j in exit_index:
+            oracle_preds.append(model.decode(h[-1]).argmax(-1))
+        if j >= final or j not in ask_at:
+            continue
+        for rs in groups.values():
+            ctrl = controllers[rs[0]]
+            if j not in checks[rs[0]]:
+                continue
+            running = ~exited[rs]  # [len(rs), t]
+            if not bool(running.any()):
+                continue
+            head = ctrl.logits_at(j)
+            macs = ctrl.check_macs(j)
+            where = running.nonzero(as_tuple=False)
+            r_idx = torch.tensor(rs, device=dev)[where[:, 0]]
+            p_idx = where[:, 1]
+            hs = h[r_idx, p_idx][:, None]  # [n, 1, H]
+            normed = model.final_norm(hs) if (ctrl.needs_normed or head) else None
+            logits = adapter.lm_head(normed) if head else None
+            if getattr(ctrl, "per_row_state", False):
+                dec = [own[(int(r), int(p))].should_exit(j, hs[k:k + 1], None if normed is None else normed[k:k + 1],
+                                                         None if logits is None else logits[k:k + 1])
+                       for k, (r, p) in enumerate(zip(r_idx.tolist(), p_idx.tolist()))]
+            else:
+                dec = ctrl.should_exit_rows(j, hs, normed, logits)
+            dec = torch.as_tensor(dec, dtype=torch.bool, device=dev).reshape(-1)
+            for r, n in zip(*torch.unique(r_idx, return_counts=True)):
+                c = counters[int(r)]
+                c["exit_checks"] += int(n)
+                c["controller_macs"] += int(n) * int(macs)
+                c["lm_head_calls"] += int(n) if head else 0
+            if bool(dec.any()):
+                exited[r_idx[dec], p_idx[dec]] = True
+                exit_layer[r_idx[dec], p_idx[dec]] = j
+                from_logits[r_idx[dec], p_idx[dec]] = head
+    choice = model.decode(h[:len(controllers)]).argmax(-1)  # [rows, t]: the head on each position's exit state
+    for r, o in enumerate(out):
+        c = counters[r]
+        el = exit_layer[r]
+        c["decode_steps"] = t
+        c["layers_run"] = int((el + 1).sum())
+        c["kv_propagated_layers"] = int((final - el).sum())
+        c["lm_head_calls"] += int((~from_logits[r]).sum())
+        o.counters = c
+        o.own_tokens += choice[r].tolist()
+        o.exit_layers += el.tolist()
+    oracle_exit = None
+    if oracle:
+        preds = torch.stack(oracle_preds, dim=1)  # [t, E + 1]
+        agree = preds == preds[:, -1:]
+        oracle_exit = agree.float().argmax(1).tolist()  # the first exit point agreeing with the final layer
+    return out, oracle_exit

@@ -1,0 +1,75 @@
+"""Token consistency from one teacher-forced pass (greencode.rl.simulate.simulate_forced): every
+controller's exits simulated over the continuation's positions give the same own choices, exit
+layers and counters (so the same compute) as the decoding loop's teacher-forced rows
+(generate(..., forced_tokens=...)), which is what the token criterion was computed from."""
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+from greencode.decoding import (ConfidenceExit, EntropyExit, FixedExit, NeverExit, SaturationExit, compute_cost,
+                                generate)
+from greencode.rl.simulate import simulate_forced, token_local
+
+
+def _ids(seed, length):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=g).tolist()
+
+
+def _controllers(model):
+    return [NeverExit(), FixedExit(1), FixedExit(2), ConfidenceExit(0.05), ConfidenceExit(0.08),
+            EntropyExit(4.0), EntropyExit(4.3), SaturationExit(0.3), SaturationExit(0.6)]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_simulated_teacher_forced_rows_equal_the_loops(family):
+    model = tiny_model(family, num_layers=6, exit_layers=(1, 2, 4))
+    exited_somewhere = set()
+    for seed, (p_len, n) in enumerate([(9, 12), (17, 15), (5, 1), (30, 7)]):
+        prompt = _ids(100 + seed, p_len)
+        # the full model's greedy continuation, as the calibration feeds it
+        forced = generate(model, torch.tensor([prompt]), NeverExit(), n).tokens
+        ctrls = _controllers(model)
+        sim, oracle = simulate_forced(model, prompt, forced, ctrls, oracle=True)
+        loop = generate(model, [prompt] * len(ctrls), _controllers(model), len(forced),
+                        forced_tokens=[forced] * len(ctrls))
+        for c, s, l in zip(ctrls, sim, loop):
+            assert s.own_tokens == l.own_tokens, c.describe()  # exact: the per-token disagreement is the loop's
+            assert s.exit_layers == l.exit_layers, c.describe()
+            for key in ("decode_steps", "layers_run", "kv_propagated_layers", "lm_head_calls", "exit_checks",
+                        "controller_macs"):
+                assert s.counters[key] == l.counters[key], (c.describe(), key)
+            assert compute_cost(model, [s], c) == compute_cost(model, [l], c)
+            exited_somewhere |= {x for x in s.exit_layers if x != model.final_layer}
+        # the oracle: the first exit point agreeing with the final layer on the full model's stream
+        assert len(oracle) == len(forced) - 1
+        ref = generate(model, torch.tensor([prompt]), __import__("greencode.decoding", fromlist=["OracleExit"]).OracleExit(),
+                       len(forced), forced_tokens=[forced])
+        assert [model.exit_points[k] for k in oracle] == ref.exit_layers[1:]
+    assert len(exited_somewhere) >= 2  # the controllers really exited, at several layers
+
+
+def test_disagreement_is_the_loops_share():
+    model = tiny_model("opt", num_layers=6, exit_layers=(1, 2, 4))
+    shares = []
+    for seed in range(4):
+        prompt = _ids(5 + seed, 11)
+        forced = generate(model, torch.tensor([prompt]), NeverExit(), 10).tokens
+        (row,), _ = simulate_forced(model, prompt, forced, [FixedExit(1)])
+        loop = generate(model, torch.tensor([prompt]), FixedExit(1), len(forced), forced_tokens=[forced])
+        assert row.own_tokens[0] == forced[0]  # the prefill's token is the full model's
+        share = sum(a != b for a, b in zip(row.own_tokens, forced)) / len(forced)
+        assert share == sum(a != b for a, b in zip(loop.own_tokens, forced)) / len(forced)
+        shares.append(share)
+    assert max(shares) > 0
+
+
+def test_controllers_with_state_across_tokens_are_refused():
+    from greencode.decoding import OracleExit
+
+    assert token_local(FixedExit(1)) and token_local(SaturationExit(0.9))
+    assert not token_local(OracleExit())
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    with pytest.raises(ValueError, match="decoding loop"):
+        simulate_forced(model, [3, 4, 5], [6, 7], [OracleExit()])
