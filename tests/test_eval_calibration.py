@@ -148,3 +148,46 @@ def test_quality_and_token_criteria_use_their_own_losses(tmp_path):
     assert q2["oracle_savings_share"] == pytest.approx(0.4)
     t10 = next(r for r in table["rows"] if r["criterion"] == "token" and r["target"] == 0.1)
     assert t10["achieved_disagreement"] == pytest.approx(0.05)
+
+
+def test_smallest_certifiable_risk_by_hand():
+    from greencode.eval.calibration import certifiable, max_certified_risk, smallest_certifiable_risk
+
+    # at observed risk 0 the p-value is (1 - alpha)^n (Hoeffding; Bentkus is e times it): certified iff
+    # (1 - alpha)^n <= delta, so the smallest certifiable target is 1 - delta^(1/n)
+    assert smallest_certifiable_risk(240, 0.1) == pytest.approx(1 - math.exp(math.log(0.1) / 240), rel=1e-12)
+    assert smallest_certifiable_risk(240, 0.1) == pytest.approx(0.009548, abs=1e-6)  # 0.95%
+    assert smallest_certifiable_risk(1500, 0.1) == pytest.approx(0.0015339, abs=1e-7)  # 0.15%
+    assert smallest_certifiable_risk(580, 0.1) == pytest.approx(0.0039622, abs=1e-6)  # 0.40%
+    for n in (240, 580, 1500):  # it is the boundary: the test passes at it and fails just below
+        a = smallest_certifiable_risk(n, 0.1)
+        assert hb_pvalue(0.0, n, a * (1 + 1e-9)) <= 0.1 < hb_pvalue(0.0, n, a * (1 - 1e-6))
+    # the architecture's numbers: at n = 240, 2% is certified only at an observed risk of about 0.4% ...
+    assert max_certified_risk(240, 0.02, 0.1) == pytest.approx(0.0039, abs=4e-4)
+    # ... and 1% almost never (only at observed 0); at n = 1500, 2% up to about 1.3%
+    assert max_certified_risk(240, 0.01, 0.1) < 0.0005
+    assert 0.012 < max_certified_risk(1500, 0.02, 0.1) < 0.015
+    assert max_certified_risk(100, 0.01, 0.1) is None  # 0.99^100 = 0.366 > 0.1: never
+    rep = certifiable(240, [0.01, 0.02], 0.1)
+    assert rep["n"] == 240 and set(rep["max_observed_risk"]) == {"0.01", "0.02"}
+
+
+def test_token_criterion_on_its_own_samples_with_its_own_compute(tmp_path):
+    """The simulated pass's compute and layers skipped price the token criterion's candidates, also on
+    samples the free-running evaluation never decoded; the oracle's savings share comes with them."""
+    cfg = _cfg(tmp_path, families=["gc"], gc_thresholds=[0.9, 0.5])
+    _fake_eval_es(tmp_path / "eval", {"full": [(60.0, 1.0)] * 10, "gc@0.9": [(61.0, 0.7)] * 10,
+                                      "gc@0.5": [(30.0, 0.4)] * 10})
+    n = 600  # more than the 10 free-running samples
+    forced = {"gc@0.9": {str(i): 0.0 for i in range(n)}, "gc@0.5": {str(i): 0.05 for i in range(n)}}
+    compute = {"gc@0.9": {str(i): 0.8 for i in range(n)}, "gc@0.5": {str(i): 0.5 for i in range(n)}}
+    skipped = {"gc@0.9": {str(i): 0.2 for i in range(n)}, "gc@0.5": {str(i): 0.5 for i in range(n)}}
+    oracle = {str(i): 0.625 for i in range(n)}
+    specs = candidate_specs(cfg, [1])
+    token = choose(cfg, tmp_path / "eval", specs, "token", forced, compute, skipped, oracle)["gc"]
+    assert token["samples"] == n
+    t = token["targets"]["0.1"]
+    assert t["chosen"] == "gc@0.5" and t["calibration_compute_ratio"] == pytest.approx(0.5)
+    assert t["oracle_savings_share"] == pytest.approx(0.8)  # 0.5 / 0.625
+    assert token["targets"]["0.02"]["oracle_savings_share"] == pytest.approx(0.32)  # gc@0.9: 0.2 / 0.625
+    assert token["certifiable"]["smallest_certifiable_risk"] == pytest.approx(1 - 0.1 ** (1 / n))

@@ -53,6 +53,15 @@ def test_every_stage_writes_its_outputs(smoke_run):
     assert cal["samples"]["count"] == len(cal["samples"]["ids"]) > 0 and cal["samples"]["offset"] == 0
     forced = json.loads((results / "calibration" / "eval" / "teacher_forced.json").read_text())["methods"]
     assert "gc@0.9" in forced and all(0.0 <= v <= 1.0 for v in forced["gc@0.9"].values())
+    # the token criterion on its own, larger slice (calibration.token_num_samples), from one simulated
+    # teacher-forced pass per sample; each criterion states the smallest risk it could certify at its n
+    tf = json.loads((results / "calibration" / "eval" / "teacher_forced.json").read_text())
+    assert cal["token_num_samples"] == 6 and len(forced["fixed@1"]) >= cal["samples"]["count"]
+    assert "fixed@1" in tf["simulated"] and tf["oracle_layers_skipped"]
+    tok = cal["criteria"]["token"]
+    assert tok["samples"] == len(forced["fixed@1"])
+    assert tok["certifiable"]["smallest_certifiable_risk"] == pytest.approx(1 - 0.1 ** (1 / tok["samples"]))
+    assert "smallest risk Hoeffding-Bentkus can certify" in (results / "calibration" / "calibration.md").read_text()
     ev = results / "eval"
     targets = json.loads((ev / "calibrated.json").read_text())
     assert targets["split"] == "test" and {r["family"] for r in targets["rows"]} == set(cal["families"])

@@ -527,6 +527,10 @@ class EvalConfig:
     infill_fixed_layers: Optional[list[int]] = None  # the fixed exits run on it; null = every exit point
     infill_gc_thresholds: Optional[list[float]] = None  # GC's thresholds on it; null = eval.gc_thresholds
 
+    def token_samples(self) -> int:
+        """The token criterion's sample count (``token_num_samples``, else ``num_samples``)."""
+        return int(self.num_samples if self.token_num_samples is None else self.token_num_samples)
+
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
         _check_range(f"{path}.context_fraction", self.context_fraction, 0.0, 1.0, low_open=True)
@@ -567,6 +571,10 @@ class CalibrationConfig:
 
     enabled: bool = True  # the pipeline's calibrate stage; the evaluation then reports every controller at the targets
     num_samples: int = 300  # validation samples (certifying a 1% target at delta 0.1 needs >= 230)
+    # the token criterion's own sample count (None: num_samples): one teacher-forced pass per sample for every
+    # candidate at once (simulated), so it can run on many more samples than the free-running criteria; the same
+    # seeded order from sample_offset, so its first num_samples are the free-running ones
+    token_num_samples: Optional[int] = None
     # the calibration samples start here in the validation split's seeded order: the samples before it are
     # the tuning slice (grids, knobs such as the policy temperature), so calibration reuses nothing
     sample_offset: int = 0
@@ -589,8 +597,14 @@ class CalibrationConfig:
     # calibration grid)
     thresholds: dict[str, list[float]] = field(default_factory=dict)
 
+    def token_samples(self) -> int:
+        """The token criterion's sample count (``token_num_samples``, else ``num_samples``)."""
+        return int(self.num_samples if self.token_num_samples is None else self.token_num_samples)
+
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_samples", self.num_samples, 1, None)
+        if self.token_num_samples is not None:
+            _check_range(f"{path}.token_num_samples", self.token_num_samples, 1, None)
         _check_range(f"{path}.delta", self.delta, 0.0, 1.0, low_open=True)
         _check_range(f"{path}.sample_offset", self.sample_offset, 0, None)
         for crit in self.criteria:

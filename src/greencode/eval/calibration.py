@@ -152,9 +152,20 @@ def _compute(r: dict) -> Optional[float]:
 
 
 def sample_losses(eval_dir: Path, method_id: str, criterion: str = "sequence",
-                  forced: Optional[dict] = None) -> Optional[dict[int, tuple[float, float]]]:
+                  forced: Optional[dict] = None,
+                  forced_compute: Optional[dict] = None) -> Optional[dict[int, tuple[float, float]]]:
     """{sample index: (loss under ``criterion``, compute ratio)} of one evaluated method.
-    ``forced``: the teacher-forced disagreements ({method id: {index: share}}) for ``token``."""
+    ``forced``: the teacher-forced disagreements ({method id: {index: share}}) for ``token``;
+    ``forced_compute`` ({method id: {index: compute ratio}}): the teacher-forced pass's own compute,
+    so the token criterion needs no free-running record (its samples may be more than those)."""
+    if criterion == "token" and forced_compute is not None and method_id in forced_compute:
+        tf, kc = (forced or {}).get(method_id) or {}, forced_compute[method_id]
+        out = {}
+        for i, share in tf.items():
+            k = kc.get(i, kc.get(str(i)))
+            if share is not None and k is not None:
+                out[int(i)] = (float(share), float(k))
+        return out or None
     recs = _records(eval_dir, method_id)
     if recs is None:
         return None
@@ -196,23 +207,36 @@ def _per_sample(eval_dir: Path, method_id: str) -> Optional[dict[int, tuple[floa
     return sample_losses(eval_dir, method_id, "sequence")
 
 
-def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str]) -> dict[str, dict[int, float]]:
+def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
+                   full_tokens: Optional[dict[int, list[int]]] = None, oracle: bool = False) -> dict[str, dict[int, float]]:
     """Token consistency of loop methods: each is fed the full model's greedy continuation of each
-    sample (``eval_dir/methods/full.json``) and its own choice at each position is compared with
-    it. Returns and writes ``eval_dir/teacher_forced.json``: {method id: {sample index: share of
-    positions that differ}}. Prompts x methods run as the rows of one batched decode."""
+    sample (``full_tokens``, else ``eval_dir/methods/full.json``; samples with neither get theirs
+    generated here, batched) and its own choice at each position is compared with it. One
+    teacher-forced pass per sample for every candidate at once (:func:`greencode.rl.simulate.simulate_forced`:
+    the prompt prefilled once, every controller's exits simulated over the continuation's positions,
+    equal to the decoding loop's teacher-forced rows, tested); controllers that carry state from
+    token to token go through the loop (``generate(..., forced_tokens=...)``). Returns and writes
+    ``eval_dir/teacher_forced.json``: {method id: {sample index: share of positions that differ}},
+    with each row's compute ratio and layers skipped per sample (``compute``, ``layers_skipped``)
+    and, with ``oracle``, the oracle's hypothetical layers skipped on the same continuations."""
+    import time
+
     import torch
 
-    from greencode.decoding import generate
+    from greencode.decoding import NeverExit, compute_cost, generate
     from greencode.eval.evaluator import Runner, _prompt_of, load_inputs, load_samples
     from greencode.eval.methods import parse_method_name
+    from greencode.rl.simulate import simulate_forced, token_local
     from greencode.utils import setup_torch
 
-    full = _records(eval_dir, "full")
-    if full is None:
-        raise FileNotFoundError(f"no full-model records in {eval_dir}/methods/full.json; the teacher-forced pass "
-                                "feeds the full model's continuation, so evaluate method 'full' first")
-    forced_of = {int(r["index"]): [int(t) for t in r["tokens"]] for r in full if r.get("tokens")}
+    t0 = time.perf_counter()
+    forced_of = dict(full_tokens or {})
+    if not forced_of:
+        full = _records(eval_dir, "full")
+        if full is None:
+            raise FileNotFoundError(f"no full-model records in {eval_dir}/methods/full.json; the teacher-forced pass "
+                                    "feeds the full model's continuation, so evaluate method 'full' first")
+        forced_of = {int(r["index"]): [int(t) for t in r["tokens"]] for r in full if r.get("tokens")}
     specs = []
     for mid in method_ids:
         fam, param = parse_method_name(mid)
@@ -229,28 +253,69 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str]) -> di
     specs = [s for s in specs if all(getattr(inputs, n) is not None for n in needs(s.family))]
     ctrls = [runner.controller(s) for s in specs]
     limit = getattr(model.hf.config, "max_position_embeddings", None)
-    out: dict[str, dict[int, float]] = {s.id: {} for s in specs}
-    idx = [i for i in range(len(samples)) if i in forced_of]
+    max_new = cfg.eval.max_new_tokens
+    prompts = {i: _prompt_of(samples[i], limit, max_new) for i in range(len(samples))}
     per_batch = max(1, int(cfg.eval.accuracy_batch_prompts))
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(idx), per_batch), desc="teacher-forced", unit="batch", disable=None):
-        chunk = idx[start:start + per_batch]
-        rows = [(i, s, c) for i in chunk for s, c in zip(specs, ctrls)]
-        if not rows:
-            continue
-        prompts = [_prompt_of(samples[i], limit, cfg.eval.max_new_tokens) for i, _, _ in rows]
-        with torch.inference_mode():
-            res = generate(model, prompts, [c for _, _, c in rows], cfg.eval.max_new_tokens, eos_token_id=tok.eos_token_id,
-                           kv_strategy=cfg.decoding.kv_strategy, forced_tokens=[forced_of[i] for i, _, _ in rows])
-        for (i, s, _), r in zip(rows, res):
-            f = forced_of[i]
-            out[s.id][i] = sum(a != b for a, b in zip(r.own_tokens, f)) / len(f)
+    missing = sorted((i for i in prompts if i not in forced_of), key=lambda i: (len(prompts[i]), i))
+    with torch.inference_mode():  # the full model's continuations not decoded yet: batched, sorted by length
+        for start in tqdm(range(0, len(missing), 2 * per_batch), desc="full continuations", unit="batch",
+                          disable=None if missing else True):
+            chunk = missing[start:start + 2 * per_batch]
+            res = generate(model, [prompts[i] for i in chunk], [NeverExit() for _ in chunk], max_new,
+                           eos_token_id=tok.eos_token_id, kv_strategy=cfg.decoding.kv_strategy)
+            forced_of.update({i: r.tokens for i, r in zip(chunk, res)})
+    if cfg.decoding.kv_strategy != "propagate":
+        raise ConfigError(f"decoding.kv_strategy={cfg.decoding.kv_strategy!r}: the teacher-forced simulation "
+                          "propagates K/V from the exit state (the default strategy); use propagate")
+    fast = [k for k, c in enumerate(ctrls) if token_local(c)]
+    slow = [k for k in range(len(ctrls)) if k not in fast]
+    out: dict[str, dict[int, float]] = {s.id: {} for s in specs}
+    compute: dict[str, dict[int, Optional[float]]] = {s.id: {} for s in specs}
+    skipped: dict[str, dict[int, Optional[float]]] = {s.id: {} for s in specs}
+    oracle_skip: dict[int, float] = {}
+    idx = [i for i in range(len(samples)) if forced_of.get(i)]
+
+    def keep(i, k, res):
+        f = forced_of[i]
+        spec = specs[k]
+        out[spec.id][i] = sum(a != b for a, b in zip(res.own_tokens, f)) / len(f)
+        cost = compute_cost(model, [res], ctrls[k])
+        compute[spec.id][i] = cost["compute_ratio"]
+        skipped[spec.id][i] = cost["layers_skipped_share"]
+
+    with torch.inference_mode():
+        for i in tqdm(idx, desc="teacher-forced (simulated)", unit="sample", disable=None):
+            rows, oex = simulate_forced(model, prompts[i], forced_of[i], [ctrls[k] for k in fast], oracle=oracle)
+            for k, res in zip(fast, rows):
+                keep(i, k, res)
+            if oracle and oex:
+                layers = [model.exit_points[e] for e in oex]
+                oracle_skip[i] = 1.0 - sum(x + 1 for x in layers) / (len(layers) * model.num_layers)
+        for start in tqdm(range(0, len(idx), per_batch) if slow else [], desc="teacher-forced (loop)", unit="batch",
+                          disable=None):
+            chunk = idx[start:start + per_batch]
+            rows = [(i, k) for i in chunk for k in slow]
+            res = generate(model, [prompts[i] for i, _ in rows], [ctrls[k] for _, k in rows], max_new,
+                           eos_token_id=tok.eos_token_id, kv_strategy=cfg.decoding.kv_strategy,
+                           forced_tokens=[forced_of[i] for i, _ in rows])
+            for (i, k), r in zip(rows, res):
+                keep(i, k, r)
     from greencode.provenance import weights_record
 
-    write_json(eval_dir / TEACHER_FORCED_FILE, {"format": "greencode-teacher-forced/1", "split": cfg.eval.split,
-                                                 "what": CRITERIA["token"], "methods": out,
-                                                 "weights": weights_record(model)})
+    seconds = time.perf_counter() - t0
+    write_json(eval_dir / TEACHER_FORCED_FILE, {
+        "format": "greencode-teacher-forced/2", "split": cfg.eval.split, "what": CRITERIA["token"],
+        "how": "one teacher-forced pass per sample: the prompt prefilled once, every candidate's exits simulated over "
+               "the full model's continuation (greencode.rl.simulate.simulate_forced, equal to the decoding loop's "
+               "teacher-forced rows); controllers with state across tokens through the loop",
+        "simulated": [specs[k].id for k in fast], "loop": [specs[k].id for k in slow],
+        "num_samples": len(idx), "seconds": round(seconds, 1),
+        "methods": out, "compute": compute, "layers_skipped": skipped,
+        "oracle_layers_skipped": oracle_skip if oracle else None, "weights": weights_record(model)})
+    log.info("teacher-forced pass: %d samples x %d methods (%d simulated) in %.0f s", len(idx), len(specs), len(fast),
+             seconds)
     return out
 
 
@@ -259,11 +324,52 @@ def load_teacher_forced(eval_dir: Path) -> Optional[dict]:
     return read_json(f)["methods"] if f.is_file() else None
 
 
+def smallest_certifiable_risk(n: int, delta: float) -> Optional[float]:
+    """The smallest target the Hoeffding-Bentkus test can certify with ``n`` samples at level ``delta``:
+    even at observed risk 0 a smaller target is never certified. At risk 0 both bounds are powers of
+    ``1 - alpha`` (Hoeffding ``(1 - alpha)^n``, Bentkus ``e (1 - alpha)^n``), so it is
+    ``1 - delta^(1/n)`` (n = 240, delta = 0.1: 0.95%; n = 1,500: 0.15%)."""
+    if n <= 0:
+        return None
+    return 1.0 - delta ** (1.0 / n)
+
+
+def max_certified_risk(n: int, alpha: float, delta: float) -> Optional[float]:
+    """The largest observed mean risk at which target ``alpha`` is still certified with ``n`` samples at
+    level ``delta`` (None: not even at observed risk 0). The p-value grows with the observed risk, so
+    a bisection over it (to 1e-6)."""
+    if n <= 0 or hb_pvalue(0.0, n, alpha) > delta:
+        return None
+    lo, hi = 0.0, alpha
+    while hi - lo > 1e-6:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if hb_pvalue(mid, n, alpha) <= delta else (lo, mid)
+    return lo
+
+
+def certifiable(n: int, targets: Sequence[float], delta: float) -> dict[str, Any]:
+    """What ``n`` samples can certify at ``delta``: the smallest certifiable risk and, per target, the
+    largest observed risk that still certifies it."""
+    return {"n": n, "delta": delta, "smallest_certifiable_risk": smallest_certifiable_risk(n, delta),
+            "max_observed_risk": {f"{t:g}": max_certified_risk(n, t, delta) for t in targets}}
+
+
+def _layers_skipped(r: dict) -> Optional[float]:
+    cost = r.get("cost") or {}
+    full = cost.get("layer_steps_full")
+    return 1.0 - float(cost["layers_run"]) / float(full) if full and cost.get("layers_run") is not None else None
+
+
 def choose(cfg: Config, eval_dir: Path, specs: dict[str, list[MethodSpec]], criterion: str = "sequence",
-           forced: Optional[dict] = None) -> dict[str, Any]:
-    """Per family and target: the certified candidates and the cheapest of them, under one criterion."""
+           forced: Optional[dict] = None, forced_compute: Optional[dict] = None,
+           layers_skipped: Optional[dict] = None, oracle_skipped: Optional[dict] = None) -> dict[str, Any]:
+    """Per family and target: the certified candidates and the cheapest of them, under one criterion.
+    ``layers_skipped`` ({method id: {index: share}}; default: the free-running records') and
+    ``oracle_skipped`` ({index: the oracle's hypothetical share}) add each candidate's share of the
+    oracle's savings (its layers skipped over the oracle's, on the same samples)."""
     c = cfg.calibration
-    per = {s.id: sample_losses(eval_dir, s.id, criterion, forced) for fam in specs.values() for s in fam}
+    per = {s.id: sample_losses(eval_dir, s.id, criterion, forced, forced_compute)
+           for fam in specs.values() for s in fam}
     families: dict[str, Any] = {}
     for fam, cands in specs.items():
         ran = [s for s in cands if per.get(s.id)]
@@ -275,6 +381,18 @@ def choose(cfg: Config, eval_dir: Path, specs: dict[str, list[MethodSpec]], crit
         cost = [float(np.mean([per[s.id][i][1] for i in common])) for s in ran]
         rows = [{"id": s.id, "param": s.param, "mean_disagreement": float(x.mean()), "compute_ratio": k}
                 for s, x, k in zip(ran, loss, cost)]
+        oracle = [oracle_skipped.get(i, oracle_skipped.get(str(i))) for i in common] if oracle_skipped else []
+        oracle_mean = float(np.mean(oracle)) if oracle and None not in oracle else None
+        for s, row in zip(ran, rows):
+            if layers_skipped is not None:
+                got = layers_skipped.get(s.id) or {}
+                sk = [got.get(i, got.get(str(i))) for i in common]
+            else:
+                recs = {int(r["index"]): r for r in (_records(eval_dir, s.id) or [])}
+                sk = [_layers_skipped(recs[i]) if i in recs else None for i in common]
+            row["layers_skipped_share"] = float(np.mean(sk)) if sk and None not in sk else None
+            row["oracle_savings_share"] = (row["layers_skipped_share"] / oracle_mean
+                                           if row["layers_skipped_share"] is not None and oracle_mean else None)
         targets = {}
         for alpha in c.targets:
             ok, pvals = fixed_sequence(loss, alpha, c.delta)
@@ -286,9 +404,11 @@ def choose(cfg: Config, eval_dir: Path, specs: dict[str, list[MethodSpec]], crit
                 "chosen": ran[best].id if best is not None else None,
                 "chosen_param": ran[best].param if best is not None else None,
                 "calibration_disagreement": rows[best]["mean_disagreement"] if best is not None else None,
-                "calibration_compute_ratio": cost[best] if best is not None else None}
+                "calibration_compute_ratio": cost[best] if best is not None else None,
+                "oracle_savings_share": rows[best]["oracle_savings_share"] if best is not None else None}
         families[fam] = {"order": [s.id for s in ran], "samples": len(common), "candidates": rows,
-                         "targets": targets}
+                         "targets": targets, "oracle_layers_skipped_share": oracle_mean,
+                         "certifiable": certifiable(len(common), c.targets, c.delta)}
     return families
 
 
@@ -325,21 +445,46 @@ def calibrate(cfg: Config, *, split: str = CALIBRATION_SPLIT) -> Path:
             available.append(i)
         else:
             log.warning("calibration: %s skipped (no %s at %s)", i, *missing[0])
+    import time
+
+    t0 = time.perf_counter()
     evaluate(sub, available)
     eval_dir = out / "eval"
-    forced = teacher_forced(sub, eval_dir, available) if "token" in c.criteria else None
-    criteria = {crit: {"risk": CRITERIA[crit], "families": choose(cfg, eval_dir, specs, crit, forced)}
-                for crit in c.criteria}
-    families = criteria["sequence"]["families"] if "sequence" in criteria else {}
+    free_s = time.perf_counter() - t0
     full = _records(eval_dir, "full") or []
-    result = {"format": FORMAT, "split": split, "num_samples": c.num_samples, "delta": c.delta,
-              "targets": list(c.targets), "risk": CRITERIA["sequence"],
+    token_n = c.token_samples()
+    forced = compute = skipped = oracle = None
+    if "token" in c.criteria:
+        # the token criterion on its own (larger) slice: the same seeded order from the same offset, so its first
+        # num_samples are the free-running ones (their full continuations reused); one simulated pass per sample
+        tsub = dataclasses.replace(sub, eval=dataclasses.replace(sub.eval, num_samples=token_n))
+        known = {int(r["index"]): [int(t) for t in r["tokens"]] for r in full if r.get("tokens")}
+        forced = teacher_forced(tsub, eval_dir, available, full_tokens=known, oracle=True)
+        tf = read_json(eval_dir / TEACHER_FORCED_FILE)
+        compute, skipped, oracle = tf["compute"], tf["layers_skipped"], tf.get("oracle_layers_skipped")
+    token_s = time.perf_counter() - t0 - free_s
+    criteria = {}
+    for crit in c.criteria:
+        if crit == "token":
+            fams = choose(cfg, eval_dir, specs, crit, forced, compute, skipped, oracle)
+        else:  # the oracle's tokens are the full model's: its exits on the teacher-forced pass are its free-running ones
+            fams = choose(cfg, eval_dir, specs, crit, oracle_skipped=oracle)
+        n = max((e.get("samples", 0) for e in fams.values()), default=0)
+        criteria[crit] = {"risk": CRITERIA[crit], "families": fams, "samples": n,
+                          "certifiable": certifiable(n, c.targets, c.delta)}
+    families = criteria["sequence"]["families"] if "sequence" in criteria else {}
+    result = {"format": FORMAT, "split": split, "num_samples": c.num_samples, "token_num_samples": token_n,
+              "delta": c.delta, "targets": list(c.targets), "risk": CRITERIA["sequence"],
+              "seconds": {"free_running": round(free_s, 1), "token_teacher_forced": round(token_s, 1)},
               "method": "Learn then Test: Hoeffding-Bentkus p-values, fixed-sequence testing from the most "
                         "conservative candidate; the certified candidate with the least compute",
               "samples": {"split": split, "sample_seed": cfg.eval.sample_seed, "offset": c.sample_offset,
                           "count": len(full), "ids": [r.get("id") for r in sorted(full, key=lambda r: r["index"])],
+                          "token_count": token_n,
                           "note": f"the first {c.sample_offset} samples of this seeded order are the tuning slice "
-                                  "(grids, knobs); these follow them and chose nothing"},
+                                  "(grids, knobs); these follow them and chose nothing. The sequence and quality "
+                                  f"criteria use the first {c.num_samples} (free-running), the token criterion the "
+                                  f"first {token_n} (one teacher-forced pass each); ids lists the free-running ones"},
               "families": families, "criteria": criteria, "policy_sha256": file_sha256(paths.policy),
               "classifier_sha256": file_sha256(paths.classifier),
               "run": run_metadata(cfg, stage="calibrate", weights=weights)}
@@ -404,8 +549,10 @@ def threshold_for(calibration: dict, family: str, target: float, criterion: str 
 
 def render(result: dict) -> str:
     samples = result.get("samples") or {}
-    lines = [f"# Calibrated thresholds ({result['split']} split, {result['num_samples']} samples, "
-             f"delta = {result['delta']:g})", "",
+    token_n = result.get("token_num_samples")
+    size = f"{result['num_samples']} samples" + (f"; token criterion {token_n}" if token_n and token_n != result[
+        "num_samples"] else "")
+    lines = [f"# Calibrated thresholds ({result['split']} split, {size}, delta = {result['delta']:g})", "",
              f"{result['method']}.", ""]
     if samples:
         lines += [f"Calibration samples: {samples.get('count')} of the {result['split']} split's seeded order (seed "
@@ -413,7 +560,16 @@ def render(result: dict) -> str:
                   "Their ids are in calibration.json.", ""]
     for crit, entry in _criteria(result).items():
         fams = entry.get("families", {})
-        lines += [f"## Criterion: {crit}", "", f"Risk: {entry.get('risk')}.", "",
+        lines += [f"## Criterion: {crit}", "", f"Risk: {entry.get('risk')}.", ""]
+        cert = entry.get("certifiable")
+        if cert and cert.get("smallest_certifiable_risk") is not None:
+            most = ", ".join(f"≤ {100 * float(t):g}%: " + ("never" if v is None else f"{100 * v:.2f}%")
+                             for t, v in cert["max_observed_risk"].items())
+            lines += [f"n = {cert['n']} samples: the smallest risk Hoeffding-Bentkus can certify at δ = {cert['delta']:g} "
+                      f"is **{100 * cert['smallest_certifiable_risk']:.2f}%** (at observed risk 0); each target is "
+                      f"certified only at an observed risk up to ({most}).", ""]
+        lines += [
+                  "| controller | " + " | ".join(f"≤ {100 * t:g}%" for t in result["targets"]) + " |",
                   "| controller | " + " | ".join(f"≤ {100 * t:g}%" for t in result["targets"]) + " |",
                   "|---|" + "---|" * len(result["targets"])]
         for fam, e in fams.items():
@@ -426,9 +582,15 @@ def render(result: dict) -> str:
                 if x["chosen"] is None:
                     cells.append("none certified")
                 else:
+                    share = x.get("oracle_savings_share")
                     cells.append(f"`{x['chosen']}` (compute {x['calibration_compute_ratio']:.3f}, "
-                                 f"risk {100 * x['calibration_disagreement']:.1f}%)")
+                                 f"risk {100 * x['calibration_disagreement']:.1f}%"
+                                 + ("" if share is None else f", {100 * share:.0f}% of the oracle's savings") + ")")
             lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+        oracles = {e.get("oracle_layers_skipped_share") for e in fams.values() if "candidates" in e} - {None}
+        if oracles:
+            lines += ["", f"Oracle's hypothetical layers skipped on these samples: {max(oracles):.3f}; a controller's "
+                      "share of the oracle's savings = its layers skipped / the oracle's."]
         lines += ["", "Candidates (most conservative first; mean risk and compute ratio on the calibration samples):", ""]
         for fam, e in fams.items():
             if "candidates" in e:
