@@ -38,6 +38,9 @@ class Stage:
     enabled: Callable[[Config], bool] = lambda cfg: True
     description: str = ""
     inputs: Optional[Callable[[Config], dict]] = None  # identities of files outside the run that the stage reads
+    # the stated estimate (seconds) of the embedded default on 2 CPU cores, printed when no run of these settings
+    # is recorded (results/<name>/pipeline_timing.json); see ESTIMATE_BASIS
+    estimate_s: Optional[float] = None
 
 
 def _run_data(cfg):
@@ -114,36 +117,56 @@ def _run_figures(cfg):
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", ("data", "tokenizer", "seed"), (), _run_data,
-          lambda p: [p.corpus / "manifest.json", p.tokenizer], description="corpus + tokenizer"),
+          lambda p: [p.corpus / "manifest.json", p.tokenizer], description="corpus + tokenizer", estimate_s=100),
     Stage("pretrain", ("model", "pretrain", "seed", "hardware"), ("data",), _run_pretrain,
           lambda p: [p.base_model / "config.json"], enabled=lambda cfg: cfg.model.base is None,
           description="base model from scratch (embedded default only)"),
     Stage("finetune", ("model", "finetune", "seed", "hardware"), ("data", "pretrain"), _run_finetune,
-          lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning", inputs=_base_identity),
+          lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning", inputs=_base_identity, estimate_s=590),
     Stage("report", ("finetune.eval_max_tokens",), ("finetune",), _run_report,
-          lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE"),
+          lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE", estimate_s=80),
     Stage("bank", ("rl.bank", "rl.observation", "rl.observation_features", "rl.candidate_source", "rl.candidate_k",
                    "decoding.kv_strategy", "seed"), ("finetune",), _run_bank,
-          lambda p: [p.bank / "manifest.json"], description="trajectory bank"),
+          lambda p: [p.bank / "manifest.json"], description="trajectory bank", estimate_s=55),
     Stage("agent", ("rl", "seed"), ("bank",), _run_agent,
-          lambda p: [p.policy], description="PPO exit policy"),
+          lambda p: [p.policy], description="PPO exit policy", estimate_s=80),
     Stage("calibrate", ("calibration", "decoding", "eval.max_new_tokens", "eval.max_context_tokens",
                         "eval.context_fraction", "eval.mode", "eval.sample_seed", "eval.workers", "seed", "hardware"),
           ("finetune", "agent"), _run_calibrate, lambda p: [p.calibration], enabled=lambda cfg: cfg.calibration.enabled,
-          description="thresholds per fidelity target (validation split)"),
+          description="thresholds per fidelity target (validation split)", estimate_s=860),
     Stage("evaluate", ("eval", "decoding", "seed", "hardware"), ("finetune", "agent", "pretrain", "calibrate"),
           _run_evaluate,
-          lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples"),
+          lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples", estimate_s=750),
     Stage("infill", ("eval.infill_samples", "eval.infill_max_new_tokens", "eval.infill_fixed_layers",
                      "eval.infill_gc_thresholds", "eval.gc_thresholds", "eval.split",
                      "eval.sample_seed", "eval.sample_offset", "eval.max_context_tokens", "decoding", "seed"),
           ("finetune", "agent"), _run_infill, lambda p: [p.results / "infill" / "infill.json"],
           enabled=lambda cfg: cfg.eval.infill_samples > 0,
-          description="single-line infilling (models trained to fill in the middle)"),
+          description="single-line infilling (models trained to fill in the middle)", estimate_s=300),
     Stage("figures", (), ("evaluate", "report", "agent"), _run_figures,
-          lambda p: [p.figures], description="the paper's figures"),
+          lambda p: [p.figures], description="the paper's figures", estimate_s=15),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+ESTIMATE_BASIS = ("estimate for the embedded default on 2 CPU cores (the last recorded demo's stage times, and for "
+                  "calibrate/evaluate the smoke run's and a loaded machine's per-sample costs scaled to the configured "
+                  "samples; README 'Reproducing')")
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def expected_line(stage: Stage, key: str, recorded: dict) -> str:
+    """What a stage is expected to take: the last recorded run of the same settings (its key), else the
+    last recorded run of other settings beside the stated estimate, else the stated estimate."""
+    rec = (recorded.get("stages") or {}).get(stage.name) or {}
+    when = str(recorded.get("created", ""))[:10]
+    if rec.get("status") == "ran" and rec.get("key") == key:
+        return f"expected ~{_fmt_s(rec['seconds'])} (the last run of these settings, {when})"
+    est = f"~{_fmt_s(stage.estimate_s)} ({ESTIMATE_BASIS})" if stage.estimate_s is not None else "no estimate"
+    if rec.get("status") == "ran":
+        return f"expected {est}; the last recorded run ({when}, other settings) took {_fmt_s(rec['seconds'])}"
+    return f"expected {est}"
 
 
 def _section(cfg: Config, dotted: str):
@@ -190,6 +213,10 @@ def run_pipeline(cfg: Config, force: Iterable[str] = (), only: Optional[Iterable
     keys: dict[str, str] = {}
     status: dict[str, dict] = {}
     t_all = time.perf_counter()
+    try:
+        recorded = read_json(paths.results / "pipeline_timing.json")
+    except (OSError, ValueError):
+        recorded = {}
     for i, stage in enumerate(STAGES, 1):
         head = f"[{i}/{len(STAGES)}] {stage.name:<9}"
         if not stage.enabled(cfg):
@@ -203,7 +230,7 @@ def run_pipeline(cfg: Config, force: Iterable[str] = (), only: Optional[Iterable
             status[stage.name] = {"status": "skipped", "seconds": 0.0}
             printer(f"{head} up to date, skipped ({stage.description})")
             continue
-        printer(f"{head} running: {stage.description}")
+        printer(f"{head} running: {stage.description}; {expected_line(stage, key, recorded)}")
         t0 = time.perf_counter()
         stage.run(cfg)
         seconds = time.perf_counter() - t0
@@ -212,7 +239,7 @@ def run_pipeline(cfg: Config, force: Iterable[str] = (), only: Optional[Iterable
             raise RuntimeError(f"stage {stage.name!r} finished but did not write {missing}")
         write_json(_record_path(paths, stage.name), {"stage": stage.name, "key": key, "seconds": seconds,
                                                      **run_metadata(cfg)})
-        status[stage.name] = {"status": "ran", "seconds": seconds}
+        status[stage.name] = {"status": "ran", "seconds": seconds, "key": key}
         printer(f"{head} done in {seconds:.1f} s")
     total = time.perf_counter() - t_all
     record = {"stages": status, "total_seconds": total,
