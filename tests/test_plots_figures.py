@@ -222,7 +222,18 @@ def full_results(tmp_path_factory) -> Path:
     write_calibrated(results)
     write_rl(results)
     write_training(results)
+    write_signals(results)
     return results
+
+
+def write_signals(results: Path) -> Path:
+    """The committed exit-signal analysis (results/default/signals/auc.json) as this run's."""
+    import shutil
+
+    out = results / "signals"
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(Path(__file__).resolve().parents[1] / "results" / "default" / "signals" / "auc.json",
+                                out / "auc.json"))
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +289,17 @@ def test_plot_all_index(all_figures):
     assert index["skipped"] == {}
     assert set(index["figures"]) == set(FIGURES)
     assert index["run_metadata"]["git_commit"] is None or isinstance(index["run_metadata"]["git_commit"], str)
+
+
+def test_the_signals_figure_is_drawn_with_the_others_and_records_its_input(all_figures):
+    figs, files = all_figures
+    assert {p.name for p in files} >= {"signals_auc.png", "signals_auc.pdf"}
+    index = json.loads((figs / "index.json").read_text())
+    assert index["figures"]["signals_auc"] == ["signals_auc.png", "signals_auc.pdf"]
+    prov = index["provenance"]["signals_auc"]
+    # a results folder outside the repository is recorded as <outside>/auc.json (utils.portable_path)
+    assert [Path(p).as_posix().endswith("auc.json") for p in prov["inputs"]] == [True], prov
+    assert prov["weights"]  # the weights the analysis names
 
 
 def test_partial_results_without_rl_still_plot_the_rest(full_results, tmp_path):

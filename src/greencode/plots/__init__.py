@@ -22,6 +22,7 @@ plot_agent_overhead   the agent's overhead (Table IV)                           
 plot_pareto           accuracy vs cost, every controller, Pareto front                eval/summary.json
 plot_calibrated_targets  compute and disagreement at each calibrated target          eval/calibrated.json
 plot_static_hull      controllers vs the static exits' hull at matched compute         eval/hull.json (or eval/)
+plot_signals          each exit signal's AUC per exit point and against its cost      signals/auc.json
 ====================  ==============================================================  =================
 """
 
@@ -38,6 +39,7 @@ from greencode.plots.figures import (NAMES, pareto_front, plot_accuracy_by_metho
                                      plot_finetune_loss, plot_fixed_exits, plot_lite_weights, plot_optimal_exits,
                                      plot_pareto, plot_ppo_reward, plot_pretrain_loss)
 from greencode.plots.hull import plot_static_hull
+from greencode.plots.signals import plot_signals, plot_signals_auc
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
     "pareto": plot_pareto,
     "calibrated_targets": plot_calibrated_targets,
     "static_hull": plot_static_hull,
+    "signals_auc": plot_signals,
 }
 
 
@@ -121,4 +124,4 @@ def _remove_stale(figures_dir: Path, name: str) -> None:
 __all__ = ["ENERGY_NOTE", "FIGURES", "MissingInput", "NAMES", "pareto_front", "plot_accuracy_by_method",
            "plot_agent_exit_accuracy", "plot_agent_overhead", "plot_all", "plot_cost_by_method", "plot_exit_report",
            "plot_finetune_loss", "plot_fixed_exits", "plot_lite_weights", "plot_optimal_exits", "plot_pareto",
-           "plot_ppo_reward", "plot_pretrain_loss", "plot_static_hull"]
+           "plot_ppo_reward", "plot_pretrain_loss", "plot_signals", "plot_signals_auc", "plot_static_hull"]

@@ -39,6 +39,7 @@ NAMES = {
     "pareto": "pareto_accuracy_vs_cost",
     "calibrated_targets": "calibrated_targets",
     "static_hull": "static_hull",
+    "signals_auc": "signals_auc",
 }
 
 

@@ -7,9 +7,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from greencode.plots import inputs as I
 from greencode.plots.common import new_figure, save_figure, styled
 
 NAME = "signals_auc"
+
+
+def load_signals_report(results_dir: Union[str, Path]) -> dict:
+    """``signals/auc.json`` (noted as the figure's input; MissingInput when the analysis has not run)."""
+    return I._read_json(Path(results_dir) / "signals" / "auc.json", "exit-signal analysis",
+                        "run `python scripts/analyze_signals.py --config <cfg>`")
+
+
+def plot_signals(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> list[Path]:
+    """The signals figure from the results folder (how :func:`greencode.plots.plot_all` draws it)."""
+    return plot_signals_auc(load_signals_report(results_dir), figures_dir)
 
 # the signals drawn per exit point (the others are in the cost panel and the table)
 _STYLE = {
