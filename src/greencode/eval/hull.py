@@ -381,6 +381,12 @@ def write_hull(eval_dir: Union[str, Path], out_dir: Union[str, Path, None] = Non
     out = Path(out_dir) if out_dir is not None else eval_dir
     block = hull_of_eval_dir(eval_dir, static_families=static_families, calibration=calibration,
                              resamples=resamples, seed=seed)
+    # the hull is computed from the evaluation's rows, so it names the weights they came from
+    from greencode.provenance import find_weights
+
+    weights = find_weights(read_json(eval_dir / "summary.json").get("run_metadata") or {})
+    if weights:
+        block = {**block, "weights": weights[0]}
     write_json(out / "hull.json", block)
     write_text(out / "hull.md", render_hull(block))
     if out.resolve() == eval_dir.resolve():
