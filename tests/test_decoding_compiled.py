@@ -131,3 +131,21 @@ def test_compile_modes_are_validated(tmp_path):
         CompiledSteps("fast")
     model = tiny_model("llama")
     assert use_compiled_steps(model, "off") is None and compile_info(model) == {"mode": "off", "active": False}
+
+
+def test_layer_step_is_an_option_of_the_loop():
+    """The compiled step passed to the loop (``layer_step=``) runs without touching the model; None
+    runs the eager step even where the model's default is compiled. Same tokens either way."""
+    model = tiny_model("llama")
+    prompt = _prompts(8, (10,))[0]
+    ctrl = lambda: FixedExit(model.exit_layers[0])  # noqa: E731
+    eager = generate(model, prompt, ctrl(), 6)
+    steps = CompiledSteps("default")
+    got = generate(model, prompt, ctrl(), 6, layer_step=steps)
+    assert got.tokens == eager.tokens and got.exit_layers == eager.exit_layers
+    assert steps.compiled_calls > 0 and getattr(model, "layer_step", None) is None
+    default = use_compiled_steps(model, "default")
+    again = generate(model, prompt, ctrl(), 6, layer_step=None)
+    assert again.tokens == eager.tokens and default.compiled_calls == 0
+    batch = DecodeBatch(model, layer_step=steps)
+    assert batch.compiled is steps and DecodeBatch(model).compiled is default

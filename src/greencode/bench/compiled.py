@@ -42,7 +42,7 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
     from transformers import StoppingCriteriaList
 
     from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
-    from greencode.decoding.compiled import COMPILE_MODES, use_compiled_steps
+    from greencode.decoding.compiled import COMPILE_MODES, CompiledSteps
 
     sizes = parse_sizes(batch_sizes)
     out_path, device, model, model_note, policy, policy_note = setup(
@@ -62,7 +62,7 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
                    f"gc@{gc_threshold!r}": PolicyExit.of(policy, gc_threshold, cfg.decoding.policy_temperature)}
     for c in controllers.values():
         c.check_layers(model)
-    steps = use_compiled_steps(model, mode)
+    steps = CompiledSteps(mode)  # the compiled runs' layer step, passed to the loop (the eager runs: None)
     gconf = hf_greedy_config(model, new_tokens)
     methods = [(name, impl) for name in controllers for impl in ("eager", "compiled")]
     reference: dict[tuple[str, int, int], tuple] = {}  # (method, batch, chunk) -> eager tokens and exits
@@ -81,12 +81,13 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
                                       stopping_criteria=StoppingCriteriaList([clock]))
                 per.append(clock.per_step())
             return statistics.median(per)
-        model.layer_step = steps if impl == "compiled" else None
+        layer_step = steps if impl == "compiled" else None
         per = []
         for k in range(0, num_prompts, size):
             chunk = prompts[k:k + size]
             res, wall = timed(device, lambda: generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[name],
-                                                       new_tokens, kv_strategy=cfg.decoding.kv_strategy))
+                                                       new_tokens, kv_strategy=cfg.decoding.kv_strategy,
+                                                       layer_step=layer_step))
             res = res if isinstance(res, list) else [res]
             got = ([r.tokens for r in res], [r.exit_layers for r in res])
             key = (name, size, k)
@@ -98,7 +99,6 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
                 a[1] += 1
                 compile_s.setdefault(f"{name}@{size}", wall)  # the first compiled call of this shape compiles
             per.append(res[0].counters["decode_time_s"] / (new_tokens - 1))
-        model.layer_step = None
         return statistics.median(per)
 
     order = [(n, i, b) for b in sizes for n, i in methods] + ([("hf_generate", "eager", 1)] if 1 in sizes else [])

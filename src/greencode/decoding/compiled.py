@@ -23,7 +23,10 @@ run on a subset of rows, the prefill and the exit checks stay
 eager. Tokens equal the eager path's (tested on CPU for every controller). Where compiling is
 not possible (no C/C++ compiler or Triton, an old torch, a backend error) the first failing call
 logs a warning and the loop continues eagerly; :attr:`CompiledSteps.fallback` says why.
-Select it with ``decoding.compile`` (see :func:`use_compiled_steps`).
+It is an option of the loop: ``DecodeBatch(model, layer_step=...)``, ``generate(...,
+layer_step=...)`` (a :class:`CompiledSteps`, or None for the eager step). Without one the loop
+uses the model's default, which ``decoding.compile`` selects once for the evaluator, the
+benchmarks and the endpoint (:func:`use_compiled_steps`).
 """
 
 from __future__ import annotations
@@ -113,18 +116,24 @@ class CompiledSteps:
                 "fallback": self.fallback}
 
 
+MODEL_DEFAULT = object()  # a loop's layer_step left unsaid: the model's default (use_compiled_steps)
+
+
 def use_compiled_steps(model, mode: str = "default") -> Optional[CompiledSteps]:
-    """Select the decode loop's layer step for ``model`` (``decoding.compile``): ``off`` is the
-    eager step; any other mode compiles it. Returns the compiled step (None for ``off``)."""
-    if mode == "off":
-        model.layer_step = None
-        return None
-    steps = CompiledSteps(mode)
+    """Select the layer step the decode loops over ``model`` use when they are given none
+    (``decoding.compile``): ``off`` is the eager step; any other mode compiles it. Returns the
+    compiled step (None for ``off``); a loop may still be given another (``layer_step=``)."""
+    steps = None if mode == "off" else CompiledSteps(mode)
     model.layer_step = steps
     return steps
 
 
+def default_layer_step(model) -> Optional[CompiledSteps]:
+    """The layer step a loop over ``model`` uses when given none (None: eager)."""
+    return getattr(model, "layer_step", None)
+
+
 def compile_info(model) -> dict:
-    """What the decode loop of ``model`` runs: for result files."""
-    steps = getattr(model, "layer_step", None)
+    """What the decode loop of ``model`` runs by default: for result files."""
+    steps = default_layer_step(model)
     return {"mode": "off", "active": False} if steps is None else steps.describe()

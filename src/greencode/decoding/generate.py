@@ -32,6 +32,7 @@ import torch
 
 from greencode.config import ConfigError
 from greencode.decoding import speculative
+from greencode.decoding.compiled import MODEL_DEFAULT, default_layer_step
 from greencode.decoding.controllers import ExitController, NeverExit
 from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Sampling, Slot, check_request, copy_cache,
                                       cut_at_stops, expand_cache, gather_kv, growable, layer_kv, left_pad,
@@ -227,7 +228,7 @@ class DecodeBatch:
     """
 
     def __init__(self, model, *, kv_strategy: str = "propagate", observe: bool = False, tokenizer=None,
-                 skip_share: float = 0.5):
+                 skip_share: float = 0.5, layer_step=MODEL_DEFAULT):
         if kv_strategy not in KV_STRATEGIES:
             raise ConfigError(f"kv_strategy={kv_strategy!r}; choose one of {', '.join(KV_STRATEGIES)}")
         self.model = model
@@ -242,8 +243,9 @@ class DecodeBatch:
         self.final = model.final_layer
         self.exit_points = model.exit_points
         self.exit_set = frozenset(self.exit_points)
-        # decoding.compile: a compiled layer step (greencode.decoding.compiled) where every row runs a layer
-        self.compiled = getattr(model, "layer_step", None)
+        # the layer step where every row runs a layer: a CompiledSteps (greencode.decoding.compiled) or None (eager);
+        # MODEL_DEFAULT: the one decoding.compile chose for this model (use_compiled_steps)
+        self.compiled = default_layer_step(model) if layer_step is MODEL_DEFAULT else layer_step
         if self.compiled is not None:
             # a layer run on a subset of rows is eager: rows that exited are carried along until all have
             self.skip_share = float("inf")
@@ -721,7 +723,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
              on_token: Optional[Callable[[int, int], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None,
              prefilled: Optional[Prefill] = None, observe: bool = False,
-             forced_tokens: Optional[Sequence[Sequence[int]]] = None) -> Union[GenerationResult, list[GenerationResult]]:
+             forced_tokens: Optional[Sequence[Sequence[int]]] = None,
+             layer_step=MODEL_DEFAULT) -> Union[GenerationResult, list[GenerationResult]]:
     """Generate up to ``max_new_tokens`` tokens with early exits chosen by ``controller``.
 
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
@@ -760,6 +763,9 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     continuation forced, the share of positions where ``own_tokens`` differs is the teacher-forced
     disagreement (token consistency): one wrong exit changes one position, not all after it.
 
+    ``layer_step``: the loop's layer step where every row runs a layer: a
+    :class:`~greencode.decoding.compiled.CompiledSteps` or None (eager); by default the one
+    ``decoding.compile`` chose for the model (:func:`~greencode.decoding.compiled.use_compiled_steps`).
     """
     prompts = _prompt_list(input_ids)  # None: one prompt (every row continues it)
     many = isinstance(controller, (list, tuple)) or prompts is not None
@@ -799,7 +805,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     for row, f in zip(rows, forced_tokens or []):
         row.forced = [int(t) for t in f]
         row.max_new_tokens = min(row.max_new_tokens, len(row.forced))
-    batch = DecodeBatch(model, kv_strategy=kv_strategy, observe=observe, tokenizer=tokenizer)
+    batch = DecodeBatch(model, kv_strategy=kv_strategy, observe=observe, tokenizer=tokenizer, layer_step=layer_step)
     batch.add(rows, ids if prompts is None else prompts, prefilled=prefilled)
     while batch.rows:
         batch.step()
@@ -817,7 +823,8 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
                       seed: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                       stop_strings: Optional[Sequence[str]] = None, tokenizer=None, kv_strategy: str = "propagate",
                       on_token: Optional[Callable[[int, int], None]] = None,
-                      should_stop: Optional[Callable[[], bool]] = None, verify: str = "reuse") -> GenerationResult:
+                      should_stop: Optional[Callable[[], bool]] = None, verify: str = "reuse",
+                      layer_step=MODEL_DEFAULT) -> GenerationResult:
     """Generation whose output is the full model's (greedy: the same tokens; sampling: the same
     distribution), drafted with early exits by ``controller``: one lossless row of a
     :class:`DecodeBatch` (see :mod:`greencode.decoding.speculative`).
@@ -841,7 +848,7 @@ def generate_lossless(model, input_ids: Union[torch.Tensor, Sequence[int]], cont
     row = Row(controller=controller, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
               top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
               should_stop=should_stop, lossless=True, k_max=k_max, draft_threshold=draft_threshold, verify=verify)
-    batch = DecodeBatch(model, kv_strategy=kv_strategy, tokenizer=tokenizer)
+    batch = DecodeBatch(model, kv_strategy=kv_strategy, tokenizer=tokenizer, layer_step=layer_step)
     batch.add([row], ids)
     while batch.rows:
         batch.step()
