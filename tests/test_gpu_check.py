@@ -38,7 +38,7 @@ def test_tiny_gpu_check_runs_every_part_and_records_failures(tmp_path):
             assert set(rows) == {"full", "fixed@2", "policy@0.5"}, (shape, batch)
             for key, row in rows.items():
                 assert row["identical_to_eager"] is True, (shape, batch, key)
-                assert row["eager_s"] is not None and row["compiled_s"] is not None  # timings: recorded, not asserted
+                assert row["eager_s"] > 0 and row["compiled_s"] > 0  # timings: recorded (their ratio is not asserted)
                 assert row["compile"]["active"] and row["compile"]["compiled_calls"] > 0
         # no GPU: energy is a recorded failure with its reason, never an estimate; later parts still ran
         assert e["energy"]["status"] == "failed" and "no CUDA device" in e["energy"]["error"]
