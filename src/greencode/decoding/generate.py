@@ -16,7 +16,9 @@ each row exits where its own controller says, and a layer runs only on the rows 
 an exit saves work in a batch too. Rows finish independently and leave the cache; new rows can
 join between steps (the endpoint's continuous batching). :func:`generate` is one such batch: one
 row (how an editor calls it), one row per controller over the same prompt, or a list of prompts.
-``observe=True`` records every exit point's state for the RL trajectory bank. A lossless row
+What differs between rows is a row strategy the row carries (:mod:`greencode.decoding.strategies`:
+teacher-forced, observed; ``observe=True`` records every exit point's state for the RL trajectory
+bank), hooked into the one step. A lossless row
 (``Row(lossless=True)``, :func:`generate_lossless`) drafts through the same step and is verified by the
 full model within it (:mod:`greencode.decoding.speculative`), beside lossy rows.
 """
@@ -34,6 +36,7 @@ from greencode.config import ConfigError
 from greencode.decoding import speculative
 from greencode.decoding.compiled import MODEL_DEFAULT, default_layer_step
 from greencode.decoding.controllers import ExitController, NeverExit
+from greencode.decoding.strategies import Observed, RowStrategy, TeacherForced
 from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Sampling, Slot, check_request, copy_cache,
                                       cut_at_stops, expand_cache, gather_kv, growable, layer_kv, left_pad,
                                       left_pad_positions, new_cache, rebuild_cache, record_logits, rows_kwargs,
@@ -141,9 +144,8 @@ class Row(Sampling):
     return_logits: bool = False
     logprobs: Optional[int] = None  # record each chosen token's log-probability (and the top-n when n > 0)
     keep_states: bool = False  # record the fed token's state at every exit point it runs through, per step
-    # teacher forcing: feed these tokens (the full model's continuation) instead of the row's own
-    # choices; ``own_tokens`` records what the row chose at each position (token consistency)
-    forced: Optional[Sequence[int]] = None
+    # what this row does differently (greencode.decoding.strategies: TeacherForced, Observed), each with its own fields
+    strategies: list = field(default_factory=list)
     # lossless: tokens are drafted with early exits (this row's controller) and verified by the full model
     # in the same batch (speculative.py), so the row emits exactly the full model's output
     lossless: bool = False
@@ -160,10 +162,7 @@ class Row(Sampling):
     logits_seen: Optional[list] = None
     token_logprobs: Optional[list] = None
     top_logprobs: Optional[list] = None
-    obs_states: Optional[list] = None
-    obs_preds: Optional[list] = None
     kept_states: Optional[list] = None
-    own_tokens: Optional[list] = None
     draft: Optional[speculative.Draft] = None  # lossless: the tokens drafted since the last verification
     emitted: int = 0  # tokens handed on (on_token, stop tests); a lossless row's draft waits for verification
     last_logits: Optional[torch.Tensor] = None
@@ -200,12 +199,15 @@ class _Step:
     # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
     groups: list = field(default_factory=list)
     oracle_preds: dict = field(default_factory=dict)
-    seen_h: list = field(default_factory=list)  # observe: the states at the exit points, then the final one
+    seen_h: list = field(default_factory=list)  # reads_states: the states at the exit points, then the final one
     keepers: list = field(default_factory=list)
 
     def __post_init__(self):
         self.counters = [r.counters for r in self.rows]
         self.controllers = [r.controller for r in self.rows]
+        strategies = [s for r in self.rows for s in r.strategies]
+        self.carry = any(s.carries_exited for s in strategies)  # no row leaves the layer loop when it exits
+        self.record = any(s.reads_states for s in strategies)  # keep the states at the exit points (seen_h)
 
 
 class DecodeBatch:
@@ -256,6 +258,15 @@ class DecodeBatch:
     # ------------------------------------------------------------------ joining
     def _prepare(self, row: Row, in_use: set) -> None:
         row.t_added = time.perf_counter()
+        if self.observe and not any(isinstance(s, Observed) for s in row.strategies):
+            row.strategies = [*row.strategies, Observed()]
+        for s in row.strategies:
+            if not isinstance(s, RowStrategy):
+                raise TypeError(f"Row.strategies holds {type(s).__name__}; give RowStrategy instances")
+            if id(s) in in_use:
+                raise ValueError(f"a {type(s).__name__} holds one row's state; give each row its own")
+            in_use.add(id(s))
+            s.prepare(row, self)
         if getattr(row.controller, "per_row_state", False):  # per-row state: one instance per row
             if id(row.controller) in in_use:
                 row.controller = copy.deepcopy(row.controller)
@@ -271,12 +282,10 @@ class DecodeBatch:
             row.logits_seen = []
         if row.logprobs is not None:
             row.token_logprobs, row.top_logprobs = [], []
-        if self.observe:
-            row.obs_states, row.obs_preds = [], []
         if row.keep_states:
             row.kept_states = []
         if row.lossless:
-            speculative.start(row, self.model, self.observe)
+            speculative.start(row, self.model, bool(row.strategies))
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row], prompts: Union[Sequence[Sequence[int]], torch.Tensor],
@@ -288,7 +297,7 @@ class DecodeBatch:
         rows = list(rows)
         if not rows:
             return []
-        in_use = {id(r.controller) for r in self.rows}
+        in_use = {id(r.controller) for r in self.rows} | {id(s) for r in self.rows for s in r.strategies}
         for row in rows:
             self._prepare(row, in_use)
         model, adapter = self.model, self.model.adapter
@@ -393,11 +402,8 @@ class DecodeBatch:
     # ------------------------------------------------------------------ one token
     def _choose(self, row: Row, lg: torch.Tensor, exit_layer: int) -> None:
         token = select_token(lg, row.do_sample, row.temperature, row.top_p, row.top_k, row.generator)
-        if row.forced is not None:
-            if row.own_tokens is None:
-                row.own_tokens = []
-            row.own_tokens.append(token)
-            token = int(row.forced[len(row.tokens)])
+        for s in row.strategies:
+            token = s.chosen(row, token)
         row.tokens.append(token)
         row.exit_layers.append(exit_layer)
         row.last_logits = lg
@@ -465,8 +471,12 @@ class DecodeBatch:
             self._decide(st, end)
         self._top_logits(st)
         self._choose_tokens(st)
-        if self.observe:
-            self._observed(st)
+        kinds: dict = {}  # each kind of strategy's rows, for its batched work after the step
+        for r, row in enumerate(st.rows):
+            for s in row.strategies:
+                kinds.setdefault(type(s), []).append((r, s))
+        for kind, members in kinds.items():
+            kind.after_step(self, st, members)
         finished = [row for row in st.rows if self._finished(row)]
         self._drop(finished)
         return finished
@@ -497,7 +507,8 @@ class DecodeBatch:
         observe, kept states or the oracle read the state, and the final layer."""
         need = {self.final}
         for r, row in enumerate(st.rows):
-            every = self.observe or st.controllers[r].runs_all_layers or row.keep_states
+            every = (st.controllers[r].runs_all_layers or row.keep_states
+                     or any(s.reads_every_exit_point for s in row.strategies))
             need |= set(self.exit_points) if every else row.checks
         return sorted(need)
 
@@ -554,7 +565,7 @@ class DecodeBatch:
         """What is read at layer ``i`` before any decision: the observed states (observe), each
         climbing row's kept state (keep_states, lossless), the oracle's prediction at every exit
         point. True at the final layer."""
-        if self.observe and (i in self.exit_set or i == self.final):
+        if st.record and (i in self.exit_set or i == self.final):
             st.seen_h.append(st.h.detach().clone())
         if i == self.final:
             return True
@@ -584,7 +595,7 @@ class DecodeBatch:
             else:
                 kv = self.model.adapter.propagate(i + 1, st.h[pos], rows_kwargs(st.run_kw, pos))
             st.groups.append((exiting, i, kv))
-        gone = sum(r in st.exit_at for r in st.run) if exiting and self.propagate and not self.observe else 0
+        gone = sum(r in st.exit_at for r in st.run) if exiting and self.propagate and not st.carry else 0
         if gone and (gone == len(st.run) or gone >= self.skip_share * len(st.rows)):
             keep = [k for k, r in enumerate(st.run) if r not in st.exit_at]
             st.run = [st.run[k] for k in keep]
@@ -669,13 +680,6 @@ class DecodeBatch:
         if verifying:
             speculative.verify(self, [r for r, row in enumerate(st.rows) if row.draft is not None and row.draft.exact])
 
-    def _observed(self, st: "_Step") -> None:
-        stacked = torch.stack(st.seen_h, dim=1)[:, :, -1]  # [R, E + 1, H]
-        preds = self.model.decode(stacked).argmax(-1)  # [R, E + 1]
-        for r, row in enumerate(st.rows):
-            row.obs_states.append(stacked[r, :-1].float().cpu())
-            row.obs_preds.append(preds[r].cpu())
-
     def _static_step(self, rows: int):
         """The compiled step's view of this step: every layer's K/V buffer (room for the new
         position), the new position's column, the mask over the whole buffer and the new length."""
@@ -706,11 +710,13 @@ class DecodeBatch:
         end = row.t_done or time.perf_counter()
         c.update(prefill_time_s=row.t_prefilled - row.t_added, decode_time_s=end - row.t_prefilled,
                  total_time_s=end - row.t_added, new_tokens=len(row.tokens))
-        return GenerationResult(tokens=row.tokens, exit_layers=row.exit_layers, finish_reason=row.finish,
-                                counters=c, text=text, prompt_tokens=row.prompt_tokens, logits=row.logits_seen,
-                                exit_states=row.obs_states, exit_preds=row.obs_preds,
-                                token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs,
-                                kept_states=row.kept_states, own_tokens=row.own_tokens)
+        res = GenerationResult(tokens=row.tokens, exit_layers=row.exit_layers, finish_reason=row.finish,
+                               counters=c, text=text, prompt_tokens=row.prompt_tokens, logits=row.logits_seen,
+                               token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs,
+                               kept_states=row.kept_states)
+        for s in row.strategies:
+            s.finish(row, res)
+        return res
 
 
 @torch.inference_mode()
@@ -790,21 +796,14 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
             _validate(model, p, max_new_tokens, temperature, top_p, top_k, kv_strategy)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    if forced_tokens is not None:
-        if len(forced_tokens) != len(controllers):
-            raise ValueError(f"forced_tokens has {len(forced_tokens)} lists for {len(controllers)} rows; give one per row")
-        if any(len(f) == 0 for f in forced_tokens):
-            raise ValueError("forced_tokens has an empty list; each row needs at least one token to be fed")
-        if do_sample:
-            raise ValueError("forced_tokens is for greedy decoding (teacher-forced consistency); set do_sample=False")
+    if forced_tokens is not None and len(forced_tokens) != len(controllers):
+        raise ValueError(f"forced_tokens has {len(forced_tokens)} lists for {len(controllers)} rows; give one per row")
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     rows = [Row(controller=c, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
-                should_stop=should_stop, return_logits=return_logits, logprobs=logprobs)
-            for c in controllers]
-    for row, f in zip(rows, forced_tokens or []):
-        row.forced = [int(t) for t in f]
-        row.max_new_tokens = min(row.max_new_tokens, len(row.forced))
+                should_stop=should_stop, return_logits=return_logits, logprobs=logprobs,
+                strategies=[] if forced_tokens is None else [TeacherForced(forced_tokens[k])])
+            for k, c in enumerate(controllers)]
     batch = DecodeBatch(model, kv_strategy=kv_strategy, observe=observe, tokenizer=tokenizer, layer_step=layer_step)
     batch.add(rows, ids if prompts is None else prompts, prefilled=prefilled)
     while batch.rows:

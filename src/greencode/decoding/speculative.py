@@ -73,15 +73,16 @@ class Draft:
         self.verified = verified
 
 
-def start(row, model, observe: bool) -> None:
-    """Check a lossless row's settings and give it its (empty) draft."""
+def start(row, model, strategies: bool) -> None:
+    """Check a lossless row's settings and give it its (empty) draft. ``strategies``: the row
+    carries row strategies (teacher-forced, observed), which a lossless row cannot."""
     if row.k_max < 1:
         raise ValueError(f"k_max={row.k_max} must be >= 1")
     if row.verify not in VERIFY_MODES:
         raise ValueError(f"verify={row.verify!r}; choose one of {', '.join(VERIFY_MODES)}")
     if row.draft_threshold is not None and not 0.0 <= float(row.draft_threshold) <= 1.0:
         raise ValueError(f"draft_threshold={row.draft_threshold!r} must be in [0, 1] (a max softmax probability)")
-    if observe or row.forced is not None:
+    if strategies:
         raise ValueError("a lossless row emits the full model's tokens: it cannot be observed or teacher-forced")
     row.draft = Draft(final=model.final_layer)
     row.keep_states = row.verify == "reuse"
