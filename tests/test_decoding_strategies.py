@@ -48,3 +48,29 @@ def test_a_strategy_instance_belongs_to_one_row():
     rows = [Row(controller=NeverExit(), max_new_tokens=3, strategies=[shared]) for _ in range(2)]
     with pytest.raises(ValueError, match="give each row its own"):
         DecodeBatch(m).add(rows, [_prompt()] * 2)
+
+
+def test_lossless_is_a_strategy_the_row_carries():
+    """Row(strategies=[Lossless(...)]) is Row(lossless=True): the full model's tokens, the same counters;
+    the draft lives in the strategy; a lossless row cannot also be observed or teacher-forced."""
+    from greencode.decoding import generate_lossless
+    from greencode.decoding.speculative import Lossless
+
+    m = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    prompt = _prompt(3, 9)
+    full = generate(m, prompt, NeverExit(), 10).tokens
+    want = generate_lossless(m, prompt, FixedExit(1), 10, k_max=3)
+    lossless = Lossless(k_max=3)
+    rows = [Row(controller=FixedExit(1), max_new_tokens=10, strategies=[lossless]),
+            Row(controller=FixedExit(2), max_new_tokens=10)]
+    batch = DecodeBatch(m)
+    batch.add(rows, [prompt] * 2)
+    while batch.rows:
+        batch.step()
+    got = batch.result(rows[0])
+    assert got.tokens == full == want.tokens and rows[0].lossless and lossless.draft is not None
+    assert {k: got.counters[k] for k in ("rounds", "drafted", "accepted")} == \
+        {k: want.counters[k] for k in ("rounds", "drafted", "accepted")}
+    assert batch.result(rows[1]).tokens == generate(m, prompt, FixedExit(2), 10).tokens
+    with pytest.raises(ValueError, match="cannot be observed or teacher-forced"):
+        DecodeBatch(m, observe=True).add([Row(controller=FixedExit(1), max_new_tokens=4, lossless=True)], [prompt])

@@ -147,7 +147,8 @@ class Row(Sampling):
     # what this row does differently (greencode.decoding.strategies: TeacherForced, Observed), each with its own fields
     strategies: list = field(default_factory=list)
     # lossless: tokens are drafted with early exits (this row's controller) and verified by the full model
-    # in the same batch (speculative.py), so the row emits exactly the full model's output
+    # in the same batch, so the row emits exactly the full model's output; shorthand for
+    # strategies=[speculative.Lossless(k_max, draft_threshold, verify)] (the strategy holds the draft)
     lossless: bool = False
     k_max: int = 4  # lossless: tokens drafted at most before a verification
     draft_threshold: Optional[float] = None  # lossless: also verify after a draft token less confident than this
@@ -163,7 +164,6 @@ class Row(Sampling):
     token_logprobs: Optional[list] = None
     top_logprobs: Optional[list] = None
     kept_states: Optional[list] = None
-    draft: Optional[speculative.Draft] = None  # lossless: the tokens drafted since the last verification
     emitted: int = 0  # tokens handed on (on_token, stop tests); a lossless row's draft waits for verification
     last_logits: Optional[torch.Tensor] = None
     finish: str = "length"
@@ -258,6 +258,9 @@ class DecodeBatch:
     # ------------------------------------------------------------------ joining
     def _prepare(self, row: Row, in_use: set) -> None:
         row.t_added = time.perf_counter()
+        if row.lossless and not any(isinstance(s, speculative.Lossless) for s in row.strategies):
+            row.strategies = [speculative.Lossless(row.k_max, row.draft_threshold, row.verify), *row.strategies]
+        row.lossless = any(isinstance(s, speculative.Lossless) for s in row.strategies)
         if self.observe and not any(isinstance(s, Observed) for s in row.strategies):
             row.strategies = [*row.strategies, Observed()]
         for s in row.strategies:
@@ -284,8 +287,6 @@ class DecodeBatch:
             row.token_logprobs, row.top_logprobs = [], []
         if row.keep_states:
             row.kept_states = []
-        if row.lossless:
-            speculative.start(row, self.model, bool(row.strategies))
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row], prompts: Union[Sequence[Sequence[int]], torch.Tensor],
@@ -350,8 +351,6 @@ class DecodeBatch:
             row.t_prefilled = now
             row.counters["lm_head_calls"] += 1
             self._choose(row, lg, self.final)
-            if row.draft is not None:  # chosen by the full model from the prompt: final at once
-                row.draft.verified = len(row.tokens)
         self._join(cache, pad, len(rows))
         self.rows.extend(rows)
         finished = [row for row in rows if self._finished(row)]
@@ -413,7 +412,9 @@ class DecodeBatch:
         """Hand on the row's new tokens (a lossless row's once verified), each tested for an end in
         turn: EOS, a stop string, the length; then cancellation. An ended row drops the tokens after
         its end (a lossless row: its unverified draft)."""
-        ready = len(row.tokens) if row.draft is None else row.draft.verified
+        ready = len(row.tokens)
+        for s in row.strategies:
+            ready = s.ready(row, ready)
         while row.emitted < ready:
             k = row.emitted
             row.emitted += 1
@@ -437,6 +438,12 @@ class DecodeBatch:
         del row.tokens[row.emitted:], row.exit_layers[row.emitted:]
         truncate_logits(row, row.emitted)
         return True
+
+    def full_logits(self, blocks: list) -> list:
+        """The full model's logits after every fed token of each :class:`~greencode.decoding.speculative.Block`
+        (rows of this batch), verified together over this batch's cache (what a lossless row's
+        verification asks of the batch)."""
+        return speculative.block_logits(self.model, self.cache, self.pad, blocks)
 
     def mask_last(self, r: int, n: int) -> None:
         """Take back row ``r``'s last ``n`` positions (a rejected draft): its attention masks them
@@ -664,21 +671,15 @@ class DecodeBatch:
                                      self.final)
 
     def _choose_tokens(self, st: "_Step") -> None:
-        """Every row's token from the logits where it exited; lossless rows whose draft ends here
-        verify, all of them in one multi-token step."""
-        verifying = False
+        """Every row's token from the logits where it exited (kept in ``st.row_logits``)."""
         for r, row in enumerate(st.rows):
             lg = st.row_logits.get(r)
             if lg is None:
-                lg = self.model.decode(st.exit_h[r])
+                lg = st.row_logits[r] = self.model.decode(st.exit_h[r])
                 st.counters[r]["lm_head_calls"] += 1
             self._choose(row, lg, st.exit_at[r])
             st.counters[r]["decode_steps"] += 1
             row.pos += 1
-            if row.draft is not None and speculative.drafted(row, st.exit_at[r], lg, st.controllers[r].runs_all_layers):
-                verifying = True
-        if verifying:
-            speculative.verify(self, [r for r, row in enumerate(st.rows) if row.draft is not None and row.draft.exact])
 
     def _static_step(self, rows: int):
         """The compiled step's view of this step: every layer's K/V buffer (room for the new
@@ -705,17 +706,15 @@ class DecodeBatch:
         if self.tokenizer is not None:
             text = cut_at_stops(self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.stop_strings)
         c = row.counters
-        if row.draft is not None:
-            speculative.finish_counters(row)
-        end = row.t_done or time.perf_counter()
-        c.update(prefill_time_s=row.t_prefilled - row.t_added, decode_time_s=end - row.t_prefilled,
-                 total_time_s=end - row.t_added, new_tokens=len(row.tokens))
         res = GenerationResult(tokens=row.tokens, exit_layers=row.exit_layers, finish_reason=row.finish,
                                counters=c, text=text, prompt_tokens=row.prompt_tokens, logits=row.logits_seen,
                                token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs,
                                kept_states=row.kept_states)
         for s in row.strategies:
             s.finish(row, res)
+        end = row.t_done or time.perf_counter()
+        c.update(prefill_time_s=row.t_prefilled - row.t_added, decode_time_s=end - row.t_prefilled,
+                 total_time_s=end - row.t_added, new_tokens=len(row.tokens))
         return res
 
 

@@ -1,8 +1,12 @@
 """Lossless early exit: self-speculative decoding as a row of the batched loop.
 
-A lossless row (``Row(lossless=True)``, :func:`~greencode.decoding.generate.generate_lossless`, the
-endpoint's ``mode: "lossless"``) steps in the same :class:`~greencode.decoding.generate.DecodeBatch`
-as every other row, through the same layer step, exit checks and K/V propagation:
+A lossless row (a row carrying the :class:`Lossless` strategy: ``Row(lossless=True)`` for short,
+:func:`~greencode.decoding.generate.generate_lossless`, the endpoint's ``mode: "lossless"``) steps
+in the same :class:`~greencode.decoding.generate.DecodeBatch` as every other row, through the same
+layer step, exit checks and K/V propagation. The strategy owns the draft; it reaches the batch only
+through :meth:`~greencode.decoding.generate.DecodeBatch.full_logits` (the verification pass over the
+batch cache) and :meth:`~greencode.decoding.generate.DecodeBatch.mask_last` (a rejected draft's
+positions taken back):
 
 1. **Draft.** Each step feeds the row's last token and its controller exits where it says, as
    for a lossy row; the token chosen at the exit is *tentative*: nothing is handed on (streamed,
@@ -45,6 +49,7 @@ import torch
 
 from greencode.decoding.steps import (BlockSlot, block_mask, cache_device, layer_kv, record_logits, sampling_probs,
                                       truncate_logits)
+from greencode.decoding.strategies import RowStrategy
 
 VERIFY_MODES = ("reuse", "full")
 LOSSLESS_COUNTERS = ("rounds", "drafted", "accepted", "verified_tokens", "exact_tokens", "residual_samples",
@@ -73,42 +78,75 @@ class Draft:
         self.verified = verified
 
 
-def start(row, model, strategies: bool) -> None:
-    """Check a lossless row's settings and give it its (empty) draft. ``strategies``: the row
-    carries row strategies (teacher-forced, observed), which a lossless row cannot."""
-    if row.k_max < 1:
-        raise ValueError(f"k_max={row.k_max} must be >= 1")
-    if row.verify not in VERIFY_MODES:
-        raise ValueError(f"verify={row.verify!r}; choose one of {', '.join(VERIFY_MODES)}")
-    if row.draft_threshold is not None and not 0.0 <= float(row.draft_threshold) <= 1.0:
-        raise ValueError(f"draft_threshold={row.draft_threshold!r} must be in [0, 1] (a max softmax probability)")
-    if strategies:
-        raise ValueError("a lossless row emits the full model's tokens: it cannot be observed or teacher-forced")
-    row.draft = Draft(final=model.final_layer)
-    row.keep_states = row.verify == "reuse"
-    row.kept_states = [] if row.keep_states else None
-    for key in LOSSLESS_COUNTERS:
-        row.counters[key] = 0
+class Lossless(RowStrategy):
+    """The lossless row's strategy: draft with the row's controller, verify with the full model in
+    the same step (see the module docstring). ``k_max``: tokens drafted at most before a
+    verification; ``draft_threshold``: also verify after a drafted token less confident than this;
+    ``verify``: ``reuse`` the draft's exact lower layers or recompute every layer (``full``).
+    ``draft``: the tokens drafted since the last verification. A lossless row carries no other
+    strategy (it emits the full model's tokens: nothing to teacher-force or observe)."""
 
+    def __init__(self, k_max: int = 4, draft_threshold: Optional[float] = None, verify: str = "reuse"):
+        self.k_max, self.draft_threshold, self.verify = k_max, draft_threshold, verify
+        self.draft: Optional[Draft] = None
 
-def drafted(row, exit_layer: int, logits: torch.Tensor, ran_all: bool) -> bool:
-    """Record the token a lossless row just chose at ``exit_layer`` from ``logits``; True when the
-    draft ends here and must be verified now."""
-    d = row.draft
-    d.low = min(d.low, d.final if ran_all else exit_layer)
-    d.exact.append(d.low)
-    d.logits.append(logits)
-    if d.low == d.final:  # every token since the last verification ran every layer: final as it stands
-        _exact(row)
-        return False
-    if len(d.exact) >= row.k_max or row.tokens[-1] in row.eos or len(row.tokens) >= row.max_new_tokens:
-        return True
-    if row.draft_threshold is not None:
-        confidence = float(torch.softmax(logits.reshape(-1).float(), dim=-1).max())
-        if confidence < row.draft_threshold:
-            row.counters["draft_threshold_stops"] += 1
+    def prepare(self, row, batch) -> None:
+        """Check the settings, give the row its (empty) draft and its counters."""
+        if self.k_max < 1:
+            raise ValueError(f"k_max={self.k_max} must be >= 1")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify={self.verify!r}; choose one of {', '.join(VERIFY_MODES)}")
+        if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
+            raise ValueError(f"draft_threshold={self.draft_threshold!r} must be in [0, 1] (a max softmax probability)")
+        if len(row.strategies) > 1:
+            raise ValueError("a lossless row emits the full model's tokens: it cannot be observed or teacher-forced")
+        # the first token, chosen by the full model from the prompt at the join, is final at once
+        self.draft = Draft(final=batch.model.final_layer, verified=1)
+        row.keep_states = self.verify == "reuse"
+        row.kept_states = [] if row.keep_states else None
+        for key in LOSSLESS_COUNTERS:
+            row.counters[key] = 0
+
+    def ready(self, row, n: int) -> int:
+        return min(n, self.draft.verified)  # a draft is handed on once verified
+
+    @classmethod
+    def after_step(cls, batch, st, members: list) -> None:
+        """Record each row's new tentative token; when some row's draft ends here, every lossless
+        row with a draft verifies, all in one multi-token step."""
+        verifying = False
+        for r, s in members:
+            if s.drafted(st.rows[r], st.exit_at[r], st.row_logits[r], st.controllers[r].runs_all_layers):
+                verifying = True
+        if verifying:
+            verify(batch, [(st.rows[r], r, s) for r, s in members if s.draft.exact])
+
+    def finish(self, row, result) -> None:
+        """The counters: the decode steps are the emitted tokens' (what the full model would have
+        run), and the draft's acceptance."""
+        c = row.counters
+        c["decode_steps"] = max(len(row.tokens) - 1, 0)
+        c["acceptance_rate"] = (c["accepted"] / c["drafted"]) if c["drafted"] else None
+        c["mean_draft_length"] = (c["drafted"] / c["rounds"]) if c["rounds"] else None
+
+    def drafted(self, row, exit_layer: int, logits: torch.Tensor, ran_all: bool) -> bool:
+        """Record the token the row just chose at ``exit_layer`` from ``logits``; True when the
+        draft ends here and must be verified now."""
+        d = self.draft
+        d.low = min(d.low, d.final if ran_all else exit_layer)
+        d.exact.append(d.low)
+        d.logits.append(logits)
+        if d.low == d.final:  # every token since the last verification ran every layer: final as it stands
+            _exact(row, d)
+            return False
+        if len(d.exact) >= self.k_max or row.tokens[-1] in row.eos or len(row.tokens) >= row.max_new_tokens:
             return True
-    return False
+        if self.draft_threshold is not None:
+            confidence = float(torch.softmax(logits.reshape(-1).float(), dim=-1).max())
+            if confidence < self.draft_threshold:
+                row.counters["draft_threshold_stops"] += 1
+                return True
+        return False
 
 
 @dataclass
@@ -183,7 +221,7 @@ def block_logits(model, cache, pad: Optional[torch.Tensor], blocks: list) -> lis
     return results
 
 
-def accept(row, full: list) -> tuple[int, Optional[int]]:
+def accept(row, draft: Draft, full: list) -> tuple[int, Optional[int]]:
     """How many of the ``m`` tentative tokens the full model keeps, and the token it puts in
     place of the first it does not (None when it keeps them all)."""
     tentative = row.tokens[len(row.tokens) - len(full):]
@@ -194,7 +232,7 @@ def accept(row, full: list) -> tuple[int, Optional[int]]:
             n += 1
         return n, (preds[n] if n < len(full) else None)
     p = sampling_probs(torch.stack(full), row.temperature, row.top_p, row.top_k)
-    q = sampling_probs(torch.stack([lg.reshape(-1) for lg in row.draft.logits]), row.temperature, row.top_p, row.top_k)
+    q = sampling_probs(torch.stack([lg.reshape(-1) for lg in draft.logits]), row.temperature, row.top_p, row.top_k)
     gen = row.generator
     for n, x in enumerate(tentative):
         u = float(torch.rand((), generator=gen, device=gen.device if gen is not None else p.device))
@@ -208,10 +246,10 @@ def accept(row, full: list) -> tuple[int, Optional[int]]:
     return len(full), None
 
 
-def _exact(row) -> None:
+def _exact(row, d: Draft) -> None:
     """Every token since the last verification ran every layer from an exact state: they are the
     full model's as they stand (no verification)."""
-    d, c = row.draft, row.counters
+    c = row.counters
     c["rounds"] += 1
     c["drafted"] += len(d.exact)
     c["accepted"] += len(d.exact)
@@ -219,31 +257,31 @@ def _exact(row) -> None:
     d.reset(len(row.tokens))
 
 
-def verify(batch, rs: list) -> None:
-    """Verify the drafts of batch rows ``rs`` together (see the module docstring): keep each row's
-    accepted tokens, put the full model's token in place of its first rejected one, and roll back
-    the positions after it."""
-    blocks = []
-    for r in rs:
-        row = batch.rows[r]
-        d, c = row.draft, row.counters
+def verify(batch, rows: list) -> None:
+    """Verify the drafts of ``rows`` (``(row, its index in the batch, its Lossless)``) together
+    (see the module docstring): keep each row's accepted tokens, put the full model's token in
+    place of its first rejected one, and roll back the positions after it. The batch is reached
+    through ``full_logits`` and ``mask_last`` only."""
+    blocks, of_block = [], []
+    for row, r, s in rows:
+        d, c = s.draft, row.counters
         m = len(d.exact)
         if all(e == d.final for e in d.exact):  # no early exit since the last verification: all the full model's
-            _exact(row)
+            _exact(row, d)
             continue
         c["rounds"] += 1
         c["drafted"] += m
-        blocks.append(Block(r, row.tokens[-1 - m:-1], row.pos - m, d.exact if row.verify == "reuse" else [-1] * m,
+        blocks.append(Block(r, row.tokens[-1 - m:-1], row.pos - m, d.exact if s.verify == "reuse" else [-1] * m,
                             row.kept_states[-m:] if row.kept_states else None, d.logits))
+        of_block.append((row, s))
     if not blocks:
         return
-    for b, (full, layers_run, heads) in zip(blocks, block_logits(batch.model, batch.cache, batch.pad, blocks)):
-        row = batch.rows[b.r]
-        d, c, m = row.draft, row.counters, len(b.fed)
+    for b, (row, s), (full, layers_run, heads) in zip(blocks, of_block, batch.full_logits(blocks)):
+        d, c, m = s.draft, row.counters, len(b.fed)
         c["verified_tokens"] += m
         c["lm_head_calls"] += heads
         c["layers_run"] += layers_run
-        n, replacement = accept(row, full)
+        n, replacement = accept(row, d, full)
         c["accepted"] += n
         keep = d.verified + n
         if row.logits_seen is not None or row.token_logprobs is not None:  # the full model's, not the draft's
@@ -267,11 +305,3 @@ def verify(batch, rs: list) -> None:
             row.kept_states.clear()
         d.reset(len(row.tokens))
 
-
-def finish_counters(row) -> None:
-    """A finished lossless row's counters: its decode steps are its emitted tokens' (what the
-    full model would have run), and the draft's acceptance."""
-    c = row.counters
-    c["decode_steps"] = max(len(row.tokens) - 1, 0)
-    c["acceptance_rate"] = (c["accepted"] / c["drafted"]) if c["drafted"] else None
-    c["mean_draft_length"] = (c["drafted"] / c["rounds"]) if c["rounds"] else None

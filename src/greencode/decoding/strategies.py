@@ -8,6 +8,7 @@ few named hooks and owns the fields it fills (the plain row carries none):
 
 * :meth:`RowStrategy.prepare` when the row joins the batch (check its settings, adjust its length);
 * :meth:`RowStrategy.chosen` after the row's token is chosen: the token it is fed next;
+* :meth:`RowStrategy.ready` how many of its tokens may be handed on (a draft waits for verification);
 * :meth:`RowStrategy.after_step` once per step for all the rows carrying strategies of one kind
   (batched work over those rows, e.g. one LM head over their observed states);
 * :meth:`RowStrategy.finish` when the row's result is made (the strategy's fields into it).
@@ -22,8 +23,8 @@ the trajectory bank). Each strategy instance holds one row's state: give every r
 * :class:`Observed`: every exit point's state and greedy prediction for each decided token (the
   RL trajectory bank's data; ``DecodeBatch(observe=True)`` gives every row one).
 
-The lossless row (draft with early exits, verify with the full model) is still ``Row(lossless=True)``
-(:mod:`greencode.decoding.speculative`).
+* :class:`~greencode.decoding.speculative.Lossless`: drafts with early exits and is verified by the
+  full model within the step (``Row(lossless=True)`` for short).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class RowStrategy:
     def chosen(self, row, token: int) -> int:
         """The row chose ``token`` (not yet appended to ``row.tokens``); returns the token it takes."""
         return token
+
+    def ready(self, row, n: int) -> int:
+        """Of the row's first ``n`` tokens, how many may be handed on (streamed, tested for an end) now."""
+        return n
 
     @classmethod
     def after_step(cls, batch, st, members: list) -> None:
