@@ -270,7 +270,7 @@ def evaluate_infill(cfg) -> Path:
     from greencode.data.corpus import load_corpus, text_sep
     from greencode.data.fim import sentinel_ids
     from greencode.decoding import FixedExit, NeverExit, OracleExit, PolicyExit
-    from greencode.eval.evaluator import load_inputs
+    from greencode.eval.runner import load_inputs
     from greencode.paths import RunPaths
     from greencode.training.shipping import check_split_disjoint
     from greencode.utils import run_metadata, set_seed, setup_torch, write_json, write_text

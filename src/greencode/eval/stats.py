@@ -27,7 +27,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-CI_LEVEL = 0.95
+from greencode.stats import CI_LEVEL, bootstrap_indices, mean_ci  # noqa: F401 - re-exported (their home: greencode.stats)
+
 # exact_match_no_boilerplate: a sample's exact match, None (left out) when its reference is boilerplate;
 # the same samples are left out for every method, so its differences stay paired
 SAMPLE_KEYS = ("codebleu", "rouge_l", "bleu", "chrf", "exact_match", "exact_match_no_boilerplate", "edit_similarity")
@@ -50,19 +51,6 @@ def token_agreement(tokens: Sequence[int], reference: Sequence[int]) -> tuple[fl
         return (1.0 if not tokens else 0.0), 0
     same = sum(a == b for a, b in zip(tokens, reference))
     return same / len(reference), prefix
-
-
-def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
-    """``[resamples, n]`` sample indices drawn with replacement (shared by every method, so
-    differences are paired)."""
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-
-
-def mean_ci(values: np.ndarray, idx: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float, float]:
-    """(mean, low, high): the percentile bootstrap interval of the mean of ``values``."""
-    means = values[idx].mean(axis=1)
-    a = (1.0 - level) / 2.0
-    return float(values.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))
 
 
 def _per_sample(records: Sequence[dict], key: str) -> dict[int, float]:

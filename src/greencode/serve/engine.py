@@ -37,6 +37,8 @@ from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.decoding.controllers import NeverExit
 from greencode.decoding.registry import Resources, get_controller
 from greencode.decoding.steps import cut_at_stops
+# the calibrated results only (no model, no decoding): serving never imports the calibration stage or the evaluator
+from greencode.eval.calibrated import file_sha256, threshold_for
 from greencode.paths import RunPaths
 from greencode.serve.errors import RequestError
 from greencode.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, layout_ids, sentinel_ids
@@ -239,7 +241,6 @@ def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedR
     calibration = None
     cal_file = RunPaths.from_config(cfg).calibration
     if all(loaded[n] is not None for n in served.inputs) and cal_file.is_file():
-        from greencode.eval.calibration import file_sha256
         from greencode.utils import read_json
 
         cal = read_json(cal_file)
@@ -403,8 +404,6 @@ class Engine:
                 return NeverExit(), None, f"full_model_no_{missing[0]}"
             if self.calibration is None:  # nothing certified: the full model meets any target
                 return NeverExit(), None, "full_model_no_calibration"
-            from greencode.eval.calibration import threshold_for
-
             try:
                 calibrated = threshold_for(self.calibration, self.served.name, float(max_disagreement),
                                            fidelity or "sequence")

@@ -63,7 +63,7 @@ def context_effect(cfg, models: dict, *, window: int = 512, short: int = 255, ta
                    out_dir: Optional[Path] = None, out_name: str = "context") -> dict:
     """The context ablation for each named model directory (``{name: dir}``); see the module doc."""
     from greencode.data import load_tokenizer
-    from greencode.eval.stats import bootstrap_indices
+    from greencode.stats import bootstrap_indices
     from greencode.models import EarlyExitModel
 
     if not 0 < short < window or not window - short <= target_from < window:

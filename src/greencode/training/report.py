@@ -212,7 +212,7 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
 
     from greencode.data import load_corpus, load_tokenizer
     from greencode.data.corpus import text_sep
-    from greencode.eval.stats import bootstrap_indices
+    from greencode.stats import bootstrap_indices
     from greencode.models import EarlyExitModel
     from greencode.training.data import pack_split
 

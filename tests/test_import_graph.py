@@ -1,0 +1,104 @@
+"""The package's import graph, read from the source (AST, every import: at module top and inside
+functions, so imports hidden in functions count too): no circle among the evaluation's modules,
+training imports nothing of evaluation, serving imports neither the calibration stage nor the
+evaluator (it reads calibrated results through greencode.eval.calibrated)."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "greencode"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the greencode modules it imports anywhere in its file}. ``from a import b`` names the
+    module ``a.b`` when that is a module, else ``a``."""
+    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        out: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the module's package, one more level up per extra dot
+                    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    base = base[:len(base) - (node.level - 1)]
+                    src = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    src = node.module or ""
+                for a in node.names:
+                    out.add(f"{src}.{a.name}" if f"{src}.{a.name}" in files else src)
+        graph[mod] = {t for t in out if t in files and t != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]], within: str) -> list[list[str]]:
+    """The strongly connected components of more than one module among the modules under ``within``."""
+    nodes = sorted(m for m in graph if m == within or m.startswith(within + "."))
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v] & set(nodes)):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in nodes:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_scan_sees_function_level_imports():
+    g = import_graph()
+    # eval/__init__.py imports the evaluator inside evaluate(), never at its top
+    assert "greencode.eval.evaluator" in g["greencode.eval"]
+    # ``from greencode.eval.methods import MethodSpec`` names the module, ``from greencode.eval import evaluate`` the package
+    assert "greencode.eval.methods" in g["greencode.eval.evaluator"]
+    assert "greencode.eval" in g["greencode.eval.tuning"]
+
+
+def test_no_import_circle_among_the_evaluation_modules():
+    assert cycles(import_graph(), "greencode.eval") == []
+
+
+def test_training_imports_nothing_of_evaluation():
+    g = import_graph()
+    bad = {m: sorted(t for t in ts if t == "greencode.eval" or t.startswith("greencode.eval."))
+           for m, ts in g.items() if m.startswith("greencode.training")}
+    assert {m: ts for m, ts in bad.items() if ts} == {}
+
+
+def test_serving_imports_neither_the_calibration_stage_nor_the_evaluator():
+    g = import_graph()
+    banned = {"greencode.eval", "greencode.eval.calibration", "greencode.eval.evaluator", "greencode.eval.forced",
+              "greencode.eval.runner"}
+    bad = {m: sorted(ts & banned) for m, ts in g.items() if m.startswith("greencode.serve")}
+    assert {m: ts for m, ts in bad.items() if ts} == {}
