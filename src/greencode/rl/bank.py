@@ -72,6 +72,44 @@ def torch_threads(num_threads: int):
         torch.set_num_threads(prev)
 
 
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished folder ``tmp`` in ``path``'s place (a bank that exists is replaced whole), so a
+    half-written bank never stands at ``path``."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
+def manifest_head(cfg, model, key: dict, bank_cfg) -> dict[str, Any]:
+    """What every bank's manifest starts with, whichever source recorded it: its key, the model's
+    fingerprint and weights record, the exit points, the observation and the bank settings."""
+    import dataclasses
+
+    from greencode.provenance import weights_record
+
+    fp = model.fingerprint()
+    return {
+        "key": key,
+        "model": fp.get("name_or_path"),
+        "fingerprint": fp,
+        "weights": weights_record(model),  # carried into the RL stage's results (greencode.provenance)
+        "exit_layers": list(model.exit_layers),
+        "exit_points": list(model.exit_points),
+        "final_layer": int(model.final_layer),
+        "observation_features": list(cfg.rl.observation_features),
+        "candidates": cfg.rl.candidates(),
+        "observation": cfg.rl.observation,
+        "corpus": key["corpus"],
+        "bank_config": dataclasses.asdict(bank_cfg),
+        "seed": cfg.seed,
+    }
+
+
 def bytes_per_token(n_exit_points: int, hidden_size: int) -> int:
     """Stored bytes per generated token (see module docstring)."""
     return 2 * n_exit_points * hidden_size + 4 * (n_exit_points + 1) + 2 + 4
@@ -221,14 +259,7 @@ class TrajectoryBank:
                             bytes_per_token=bytes_per_token(self.n_exit_points, self.hidden_size),
                             size_bytes=int(sum(getattr(self, a).nbytes for a in _ARRAYS)))
             write_json(tmp / MANIFEST, manifest)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(path)
+            replace_dir(tmp, path)
             self.manifest = manifest
         finally:
             if tmp.exists():

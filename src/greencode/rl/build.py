@@ -414,23 +414,10 @@ def _save_bank(cfg, model, chunks, total, skipped, key, path, rng) -> Path:
     n_held = min(int(round(bc.heldout_fraction * n_seq)), n_seq - 1)
     heldout = np.zeros(n_seq, dtype=bool)
     heldout[rng.permutation(n_seq)[:n_held]] = True
-    fp = model.fingerprint()
-    from greencode.provenance import weights_record
+    from greencode.rl.bank import manifest_head
 
     manifest = {
-        "key": key,
-        "model": fp.get("name_or_path"),
-        "fingerprint": fp,
-        "weights": weights_record(model),  # carried into the RL stage's results (greencode.provenance)
-        "exit_layers": list(model.exit_layers),
-        "exit_points": list(model.exit_points),
-        "final_layer": int(model.final_layer),
-        "observation_features": list(cfg.rl.observation_features),
-        "candidates": cfg.rl.candidates(),
-        "observation": cfg.rl.observation,
-        "corpus": key["corpus"],
-        "bank_config": dataclasses.asdict(bc),
-        "seed": cfg.seed,
+        **manifest_head(cfg, model, key, bc),
         "context_lengths": [int(c["context_len"]) for c in chunks],
         "context_fractions": [round(float(c["frac"]), 4) for c in chunks],
         "behaviour": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c["behaviour"].items()}

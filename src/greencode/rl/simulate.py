@@ -50,7 +50,6 @@ simulated in parallel over positions and are refused.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -386,7 +385,8 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     from tqdm.auto import tqdm
 
     from greencode.decoding.controllers import feature_size
-    from greencode.rl.bank import BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, torch_threads
+    from greencode.rl.bank import (BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, manifest_head, replace_dir,
+                                  torch_threads)
     from greencode.rl.build import _load_data, behaviour_specs
     from greencode.utils import set_seed, write_json
 
@@ -481,24 +481,12 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
                   "behaviour_exit": np.concatenate(behaviour).astype(np.int16)}
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-        fp = model.fingerprint()
         behaviour_all = arrays["behaviour_exit"]
         seconds = time.perf_counter() - t0
         manifest = {
             "format": BANK_FORMAT,
-            "key": key,
             "source": "simulate",
-            "model": fp.get("name_or_path"),
-            "fingerprint": fp,
-            "exit_layers": list(model.exit_layers),
-            "exit_points": list(model.exit_points),
-            "final_layer": int(model.final_layer),
-            "observation_features": list(cfg.rl.observation_features),
-            "candidates": cfg.rl.candidates(),
-            "observation": cfg.rl.observation,
-            "corpus": key["corpus"],
-            "bank_config": dataclasses.asdict(bc),
-            "seed": cfg.seed,
+            **manifest_head(cfg, model, key, bc),
             "teacher_forced": True,
             "window_tokens": window,
             "sequences": seqs,
@@ -524,14 +512,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
         write_json(tmp / MANIFEST, manifest)
         # the same checks as any bank load (shapes, offsets, l_opt from preds), before it takes the place
         TrajectoryBank.load(tmp, model, observation=cfg.rl.observation, mmap=True)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
