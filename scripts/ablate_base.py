@@ -14,10 +14,8 @@ Tiny CPU run:
     python scripts/ablate_base.py --config configs/smoke.yaml --base a=<dir> --base b=<dir>
 """
 
-from pathlib import Path
 
-from greencode.cli import base_parser, friendly_errors, load_from_args
-from greencode.config import ConfigError
+from greencode.cli import base_parser, friendly_errors, load_from_args, named_model_dirs
 
 
 @friendly_errors
@@ -30,15 +28,7 @@ def main() -> None:
                         help="file name (without extension) under results/<name>/ablations, e.g. fim_cost")
     args = parser.parse_args()
     cfg = load_from_args(args)
-    bases = {}
-    for item in args.base:
-        if "=" not in item:
-            raise ConfigError(f"--base {item!r} must look like NAME=DIR (e.g. plain=runs/base_plain/base_model)")
-        name, d = item.split("=", 1)
-        if not (Path(d) / "config.json").is_file():
-            raise FileNotFoundError(f"--base {name}={d}: no HF model there (config.json missing); pretrain it with "
-                                    "scripts/pretrain.py or point at a model directory")
-        bases[name] = d
+    bases = named_model_dirs(args.base, "--base", "plain=runs/base_plain/base_model")
     from greencode.training.report import compare_bases, render_bases
 
     report = compare_bases(cfg, bases, resamples=args.resamples, out_name=args.out_name)

@@ -12,8 +12,7 @@ Tiny CPU run (smoke corpus, short windows):
 
 from pathlib import Path
 
-from greencode.cli import base_parser, friendly_errors, load_from_args
-from greencode.config import ConfigError
+from greencode.cli import base_parser, friendly_errors, load_from_args, named_model_dirs
 
 
 @friendly_errors
@@ -32,15 +31,7 @@ def main() -> None:
                         help="write there instead of results/<name>/ablations (e.g. results/archive/<base>/ablations)")
     args = parser.parse_args()
     cfg = load_from_args(args)
-    models = {}
-    for item in args.model:
-        if "=" not in item:
-            raise ConfigError(f"--model {item!r} must look like NAME=DIR (e.g. base=assets/default-base)")
-        name, d = item.split("=", 1)
-        if not (Path(d) / "config.json").is_file():
-            raise FileNotFoundError(f"--model {name}={d}: no HF model there (config.json missing); pretrain or "
-                                    "fine-tune it first, or point at a model directory")
-        models[name] = d
+    models = named_model_dirs(args.model, "--model", "base=assets/default-base")
     from greencode.training.context import context_effect, render_context
 
     report = context_effect(cfg, models, window=args.window, short=args.short, target_from=args.target_from,

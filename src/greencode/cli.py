@@ -26,6 +26,23 @@ def load_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def named_model_dirs(items, flag: str, example: str) -> dict[str, str]:
+    """``NAME=DIR`` arguments (``--base``, ``--model``) as ``{name: dir}``; each DIR must be an HF model
+    directory (its config.json there), else a clear error that names the argument and the fix."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{flag} {item!r} must look like NAME=DIR (e.g. {example})")
+        name, d = item.split("=", 1)
+        if not (Path(d) / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {name}={d}: no HF model there (config.json missing); pretrain it with "
+                                    "scripts/pretrain.py (or fine-tune it) or point at a model directory")
+        out[name] = d
+    return out
+
+
 def friendly_errors(fn: Callable[..., Optional[int]]) -> Callable[..., int]:
     """Turn expected user errors into one clear line and exit code 2 (no traceback)."""
 
