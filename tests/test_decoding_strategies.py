@@ -74,3 +74,24 @@ def test_lossless_is_a_strategy_the_row_carries():
     assert batch.result(rows[1]).tokens == generate(m, prompt, FixedExit(2), 10).tokens
     with pytest.raises(ValueError, match="cannot be observed or teacher-forced"):
         DecodeBatch(m, observe=True).add([Row(controller=FixedExit(1), max_new_tokens=4, lossless=True)], [prompt])
+
+
+def test_the_step_holds_no_branch_on_a_row_mode():
+    """The row modes are strategies: only ``_prepare`` (which turns the shorthand flags into strategies) may name
+    them; the step and its helpers ask the strategies' hooks and flags, never a mode."""
+    import ast
+    import inspect
+    import textwrap
+
+    from greencode.decoding.generate import DecodeBatch
+
+    modes = {"lossless", "observe", "keep_states", "kept_states", "runs_all_layers", "forced", "oracle_preds",
+             "keepers", "draft"}
+    src = ast.parse(textwrap.dedent(inspect.getsource(DecodeBatch)))
+    found = []
+    for fn in ast.walk(src):
+        if isinstance(fn, ast.FunctionDef) and fn.name not in ("_prepare", "__init__"):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Attribute) and node.attr in modes:
+                    found.append(f"{fn.name}: .{node.attr}")
+    assert not found, found

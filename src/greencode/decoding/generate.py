@@ -36,7 +36,7 @@ from greencode.config import ConfigError
 from greencode.decoding import speculative
 from greencode.decoding.compiled import MODEL_DEFAULT, default_layer_step
 from greencode.decoding.controllers import ExitController, NeverExit
-from greencode.decoding.strategies import Observed, RowStrategy, TeacherForced
+from greencode.decoding.strategies import KeptStates, Observed, OracleExits, RowStrategy, TeacherForced
 from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Sampling, Slot, check_request, copy_cache,
                                       cut_at_stops, expand_cache, gather_kv, growable, layer_kv, left_pad,
                                       left_pad_positions, new_cache, rebuild_cache, record_logits, rows_kwargs,
@@ -198,14 +198,16 @@ class _Step:
     row_logits: dict = field(default_factory=dict)
     # rows that exited together at one layer: (their indices, that layer, K/V of every deeper layer)
     groups: list = field(default_factory=list)
-    oracle_preds: dict = field(default_factory=dict)
     seen_h: list = field(default_factory=list)  # reads_states: the states at the exit points, then the final one
-    keepers: list = field(default_factory=list)
 
     def __post_init__(self):
         self.counters = [r.counters for r in self.rows]
         self.controllers = [r.controller for r in self.rows]
         strategies = [s for r in self.rows for s in r.strategies]
+        self.kinds: dict = {}  # each kind of strategy -> its rows [(row index, strategy)], for its batched hooks
+        for r, row in enumerate(self.rows):
+            for s in row.strategies:
+                self.kinds.setdefault(type(s), []).append((r, s))
         self.carry = any(s.carries_exited for s in strategies)  # no row leaves the layer loop when it exits
         self.record = any(s.reads_states for s in strategies)  # keep the states at the exit points (seen_h)
 
@@ -263,13 +265,19 @@ class DecodeBatch:
         row.lossless = any(isinstance(s, speculative.Lossless) for s in row.strategies)
         if self.observe and not any(isinstance(s, Observed) for s in row.strategies):
             row.strategies = [*row.strategies, Observed()]
-        for s in row.strategies:
+        if row.controller.runs_all_layers and not any(isinstance(s, OracleExits) for s in row.strategies):
+            row.strategies = [*row.strategies, OracleExits()]
+        for s in list(row.strategies):
             if not isinstance(s, RowStrategy):
                 raise TypeError(f"Row.strategies holds {type(s).__name__}; give RowStrategy instances")
             if id(s) in in_use:
                 raise ValueError(f"a {type(s).__name__} holds one row's state; give each row its own")
             in_use.add(id(s))
             s.prepare(row, self)
+        if row.keep_states and not any(isinstance(s, KeptStates) for s in row.strategies):  # (a lossless row's too)
+            kept = KeptStates()
+            row.strategies = [*row.strategies, kept]
+            kept.prepare(row, self)
         if getattr(row.controller, "per_row_state", False):  # per-row state: one instance per row
             if id(row.controller) in in_use:
                 row.controller = copy.deepcopy(row.controller)
@@ -285,8 +293,6 @@ class DecodeBatch:
             row.logits_seen = []
         if row.logprobs is not None:
             row.token_logprobs, row.top_logprobs = [], []
-        if row.keep_states:
-            row.kept_states = []
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row], prompts: Union[Sequence[Sequence[int]], torch.Tensor],
@@ -321,31 +327,7 @@ class DecodeBatch:
                 row.prompt, row.pos = ids, int(ids.shape[1])
             first_logits = [logits[0:1]] * len(rows)
         else:
-            if len(prompts) != len(rows):
-                raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows")
-            unique = list(dict.fromkeys(tuple(int(t) for t in p) for p in prompts))  # each prompt prefilled once
-            of_row = [unique.index(tuple(int(t) for t in p)) for p in prompts]
-            ids, mask = left_pad([list(p) for p in unique], model.device)
-            cache = new_cache(model)
-            if len(unique) == 1:
-                out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
-                pad = None
-            else:
-                out = model.hf.model(input_ids=ids, attention_mask=mask, position_ids=left_pad_positions(mask),
-                                     past_key_values=cache, use_cache=True)
-                pad = None
-                if not bool(mask.all()):
-                    pad = torch.zeros(mask.shape, dtype=model.dtype, device=ids.device)
-                    pad = pad.masked_fill(mask == 0, torch.finfo(model.dtype).min)
-            logits = adapter.lm_head(out.last_hidden_state[:, -1:])
-            if of_row != list(range(len(unique))):  # repeated prompts: one row of the cache each
-                index = torch.tensor(of_row, device=ids.device)
-                cache = rebuild_cache(model, cache, index)
-                pad = None if pad is None else pad[index]
-            for k, row in enumerate(rows):
-                row.prompt = torch.tensor([list(prompts[k])], dtype=torch.long, device=ids.device)
-                row.pos = len(prompts[k])
-            first_logits = [logits[u:u + 1] for u in of_row]
+            cache, pad, first_logits = self._prefill_prompts(rows, prompts)
         now = time.perf_counter()
         for row, lg in zip(rows, first_logits):
             row.t_prefilled = now
@@ -356,6 +338,35 @@ class DecodeBatch:
         finished = [row for row in rows if self._finished(row)]
         self._drop(finished)
         return finished
+
+    def _prefill_prompts(self, rows: list, prompts) -> tuple:
+        """One prompt per row, left-padded into one prefill (each distinct prompt once): the cache (a row per
+        row), the additive padding mask (None without padding) and each row's first logits."""
+        model = self.model
+        if len(prompts) != len(rows):
+            raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows")
+        unique = list(dict.fromkeys(tuple(int(t) for t in p) for p in prompts))  # each prompt prefilled once
+        of_row = [unique.index(tuple(int(t) for t in p)) for p in prompts]
+        ids, mask = left_pad([list(p) for p in unique], model.device)
+        cache = new_cache(model)
+        pad = None
+        if len(unique) == 1:
+            out = model.hf.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        else:
+            out = model.hf.model(input_ids=ids, attention_mask=mask, position_ids=left_pad_positions(mask),
+                                 past_key_values=cache, use_cache=True)
+            if not bool(mask.all()):
+                pad = torch.zeros(mask.shape, dtype=model.dtype, device=ids.device)
+                pad = pad.masked_fill(mask == 0, torch.finfo(model.dtype).min)
+        logits = model.adapter.lm_head(out.last_hidden_state[:, -1:])
+        if of_row != list(range(len(unique))):  # repeated prompts: one row of the cache each
+            index = torch.tensor(of_row, device=ids.device)
+            cache = rebuild_cache(model, cache, index)
+            pad = None if pad is None else pad[index]
+        for k, row in enumerate(rows):
+            row.prompt = torch.tensor([list(prompts[k])], dtype=torch.long, device=ids.device)
+            row.pos = len(prompts[k])
+        return cache, pad, [logits[u:u + 1] for u in of_row]
 
     def _join(self, cache, pad: Optional[torch.Tensor], n: int) -> None:
         if self.cache is None or not self.rows:
@@ -478,11 +489,7 @@ class DecodeBatch:
             self._decide(st, end)
         self._top_logits(st)
         self._choose_tokens(st)
-        kinds: dict = {}  # each kind of strategy's rows, for its batched work after the step
-        for r, row in enumerate(st.rows):
-            for s in row.strategies:
-                kinds.setdefault(type(s), []).append((r, s))
-        for kind, members in kinds.items():
+        for kind, members in st.kinds.items():
             kind.after_step(self, st, members)
         finished = [row for row in st.rows if self._finished(row)]
         self._drop(finished)
@@ -503,19 +510,14 @@ class DecodeBatch:
             attn = self.pad[:, None, None, :]
         st = _Step(rows=rows, h=h, lkw=lkw, attn=attn, run=list(range(n)), where={r: r for r in range(n)},
                    run_kw=lkw, run_attn=attn, active=list(range(n)))
-        st.oracle_preds = {r: [] for r in range(n) if st.controllers[r].runs_all_layers}
-        st.keepers = [r for r in range(n) if rows[r].keep_states]
-        for r in st.keepers:
-            rows[r].kept_states.append({})
         return st
 
     def _segment_stops(self, st: "_Step") -> list[int]:
         """Where a compiled segment must end: every layer where some row's controller checks, where
         observe, kept states or the oracle read the state, and the final layer."""
         need = {self.final}
-        for r, row in enumerate(st.rows):
-            every = (st.controllers[r].runs_all_layers or row.keep_states
-                     or any(s.reads_every_exit_point for s in row.strategies))
+        for row in st.rows:
+            every = any(s.reads_every_exit_point for s in row.strategies)
             need |= set(self.exit_points) if every else row.checks
         return sorted(need)
 
@@ -569,28 +571,23 @@ class DecodeBatch:
                 counters[r]["layers_run"] += len(span)
 
     def _look(self, st: "_Step", i: int) -> bool:
-        """What is read at layer ``i`` before any decision: the observed states (observe), each
-        climbing row's kept state (keep_states, lossless), the oracle's prediction at every exit
-        point. True at the final layer."""
+        """What is read at layer ``i`` before any decision: the observed states (a strategy that
+        ``reads_states``), then each strategy kind's :meth:`~RowStrategy.at_exit_point` at an exit point.
+        True at the final layer."""
         if st.record and (i in self.exit_set or i == self.final):
             st.seen_h.append(st.h.detach().clone())
         if i == self.final:
             return True
         if i in self.exit_set:
-            for r in st.keepers:
-                if r in st.active:
-                    st.rows[r].kept_states[-1][i] = st.h[st.where[r], -1].clone()
-            for r in st.oracle_preds:
-                p = st.where[r]
-                st.oracle_preds[r].append(int(torch.argmax(self.model.decode(st.h[p:p + 1])[0, -1])))
-                st.counters[r]["lm_head_calls"] += 1
+            for kind, members in st.kinds.items():
+                kind.at_exit_point(self, st, i, members)
         return False
 
     def _decide(self, st: "_Step", i: int) -> None:
         """The exit checks at layer ``i``. The rows that exit get their deeper layers' K/V (one fused
         projection) and leave the layer loop once ``skip_share`` of the batch has (below that they are
         carried along: running a layer on a subset of rows copies their cache rows)."""
-        asking = [r for r in st.active if i in st.rows[r].checks and not st.controllers[r].runs_all_layers]
+        asking = [r for r in st.active if i in st.rows[r].checks]
         if not asking:
             return
         t0 = time.perf_counter()
@@ -654,8 +651,8 @@ class DecodeBatch:
         return exiting
 
     def _top_logits(self, st: "_Step") -> None:
-        """The rows that ran to the top: one LM head for all of them (the oracle's exit: the first
-        exit point agreeing with the final layer)."""
+        """The rows that ran to the top: one LM head for all of them; then their strategies'
+        :meth:`~RowStrategy.at_top` (the oracle's exit: the first exit point agreeing with the final layer)."""
         top = [r for r in range(len(st.rows)) if r not in st.exit_at]
         if not top:
             return
@@ -665,10 +662,8 @@ class DecodeBatch:
             st.row_logits[r] = top_logits[k:k + 1]
             st.counters[r]["lm_head_calls"] += 1
             st.exit_at[r] = self.final
-            if st.oracle_preds.get(r):
-                final_pred = int(torch.argmax(st.row_logits[r][0, -1]))
-                st.exit_at[r] = next((self.exit_points[j] for j, p in enumerate(st.oracle_preds[r]) if p == final_pred),
-                                     self.final)
+            for s in st.rows[r].strategies:
+                s.at_top(st.rows[r], st, r)
 
     def _choose_tokens(self, st: "_Step") -> None:
         """Every row's token from the logits where it exited (kept in ``st.row_logits``)."""
@@ -708,8 +703,7 @@ class DecodeBatch:
         c = row.counters
         res = GenerationResult(tokens=row.tokens, exit_layers=row.exit_layers, finish_reason=row.finish,
                                counters=c, text=text, prompt_tokens=row.prompt_tokens, logits=row.logits_seen,
-                               token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs,
-                               kept_states=row.kept_states)
+                               token_logprobs=row.token_logprobs, top_logprobs=row.top_logprobs)
         for s in row.strategies:
             s.finish(row, res)
         end = row.t_done or time.perf_counter()
@@ -735,42 +729,25 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
     With :class:`NeverExit` (the default) and greedy decoding this produces exactly what HF
     ``generate(do_sample=False)`` produces with its KV cache.
 
-    ``controller`` may be a list: one row per controller, all continuing the same prompt (one
-    shared prefill), and a list of results comes back. ``input_ids`` may be a list of prompts:
-    one row each, left-padded into one batch (with one controller for all or one per prompt).
-    The rows are decoded together by a :class:`DecodeBatch`: each row exits where its own
-    controller says, a layer runs only on the rows still climbing (``propagate``), rows finish
-    independently and leave the batch, and each row's tokens equal a run with that controller
-    alone (greedy). The counters count each row's own work (what the compute ratio reads); the
-    timers are the batch's wall time while the row was in it. With a ``seed``, every row samples
-    from its own generator seeded with it.
+    ``controller`` may be a list (one row each, all continuing the prompt, one shared prefill) and
+    ``input_ids`` a list of prompts (one row each, left-padded); a list of results comes back. The rows
+    decode together in a :class:`DecodeBatch`, each exiting where its own controller says, each row's
+    tokens equal to a run alone (greedy), its counters its own work (what the compute ratio reads), its
+    timers the batch's wall time while it was in it; with a ``seed`` each row samples from its own generator.
 
-    ``on_token(token_id, exit_layer)`` is called as each token is chosen (for streaming; one
-    row); ``should_stop()`` is polled before each new token and ends generation with
-    ``finish_reason="cancelled"`` when it returns true (timeouts, disconnected clients).
-    ``logprobs``: record each chosen token's log-probability under the logits that chose it
-    (``result.token_logprobs``) and, when > 0, the top-``logprobs`` (id, log-probability) pairs.
-    ``prefilled``: a :func:`prefill` of the same ``input_ids``, whose cache is copied instead of
-    running the prompt again (``prefill_time_s`` then counts the copy only).
+    ``on_token(token_id, exit_layer)`` is called as each token is chosen (streaming, one row);
+    ``should_stop()``, polled before each token, ends it ``"cancelled"`` when true. ``logprobs``: each
+    chosen token's log-probability (``result.token_logprobs``) and, when > 0, the top-n pairs.
+    ``prefilled``: a :func:`prefill` of the same ``input_ids`` (its cache copied, not recomputed).
 
-    ``observe=True`` records, for every decided token, the hidden state at every early exit
-    point and every exit point's greedy prediction (``exit_states``, ``exit_preds``), the data
-    of the RL trajectory bank. A row that exits keeps climbing in the shadow: its deeper states
-    are the ones it would have reached had it continued (this token's K/V in the cache are its
-    own until the layer has run; afterwards they are overwritten by the propagated K/V, exactly
-    as without observing), so the tokens, exits and cache are those of the unobserved run and
-    the states up to the exit are the ones its controller saw. The shadow layers and the
-    recording's LM heads are not counted in the counters.
-
-    ``forced_tokens`` (one token list per row) teacher-forces decoding: each row is fed the given
-    tokens instead of its own choices (it stops at the list's end, or at an EOS in it), and
-    ``result.own_tokens`` holds what the row chose at each position. With the full model's greedy
-    continuation forced, the share of positions where ``own_tokens`` differs is the teacher-forced
-    disagreement (token consistency): one wrong exit changes one position, not all after it.
-
-    ``layer_step``: the loop's layer step where every row runs a layer: a
-    :class:`~greencode.decoding.compiled.CompiledSteps` or None (eager); by default the one
-    ``decoding.compile`` chose for the model (:func:`~greencode.decoding.compiled.use_compiled_steps`).
+    ``observe=True`` records every decided token's state at every early exit point and every exit
+    point's greedy prediction (``exit_states``, ``exit_preds``: the trajectory bank's data; the row climbs
+    on in the shadow past its exit, uncounted, its tokens, exits and cache unchanged:
+    :class:`~greencode.decoding.strategies.Observed`). ``forced_tokens`` (one list per row) teacher-forces
+    each row, ``result.own_tokens`` holding what it chose at each position (token consistency:
+    :class:`~greencode.decoding.strategies.TeacherForced`). ``layer_step``: a
+    :class:`~greencode.decoding.compiled.CompiledSteps`, None (eager), or by default the one
+    ``decoding.compile`` chose for the model.
     """
     prompts = _prompt_list(input_ids)  # None: one prompt (every row continues it)
     many = isinstance(controller, (list, tuple)) or prompts is not None
@@ -778,25 +755,9 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         controllers = list(controller)
     else:
         controllers = [controller or NeverExit()] * (len(prompts) if prompts is not None else 1)
-    if not controllers:
-        raise ValueError("controller=[] gives no rows to decode; pass at least one controller")
-    if prompts is not None and len(prompts) != len(controllers):
-        raise ValueError(f"{len(prompts)} prompts but {len(controllers)} controllers; give one controller for all "
-                         "prompts or one per prompt")
-    if len(controllers) > 1 and (on_token is not None or should_stop is not None):
-        raise ValueError("on_token and should_stop are for one row; stream single-row generations (or step a "
-                         "DecodeBatch with one callback per row)")
-    if prompts is not None and prefilled is not None:
-        raise ValueError("prefilled= is the prefill of one prompt; a batch of prompts is prefilled together")
-    if prompts is None:
-        ids = _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy)
-    else:
-        for p in prompts:
-            _validate(model, p, max_new_tokens, temperature, top_p, top_k, kv_strategy)
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    if forced_tokens is not None and len(forced_tokens) != len(controllers):
-        raise ValueError(f"forced_tokens has {len(forced_tokens)} lists for {len(controllers)} rows; give one per row")
+    ids = _check_generate(model, input_ids, prompts, controllers, max_new_tokens, temperature, top_p, top_k,
+                          kv_strategy, on_token is not None or should_stop is not None, prefilled, stop_strings,
+                          tokenizer, forced_tokens)
     eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     rows = [Row(controller=c, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, top_k=top_k, seed=seed, eos=eos, stop_strings=stop_strings, on_token=on_token,
@@ -812,6 +773,33 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]],
         for res in results:
             res.counters["batch_rows"] = len(rows)
     return results if many else results[0]
+
+
+def _check_generate(model, input_ids, prompts, controllers, max_new_tokens, temperature, top_p, top_k, kv_strategy,
+                    callbacks: bool, prefilled, stop_strings, tokenizer, forced_tokens) -> Optional[torch.Tensor]:
+    """:func:`generate`'s argument checks (ValueError naming the fix); the one prompt's ids, or None for a
+    list of prompts."""
+    if not controllers:
+        raise ValueError("controller=[] gives no rows to decode; pass at least one controller")
+    if prompts is not None and len(prompts) != len(controllers):
+        raise ValueError(f"{len(prompts)} prompts but {len(controllers)} controllers; give one controller for all "
+                         "prompts or one per prompt")
+    if len(controllers) > 1 and callbacks:
+        raise ValueError("on_token and should_stop are for one row; stream single-row generations (or step a "
+                         "DecodeBatch with one callback per row)")
+    if prompts is not None and prefilled is not None:
+        raise ValueError("prefilled= is the prefill of one prompt; a batch of prompts is prefilled together")
+    ids = None
+    if prompts is None:
+        ids = _validate(model, input_ids, max_new_tokens, temperature, top_p, top_k, kv_strategy)
+    else:
+        for p in prompts:
+            _validate(model, p, max_new_tokens, temperature, top_p, top_k, kv_strategy)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    if forced_tokens is not None and len(forced_tokens) != len(controllers):
+        raise ValueError(f"forced_tokens has {len(forced_tokens)} lists for {len(controllers)} rows; give one per row")
+    return ids
 
 
 @torch.inference_mode()

@@ -9,6 +9,11 @@ few named hooks and owns the fields it fills (the plain row carries none):
 * :meth:`RowStrategy.prepare` when the row joins the batch (check its settings, adjust its length);
 * :meth:`RowStrategy.chosen` after the row's token is chosen: the token it is fed next;
 * :meth:`RowStrategy.ready` how many of its tokens may be handed on (a draft waits for verification);
+* :meth:`RowStrategy.at_exit_point` at each early exit point the layers reach, once for all the rows
+  carrying strategies of one kind (what is read there before any decision: a kept state, the oracle's
+  prediction);
+* :meth:`RowStrategy.at_top` for a row that ran to the final layer, once its logits are known (the
+  oracle moves its recorded exit to the first exit point that agreed);
 * :meth:`RowStrategy.after_step` once per step for all the rows carrying strategies of one kind
   (batched work over those rows, e.g. one LM head over their observed states);
 * :meth:`RowStrategy.finish` when the row's result is made (the strategy's fields into it).
@@ -22,6 +27,11 @@ the trajectory bank). Each strategy instance holds one row's state: give every r
 * :class:`TeacherForced`: fed given tokens instead of its own choices, recording what it chose;
 * :class:`Observed`: every exit point's state and greedy prediction for each decided token (the
   RL trajectory bank's data; ``DecodeBatch(observe=True)`` gives every row one).
+
+* :class:`KeptStates`: the fed token's state at every exit point it runs through, per step (what lossless
+  verification reuses; ``Row(keep_states=True)`` for short);
+* :class:`OracleExits`: every exit point's greedy prediction, and the exit recorded at the first one that
+  agrees with the final layer (the oracle controller's rows get one: it runs every layer and decides after);
 
 * :class:`~greencode.decoding.speculative.Lossless`: drafts with early exits and is verified by the
   full model within the step (``Row(lossless=True)`` for short).
@@ -51,6 +61,14 @@ class RowStrategy:
     def ready(self, row, n: int) -> int:
         """Of the row's first ``n`` tokens, how many may be handed on (streamed, tested for an end) now."""
         return n
+
+    @classmethod
+    def at_exit_point(cls, batch, st, layer: int, members: list) -> None:
+        """The layers reached early exit point ``layer`` (0-based), before any row decides there: ``st.h``
+        holds the running rows' states (row ``r`` at ``st.where[r]``); ``members`` as in :meth:`after_step`."""
+
+    def at_top(self, row, st, r: int) -> None:
+        """Row ``r`` ran to the final layer: its logits are ``st.row_logits[r]``, its exit ``st.exit_at[r]``."""
 
     @classmethod
     def after_step(cls, batch, st, members: list) -> None:
@@ -113,3 +131,55 @@ class Observed(RowStrategy):
 
     def finish(self, row, result) -> None:
         result.exit_states, result.exit_preds = self.states, self.preds
+
+
+class KeptStates(RowStrategy):
+    """Keep, for every step, the fed token's state at each early exit point it ran through before it exited
+    (``row.kept_states``: one ``{0-based layer: state [H]}`` per decided token), the lower layers a lossless
+    row's verification reuses instead of recomputing them."""
+
+    reads_every_exit_point = True
+
+    def prepare(self, row, batch) -> None:
+        row.keep_states = True
+        row.kept_states = []
+
+    @classmethod
+    def at_exit_point(cls, batch, st, layer: int, members: list) -> None:
+        first = layer == batch.exit_points[0]
+        for r, _ in members:
+            row = st.rows[r]
+            if first:  # every row runs from layer 0 each step: the first exit point opens the step's record
+                row.kept_states.append({})
+            if r in st.active:
+                row.kept_states[-1][layer] = st.h[st.where[r], -1].clone()
+
+    def finish(self, row, result) -> None:
+        result.kept_states = row.kept_states
+
+
+class OracleExits(RowStrategy):
+    """The oracle's row: it runs every layer (its controller never exits) while the greedy prediction at each
+    exit point is read, one LM head for all such rows at once; the exit recorded for its token is the first
+    exit point whose prediction equals the final layer's (l_opt), the final layer when none does. Its tokens
+    are the full model's; its counters count every head it ran."""
+
+    reads_every_exit_point = True
+
+    def __init__(self):
+        self.preds: list[tuple[int, int]] = []  # this step's (exit layer, greedy prediction there)
+
+    @classmethod
+    def at_exit_point(cls, batch, st, layer: int, members: list) -> None:
+        if layer == batch.exit_points[0]:
+            for _, s in members:
+                s.preds = []
+        pos = [st.where[r] for r, _ in members]
+        preds = batch.model.decode(st.h[pos]).argmax(-1)[:, -1]
+        for (r, s), p in zip(members, preds.tolist()):
+            s.preds.append((layer, int(p)))
+            st.counters[r]["lm_head_calls"] += 1
+
+    def at_top(self, row, st, r: int) -> None:
+        final_pred = int(torch.argmax(st.row_logits[r][0, -1]))
+        st.exit_at[r] = next((layer for layer, p in self.preds if p == final_pred), st.exit_at[r])
