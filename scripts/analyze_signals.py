@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--small-tokens", type=int, default=4000, help="tokens of the small (bank-sized) training set")
     parser.add_argument("--bigram-tokens", type=int, default=2_000_000, help="train-split tokens the bigram table counts")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--resamples", type=int, default=200,
+                        help="bootstrap resamples over test files for the AUCs' 95%% intervals")
     args = parser.parse_args()
     cfg = load_from_args(args)
     from greencode.eval.signal_quality import analyze_signals
@@ -40,7 +42,8 @@ def main() -> None:
                              min_tokens=args.min_tokens, k=args.candidates,
                              sources=[s.strip() for s in args.sources.split(",") if s.strip()],
                              train_fraction=args.train_fraction, small_tokens=args.small_tokens,
-                             bigram_tokens=args.bigram_tokens, batch_size=args.batch_size)
+                             bigram_tokens=args.bigram_tokens, batch_size=args.batch_size,
+                             resamples=args.resamples)
     print(f"model {report['model_dir']} ({report['model_kind']}); {report['tokens']['test']:,} test tokens, "
           f"exit points {report['exit_layers']}")
     w = max(len(n) for n in report["signals"])

@@ -77,10 +77,17 @@ def test_analyze_signals_script_on_smoke(tmp_path):
         assert len(s["auc_per_exit"]) == len(exits)
         assert all(a is None or 0.0 <= a <= 1.0 for a in s["auc_per_exit"])
         assert s["cost"]["macs_per_check"] > 0 and s["cost"]["layers_per_check"] > 0
+        if s["auc_mean"] is not None and s["auc_mean_ci"] is not None:
+            assert s["auc_mean_ci"][0] - 1e-9 <= s["auc_mean"] <= s["auc_mean_ci"][1] + 1e-9 or rep["test_files"] < 3
+    assert rep["signals"]["hidden_lr"]["auc_mean_minus_reference"] is None  # the reference itself
+    d = rep["signals"]["full_margin"]["auc_mean_minus_reference"]
+    assert d is None or d["diff"] == pytest.approx(rep["signals"]["full_margin"]["auc_mean"]
+                                                   - rep["signals"]["hidden_lr"]["auc_mean"], abs=2e-4)
+    assert rep["bootstrap"]["unit"] == "file"
     full, cheap = rep["signals"]["full_max_prob"]["cost"], rep["signals"]["cheap[bigram]_max_prob"]["cost"]
     assert full["macs_per_check"] > 10 * cheap["macs_per_check"]
     md = (root / "results" / "signals" / "auc.md").read_text()
-    assert "AUC per exit point" in md and "Precision at matched recall" in md and "Cost of each signal" in md
+    assert "AUC per exit point" in md and "95% intervals: a bootstrap over test files" in md and "Precision at matched recall" in md and "Cost of each signal" in md
     assert (root / "figures" / "signals_auc.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         resolve_model(cfg, str(root / "nowhere"))

@@ -115,14 +115,58 @@ def test_calibrate_and_ablate_scripts_on_the_finished_run(smoke_run):
     assert "Calibrated thresholds (validation split" in cal.stdout
     refused = _script(tmp, "calibrate.py", "eval.split=test")
     assert refused.returncode == 2 and "validation split only" in refused.stderr and "Traceback" not in refused.stderr
-    abl = _script(tmp, "ablate_agent.py", "--variant", "rl.bank.behaviour=full")
+    # a tuning slice of 2 validation samples for the tuning-token table (calibration then starts after them)
+    abl = _script(tmp, "ablate_agent.py", "calibration.sample_offset=2", "--tuning-tokens", "40",
+                  "--variant", "rl.bank.behaviour=full", "--variant", "rl.train_tokens=12")
     assert abl.returncode == 0, abl.stderr[-3000:]
     table = json.loads((tmp / "results" / "ablations" / "agent.json").read_text())
     assert table["variants"][0]["variant"] == "rl.bank.behaviour=full"
     assert table["variants"][0]["bank_behaviour"] == "full" and table["variants"][0]["bank_early_exit_share"] == 0.0
+    # a change of the bank builds its own; a change of what is learnt from it shares the main run's (fewer tokens)
+    assert [v["shared_bank"] for v in table["variants"]] == [False, True]
+    assert table["variants"][1]["bank_tokens"] < table["main"]["bank_tokens"]
+    agents = table["tuning_decision_auc"]["agents"]
+    assert set(agents) == {"(main run)", "rl.bank.behaviour=full", "rl.train_tokens=12"}
+    assert set(agents["(main run)"]) == {"gc", "classifier"}
+    assert agents["(main run)"]["gc"]["auc_mean_minus_main"] is None
+    assert "mean_draws" not in agents["rl.train_tokens=12"]["gc"]
+    # the tuning bank holds only the tuning slice's files: none of them is a calibration sample's file
+    assert table["tuning_decision_auc"]["bank"]["key"]["corpus"]["split"] == "tuning"
+    from greencode.config import load_config
+    from greencode.data import load_corpus, load_tokenizer, samples_for_config
+    from greencode.rl.build import tuning_records
+
+    over = [f"run_dir={tmp / 'run'}", "calibration.sample_offset=2"]
+    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), over)
+    tok = load_tokenizer(cfg)
+    tuning_paths = {r["path"] for r in tuning_records(cfg, tok, load_corpus(cfg))}
+    import dataclasses
+
+    cal = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, split="validation", sample_offset=2,
+                                                              num_samples=cfg.calibration.token_num_samples))
+    cal_paths = {smp.path for smp in samples_for_config(cal, tok)}
+    assert tuning_paths and cal_paths and not tuning_paths & cal_paths
     assert {r["target"] for r in table["main"]["rows"]} == {0.2, 0.5}
     assert not (tmp / "results" / "ablations" / "0" / "eval" / "methods").exists()  # per-sample files pruned
     assert (tmp / "run-ablate" / "0" / "finetuned").is_symlink()
+
+
+def test_grids_are_chosen_on_the_tuning_slice(smoke_run):
+    tmp, _ = smoke_run
+    res = _script(tmp, "tune_knobs.py", "calibration.sample_offset=3", "calibration.families=[fixed,confidence,gc]",
+                  "--grids")
+    assert res.returncode == 0, res.stderr[-3000:]
+    g = json.loads((tmp / "results" / "tune" / "grids.json").read_text())
+    assert g["samples"] == 3 and g["families"] == ["fixed", "confidence", "gc"]
+    conf = g["rows"]["confidence"]
+    assert len(conf) == 17 and all(0.0 <= r["token_risk"] <= 1.0 and r["compute"] > 0 for r in conf)
+    # a deeper fixed exit costs more, and the deepest is still cheaper than the full model
+    fixed = [r["compute"] for r in sorted(g["rows"]["fixed"], key=lambda r: int(r["id"].split("@")[1]))]
+    assert all(b > a for a, b in zip(fixed, fixed[1:])) and fixed[-1] < 1.0
+    assert g["rows"]["fixed"][0]["risk_minus_fixed_hull"] is not None
+    assert set(g["chosen"]) == {"confidence", "gc"} and g["yaml"][0].startswith("  confidence_thresholds: [")
+    refused = _script(tmp, "tune_knobs.py", "eval.split=test", "--grids")
+    assert refused.returncode == 2 and "validation split only" in refused.stderr
 
 
 PLACEHOLDERS = ("<STR_LIT", "<NUM_LIT", "<CHAR_LIT", "<EOL>")

@@ -55,6 +55,25 @@ def test_bank_ppo_export_and_decoding(tmp_path):
     for r in acc["thresholds"]:
         assert r["share_at_l_opt"] + r["share_early"] + r["share_late"] == pytest.approx(1.0)
     assert acc["oracle"]["share_at_l_opt"] == 1.0
+    # issue 30: each learned decision's AUC against the oracle label on the held-out bank, recomputed here from
+    # the bank and the saved policy with sklearn (not the code under test)
+    from sklearn.metrics import roc_auc_score
+
+    held = TrajectoryBank.load(bank_path).sequences(heldout=True)
+    da = analysis["decision_auc"]
+    assert da["bank"] == "heldout" and da["target_mean_auc"] == 0.85 and set(da) >= {"gc", "classifier"}
+    with torch.no_grad():
+        p_exit = torch.softmax(load_policy(policy_path)(torch.from_numpy(held.obs.astype(np.float32))), -1)[..., 1]
+    for k in range(held.n_exit_points):
+        label = held.preds[:, k] == held.preds[:, -1]
+        got = da["gc"]["auc_per_exit"][k]
+        if 0 < label.mean() < 1:
+            assert got == pytest.approx(roc_auc_score(label, p_exit[:, k].numpy()), abs=1e-6)
+            lo, hi = da["gc"]["auc_per_exit_ci"][k]
+            assert lo <= got <= hi
+        else:
+            assert got is None
+    assert da["gc"]["auc_mean_minus_classifier"] is None or "ci" in da["gc"]["auc_mean_minus_classifier"]
     with open(agent / "logs" / "progress.csv") as f:  # linear learning-rate decay
         lrs = [float(r["train/learning_rate"]) for r in csv.DictReader(f) if r.get("train/learning_rate")]
     assert len(lrs) >= 2 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[0] <= 1e-3

@@ -297,7 +297,9 @@ class BankConfig:
     max_context_tokens: int = 512
     max_tokens: Optional[int] = None  # cap on stored tokens (null = no cap)
     heldout_fraction: float = 0.1  # sequences kept aside for the agent's exit-accuracy report
-    split: str = field(default="train", metadata=_choices("train", "validation"))
+    # tuning = the validation files of the tuning slice only (the first calibration.sample_offset samples of the
+    # seeded validation order): what ablations compare agents on, never the calibration's files
+    split: str = field(default="train", metadata=_choices("train", "validation", "tuning"))
     # the decoding the states are recorded from (labels are always the full model's prediction on
     # the state reached): full = the full model (states early-exit decoding never reaches);
     # random = each sequence exits at each exit point with a rate drawn from exit_rate, so deeper
@@ -416,6 +418,9 @@ class RLConfig:
     # point; the other sources of greencode.decoding.signals are measured offline only for now) and how many
     candidate_source: str = "first_full"
     candidate_k: int = 4
+    # the agent and the classifier learn from a seeded subset of the bank's training sequences holding at most
+    # this many tokens (null = all); the held-out sequences stay whole (the data-size ablation: one bank)
+    train_tokens: Optional[int] = None
     bank: BankConfig = field(default_factory=BankConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -440,6 +445,9 @@ class RLConfig:
         if uses_candidates(self.observation_features):
             check_online_candidates(self.candidate_source, self.candidate_k,
                                     f"{path}.candidate_source (for the cand_* observation features)")
+        if self.train_tokens is not None and (isinstance(self.train_tokens, bool)
+                                               or not isinstance(self.train_tokens, int) or self.train_tokens < 1):
+            raise ConfigError(f"{path}.train_tokens={self.train_tokens!r} must be a positive integer or null (all)")
 
     def candidates(self) -> Optional[dict]:
         """``{"source", "k"}`` when the observation has cand_* features (what a bank and a policy record), else None."""

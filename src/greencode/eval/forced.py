@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
                    full_tokens: Optional[dict[int, list[int]]] = None, oracle: bool = False) -> dict[str, dict[int, float]]:
     """Token consistency of loop methods: each is fed the full model's greedy continuation of each
-    sample (``full_tokens``, else ``eval_dir/methods/full.json``; samples with neither get theirs
-    generated here, batched) and its own choice at each position is compared with it. One
+    sample (``full_tokens``; None: ``eval_dir/methods/full.json``; samples with neither get theirs
+    generated here, batched, so ``{}`` generates them all) and its own choice at each position is compared with it. One
     teacher-forced pass per sample for every candidate at once (:func:`greencode.rl.simulate.simulate_forced`:
     the prompt prefilled once, every controller's exits simulated over the continuation's positions,
     equal to the decoding loop's teacher-forced rows, tested); controllers that carry state from
@@ -46,7 +46,7 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
 
     t0 = time.perf_counter()
     forced_of = dict(full_tokens or {})
-    if not forced_of:
+    if full_tokens is None:
         full = method_records(eval_dir, "full")
         if full is None:
             raise FileNotFoundError(f"no full-model records in {eval_dir}/methods/full.json; the teacher-forced pass "
@@ -100,7 +100,7 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
         skipped[spec.id][i] = cost["layers_skipped_share"]
 
     with torch.inference_mode():
-        for i in tqdm(idx, desc="teacher-forced (simulated)", unit="sample", disable=None):
+        for i in tqdm(idx if fast or oracle else [], desc="teacher-forced (simulated)", unit="sample", disable=None):
             rows, oex = simulate_forced(model, prompts[i], forced_of[i], [ctrls[k] for k in fast], oracle=oracle)
             for k, res in zip(fast, rows):
                 keep(i, k, res)

@@ -42,6 +42,7 @@ import torch
 from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, ModelShape, bigram_table, context_candidates,
                                         exit_signals, first_candidates, macs_in_layers, signal_macs, token_macs)
 from greencode.paths import RunPaths
+from greencode.stats import auc, auc_table, paired_auc_difference
 from greencode.utils import REPO_ROOT, run_metadata, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -49,30 +50,11 @@ log = logging.getLogger(__name__)
 FULL_STATS = ("max_prob", "margin", "neg_entropy")
 FIXED_RECALLS = (0.5, 0.8)
 MATCH_THRESHOLD = 0.9  # precision at the recall that full_max_prob >= 0.9 reaches
+# every signal's mean AUC is also reported as a paired difference from this one (what GC's paper observation sees)
+REFERENCE_SIGNAL = "hidden_lr"
 
 
 # --------------------------------------------------------------------------- metrics
-def auc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
-    """ROC AUC by the rank formula (Mann-Whitney U; tied scores share their average rank): the
-    probability that a random positive scores above a random negative (ties count one half).
-    None when one class is absent."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average ranks (1-based) over runs of equal scores
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
-    ends = np.r_[starts[1:], len(s)]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
 def precision_at_recall(scores: np.ndarray, labels: np.ndarray, recall: float) -> Optional[dict]:
     """The precision at the highest threshold whose recall (exits taken among the positives) reaches
     ``recall``: exit when ``score >= threshold``; tied scores are all in or all out. None without
@@ -367,7 +349,8 @@ def _costs(shape: ModelShape, k: int, sources: Sequence[str]) -> dict[str, dict]
 def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150, window: int = 512,
                     min_tokens: int = 64, k: int = 4, sources: Sequence[str] = CANDIDATE_SOURCES,
                     train_fraction: float = 0.5, small_tokens: int = 4000, bigram_tokens: int = 2_000_000,
-                    batch_size: int = 8, out_dir: Optional[Path] = None, figures_dir: Optional[Path] = None) -> dict:
+                    batch_size: int = 8, resamples: int = 200, out_dir: Optional[Path] = None,
+                    figures_dir: Optional[Path] = None) -> dict:
     """Run the analysis (see the module docstring) and write ``auc.json``, ``auc.md`` and the figure.
     Returns the report."""
     from greencode.data import load_tokenizer
@@ -413,19 +396,31 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
     matched_exit = [recall_at_threshold(conf[m], y[m], MATCH_THRESHOLD) for m in per_exit_masks]
     costs = _costs(shape, k, sources)
     signals: dict[str, Any] = {}
+    files = data["file"][test]
+    tables = {}
     for name, sc in scores.items():
-        per = [auc(sc[m], y[m]) for m in per_exit_masks]
-        vals = [a for a in per if a is not None]
+        # per exit point, with a bootstrap over files (a file's tokens move together); the same draws for every
+        # signal, so differences between signals are paired
+        tables[name] = tab = auc_table([sc[m] for m in per_exit_masks], [y[m] for m in per_exit_masks],
+                                       [files[m] for m in per_exit_masks], resamples=resamples, seed=cfg.seed)
+        per = tab["auc"]
         prec = {f"recall_{r}": precision_at_recall(sc, y, r) for r in FIXED_RECALLS}
         prec["matched_recall"] = precision_at_recall(sc, y, matched_pooled) if matched_pooled else None
         per_prec = [precision_at_recall(sc[m], y[m], r) if r else None for m, r in zip(per_exit_masks, matched_exit)]
         pp = [p["precision"] for p in per_prec if p is not None]
         signals[name] = {"description": desc[name], "auc_per_exit": [None if a is None else round(a, 4) for a in per],
-                         "auc_mean": round(float(np.mean(vals)), 4) if vals else None,
+                         "auc_per_exit_ci": [None if c is None else [round(v, 4) for v in c] for c in tab["ci"]],
+                         "auc_mean": None if tab["mean"] is None else round(tab["mean"], 4),
+                         "auc_mean_ci": None if tab["mean_ci"] is None else [round(v, 4) for v in tab["mean_ci"]],
                          "auc_pooled": None if auc(sc, y) is None else round(auc(sc, y), 4),
                          "precision_pooled": prec, "precision_matched_per_exit": per_prec,
                          "precision_matched_mean": round(float(np.mean(pp)), 4) if pp else None,
                          "cost": costs[name]}
+    ref = REFERENCE_SIGNAL if REFERENCE_SIGNAL in tables else None
+    for name in signals:
+        d = paired_auc_difference(tables[name], tables[ref]) if ref and name != ref else None
+        signals[name]["auc_mean_minus_reference"] = None if d is None else {
+            "diff": round(d["diff"], 4), "ci": [round(v, 4) for v in d["ci"]], "excludes_zero": d["excludes_zero"]}
     coverage = {src: {"final_answer_among_candidates": round(float(data[f"coverage_{src}"][
         data["file"][::e] >= n_train_files].mean()), 4)} for src in sources}
     positives = [round(float(y[m].mean()), 4) if m.any() else None for m in per_exit_masks]
@@ -444,7 +439,8 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
                   "layer_macs": shape.layer_macs, "lm_head_layers": round(macs_in_layers(
                       shape.vocab_size * shape.head_in, shape), 4)},
         "files": len(windows), "train_files": n_train_files, "test_files": len(windows) - n_train_files,
-        "window": window, "min_tokens": min_tokens,
+        "window": window, "min_tokens": min_tokens, "bootstrap": {"resamples": resamples, "unit": "file",
+                                                                   "level": 0.95, "seed": cfg.seed},
         "tokens": {"train": int(len(train) // e), "test": int(len(test) // e), "small_train": int(len(small) // e)},
         "examples": {"train": int(len(train)), "test": int(len(test))},
         "k": k, "sources": sources, "bigram_train_tokens": bigram_seen,
@@ -489,11 +485,18 @@ def render_markdown(report: dict) -> str:
              + ", ".join(f"{s}: {_f(c['final_answer_among_candidates'])}" for s, c in
                          report["candidate_coverage_test"].items()) + ".", "",
              "## AUC per exit point", "",
-             "| signal | " + " | ".join(f"exit {x}" for x in exits) + " | mean | pooled |",
-             "|---|" + "---|" * (len(exits) + 2)]
+             f"95% intervals: a bootstrap over test files ({(report.get('bootstrap') or {}).get('resamples', '?')} "
+             f"resamples, the same files for every signal). 'vs `{REFERENCE_SIGNAL}`': the mean AUC's paired "
+             "difference from the hidden-state regression (GC's paper observation).", "",
+             "| signal | " + " | ".join(f"exit {x}" for x in exits) + " | mean [95% CI] | vs `" + REFERENCE_SIGNAL
+             + "` [95% CI] | pooled |",
+             "|---|" + "---|" * (len(exits) + 3)]
     for name, s in sig.items():
+        ci = s.get("auc_mean_ci") or [None, None]
+        d = s.get("auc_mean_minus_reference")
+        dtxt = "–" if d is None else f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
         lines.append(f"| `{name}` | " + " | ".join(_f(a) for a in s["auc_per_exit"])
-                     + f" | **{_f(s['auc_mean'])}** | {_f(s['auc_pooled'])} |")
+                     + f" | **{_f(s['auc_mean'])}** [{_f(ci[0])}, {_f(ci[1])}] | {dtxt} | {_f(s['auc_pooled'])} |")
     mr = report["matched_recall"]
     lines += ["", "## Precision at matched recall", "",
               f"Exit when the signal >= a threshold. Pooled over exit points: the precision at the first threshold "

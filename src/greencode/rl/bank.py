@@ -217,6 +217,61 @@ class TrajectoryBank:
                               heldout=np.full(keep.size, heldout), manifest=dict(self.manifest),
                               behaviour_exit=None if self.behaviour_exit is None else self.behaviour_exit[idx])
 
+    def with_features(self, features, candidates: Optional[dict]) -> "TrajectoryBank":
+        """The bank as if recorded with observation features ``features`` (any subset of the stored ones, in
+        any order: the hidden state, then each asked feature's columns, as the policy computes them online),
+        so ablations over the observation share one bank. ``candidates`` (``RLConfig.candidates()``) must equal
+        the stored source and k when a cand_* feature is asked. Returns ``self`` when nothing changes; raises
+        ValueError naming the fix when a feature was not recorded."""
+        from greencode.decoding.controllers import feature_size, uses_candidates
+
+        stored = list(self.manifest.get("observation_features", []))
+        features = list(features)
+        fix = "rebuild the bank with scripts/build_bank.py (rl.observation_features)"
+        if features == stored and (not uses_candidates(features) or self.manifest.get("candidates") == candidates):
+            return self
+        missing = [f for f in features if f not in stored]
+        if missing:
+            raise ValueError(f"the bank holds observation features {stored}; {missing} were not recorded; {fix}")
+        if uses_candidates(features) and self.manifest.get("candidates") != candidates:
+            raise ValueError(f"the bank's candidate features come from {self.manifest.get('candidates')} but the "
+                             f"config asks for {candidates} (rl.candidate_source, rl.candidate_k); {fix}")
+        e, h = self.n_exit_points, self.state_size
+        spans, at = {}, h
+        for f in stored:
+            w = feature_size([f], e)
+            spans[f] = np.arange(at, at + w)
+            at += w
+        cols = np.concatenate([np.arange(h)] + [spans[f] for f in features])
+        manifest = dict(self.manifest, observation_features=features,
+                        candidates=candidates if uses_candidates(features) else None,
+                        recorded_features=stored)
+        return TrajectoryBank(obs=np.ascontiguousarray(self.obs[:, :, cols]), preds=self.preds, l_opt=self.l_opt,
+                              tokens=self.tokens, offsets=self.offsets, heldout=self.heldout, manifest=manifest,
+                              behaviour_exit=self.behaviour_exit)
+
+    def training_subset(self, max_tokens: Optional[int], seed: int = 0) -> "TrajectoryBank":
+        """A seeded random subset of the training sequences holding at most ``max_tokens`` tokens (at least one
+        sequence), the held-out sequences all kept, so an agent trained on less data is judged on the same
+        held-out tokens (the data-size ablation). ``None``, or a cap the training part fits in: ``self``."""
+        train = np.flatnonzero(~self.heldout)
+        lengths = np.diff(self.offsets)
+        if max_tokens is None or int(lengths[train].sum()) <= int(max_tokens):
+            return self
+        order = np.random.default_rng(seed).permutation(train)
+        cum = np.cumsum(lengths[order])
+        keep_train = order[:max(1, int(np.searchsorted(cum, int(max_tokens), side="right")))]
+        keep = np.sort(np.concatenate([keep_train, np.flatnonzero(self.heldout)]))
+        idx = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in keep])
+        sub = TrajectoryBank(obs=self.obs[idx], preds=self.preds[idx], l_opt=self.l_opt[idx], tokens=self.tokens[idx],
+                             offsets=np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64),
+                             heldout=self.heldout[keep], manifest=dict(self.manifest),
+                             behaviour_exit=None if self.behaviour_exit is None else self.behaviour_exit[idx])
+        sub.manifest.update(num_tokens=sub.num_tokens, num_sequences=sub.num_sequences,
+                            training_subset={"max_tokens": int(max_tokens), "seed": int(seed),
+                                             "of_tokens": self.num_tokens})
+        return sub
+
     def l_opt_histogram(self) -> dict[str, Any]:
         """How often each exit point is the optimal exit (paper Fig. 7)."""
         counts = np.bincount(self.l_opt.astype(np.int64), minlength=self.n_exit_points + 1)

@@ -69,7 +69,13 @@ def bank_key(cfg, model) -> dict:
         # the cand_* features' candidate source and k (only when they are observed, so other banks keep their key)
         **({"candidates": cfg.rl.candidates()} if cfg.rl.candidates() else {}),
         "corpus": {**cfg.section_dict("data", "tokenizer"), "split": cfg.rl.bank.split,
-                   "corpus_manifest_sha256": corpus_id},
+                   "corpus_manifest_sha256": corpus_id,
+                   # the tuning slice's files follow from these (tuning_records)
+                   **({"tuning_slice": {"size": cfg.calibration.sample_offset, "sample_seed": cfg.eval.sample_seed,
+                                        "mode": cfg.eval.mode, "context_fraction": cfg.eval.context_fraction,
+                                        "max_context_tokens": cfg.eval.max_context_tokens,
+                                        "max_new_tokens": cfg.eval.max_new_tokens}}
+                      if cfg.rl.bank.split == "tuning" else {})},
         "bank": _bank_settings(cfg.rl.bank),
         "behaviour_policy_sha256": _file_sha(cfg.rl.bank.policy_path) if cfg.rl.bank.behaviour == "policy" else None,
         "decoding": {"kv_strategy": cfg.decoding.kv_strategy,
@@ -143,7 +149,28 @@ def _load_data(cfg, tokenizer, dataset):
         from greencode.data import load_corpus
 
         dataset = load_corpus(cfg)
+    if cfg.rl.bank.split == "tuning":
+        return tokenizer, tuning_records(cfg, tokenizer, dataset)
     return tokenizer, _records(dataset, cfg.rl.bank.split)
+
+
+def tuning_records(cfg, tokenizer, dataset) -> Sequence:
+    """The validation files of the tuning slice: the records of the first ``calibration.sample_offset`` samples
+    of the seeded validation order (``eval.sample_seed`` and the evaluation's sample settings, as knob tuning
+    draws them). Calibration starts after them, so a bank of these files never touches a calibration file."""
+    from greencode.data.corpus import text_sep
+    from greencode.data.samples import make_samples
+
+    n = int(cfg.calibration.sample_offset)
+    if n < 1:
+        raise ValueError("rl.bank.split=tuning needs a tuning slice: calibration.sample_offset >= 1 (its size)")
+    val = _records(dataset, "validation")
+    e = cfg.eval
+    samples = make_samples(val, tokenizer, num_samples=n, seed=e.sample_seed, context_fraction=e.context_fraction,
+                           max_context_tokens=e.max_context_tokens, max_new_tokens=e.max_new_tokens, mode=e.mode,
+                           language=cfg.data.language, sep=text_sep(cfg), offset=0)
+    idx = sorted({s.record_index for s in samples})
+    return val.select(idx) if hasattr(val, "select") else [val[i] for i in idx]
 
 
 def behaviour_specs(cfg, rng: np.random.Generator, n: int) -> list[dict]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from greencode.rl.bank import TrajectoryBank, check_fingerprint
 from greencode.rl.reward import bank_segment_costs, reward_tables
+from greencode.stats import auc_table, paired_auc_difference
 from greencode.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -246,3 +247,43 @@ def evaluate_agent_on_bank(policy: nn.Module, bank: TrajectoryBank, threshold: f
     p = exit_probabilities(policy, bank.obs, temperature)
     out = exit_metrics(exit_points_at(p, threshold), bank, reward_cfg)
     return {"threshold": float(threshold), "temperature": float(temperature), **out}
+
+
+DECISION_LABEL = "the exit point's greedy token == the final layer's on the recorded state (the oracle label)"
+
+
+def decision_auc(policy: nn.Module, bank: TrajectoryBank, *, resamples: int = 200, seed: int = 0) -> dict[str, Any]:
+    """How well a policy's P(exit) (or the classifier's P(agree): logit 1 of an :class:`ExitPolicy` either way)
+    ranks the tokens whose exit is right above those whose exit is wrong, per early exit point, over every token
+    of ``bank`` (the state at each exit point is recorded for every token). AUC against the oracle label with a
+    bootstrap over the bank's sequences (a sequence's tokens move together), and the mean over exit points with
+    its interval. The temperature does not change an AUC. ``mean_draws`` pairs two results on the same bank
+    (:func:`greencode.stats.paired_auc_difference`)."""
+    e = bank.n_exit_points
+    p = exit_probabilities(policy, bank.obs)
+    labels = bank.preds[:, :e] == bank.preds[:, e:e + 1]
+    seq = np.repeat(np.arange(bank.num_sequences), np.diff(bank.offsets))
+    tab = auc_table([p[:, k] for k in range(e)], [labels[:, k] for k in range(e)], [seq] * e,
+                    resamples=resamples, seed=seed)
+    return {"label": DECISION_LABEL, "exit_layers": bank.exit_layers, "num_tokens": bank.num_tokens,
+            "num_sequences": bank.num_sequences,
+            "positive_share_per_exit": [float(x) for x in labels.mean(axis=0)],
+            "auc_per_exit": tab["auc"], "auc_per_exit_ci": tab["ci"], "auc_mean": tab["mean"],
+            "auc_mean_ci": tab["mean_ci"],
+            "bootstrap": {"unit": "bank sequence", "resamples": int(resamples), "seed": int(seed), "level": 0.95},
+            "mean_draws": tab["mean_draws"]}
+
+
+def decision_auc_report(scored: dict[str, dict], reference: Optional[str] = None) -> dict[str, Any]:
+    """The JSON-ready form of several :func:`decision_auc` results on one bank (``{name: result}``), each
+    with its paired difference from ``reference`` (another name) when given."""
+    out = {}
+    for name, r in scored.items():
+        row = {k: v for k, v in r.items() if k != "mean_draws"}
+        if reference and name != reference and reference in scored:
+            ref = scored[reference]
+            d = paired_auc_difference({"mean": r["auc_mean"], "mean_draws": r["mean_draws"]},
+                                      {"mean": ref["auc_mean"], "mean_draws": ref["mean_draws"]})
+            row[f"auc_mean_minus_{reference}"] = d
+        out[name] = row
+    return out

@@ -30,12 +30,15 @@ import numpy as np
 from greencode.config import Config, ConfigError
 from greencode.rl.bank import TrajectoryBank, torch_threads
 from greencode.rl.env import ExitEnv
-from greencode.rl.policy import evaluate_agent_on_bank, exit_metrics, export_policy, from_sb3
+from greencode.rl.policy import (decision_auc, decision_auc_report, evaluate_agent_on_bank, exit_metrics,
+                                 export_policy, from_sb3)
 from greencode.utils import run_metadata, set_seed, write_json
 
 log = logging.getLogger(__name__)
 
 MID_THRESHOLD = 0.5
+# issue 30: a learned exit decision that sees the answer ranks right exits above wrong ones at this mean AUC
+TARGET_MEAN_AUC = 0.85
 
 
 def benchmark_env(bank: TrajectoryBank, reward_cfg=None, steps: int = 100_000, seed: int = 0,
@@ -168,14 +171,9 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     elif bank.observation is not None and bank.observation != cfg.rl.observation:
         raise ValueError(f"the bank holds {bank.observation!r} observations but rl.observation="
                          f"{cfg.rl.observation!r}; rebuild the bank with scripts/build_bank.py")
-    stored = list(bank.manifest.get("observation_features", []))
-    if stored != list(cfg.rl.observation_features):
-        raise ValueError(f"the bank holds observation features {stored} but rl.observation_features="
-                         f"{list(cfg.rl.observation_features)}; rebuild the bank with scripts/build_bank.py")
-    if bank.manifest.get("candidates") != cfg.rl.candidates():
-        raise ValueError(f"the bank's candidate features come from {bank.manifest.get('candidates')} but the config "
-                         f"asks for {cfg.rl.candidates()} (rl.candidate_source, rl.candidate_k); rebuild the bank with "
-                         "scripts/build_bank.py")
+    # a bank recorded with more features serves an observation of fewer (the ablations share one bank)
+    bank = bank.with_features(cfg.rl.observation_features, cfg.rl.candidates())
+    bank = bank.training_subset(cfg.rl.train_tokens, seed=cfg.seed)
     set_seed(cfg.seed)
     has_heldout = bool(bank.heldout.any()) and not bool(bank.heldout.all())
     train_bank = bank.sequences(heldout=False) if has_heldout else bank
@@ -224,7 +222,7 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     # the supervised rival (CALM's learned classifier): same MLP, same bank, same observation
     from greencode.rl.classifier import train_classifier
 
-    _, classifier_report = train_classifier(
+    classifier, classifier_report = train_classifier(
         bank, p.net_arch, seed=cfg.seed, path=paths.classifier,
         metadata={k: v for k, v in metadata.items() if k not in ("total_timesteps", "reward")})
 
@@ -244,13 +242,22 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
         "bank": {"num_sequences": bank.num_sequences, "num_tokens": bank.num_tokens,
                  "n_exit_points": bank.n_exit_points, "hidden_size": bank.hidden_size,
                  "exit_layers": bank.exit_layers, "final_layer": bank.manifest.get("final_layer"),
-                 "observation": bank.observation, "heldout_sequences": int(bank.heldout.sum())},
+                 "observation": bank.observation, "heldout_sequences": int(bank.heldout.sum()),
+                 "observation_features": list(bank.manifest.get("observation_features", [])),
+                 "recorded_features": bank.manifest.get("recorded_features"),
+                 "training_subset": bank.manifest.get("training_subset")},
         "optimal_exit_histogram": {"train": train_bank.l_opt_histogram(),
                                    "heldout": heldout_bank.l_opt_histogram() if heldout_bank is not None else None},
         "exit_accuracy": {"bank": "heldout" if heldout_bank is not None else "train (no held-out sequences)",
                           "temperature": cfg.decoding.policy_temperature,
                           **analyse_policy(policy, eval_bank, cfg)},
         "classifier": {"path": str(paths.classifier), **classifier_report},
+        # issue 30's "learning works": each learned decision's held-out AUC against the oracle label, per exit point
+        "decision_auc": {"bank": "heldout" if heldout_bank is not None else "train (no held-out sequences)",
+                         "target_mean_auc": TARGET_MEAN_AUC,
+                         **decision_auc_report({"gc": decision_auc(policy, eval_bank, seed=cfg.seed),
+                                                "classifier": decision_auc(classifier, eval_bank, seed=cfg.seed)},
+                                               reference="classifier")},
         "bank_behaviour": {"behaviour": bank.manifest.get("bank_config", {}).get("behaviour"),
                            "early_exit_share": bank.manifest.get("behaviour_early_exit_share")},
         "training": {"total_timesteps": trained_steps, "wall_time_s": wall_s,
@@ -273,4 +280,14 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
                  "%.1f%% agree with the full model, %.1f%% at l_opt", MID_THRESHOLD,
                  analysis["exit_accuracy"]["bank"], 100 * mid["share_exit_before_final"],
                  100 * mid["agreement_with_final"], 100 * mid["share_at_l_opt"])
+    da = analysis["decision_auc"]
+    log.info("decision AUC against the oracle label, mean over exit points (%s bank): GC %s, classifier %s "
+             "(issue 30's target %.2f)", da["bank"], _fmt_auc(da["gc"]), _fmt_auc(da["classifier"]), TARGET_MEAN_AUC)
     return policy_path
+
+
+def _fmt_auc(r: dict) -> str:
+    if r.get("auc_mean") is None:
+        return "undefined (one class absent)"
+    ci = r.get("auc_mean_ci") or [float("nan")] * 2
+    return f"{r['auc_mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
