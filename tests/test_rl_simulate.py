@@ -178,6 +178,42 @@ def test_builder_writes_a_loadable_bank_of_the_size_asked(tmp_path):
     np.testing.assert_allclose(one.obs.astype(np.float32), bank.obs.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
+def test_a_cut_off_build_resumes_to_the_same_bank(tmp_path, monkeypatch):
+    import greencode.rl.simulate as simulate
+
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    cfg = tiny_cfg(tmp_path, source="simulate", decision_tokens=300, min_context_tokens=8, max_context_tokens=64,
+                   exit_rate=[0.2, 0.5], batch_size=2)
+    whole = TrajectoryBank.load(build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                           path=tmp_path / "whole"), model)
+    monkeypatch.setattr(simulate, "CHECKPOINT_S", -1.0)  # a checkpoint before every batch
+    real, calls = simulate.simulate_exits, []
+
+    def cut_off(*a, **k):  # the third batch never finishes: the build dies as a session's end kills it
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(simulate, "simulate_exits", cut_off)
+    path = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=_corpus(), path=path)
+    partial = tmp_path / ".resumed.partial"
+    assert not path.exists() and (partial / "progress.npz").is_file()
+    calls.clear()
+    monkeypatch.setattr(simulate, "simulate_exits", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    bank = TrajectoryBank.load(build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=_corpus(), path=path),
+                               model)
+    assert not partial.exists()
+    # the two batches done before the cut are not run again, and the bank is the uninterrupted one
+    assert len(calls) == len(whole.manifest["sequences"]) // 2 + len(whole.manifest["sequences"]) % 2 - 2
+    for name in ("preds", "tokens", "offsets", "heldout", "behaviour_exit", "l_opt"):
+        assert np.array_equal(getattr(bank, name), getattr(whole, name)), name
+    assert np.array_equal(bank.obs, whole.obs)
+    assert bank.manifest["sequences"] == whole.manifest["sequences"]
+
+
 def test_features_and_the_full_behaviour(tmp_path):
     model = tiny_model("opt", num_layers=4, exit_layers=(1, 2))
     cfg = config_from_dict({"name": "t", "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "res"),

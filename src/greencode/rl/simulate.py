@@ -53,7 +53,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,16 +416,31 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     threads = cfg.hardware.num_threads or (1 if model.device.type == "cpu" else torch.get_num_threads())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # the build checkpoints into a partial folder beside the bank (every CHECKPOINT_S seconds), so a build cut
+    # off (a session's end, a crash) resumes where it stopped when run again with the same key
+    tmp = path.with_name(f".{path.name}.partial")
+    done = _resume_state(tmp, key, (target, e, hsz))
     try:
-        obs = open_memmap(tmp / "obs.npy", mode="w+", dtype=np.float16, shape=(target, e, hsz))
-        preds, tokens, behaviour, lengths, seqs = [], [], [], [], []
-        total = 0
-        bar = tqdm(total=target, desc="simulated bank", unit="tok")
+        if done is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            open_memmap(tmp / "obs.npy", mode="w+", dtype=np.float16, shape=(target, e, hsz)).flush()
+            done = {"next": 0, "total": 0, "preds": [], "tokens": [], "behaviour": [], "lengths": [], "seqs": []}
+        else:
+            log.info("resuming the simulated bank at %s: %d of %d decided tokens done", tmp, done["total"], target)
+        obs = np.load(tmp / "obs.npy", mmap_mode="r+")
+        preds, tokens, behaviour, lengths, seqs = (done[k] for k in ("preds", "tokens", "behaviour", "lengths", "seqs"))
+        total = done["total"]
+        saved_at = time.perf_counter()
+        bar = tqdm(total=target, initial=total, desc="simulated bank", unit="tok")
         with torch_threads(threads):
-            for start in range(0, len(plan), bc.batch_size):
+            for start in range(done["next"], len(plan), bc.batch_size):
                 if total >= target:
                     break
+                if time.perf_counter() - saved_at > CHECKPOINT_S:
+                    obs.flush()
+                    _save_state(tmp, key, (target, e, hsz), start, total, preds, tokens, behaviour, lengths, seqs)
+                    saved_at = time.perf_counter()
                 batch = plan[start:start + bc.batch_size]
                 bspecs = specs[start:start + bc.batch_size]
                 width = max(len(ids) for _, _, ids in batch)
@@ -460,6 +474,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
                         bc.split, total, target)
         obs.flush()
         del obs
+        (tmp / PROGRESS).unlink(missing_ok=True)
         if total < target:  # shrink the memory-mapped file to what was written
             full = np.load(tmp / "obs.npy", mmap_mode="r")
             small = open_memmap(tmp / "obs.part.npy", mode="w+", dtype=np.float16, shape=(total, e, hsz))
@@ -513,14 +528,57 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
         # the same checks as any bank load (shapes, offsets, l_opt from preds), before it takes the place
         TrajectoryBank.load(tmp, model, observation=cfg.rl.observation, mmap=True)
         replace_dir(tmp, path)
-    finally:
-        if tmp.exists():
+    except BaseException:
+        if not (tmp / PROGRESS).is_file():  # nothing to resume from: leave nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("simulated trajectory bank: %d windows, %d decided tokens, %d exit points, %.1f MB at %s in %.0f s "
              "(%.0f tokens/s); behaviour exited early on %.1f%% of tokens", n_seq, total, e,
              manifest["size_bytes"] / 1e6, path, seconds, total / max(seconds, 1e-9),
              100 * manifest["behaviour_early_exit_share"])
     return path
+
+
+PROGRESS = "progress.npz"
+CHECKPOINT_S = 120.0  # seconds between a simulated bank's checkpoints
+
+
+def _save_state(tmp: Path, key: dict, shape, next_start: int, total: int, preds, tokens, behaviour, lengths,
+                seqs) -> None:
+    """Checkpoint a simulated bank's build (the observations are already in the memory-mapped obs.npy):
+    written to a temporary file, then renamed, so a checkpoint is whole or absent."""
+    import json
+
+    part = tmp / "progress.tmp.npz"
+    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
+    with open(part, "wb") as f:
+        np.savez(f, preds=np.concatenate(preds) if preds else np.zeros((0, shape[1] + 1), np.int32),
+                 tokens=cat(tokens, np.int32), behaviour=cat(behaviour, np.int16),
+                 lengths=np.asarray(lengths, np.int64),
+                 meta=np.frombuffer(json.dumps({"key": key, "shape": list(shape), "next": int(next_start),
+                                                "total": int(total), "seqs": seqs}, default=str).encode(), np.uint8))
+    part.replace(tmp / PROGRESS)
+
+
+def _resume_state(tmp: Path, key: dict, shape) -> Optional[dict]:
+    """The checkpointed state of a build with the same key and shape at ``tmp``, else None."""
+    import json
+
+    f = tmp / PROGRESS
+    if not f.is_file() or not (tmp / "obs.npy").is_file():
+        return None
+    try:
+        with np.load(f) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta["key"] != json.loads(json.dumps(key, default=str)) or meta["shape"] != list(shape):
+                return None
+            lengths = [int(n) for n in z["lengths"]]
+            cuts = np.cumsum([0] + lengths)
+            split = (lambda a: [a[cuts[i]:cuts[i + 1]] for i in range(len(lengths))])
+            return {"next": meta["next"], "total": meta["total"], "seqs": meta["seqs"], "lengths": lengths,
+                    "preds": split(z["preds"]), "tokens": split(z["tokens"]), "behaviour": split(z["behaviour"])}
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 # --------------------------------------------------------------------------- token consistency
