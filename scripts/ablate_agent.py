@@ -82,16 +82,17 @@ def tuning_bank(cfg, paths: RunPaths, tokens: int, configs) -> Path:
     from greencode.decoding.controllers import OBSERVATION_FEATURES, uses_candidates
     from greencode.rl import build_bank
 
-    wanted = {f for c in configs for f in c.rl.observation_features}
+    wanted = {f for c in configs for f in c.rl.recording().observation_features}
     features = [f for f in OBSERVATION_FEATURES if f in wanted]
-    sources = {(c.rl.candidate_source, c.rl.candidate_k) for c in configs if uses_candidates(c.rl.observation_features)}
+    sources = {(c.rl.candidate_source, c.rl.candidate_k) for c in configs
+               if uses_candidates(c.rl.recording().observation_features)}
     if len(sources) > 1:
         raise ValueError(f"the agents observe candidate features from different sources {sorted(sources)}; one "
                          "tuning bank records one (ablate rl.candidate_source / rl.candidate_k in separate runs)")
     source, k = next(iter(sources)) if sources else (cfg.rl.candidate_source, cfg.rl.candidate_k)
     run_dir = paths.root.with_name(f"{paths.root.name}-ablate")
     bank_cfg = dataclasses.replace(cfg.rl.bank, split="tuning", decision_tokens=int(tokens), heldout_fraction=0.0,
-                                   max_tokens=None)
+                                   max_tokens=None, record_features=features)
     tcfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, bank=bank_cfg, observation_features=features,
                                                            candidate_source=source, candidate_k=k))
     return build_bank(tcfg, path=run_dir / "tuning_bank")

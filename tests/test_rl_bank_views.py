@@ -84,3 +84,37 @@ def test_an_agent_trains_on_a_view_of_a_richer_bank_and_records_what_it_saw(tmp_
     assert analysis["bank"]["observation_features"] == ["exit_index"]
     assert analysis["bank"]["training_subset"]["max_tokens"] == 20
     assert analysis["bank"]["num_tokens"] == 20 + 4 * int(bank.heldout.sum())
+
+
+def test_a_bank_records_more_features_than_its_agent_observes(tmp_path):
+    import dataclasses
+
+    from conftest import tiny_model
+    from greencode.config import ConfigError, config_from_dict
+    from greencode.rl import build_bank, train_agent
+    from greencode.rl.policy import load_policy
+    from test_rl_bank import CharTokenizer, corpus
+
+    raw = {"name": "t", "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "res"),
+           "hardware": {"device": "cpu"},
+           "rl": {"observation_features": ["exit_index"],
+                  "bank": {"source": "simulate", "decision_tokens": 60, "min_context_tokens": 4,
+                           "max_context_tokens": 32, "heldout_fraction": 0.25,
+                           "record_features": ["exit_index", "prev_exit"]},
+                  "ppo": {"total_timesteps": 128, "net_arch": [8], "n_steps": 32, "batch_size": 16, "n_epochs": 1,
+                          "n_envs": 2, "checkpoint_freq": 64}},
+           "eval": {"gc_thresholds": [0.9]}}
+    cfg = config_from_dict(raw)
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    path = build_bank(cfg, model=model, tokenizer=CharTokenizer(), dataset=corpus())
+    stored = TrajectoryBank.load(path, model)
+    assert stored.manifest["observation_features"] == ["exit_index", "prev_exit"]
+    assert stored.hidden_size == model.hidden_size + 2 + 1
+    policy = load_policy(train_agent(cfg, bank=path, progress_bar=False, tensorboard=False))
+    assert policy.features == ["exit_index"] and policy.hidden_size == model.hidden_size + 2
+    # the recorded features must include the agent's
+    bad = dict(raw, rl=dict(raw["rl"], bank=dict(raw["rl"]["bank"], record_features=["prev_exit"])))
+    with pytest.raises(ConfigError, match="lacks"):
+        config_from_dict(bad)
+    assert dataclasses.replace(cfg.rl, bank=dataclasses.replace(cfg.rl.bank, record_features=None)).recording() \
+        .observation_features == ["exit_index"]

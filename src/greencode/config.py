@@ -320,6 +320,9 @@ class BankConfig:
     source: str = field(default="decode", metadata=_choices("decode", "simulate"))
     decision_tokens: Optional[int] = None  # simulate: decided tokens in the bank (null = num_sequences x T)
     min_context_tokens: int = 32  # simulate: a window's first positions (the prompt) are never decided
+    # observation features the bank records beyond the agent's (null = exactly rl.observation_features): agents
+    # observing any subset of them train on this one bank (the observation ablations; TrajectoryBank.with_features)
+    record_features: Optional[list[str]] = None
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.num_sequences", self.num_sequences, 1, None)
@@ -445,9 +448,31 @@ class RLConfig:
         if uses_candidates(self.observation_features):
             check_online_candidates(self.candidate_source, self.candidate_k,
                                     f"{path}.candidate_source (for the cand_* observation features)")
+        rec = self.bank.record_features
+        if rec is not None:
+            for f in rec:
+                if f not in OBSERVATION_FEATURES:
+                    raise ConfigError(f"{path}.bank.record_features has {f!r}; known: {', '.join(OBSERVATION_FEATURES)}")
+            if len(set(rec)) != len(rec):
+                raise ConfigError(f"{path}.bank.record_features={rec} repeats a feature")
+            missing = [f for f in self.observation_features if f not in rec]
+            if missing:
+                raise ConfigError(f"{path}.bank.record_features={rec} lacks {missing} of {path}.observation_features; "
+                                  "the bank must record every feature the agent observes (add them)")
+            if uses_candidates(rec):
+                check_online_candidates(self.candidate_source, self.candidate_k,
+                                        f"{path}.candidate_source (for the recorded cand_* features)")
         if self.train_tokens is not None and (isinstance(self.train_tokens, bool)
                                                or not isinstance(self.train_tokens, int) or self.train_tokens < 1):
             raise ConfigError(f"{path}.train_tokens={self.train_tokens!r} must be a positive integer or null (all)")
+
+    def recording(self) -> "RLConfig":
+        """This section as the bank records it: ``observation_features`` = ``bank.record_features`` when set."""
+        import dataclasses
+
+        if self.bank.record_features is None:
+            return self
+        return dataclasses.replace(self, observation_features=list(self.bank.record_features))
 
     def candidates(self) -> Optional[dict]:
         """``{"source", "k"}`` when the observation has cand_* features (what a bank and a policy record), else None."""

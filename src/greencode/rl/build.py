@@ -43,6 +43,7 @@ def _bank_settings(bc) -> dict:
     """The bank config as keyed: the simulate-only keys only when ``source`` is simulate, so a decoding
     bank built before they existed keeps its key."""
     d = dataclasses.asdict(bc)
+    d.pop("record_features", None)  # keyed as the bank's observation_features (what it records)
     if bc.source == "decode":
         for k in ("source", "decision_tokens", "min_context_tokens"):
             d.pop(k, None)
@@ -260,8 +261,9 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
     from greencode.paths import RunPaths
     from greencode.utils import set_seed
 
-    bc = cfg.rl.bank
     path = Path(path) if path is not None else RunPaths.from_config(cfg).bank
+    cfg = dataclasses.replace(cfg, rl=cfg.rl.recording())  # the features the bank records (rl.bank.record_features)
+    bc = cfg.rl.bank
     model = _load_model(cfg, model)
     key = bank_key(cfg, model)
     if not force and (path / MANIFEST).is_file():
