@@ -14,12 +14,17 @@ and .md.
 batch 1 and 8 (full model, fixed middle exit, GC), with HF generate as reference and a check that
 the tokens are identical; writes results/benchmark/compiled_<config>.json and .md.
 
+--profile shows where one batch of 8 (full model, fixed middle exit, GC) spends its time, part by part of
+the decoding step (cProfile, a diagnostic: shares, not speeds); writes results/benchmark/profile_batch_<config>.
+
 Tiny CPU run:
     python scripts/benchmark.py --config configs/smoke.yaml --repeats 2 --context-tokens 32 --new-tokens 8
     python scripts/benchmark.py --config configs/smoke.yaml --throughput --batch-sizes 1,2 --repeats 1 \
         --context-tokens 16 --new-tokens 4
     python scripts/benchmark.py --config configs/smoke.yaml --compiled --batch-sizes 1,2 --repeats 1 \
         --context-tokens 16 --new-tokens 4
+    python scripts/benchmark.py --config configs/smoke.yaml --profile --batch-sizes 2 --context-tokens 16 \
+        --new-tokens 4 --out /tmp/profile.json
 The default shape (make benchmark / make demo):
     python scripts/benchmark.py --config configs/default.yaml
     python scripts/benchmark.py --config configs/default.yaml --throughput
@@ -28,6 +33,7 @@ The default shape (make benchmark / make demo):
 
 from greencode.bench.compiled import format_compiled_markdown, run_compiled
 from greencode.bench.decoding import LAYERSKIP_K, format_table, run_benchmark
+from greencode.bench.profile import format_profile_markdown, run_profile
 from greencode.bench.throughput import format_throughput_markdown, run_throughput
 from greencode.cli import base_parser, friendly_errors, load_from_args
 from greencode.utils import read_json
@@ -66,12 +72,21 @@ def main() -> None:
                         help="throughput / compiled: batch sizes (comma list; default 1,4,8,16 / 1,8)")
     parser.add_argument("--throughput-prompts", type=int, default=None,
                         help="throughput: prompts in the workload (default the largest batch size)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: where one batch (--batch-sizes' first, default 8) spends its time, per part of "
+                             "the decoding step (cProfile; a diagnostic) -> results/benchmark/profile_batch_<config>")
     parser.add_argument("--gc-threshold", type=float, default=None,
                         help="throughput: GC's threshold (default the middle of eval.gc_thresholds)")
     args = parser.parse_args()
     cfg = load_from_args(args)
-    if args.throughput and args.compiled:
-        parser.error("--throughput and --compiled are two separate measurements; pick one")
+    if sum([args.throughput, args.compiled, args.profile]) > 1:
+        parser.error("--throughput, --compiled and --profile are separate measurements; pick one")
+    if args.profile:
+        path = run_profile(cfg, batch=_ints(args.batch_sizes)[0] if args.batch_sizes else 8,
+                           context_tokens=args.context_tokens, new_tokens=args.new_tokens, out_path=args.out)
+        print(format_profile_markdown(read_json(path)))
+        print(f"-> {path}")
+        return
     if args.compiled:
         path = run_compiled(cfg, mode=args.compile_mode, batch_sizes=args.batch_sizes or "1,8",
                             context_tokens=args.context_tokens, new_tokens=args.new_tokens,

@@ -187,3 +187,24 @@ def test_format_table_mentions_unmet_targets():
            "noise": {"load_average_before": None, "load_average_after": None, "max_relative_iqr": 0.1, "wall_s": 1}}
     text = format_table(res)
     assert "never_vs_hf: 1.200 <= 1.0 -> NOT met" in text and "2.000" in text
+
+
+def test_profile_script_splits_a_batch_by_part(tmp_path, monkeypatch, capsys):
+    script = load_script("benchmark")
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--config", str(SMOKE), "--profile", "--batch-sizes", "2",
+                                      "--context-tokens", "12", "--new-tokens", "4",
+                                      f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke"])
+    assert script.main() == 0
+    res = read_json(tmp_path / "results" / "benchmark" / "profile_batch_smoke.json")
+    assert res["batch"] == 2 and set(res["methods"]) == {"full", "fixed@1", "gc@0.9"}
+    full, fixed = res["methods"]["full"], res["methods"]["fixed@1"]
+    # 4 new tokens: one from the prefill, then 3 steps; every part inside the decode's time
+    assert full["parts"]["step"]["calls"] == 3 and full["parts"]["add"]["calls"] == 1
+    for row in res["methods"].values():
+        assert all(p["cumulative_s"] <= row["total_s"] + 1e-9 for p in row["parts"].values())
+        assert row["top_own"] and row["top_own"][0]["own_s"] >= row["top_own"][-1]["own_s"]
+    # the full model never propagates K/V; a fixed exit below the top propagates on every step, exiting at layer 1
+    assert "_propagate_rest" not in full["parts"] and fixed["parts"]["_propagate_rest"]["calls"] == 3
+    assert full["mean_exit_layer"] == 3 and fixed["mean_exit_layer"] == 1
+    assert res["run_metadata"]["seed"] == 1234 and res["weights"] is None  # a random smoke model: no weights named
+    assert "| `_propagate_rest` |" in (tmp_path / "results" / "benchmark" / "profile_batch_smoke.md").read_text()
