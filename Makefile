@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # retrain the shipped base model (assets/default-base) from scratch, early-exit-ready with FIM, 512-token context,
-# 21.3M tokens: ~2.8 h on 2 quiet CPU cores (resumable: scripts/pretrain.py --config configs/base.yaml --resume)
+# 21.3M tokens: ~2.2 h on 2 quiet CPU cores (resumable: scripts/pretrain.py --config configs/base.yaml --resume)
 pretrain: $(STAMP)
 	$(PY) scripts/pretrain.py --config configs/base.yaml
 	$(PY) scripts/ship_base.py --config configs/base.yaml
