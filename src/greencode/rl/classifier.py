@@ -28,14 +28,14 @@ log = logging.getLogger(__name__)
 
 def _examples(bank: TrajectoryBank) -> tuple[torch.Tensor, torch.Tensor]:
     e = bank.n_exit_points
-    x = torch.from_numpy(np.ascontiguousarray(bank.obs, dtype=np.float32)).reshape(-1, bank.hidden_size)
+    x = torch.from_numpy(bank.obs_float32()).reshape(-1, bank.hidden_size)
     y = torch.from_numpy((bank.preds[:, :e] == bank.preds[:, e:e + 1]).reshape(-1).astype(np.int64))
     return x, y
 
 
-def _accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    with torch.no_grad():
-        p = torch.softmax(module(x), -1)[:, 1]
+def _accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 262144) -> dict[str, float]:
+    with torch.no_grad():  # in chunks: a 400k-token bank has 2.8M examples
+        p = torch.cat([torch.softmax(module(x[i:i + chunk]), -1)[:, 1] for i in range(0, len(x), chunk)])
     pred = (p >= 0.5).long()
     pos = y == 1
     return {"examples": int(len(y)), "positive_share": float(pos.float().mean()),

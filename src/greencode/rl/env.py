@@ -43,8 +43,8 @@ class ExitEnv(gym.Env):
         self.bank = bank
         self.reward_cfg = reward_cfg or RewardConfig()
         self.n_exit_points = bank.n_exit_points
-        # float32 once, so step() only slices (fp16 -> fp32 conversion is not per step)
-        self._obs = np.ascontiguousarray(bank.obs, dtype=np.float32)
+        # float32 once per bank (shared by every environment over it), so step() only slices
+        self._obs = bank.obs_float32()
         self._r_exit, self._r_cont = reward_tables(bank.preds, bank.l_opt, self.reward_cfg, bank_segment_costs(bank))
         self._r_exit = self._r_exit.astype(np.float64)
         self._r_cont = self._r_cont.astype(np.float64)
