@@ -124,3 +124,13 @@ def test_observation_is_a_float32_copy():
     obs[:] = 123
     obs2, _ = env.reset(seed=0, options={"sequence": 0})
     assert obs2[0] == 0
+
+
+def test_environments_over_one_bank_share_one_float32_copy():
+    from greencode.rl.bank import synthetic_bank
+    from greencode.rl.env import ExitEnv
+
+    bank = synthetic_bank(num_sequences=4, tokens_per_sequence=3, n_exit_points=2, hidden_size=4)
+    a, b = ExitEnv(bank), ExitEnv(bank)
+    assert a._obs is b._obs and a._obs.dtype == np.float32
+    assert np.array_equal(a._obs, bank.obs.astype(np.float32))
