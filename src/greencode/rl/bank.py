@@ -219,11 +219,15 @@ class TrajectoryBank:
         if keep.size == 0:
             raise ValueError(f"the bank has no {'held-out' if heldout else 'training'} sequences; "
                              "change rl.bank.heldout_fraction or rl.bank.num_sequences and rebuild the bank")
+        return self._take(keep)
+
+    def _take(self, keep: np.ndarray) -> "TrajectoryBank":
+        """The bank of sequences ``keep`` (sorted indices), their held-out flags kept."""
         idx = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in keep])
         lengths = self.offsets[keep + 1] - self.offsets[keep]
         return TrajectoryBank(obs=self.obs[idx], preds=self.preds[idx], l_opt=self.l_opt[idx], tokens=self.tokens[idx],
                               offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                              heldout=np.full(keep.size, heldout), manifest=dict(self.manifest),
+                              heldout=self.heldout[keep], manifest=dict(self.manifest),
                               behaviour_exit=None if self.behaviour_exit is None else self.behaviour_exit[idx])
 
     def with_features(self, features, candidates: Optional[dict]) -> "TrajectoryBank":
@@ -270,12 +274,7 @@ class TrajectoryBank:
         order = np.random.default_rng(seed).permutation(train)
         cum = np.cumsum(lengths[order])
         keep_train = order[:max(1, int(np.searchsorted(cum, int(max_tokens), side="right")))]
-        keep = np.sort(np.concatenate([keep_train, np.flatnonzero(self.heldout)]))
-        idx = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in keep])
-        sub = TrajectoryBank(obs=self.obs[idx], preds=self.preds[idx], l_opt=self.l_opt[idx], tokens=self.tokens[idx],
-                             offsets=np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64),
-                             heldout=self.heldout[keep], manifest=dict(self.manifest),
-                             behaviour_exit=None if self.behaviour_exit is None else self.behaviour_exit[idx])
+        sub = self._take(np.sort(np.concatenate([keep_train, np.flatnonzero(self.heldout)])))
         sub.manifest.update(num_tokens=sub.num_tokens, num_sequences=sub.num_sequences,
                             training_subset={"max_tokens": int(max_tokens), "seed": int(seed),
                                              "of_tokens": self.num_tokens})
