@@ -6,8 +6,8 @@ import torch
 
 from conftest import tiny_model
 from greencode.config import config_from_dict
-from greencode.rl import (ExitPolicy, evaluate_agent_on_bank, export_policy, load_policy, make_ppo, make_vec_env,
-                          policy_controller, save_policy, synthetic_bank)
+from greencode.rl import (ExitPolicy, evaluate_agent_on_bank, export_policy, from_sb3, init_policy_from, load_policy,
+                          make_ppo, make_vec_env, policy_controller, save_policy, synthetic_bank)
 
 
 def sb3_model(hidden=16, arch=(32, 32)):
@@ -37,6 +37,30 @@ def test_exported_module_gives_the_sb3_action_probabilities(tmp_path):
     # deterministic SB3 action == argmax == threshold 0.5
     actions, _ = model.predict(obs.numpy(), deterministic=True)
     assert np.array_equal(actions, (ours[:, 1] > 0.5).numpy().astype(int))
+
+
+def test_ppo_starts_from_a_given_network_and_keeps_its_value_net():
+    model = sb3_model()
+    source = ExitPolicy(16, [32, 32], "tanh", meta())
+    torch.manual_seed(3)
+    for prm in source.parameters():
+        torch.nn.init.normal_(prm, std=0.5)
+    value_before = {k: v.clone() for k, v in model.policy.mlp_extractor.value_net.state_dict().items()}
+    obs = torch.randn(40, 16)
+    with torch.no_grad():
+        assert not torch.allclose(model.policy.get_distribution(obs).distribution.probs, torch.softmax(source(obs), -1))
+    init_policy_from(model, source)
+    with torch.no_grad():
+        # SB3's own action distribution is now the source's P(exit): logit 1 = exit
+        torch.testing.assert_close(model.policy.get_distribution(obs).distribution.probs,
+                                   torch.softmax(source(obs), -1))
+    for k, v in model.policy.mlp_extractor.value_net.state_dict().items():
+        assert torch.equal(v, value_before[k])
+    assert torch.allclose(from_sb3(model, meta())(obs), source(obs))
+    with pytest.raises(ValueError, match="net_arch"):
+        init_policy_from(model, ExitPolicy(16, [8], "tanh", meta()))
+    with pytest.raises(ValueError, match="observes"):
+        init_policy_from(model, ExitPolicy(12, [32, 32], "tanh", meta(hidden=12)))
 
 
 def test_export_needs_metadata(tmp_path):

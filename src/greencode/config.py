@@ -397,6 +397,10 @@ class PPOConfig:
     vec_env: str = field(default="dummy", metadata=_choices("dummy", "subproc"))
     checkpoint_freq: int = 50_000
     device: str = "cpu"
+    # the policy network's starting weights: "random" (SB3's initialisation, the paper) or "classifier" (the
+    # supervised exit classifier trained first on the same bank and observation, copied into the policy's
+    # network and action head; PPO then fine-tunes it under the reward; the value network starts fresh)
+    init_policy: str = field(default="random", metadata=_choices("random", "classifier"))
 
     def validate(self, path: str) -> None:
         for k in ("total_timesteps", "n_steps", "batch_size", "n_epochs", "n_envs", "checkpoint_freq"):
@@ -417,6 +421,9 @@ class RLConfig:
     # cand_top1_stable (the softmax over candidate_k candidate tokens' logits from candidate_source; with
     # first_full the full LM head runs at the first exit point); [] = the paper's hidden state only
     observation_features: list[str] = field(default_factory=list)
+    # PPO's episode (greencode.rl.env): one token's decisions (the bank is replayed, so a decision moves no later
+    # token's reward) or one whole sequence (a return that mixes in later tokens' rewards; the earlier default)
+    episode: str = field(default="token", metadata=_choices("token", "sequence"))
     # where the cand_* features' candidates come from (first_full: the full head's top-k at the first exit
     # point; the other sources of greencode.decoding.signals are measured offline only for now) and how many
     candidate_source: str = "first_full"

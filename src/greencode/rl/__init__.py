@@ -12,10 +12,10 @@ from greencode.rl.env import CONTINUE, EXIT, ExitEnv
 from greencode.rl.policy import (ExitPolicy, evaluate_agent_on_bank, exit_metrics, exit_probabilities, export_policy,
                                  from_sb3, load_policy, policy_controller, save_policy)
 from greencode.rl.reward import optimal_exit, reward_continue, reward_exit, reward_tables
-from greencode.rl.train import analyse_policy, benchmark_env, make_ppo, make_vec_env, train_agent
+from greencode.rl.train import analyse_policy, benchmark_env, init_policy_from, make_ppo, make_vec_env, train_agent
 
 __all__ = ["CONTINUE", "EXIT", "ExitEnv", "ExitPolicy", "TrajectoryBank", "analyse_policy", "benchmark_env",
            "build_bank", "bytes_per_token", "evaluate_agent_on_bank", "exit_metrics", "exit_probabilities",
-           "export_policy", "from_sb3", "load_policy", "make_ppo", "make_vec_env", "optimal_exit",
+           "export_policy", "from_sb3", "init_policy_from", "load_policy", "make_ppo", "make_vec_env", "optimal_exit",
            "policy_controller", "record_batch", "reward_continue", "reward_exit", "reward_tables", "save_policy",
            "synthetic_bank", "train_agent"]

@@ -11,12 +11,14 @@
 * Rewards: equations 2 and 3 of the paper (:mod:`greencode.rl.reward`), precomputed
   per token and exit point at construction, so :meth:`step` is a few array look-ups
   (numpy only, no torch and no LLM call).
-* Episode: one sequence of the bank (``T`` generated tokens), drawn uniformly with the
-  environment's seeded RNG at :meth:`reset` (``options={"sequence": s}`` picks one).
-  ``terminated`` is True when its last token is finished (the natural end of the
-  episode); ``truncated`` is always False (episodes are bounded by ``T * E`` steps; add
-  ``gymnasium.wrappers.TimeLimit`` for a shorter limit). The observation returned with
-  ``terminated=True`` is the last one seen (it is never acted on).
+* Episode (``episode``): ``token`` (the default) is one token of the bank, drawn uniformly with the
+  environment's seeded RNG at :meth:`reset` (``options={"token": t}`` picks one): at most ``E`` steps,
+  ``terminated`` when the token is finished. ``sequence`` is one sequence of the bank (``T`` tokens,
+  ``options={"sequence": s}``), ``terminated`` when its last token is finished. The bank is replayed, so
+  no decision changes a later token's observations or rewards: with sequence episodes PPO's discounted
+  return mixes a decision's reward with later tokens' (gamma 0.99 reaches ~100 steps) and its value
+  network must predict that sum, noise the decision cannot move. ``truncated`` is always False. The
+  observation returned with ``terminated=True`` is the last one seen (it is never acted on).
 """
 
 from __future__ import annotations
@@ -31,15 +33,20 @@ from greencode.rl.bank import TrajectoryBank
 from greencode.rl.reward import bank_segment_costs, reward_tables
 
 CONTINUE, EXIT = 0, 1
+EPISODES = ("token", "sequence")
 
 
 class ExitEnv(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, bank: TrajectoryBank, reward_cfg: Optional[RewardConfig] = None, seed: Optional[int] = None):
+    def __init__(self, bank: TrajectoryBank, reward_cfg: Optional[RewardConfig] = None, seed: Optional[int] = None,
+                 episode: str = "token"):
         super().__init__()
         if bank.num_tokens == 0:
             raise ValueError("the trajectory bank is empty; rebuild it with more sequences (rl.bank.num_sequences)")
+        if episode not in EPISODES:
+            raise ValueError(f"episode={episode!r}; known: {', '.join(EPISODES)}")
+        self.episode = episode
         self.bank = bank
         self.reward_cfg = reward_cfg or RewardConfig()
         self.n_exit_points = bank.n_exit_points
@@ -67,6 +74,14 @@ class ExitEnv(gym.Env):
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
         super().reset(seed=seed)
+        if self.episode == "token":
+            n_tok = self.bank.num_tokens
+            t = int(options["token"]) if options and "token" in options else int(self.np_random.integers(n_tok))
+            if not 0 <= t < n_tok:
+                raise ValueError(f"options['token']={t} is outside [0, {n_tok - 1}]")
+            self._seq = int(np.searchsorted(self._offsets, t, side="right")) - 1
+            self._t, self._end, self._e = t, t + 1, 0
+            return self._observation(), {"sequence": self._seq, "token": t, "num_tokens": 1}
         n_seq = len(self._offsets) - 1
         if options and "sequence" in options:
             s = int(options["sequence"])

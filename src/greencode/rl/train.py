@@ -30,8 +30,8 @@ import numpy as np
 from greencode.config import Config, ConfigError
 from greencode.rl.bank import TrajectoryBank, torch_threads
 from greencode.rl.env import ExitEnv
-from greencode.rl.policy import (decision_auc, decision_auc_report, evaluate_agent_on_bank, exit_metrics,
-                                 export_policy, from_sb3)
+from greencode.rl.policy import (ExitPolicy, decision_auc, decision_auc_report, evaluate_agent_on_bank,
+                                 exit_metrics, export_policy, from_sb3)
 from greencode.utils import run_metadata, set_seed, write_json
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,9 @@ TARGET_MEAN_AUC = 0.85
 
 
 def benchmark_env(bank: TrajectoryBank, reward_cfg=None, steps: int = 100_000, seed: int = 0,
-                  max_seconds: float = 3.0) -> dict[str, Any]:
+                  max_seconds: float = 3.0, episode: str = "token") -> dict[str, Any]:
     """Environment steps per second with random actions on ``bank`` (numpy only)."""
-    env = ExitEnv(bank, reward_cfg, seed=seed)
+    env = ExitEnv(bank, reward_cfg, seed=seed, episode=episode)
     actions = np.random.default_rng(seed).integers(0, 2, size=steps)
     env.reset(seed=seed)
     episodes = 0
@@ -66,8 +66,8 @@ def make_vec_env(bank: TrajectoryBank, cfg: Config, monitor_dir: Optional[Path] 
     from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    reward_cfg = cfg.rl.reward
-    return sb3_make_vec_env(lambda: ExitEnv(bank, reward_cfg), n_envs=cfg.rl.ppo.n_envs, seed=cfg.seed,
+    reward_cfg, episode = cfg.rl.reward, cfg.rl.episode
+    return sb3_make_vec_env(lambda: ExitEnv(bank, reward_cfg, episode=episode), n_envs=cfg.rl.ppo.n_envs, seed=cfg.seed,
                             monitor_dir=str(monitor_dir) if monitor_dir else None,
                             vec_env_cls=SubprocVecEnv if cfg.rl.ppo.vec_env == "subproc" else DummyVecEnv)
 
@@ -137,6 +137,21 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
                 w.writerows(rows)
 
 
+def init_policy_from(sb3_model, source: ExitPolicy) -> None:
+    """Copy ``source``'s network and action head (an :class:`ExitPolicy` of the same shape, e.g. the exit
+    classifier, whose logit 1 "agrees" is the policy's action 1 "exit") into the PPO model's policy; the
+    value network keeps its own initialisation."""
+    policy = sb3_model.policy
+    if tuple(policy.observation_space.shape) != (source.hidden_size,):
+        raise ValueError(f"the policy observes {tuple(policy.observation_space.shape)} but the source network "
+                         f"takes {source.hidden_size} inputs")
+    try:
+        policy.mlp_extractor.policy_net.load_state_dict(source.policy_net.state_dict())
+        policy.action_net.load_state_dict(source.action_net.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"the source network {source.net_arch} does not match rl.ppo.net_arch: {e}") from e
+
+
 def analyse_policy(policy, bank: TrajectoryBank, cfg: Config, thresholds=None) -> dict[str, Any]:
     """Exit accuracy of ``policy`` on ``bank`` at several thresholds, plus the oracle
     (exit at l_opt) and the full model as references."""
@@ -185,12 +200,29 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     save_run_info(agent_dir, cfg, "rl", bank=bank.manifest.get("path", "in-memory"), bank_tokens=bank.num_tokens,
                   bank_sequences=bank.num_sequences)
 
-    env_speed = benchmark_env(train_bank, cfg.rl.reward, seed=cfg.seed)
+    env_speed = benchmark_env(train_bank, cfg.rl.reward, seed=cfg.seed, episode=cfg.rl.episode)
     log.info("environment: %.0f steps/s on the bank (numpy only)", env_speed["env_steps_per_s"])
 
     p = cfg.rl.ppo
+    fp = bank.manifest.get("fingerprint", {"hidden_size": bank.hidden_size, "exit_layers": bank.exit_layers})
+    metadata = {"observation": bank.observation or cfg.rl.observation, "exit_layers": bank.exit_layers,
+                "features": list(bank.manifest.get("observation_features", [])),
+                "candidates": bank.manifest.get("candidates"),
+                "final_layer": bank.manifest.get("final_layer"), "hidden_size": bank.hidden_size,
+                "fingerprint": fp, "model": bank.manifest.get("model"), "config_name": cfg.name, "seed": cfg.seed,
+                "preprocessing": f"greencode.decoding.policy_observation(model, h, {cfg.rl.observation!r}), float32"}
+    # the supervised rival (CALM's learned classifier): same MLP, same bank, same observation; trained
+    # first, so that rl.ppo.init_policy=classifier can start PPO from it
+    from greencode.rl.classifier import train_classifier
+
+    classifier, classifier_report = train_classifier(bank, p.net_arch, seed=cfg.seed, path=paths.classifier,
+                                                     metadata=metadata)
+
     env = make_vec_env(train_bank, cfg, monitor_dir=agent_dir / "monitor")
     model = make_ppo(env, cfg, tensorboard=tensorboard, log_dir=agent_dir / "logs")
+    if p.init_policy == "classifier":
+        init_policy_from(model, classifier)
+        log.info("PPO's policy starts from the exit classifier (rl.ppo.init_policy=classifier)")
     ckpt = CheckpointCallback(save_freq=max(p.checkpoint_freq // p.n_envs, 1), save_path=str(agent_dir / "checkpoints"),
                               name_prefix="ppo")
     log.info("PPO: %d timesteps, %d env(s), n_steps %d, batch %d, epochs %d, lr %g (%s), net %s",
@@ -209,22 +241,10 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     log.info("PPO finished: %d timesteps in %.1f s (%.0f steps/s)", trained_steps, wall_s, trained_steps / wall_s)
     model.save(agent_dir / "ppo_final.zip")
 
-    fp = bank.manifest.get("fingerprint", {"hidden_size": bank.hidden_size, "exit_layers": bank.exit_layers})
-    metadata = {"observation": bank.observation or cfg.rl.observation, "exit_layers": bank.exit_layers,
-                "features": list(bank.manifest.get("observation_features", [])),
-                "candidates": bank.manifest.get("candidates"),
-                "final_layer": bank.manifest.get("final_layer"), "hidden_size": bank.hidden_size,
-                "fingerprint": fp, "model": bank.manifest.get("model"), "config_name": cfg.name, "seed": cfg.seed,
-                "total_timesteps": trained_steps, "reward": cfg.section_dict("rl")["rl"]["reward"],
-                "preprocessing": f"greencode.decoding.policy_observation(model, h, {cfg.rl.observation!r}), float32"}
+    metadata = dict(metadata, total_timesteps=trained_steps, reward=cfg.section_dict("rl")["rl"]["reward"],
+                    init_policy=p.init_policy)
     policy_path = export_policy(model, paths.policy, metadata)
     policy = from_sb3(model, metadata)
-    # the supervised rival (CALM's learned classifier): same MLP, same bank, same observation
-    from greencode.rl.classifier import train_classifier
-
-    classifier, classifier_report = train_classifier(
-        bank, p.net_arch, seed=cfg.seed, path=paths.classifier,
-        metadata={k: v for k, v in metadata.items() if k not in ("total_timesteps", "reward")})
 
     # ------------------------------------------------------------------ analysis data
     out_dir = paths.results_rl
