@@ -35,3 +35,24 @@ def test_risk_against_the_fixed_hull():
     assert d["gc@0.9"] == pytest.approx(0.02 - 0.05)
     assert d["fixed@3"] == pytest.approx(0.35 - 0.25)  # halfway between fixed@1 and fixed@5
     assert d["fixed@5"] == pytest.approx(0.0) and d["gc@0.5"] is None  # cheaper than any static point
+
+
+def test_yaml_lines_name_keys_the_config_accepts():
+    """A family with its own calibration key gets it; another registered controller goes under
+    ``thresholds``; a family that reaches no level gets a comment, never an empty grid; the lines load."""
+    import yaml
+
+    from greencode.config import config_from_dict
+    from greencode.eval.grids import _yaml_lines
+
+    chosen = {"gc": {"0.5": {"level": 0.5, "param": 0.3}, "0.9": {"level": 0.9, "param": 0.99}},
+              "entropy": {"0.5": {"level": 0.5, "param": None}},
+              "cheap_confidence": {"0.5": {"level": 0.5, "param": 0.4}, "0.8": {"level": 0.8, "param": 0.7}}}
+    lines = _yaml_lines(chosen)
+    assert lines[0] == "  gc_thresholds: [0.99, 0.3]"
+    assert lines[1].startswith("  # entropy: no candidate")
+    assert lines[2] == "  thresholds: {cheap_confidence: [0.7, 0.4]}"
+    section = yaml.safe_load("\n".join(["calibration:"] + lines))["calibration"]
+    cfg = config_from_dict({"calibration": section})
+    assert cfg.calibration.gc_thresholds == [0.99, 0.3]
+    assert cfg.calibration.thresholds == {"cheap_confidence": [0.7, 0.4]}

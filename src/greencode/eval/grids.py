@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from greencode.config import Config, ConfigError
+from greencode.config import CalibrationConfig, Config, ConfigError
 from greencode.decoding import registry
 from greencode.eval.hull import hull_at, hull_vertices
 from greencode.eval.methods import MethodSpec, controller_of, param_kind
@@ -89,6 +89,26 @@ def against_hull(rows: dict[str, dict], static_ids: Sequence[str]) -> dict[str, 
     return out
 
 
+def _yaml_lines(chosen: dict) -> list[str]:
+    """The calibration section's lines for the chosen grids: ``<family>_thresholds`` where the section has that
+    key, ``thresholds: {family: [...]}`` for any other registered controller, and a comment for a family none
+    of whose candidates reaches a level (an empty grid would calibrate nothing)."""
+    named = {f.name for f in dataclasses.fields(CalibrationConfig)}
+    lines, other = [], []
+    for fam, c in chosen.items():
+        picked = [v["param"] for v in sorted(c.values(), key=lambda v: -v["level"]) if v["param"] is not None]
+        grid = "[" + ", ".join(f"{t:g}" for t in picked) + "]"
+        if not picked:
+            lines.append(f"  # {fam}: no candidate reaches a compute level; leave it out of calibration.families")
+        elif f"{fam}_thresholds" in named:
+            lines.append(f"  {fam}_thresholds: {grid}")
+        else:
+            other.append(f"{fam}: {grid}")
+    if other:
+        lines.append("  thresholds: {" + ", ".join(other) + "}")
+    return lines
+
+
 def tune_grids(cfg: Config, *, num_samples: Optional[int] = None, levels: Sequence[float] = LEVELS,
                families: Optional[Sequence[str]] = None) -> Path:
     """Measure every family's dense grid on the tuning slice, choose the grids, write ``tune/grids.*``;
@@ -141,10 +161,7 @@ def tune_grids(cfg: Config, *, num_samples: Optional[int] = None, levels: Sequen
                       for mid in ids[fam] if mid in rows]
         if param_kind(fam) != "layer":
             chosen[fam] = pick_levels(pts, levels)
-    yaml = []
-    for fam, c in chosen.items():
-        picked = [v["param"] for v in sorted(c.values(), key=lambda v: -v["level"]) if v["param"] is not None]
-        yaml.append(f"  {fam}_thresholds: [" + ", ".join(f"{t:g}" for t in picked) + "]")
+    yaml = _yaml_lines(chosen)
     model_weights = read_json(eval_dir / TEACHER_FORCED_FILE).get("weights")
     result = {"what": "candidate grids spanning compute, chosen on the tuning slice (validation samples "
                       f"0-{n - 1} of the seeded order; calibration starts at {size})",
