@@ -117,6 +117,15 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
             assert row["ratio_to_hf"] > 0 and row["ratio_to_full"] > 0 and row["ratio_to_batch_1"] > 0
             assert 0 <= row["rows_equal_to_batch_1"] <= 1
         assert by_size["1"]["ratio_to_batch_1"] == 1.0
+        for row in by_size.values():  # decode-phase tokens/s: our loop only, faster than the whole workload's
+            if method == "hf_generate":
+                assert row["decode_tokens_per_s_median"] is None and row["decode_ratio_to_full"] is None
+            else:
+                assert row["decode_tokens_per_s_median"] > row["tokens_per_s_median"]
+                assert row["decode_ratio_to_full"] > 0
+    assert res["targets"]["fixed_vs_full_batch8"]["target"] == ">= 1.3"
+    assert res["targets"]["gc_vs_full_batch8"]["target"] == ">= 1.15"
+    assert res["targets"]["gc_vs_full_batch8"]["decode_value"] == res["methods"]["gc@0.9"]["8"]["decode_ratio_to_full"]
     # a left-padded ragged batch gives each prompt's batch-1 tokens (greedy), for every method of our loop
     for method in ("full", "gc@0.9", "fixed@1"):
         assert all(res["methods"][method][b]["rows_equal_to_batch_1"] == 1.0 for b in ("2", "8")), method

@@ -20,7 +20,8 @@ from greencode.provenance import weights_record
 
 THROUGHPUT_TARGETS = {
     "batch8_vs_batch1_min_ratio": 3.0,  # issue 14: tokens/s at batch 8 >= 3x batch 1 (full model)
-    "gc_vs_full_batch8_min_ratio": 1.0,  # GC still saves wall time over the full model at batch 8
+    "gc_vs_full_batch8_min_ratio": 1.15,  # issue 29: GC at its default threshold, batch 8
+    "fixed_vs_full_batch8_min_ratio": 1.3,  # issue 29: the fixed middle exit, batch 8
 }
 
 
@@ -74,9 +75,11 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     def batches(size: int) -> list[list[list[int]]]:
         return [prompts[i:i + size] for i in range(0, num_prompts, size)]
 
-    def decode_all(method: str, size: int) -> list[list[int]]:
-        """Every prompt's new tokens, decoded ``size`` at a time."""
+    def decode_all(method: str, size: int) -> tuple[list[list[int]], Optional[float]]:
+        """Every prompt's new tokens, decoded ``size`` at a time, and (our loop) the seconds spent after the
+        prefills: per batch the longest row's ``decode_time_s`` (HF generate: None)."""
         out: list[list[int]] = []
+        decode_s: Optional[float] = None if method == "hf_generate" else 0.0
         for chunk in batches(size):
             if method == "hf_generate":
                 width = max(len(p) for p in chunk)
@@ -91,24 +94,28 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
             else:
                 res = generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[method], new_tokens,
                                kv_strategy=cfg.decoding.kv_strategy)
-                out += [r.tokens for r in (res if isinstance(res, list) else [res])]
-        return out
+                res = res if isinstance(res, list) else [res]
+                out += [r.tokens for r in res]
+                decode_s += max(r.counters["decode_time_s"] for r in res)
+        return out, decode_s
 
-    def run(method: str, size: int) -> float:
-        """Wall seconds to decode every prompt, ``size`` at a time."""
-        out, wall = timed(device, lambda: decode_all(method, size))
+    def run(method: str, size: int) -> tuple[float, Optional[float]]:
+        """Wall seconds to decode every prompt, ``size`` at a time, and the part of it after the prefills."""
+        (out, decode_s), wall = timed(device, lambda: decode_all(method, size))
         if len(out) != num_prompts or any(len(t) != new_tokens for t in out):
             raise RuntimeError(f"{method} at batch {size} produced {[len(t) for t in out]} tokens, expected "
                                f"{new_tokens} for each of {num_prompts} prompts")
         tokens.setdefault((method, size), out)
-        return wall
+        return wall, decode_s
 
     with Noise() as noise:  # one group per batch size: every method at it, in a rotated order
-        walls = interleaved_rounds([[(m, b) for m in methods] for b in sizes], repeats, warmup,
-                                   lambda cell: run(*cell))
+        runs = interleaved_rounds([[(m, b) for m in methods] for b in sizes], repeats, warmup,
+                                  lambda cell: run(*cell))
 
     total = num_prompts * new_tokens
-    tps = {key: [total / w for w in ws] for key, ws in walls.items()}
+    tps = {key: [total / w for w, _ in rs] for key, rs in runs.items()}
+    # decode-phase tokens/s (our loop only): what skipping layers can speed up; the prefill is the full model's
+    dtps = {key: [total / d for _, d in rs] for key, rs in runs.items() if rs and rs[0][1] is not None}
     gc_name = methods[1]
     rows: dict[str, dict[str, dict]] = {}
     for m in methods:
@@ -123,7 +130,9 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                 "ratio_to_hf": paired_median(tps[(m, b)], tps[("hf_generate", b)]),
                 "ratio_to_full": paired_median(tps[(m, b)], tps[("full", b)]),
                 f"rows_equal_to_batch_{sizes[0]}": same / num_prompts,
-                "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)]}
+                "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)],
+                "decode_tokens_per_s_median": quartiles(dtps[(m, b)])["median"] if (m, b) in dtps else None,
+                "decode_ratio_to_full": paired_median(dtps[(m, b)], dtps[("full", b)]) if (m, b) in dtps else None}
     targets = {}
     if 8 in sizes and 1 in sizes:
         v = rows["full"]["8"]["ratio_to_batch_1"]
@@ -132,18 +141,14 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                                        "gc_value": rows[gc_name]["8"]["ratio_to_batch_1"],
                                        "what": "full model tokens/s at batch 8 over batch 1 (median of paired rounds)"}
     if 8 in sizes:
-        v = rows[gc_name]["8"]["ratio_to_full"]
-        targets["gc_vs_full_batch8"] = {"value": v, "target": f"> {THROUGHPUT_TARGETS['gc_vs_full_batch8_min_ratio']}",
-                                        "met": v > THROUGHPUT_TARGETS["gc_vs_full_batch8_min_ratio"],
-                                        "what": f"{gc_name} tokens/s over the full model's at batch 8 (median of "
-                                                "paired rounds)"}
-    if 8 in sizes:
-        fixed_name = methods[2]
-        v = rows[fixed_name]["8"]["ratio_to_full"]
-        targets["fixed_vs_full_batch8"] = {"value": v, "target": "> 1.0", "met": v > 1.0,
-                                           "batch1_value": rows[fixed_name][str(sizes[0])]["ratio_to_full"],
-                                           "what": f"{fixed_name} tokens/s over the full model's at batch 8: rows that "
-                                                   "exited skip the deeper layers in a batch too"}
+        for key, name, bound in (("gc_vs_full_batch8", gc_name, "gc_vs_full_batch8_min_ratio"),
+                                 ("fixed_vs_full_batch8", methods[2], "fixed_vs_full_batch8_min_ratio")):
+            r, low = rows[name]["8"], THROUGHPUT_TARGETS[bound]
+            targets[key] = {"value": r["ratio_to_full"], "target": f">= {low}", "met": r["ratio_to_full"] >= low,
+                            "decode_value": r["decode_ratio_to_full"],
+                            "batch1_value": rows[name][str(sizes[0])]["ratio_to_full"],
+                            "what": f"{name} tokens/s over the full model's at batch 8 (median of paired rounds; "
+                                    "decode_value: the same after the prefills, which run the full model)"}
     result = {
         "format": "greencode-throughput/1",
         "config_name": cfg.name,
@@ -154,7 +159,8 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                   "model": model_note, "policy": policy_note, "gc_threshold": gc_threshold,
                   **model_setup(cfg, model, device), "decode_compile": compile_info(model),
                   "timing": "wall clock of the whole workload (every prompt, prefill + decode), decoded B prompts "
-                            "per call; tokens/s = prompts x new_tokens / wall; interleaved, order rotated",
+                            "per call; tokens/s = prompts x new_tokens / wall; interleaved, order rotated; decode "
+                            "tokens/s (our loop): the same tokens over the seconds after each batch's prefill",
                   "hf": "model.hf.generate, left padding + attention mask, greedy, min_new_tokens = max_new_tokens"},
         "methods": rows,
         "targets": targets,
@@ -172,17 +178,20 @@ def format_throughput_markdown(result: dict) -> str:
     base = sizes[0]
     lines = md_header(f"Throughput: {result['config_name']}", result,
                        f"{s['num_prompts']} prompts of {min(s['prompt_lengths'])}-{max(s['prompt_lengths'])} tokens") + [
-             f"| method | batch | tokens/s | IQR | x batch {base} | x HF | x full | rows = batch {base} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| method | batch | tokens/s | IQR | x batch {base} | x HF | x full | decode tokens/s | decode x full | "
+             f"rows = batch {base} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, by_size in result["methods"].items():
         for b, r in by_size.items():
             lines.append(f"| {m} | {b} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_iqr']:.1f} | "
                          f"{fmt(r[f'ratio_to_batch_{base}'], '.2f')} | {fmt(r['ratio_to_hf'], '.2f')} | "
-                         f"{fmt(r['ratio_to_full'], '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} |")
+                         f"{fmt(r['ratio_to_full'], '.2f')} | {fmt(r.get('decode_tokens_per_s_median'), '.1f')} | "
+                         f"{fmt(r.get('decode_ratio_to_full'), '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} |")
     lines += ["", f"Ratios are medians of paired (same round) tokens/s ratios. {s['timing']}. rows = batch {base}: "
                   f"share of prompts whose tokens equal their tokens at batch {base}.", ""]
     for name, t in result["targets"].items():
-        lines.append(f"- target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}")
+        decode = f" (decode only: {t['decode_value']:.3f})" if t.get("decode_value") is not None else ""
+        lines.append(f"- target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}{decode}")
     n = result["noise"]
     lines.append(f"- noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative IQR "
                  f"{n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
