@@ -61,7 +61,10 @@ def test_every_stage_writes_its_outputs(smoke_run):
     tok = cal["criteria"]["token"]
     assert tok["samples"] == len(forced["fixed@1"])
     assert tok["certifiable"]["smallest_certifiable_risk"] == pytest.approx(1 - 0.1 ** (1 / tok["samples"]))
-    assert "smallest risk Hoeffding-Bentkus can certify" in (results / "calibration" / "calibration.md").read_text()
+    cal_md = (results / "calibration" / "calibration.md").read_text()
+    assert "smallest risk Hoeffding-Bentkus can certify" in cal_md
+    # one table per criterion, each with one header row
+    assert cal_md.count("| controller | ≤ ") == len(cal["criteria"]) and "|---|---|" in cal_md
     ev = results / "eval"
     targets = json.loads((ev / "calibrated.json").read_text())
     assert targets["split"] == "test" and {r["family"] for r in targets["rows"]} == set(cal["families"])

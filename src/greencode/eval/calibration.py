@@ -330,9 +330,7 @@ def render(result: dict) -> str:
             lines += [f"n = {cert['n']} samples: the smallest risk Hoeffding-Bentkus can certify at δ = {cert['delta']:g} "
                       f"is **{100 * cert['smallest_certifiable_risk']:.2f}%** (at observed risk 0); each target is "
                       f"certified only at an observed risk up to ({most}).", ""]
-        lines += [
-                  "| controller | " + " | ".join(f"≤ {100 * t:g}%" for t in result["targets"]) + " |",
-                  "| controller | " + " | ".join(f"≤ {100 * t:g}%" for t in result["targets"]) + " |",
+        lines += ["| controller | " + " | ".join(f"≤ {100 * t:g}%" for t in result["targets"]) + " |",
                   "|---|" + "---|" * len(result["targets"])]
         for fam, e in fams.items():
             if "skipped" in e:
