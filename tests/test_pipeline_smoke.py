@@ -167,7 +167,11 @@ def test_grids_are_chosen_on_the_tuning_slice(smoke_run):
     fixed = [r["compute"] for r in sorted(g["rows"]["fixed"], key=lambda r: int(r["id"].split("@")[1]))]
     assert all(b > a for a, b in zip(fixed, fixed[1:])) and fixed[-1] < 1.0
     assert g["rows"]["fixed"][0]["risk_minus_fixed_hull"] is not None
-    assert set(g["chosen"]) == {"confidence", "gc"} and g["yaml"][0].startswith("  confidence_thresholds: [")
+    assert set(g["chosen"]) == {"confidence", "gc"}
+    # one line per chosen family: its grid, or a comment when no candidate reaches any level
+    for fam in ("confidence", "gc"):
+        mine = [ln for ln in g["yaml"] if ln.startswith((f"  {fam}_thresholds: [", f"  # {fam}: no candidate"))]
+        assert len(mine) == 1, g["yaml"]
     refused = _script(tmp, "tune_knobs.py", "eval.split=test", "--grids")
     assert refused.returncode == 2 and "validation split only" in refused.stderr
 

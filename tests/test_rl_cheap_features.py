@@ -122,9 +122,13 @@ def test_config_keys_banks_and_costs(tmp_path):
             load_config("configs/smoke.yaml", [bad])
     with pytest.raises(ConfigError, match="measured offline only"):
         load_config("configs/smoke.yaml", ["rl.observation_features=[cand_margin]", "rl.candidate_source=context"])
-    for path in ("configs/paper/llama-3.2-3b_java.yaml", "configs/default.yaml"):
-        if __import__("pathlib").Path(path).is_file():
-            assert load_config(path).rl.observation_features == [], path
+    # the paper configs keep the paper's observation (the hidden state alone); the embedded default observes the
+    # exit index and the cheap candidate features (chosen on tuning tokens), from the first exit's full head
+    for path in ("configs/paper/llama-3.2-3b_java.yaml", "configs/paper/opt-2.7b_python.yaml"):
+        assert load_config(path).rl.observation_features == [], path
+    default = load_config("configs/default.yaml").rl
+    assert default.observation_features[0] == "exit_index" and default.candidates() == {"source": "first_full", "k": 4}
+    assert set(default.observation_features) <= set(default.bank.record_features)
 
     # a decoding bank with the features records its candidates in the manifest and its key
     from test_rl_bank import CharTokenizer, corpus
