@@ -32,6 +32,20 @@ def test_paired_by_id_over_common_samples(tmp_path):
     assert d["mean"] == pytest.approx(3.0) and d["ci"] == [pytest.approx(3.0), pytest.approx(3.0)]
     assert d["excludes_zero"]
     assert r["old"]["mean"] == pytest.approx(np.mean(list(base.values())))
+    assert r["weights"] is None  # neither folder names its weights
+
+
+def test_the_comparison_names_the_new_runs_weights_and_the_old_base_as_compared(tmp_path):
+    old = _eval_dir(tmp_path / "old", {"a": 1.0, "b": 2.0})
+    new = _eval_dir(tmp_path / "new", {"a": 2.0, "b": 4.0})
+    for d, base, ft in ((old, "shipped:old", "stage:o"), (new, "shipped:new", "stage:n")):
+        (d / "summary.json").write_text(json.dumps({"meta": {"weights": {"base": base, "finetuned": ft}}}))
+    r = compare_evaluations(old, new, resamples=50)
+    assert (r["weights"]["base"], r["weights"]["finetuned"]) == ("shipped:new", "stage:n")
+    assert r["weights"]["compared"] == {"old": "shipped:old"}
+    from greencode.provenance import find_weights
+
+    assert [w["base"] for w in find_weights(r)] == ["shipped:new"]  # one record: the check sees the new run only
 
 
 def test_noise_alone_does_not_exclude_zero_and_no_common_sample_is_an_error(tmp_path):

@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from greencode.eval.calibrated import method_records
+from greencode.provenance import identity_of, weights_of_file
 from greencode.stats import CI_LEVEL, bootstrap_indices, mean_ci
 
 
@@ -43,7 +44,12 @@ def compare_evaluations(old: Union[str, Path], new: Union[str, Path], method: st
     d, lo, hi = mean_ci(y - x, idx)
     _, old_lo, old_hi = mean_ci(x, idx)
     _, new_lo, new_hi = mean_ci(y, idx)
-    return {"method": method, "new_method": new_method or method, "metric": metric, "samples": len(common),
+    # the result is the new evaluation's (its weights); the earlier one's are named as compared, not as weights
+    new_w = weights_of_file(Path(new) / "summary.json")
+    old_w = weights_of_file(Path(old) / "summary.json")
+    weights = dict(new_w[0], compared={"old": identity_of(old_w[0])[0] if old_w else None}) if new_w else None
+    return {"weights": weights, "method": method, "new_method": new_method or method, "metric": metric,
+            "samples": len(common),
             "only_old": len(a) - len(common), "only_new": len(b) - len(common),
             "old": {"dir": str(old), "mean": float(x.mean()), "ci": [old_lo, old_hi]},
             "new": {"dir": str(new), "mean": float(y.mean()), "ci": [new_lo, new_hi]},
