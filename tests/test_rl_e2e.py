@@ -131,8 +131,11 @@ def test_train_agent_script_on_prepared_run(tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(dump_config(cfg))
     out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_agent.py"), "--config", str(cfg_file),
-                          "--no-progress", "rl.ppo.total_timesteps=256"], capture_output=True, text=True, timeout=300)
+                          "--no-progress", "rl.ppo.total_timesteps=256", "rl.ppo.init_policy=classifier"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "starts from the exit classifier" in out.stderr + out.stdout
+    assert load_policy(paths.policy).metadata["init_policy"] == "classifier" and paths.classifier.is_file()
     assert "exit accuracy on the heldout bank" in out.stdout and "threshold 0.50" in out.stdout
     assert (paths.bank / "obs.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert paths.policy.is_file()
