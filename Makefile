@@ -18,8 +18,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	GREENCODE_MAKE_START=$(MAKE_START) $(PY) scripts/reproduce.py --config configs/default.yaml
 
+# one pytest-xdist worker per core this process may run on (nproc honours CPU affinity), at most 4;
+# on one core the suite runs in-process. Each test keeps torch at one thread (tests/conftest.py).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) tests
 
 # retrain the shipped base model (assets/default-base) from scratch, early-exit-ready with FIM, 512-token context,
 # 21.3M tokens: ~2.2 h on 2 quiet CPU cores (resumable: scripts/pretrain.py --config configs/base.yaml --resume)

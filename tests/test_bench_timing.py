@@ -1,5 +1,10 @@
 """The benchmarks' one timing harness."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from greencode.bench.timing import (Deadline, Noise, Stopwatch, best_of, interleaved_rounds, merge_result,
@@ -86,3 +91,15 @@ def test_benchmarks_read_the_clock_only_through_the_harness():
     offenders = [f"{f.name}:{i}" for f in files if f.name != "timing.py"
                  for i, line in enumerate(f.read_text().splitlines(), 1) if clock.search(line)]
     assert offenders == []
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_hardware_record_counts_the_cores_the_process_may_use():
+    """A job pinned to one core (a sandbox, a scheduler) runs torch on one thread: the record must say so,
+    not the machine's core count."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "import json; from greencode.utils import hardware_info; print(json.dumps(hardware_info()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    hw = json.loads(out.stdout.strip().splitlines()[-1])
+    assert hw["usable_cpus"] == 1 and hw["torch_threads"] == 1
+    assert hw["cpu_count"] == os.cpu_count()

@@ -24,12 +24,13 @@ def test_tiny_gpu_check_runs_every_part_and_records_failures(tmp_path):
             rows = e["latency"]["batches"][batch]
             for key in ("hf_generate_dynamic", "greencode_full", "greencode_fixed@1", "greencode_fixed@3",
                         "greencode_policy@0.5"):
-                assert rows[key]["value"] >= 0, (shape, batch, key)  # timings are recorded, never asserted
+                _timed(rows[key], (shape, batch, key))  # timings are recorded, never asserted
             assert "skipped" in rows["hf_generate_static_compile"]  # CUDA only
         lossless = e["latency"]["lossless"]["methods"]
         assert set(lossless) == {"gc_lossless@0.5", "layerskip@2"}, shape
         for key, row in lossless.items():  # verified by the full model: its tokens, whatever the drafts
-            assert row["value"] >= 0 and row["identical_to_full"] is True, (shape, key)
+            _timed(row, (shape, key))
+            assert row["identical_to_full"] is True, (shape, key)
             assert 0 <= row["acceptance_rate"] <= 1 and row["mean_draft_length"] > 0
         compiled = e["compiled"]
         assert compiled["status"] == "ok" and compiled["mode"] == "default", shape  # CUDA: reduce-overhead
@@ -38,7 +39,8 @@ def test_tiny_gpu_check_runs_every_part_and_records_failures(tmp_path):
             assert set(rows) == {"full", "fixed@2", "policy@0.5"}, (shape, batch)
             for key, row in rows.items():
                 assert row["identical_to_eager"] is True, (shape, batch, key)
-                assert row["eager_s"] > 0 and row["compiled_s"] > 0  # timings: recorded (their ratio is not asserted)
+                for which in ("eager", "compiled"):  # timings: recorded (their ratio is not asserted)
+                    _timed({"value": row[f"{which}_s"]} if row[f"{which}_s"] else row[f"{which}_error"], (shape, batch, key))
                 assert row["compile"]["active"] and row["compile"]["compiled_calls"] > 0
         # no GPU: energy is a recorded failure with its reason, never an estimate; later parts still ran
         assert e["energy"]["status"] == "failed" and "no CUDA device" in e["energy"]["error"]
@@ -81,3 +83,12 @@ def test_total_budget_skips_what_has_no_time_left(tmp_path, monkeypatch):
         assert entry["build"]["status"] == "skipped" and "total budget (2 s) is spent" in entry["build"]["reason"]
     assert json.loads((tmp_path / "h.json").read_text())["shapes"]
     assert sum("build: skipped (the check's total budget" in line for line in gc.summary_lines(spent)) == 2
+
+
+def _timed(entry: dict, where) -> None:
+    """A timing is a positive number of seconds, or, on a machine too busy to separate n tokens from one
+    (the suite runs beside other tests), a recorded failure that says so: never a clamped 0."""
+    if "value" in entry:
+        assert entry["value"] > 0, where
+    else:
+        assert "below the timer's noise" in entry.get("failed", ""), (where, entry)

@@ -93,6 +93,15 @@ def library_versions() -> dict[str, Optional[str]]:
     return out
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one, else ``os.cpu_count()``.
+    A sandbox or scheduler can pin a job to fewer cores than the machine has; torch follows the affinity."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def hardware_info() -> dict[str, Any]:
     import torch
 
@@ -101,6 +110,7 @@ def hardware_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),  # the cores this process may run on (CPU affinity)
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
     }
