@@ -123,6 +123,15 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
             else:
                 assert row["decode_tokens_per_s_median"] > row["tokens_per_s_median"]
                 assert row["decode_ratio_to_full"] > 0
+    # layers per token: the full model runs every layer; a fixed exit at layer 1 runs two, every row, every step;
+    # a batch runs to its deepest row, never below the rows' mean
+    for b in ("1", "2", "8"):
+        full, fixed, gc = (res["methods"][m][b] for m in ("full", "fixed@1", "gc@0.9"))
+        assert full["layers_per_token_row"] == full["layers_per_step_batch"] == res["setup"]["num_layers"] == 4
+        assert fixed["layers_per_token_row"] == fixed["layers_per_step_batch"] == 2
+        assert gc["layers_per_token_row"] <= gc["layers_per_step_batch"] <= full["layers_per_step_batch"]
+        assert res["methods"]["hf_generate"][b]["layers_per_token_row"] is None
+    assert res["methods"]["gc@0.9"]["1"]["layers_per_token_row"] == res["methods"]["gc@0.9"]["1"]["layers_per_step_batch"]
     assert res["targets"]["fixed_vs_full_batch8"]["target"] == ">= 1.3"
     assert res["targets"]["gc_vs_full_batch8"]["target"] == ">= 1.15"
     assert res["targets"]["gc_vs_full_batch8"]["decode_value"] == res["methods"]["gc@0.9"]["8"]["decode_ratio_to_full"]

@@ -195,3 +195,67 @@ def test_chunked_prefill_equals_one_prefill_and_joins_a_running_batch(family):
     while batch.rows:
         batch.step()
     assert late.tokens == alone and first.tokens == generate(model, [other], NeverExit(), 12)[0].tokens
+
+
+def _feature_policy(model, seed=1):
+    from greencode.decoding.controllers import CANDIDATE_FEATURES, feature_size
+    from greencode.rl import ExitPolicy
+
+    feats = ["exit_index", "cosine_prev", "prev_exit", *CANDIDATE_FEATURES]
+    torch.manual_seed(seed)
+    policy = ExitPolicy(model.hidden_size + feature_size(feats, len(model.exit_layers)), [16],
+                        metadata={"observation": "normed", "exit_layers": list(model.exit_layers), "features": feats,
+                                  "candidates": {"source": "first_full", "k": 4}, "fingerprint": model.fingerprint()})
+    with torch.no_grad():
+        policy.action_net.weight.mul_(30.0)
+        policy.policy_net[0].weight[:, model.hidden_size:].mul_(20.0)  # decisions that hang on the features
+    return policy
+
+
+@pytest.mark.parametrize("controller", ["policy_features", "cheap_confidence", "saturation"])
+def test_per_row_copies_of_one_controller_decide_together_and_equal_batch_one(family, controller):
+    """One controller with per-row state given to every row (a shared instance, as the evaluator and the
+    endpoint do): each row gets its own copy, the copies' rows are decided in one call per exit point
+    (decide_rows), and every row's tokens, exits and counters equal decoding its prompt alone."""
+    from greencode.decoding import CheapConfidenceExit, SaturationExit
+
+    model = tiny_model(family, num_layers=5, exit_layers=(1, 2, 3))
+    policy = _feature_policy(model)
+    make = {"policy_features": lambda t: PolicyExit(policy, t), "cheap_confidence": lambda t: CheapConfidenceExit(t),
+            "saturation": lambda t: SaturationExit(t)}[controller]
+    prompts = _prompts(5, (6, 15, 4, 21, 9))
+    lengths = (9, 4, 7, 8, 5)
+    # a threshold where the rows exit at several points (cheap confidence: a softmax over 4 candidates, >= 0.25)
+    for thr in (0.5, 0.3, 0.7, 0.9, 0.1, 0.95, 0.05, 0.99, 0.27, 0.26, 0.28, 0.29, 0.35, 0.4):
+        alone = [generate(model, p, make(thr), n) for p, n in zip(prompts, lengths)]
+        if len({e for a in alone for e in a.exit_layers[1:]}) > 1:
+            break
+    else:
+        pytest.fail("no threshold gave varied exits")
+    shared = make(thr)
+    groups = []
+    real = type(shared).decide_rows
+
+    def spy(self, layer, ctrls, *a):
+        groups.append(len(ctrls))
+        return real(self, layer, ctrls, *a)
+
+    type(shared).decide_rows = spy
+    try:
+        batch = DecodeBatch(model)
+        rows = [Row(controller=shared, max_new_tokens=n) for n in lengths]
+        batch.add(rows[:3], prompts[:3])
+        batch.step()
+        batch.add(rows[3:], prompts[3:])  # copies made for rows joining later join the same group
+        while batch.rows:
+            batch.step()
+    finally:
+        type(shared).decide_rows = real
+    assert len({id(r.controller) for r in rows}) == len(rows)  # each row its own copy
+    assert groups and max(groups) == len(rows)
+    for a, row in zip(alone, rows):
+        res = batch.result(row)
+        assert res.tokens == a.tokens and res.exit_layers == a.exit_layers
+        assert res.counters["layers_run"] == a.counters["layers_run"]
+        assert res.counters["controller_macs"] == a.counters["controller_macs"]
+        assert res.counters["lm_head_calls"] == a.counters["lm_head_calls"]

@@ -71,6 +71,9 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     pad = pad if pad is not None else 0
     gconf = hf_greedy_config(model, new_tokens)
     tokens: dict[tuple[str, int], list[list[int]]] = {}  # (method, batch size) -> each prompt's tokens
+    # (method, batch size) -> layers per decoded token: each row's own, and the batch's (its deepest row's, what a
+    # step runs through: a batch runs to its deepest row, on however few rows)
+    depth: dict[tuple[str, int], dict[str, float]] = {}
 
     def batches(size: int) -> list[list[list[int]]]:
         return [prompts[i:i + size] for i in range(0, num_prompts, size)]
@@ -80,6 +83,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
         prefills: per batch the longest row's ``decode_time_s`` (HF generate: None)."""
         out: list[list[int]] = []
         decode_s: Optional[float] = None if method == "hf_generate" else 0.0
+        steps: list[list[int]] = []
         for chunk in batches(size):
             if method == "hf_generate":
                 width = max(len(p) for p in chunk)
@@ -97,6 +101,11 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                 res = res if isinstance(res, list) else [res]
                 out += [r.tokens for r in res]
                 decode_s += max(r.counters["decode_time_s"] for r in res)
+                # the rows start together: step t decodes token t of every row (token 0 comes from the prefill)
+                steps += [[r.exit_layers[t] + 1 for r in res] for t in range(1, min(len(r.exit_layers) for r in res))]
+        if steps:
+            depth.setdefault((method, size), {"row": sum(sum(x) / len(x) for x in steps) / len(steps),
+                                              "batch": sum(max(x) for x in steps) / len(steps)})
         return out, decode_s
 
     def run(method: str, size: int) -> tuple[float, Optional[float]]:
@@ -132,7 +141,9 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                 f"rows_equal_to_batch_{sizes[0]}": same / num_prompts,
                 "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)],
                 "decode_tokens_per_s_median": quartiles(dtps[(m, b)])["median"] if (m, b) in dtps else None,
-                "decode_ratio_to_full": paired_median(dtps[(m, b)], dtps[("full", b)]) if (m, b) in dtps else None}
+                "decode_ratio_to_full": paired_median(dtps[(m, b)], dtps[("full", b)]) if (m, b) in dtps else None,
+                "layers_per_token_row": depth[(m, b)]["row"] if (m, b) in depth else None,
+                "layers_per_step_batch": depth[(m, b)]["batch"] if (m, b) in depth else None}
     targets = {}
     if 8 in sizes and 1 in sizes:
         v = rows["full"]["8"]["ratio_to_batch_1"]
@@ -179,16 +190,19 @@ def format_throughput_markdown(result: dict) -> str:
     lines = md_header(f"Throughput: {result['config_name']}", result,
                        f"{s['num_prompts']} prompts of {min(s['prompt_lengths'])}-{max(s['prompt_lengths'])} tokens") + [
              f"| method | batch | tokens/s | IQR | x batch {base} | x HF | x full | decode tokens/s | decode x full | "
-             f"rows = batch {base} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"rows = batch {base} | layers/token (row) | layers/step (batch) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, by_size in result["methods"].items():
         for b, r in by_size.items():
             lines.append(f"| {m} | {b} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_iqr']:.1f} | "
                          f"{fmt(r[f'ratio_to_batch_{base}'], '.2f')} | {fmt(r['ratio_to_hf'], '.2f')} | "
                          f"{fmt(r['ratio_to_full'], '.2f')} | {fmt(r.get('decode_tokens_per_s_median'), '.1f')} | "
-                         f"{fmt(r.get('decode_ratio_to_full'), '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} |")
+                         f"{fmt(r.get('decode_ratio_to_full'), '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} | "
+                         f"{fmt(r.get('layers_per_token_row'), '.2f')} | {fmt(r.get('layers_per_step_batch'), '.2f')} |")
     lines += ["", f"Ratios are medians of paired (same round) tokens/s ratios. {s['timing']}. rows = batch {base}: "
-                  f"share of prompts whose tokens equal their tokens at batch {base}.", ""]
+                  f"share of prompts whose tokens equal their tokens at batch {base}. layers/token (row): the layers "
+                  "a decoded token ran through, averaged over rows; layers/step (batch): the deepest row's, what the "
+                  "batch's step runs through (on fewer rows once the others exit).", ""]
     for name, t in result["targets"].items():
         decode = f" (decode only: {t['decode_value']:.3f})" if t.get("decode_value") is not None else ""
         lines.append(f"- target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}{decode}")

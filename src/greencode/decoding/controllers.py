@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -189,6 +189,28 @@ class ExitController:
         controllers override it with one vectorised computation)."""
         return [self.should_exit(layer, hidden[r:r + 1], None if normed is None else normed[r:r + 1],
                                  None if logits is None else logits[r:r + 1]) for r in range(hidden.shape[0])]
+
+    def decide_rows(self, layer: int, ctrls: Sequence["ExitController"], hidden: torch.Tensor,
+                    normed: Optional[torch.Tensor], logits: Optional[torch.Tensor]) -> list[bool]:
+        """The decision for several rows that each hold their own copy of this controller
+        (``per_row_state``; ``ctrls[k]`` is row ``k``'s, made by :meth:`row_copy`; ``self`` is one of them):
+        the same answer as each copy's :meth:`should_exit` on its row, and each copy's state advanced as
+        that would. This default asks them one by one; a controller overrides it with one computation."""
+        return [c.should_exit(layer, hidden[k:k + 1], None if normed is None else normed[k:k + 1],
+                              None if logits is None else logits[k:k + 1]) for k, c in enumerate(ctrls)]
+
+    def row_copy(self) -> "ExitController":
+        """Another row's own instance (``per_row_state``). The copies of one controller share a batch
+        group, so the loop decides their rows together (:meth:`decide_rows`)."""
+        group = self.__dict__.setdefault("_batch_group", object())
+        new = copy.deepcopy(self)
+        new._batch_group = group
+        return new
+
+    def batch_group(self) -> object:
+        """What the loop groups rows by to decide them together: the instance, or the group its
+        per-row copies share."""
+        return self.__dict__.get("_batch_group", self)
 
     def describe(self) -> dict:
         return {"controller": self.name}
@@ -533,18 +555,64 @@ class PolicyExit(ExitController):
             return super().should_exit_rows(layer, hidden, normed, logits)
         if self.ignore_decision:
             return [False] * hidden.shape[0]
-        kind, eps, layers, w_diff, b_diff = self._fast
+        return (self._fast_probability_rows(hidden[:, -1].float(), None) >= self.threshold).tolist()
+
+    def decide_rows(self, layer, ctrls, hidden, normed, logits) -> list[bool]:
+        """Rows with observation features (each its own copy): their features and the fused MLP for all of
+        them at once, each copy's state advanced as :meth:`should_exit` would (tested equal to it)."""
+        if self._fast is None or type(self).should_exit is not PolicyExit.should_exit or not self.features:
+            return super().decide_rows(layer, ctrls, hidden, normed, logits)
         x = hidden[:, -1].float()  # [n, H]
+        k = self._exit_index[layer]
+        prev_h, prev_exit = [], []
+        for c in ctrls:
+            if layer <= c._last_layer:  # a new token (as in _features)
+                c._prev_exit = c._exited if c._exited is not None else c._n_exits
+                c._prev_h, c._exited = None, None
+            prev_h.append(c._prev_h)
+            prev_exit.append(c._n_exits if c._prev_exit is None else c._prev_exit)
+        cand = None
+        if self._signals is not None:
+            sigs = [c._signals for c in ctrls]
+            if k == 0:
+                for sig in sigs:
+                    sig.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+            cand = self._signals.check_rows(k, sigs, x, None if logits is None else logits[:, -1])
+            if cand is None:  # the rows' candidate sets are not at the same stage: one by one
+                return super().decide_rows(layer, ctrls, hidden, normed, logits)
+            cand = cand[:, :len(CANDIDATE_FEATURES)].cpu()
+        for j, c in enumerate(ctrls):
+            c._prev_h, c._last_layer = x[j], layer
+        cos = torch.zeros(len(ctrls))
+        if "cosine_prev" in self.features:
+            have = [j for j, p in enumerate(prev_h) if p is not None]
+            if have:
+                cos[have] = torch.nn.functional.cosine_similarity(x[have], torch.stack([prev_h[j] for j in have]),
+                                                                  dim=-1).cpu()
+        feats = observation_features(self.features, torch.full((len(ctrls),), k), self._n_exits, cos,
+                                     torch.tensor(prev_exit), cand).to(x.device)
+        p = self._fast_probability_rows(x, feats)
+        decisions = [bool(v) and not self.ignore_decision for v in (p >= self.threshold).tolist()]
+        for c, d in zip(ctrls, decisions):
+            if d:
+                c._exited = k
+        return decisions
+
+    def _fast_probability_rows(self, x: torch.Tensor, feats: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`_fast_probability` for the raw states ``x`` [n, H] (float32) and features [n, F]: P(exit) [n]."""
+        kind, eps, layers, w_diff, b_diff = self._fast
         if kind == "rms":
             x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
         elif kind == "layer":
             x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
-        for w, b, act in layers:
+        for j, (w, b, act) in enumerate(layers):
             x = torch.nn.functional.linear(x, w, b)
+            if j == 0 and feats is not None and self._w_feat is not None:
+                x = x + torch.nn.functional.linear(feats, self._w_feat)
             if act is not None:
                 x = act(x)
         z = ((x @ w_diff).double() + b_diff) / self.temperature
-        return (torch.sigmoid(z) >= self.threshold).tolist()
+        return torch.sigmoid(z)
 
     def _fast_probability(self, hidden: torch.Tensor, feats: Optional[torch.Tensor] = None) -> float:
         kind, eps, layers, w_diff, b_diff = self._fast
@@ -641,6 +709,23 @@ class CheapConfidenceExit(ExitController):
 
     def should_exit(self, layer, hidden, normed, logits) -> bool:
         return bool(self.scores(layer, hidden, logits)[0] >= self.threshold)
+
+    def decide_rows(self, layer, ctrls, hidden, normed, logits) -> list[bool]:
+        """Several rows' checks (each its own copy) in one computation, each copy's candidates advanced
+        as :meth:`scores` would."""
+        if type(self).scores is not CheapConfidenceExit.scores or type(self).should_exit is not CheapConfidenceExit.should_exit:
+            return super().decide_rows(layer, ctrls, hidden, normed, logits)
+        j = self._index[layer]
+        for c in ctrls:
+            if j == 0 or layer <= c._last_layer:
+                c._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+            c._last_layer = layer
+        feats = self._signals.check_rows(j, [c._signals for c in ctrls], hidden[:, -1],
+                                         None if logits is None else logits[:, -1])
+        if feats is None:  # not at the same stage: one by one (started above as scores() would; not advanced)
+            return [bool(c._signals.check(j, hidden[k:k + 1, -1], None if logits is None else logits[k:k + 1, -1])
+                         [0, self._col] >= self.threshold) for k, c in enumerate(ctrls)]
+        return (feats[:, self._col] >= self.threshold).tolist()
 
     def __deepcopy__(self, memo):
         """A row's own instance: same settings and model (shared, never copied), no state."""

@@ -25,7 +25,6 @@ full model within it (:mod:`greencode.decoding.speculative`), beside lossy rows.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -280,7 +279,7 @@ class DecodeBatch:
             kept.prepare(row, self)
         if getattr(row.controller, "per_row_state", False):  # per-row state: one instance per row
             if id(row.controller) in in_use:
-                row.controller = copy.deepcopy(row.controller)
+                row.controller = row.controller.row_copy()  # decided with the others of its group
             in_use.add(id(row.controller))
         row.controller.reset()
         row.checks = row.controller.check_layers(self.model)
@@ -619,8 +618,8 @@ class DecodeBatch:
         normed_all = None
         exiting: list[int] = []
         by_ctrl: dict[int, list[int]] = {}
-        for r in asking:
-            by_ctrl.setdefault(id(st.controllers[r]), []).append(r)
+        for r in asking:  # one controller, or the per-row copies of one (their batch group)
+            by_ctrl.setdefault(id(st.controllers[r].batch_group()), []).append(r)
         for rows_ in by_ctrl.values():
             ctrl = st.controllers[rows_[0]]
             head = ctrl.logits_at(i)  # the LM head at this check (counted below, reused if the row exits)
@@ -636,7 +635,9 @@ class DecodeBatch:
             else:
                 normed = normed_all[pos] if need else None
                 lg = adapter.lm_head(normed) if head else None
-                decisions = ctrl.should_exit_rows(i, st.h[pos], normed, lg)
+                ctrls = [st.controllers[r] for r in rows_]
+                decisions = (ctrl.should_exit_rows(i, st.h[pos], normed, lg) if all(c is ctrl for c in ctrls)
+                             else ctrl.decide_rows(i, ctrls, st.h[pos], normed, lg))
                 lgs = [None if lg is None else lg[k:k + 1] for k in range(len(rows_))]
             macs = ctrl.check_macs(i)
             for r, p, decision, lg_r in zip(rows_, pos, decisions, lgs):
@@ -666,12 +667,16 @@ class DecodeBatch:
                 s.at_top(st.rows[r], st, r)
 
     def _choose_tokens(self, st: "_Step") -> None:
-        """Every row's token from the logits where it exited (kept in ``st.row_logits``)."""
-        for r, row in enumerate(st.rows):
-            lg = st.row_logits.get(r)
-            if lg is None:
-                lg = st.row_logits[r] = self.model.decode(st.exit_h[r])
+        """Every row's token from the logits where it exited (kept in ``st.row_logits``); the rows that
+        exited without them get one LM head call together."""
+        need = [r for r in range(len(st.rows)) if st.row_logits.get(r) is None]
+        if need:
+            logits = self.model.decode(torch.cat([st.exit_h[r] for r in need]))
+            for k, r in enumerate(need):
+                st.row_logits[r] = logits[k:k + 1]
                 st.counters[r]["lm_head_calls"] += 1
+        for r, row in enumerate(st.rows):
+            lg = st.row_logits[r]
             self._choose(row, lg, st.exit_at[r])
             st.counters[r]["decode_steps"] += 1
             row.pos += 1

@@ -202,6 +202,28 @@ class SignalState:
     prev_normed: Optional[torch.Tensor] = None
     prev_top1: Optional[torch.Tensor] = None
 
+    FIELDS = ("candidates", "prev_exit", "prev_normed", "prev_top1")
+
+    @classmethod
+    def stack(cls, states: Sequence["SignalState"]) -> Optional["SignalState"]:
+        """Several rows' states as one (rows in order), or None when they are not at the same stage
+        (a field set for some rows and not others): the caller then checks them one by one."""
+        out = {}
+        for f in cls.FIELDS:
+            vals = [getattr(s, f) for s in states]
+            if all(v is None for v in vals):
+                out[f] = None
+            elif any(v is None for v in vals):
+                return None
+            else:
+                out[f] = torch.cat(vals)
+        return cls(**out)
+
+    def row(self, k: int) -> "SignalState":
+        """Row ``k``'s state alone (its own tensors, [1, ...])."""
+        return SignalState(**{f: None if getattr(self, f) is None else getattr(self, f)[k:k + 1].clone()
+                              for f in self.FIELDS})
+
 
 def signal_step(weight: torch.Tensor, bias: Optional[torch.Tensor], state: SignalState, normed: torch.Tensor,
                 exit_index: int, n_exit_points: int, k: int,
@@ -338,6 +360,27 @@ class CheapSignals:
                                         full_logits=full_logits if self.state.candidates is None else None)
         if not self.saturation:
             self.state.prev_normed = None
+        return feats
+
+    def check_rows(self, exit_index: int, signals: Sequence["CheapSignals"], hidden: torch.Tensor,
+                   full_logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """:meth:`check` for several rows at once, each with its own instance (``signals[k]`` holds row ``k``'s
+        state; ``hidden`` [n, H]): one computation, then each instance's state advanced as :meth:`check`
+        would. Returns the features [n, F], or None when the rows' states are not at the same stage."""
+        states = [s.state for s in signals]
+        if any(st is None for st in states):
+            raise RuntimeError("call start() at the beginning of each token")
+        stacked = SignalState.stack(states)
+        if stacked is None:
+            return None
+        saved, self.state = self.state, stacked
+        try:
+            feats = self.check(exit_index, hidden, full_logits)
+            new = self.state
+        finally:
+            self.state = saved
+        for k, s in enumerate(signals):
+            s.state = new.row(k)
         return feats
 
     def macs_parts(self, exit_index: int, readout: int = 0) -> dict[str, int]:
