@@ -335,10 +335,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def fmt(x: Optional[float], spec: str) -> str:
-    return "" if x is None else format(x, spec)
-
-
 def format_lossless_table(section: dict) -> str:
     """The lossless comparison as a text table."""
     lines = [f"Lossless (self-speculative) methods, wall clock per generation; k_max {section['k_max']} for "
