@@ -146,3 +146,33 @@ def test_train_agent_script_on_prepared_run(tmp_path):
     assert bad.returncode == 2 and "rl.ppo.batch_size" in bad.stderr and "Traceback" not in bad.stderr
 
 
+
+
+def test_the_agent_does_not_depend_on_the_thread_count(tmp_path):
+    """The same bank and seed give the same agent whether the process runs torch on one thread or two (a
+    fresh clone on a 2-core machine against results trained pinned to one core): SB3's orthogonal init
+    is a QR decomposition whose last bits depend on the thread count, and PPO amplifies them."""
+    import dataclasses
+
+    import torch
+
+    from greencode.rl import load_policy
+    from greencode.rl.bank import synthetic_bank
+
+    bank = synthetic_bank(num_sequences=16, tokens_per_sequence=6, n_exit_points=2, hidden_size=96,
+                          heldout_fraction=0.25, seed=3)
+    bank.manifest.update(exit_layers=[1, 2], final_layer=3, observation="normed")
+    weights = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            cfg = e2e_cfg(tmp_path / f"t{threads}")
+            cfg = dataclasses.replace(cfg, rl=dataclasses.replace(
+                cfg.rl, ppo=dataclasses.replace(cfg.rl.ppo, net_arch=[64, 64], init_policy="random")))
+            policy = load_policy(train_agent(cfg, bank=bank, progress_bar=False, tensorboard=False))
+            weights.append({k: v.clone() for k, v in policy.state_dict().items()})
+    finally:
+        torch.set_num_threads(before)
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k

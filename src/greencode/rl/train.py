@@ -218,8 +218,15 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     classifier, classifier_report = train_classifier(bank, p.net_arch, seed=cfg.seed, path=paths.classifier,
                                                      metadata=metadata)
 
+    # SB3's small MLP gains nothing from intra-op threads, and on a busy machine OpenMP
+    # threads waiting for each other slow PPO down >10x (measured: 373 vs 4,247 steps/s
+    # with 2 vs 1 threads on 2 loaded cores); hardware.num_threads > 0 overrides. The model is built under
+    # the same count: SB3's orthogonal init runs a QR decomposition whose last bits depend on the thread count
+    # (1 vs 2 threads: 1.4e-7), and PPO turns that into another agent (a fresh clone on 2 cores did).
+    threads = cfg.hardware.num_threads or 1
     env = make_vec_env(train_bank, cfg, monitor_dir=agent_dir / "monitor")
-    model = make_ppo(env, cfg, tensorboard=tensorboard, log_dir=agent_dir / "logs")
+    with torch_threads(threads):
+        model = make_ppo(env, cfg, tensorboard=tensorboard, log_dir=agent_dir / "logs")
     if p.init_policy == "classifier":
         init_policy_from(model, classifier)
         log.info("PPO's policy starts from the exit classifier (rl.ppo.init_policy=classifier)")
@@ -228,10 +235,6 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     log.info("PPO: %d timesteps, %d env(s), n_steps %d, batch %d, epochs %d, lr %g (%s), net %s",
              p.total_timesteps, p.n_envs, p.n_steps, p.batch_size, p.n_epochs, p.learning_rate, p.lr_schedule,
              p.net_arch)
-    # SB3's small MLP gains nothing from intra-op threads, and on a busy machine OpenMP
-    # threads waiting for each other slow PPO down >10x (measured: 373 vs 4,247 steps/s
-    # with 2 vs 1 threads on 2 loaded cores); hardware.num_threads > 0 overrides.
-    threads = cfg.hardware.num_threads or 1
     with torch_threads(threads):
         t0 = time.perf_counter()
         model.learn(total_timesteps=p.total_timesteps, callback=ckpt, progress_bar=progress_bar)
