@@ -117,39 +117,38 @@ def _run_figures(cfg):
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", ("data", "tokenizer", "seed"), (), _run_data,
-          lambda p: [p.corpus / "manifest.json", p.tokenizer], description="corpus + tokenizer", estimate_s=100),
+          lambda p: [p.corpus / "manifest.json", p.tokenizer], description="corpus + tokenizer", estimate_s=90),
     Stage("pretrain", ("model", "pretrain", "seed", "hardware"), ("data",), _run_pretrain,
           lambda p: [p.base_model / "config.json"], enabled=lambda cfg: cfg.model.base is None,
           description="base model from scratch (embedded default only)"),
     Stage("finetune", ("model", "finetune", "seed", "hardware"), ("data", "pretrain"), _run_finetune,
-          lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning", inputs=_base_identity, estimate_s=590),
+          lambda p: [p.finetuned / "config.json"], description="LITE fine-tuning", inputs=_base_identity, estimate_s=410),
     Stage("report", ("finetune.eval_max_tokens",), ("finetune",), _run_report,
-          lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE", estimate_s=80),
+          lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE", estimate_s=70),
     Stage("bank", ("rl.bank", "rl.observation", "rl.observation_features", "rl.candidate_source", "rl.candidate_k",
                    "decoding.kv_strategy", "seed"), ("finetune",), _run_bank,
-          lambda p: [p.bank / "manifest.json"], description="trajectory bank", estimate_s=55),
+          lambda p: [p.bank / "manifest.json"], description="trajectory bank", estimate_s=410),
     Stage("agent", ("rl", "seed"), ("bank",), _run_agent,
-          lambda p: [p.policy], description="PPO exit policy", estimate_s=80),
+          lambda p: [p.policy], description="PPO exit policy", estimate_s=210),
     Stage("calibrate", ("calibration", "decoding", "eval.max_new_tokens", "eval.max_context_tokens",
                         "eval.context_fraction", "eval.mode", "eval.sample_seed", "eval.workers", "seed", "hardware"),
           ("finetune", "agent"), _run_calibrate, lambda p: [p.calibration], enabled=lambda cfg: cfg.calibration.enabled,
-          description="thresholds per fidelity target (validation split)", estimate_s=860),
+          description="thresholds per fidelity target (validation split)", estimate_s=1020),
     Stage("evaluate", ("eval", "decoding", "seed", "hardware"), ("finetune", "agent", "pretrain", "calibrate"),
           _run_evaluate,
-          lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples", estimate_s=750),
+          lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples", estimate_s=680),
     Stage("infill", ("eval.infill_samples", "eval.infill_max_new_tokens", "eval.infill_fixed_layers",
                      "eval.infill_gc_thresholds", "eval.gc_thresholds", "eval.split",
                      "eval.sample_seed", "eval.sample_offset", "eval.max_context_tokens", "decoding", "seed"),
           ("finetune", "agent"), _run_infill, lambda p: [p.results / "infill" / "infill.json"],
           enabled=lambda cfg: cfg.eval.infill_samples > 0,
-          description="single-line infilling (models trained to fill in the middle)", estimate_s=300),
+          description="single-line infilling (models trained to fill in the middle)", estimate_s=200),
     Stage("figures", (), ("evaluate", "report", "agent"), _run_figures,
           lambda p: [p.figures], description="the paper's figures", estimate_s=15),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-ESTIMATE_BASIS = ("estimate for the embedded default on 2 CPU cores (the last recorded demo's stage times, and for "
-                  "calibrate/evaluate the smoke run's and a loaded machine's per-sample costs scaled to the configured "
-                  "samples; README 'Reproducing')")
+ESTIMATE_BASIS = ("the embedded default's stage time in a fresh clone's make demo on 2 quiet CPU cores, 2026-12-07; "
+                  "results/benchmark/demo_fresh_clone_2026-12-07.json")
 
 
 def _fmt_s(seconds: float) -> str:
