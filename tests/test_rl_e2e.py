@@ -146,8 +146,6 @@ def test_train_agent_script_on_prepared_run(tmp_path):
     assert bad.returncode == 2 and "rl.ppo.batch_size" in bad.stderr and "Traceback" not in bad.stderr
 
 
-
-
 def test_the_agent_does_not_depend_on_the_thread_count(tmp_path):
     """The same bank and seed give the same agent whether the process runs torch on one thread or two (a
     fresh clone on a 2-core machine against results trained pinned to one core): SB3's orthogonal init

@@ -440,20 +440,26 @@ class PolicyExit(ExitController):
         if self._signals is not None:
             self._signals.state = None
 
-    def _features(self, layer: int, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The feature vector [F] for the state ``x`` [H] (float32) at ``layer`` (``logits`` [V]: the full
-        head's there, when :meth:`logits_at` asked for them); advances the state."""
+    def _open_check(self, layer: int, x: torch.Tensor) -> tuple[int, Optional[torch.Tensor], int]:
+        """Start the check at ``layer`` of the state ``x`` [H]: a new token records where the previous one
+        exited (or the final layer), the candidate set opens at the first exit point. Returns the exit-point
+        index, the previous exit point's state in this token (None at the first) and the previous token's exit."""
         if layer <= self._last_layer:  # a new token: the previous one exited where it said, or at the final
             self._prev_exit = self._exited if self._exited is not None else self._n_exits
             self._prev_h, self._exited = None, None
         k = self._exit_index[layer]
         prev_h, self._prev_h, self._last_layer = self._prev_h, x, layer
+        if self._signals is not None and k == 0:  # every token's first check: its candidate set opens
+            self._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        return k, prev_h, self._n_exits if self._prev_exit is None else self._prev_exit
+
+    def _features(self, layer: int, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The feature vector [F] for the state ``x`` [H] (float32) at ``layer`` (``logits`` [V]: the full
+        head's there, when :meth:`logits_at` asked for them); advances the state."""
+        k, prev_h, prev_exit = self._open_check(layer, x)
         cos = torch.zeros(()) if prev_h is None else torch.nn.functional.cosine_similarity(x, prev_h, dim=-1)
-        prev_exit = self._n_exits if self._prev_exit is None else self._prev_exit
         cand = None
         if self._signals is not None:
-            if k == 0:  # every token's first check: its candidate set opens
-                self._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
             cand = self._signals.check(k, x[None], None if logits is None else logits.reshape(1, -1))
             cand = cand[0, :len(CANDIDATE_FEATURES)].cpu()
         return observation_features(self.features, torch.tensor(k), self._n_exits, cos.cpu(),
@@ -563,26 +569,16 @@ class PolicyExit(ExitController):
         if self._fast is None or type(self).should_exit is not PolicyExit.should_exit or not self.features:
             return super().decide_rows(layer, ctrls, hidden, normed, logits)
         x = hidden[:, -1].float()  # [n, H]
-        k = self._exit_index[layer]
-        prev_h, prev_exit = [], []
-        for c in ctrls:
-            if layer <= c._last_layer:  # a new token (as in _features)
-                c._prev_exit = c._exited if c._exited is not None else c._n_exits
-                c._prev_h, c._exited = None, None
-            prev_h.append(c._prev_h)
-            prev_exit.append(c._n_exits if c._prev_exit is None else c._prev_exit)
+        k, prev_h, prev_exit = zip(*(c._open_check(layer, x[j]) for j, c in enumerate(ctrls)))
+        k = k[0]
         cand = None
         if self._signals is not None:
-            sigs = [c._signals for c in ctrls]
-            if k == 0:
-                for sig in sigs:
-                    sig.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-            cand = self._signals.check_rows(k, sigs, x, None if logits is None else logits[:, -1])
-            if cand is None:  # the rows' candidate sets are not at the same stage: one by one
-                return super().decide_rows(layer, ctrls, hidden, normed, logits)
+            lg = None if logits is None else logits[:, -1]
+            cand = self._signals.check_rows(k, [c._signals for c in ctrls], x, lg)
+            if cand is None:  # the rows' candidate sets are not at the same stage: each copy's own check
+                cand = torch.cat([c._signals.check(k, x[j:j + 1], None if lg is None else lg[j:j + 1])
+                                  for j, c in enumerate(ctrls)])
             cand = cand[:, :len(CANDIDATE_FEATURES)].cpu()
-        for j, c in enumerate(ctrls):
-            c._prev_h, c._last_layer = x[j], layer
         cos = torch.zeros(len(ctrls))
         if "cosine_prev" in self.features:
             have = [j for j, p in enumerate(prev_h) if p is not None]
@@ -700,12 +696,18 @@ class CheapConfidenceExit(ExitController):
 
     def scores(self, layer: int, hidden: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
         """The score [1] of one row's check at ``layer`` (raw state ``hidden`` [1, 1, H]); advances its state."""
-        j = self._index[layer]
-        if j == 0 or layer <= self._last_layer:  # a new token: its candidate set opens at the first exit point
-            self._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-        self._last_layer = layer
+        j = self._open_check(layer)
         feats = self._signals.check(j, hidden[:, -1], None if logits is None else logits[:, -1])
         return feats[:, self._col]
+
+    def _open_check(self, layer: int) -> int:
+        """Start the check at ``layer``: a new token's candidate set opens at the first exit point. Returns the
+        exit-point index."""
+        j = self._index[layer]
+        if j == 0 or layer <= self._last_layer:
+            self._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        self._last_layer = layer
+        return j
 
     def should_exit(self, layer, hidden, normed, logits) -> bool:
         return bool(self.scores(layer, hidden, logits)[0] >= self.threshold)
@@ -715,11 +717,7 @@ class CheapConfidenceExit(ExitController):
         as :meth:`scores` would."""
         if type(self).scores is not CheapConfidenceExit.scores or type(self).should_exit is not CheapConfidenceExit.should_exit:
             return super().decide_rows(layer, ctrls, hidden, normed, logits)
-        j = self._index[layer]
-        for c in ctrls:
-            if j == 0 or layer <= c._last_layer:
-                c._signals.start(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-            c._last_layer = layer
+        j = [c._open_check(layer) for c in ctrls][0]
         feats = self._signals.check_rows(j, [c._signals for c in ctrls], hidden[:, -1],
                                          None if logits is None else logits[:, -1])
         if feats is None:  # not at the same stage: one by one (started above as scores() would; not advanced)
