@@ -25,8 +25,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512, help="tokens per file window (the context the model serves)")
     parser.add_argument("--min-tokens", type=int, default=64, help="skip validation files shorter than this")
     parser.add_argument("-k", "--candidates", type=int, default=4, help="candidate tokens per check (2..10)")
-    parser.add_argument("--sources", default="first_full,prev_token,bigram,context",
-                        help="comma-separated candidate sources: first_full, prev_token, bigram, context")
+    parser.add_argument("--sources", default="first_full,low_rank,prev_token,bigram,context",
+                        help="comma-separated candidate sources: first_full, low_rank[:R[:M]], prev_token, bigram, "
+                             "context")
+    parser.add_argument("--out-dir", default=None, help="where auc.json/md go (default: results/<name>/signals)")
+    parser.add_argument("--figures-dir", default=None, help="where the figure goes (default: figures/<name>)")
     parser.add_argument("--train-fraction", type=float, default=0.5,
                         help="share of the files the logistic regressions are trained on (file-disjoint)")
     parser.add_argument("--small-tokens", type=int, default=4000, help="tokens of the small (bank-sized) training set")
@@ -43,7 +46,7 @@ def main() -> None:
                              sources=[s.strip() for s in args.sources.split(",") if s.strip()],
                              train_fraction=args.train_fraction, small_tokens=args.small_tokens,
                              bigram_tokens=args.bigram_tokens, batch_size=args.batch_size,
-                             resamples=args.resamples)
+                             resamples=args.resamples, out_dir=args.out_dir, figures_dir=args.figures_dir)
     print(f"model {report['model_dir']} ({report['model_kind']}); {report['tokens']['test']:,} test tokens, "
           f"exit points {report['exit_layers']}")
     w = max(len(n) for n in report["signals"])

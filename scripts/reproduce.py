@@ -2,7 +2,7 @@
 """Run the whole GREEN-CODE pipeline for a config, reusing finished stages.
 
     python scripts/reproduce.py --config configs/smoke.yaml            # seconds, CPU
-    python scripts/reproduce.py --config configs/default.yaml          # = make demo (CPU, ~15 min)
+    python scripts/reproduce.py --config configs/default.yaml          # = make demo (CPU, ~50 min on 2 cores)
     python scripts/reproduce.py --config configs/default.yaml --force agent evaluate
     python scripts/reproduce.py --config configs/paper/llama-3.2-3b_java.yaml   # GPU box with internet
 

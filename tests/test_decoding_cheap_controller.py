@@ -109,6 +109,17 @@ def test_registered_once_with_its_grid_and_clear_errors():
     c = registry.build_controller("cheap_confidence", 0.9)
     assert c.describe() == {"controller": "cheap_confidence", "threshold": 0.9, "source": "first_full", "k": 4,
                             "score": "max_prob"}
+    # built with the run's candidate source (the evaluator passes rl.candidate_source / rl.candidate_k)
+    low = registry.build_controller("cheap_confidence", 0.7,
+                                    registry.Resources(candidates={"source": "low_rank:8:16", "k": 3}))
+    assert (low.source, low.k) == ("low_rank:8:16", 3)
+    from greencode.config import load_config
+    from greencode.eval.runner import EvalInputs, Runner
+
+    cfg = load_config("configs/smoke.yaml", ["rl.candidate_source=low_rank:8:16", "rl.candidate_k=3"])
+    runner = Runner(EvalInputs(model=tiny_model("llama"), tokenizer=None), cfg, None, 0, 0)
+    assert runner.resources.candidates == {"source": "low_rank:8:16", "k": 3}
+    assert load_config("configs/default.yaml").rl.candidate_source == "low_rank"
     with pytest.raises(ConfigError, match="measured offline only"):
         CheapConfidenceExit(0.9, source="bigram")
     with pytest.raises(ConfigError, match=r"k=11"):

@@ -8,9 +8,10 @@ import torch
 from conftest import VOCAB, tiny_model
 from greencode.config import ConfigError
 from greencode.decoding import policy_observation
-from greencode.decoding.signals import (FEATURES, CheapSignals, ContextBigrams, ModelShape, bigram_table,
+from greencode.decoding.signals import (FEATURES, CheapSignals, ContextBigrams, ModelShape, bigram_table, check_candidates,
                                         candidate_logits, candidate_stats, context_candidates, exit_signals,
-                                        feature_names, head_parts, macs_in_layers, signal_macs, token_macs)
+                                        feature_names, head_parts, low_rank_factor, macs_in_layers, parse_source,
+                                        signal_macs, token_macs)
 
 
 def _states(model, seq=9, batch=2, seed=0):
@@ -63,6 +64,12 @@ def test_mac_count_matches_a_hand_computation():
     # norm + squared norm for the saturation
     first = signal_macs(shape, "cheap", k=k, source="first_full", exit_index=0)
     assert first["macs"] == norm + v * h + 2 * k + 2 * h + (norm + h) == 3400
+    # low_rank:R:M at the first exit point: the rank-R head (R x (h + v)) and the shortlist's M exact logits
+    first_low = signal_macs(shape, "cheap", k=k, source="low_rank:8:16", exit_index=0)
+    assert first_low["macs"] == norm + 8 * (h + v) + 16 * h + 2 * k + 2 * h + (norm + h) == 1840
+    assert signal_macs(shape, "cheap", k=k, source="low_rank:8:16", exit_index=1)["macs"] == 296
+    parts = signal_macs(shape, "cheap", k=k, source="low_rank", exit_index=0)["parts"]
+    assert (parts["low_rank_head"], parts["shortlist_logits"]) == (32 * (h + v), 64 * h)
     first_bigram = signal_macs(shape, "cheap", k=k, source="bigram", exit_index=0)
     assert first_bigram["macs"] == norm + k * h + 2 * k + 2 * h + (norm + h) == 424
     assert signal_macs(shape, "full_head", exit_index=1)["macs"] == norm + v * h + 2 * v == 3394
@@ -75,7 +82,7 @@ def test_mac_count_matches_a_hand_computation():
     assert macs_in_layers(8195 * 256, big) == pytest.approx(2.654, abs=1e-3)
 
 
-@pytest.mark.parametrize("source", ["first_full", "prev_token", "bigram", "context"])
+@pytest.mark.parametrize("source", ["first_full", "low_rank:8:16", "prev_token", "bigram", "context"])
 def test_features_are_finite_shaped_and_the_same_online(family, source):
     model = tiny_model(family, num_layers=4, exit_layers=(1, 2))
     ids, by_layer = _states(model, seq=7, batch=3)
@@ -116,6 +123,62 @@ def test_features_are_finite_shaped_and_the_same_online(family, source):
             torch.testing.assert_close(got, feats[j], rtol=1e-5, atol=1e-5)
     assert sig.macs_per_check(1) == signal_macs(ModelShape.of(model), "cheap", k=k, source=source,
                                                 exit_index=1)["macs"]
+
+
+def test_the_low_rank_source_is_the_heads_best_approximation_and_at_full_rank_the_full_heads_top_k(family):
+    model = tiny_model(family, num_layers=4, exit_layers=(1, 2))
+    weight, bias = head_parts(model)
+    d = weight.shape[1]
+    a, b = low_rank_factor(weight, d)  # full rank: A B is W
+    torch.testing.assert_close(a @ b, weight.float(), rtol=1e-4, atol=1e-5)
+    assert low_rank_factor(weight, d)[0] is a  # cached
+    a4, b4 = low_rank_factor(weight, 4)
+    assert a4.shape == (weight.shape[0], 4) and b4.shape == (4, d)
+    # Eckart-Young: the rank-4 error is the root of the squared singular values past the 4th
+    sv = torch.linalg.svdvals(weight.detach().double())
+    assert torch.linalg.matrix_norm(weight.double() - (a4 @ b4).double()).item() == pytest.approx(
+        float(sv[4:].square().sum().sqrt()), rel=1e-4)
+    ids, by_layer = _states(model, seq=7, batch=3)
+    n, k, e = ids.numel(), 4, len(model.exit_layers)
+    flat = {layer: hs.reshape(n, -1) for layer, hs in by_layer.items()}
+    normed = [policy_observation(model, flat[layer], "normed") for layer in model.exit_layers]
+    prev_exit = torch.full((n,), e)
+    full_first = model.decode(flat[model.exit_layers[0]])
+    with torch.no_grad():
+        exact = exit_signals(model, normed, k=k, source="first_full", prev_exit=prev_exit,
+                             full_logits_first=full_first)
+        full_rank = exit_signals(model, normed, k=k, source=f"low_rank:{d}:8", prev_exit=prev_exit)
+        low = exit_signals(model, normed, k=k, source="low_rank:2:4", prev_exit=prev_exit)
+    torch.testing.assert_close(full_rank, exact, rtol=1e-4, atol=1e-4)
+    # at rank 2 with no room to re-rank (M = k) the candidates are the approximate top-k, so the features
+    # differ somewhere; their logits
+    # are still exact: the top candidate logit is at most the full head's maximum
+    col = {c: i for i, c in enumerate(feature_names(e))}
+    assert not torch.allclose(low, exact, atol=1e-4)
+    assert (low[0, :, col["cand_top1_logit"]] <= full_first.max(-1).values + 1e-5).all()
+    # online the full head's logits are ignored (the source never pays for them)
+    sig = CheapSignals(model, k=k, source="low_rank:2:4")
+    sig.start(ids.reshape(-1), prev_exit)
+    with torch.no_grad():
+        got = sig.check(0, flat[model.exit_layers[0]], full_logits=full_first)
+    torch.testing.assert_close(got, low[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [("low_rank:x", "positive integers"), ("low_rank:0", "positive integers"),
+                                       ("low_rank:8:4:2", "positive integers"), ("first_full:4", "choose one of"),
+                                       ("nope", "choose one of")])
+def test_bad_candidate_sources_name_the_fix(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_source(bad)
+    with pytest.raises(ConfigError, match="rank must be in"):
+        low_rank_factor(torch.zeros(6, 4), 5)
+    with pytest.raises(ConfigError, match="shortlist M=3 must hold"):
+        check_candidates(4, "low_rank:8:3")
+    with pytest.raises(ConfigError, match="exceeds the vocabulary"):
+        CheapSignals(tiny_model("llama"), k=4, source=f"low_rank:4:{VOCAB + 1}")
+    assert parse_source("low_rank") == ("low_rank", (32, 64))
+    assert parse_source("low_rank:16") == ("low_rank", (16, 64)) and parse_source("low_rank:8:16") == ("low_rank", (8, 16))
+    assert parse_source("first_full") == ("first_full", None)
 
 
 def test_context_bigrams_by_hand():

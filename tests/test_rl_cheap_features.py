@@ -20,12 +20,12 @@ CANDS = {"source": "first_full", "k": 4}
 PROMPT = [5, 9, 11, 7, 30, 41, 12, 3]
 
 
-def _policy(model, feats=FEATS, seed=1):
+def _policy(model, feats=FEATS, seed=1, cands=CANDS):
     e = len(model.exit_layers)
     torch.manual_seed(seed)
     policy = ExitPolicy(model.hidden_size + feature_size(feats, e), [16],
                         metadata={"observation": "normed", "exit_layers": list(model.exit_layers), "features": feats,
-                                  "candidates": CANDS, "fingerprint": model.fingerprint()})
+                                  "candidates": cands, "fingerprint": model.fingerprint()})
     with torch.no_grad():
         policy.action_net.weight.mul_(30.0)
     return policy
@@ -116,18 +116,21 @@ def test_config_keys_banks_and_costs(tmp_path):
     assert cfg.rl.candidates() == {"source": "first_full", "k": 5}
     assert load_config("configs/smoke.yaml").rl.candidates() is None  # the paper's hidden state only
     for bad, needle in (("rl.candidate_k=1", r"rl\.candidate_k=1 must be an integer in \[2, 10\]"),
-                        ("rl.candidate_source=magic", r"rl\.candidate_source='magic'; choose one of first_full"),
+                        ("rl.candidate_source=magic", r"rl\.candidate_source: candidate source 'magic'; choose one "
+                                                      "of first_full"),
+                        ("rl.candidate_source=low_rank:x", r"rl\.candidate_source: .*'low_rank:x'.*positive integers"),
                         ("rl.observation_features=[cand_maxprob]", "has 'cand_maxprob'; known:")):
         with pytest.raises(ConfigError, match=needle):
             load_config("configs/smoke.yaml", [bad])
     with pytest.raises(ConfigError, match="measured offline only"):
         load_config("configs/smoke.yaml", ["rl.observation_features=[cand_margin]", "rl.candidate_source=context"])
     # the paper configs keep the paper's observation (the hidden state alone); the embedded default observes the
-    # exit index and the cheap candidate features (chosen on tuning tokens), from the first exit's full head
+    # exit index and the cheap candidate features (chosen on tuning tokens), from the head's rank-32 factorisation
+    # at the first exit point (chosen on validation tokens: results/default/signals/sources/auc.md)
     for path in ("configs/paper/llama-3.2-3b_java.yaml", "configs/paper/opt-2.7b_python.yaml"):
         assert load_config(path).rl.observation_features == [], path
     default = load_config("configs/default.yaml").rl
-    assert default.observation_features[0] == "exit_index" and default.candidates() == {"source": "first_full", "k": 4}
+    assert default.observation_features[0] == "exit_index" and default.candidates() == {"source": "low_rank", "k": 4}
     assert set(default.observation_features) <= set(default.bank.record_features)
 
     # a decoding bank with the features records its candidates in the manifest and its key
@@ -157,6 +160,15 @@ def test_config_keys_banks_and_costs(tmp_path):
     assert res.counters["controller_macs"] == sum(ctrl.check_macs(1) + (n - 1) * ctrl.check_macs(2) for n in checks)
     assert res.counters["lm_head_calls"] == 1 + sum(1 + (e != 1) for e in res.exit_layers[1:])
     assert compute_cost(model, [res], ctrl)["macs_done"] > 0
+    # with low_rank candidates no head is paid for the decision: the rank-8 head and the 16-token shortlist's
+    # logits at the first exit point, one LM head per token (the one that chooses it)
+    low = PolicyExit(_policy(model, feats, cands={"source": "low_rank:8:16", "k": 4}), 0.5)
+    res = generate(model, PROMPT, low, max_new_tokens=8)
+    v = model.adapter.lm_head.weight.shape[0]
+    assert low.check_macs(1) == mlp + 3 * h + 8 * (h + v) + 16 * h + 2 * k and low.check_macs(2) == ctrl.check_macs(2)
+    assert not low.logits_at(1) and res.counters["lm_head_calls"] == len(res.exit_layers)
+    checks = [points.get(e, 2) for e in res.exit_layers[1:]]
+    assert res.counters["controller_macs"] == sum(low.check_macs(1) + (n - 1) * low.check_macs(2) for n in checks)
     # without a recorded candidate source, a policy observing cand_* is refused
     bare = ExitPolicy(model.hidden_size + 2, [8], metadata={"observation": "normed", "exit_layers": [1, 2],
                                                             "features": ["cand_margin", "cand_max_prob"]})

@@ -425,7 +425,8 @@ class RLConfig:
     # token's reward) or one whole sequence (a return that mixes in later tokens' rewards; the earlier default)
     episode: str = field(default="token", metadata=_choices("token", "sequence"))
     # where the cand_* features' candidates come from (first_full: the full head's top-k at the first exit
-    # point; the other sources of greencode.decoding.signals are measured offline only for now) and how many
+    # point; low_rank or low_rank:R: the top-k of a rank-R (default 32) factorisation of the head there, no
+    # full head; the other sources of greencode.decoding.signals are measured offline only for now) and how many
     candidate_source: str = "first_full"
     candidate_k: int = 4
     # the agent and the classifier learn from a seeded subset of the bank's training sequences holding at most
@@ -438,16 +439,17 @@ class RLConfig:
     def validate(self, path: str) -> None:
         from greencode.decoding.controllers import (OBSERVATION_FEATURES, check_online_candidates,
                                                     uses_candidates)
-        from greencode.decoding.signals import CANDIDATE_SOURCES, MAX_CANDIDATES
+        from greencode.decoding.signals import MAX_CANDIDATES, parse_source
 
         for f in self.observation_features:
             if f not in OBSERVATION_FEATURES:
                 raise ConfigError(f"{path}.observation_features has {f!r}; known: {', '.join(OBSERVATION_FEATURES)}")
         if len(set(self.observation_features)) != len(self.observation_features):
             raise ConfigError(f"{path}.observation_features={self.observation_features} repeats a feature")
-        if self.candidate_source not in CANDIDATE_SOURCES:
-            raise ConfigError(f"{path}.candidate_source={self.candidate_source!r}; choose one of "
-                              f"{', '.join(CANDIDATE_SOURCES)}")
+        try:
+            parse_source(self.candidate_source)
+        except ConfigError as e:
+            raise ConfigError(f"{path}.candidate_source: {e}") from None
         if isinstance(self.candidate_k, bool) or not isinstance(self.candidate_k, int) \
                 or not 2 <= self.candidate_k <= MAX_CANDIDATES:
             raise ConfigError(f"{path}.candidate_k={self.candidate_k!r} must be an integer in [2, {MAX_CANDIDATES}] "

@@ -60,9 +60,10 @@ def policy_observation(model, h: torch.Tensor, mode: str) -> torch.Tensor:
 #                cand_top1_stable, over the k candidates of rl.candidate_source (rl.candidate_k)
 CANDIDATE_FEATURES = ("cand_max_prob", "cand_margin", "cand_neg_entropy", "cand_top1_logit", "cand_top1_stable")
 OBSERVATION_FEATURES = ("exit_index", "cosine_prev", "prev_exit") + CANDIDATE_FEATURES
-# the candidate sources an observation (and the cheap-confidence controller) can use online today: the others
+# the candidate sources an observation (and the cheap-confidence controller) can use online today (low_rank
+# with its rank: low_rank:R): the others
 # (prev_token, bigram, context) need the input token's logits or ids, which no controller is handed yet
-ONLINE_CANDIDATE_SOURCES = ("first_full",)
+ONLINE_CANDIDATE_SOURCES = ("first_full", "low_rank")
 
 
 def feature_size(features, n_exit_points: int) -> int:
@@ -82,13 +83,13 @@ def uses_candidates(features) -> bool:
 
 def check_online_candidates(source: str, k: int, where: str = "candidates") -> None:
     """A ConfigError naming ``where`` unless ``source`` / ``k`` can be computed inside the decoding loop."""
-    from greencode.decoding.signals import check_candidates
+    from greencode.decoding.signals import check_candidates, parse_source
 
     try:
         check_candidates(k, source)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if source not in ONLINE_CANDIDATE_SOURCES:
+    if parse_source(source)[0] not in ONLINE_CANDIDATE_SOURCES:
         raise ConfigError(f"{where}: candidate source {source!r} is measured offline only (results/<name>/signals); "
                           f"online (controllers, observations) use one of {', '.join(ONLINE_CANDIDATE_SOURCES)}")
 

@@ -57,6 +57,9 @@ class Resources:
     policy: Any = None  # the exported RL exit policy
     classifier: Any = None  # the supervised exit classifier (same file format)
     policy_temperature: float = 1.0  # decoding.policy_temperature
+    # the run's candidate source for the cheap candidate features ({"source", "k"}: rl.candidate_source,
+    # rl.candidate_k; what the learned controllers observe); None: first_full, k = 4
+    candidates: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -297,11 +300,14 @@ register_controller("saturation", SaturationExit, param="threshold", grid=(0.9, 
                                 "(CALM)")
 register_controller("cheap_confidence", CheapConfidenceExit, param="threshold", grid=CHEAP_GRID,
                     calibration_grid=CHEAP_CALIBRATION_GRID, bounds=(0.0, 1.0), conservative="high",
-                    cost="first_full, k=4: the full LM head at the first exit point (the loop's head call; it "
-                         "chooses the token when it exits there), then per check the norm, 4 candidate logits "
-                         "(4 x hidden MACs) and their softmax: ExitController.check_macs per exit point",
-                    description="cheap confidence: exit when the max softmax over k=4 candidate tokens' logits "
-                                "(candidates: the full head's top-4 at the first exit point) >= threshold")
+                    cost="the run's candidate source (rl.candidate_source, rl.candidate_k): at the first exit point "
+                         "the rank-32 head and a 64-token shortlist's exact logits (low_rank), or the full LM head "
+                         "(first_full: the loop's head call, which chooses the token when it exits there); then per "
+                         "check the norm, k candidate logits (k x hidden MACs) and their softmax: "
+                         "ExitController.check_macs per exit point",
+                    description="cheap confidence: exit when the max softmax over k candidate tokens' logits "
+                                "(the run's candidate source, rl.candidate_source) >= threshold",
+                    factory=lambda r, t: CheapConfidenceExit(t, **(r.candidates or {})))
 # (the class takes source, k and score: register a variant under another name with a factory, e.g.
 # factory=lambda r, t: CheapConfidenceExit(t, score="margin"))
 register_controller("classifier", PolicyExit, param="threshold", grid=(0.5, 0.7, 0.9),

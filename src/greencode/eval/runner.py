@@ -144,7 +144,8 @@ class Runner:
         self.model = inputs.model
         self.full_macs = _full_step_macs(self.model)
         self.resources = Resources(policy=inputs.policy, classifier=inputs.classifier,
-                                   policy_temperature=cfg.decoding.policy_temperature)
+                                   policy_temperature=cfg.decoding.policy_temperature,
+                                   candidates={"source": cfg.rl.candidate_source, "k": int(cfg.rl.candidate_k)})
         self._controllers: dict[str, Any] = {}
 
     # controllers are built once per method (PolicyExit holds the policy), from the registry

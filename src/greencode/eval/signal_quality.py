@@ -39,8 +39,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, ModelShape, bigram_table, context_candidates,
-                                        exit_signals, first_candidates, macs_in_layers, signal_macs, token_macs)
+from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, ModelShape, bigram_table, check_candidates,
+                                        context_candidates, exit_signals, first_candidates, head_parts, low_rank_candidates,
+                                        low_rank_factor, macs_in_layers, parse_source, signal_macs, token_macs)
 from greencode.paths import RunPaths
 from greencode.stats import auc, auc_table, paired_auc_difference
 from greencode.utils import REPO_ROOT, run_metadata, setup_torch, write_json, write_text
@@ -250,7 +251,11 @@ def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigra
             # how often the final layer's answer is among the token's candidates (the set is fixed per token)
             cands = first_candidates(src, k, input_ids=input_ids, prev_logits=prev_logits, bigram=bigram,
                                      context=None if context is None else flat(context))
-            if cands is None:
+            low = parse_source(src)[1]
+            if cands is None and low is not None:
+                weight, bias = head_parts(model)
+                cands = low_rank_candidates(low_rank_factor(weight, low[0]), weight, bias, normed[0], k, low[1])[0]
+            elif cands is None:
                 cands = torch.topk(flat(first_logits), k, -1).indices
             cov[src].append((cands == fin[:, None]).any(-1).cpu().numpy())
         cols["label"].append(agree.permute(1, 2, 0).reshape(-1, e)[sel].reshape(-1).cpu().numpy())
@@ -359,8 +364,7 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
     t0 = time.perf_counter()
     sources = list(sources)
     for s in sources:
-        if s not in CANDIDATE_SOURCES:
-            raise ValueError(f"candidate source {s!r}; choose from {', '.join(CANDIDATE_SOURCES)}")
+        check_candidates(k, s)
     if not sources:
         raise ValueError("give at least one candidate source")
     if not 0.0 < train_fraction < 1.0:

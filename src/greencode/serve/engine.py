@@ -199,6 +199,16 @@ def run_root(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> Path:
     return RunPaths.from_config(cfg).root
 
 
+def _recorded_candidates(*policies) -> Optional[dict]:
+    """The candidate source the run's learned controllers were trained with (their metadata's ``candidates``),
+    for the cheap-confidence controller; None when none records one."""
+    for p in policies:
+        rec = getattr(p, "candidates", None) or (getattr(p, "metadata", None) or {}).get("candidates")
+        if rec:
+            return {"source": str(rec["source"]), "k": int(rec["k"])}
+    return None
+
+
 def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedRun:
     """Load the fine-tuned early-exit model, its tokenizer and the exported policy of a run (and the
     exit classifier when ``serve.controller`` needs it).
@@ -307,7 +317,8 @@ class Engine:
         self.eos_ids = sorted(eos)
         self.served = get_controller(getattr(serve_cfg, "controller", "gc"), "serve.controller")
         self.resources = Resources(policy=policy, classifier=classifier,
-                                   policy_temperature=self.decoding_cfg.policy_temperature)
+                                   policy_temperature=self.decoding_cfg.policy_temperature,
+                                   candidates=_recorded_candidates(policy, classifier))
         if not self.served.missing(self.resources):  # fail at start-up, not on the first request, when it does not fit
             self._build(self.served.grid[0] if self.served.grid else 0.5).check_layers(model)
 
