@@ -162,7 +162,7 @@ def test_grids_are_chosen_on_the_tuning_slice(smoke_run):
     g = json.loads((tmp / "results" / "tune" / "grids.json").read_text())
     assert g["samples"] == 3 and g["families"] == ["fixed", "confidence", "gc"]
     conf = g["rows"]["confidence"]
-    assert len(conf) == 17 and all(0.0 <= r["token_risk"] <= 1.0 and r["compute"] > 0 for r in conf)
+    assert len(conf) == 23 and all(0.0 <= r["token_risk"] <= 1.0 and r["compute"] > 0 for r in conf)
     # a deeper fixed exit costs more, and the deepest is still cheaper than the full model
     fixed = [r["compute"] for r in sorted(g["rows"]["fixed"], key=lambda r: int(r["id"].split("@")[1]))]
     assert all(b > a for a, b in zip(fixed, fixed[1:])) and fixed[-1] < 1.0
@@ -174,6 +174,30 @@ def test_grids_are_chosen_on_the_tuning_slice(smoke_run):
         assert len(mine) == 1, g["yaml"]
     refused = _script(tmp, "tune_knobs.py", "eval.split=test", "--grids")
     assert refused.returncode == 2 and "validation split only" in refused.stderr
+
+
+def test_the_teacher_forced_pass_on_two_processes_equals_one(smoke_run, tmp_path):
+    """The token criterion's pass dealt out to 2 one-thread processes: the same per-sample risks, compute and
+    layers skipped, in the same order, as in one process."""
+    from greencode.config import load_config
+    from greencode.eval.forced import teacher_forced
+    from greencode.utils import read_json
+
+    tmp, _ = smoke_run
+    out = {}
+    for workers in (1, 2):
+        cfg = load_config(ROOT / "configs" / "smoke.yaml",
+                          [f"run_dir={tmp / 'run'}", f"results_dir={tmp_path / str(workers)}", "eval.split=validation",
+                           "eval.num_samples=4", f"eval.workers={workers}", "hardware.num_threads=1"])
+        teacher_forced(cfg, tmp_path / str(workers), ["fixed@1", "confidence@0.5", "gc@0.5", "saturation@0.9"],
+                       full_tokens={}, oracle=True)
+        out[workers] = read_json(tmp_path / str(workers) / "teacher_forced.json")
+    one, two = out[1], out[2]
+    assert one["num_samples"] == two["num_samples"] == 4 and (one["processes"], two["processes"]) == (1, 2)
+    for key in ("methods", "compute", "layers_skipped", "oracle_layers_skipped", "simulated", "loop"):
+        assert json.dumps(one[key]) == json.dumps(two[key]), key  # values and order
+    assert set(one["methods"]) == {"fixed@1", "confidence@0.5", "gc@0.5", "saturation@0.9"}
+    assert list(one["methods"]["fixed@1"]) == [str(i) for i in range(4)]
 
 
 PLACEHOLDERS = ("<STR_LIT", "<NUM_LIT", "<CHAR_LIT", "<EOL>")

@@ -545,7 +545,8 @@ class EvalConfig:
     # samples all methods decoded: greencode.eval.summary.common_samples), so rows stay comparable
     accuracy_only_hf: list[str] = field(default_factory=lambda: ["base", "full_hf", "hf_early_exit"])
     # processes for the accuracy-only samples (each with 1 torch thread), started after the timed
-    # samples ran alone on a quiet machine; 1 = everything in this process
+    # samples ran alone on a quiet machine, and for the teacher-forced pass (token criterion, grids); on CPU;
+    # 1 = everything in this process
     workers: int = 1
     # accuracy-only samples decoded together: prompts x loop methods as the rows of one batched
     # decode (each prompt prefilled once; rows that exit skip the deeper layers). Timed samples

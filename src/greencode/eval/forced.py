@@ -39,11 +39,9 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
     token to token go through the loop (``generate(..., forced_tokens=...)``). Returns and writes
     ``eval_dir/teacher_forced.json``: {method id: {sample index: share of positions that differ}},
     with each row's compute ratio and layers skipped per sample (``compute``, ``layers_skipped``)
-    and, with ``oracle``, the oracle's hypothetical layers skipped on the same continuations."""
-    # here, not at the top: importing greencode.rl loads its package (Stable-Baselines3, Gymnasium), which an
-    # evaluation without the token criterion never needs
-    from greencode.rl.simulate import simulate_forced, token_local
-
+    and, with ``oracle``, the oracle's hypothetical layers skipped on the same continuations. On CPU with
+    ``eval.workers`` > 1 the samples are dealt out to that many fresh processes of one torch thread each
+    (as the evaluator's accuracy-only samples), and the results merged in sample order."""
     t0 = time.perf_counter()
     forced_of = dict(full_tokens or {})
     if full_tokens is None:
@@ -52,21 +50,12 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
             raise FileNotFoundError(f"no full-model records in {eval_dir}/methods/full.json; the teacher-forced pass "
                                     "feeds the full model's continuation, so evaluate method 'full' first")
         forced_of = {int(r["index"]): [int(t) for t in r["tokens"]] for r in full if r.get("tokens")}
-    specs = []
-    for mid in method_ids:
-        fam, param = parse_method_name(mid)
-        spec = MethodSpec(fam, param)
-        if spec.runs_hf or spec.lossless or param_kind(fam) is None:  # HF rows, lossless rows, full, oracle
-            continue
-        specs.append(spec)
     paths = RunPaths.from_config(cfg)
     device, dtype = setup_torch(cfg.hardware)
+    specs = _specs(method_ids)
     inputs = load_inputs(cfg, paths, device, dtype, need_base=False, need_policy=any(needs(s.family) for s in specs))
     samples = load_samples(cfg, inputs.tokenizer)
     model, tok = inputs.model, inputs.tokenizer
-    runner = Runner(inputs, cfg, None, tok.eos_token_id, tok.pad_token_id)
-    specs = [s for s in specs if all(getattr(inputs, n) is not None for n in needs(s.family))]
-    ctrls = [runner.controller(s) for s in specs]
     limit = getattr(model.hf.config, "max_position_embeddings", None)
     max_new = cfg.eval.max_new_tokens
     prompts = {i: prompt_of(samples[i], limit, max_new) for i in range(len(samples))}
@@ -83,13 +72,71 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
     if cfg.decoding.kv_strategy != "propagate":
         raise ConfigError(f"decoding.kv_strategy={cfg.decoding.kv_strategy!r}: the teacher-forced simulation "
                           "propagates K/V from the exit state (the default strategy); use propagate")
+    idx = [i for i in range(len(samples)) if forced_of.get(i)]
+    workers = max(1, min(int(cfg.eval.workers), len(idx))) if device.type == "cpu" else 1
+    if workers > 1:  # one torch thread per process, the samples dealt out in turn; merged in sample order
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        log.info("teacher-forced pass: %d samples on %d processes", len(idx), workers)
+        chunks = [idx[k::workers] for k in range(workers)]
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            parts = list(pool.map(_forced_worker, [cfg.to_dict()] * workers, [list(method_ids)] * workers,
+                                  [{i: forced_of[i] for i in c} for c in chunks], chunks, [oracle] * workers))
+        passed = _merge(parts)
+    else:
+        passed = _forced_pass(inputs, cfg, specs, prompts, forced_of, idx, oracle)
+    specs = [s for s in specs if s.id in passed["methods"]]
+    out, compute, skipped, oracle_skip = (passed[k] for k in ("methods", "compute", "layers_skipped", "oracle"))
+    fast, slow = passed["simulated"], passed["loop"]
+    seconds = time.perf_counter() - t0
+    write_json(eval_dir / TEACHER_FORCED_FILE, {
+        "format": "greencode-teacher-forced/2", "split": cfg.eval.split, "what": CRITERIA["token"],
+        "how": "one teacher-forced pass per sample: the prompt prefilled once, every candidate's exits simulated over "
+               "the full model's continuation (greencode.rl.simulate.simulate_forced, equal to the decoding loop's "
+               "teacher-forced rows); controllers with state across tokens through the loop",
+        "simulated": fast, "loop": slow,
+        "num_samples": len(idx), "seconds": round(seconds, 1), "processes": workers,
+        "methods": out, "compute": compute, "layers_skipped": skipped,
+        "oracle_layers_skipped": oracle_skip if oracle else None, "weights": weights_record(model)})
+    log.info("teacher-forced pass: %d samples x %d methods (%d simulated) in %.0f s", len(idx), len(specs), len(fast),
+             seconds)
+    return out
+
+
+def _specs(method_ids: Sequence[str]) -> list[MethodSpec]:
+    """The loop methods of ``method_ids`` the pass can feed (not HF rows, lossless rows, full or oracle)."""
+    specs = []
+    for mid in method_ids:
+        fam, param = parse_method_name(mid)
+        spec = MethodSpec(fam, param)
+        if spec.runs_hf or spec.lossless or param_kind(fam) is None:  # HF rows, lossless rows, full, oracle
+            continue
+        specs.append(spec)
+    return specs
+
+
+def _forced_pass(inputs, cfg: Config, specs: Sequence[MethodSpec], prompts: dict, forced_of: dict,
+                 idx: Sequence[int], oracle: bool) -> dict:
+    """The pass over samples ``idx`` in this process: per method id and sample, the share of positions that
+    differ, the compute ratio and the layers skipped; the oracle's layers skipped; which methods were simulated
+    and which went through the loop."""
+    # here, not at the top: importing greencode.rl loads its package (Stable-Baselines3, Gymnasium), which an
+    # evaluation without the token criterion never needs
+    from greencode.rl.simulate import simulate_forced, token_local
+
+    model, tok = inputs.model, inputs.tokenizer
+    runner = Runner(inputs, cfg, None, tok.eos_token_id, tok.pad_token_id)
+    specs = [s for s in specs if all(getattr(inputs, n) is not None for n in needs(s.family))]
+    ctrls = [runner.controller(s) for s in specs]
+    max_new = cfg.eval.max_new_tokens
+    per_batch = max(1, int(cfg.eval.accuracy_batch_prompts))
     fast = [k for k, c in enumerate(ctrls) if token_local(c)]
     slow = [k for k in range(len(ctrls)) if k not in fast]
     out: dict[str, dict[int, float]] = {s.id: {} for s in specs}
     compute: dict[str, dict[int, Optional[float]]] = {s.id: {} for s in specs}
     skipped: dict[str, dict[int, Optional[float]]] = {s.id: {} for s in specs}
     oracle_skip: dict[int, float] = {}
-    idx = [i for i in range(len(samples)) if forced_of.get(i)]
 
     def keep(i, k, res):
         f = forced_of[i]
@@ -116,16 +163,33 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
                            forced_tokens=[forced_of[i] for i, _ in rows])
             for (i, k), r in zip(rows, res):
                 keep(i, k, r)
-    seconds = time.perf_counter() - t0
-    write_json(eval_dir / TEACHER_FORCED_FILE, {
-        "format": "greencode-teacher-forced/2", "split": cfg.eval.split, "what": CRITERIA["token"],
-        "how": "one teacher-forced pass per sample: the prompt prefilled once, every candidate's exits simulated over "
-               "the full model's continuation (greencode.rl.simulate.simulate_forced, equal to the decoding loop's "
-               "teacher-forced rows); controllers with state across tokens through the loop",
-        "simulated": [specs[k].id for k in fast], "loop": [specs[k].id for k in slow],
-        "num_samples": len(idx), "seconds": round(seconds, 1),
-        "methods": out, "compute": compute, "layers_skipped": skipped,
-        "oracle_layers_skipped": oracle_skip if oracle else None, "weights": weights_record(model)})
-    log.info("teacher-forced pass: %d samples x %d methods (%d simulated) in %.0f s", len(idx), len(specs), len(fast),
-             seconds)
-    return out
+    return {"methods": out, "compute": compute, "layers_skipped": skipped, "oracle": oracle_skip,
+            "simulated": [specs[k].id for k in fast], "loop": [specs[k].id for k in slow]}
+
+
+def _forced_worker(cfg_dict: dict, method_ids: list[str], forced_of: dict, idx: list[int], oracle: bool) -> dict:
+    """One process of the sharded pass: one torch thread, its own model, samples ``idx``."""
+    import dataclasses
+
+    from greencode.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    cfg = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, num_threads=1))
+    device, dtype = setup_torch(cfg.hardware)
+    specs = _specs(method_ids)
+    inputs = load_inputs(cfg, RunPaths.from_config(cfg), device, dtype, need_base=False,
+                         need_policy=any(needs(s.family) for s in specs))
+    samples = load_samples(cfg, inputs.tokenizer)
+    limit = getattr(inputs.model.hf.config, "max_position_embeddings", None)
+    prompts = {i: prompt_of(samples[i], limit, cfg.eval.max_new_tokens) for i in idx}
+    return _forced_pass(inputs, cfg, specs, prompts, {int(i): v for i, v in forced_of.items()}, idx, oracle)
+
+
+def _merge(parts: Sequence[dict]) -> dict:
+    """The shards' results as one pass's, every per-sample table in sample order."""
+    merged: dict = {"simulated": parts[0]["simulated"], "loop": parts[0]["loop"]}
+    for key in ("methods", "compute", "layers_skipped"):
+        merged[key] = {mid: dict(sorted((i, v) for p in parts for i, v in p[key][mid].items()))
+                       for mid in parts[0][key]}
+    merged["oracle"] = dict(sorted((i, v) for p in parts for i, v in p["oracle"].items()))
+    return merged
