@@ -214,6 +214,37 @@ def test_a_cut_off_build_resumes_to_the_same_bank(tmp_path, monkeypatch):
     assert bank.manifest["sequences"] == whole.manifest["sequences"]
 
 
+def test_a_bank_built_on_two_processes_is_the_one_process_bank(tmp_path, caplog):
+    """rl.bank.workers = 2: the batches dealt out to two one-thread processes, assembled in batch order, give
+    the one-process bank bit for bit (observations with the low_rank candidate features included), and the
+    batch files are gone afterwards."""
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    feats = ["exit_index", "prev_exit", "cand_max_prob", "cand_margin"]
+
+    def cfg(workers):
+        return config_from_dict({"name": "t", "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "res"),
+                                 "rl": {"observation": "normed", "observation_features": feats,
+                                        "candidate_source": "low_rank:4:8",
+                                        "bank": {"source": "simulate", "decision_tokens": 400, "min_context_tokens": 8,
+                                                 "max_context_tokens": 64, "exit_rate": [0.2, 0.5], "batch_size": 2,
+                                                 "heldout_fraction": 0.3, "workers": workers}}})
+
+    one = TrajectoryBank.load(build_bank(cfg(1), model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                         path=tmp_path / "one"), model)
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="greencode.rl.simulate"):
+        two = TrajectoryBank.load(build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                             path=tmp_path / "two"), model)
+    assert any("on 2 processes" in r.getMessage() for r in caplog.records)
+    assert one.num_tokens == two.num_tokens == 400 and len(one.manifest["sequences"]) >= 4
+    for name in ("preds", "tokens", "offsets", "heldout", "behaviour_exit", "l_opt"):
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
+    assert np.array_equal(one.obs, two.obs) and one.manifest["sequences"] == two.manifest["sequences"]
+    assert one.manifest["candidates"] == {"source": "low_rank:4:8", "k": 4}
+    assert not (tmp_path / ".two.partial").exists()
+
+
 def test_features_and_the_full_behaviour(tmp_path):
     model = tiny_model("opt", num_layers=4, exit_layers=(1, 2))
     cfg = config_from_dict({"name": "t", "run_dir": str(tmp_path / "run"), "results_dir": str(tmp_path / "res"),

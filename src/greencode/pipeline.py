@@ -175,8 +175,31 @@ def _section(cfg: Config, dotted: str):
     return d
 
 
+def neutral_keys(cfg: Config) -> tuple[str, ...]:
+    """Settings that change how a stage runs but not what it writes (tested bit for bit), left out of the
+    stage keys: the simulated bank's processes (``rl.bank.workers``)."""
+    return ("rl.bank.workers",) if cfg.rl.bank.source == "simulate" else ()
+
+
+def _keyed_section(cfg: Config, dotted: str):
+    """The config section ``dotted`` as keyed: :func:`neutral_keys` inside it removed."""
+    import copy
+
+    d = copy.deepcopy(_section(cfg, dotted))
+    for key in neutral_keys(cfg):
+        if key == dotted or not key.startswith(dotted + "."):
+            continue
+        *parents, last = key[len(dotted) + 1:].split(".")
+        node = d
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return d
+
+
 def stage_key(cfg: Config, stage: Stage, upstream: dict[str, str]) -> str:
-    payload = {"stage": stage.name, "sections": {s: _section(cfg, s) for s in stage.sections},
+    payload = {"stage": stage.name, "sections": {s: _keyed_section(cfg, s) for s in stage.sections},
                "upstream": {d: upstream.get(d) for d in stage.depends}}
     if stage.inputs is not None:  # inputs the config names but does not hold (a base model's weights)
         payload.update(stage.inputs(cfg))

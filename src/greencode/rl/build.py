@@ -47,6 +47,8 @@ def _bank_settings(bc) -> dict:
     if bc.source == "decode":
         for k in ("source", "decision_tokens", "min_context_tokens"):
             d.pop(k, None)
+    else:  # a simulated bank is the same bit for bit on any number of processes (tests/test_rl_simulate.py)
+        d.pop("workers", None)
     return d
 
 

@@ -373,9 +373,12 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     """Build the bank of ``cfg`` (``rl.bank.source: simulate``) at ``path``: windows of
     ``rl.bank.split`` files (:func:`plan_windows`), ``rl.bank.batch_size`` at a time through
     :func:`simulate_exits` with the behaviour of ``rl.bank.behaviour`` (one spec per window, as the
-    decoding bank draws them), until ``rl.bank.decision_tokens`` decided tokens, in this one process
-    (``rl.bank.workers`` and launcher ranks are the decoding bank's; one torch thread on CPU unless
-    ``hardware.num_threads`` says otherwise). The observations
+    decoding bank draws them), until ``rl.bank.decision_tokens`` decided tokens (one torch thread on CPU
+    unless ``hardware.num_threads`` says otherwise). With ``rl.bank.workers`` > 1 on CPU the batches the
+    bank needs (known in advance: a window of ``n`` ids decides ``n - 1 - min_context_tokens`` tokens) are
+    dealt out to that many fresh one-thread processes, which write each batch's records to a file; this
+    process then assembles them in batch order, so the bank is the one-process bank, bit for bit (tested).
+    Launcher ranks are the decoding bank's only. The observations
     are written straight into a memory-mapped ``obs.npy`` (a 400k-token bank is about 1.4 GB on the
     default), in the same on-disk format as the decoding bank, atomically (temporary folder, then
     rename). Each window is one sequence of the bank; ``heldout`` is drawn per window, and a file
@@ -433,6 +436,11 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
         total = done["total"]
         saved_at = time.perf_counter()
         bar = tqdm(total=target, initial=total, desc="simulated bank", unit="tok")
+        starts = _needed_batches(plan, done["next"], done["total"], target, bc.batch_size, bc.min_context_tokens)
+        workers = min(int(bc.workers), len(starts)) if model.device.type == "cpu" else 1
+        shard_dir = tmp / "batches"
+        if workers > 1:
+            _run_shards(cfg, model, plan, specs, starts, shard_dir, workers, window)
         with torch_threads(threads):
             for start in range(done["next"], len(plan), bc.batch_size):
                 if total >= target:
@@ -443,14 +451,10 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
                     saved_at = time.perf_counter()
                 batch = plan[start:start + bc.batch_size]
                 bspecs = specs[start:start + bc.batch_size]
-                width = max(len(ids) for _, _, ids in batch)
-                ids = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, (_, _, w) in enumerate(batch):
-                    ids[r, :len(w)] = torch.tensor(w, dtype=torch.long)
-                sim = simulate_exits(model, ids, _decider_for(cfg, model, bspecs, policy, window), bc.min_context_tokens,
-                                     lengths=[len(w) for _, _, w in batch])
-                recs = record_simulation(model, sim, ids, cfg.rl.observation, cfg.rl.observation_features,
-                                         cfg.rl.candidates())
+                if workers > 1:
+                    recs = _load_batch(shard_dir, start)
+                else:
+                    recs = _simulate_batch(cfg, model, batch, bspecs, policy, window)
                 for (idx, first, w), spec, rec in zip(batch, bspecs, recs):
                     if rec is None or total >= target:
                         continue
@@ -475,6 +479,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
         obs.flush()
         del obs
         (tmp / PROGRESS).unlink(missing_ok=True)
+        shutil.rmtree(shard_dir, ignore_errors=True)
         if total < target:  # shrink the memory-mapped file to what was written
             full = np.load(tmp / "obs.npy", mmap_mode="r")
             small = open_memmap(tmp / "obs.part.npy", mode="w+", dtype=np.float16, shape=(total, e, hsz))
@@ -537,6 +542,99 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
              manifest["size_bytes"] / 1e6, path, seconds, total / max(seconds, 1e-9),
              100 * manifest["behaviour_early_exit_share"])
     return path
+
+
+def _simulate_batch(cfg, model, batch, bspecs, policy, window: int) -> list[Optional[dict[str, np.ndarray]]]:
+    """One batch of windows through :func:`simulate_exits` and :func:`record_simulation`."""
+    width = max(len(ids) for _, _, ids in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, (_, _, w) in enumerate(batch):
+        ids[r, :len(w)] = torch.tensor(w, dtype=torch.long)
+    sim = simulate_exits(model, ids, _decider_for(cfg, model, bspecs, policy, window), cfg.rl.bank.min_context_tokens,
+                         lengths=[len(w) for _, _, w in batch])
+    return record_simulation(model, sim, ids, cfg.rl.observation, cfg.rl.observation_features, cfg.rl.candidates())
+
+
+def _needed_batches(plan, first: int, total: int, target: int, batch_size: int, min_context: int) -> list[int]:
+    """The start indices of the batches from ``first`` on that the bank still needs to reach ``target``
+    decided tokens (``total`` done): a window of ``n`` ids decides ``n - 1 - min_context`` tokens."""
+    starts = []
+    for start in range(first, len(plan), batch_size):
+        if total >= target:
+            break
+        starts.append(start)
+        total += sum(max(0, len(w) - 1 - min_context) for _, _, w in plan[start:start + batch_size])
+    return starts
+
+
+_REC_KEYS = ("obs", "preds", "tokens", "behaviour_exit", "positions")
+
+
+def _batch_file(shard_dir: Path, start: int) -> Path:
+    return shard_dir / f"{start:08d}.npz"
+
+
+def _load_batch(shard_dir: Path, start: int) -> list[Optional[dict[str, np.ndarray]]]:
+    path = _batch_file(shard_dir, start)
+    with np.load(path, allow_pickle=False) as z:
+        rows = int(z["rows"])
+        recs = [None if not bool(z[f"{r}_present"]) else {k: z[f"{r}_{k}"] for k in _REC_KEYS} for r in range(rows)]
+    path.unlink()
+    return recs
+
+
+def _shard_worker(model, cfg_dict: dict, plan, specs, starts: list[int], shard_dir: str, window: int) -> int:
+    """One process of a sharded simulated bank: its batches, one torch thread, each written to its own file
+    (a temporary name, then renamed: a file is whole or absent, so a cut-off build redoes only what is missing)."""
+    from greencode.config import config_from_dict
+    from greencode.rl.bank import torch_threads
+
+    cfg = config_from_dict(cfg_dict)
+    policy = None
+    if any(s["kind"] == "policy" for s in specs):
+        from greencode.rl.policy import load_policy
+
+        policy = load_policy(cfg.rl.bank.policy_path, model)
+    model.eval()
+    bs = cfg.rl.bank.batch_size
+    with torch_threads(1), torch.inference_mode():
+        for start in starts:
+            recs = _simulate_batch(cfg, model, plan[start:start + bs], specs[start:start + bs], policy, window)
+            arrays = {"rows": np.array(len(recs))}
+            for r, rec in enumerate(recs):
+                arrays[f"{r}_present"] = np.array(rec is not None)
+                for k in _REC_KEYS if rec is not None else ():
+                    arrays[f"{r}_{k}"] = rec[k].astype(np.float16) if k == "obs" else rec[k]
+            part = Path(shard_dir) / f".{start:08d}.part.npz"
+            np.savez(part, **arrays)
+            part.replace(_batch_file(Path(shard_dir), start))
+    return len(starts)
+
+
+def _run_shards(cfg, model, plan, specs, starts: list[int], shard_dir: Path, workers: int, window: int) -> None:
+    """The batches ``starts`` not on disk yet, dealt out in turn to ``workers`` fresh processes."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in starts if not _batch_file(shard_dir, s).is_file()]
+    log.info("simulated bank: %d batches (%d on disk already) on %d processes", len(starts), len(starts) - len(todo),
+             workers)
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool, \
+            tqdm(total=len(starts), initial=len(starts) - len(todo), desc="simulated bank (batches)",
+                 unit="batch") as bar:
+        futures = [pool.submit(_shard_worker, model, cfg.to_dict(), plan, specs, todo[k::workers], str(shard_dir),
+                               window) for k in range(workers)]
+        while futures:
+            finished, pending = cf.wait(futures, timeout=2.0)
+            for f in finished:
+                f.result()  # a worker's error, raised here
+            futures = list(pending)
+            bar.update(sum(_batch_file(shard_dir, s).is_file() for s in starts) - bar.n)
 
 
 PROGRESS = "progress.npz"
