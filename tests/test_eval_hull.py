@@ -127,7 +127,8 @@ def test_paired_difference_uses_only_shared_samples():
 def _methods_and_rows(rng):
     """Summary rows and records as the evaluation writes them (per-sample metrics, token agreement)."""
     spec = {"full": ("full", 1.0, 38.0, 1.0), "fixed@1": ("fixed", 0.4, 30.0, 0.3), "fixed@5": ("fixed", 0.6, 36.0, 0.5),
-            "gc@0.9": ("gc", 0.7, 30.0, 0.3), "base": ("base", 1.0, 20.0, 0.2)}
+            "gc@0.9": ("gc", 0.7, 30.0, 0.3), "base": ("base", 1.0, 20.0, 0.2),
+            "hf_early_exit@5": ("hf_early_exit", 12.3, 38.0, 1.0)}
     rows, methods = [], {}
     for mid, (fam, c, es, ta) in spec.items():
         rows.append({"id": mid, "family": fam, "compute_ratio": c})
@@ -145,7 +146,8 @@ def test_static_hull_block_from_summary_rows_and_records():
     block = static_hull(rows, methods, forced=forced, resamples=RESAMPLES, seed=SEED)
     assert set(block["metrics"]) == {"edit_similarity", "token_agreement", "codebleu", "token_risk"}
     es = block["metrics"]["edit_similarity"]
-    assert [e["id"] for e in es["rows"]] == ["gc@0.9"]  # base is not judged; static rows are the hull
+    # base and HF's self-speculative rows are not judged; static rows are the hull
+    assert [e["id"] for e in es["rows"]] == ["gc@0.9"]
     (g,) = es["rows"]
     assert g["verdict"] == BELOW and g["diff"] == pytest.approx(30.0 - (0.75 * 36 + 0.25 * 38), abs=0.6)
     risk = block["metrics"]["token_risk"]

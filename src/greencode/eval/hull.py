@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 
 HULL_FORMAT = "greencode-static-hull/1"
 STATIC_FAMILIES = ("full", "fixed", "saturation")
-# not controllers of the fine-tuned model in our loop: the base model, HF generate's full model
-NOT_JUDGED = ("base", "full_hf")
+# not controllers of the fine-tuned model in our loop: the base model, HF generate's full model and HF's
+# self-speculative early exit (lossless: the full model's tokens, at the compute of every row HF runs)
+NOT_JUDGED = ("base", "full_hf", "hf_early_exit")
 # metric -> +1 (higher is better, upper hull) or -1 (lower is better, lower hull)
 DIRECTIONS = {"edit_similarity": +1, "token_agreement": +1, "codebleu": +1, "chrf": +1, "token_risk": -1}
 METRICS = ("edit_similarity", "token_agreement", "codebleu", "token_risk")
