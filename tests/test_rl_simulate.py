@@ -244,6 +244,31 @@ def test_a_bank_built_on_two_processes_is_the_one_process_bank(tmp_path, caplog)
     assert one.manifest["candidates"] == {"source": "low_rank:4:8", "k": 4}
     assert not (tmp_path / ".two.partial").exists()
 
+    # cut off after the processes finished but before the assembly checkpointed: their batches stay on disk
+    # (with the build's key), and the rerun assembles them without running a batch again
+    import greencode.rl.simulate as simulate
+
+    real = simulate._load_batch
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt
+
+    simulate._load_batch = cut
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(), path=tmp_path / "three")
+    finally:
+        simulate._load_batch = real
+    shards = tmp_path / ".three.partial" / "batches"
+    n = len(list(shards.glob("*.npz")))
+    assert n >= 2 and (shards / "key.json").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="greencode.rl.simulate"):
+        three = TrajectoryBank.load(build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                               path=tmp_path / "three"), model)
+    assert any(f"({n} on disk already)" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(three.obs, one.obs) and np.array_equal(three.preds, one.preds)
+
 
 def test_features_and_the_full_behaviour(tmp_path):
     model = tiny_model("opt", num_layers=4, exit_layers=(1, 2))

@@ -50,6 +50,7 @@ simulated in parallel over positions and are refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -422,11 +423,15 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     # the build checkpoints into a partial folder beside the bank (every CHECKPOINT_S seconds), so a build cut
     # off (a session's end, a crash) resumes where it stopped when run again with the same key
     tmp = path.with_name(f".{path.name}.partial")
+    shard_dir = tmp / "batches"  # the worker processes' finished batches (rl.bank.workers > 1)
     done = _resume_state(tmp, key, (target, e, hsz))
     try:
-        if done is None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        if done is None:  # a fresh start; the worker processes' batches of the same key are kept
+            keep = _shards_match(shard_dir, key)
+            for child in list(tmp.iterdir()) if tmp.is_dir() else []:
+                if not (keep and child == shard_dir):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            tmp.mkdir(parents=True, exist_ok=True)
             open_memmap(tmp / "obs.npy", mode="w+", dtype=np.float16, shape=(target, e, hsz)).flush()
             done = {"next": 0, "total": 0, "preds": [], "tokens": [], "behaviour": [], "lengths": [], "seqs": []}
         else:
@@ -438,9 +443,8 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
         bar = tqdm(total=target, initial=total, desc="simulated bank", unit="tok")
         starts = _needed_batches(plan, done["next"], done["total"], target, bc.batch_size, bc.min_context_tokens)
         workers = min(int(bc.workers), len(starts)) if model.device.type == "cpu" else 1
-        shard_dir = tmp / "batches"
         if workers > 1:
-            _run_shards(cfg, model, plan, specs, starts, shard_dir, workers, window)
+            _run_shards(cfg, model, plan, specs, starts, shard_dir, workers, window, key)
         with torch_threads(threads):
             for start in range(done["next"], len(plan), bc.batch_size):
                 if total >= target:
@@ -534,7 +538,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
         TrajectoryBank.load(tmp, model, observation=cfg.rl.observation, mmap=True)
         replace_dir(tmp, path)
     except BaseException:
-        if not (tmp / PROGRESS).is_file():  # nothing to resume from: leave nothing behind
+        if not (tmp / PROGRESS).is_file() and not any(shard_dir.glob("*.npz")):  # nothing to resume from
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("simulated trajectory bank: %d windows, %d decided tokens, %d exit points, %.1f MB at %s in %.0f s "
@@ -611,12 +615,23 @@ def _shard_worker(model, cfg_dict: dict, plan, specs, starts: list[int], shard_d
     return len(starts)
 
 
-def _run_shards(cfg, model, plan, specs, starts: list[int], shard_dir: Path, workers: int, window: int) -> None:
+def _shards_match(shard_dir: Path, key: dict) -> bool:
+    """Whether ``shard_dir`` holds batches of a build with this key."""
+    try:
+        return json.loads((shard_dir / "key.json").read_text(encoding="utf-8")) == json.loads(
+            json.dumps(key, sort_keys=True, default=str))
+    except (OSError, ValueError):
+        return False
+
+
+def _run_shards(cfg, model, plan, specs, starts: list[int], shard_dir: Path, workers: int, window: int,
+                key: dict) -> None:
     """The batches ``starts`` not on disk yet, dealt out in turn to ``workers`` fresh processes."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / "key.json").write_text(json.dumps(key, sort_keys=True, default=str), encoding="utf-8")
     todo = [s for s in starts if not _batch_file(shard_dir, s).is_file()]
     log.info("simulated bank: %d batches (%d on disk already) on %d processes", len(starts), len(starts) - len(todo),
              workers)
