@@ -127,16 +127,16 @@ STAGES: tuple[Stage, ...] = (
           lambda p: [p.results_finetune / "exit_report.json"], description="per-exit quality, base vs LITE", estimate_s=70),
     Stage("bank", ("rl.bank", "rl.observation", "rl.observation_features", "rl.candidate_source", "rl.candidate_k",
                    "decoding.kv_strategy", "seed"), ("finetune",), _run_bank,
-          lambda p: [p.bank / "manifest.json"], description="trajectory bank", estimate_s=410),
+          lambda p: [p.bank / "manifest.json"], description="trajectory bank", estimate_s=230),
     Stage("agent", ("rl", "seed"), ("bank",), _run_agent,
           lambda p: [p.policy], description="PPO exit policy", estimate_s=210),
     Stage("calibrate", ("calibration", "decoding", "eval.max_new_tokens", "eval.max_context_tokens",
                         "eval.context_fraction", "eval.mode", "eval.sample_seed", "eval.workers", "seed", "hardware"),
           ("finetune", "agent"), _run_calibrate, lambda p: [p.calibration], enabled=lambda cfg: cfg.calibration.enabled,
-          description="thresholds per fidelity target (validation split)", estimate_s=1020),
+          description="thresholds per fidelity target (validation split)", estimate_s=840),
     Stage("evaluate", ("eval", "decoding", "seed", "hardware"), ("finetune", "agent", "pretrain", "calibrate"),
           _run_evaluate,
-          lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples", estimate_s=680),
+          lambda p: [p.results_eval / "summary.csv"], description="every method on the same samples", estimate_s=800),
     Stage("infill", ("eval.infill_samples", "eval.infill_max_new_tokens", "eval.infill_fixed_layers",
                      "eval.infill_gc_thresholds", "eval.gc_thresholds", "eval.split",
                      "eval.sample_seed", "eval.sample_offset", "eval.max_context_tokens", "decoding", "seed"),
@@ -147,8 +147,9 @@ STAGES: tuple[Stage, ...] = (
           lambda p: [p.figures], description="the paper's figures", estimate_s=15),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-ESTIMATE_BASIS = ("the embedded default's stage time in a fresh clone's make demo on 2 quiet CPU cores, 2026-12-07; "
-                  "results/benchmark/demo_fresh_clone_2026-12-07.json")
+ESTIMATE_BASIS = ("the embedded default's stage time on 2 quiet CPU cores, 2026-12-07: a fresh clone's make demo "
+                  "(results/benchmark/demo_fresh_clone_2026-12-07.json), the bank, calibration and evaluation from "
+                  "the main run after they moved to 2 processes (results/LOG.md)")
 
 
 def _fmt_s(seconds: float) -> str:
