@@ -12,6 +12,7 @@ redoes the named stages (downstream stages rerun only when their inputs changed)
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -184,8 +185,6 @@ def neutral_keys(cfg: Config) -> tuple[str, ...]:
 
 def _keyed_section(cfg: Config, dotted: str):
     """The config section ``dotted`` as keyed: :func:`neutral_keys` inside it removed."""
-    import copy
-
     d = copy.deepcopy(_section(cfg, dotted))
     for key in neutral_keys(cfg):
         if key == dotted or not key.startswith(dotted + "."):

@@ -8,7 +8,10 @@ and :mod:`greencode.eval.calibrated` and imports neither of its callers.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import dataclasses
 import logging
+import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from greencode.config import Config, ConfigError
+from greencode.config import Config, ConfigError, config_from_dict
 from greencode.decoding import NeverExit, compute_cost, generate
 from greencode.eval.calibrated import CRITERIA, TEACHER_FORCED_FILE, method_records
 from greencode.eval.methods import MethodSpec, needs, param_kind, parse_method_name
@@ -75,9 +78,6 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
     idx = [i for i in range(len(samples)) if forced_of.get(i)]
     workers = max(1, min(int(cfg.eval.workers), len(idx))) if device.type == "cpu" else 1
     if workers > 1:  # one torch thread per process, the samples dealt out in turn; merged in sample order
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
         log.info("teacher-forced pass: %d samples on %d processes", len(idx), workers)
         chunks = [idx[k::workers] for k in range(workers)]
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
@@ -169,10 +169,6 @@ def _forced_pass(inputs, cfg: Config, specs: Sequence[MethodSpec], prompts: dict
 
 def _forced_worker(cfg_dict: dict, method_ids: list[str], forced_of: dict, idx: list[int], oracle: bool) -> dict:
     """One process of the sharded pass: one torch thread, its own model, samples ``idx``."""
-    import dataclasses
-
-    from greencode.config import config_from_dict
-
     cfg = config_from_dict(cfg_dict)
     cfg = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, num_threads=1))
     device, dtype = setup_torch(cfg.hardware)

@@ -50,8 +50,10 @@ simulated in parallel over positions and are refused.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import time
@@ -61,6 +63,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from greencode.config import config_from_dict
+from greencode.rl.bank import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -590,9 +595,6 @@ def _load_batch(shard_dir: Path, start: int) -> list[Optional[dict[str, np.ndarr
 def _shard_worker(model, cfg_dict: dict, plan, specs, starts: list[int], shard_dir: str, window: int) -> int:
     """One process of a sharded simulated bank: its batches, one torch thread, each written to its own file
     (a temporary name, then renamed: a file is whole or absent, so a cut-off build redoes only what is missing)."""
-    from greencode.config import config_from_dict
-    from greencode.rl.bank import torch_threads
-
     cfg = config_from_dict(cfg_dict)
     policy = None
     if any(s["kind"] == "policy" for s in specs):
@@ -627,9 +629,6 @@ def _shards_match(shard_dir: Path, key: dict) -> bool:
 def _run_shards(cfg, model, plan, specs, starts: list[int], shard_dir: Path, workers: int, window: int,
                 key: dict) -> None:
     """The batches ``starts`` not on disk yet, dealt out in turn to ``workers`` fresh processes."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
     shard_dir.mkdir(parents=True, exist_ok=True)
     (shard_dir / "key.json").write_text(json.dumps(key, sort_keys=True, default=str), encoding="utf-8")
     todo = [s for s in starts if not _batch_file(shard_dir, s).is_file()]
