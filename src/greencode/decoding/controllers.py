@@ -94,6 +94,13 @@ def check_online_candidates(source: str, k: int, where: str = "candidates") -> N
                           f"online (controllers, observations) use one of {', '.join(ONLINE_CANDIDATE_SOURCES)}")
 
 
+def recorded_candidates(policy) -> Optional[dict]:
+    """The candidate source an exported policy (or classifier) was trained with, ``{"source", "k"}`` from its
+    ``candidates`` attribute or metadata; None when it records none."""
+    rec = getattr(policy, "candidates", None) or (getattr(policy, "metadata", None) or {}).get("candidates")
+    return {"source": str(rec["source"]), "k": int(rec["k"])} if rec else None
+
+
 def observation_features(features, k: torch.Tensor, n_exit_points: int, cos_prev: torch.Tensor,
                          prev_exit: torch.Tensor, cand: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The extra features [..., F] (float32) for exit-point indices ``k`` [...], the cosine to the
@@ -418,11 +425,11 @@ class PolicyExit(ExitController):
         self._cand_macs: dict = {}
         self._first_layer = None
         if uses_candidates(self.features):
-            rec = getattr(policy, "candidates", None) or (getattr(policy, "metadata", None) or {}).get("candidates")
+            rec = recorded_candidates(policy)
             if not rec:
                 raise ConfigError(f"the policy observes candidate features {self.features} but records no candidate "
                                   "source (metadata 'candidates': {source, k}); re-export it with scripts/train_agent.py")
-            self.candidates = {"source": str(rec["source"]), "k": int(rec["k"])}
+            self.candidates = rec
             check_online_candidates(self.candidates["source"], self.candidates["k"], "the policy's candidates")
         self.reset()
 
@@ -458,7 +465,8 @@ class PolicyExit(ExitController):
         """The feature vector [F] for the state ``x`` [H] (float32) at ``layer`` (``logits`` [V]: the full
         head's there, when :meth:`logits_at` asked for them); advances the state."""
         k, prev_h, prev_exit = self._open_check(layer, x)
-        cos = torch.zeros(()) if prev_h is None else torch.nn.functional.cosine_similarity(x, prev_h, dim=-1)
+        cos = (torch.nn.functional.cosine_similarity(x, prev_h, dim=-1)
+               if prev_h is not None and "cosine_prev" in self.features else torch.zeros(()))  # read only then
         cand = None
         if self._signals is not None:
             cand = self._signals.check(k, x[None], None if logits is None else logits.reshape(1, -1))

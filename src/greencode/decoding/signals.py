@@ -59,9 +59,12 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from greencode.config import ConfigError
+from greencode.utils import torch_threads
 
 CANDIDATE_SOURCES = ("first_full", "low_rank", "prev_token", "bigram", "context")
 LOW_RANK_DEFAULT = (32, 64)  # rank R, shortlist M
+# the sources whose candidate set opens at a token's first check, from the state there (not before it)
+OPEN_AT_FIRST_CHECK = ("first_full", "low_rank")
 FEATURES = ("cand_max_prob", "cand_margin", "cand_neg_entropy", "cand_top1_logit", "cand_top1_stable",
             "saturation", "prev_exit")
 MAX_CANDIDATES = 10
@@ -218,12 +221,8 @@ def low_rank_factor(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     key = (int(rank), weight._version)
     hit = _FACTORS.get(id(weight))
     if hit is None or hit[0]() is not weight or hit[1] != key:
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             u, s, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
-        finally:
-            torch.set_num_threads(prev)
         a = (u[:, :rank] * s[:rank]).float().to(weight.device)
         b = vh[:rank].float().to(weight.device)
         wid = id(weight)
@@ -231,19 +230,33 @@ def low_rank_factor(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return hit[2]
 
 
-def low_rank_candidates(factor: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        normed: torch.Tensor, k: int, shortlist: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The candidates of normed states [N, D]: the top-``shortlist`` of the approximate logits ``(B h) A^T``
-    (+ bias), then the top-``k`` of those by their exact logits. Returns the token ids [N, k] and their exact
-    logits [N, k] (float32), largest first."""
-    a, b = factor
-    approx = (normed.float() @ b.T) @ a.T
-    if bias is not None:
-        approx = approx + bias.float()
-    short = torch.topk(approx, shortlist, dim=-1).indices
-    exact = candidate_logits(weight, bias, normed, short)
-    vals, pos = torch.topk(exact, k, dim=-1)
-    return torch.gather(short, 1, pos), vals
+@dataclass(frozen=True)
+class LowRankShortlist:
+    """The ``low_rank:R:M`` source's opener: the head's rank-R factor (:func:`low_rank_factor`) and the
+    shortlist size M."""
+
+    factor: tuple[torch.Tensor, torch.Tensor]
+    shortlist: int
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, source: str) -> Optional["LowRankShortlist"]:
+        """The opener of ``source`` for the head ``weight`` [V, D]; None for a source that is not low_rank."""
+        _name, low = parse_source(source)
+        return None if low is None else cls(low_rank_factor(weight, low[0]), low[1])
+
+    def candidates(self, weight: torch.Tensor, bias: Optional[torch.Tensor], normed: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates of normed states [N, D]: the top-M of the approximate logits ``(B h) A^T`` (+ bias),
+        then the top-``k`` of those by their exact logits. Returns the token ids [N, k] and their exact logits
+        [N, k] (float32), largest first."""
+        a, b = self.factor
+        approx = (normed.float() @ b.T) @ a.T
+        if bias is not None:
+            approx = approx + bias.float()
+        short = torch.topk(approx, self.shortlist, dim=-1).indices
+        exact = candidate_logits(weight, bias, normed, short)
+        vals, pos = torch.topk(exact, k, dim=-1)
+        return torch.gather(short, 1, pos), vals
 
 
 def candidate_logits(weight: torch.Tensor, bias: Optional[torch.Tensor], normed: torch.Tensor,
@@ -311,23 +324,22 @@ class SignalState:
 def signal_step(weight: torch.Tensor, bias: Optional[torch.Tensor], state: SignalState, normed: torch.Tensor,
                 exit_index: int, n_exit_points: int, k: int,
                 full_logits: Optional[torch.Tensor] = None,
-                factor: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                shortlist: int = LOW_RANK_DEFAULT[1]) -> tuple[torch.Tensor, SignalState]:
+                low_rank: Optional[LowRankShortlist] = None) -> tuple[torch.Tensor, SignalState]:
     """One check for N rows at early exit point ``exit_index``: the features [N, F] (float32, F =
     ``len(feature_names(E))``) and the state for the next exit point. When the candidate set is still open
     (the first exit point), it opens from ``full_logits`` [N, V] (the full head's logits there:
-    ``first_full``; the candidates are their top-k) or from ``factor`` (:func:`low_rank_factor`: the
-    ``shortlist`` best approximate logits, of which the exact top-k, :func:`low_rank_candidates`)."""
+    ``first_full``; the candidates are their top-k) or from ``low_rank`` (:class:`LowRankShortlist`: the
+    shortlist's best approximate logits, of which the exact top-k)."""
     n = normed.shape[0]
     normed = normed.float()
     if state.candidates is None and full_logits is not None:
         vals, cands = torch.topk(full_logits.float(), k, dim=-1)
         logits = vals
     elif state.candidates is None:
-        if factor is None:
+        if low_rank is None:
             raise ValueError("no candidates yet: pass the full head's logits at the first exit point (first_full) "
-                             "or the head's low-rank factor (low_rank)")
-        cands, logits = low_rank_candidates(factor, weight, bias, normed, k, shortlist)
+                             "or the head's low-rank shortlist (low_rank)")
+        cands, logits = low_rank.candidates(weight, bias, normed, k)
     else:
         cands = state.candidates
         logits = candidate_logits(weight, bias, normed, cands)
@@ -355,7 +367,7 @@ def first_candidates(source: str, k: int, *, input_ids: Optional[torch.Tensor] =
     ``prev_token`` from the logits [N, V] that chose the input token, ``bigram`` from the table [V, >=k]
     at the input token ids [N], ``context`` as given (``[N, k]``, from :class:`ContextBigrams`)."""
     check_candidates(k, source)
-    if parse_source(source)[0] in ("first_full", "low_rank"):
+    if parse_source(source)[0] in OPEN_AT_FIRST_CHECK:
         return None
     if source == "prev_token":
         if prev_logits is None:
@@ -383,8 +395,8 @@ def exit_signals(model, normed: Sequence[torch.Tensor], *, k: int, source: str,
     the layer under the first exit point (None when that is layer 0); ``full_logits_first`` [N, V]: the
     full head at the first exit point (``first_full``)."""
     weight, bias = head_parts(model)
-    name, low = parse_source(source)
-    factor = low_rank_factor(weight, low[0]) if name == "low_rank" else None
+    name = parse_source(source)[0]
+    low_rank = LowRankShortlist.of(weight, source)
     e = len(normed)
     state = SignalState(candidates=first_candidates(source, k, input_ids=input_ids, prev_logits=prev_logits,
                                                     bigram=bigram, context=context),
@@ -394,7 +406,7 @@ def exit_signals(model, normed: Sequence[torch.Tensor], *, k: int, source: str,
         feats, state = signal_step(weight, bias, state, normed[j], j, e, k,
                                    full_logits=full_logits_first if (j == 0 and state.candidates is None
                                                                      and name == "first_full") else None,
-                                   factor=factor, shortlist=low[1] if low else LOW_RANK_DEFAULT[1])
+                                   low_rank=low_rank)
         out.append(feats)
     return torch.stack(out)
 
@@ -418,12 +430,13 @@ class CheapSignals:
         self.saturation = bool(saturation)
         self.shape = ModelShape.of(model)
         self.weight, self.bias = head_parts(model)
-        _name, low = parse_source(source)
+        name, low = parse_source(source)
         if low and low[1] > self.shape.vocab_size:
             raise ConfigError(f"candidate source {source!r}: the shortlist M={low[1]} exceeds the vocabulary "
                               f"({self.shape.vocab_size}); choose a smaller M")
-        self.factor = low_rank_factor(self.weight, low[0]) if low else None
-        self.shortlist = low[1] if low else LOW_RANK_DEFAULT[1]
+        self.low_rank = LowRankShortlist.of(self.weight, source)
+        # first_full and low_rank open a token's candidates at its first check: nothing to look up per token
+        self._opens_at_first_check = name in OPEN_AT_FIRST_CHECK
         self.state: Optional[SignalState] = None
         self.feature_names = feature_names(self.shape.n_exit_points)
 
@@ -444,10 +457,9 @@ class CheapSignals:
     def start(self, input_ids: torch.Tensor, prev_exit: torch.Tensor, prev_logits: Optional[torch.Tensor] = None,
               context: Optional[torch.Tensor] = None) -> None:
         """``context`` [N, k]: each row's :meth:`ContextBigrams.candidates` (the ``context`` source)."""
-        self.state = SignalState(candidates=first_candidates(self.source, self.k, input_ids=input_ids,
-                                                             prev_logits=prev_logits, bigram=self.bigram,
-                                                             context=context),
-                                 prev_exit=prev_exit)
+        cands = None if self._opens_at_first_check else first_candidates(
+            self.source, self.k, input_ids=input_ids, prev_logits=prev_logits, bigram=self.bigram, context=context)
+        self.state = SignalState(candidates=cands, prev_exit=prev_exit)
 
     def below(self, hidden: torch.Tensor) -> None:
         if self.saturation:
@@ -459,8 +471,8 @@ class CheapSignals:
         feats, self.state = signal_step(self.weight, self.bias, self.state, self.normed(hidden), exit_index,
                                         self.shape.n_exit_points, self.k,
                                         full_logits=(full_logits if self.state.candidates is None
-                                                     and self.factor is None else None),
-                                        factor=self.factor, shortlist=self.shortlist)
+                                                     and self.low_rank is None else None),
+                                        low_rank=self.low_rank)
         if not self.saturation:
             self.state.prev_normed = None
         return feats

@@ -39,9 +39,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, ModelShape, bigram_table, check_candidates,
-                                        context_candidates, exit_signals, first_candidates, head_parts, low_rank_candidates,
-                                        low_rank_factor, macs_in_layers, parse_source, signal_macs, token_macs)
+from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, LowRankShortlist, ModelShape, bigram_table,
+                                        check_candidates, context_candidates, exit_signals, first_candidates,
+                                        head_parts, macs_in_layers, signal_macs, token_macs)
 from greencode.paths import RunPaths
 from greencode.stats import auc, auc_table, paired_auc_difference
 from greencode.utils import REPO_ROOT, run_metadata, setup_torch, write_json, write_text
@@ -251,10 +251,10 @@ def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigra
             # how often the final layer's answer is among the token's candidates (the set is fixed per token)
             cands = first_candidates(src, k, input_ids=input_ids, prev_logits=prev_logits, bigram=bigram,
                                      context=None if context is None else flat(context))
-            low = parse_source(src)[1]
-            if cands is None and low is not None:
-                weight, bias = head_parts(model)
-                cands = low_rank_candidates(low_rank_factor(weight, low[0]), weight, bias, normed[0], k, low[1])[0]
+            weight, bias = head_parts(model)
+            low_rank = LowRankShortlist.of(weight, src)
+            if cands is None and low_rank is not None:
+                cands = low_rank.candidates(weight, bias, normed[0], k)[0]
             elif cands is None:
                 cands = torch.topk(flat(first_logits), k, -1).indices
             cov[src].append((cands == fin[:, None]).any(-1).cpu().numpy())

@@ -33,7 +33,6 @@ and renamed into place, so a half-written bank never exists.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import tempfile
@@ -53,23 +52,6 @@ MANIFEST = "manifest.json"
 _ARRAYS = ("obs", "preds", "l_opt", "tokens", "offsets", "heldout")
 # fingerprint keys that must match exactly for a bank/policy to belong to a model
 STRUCTURE_KEYS = ("family", "num_layers", "hidden_size", "vocab_size", "exit_layers")
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int):
-    """Run a block with ``num_threads`` torch intra-op threads (restored afterwards).
-
-    Used for the small models and MLPs of the RL stage on CPU: on a machine whose cores
-    are busy, OpenMP threads waiting for each other made a 4-layer model's bank sequence
-    65x slower with 2 threads than with 1 (2.3 s vs 0.035 s) and PPO 11x slower."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(num_threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

@@ -22,8 +22,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from greencode.rl.bank import MANIFEST, TrajectoryBank, bytes_per_token, torch_threads
-from greencode.utils import read_json
+from greencode.rl.bank import MANIFEST, TrajectoryBank, bytes_per_token
+from greencode.utils import read_json, torch_threads
 
 log = logging.getLogger(__name__)
 

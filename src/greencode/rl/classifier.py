@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from greencode.rl.bank import TrajectoryBank, torch_threads
+from greencode.rl.bank import TrajectoryBank
 from greencode.rl.policy import ExitPolicy, save_policy
+from greencode.utils import torch_threads
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from greencode.config import config_from_dict
-from greencode.rl.bank import torch_threads
+from greencode.utils import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +393,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     from tqdm.auto import tqdm
 
     from greencode.decoding.controllers import feature_size
-    from greencode.rl.bank import (BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, manifest_head, replace_dir,
-                                  torch_threads)
+    from greencode.rl.bank import BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, manifest_head, replace_dir
     from greencode.rl.build import _load_data, behaviour_specs
     from greencode.utils import set_seed, write_json
 

@@ -28,11 +28,11 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from greencode.config import Config, ConfigError
-from greencode.rl.bank import TrajectoryBank, torch_threads
+from greencode.rl.bank import TrajectoryBank
 from greencode.rl.env import ExitEnv
 from greencode.rl.policy import (ExitPolicy, decision_auc, decision_auc_report, evaluate_agent_on_bank,
                                  exit_metrics, export_policy, from_sb3)
-from greencode.utils import run_metadata, set_seed, write_json
+from greencode.utils import run_metadata, set_seed, torch_threads, write_json
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from greencode.config import Config, ConfigError
 from greencode.decoding.compiled import compile_info, use_compiled_steps
-from greencode.decoding.controllers import NeverExit
+from greencode.decoding.controllers import NeverExit, recorded_candidates
 from greencode.decoding.registry import Resources, get_controller
 from greencode.decoding.steps import cut_at_stops
 # the calibrated results only (no model, no decoding): serving never imports the calibration stage or the evaluator
@@ -199,16 +199,6 @@ def run_root(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> Path:
     return RunPaths.from_config(cfg).root
 
 
-def _recorded_candidates(*policies) -> Optional[dict]:
-    """The candidate source the run's learned controllers were trained with (their metadata's ``candidates``),
-    for the cheap-confidence controller; None when none records one."""
-    for p in policies:
-        rec = getattr(p, "candidates", None) or (getattr(p, "metadata", None) or {}).get("candidates")
-        if rec:
-            return {"source": str(rec["source"]), "k": int(rec["k"])}
-    return None
-
-
 def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedRun:
     """Load the fine-tuned early-exit model, its tokenizer and the exported policy of a run (and the
     exit classifier when ``serve.controller`` needs it).
@@ -318,7 +308,8 @@ class Engine:
         self.served = get_controller(getattr(serve_cfg, "controller", "gc"), "serve.controller")
         self.resources = Resources(policy=policy, classifier=classifier,
                                    policy_temperature=self.decoding_cfg.policy_temperature,
-                                   candidates=_recorded_candidates(policy, classifier))
+                                   # cheap confidence observes what the run's learned controllers were trained on
+                                   candidates=recorded_candidates(policy) or recorded_candidates(classifier))
         if not self.served.missing(self.resources):  # fail at start-up, not on the first request, when it does not fit
             self._build(self.served.grid[0] if self.served.grid else 0.5).check_layers(model)
 
