@@ -44,7 +44,8 @@ def test_benchmark_script_writes_result_for_every_method(tmp_path, monkeypatch, 
     path = tmp_path / "results" / "benchmark" / "smoke.json"
     assert path.is_file()
     res = read_json(path)
-    assert set(res["methods"]) == {"hf_generate", "never", "fixed@1", "fixed@2", "confidence@0.5", "policy_check"}
+    assert set(res["methods"]) == {"hf_generate", "never", "fixed@1", "fixed@2", "confidence@0.5", "policy_check",
+                                   "gc@0.5", "gc@0.9"}  # GC deciding at the smoke config's eval.gc_thresholds
     for name, row in res["methods"].items():
         assert row["num_runs"] == 2 and row["s_per_token_median"] > 0 and row["ratio_to_hf"] > 0
         assert row["s_per_token_q1"] <= row["s_per_token_median"] <= row["s_per_token_q3"]
@@ -53,6 +54,7 @@ def test_benchmark_script_writes_result_for_every_method(tmp_path, monkeypatch, 
     # the policy row never exits (decision ignored) but pays for its checks
     assert res["methods"]["policy_check"]["mean_exit_layer"] == 3.0
     assert res["methods"]["policy_check"]["s_per_check_median"] > 0
+    assert 1.0 <= res["methods"]["gc@0.5"]["mean_exit_layer"] <= res["methods"]["gc@0.9"]["mean_exit_layer"] <= 3.0
     assert set(res["targets"]) == {"never_vs_hf", "fixed_middle_speedup", "policy_check_share"}
     assert _met_follows_value(res["targets"])
     assert res["targets"]["never_vs_hf"]["value"] == res["methods"]["never"]["ratio_to_hf_paired_median"]

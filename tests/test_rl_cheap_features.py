@@ -35,14 +35,16 @@ def _spy(policy, threshold):
     """A PolicyExit that records each check's (layer, features) as it computes them online."""
     ctrl = PolicyExit(policy, threshold)
     seen = []
-    real = ctrl._features
 
-    def record(layer, x, *rest, _real=real):
-        f = _real(layer, x, *rest)
-        seen.append((layer, f.detach().clone()))
-        return f
+    def spy(real):
+        def record(layer, x, *rest):
+            f = real(layer, x, *rest)
+            seen.append((layer, torch.as_tensor(f).detach().clone()))
+            return f
+        return record
 
-    ctrl._features = record
+    # the tensor path (a batch's rows) and the host path (one row on a CPU): whichever the loop takes
+    ctrl._features, ctrl._host_features = spy(ctrl._features), spy(ctrl._host_features)
     return ctrl, seen
 
 

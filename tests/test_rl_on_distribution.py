@@ -167,13 +167,18 @@ def test_policy_bank_rows_equal_what_the_fast_path_saw(tmp_path, batch_size):
         calls = []
         ctrl.check_layers(model)  # fuses; the fast path is what decides
         assert ctrl._fast is not None
-        fast = ctrl._fast_probability
+        fast, host = ctrl._fast_probability, ctrl._host_probability
+        assert ctrl._host is not None  # one row on a CPU: the host path decides
 
         def spy(hidden, feats=None, _fast=fast, _calls=calls):
             _calls.append(hidden[0, -1].clone())
             return _fast(hidden, feats)
 
-        ctrl._fast_probability = spy
+        def host_spy(x, feats, _host=host, _calls=calls):
+            _calls.append(torch.from_numpy(x.copy()))
+            return _host(x, feats)
+
+        ctrl._fast_probability, ctrl._host_probability = spy, host_spy
         out = generate(model, ids, ctrl, max_new_tokens=6)
         rows = slice(int(bank.offsets[s]), int(bank.offsets[s + 1]))
         assert bank.tokens[rows].tolist() == out.tokens[1:]
@@ -244,14 +249,15 @@ def test_observation_features_in_the_bank_equal_what_the_controller_computes(tmp
     seen = []
     spy = PolicyExit(policy, thr)
     spy.check_layers(model)
-    real = spy._features
+    def recorder(real):
+        def record(layer, x, *rest):
+            f = real(layer, x, *rest)
+            seen.append((layer, torch.as_tensor(f).clone()))
+            return f
+        return record
 
-    def record(layer, x, *rest, _real=real):
-        f = _real(layer, x, *rest)
-        seen.append((layer, f.clone()))
-        return f
-
-    spy._features = record
+    # the tensor path and the host path (one row on a CPU, the one taken here)
+    spy._features, spy._host_features = recorder(spy._features), recorder(spy._host_features)
     out = generate(model, PROMPT, spy, max_new_tokens=10, observe=True)
     assert out.exit_layers == a.exit_layers
     k = 0

@@ -1,11 +1,13 @@
 """Replays committed evaluation rows (results/default/eval/methods/*.json) of the learned controllers on the
-first 16 test samples, 4 prompts per batch, with controllers built by the evaluator's Runner (so with the run's
-candidate source): tokens and exit layers must equal the committed records (used to check a refactor).
+first 16 test samples, 4 prompts per batch (or the batch size given as the first argument), with controllers
+built by the evaluator's Runner (so with the run's candidate source): tokens and exit layers must equal the committed records (used to check a refactor).
 
-Ad-hoc check kept with its result in results/LOG.md (2026-12-07 review: 80/80 identical). Run from the repo root:
-    .venv/bin/python results/adhoc/replay_eval_registry.py
+Ad-hoc check kept with its result in results/LOG.md (2026-12-07 review: 80/80 identical; the host check path of
+2026-12-07 10:20: 80/80 at batch 4 and at batch 1). Run from the repo root:
+    .venv/bin/python results/adhoc/replay_eval_registry.py [batch size]
 """
 import json
+import sys
 from greencode.config import load_config
 from greencode.decoding import generate
 from greencode.eval.methods import MethodSpec, parse_method_name
@@ -18,7 +20,7 @@ inputs = load_inputs(cfg, RunPaths.from_config(cfg), device, dtype, need_base=Fa
 samples = load_samples(cfg, inputs.tokenizer)
 model = inputs.model
 runner = Runner(inputs, cfg, None, inputs.tokenizer.eos_token_id, inputs.tokenizer.pad_token_id)
-N, B = 16, 4
+N, B = 16, int(sys.argv[1]) if len(sys.argv) > 1 else 4
 prompts = [prompt_of(samples[i], model.hf.config.max_position_embeddings, cfg.eval.max_new_tokens) for i in range(N)]
 bad = total = 0
 for name in ["gc@0.9", "gc@0.01", "classifier@0.95", "cheap_confidence@0.8", "cheap_confidence@0.5"]:

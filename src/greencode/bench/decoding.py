@@ -107,6 +107,8 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
         controllers[f"fixed@{layer}"] = FixedExit(layer)
     controllers[f"confidence@{conf_t:g}"] = ConfidenceExit(conf_t)
     controllers["policy_check"] = PolicyExit.of(policy, 0.5, cfg.decoding.policy_temperature, ignore_decision=True)
+    for t in cfg.eval.gc_thresholds:  # GC deciding, at the evaluation's thresholds: its wall clock beside its compute
+        controllers[f"gc@{float(t):g}"] = PolicyExit.of(policy, float(t), cfg.decoding.policy_temperature)
     for c in controllers.values():
         c.check_layers(model)
     methods = ["hf_generate"] + list(controllers)

@@ -12,6 +12,7 @@ import copy
 import math
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -384,6 +385,9 @@ class OracleExit(ExitController):
 
 
 _FAST_ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu, nn.Sigmoid: torch.sigmoid}
+# the same activations on the host (PolicyExit's NumPy path for one row on a CPU)
+_HOST_ACTIVATIONS = {torch.tanh: np.tanh, torch.relu: lambda v: np.maximum(v, np.float32(0)),
+                     torch.sigmoid: lambda v: np.float32(1) / (np.float32(1) + np.exp(-v))}
 
 
 class PolicyExit(ExitController):
@@ -393,6 +397,7 @@ class PolicyExit(ExitController):
     has the same shape and runs through this controller too (``name="classifier"``)."""
 
     name = "policy"
+    host_path = True  # one row on a CPU: the NumPy path (False: the tensor path always, for the tests' comparison)
 
     def __init__(self, policy: nn.Module, threshold: float, temperature: float = 1.0, observation: str = "normed",
                  ignore_decision: bool = False, name: Optional[str] = None):
@@ -412,6 +417,7 @@ class PolicyExit(ExitController):
         self.macs_per_check = sum(m.weight.numel() for m in policy.modules() if isinstance(m, nn.Linear))
         self._param = next(policy.parameters(), None)
         self._fast = None  # (norm kind, eps, [(W, b, activation)], w_diff, b_diff) once fused
+        self._host = None  # the same as NumPy arrays (+ the feature weights, one-hots): one row on a CPU
         # observation features beyond the hidden state (rl.observation_features): they need the
         # previous exit point's state and the previous token's exit, kept per row
         self.features = list(getattr(policy, "features", None) or [])
@@ -498,7 +504,8 @@ class PolicyExit(ExitController):
         if self.candidates is not None:
             from greencode.decoding.signals import CheapSignals
 
-            self._signals = CheapSignals(model, self.candidates["k"], self.candidates["source"], saturation=False)
+            self._signals = CheapSignals(model, self.candidates["k"], self.candidates["source"], saturation=False,
+                                         host=self.host_path)
             self._cand_macs = {layer: sum(v for n, v in self._signals.macs_parts(k).items() if n != "full_head")
                                for layer, k in self._exit_index.items()}
         self._fuse(model)
@@ -543,6 +550,29 @@ class PolicyExit(ExitController):
         b_diff = float(head.bias[1] - head.bias[0]) if head.bias is not None else 0.0
         self._fast = (kind, eps, [tuple(layer) for layer in layers], w_diff, b_diff)
         self.needs_normed = False  # the fold needs only the raw hidden state
+        self._host = self._host_mlp() if self.host_path else None
+
+    def _host_mlp(self) -> Optional[tuple]:
+        """The fused MLP as NumPy arrays for one row's check on a CPU (the decoding loop's batch-1 case), where
+        a check's few dozen tensor calls cost more than the layers it could skip (:class:`~greencode.decoding.
+        signals.HostCheck` says why); None where it does not apply (a GPU, bf16 weights, an activation without
+        a host twin, candidate features without a host path): the tensor path stays."""
+        kind, eps, layers, w_diff, b_diff = self._fast
+        tensors = [w_diff] + [t for w, b, _ in layers for t in (w, b) if t is not None]
+        if self._w_feat is not None:
+            tensors.append(self._w_feat)
+        if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+            return None
+        if any(act is not None and act not in _HOST_ACTIVATIONS for _, _, act in layers):
+            return None
+        if self._signals is not None and self._signals.host is None:
+            return None
+        def arr(t):
+            return None if t is None else t.detach().numpy()
+
+        host = [(arr(w), arr(b), None if act is None else _HOST_ACTIVATIONS[act]) for w, b, act in layers]
+        onehots = [[float(i == j) for i in range(self._n_exits)] for j in range(self._n_exits)]
+        return kind, eps, host, arr(w_diff), b_diff, arr(self._w_feat), onehots
 
     def exit_probability(self, obs: torch.Tensor) -> torch.Tensor:
         if self._param is not None and (obs.device != self._param.device or obs.dtype != self._param.dtype):
@@ -550,7 +580,59 @@ class PolicyExit(ExitController):
         logits = self.policy(obs.reshape(-1, obs.shape[-1]))
         return torch.softmax(logits.float() / self.temperature, dim=-1)[..., 1]
 
+    def _host_features(self, layer: int, x_t: torch.Tensor, logits: Optional[torch.Tensor]) -> np.ndarray:
+        """:meth:`_features` on the host: the feature vector [F] (float32 array) of the raw state ``x_t`` [H]
+        (``logits`` [V]: the full head's, when :meth:`logits_at` asked); advances the state."""
+        k, prev_h, prev_exit = self._open_check(layer, x_t)
+        cand = self._signals.check_values(x_t, logits) if self._signals is not None else None
+        parts: list = []
+        for f in self.features:
+            if f == "exit_index":
+                parts += self._host[-1][k]
+            elif f == "cosine_prev":
+                cos = 0.0
+                if prev_h is not None:
+                    x, y = x_t.numpy(), prev_h.numpy()
+                    cos = float(np.dot(x, y)) / max(float(np.linalg.norm(x)) * float(np.linalg.norm(y)), 1e-8)
+                parts.append(cos)
+            elif f == "prev_exit":
+                parts.append(prev_exit / self._n_exits)
+            else:
+                parts.append(cand[CANDIDATE_FEATURES.index(f)])
+        return np.array(parts, dtype=np.float32)
+
+    def _should_exit_host(self, layer: int, hidden: torch.Tensor, logits: Optional[torch.Tensor]) -> bool:
+        """:meth:`should_exit` of one row on the host: the features and the fused MLP in NumPy (same decision up
+        to float rounding; tested against the tensor path)."""
+        x_t = hidden[0, -1].float()
+        feats = self._host_features(layer, x_t, None if logits is None else logits[0, -1]) if self.features else None
+        decision = self._host_probability(x_t.numpy(), feats) >= self.threshold and not self.ignore_decision
+        if decision and self.features:
+            self._exited = self._exit_index[layer]
+        return decision
+
+    def _host_probability(self, x: np.ndarray, feats: Optional[np.ndarray]) -> float:
+        """P(exit) of the raw state ``x`` [H] and the features [F] through the fused MLP on the host."""
+        kind, eps, layers, w_diff, b_diff, w_feat, _ = self._host
+        if kind == "layer":
+            x = x - x.mean(dtype=np.float32)
+        r = np.float32(1.0 if kind == "none" else 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps))
+        for j, (w, b, act) in enumerate(layers):
+            x = w @ x
+            if j == 0:
+                x = x * r  # the norm's scalar after the product: a 64-wide multiply instead of the state's
+                if feats is not None and w_feat is not None:
+                    x = x + w_feat @ feats
+            if b is not None:
+                x = x + b
+            if act is not None:
+                x = act(x)
+        z = (float(np.dot(w_diff, x)) + b_diff) / self.temperature
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
     def should_exit(self, layer, hidden, normed, logits) -> bool:
+        if self._host is not None and hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+            return self._should_exit_host(layer, hidden, logits)
         feats = (self._features(layer, hidden[0, -1].float(), None if logits is None else logits[0, -1])
                  if self.features else None)
         if self._fast is not None:
@@ -663,6 +745,7 @@ class CheapConfidenceExit(ExitController):
 
     name = "cheap_confidence"
     per_row_state = True
+    host_path = True  # one row on a CPU: its candidate check on the host (signals.HostCheck)
     SCORES = ("max_prob", "margin")
 
     def __init__(self, threshold: float, *, source: str = "first_full", k: int = 4, score: str = "max_prob"):
@@ -687,7 +770,7 @@ class CheapConfidenceExit(ExitController):
         from greencode.decoding.signals import CheapSignals
 
         if self._signals is None or self._signals.model is not model:
-            self._signals = CheapSignals(model, self.k, self.source, saturation=False)
+            self._signals = CheapSignals(model, self.k, self.source, saturation=False, host=self.host_path)
         self._index = {layer: j for j, layer in enumerate(model.exit_layers)}
         self._first = min(model.exit_layers)
         # the full head (first_full, first exit point) is counted by the loop as an LM-head call

@@ -52,10 +52,12 @@ expresses it in decoder layers of the model's shape (``EarlyExitModel.cost_model
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from greencode.config import ConfigError
@@ -291,7 +293,8 @@ class SignalState:
     """Per-row state between the checks of a token. ``candidates`` [N, k] token ids (None: the first
     exit point runs the full head, ``first_full``); ``prev_normed`` [N, D] the previous exit point's
     normed state (or the layer below the first exit point); ``prev_top1`` [N] the previous exit point's
-    top candidate (token id); ``prev_exit`` [N] the previous token's exit point (E = the final layer)."""
+    top candidate (token id); ``prev_exit`` [N] the previous token's exit point (E = the final layer).
+    A row checked on the host (:class:`HostCheck`) holds them as NumPy arrays of the same shapes."""
 
     candidates: Optional[torch.Tensor]
     prev_exit: torch.Tensor
@@ -311,8 +314,8 @@ class SignalState:
                 out[f] = None
             elif any(v is None for v in vals):
                 return None
-            else:
-                out[f] = torch.cat(vals)
+            else:  # a row checked on the host holds NumPy arrays (HostCheck.advance)
+                out[f] = torch.cat([torch.as_tensor(v) for v in vals])
         return cls(**out)
 
     def row(self, k: int) -> "SignalState":
@@ -356,6 +359,129 @@ def signal_step(weight: torch.Tensor, bias: Optional[torch.Tensor], state: Signa
     feats = torch.cat([torch.stack([st["max_prob"], st["margin"], st["neg_entropy"], st["top1_logit"], stable, sat,
                                     state.prev_exit.float().to(normed.device) / n_exit_points], dim=-1), onehot], dim=-1)
     return feats, SignalState(candidates=cands, prev_exit=state.prev_exit, prev_normed=normed, prev_top1=top1)
+
+
+# --------------------------------------------------------------------------- one row on the host
+class HostCheck:
+    """One row's check computed on the host (NumPy for the products, Python floats for the k-candidate
+    softmax): the same features as :func:`signal_step` for N = 1 up to float rounding (tested), for a CPU
+    model with a float32 head.
+
+    Why: at batch 1 a check is a few dozen tiny tensor operations, and inside the decoding loop each
+    PyTorch call costs ~10 us of dispatch on this kind of CPU (the layers between two checks evict what
+    a tight loop keeps warm), so a check cost ~0.4 ms, about half a decoder layer of the default
+    (``results/adhoc/check_host_path.py``). Here a check is a handful of NumPy calls: the final norm's
+    scale is folded into the head's rows once (``W diag(g)``; a LayerNorm's bias into a per-token offset
+    ``W b``), so a candidate logit is ``r (W_g[c] . x) + offset[c]`` with ``r`` the norm's scalar. The arrays
+    are built once per head; the state it leaves is a :class:`SignalState` of tensors, as the batched path's,
+    so a row can move between the two. :meth:`of` returns None where it does not apply (a GPU, a bf16
+    head, a norm it does not know): the caller keeps the tensor path."""
+
+    def __init__(self, weight: np.ndarray, offset: Optional[np.ndarray], norm: tuple, low_rank: Optional[tuple],
+                 k: int, n_exit_points: int, saturation: bool):
+        self.weight, self.offset, self.norm, self.low_rank = weight, offset, norm, low_rank
+        self.k, self.e, self.saturation = int(k), int(n_exit_points), bool(saturation)
+
+    @classmethod
+    def of(cls, model, weight: torch.Tensor, bias: Optional[torch.Tensor], low_rank: Optional["LowRankShortlist"],
+           k: int, n_exit_points: int, saturation: bool) -> Optional["HostCheck"]:
+        kind, eps, scale, nbias, proj = model.adapter.final_norm_parts()
+        tensors = [t for t in (weight, bias, scale, nbias) if t is not None]
+        if low_rank is not None:
+            tensors += list(low_rank.factor)
+        if (kind not in ("rms", "layer", "none") or proj is not None
+                or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)):
+            return None
+        with torch.no_grad():
+            w = weight.detach()
+            offset = None if nbias is None else w @ nbias.detach()  # W (g x + b) = (W diag(g)) x + W b
+            if bias is not None:
+                offset = bias.detach().clone() if offset is None else offset + bias.detach()
+            wg = w * scale.detach() if scale is not None else w
+            lr = None
+            if low_rank is not None:  # A B ~ W: A (B diag(g)) x + A B b (+ the head's bias)
+                a, b = low_rank.factor
+                lr_offset = None if nbias is None else a @ (b @ nbias.detach())
+                if bias is not None:
+                    lr_offset = bias.detach().clone() if lr_offset is None else lr_offset + bias.detach()
+                lr = (a.numpy(), (b * scale.detach() if scale is not None else b).contiguous().numpy(),
+                      low_rank.shortlist, None if lr_offset is None else lr_offset.numpy())
+            norm = (kind, float(eps), None if scale is None else scale.detach().numpy(),
+                    None if nbias is None else nbias.detach().numpy())
+            return cls(wg.contiguous().numpy(), None if offset is None else offset.numpy(), norm, lr, k,
+                       n_exit_points, saturation)
+
+    def _scaled(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """The raw state [D] centred (LayerNorm) and the norm's scalar ``r``: normed = r x g + b."""
+        kind, eps = self.norm[0], self.norm[1]
+        if kind == "layer":
+            x = x - x.mean(dtype=np.float32)
+        return x, (1.0 if kind == "none" else 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps))
+
+    def normed(self, x: np.ndarray) -> np.ndarray:
+        """The final norm of one raw state [D] (float32), as :func:`~greencode.decoding.controllers.policy_observation`."""
+        _kind, _eps, scale, bias = self.norm
+        x, r = self._scaled(x)
+        x = x * np.float32(r)
+        if scale is not None:
+            x = x * scale
+        return x if bias is None else x + bias
+
+    def _logits(self, x: np.ndarray, r: float, ids: np.ndarray) -> list[float]:
+        out = (self.weight[ids] @ x).tolist()
+        if self.offset is None:
+            return [r * v for v in out]
+        return [r * v + o for v, o in zip(out, self.offset[ids].tolist())]
+
+    def values(self, state: SignalState, x: np.ndarray, full_logits: Optional[np.ndarray] = None):
+        """The check of the raw state ``x`` [D]: (max_prob, margin, neg_entropy, top1_logit, top1_stable,
+        saturation) as floats, the ``k`` candidates (ids, largest logit first) and the normed state (only
+        when the saturation is kept, else None)."""
+        xc, r = self._scaled(x)
+        if state.candidates is not None:
+            ids = np.asarray(state.candidates)[0]
+            pairs = sorted(zip(self._logits(xc, r, ids), ids.tolist()), key=lambda t: -t[0])
+        else:
+            if full_logits is not None:
+                scores = full_logits
+            elif self.low_rank is not None:
+                a, b, m, lr_offset = self.low_rank
+                scores = a @ (b @ xc)
+                if lr_offset is not None:  # the head's bias (and a LayerNorm's, folded) shifts the ranking
+                    scores = np.float32(r) * scores + lr_offset
+                short = np.argpartition(scores, scores.shape[0] - m)[scores.shape[0] - m:]
+                scores = None
+            else:
+                raise ValueError("no candidates yet: pass the full head's logits at the first exit point "
+                                 "(first_full) or use the low_rank source")
+            if scores is not None:  # first_full: the top-k of the head's logits
+                ids = np.argpartition(scores, scores.shape[0] - self.k)[scores.shape[0] - self.k:]
+                pairs = sorted(zip(scores[ids].tolist(), ids.tolist()), key=lambda t: -t[0])
+            else:  # low_rank: the exact logits of the shortlist, their top-k
+                pairs = sorted(zip(self._logits(xc, r, short), short.tolist()), key=lambda t: -t[0])[:self.k]
+        top = pairs[0][0]
+        z = [math.exp(v - top) for v, _ in pairs]
+        total = sum(z)
+        log_total = math.log(total)
+        p = [v / total for v in z]
+        neg_entropy = sum(pi * ((v - top) - log_total) for pi, (v, _) in zip(p, pairs))
+        top1 = pairs[0][1]
+        stable = float(state.prev_top1 is not None and top1 == int(state.prev_top1[0]))
+        normed, sat = None, 0.0
+        if self.saturation or state.prev_normed is not None:
+            normed = self.normed(x)
+            if state.prev_normed is not None:
+                prev = np.asarray(state.prev_normed)[0]
+                denom = max(float(np.linalg.norm(normed)) * float(np.linalg.norm(prev)), 1e-8)
+                sat = float(np.dot(normed, prev)) / denom
+        return (p[0], p[0] - p[1], neg_entropy, top, stable, sat), [i for _, i in pairs], normed
+
+    def advance(self, state: SignalState, cands: list[int], normed: Optional[np.ndarray]) -> SignalState:
+        """The state after a check that ranked ``cands``: :func:`signal_step`'s, held as NumPy arrays (a tensor
+        costs ~10 us to make here; :meth:`SignalState.stack` turns them into tensors for the batched path)."""
+        return SignalState(candidates=np.array([cands], dtype=np.int64), prev_exit=state.prev_exit,
+                           prev_normed=normed[None] if self.saturation else None,
+                           prev_top1=np.array([cands[0]], dtype=np.int64))
 
 
 def first_candidates(source: str, k: int, *, input_ids: Optional[torch.Tensor] = None,
@@ -417,12 +543,13 @@ class CheapSignals:
     point), :meth:`below` with the raw state of the layer under the first exit point (for saturation),
     then :meth:`check` at each exit point the rows reach (raw hidden states [N, H]; the full head's
     logits at the first exit point for ``first_full``; ``low_rank`` opens from the head's rank-R factor,
-    computed once). :meth:`macs_per_check` is what each check costs.
+    computed once). :meth:`macs_per_check` is what each check costs. One row on a CPU is checked on the host
+    (:class:`HostCheck`) unless ``host=False``.
     ``saturation=False``: the saturation is not computed (its feature is 0, and its MACs are not counted),
     for a user that does not read it."""
 
     def __init__(self, model, k: int = 4, source: str = "first_full", bigram: Optional[torch.Tensor] = None,
-                 saturation: bool = True):
+                 saturation: bool = True, host: bool = True):
         check_candidates(k, source)
         if source == "bigram" and bigram is None:
             raise ConfigError("the bigram candidate source needs a table (greencode.decoding.signals.bigram_table)")
@@ -439,6 +566,10 @@ class CheapSignals:
         self._opens_at_first_check = name in OPEN_AT_FIRST_CHECK
         self.state: Optional[SignalState] = None
         self.feature_names = feature_names(self.shape.n_exit_points)
+        # one row on a CPU: the NumPy path (None where it does not apply; ``host=False``: the tensor path always,
+        # which the tests compare it with)
+        self.host = HostCheck.of(model, self.weight, self.bias, self.low_rank, self.k, self.shape.n_exit_points,
+                                 self.saturation) if host else None
 
     def __deepcopy__(self, memo):
         """A copy for another row (a controller's per-row instance): the model, its head and the bigram table
@@ -468,6 +599,8 @@ class CheapSignals:
     def check(self, exit_index: int, hidden: torch.Tensor, full_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.state is None:
             raise RuntimeError("call start() at the beginning of each token")
+        if self.host is not None and hidden.shape[0] == 1 and hidden.device.type == "cpu":
+            return torch.from_numpy(self.check_host(exit_index, hidden.reshape(-1), full_logits))[None]
         feats, self.state = signal_step(self.weight, self.bias, self.state, self.normed(hidden), exit_index,
                                         self.shape.n_exit_points, self.k,
                                         full_logits=(full_logits if self.state.candidates is None
@@ -476,6 +609,27 @@ class CheapSignals:
         if not self.saturation:
             self.state.prev_normed = None
         return feats
+
+    def check_host(self, exit_index: int, hidden: torch.Tensor,
+                   full_logits: Optional[torch.Tensor] = None) -> np.ndarray:
+        """:meth:`check` of one row's raw state ``hidden`` [H] on the host (:class:`HostCheck`): the features [F]
+        as a float32 array."""
+        vals = self.check_values(hidden, full_logits)
+        onehot = [0.0] * self.shape.n_exit_points
+        onehot[exit_index] = 1.0
+        return np.array(list(vals) + [float(self.state.prev_exit[0]) / self.shape.n_exit_points] + onehot,
+                        dtype=np.float32)
+
+    def check_values(self, hidden: torch.Tensor, full_logits: Optional[torch.Tensor] = None) -> tuple:
+        """The candidate features of one row's raw state ``hidden`` [H] on the host, as floats in :data:`FEATURES`
+        order up to the saturation (``prev_exit`` is the caller's); advances the state as :meth:`check`."""
+        if self.state is None:
+            raise RuntimeError("call start() at the beginning of each token")
+        use_full = full_logits is not None and self.state.candidates is None and self.low_rank is None
+        vals, cands, normed = self.host.values(self.state, hidden.detach().float().numpy(),
+                                               full_logits.detach().float().reshape(-1).numpy() if use_full else None)
+        self.state = self.host.advance(self.state, cands, normed)
+        return vals
 
     def check_rows(self, exit_index: int, signals: Sequence["CheapSignals"], hidden: torch.Tensor,
                    full_logits: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
