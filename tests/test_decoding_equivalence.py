@@ -123,10 +123,22 @@ def test_fused_propagation_equals_per_layer_projection(family):
         model.layers[4].self_attn.k_proj.weight.mul_(2.0)
         norm = getattr(model.layers[5], "input_layernorm", None) or model.layers[5].self_attn_layer_norm
         norm.weight.add_(0.5)
-    for j, (k, v) in enumerate(model.adapter.propagate(1, h, kw), start=1):
-        k_ref, v_ref = model.adapter.kv_for_layer(j, h, kw)
-        torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+
+    def same_as_per_layer():
+        for j, (k, v) in enumerate(model.adapter.propagate(1, h, kw), start=1):
+            k_ref, v_ref = model.adapter.kv_for_layer(j, h, kw)
+            torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+
+    same_as_per_layer()
+    # a parameter replaced by a new tensor (not edited in place), then a whole projection module replaced:
+    # the cached walk over the modules notices both
+    attn = model.layers[3].self_attn
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach() * 0.5)
+    same_as_per_layer()
+    new = torch.nn.Linear(attn.k_proj.in_features, attn.k_proj.out_features, bias=attn.k_proj.bias is not None)
+    attn.k_proj = new
+    same_as_per_layer()
 
 
 @pytest.mark.parametrize("kv_strategy", ["propagate", "compute"])

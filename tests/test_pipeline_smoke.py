@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from greencode.eval.grids import PROB_DENSE
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["data", "pretrain", "finetune", "report", "bank", "agent", "calibrate", "evaluate", "figures"]
 
@@ -162,7 +164,7 @@ def test_grids_are_chosen_on_the_tuning_slice(smoke_run):
     g = json.loads((tmp / "results" / "tune" / "grids.json").read_text())
     assert g["samples"] == 3 and g["families"] == ["fixed", "confidence", "gc"]
     conf = g["rows"]["confidence"]
-    assert len(conf) == 25 and all(0.0 <= r["token_risk"] <= 1.0 and r["compute"] > 0 for r in conf)
+    assert len(conf) == len(PROB_DENSE) == 29 and all(0.0 <= r["token_risk"] <= 1.0 and r["compute"] > 0 for r in conf)
     # a deeper fixed exit costs more, and the deepest is still cheaper than the full model
     fixed = [r["compute"] for r in sorted(g["rows"]["fixed"], key=lambda r: int(r["id"].split("@")[1]))]
     assert all(b > a for a, b in zip(fixed, fixed[1:])) and fixed[-1] < 1.0

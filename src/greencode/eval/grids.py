@@ -39,9 +39,10 @@ LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 # a probability threshold's dense grid (confidence, the agent's P(exit), the classifier's P(agree), ...); the
 # thresholds below 0.2 and above 0.999 are there for the agent, whose P(exit) PPO sharpens: on the default its
 # thresholds >= 0.2 reached no lower than 0.69 of the full model's compute (results/default/tune/low_thresholds/
-# grids.md), and with the low_rank candidates 0.999 reached no higher than 0.81
+# grids.md), with the low_rank candidates 0.999 reached no higher than 0.81, and 0.9999 no higher than 0.86
+# (results/default/tune/high_thresholds/grids.md: 0.99999 0.92, 0.999995 0.94, 0.999999 0.98)
 PROB_DENSE = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97,
-              0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999)
+              0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 0.999995, 0.999999)
 # the static family the hull is drawn from (with the full model)
 STATIC = "fixed"
 

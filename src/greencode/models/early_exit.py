@@ -77,19 +77,46 @@ class FamilyAdapter:
         ``[k; v] = W @ standardize(h) + b``."""
         raise NotImplementedError
 
-    def _fold_inputs(self, layer_idx: int) -> list[torch.Tensor]:
-        """Every tensor :meth:`_fold` reads for one layer (its attention block's K/V
-        projections and its input norm): the fused weights are rebuilt when any of them changes."""
-        layer = self.layers[layer_idx]
-        mods = [layer.self_attn.k_proj, layer.self_attn.v_proj,
-                getattr(layer, "input_layernorm", None) or getattr(layer, "self_attn_layer_norm", None)]
-        return [p for m in mods if m is not None for p in m.parameters(recurse=False)]
+    def _fold_key(self) -> tuple:
+        """What the fused weights depend on: every folded tensor of every layer (storage, in-place version;
+        a move or a dtype change makes new storage), so loading, editing or moving any one layer's weights
+        rebuilds them, not only layer 0's. Walking the modules for it cost ~120 us per call (the loop
+        propagates once per exiting group), so the walk is kept with the key and redone only when a module's
+        parameter dict no longer holds the same tensors (a parameter or a module replaced)."""
+        walk = getattr(self, "_fold_walk", None)
+        if walk is not None and walk[2] is self.layers and all(d.get(n) is v for d, n, v in walk[1]):
+            params = walk[0]
+        else:
+            self._fold_walk = (*self._walk_folded(), self.layers)
+            params = self._fold_walk[0]
+        return tuple((p.data_ptr(), p._version) for p in params)
+
+    def _walk_folded(self) -> tuple[list[torch.Tensor], list[tuple[dict, str, Any]]]:
+        """The tensors :meth:`_fold` reads (each layer's K/V projections and input norm) and the path to each
+        as (the owning module's dict, name, object) entries, from the layer list down to the parameters."""
+        entries: list[tuple[dict, str, Any]] = []
+        params: list[torch.Tensor] = []
+        layers = self.layers
+        for j in range(self.num_layers):
+            layer = layers[j]
+            entries.append((layers._modules, str(j), layer))
+            attn = layer.self_attn
+            entries.append((layer._modules, "self_attn", attn))
+            norm_name = "input_layernorm" if "input_layernorm" in layer._modules else "self_attn_layer_norm"
+            mods = [(attn._modules, "k_proj"), (attn._modules, "v_proj"), (layer._modules, norm_name)]
+            for owner, name in mods:
+                mod = owner.get(name)
+                if mod is None:
+                    continue
+                entries.append((owner, name, mod))
+                for pname, p in mod._parameters.items():
+                    if p is not None:
+                        entries.append((mod._parameters, pname, p))
+                        params.append(p)
+        return params, entries
 
     def _fused(self) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
-        # keyed on every folded tensor of every layer (storage, in-place version, dtype, device), so
-        # loading, editing or moving any one layer's weights rebuilds it, not only layer 0's
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for j in range(self.num_layers)
-                    for p in self._fold_inputs(j))
+        key = self._fold_key()
         cached = getattr(self, "_fused_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
