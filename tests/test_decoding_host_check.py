@@ -154,3 +154,24 @@ def test_signal_state_stack_takes_host_and_tensor_rows():
     s = SignalState.stack([a, b])
     assert s.candidates.tolist() == [[1, 2], [3, 4]] and s.prev_top1.tolist() == [1, 3]
     assert s.prev_normed is None
+
+
+def test_host_arrays_are_built_once_per_head_and_rebuilt_when_it_changes():
+    model = tiny_model("opt", num_layers=4, exit_layers=(1, 2))
+    a, b = CheapSignals(model, k=4, source="low_rank:8:16"), CheapSignals(model, k=4, source="low_rank:8:16")
+    assert a.host.weight is b.host.weight  # shared: one copy of the scaled head per model
+    states = _states(model, n=1)
+    x = states[1][0:1]
+    a.start(torch.zeros(1, dtype=torch.long), torch.tensor([2]))
+    before = a.check(0, x)
+    with torch.no_grad():
+        model.adapter.lm_head.weight.mul_(2.0)  # edited in place: the cached arrays must not be reused
+    c = CheapSignals(model, k=4, source="low_rank:8:16")
+    assert c.host.weight is not a.host.weight
+    tensor = CheapSignals(model, k=4, source="low_rank:8:16", host=False)
+    for sig in (c, tensor):
+        sig.start(torch.zeros(1, dtype=torch.long), torch.tensor([2]))
+    with torch.no_grad():
+        got, want = c.check(0, x), tensor.check(0, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, before)  # the logits doubled: the features moved

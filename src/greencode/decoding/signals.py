@@ -362,6 +362,14 @@ def signal_step(weight: torch.Tensor, bias: Optional[torch.Tensor], state: Signa
 
 
 # --------------------------------------------------------------------------- one row on the host
+_HOST: dict[int, tuple] = {}  # id(head weight) -> (weakref to it, key of the tensors it was built from, arrays)
+
+
+def _forget_host(wid: int, ref) -> None:
+    if wid in _HOST and _HOST[wid][0] is ref:
+        del _HOST[wid]
+
+
 class HostCheck:
     """One row's check computed on the host (NumPy for the products, Python floats for the k-candidate
     softmax): the same features as :func:`signal_step` for N = 1 up to float rounding (tested), for a CPU
@@ -373,8 +381,9 @@ class HostCheck:
     (``results/adhoc/check_host_path.py``). Here a check is a handful of NumPy calls: the final norm's
     scale is folded into the head's rows once (``W diag(g)``; a LayerNorm's bias into a per-token offset
     ``W b``), so a candidate logit is ``r (W_g[c] . x) + offset[c]`` with ``r`` the norm's scalar. The arrays
-    are built once per head; the state it leaves is a :class:`SignalState` of tensors, as the batched path's,
-    so a row can move between the two. :meth:`of` returns None where it does not apply (a GPU, a bf16
+    are built once per head and its tensors' versions (cached: every controller and row copy of a model shares
+    them); the state it leaves is a :class:`SignalState` of NumPy arrays, which the batched path stacks into
+    tensors, so a row can move between the two. :meth:`of` returns None where it does not apply (a GPU, a bf16
     head, a norm it does not know): the caller keeps the tensor path."""
 
     def __init__(self, weight: np.ndarray, offset: Optional[np.ndarray], norm: tuple, low_rank: Optional[tuple],
@@ -392,6 +401,20 @@ class HostCheck:
         if (kind not in ("rms", "layer", "none") or proj is not None
                 or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)):
             return None
+        key = (kind, float(eps), None if low_rank is None else low_rank.shortlist,
+               tuple((id(t), -1 if t.is_inference() else t._version) for t in tensors))  # no counter on those
+        hit = _HOST.get(id(weight))
+        if hit is None or hit[0]() is not weight or hit[1] != key:
+            wid = id(weight)
+            _HOST[wid] = hit = (weakref.ref(weight, lambda r, wid=wid: _forget_host(wid, r)), key,
+                                cls._arrays(kind, eps, weight, bias, scale, nbias, low_rank))
+        weight_g, offset, norm, lr = hit[2]
+        return cls(weight_g, offset, norm, lr, k, n_exit_points, saturation)
+
+    @staticmethod
+    def _arrays(kind, eps, weight, bias, scale, nbias, low_rank) -> tuple:
+        """The host arrays of a head: ``W diag(g)``, the per-token offset, the norm's parts, the low-rank factor
+        with the scale folded (and its offset)."""
         with torch.no_grad():
             w = weight.detach()
             offset = None if nbias is None else w @ nbias.detach()  # W (g x + b) = (W diag(g)) x + W b
@@ -408,8 +431,7 @@ class HostCheck:
                       low_rank.shortlist, None if lr_offset is None else lr_offset.numpy())
             norm = (kind, float(eps), None if scale is None else scale.detach().numpy(),
                     None if nbias is None else nbias.detach().numpy())
-            return cls(wg.contiguous().numpy(), None if offset is None else offset.numpy(), norm, lr, k,
-                       n_exit_points, saturation)
+            return wg.contiguous().numpy(), None if offset is None else offset.numpy(), norm, lr
 
     def _scaled(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """The raw state [D] centred (LayerNorm) and the norm's scalar ``r``: normed = r x g + b."""
