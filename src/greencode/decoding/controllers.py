@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from greencode.config import ConfigError
+from greencode.decoding.signals import host_cosine, host_norm
 
 
 def _check_unit(name: str, value: float) -> float:
@@ -590,11 +591,7 @@ class PolicyExit(ExitController):
             if f == "exit_index":
                 parts += self._host[-1][k]
             elif f == "cosine_prev":
-                cos = 0.0
-                if prev_h is not None:
-                    x, y = x_t.numpy(), prev_h.numpy()
-                    cos = float(np.dot(x, y)) / max(float(np.linalg.norm(x)) * float(np.linalg.norm(y)), 1e-8)
-                parts.append(cos)
+                parts.append(0.0 if prev_h is None else host_cosine(x_t.numpy(), prev_h.numpy()))
             elif f == "prev_exit":
                 parts.append(prev_exit / self._n_exits)
             else:
@@ -614,9 +611,8 @@ class PolicyExit(ExitController):
     def _host_probability(self, x: np.ndarray, feats: Optional[np.ndarray]) -> float:
         """P(exit) of the raw state ``x`` [H] and the features [F] through the fused MLP on the host."""
         kind, eps, layers, w_diff, b_diff, w_feat, _ = self._host
-        if kind == "layer":
-            x = x - x.mean(dtype=np.float32)
-        r = np.float32(1.0 if kind == "none" else 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps))
+        x, r = host_norm(kind, eps, x)
+        r = np.float32(r)
         for j, (w, b, act) in enumerate(layers):
             x = w @ x
             if j == 0:

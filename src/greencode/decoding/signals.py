@@ -370,6 +370,19 @@ def _forget_host(wid: int, ref) -> None:
         del _HOST[wid]
 
 
+def host_norm(kind: str, eps: float, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """A final norm without its affine part, on the host: the raw state [D] centred (LayerNorm) and the norm's
+    scalar ``r`` (``standardize(x) = r x``), for :class:`HostCheck` and PolicyExit's host MLP."""
+    if kind == "layer":
+        x = x - x.mean(dtype=np.float32)
+    return x, (1.0 if kind == "none" else 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps))
+
+
+def host_cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """The cosine of two vectors on the host (``torch.nn.functional.cosine_similarity``'s eps 1e-8)."""
+    return float(np.dot(x, y)) / max(float(np.linalg.norm(x)) * float(np.linalg.norm(y)), 1e-8)
+
+
 class HostCheck:
     """One row's check computed on the host (NumPy for the products, Python floats for the k-candidate
     softmax): the same features as :func:`signal_step` for N = 1 up to float rounding (tested), for a CPU
@@ -433,17 +446,10 @@ class HostCheck:
                     None if nbias is None else nbias.detach().numpy())
             return wg.contiguous().numpy(), None if offset is None else offset.numpy(), norm, lr
 
-    def _scaled(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """The raw state [D] centred (LayerNorm) and the norm's scalar ``r``: normed = r x g + b."""
-        kind, eps = self.norm[0], self.norm[1]
-        if kind == "layer":
-            x = x - x.mean(dtype=np.float32)
-        return x, (1.0 if kind == "none" else 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps))
-
     def normed(self, x: np.ndarray) -> np.ndarray:
         """The final norm of one raw state [D] (float32), as :func:`~greencode.decoding.controllers.policy_observation`."""
         _kind, _eps, scale, bias = self.norm
-        x, r = self._scaled(x)
+        x, r = host_norm(self.norm[0], self.norm[1], x)
         x = x * np.float32(r)
         if scale is not None:
             x = x * scale
@@ -459,7 +465,7 @@ class HostCheck:
         """The check of the raw state ``x`` [D]: (max_prob, margin, neg_entropy, top1_logit, top1_stable,
         saturation) as floats, the ``k`` candidates (ids, largest logit first) and the normed state (only
         when the saturation is kept, else None)."""
-        xc, r = self._scaled(x)
+        xc, r = host_norm(self.norm[0], self.norm[1], x)  # normed = r xc g + b
         if state.candidates is not None:
             ids = np.asarray(state.candidates)[0]
             pairs = sorted(zip(self._logits(xc, r, ids), ids.tolist()), key=lambda t: -t[0])
@@ -493,9 +499,7 @@ class HostCheck:
         if self.saturation or state.prev_normed is not None:
             normed = self.normed(x)
             if state.prev_normed is not None:
-                prev = np.asarray(state.prev_normed)[0]
-                denom = max(float(np.linalg.norm(normed)) * float(np.linalg.norm(prev)), 1e-8)
-                sat = float(np.dot(normed, prev)) / denom
+                sat = host_cosine(normed, np.asarray(state.prev_normed)[0])
         return (p[0], p[0] - p[1], neg_entropy, top, stable, sat), [i for _, i in pairs], normed
 
     def advance(self, state: SignalState, cands: list[int], normed: Optional[np.ndarray]) -> SignalState:
