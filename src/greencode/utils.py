@@ -179,6 +179,44 @@ def torch_threads(num_threads: int):
         torch.set_num_threads(prev)
 
 
+_NUMPY_BLAS: Optional[list] = None  # NumPy's own OpenBLAS (threadpoolctl's controllers), found once
+
+
+def _numpy_blas() -> list:
+    global _NUMPY_BLAS
+    if _NUMPY_BLAS is None:
+        try:  # threadpoolctl comes with scikit-learn (requirements.txt)
+            from threadpoolctl import ThreadpoolController
+
+            # the BLAS bundled with NumPy's wheel (numpy.libs/, numpy/.dylibs/, ...), not SciPy's or torch's
+            _NUMPY_BLAS = [c for c in ThreadpoolController().lib_controllers
+                           if c.user_api == "blas" and "numpy" in Path(c.filepath).parent.as_posix()]
+        except Exception:  # no threadpoolctl, or a BLAS it cannot drive: NumPy keeps its threads
+            _NUMPY_BLAS = []
+    return _NUMPY_BLAS
+
+
+@contextlib.contextmanager
+def numpy_blas_threads(num_threads: int):
+    """Run a block with NumPy's own BLAS on ``num_threads`` threads (restored afterwards; torch's threads are
+    untouched: it has its own OpenMP and BLAS).
+
+    Used by the decoding loop's host checks (:class:`greencode.decoding.signals.HostCheck`): their products
+    are a few rows of a few hundred columns, and OpenBLAS threads for them spin beside torch's OpenMP
+    threads. Measured on the default at batch 8 on 2 cores (``results/adhoc/step_parts_batch.py``): with
+    NumPy's 2 threads a GC step took 72.5 ms against 19.6 ms on the tensor path, the layers included
+    (53.6 ms against 10.8 ms). Costs about 2 us per block."""
+    libs = _numpy_blas()
+    prev = [c.num_threads for c in libs]
+    for c in libs:
+        c.set_num_threads(max(1, int(num_threads)))
+    try:
+        yield
+    finally:
+        for c, n in zip(libs, prev):
+            c.set_num_threads(n)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename over ``path`` only on success."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from greencode.config import ConfigError
-from greencode.decoding.signals import host_cosine, host_norm
+from greencode.decoding.signals import host_cosine, host_norm, host_norm_rows
 
 
 def _check_unit(name: str, value: float) -> float:
@@ -386,7 +386,7 @@ class OracleExit(ExitController):
 
 
 _FAST_ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu, nn.Sigmoid: torch.sigmoid}
-# the same activations on the host (PolicyExit's NumPy path for one row on a CPU)
+# the same activations on the host (PolicyExit's NumPy path for rows on a CPU)
 _HOST_ACTIVATIONS = {torch.tanh: np.tanh, torch.relu: lambda v: np.maximum(v, np.float32(0)),
                      torch.sigmoid: lambda v: np.float32(1) / (np.float32(1) + np.exp(-v))}
 
@@ -398,7 +398,7 @@ class PolicyExit(ExitController):
     has the same shape and runs through this controller too (``name="classifier"``)."""
 
     name = "policy"
-    host_path = True  # one row on a CPU: the NumPy path (False: the tensor path always, for the tests' comparison)
+    host_path = True  # rows on a CPU: the NumPy path (False: the tensor path always, for the tests' comparison)
 
     def __init__(self, policy: nn.Module, threshold: float, temperature: float = 1.0, observation: str = "normed",
                  ignore_decision: bool = False, name: Optional[str] = None):
@@ -418,7 +418,7 @@ class PolicyExit(ExitController):
         self.macs_per_check = sum(m.weight.numel() for m in policy.modules() if isinstance(m, nn.Linear))
         self._param = next(policy.parameters(), None)
         self._fast = None  # (norm kind, eps, [(W, b, activation)], w_diff, b_diff) once fused
-        self._host = None  # the same as NumPy arrays (+ the feature weights, one-hots): one row on a CPU
+        self._host = None  # the same as NumPy arrays (+ the feature weights, one-hots): rows on a CPU
         # observation features beyond the hidden state (rl.observation_features): they need the
         # previous exit point's state and the previous token's exit, kept per row
         self.features = list(getattr(policy, "features", None) or [])
@@ -554,7 +554,7 @@ class PolicyExit(ExitController):
         self._host = self._host_mlp() if self.host_path else None
 
     def _host_mlp(self) -> Optional[tuple]:
-        """The fused MLP as NumPy arrays for one row's check on a CPU (the decoding loop's batch-1 case), where
+        """The fused MLP as NumPy arrays for the checks of rows on a CPU (one row, or a batch's group), where
         a check's few dozen tensor calls cost more than the layers it could skip (:class:`~greencode.decoding.
         signals.HostCheck` says why); None where it does not apply (a GPU, bf16 weights, an activation without
         a host twin, candidate features without a host path): the tensor path stays."""
@@ -648,6 +648,8 @@ class PolicyExit(ExitController):
             return super().should_exit_rows(layer, hidden, normed, logits)
         if self.ignore_decision:
             return [False] * hidden.shape[0]
+        if self._host is not None and hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+            return (self._host_probability_rows(hidden[:, -1].numpy(), None) >= self.threshold).tolist()
         return (self._fast_probability_rows(hidden[:, -1].float(), None) >= self.threshold).tolist()
 
     def decide_rows(self, layer, ctrls, hidden, normed, logits) -> list[bool]:
@@ -655,6 +657,8 @@ class PolicyExit(ExitController):
         them at once, each copy's state advanced as :meth:`should_exit` would (tested equal to it)."""
         if self._fast is None or type(self).should_exit is not PolicyExit.should_exit or not self.features:
             return super().decide_rows(layer, ctrls, hidden, normed, logits)
+        if self._host is not None and hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+            return self._decide_rows_host(layer, ctrls, hidden, logits)
         x = hidden[:, -1].float()  # [n, H]
         k, prev_h, prev_exit = zip(*(c._open_check(layer, x[j]) for j, c in enumerate(ctrls)))
         k = k[0]
@@ -680,6 +684,57 @@ class PolicyExit(ExitController):
             if d:
                 c._exited = k
         return decisions
+
+    def _decide_rows_host(self, layer, ctrls, hidden, logits) -> list[bool]:
+        """:meth:`decide_rows` on the host (a CPU float32 model): the rows' features as one array (the candidate
+        check of all of them at once, :meth:`~greencode.decoding.signals.CheapSignals.check_values_rows`) and the
+        fused MLP over them in NumPy; each copy's state advanced as :meth:`should_exit` would (tested equal)."""
+        x_t = hidden[:, -1]
+        x = x_t.numpy()  # [n, H]
+        opened = [c._open_check(layer, x_t[j]) for j, c in enumerate(ctrls)]
+        k = opened[0][0]
+        cand = None
+        if self._signals is not None:
+            lg = None if logits is None else logits[:, -1]
+            cand = self._signals.check_values_rows([c._signals for c in ctrls], x_t, lg)
+            if cand is None:  # the rows' candidate sets are not at the same stage: each copy's own check
+                cand = np.array([c._signals.check_values(x_t[j], None if lg is None else lg[j])
+                                 for j, c in enumerate(ctrls)])
+        cols: list = []
+        for f in self.features:
+            if f == "exit_index":
+                cols += [np.full(len(ctrls), v) for v in self._host[-1][k]]
+            elif f == "cosine_prev":
+                cols.append(np.array([0.0 if prev_h is None else host_cosine(x[j], prev_h.numpy())
+                                      for j, (_, prev_h, _) in enumerate(opened)]))
+            elif f == "prev_exit":
+                cols.append(np.array([prev_exit / self._n_exits for _, _, prev_exit in opened]))
+            else:
+                cols.append(cand[:, CANDIDATE_FEATURES.index(f)])
+        feats = np.stack(cols, axis=1).astype(np.float32)
+        p = self._host_probability_rows(x, feats)
+        decisions = [bool(v) and not self.ignore_decision for v in (p >= self.threshold).tolist()]
+        for c, d in zip(ctrls, decisions):
+            if d:
+                c._exited = k
+        return decisions
+
+    def _host_probability_rows(self, x: np.ndarray, feats: Optional[np.ndarray]) -> np.ndarray:
+        """:meth:`_host_probability` of raw states ``x`` [n, H] (float32) and features [n, F]: P(exit) [n]."""
+        kind, eps, layers, w_diff, b_diff, w_feat, _ = self._host
+        h, r = host_norm_rows(kind, eps, x)
+        for j, (w, b, act) in enumerate(layers):
+            h = h @ w.T
+            if j == 0:
+                h = h * r.astype(np.float32)[:, None]  # the norm's scalar after the product, as one row's
+                if feats is not None and w_feat is not None:
+                    h = h + feats @ w_feat.T
+            if b is not None:
+                h = h + b
+            if act is not None:
+                h = act(h)
+        z = (h.astype(np.float64) @ w_diff.astype(np.float64) + b_diff) / self.temperature
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -700.0, None)))
 
     def _fast_probability_rows(self, x: torch.Tensor, feats: Optional[torch.Tensor]) -> torch.Tensor:
         """:meth:`_fast_probability` for the raw states ``x`` [n, H] (float32) and features [n, F]: P(exit) [n]."""
@@ -741,7 +796,7 @@ class CheapConfidenceExit(ExitController):
 
     name = "cheap_confidence"
     per_row_state = True
-    host_path = True  # one row on a CPU: its candidate check on the host (signals.HostCheck)
+    host_path = True  # rows on a CPU: their candidate check on the host (signals.HostCheck)
     SCORES = ("max_prob", "margin")
 
     def __init__(self, threshold: float, *, source: str = "first_full", k: int = 4, score: str = "max_prob"):

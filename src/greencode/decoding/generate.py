@@ -40,6 +40,7 @@ from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Sampling, Slot, 
                                       cut_at_stops, expand_cache, gather_kv, growable, layer_kv, left_pad,
                                       left_pad_positions, new_cache, rebuild_cache, record_logits, rows_kwargs,
                                       select_token, truncate_logits)
+from greencode.utils import numpy_blas_threads
 
 
 @dataclass
@@ -468,9 +469,14 @@ class DecodeBatch:
         """One new token for every row; returns the rows that finished with it. The layers run
         segment by segment (eager: one layer; compiled: up to the next decision point); after each,
         what is read there is read (:meth:`_look`) and the rows whose controllers check there decide
-        (:meth:`_decide`); then every row's token is chosen (a lossless row's drafts verified)."""
+        (:meth:`_decide`); then every row's token is chosen (a lossless row's drafts verified).
+        NumPy's BLAS runs on one thread meanwhile (the host checks' small products; :func:`numpy_blas_threads`)."""
         if not self.rows:
             return []
+        with numpy_blas_threads(1):
+            return self._step()
+
+    def _step(self) -> list[Row]:
         growable(self.cache)  # appending this step's position writes in place
         st = self._begin()
         static = self._static_step(len(st.rows)) if self.compiled is not None and self.compiled.active else None

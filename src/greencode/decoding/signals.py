@@ -378,15 +378,25 @@ def host_norm(kind: str, eps: float, x: np.ndarray) -> tuple[np.ndarray, float]:
     return x, (1.0 if kind == "none" else 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps))
 
 
+def host_norm_rows(kind: str, eps: float, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`host_norm` of raw states [N, D]: the centred states and each row's scalar [N] (float64)."""
+    if kind == "layer":
+        x = x - x.mean(axis=1, keepdims=True, dtype=np.float32)
+    if kind == "none":
+        return x, np.ones(x.shape[0])
+    sq = np.einsum("nd,nd->n", x, x).astype(np.float64)
+    return x, 1.0 / np.sqrt(sq / x.shape[1] + eps)
+
+
 def host_cosine(x: np.ndarray, y: np.ndarray) -> float:
     """The cosine of two vectors on the host (``torch.nn.functional.cosine_similarity``'s eps 1e-8)."""
     return float(np.dot(x, y)) / max(float(np.linalg.norm(x)) * float(np.linalg.norm(y)), 1e-8)
 
 
 class HostCheck:
-    """One row's check computed on the host (NumPy for the products, Python floats for the k-candidate
-    softmax): the same features as :func:`signal_step` for N = 1 up to float rounding (tested), for a CPU
-    model with a float32 head.
+    """A check computed on the host (NumPy for the products; one row's k-candidate softmax in Python floats,
+    several rows' in float64 arrays, :meth:`values_rows`): the same features as :func:`signal_step` up to float
+    rounding (tested), for a CPU model with a float32 head.
 
     Why: at batch 1 a check is a few dozen tiny tensor operations, and inside the decoding loop each
     PyTorch call costs ~10 us of dispatch on this kind of CPU (the layers between two checks evict what
@@ -502,6 +512,63 @@ class HostCheck:
                 sat = host_cosine(normed, np.asarray(state.prev_normed)[0])
         return (p[0], p[0] - p[1], neg_entropy, top, stable, sat), [i for _, i in pairs], normed
 
+    def values_rows(self, states: Sequence[SignalState], x: np.ndarray, full_logits: Optional[np.ndarray] = None):
+        """:meth:`values` of N rows at the same stage in one computation (``x`` [N, D] raw states, float32;
+        ``full_logits`` [N, V] for ``first_full``'s first check): the values [N, 6] (float64, :meth:`values`'
+        order), the candidates [N, k] (int64, largest logit first) and the normed states [N, D] (None unless
+        the saturation is kept). None when the rows are not at the same stage (some with candidates, some
+        without): the caller checks them one by one. The batched decoding loop's case, where a group's check as
+        tensors is ~40 calls of ~10 us each whatever N is (``results/adhoc/step_parts_batch.py``)."""
+        have = [st.candidates is not None for st in states]
+        if any(have) and not all(have):
+            return None
+        xc, r = host_norm_rows(self.norm[0], self.norm[1], x)  # normed = r xc g + b
+        n = x.shape[0]
+        if all(have):
+            ids = np.concatenate([np.asarray(st.candidates) for st in states])
+        elif full_logits is not None:  # first_full: the top-k of the head's logits
+            v = full_logits.shape[1]
+            ids = np.argpartition(full_logits, v - self.k, axis=1)[:, v - self.k:]
+        elif self.low_rank is not None:  # low_rank: the shortlist's exact logits, their top-k
+            a, b, m, lr_offset = self.low_rank
+            scores = (xc @ b.T) @ a.T
+            if lr_offset is not None:
+                scores = r.astype(np.float32)[:, None] * scores + lr_offset
+            v = scores.shape[1]
+            ids = np.argpartition(scores, v - m, axis=1)[:, v - m:]
+        else:
+            raise ValueError("no candidates yet: pass the full head's logits at the first exit point "
+                             "(first_full) or use the low_rank source")
+        if all(have) or full_logits is None:
+            logits = np.einsum("nkd,nd->nk", self.weight[ids], xc).astype(np.float64) * r[:, None]
+            if self.offset is not None:
+                logits = logits + self.offset[ids]
+        else:
+            logits = np.take_along_axis(full_logits, ids, axis=1).astype(np.float64)
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :self.k]  # largest first, ties in the given order
+        logits, ids = np.take_along_axis(logits, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        top = logits[:, 0]
+        z = np.exp(logits - top[:, None])
+        total = z.sum(axis=1)
+        p = z / total[:, None]
+        neg_entropy = (p * ((logits - top[:, None]) - np.log(total)[:, None])).sum(axis=1)
+        prev = [st.prev_top1 for st in states]
+        stable = np.array([0.0 if t is None else float(int(ids[j, 0]) == int(np.asarray(t)[0]))
+                           for j, t in enumerate(prev)])
+        normed, sat = None, np.zeros(n)
+        if self.saturation or any(st.prev_normed is not None for st in states):
+            normed = xc * r.astype(np.float32)[:, None]
+            _kind, _eps, scale, bias = self.norm
+            if scale is not None:
+                normed = normed * scale
+            if bias is not None:
+                normed = normed + bias
+            for j, st in enumerate(states):
+                if st.prev_normed is not None:
+                    sat[j] = host_cosine(normed[j], np.asarray(st.prev_normed)[0])
+        vals = np.stack([p[:, 0], p[:, 0] - p[:, 1], neg_entropy, top, stable, sat], axis=1)
+        return vals, ids.astype(np.int64), normed
+
     def advance(self, state: SignalState, cands: list[int], normed: Optional[np.ndarray]) -> SignalState:
         """The state after a check that ranked ``cands``: :func:`signal_step`'s, held as NumPy arrays (a tensor
         costs ~10 us to make here; :meth:`SignalState.stack` turns them into tensors for the batched path)."""
@@ -569,7 +636,7 @@ class CheapSignals:
     point), :meth:`below` with the raw state of the layer under the first exit point (for saturation),
     then :meth:`check` at each exit point the rows reach (raw hidden states [N, H]; the full head's
     logits at the first exit point for ``first_full``; ``low_rank`` opens from the head's rank-R factor,
-    computed once). :meth:`macs_per_check` is what each check costs. One row on a CPU is checked on the host
+    computed once). :meth:`macs_per_check` is what each check costs. Rows on a CPU are checked on the host
     (:class:`HostCheck`) unless ``host=False``.
     ``saturation=False``: the saturation is not computed (its feature is 0, and its MACs are not counted),
     for a user that does not read it."""
@@ -595,7 +662,7 @@ class CheapSignals:
         # this row is checked apart from them (the next batched check of the same rows reuses the stack)
         self._shared: Optional[tuple[SignalState, int]] = None
         self.feature_names = feature_names(self.shape.n_exit_points)
-        # one row on a CPU: the NumPy path (None where it does not apply; ``host=False``: the tensor path always,
+        # rows on a CPU: the NumPy path (None where it does not apply; ``host=False``: the tensor path always,
         # which the tests compare it with)
         self.host = HostCheck.of(model, self.weight, self.bias, self.low_rank, self.k, self.shape.n_exit_points,
                                  self.saturation) if host else None
@@ -679,6 +746,16 @@ class CheapSignals:
         would. Returns the features [n, F], or None when the rows' states are not at the same stage.
         The rows' new states stay stacked: the next check of the same rows in the same order reuses the stack
         (no per-row split and re-stack, ~10 tensor calls per row), a row read alone splits off its own."""
+        if self.host is not None and hidden.device.type == "cpu":
+            vals = self.check_values_rows(signals, hidden, full_logits)
+            if vals is None:
+                return None
+            e = self.shape.n_exit_points
+            feats = np.zeros((len(signals), len(FEATURES) + e), dtype=np.float32)
+            feats[:, :vals.shape[1]] = vals
+            feats[:, vals.shape[1]] = [float(np.asarray(s.state.prev_exit)[0]) / e for s in signals]
+            feats[:, len(FEATURES) + exit_index] = 1.0
+            return torch.from_numpy(feats)
         first = signals[0]._shared
         if (first is not None and first[0].prev_exit.shape[0] == len(signals)
                 and all(s._shared is not None and s._shared[0] is first[0] and s._shared[1] == k
@@ -701,6 +778,26 @@ class CheapSignals:
         for k, s in enumerate(signals):
             s._state, s._shared = None, (new, k)
         return feats
+
+    def check_values_rows(self, signals: Sequence["CheapSignals"], hidden: torch.Tensor,
+                          full_logits: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
+        """:meth:`check_values` of several rows on the host in one computation (:meth:`HostCheck.values_rows`;
+        ``signals[k]`` holds row ``k``'s state, ``hidden`` [n, H]): the values [n, 6] (float64), each instance's
+        state advanced as :meth:`check` would; None (nothing advanced) when the rows are not at the same stage."""
+        states = [s.state for s in signals]
+        if any(st is None for st in states):
+            raise RuntimeError("call start() at the beginning of each token")
+        use_full = full_logits is not None and states[0].candidates is None and self.low_rank is None
+        out = self.host.values_rows(states, hidden.detach().float().numpy(),
+                                    full_logits.detach().float().numpy() if use_full else None)
+        if out is None:
+            return None
+        vals, ids, normed = out
+        keep = self.saturation
+        for j, (s, st) in enumerate(zip(signals, states)):
+            s.state = SignalState(candidates=ids[j:j + 1], prev_exit=st.prev_exit,
+                                  prev_normed=normed[j:j + 1] if keep else None, prev_top1=ids[j:j + 1, 0])
+        return vals
 
     def macs_parts(self, exit_index: int, readout: int = 0) -> dict[str, int]:
         """:func:`signal_macs`' parts of the check at ``exit_index`` (``full_head``: the full LM head of the
