@@ -678,7 +678,11 @@ class PolicyExit(ExitController):
                                                                   dim=-1).cpu()
         feats = observation_features(self.features, torch.full((len(ctrls),), k), self._n_exits, cos,
                                      torch.tensor(prev_exit), cand).to(x.device)
-        p = self._fast_probability_rows(x, feats)
+        return self._rows_decided(ctrls, self._fast_probability_rows(x, feats), k)
+
+    def _rows_decided(self, ctrls, p, k: int) -> list[bool]:
+        """The rows' decisions from their P(exit) ``p`` [n] (a tensor or an array) at exit point ``k``, recorded
+        in each copy that exits (its next token's ``prev_exit``)."""
         decisions = [bool(v) and not self.ignore_decision for v in (p >= self.threshold).tolist()]
         for c, d in zip(ctrls, decisions):
             if d:
@@ -712,12 +716,7 @@ class PolicyExit(ExitController):
             else:
                 cols.append(cand[:, CANDIDATE_FEATURES.index(f)])
         feats = np.stack(cols, axis=1).astype(np.float32)
-        p = self._host_probability_rows(x, feats)
-        decisions = [bool(v) and not self.ignore_decision for v in (p >= self.threshold).tolist()]
-        for c, d in zip(ctrls, decisions):
-            if d:
-                c._exited = k
-        return decisions
+        return self._rows_decided(ctrls, self._host_probability_rows(x, feats), k)
 
     def _host_probability_rows(self, x: np.ndarray, feats: Optional[np.ndarray]) -> np.ndarray:
         """:meth:`_host_probability` of raw states ``x`` [n, H] (float32) and features [n, F]: P(exit) [n]."""
