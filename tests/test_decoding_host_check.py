@@ -310,3 +310,47 @@ def test_numpy_blas_runs_on_one_thread_inside_a_decode_step(monkeypatch):
     finally:
         for c, n in zip(libs, before):
             c.set_num_threads(n)
+
+
+def test_numpy_blas_blocks_nest_across_threads():
+    """Blocks that overlap across threads (the endpoint's model thread beside a decode in this one): this thread's
+    block ends while the other's is open, and the other's decode must keep one BLAS thread; a later block on its
+    own then restores what it found."""
+    import threading
+
+    from greencode.utils import _numpy_blas, numpy_blas_threads
+
+    libs = _numpy_blas()
+    if not libs:
+        pytest.skip("threadpoolctl sees no BLAS bundled with NumPy here")
+    before = [c.num_threads for c in libs]
+    for c in libs:
+        c.set_num_threads(2)
+    inside, release = threading.Event(), threading.Event()
+    seen = []
+
+    def other():
+        with numpy_blas_threads(1):
+            inside.set()
+            release.wait(10)
+            seen.append([c.num_threads for c in libs])
+
+    t = threading.Thread(target=other)
+    try:
+        with numpy_blas_threads(1):
+            t.start()
+            assert inside.wait(10)
+        assert [c.num_threads for c in libs] == [1] * len(libs)  # the other block is still open
+        release.set()
+        t.join(10)
+        assert seen == [[1] * len(libs)]
+        for c in libs:  # OpenBLAS ignores a raise asked from another thread than the main one: set it here
+            c.set_num_threads(2)
+        with numpy_blas_threads(1):
+            assert [c.num_threads for c in libs] == [1] * len(libs)
+        assert [c.num_threads for c in libs] == [2] * len(libs)  # the last block out restores
+    finally:
+        release.set()
+        t.join(10)
+        for c, n in zip(libs, before):
+            c.set_num_threads(n)

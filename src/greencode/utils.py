@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -180,6 +181,9 @@ def torch_threads(num_threads: int):
 
 
 _NUMPY_BLAS: Optional[list] = None  # NumPy's own OpenBLAS (threadpoolctl's controllers), found once
+_BLAS_LOCK = threading.Lock()
+_BLAS_DEPTH = 0  # numpy_blas_threads blocks open, in every thread
+_BLAS_PREV: list = []  # the thread counts the first of them found
 
 
 def _numpy_blas() -> list:
@@ -205,16 +209,29 @@ def numpy_blas_threads(num_threads: int):
     are a few rows of a few hundred columns, and OpenBLAS threads for them spin beside torch's OpenMP
     threads. Measured on the default at batch 8 on 2 cores (``results/adhoc/step_parts_batch.py``): with
     NumPy's 2 threads a GC step took 72.5 ms against 19.6 ms on the tensor path, the layers included
-    (53.6 ms against 10.8 ms). Costs about 2 us per block."""
+    (53.6 ms against 10.8 ms). Costs about 2 us per block. Blocks may overlap across threads: the first in sets
+    the count, the last out restores it (OpenBLAS ignores a raise asked from a thread other than the main one, so
+    after a block that ends last in such a thread, e.g. the endpoint's model thread, NumPy's BLAS stays on one
+    thread in that process)."""
     libs = _numpy_blas()
-    prev = [c.num_threads for c in libs]
-    for c in libs:
-        c.set_num_threads(max(1, int(num_threads)))
+    if not libs:
+        yield
+        return
+    global _BLAS_DEPTH, _BLAS_PREV
+    with _BLAS_LOCK:  # blocks in several threads at once (the endpoint's model thread beside another): the first
+        if _BLAS_DEPTH == 0:  # in sets, the last out restores
+            _BLAS_PREV = [c.num_threads for c in libs]
+            for c in libs:
+                c.set_num_threads(max(1, int(num_threads)))
+        _BLAS_DEPTH += 1
     try:
         yield
     finally:
-        for c, n in zip(libs, prev):
-            c.set_num_threads(n)
+        with _BLAS_LOCK:
+            _BLAS_DEPTH -= 1
+            if _BLAS_DEPTH == 0:
+                for c, n in zip(libs, _BLAS_PREV):
+                    c.set_num_threads(n)
 
 
 @contextlib.contextmanager
