@@ -283,9 +283,10 @@ def test_host_arrays_are_built_once_per_head_and_rebuilt_when_it_changes():
     assert not torch.allclose(got, before)  # the logits doubled: the features moved
 
 
-def test_numpy_blas_runs_on_one_thread_inside_a_decode_step(monkeypatch):
-    """The host checks' small NumPy products must not wake OpenBLAS threads beside torch's (at batch 8 that made
-    a step ~4x slower, layers included): NumPy's BLAS is on one thread inside a step, restored after it."""
+@pytest.fixture
+def blas_at_two():
+    """NumPy's own BLAS (threadpoolctl's controllers) set to 2 threads, so that one thread inside a block is seen;
+    put back as it was afterwards."""
     from greencode.utils import _numpy_blas
 
     libs = _numpy_blas()
@@ -294,6 +295,15 @@ def test_numpy_blas_runs_on_one_thread_inside_a_decode_step(monkeypatch):
     before = [c.num_threads for c in libs]
     for c in libs:
         c.set_num_threads(2)
+    yield libs
+    for c, n in zip(libs, before):
+        c.set_num_threads(n)
+
+
+def test_numpy_blas_runs_on_one_thread_inside_a_decode_step(monkeypatch, blas_at_two):
+    """The host checks' small NumPy products must not wake OpenBLAS threads beside torch's (at batch 8 that made
+    a step ~4x slower, layers included): NumPy's BLAS is on one thread inside a step, restored after it."""
+    libs = blas_at_two
     seen = []
     real = PolicyExit.should_exit_rows
 
@@ -302,30 +312,21 @@ def test_numpy_blas_runs_on_one_thread_inside_a_decode_step(monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(PolicyExit, "should_exit_rows", spy)
-    try:
-        model = tiny_model("llama", num_layers=5, exit_layers=(1, 2, 3))
-        generate(model, [[5, 9, 11], [8, 2, 19, 4]], PolicyExit.of(_policy(model, []), 0.5), max_new_tokens=4)
-        assert seen and all(n == [1] * len(libs) for n in seen)
-        assert [c.num_threads for c in libs] == [2] * len(libs)  # restored
-    finally:
-        for c, n in zip(libs, before):
-            c.set_num_threads(n)
+    model = tiny_model("llama", num_layers=5, exit_layers=(1, 2, 3))
+    generate(model, [[5, 9, 11], [8, 2, 19, 4]], PolicyExit.of(_policy(model, []), 0.5), max_new_tokens=4)
+    assert seen and all(n == [1] * len(libs) for n in seen)
+    assert [c.num_threads for c in libs] == [2] * len(libs)  # restored
 
 
-def test_numpy_blas_blocks_nest_across_threads():
+def test_numpy_blas_blocks_nest_across_threads(blas_at_two):
     """Blocks that overlap across threads (the endpoint's model thread beside a decode in this one): this thread's
     block ends while the other's is open, and the other's decode must keep one BLAS thread; a later block on its
     own then restores what it found."""
     import threading
 
-    from greencode.utils import _numpy_blas, numpy_blas_threads
+    from greencode.utils import numpy_blas_threads
 
-    libs = _numpy_blas()
-    if not libs:
-        pytest.skip("threadpoolctl sees no BLAS bundled with NumPy here")
-    before = [c.num_threads for c in libs]
-    for c in libs:
-        c.set_num_threads(2)
+    libs = blas_at_two
     inside, release = threading.Event(), threading.Event()
     seen = []
 
@@ -352,5 +353,3 @@ def test_numpy_blas_blocks_nest_across_threads():
     finally:
         release.set()
         t.join(10)
-        for c, n in zip(libs, before):
-            c.set_num_threads(n)
