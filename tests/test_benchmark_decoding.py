@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from greencode.config import load_config
-from greencode.bench.common import benchmark_path, middle_exit_layer
+from greencode.bench.common import benchmark_path, middle_exit_layer, target_noise_lines
 from greencode.bench.decoding import format_table, run_benchmark
 from greencode.bench.throughput import run_throughput
 from greencode.utils import read_json
@@ -207,6 +207,19 @@ def test_format_table_mentions_unmet_targets():
            "noise": {"load_average_before": None, "load_average_after": None, "max_relative_iqr": 0.1, "wall_s": 1}}
     text = format_table(res)
     assert "never_vs_hf: 1.200 <= 1.0 -> NOT met" in text and "2.000" in text
+
+
+def test_target_lines_name_each_variant_and_the_noise():
+    """The shared verdict lines: a decode-only value and a timer share are named where a target has them."""
+    res = {"targets": {"a": {"value": 1.31, "target": ">= 1.3", "met": True, "decode_value": 1.4},
+                       "b": {"value": 0.3, "target": "<= 0.05", "met": False, "timer_share": 0.25},
+                       "c": {"value": 0.9, "target": ">= 1.15", "met": False}},
+           "noise": {"load_average_before": 0.5, "load_average_after": 0.7, "max_relative_iqr": 0.04, "wall_s": 12.25}}
+    assert target_noise_lines(res, "- ") == [
+        "- target a: 1.310 >= 1.3 -> met (decode only: 1.400)",
+        "- target b: 0.300 <= 0.05 -> NOT met (timers: 25.0%)",
+        "- target c: 0.900 >= 1.15 -> NOT met",
+        "- noise: load average 0.5 -> 0.7, max relative IQR 0.04, wall 12.2 s"]
 
 
 def test_profile_script_splits_a_batch_by_part(tmp_path, monkeypatch, capsys):

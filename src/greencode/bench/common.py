@@ -190,6 +190,28 @@ def shape_line(s: dict) -> str:
             f"{s['device']} {s['dtype']}, {s['torch_threads']} threads")
 
 
+def batch_rows(result: dict, cells) -> list[str]:
+    """One markdown table row per (method, batch size) of ``result["methods"]``: ``| method | batch | cells(r) |``."""
+    return [f"| {m} | {b} | {cells(r)} |" for m, by_size in result["methods"].items() for b, r in by_size.items()]
+
+
+def target_noise_lines(result: dict, bullet: str = "") -> list[str]:
+    """A benchmark's verdict on each target (met or not, with its decode-only or timer variant where it has
+    one) and the noise it ran under, one line each, prefixed by ``bullet``."""
+    lines = []
+    for name, t in result["targets"].items():
+        extra = ""
+        if t.get("decode_value") is not None:
+            extra = f" (decode only: {t['decode_value']:.3f})"
+        elif t.get("timer_share") is not None:
+            extra = f" (timers: {100 * t['timer_share']:.1f}%)"
+        lines.append(f"{bullet}target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}{extra}")
+    n = result["noise"]
+    lines.append(f"{bullet}noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative "
+                 f"IQR {n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
+    return lines
+
+
 def md_header(title: str, result: dict, prompts: str) -> list[str]:
     """A benchmark table's title and the line saying what ran on what."""
     s, meta = result["setup"], result.get("run_metadata", {})

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from greencode.bench.common import (StepClock, benchmark_path, fmt, hf_greedy_config, md_header, median_gc_threshold,
+from greencode.bench.common import (StepClock, batch_rows, benchmark_path, fmt, hf_greedy_config, md_header, median_gc_threshold,
                                     middle_exit_layer, model_setup, parse_sizes, setup)
 from greencode.bench.timing import Noise, interleaved_rounds, paired_median, quartiles, timed, write_result
 from greencode.config import Config
@@ -154,12 +154,10 @@ def format_compiled_markdown(result: dict) -> str:
              "| method | batch | eager ms/step | compiled ms/step | compiled tokens/s | speed-up | "
              "compiled x HF (batch 1) | same tokens | first compiled call s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m, by_size in result["methods"].items():
-        for b, r in by_size.items():
-            lines.append(f"| {m} | {b} | {r['eager_s_per_step']['median'] * 1e3:.2f} | "
-                         f"{r['compiled_s_per_step']['median'] * 1e3:.2f} | {r['compiled_tokens_per_s']:.0f} | "
-                         f"{fmt(r['speedup'], '.2f')} | {fmt(r.get('compiled_vs_hf'), '.2f')} | "
-                         f"{r['identical_chunks']}/{r['compared_chunks']} | {fmt(r['first_compiled_call_s'], '.1f')} |")
+    lines += batch_rows(result, lambda r: (
+        f"{r['eager_s_per_step']['median'] * 1e3:.2f} | {r['compiled_s_per_step']['median'] * 1e3:.2f} | "
+        f"{r['compiled_tokens_per_s']:.0f} | {fmt(r['speedup'], '.2f')} | {fmt(r.get('compiled_vs_hf'), '.2f')} | "
+        f"{r['identical_chunks']}/{r['compared_chunks']} | {fmt(r['first_compiled_call_s'], '.1f')}"))
     hf = result.get("hf_generate_batch1")
     lines.append("")
     if hf:

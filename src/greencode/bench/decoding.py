@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from greencode.bench.common import (StepClock, benchmark_path, bench_prompts, fmt, hf_greedy_config,
-                                    middle_exit_layer, model_setup, setup)
+                                    middle_exit_layer, model_setup, setup, target_noise_lines)
 from greencode.bench.timing import Noise, interleaved_rounds, paired_median, quartiles, timed, write_result
 from greencode.config import Config
 from greencode.decoding.compiled import compile_info
@@ -326,12 +326,7 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append("x HF = median of paired (same prompt, same round) seconds/token ratios to HF generate; "
                  "exit L = mean 0-based exit layer; ctrl % = time inside the exit controller / decode time")
-    for name, t in result["targets"].items():
-        extra = f" (timers: {100 * t['timer_share']:.1f}%)" if t.get("timer_share") is not None else ""
-        lines.append(f"target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}{extra}")
-    n = result["noise"]
-    lines.append(f"noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative IQR "
-                 f"{n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
+    lines += target_noise_lines(result)
     if result.get("lossless"):
         lines += ["", format_lossless_table(result["lossless"])]
     return "\n".join(lines)

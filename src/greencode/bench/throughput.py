@@ -11,8 +11,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from greencode.bench.common import (benchmark_path, bench_prompts, fmt, hf_greedy_config, md_header,
-                                    median_gc_threshold, middle_exit_layer, model_setup, parse_sizes, setup)
+from greencode.bench.common import (batch_rows, benchmark_path, bench_prompts, fmt, hf_greedy_config, md_header,
+                                    median_gc_threshold, middle_exit_layer, model_setup, parse_sizes, setup,
+                                    target_noise_lines)
 from greencode.bench.timing import Noise, interleaved_rounds, paired_median, quartiles, timed, write_result
 from greencode.config import Config
 from greencode.decoding.compiled import compile_info
@@ -192,22 +193,16 @@ def format_throughput_markdown(result: dict) -> str:
              f"| method | batch | tokens/s | IQR | x batch {base} | x HF | x full | decode tokens/s | decode x full | "
              f"rows = batch {base} | layers/token (row) | layers/step (batch) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m, by_size in result["methods"].items():
-        for b, r in by_size.items():
-            lines.append(f"| {m} | {b} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_iqr']:.1f} | "
-                         f"{fmt(r[f'ratio_to_batch_{base}'], '.2f')} | {fmt(r['ratio_to_hf'], '.2f')} | "
-                         f"{fmt(r['ratio_to_full'], '.2f')} | {fmt(r.get('decode_tokens_per_s_median'), '.1f')} | "
-                         f"{fmt(r.get('decode_ratio_to_full'), '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} | "
-                         f"{fmt(r.get('layers_per_token_row'), '.2f')} | {fmt(r.get('layers_per_step_batch'), '.2f')} |")
+    lines += batch_rows(result, lambda r: (
+        f"{r['tokens_per_s_median']:.1f} | {r['tokens_per_s_iqr']:.1f} | "
+        f"{fmt(r[f'ratio_to_batch_{base}'], '.2f')} | {fmt(r['ratio_to_hf'], '.2f')} | "
+        f"{fmt(r['ratio_to_full'], '.2f')} | {fmt(r.get('decode_tokens_per_s_median'), '.1f')} | "
+        f"{fmt(r.get('decode_ratio_to_full'), '.2f')} | {r[f'rows_equal_to_batch_{base}']:.2f} | "
+        f"{fmt(r.get('layers_per_token_row'), '.2f')} | {fmt(r.get('layers_per_step_batch'), '.2f')}"))
     lines += ["", f"Ratios are medians of paired (same round) tokens/s ratios. {s['timing']}. rows = batch {base}: "
                   f"share of prompts whose tokens equal their tokens at batch {base}. layers/token (row): the layers "
                   "a decoded token ran through, averaged over rows; layers/step (batch): the deepest row's, what the "
                   "batch's step runs through (on fewer rows once the others exit).", ""]
-    for name, t in result["targets"].items():
-        decode = f" (decode only: {t['decode_value']:.3f})" if t.get("decode_value") is not None else ""
-        lines.append(f"- target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'NOT met'}{decode}")
-    n = result["noise"]
-    lines.append(f"- noise: load average {n['load_average_before']} -> {n['load_average_after']}, max relative IQR "
-                 f"{n['max_relative_iqr']:.2f}, wall {n['wall_s']:.1f} s")
+    lines += target_noise_lines(result, "- ")
     return "\n".join(lines)
 
