@@ -73,3 +73,52 @@ def test_controllers_with_state_across_tokens_are_refused():
     model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
     with pytest.raises(ValueError, match="decoding loop"):
         simulate_forced(model, [3, 4, 5], [6, 7], [OracleExit()])
+
+
+def _policy(model, feats, source, seed=2):
+    from greencode.decoding.controllers import feature_size
+    from greencode.rl import ExitPolicy
+
+    torch.manual_seed(seed)
+    policy = ExitPolicy(model.hidden_size + feature_size(feats, len(model.exit_layers)), [16],
+                        metadata={"observation": "normed", "exit_layers": list(model.exit_layers), "features": feats,
+                                  "candidates": {"source": source, "k": 4}, "fingerprint": model.fingerprint()})
+    with torch.no_grad():
+        policy.action_net.weight.mul_(30.0)  # sharp decisions, so the exits vary with the state
+    return policy
+
+
+@pytest.mark.parametrize("source", ["first_full", "low_rank:8:16"])
+def test_simulated_rows_of_controllers_with_per_token_state_equal_the_loops(family, source):
+    """GC and the classifier with the cheap candidate features, and cheap confidence, as the calibration
+    simulates them (every position's check of one controller decided together): the loop's own choices, exit
+    layers and counters, on the host path (a CPU float32 model) and on the tensor path."""
+    from greencode.decoding import CheapConfidenceExit, PolicyExit
+    from greencode.decoding.controllers import CANDIDATE_FEATURES
+
+    model = tiny_model(family, num_layers=5, exit_layers=(1, 2, 3))
+    hidden_only = _policy(model, [], source)
+    with_features = _policy(model, ["exit_index", *CANDIDATE_FEATURES], source)
+
+    def controllers(host_path):
+        out = [PolicyExit.of(hidden_only, 0.5)]
+        out += [PolicyExit.of(with_features, thr) for thr in (0.05, 0.5, 0.95)]
+        out += [CheapConfidenceExit(thr, source=source) for thr in (0.2, 0.5)]
+        for c in out:
+            c.host_path = host_path
+        return out
+
+    exited = set()
+    for seed, (p_len, n) in enumerate([(9, 12), (17, 15), (30, 7)]):
+        prompt = _ids(200 + seed, p_len)
+        forced = generate(model, torch.tensor([prompt]), NeverExit(), n).tokens
+        loop = generate(model, [prompt] * 6, controllers(True), len(forced), forced_tokens=[forced] * 6)
+        for host_path in (True, False):
+            ctrls = controllers(host_path)
+            sim, _ = simulate_forced(model, prompt, forced, ctrls)
+            for c, s, l in zip(ctrls, sim, loop):
+                assert (s.own_tokens, s.exit_layers) == (l.own_tokens, l.exit_layers), (c.describe(), host_path)
+                assert s.counters == {k: l.counters[k] for k in s.counters}, (c.describe(), host_path)
+                exited |= {(c.describe()["controller"], x) for x in s.exit_layers if x != model.final_layer}
+    assert {name for name, _ in exited} >= {"policy", "cheap_confidence"}  # exits for the comparison to mean something
+    assert len({x for _, x in exited}) >= 2

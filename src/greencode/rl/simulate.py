@@ -57,6 +57,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -738,6 +739,27 @@ def _own_copy(controller, model):
     return c
 
 
+# controller -> (model, its describe(), its per-position copies): the pass runs sample after sample with the
+# same controllers, so their copies are made once and reset for each sample (a fifth of the pass's time before)
+_POSITION_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _position_copies(controller, model, n: int) -> list:
+    """``n`` instances of ``controller`` (per-token state), one per continuation position, each reset: made by
+    :func:`_own_copy` the first time, reused while the controller, its model and its settings are the same."""
+    held = _POSITION_COPIES.get(controller)
+    desc = controller.describe()
+    if held is None or held[0] is not model or held[1] != desc:
+        held = (model, desc, [])
+        _POSITION_COPIES[controller] = held
+    copies = held[2]
+    while len(copies) < n:
+        copies.append(_own_copy(controller, model))
+    for c in copies[:n]:
+        c.reset()
+    return copies[:n]
+
+
 @torch.inference_mode()
 def simulate_forced(model, prompt: Sequence[int], forced: Sequence[int], controllers: Sequence,
                     *, oracle: bool = False) -> tuple[list[ForcedRow], Optional[list[int]]]:
@@ -753,7 +775,8 @@ def simulate_forced(model, prompt: Sequence[int], forced: Sequence[int], control
 
     Rows holding the same controller instance decide together (a stateless controller, one
     vectorised check); a controller with per-token state (:func:`token_local`) gets one instance per
-    position. Controllers that carry state from token to token, or run every layer (the oracle),
+    position, and the positions still running are decided together (its ``decide_rows``, as the rows of a
+    batch are). Controllers that carry state from token to token, or run every layer (the oracle),
     are refused. ``oracle``: also the oracle's exit point (index into ``model.exit_points``) at each
     continuation position, from the full model's stream (which the oracle's tokens follow)."""
     bad = [c for c in controllers if not token_local(c)]
@@ -803,16 +826,29 @@ def simulate_forced(model, prompt: Sequence[int], forced: Sequence[int], control
     own: dict[tuple[int, int], object] = {}  # (row, position) -> its instance (per-token state)
     for r, c in enumerate(controllers):
         if getattr(c, "per_row_state", False):
-            for p in range(t):
-                own[(r, p)] = _own_copy(c, model)
+            own.update(((r, p), x) for p, x in enumerate(_position_copies(c, model, t)))
     counters = [dict(o.counters) for o in out]
     ask_at = sorted(set().union(*checks)) if checks else []
     exit_index = {layer: k for k, layer in enumerate(model.exit_points)}
     oracle_preds = []
+    kw_of = {rows: kw}  # the layers' keyword arguments for the first n rows (every row has the same positions)
+    live = torch.ones(rows, dtype=torch.bool, device=dev)  # rows with a position still running (the oracle's: all)
     for j, layer in enumerate(layers):
-        kv = tuple(x.expand(rows, *x.shape[1:]) for x in prefix[j])
-        new = _run_layer(layer, h, cmask, _Prefixed(kv), kw)
-        h = torch.where(exited[..., None], h, new)  # an exited position keeps its exit state (its K/V: propagated)
+        # a row whose every position has exited runs no deeper layer: no query of it is left to read its K/V
+        live[:len(controllers)] = ~exited[:len(controllers)].all(1)
+        n = int(live.sum())
+        if n == 0:
+            break
+        sub = h if n == rows else h[live]
+        if n not in kw_of:
+            kw_of[n] = adapter.layer_kwargs(sub, cpos[:n])
+        kv = tuple(x.expand(n, *x.shape[1:]) for x in prefix[j])
+        new = _run_layer(layer, sub, cmask, _Prefixed(kv), kw_of[n])
+        if n == rows:
+            h = torch.where(exited[..., None], h, new)  # an exited position keeps its exit state (its K/V: propagated)
+        else:
+            h = h.clone()
+            h[live] = torch.where(exited[live][..., None], h[live], new)
         if oracle and j in exit_index:
             oracle_preds.append(model.decode(h[-1]).argmax(-1))
         if j >= final or j not in ask_at:
@@ -832,10 +868,9 @@ def simulate_forced(model, prompt: Sequence[int], forced: Sequence[int], control
             hs = h[r_idx, p_idx][:, None]  # [n, 1, H]
             normed = model.final_norm(hs) if (ctrl.needs_normed or head) else None
             logits = adapter.lm_head(normed) if head else None
-            if getattr(ctrl, "per_row_state", False):
-                dec = [own[(int(r), int(p))].should_exit(j, hs[k:k + 1], None if normed is None else normed[k:k + 1],
-                                                         None if logits is None else logits[k:k + 1])
-                       for k, (r, p) in enumerate(zip(r_idx.tolist(), p_idx.tolist()))]
+            if getattr(ctrl, "per_row_state", False):  # each position its own copy, decided together
+                copies = [own[(r, p)] for r, p in zip(r_idx.tolist(), p_idx.tolist())]
+                dec = copies[0].decide_rows(j, copies, hs, normed, logits)
             else:
                 dec = ctrl.should_exit_rows(j, hs, normed, logits)
             dec = torch.as_tensor(dec, dtype=torch.bool, device=dev).reshape(-1)
