@@ -272,3 +272,22 @@ def test_training_stage_results_name_the_fingerprint_their_model_will_have(tmp_p
     assert (w["base"], w["finetuned"]) == (weights_record(out)["base"], weights_record(out)["finetuned"])
     p = stage_weights("pretrain", "ef01", {}, tmp_path / "base_model")
     assert (p["base"], p["finetuned"]) == ("stage:ef01", None)
+
+
+def test_a_trained_model_records_its_bytes_and_the_check_compares_them(tmp_path):
+    """Two machines training the same config share the stage key (the fingerprint) but not the bytes: results
+    recording other bytes on the same fingerprint fail; results written before bytes were recorded pass."""
+    ft = _finetuned_dir(tmp_path / "finetuned", BASE)
+    assert "finetuned_bytes" not in weights_record(ft)  # no weight files: nothing to hash
+    (ft / "model.safetensors").write_bytes(b"weights of machine A")
+    a = weights_record(ft)["finetuned_bytes"]
+    (ft / "model.safetensors").write_bytes(b"weights of machine B!")
+    b = weights_record(ft)["finetuned_bytes"]
+    assert a != b and len(a) == 64 and weights_record(ft)["finetuned"] == FT  # same fingerprint, other bytes
+    root = make_tree(tmp_path / "tree", rec(finetuned_bytes=a))
+    assert check_results(root, expected_base=BASE).ok
+    put(root / "results/default/eval/methods/full.json", {"records": [], "run_metadata": {"weights": rec(finetuned_bytes=b)}})
+    put(root / "results/default/rl/analysis.json", {"meta": {"weights": rec()}})  # an older file: no bytes recorded
+    bad = problems(check_results(root, expected_base=BASE))
+    assert list(bad) == ["results/default/eval/methods/full.json"]
+    assert "other weight bytes" in bad["results/default/eval/methods/full.json"]

@@ -13,9 +13,11 @@ weights' SHA-256 for a shipped base, a hash of the weight files otherwise, ``hub
 ``finetuned`` is null for a result of the base alone. A fine-tuned directory knows the base it was
 trained from (its stage record), so a result that loaded only the fine-tuned model still names its
 base. Optional members: ``compared`` (``{name: fingerprint}``, the other bases of an ablation, which do
-not count as the result's weights) and ``finetuned_from`` (only when the separately loaded base is not
-the one the fine-tuned model was trained from, which the check reports). ``dirs`` is for a reader; the
-check compares fingerprints only.
+not count as the result's weights), ``finetuned_from`` (only when the separately loaded base is not
+the one the fine-tuned model was trained from, which the check reports) and ``finetuned_bytes`` /
+``base_bytes`` (the SHA-256 of a model trained here: its weight files' bytes, since its fingerprint is its
+stage key, which two machines share when they train the same config to other last bits). ``dirs`` is for a
+reader; the check compares fingerprints, and the bytes where files on the same fingerprint record them.
 
 The identity of a loaded model is taken when it is loaded
 (:meth:`greencode.models.EarlyExitModel.from_pretrained` sets ``model.loaded_from``), so a directory
@@ -58,12 +60,41 @@ def model_identity(source: Union[str, Path]) -> dict[str, Any]:
     source = str(source)
     p = Path(source)
     trained_from = None
+    weights_bytes = None
     if p.is_dir():
         rec = read_stage(p) or {}
         if rec.get("stage") == "finetune":
             trained_from = (rec.get("payload") or {}).get("base_fingerprint")
-    return {"dir": portable_path(p) if p.is_dir() else source, "fingerprint": model_dir_fingerprint(source),
-            "trained_from": trained_from}
+        if rec.get("key"):  # trained here: the stage key names the recipe, the bytes name the weights
+            weights_bytes = weight_files_sha256(p)
+    out = {"dir": portable_path(p) if p.is_dir() else source, "fingerprint": model_dir_fingerprint(source),
+           "trained_from": trained_from}
+    if weights_bytes:
+        out["bytes"] = weights_bytes
+    return out
+
+
+_BYTES_CACHE: dict[tuple, str] = {}
+
+
+def weight_files_sha256(directory: Union[str, Path]) -> Optional[str]:
+    """The SHA-256 of a model directory's weight files (``*.safetensors``, ``*.bin``, ``*.pt``; names and bytes, in
+    name order), None when it has none. Cached by the files' names, sizes and modification times."""
+    import hashlib
+
+    files = sorted(f for f in Path(directory).iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
+    if not files:
+        return None
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stamp not in _BYTES_CACHE:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _BYTES_CACHE[stamp] = h.hexdigest()
+    return _BYTES_CACHE[stamp]
 
 
 def _identity(x: Any) -> Optional[dict]:
@@ -92,6 +123,9 @@ def weights_record(finetuned: Any = None, base: Any = None, *, compared: Optiona
         return None
     rec: dict[str, Any] = {"base": base_fp, "finetuned": ft["fingerprint"] if ft else None,
                            "dirs": {"base": b["dir"] if b else None, "finetuned": ft["dir"] if ft else None}}
+    for name, ident in (("finetuned", ft), ("base", b)):
+        if ident and ident.get("bytes"):
+            rec[f"{name}_bytes"] = ident["bytes"]
     if ft and b and ft.get("trained_from") and ft["trained_from"] != base_fp:
         rec["finetuned_from"] = ft["trained_from"]
         log.warning("the fine-tuned model %s was trained from base %s, but base %s was loaded beside it",
@@ -155,7 +189,7 @@ def distinct(records: Iterable[dict]) -> list[dict]:
     """Records with distinct identities, in first-seen order."""
     seen: dict[tuple, dict] = {}
     for r in records:
-        seen.setdefault(identity_of(r) + (r.get("finetuned_from"),), r)
+        seen.setdefault(identity_of(r) + (r.get("finetuned_from"), r.get("base_bytes"), r.get("finetuned_bytes")), r)
     return list(seen.values())
 
 
@@ -325,4 +359,26 @@ def check_results(root: Union[str, Path], name: str = "default", *,
     if reference is None:
         for f in files:
             f.problem = f.problem or "no reference weights (no file names a base)"
+    else:
+        _check_bytes(files)
     return ProvenanceReport(str(root), files, reference, reference_from)
+
+
+def _check_bytes(files: list[FileWeights]) -> None:
+    """Files that pass on their fingerprints but record other weight bytes than the most common on the same
+    fingerprint (the same recipe trained twice: another machine, another library) fail; files that record no
+    bytes (written before results recorded them) are not compared."""
+    for name in ("base", "finetuned"):
+        by_fp: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for f in files:
+            if not f.problem and f.records[0].get(f"{name}_bytes"):
+                by_fp[f.records[0][name]][f.records[0][f"{name}_bytes"]] += 1
+        for f in files:
+            got = None if f.problem else f.records[0].get(f"{name}_bytes")
+            if not got:
+                continue
+            common, n = by_fp[f.records[0][name]].most_common(1)[0]
+            if got != common:
+                f.problem = (f"{name} {f.records[0][name]} with other weight bytes (sha256 {got[:12]}…) than {n} other "
+                             f"file(s) ({common[:12]}…): the same recipe trained twice (another machine or library); "
+                             "rerun the stages after it so every result comes from one model")
