@@ -271,7 +271,11 @@ def test_training_stage_results_name_the_fingerprint_their_model_will_have(tmp_p
     assert (w["base"], w["finetuned"]) == (BASE, model_dir_fingerprint(str(out)))
     assert (w["base"], w["finetuned"]) == (weights_record(out)["base"], weights_record(out)["finetuned"])
     p = stage_weights("pretrain", "ef01", {}, tmp_path / "base_model")
-    assert (p["base"], p["finetuned"]) == ("stage:ef01", None)
+    assert (p["base"], p["finetuned"]) == ("stage:ef01", None) and "base_bytes" not in p
+    # with the weights saved (as the stages write their summaries), the bytes the loaded directory will name
+    (out / "model.safetensors").write_bytes(b"lite weights")
+    w = stage_weights("finetune", "abcd", {"base": str(tmp_path / "base"), "base_fingerprint": BASE}, out)
+    assert w["finetuned_bytes"] == weights_record(out)["finetuned_bytes"]
 
 
 def test_a_trained_model_records_its_bytes_and_the_check_compares_them(tmp_path):

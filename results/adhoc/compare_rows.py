@@ -11,7 +11,9 @@ def main(fresh: str, committed: str) -> None:
     a, b = (json.load(open(p)) for p in (fresh, committed))
     ra, rb = ({r["id"]: r for r in s["rows"]} for s in (a, b))
     hw = [s.get("run_metadata", {}).get("hardware", {}).get("processor") for s in (a, b)]
-    print(f"fresh: {fresh} ({hw[0]}); committed: {committed} ({hw[1]})\n")
+    # no machine paths in a committed rendering (tests/test_results_paths.py)
+    print(f"fresh: a fresh clone's results/default/eval/summary.json ({hw[0]}); committed: "
+          f"results/default/eval/summary.json ({hw[1]})\n")
     print("| method | edit sim. fresh | committed | Δ | compute fresh | committed | agreement fresh | committed | "
           "latency p50 fresh s | committed s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

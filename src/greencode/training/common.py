@@ -398,17 +398,21 @@ def checkpoint_step(ckpt: Optional[str]) -> int:
 
 def stage_weights(stage: str, key: str, payload: dict, output_dir: Path) -> dict:
     """The weights record of a training stage's results (:mod:`greencode.provenance`): the fingerprint
-    its output directory will have once its stage record is written (``stage:<key>``), and for LITE
-    the base it was trained from."""
+    its output directory will have once its stage record is written (``stage:<key>``) with the bytes of the
+    weights saved there (``base_bytes`` / ``finetuned_bytes``), and for LITE the base it was trained from."""
+    from greencode.provenance import weight_files_sha256
     from greencode.utils import portable_path
 
     fp = f"stage:{key}"
+    saved = weight_files_sha256(output_dir) if Path(output_dir).is_dir() else None
     if stage == "pretrain":
-        return {"base": fp, "finetuned": None, "dirs": {"base": portable_path(output_dir), "finetuned": None}}
+        rec = {"base": fp, "finetuned": None, "dirs": {"base": portable_path(output_dir), "finetuned": None}}
+        return {**rec, "base_bytes": saved} if saved else rec
     base = payload.get("base")
-    return {"base": payload.get("base_fingerprint"), "finetuned": fp,
-            "dirs": {"base": portable_path(base) if base and Path(base).is_dir() else base,
-                     "finetuned": portable_path(output_dir)}}
+    rec = {"base": payload.get("base_fingerprint"), "finetuned": fp,
+           "dirs": {"base": portable_path(base) if base and Path(base).is_dir() else base,
+                    "finetuned": portable_path(output_dir)}}
+    return {**rec, "finetuned_bytes": saved} if saved else rec
 
 
 def write_stage_results(results_dir: Path, trainer_dir: Path, cfg, summary: dict,
