@@ -166,6 +166,31 @@ def test_cache_grows_in_place_between_steps(family):
     assert layer_kv(clone, 0)[0].shape[2] == 9 + 4
 
 
+def test_eager_buffers_grow_by_64_positions_and_a_compiled_step_gets_a_power_of_two():
+    """An eager batch's K/V buffer holds the filled positions rounded up to 64 (a 131-token cache is not
+    allocated, zeroed and copied at 256); the compiled step's view of it is a power of two."""
+    if grow_layer_class() is None:
+        pytest.skip("this transformers has no DynamicLayer")
+    model = tiny_model("llama")
+    batch = DecodeBatch(model)
+    batch.add([Row(controller=NeverExit(), max_new_tokens=80)], [_prompts(2, (130,))[0]])
+    batch.step()
+    layer = batch.cache.layers[0]
+    assert layer_kv(batch.cache, 0)[0].shape[2] == 131 and layer._kbuf.shape[2] == 192
+    for _ in range(62):  # to 193 positions: one more 64
+        batch.step()
+    assert layer_kv(batch.cache, 0)[0].shape[2] == 193 and layer._kbuf.shape[2] == 256
+    kb, vb, n = layer.reserve(1, static=True)
+    assert (kb.shape[2], n) == (256, 193)  # already a power of two with room: kept
+    batch.cache.crop(-70)  # 123 positions: the buffer stays; a static reserve keeps its 256
+    assert layer.reserve(1, static=True)[0].shape[2] == 256
+    fresh = DecodeBatch(model)
+    fresh.add([Row(controller=NeverExit(), max_new_tokens=4)], [_prompts(2, (130,))[0]])
+    fresh.step()
+    assert fresh.cache.layers[0]._kbuf.shape[2] == 192
+    assert fresh.cache.layers[0].reserve(1, static=True)[0].shape[2] == 256  # eager 192 -> a power of two
+
+
 def test_chunked_prefill_equals_one_prefill_and_joins_a_running_batch(family):
     """A prompt prefilled in chunks has the one-shot prefill's logits and cache, and a row joining a
     running batch from it decodes the tokens it decodes alone."""

@@ -693,7 +693,7 @@ class DecodeBatch:
         layers = getattr(self.cache, "layers", None)
         if not layers or not all(hasattr(lay, "reserve") for lay in layers):
             return None  # a cache this transformers does not let grow in place: eager
-        bufs = [lay.reserve(1) for lay in layers]
+        bufs = [lay.reserve(1, static=True) for lay in layers]
         n = bufs[0][2]
         caps = {b[0].shape[2] for b in bufs}
         if len(caps) != 1 or any(b[2] != n for b in bufs):

@@ -165,23 +165,41 @@ def grow_layer_class():
         return None
 
     class GrowingLayer(DynamicLayer):
-        def reserve(self, add: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        def reserve(self, add: int, static: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
             """Room for ``add`` more positions: the (re)allocated buffers and the filled length.
-            Buffers hold a power of two of positions (so a compiled step sees few shapes) and
-            start zeroed (a static-shape step attends over them, masked, so they must be finite)."""
+            For a compiled step (``static``) buffers hold a power of two of positions (so it sees few
+            shapes); an eager step's grow by multiples of 64 positions (a 512-token batch's K/V are not
+            allocated, zeroed and copied at 1,024). Buffers start zeroed (a static-shape step attends
+            over them, masked, so they must be finite)."""
             keys, values = self.keys, self.values
             n = keys.shape[-2]
             kb, vb = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
             if (kb is None or n + add > kb.shape[-2] or kb.shape[:2] != keys.shape[:2]
+                    or (static and kb.shape[-2] & (kb.shape[-2] - 1))
                     or keys.data_ptr() != kb.data_ptr() or keys.stride() != kb.stride()
                     or values.data_ptr() != vb.data_ptr() or values.stride() != vb.stride()):
-                cap = 1 << max(6, (n + add - 1).bit_length())  # (re)allocate: the filled part copied once
+                # (re)allocate: the filled part copied once
+                cap = 1 << max(6, (n + add - 1).bit_length()) if static else -(-(n + add) // 64) * 64
                 kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
                 vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
                 kb[:, :, :n], vb[:, :, :n] = keys, values
                 self._kbuf, self._vbuf = kb, vb
                 self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
             return kb, vb, n
+
+        def seed(self, keys: torch.Tensor, values: torch.Tensor, room: int = 1) -> None:
+            """Hold ``keys``/``values`` (this layer's whole K/V) in a buffer with room for ``room`` more
+            positions, copied once (``DynamicLayer.update`` into an empty layer copies them, and the
+            first step's growth copies them again)."""
+            if not self.is_initialized:
+                self.lazy_initialization(keys, values)
+            n = keys.shape[-2]
+            cap = -(-(n + room) // 64) * 64
+            kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
+            vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
+            kb[:, :, :n], vb[:, :, :n] = keys, values
+            self._kbuf, self._vbuf = kb, vb
+            self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
 
         def extend(self, length: int) -> None:
             """The first ``length`` buffer positions are filled (written in place by a compiled step)."""
@@ -220,8 +238,11 @@ def growable(cache) -> None:
 def rebuild_cache(model, cache, rows: Optional[torch.Tensor] = None, first: int = 0, other=None,
                    pad_to: int = 0):
     """A new cache holding ``rows`` of ``cache`` from column ``first`` on, left-padded with zeros
-    to ``pad_to`` columns, then (``other``) the rows of another cache stacked below, padded alike."""
+    to ``pad_to`` columns, then (``other``) the rows of another cache stacked below, padded alike.
+    Each layer lands in a buffer with room for the next position (:func:`grow_layer_class`)."""
     out = new_cache(model)
+    grow = grow_layer_class()
+    layers = getattr(out, "layers", None)
     for i in range(len(model.adapter.layers)):
         k, v = layer_kv(cache, i)
         if rows is not None:
@@ -235,7 +256,11 @@ def rebuild_cache(model, cache, rows: Optional[torch.Tensor] = None, first: int 
             v = torch.cat([v, pad_left(v2, width)], dim=0)
         elif pad_to > k.shape[2]:
             k, v = pad_left(k, pad_to), pad_left(v, pad_to)
-        out.update(k.contiguous(), v.contiguous(), i)
+        if grow is not None and layers is not None and i < len(layers) and type(layers[i]) in (grow, grow.__mro__[1]):
+            layers[i].__class__ = grow
+            layers[i].seed(k, v)
+        else:
+            out.update(k.contiguous(), v.contiguous(), i)
     return out
 
 
