@@ -54,3 +54,18 @@ class TinyPolicy(torch.nn.Module):
 
     def forward(self, obs):
         return self.action_net(self.policy_net(obs))
+
+
+def sharp_exit_policy(model, feats, source="low_rank:8:16", seed=1):
+    """An exported-shape ExitPolicy over the normed state and ``feats`` (candidates from ``source``, k = 4),
+    its action layer scaled 30x so its decisions are sharp and the exits vary with the state."""
+    from greencode.decoding.controllers import feature_size
+    from greencode.rl import ExitPolicy
+
+    torch.manual_seed(seed)
+    policy = ExitPolicy(model.hidden_size + feature_size(feats, len(model.exit_layers)), [16],
+                        metadata={"observation": "normed", "exit_layers": list(model.exit_layers), "features": feats,
+                                  "candidates": {"source": source, "k": 4}, "fingerprint": model.fingerprint()})
+    with torch.no_grad():
+        policy.action_net.weight.mul_(30.0)
+    return policy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, sharp_exit_policy, tiny_model
 from greencode.decoding import CheapConfidenceExit, PolicyExit, generate, policy_observation
 from greencode.decoding.controllers import CANDIDATE_FEATURES, feature_size
 from greencode.decoding.signals import CheapSignals, HostCheck, SignalState
@@ -125,13 +125,7 @@ def test_no_host_path_for_a_bf16_head():
 
 
 def _policy(model, feats, seed=1, source="low_rank:8:16"):
-    torch.manual_seed(seed)
-    policy = ExitPolicy(model.hidden_size + feature_size(feats, len(model.exit_layers)), [16],
-                        metadata={"observation": "normed", "exit_layers": list(model.exit_layers), "features": feats,
-                                  "candidates": {"source": source, "k": 4}, "fingerprint": model.fingerprint()})
-    with torch.no_grad():
-        policy.action_net.weight.mul_(30.0)  # sharp decisions, so the exits vary with the state
-    return policy
+    return sharp_exit_policy(model, feats, source, seed)
 
 
 FEATURE_SETS = [["exit_index", *CANDIDATE_FEATURES],

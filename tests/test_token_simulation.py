@@ -5,7 +5,7 @@ layers and counters (so the same compute) as the decoding loop's teacher-forced 
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, sharp_exit_policy, tiny_model
 
 from greencode.decoding import (ConfidenceExit, EntropyExit, FixedExit, NeverExit, SaturationExit, compute_cost,
                                 generate)
@@ -75,19 +75,6 @@ def test_controllers_with_state_across_tokens_are_refused():
         simulate_forced(model, [3, 4, 5], [6, 7], [OracleExit()])
 
 
-def _policy(model, feats, source, seed=2):
-    from greencode.decoding.controllers import feature_size
-    from greencode.rl import ExitPolicy
-
-    torch.manual_seed(seed)
-    policy = ExitPolicy(model.hidden_size + feature_size(feats, len(model.exit_layers)), [16],
-                        metadata={"observation": "normed", "exit_layers": list(model.exit_layers), "features": feats,
-                                  "candidates": {"source": source, "k": 4}, "fingerprint": model.fingerprint()})
-    with torch.no_grad():
-        policy.action_net.weight.mul_(30.0)  # sharp decisions, so the exits vary with the state
-    return policy
-
-
 @pytest.mark.parametrize("source", ["first_full", "low_rank:8:16"])
 def test_simulated_rows_of_controllers_with_per_token_state_equal_the_loops(family, source):
     """GC and the classifier with the cheap candidate features, and cheap confidence, as the calibration
@@ -97,8 +84,8 @@ def test_simulated_rows_of_controllers_with_per_token_state_equal_the_loops(fami
     from greencode.decoding.controllers import CANDIDATE_FEATURES
 
     model = tiny_model(family, num_layers=5, exit_layers=(1, 2, 3))
-    hidden_only = _policy(model, [], source)
-    with_features = _policy(model, ["exit_index", *CANDIDATE_FEATURES], source)
+    hidden_only = sharp_exit_policy(model, [], source, seed=2)
+    with_features = sharp_exit_policy(model, ["exit_index", *CANDIDATE_FEATURES], source, seed=2)
 
     def controllers(host_path):
         out = [PolicyExit.of(hidden_only, 0.5)]
@@ -109,16 +96,24 @@ def test_simulated_rows_of_controllers_with_per_token_state_equal_the_loops(fami
         return out
 
     exited = set()
-    for seed, (p_len, n) in enumerate([(9, 12), (17, 15), (30, 7)]):
+    simulated = {True: controllers(True), False: controllers(False)}  # kept across prompts, as the pass does
+    for seed, (p_len, n) in enumerate([(9, 12), (17, 15), (30, 7), (12, 15)]):
         prompt = _ids(200 + seed, p_len)
         forced = generate(model, torch.tensor([prompt]), NeverExit(), n).tokens
         loop = generate(model, [prompt] * 6, controllers(True), len(forced), forced_tokens=[forced] * 6)
         for host_path in (True, False):
-            ctrls = controllers(host_path)
+            ctrls = simulated[host_path]
             sim, _ = simulate_forced(model, prompt, forced, ctrls)
             for c, s, l in zip(ctrls, sim, loop):
                 assert (s.own_tokens, s.exit_layers) == (l.own_tokens, l.exit_layers), (c.describe(), host_path)
                 assert s.counters == {k: l.counters[k] for k in s.counters}, (c.describe(), host_path)
                 exited |= {(c.describe()["controller"], x) for x in s.exit_layers if x != model.final_layer}
+    # a kept controller whose setting changes gets fresh copies (not the ones made for its old threshold)
+    moved = simulated[True][1]
+    moved.threshold = 0.95
+    sim, _ = simulate_forced(model, prompt, forced, [moved])
+    want = generate(model, prompt, PolicyExit.of(with_features, 0.95), len(forced), forced_tokens=[forced])
+    assert (sim[0].own_tokens, sim[0].exit_layers) == (want.own_tokens, want.exit_layers)
+    assert sim[0].exit_layers != loop[1].exit_layers  # 0.05 and 0.95 exit differently here: the check can fail
     assert {name for name, _ in exited} >= {"policy", "cheap_confidence"}  # exits for the comparison to mean something
     assert len({x for _, x in exited}) >= 2
