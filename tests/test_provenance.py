@@ -278,6 +278,24 @@ def test_training_stage_results_name_the_fingerprint_their_model_will_have(tmp_p
     assert w["finetuned_bytes"] == weights_record(out)["finetuned_bytes"]
 
 
+def test_a_recorded_hash_is_used_only_while_the_files_are_the_ones_it_names(tmp_path):
+    """The stage record's hash spares loading a second pass over the bytes; a rewritten file is hashed again."""
+    import hashlib
+
+    from greencode.provenance import weight_files_sha256, weights_bytes_record
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"abc")
+    want = hashlib.sha256(b"model.safetensors\0abc").hexdigest()  # names and bytes, in name order
+    rec = weights_bytes_record(d)
+    assert rec["sha256"] == want and rec["stamp"][0][:2] == ["model.safetensors", 3]
+    assert weight_files_sha256(d, {"sha256": "recorded", "stamp": rec["stamp"]}) == "recorded"
+    (d / "model.safetensors").write_bytes(b"abcd")
+    assert weight_files_sha256(d, {"sha256": "recorded", "stamp": rec["stamp"]}) == hashlib.sha256(
+        b"model.safetensors\0abcd").hexdigest()
+
+
 def test_a_trained_model_records_its_bytes_and_the_check_compares_them(tmp_path):
     """Two machines training the same config share the stage key (the fingerprint) but not the bytes: results
     recording other bytes on the same fingerprint fail; results written before bytes were recorded pass."""

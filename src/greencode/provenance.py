@@ -66,7 +66,7 @@ def model_identity(source: Union[str, Path]) -> dict[str, Any]:
         if rec.get("stage") == "finetune":
             trained_from = (rec.get("payload") or {}).get("base_fingerprint")
         if rec.get("key"):  # trained here: the stage key names the recipe, the bytes name the weights
-            weights_bytes = weight_files_sha256(p)
+            weights_bytes = weight_files_sha256(p, rec.get("weights_bytes"))
     out = {"dir": portable_path(p) if p.is_dir() else source, "fingerprint": model_dir_fingerprint(source),
            "trained_from": trained_from}
     if weights_bytes:
@@ -77,24 +77,44 @@ def model_identity(source: Union[str, Path]) -> dict[str, Any]:
 _BYTES_CACHE: dict[tuple, str] = {}
 
 
-def weight_files_sha256(directory: Union[str, Path]) -> Optional[str]:
+def _weight_files_stamp(directory: Path) -> list[list]:
+    """[name, size, mtime_ns] of a model directory's weight files, in name order."""
+    from greencode.training.common import WEIGHT_SUFFIXES
+
+    files = sorted(f for f in directory.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def weight_files_sha256(directory: Union[str, Path], recorded: Optional[dict] = None) -> Optional[str]:
     """The SHA-256 of a model directory's weight files (``*.safetensors``, ``*.bin``, ``*.pt``; names and bytes, in
-    name order), None when it has none. Cached by the files' names, sizes and modification times."""
+    name order), None when it has none. ``recorded``: a :func:`weights_bytes_record` written when the weights were
+    saved (the stage record), used while the files' names, sizes and modification times are the ones it names;
+    otherwise hashed, once per process for the same files."""
     import hashlib
 
-    files = sorted(f for f in Path(directory).iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
-    if not files:
+    directory = Path(directory)
+    stamp = _weight_files_stamp(directory)
+    if not stamp:
         return None
-    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if stamp not in _BYTES_CACHE:
+    if recorded and recorded.get("stamp") == stamp and recorded.get("sha256"):
+        return recorded["sha256"]
+    key = (str(directory.resolve()), tuple(map(tuple, stamp)))
+    if key not in _BYTES_CACHE:
         h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
+        for name, _, _ in stamp:
+            h.update(name.encode() + b"\0")
+            with open(directory / name, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
-        _BYTES_CACHE[stamp] = h.hexdigest()
-    return _BYTES_CACHE[stamp]
+        _BYTES_CACHE[key] = h.hexdigest()
+    return _BYTES_CACHE[key]
+
+
+def weights_bytes_record(directory: Union[str, Path]) -> Optional[dict]:
+    """What a training stage writes into its stage record once its weights are saved, so loading them later
+    needs no second pass over the bytes: ``{"sha256", "stamp"}`` (None without weight files)."""
+    sha = weight_files_sha256(directory)
+    return None if sha is None else {"sha256": sha, "stamp": _weight_files_stamp(Path(directory))}
 
 
 def _identity(x: Any) -> Optional[dict]:

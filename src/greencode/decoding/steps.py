@@ -180,11 +180,7 @@ def grow_layer_class():
                     or values.data_ptr() != vb.data_ptr() or values.stride() != vb.stride()):
                 # (re)allocate: the filled part copied once
                 cap = 1 << max(6, (n + add - 1).bit_length()) if static else -(-(n + add) // 64) * 64
-                kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
-                vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
-                kb[:, :, :n], vb[:, :, :n] = keys, values
-                self._kbuf, self._vbuf = kb, vb
-                self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+                kb, vb = self._hold(keys, values, cap)
             return kb, vb, n
 
         def seed(self, keys: torch.Tensor, values: torch.Tensor, room: int = 1) -> None:
@@ -193,13 +189,18 @@ def grow_layer_class():
             first step's growth copies them again)."""
             if not self.is_initialized:
                 self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+            self.reserve(room)
+
+        def _hold(self, keys: torch.Tensor, values: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Zeroed buffers of ``cap`` positions holding ``keys``/``values`` first; ``keys``/``values`` their views."""
             n = keys.shape[-2]
-            cap = -(-(n + room) // 64) * 64
             kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
             vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
             kb[:, :, :n], vb[:, :, :n] = keys, values
             self._kbuf, self._vbuf = kb, vb
             self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+            return kb, vb
 
         def extend(self, length: int) -> None:
             """The first ``length`` buffer positions are filled (written in place by a compiled step)."""
@@ -241,7 +242,7 @@ def rebuild_cache(model, cache, rows: Optional[torch.Tensor] = None, first: int 
     to ``pad_to`` columns, then (``other``) the rows of another cache stacked below, padded alike.
     Each layer lands in a buffer with room for the next position (:func:`grow_layer_class`)."""
     out = new_cache(model)
-    grow = grow_layer_class()
+    growable(out)
     layers = getattr(out, "layers", None)
     for i in range(len(model.adapter.layers)):
         k, v = layer_kv(cache, i)
@@ -256,8 +257,7 @@ def rebuild_cache(model, cache, rows: Optional[torch.Tensor] = None, first: int 
             v = torch.cat([v, pad_left(v2, width)], dim=0)
         elif pad_to > k.shape[2]:
             k, v = pad_left(k, pad_to), pad_left(v, pad_to)
-        if grow is not None and layers is not None and i < len(layers) and type(layers[i]) in (grow, grow.__mro__[1]):
-            layers[i].__class__ = grow
+        if layers is not None and i < len(layers) and hasattr(layers[i], "seed"):
             layers[i].seed(k, v)
         else:
             out.update(k.contiguous(), v.contiguous(), i)

@@ -32,6 +32,7 @@ from greencode.utils import read_json, write_json
 log = logging.getLogger(__name__)
 
 STAGE_FILE = "greencode_stage.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")  # a model directory's weight files
 TRAINER_DIR = "trainer"
 CSV_NAME = "train_log.csv"
 
@@ -77,7 +78,7 @@ def model_dir_fingerprint(source: str) -> str:
         except (OSError, ValueError, KeyError):
             pass
     files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir()
-                   if f.suffix in (".safetensors", ".bin", ".pt"))
+                   if f.suffix in WEIGHT_SUFFIXES)
     return f"dir:{file_digest(p / 'config.json')}:{make_key({'files': files})}"
 
 

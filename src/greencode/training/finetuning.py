@@ -17,6 +17,7 @@ import torch
 
 from greencode.config import ConfigError
 from greencode.paths import RunPaths
+from greencode.provenance import weights_bytes_record
 from greencode.training import common
 from greencode.training.lite import check_weights, lite_loss
 from greencode.utils import set_seed, setup_torch, write_json
@@ -180,7 +181,7 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
         common.write_stage_results(paths.results_finetune, trainer_dir, cfg, summary,
                                    common.stage_weights("finetune", key, payload, out))
         write_json(out / common.STAGE_FILE, {"stage": "finetune", "key": key, "complete": True, "payload": payload,
-                                             "summary": summary})
+                                             "summary": summary, "weights_bytes": weights_bytes_record(out)})
         log.info("finetune: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval LITE loss %.4f, per exit %s -> %s",
                  train_s, steps, summary["train_tokens"], summary["train_tokens_per_s"],
                  summary["eval_loss"] or float("nan"), summary["eval_loss_per_exit"], out)

@@ -19,6 +19,7 @@ import torch
 
 from greencode.config import ConfigError
 from greencode.paths import RunPaths
+from greencode.provenance import weights_bytes_record
 from greencode.training import common
 from greencode.utils import set_seed, setup_torch, write_json
 
@@ -186,7 +187,8 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
         common.write_stage_results(paths.results_pretrain, trainer_dir, cfg, summary,
                                    common.stage_weights("pretrain", key, payload, out))
         write_json(out / common.STAGE_FILE, {"stage": "pretrain", "key": key, "complete": True,
-                                             "payload": payload, "summary": summary})
+                                             "payload": payload, "summary": summary,
+                                             "weights_bytes": weights_bytes_record(out)})
         log.info("pretrain: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval loss %.4f -> %s", train_s, steps,
                  summary["train_tokens"], summary["train_tokens_per_s"],
                  summary["eval_loss"] or float("nan"), out)
