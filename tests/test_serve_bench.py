@@ -57,12 +57,16 @@ def test_burst_against_deadline_admission(tmp_path):
 def test_memory_soak_records_rss_and_statuses(tmp_path):
     from greencode.bench.serving import run_memory_soak
 
-    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1"])
+    # a queue wider than the 4 clients: a client's next request can arrive before the server has let go of the
+    # one it just answered (under a loaded machine, smoke's queue_size of 4 then answers 503); admission at the
+    # queue's limit is the burst test's subject, not this one's
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["hardware.num_threads=1", "serve.queue_size=8"])
     run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
     out = tmp_path / "serve_load_smoke.json"
     res = run_memory_soak(cfg, run, requests=16, concurrency=4, max_new_tokens=3, every=8, out_path=out)
     m = json.loads(out.read_text())["memory_soak"]
-    assert m == json.loads(json.dumps(res["memory_soak"])) and m["all_200"] and m["alive_after"]
+    assert m == json.loads(json.dumps(res["memory_soak"]))
+    assert m["all_200"] and m["alive_after"], (m["status_counts"], m["alive_after"])
     assert [s["requests"] for s in m["samples"]] == [0, 8, 16] and all(s["rss_mb"] > 0 for s in m["samples"])
 
 
