@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Draw the figures of a run from its result files only (PNG at 150 dpi and PDF).
+"""Draw the figures of a run from its result files only (PNG at 150 dpi and PDF by default).
 
     python scripts/plot.py --results results/smoke                      # -> figures/smoke/
     python scripts/plot.py --results results/default --figures /tmp/figs
-    python scripts/plot.py --config configs/smoke.yaml                  # results_dir / figures_dir of the config
+    python scripts/plot.py --results results/default --formats pdf      # PDF only (e.g. for a paper)
+    python scripts/plot.py --config configs/smoke.yaml                  # results_dir, figures_dir and the
+                                                                        # figures section of the config
 
 Figures whose inputs are missing (e.g. no rl/ yet) are skipped with the reason printed and
 recorded in <figures>/index.json; see greencode.plots for the list of figures.
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from greencode.cli import friendly_errors
+from greencode.config import FIGURE_FORMATS, ConfigError, FiguresConfig, load_config
 from greencode.utils import REPO_ROOT, read_json, setup_logging
 
 
@@ -34,25 +37,35 @@ def main() -> int:
     src.add_argument("--config", help="YAML config; its results_dir and figures_dir are used")
     p.add_argument("--figures", type=Path, default=None,
                    help="output folder (default: figures/<name> for results/<name>)")
+    p.add_argument("--formats", nargs="+", choices=FIGURE_FORMATS, default=None,
+                   help="file formats to write (default: the config's figures.formats, else png pdf)")
+    p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: the config's figures.dpi, else 150)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides (with --config)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args()
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     if args.config:
-        from greencode.config import load_config
         from greencode.paths import RunPaths
 
-        paths = RunPaths.from_config(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        paths = RunPaths.from_config(cfg)
         results, figures = paths.results, args.figures or paths.figures
+        formats, dpi = cfg.figures.formats, cfg.figures.dpi
     else:
         if args.overrides:
             p.error("key=value overrides need --config")
         results = args.results
         figures = args.figures or _default_figures(results)
+        formats, dpi = FiguresConfig().formats, FiguresConfig().dpi
+    formats, dpi = args.formats or formats, args.dpi or dpi
+    try:
+        FiguresConfig(list(formats), dpi).validate("figures")
+    except ConfigError as e:
+        p.error(str(e))
 
     from greencode.plots import plot_all
 
-    files = plot_all(results, figures)
+    files = plot_all(results, figures, formats, dpi)
     index = read_json(Path(figures) / "index.json")
     print(f"{len(index['figures'])} figures ({len(files)} files) in {figures}:")
     for name, fs in index["figures"].items():

@@ -68,6 +68,10 @@ def test_yaml_boolean_words_become_the_choice_they_spell():
     ("finetune.weights=triangular", "use 'geometric', 'uniform' or a list"),
     ("hardware.device=tpu", "is not a device"),
     ("model", "must look like key.subkey=value"),
+    ("figures.formats=[png,jpg]", "figures.formats has 'jpg'; choose from: png, pdf, svg"),
+    ("figures.formats=[]", "figures.formats is empty"),
+    ("figures.formats=[pdf,pdf]", "names a format twice"),
+    ("figures.dpi=0", "figures.dpi=0 is out of range"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

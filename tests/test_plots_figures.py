@@ -309,17 +309,37 @@ def test_partial_results_without_rl_still_plot_the_rest(full_results, tmp_path):
     shutil.copytree(full_results, partial)
     shutil.rmtree(partial / "rl")
     figs = tmp_path / "figs"
-    # a stale RL figure from an earlier run must not survive as if it were current
+    # a stale RL figure from an earlier run must not survive as if it were current, nor a drawn figure's
+    # file in a format no longer asked for
     figs.mkdir()
     (figs / f"{NAMES['ppo_reward']}.png").write_bytes(b"old")
-    files = plot_all(partial, figs)
+    (figs / f"{NAMES['pareto']}.pdf").write_bytes(b"old")
+    files = plot_all(partial, figs, formats=["svg"], dpi=40)  # the config's figures section
     expected = set(FIGURES) - {"ppo_reward", "optimal_exits", "agent_exit_accuracy"}
-    assert {p.name for p in files} == {f"{NAMES[k]}.{ext}" for k in expected for ext in ("png", "pdf")}
-    assert all(p.is_file() for p in files)
-    assert not (figs / f"{NAMES['ppo_reward']}.png").exists()
+    assert {p.name for p in files} == {f"{NAMES[k]}.svg" for k in expected}
+    assert all(p.read_text().lstrip().startswith("<?xml") for p in files)
+    assert sorted(p.name for p in figs.iterdir() if p.suffix != ".svg") == ["index.json"]
     index = json.loads((figs / "index.json").read_text())
     assert set(index["skipped"]) == {"ppo_reward", "optimal_exits", "agent_exit_accuracy"}
     assert "episode_rewards.csv" in index["skipped"]["ppo_reward"]
+
+
+def test_output_formats_choose_the_files_and_the_resolution(tmp_path):
+    from matplotlib.image import imread
+
+    from greencode.plots.common import output_formats
+
+    r = tmp_path / "r"
+    write_eval(r, methods=["full", "fixed@2"], n=2)
+    with output_formats(["png"], 50):
+        low = plot_fixed_exits(r, tmp_path / "low")
+    with output_formats(["png", "svg"], 150):
+        std = plot_fixed_exits(r, tmp_path / "std")
+    assert [p.suffix for p in low] == [".png"] and [p.suffix for p in std] == [".png", ".svg"]
+    (h, w), (h3, w3) = imread(low[0]).shape[:2], imread(std[0]).shape[:2]
+    assert abs(w3 / w - 3.0) < 0.1 and abs(h3 / h - 3.0) < 0.1, ((w, h), (w3, h3))
+    assert plot_fixed_exits(r, tmp_path / "default")[0].suffix == ".png"  # outside the block: png and pdf again
+    assert sorted(p.suffix for p in (tmp_path / "default").iterdir()) == [".pdf", ".png"]
 
 
 def test_empty_and_malformed_results_never_crash(tmp_path):

@@ -39,3 +39,14 @@ def test_plot_script_missing_results_is_a_clear_error(tmp_path):
     out = _run("--results", str(tmp_path / "results" / "nope"))
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+
+def test_plot_script_refuses_a_bad_format_or_dpi(tmp_path):
+    results = tmp_path / "results" / "tiny"
+    write_eval(results, methods=["full", "fixed@2"], n=2)
+    bad = _run("--results", str(results), "--formats", "jpg")
+    assert bad.returncode == 2 and "invalid choice: 'jpg'" in bad.stderr
+    bad = _run("--results", str(results), "--dpi", "5")
+    assert bad.returncode == 2 and "figures.dpi=5 is out of range" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "figures").exists()

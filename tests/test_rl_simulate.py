@@ -231,21 +231,13 @@ def test_a_bank_built_on_two_processes_is_the_one_process_bank(tmp_path, caplog)
 
     one = TrajectoryBank.load(build_bank(cfg(1), model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
                                          path=tmp_path / "one"), model)
+    assert one.num_tokens == 400 and len(one.manifest["sequences"]) >= 4
+    assert one.manifest["candidates"] == {"source": "low_rank:4:8", "k": 4}
+
+    # two processes, cut off after they finished but before the assembly checkpointed: their batches stay on
+    # disk (with the build's key), and the rerun assembles them without running a batch again
     import logging
 
-    with caplog.at_level(logging.INFO, logger="greencode.rl.simulate"):
-        two = TrajectoryBank.load(build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
-                                             path=tmp_path / "two"), model)
-    assert any("on 2 processes" in r.getMessage() for r in caplog.records)
-    assert one.num_tokens == two.num_tokens == 400 and len(one.manifest["sequences"]) >= 4
-    for name in ("preds", "tokens", "offsets", "heldout", "behaviour_exit", "l_opt"):
-        assert np.array_equal(getattr(one, name), getattr(two, name)), name
-    assert np.array_equal(one.obs, two.obs) and one.manifest["sequences"] == two.manifest["sequences"]
-    assert one.manifest["candidates"] == {"source": "low_rank:4:8", "k": 4}
-    assert not (tmp_path / ".two.partial").exists()
-
-    # cut off after the processes finished but before the assembly checkpointed: their batches stay on disk
-    # (with the build's key), and the rerun assembles them without running a batch again
     import greencode.rl.simulate as simulate
 
     real = simulate._load_batch
@@ -255,19 +247,24 @@ def test_a_bank_built_on_two_processes_is_the_one_process_bank(tmp_path, caplog)
 
     simulate._load_batch = cut
     try:
-        with pytest.raises(KeyboardInterrupt):
-            build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(), path=tmp_path / "three")
+        with caplog.at_level(logging.INFO, logger="greencode.rl.simulate"), pytest.raises(KeyboardInterrupt):
+            build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(), path=tmp_path / "two")
     finally:
         simulate._load_batch = real
-    shards = tmp_path / ".three.partial" / "batches"
+    assert any("on 2 processes" in r.getMessage() for r in caplog.records)
+    shards = tmp_path / ".two.partial" / "batches"
     n = len(list(shards.glob("*.npz")))
     assert n >= 2 and (shards / "key.json").is_file()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="greencode.rl.simulate"):
-        three = TrajectoryBank.load(build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
-                                               path=tmp_path / "three"), model)
+        two = TrajectoryBank.load(build_bank(cfg(2), model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                             path=tmp_path / "two"), model)
     assert any(f"({n} on disk already)" in r.getMessage() for r in caplog.records)
-    assert np.array_equal(three.obs, one.obs) and np.array_equal(three.preds, one.preds)
+    assert two.num_tokens == 400
+    for name in ("preds", "tokens", "offsets", "heldout", "behaviour_exit", "l_opt"):
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
+    assert np.array_equal(one.obs, two.obs) and one.manifest["sequences"] == two.manifest["sequences"]
+    assert not (tmp_path / ".two.partial").exists()
 
 
 def test_features_and_the_full_behaviour(tmp_path):

@@ -727,6 +727,28 @@ class ServeConfig:
         _check_range(f"{path}.request_timeout_s", self.request_timeout_s, 0.0, None, low_open=True)
 
 
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+@dataclass
+class FiguresConfig:
+    # the files each figure is written as (the pipeline's figures stage, scripts/plot.py --config): png, pdf,
+    # svg; each format is a full draw of the figure, so one format takes about half the time of two
+    formats: list[str] = field(default_factory=lambda: ["png", "pdf"])
+    dpi: int = 150  # raster resolution (png)
+
+    def validate(self, path: str) -> None:
+        allowed = FIGURE_FORMATS
+        if not self.formats:
+            raise ConfigError(f"{path}.formats is empty; give one or more of: {', '.join(allowed)}")
+        bad = [f for f in self.formats if f not in allowed]
+        if bad:
+            raise ConfigError(f"{path}.formats has {', '.join(map(repr, bad))}; choose from: {', '.join(allowed)}")
+        if len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"{path}.formats={self.formats!r} names a format twice")
+        _check_range(f"{path}.dpi", self.dpi, 10, 1200)
+
+
 @dataclass
 class Config:
     name: str = "default"
@@ -745,6 +767,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    figures: FiguresConfig = field(default_factory=FiguresConfig)
     source_path: Optional[str] = field(default=None, metadata={"internal": True})
 
     def __post_init__(self) -> None:

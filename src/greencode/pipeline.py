@@ -113,7 +113,7 @@ def _run_figures(cfg):
     from greencode.plots import plot_all
 
     paths = RunPaths.from_config(cfg)
-    return plot_all(paths.results, paths.figures)
+    return plot_all(paths.results, paths.figures, cfg.figures.formats, cfg.figures.dpi)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -144,7 +144,7 @@ STAGES: tuple[Stage, ...] = (
           ("finetune", "agent"), _run_infill, lambda p: [p.results / "infill" / "infill.json"],
           enabled=lambda cfg: cfg.eval.infill_samples > 0,
           description="single-line infilling (models trained to fill in the middle)", estimate_s=200),
-    Stage("figures", (), ("evaluate", "report", "agent"), _run_figures,
+    Stage("figures", ("figures",), ("evaluate", "report", "agent"), _run_figures,
           lambda p: [p.figures], description="the paper's figures", estimate_s=15),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

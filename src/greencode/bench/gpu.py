@@ -23,7 +23,7 @@ Results go to ``results/gpu/<gpu-name>.json`` with hardware, versions and commit
 summary is printed. Only torch, transformers and this package's model/decoding/training-loss
 modules and its timing harness (:mod:`greencode.bench.timing`, which adds numpy) are imported (no
 gymnasium, SB3, codebleu or zeus needed). ``--tiny`` runs the same
-code path on the CPU with tiny shapes (what the test suite does).
+code path on the CPU with tiny shapes (what the test suite does); it compiles the first shape only.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -415,8 +415,10 @@ def _run_part(name: str, fn: Callable[[Deadline], dict], budget_s: float) -> dic
 
 
 def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, budgets: Optional[dict] = None,
-              energy_window_s: float = 4.0, compile_hf: bool = True, total_budget_s: float = TOTAL_BUDGET_S) -> dict:
-    """Run every part for every shape; write and return the result.
+              energy_window_s: float = 4.0, compile_hf: bool = True, total_budget_s: float = TOTAL_BUDGET_S,
+              compiled_shapes: Optional[Sequence[str]] = None) -> dict:
+    """Run every part for every shape (the compiled part for ``compiled_shapes`` only, when given); write and
+    return the result.
 
     Each part runs under its own budget and within ``total_budget_s`` for the whole check: the
     compiled part (the one whose time is hard to foresee: compiling) comes last in each shape and
@@ -457,9 +459,16 @@ def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, 
                 entry["energy"] = run("energy", lambda d: part_energy(m, device, tiny, d, energy_window_s))
             if shape == shapes[0]:  # one LITE measurement (the first shape) keeps the check within minutes
                 entry["lite"] = run("lite", lambda d: part_lite(m, device, tiny, d))
-            with torch.inference_mode():
-                entry["compiled"] = run("compiled", lambda d: part_compiled(m, pol, device, tiny, d),
-                                        reserve=SHAPE_RESERVE_S * (len(shapes) - 1 - k))
+            if compiled_shapes is not None and shape not in compiled_shapes:
+                entry["compiled"] = {"status": "skipped", "budget_s": 0, "seconds": 0.0,
+                                     "reason": f"compiled for {', '.join(compiled_shapes) or 'no shape'} only"
+                                               + (" (--tiny: compiling on the CPU is most of its time; "
+                                                  "tests/test_decoding_compiled.py covers both families)"
+                                                  if tiny else "")}
+            else:
+                with torch.inference_mode():
+                    entry["compiled"] = run("compiled", lambda d: part_compiled(m, pol, device, tiny, d),
+                                            reserve=SHAPE_RESERVE_S * (len(shapes) - 1 - k))
             del holder["model"], m
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -1,9 +1,9 @@
 """greencode.plots: the paper's figures (and the Pareto plot it lacks) from result files only.
 
 ``plot_all(results_dir, figures_dir)`` draws every figure whose inputs exist under
-``results/<name>/`` into ``figures/<name>/`` (PNG at 150 dpi and PDF), skips the others with
-the reason logged and recorded in ``figures/<name>/index.json``, and returns the files written.
-One function per figure, each ``f(results_dir, figures_dir) -> [png, pdf]``:
+``results/<name>/`` into ``figures/<name>/`` (PNG at 150 dpi and PDF, or the config's ``figures``
+formats), skips the others with the reason logged and recorded in ``figures/<name>/index.json``, and
+returns the files written. One function per figure, each ``f(results_dir, figures_dir) -> [files]``:
 
 ====================  ==============================================================  =================
 function              figure                                                          inputs
@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
-from greencode.plots.common import ENERGY_NOTE, MissingInput
+from greencode.plots.common import ALL_FORMATS, DPI, ENERGY_NOTE, FORMATS, MissingInput, output_formats
 from greencode.plots.figures import (NAMES, pareto_front, plot_accuracy_by_method, plot_agent_exit_accuracy,
                                      plot_agent_overhead, plot_calibrated_targets, plot_cost_by_method,
                                      plot_exit_report,
@@ -62,10 +62,12 @@ FIGURES: dict[str, Callable[[Path, Path], list[Path]]] = {
 }
 
 
-def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> list[Path]:
+def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
+             dpi: int = DPI) -> list[Path]:
     """Draw every figure whose inputs exist; skip (and log why) the others. Never raises on a
     partial or malformed results folder, only when ``results_dir`` itself is missing or the
-    figures folder cannot be written. Returns the files written (PNG and PDF per figure) and
+    figures folder cannot be written. Returns the files written (one per figure and format; a
+    drawn figure's files in the other formats are removed, so none is left from an older run) and
     writes ``index.json`` listing them, the skipped figures with reasons, run metadata, and for each
     figure (``provenance``) the result files it was drawn from and the weights they name (one record,
     or a list when they name several; :mod:`greencode.provenance`)."""
@@ -83,7 +85,7 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> li
     all_inputs: set[Path] = set()
     for key, fn in FIGURES.items():
         try:
-            with recording_reads() as reads:
+            with recording_reads() as reads, output_formats(formats, dpi):
                 files = fn(results_dir, figures_dir)
         except MissingInput as e:
             log.info("figure %s skipped: %s", key, e)
@@ -97,6 +99,8 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> li
             _remove_stale(figures_dir, NAMES[key])
             continue
         written += files
+        for stem in sorted({p.stem for p in files}):
+            _remove_stale(figures_dir, stem, keep=formats)
         index["figures"][key] = [p.name for p in files]
         inputs = sorted(set(reads))
         all_inputs.update(inputs)
@@ -112,9 +116,10 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path]) -> li
     return written
 
 
-def _remove_stale(figures_dir: Path, name: str) -> None:
-    """A figure skipped now must not leave an older version that looks current."""
-    for ext in ("png", "pdf"):
+def _remove_stale(figures_dir: Path, name: str, keep: Sequence[str] = ()) -> None:
+    """A figure skipped now (or no longer written in a format) must not leave an older version that looks
+    current."""
+    for ext in sorted(set(ALL_FORMATS) - set(keep)):
         p = figures_dir / f"{name}.{ext}"
         if p.is_file():
             p.unlink()

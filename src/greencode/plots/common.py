@@ -1,12 +1,15 @@
-"""Shared pieces of the figures: style, method labels and colours, atomic PNG + PDF saving.
+"""Shared pieces of the figures: style, method labels and colours, atomic saving.
 
 Figures are built on :class:`matplotlib.figure.Figure` with an explicit Agg canvas (no
-pyplot global state, no interactive backend needed), written with ``dpi=150`` as PNG and as
-PDF (without a creation date, so re-plotting the same results gives the same PDF).
+pyplot global state, no interactive backend needed), written by default with ``dpi=150`` as PNG
+and as PDF (without a creation date, so re-plotting the same results gives the same PDF);
+:func:`output_formats` (the config's ``figures`` section) picks other formats or resolution.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -17,11 +20,17 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from greencode.config import FIGURE_FORMATS
 from greencode.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
 DPI = 150
+FORMATS = ("png", "pdf")  # the default
+ALL_FORMATS = FIGURE_FORMATS  # what the config's figures.formats may name
+# the formats and dpi save_figure writes (set around a batch of figures by output_formats)
+_OUTPUT: contextvars.ContextVar[tuple[tuple[str, ...], int]] = contextvars.ContextVar("figure_output",
+                                                                                      default=(FORMATS, DPI))
 ENERGY_NOTE = "energy not measured (no GPU / RAPL): time only"
 
 STYLE = {
@@ -159,17 +168,33 @@ def note_panel(ax, text: str, title: Optional[str] = None) -> None:
             bbox={"boxstyle": "round,pad=0.6", "facecolor": "#f4f4f4", "edgecolor": "#bbbbbb"})
 
 
-def save_figure(fig: Figure, figures_dir: Path, name: str, dpi: int = DPI) -> list[Path]:
-    """Write ``<name>.png`` and ``<name>.pdf`` atomically (temp file, then rename)."""
+@contextlib.contextmanager
+def output_formats(formats: Sequence[str] = FORMATS, dpi: int = DPI):
+    """Inside this block :func:`save_figure` writes ``formats`` (png, pdf, svg) at ``dpi``."""
+    token = _OUTPUT.set((tuple(formats), int(dpi)))
+    try:
+        yield
+    finally:
+        _OUTPUT.reset(token)
+
+
+def current_formats() -> tuple[str, ...]:
+    return _OUTPUT.get()[0]
+
+
+def save_figure(fig: Figure, figures_dir: Path, name: str) -> list[Path]:
+    """Write ``<name>.<fmt>`` for each current format (png and pdf unless :func:`output_formats` says
+    otherwise) atomically (temp file, then rename)."""
     figures_dir = Path(figures_dir)
+    formats, dpi = _OUTPUT.get()
     out = []
-    for fmt in ("png", "pdf"):
+    for fmt in formats:
         path = figures_dir / f"{name}.{fmt}"
-        meta = {"CreationDate": None} if fmt == "pdf" else None
+        meta = {"CreationDate": None} if fmt == "pdf" else ({"Date": None} if fmt == "svg" else None)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
         out.append(path)
-    log.info("wrote %s.{png,pdf} in %s", name, figures_dir)
+    log.info("wrote %s.{%s} in %s", name, ",".join(formats), figures_dir)
     return out
 
 
