@@ -102,3 +102,84 @@ def test_serving_imports_neither_the_calibration_stage_nor_the_evaluator():
               "greencode.eval.runner"}
     bad = {m: sorted(ts & banned) for m, ts in g.items() if m.startswith("greencode.serve")}
     assert {m: ts for m, ts in bad.items() if ts} == {}
+
+
+# ----------------------------------------------------------------------------- imports at module top
+def _runtime_top_imports(path: Path, mod: str, files: dict) -> set[str]:
+    """The package modules a file imports when it is loaded: module-level statements, class bodies, module-level
+    if/try/with blocks (not ``if TYPE_CHECKING:``), never function bodies."""
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+
+    def walk(stmts):
+        for n in stmts:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
+                walk(n.orelse)
+                continue
+            if isinstance(n, ast.Import):
+                out.update(a.name for a in n.names)
+            elif isinstance(n, ast.ImportFrom):
+                out.update(_targets(n, mod, is_pkg, files))
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                sub = getattr(n, field, None)
+                if isinstance(sub, list):
+                    walk(sub)
+
+    walk(ast.parse(path.read_text(), str(path)).body)
+    return {t for t in out if t in files and t != mod}
+
+
+def _targets(node: ast.ImportFrom, mod: str, is_pkg: bool, files: dict) -> set[str]:
+    if node.level:
+        base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        base = base[:len(base) - (node.level - 1)]
+        src = ".".join(base + ([node.module] if node.module else []))
+    else:
+        src = node.module or ""
+    return {f"{src}.{a.name}" if f"{src}.{a.name}" in files else src for a in node.names}
+
+
+def _parents(mod: str) -> list[str]:
+    parts = mod.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]
+
+
+def test_a_function_level_import_defers_something():
+    """Imports sit at module top. One inside a function is kept only when it defers a module the file does not
+    load anyway (a measured start-up cost: e.g. greencode.config validates controllers from greencode.decoding,
+    1.3 s of torch, only when a config names them; the pipeline imports each stage when it runs) or when the
+    target loads this module at its own top (a circle). An import of a module the file already loads when it is
+    imported hides an edge of the graph and buys nothing: move it to the top."""
+    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    top = {m: _runtime_top_imports(p, m, files) for m, p in files.items()}
+
+    def loaded(m: str) -> set[str]:  # what importing m loads: its packages, its top imports, theirs, ...
+        seen, todo = set(), [m]
+        while todo:
+            x = todo.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            todo += [p for p in _parents(x) if p in files] + sorted(top.get(x, ()))
+        return seen
+
+    closure = {m: loaded(m) for m in files}
+    redundant = []
+    for mod, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for n in ast.walk(fn):
+                if isinstance(n, ast.ImportFrom):
+                    targets = _targets(n, mod, is_pkg, files)
+                elif isinstance(n, ast.Import):
+                    targets = {a.name for a in n.names}
+                else:
+                    continue
+                for t in targets & set(files):
+                    if t != mod and t in closure[mod] and mod not in closure[t]:
+                        redundant.append(f"{path.relative_to(PKG.parent)}:{n.lineno} {fn.name}() imports {t}")
+    assert redundant == [], "\n".join(sorted(set(redundant)))

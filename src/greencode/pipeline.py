@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from greencode.config import Config, ConfigError
+from greencode.data import prepare_data
+from greencode.eval import evaluate
+from greencode.eval.infill import evaluate_infill
 from greencode.paths import RunPaths
-from greencode.utils import read_json, run_metadata, write_json
+from greencode.utils import REPO_ROOT, read_json, run_metadata, write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,6 @@ class Stage:
 
 
 def _run_data(cfg):
-    from greencode.data import prepare_data
-
     return prepare_data(cfg)
 
 
@@ -61,7 +62,6 @@ def _base_identity(cfg) -> dict:
     if not cfg.model.base:
         return {}
     from greencode.training.common import model_dir_fingerprint
-    from greencode.utils import REPO_ROOT
 
     base = cfg.model.base if Path(cfg.model.base).is_dir() else str(REPO_ROOT / cfg.model.base)
     return {"base": model_dir_fingerprint(base)}
@@ -98,14 +98,10 @@ def _run_calibrate(cfg):
 
 
 def _run_evaluate(cfg):
-    from greencode.eval import evaluate
-
     return evaluate(cfg)
 
 
 def _run_infill(cfg):
-    from greencode.eval.infill import evaluate_infill
-
     return evaluate_infill(cfg)
 
 

@@ -20,6 +20,9 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
+from greencode.config import dump_config
+from greencode.provenance import weights_for_run
+
 log = logging.getLogger("greencode")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -139,8 +142,6 @@ def run_metadata(cfg=None, **extra: Any) -> dict[str, Any]:
     run, from the directories actually loaded); without it, a config's run is described by its models
     on disk now (:func:`greencode.provenance.weights_for_run`). ``weights=None`` records none."""
     if "weights" not in extra and cfg is not None:
-        from greencode.provenance import weights_for_run
-
         try:
             extra["weights"] = weights_for_run(cfg)
         except Exception as e:  # noqa: BLE001 - the record never fails the result it describes
@@ -329,8 +330,6 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def save_run_info(directory: Union[str, Path], cfg, stage: str, **extra) -> None:
     """Every run folder holds the resolved config, the command line and the commit."""
-    from greencode.config import dump_config
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_text(directory / "config.yaml", dump_config(cfg))

@@ -14,8 +14,13 @@ import torch
 
 from greencode.bench.timing import Stopwatch
 from greencode.config import Config
+from greencode.data import load_tokenizer
+from greencode.data.samples import samples_for_config
 from greencode.decoding.compiled import use_compiled_steps
+from greencode.eval.summary import check_writable
+from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
+from greencode.rl import ExitPolicy, load_policy
 from greencode.utils import REPO_ROOT, set_seed, setup_torch
 
 log = logging.getLogger(__name__)
@@ -82,8 +87,6 @@ def median_gc_threshold(cfg: Config, given: Optional[float] = None) -> float:
 
 def load_bench_model(cfg: Config, paths: RunPaths, device, dtype):
     """The run's fine-tuned model, else a random one of the config's shape; (model, what it is)."""
-    from greencode.models import EarlyExitModel
-
     if (paths.finetuned / "config.json").is_file():
         model = EarlyExitModel.from_run_config(cfg, paths.finetuned, device=device, dtype=dtype).eval()
         use_compiled_steps(model, cfg.decoding.compile)
@@ -100,8 +103,6 @@ def load_bench_model(cfg: Config, paths: RunPaths, device, dtype):
 
 def load_bench_policy(cfg: Config, paths: RunPaths, model):
     """The run's exported policy, else a random MLP of ``rl.ppo.net_arch``; (policy, what it is)."""
-    from greencode.rl import ExitPolicy, load_policy
-
     if paths.policy.is_file():
         try:
             return load_policy(paths.policy, model), f"exported policy {paths.policy}"
@@ -122,9 +123,6 @@ def bench_prompts(cfg: Config, model, num_prompts: int, context_tokens: int, gen
     want = list(lengths) if lengths is not None else [context_tokens] * num_prompts
     if (RunPaths.from_config(cfg).finetuned / "config.json").is_file():
         try:
-            from greencode.data import load_tokenizer
-            from greencode.data.samples import samples_for_config
-
             sub = dataclasses.replace(cfg, eval=dataclasses.replace(
                 cfg.eval, split="validation", num_samples=4 * num_prompts + 8, sample_offset=0,
                 context_fraction=0.6, max_context_tokens=max(want)))
@@ -149,8 +147,6 @@ def setup(cfg: Config, out_path: Union[str, Path], context_tokens: int, new_toke
     """Check the integer arguments (name, value, minimum), that the output folder is writable and
     that the prompt fits the model; seed; load the model and the policy. Returns (out_path, device,
     model, model note, policy, policy note)."""
-    from greencode.eval.summary import check_writable
-
     for name, v, low in checks:
         if not isinstance(v, int) or v < low:
             raise ValueError(f"{name}={v!r} must be an integer >= {low}")

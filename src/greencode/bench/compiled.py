@@ -12,10 +12,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from greencode.bench.common import (StepClock, batch_rows, benchmark_path, fmt, hf_greedy_config, md_header, median_gc_threshold,
-                                    middle_exit_layer, model_setup, parse_sizes, setup)
+from greencode.bench.common import (StepClock, batch_rows, benchmark_path, fmt, hf_greedy_config, md_header,
+                                    median_gc_threshold, middle_exit_layer, model_setup, parse_sizes, setup)
 from greencode.bench.timing import Noise, interleaved_rounds, paired_median, quartiles, timed, write_result
 from greencode.config import Config
+from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
+from greencode.decoding.compiled import COMPILE_MODES, CompiledSteps
 from greencode.provenance import weights_record
 
 
@@ -40,9 +42,6 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
     eager run's (counted; a mismatch is reported, not hidden). Writes the JSON and a markdown
     table; returns the JSON's path."""
     from transformers import StoppingCriteriaList
-
-    from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
-    from greencode.decoding.compiled import COMPILE_MODES, CompiledSteps
 
     sizes = parse_sizes(batch_sizes)
     out_path, device, model, model_note, policy, policy_note = setup(

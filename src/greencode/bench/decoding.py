@@ -42,10 +42,11 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from greencode.bench.common import (StepClock, benchmark_path, bench_prompts, fmt, hf_greedy_config,
-                                    middle_exit_layer, model_setup, setup, target_noise_lines)
+from greencode.bench.common import (StepClock, bench_prompts, benchmark_path, fmt, hf_greedy_config, middle_exit_layer,
+                                    model_setup, setup, target_noise_lines)
 from greencode.bench.timing import Noise, interleaved_rounds, paired_median, quartiles, timed, write_result
 from greencode.config import Config
+from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate, generate_lossless
 from greencode.decoding.compiled import compile_info
 from greencode.provenance import weights_record
 
@@ -89,8 +90,6 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     ``layerskip_k`` draft lengths, and with ``hf_early_exit`` HF ``assistant_early_exit`` at the
     middle exit point), compared by wall clock in the result's ``lossless`` section."""
     from transformers import StoppingCriteriaList
-
-    from greencode.decoding import ConfidenceExit, FixedExit, NeverExit, PolicyExit, generate, generate_lossless
 
     out_path, device, model, model_note, policy, policy_note = setup(
         cfg, out_path if out_path is not None else benchmark_path(cfg), context_tokens, new_tokens,

@@ -43,7 +43,10 @@ import torch
 from torch import nn
 
 from greencode.bench.timing import Deadline, Stopwatch, best_of, steady_window, sync, timed, write_result
+from greencode.config import ExitScheduleConfig
+from greencode.training.lite import lite_loss
 from greencode.utils import REPO_ROOT as ROOT
+
 SHAPES = ("llama-3.2-3b", "opt-2.7b")
 # the paper's exit rules (configs/paper/*.yaml): first exit, stride in the first half, in the second half
 SCHEDULES = {"llama-3.2-3b": (3, 2, 4), "opt-2.7b": (3, 2, 4)}
@@ -81,7 +84,6 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, tiny: bool
     paper's exit points (``[1, 2, 3]`` on the tiny shape)."""
     from transformers import AutoModelForCausalLM
 
-    from greencode.config import ExitScheduleConfig
     from greencode.models import EarlyExitModel, resolve_exit_layers
 
     cfg = hf_config(shape, tiny)
@@ -342,10 +344,7 @@ def part_energy(model, device, tiny: bool, deadline: Deadline, window_s: float) 
 
 
 def part_lite(model, device, tiny: bool, deadline: Deadline) -> dict:
-    from greencode.models import lite_weights
-    from greencode.training.lite import lite_loss
-
-    from greencode.models import EarlyExitModel
+    from greencode.models import EarlyExitModel, lite_weights
 
     hf = model.hf  # trains in place: LITE is the last part run on a model
     ee = EarlyExitModel(hf, model.exit_layers)

@@ -18,9 +18,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from greencode.bench.common import (benchmark_path, bench_prompts, median_gc_threshold, middle_exit_layer, setup)
+from greencode.bench.common import bench_prompts, benchmark_path, median_gc_threshold, middle_exit_layer, setup
 from greencode.bench.timing import write_result
 from greencode.config import Config
+from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
 from greencode.provenance import weights_record
 
 # the step's parts (greencode.decoding.generate.DecodeBatch), in the order a step runs them
@@ -54,8 +55,6 @@ def run_profile(cfg: Config, *, batch: int = 8, context_tokens: int = 200, new_t
                 out_path: Optional[Union[str, Path]] = None) -> Path:
     """Profile one batched decode of ``batch`` seeded prompts per method (default: the full model, the
     middle fixed exit and GC at the middle of ``eval.gc_thresholds``); write the JSON and a markdown table."""
-    from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
-
     out_path, device, model, model_note, policy, policy_note = setup(
         cfg, out_path if out_path is not None else profile_path(cfg), context_tokens, new_tokens,
         (("batch", batch, 1), ("context_tokens", context_tokens, 4), ("new_tokens", new_tokens, 2), ("top", top, 1)))

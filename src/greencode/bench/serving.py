@@ -37,7 +37,12 @@ import numpy as np
 from greencode.bench.timing import (Stopwatch, load_average_1m, load_record, merge_result, percentile, percentiles,
                                     run_record, timed, write_result)
 from greencode.config import dump_config
-from greencode.utils import REPO_ROOT, portable_path
+from greencode.data.corpus import load_corpus, text_sep
+from greencode.eval.infill import make_infill_samples
+from greencode.eval.metrics import exact_match_breakdown, is_boilerplate, line_scores
+from greencode.eval.stats import bootstrap_indices, mean_ci
+from greencode.provenance import weights_record
+from greencode.utils import REPO_ROOT, portable_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,6 @@ def _server(cfg, root: Path, overrides: Sequence[str]):
 
 def _weights(root: Path) -> Optional[dict]:
     """The weights record of the run the server loads (``<run>/finetuned``; greencode.provenance)."""
-    from greencode.provenance import weights_record
-
     ft = Path(root) / "finetuned"
     return weights_record(ft) if (ft / "config.json").is_file() else None
 
@@ -92,9 +95,6 @@ def _weights(root: Path) -> Optional[dict]:
 def _exact_match_without_boilerplate(rows: list[dict], seed: int) -> dict[str, Any]:
     """The share of the exact matches on boilerplate reference lines (licence headers, blank:
     greencode.eval.metrics.is_boilerplate) and exact match on the other lines, with its 95% CI."""
-    from greencode.eval.metrics import exact_match_breakdown, is_boilerplate
-    from greencode.eval.stats import bootstrap_indices, mean_ci
-
     flags = [is_boilerplate(r["reference"]) for r in rows]
     b = exact_match_breakdown([r["exact_match"] for r in rows], flags)
     rest = np.array([r["exact_match"] for r, f in zip(rows, flags) if not f], dtype=float)
@@ -364,8 +364,6 @@ def run_streaming_load(cfg, run_dir: Optional[Union[str, Path]] = None, *, clien
         with _server(cfg, root, overrides) as srv:
             burst_result = asyncio.run(flood(srv.url, float(cfg.serve.request_timeout_s)))
     if burst_only:
-        from greencode.utils import read_json
-
         previous = (read_json(out_path) if out_path.is_file() else {}).get("burst")
         kept = {"burst_previous": previous} if previous is not None else {}
         return merge_result(out_path, **kept, burst=burst_result,
@@ -699,10 +697,6 @@ def run_fim_clients(cfg, run_dir: Optional[Union[str, Path]] = None, *, samples:
     import openai
     from transformers import AutoTokenizer
 
-    from greencode.data.corpus import load_corpus, text_sep
-    from greencode.eval.infill import make_infill_samples
-    from greencode.eval.metrics import line_scores
-    from greencode.eval.stats import bootstrap_indices, mean_ci
     from greencode.serve.engine import run_root
 
     _quiet_clients()

@@ -11,11 +11,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from greencode.bench.common import (batch_rows, benchmark_path, bench_prompts, fmt, hf_greedy_config, md_header,
+from greencode.bench.common import (batch_rows, bench_prompts, benchmark_path, fmt, hf_greedy_config, md_header,
                                     median_gc_threshold, middle_exit_layer, model_setup, parse_sizes, setup,
                                     target_noise_lines)
 from greencode.bench.timing import Noise, interleaved_rounds, paired_median, quartiles, timed, write_result
 from greencode.config import Config
+from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
 from greencode.decoding.compiled import compile_info
 from greencode.provenance import weights_record
 
@@ -44,8 +45,6 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     workload (prefill included). Rounds are interleaved (repetition -> batch size -> methods, order
     rotated) after a warmup; ratios are medians of paired per-round ratios. Writes the JSON and a
     markdown table; returns the JSON's path."""
-    from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
-
     sizes = parse_sizes(batch_sizes)
     num_prompts = max(sizes) if num_prompts is None else num_prompts
     out_path, device, model, model_note, policy, policy_note = setup(

@@ -43,6 +43,8 @@ from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
+from greencode.utils import read_json, run_metadata, write_json, write_text
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _UNSET: Any = object()
@@ -213,8 +215,6 @@ def run_record(cfg=None, stage: Optional[str] = None, weights: Any = _UNSET) -> 
     commit, versions, hardware, command, and ``weights``, the record of the weights it came from
     (:func:`greencode.provenance.weights_record`; left out, the config's run on disk now; ``None``:
     none, e.g. a random-initialised model)."""
-    from greencode.utils import run_metadata
-
     extra: dict[str, Any] = {} if stage is None else {"stage": stage}
     if weights is not _UNSET:
         extra["weights"] = weights
@@ -227,8 +227,6 @@ def write_result(out_path: Path, result: dict, markdown: Optional[Callable[[dict
     """The result JSON and, next to it, its markdown table (both written atomically, without
     machine paths). With ``stage``, the run's metadata and weights record (:func:`run_record`) are
     added under ``meta_key`` (the decoding benchmarks' ``run_metadata``, the serving ones' ``run``)."""
-    from greencode.utils import write_json, write_text
-
     if stage is not None:
         result[meta_key] = run_record(cfg, stage, weights)
     write_json(out_path, result)
@@ -243,8 +241,6 @@ def merge_result(out_path: Path, *, cfg=None, stage: Optional[str] = None, weigh
     """Write ``parts`` (key -> value) into the result file at ``out_path``, keeping its other keys
     (a file that several runs fill, one part each); with ``stage``, each part (a dict) records its
     run under ``meta_key``. Returns the whole result."""
-    from greencode.utils import read_json
-
     if stage is not None:
         record = run_record(cfg, stage, weights)
         parts = {k: {**v, meta_key: record} if isinstance(v, dict) else v for k, v in parts.items()}

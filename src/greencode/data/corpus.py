@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from greencode.data import lexers
+from greencode.data.hub import load_hub_corpus
 from greencode.data.local import SPLITS, build_local_corpus, corpus_features, list_source_files, resolve_source
 from greencode.paths import RunPaths
 from greencode.utils import read_json, run_metadata, write_json
@@ -189,8 +190,6 @@ def prepare_corpus(cfg, *, force: bool = False, progress: bool | None = None) ->
     }
     literals = None
     if d.source == "hub":
-        from greencode.data.hub import load_hub_corpus
-
         dsd = load_hub_corpus(cfg)
         manifest["source_path"] = d.hub_id
         manifest["splits"] = _split_stats({s: dsd[s]["num_tokens"] for s in SPLITS})

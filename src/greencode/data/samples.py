@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from greencode.data import lexers
+from greencode.data.corpus import load_corpus, text_sep
 from greencode.data.tokenizer import encode_context
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,6 @@ def make_samples(split_dataset, tokenizer, *, num_samples: int, seed: int, conte
 
 def samples_for_config(cfg, tokenizer) -> list[Sample]:
     """``make_samples`` on ``cfg.eval.split`` of the run's corpus with ``cfg.eval``."""
-    from greencode.data.corpus import load_corpus, text_sep
-
     e = cfg.eval
     split = load_corpus(cfg)[e.split]
     return make_samples(split, tokenizer, num_samples=e.num_samples, seed=e.sample_seed,

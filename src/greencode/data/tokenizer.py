@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from greencode.data import lexers
-from greencode.data.corpus import _swap_in, code_text
+from greencode.data.corpus import _swap_in, code_text, load_corpus, text_sep
 from greencode.data.fim import FIM_TOKENS
 from greencode.paths import RunPaths
-from greencode.utils import read_json, run_metadata, write_json
+from greencode.utils import REPO_ROOT, read_json, run_metadata, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,6 @@ def _settings(cfg) -> dict:
 
 def _dir_content_hash(path: str) -> Optional[str]:
     """sha256 over a local tokenizer directory's tokenizer files; None for a hub id."""
-    from greencode.utils import REPO_ROOT
-
     d = Path(path).expanduser()
     if not d.is_dir() and not d.is_absolute():
         d = REPO_ROOT / path
@@ -205,13 +203,10 @@ def prepare_tokenizer(cfg, corpus_manifest: Optional[Mapping[str, Any]] = None, 
         info["kind"] = "pretrained"
         info["source"] = cfg.tokenizer.path
     else:
-        from greencode.data.corpus import load_corpus
-
         train = load_corpus(cfg)["train"]
         if len(train) == 0:
             raise ValueError("the corpus has no train records to train a tokenizer on; enlarge the corpus "
                              "(data.max_files, data.min_file_tokens)")
-        from greencode.data.corpus import text_sep
 
         texts = training_texts(train, cfg.tokenizer.max_train_chars, cfg.seed, text_sep(cfg))
         source = cfg.data.source == "local" and cfg.data.literal_mode == lexers.SOURCE_MODE

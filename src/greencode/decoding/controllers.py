@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from greencode.config import ConfigError
-from greencode.decoding.signals import host_cosine, host_norm, host_norm_rows
+from greencode.decoding.signals import (CheapSignals, check_candidates, exit_signals, host_cosine, host_norm,
+                                        host_norm_rows, parse_source)
 
 
 def _check_unit(name: str, value: float) -> float:
@@ -85,8 +86,6 @@ def uses_candidates(features) -> bool:
 
 def check_online_candidates(source: str, k: int, where: str = "candidates") -> None:
     """A ConfigError naming ``where`` unless ``source`` / ``k`` can be computed inside the decoding loop."""
-    from greencode.decoding.signals import check_candidates, parse_source
-
     try:
         check_candidates(k, source)
     except ConfigError as e:
@@ -131,8 +130,6 @@ def candidate_observation(model, states: torch.Tensor, source: str = "first_full
     """The cheap candidate features [n, E, len(CANDIDATE_FEATURES)] (float32, CPU) of ``n`` tokens from their
     raw states at every early exit point [n, E, H], as :class:`PolicyExit` computes them online check by check
     (:class:`~greencode.decoding.signals.CheapSignals`; ``first_full``: the full head at the first exit point)."""
-    from greencode.decoding.signals import exit_signals
-
     check_online_candidates(source, k)
     states = states.to(model.device)
     e = states.shape[1]
@@ -503,8 +500,6 @@ class PolicyExit(ExitController):
         self._exit_index = {layer: k for k, layer in enumerate(model.exit_layers)}
         self._first_layer = min(model.exit_layers)
         if self.candidates is not None:
-            from greencode.decoding.signals import CheapSignals
-
             self._signals = CheapSignals(model, self.candidates["k"], self.candidates["source"], saturation=False,
                                          host=self.host_path)
             self._cand_macs = {layer: sum(v for n, v in self._signals.macs_parts(k).items() if n != "full_head")
@@ -817,8 +812,6 @@ class CheapConfidenceExit(ExitController):
             self._signals.state = None
 
     def check_layers(self, model) -> frozenset[int]:
-        from greencode.decoding.signals import CheapSignals
-
         if self._signals is None or self._signals.model is not model:
             self._signals = CheapSignals(model, self.k, self.source, saturation=False, host=self.host_path)
         self._index = {layer: j for j, layer in enumerate(model.exit_layers)}

@@ -39,18 +39,25 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from greencode.config import Config
+from greencode.config import Config, config_from_dict
+from greencode.decoding import NeverExit, PolicyExit
 from greencode.decoding.compiled import compile_info
 from greencode.decoding.registry import threshold_grid
+from greencode.distributed import Dist
 from greencode.eval.calibrated import calibrated_ids, criteria_of, load_calibration, render_targets, targets_table
+from greencode.eval.energy import make_meter
 from greencode.eval.forced import teacher_forced
+from greencode.eval.hull import write_hull
 from greencode.eval.methods import MethodSpec, expand_methods, needs, parse_method_name, split_names
+from greencode.eval.metrics import check_language
 # the run's inputs and the Runner live in runner.py (shared with the teacher-forced pass); imported here by name,
 # so ``from greencode.eval.evaluator import EvalInputs, load_inputs, ...`` keeps working
 from greencode.eval.runner import EvalInputs, Runner, load_inputs, load_samples, prompt_of
+from greencode.eval.showcase import write_completions
 from greencode.eval.summary import SHARD_FORMAT, check_writable, merge_shards, summary_table, write_results
-from greencode.distributed import Dist
 from greencode.paths import RunPaths
+from greencode.provenance import weights_record
+from greencode.training.shipping import check_split_disjoint
 from greencode.utils import read_json, run_metadata, set_seed, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -102,9 +109,6 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
     """Run ``specs`` on ``samples`` (this process's share) and return a shard (see
     :mod:`greencode.eval.summary`). Methods whose inputs are missing are skipped with the
     reason, or raise when ``explicit``."""
-    from greencode.decoding import NeverExit, PolicyExit
-    from greencode.eval.energy import make_meter
-
     model, tok = inputs.model, inputs.tokenizer
     device = device or model.device
     meter = meter or make_meter(cfg.eval.energy, device)
@@ -282,8 +286,6 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
 
 # --------------------------------------------------------------------------- entry point
 def _check_languages(cfg: Config, samples: Sequence) -> None:
-    from greencode.eval.metrics import check_language
-
     check_language(cfg.data.language)
     for lang in sorted({str(getattr(s, "language", cfg.data.language)) for s in samples}):
         check_language(lang)
@@ -293,8 +295,6 @@ def _accuracy_worker(cfg_dict: dict, methods: Optional[list[str]], indices: list
                      world_size: int, explicit: Optional[bool] = None) -> dict:
     """One accuracy-only process of :func:`_run_with_workers` (1 torch thread, no timing)."""
     import dataclasses as _dc
-
-    from greencode.config import config_from_dict
 
     cfg = config_from_dict(cfg_dict)
     cfg = _dc.replace(cfg, hardware=_dc.replace(cfg.hardware, num_threads=1),
@@ -343,8 +343,6 @@ def _run_with_workers(cfg: Config, methods: Optional[list[str]], inputs: EvalInp
 
 
 def _showcase(out_dir: Path, samples: Sequence, cfg: Config) -> None:
-    from greencode.eval.showcase import write_completions
-
     try:
         write_completions(out_dir, samples, seed=cfg.seed)
     except (OSError, ValueError, KeyError) as e:  # a readable extra: never fail a finished evaluation on it
@@ -397,8 +395,6 @@ def _calibrated(out_dir: Path, cfg: Config, calibration: dict, weights: Optional
 
 def _hull(out_dir: Path, calibration: Optional[dict]) -> None:
     """Every controller against the static exits' hull at matched compute (hull.json, hull.md, summary.json)."""
-    from greencode.eval.hull import write_hull
-
     try:
         write_hull(out_dir, calibration=calibration)
     except (OSError, ValueError, KeyError) as e:  # a finished evaluation is kept; the hull says why it is missing
@@ -416,7 +412,6 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     names, calibration = _expand_calibrated(cfg, names, explicit)
     for n in names:  # unknown names fail before anything is loaded
         parse_method_name(n)
-    from greencode.eval.metrics import check_language
 
     check_language(cfg.data.language)
     paths = RunPaths.from_config(cfg)
@@ -432,13 +427,11 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
                          need_policy=any(needs(f) for f in families))
     specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
     samples = load_samples(cfg, inputs.tokenizer)
-    from greencode.training.shipping import check_split_disjoint
 
     checked = check_split_disjoint(cfg, cfg.eval.split)  # raises when the base was trained on these files
     if checked:
         log.info("the %d %s-split files are disjoint from the base model's training files", checked, cfg.eval.split)
     _check_languages(cfg, samples)
-    from greencode.provenance import weights_record
 
     weights = weights_record(inputs.model, inputs.base)  # the directories loaded, fingerprinted when loaded
     if dist.world_size == 1 and cfg.eval.workers > 1:

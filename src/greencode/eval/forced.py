@@ -26,6 +26,7 @@ from greencode.eval.methods import MethodSpec, needs, param_kind, parse_method_n
 from greencode.eval.runner import Runner, load_inputs, load_samples, prompt_of
 from greencode.paths import RunPaths
 from greencode.provenance import weights_record
+from greencode.rl.simulate import simulate_forced, token_local
 from greencode.utils import setup_torch, write_json
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,6 @@ def _forced_pass(inputs, cfg: Config, specs: Sequence[MethodSpec], prompts: dict
     """The pass over samples ``idx`` in this process: per method id and sample, the share of positions that
     differ, the compute ratio and the layers skipped; the oracle's layers skipped; which methods were simulated
     and which went through the loop."""
-    # here, not at the top: importing greencode.rl loads its package (Stable-Baselines3, Gymnasium), which an
-    # evaluation without the token criterion never needs
-    from greencode.rl.simulate import simulate_forced, token_local
-
     model, tok = inputs.model, inputs.tokenizer
     runner = Runner(inputs, cfg, None, tok.eos_token_id, tok.pad_token_id)
     specs = [s for s in specs if all(getattr(inputs, n) is not None for n in needs(s.family))]

@@ -27,11 +27,14 @@ import numpy as np
 
 from greencode.config import CalibrationConfig, Config, ConfigError
 from greencode.decoding import registry
+from greencode.eval.calibrated import TEACHER_FORCED_FILE
+from greencode.eval.forced import teacher_forced
 from greencode.eval.hull import hull_at, hull_vertices
-from greencode.eval.methods import MethodSpec, controller_of, param_kind
+from greencode.eval.methods import MethodSpec, controller_of, param_kind, parse_method_name
 from greencode.eval.tuning import TUNE_SPLIT
+from greencode.models.schedule import resolve_exit_layers
 from greencode.paths import RunPaths
-from greencode.utils import run_metadata, write_json, write_text
+from greencode.utils import read_json, run_metadata, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +121,6 @@ def tune_grids(cfg: Config, *, num_samples: Optional[int] = None, levels: Sequen
                families: Optional[Sequence[str]] = None) -> Path:
     """Measure every family's dense grid on the tuning slice, choose the grids, write ``tune/grids.*``;
     returns the folder."""
-    from greencode.eval.forced import teacher_forced
-
     size = int(cfg.calibration.sample_offset)
     n = int(num_samples or size)
     if size < 1 or n > size:
@@ -143,8 +144,6 @@ def tune_grids(cfg: Config, *, num_samples: Optional[int] = None, levels: Sequen
         ids[STATIC] = [MethodSpec(STATIC, int(x)).id for x in exit_layers]
     flat = [i for v in ids.values() for i in v]
     teacher_forced(sub, eval_dir, flat, full_tokens={})
-    from greencode.eval.calibrated import TEACHER_FORCED_FILE
-    from greencode.utils import read_json
 
     tf = read_json(eval_dir / TEACHER_FORCED_FILE)
     rows: dict[str, dict] = {}
@@ -181,9 +180,6 @@ def tune_grids(cfg: Config, *, num_samples: Optional[int] = None, levels: Sequen
 
 def _exit_layers(cfg: Config, paths: RunPaths) -> list[int]:
     """The run's early exit layers, from its LITE model's config (no weights loaded)."""
-    from greencode.models.schedule import resolve_exit_layers
-    from greencode.utils import read_json
-
     f = paths.finetuned / "config.json"
     if not f.is_file():
         raise FileNotFoundError(f"no LITE model at {paths.finetuned}; run the pipeline's finetune stage first")
@@ -193,8 +189,6 @@ def _exit_layers(cfg: Config, paths: RunPaths) -> list[int]:
 
 
 def _param(mid: str):
-    from greencode.eval.methods import parse_method_name
-
     return parse_method_name(mid)[1]
 
 

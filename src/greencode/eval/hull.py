@@ -49,6 +49,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from greencode.eval.stats import _subset_ci, bootstrap_indices
+from greencode.provenance import find_weights
 from greencode.utils import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -152,8 +154,6 @@ def paired_difference(row: dict[int, float], a: dict[int, float], b: dict[int, f
     """``d_i = row_i - (w a_i + (1 - w) b_i)`` on the samples all three have: its mean, its paired
     bootstrap interval (``idx``: the summary's ``[resamples, n]`` indices over the samples ``pos``
     maps to columns; None: no interval) and the number of samples."""
-    from greencode.eval.stats import _subset_ci
-
     keys = sorted(set(row) & set(a) & set(b))
     if not keys:
         return {"diff": None, "diff_ci": None, "n": 0}
@@ -258,8 +258,6 @@ def static_hull(rows: Sequence[dict], methods: dict, *, static_families: Sequenc
     every judged row against it (see the module docstring). ``rows``: the summary's rows (``id``,
     ``family``, ``compute_ratio``); ``methods``: ``{id: {"records": [...]}}`` with per-sample
     ``metrics`` and ``token_agreement``; ``forced``: teacher-forced disagreements (``token_risk``)."""
-    from greencode.eval.stats import bootstrap_indices
-
     static_families = tuple(static_families)
     all_idx = sorted({int(r["index"]) for e in methods.values() for r in e["records"]})
     pos = {i: k for k, i in enumerate(all_idx)}
@@ -383,7 +381,6 @@ def write_hull(eval_dir: Union[str, Path], out_dir: Union[str, Path, None] = Non
     block = hull_of_eval_dir(eval_dir, static_families=static_families, calibration=calibration,
                              resamples=resamples, seed=seed)
     # the hull is computed from the evaluation's rows, so it names the weights they came from
-    from greencode.provenance import find_weights
 
     weights = find_weights(read_json(eval_dir / "summary.json").get("run_metadata") or {})
     if weights:

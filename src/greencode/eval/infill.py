@@ -32,6 +32,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from greencode.eval.metrics import exact_match_breakdown, is_boilerplate, line_scores
+from greencode.eval.stats import bootstrap_indices, mean_ci
+from greencode.provenance import weights_record
+from greencode.utils import run_metadata, set_seed, setup_torch, write_json, write_text
+
 log = logging.getLogger(__name__)
 
 NO_SUFFIX = "full_no_suffix"  # the left-to-right control: the full model without the suffix
@@ -131,7 +136,6 @@ def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: d
 
     from greencode.decoding import NeverExit, generate
     from greencode.decoding.generate import compute_cost
-    from greencode.eval.metrics import is_boilerplate, line_scores
 
     eos = tokenizer.eos_token_id
     out: dict[str, list[dict]] = {}
@@ -162,8 +166,6 @@ def run_infill(model, tokenizer, samples: Sequence[InfillSample], controllers: d
 def summarize(records: dict[str, list[dict]], num_layers: int, *, resamples: int = 2000, seed: int = 0,
               reference: str = "full") -> dict[str, Any]:
     """Means with 95% paired bootstrap CIs; differences against ``reference`` (paired, same resamples)."""
-    from greencode.eval.stats import bootstrap_indices, mean_ci
-
     n = len(next(iter(records.values())))
     idx = bootstrap_indices(n, resamples, seed)
     ref = records.get(reference)
@@ -196,9 +198,6 @@ def _exact_match_without_boilerplate(row: dict, recs: list[dict], ref: Optional[
     """``exact_match_boilerplate_share`` (share of the matches on boilerplate references) and
     ``exact_match_no_boilerplate`` (mean and 95% CI on the other samples, and the paired difference to
     ``reference``'s; the same samples for every method, resampled with one seed)."""
-    from greencode.eval.metrics import exact_match_breakdown
-    from greencode.eval.stats import bootstrap_indices, mean_ci
-
     flags = [bool(r.get("boilerplate")) for r in recs]
     b = exact_match_breakdown([r["exact_match"] for r in recs], flags)
     row["exact_match_boilerplate_share"] = b["exact_match_boilerplate_share"]
@@ -273,7 +272,6 @@ def evaluate_infill(cfg) -> Path:
     from greencode.eval.runner import load_inputs
     from greencode.paths import RunPaths
     from greencode.training.shipping import check_split_disjoint
-    from greencode.utils import run_metadata, set_seed, setup_torch, write_json, write_text
 
     e = cfg.eval
     paths = RunPaths.from_config(cfg)
@@ -282,7 +280,6 @@ def evaluate_infill(cfg) -> Path:
     device, dtype = setup_torch(cfg.hardware)
     inputs = load_inputs(cfg, paths, device, dtype, need_base=False, need_policy=True)
     model, tok = inputs.model, inputs.tokenizer
-    from greencode.provenance import weights_record
 
     meta = run_metadata(cfg, stage="infill", weights=weights_record(model))
     skipped = None

@@ -15,11 +15,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+import greencode.data as data
 from greencode.config import Config, ConfigError
+from greencode.decoding import compute_cost, generate, generate_lossless
 from greencode.decoding.compiled import use_compiled_steps
 from greencode.decoding.registry import Resources, get_controller
 from greencode.eval.methods import MethodSpec, controller_of
+from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
+from greencode.rl import load_policy
 
 
 # --------------------------------------------------------------------------- inputs
@@ -51,8 +55,6 @@ def _load_tokenizer(paths: RunPaths):
 def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch.dtype, *,
                 need_base: bool = True, need_policy: bool = True) -> EvalInputs:
     """Load the fine-tuned model (required), tokenizer, base model and policy (optional)."""
-    from greencode.models import EarlyExitModel
-
     if not (paths.finetuned / "config.json").is_file():
         raise FileNotFoundError(f"no fine-tuned model in {str(paths.finetuned)!r}; run `python scripts/finetune.py "
                                 f"--config {cfg.source_path or '<cfg>'}` (or scripts/reproduce.py) first")
@@ -76,8 +78,6 @@ def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch
 def _load_exit_policy(path: Path, model) -> tuple[Any, Optional[str]]:
     """(the exported policy, None) or (None, why it cannot be used)."""
     try:
-        from greencode.rl import load_policy
-
         return load_policy(path, model), None
     except ImportError as e:
         return None, f"greencode.rl is not available ({e})"
@@ -86,9 +86,7 @@ def _load_exit_policy(path: Path, model) -> tuple[Any, Optional[str]]:
 
 
 def load_samples(cfg: Config, tokenizer) -> list:
-    """The seeded line-completion samples (``greencode.data.samples_for_config``)."""
-    import greencode.data as data
-
+    """The seeded line-completion samples (``greencode.data.samples_for_config``, looked up at each call)."""
     fn = getattr(data, "samples_for_config", None)
     if fn is None:
         raise FileNotFoundError("greencode.data.samples_for_config is not available; the data stage is missing")
@@ -172,8 +170,6 @@ class Runner:
     def _run_lossless(self, spec: MethodSpec, controller, prompt: list[int], window: Optional[str]) -> dict:
         """Self-speculative decoding (greencode.decoding.generate_lossless): drafted by ``controller``,
         verified by the full model; the cost counts drafting, verification and rejected tokens."""
-        from greencode.decoding import generate_lossless
-
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
         res, m = self._measured(window, lambda: generate_lossless(
             self.model, ids, controller, self.cfg.eval.max_new_tokens, k_max=self.cfg.eval.lossless_k_max,
@@ -185,8 +181,6 @@ class Runner:
     def _cost(self, res, controller) -> dict:
         """One record's cost, the same accounting for every loop method (lossless included):
         :func:`greencode.decoding.compute_cost`'s MACs and the layer steps against the full model's."""
-        from greencode.decoding import compute_cost
-
         cost = compute_cost(self.model, [res], controller)
         steps = res.counters["decode_steps"]
         return {"decode_steps": steps, "layers_run": res.counters["layers_run"],
@@ -211,8 +205,6 @@ class Runner:
 
     def _run_loop(self, spec: MethodSpec, controller, prompt: list[int], window: Optional[str],
                   prefilled=None) -> dict:
-        from greencode.decoding import generate
-
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
         res, m = self._measured(window, lambda: generate(
             self.model, ids, controller, self.cfg.eval.max_new_tokens, eos_token_id=self.eos,
@@ -225,8 +217,6 @@ class Runner:
         """Loop methods on some prompts, untimed: one row per (prompt, method) in one batched
         decode, each prompt prefilled once (the same tokens as separate runs, tested). Returns
         one list of records (in ``specs`` order) per prompt."""
-        from greencode.decoding import generate
-
         ctrls = [self.controller(s) for s in specs]  # one instance per method: its rows decide together
         rows = [(p, c) for p in prompts for c in ctrls]
         results = generate(self.model, [p for p, _ in rows], [c for _, c in rows], self.cfg.eval.max_new_tokens,

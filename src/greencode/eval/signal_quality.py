@@ -39,9 +39,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from greencode.data import encode_record, load_corpus, load_tokenizer
+from greencode.data.corpus import text_sep
+from greencode.decoding.controllers import policy_observation
 from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, LowRankShortlist, ModelShape, bigram_table,
                                         check_candidates, context_candidates, exit_signals, first_candidates,
                                         head_parts, macs_in_layers, signal_macs, token_macs)
+from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.stats import auc, auc_table, paired_auc_difference
 from greencode.utils import REPO_ROOT, run_metadata, setup_torch, write_json, write_text
@@ -129,9 +133,6 @@ def _portable(path: str) -> str:
 def validation_windows(cfg, tokenizer, n_files: int, window: int, min_tokens: int, seed: int) -> list[dict]:
     """Up to ``n_files`` validation files in a seeded order, each encoded (bos + text + eos) and cut to
     one seeded window of at most ``window`` tokens; files shorter than ``min_tokens`` are skipped."""
-    from greencode.data import encode_record, load_corpus
-    from greencode.data.corpus import text_sep
-
     dsd = load_corpus(cfg)
     if "validation" not in dsd or len(dsd["validation"]) == 0:
         raise ValueError("the corpus has no validation files; rebuild it with scripts/prepare_data.py")
@@ -159,9 +160,6 @@ def validation_windows(cfg, tokenizer, n_files: int, window: int, min_tokens: in
 
 def train_bigrams(cfg, tokenizer, vocab_size: int, k: int, max_tokens: int, seed: int) -> tuple[torch.Tensor, int]:
     """The bigram candidate table from the corpus' **train** split (seeded files up to ``max_tokens``)."""
-    from greencode.data import encode_record, load_corpus
-    from greencode.data.corpus import text_sep
-
     train = load_corpus(cfg)["train"]
     order = list(range(len(train)))
     random.Random(seed + 1).shuffle(order)
@@ -181,8 +179,6 @@ def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigra
     """The teacher-forced pass: per (position, early exit point) example, its label, file, exit index,
     normed state (float16), full-head statistics and each source's cheap features. Position 0 of each
     window (no previous token) and padding are left out."""
-    from greencode.decoding.controllers import policy_observation
-
     exits = list(model.exit_layers)
     e = len(exits)
     first = exits[0]
@@ -358,9 +354,6 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
                     figures_dir: Optional[Path] = None) -> dict:
     """Run the analysis (see the module docstring) and write ``auc.json``, ``auc.md`` and the figure.
     Returns the report."""
-    from greencode.data import load_tokenizer
-    from greencode.models import EarlyExitModel
-
     t0 = time.perf_counter()
     sources = list(sources)
     for s in sources:

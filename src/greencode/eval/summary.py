@@ -43,6 +43,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from greencode.eval.metrics import SCALES, compute_metrics, exact_match_breakdown, is_boilerplate, sample_metrics
+from greencode.eval.stats import CI_KEYS, add_agreement, add_confidence
 from greencode.utils import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,6 @@ EFFICIENCY_KEYS = ("latency_s", "tokens_per_s", "energy_j", "mean_exit_layer", "
 DELTA_KEYS = METRIC_KEYS + ("latency_s", "tokens_per_s", "energy_j", "compute_ratio")
 
 def _ci_columns() -> tuple[str, ...]:
-    from greencode.eval.stats import CI_KEYS
-
     cols: list[str] = []
     for k in CI_KEYS:
         cols += [f"{k}_mean", f"{k}_ci_low", f"{k}_ci_high", f"{k}_diff", f"{k}_diff_ci_low", f"{k}_diff_ci_high",
@@ -227,11 +227,7 @@ def build_rows(merged: dict, metrics_fn=None, sample_metrics_fn=None) -> list[di
     """One summary row per evaluated method (accuracy + efficiency + deltas vs the reference), every
     row on the same samples (:func:`common_samples`; a note in ``merged["meta"]["notes"]`` when some
     were left out). Fills each record's per-sample ``metrics`` and ``boilerplate_reference`` in place."""
-    from greencode.eval.metrics import exact_match_breakdown, is_boilerplate
-
     if metrics_fn is None or sample_metrics_fn is None:
-        from greencode.eval.metrics import compute_metrics, sample_metrics
-
         metrics_fn = metrics_fn or compute_metrics
         sample_metrics_fn = sample_metrics_fn or sample_metrics
     meta = merged["meta"]
@@ -273,7 +269,6 @@ def build_rows(merged: dict, metrics_fn=None, sample_metrics_fn=None) -> list[di
                 row["hypothetical_layers_skipped_share"] = 1.0 - sum(e + 1 for e in exits) / (len(exits) * num_layers)
         rows.append(row)
     ref_id = add_deltas(rows, merged["methods"])
-    from greencode.eval.stats import add_agreement, add_confidence
 
     add_agreement(merged["methods"], ref_id)
     add_confidence(rows, merged["methods"], ref_id, resamples=int(meta.get("bootstrap_resamples", 2000) or 0),
@@ -552,8 +547,6 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
     meta = merged["meta"]
     scales = None
     try:
-        from greencode.eval.metrics import SCALES
-
         scales = dict(SCALES)
     except ImportError:  # pragma: no cover - metrics always ship with the package
         scales = {}

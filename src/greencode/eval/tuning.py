@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from greencode.config import Config, ConfigError
+from greencode.eval import evaluate
+from greencode.eval.summary import summary_table
 from greencode.paths import RunPaths
 from greencode.utils import run_metadata, write_json, write_text
 
@@ -36,9 +38,6 @@ def refuse_test_split(split: str, what: str = "a tuning or calibration run") -> 
 def tune_policy_temperature(cfg: Config, temperatures: Sequence[float], *, num_samples: int = 150,
                             split: str = TUNE_SPLIT) -> Path:
     """Evaluate GC on ``split`` for each temperature; write and return ``results/<name>/tune``."""
-    from greencode.eval import evaluate
-    from greencode.eval.summary import summary_table
-
     refuse_test_split(split)
     if not temperatures or any(t <= 0 for t in temperatures):
         raise ConfigError(f"temperatures={list(temperatures)} must be positive numbers")

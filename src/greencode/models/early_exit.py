@@ -22,6 +22,7 @@ from torch import nn
 
 from greencode.config import ConfigError, ExitScheduleConfig, ModelConfig
 from greencode.models.schedule import resolve_exit_layers, validate_exit_layers
+from greencode.provenance import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,6 @@ class EarlyExitModel(nn.Module):
             schedule = schedule or ExitScheduleConfig()
         model = cls(hf.eval(), resolve_exit_layers(num_layers, exits, schedule or ExitScheduleConfig()))
         try:  # what every result computed with this model will name as its weights
-            from greencode.provenance import model_identity
 
             model.loaded_from = model_identity(source)
         except (OSError, ValueError) as e:  # never fail a load on the record

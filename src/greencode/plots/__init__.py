@@ -35,11 +35,13 @@ from typing import Callable, Sequence, Union
 from greencode.plots.common import ALL_FORMATS, DPI, ENERGY_NOTE, FORMATS, MissingInput, output_formats
 from greencode.plots.figures import (NAMES, pareto_front, plot_accuracy_by_method, plot_agent_exit_accuracy,
                                      plot_agent_overhead, plot_calibrated_targets, plot_cost_by_method,
-                                     plot_exit_report,
-                                     plot_finetune_loss, plot_fixed_exits, plot_lite_weights, plot_optimal_exits,
-                                     plot_pareto, plot_ppo_reward, plot_pretrain_loss)
+                                     plot_exit_report, plot_finetune_loss, plot_fixed_exits, plot_lite_weights,
+                                     plot_optimal_exits, plot_pareto, plot_ppo_reward, plot_pretrain_loss)
 from greencode.plots.hull import plot_static_hull
+from greencode.plots.inputs import recording_reads
 from greencode.plots.signals import plot_signals, plot_signals_auc
+from greencode.provenance import weights_of_inputs
+from greencode.utils import portable_path, run_metadata, write_json
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,6 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path], forma
     writes ``index.json`` listing them, the skipped figures with reasons, run metadata, and for each
     figure (``provenance``) the result files it was drawn from and the weights they name (one record,
     or a list when they name several; :mod:`greencode.provenance`)."""
-    from greencode.plots.inputs import recording_reads
-    from greencode.provenance import weights_of_inputs
-    from greencode.utils import portable_path, run_metadata, write_json
-
     results_dir, figures_dir = Path(results_dir), Path(figures_dir)
     if not results_dir.is_dir():
         raise FileNotFoundError(f"results folder {str(results_dir)!r} does not exist; run the pipeline first "

@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from greencode.eval.hull import hull_of_eval_dir
 from greencode.plots import inputs as I
-from greencode.plots.common import (FAMILY_COLORS, FAMILY_MARKERS, FAMILY_NAMES, MissingInput, new_figure,
-                                    save_figure, styled)
+from greencode.plots.common import (FAMILY_COLORS, FAMILY_MARKERS, FAMILY_NAMES, MissingInput, new_figure, save_figure,
+                                    styled)
 
 NAME = "static_hull"
 PANELS = (("edit_similarity", 1.0, "edit similarity (0-100)", "Edit similarity"),
@@ -36,7 +37,6 @@ def load_hull(results_dir: Union[str, Path]) -> dict:
     if not (eval_dir / "summary.json").is_file():
         raise MissingInput(f"no evaluation summary at {str(eval_dir / 'summary.json')!r}; run "
                            "`python scripts/evaluate.py --config <cfg>` (or scripts/reproduce.py)")
-    from greencode.eval.hull import hull_of_eval_dir
 
     reads: list = []
     block = hull_of_eval_dir(eval_dir, reads=reads)

@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from greencode.config import ExitScheduleConfig
 from greencode.plots.common import MissingInput, family_of
 from greencode.utils import read_json as _utils_read_json
 
@@ -302,7 +303,6 @@ def model_geometry(results_dir: Union[str, Path], cfg: Optional[dict] = None) ->
     if m.get("base") is not None:
         raise MissingInput(f"the model's depth is not recorded in {str(d)!r} and model.base={m.get('base')!r} is "
                            "a pretrained model whose shape the config does not hold; run the evaluation first")
-    from greencode.config import ExitScheduleConfig
     from greencode.models.schedule import resolve_exit_layers
 
     n = int(m.get("num_layers", 0))

@@ -42,6 +42,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from greencode.decoding.controllers import feature_size, uses_candidates
+from greencode.provenance import weights_record
 from greencode.rl.reward import optimal_exit
 from greencode.utils import read_json, write_json
 
@@ -71,8 +73,6 @@ def manifest_head(cfg, model, key: dict, bank_cfg) -> dict[str, Any]:
     """What every bank's manifest starts with, whichever source recorded it: its key, the model's
     fingerprint and weights record, the exit points, the observation and the bank settings."""
     import dataclasses
-
-    from greencode.provenance import weights_record
 
     fp = model.fingerprint()
     return {
@@ -153,8 +153,6 @@ class TrajectoryBank:
     @property
     def state_size(self) -> int:
         """The hidden-state part of an observation (the rest: ``observation_features``)."""
-        from greencode.decoding.controllers import feature_size
-
         return self.hidden_size - feature_size(self.manifest.get("observation_features", []), self.n_exit_points)
 
     @property
@@ -218,8 +216,6 @@ class TrajectoryBank:
         so ablations over the observation share one bank. ``candidates`` (``RLConfig.candidates()``) must equal
         the stored source and k when a cand_* feature is asked. Returns ``self`` when nothing changes; raises
         ValueError naming the fix when a feature was not recorded."""
-        from greencode.decoding.controllers import feature_size, uses_candidates
-
         stored = list(self.manifest.get("observation_features", []))
         features = list(features)
         fix = "rebuild the bank with scripts/build_bank.py (rl.observation_features)"

@@ -22,8 +22,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from greencode.rl.bank import MANIFEST, TrajectoryBank, bytes_per_token
-from greencode.utils import read_json, torch_threads
+from greencode.config import config_from_dict
+from greencode.data import encode_context, load_corpus, load_tokenizer
+from greencode.data.corpus import text_sep
+from greencode.data.samples import make_samples
+from greencode.decoding import NeverExit, RandomExit, generate, policy_observation
+from greencode.decoding.controllers import recorded_features
+from greencode.distributed import Dist
+from greencode.models import EarlyExitModel
+from greencode.paths import RunPaths
+from greencode.rl.bank import MANIFEST, TrajectoryBank, bytes_per_token, manifest_head
+from greencode.rl.policy import load_policy, policy_controller
+from greencode.rl.simulate import build_simulated_bank
+from greencode.utils import atomic_path, read_json, set_seed, setup_torch, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +66,6 @@ def _bank_settings(bc) -> dict:
 def bank_key(cfg, model) -> dict:
     """What a bank depends on: reused only when all of it matches (model fingerprint, exit
     layers, observation mode, corpus config and its manifest, bank config, seed)."""
-    from greencode.paths import RunPaths
-
     corpus_manifest = RunPaths.from_config(cfg).corpus / "manifest.json"
     corpus_id = None
     if corpus_manifest.is_file():
@@ -115,8 +124,6 @@ def context_ids(tokenizer, record: Any, fraction: float, max_context_tokens: int
     ``int(fraction * n)`` CodeXGLUE tokens of the record joined by spaces, encoded by
     :func:`greencode.data.encode_context` (bos + text, left-truncated to
     ``max_context_tokens``). None when the record has fewer than 2 tokens."""
-    from greencode.data import encode_context
-
     body = _code_tokens(record)
     if len(body) < 2:
         return None
@@ -127,17 +134,12 @@ def context_ids(tokenizer, record: Any, fraction: float, max_context_tokens: int
 def _load_model(cfg, model):
     if model is not None:
         return model
-    from greencode.models import EarlyExitModel
-    from greencode.paths import RunPaths
-    from greencode.utils import setup_torch
 
     device, dtype = setup_torch(cfg.hardware)
     return EarlyExitModel.from_run_config(cfg, RunPaths.from_config(cfg).finetuned, device=device, dtype=dtype)
 
 
 def _load_data(cfg, tokenizer, dataset):
-    from greencode.paths import RunPaths
-
     finetuned = RunPaths.from_config(cfg).finetuned
     if tokenizer is None:
         if (finetuned / "tokenizer_config.json").is_file() or (finetuned / "tokenizer.json").is_file():
@@ -145,12 +147,8 @@ def _load_data(cfg, tokenizer, dataset):
 
             tokenizer = AutoTokenizer.from_pretrained(finetuned)
         else:
-            from greencode.data import load_tokenizer
-
             tokenizer = load_tokenizer(cfg)
     if dataset is None:
-        from greencode.data import load_corpus
-
         dataset = load_corpus(cfg)
     if cfg.rl.bank.split == "tuning":
         return tokenizer, tuning_records(cfg, tokenizer, dataset)
@@ -161,9 +159,6 @@ def tuning_records(cfg, tokenizer, dataset) -> Sequence:
     """The validation files of the tuning slice: the records of the first ``calibration.sample_offset`` samples
     of the seeded validation order (``eval.sample_seed`` and the evaluation's sample settings, as knob tuning
     draws them). Calibration starts after them, so a bank of these files never touches a calibration file."""
-    from greencode.data.corpus import text_sep
-    from greencode.data.samples import make_samples
-
     n = int(cfg.calibration.sample_offset)
     if n < 1:
         raise ValueError("rl.bank.split=tuning needs a tuning slice: calibration.sample_offset >= 1 (its size)")
@@ -193,13 +188,10 @@ def behaviour_specs(cfg, rng: np.random.Generator, n: int) -> list[dict]:
 
 def make_behaviour(spec: dict, cfg, model, policy=None):
     """The controller of a behaviour spec (``policy``: the loaded behaviour policy, if any)."""
-    from greencode.decoding import NeverExit, RandomExit
-
     if spec["kind"] == "full":
         return NeverExit()
     if spec["kind"] == "random":
         return RandomExit(spec["rate"], seed=spec["seed"])
-    from greencode.rl.policy import load_policy, policy_controller
 
     policy = policy if policy is not None else load_policy(cfg.rl.bank.policy_path, model)
     return policy_controller(policy, model, spec["threshold"], cfg.decoding.policy_temperature)
@@ -222,9 +214,6 @@ def record_batch(model, contexts: Sequence[Sequence[int]], controllers: Sequence
     :class:`~greencode.decoding.PolicyExit` computes them at inference
     (:func:`greencode.decoding.controllers.recorded_features`; ``candidates``: ``{"source", "k"}`` of the
     cand_* features, ``RLConfig.candidates()``)."""
-    from greencode.decoding import generate, policy_observation
-    from greencode.decoding.controllers import recorded_features
-
     if len(contexts) != len(controllers):
         raise ValueError(f"{len(contexts)} contexts but {len(controllers)} behaviour controllers")
     prompts = [list(c) for c in contexts]
@@ -260,9 +249,6 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
     ``dataset`` to ``greencode.data.load_corpus(cfg)`` (a DatasetDict, a Dataset or a
     list of records with a ``code`` token list, or plain strings). A ``dataset`` passed
     here is not part of the reuse check: pass ``force=True`` after changing it."""
-    from greencode.paths import RunPaths
-    from greencode.utils import set_seed
-
     path = Path(path) if path is not None else RunPaths.from_config(cfg).bank
     cfg = dataclasses.replace(cfg, rl=cfg.rl.recording())  # the features the bank records (rl.bank.record_features)
     bc = cfg.rl.bank
@@ -278,7 +264,6 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
             return path
         log.info("the trajectory bank at %s was built for another model/exits/corpus/config; rebuilding", path)
     if bc.source == "simulate":  # teacher-forced windows with the behaviour's exits simulated
-        from greencode.rl.simulate import build_simulated_bank
 
         return build_simulated_bank(cfg, model, path, key, tokenizer, dataset)
 
@@ -291,7 +276,6 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
     model.eval()
     # one torch thread on CPU unless hardware.num_threads says otherwise (see torch_threads)
     threads = cfg.hardware.num_threads or (1 if model.device.type == "cpu" else torch.get_num_threads())
-    from greencode.distributed import Dist
 
     dist = Dist.from_env()
     items, skipped = _plan(cfg, tokenizer, records, rng, max_ctx)
@@ -318,8 +302,6 @@ def _plan(cfg, tokenizer, records, rng, max_ctx) -> tuple[list[tuple[list[int], 
     """The sequences to record, fixed before any decoding (so every process agrees): for records in
     a seeded order, a context fraction and the prompt (records too short are skipped), until
     ``rl.bank.num_sequences``; then one behaviour spec each from its own seeded stream."""
-    from greencode.data.corpus import text_sep
-
     bc = cfg.rl.bank
     sep = text_sep(cfg)
     plan: list[tuple[list[int], float]] = []
@@ -344,8 +326,6 @@ def _record_items(cfg, model, items, eos, progress: bool = True) -> list[Optiona
     bc = cfg.rl.bank
     policy = None
     if any(s["kind"] == "policy" for _, _, s in items):
-        from greencode.rl.policy import load_policy
-
         policy = load_policy(bc.policy_path, model)
     out: list[Optional[dict[str, np.ndarray]]] = []
     bar = tqdm(total=len(items), desc="trajectory bank", unit="seq", disable=not progress)
@@ -365,8 +345,6 @@ def _record_items(cfg, model, items, eos, progress: bool = True) -> list[Optiona
 
 def _bank_worker(model, cfg_dict: dict, items, eos) -> list:
     """One process of a local multi-process bank (1 torch thread)."""
-    from greencode.config import config_from_dict
-
     cfg = config_from_dict(cfg_dict)
     with torch_threads(1):
         return _record_items(cfg, model, items, eos, progress=False)
@@ -378,9 +356,6 @@ def _record_all(cfg, model, items, eos, dist) -> Optional[list]:
     (CPU), or here. The order of ``items`` is kept."""
     bc = cfg.rl.bank
     if dist.world_size > 1:
-        from greencode.paths import RunPaths
-        from greencode.utils import atomic_path
-
         shard_dir = RunPaths.from_config(cfg).root / ".bank-shards"
         mine = items[dist.rank::dist.world_size]
         recs = _record_items(cfg, model, mine, eos, progress=dist.is_main)
@@ -445,7 +420,6 @@ def _save_bank(cfg, model, chunks, total, skipped, key, path, rng) -> Path:
     n_held = min(int(round(bc.heldout_fraction * n_seq)), n_seq - 1)
     heldout = np.zeros(n_seq, dtype=bool)
     heldout[rng.permutation(n_seq)[:n_held]] = True
-    from greencode.rl.bank import manifest_head
 
     manifest = {
         **manifest_head(cfg, model, key, bc),

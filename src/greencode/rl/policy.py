@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from greencode.config import RewardConfig
+from greencode.decoding import PolicyExit
+from greencode.decoding.controllers import feature_size
 from greencode.rl.bank import TrajectoryBank, check_fingerprint
 from greencode.rl.reward import bank_segment_costs, reward_tables
 from greencode.stats import auc_table, paired_auc_difference
@@ -65,7 +68,6 @@ class ExitPolicy(nn.Module):
         self.features: list[str] = list(meta.get("features", []))
         # the cand_* features' candidate source and k ({"source", "k"}; None without them)
         self.candidates: Optional[dict] = meta.get("candidates")
-        from greencode.decoding.controllers import feature_size
 
         self.state_size = self.hidden_size - feature_size(self.features, len(self.exit_layers))
         self.fingerprint: dict = dict(meta.get("fingerprint", {}))
@@ -170,8 +172,6 @@ def policy_controller(path: Union[str, Path, ExitPolicy], model, threshold: floa
                       *, strict_weights: bool = True, **kwargs):
     """A :class:`greencode.decoding.PolicyExit` for ``model`` from an exported policy
     (path or loaded module), with the policy's own observation preprocessing."""
-    from greencode.decoding import PolicyExit
-
     if isinstance(path, ExitPolicy):
         policy = path.to(model.device)
         if policy.state_size != model.hidden_size:
@@ -208,8 +208,6 @@ def exit_points_at(p_exit: np.ndarray, threshold: float) -> np.ndarray:
 
 def exit_metrics(exit_point: np.ndarray, bank: TrajectoryBank, reward_cfg=None) -> dict[str, Any]:
     """Exit accuracy of per-token exit points (E = final layer) against the bank."""
-    from greencode.config import RewardConfig
-
     e = bank.n_exit_points
     n = bank.num_tokens
     l_opt = bank.l_opt.astype(np.int64)

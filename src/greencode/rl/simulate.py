@@ -66,7 +66,13 @@ import numpy as np
 import torch
 
 from greencode.config import config_from_dict
-from greencode.utils import torch_threads
+from greencode.data.corpus import text_sep
+from greencode.decoding import policy_observation
+from greencode.decoding.controllers import CheapConfidenceExit, SaturationExit, feature_size, recorded_features
+from greencode.rl.bank import BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, manifest_head, replace_dir
+from greencode.rl.policy import load_policy
+from greencode.rl.reward import optimal_exit
+from greencode.utils import set_seed, torch_threads, write_json
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +293,6 @@ def record_simulation(model, sim: Simulation, input_ids: torch.Tensor, observati
     the row): ``obs`` [n, E, H'] (float32, :func:`policy_observation` + features), ``preds``
     [n, E+1], ``tokens`` [n] (the file's next token), ``behaviour_exit`` [n]; None for a row with
     none. ``candidates``: ``{"source", "k"}`` of the cand_* features (``RLConfig.candidates()``)."""
-    from greencode.decoding import policy_observation
-    from greencode.decoding.controllers import recorded_features
-
     out: list[Optional[dict[str, np.ndarray]]] = []
     e = len(model.exit_layers)
     ids = input_ids.to(sim.states.device)
@@ -323,7 +326,6 @@ def plan_windows(cfg, tokenizer, records, rng: np.random.Generator, window: int)
     needs): bos + the record's text ids from a uniformly drawn start, ``window`` ids at most.
     Records too short for ``min_context_tokens + 2`` ids are skipped. Returns (record index, start
     in the text ids, window ids)."""
-    from greencode.data.corpus import text_sep
     from greencode.rl.build import _code_tokens
 
     bc = cfg.rl.bank
@@ -393,10 +395,7 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     from numpy.lib.format import open_memmap
     from tqdm.auto import tqdm
 
-    from greencode.decoding.controllers import feature_size
-    from greencode.rl.bank import BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, manifest_head, replace_dir
     from greencode.rl.build import _load_data, behaviour_specs
-    from greencode.utils import set_seed, write_json
 
     bc = cfg.rl.bank
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -416,8 +415,6 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     specs = behaviour_specs(cfg, np.random.default_rng([cfg.seed, 1]), len(plan))
     policy = None
     if any(s["kind"] == "policy" for s in specs):
-        from greencode.rl.policy import load_policy
-
         policy = load_policy(bc.policy_path, model)
     target = simulated_size(cfg)
     e, hsz = len(model.exit_layers), model.hidden_size + feature_size(cfg.rl.observation_features, len(model.exit_layers))
@@ -498,7 +495,6 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
             del small, full
             (tmp / "obs.part.npy").replace(tmp / "obs.npy")
         preds_a = np.concatenate(preds)
-        from greencode.rl.reward import optimal_exit
 
         n_seq = len(lengths)
         n_held = min(int(round(bc.heldout_fraction * n_seq)), n_seq - 1)
@@ -598,8 +594,6 @@ def _shard_worker(model, cfg_dict: dict, plan, specs, starts: list[int], shard_d
     cfg = config_from_dict(cfg_dict)
     policy = None
     if any(s["kind"] == "policy" for s in specs):
-        from greencode.rl.policy import load_policy
-
         policy = load_policy(cfg.rl.bank.policy_path, model)
     model.eval()
     bs = cfg.rl.bank.batch_size
@@ -720,7 +714,6 @@ def token_local(controller) -> bool:
     features = getattr(controller, "features", None)
     if features is not None:
         return "prev_exit" not in features
-    from greencode.decoding.controllers import CheapConfidenceExit, SaturationExit
 
     return isinstance(controller, (SaturationExit, CheapConfidenceExit))
 

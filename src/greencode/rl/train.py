@@ -28,11 +28,14 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from greencode.config import Config, ConfigError
+from greencode.paths import RunPaths
 from greencode.rl.bank import TrajectoryBank
+from greencode.rl.build import build_bank
+from greencode.rl.classifier import train_classifier
 from greencode.rl.env import ExitEnv
-from greencode.rl.policy import (ExitPolicy, decision_auc, decision_auc_report, evaluate_agent_on_bank,
-                                 exit_metrics, export_policy, from_sb3)
-from greencode.utils import run_metadata, set_seed, torch_threads, write_json
+from greencode.rl.policy import (ExitPolicy, decision_auc, decision_auc_report, evaluate_agent_on_bank, exit_metrics,
+                                 export_policy, from_sb3)
+from greencode.utils import atomic_path, run_metadata, save_run_info, set_seed, torch_threads, write_json
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +130,6 @@ def _episode_curve(monitor_dir: Path, max_rows: int = 1000) -> list[dict[str, fl
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
 
-    from greencode.utils import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             if rows:
@@ -172,14 +173,9 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     Returns the exported policy path."""
     from stable_baselines3.common.callbacks import CheckpointCallback
 
-    from greencode.utils import save_run_info
-    from greencode.paths import RunPaths
-
     check_ppo_config(cfg)
     paths = RunPaths.from_config(cfg)
     if bank is None:
-        from greencode.rl.build import build_bank
-
         bank = build_bank(cfg)
     if not isinstance(bank, TrajectoryBank):
         bank = TrajectoryBank.load(bank, observation=cfg.rl.observation)
@@ -213,7 +209,6 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
                 "preprocessing": f"greencode.decoding.policy_observation(model, h, {cfg.rl.observation!r}), float32"}
     # the supervised rival (CALM's learned classifier): same MLP, same bank, same observation; trained
     # first, so that rl.ppo.init_policy=classifier can start PPO from it
-    from greencode.rl.classifier import train_classifier
 
     classifier, classifier_report = train_classifier(bank, p.net_arch, seed=cfg.seed, path=paths.classifier,
                                                      metadata=metadata)

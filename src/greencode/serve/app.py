@@ -30,6 +30,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from greencode.eval.energy import make_meter
 from greencode.serve.engine import Engine, load_run
 from greencode.serve.errors import RequestError, error_body
 from greencode.serve.metrics import ServeMetrics
@@ -38,6 +39,7 @@ from greencode.serve.protocols.common import (ERROR_SCHEMAS, GENERATION_STATUSES
                                               json_body, responses)
 from greencode.serve.scheduler import Scheduler
 from greencode.serve.schemas import FimRequest, HFRequest, OllamaRequest, OpenAIRequest, ShowRequest
+from greencode.utils import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,6 @@ def _methods_of(app, path: str) -> list[str]:
 def _public_info(info: dict) -> dict:
     """``engine.describe()`` for the open /health route: the run directory by name only and no
     absolute paths in the notes (the full facts stay behind the key, in /api/show)."""
-    from greencode.utils import REPO_ROOT
-
     out = dict(info)
     run_dir = info.get("run_dir")
     out["run_dir"] = Path(run_dir).name if run_dir else None
@@ -191,8 +191,6 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
             model, tokenizer, policy, root, notes = run.model, run.tokenizer, run.policy, run.root, run.notes
             calibration, classifier = run.calibration, run.classifier
         if meter is None:
-            from greencode.eval.energy import make_meter
-
             meter = make_meter(cfg.eval.energy, model.device)
         engine = Engine(model, tokenizer, policy, serve_cfg=scfg, decoding_cfg=cfg.decoding, meter=meter,
                         run_root=root, notes=notes, language=cfg.data.language, literal_mode=cfg.data.literal_mode,

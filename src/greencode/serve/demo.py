@@ -23,6 +23,12 @@ import sysconfig
 from pathlib import Path
 from typing import Union
 
+from greencode.data.lexers import source_to_text
+from greencode.data.tokenizer import train_bpe
+from greencode.models import EarlyExitModel
+from greencode.rl.policy import ExitPolicy, save_policy
+from greencode.utils import set_seed
+
 log = logging.getLogger(__name__)
 
 _TRAIN_MODULES = ("json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "string.py",
@@ -30,8 +36,6 @@ _TRAIN_MODULES = ("json/__init__.py", "json/decoder.py", "json/encoder.py", "tex
 
 
 def _training_texts(language: str) -> list[str]:
-    from greencode.data.lexers import source_to_text
-
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = []
     for rel in _TRAIN_MODULES:
@@ -52,11 +56,6 @@ def build_demo_run(cfg, directory: Union[str, Path], *, p_exit: float = 0.7, fim
     ``fim`` (or ``tokenizer.fim_tokens``) the tokenizer has the fill-in-the-middle sentinels, so the
     endpoint serves FIM prompts in the model's own format."""
     import torch
-
-    from greencode.data.tokenizer import train_bpe
-    from greencode.models import EarlyExitModel
-    from greencode.rl.policy import ExitPolicy, save_policy
-    from greencode.utils import set_seed
 
     if not 0.0 < p_exit < 1.0:
         raise ValueError(f"p_exit={p_exit} must be strictly between 0 and 1")

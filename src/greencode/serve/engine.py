@@ -32,18 +32,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from greencode.config import Config, ConfigError
+from greencode.config import Config, ConfigError, DecodingConfig
+from greencode.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, layout_ids, sentinel_ids
+from greencode.data.lexers import source_to_text
+from greencode.decoding import compute_cost, generate, prefill_chunk
 from greencode.decoding.compiled import compile_info, use_compiled_steps
 from greencode.decoding.controllers import NeverExit, recorded_candidates
+from greencode.decoding.generate import DecodeBatch, Row
 from greencode.decoding.registry import Resources, get_controller
 from greencode.decoding.steps import cut_at_stops
 # the calibrated results only (no model, no decoding): serving never imports the calibration stage or the evaluator
 from greencode.eval.calibrated import file_sha256, threshold_for
+from greencode.eval.energy import TimeOnlyMeter
+from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
+from greencode.rl.policy import load_policy
 from greencode.serve.errors import RequestError
-from greencode.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, layout_ids, sentinel_ids
 from greencode.serve.requests import Completion, GenRequest, TokenEvent, TokenInfo
-from greencode.utils import REPO_ROOT, setup_torch
+from greencode.utils import REPO_ROOT, read_json, setup_torch
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +213,6 @@ def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedR
     (and says so in /health)."""
     from transformers import AutoTokenizer
 
-    from greencode.models import EarlyExitModel
-    from greencode.rl.policy import load_policy
-
     root = run_root(cfg, run_dir)
     paths = dataclasses.replace(RunPaths.from_config(cfg), root=root)
     if not root.is_dir():
@@ -241,8 +244,6 @@ def load_run(cfg: Config, run_dir: Optional[Union[str, Path]] = None) -> LoadedR
     calibration = None
     cal_file = RunPaths.from_config(cfg).calibration
     if all(loaded[n] is not None for n in served.inputs) and cal_file.is_file():
-        from greencode.utils import read_json
-
         cal = read_json(cal_file)
         stale = [n for n in served.inputs if cal.get(f"{n}_sha256") != file_sha256(paths_file(paths, n))]
         if not stale:
@@ -270,9 +271,6 @@ class Engine:
     def __init__(self, model, tokenizer, policy=None, *, serve_cfg, decoding_cfg=None, meter=None,
                  run_root: Optional[Path] = None, notes: Optional[list[str]] = None, language: str = "python",
                  literal_mode: str = "normalized", calibration: Optional[dict] = None, classifier=None):
-        from greencode.config import DecodingConfig
-        from greencode.eval.energy import TimeOnlyMeter
-
         if tokenizer is None:
             raise ValueError("the endpoint needs the model's tokenizer; pass tokenizer=... or serve a run directory")
         self.model = model.eval()
@@ -352,7 +350,6 @@ class Engine:
         """Editor code -> the text the model was trained on (``serve.prompt_format``)."""
         if self.prompt_format == "raw" or not text.strip():
             return text, None
-        from greencode.data.lexers import source_to_text
 
         note = None
         try:
@@ -517,8 +514,6 @@ class Engine:
     def new_batch(self):
         """An empty :class:`~greencode.decoding.generate.DecodeBatch` for this model (the one
         decoding loop: rows join it, step together and leave it as they finish)."""
-        from greencode.decoding.generate import DecodeBatch
-
         return DecodeBatch(self.model, kv_strategy=self.decoding_cfg.kv_strategy, tokenizer=self.tokenizer)
 
     def _start(self, job: Job, on_event: Optional[Callable[[TokenEvent], None]],
@@ -561,8 +556,6 @@ class Engine:
         :func:`greencode.decoding.prefill_chunk`)."""
         import torch
 
-        from greencode.decoding import prefill_chunk
-
         return prefill_chunk(self.model, torch.tensor([job.ids], dtype=torch.long, device=self.model.device), upto,
                              state)
 
@@ -572,8 +565,6 @@ class Engine:
         a :class:`TokenEvent` for every token as it is chosen, with its log probability when asked.
         ``should_stop()`` and ``job.deadline`` end it between tokens (``finish_reason="cancelled"``).
         Opens the job's energy window (closed by :meth:`result`)."""
-        from greencode.decoding.generate import Row
-
         gen = job.gen
         row = Row(controller=job.controller, max_new_tokens=gen.max_new_tokens,
                   do_sample=gen.do_sample and gen.temperature > 0, temperature=gen.temperature, top_p=gen.top_p,
@@ -620,8 +611,6 @@ class Engine:
     def finish(self, job: Job, res) -> Completion:
         """The completion of a finished run: text cut at the first stop string, the tokens and
         statistics of what is returned, log probabilities when asked."""
-        from greencode.decoding import compute_cost
-
         t2 = time.perf_counter()
         req, m = job.gen, job.measurement
         model_text = res.text if res.text is not None else self.tokenizer.decode(res.tokens, skip_special_tokens=True)
@@ -725,8 +714,6 @@ class Engine:
         return len(tokens)
 
     def warmup(self) -> None:
-        from greencode.decoding import generate
-
         t0 = time.perf_counter()
         ids = self.bos_prefix + self.tokenizer.encode("x", add_special_tokens=False)
         generate(self.model, ids, None, 2, tokenizer=self.tokenizer, kv_strategy=self.decoding_cfg.kv_strategy)

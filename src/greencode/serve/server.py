@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from greencode.config import ConfigError
+from greencode.serve.app import API_KEY_ENV, create_app
 from greencode.utils import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def serve(cfg, run_dir: Optional[Union[str, Path]] = None, *, host: Optional[str
     loopback address needs an API key (``serve.api_key`` or ``GREENCODE_API_KEY``) unless
     ``allow_no_key``."""
     import uvicorn
-
-    from greencode.serve.app import API_KEY_ENV, create_app
 
     host = host or cfg.serve.host
     port = cfg.serve.port if port is None else int(port)

@@ -27,7 +27,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from greencode.config import ConfigError
-from greencode.utils import read_json, write_json
+from greencode.paths import RunPaths
+from greencode.provenance import weight_files_sha256
+from greencode.utils import atomic_path, portable_path, read_json, resolve_device, run_metadata, write_json
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,6 @@ def stage_settings(cfg, stage: str) -> dict:
 
 def data_fingerprint(cfg) -> dict:
     """The corpus content hash and the tokenizer fingerprint written by greencode.data."""
-    from greencode.paths import RunPaths
-
     paths = RunPaths.from_config(cfg)
     corpus = {}
     tok = {}
@@ -125,8 +125,6 @@ def check_same_tokenizer(model_dir, cfg, redo: str) -> None:
 
 # --------------------------------------------------------------------------- arguments
 def _precision(cfg, stage=None) -> dict:
-    from greencode.utils import resolve_device
-
     device = resolve_device(cfg.hardware.device)
     dtype = cfg.hardware.dtype
     if dtype == "auto":
@@ -401,9 +399,6 @@ def stage_weights(stage: str, key: str, payload: dict, output_dir: Path) -> dict
     """The weights record of a training stage's results (:mod:`greencode.provenance`): the fingerprint
     its output directory will have once its stage record is written (``stage:<key>``) with the bytes of the
     weights saved there (``base_bytes`` / ``finetuned_bytes``), and for LITE the base it was trained from."""
-    from greencode.provenance import weight_files_sha256
-    from greencode.utils import portable_path
-
     fp = f"stage:{key}"
     saved = weight_files_sha256(output_dir) if Path(output_dir).is_dir() else None
     if stage == "pretrain":
@@ -420,8 +415,6 @@ def write_stage_results(results_dir: Path, trainer_dir: Path, cfg, summary: dict
                         weights: Optional[dict] = None) -> None:
     """Small committed results of a stage: the loss CSV and ``summary.json`` (with run metadata and
     the ``weights`` record, :func:`stage_weights`)."""
-    from greencode.utils import atomic_path, run_metadata
-
     results_dir.mkdir(parents=True, exist_ok=True)
     src = trainer_dir / CSV_NAME
     if src.is_file():

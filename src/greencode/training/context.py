@@ -22,7 +22,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from greencode.data import load_corpus, load_tokenizer
+from greencode.data.corpus import text_sep
+from greencode.data.tokenizer import encode_record
+from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
+from greencode.stats import bootstrap_indices
 from greencode.utils import run_metadata, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -31,10 +36,6 @@ log = logging.getLogger(__name__)
 def long_files(cfg, tokenizer, *, min_file_tokens: int, max_files: int, split: str = "validation") -> list[list[int]]:
     """Token ids (training encoding) of the first ``max_files`` files of ``split`` with at least
     ``min_file_tokens`` tokens, in the corpus' (hash-split) order."""
-    from greencode.data import load_corpus
-    from greencode.data.corpus import text_sep
-    from greencode.data.tokenizer import encode_record
-
     sep = text_sep(cfg)
     out = []
     for rec in load_corpus(cfg)[split]:
@@ -62,10 +63,6 @@ def context_effect(cfg, models: dict, *, window: int = 512, short: int = 255, ta
                    min_file_tokens: int = 520, max_files: int = 60, batch_size: int = 8, resamples: int = 2000,
                    out_dir: Optional[Path] = None, out_name: str = "context") -> dict:
     """The context ablation for each named model directory (``{name: dir}``); see the module doc."""
-    from greencode.data import load_tokenizer
-    from greencode.stats import bootstrap_indices
-    from greencode.models import EarlyExitModel
-
     if not 0 < short < window or not window - short <= target_from < window:
         raise ValueError(f"need 0 < short ({short}) < window ({window}) and the targets (from {target_from}) inside "
                          f"the short read (positions {window - short}..{window - 1})")

@@ -16,11 +16,14 @@ from typing import Optional, Sequence
 import torch
 
 from greencode.config import ConfigError
+from greencode.data import load_tokenizer, prepare_data
+from greencode.models import EarlyExitModel, lite_weights
 from greencode.paths import RunPaths
 from greencode.provenance import weights_bytes_record
 from greencode.training import common
+from greencode.training.data import build_datasets
 from greencode.training.lite import check_weights, lite_loss
-from greencode.utils import set_seed, setup_torch, write_json
+from greencode.utils import save_run_info, set_seed, setup_torch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,6 @@ def base_source(cfg) -> str:
 
 def finetune_weights(cfg, ee) -> list[float]:
     """The LITE weights for this model's exit points (config scheme; checked)."""
-    from greencode.models import lite_weights
-
     f = cfg.finetune
     return lite_weights(ee.exit_layers, ee.num_layers, f.weights, f.budgets, f.ratio)
 
@@ -113,10 +114,6 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
     seed, dtype, data) is unchanged, unless ``force``. ``resume`` continues from the last
     checkpoint of an interrupted run.
     """
-    from greencode.data import load_tokenizer, prepare_data
-    from greencode.models import EarlyExitModel
-    from greencode.training.data import build_datasets
-
     t_start, c_start = time.perf_counter(), time.process_time()
     paths = RunPaths.from_config(cfg)
     out = paths.finetuned
@@ -158,8 +155,6 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
                           data_collator=default_data_collator, callbacks=callbacks, ee_model=ee, lite_weights=weights)
     train_out, train_s, train_cpu_s, metrics, state_dict = common.train_and_evaluate(trainer, ckpt)
     if trainer.is_world_process_zero():
-        from greencode.utils import save_run_info
-
         ee.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(out)
         save_run_info(out, cfg, "finetune", base_model=base, lite_weights=weights)

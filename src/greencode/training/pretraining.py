@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 
 from greencode.config import ConfigError
+from greencode.data import load_tokenizer, prepare_data
+from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.provenance import weights_bytes_record
-from greencode.training import common
-from greencode.utils import set_seed, setup_torch, write_json
+from greencode.training import common, early_exit_loss as eel
+from greencode.training.data import build_datasets
+from greencode.training.early_exit_loss import early_exit_loss
+from greencode.utils import save_run_info, set_seed, setup_torch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,6 @@ class EarlyExitPretrainer(common.GreenTrainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, ee_model, ee_cfg, seed: int = 0, **kwargs):
-        from greencode.training import early_exit_loss as eel
-
         super().__init__(*args, **kwargs)
         self.ee, self.ee_cfg = ee_model, ee_cfg
         n = len(ee_model.exit_layers)
@@ -50,8 +52,6 @@ class EarlyExitPretrainer(common.GreenTrainer):
         self._gen = torch.Generator().manual_seed(seed + 1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from greencode.training.early_exit_loss import early_exit_loss
-
         c = self.ee_cfg
         split = "train" if model.training else "eval"
         active = self.curriculum.active(self.state.global_step) if split == "train" else list(range(len(self.scales)))
@@ -107,9 +107,6 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
         raise ConfigError(f"model.base={cfg.model.base!r} is set, so there is no base model to pretrain (the paper "
                           "configs start from pretrained weights); run scripts/finetune.py, or set model.base=null "
                           "to pretrain the embedded default")
-    from greencode.data import load_tokenizer, prepare_data
-    from greencode.models import EarlyExitModel
-    from greencode.training.data import build_datasets
 
     t_start, c_start = time.perf_counter(), time.process_time()
     paths = RunPaths.from_config(cfg)
@@ -159,8 +156,6 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
     if ee_cfg.enabled:
         trainer.dropout.remove()
     if trainer.is_world_process_zero():
-        from greencode.utils import save_run_info
-
         hf.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(out)
         save_run_info(out, cfg, "pretrain")

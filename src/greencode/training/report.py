@@ -20,10 +20,17 @@ from typing import Optional
 
 import torch
 
+from greencode.data import load_corpus, load_tokenizer
+from greencode.data.corpus import text_sep
+from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
+from greencode.provenance import weights_record
+from greencode.stats import bootstrap_indices
 from greencode.training import common
-from greencode.training.lite import exit_token_stats
-from greencode.utils import atomic_path, run_metadata, setup_torch, write_json
+from greencode.training.data import pack_split
+from greencode.training.finetuning import base_source
+from greencode.training.lite import IGNORE_INDEX, exit_token_stats, shifted_targets
+from greencode.utils import atomic_path, read_json, run_metadata, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,6 @@ def layer_quality(model, dataset, batch_size: int, device: Optional[torch.device
     """Per-layer next-token accuracy / agreement with the final layer / mean CE of an
     :class:`EarlyExitModel` over a packed dataset (``input_ids`` rows). Every layer
     ``0..num_layers-1`` is measured; ``exit_points`` of ``model`` are flagged."""
-    from greencode.models import EarlyExitModel
-
     all_layers = EarlyExitModel(model.hf, list(range(model.num_layers - 1)))
     all_layers.eval()
     device = device or model.device
@@ -66,11 +71,6 @@ def exit_report(cfg, base: Optional[str] = None, finetuned: Optional[str] = None
     """Measure base vs LITE-fine-tuned per-exit quality on the validation split (at most
     ``finetune.eval_max_tokens`` tokens in ``finetune.seq_len`` chunks) and write
     ``results/<name>/finetune/exit_report.{json,csv}``. Returns the report dict."""
-    from greencode.data import load_corpus, load_tokenizer
-    from greencode.models import EarlyExitModel
-    from greencode.training.data import pack_split
-    from greencode.training.finetuning import base_source
-
     t0 = time.perf_counter()
     paths = RunPaths.from_config(cfg)
     device, dtype = setup_torch(cfg.hardware)
@@ -83,7 +83,6 @@ def exit_report(cfg, base: Optional[str] = None, finetuned: Optional[str] = None
     ft = EarlyExitModel.from_pretrained(finetuned, device=device, dtype=dtype)
     tokenizer = load_tokenizer(cfg)
     stage = cfg.finetune
-    from greencode.data.corpus import text_sep
 
     held_out = pack_split(load_corpus(cfg)["validation"], tokenizer, stage.seq_len, max_tokens=stage.eval_max_tokens,
                           seed=cfg.seed, desc="packing held-out", sep=text_sep(cfg))
@@ -94,7 +93,6 @@ def exit_report(cfg, base: Optional[str] = None, finetuned: Optional[str] = None
     bm = EarlyExitModel.from_pretrained(base, exit_layers=models_exit_layers(models["finetuned"]), device=device,
                                         dtype=dtype)
     models["base"] = layer_quality(bm, held_out, stage.batch_size, device)
-    from greencode.provenance import weights_record
 
     weights = weights_record(ft_identity, bm)
     report = {
@@ -144,8 +142,6 @@ def format_report(report: dict) -> str:
 
 
 def read_report(cfg) -> dict:
-    from greencode.utils import read_json
-
     return read_json(Path(RunPaths.from_config(cfg).results_finetune) / "exit_report.json")
 
 
@@ -156,9 +152,6 @@ def chunk_stats(model, dataset, batch_size: int) -> dict:
     agreements with the final layer's prediction, plus the chunk's token count; numpy arrays
     ``correct`` / ``agree`` [chunks, layers] and ``tokens`` [chunks] (the unit of the bootstrap)."""
     import numpy as np
-
-    from greencode.models import EarlyExitModel
-    from greencode.training.lite import IGNORE_INDEX, shifted_targets
 
     every = EarlyExitModel(model.hf, list(range(model.num_layers - 1)))
     every.eval()
@@ -178,8 +171,6 @@ def chunk_stats(model, dataset, batch_size: int) -> dict:
 
 def _training_cost(model_dir: Path) -> dict:
     """What a base cost to train, from its shipped manifest or its pretraining stage record."""
-    from greencode.utils import read_json
-
     m = model_dir / "base_manifest.json"
     if m.is_file():
         d = read_json(m)
@@ -209,12 +200,6 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
     recipe change such as fill-in-the-middle costs an exit). Written to
     ``results/<name>/ablations/<out_name>.{json,md}``."""
     import numpy as np
-
-    from greencode.data import load_corpus, load_tokenizer
-    from greencode.data.corpus import text_sep
-    from greencode.stats import bootstrap_indices
-    from greencode.models import EarlyExitModel
-    from greencode.training.data import pack_split
 
     device, dtype = setup_torch(cfg.hardware)
     tokenizer = load_tokenizer(cfg)
@@ -278,7 +263,6 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
               "meta": run_metadata(cfg, stage="base_ablation", weights=_ablation_weights(cfg, identities))}
     out_dir = Path(out_dir) if out_dir is not None else RunPaths.from_config(cfg).results / "ablations"
     write_json(out_dir / f"{out_name}.json", report)
-    from greencode.utils import write_text
 
     write_text(out_dir / f"{out_name}.md", render_bases(report))
     return report
@@ -287,9 +271,6 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
 def _ablation_weights(cfg, identities: dict) -> Optional[dict]:
     """An ablation's record: the run's own base is its weights; the bases it compared are listed
     under ``compared`` (they do not make it a result of another base)."""
-    from greencode.provenance import weights_record
-    from greencode.training.finetuning import base_source
-
     try:
         base = base_source(cfg)
     except (FileNotFoundError, ValueError):

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from greencode.training.data import pack_split
 from greencode.utils import read_json, run_metadata, write_json
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,6 @@ def heldout_quality(cfg, model_dir: Union[str, Path], max_tokens: int = 65536) -
     from greencode.data import load_corpus, load_tokenizer
     from greencode.data.corpus import text_sep
     from greencode.models import EarlyExitModel
-    from greencode.training.data import pack_split
     from greencode.training.report import layer_quality
 
     tokenizer = load_tokenizer(cfg)
