@@ -33,7 +33,8 @@ from pathlib import Path
 from greencode.cli import base_parser, friendly_errors, load_from_args
 from greencode.config import load_config
 from greencode.paths import RunPaths
-from greencode.utils import read_json, run_metadata, write_json, write_text
+from greencode.runinfo import run_metadata
+from greencode.utils import read_json, write_json, write_text
 
 # what a variant may change and still train on the main run's bank (the rest of rl.* and these must match)
 BANK_SETTINGS = ("bank", "observation", "candidate_source", "candidate_k")

@@ -41,7 +41,8 @@ def main() -> None:
     from greencode.bench import timing
     from greencode.models import EarlyExitModel
     from greencode.training import early_exit_loss as eel
-    from greencode.utils import REPO_ROOT, run_metadata, set_seed, setup_torch
+    from greencode.runinfo import run_metadata
+    from greencode.utils import REPO_ROOT, set_seed, setup_torch
 
     setup_torch(cfg.hardware)
     stage = cfg.pretrain

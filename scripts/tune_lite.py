@@ -24,8 +24,9 @@ from greencode.cli import base_parser, friendly_errors, load_from_args
 from greencode.config import load_config
 from greencode.data import prepare_data
 from greencode.paths import RunPaths
+from greencode.runinfo import run_metadata
 from greencode.training import exit_report, finetune
-from greencode.utils import read_json, run_metadata, write_json, write_text
+from greencode.utils import read_json, write_json, write_text
 
 
 def _first_and_final(report: dict, model: str) -> tuple[float, float]:

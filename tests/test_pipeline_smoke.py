@@ -141,7 +141,7 @@ def test_calibrate_and_ablate_scripts_on_the_finished_run(smoke_run):
     assert table["tuning_decision_auc"]["bank"]["key"]["corpus"]["split"] == "tuning"
     from greencode.config import load_config
     from greencode.data import load_corpus, load_tokenizer, samples_for_config
-    from greencode.rl.build import tuning_records
+    from greencode.rl.sources import tuning_records
 
     over = [f"run_dir={tmp / 'run'}", "calibration.sample_offset=2"]
     cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), over)

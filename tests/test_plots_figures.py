@@ -23,7 +23,8 @@ from greencode.plots import (ENERGY_NOTE, FIGURES, NAMES, MissingInput, pareto_f
                              plot_optimal_exits, plot_pareto, plot_ppo_reward, plot_pretrain_loss)
 from greencode.plots import inputs as I
 from greencode.plots.common import method_label
-from greencode.utils import run_metadata, write_json
+from greencode.runinfo import run_metadata
+from greencode.utils import write_json
 
 NUM_LAYERS = 8
 EXITS = [1, 2, 3, 5]

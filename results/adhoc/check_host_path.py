@@ -19,7 +19,8 @@ from greencode.bench.common import bench_prompts, load_bench_model, load_bench_p
 from greencode.config import load_config
 from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate
 from greencode.paths import RunPaths
-from greencode.utils import run_metadata, setup_torch
+from greencode.runinfo import run_metadata
+from greencode.utils import setup_torch
 
 cfg = load_config("configs/default.yaml")
 device, dtype = setup_torch(cfg.hardware)

@@ -15,7 +15,8 @@ from greencode.decoding import NeverExit, generate
 from greencode.eval.infill import make_infill_samples, prediction_text
 from greencode.eval.metrics import line_scores
 from greencode.models import EarlyExitModel
-from greencode.utils import REPO_ROOT, run_metadata, write_json
+from greencode.runinfo import run_metadata
+from greencode.utils import REPO_ROOT, write_json
 
 torch.set_num_threads(1)
 cfg = load_config(REPO_ROOT / "configs" / "default.yaml")

@@ -18,7 +18,7 @@ from greencode.decoding import FixedExit, NeverExit, PolicyExit, generate, gener
 from greencode.eval.evaluator import load_samples, _prompt_of
 from greencode.models import EarlyExitModel
 from greencode.rl.policy import load_policy
-from greencode.utils import run_metadata
+from greencode.runinfo import run_metadata
 from transformers import AutoTokenizer
 
 root = sys.argv[1]

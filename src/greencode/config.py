@@ -21,9 +21,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the fix."""
+from greencode.errors import ConfigError  # noqa: F401  (raised here; imported from here by most callers)
 
 
 def _choices(*values: str) -> dict:

@@ -27,7 +27,8 @@ from greencode.data import prepare_data
 from greencode.eval import evaluate
 from greencode.eval.infill import evaluate_infill
 from greencode.paths import RunPaths
-from greencode.utils import REPO_ROOT, read_json, run_metadata, write_json
+from greencode.runinfo import run_metadata
+from greencode.utils import REPO_ROOT, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@
 
 **The record.** Every result file names the weights it was computed from under one key,
 :data:`WEIGHTS_KEY` (``"weights"``), usually inside its run metadata
-(:func:`greencode.utils.run_metadata`)::
+(:func:`greencode.runinfo.run_metadata`)::
 
     "weights": {"base": "shipped:3f2a...", "finetuned": "stage:91c0...",
                 "dirs": {"base": "assets/default-base", "finetuned": "runs/default/finetuned"}}
 
 ``base`` and ``finetuned`` are content fingerprints of the model directories
-(:func:`greencode.training.common.model_dir_fingerprint`: a stage key for a model trained here, the
+(:func:`model_dir_fingerprint`: a stage key for a model trained here, the
 weights' SHA-256 for a shipped base, a hash of the weight files otherwise, ``hub:<id>`` for a hub id);
 ``finetuned`` is null for a result of the base alone. A fine-tuned directory knows the base it was
 trained from (its stage record), so a result that loaded only the fine-tuned model still names its
@@ -36,26 +36,68 @@ and CSV files are renderings of a JSON file beside them and are not checked on t
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from greencode.utils import REPO_ROOT, portable_path, read_json
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_KEY = "weights"
-FIGURE_EXTENSIONS = (".png", ".pdf")
+STAGE_FILE = "greencode_stage.json"  # a model directory trained here: its stage's key, payload and record
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")  # a model directory's weight files
+FIGURE_EXTENSIONS = (".png", ".pdf", ".svg")  # the formats the figures section may write
 EXEMPT_DIRS = ("archive",)
 
 
 # --------------------------------------------------------------------------- identities
+def file_digest(path: Path) -> Optional[str]:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def make_key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_stage(directory: Path) -> Optional[dict]:
+    p = Path(directory) / STAGE_FILE
+    try:
+        return read_json(p) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def model_dir_fingerprint(source: str) -> str:
+    """A cheap identity of a base model: its stage key when we trained it, else a hash of its
+    config and the names/sizes/mtimes of its weight files, else (hub id) the id itself."""
+    p = Path(source)
+    if not p.is_dir():
+        return f"hub:{source}"
+    rec = read_stage(p)
+    if rec and rec.get("key"):
+        return f"stage:{rec['key']}"
+    shipped = p / "base_manifest.json"  # a shipped base (greencode.training.shipping): its weights' hash
+    if shipped.is_file():
+        try:
+            return f"shipped:{read_json(shipped)['weights_sha256']}"
+        except (OSError, ValueError, KeyError):
+            pass
+    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir()
+                   if f.suffix in WEIGHT_SUFFIXES)
+    return f"dir:{file_digest(p / 'config.json')}:{make_key({'files': files})}"
+
+
 def model_identity(source: Union[str, Path]) -> dict[str, Any]:
     """The identity of the model at ``source`` (a directory or a hub id) as it is now:
     ``{"dir", "fingerprint", "trained_from"}``; ``trained_from`` is the base fingerprint a
     fine-tuned directory's stage record names (None for a base)."""
-    from greencode.training.common import model_dir_fingerprint, read_stage
-    from greencode.utils import portable_path
 
     source = str(source)
     p = Path(source)
@@ -79,8 +121,6 @@ _BYTES_CACHE: dict[tuple, str] = {}
 
 def _weight_files_stamp(directory: Path) -> list[list]:
     """[name, size, mtime_ns] of a model directory's weight files, in name order."""
-    from greencode.training.common import WEIGHT_SUFFIXES
-
     files = sorted(f for f in directory.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
@@ -90,8 +130,6 @@ def weight_files_sha256(directory: Union[str, Path], recorded: Optional[dict] = 
     name order), None when it has none. ``recorded``: a :func:`weights_bytes_record` written when the weights were
     saved (the stage record), used while the files' names, sizes and modification times are the ones it names;
     otherwise hashed, once per process for the same files."""
-    import hashlib
-
     directory = Path(directory)
     stamp = _weight_files_stamp(directory)
     if not stamp:
@@ -161,7 +199,6 @@ def weights_for_run(cfg) -> Optional[dict]:
     For writers that load nothing themselves (the pipeline's timing record, the RL stage's analysis of a
     bank recorded without a record)."""
     from greencode.paths import RunPaths
-    from greencode.utils import REPO_ROOT
 
     paths = RunPaths.from_config(cfg)
     if (paths.finetuned / "config.json").is_file():

@@ -43,7 +43,8 @@ from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
-from greencode.utils import read_json, run_metadata, write_json, write_text
+from greencode.runinfo import run_metadata
+from greencode.utils import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -211,7 +212,7 @@ class Noise:
 
 # --------------------------------------------------------------------------- the one writer
 def run_record(cfg=None, stage: Optional[str] = None, weights: Any = _UNSET) -> dict:
-    """What a result records about its run (:func:`greencode.utils.run_metadata`): config, seed,
+    """What a result records about its run (:func:`greencode.runinfo.run_metadata`): config, seed,
     commit, versions, hardware, command, and ``weights``, the record of the weights it came from
     (:func:`greencode.provenance.weights_record`; left out, the config's run on disk now; ``None``:
     none, e.g. a random-initialised model)."""

@@ -21,7 +21,8 @@ from greencode.data import lexers
 from greencode.data.hub import load_hub_corpus
 from greencode.data.local import SPLITS, build_local_corpus, corpus_features, list_source_files, resolve_source
 from greencode.paths import RunPaths
-from greencode.utils import read_json, run_metadata, write_json
+from greencode.runinfo import run_metadata
+from greencode.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from greencode.data import lexers
 from greencode.data.corpus import _swap_in, code_text, load_corpus, text_sep
 from greencode.data.fim import FIM_TOKENS
 from greencode.paths import RunPaths
-from greencode.utils import REPO_ROOT, read_json, run_metadata, write_json
+from greencode.runinfo import run_metadata
+from greencode.utils import REPO_ROOT, read_json, write_json
 
 log = logging.getLogger(__name__)
 

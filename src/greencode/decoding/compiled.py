@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from greencode.config import ConfigError
+from greencode.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,39 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from greencode.config import ConfigError
 from greencode.decoding.signals import (CheapSignals, check_candidates, exit_signals, host_cosine, host_norm,
-                                        host_norm_rows, parse_source)
+                                        host_norm_rows, parse_source, policy_observation)
+from greencode.errors import ConfigError
 
 
 def _check_unit(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0 or math.isnan(value):
         raise ConfigError(f"{name}={value!r} must be a number in [0, 1]")
     return float(value)
-
-
-def policy_observation(model, h: torch.Tensor, mode: str) -> torch.Tensor:
-    """THE preprocessing of a hidden state into an RL observation, shared by the trajectory
-    bank (training) and :class:`PolicyExit` (inference): ``raw`` is the residual stream
-    as the layer outputs it; ``normed`` goes through the model's own final norm (OPT: and
-    ``project_out``), the same transform the LM head sees. Computed in float32 from the norm's
-    parts whatever the model's dtype, so a bf16 model's bank and the fused fast path of
-    :class:`PolicyExit` normalise alike."""
-    if mode == "normed":
-        kind, eps, scale, bias, proj = model.adapter.final_norm_parts()
-        x = h.float()
-        if kind == "rms":
-            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
-        elif kind == "layer":
-            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
-        if scale is not None:
-            x = x * scale.float()
-        if bias is not None:
-            x = x + bias.float()
-        return x @ proj.float().T if proj is not None else x
-    if mode == "raw":
-        return h.float()
-    raise ConfigError(f"rl.observation={mode!r}; use 'raw' or 'normed'")
 
 
 # optional observation features beyond the hidden state (rl.observation_features), appended in

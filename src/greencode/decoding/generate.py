@@ -31,15 +31,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from greencode.config import ConfigError
 from greencode.decoding import speculative
 from greencode.decoding.compiled import MODEL_DEFAULT, default_layer_step
 from greencode.decoding.controllers import ExitController, NeverExit
-from greencode.decoding.strategies import KeptStates, Observed, OracleExits, RowStrategy, TeacherForced
 from greencode.decoding.steps import (KV_STRATEGIES, RowsCache, Sampling, Slot, check_request, copy_cache,
                                       cut_at_stops, expand_cache, gather_kv, growable, layer_kv, left_pad,
                                       left_pad_positions, new_cache, rebuild_cache, record_logits, rows_kwargs,
                                       select_token, truncate_logits)
+from greencode.decoding.strategies import KeptStates, Observed, OracleExits, RowStrategy, TeacherForced
+from greencode.errors import ConfigError
 from greencode.utils import numpy_blas_threads
 
 

@@ -42,9 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from greencode.config import ConfigError
 from greencode.decoding.controllers import (CheapConfidenceExit, ConfidenceExit, EntropyExit, ExitController,
                                             FixedExit, NeverExit, OracleExit, PolicyExit, SaturationExit)
+from greencode.errors import ConfigError
 
 PARAM_KINDS = ("threshold", "layer")
 NEEDS = ("logits", "policy", "classifier")

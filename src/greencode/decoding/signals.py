@@ -60,7 +60,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from greencode.config import ConfigError
+from greencode.errors import ConfigError
 from greencode.utils import torch_threads
 
 CANDIDATE_SOURCES = ("first_full", "low_rank", "prev_token", "bigram", "context")
@@ -70,6 +70,30 @@ OPEN_AT_FIRST_CHECK = ("first_full", "low_rank")
 FEATURES = ("cand_max_prob", "cand_margin", "cand_neg_entropy", "cand_top1_logit", "cand_top1_stable",
             "saturation", "prev_exit")
 MAX_CANDIDATES = 10
+
+
+def policy_observation(model, h: torch.Tensor, mode: str) -> torch.Tensor:
+    """THE preprocessing of a hidden state into an RL observation, shared by the trajectory
+    bank (training) and :class:`~greencode.decoding.controllers.PolicyExit` (inference): ``raw`` is the residual stream
+    as the layer outputs it; ``normed`` goes through the model's own final norm (OPT: and
+    ``project_out``), the same transform the LM head sees. Computed in float32 from the norm's
+    parts whatever the model's dtype, so a bf16 model's bank and the fused fast path of
+    :class:`PolicyExit` normalise alike."""
+    if mode == "normed":
+        kind, eps, scale, bias, proj = model.adapter.final_norm_parts()
+        x = h.float()
+        if kind == "rms":
+            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+        elif kind == "layer":
+            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+        if scale is not None:
+            x = x * scale.float()
+        if bias is not None:
+            x = x + bias.float()
+        return x @ proj.float().T if proj is not None else x
+    if mode == "raw":
+        return h.float()
+    raise ConfigError(f"rl.observation={mode!r}; use 'raw' or 'normed'")
 
 
 def feature_names(n_exit_points: int) -> list[str]:
@@ -457,7 +481,7 @@ class HostCheck:
             return wg.contiguous().numpy(), None if offset is None else offset.numpy(), norm, lr
 
     def normed(self, x: np.ndarray) -> np.ndarray:
-        """The final norm of one raw state [D] (float32), as :func:`~greencode.decoding.controllers.policy_observation`."""
+        """The final norm of one raw state [D] (float32), as :func:`policy_observation`."""
         _kind, _eps, scale, bias = self.norm
         x, r = host_norm(self.norm[0], self.norm[1], x)
         x = x * np.float32(r)
@@ -689,8 +713,6 @@ class CheapSignals:
         return new
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        from greencode.decoding.controllers import policy_observation
-
         return policy_observation(self.model, hidden, "normed")
 
     def start(self, input_ids: torch.Tensor, prev_exit: torch.Tensor, prev_logits: Optional[torch.Tensor] = None,

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from greencode.config import ConfigError
+from greencode.errors import ConfigError
 
 KV_STRATEGIES = ("propagate", "compute")
 

@@ -60,14 +60,15 @@ from greencode.decoding.registry import get_controller, threshold_grid
 from greencode.eval.calibrated import (CRITERIA, TEACHER_FORCED_FILE, achieved_risk, calibrated_ids,  # noqa: F401
                                        criteria_of, file_sha256, load_calibration, load_teacher_forced,
                                        method_records, render_targets, sample_losses, targets_table, threshold_for)
-from greencode.eval.forced import teacher_forced  # noqa: F401 - re-exported
 from greencode.eval.evaluator import evaluate
+from greencode.eval.forced import teacher_forced  # noqa: F401 - re-exported
 from greencode.eval.methods import MethodSpec, needs
 from greencode.eval.tuning import refuse_test_split
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.provenance import weights_record
-from greencode.utils import read_json, run_metadata, write_json, write_text
+from greencode.runinfo import run_metadata
+from greencode.utils import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -57,8 +57,9 @@ from greencode.eval.showcase import write_completions
 from greencode.eval.summary import SHARD_FORMAT, check_writable, merge_shards, summary_table, write_results
 from greencode.paths import RunPaths
 from greencode.provenance import weights_record
+from greencode.runinfo import run_metadata
 from greencode.training.shipping import check_split_disjoint
-from greencode.utils import read_json, run_metadata, set_seed, setup_torch, write_json, write_text
+from greencode.utils import read_json, set_seed, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from greencode.eval.methods import MethodSpec, controller_of, param_kind, parse_
 from greencode.eval.tuning import TUNE_SPLIT
 from greencode.models.schedule import resolve_exit_layers
 from greencode.paths import RunPaths
-from greencode.utils import read_json, run_metadata, write_json, write_text
+from greencode.runinfo import run_metadata
+from greencode.utils import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 

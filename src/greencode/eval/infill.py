@@ -35,7 +35,8 @@ import numpy as np
 from greencode.eval.metrics import exact_match_breakdown, is_boilerplate, line_scores
 from greencode.eval.stats import bootstrap_indices, mean_ci
 from greencode.provenance import weights_record
-from greencode.utils import run_metadata, set_seed, setup_torch, write_json, write_text
+from greencode.runinfo import run_metadata
+from greencode.utils import set_seed, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,9 @@ from greencode.decoding.signals import (CANDIDATE_SOURCES, FEATURES, LowRankShor
                                         head_parts, macs_in_layers, signal_macs, token_macs)
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
+from greencode.runinfo import run_metadata
 from greencode.stats import auc, auc_table, paired_auc_difference
-from greencode.utils import REPO_ROOT, run_metadata, setup_torch, write_json, write_text
+from greencode.utils import REPO_ROOT, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from greencode.config import Config, ConfigError
 from greencode.eval import evaluate
 from greencode.eval.summary import summary_table
 from greencode.paths import RunPaths
-from greencode.utils import run_metadata, write_json, write_text
+from greencode.runinfo import run_metadata
+from greencode.utils import write_json, write_text
 
 log = logging.getLogger(__name__)
 

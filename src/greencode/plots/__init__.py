@@ -41,7 +41,8 @@ from greencode.plots.hull import plot_static_hull
 from greencode.plots.inputs import recording_reads
 from greencode.plots.signals import plot_signals, plot_signals_auc
 from greencode.provenance import weights_of_inputs
-from greencode.utils import portable_path, run_metadata, write_json
+from greencode.runinfo import run_metadata
+from greencode.utils import portable_path, write_json
 
 log = logging.getLogger(__name__)
 

@@ -23,17 +23,16 @@ import numpy as np
 import torch
 
 from greencode.config import config_from_dict
-from greencode.data import encode_context, load_corpus, load_tokenizer
 from greencode.data.corpus import text_sep
-from greencode.data.samples import make_samples
-from greencode.decoding import NeverExit, RandomExit, generate, policy_observation
+from greencode.decoding import generate, policy_observation
 from greencode.decoding.controllers import recorded_features
 from greencode.distributed import Dist
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.rl.bank import MANIFEST, TrajectoryBank, bytes_per_token, manifest_head
-from greencode.rl.policy import load_policy, policy_controller
+from greencode.rl.policy import load_policy
 from greencode.rl.simulate import build_simulated_bank
+from greencode.rl.sources import behaviour_specs, context_ids, load_data, make_behaviour
 from greencode.utils import atomic_path, read_json, set_seed, setup_torch, torch_threads
 
 log = logging.getLogger(__name__)
@@ -97,104 +96,11 @@ def bank_key(cfg, model) -> dict:
     }, default=str))
 
 
-def _records(dataset: Any, split: str) -> Sequence:
-    if hasattr(dataset, "keys") and callable(dataset.keys) and split in dataset.keys():
-        return dataset[split]
-    if hasattr(dataset, "keys") and callable(dataset.keys) and "code" not in dataset.keys():
-        raise ValueError(f"the corpus has no split {split!r} (has {list(dataset.keys())}); "
-                         "set rl.bank.split to one of them")
-    return dataset
-
-
-def _code_tokens(record: Any) -> list[str]:
-    """The CodeXGLUE tokens of a record without ``<s>`` / ``</s>`` (a plain string: its
-    space-separated words)."""
-    if isinstance(record, str):
-        return record.split()
-    code = list(record["code"])
-    if code and code[0] == "<s>":
-        code = code[1:]
-    if code and code[-1] == "</s>":
-        code = code[:-1]
-    return code
-
-
-def context_ids(tokenizer, record: Any, fraction: float, max_context_tokens: int, sep: str = " ") -> Optional[list[int]]:
-    """The prompt for one bank sequence, built like the evaluator's samples: the first
-    ``int(fraction * n)`` CodeXGLUE tokens of the record joined by spaces, encoded by
-    :func:`greencode.data.encode_context` (bos + text, left-truncated to
-    ``max_context_tokens``). None when the record has fewer than 2 tokens."""
-    body = _code_tokens(record)
-    if len(body) < 2:
-        return None
-    n = min(max(1, int(len(body) * fraction)), len(body) - 1)
-    return encode_context(tokenizer, sep.join(body[:n]), max_context_tokens)
-
-
 def _load_model(cfg, model):
     if model is not None:
         return model
-
     device, dtype = setup_torch(cfg.hardware)
     return EarlyExitModel.from_run_config(cfg, RunPaths.from_config(cfg).finetuned, device=device, dtype=dtype)
-
-
-def _load_data(cfg, tokenizer, dataset):
-    finetuned = RunPaths.from_config(cfg).finetuned
-    if tokenizer is None:
-        if (finetuned / "tokenizer_config.json").is_file() or (finetuned / "tokenizer.json").is_file():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(finetuned)
-        else:
-            tokenizer = load_tokenizer(cfg)
-    if dataset is None:
-        dataset = load_corpus(cfg)
-    if cfg.rl.bank.split == "tuning":
-        return tokenizer, tuning_records(cfg, tokenizer, dataset)
-    return tokenizer, _records(dataset, cfg.rl.bank.split)
-
-
-def tuning_records(cfg, tokenizer, dataset) -> Sequence:
-    """The validation files of the tuning slice: the records of the first ``calibration.sample_offset`` samples
-    of the seeded validation order (``eval.sample_seed`` and the evaluation's sample settings, as knob tuning
-    draws them). Calibration starts after them, so a bank of these files never touches a calibration file."""
-    n = int(cfg.calibration.sample_offset)
-    if n < 1:
-        raise ValueError("rl.bank.split=tuning needs a tuning slice: calibration.sample_offset >= 1 (its size)")
-    val = _records(dataset, "validation")
-    e = cfg.eval
-    samples = make_samples(val, tokenizer, num_samples=n, seed=e.sample_seed, context_fraction=e.context_fraction,
-                           max_context_tokens=e.max_context_tokens, max_new_tokens=e.max_new_tokens, mode=e.mode,
-                           language=cfg.data.language, sep=text_sep(cfg), offset=0)
-    idx = sorted({s.record_index for s in samples})
-    return val.select(idx) if hasattr(val, "select") else [val[i] for i in idx]
-
-
-def behaviour_specs(cfg, rng: np.random.Generator, n: int) -> list[dict]:
-    """One behaviour per bank sequence (``rl.bank.behaviour``), as a plain spec (picklable, so a
-    sequence decodes the same in any process): the full model, random exits at a per-sequence
-    rate drawn from ``rl.bank.exit_rate``, or the exported policy at a per-sequence threshold
-    drawn from ``rl.bank.policy_thresholds``."""
-    bc = cfg.rl.bank
-    if bc.behaviour == "full":
-        return [{"kind": "full"} for _ in range(n)]
-    if bc.behaviour == "random":
-        lo, hi = bc.exit_rate
-        return [{"kind": "random", "rate": float(rng.uniform(lo, hi)), "seed": int(rng.integers(1 << 31))}
-                for _ in range(n)]
-    return [{"kind": "policy", "threshold": float(rng.choice(bc.policy_thresholds))} for _ in range(n)]
-
-
-def make_behaviour(spec: dict, cfg, model, policy=None):
-    """The controller of a behaviour spec (``policy``: the loaded behaviour policy, if any)."""
-    if spec["kind"] == "full":
-        return NeverExit()
-    if spec["kind"] == "random":
-        return RandomExit(spec["rate"], seed=spec["seed"])
-
-    policy = policy if policy is not None else load_policy(cfg.rl.bank.policy_path, model)
-    return policy_controller(policy, model, spec["threshold"], cfg.decoding.policy_temperature)
 
 
 @torch.inference_mode()
@@ -267,7 +173,7 @@ def build_bank(cfg, model=None, tokenizer=None, dataset=None, *, path: Optional[
 
         return build_simulated_bank(cfg, model, path, key, tokenizer, dataset)
 
-    tokenizer, records = _load_data(cfg, tokenizer, dataset)
+    tokenizer, records = load_data(cfg, tokenizer, dataset)
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     limit = getattr(model.hf.config, "max_position_embeddings", None) or 1 << 30

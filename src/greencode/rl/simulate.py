@@ -72,6 +72,7 @@ from greencode.decoding.controllers import CheapConfidenceExit, SaturationExit, 
 from greencode.rl.bank import BANK_FORMAT, MANIFEST, TrajectoryBank, bytes_per_token, manifest_head, replace_dir
 from greencode.rl.policy import load_policy
 from greencode.rl.reward import optimal_exit
+from greencode.rl.sources import behaviour_specs, code_tokens, load_data, make_behaviour
 from greencode.utils import set_seed, torch_threads, write_json
 
 log = logging.getLogger(__name__)
@@ -326,8 +327,6 @@ def plan_windows(cfg, tokenizer, records, rng: np.random.Generator, window: int)
     needs): bos + the record's text ids from a uniformly drawn start, ``window`` ids at most.
     Records too short for ``min_context_tokens + 2`` ids are skipped. Returns (record index, start
     in the text ids, window ids)."""
-    from greencode.rl.build import _code_tokens
-
     bc = cfg.rl.bank
     sep = text_sep(cfg)
     bos = tokenizer.bos_token_id
@@ -337,7 +336,7 @@ def plan_windows(cfg, tokenizer, records, rng: np.random.Generator, window: int)
     for idx in rng.permutation(len(records)):
         if planned >= need:
             break
-        body = _code_tokens(records[int(idx)])
+        body = code_tokens(records[int(idx)])
         if len(body) < 2:
             continue
         text_ids = tokenizer(sep.join(body), add_special_tokens=False)["input_ids"]
@@ -365,8 +364,6 @@ def _decider_for(cfg, model, specs: list[dict], policy, width: int) -> Optional[
         return None
     if kinds == {"random"}:
         return random_decider([s["rate"] for s in specs], [s["seed"] for s in specs], width)
-    from greencode.rl.build import make_behaviour
-
     return controller_decider(model, [make_behaviour(s, cfg, model, policy) for s in specs])
 
 
@@ -395,14 +392,12 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     from numpy.lib.format import open_memmap
     from tqdm.auto import tqdm
 
-    from greencode.rl.build import _load_data, behaviour_specs
-
     bc = cfg.rl.bank
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("rl.bank.source=simulate builds the bank in one process; run scripts/build_bank.py without "
                          "torchrun / accelerate launch (or use rl.bank.source=decode, which shards over the ranks)")
     t0 = time.perf_counter()
-    tokenizer, records = _load_data(cfg, tokenizer, dataset)
+    tokenizer, records = load_data(cfg, tokenizer, dataset)
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     limit = getattr(model.hf.config, "max_position_embeddings", None) or 1 << 30

@@ -35,7 +35,8 @@ from greencode.rl.classifier import train_classifier
 from greencode.rl.env import ExitEnv
 from greencode.rl.policy import (ExitPolicy, decision_auc, decision_auc_report, evaluate_agent_on_bank, exit_metrics,
                                  export_policy, from_sb3)
-from greencode.utils import atomic_path, run_metadata, save_run_info, set_seed, torch_threads, write_json
+from greencode.runinfo import run_metadata, save_run_info
+from greencode.utils import atomic_path, set_seed, torch_threads, write_json
 
 log = logging.getLogger(__name__)
 

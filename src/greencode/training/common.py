@@ -28,60 +28,21 @@ import torch
 
 from greencode.config import ConfigError
 from greencode.paths import RunPaths
-from greencode.provenance import weight_files_sha256
-from greencode.utils import atomic_path, portable_path, read_json, resolve_device, run_metadata, write_json
+from greencode.provenance import (STAGE_FILE, WEIGHT_SUFFIXES, file_digest, make_key,  # noqa: F401
+                                  model_dir_fingerprint, read_stage, weight_files_sha256)
+from greencode.runinfo import run_metadata
+from greencode.utils import atomic_path, portable_path, read_json, resolve_device, write_json
 
 log = logging.getLogger(__name__)
 
-STAGE_FILE = "greencode_stage.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")  # a model directory's weight files
 TRAINER_DIR = "trainer"
 CSV_NAME = "train_log.csv"
 
 
 # --------------------------------------------------------------------------- stage keys
-def file_digest(path: Path) -> Optional[str]:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return None
-
-
-def make_key(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_stage(directory: Path) -> Optional[dict]:
-    p = Path(directory) / STAGE_FILE
-    try:
-        return read_json(p) if p.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
 def is_complete(directory: Path, key: str) -> bool:
     rec = read_stage(directory)
     return bool(rec and rec.get("complete") and rec.get("key") == key and (Path(directory) / "config.json").is_file())
-
-
-def model_dir_fingerprint(source: str) -> str:
-    """A cheap identity of a base model: its stage key when we trained it, else a hash of its
-    config and the names/sizes/mtimes of its weight files, else (hub id) the id itself."""
-    p = Path(source)
-    if not p.is_dir():
-        return f"hub:{source}"
-    rec = read_stage(p)
-    if rec and rec.get("key"):
-        return f"stage:{rec['key']}"
-    shipped = p / "base_manifest.json"  # a shipped base (greencode.training.shipping): its weights' hash
-    if shipped.is_file():
-        try:
-            return f"shipped:{read_json(shipped)['weights_sha256']}"
-        except (OSError, ValueError, KeyError):
-            pass
-    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir()
-                   if f.suffix in WEIGHT_SUFFIXES)
-    return f"dir:{file_digest(p / 'config.json')}:{make_key({'files': files})}"
 
 
 def stage_settings(cfg, stage: str) -> dict:

@@ -27,8 +27,9 @@ from greencode.data.corpus import text_sep
 from greencode.data.tokenizer import encode_record
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
+from greencode.runinfo import run_metadata
 from greencode.stats import bootstrap_indices
-from greencode.utils import run_metadata, setup_torch, write_json, write_text
+from greencode.utils import setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 

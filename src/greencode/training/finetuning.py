@@ -20,10 +20,11 @@ from greencode.data import load_tokenizer, prepare_data
 from greencode.models import EarlyExitModel, lite_weights
 from greencode.paths import RunPaths
 from greencode.provenance import weights_bytes_record
+from greencode.runinfo import save_run_info
 from greencode.training import common
 from greencode.training.data import build_datasets
 from greencode.training.lite import check_weights, lite_loss
-from greencode.utils import save_run_info, set_seed, setup_torch, write_json
+from greencode.utils import set_seed, setup_torch, write_json
 
 log = logging.getLogger(__name__)
 

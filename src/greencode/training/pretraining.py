@@ -22,10 +22,11 @@ from greencode.data import load_tokenizer, prepare_data
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.provenance import weights_bytes_record
+from greencode.runinfo import save_run_info
 from greencode.training import common, early_exit_loss as eel
 from greencode.training.data import build_datasets
 from greencode.training.early_exit_loss import early_exit_loss
-from greencode.utils import save_run_info, set_seed, setup_torch, write_json
+from greencode.utils import set_seed, setup_torch, write_json
 
 log = logging.getLogger(__name__)
 

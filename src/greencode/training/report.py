@@ -25,12 +25,13 @@ from greencode.data.corpus import text_sep
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.provenance import weights_record
+from greencode.runinfo import run_metadata
 from greencode.stats import bootstrap_indices
 from greencode.training import common
 from greencode.training.data import pack_split
 from greencode.training.finetuning import base_source
 from greencode.training.lite import IGNORE_INDEX, exit_token_stats, shifted_targets
-from greencode.utils import atomic_path, read_json, run_metadata, setup_torch, write_json, write_text
+from greencode.utils import atomic_path, read_json, setup_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 

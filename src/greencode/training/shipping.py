@@ -24,8 +24,9 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from greencode.runinfo import run_metadata
 from greencode.training.data import pack_split
-from greencode.utils import read_json, run_metadata, write_json
+from greencode.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
 
