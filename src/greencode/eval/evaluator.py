@@ -104,144 +104,135 @@ def _ab_threshold(cfg: Config) -> float:
     return float(ts[len(ts) // 2])
 
 
-def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpec], cfg: Config, *,
-                explicit: bool = False, indices: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1,
-                meter=None, device: Optional[torch.device] = None, progress: bool = True) -> dict:
-    """Run ``specs`` on ``samples`` (this process's share) and return a shard (see
-    :mod:`greencode.eval.summary`). Methods whose inputs are missing are skipped with the
-    reason, or raise when ``explicit``."""
-    model, tok = inputs.model, inputs.tokenizer
-    device = device or model.device
-    meter = meter or make_meter(cfg.eval.energy, device)
-    eos = tok.eos_token_id
-    runner = Runner(inputs, cfg, meter, eos, tok.pad_token_id)
-    indices = list(indices) if indices is not None else list(range(len(samples)))
-    max_new = cfg.eval.max_new_tokens
-    limit = getattr(model.hf.config, "max_position_embeddings", None)
-
-    skipped: list[dict] = []
+def _runnable(specs: Sequence[MethodSpec], inputs: EvalInputs, explicit: bool) -> tuple[list[MethodSpec], list[dict]]:
+    """The methods whose inputs exist, and the others with the reason (raises for one asked for by name)."""
     active: list[MethodSpec] = []
+    skipped: list[dict] = []
     for spec in specs:
         reason = _available(spec, inputs)
-        if reason is not None:
-            if explicit:
-                raise FileNotFoundError(f"method {spec.id!r} was asked for but cannot run: {reason}")
-            log.warning("skipping %s: %s", spec.id, reason)
-            skipped.append({"id": spec.id, "family": spec.family, "reason": reason})
-        else:
+        if reason is None:
             active.append(spec)
-    for spec in active:
-        if not spec.runs_hf:
-            runner.controller(spec)  # bad layers / mismatched policy fail here, before any generation
+            continue
+        if explicit:
+            raise FileNotFoundError(f"method {spec.id!r} was asked for but cannot run: {reason}")
+        log.warning("skipping %s: %s", spec.id, reason)
+        skipped.append({"id": spec.id, "family": spec.family, "reason": reason})
+    return active, skipped
 
-    prompts = [prompt_of(samples[i], limit, max_new) for i in indices]
-    truncated = sum(len(p) < len(samples[i].context_ids) for p, i in zip(prompts, indices))
-    if truncated:
-        log.warning("%d prompts were cut from the left to fit the model's %s positions", truncated, limit)
 
-    ab_spec = None
-    if cfg.eval.overhead_ab and inputs.policy is not None and any(s.family == "gc" for s in active):
-        pol = inputs.policy
-        ab_threshold = _ab_threshold(cfg)
-        ab_ctrl = PolicyExit.of(pol, ab_threshold, cfg.decoding.policy_temperature, ignore_decision=True)
-        ab_ctrl.check_layers(model)
-        ab_spec = (ab_threshold, ab_ctrl, NeverExit())
+def _overhead_ab(cfg: Config, inputs: EvalInputs, active: Sequence[MethodSpec]) -> Optional[tuple]:
+    """(threshold, the policy controller that checks but never exits, the full model's) for the policy-check A/B
+    on the timed samples, when it is on and GC runs; else None."""
+    if not (cfg.eval.overhead_ab and inputs.policy is not None and any(s.family == "gc" for s in active)):
+        return None
+    threshold = _ab_threshold(cfg)
+    ctrl = PolicyExit.of(inputs.policy, threshold, cfg.decoding.policy_temperature, ignore_decision=True)
+    ctrl.check_layers(inputs.model)
+    return threshold, ctrl, NeverExit()
 
-    failed: dict[str, str] = {}
 
-    def attempt(spec: MethodSpec, prompt: list[int], window: Optional[str], prefilled=None) -> Optional[dict]:
-        if spec.id in failed:
+def _work_units(indices: Sequence[int], prompts: Sequence[list[int]], timed: set, step: int) -> list[list[int]]:
+    """Each timed sample alone, in order; then the accuracy-only samples sorted by prompt length and cut into
+    chunks of ``step`` (similar lengths: little left padding to prefill and attend over; a row's tokens do not
+    depend on its batch, tested). Positions in ``prompts``."""
+    units: list[list[int]] = [[k] for k in range(len(prompts)) if indices[k] in timed]
+    rest = sorted((k for k in range(len(prompts)) if indices[k] not in timed), key=lambda k: (len(prompts[k]), k))
+    return units + [rest[i:i + step] for i in range(0, len(rest), step)]
+
+
+class _MethodRun:
+    """One process's pass of the active methods over its samples: the records per method, the methods HF's own
+    paths failed on (skipped, with why) and the policy-check A/B records."""
+
+    def __init__(self, runner: Runner, cfg: Config, tokenizer, active: Sequence[MethodSpec], explicit: bool,
+                 family: str, ab: Optional[tuple]):
+        self.runner, self.cfg, self.tok, self.active, self.explicit, self.family = (runner, cfg, tokenizer,
+                                                                                    list(active), explicit, family)
+        self.ab = ab
+        self.failed: dict[str, str] = {}
+        self.records: dict[str, list[dict]] = {s.id: [] for s in self.active}
+        self.ab_records: list[dict] = []
+        self.loop_specs = [s for s in self.active if not s.runs_hf and not s.lossless]
+
+    def attempt(self, spec: MethodSpec, prompt: list[int], window: Optional[str]) -> Optional[dict]:
+        if spec.id in self.failed:
             return None
         try:
-            return runner.run(spec, prompt, window, prefilled)
+            return self.runner.run(spec, prompt, window)
         except Exception as e:  # noqa: BLE001 - only HF's own paths may fail for a model family
-            if not spec.runs_hf or explicit:
+            if not spec.runs_hf or self.explicit:
                 raise
-            failed[spec.id] = f"HF generate failed for this model: {type(e).__name__}: {e}"
+            self.failed[spec.id] = f"HF generate failed for this model: {type(e).__name__}: {e}"
             if spec.family == "hf_early_exit":
-                failed[spec.id] += (f" (transformers drafts with the first layers by lowering config.num_hidden_layers, "
-                                    f"which the {model.family} decoder does not honour; Llama's does)")
-            log.warning("method %s failed and is skipped: %s", spec.id, failed[spec.id])
+                self.failed[spec.id] += (f" (transformers drafts with the first layers by lowering "
+                                         f"config.num_hidden_layers, which the {self.family} decoder does not "
+                                         f"honour; Llama's does)")
+            log.warning("method %s failed and is skipped: %s", spec.id, self.failed[spec.id])
             return None
 
-    # warmup: every method on the first samples, results discarded
-    for w in range(min(cfg.eval.warmup_samples, len(prompts))):
-        for spec in active:
-            attempt(spec, prompts[w], f"warmup/{spec.id}/{w}")
-        if ab_spec is not None:
-            for c in ab_spec[1:]:
-                runner._run_loop(MethodSpec("full"), c, prompts[w], f"warmup/ab/{type(c).__name__}/{w}")
+    def warmup(self, prompts: Sequence[list[int]]) -> None:
+        """Every method on the first samples, results discarded."""
+        for w in range(min(self.cfg.eval.warmup_samples, len(prompts))):
+            for spec in self.active:
+                self.attempt(spec, prompts[w], f"warmup/{spec.id}/{w}")
+            if self.ab is not None:
+                for c in self.ab[1:]:
+                    self.runner._run_loop(MethodSpec("full"), c, prompts[w], f"warmup/ab/{type(c).__name__}/{w}")
 
-    records: dict[str, list[dict]] = {s.id: [] for s in active}
-    ab_records: list[dict] = []
-    # the timed samples are the first of the whole sample list (the same ones under any sharding)
-    timed_indices = set(range(cfg.eval.timing_samples if cfg.eval.timing_samples is not None else len(samples)))
-    log.info("%d of this process's %d samples are timed; the rest are decoded for accuracy only "
-             "(batched)", sum(i in timed_indices for i in indices), len(prompts))
-
-    def _run_sample(k: int, i: int, sample, prompt: list[int], row_records: Optional[list[dict]]) -> None:
-        reference = _decode(tok, list(sample.reference_ids))
-        # a fresh seeded order per sample: a burst of load on the (shared) machine lands on random
-        # methods, not on neighbours in the method list
-        order = list(active)
-        random.Random(cfg.seed * 1_000_003 + i).shuffle(order)
-        timed = i in timed_indices
+    def sample(self, k: int, i: int, sample, prompt: list[int], timed: bool, row_records: Optional[list[dict]]) -> None:
+        """Sample ``i`` (position ``k`` in this process's share): timed, every method alone in a fresh seeded
+        order (a burst of load on a shared machine lands on random methods, not on neighbours in the list);
+        else the loop methods' rows of the batched decode and the methods that run alone."""
+        reference = _decode(self.tok, list(sample.reference_ids))
         if timed:
-            got = [(spec, attempt(spec, prompt, f"{spec.id}/{i}")) for spec in order]
+            order = list(self.active)
+            random.Random(self.cfg.seed * 1_000_003 + i).shuffle(order)
+            got = [(spec, self.attempt(spec, prompt, f"{spec.id}/{i}")) for spec in order]
         else:
-            got = list(zip(loop_specs, row_records)) if row_records is not None else []
-            got += [(s, attempt(s, prompt, None)) for s in active
-                    if (s.runs_hf and s.family in cfg.eval.accuracy_only_hf) or s.lossless]
+            got = list(zip(self.loop_specs, row_records)) if row_records is not None else []
+            got += [(s, self.attempt(s, prompt, None)) for s in self.active
+                    if (s.runs_hf and s.family in self.cfg.eval.accuracy_only_hf) or s.lossless]
         for spec, rec in got:
             if rec is None:
                 continue
-            rec.update(index=i, id=str(sample.id), reference=reference, prediction=_decode(tok, rec["tokens"]))
-            records[spec.id].append(rec)
-        if ab_spec is not None and timed:
-            threshold, pol_ctrl, never = ab_spec
-            order = [("policy", pol_ctrl), ("full", never)] if k % 2 else [("full", never), ("policy", pol_ctrl)]
-            res = {name: runner._run_loop(MethodSpec("full"), c, prompt, f"ab/{name}/{i}") for name, c in order}
-            ab_records.append({"index": i, "decode_time_s_full": res["full"]["counters"]["decode_time_s"],
-                               "decode_time_s_policy": res["policy"]["counters"]["decode_time_s"],
-                               "controller_time_s": res["policy"]["counters"]["controller_time_s"],
-                               "new_tokens": res["full"]["new_tokens"],
-                               "same_tokens": res["full"]["tokens"] == res["policy"]["tokens"]})
+            rec.update(index=i, id=str(sample.id), reference=reference, prediction=_decode(self.tok, rec["tokens"]))
+            self.records[spec.id].append(rec)
+        if self.ab is not None and timed:
+            self._ab(k, i, prompt)
 
-    # work units: each timed sample alone, in order; the accuracy-only samples sorted by prompt length and
-    # decoded in chunks (similar lengths: little left padding to prefill and attend over; a row's tokens do
-    # not depend on its batch, tested)
-    loop_specs = [s for s in active if not s.runs_hf and not s.lossless]
-    units: list[list[int]] = [[k] for k in range(len(prompts)) if indices[k] in timed_indices]
-    rest = sorted((k for k in range(len(prompts)) if indices[k] not in timed_indices),
-                  key=lambda k: (len(prompts[k]), k))
-    step = cfg.eval.accuracy_batch_prompts
-    units += [rest[i:i + step] for i in range(0, len(rest), step)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def _ab(self, k: int, i: int, prompt: list[int]) -> None:
+        _, pol_ctrl, never = self.ab
+        order = [("policy", pol_ctrl), ("full", never)] if k % 2 else [("full", never), ("policy", pol_ctrl)]
+        res = {name: self.runner._run_loop(MethodSpec("full"), c, prompt, f"ab/{name}/{i}") for name, c in order}
+        self.ab_records.append({"index": i, "decode_time_s_full": res["full"]["counters"]["decode_time_s"],
+                                "decode_time_s_policy": res["policy"]["counters"]["decode_time_s"],
+                                "controller_time_s": res["policy"]["counters"]["controller_time_s"],
+                                "new_tokens": res["full"]["new_tokens"],
+                                "same_tokens": res["full"]["tokens"] == res["policy"]["tokens"]})
 
-        bar = tqdm(total=len(prompts), desc=f"evaluate (rank {rank})" if world_size > 1 else "evaluate",
-                   unit="sample")
-    for unit in units:
+    def unit(self, samples: Sequence, indices: Sequence[int], prompts: Sequence[list[int]], unit: list[int],
+             timed: set) -> None:
+        """One work unit: a timed sample, or accuracy-only samples whose (prompt, loop method) pairs are the
+        rows of one batched decode."""
         rows = None
-        if indices[unit[0]] not in timed_indices and loop_specs:
-            # accuracy only: (prompt, loop method) pairs as the rows of one batched decode
-            rows = runner.run_rows(loop_specs, [prompts[k] for k in unit])
+        if indices[unit[0]] not in timed and self.loop_specs:
+            rows = self.runner.run_rows(self.loop_specs, [prompts[k] for k in unit])
         for u, k in enumerate(unit):
             i = indices[k]
-            sample, prompt = samples[i], prompts[k]
-            _run_sample(k, i, sample, prompt, rows[u] if rows is not None else None)
-        if bar is not None:
-            bar.update(len(unit))
-    if bar is not None:
-        bar.close()
+            self.sample(k, i, samples[i], prompts[k], i in timed, rows[u] if rows is not None else None)
 
-    for mid, reason in failed.items():
-        spec = next(s for s in active if s.id == mid)
-        skipped.append({"id": mid, "family": spec.family, "reason": reason})
-        records.pop(mid, None)
-    _check_lossless(records, active)
+    def skipped(self) -> list[dict]:
+        """The methods HF failed on, as skipped rows (their records dropped); then the lossless methods checked."""
+        out = []
+        for mid, reason in self.failed.items():
+            spec = next(s for s in self.active if s.id == mid)
+            out.append({"id": mid, "family": spec.family, "reason": reason})
+            self.records.pop(mid, None)
+        _check_lossless(self.records, self.active)
+        return out
 
+
+def _shard_notes(inputs: EvalInputs, active: Sequence[MethodSpec], truncated: int, limit) -> list[str]:
     notes = list(inputs.notes)
     if any(s.family == "hf_early_exit" for s in active):
         notes.append("hf_early_exit: compute_ratio counts every decoder-layer and LM-head row HF runs (drafting, "
@@ -252,10 +243,15 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
                      "hypothetical_layers_skipped_share is what an exact exit predictor could skip (analysis only)")
     if truncated:
         notes.append(f"{truncated} prompts were cut from the left to fit {limit} positions")
-    meta = {
+    return notes
+
+
+def _shard_meta(inputs: EvalInputs, samples: Sequence, cfg: Config, meter, device, notes: list[str]) -> dict:
+    model = inputs.model
+    return {
         "language": getattr(samples[0], "language", None) or cfg.data.language,
         "num_samples": len(samples),
-        "max_new_tokens": max_new,
+        "max_new_tokens": cfg.eval.max_new_tokens,
         "num_layers": model.num_layers,
         "final_layer": model.final_layer,
         "exit_layers": list(model.exit_layers),
@@ -279,10 +275,57 @@ def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpe
             k: v for k, v in inputs.policy.metadata.items() if k in ("observation", "exit_layers", "fingerprint")},
         "notes": notes,
     }
+
+
+def run_methods(inputs: EvalInputs, samples: Sequence, specs: Sequence[MethodSpec], cfg: Config, *,
+                explicit: bool = False, indices: Optional[Sequence[int]] = None, rank: int = 0, world_size: int = 1,
+                meter=None, device: Optional[torch.device] = None, progress: bool = True) -> dict:
+    """Run ``specs`` on ``samples`` (this process's share) and return a shard (see
+    :mod:`greencode.eval.summary`). Methods whose inputs are missing are skipped with the
+    reason, or raise when ``explicit``."""
+    model, tok = inputs.model, inputs.tokenizer
+    device = device or model.device
+    meter = meter or make_meter(cfg.eval.energy, device)
+    runner = Runner(inputs, cfg, meter, tok.eos_token_id, tok.pad_token_id)
+    indices = list(indices) if indices is not None else list(range(len(samples)))
+    limit = getattr(model.hf.config, "max_position_embeddings", None)
+
+    active, skipped = _runnable(specs, inputs, explicit)
+    for spec in active:
+        if not spec.runs_hf:
+            runner.controller(spec)  # bad layers / mismatched policy fail here, before any generation
+    prompts = [prompt_of(samples[i], limit, cfg.eval.max_new_tokens) for i in indices]
+    truncated = sum(len(p) < len(samples[i].context_ids) for p, i in zip(prompts, indices))
+    if truncated:
+        log.warning("%d prompts were cut from the left to fit the model's %s positions", truncated, limit)
+
+    ab = _overhead_ab(cfg, inputs, active)
+    run = _MethodRun(runner, cfg, tok, active, explicit, model.family, ab)
+    run.warmup(prompts)
+    # the timed samples are the first of the whole sample list (the same ones under any sharding)
+    timed = set(range(cfg.eval.timing_samples if cfg.eval.timing_samples is not None else len(samples)))
+    log.info("%d of this process's %d samples are timed; the rest are decoded for accuracy only "
+             "(batched)", sum(i in timed for i in indices), len(prompts))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"evaluate (rank {rank})" if world_size > 1 else "evaluate",
+                   unit="sample")
+    for unit in _work_units(indices, prompts, timed, cfg.eval.accuracy_batch_prompts):
+        run.unit(samples, indices, prompts, unit, timed)
+        if bar is not None:
+            bar.update(len(unit))
+    if bar is not None:
+        bar.close()
+    skipped += run.skipped()
+
+    meta = _shard_meta(inputs, samples, cfg, meter, device, _shard_notes(inputs, active, truncated, limit))
     return {"format": SHARD_FORMAT, "rank": rank, "world_size": world_size, "meta": meta,
-            "methods": {s.id: {"spec": s.describe(), "records": records[s.id]} for s in active if s.id in records},
+            "methods": {s.id: {"spec": s.describe(), "records": run.records[s.id]} for s in active
+                        if s.id in run.records},
             "skipped": skipped,
-            "overhead_ab": ({"threshold": ab_spec[0], "records": ab_records} if ab_spec is not None else None)}
+            "overhead_ab": {"threshold": ab[0], "records": run.ab_records} if ab is not None else None}
 
 
 # --------------------------------------------------------------------------- entry point
