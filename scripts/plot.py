@@ -56,7 +56,8 @@ def main() -> int:
             p.error("key=value overrides need --config")
         results = args.results
         figures = args.figures or _default_figures(results)
-        formats, dpi = FiguresConfig().formats, FiguresConfig().dpi
+        default = FiguresConfig()
+        formats, dpi = default.formats, default.dpi
     formats, dpi = args.formats or formats, args.dpi or dpi
     try:
         FiguresConfig(list(formats), dpi).validate("figures")

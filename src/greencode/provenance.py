@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from greencode.config import FIGURE_FORMATS
 from greencode.utils import REPO_ROOT, portable_path, read_json
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_KEY = "weights"
 STAGE_FILE = "greencode_stage.json"  # a model directory trained here: its stage's key, payload and record
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")  # a model directory's weight files
-FIGURE_EXTENSIONS = (".png", ".pdf", ".svg")  # the formats the figures section may write
+FIGURE_EXTENSIONS = tuple(f".{f}" for f in FIGURE_FORMATS)  # the formats the figures section may write
 EXEMPT_DIRS = ("archive",)
 
 

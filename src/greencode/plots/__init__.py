@@ -32,7 +32,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from greencode.plots.common import ALL_FORMATS, DPI, ENERGY_NOTE, FORMATS, MissingInput, output_formats
+from greencode.config import FIGURE_FORMATS
+from greencode.plots.common import DPI, ENERGY_NOTE, FORMATS, MissingInput, output_formats
 from greencode.plots.figures import (NAMES, pareto_front, plot_accuracy_by_method, plot_agent_exit_accuracy,
                                      plot_agent_overhead, plot_calibrated_targets, plot_cost_by_method,
                                      plot_exit_report, plot_finetune_loss, plot_fixed_exits, plot_lite_weights,
@@ -118,7 +119,7 @@ def plot_all(results_dir: Union[str, Path], figures_dir: Union[str, Path], forma
 def _remove_stale(figures_dir: Path, name: str, keep: Sequence[str] = ()) -> None:
     """A figure skipped now (or no longer written in a format) must not leave an older version that looks
     current."""
-    for ext in sorted(set(ALL_FORMATS) - set(keep)):
+    for ext in sorted(set(FIGURE_FORMATS) - set(keep)):
         p = figures_dir / f"{name}.{ext}"
         if p.is_file():
             p.unlink()

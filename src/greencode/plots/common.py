@@ -20,14 +20,12 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from greencode.config import FIGURE_FORMATS
+from greencode.config import FiguresConfig
 from greencode.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-DPI = 150
-FORMATS = ("png", "pdf")  # the default
-ALL_FORMATS = FIGURE_FORMATS  # what the config's figures.formats may name
+FORMATS, DPI = tuple(FiguresConfig().formats), FiguresConfig().dpi  # the defaults are the config section's
 # the formats and dpi save_figure writes (set around a batch of figures by output_formats)
 _OUTPUT: contextvars.ContextVar[tuple[tuple[str, ...], int]] = contextvars.ContextVar("figure_output",
                                                                                       default=(FORMATS, DPI))
