@@ -150,78 +150,84 @@ def expand_cache(cache, rows: int) -> None:
         cache.key_cache[i], cache.value_cache[i] = k.repeat_interleave(rows, 0), v.repeat_interleave(rows, 0)
 
 
+class _GrowInPlace:
+    """The methods of :func:`grow_layer_class`'s ``DynamicLayer`` subclass (made on first use:
+    transformers' cache module costs 0.5 s to import). Not a base class: a mixin base would change
+    the subclass's layout, and ``growable`` swaps a live layer's class."""
+
+    def reserve(self, add: int, static: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for ``add`` more positions: the (re)allocated buffers and the filled length.
+        For a compiled step (``static``) buffers hold a power of two of positions (so it sees few
+        shapes); an eager step's grow by multiples of 64 positions (a 512-token batch's K/V are not
+        allocated, zeroed and copied at 1,024). Buffers start zeroed (a static-shape step attends
+        over them, masked, so they must be finite)."""
+        keys, values = self.keys, self.values
+        n = keys.shape[-2]
+        kb, vb = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
+        if (kb is None or n + add > kb.shape[-2] or kb.shape[:2] != keys.shape[:2]
+                or (static and kb.shape[-2] & (kb.shape[-2] - 1))
+                or keys.data_ptr() != kb.data_ptr() or keys.stride() != kb.stride()
+                or values.data_ptr() != vb.data_ptr() or values.stride() != vb.stride()):
+            # (re)allocate: the filled part copied once
+            cap = 1 << max(6, (n + add - 1).bit_length()) if static else -(-(n + add) // 64) * 64
+            kb, vb = self._hold(keys, values, cap)
+        return kb, vb, n
+
+    def seed(self, keys: torch.Tensor, values: torch.Tensor, room: int = 1) -> None:
+        """Hold ``keys``/``values`` (this layer's whole K/V) in a buffer with room for ``room`` more
+        positions, copied once (``DynamicLayer.update`` into an empty layer copies them, and the
+        first step's growth copies them again)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.reserve(room)
+
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed buffers of ``cap`` positions holding ``keys``/``values`` first; ``keys``/``values`` their views."""
+        n = keys.shape[-2]
+        kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
+        vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
+        kb[:, :, :n], vb[:, :, :n] = keys, values
+        self._kbuf, self._vbuf = kb, vb
+        self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+        return kb, vb
+
+    def extend(self, length: int) -> None:
+        """The first ``length`` buffer positions are filled (written in place by a compiled step)."""
+        self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys = self.keys if self.is_initialized else None
+        if keys is None or keys.dim() != 4 or keys.numel() == 0:
+            return self._plain_update(key_states, value_states, *args, **kwargs)
+        add = key_states.shape[-2]
+        kb, vb, n = self.reserve(add)
+        kb[:, :, n:n + add] = key_states
+        vb[:, :, n:n + add] = value_states
+        self.extend(n + add)
+        return self.keys, self.values
+
+
+_GROW_LAYER = None
+
+
 def grow_layer_class():
     """A ``DynamicLayer`` whose K/V grow in place: a buffer with spare positions (doubling when
     full) and ``keys``/``values`` as views of its filled part, so appending a position writes one
     column instead of copying the whole layer (``torch.cat``) on every step. None where this
     transformers has no ``DynamicLayer``."""
     global _GROW_LAYER
-    if _GROW_LAYER is not None:
-        return _GROW_LAYER or None
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # pragma: no cover - transformers < 4.56
-        _GROW_LAYER = False
-        return None
-
-    class GrowingLayer(DynamicLayer):
-        def reserve(self, add: int, static: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-            """Room for ``add`` more positions: the (re)allocated buffers and the filled length.
-            For a compiled step (``static``) buffers hold a power of two of positions (so it sees few
-            shapes); an eager step's grow by multiples of 64 positions (a 512-token batch's K/V are not
-            allocated, zeroed and copied at 1,024). Buffers start zeroed (a static-shape step attends
-            over them, masked, so they must be finite)."""
-            keys, values = self.keys, self.values
-            n = keys.shape[-2]
-            kb, vb = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None)
-            if (kb is None or n + add > kb.shape[-2] or kb.shape[:2] != keys.shape[:2]
-                    or (static and kb.shape[-2] & (kb.shape[-2] - 1))
-                    or keys.data_ptr() != kb.data_ptr() or keys.stride() != kb.stride()
-                    or values.data_ptr() != vb.data_ptr() or values.stride() != vb.stride()):
-                # (re)allocate: the filled part copied once
-                cap = 1 << max(6, (n + add - 1).bit_length()) if static else -(-(n + add) // 64) * 64
-                kb, vb = self._hold(keys, values, cap)
-            return kb, vb, n
-
-        def seed(self, keys: torch.Tensor, values: torch.Tensor, room: int = 1) -> None:
-            """Hold ``keys``/``values`` (this layer's whole K/V) in a buffer with room for ``room`` more
-            positions, copied once (``DynamicLayer.update`` into an empty layer copies them, and the
-            first step's growth copies them again)."""
-            if not self.is_initialized:
-                self.lazy_initialization(keys, values)
-            self.keys, self.values = keys, values
-            self.reserve(room)
-
-        def _hold(self, keys: torch.Tensor, values: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """Zeroed buffers of ``cap`` positions holding ``keys``/``values`` first; ``keys``/``values`` their views."""
-            n = keys.shape[-2]
-            kb = keys.new_zeros(*keys.shape[:2], cap, keys.shape[-1])
-            vb = values.new_zeros(*values.shape[:2], cap, values.shape[-1])
-            kb[:, :, :n], vb[:, :, :n] = keys, values
-            self._kbuf, self._vbuf = kb, vb
-            self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
-            return kb, vb
-
-        def extend(self, length: int) -> None:
-            """The first ``length`` buffer positions are filled (written in place by a compiled step)."""
-            self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            keys = self.keys if self.is_initialized else None
-            if keys is None or keys.dim() != 4 or keys.numel() == 0:
-                return super().update(key_states, value_states, *args, **kwargs)
-            add = key_states.shape[-2]
-            kb, vb, n = self.reserve(add)
-            kb[:, :, n:n + add] = key_states
-            vb[:, :, n:n + add] = value_states
-            self.extend(n + add)
-            return self.keys, self.values
-
-    _GROW_LAYER = GrowingLayer
-    return GrowingLayer
-
-
-_GROW_LAYER = None
+    if _GROW_LAYER is None:
+        try:
+            from transformers.cache_utils import DynamicLayer
+        except ImportError:  # pragma: no cover - transformers < 4.56
+            _GROW_LAYER = False
+        else:
+            methods = {k: v for k, v in vars(_GrowInPlace).items() if callable(v)}
+            _GROW_LAYER = type("GrowingLayer", (DynamicLayer,), {
+                **methods, "_plain_update": DynamicLayer.update, "__module__": __name__,
+                "__doc__": grow_layer_class.__doc__})
+    return _GROW_LAYER or None
 
 
 def growable(cache) -> None:
@@ -230,7 +236,7 @@ def growable(cache) -> None:
     layers = getattr(cache, "layers", None)
     if cls is None or layers is None:
         return
-    base = cls.__mro__[1]
+    base = cls.__bases__[0]  # transformers' DynamicLayer
     for layer in layers:
         if type(layer) is base:
             layer.__class__ = cls
