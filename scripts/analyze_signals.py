@@ -15,6 +15,7 @@ Tiny CPU run (seconds; needs the smoke corpus and any model of its tokenizer, e.
 """
 
 from greencode.cli import base_parser, friendly_errors, load_from_args
+from greencode.paths import RunPaths
 
 
 @friendly_errors
@@ -46,7 +47,10 @@ def main() -> None:
                              sources=[s.strip() for s in args.sources.split(",") if s.strip()],
                              train_fraction=args.train_fraction, small_tokens=args.small_tokens,
                              bigram_tokens=args.bigram_tokens, batch_size=args.batch_size,
-                             resamples=args.resamples, out_dir=args.out_dir, figures_dir=args.figures_dir)
+                             resamples=args.resamples, out_dir=args.out_dir)
+    from greencode.plots.signals import plot_signals_auc
+
+    plot_signals_auc(report, args.figures_dir or RunPaths.from_config(cfg).figures)
     print(f"model {report['model_dir']} ({report['model_kind']}); {report['tokens']['test']:,} test tokens, "
           f"exit points {report['exit_layers']}")
     w = max(len(n) for n in report["signals"])

@@ -13,7 +13,7 @@ from zeus.monitor import energy as zeus_energy
 from zeus.utils import framework as zeus_framework
 
 from greencode.config import ConfigError
-from greencode.eval.energy import Measurement, TimeOnlyMeter, ZeusMeter, make_meter, probe_zeus
+from greencode.energy import Measurement, TimeOnlyMeter, ZeusMeter, make_meter, probe_zeus
 
 
 class FakeNVMLGPUs:

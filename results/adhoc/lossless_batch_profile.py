@@ -7,7 +7,7 @@
 import time, cProfile, pstats, sys
 from greencode.config import load_config
 from greencode.serve.engine import load_run, Engine, GenRequest
-from greencode.eval.energy import make_meter
+from greencode.energy import make_meter
 from greencode.serve.bench import bench_prompts
 cfg = load_config("configs/default.yaml")
 run = load_run(cfg)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from greencode.eval.calibrated import method_records
+from greencode.calibrated import method_records
 from greencode.provenance import identity_of, weights_of_file
 from greencode.stats import CI_LEVEL, bootstrap_indices, mean_ci
 

@@ -44,8 +44,8 @@ from greencode.decoding import NeverExit, PolicyExit
 from greencode.decoding.compiled import compile_info
 from greencode.decoding.registry import threshold_grid
 from greencode.distributed import Dist
-from greencode.eval.calibrated import calibrated_ids, criteria_of, load_calibration, render_targets, targets_table
-from greencode.eval.energy import make_meter
+from greencode.calibrated import calibrated_ids, criteria_of, load_calibration, render_targets, targets_table
+from greencode.energy import make_meter
 from greencode.eval.forced import teacher_forced
 from greencode.eval.hull import write_hull
 from greencode.eval.methods import MethodSpec, expand_methods, needs, parse_method_name, split_names

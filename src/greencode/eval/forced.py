@@ -3,7 +3,7 @@ continuation of each sample, its own choice at each position compared with it.
 
 Both the calibration stage (the ``token`` criterion on the validation split) and the evaluator
 (the calibrated rows' token risk on the test split) run it; it builds on :mod:`greencode.eval.runner`
-and :mod:`greencode.eval.calibrated` and imports neither of its callers.
+and :mod:`greencode.calibrated` and imports neither of its callers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from greencode.config import Config, ConfigError, config_from_dict
 from greencode.decoding import NeverExit, compute_cost, generate
-from greencode.eval.calibrated import CRITERIA, TEACHER_FORCED_FILE, method_records
+from greencode.calibrated import CRITERIA, TEACHER_FORCED_FILE, method_records
 from greencode.eval.methods import MethodSpec, needs, param_kind, parse_method_name
 from greencode.eval.runner import Runner, load_inputs, load_samples, prompt_of
 from greencode.paths import RunPaths

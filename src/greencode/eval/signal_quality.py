@@ -25,7 +25,8 @@ token's exit point) is the previous position's oracle exit, what a perfect contr
 done. The ``prev_token`` source takes the previous position's final-layer top-k; the ``bigram`` table is
 counted on the corpus' train split; the ``context`` source reads the window itself up to the position.
 
-Written to ``results/<name>/signals/auc.{json,md}`` and ``figures/<name>/signals_auc.{png,pdf}``.
+Written to ``results/<name>/signals/auc.{json,md}``; ``scripts/analyze_signals.py`` also draws
+``figures/<name>/signals_auc.*`` (:mod:`greencode.plots.signals`).
 """
 
 from __future__ import annotations
@@ -351,10 +352,10 @@ def _costs(shape: ModelShape, k: int, sources: Sequence[str]) -> dict[str, dict]
 def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150, window: int = 512,
                     min_tokens: int = 64, k: int = 4, sources: Sequence[str] = CANDIDATE_SOURCES,
                     train_fraction: float = 0.5, small_tokens: int = 4000, bigram_tokens: int = 2_000_000,
-                    batch_size: int = 8, resamples: int = 200, out_dir: Optional[Path] = None,
-                    figures_dir: Optional[Path] = None) -> dict:
-    """Run the analysis (see the module docstring) and write ``auc.json``, ``auc.md`` and the figure.
-    Returns the report."""
+                    batch_size: int = 8, resamples: int = 200, out_dir: Optional[Path] = None) -> dict:
+    """Run the analysis (see the module docstring) and write ``auc.json`` and ``auc.md``. Returns the
+    report; its figure is :func:`greencode.plots.signals.plot_signals_auc` (scripts/analyze_signals.py
+    and the figures stage draw it: evaluation imports nothing of plots)."""
     t0 = time.perf_counter()
     sources = list(sources)
     for s in sources:
@@ -451,12 +452,8 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
     }
     paths = RunPaths.from_config(cfg)
     out_dir = Path(out_dir) if out_dir is not None else paths.results / "signals"
-    figures_dir = Path(figures_dir) if figures_dir is not None else paths.figures
     write_json(out_dir / "auc.json", report)
     write_text(out_dir / "auc.md", render_markdown(report))
-    from greencode.plots.signals import plot_signals_auc
-
-    plot_signals_auc(report, figures_dir)
     log.info("signal quality: %d test tokens, %d signals in %.1f s -> %s", report["tokens"]["test"], len(signals),
              report["time_s"]["total"], out_dir / "auc.json")
     return report

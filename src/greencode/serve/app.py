@@ -30,7 +30,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from greencode.eval.energy import make_meter
+from greencode.energy import make_meter
 from greencode.serve.engine import Engine, load_run
 from greencode.serve.errors import RequestError, error_body
 from greencode.serve.metrics import ServeMetrics

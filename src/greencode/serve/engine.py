@@ -42,8 +42,8 @@ from greencode.decoding.generate import DecodeBatch, Row
 from greencode.decoding.registry import Resources, get_controller
 from greencode.decoding.steps import cut_at_stops
 # the calibrated results only (no model, no decoding): serving never imports the calibration stage or the evaluator
-from greencode.eval.calibrated import file_sha256, threshold_for
-from greencode.eval.energy import TimeOnlyMeter
+from greencode.calibrated import file_sha256, threshold_for
+from greencode.energy import TimeOnlyMeter
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.rl.policy import load_policy
