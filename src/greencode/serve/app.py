@@ -176,26 +176,23 @@ def _public_info(info: dict) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- the app
-def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, engine: Optional[Engine] = None,
-               meter=None) -> FastAPI:
-    """The endpoint for ``cfg``. With no ``model``/``engine``, loads the run in ``run_dir``
-    (default ``cfg.serve.run_dir``, else the config's run directory): fine-tuned model,
-    tokenizer and exported policy. Injected objects are used as given (``policy=None`` then
-    means the full model)."""
-    scfg = cfg.serve
-    if engine is None:
-        root, notes, calibration, classifier = None, [], None, None
-        if model is None:
-            run = load_run(cfg, run_dir)
-            model, tokenizer, policy, root, notes = run.model, run.tokenizer, run.policy, run.root, run.notes
-            calibration, classifier = run.calibration, run.classifier
-        if meter is None:
-            meter = make_meter(cfg.eval.energy, model.device)
-        engine = Engine(model, tokenizer, policy, serve_cfg=scfg, decoding_cfg=cfg.decoding, meter=meter,
-                        run_root=root, notes=notes, language=cfg.data.language, literal_mode=cfg.data.literal_mode,
-                        calibration=calibration, classifier=classifier)
-    api_key = scfg.api_key or os.environ.get(API_KEY_ENV) or None
+# --------------------------------------------------------------------------- the engine and the context
+def _load_engine(cfg, run_dir, model, tokenizer, policy, meter) -> Engine:
+    """The engine of ``cfg``'s run (``run_dir``), or of the injected model (``policy=None``: the full model)."""
+    root, notes, calibration, classifier = None, [], None, None
+    if model is None:
+        run = load_run(cfg, run_dir)
+        model, tokenizer, policy, root, notes = run.model, run.tokenizer, run.policy, run.root, run.notes
+        calibration, classifier = run.calibration, run.classifier
+    if meter is None:
+        meter = make_meter(cfg.eval.energy, model.device)
+    return Engine(model, tokenizer, policy, serve_cfg=cfg.serve, decoding_cfg=cfg.decoding, meter=meter,
+                  run_root=root, notes=notes, language=cfg.data.language, literal_mode=cfg.data.literal_mode,
+                  calibration=calibration, classifier=classifier)
+
+
+def _context(engine: Engine, scfg) -> ServeContext:
+    """The scheduler, the metrics and what every route reads (name, caps, the model's digest)."""
     holder: dict = {}
     metrics = ServeMetrics(in_flight=lambda: holder["scheduler"].in_flight, energy_source=engine.meter.source)
     scheduler = holder["scheduler"] = Scheduler(engine, scfg.queue_size, scfg.request_timeout_s,
@@ -207,76 +204,60 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
                                                 admission_margin=scfg.admission_margin)
     cap = int(scfg.max_new_tokens_cap)
     info = engine.describe()
-    started = time.time()
-    ctx = ServeContext(
+    return ServeContext(
         scheduler=scheduler, metrics=metrics, name=scfg.model_name, info=info, cap=cap,
         default_tokens=min(int(scfg.default_max_new_tokens), cap), max_request_bytes=int(scfg.max_request_bytes),
-        request_timeout_s=float(scfg.request_timeout_s), started=started,
+        request_timeout_s=float(scfg.request_timeout_s), started=time.time(),
         digest=hashlib.sha256(json.dumps(engine.model.fingerprint(), sort_keys=True, default=str).encode()).hexdigest(),
         size_bytes=int(info["num_parameters"] * engine.model.dtype.itemsize), num_layers=engine.model.num_layers,
         special_ids=frozenset(int(i) for i in (getattr(engine.tokenizer, "all_special_ids", None) or [])))
-    connection_limit = max_concurrent_requests(scfg.queue_size)
 
-    @asynccontextmanager
-    async def lifespan(_app):
-        # one tiny generation before the first request (and before /health answers under uvicorn):
-        # the first forward pass pays one-off costs (kernel selection, allocations) of ~1 s on CPU
-        scheduler.start()
-        await scheduler.call(engine.warmup)
-        yield
-        scheduler.shutdown()
 
-    # with an API key, the schema is served behind it (below) and the interactive docs are off: every route
-    # but /health needs the key
-    guarded_docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
-    app = FastAPI(title="GREEN-CODE completion endpoint", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
-                  description="Energy-aware code completion with early exits; see the README, section Serving",
-                  **guarded_docs)
-    app.state.engine = engine
-    app.state.scheduler = scheduler
-    app.state.metrics = metrics
-    app.state.context = ctx
-    app.add_middleware(_Admission, limit=connection_limit, metrics=metrics)
-    app.add_middleware(_Observe, metrics=metrics)  # outermost: it sees the admission's 503s too
+# --------------------------------------------------------------------------- errors
+def _error(request: Request, status: int, message: str, kind: str, details=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, status, message, kind, details), status_code=status,
+                        headers=headers)
 
-    # ------------------------------------------------------------------ errors
-    def _error(request: Request, status: int, message: str, kind: str, details=None, headers=None) -> JSONResponse:
-        return JSONResponse(error_body(request.url.path, status, message, kind, details), status_code=status,
-                            headers=headers)
 
-    @app.exception_handler(RequestError)
-    async def _on_request_error(request: Request, exc: RequestError):
-        return _error(request, exc.status, exc.message, exc.kind, exc.details, exc.headers)
+async def _on_request_error(request: Request, exc: RequestError):
+    return _error(request, exc.status, exc.message, exc.kind, exc.details, exc.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http_error(request: Request, exc: StarletteHTTPException):
-        path = request.url.path[:200]
-        if exc.status_code == 404:
-            msg = f"no route {request.method} {path}; routes: {', '.join(ROUTES)}"
-        headers = getattr(exc, "headers", None)
-        if exc.status_code == 405:
-            allowed = _methods_of(request.app, request.url.path)  # every route on this path, not the first one
-            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
-            msg = f"method {request.method} is not allowed on {path}; allowed: {', '.join(allowed)}"
-        elif exc.status_code != 404:
-            msg = str(exc.detail)
-        return _error(request, exc.status_code, msg, "not_found" if exc.status_code == 404 else "http_error",
-                      headers=headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation_error(request: Request, exc: RequestValidationError):
-        details = [{"loc": ".".join(str(p) for p in e.get("loc", ())), "msg": e.get("msg", ""),
-                    "type": e.get("type", "")} for e in exc.errors()]
-        return _error(request, 422, "invalid request: " + "; ".join(f"{d['loc']}: {d['msg']}" for d in details),
-                      "invalid_request", details)
+async def _on_http_error(request: Request, exc: StarletteHTTPException):
+    path = request.url.path[:200]
+    if exc.status_code == 404:
+        msg = f"no route {request.method} {path}; routes: {', '.join(ROUTES)}"
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        allowed = _methods_of(request.app, request.url.path)  # every route on this path, not the first one
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        msg = f"method {request.method} is not allowed on {path}; allowed: {', '.join(allowed)}"
+    elif exc.status_code != 404:
+        msg = str(exc.detail)
+    return _error(request, exc.status_code, msg, "not_found" if exc.status_code == 404 else "http_error",
+                  headers=headers)
 
-    @app.exception_handler(Exception)
-    async def _on_crash(request: Request, exc: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error(request, 500, f"internal server error ({type(exc).__name__}); see the server log",
-                      "internal_error")
 
-    # ------------------------------------------------------------------ auth
+async def _on_validation_error(request: Request, exc: RequestValidationError):
+    details = [{"loc": ".".join(str(p) for p in e.get("loc", ())), "msg": e.get("msg", ""),
+                "type": e.get("type", "")} for e in exc.errors()]
+    return _error(request, 422, "invalid request: " + "; ".join(f"{d['loc']}: {d['msg']}" for d in details),
+                  "invalid_request", details)
+
+
+async def _on_crash(request: Request, exc: Exception):
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return _error(request, 500, f"internal server error ({type(exc).__name__}); see the server log",
+                  "internal_error")
+
+
+ERROR_HANDLERS = ((RequestError, _on_request_error), (StarletteHTTPException, _on_http_error),
+                  (RequestValidationError, _on_validation_error), (Exception, _on_crash))
+
+
+def _key_check(api_key: Optional[str]):
+    """The dependency every route but /health runs: with a key, ``Authorization: Bearer <key>`` or 401."""
+
     async def require_key(request: Request) -> None:
         if not api_key:
             return
@@ -285,9 +266,15 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
             raise RequestError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
                                kind="unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
-    api = APIRouter(dependencies=[Depends(require_key)])
+    return require_key
 
-    # ------------------------------------------------------------------ routes
+
+# --------------------------------------------------------------------------- routes
+def _info_routes(app: FastAPI, api: APIRouter, ctx: ServeContext, scfg, api_key: Optional[str],
+                 connection_limit: int) -> None:
+    """``/`` and ``/metrics`` behind the key, ``/health`` open, and the schema behind the key when there is one."""
+    scheduler, metrics = ctx.scheduler, ctx.metrics
+
     @api.get("/", response_class=PlainTextResponse, responses=responses(*INFO_STATUSES, media="text/plain"))
     async def root() -> str:
         return "GREEN-CODE completion server is running"
@@ -297,7 +284,7 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         async def openapi_guarded() -> JSONResponse:
             return JSONResponse(app.openapi())
 
-    public_info = _public_info(info)
+    public_info = _public_info(ctx.info)
 
     @app.get("/health", responses=responses(200))
     async def health() -> dict:
@@ -306,13 +293,17 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
                           "queue_size": scfg.queue_size, "max_queued_tokens": scfg.max_queued_tokens,
                           "max_batch_size": scheduler.max_batch_size},
                 "max_concurrent_requests": connection_limit,
-                "max_new_tokens_cap": cap, "default_max_new_tokens": ctx.default_tokens,
+                "max_new_tokens_cap": ctx.cap, "default_max_new_tokens": ctx.default_tokens,
                 "request_timeout_s": scfg.request_timeout_s, "auth_required": bool(api_key),
-                "uptime_s": time.time() - started, "routes": list(ROUTES)}
+                "uptime_s": time.time() - ctx.started, "routes": list(ROUTES)}
 
     @api.get("/metrics", response_class=PlainTextResponse, responses=responses(200, 401, media="text/plain"))
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
+
+
+def _generation_routes(api: APIRouter, ctx: ServeContext) -> None:
+    """``/api/generate`` (the seed / HF body or Ollama's, told apart by ``inputs``) and each protocol's own routes."""
 
     async def api_generate(request: Request) -> Response:
         data = await ctx.read_json(request)
@@ -330,11 +321,13 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
     hf.register(api, ctx)
     ollama.register(api, ctx)
     openai.register(api, ctx)
-    app.include_router(api)
+
+
+def _openapi(app: FastAPI, cap: int):
+    """FastAPI's schema plus the request bodies' models (routes read raw bytes, so FastAPI does not
+    see them) and the error bodies, built once."""
 
     def openapi_schema() -> dict:
-        """FastAPI's schema plus the request bodies' models (routes read raw bytes, so FastAPI
-        does not see them) and the error bodies."""
         if app.openapi_schema:
             return app.openapi_schema
         from pydantic.json_schema import models_json_schema
@@ -349,5 +342,47 @@ def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, en
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi_schema
+    return openapi_schema
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(cfg, run_dir=None, model=None, tokenizer=None, policy=None, *, engine: Optional[Engine] = None,
+               meter=None) -> FastAPI:
+    """The endpoint for ``cfg``. With no ``model``/``engine``, loads the run in ``run_dir``
+    (default ``cfg.serve.run_dir``, else the config's run directory): fine-tuned model,
+    tokenizer and exported policy. Injected objects are used as given (``policy=None`` then
+    means the full model)."""
+    scfg = cfg.serve
+    if engine is None:
+        engine = _load_engine(cfg, run_dir, model, tokenizer, policy, meter)
+    api_key = scfg.api_key or os.environ.get(API_KEY_ENV) or None
+    ctx = _context(engine, scfg)
+    scheduler = ctx.scheduler
+    connection_limit = max_concurrent_requests(scfg.queue_size)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        # one tiny generation before the first request (and before /health answers under uvicorn):
+        # the first forward pass pays one-off costs (kernel selection, allocations) of ~1 s on CPU
+        scheduler.start()
+        await scheduler.call(engine.warmup)
+        yield
+        scheduler.shutdown()
+
+    # with an API key, the schema is served behind it (below) and the interactive docs are off: every route
+    # but /health needs the key
+    guarded_docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="GREEN-CODE completion endpoint", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+                  description="Energy-aware code completion with early exits; see the README, section Serving",
+                  **guarded_docs)
+    app.state.engine, app.state.scheduler, app.state.metrics, app.state.context = engine, scheduler, ctx.metrics, ctx
+    app.add_middleware(_Admission, limit=connection_limit, metrics=ctx.metrics)
+    app.add_middleware(_Observe, metrics=ctx.metrics)  # outermost: it sees the admission's 503s too
+    for exc, handler in ERROR_HANDLERS:
+        app.add_exception_handler(exc, handler)
+    api = APIRouter(dependencies=[Depends(_key_check(api_key))])
+    _info_routes(app, api, ctx, scfg, api_key, connection_limit)
+    _generation_routes(api, ctx)
+    app.include_router(api)
+    app.openapi = _openapi(app, ctx.cap)
     return app
