@@ -79,26 +79,10 @@ def _layerskip_layers(spec: Union[str, Sequence[int], None], exit_layers: list[i
     return layers
 
 
-def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 32, num_prompts: int = 4,
-                  repeats: int = 5, warmup: int = 1, out_path: Optional[Union[str, Path]] = None,
-                  lossless: bool = True, layerskip_layers: Union[str, Sequence[int], None] = None,
-                  layerskip_k: Sequence[int] = LAYERSKIP_K, hf_early_exit: bool = True) -> Path:
-    """Measure seconds per new token for every method and write the JSON result; returns its path.
-
-    ``lossless``: also the self-speculative methods (``gc_lossless`` at ``eval.gc_thresholds``,
-    ``layerskip`` at ``layerskip_layers`` ("mid", "all" or a list; default the middle exit point) x
-    ``layerskip_k`` draft lengths, and with ``hf_early_exit`` HF ``assistant_early_exit`` at the
-    middle exit point), compared by wall clock in the result's ``lossless`` section."""
-    from transformers import StoppingCriteriaList
-
-    out_path, device, model, model_note, policy, policy_note = setup(
-        cfg, out_path if out_path is not None else benchmark_path(cfg), context_tokens, new_tokens,
-        (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
-         ("repeats", repeats, 1), ("warmup", warmup, 0)))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    prompt_lists, prompt_note = bench_prompts(cfg, model, num_prompts, context_tokens, gen)
-    prompts = [torch.tensor([p], dtype=torch.long, device=device) for p in prompt_lists]
-
+def _controllers(cfg: Config, model, policy) -> tuple[dict[str, Any], float]:
+    """The loop's methods: never-exit, a fixed exit at every exit point, a confidence exit (the middle of
+    ``eval.confidence_thresholds``), the policy evaluated with its decision ignored, and GC at each of
+    ``eval.gc_thresholds``; and the confidence threshold."""
     conf_t = sorted(cfg.eval.confidence_thresholds)[len(cfg.eval.confidence_thresholds) // 2] \
         if cfg.eval.confidence_thresholds else 0.9
     controllers: dict[str, Any] = {"never": NeverExit()}
@@ -110,95 +94,114 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
         controllers[f"gc@{float(t):g}"] = PolicyExit.of(policy, float(t), cfg.decoding.policy_temperature)
     for c in controllers.values():
         c.check_layers(model)
-    methods = ["hf_generate"] + list(controllers)
-    mid = middle_exit_layer(model.exit_layers, model.num_layers)
-    # lossless methods: name -> (drafting controller, k_max, draft threshold); HF's assisted early exit apart
-    speculative: dict[str, tuple[Any, int, Optional[float]]] = {}
-    hf_ee: Optional[str] = None
-    if lossless:
-        for t in cfg.eval.gc_thresholds:
-            speculative[f"gc_lossless@{float(t)!r}"] = (
-                PolicyExit.of(policy, float(t), cfg.decoding.policy_temperature),
-                cfg.eval.lossless_k_max, cfg.eval.lossless_draft_threshold)
-        for layer in _layerskip_layers(layerskip_layers, list(model.exit_layers), model.num_layers):
-            for k in layerskip_k:
-                if int(k) < 1:
-                    raise ValueError(f"layerskip draft length {k} must be >= 1")
-                speculative[f"layerskip@{layer}:k{int(k)}"] = (FixedExit(layer), int(k), None)
-        for c, _, _ in speculative.values():
-            c.check_layers(model)
-        if hf_early_exit:
-            hf_ee = f"hf_early_exit@{mid}"
-    methods += list(speculative) + ([hf_ee] if hf_ee else [])
-    gconf = hf_greedy_config(model, new_tokens)
-    # HF counts layers; ours is the 0-based exit layer
-    gconf_ee = hf_greedy_config(model, new_tokens, assistant_early_exit=mid + 1) if hf_ee else None
-    full_tokens: dict[int, list[int]] = {}  # prompt index -> our full loop's tokens (the lossless reference)
-    spec_tokens: list[tuple[str, int, list[int]]] = []
+    return controllers, conf_t
 
-    def run(method: str, prompt: torch.Tensor, index: int) -> dict:
-        if method in ("hf_generate", hf_ee):
-            clock = StepClock(device)
-            base_cfg = getattr(model.hf, model.hf.base_model_prefix).config
-            saved_layers = base_cfg.num_hidden_layers  # HF's early-exit drafter may leave it lowered on errors
-            try:
-                with torch.inference_mode():
-                    out, wall = timed(device, lambda: model.hf.generate(
-                        prompt, attention_mask=torch.ones_like(prompt),
-                        generation_config=gconf if method == "hf_generate" else gconf_ee,
-                        stopping_criteria=StoppingCriteriaList([clock])))
-            finally:
-                base_cfg.num_hidden_layers = saved_layers
-            n = out.shape[1] - prompt.shape[1]
-            if n != new_tokens or (method == "hf_generate" and len(clock.times) != n):
-                raise RuntimeError(f"{method} produced {n} tokens / {len(clock.times)} steps, expected {new_tokens}")
-            # assisted generation checks its stopping criteria once per round: no per-token decode clock
-            s_tok = clock.per_step() if method == "hf_generate" else None
-            return {"s_per_token": s_tok, "wall_s": wall, "mean_exit_layer": model.final_layer,
-                    "controller_share": None, "s_per_check": None}
-        if method in speculative:
-            c, k_max, draft_t = speculative[method]
-            res, wall = timed(device, lambda: generate_lossless(model, prompt, c, new_tokens, k_max=k_max,
-                                                                draft_threshold=draft_t,
-                                                                kv_strategy=cfg.decoding.kv_strategy))
-            k = res.counters
-            if res.new_tokens != new_tokens:
-                raise RuntimeError(f"{method} produced {res.new_tokens} tokens, expected {new_tokens}")
-            spec_tokens.append((method, index, list(res.tokens)))
-            return {"s_per_token": k["decode_time_s"] / k["decode_steps"], "wall_s": wall,
-                    "mean_exit_layer": model.final_layer, "controller_share": None, "s_per_check": None,
-                    "drafted": k["drafted"], "accepted": k["accepted"], "rounds": k["rounds"],
-                    "verified_tokens": k["verified_tokens"], "layers_run": k["layers_run"],
-                    "decode_steps": k["decode_steps"]}
-        c = controllers[method]
-        res, wall = timed(device, lambda: generate(model, prompt, c, new_tokens, kv_strategy=cfg.decoding.kv_strategy))
+
+def _speculative(cfg: Config, model, policy, layerskip_layers, layerskip_k) -> dict[str, tuple[Any, int, Optional[float]]]:
+    """The lossless methods: name -> (drafting controller, k_max, draft threshold)."""
+    speculative: dict[str, tuple[Any, int, Optional[float]]] = {}
+    for t in cfg.eval.gc_thresholds:
+        speculative[f"gc_lossless@{float(t)!r}"] = (
+            PolicyExit.of(policy, float(t), cfg.decoding.policy_temperature),
+            cfg.eval.lossless_k_max, cfg.eval.lossless_draft_threshold)
+    for layer in _layerskip_layers(layerskip_layers, list(model.exit_layers), model.num_layers):
+        for k in layerskip_k:
+            if int(k) < 1:
+                raise ValueError(f"layerskip draft length {k} must be >= 1")
+            speculative[f"layerskip@{layer}:k{int(k)}"] = (FixedExit(layer), int(k), None)
+    for c, _, _ in speculative.values():
+        c.check_layers(model)
+    return speculative
+
+
+class _Methods:
+    """One timed generation of a method on a prompt (:meth:`run`): HF ``generate`` (plain or its assisted
+    early exit), a lossless method, or our loop with a controller. Keeps the full loop's tokens per prompt
+    and every lossless generation's, for :meth:`check_lossless`."""
+
+    def __init__(self, cfg: Config, model, device, new_tokens: int, controllers: dict, speculative: dict,
+                 hf_ee: Optional[str], mid: int):
+        self.cfg, self.model, self.device, self.new_tokens = cfg, model, device, new_tokens
+        self.controllers, self.speculative, self.hf_ee = controllers, speculative, hf_ee
+        self.gconf = hf_greedy_config(model, new_tokens)
+        # HF counts layers; ours is the 0-based exit layer
+        self.gconf_ee = hf_greedy_config(model, new_tokens, assistant_early_exit=mid + 1) if hf_ee else None
+        self.full_tokens: dict[int, list[int]] = {}  # prompt index -> our full loop's tokens (the lossless reference)
+        self.spec_tokens: list[tuple[str, int, list[int]]] = []
+
+    def run(self, method: str, prompt: torch.Tensor, index: int) -> dict:
+        if method in ("hf_generate", self.hf_ee):
+            return self._hf(method, prompt)
+        if method in self.speculative:
+            return self._lossless(method, prompt, index)
+        return self._loop(method, prompt, index)
+
+    def _hf(self, method: str, prompt: torch.Tensor) -> dict:
+        from transformers import StoppingCriteriaList
+
+        model = self.model
+        clock = StepClock(self.device)
+        base_cfg = getattr(model.hf, model.hf.base_model_prefix).config
+        saved_layers = base_cfg.num_hidden_layers  # HF's early-exit drafter may leave it lowered on errors
+        try:
+            with torch.inference_mode():
+                out, wall = timed(self.device, lambda: model.hf.generate(
+                    prompt, attention_mask=torch.ones_like(prompt),
+                    generation_config=self.gconf if method == "hf_generate" else self.gconf_ee,
+                    stopping_criteria=StoppingCriteriaList([clock])))
+        finally:
+            base_cfg.num_hidden_layers = saved_layers
+        n = out.shape[1] - prompt.shape[1]
+        if n != self.new_tokens or (method == "hf_generate" and len(clock.times) != n):
+            raise RuntimeError(f"{method} produced {n} tokens / {len(clock.times)} steps, expected {self.new_tokens}")
+        # assisted generation checks its stopping criteria once per round: no per-token decode clock
+        s_tok = clock.per_step() if method == "hf_generate" else None
+        return {"s_per_token": s_tok, "wall_s": wall, "mean_exit_layer": model.final_layer,
+                "controller_share": None, "s_per_check": None}
+
+    def _lossless(self, method: str, prompt: torch.Tensor, index: int) -> dict:
+        c, k_max, draft_t = self.speculative[method]
+        res, wall = timed(self.device, lambda: generate_lossless(
+            self.model, prompt, c, self.new_tokens, k_max=k_max, draft_threshold=draft_t,
+            kv_strategy=self.cfg.decoding.kv_strategy))
         k = res.counters
-        if res.new_tokens != new_tokens:
-            raise RuntimeError(f"{method} produced {res.new_tokens} tokens, expected {new_tokens}")
+        if res.new_tokens != self.new_tokens:
+            raise RuntimeError(f"{method} produced {res.new_tokens} tokens, expected {self.new_tokens}")
+        self.spec_tokens.append((method, index, list(res.tokens)))
+        return {"s_per_token": k["decode_time_s"] / k["decode_steps"], "wall_s": wall,
+                "mean_exit_layer": self.model.final_layer, "controller_share": None, "s_per_check": None,
+                "drafted": k["drafted"], "accepted": k["accepted"], "rounds": k["rounds"],
+                "verified_tokens": k["verified_tokens"], "layers_run": k["layers_run"],
+                "decode_steps": k["decode_steps"]}
+
+    def _loop(self, method: str, prompt: torch.Tensor, index: int) -> dict:
+        c = self.controllers[method]
+        res, wall = timed(self.device, lambda: generate(self.model, prompt, c, self.new_tokens,
+                                                        kv_strategy=self.cfg.decoding.kv_strategy))
+        k = res.counters
+        if res.new_tokens != self.new_tokens:
+            raise RuntimeError(f"{method} produced {res.new_tokens} tokens, expected {self.new_tokens}")
         if method == "never":
-            full_tokens.setdefault(index, list(res.tokens))
+            self.full_tokens.setdefault(index, list(res.tokens))
         return {"s_per_token": k["decode_time_s"] / k["decode_steps"], "wall_s": wall,
                 "mean_exit_layer": statistics.fmean(res.exit_layers[1:]),
                 "controller_share": k["controller_time_s"] / k["decode_time_s"] if k["decode_time_s"] else None,
                 "s_per_check": k["controller_time_s"] / k["exit_checks"] if k["exit_checks"] else None}
 
-    with Noise() as noise:  # one group per prompt: every method on it, in a rotated order
-        cells = interleaved_rounds([[(m, p) for m in methods] for p in range(num_prompts)], repeats, warmup,
-                                   lambda cell: run(cell[0], prompts[cell[1]], cell[1]), warmup_one_group=True)
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for rep in range(repeats):  # per method: round by round, prompt by prompt (the pairing the ratios use)
-        for p in range(num_prompts):
-            for m in methods:
-                runs[m].append(cells[(m, p)][rep])
-    for method, index, toks in spec_tokens:  # lossless: the full loop's tokens on every prompt, or the run fails
-        if index in full_tokens and toks != full_tokens[index]:
-            raise RuntimeError(f"{method} is not lossless on prompt {index}: {toks} vs the full loop's "
-                               f"{full_tokens[index]}")
+    def check_lossless(self) -> None:
+        """Every lossless generation equals the full loop's tokens on its prompt, or the run fails."""
+        for method, index, toks in self.spec_tokens:
+            if index in self.full_tokens and toks != self.full_tokens[index]:
+                raise RuntimeError(f"{method} is not lossless on prompt {index}: {toks} vs the full loop's "
+                                   f"{self.full_tokens[index]}")
 
+
+def _method_rows(runs: dict[str, list[dict]], methods: Sequence[str]) -> dict[str, dict]:
+    """Per method: seconds per token (median, quartiles, every run), ratios to HF ``generate`` (of medians
+    and the median of paired runs), mean exit layer, the controller's share of the time and per check."""
     hf = [r["s_per_token"] for r in runs["hf_generate"]]
-    never = [r["s_per_token"] for r in runs["never"]]
     rows = {}
-    for m in ["hf_generate"] + list(controllers):
+    for m in methods:
         xs = [r["s_per_token"] for r in runs[m]]
         q = quartiles(xs)
         paired = [x / h for x, h in zip(xs, hf)]
@@ -215,11 +218,17 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
             "s_per_check_median": statistics.median(checks) if checks else None,
             "num_runs": len(xs), "s_per_token_runs": xs,
         }
+    return rows
+
+
+def _targets(rows: dict[str, dict], runs: dict[str, list[dict]], mid: int) -> dict[str, dict]:
+    """never-exit against HF, the middle fixed exit's speed-up, and the policy check's A/B share."""
     pol = [r["s_per_token"] for r in runs["policy_check"]]
+    never = [r["s_per_token"] for r in runs["never"]]
     policy_ab = statistics.median([a / b - 1.0 for a, b in zip(pol, never)])
     never_ratio = rows["never"]["ratio_to_hf_paired_median"]
     fixed_speedup = 1.0 / rows[f"fixed@{mid}"]["ratio_to_hf_paired_median"]
-    targets = {
+    return {
         "never_vs_hf": {"value": never_ratio, "target": f"<= {TARGETS['never_vs_hf_max_ratio']}",
                         "met": never_ratio <= TARGETS["never_vs_hf_max_ratio"],
                         "what": "never-exit seconds/token over HF generate's (median of paired runs)"},
@@ -234,6 +243,44 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
                                        "never-exit, minus 1 (median of paired runs); timer_share = time inside "
                                        "the controller / decode time"},
     }
+
+
+def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 32, num_prompts: int = 4,
+                  repeats: int = 5, warmup: int = 1, out_path: Optional[Union[str, Path]] = None,
+                  lossless: bool = True, layerskip_layers: Union[str, Sequence[int], None] = None,
+                  layerskip_k: Sequence[int] = LAYERSKIP_K, hf_early_exit: bool = True) -> Path:
+    """Measure seconds per new token for every method and write the JSON result; returns its path.
+
+    ``lossless``: also the self-speculative methods (``gc_lossless`` at ``eval.gc_thresholds``,
+    ``layerskip`` at ``layerskip_layers`` ("mid", "all" or a list; default the middle exit point) x
+    ``layerskip_k`` draft lengths, and with ``hf_early_exit`` HF ``assistant_early_exit`` at the
+    middle exit point), compared by wall clock in the result's ``lossless`` section."""
+    out_path, device, model, model_note, policy, policy_note = setup(
+        cfg, out_path if out_path is not None else benchmark_path(cfg), context_tokens, new_tokens,
+        (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
+         ("repeats", repeats, 1), ("warmup", warmup, 0)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompt_lists, prompt_note = bench_prompts(cfg, model, num_prompts, context_tokens, gen)
+    prompts = [torch.tensor([p], dtype=torch.long, device=device) for p in prompt_lists]
+
+    controllers, conf_t = _controllers(cfg, model, policy)
+    mid = middle_exit_layer(model.exit_layers, model.num_layers)
+    speculative = _speculative(cfg, model, policy, layerskip_layers, layerskip_k) if lossless else {}
+    hf_ee = f"hf_early_exit@{mid}" if lossless and hf_early_exit else None
+    methods = ["hf_generate"] + list(controllers) + list(speculative) + ([hf_ee] if hf_ee else [])
+    timer = _Methods(cfg, model, device, new_tokens, controllers, speculative, hf_ee, mid)
+
+    with Noise() as noise:  # one group per prompt: every method on it, in a rotated order
+        cells = interleaved_rounds([[(m, p) for m in methods] for p in range(num_prompts)], repeats, warmup,
+                                   lambda cell: timer.run(cell[0], prompts[cell[1]], cell[1]), warmup_one_group=True)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for rep in range(repeats):  # per method: round by round, prompt by prompt (the pairing the ratios use)
+        for p in range(num_prompts):
+            for m in methods:
+                runs[m].append(cells[(m, p)][rep])
+    timer.check_lossless()
+
+    rows = _method_rows(runs, ["hf_generate"] + list(controllers))
     result = {
         "format": "greencode-benchmark/1",
         "config_name": cfg.name,
@@ -243,7 +290,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
                   "decode_compile": compile_info(model), "confidence_threshold": conf_t,
                   "timing": "decode steps only (tokens 2..N), seconds per new token; interleaved, order rotated"},
         "methods": rows,
-        "targets": targets,
+        "targets": _targets(rows, runs, mid),
         "lossless": _lossless_section(runs, list(speculative), hf_ee, cfg) if lossless else None,
         "noise": {**noise.record(),
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for r in rows.values())},
