@@ -178,6 +178,26 @@ def test_builder_writes_a_loadable_bank_of_the_size_asked(tmp_path):
     np.testing.assert_allclose(one.obs.astype(np.float32), bank.obs.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
+def test_a_split_short_of_the_tokens_asked_gives_the_smaller_bank(tmp_path, caplog):
+    """The corpus decides fewer tokens than rl.bank.decision_tokens: the bank holds what it gave (obs.npy shrunk to
+    those rows, equal to the same windows' rows of a bank asked for exactly that many), with a warning."""
+    model = tiny_model("llama", num_layers=4, exit_layers=(1, 2))
+    short = tiny_cfg(tmp_path, source="simulate", decision_tokens=5000, min_context_tokens=8, max_context_tokens=64,
+                     exit_rate=[0.2, 0.5], batch_size=2)
+    with caplog.at_level("WARNING", logger="greencode.rl.simulate"):
+        bank = TrajectoryBank.load(build_bank(short, model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                              path=tmp_path / "short"), model, mmap=True)
+    n = bank.num_tokens
+    assert 0 < n < 5000 and bank.obs.shape[0] == n == bank.manifest["num_tokens"] == bank.offsets[-1]
+    assert f"gave only {n} of the 5000" in caplog.text
+    exact = tiny_cfg(tmp_path, source="simulate", decision_tokens=n, min_context_tokens=8, max_context_tokens=64,
+                     exit_rate=[0.2, 0.5], batch_size=2)
+    same = TrajectoryBank.load(build_bank(exact, model=model, tokenizer=CharTokenizer(), dataset=_corpus(),
+                                          path=tmp_path / "exact"), model, mmap=True)
+    assert np.array_equal(np.asarray(bank.obs), np.asarray(same.obs))
+    assert np.array_equal(bank.preds, same.preds) and np.array_equal(bank.behaviour_exit, same.behaviour_exit)
+
+
 def test_a_cut_off_build_resumes_to_the_same_bank(tmp_path, monkeypatch):
     import greencode.rl.simulate as simulate
 

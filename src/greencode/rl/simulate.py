@@ -375,6 +375,184 @@ def _describe(spec: dict) -> dict:
     return {"controller": "policy", "threshold": spec["threshold"]}
 
 
+@dataclass
+class _Plan:
+    """What a simulated bank is built from: the windows, one behaviour spec per window, the policy a
+    ``policy`` behaviour needs, the window length, the decided tokens asked for and the seeded generator
+    (drawn again for the held-out sequences)."""
+
+    plan: list
+    specs: list
+    policy: object
+    window: int
+    target: int
+    rng: np.random.Generator
+
+
+def _plan(cfg, model, tokenizer, dataset) -> _Plan:
+    bc = cfg.rl.bank
+    tokenizer, records = load_data(cfg, tokenizer, dataset)
+    set_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    limit = getattr(model.hf.config, "max_position_embeddings", None) or 1 << 30
+    window = max(bc.min_context_tokens + 2, min(bc.max_context_tokens, limit))
+    plan = plan_windows(cfg, tokenizer, records, rng, window)
+    if not plan:
+        raise ValueError(f"no file of the {bc.split!r} split has the {bc.min_context_tokens + 2} tokens a window needs "
+                         f"(rl.bank.min_context_tokens + 2); use a larger corpus, another rl.bank.split or a smaller "
+                         "rl.bank.min_context_tokens")
+    specs = behaviour_specs(cfg, np.random.default_rng([cfg.seed, 1]), len(plan))
+    policy = load_policy(bc.policy_path, model) if any(s["kind"] == "policy" for s in specs) else None
+    return _Plan(plan, specs, policy, window, simulated_size(cfg), rng)
+
+
+def _start_partial(tmp: Path, shard_dir: Path, key: dict, shape: tuple) -> dict:
+    """The build's progress in the partial folder ``tmp``: resumed when it holds the same key, else a fresh
+    start (an empty memory-mapped ``obs.npy`` of ``shape``; the worker processes' batches of the same key kept)."""
+    from numpy.lib.format import open_memmap
+
+    done = _resume_state(tmp, key, shape)
+    if done is not None:
+        log.info("resuming the simulated bank at %s: %d of %d decided tokens done", tmp, done["total"], shape[0])
+        return done
+    keep = _shards_match(shard_dir, key)
+    for child in list(tmp.iterdir()) if tmp.is_dir() else []:
+        if not (keep and child == shard_dir):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    tmp.mkdir(parents=True, exist_ok=True)
+    open_memmap(tmp / "obs.npy", mode="w+", dtype=np.float16, shape=shape).flush()
+    return {"next": 0, "total": 0, "preds": [], "tokens": [], "behaviour": [], "lengths": [], "seqs": []}
+
+
+class _Collected:
+    """The bank's rows so far: observations written into the memory-mapped ``obs.npy``, the other arrays
+    and the sequences' descriptions held until the end; :meth:`add` takes one batch's records up to the
+    target, :meth:`save` checkpoints."""
+
+    def __init__(self, tmp: Path, done: dict, shape: tuple):
+        self.tmp, self.shape, self.target = tmp, shape, shape[0]
+        self.obs = np.load(tmp / "obs.npy", mmap_mode="r+")
+        self.preds, self.tokens, self.behaviour, self.lengths, self.seqs = (
+            done[k] for k in ("preds", "tokens", "behaviour", "lengths", "seqs"))
+        self.total = done["total"]
+
+    def add(self, batch, bspecs, recs, bar) -> None:
+        for (idx, first, w), spec, rec in zip(batch, bspecs, recs):
+            if rec is None or self.total >= self.target:
+                continue
+            n = min(len(rec["tokens"]), self.target - self.total)
+            o16 = rec["obs"][:n].astype(np.float16)
+            if not np.isfinite(o16).all():
+                raise ValueError("some observations overflow float16 (|value| > 65504); use rl.observation=normed")
+            self.obs[self.total:self.total + n] = o16
+            self.preds.append(rec["preds"][:n])
+            self.tokens.append(rec["tokens"][:n])
+            self.behaviour.append(rec["behaviour_exit"][:n])
+            self.lengths.append(n)
+            self.seqs.append({"record": idx, "start": first, "window_tokens": len(w),
+                              "first_position": int(rec["positions"][0]), "behaviour": _describe(spec)})
+            self.total += n
+            bar.update(n)
+
+    def save(self, key: dict, next_start: int) -> None:
+        self.obs.flush()
+        _save_state(self.tmp, key, self.shape, next_start, self.total, self.preds, self.tokens, self.behaviour,
+                    self.lengths, self.seqs)
+
+    def close(self) -> None:
+        """Flush the observations and, short of the target, shrink ``obs.npy`` to the rows written."""
+        from numpy.lib.format import open_memmap
+
+        self.obs.flush()
+        self.obs = None
+        total, tmp = self.total, self.tmp
+        if total < self.target:
+            full = np.load(tmp / "obs.npy", mmap_mode="r")
+            small = open_memmap(tmp / "obs.part.npy", mode="w+", dtype=np.float16, shape=(total, *self.shape[1:]))
+            for a in range(0, total, 65536):
+                b = min(a + 65536, total)
+                small[a:b] = full[a:b]
+            small.flush()
+            del small, full
+            (tmp / "obs.part.npy").replace(tmp / "obs.npy")
+
+
+def _simulate_all(cfg, model, p: _Plan, got: _Collected, done: dict, shard_dir: Path, key: dict) -> None:
+    """Every batch the bank needs, in order, through :func:`simulate_exits` (or from the worker processes'
+    files with ``rl.bank.workers`` > 1), checkpointing every ``CHECKPOINT_S`` seconds."""
+    from tqdm.auto import tqdm
+
+    bc = cfg.rl.bank
+    threads = cfg.hardware.num_threads or (1 if model.device.type == "cpu" else torch.get_num_threads())
+    saved_at = time.perf_counter()
+    bar = tqdm(total=p.target, initial=got.total, desc="simulated bank", unit="tok")
+    starts = _needed_batches(p.plan, done["next"], done["total"], p.target, bc.batch_size, bc.min_context_tokens)
+    workers = min(int(bc.workers), len(starts)) if model.device.type == "cpu" else 1
+    if workers > 1:
+        _run_shards(cfg, model, p.plan, p.specs, starts, shard_dir, workers, p.window, key)
+    with torch_threads(threads):
+        for start in range(done["next"], len(p.plan), bc.batch_size):
+            if got.total >= p.target:
+                break
+            if time.perf_counter() - saved_at > CHECKPOINT_S:
+                got.save(key, start)
+                saved_at = time.perf_counter()
+            batch = p.plan[start:start + bc.batch_size]
+            bspecs = p.specs[start:start + bc.batch_size]
+            if workers > 1:
+                recs = _load_batch(shard_dir, start)
+            else:
+                recs = _simulate_batch(cfg, model, batch, bspecs, p.policy, p.window)
+            got.add(batch, bspecs, recs, bar)
+    bar.close()
+
+
+def _write_arrays(cfg, model, key: dict, p: _Plan, got: _Collected, seconds: float) -> dict:
+    """The bank's arrays (held-out sequences drawn per window) and its manifest, into the partial folder."""
+    bc, tmp, total = cfg.rl.bank, got.tmp, got.total
+    e, hsz = got.shape[1:]
+    preds_a = np.concatenate(got.preds)
+    n_seq = len(got.lengths)
+    n_held = min(int(round(bc.heldout_fraction * n_seq)), n_seq - 1)
+    heldout = np.zeros(n_seq, dtype=bool)
+    heldout[p.rng.permutation(n_seq)[:n_held]] = True
+    arrays = {"preds": preds_a, "l_opt": optimal_exit(preds_a).astype(np.int16),
+              "tokens": np.concatenate(got.tokens).astype(np.int32),
+              "offsets": np.concatenate([[0], np.cumsum(got.lengths)]).astype(np.int64), "heldout": heldout,
+              "behaviour_exit": np.concatenate(got.behaviour).astype(np.int16)}
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+    behaviour_all = arrays["behaviour_exit"]
+    manifest = {
+        "format": BANK_FORMAT,
+        "source": "simulate",
+        **manifest_head(cfg, model, key, bc),
+        "teacher_forced": True,
+        "window_tokens": p.window,
+        "sequences": got.seqs,
+        "behaviour_early_exit_share": float(np.mean(behaviour_all < e)),
+        "exit_point_share": (np.bincount(behaviour_all.astype(np.int64), minlength=e + 1) / total).tolist(),
+        "next_token_accuracy_final": float(np.mean(preds_a[:, -1] == arrays["tokens"])),
+        "build_seconds": round(seconds, 1),
+        "tokens_per_s": round(total / max(seconds, 1e-9), 1),
+        "num_tokens": int(total),
+        "num_sequences": n_seq,
+        "n_exit_points": e,
+        "hidden_size": hsz,
+        "bytes_per_token": bytes_per_token(e, hsz),
+        "size_bytes": int(sum((tmp / f"{a}.npy").stat().st_size for a in ("obs", *arrays))),
+        "note": "teacher-forced windows with the behaviour's exits simulated (greencode.rl.simulate): obs "
+                "float16 [N, E, H] at the early exit points (final excluded) of the states the behaviour's "
+                "history reached (past its exit: the shadow climb, as the decoding bank's observe mode); "
+                "preds [N, E+1] (column E = the final layer's prediction on that state, the label); l_opt [N] "
+                "exit-point index (E = final layer); tokens [N] the file's next token (teacher forced); "
+                "behaviour_exit [N] the behaviour's exit point; positions before rl.bank.min_context_tokens "
+                "are the prompt (never decided); 0-based layers",
+    }
+    write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
 def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, dataset=None) -> Path:
     """Build the bank of ``cfg`` (``rl.bank.source: simulate``) at ``path``: windows of
     ``rl.bank.split`` files (:func:`plan_windows`), ``rl.bank.batch_size`` at a time through
@@ -388,148 +566,35 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
     are written straight into a memory-mapped ``obs.npy`` (a 400k-token bank is about 1.4 GB on the
     default), in the same on-disk format as the decoding bank, atomically (temporary folder, then
     rename). Each window is one sequence of the bank; ``heldout`` is drawn per window, and a file
-    gives one window, so held-out sequences are held-out files."""
-    from numpy.lib.format import open_memmap
-    from tqdm.auto import tqdm
-
+    gives one window, so held-out sequences are held-out files. A split with fewer decided tokens than
+    asked gives a smaller bank (with a warning)."""
     bc = cfg.rl.bank
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("rl.bank.source=simulate builds the bank in one process; run scripts/build_bank.py without "
                          "torchrun / accelerate launch (or use rl.bank.source=decode, which shards over the ranks)")
     t0 = time.perf_counter()
-    tokenizer, records = load_data(cfg, tokenizer, dataset)
-    set_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    limit = getattr(model.hf.config, "max_position_embeddings", None) or 1 << 30
-    window = max(bc.min_context_tokens + 2, min(bc.max_context_tokens, limit))
-    plan = plan_windows(cfg, tokenizer, records, rng, window)
-    if not plan:
-        raise ValueError(f"no file of the {bc.split!r} split has the {bc.min_context_tokens + 2} tokens a window needs "
-                         f"(rl.bank.min_context_tokens + 2); use a larger corpus, another rl.bank.split or a smaller "
-                         "rl.bank.min_context_tokens")
-    specs = behaviour_specs(cfg, np.random.default_rng([cfg.seed, 1]), len(plan))
-    policy = None
-    if any(s["kind"] == "policy" for s in specs):
-        policy = load_policy(bc.policy_path, model)
-    target = simulated_size(cfg)
-    e, hsz = len(model.exit_layers), model.hidden_size + feature_size(cfg.rl.observation_features, len(model.exit_layers))
+    p = _plan(cfg, model, tokenizer, dataset)
+    shape = (p.target, len(model.exit_layers),
+             model.hidden_size + feature_size(cfg.rl.observation_features, len(model.exit_layers)))
     model.eval()
-    threads = cfg.hardware.num_threads or (1 if model.device.type == "cpu" else torch.get_num_threads())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the build checkpoints into a partial folder beside the bank (every CHECKPOINT_S seconds), so a build cut
     # off (a session's end, a crash) resumes where it stopped when run again with the same key
     tmp = path.with_name(f".{path.name}.partial")
     shard_dir = tmp / "batches"  # the worker processes' finished batches (rl.bank.workers > 1)
-    done = _resume_state(tmp, key, (target, e, hsz))
     try:
-        if done is None:  # a fresh start; the worker processes' batches of the same key are kept
-            keep = _shards_match(shard_dir, key)
-            for child in list(tmp.iterdir()) if tmp.is_dir() else []:
-                if not (keep and child == shard_dir):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-            tmp.mkdir(parents=True, exist_ok=True)
-            open_memmap(tmp / "obs.npy", mode="w+", dtype=np.float16, shape=(target, e, hsz)).flush()
-            done = {"next": 0, "total": 0, "preds": [], "tokens": [], "behaviour": [], "lengths": [], "seqs": []}
-        else:
-            log.info("resuming the simulated bank at %s: %d of %d decided tokens done", tmp, done["total"], target)
-        obs = np.load(tmp / "obs.npy", mmap_mode="r+")
-        preds, tokens, behaviour, lengths, seqs = (done[k] for k in ("preds", "tokens", "behaviour", "lengths", "seqs"))
-        total = done["total"]
-        saved_at = time.perf_counter()
-        bar = tqdm(total=target, initial=total, desc="simulated bank", unit="tok")
-        starts = _needed_batches(plan, done["next"], done["total"], target, bc.batch_size, bc.min_context_tokens)
-        workers = min(int(bc.workers), len(starts)) if model.device.type == "cpu" else 1
-        if workers > 1:
-            _run_shards(cfg, model, plan, specs, starts, shard_dir, workers, window, key)
-        with torch_threads(threads):
-            for start in range(done["next"], len(plan), bc.batch_size):
-                if total >= target:
-                    break
-                if time.perf_counter() - saved_at > CHECKPOINT_S:
-                    obs.flush()
-                    _save_state(tmp, key, (target, e, hsz), start, total, preds, tokens, behaviour, lengths, seqs)
-                    saved_at = time.perf_counter()
-                batch = plan[start:start + bc.batch_size]
-                bspecs = specs[start:start + bc.batch_size]
-                if workers > 1:
-                    recs = _load_batch(shard_dir, start)
-                else:
-                    recs = _simulate_batch(cfg, model, batch, bspecs, policy, window)
-                for (idx, first, w), spec, rec in zip(batch, bspecs, recs):
-                    if rec is None or total >= target:
-                        continue
-                    n = min(len(rec["tokens"]), target - total)
-                    o16 = rec["obs"][:n].astype(np.float16)
-                    if not np.isfinite(o16).all():
-                        raise ValueError("some observations overflow float16 (|value| > 65504); use "
-                                         "rl.observation=normed")
-                    obs[total:total + n] = o16
-                    preds.append(rec["preds"][:n])
-                    tokens.append(rec["tokens"][:n])
-                    behaviour.append(rec["behaviour_exit"][:n])
-                    lengths.append(n)
-                    seqs.append({"record": idx, "start": first, "window_tokens": len(w),
-                                 "first_position": int(rec["positions"][0]), "behaviour": _describe(spec)})
-                    total += n
-                    bar.update(n)
-        bar.close()
-        if total < target:
+        done = _start_partial(tmp, shard_dir, key, shape)
+        got = _Collected(tmp, done, shape)
+        _simulate_all(cfg, model, p, got, done, shard_dir, key)
+        if got.total < p.target:
             log.warning("the %r split gave only %d of the %d decided tokens asked for (rl.bank.decision_tokens)",
-                        bc.split, total, target)
-        obs.flush()
-        del obs
+                        bc.split, got.total, p.target)
+        got.close()
         (tmp / PROGRESS).unlink(missing_ok=True)
         shutil.rmtree(shard_dir, ignore_errors=True)
-        if total < target:  # shrink the memory-mapped file to what was written
-            full = np.load(tmp / "obs.npy", mmap_mode="r")
-            small = open_memmap(tmp / "obs.part.npy", mode="w+", dtype=np.float16, shape=(total, e, hsz))
-            for a in range(0, total, 65536):
-                small[a:a + 65536] = full[a:a + 65536]
-            small.flush()
-            del small, full
-            (tmp / "obs.part.npy").replace(tmp / "obs.npy")
-        preds_a = np.concatenate(preds)
-
-        n_seq = len(lengths)
-        n_held = min(int(round(bc.heldout_fraction * n_seq)), n_seq - 1)
-        heldout = np.zeros(n_seq, dtype=bool)
-        heldout[rng.permutation(n_seq)[:n_held]] = True
-        arrays = {"preds": preds_a, "l_opt": optimal_exit(preds_a).astype(np.int16),
-                  "tokens": np.concatenate(tokens).astype(np.int32),
-                  "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), "heldout": heldout,
-                  "behaviour_exit": np.concatenate(behaviour).astype(np.int16)}
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-        behaviour_all = arrays["behaviour_exit"]
         seconds = time.perf_counter() - t0
-        manifest = {
-            "format": BANK_FORMAT,
-            "source": "simulate",
-            **manifest_head(cfg, model, key, bc),
-            "teacher_forced": True,
-            "window_tokens": window,
-            "sequences": seqs,
-            "behaviour_early_exit_share": float(np.mean(behaviour_all < e)),
-            "exit_point_share": (np.bincount(behaviour_all.astype(np.int64), minlength=e + 1) / total).tolist(),
-            "next_token_accuracy_final": float(np.mean(preds_a[:, -1] == arrays["tokens"])),
-            "build_seconds": round(seconds, 1),
-            "tokens_per_s": round(total / max(seconds, 1e-9), 1),
-            "num_tokens": int(total),
-            "num_sequences": n_seq,
-            "n_exit_points": e,
-            "hidden_size": hsz,
-            "bytes_per_token": bytes_per_token(e, hsz),
-            "size_bytes": int(sum((tmp / f"{a}.npy").stat().st_size for a in ("obs", *arrays))),
-            "note": "teacher-forced windows with the behaviour's exits simulated (greencode.rl.simulate): obs "
-                    "float16 [N, E, H] at the early exit points (final excluded) of the states the behaviour's "
-                    "history reached (past its exit: the shadow climb, as the decoding bank's observe mode); "
-                    "preds [N, E+1] (column E = the final layer's prediction on that state, the label); l_opt [N] "
-                    "exit-point index (E = final layer); tokens [N] the file's next token (teacher forced); "
-                    "behaviour_exit [N] the behaviour's exit point; positions before rl.bank.min_context_tokens "
-                    "are the prompt (never decided); 0-based layers",
-        }
-        write_json(tmp / MANIFEST, manifest)
+        manifest = _write_arrays(cfg, model, key, p, got, seconds)
         # the same checks as any bank load (shapes, offsets, l_opt from preds), before it takes the place
         TrajectoryBank.load(tmp, model, observation=cfg.rl.observation, mmap=True)
         replace_dir(tmp, path)
@@ -538,8 +603,8 @@ def build_simulated_bank(cfg, model, path: Path, key: dict, tokenizer=None, data
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("simulated trajectory bank: %d windows, %d decided tokens, %d exit points, %.1f MB at %s in %.0f s "
-             "(%.0f tokens/s); behaviour exited early on %.1f%% of tokens", n_seq, total, e,
-             manifest["size_bytes"] / 1e6, path, seconds, total / max(seconds, 1e-9),
+             "(%.0f tokens/s); behaviour exited early on %.1f%% of tokens", manifest["num_sequences"], got.total,
+             shape[1], manifest["size_bytes"] / 1e6, path, seconds, got.total / max(seconds, 1e-9),
              100 * manifest["behaviour_early_exit_share"])
     return path
 
