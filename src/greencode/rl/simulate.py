@@ -813,6 +813,121 @@ def _position_copies(controller, model, n: int) -> list:
     return copies[:n]
 
 
+def _prefill(model, prompt: Sequence[int], eager: bool) -> tuple[list, int]:
+    """The full model over the prompt: every layer's K/V and the first token (the head on the last state)."""
+    adapter, dev = model.adapter, model.device
+    p_len = len(prompt)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
+    pos = torch.arange(p_len, device=dev)[None]
+    h = adapter.embed(ids, pos)
+    kw = adapter.layer_kwargs(h, pos)
+    mask = _causal_mask(p_len, model.dtype, dev) if eager else None
+    prefix = []
+    for layer in adapter.layers:
+        cap = _Capture()
+        h = _run_layer(layer, h, mask, cap, kw)
+        prefix.append(cap.kv)
+    return prefix, int(model.decode(h[:, -1:]).argmax(-1))
+
+
+class _ForcedPass:
+    """The continuation of :func:`simulate_forced`: ``rows`` copies of ``forced[:-1]`` (one per controller, and
+    the oracle's full-model stream last) run layer by layer over the prompt's K/V, each position keeping its
+    exit state once its row's controller exits it."""
+
+    def __init__(self, model, controllers: Sequence, prefix: list, p_len: int, cont: Sequence[int], rows: int,
+                 counters: list[dict]):
+        adapter, dev, dtype = model.adapter, model.device, model.dtype
+        self.model, self.controllers, self.prefix, self.rows, self.counters = model, controllers, prefix, rows, counters
+        t = self.t = len(cont)
+        ids = torch.tensor([list(cont)], dtype=torch.long, device=dev).expand(rows, t)
+        self.cpos = (p_len + torch.arange(t, device=dev))[None].expand(rows, t)
+        self.h = adapter.embed(ids, self.cpos)
+        self.kw_of = {rows: adapter.layer_kwargs(self.h, self.cpos)}  # the layers' kwargs for the first n rows
+        allowed = torch.cat([torch.ones((t, p_len), dtype=torch.bool, device=dev),
+                             torch.ones((t, t), dtype=torch.bool, device=dev).tril()], dim=1)
+        self.mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[None, None]
+        self.exited = torch.zeros((rows, t), dtype=torch.bool, device=dev)
+        self.exit_layer = torch.full((rows, t), model.final_layer, dtype=torch.long, device=dev)
+        self.from_logits = torch.zeros((rows, t), dtype=torch.bool, device=dev)  # the choice reuses the check's head
+        self.checks = [c.check_layers(model) for c in controllers]
+        self.groups: dict[int, list[int]] = {}  # rows holding the same instance decide together
+        for r, c in enumerate(controllers):
+            self.groups.setdefault(id(c), []).append(r)
+        self.own: dict[tuple[int, int], object] = {}  # (row, position) -> its instance (per-token state)
+        for r, c in enumerate(controllers):
+            if getattr(c, "per_row_state", False):
+                self.own.update(((r, p), x) for p, x in enumerate(_position_copies(c, model, t)))
+        self.live = torch.ones(rows, dtype=torch.bool, device=dev)  # rows with a position still running
+
+    def run_layer(self, j: int, layer) -> bool:
+        """Layer ``j`` on the rows with a position still running; False once no row has one (a row whose
+        every position has exited runs no deeper layer: no query of it is left to read its K/V)."""
+        nc = len(self.controllers)
+        self.live[:nc] = ~self.exited[:nc].all(1)
+        n = int(self.live.sum())
+        if n == 0:
+            return False
+        h, rows = self.h, self.rows
+        sub = h if n == rows else h[self.live]
+        if n not in self.kw_of:
+            self.kw_of[n] = self.model.adapter.layer_kwargs(sub, self.cpos[:n])
+        kv = tuple(x.expand(n, *x.shape[1:]) for x in self.prefix[j])
+        new = _run_layer(layer, sub, self.mask, _Prefixed(kv), self.kw_of[n])
+        if n == rows:  # an exited position keeps its exit state (its K/V: propagated)
+            self.h = torch.where(self.exited[..., None], h, new)
+        else:
+            self.h = h.clone()
+            self.h[self.live] = torch.where(self.exited[self.live][..., None], h[self.live], new)
+        return True
+
+    def check(self, j: int) -> None:
+        """Every group of rows whose controller checks at layer ``j`` decides its running positions."""
+        model, dev = self.model, self.model.device
+        for rs in self.groups.values():
+            ctrl = self.controllers[rs[0]]
+            if j not in self.checks[rs[0]]:
+                continue
+            where = (~self.exited[rs]).nonzero(as_tuple=False)  # the group's running (row, position)s
+            if where.numel() == 0:
+                continue
+            head, macs = ctrl.logits_at(j), ctrl.check_macs(j)
+            r_idx, p_idx = torch.tensor(rs, device=dev)[where[:, 0]], where[:, 1]
+            hs = self.h[r_idx, p_idx][:, None]  # [n, 1, H]
+            normed = model.final_norm(hs) if (ctrl.needs_normed or head) else None
+            logits = model.adapter.lm_head(normed) if head else None
+            if getattr(ctrl, "per_row_state", False):  # each position its own copy, decided together
+                copies = [self.own[(r, p)] for r, p in zip(r_idx.tolist(), p_idx.tolist())]
+                dec = copies[0].decide_rows(j, copies, hs, normed, logits)
+            else:
+                dec = ctrl.should_exit_rows(j, hs, normed, logits)
+            dec = torch.as_tensor(dec, dtype=torch.bool, device=dev).reshape(-1)
+            for r, n in zip(*torch.unique(r_idx, return_counts=True)):
+                c = self.counters[int(r)]
+                c["exit_checks"] += int(n)
+                c["controller_macs"] += int(n) * int(macs)
+                c["lm_head_calls"] += int(n) if head else 0
+            if bool(dec.any()):
+                self.exited[r_idx[dec], p_idx[dec]] = True
+                self.exit_layer[r_idx[dec], p_idx[dec]] = j
+                self.from_logits[r_idx[dec], p_idx[dec]] = head
+
+    def finish(self, out: list[ForcedRow]) -> None:
+        """Each controller's row: the head on each position's exit state, its exit layers and counters."""
+        final = self.model.final_layer
+        choice = self.model.decode(self.h[:len(self.controllers)]).argmax(-1)  # [rows, t]
+        for r, o in enumerate(out):
+            c, el = self.counters[r], self.exit_layer[r]
+            c["decode_steps"] = self.t
+            c["layers_run"] = int((el + 1).sum())
+            c["kv_propagated_layers"] = int((final - el).sum())
+            c["lm_head_calls"] += int((~self.from_logits[r]).sum())
+            o.counters = c
+            o.own_tokens += choice[r].tolist()
+            o.exit_layers += el.tolist()
+
+
 @torch.inference_mode()
 def simulate_forced(model, prompt: Sequence[int], forced: Sequence[int], controllers: Sequence,
                     *, oracle: bool = False) -> tuple[list[ForcedRow], Optional[list[int]]]:
@@ -838,115 +953,28 @@ def simulate_forced(model, prompt: Sequence[int], forced: Sequence[int], control
                          "its teacher-forced pass needs the decoding loop (generate(..., forced_tokens=...))")
     if not forced:
         raise ValueError("forced is empty; feed at least one token")
-    adapter, dev, dtype = model.adapter, model.device, model.dtype
-    layers, final, num_layers = list(adapter.layers), model.final_layer, model.num_layers
+    final = model.final_layer
     eager = getattr(model.hf.config, "_attn_implementation", "eager") != "sdpa"
-    p_len = len(prompt)
-    # the prefill: the full model over the prompt; every layer's K/V kept
-    ids = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
-    pos = torch.arange(p_len, device=dev)[None]
-    h = adapter.embed(ids, pos)
-    kw = adapter.layer_kwargs(h, pos)
-    mask = _causal_mask(p_len, dtype, dev) if eager else None
-    prefix = []
-    for layer in layers:
-        cap = _Capture()
-        h = _run_layer(layer, h, mask, cap, kw)
-        prefix.append(cap.kv)
-    first = int(model.decode(h[:, -1:]).argmax(-1))
-    rows = len(controllers) + (1 if oracle else 0)
+    prefix, first = _prefill(model, prompt, eager)
     base = {"decode_steps": 0, "layers_run": 0, "kv_propagated_layers": 0, "lm_head_calls": 1, "exit_checks": 0,
             "controller_macs": 0}
     out = [ForcedRow([first], [final], dict(base)) for _ in controllers]
-    t = len(forced) - 1
-    if t == 0:
+    if len(forced) == 1:
         return out, ([] if oracle else None)
-    # the continuation: every row fed forced[:-1] at positions p_len .. p_len + t - 1
-    cont = torch.tensor([list(forced[:-1])], dtype=torch.long, device=dev).expand(rows, t)
-    cpos = (p_len + torch.arange(t, device=dev))[None].expand(rows, t)
-    h = adapter.embed(cont, cpos)
-    kw = adapter.layer_kwargs(h, cpos)
-    seg = torch.ones((t, t), dtype=torch.bool, device=dev).tril()
-    allowed = torch.cat([torch.ones((t, p_len), dtype=torch.bool, device=dev), seg], dim=1)
-    cmask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
-    exited = torch.zeros((rows, t), dtype=torch.bool, device=dev)
-    exit_layer = torch.full((rows, t), final, dtype=torch.long, device=dev)
-    from_logits = torch.zeros((rows, t), dtype=torch.bool, device=dev)  # the choice reuses the check's head
-    checks = [c.check_layers(model) for c in controllers]
-    groups: dict[int, list[int]] = {}
-    for r, c in enumerate(controllers):
-        groups.setdefault(id(c), []).append(r)
-    own: dict[tuple[int, int], object] = {}  # (row, position) -> its instance (per-token state)
-    for r, c in enumerate(controllers):
-        if getattr(c, "per_row_state", False):
-            own.update(((r, p), x) for p, x in enumerate(_position_copies(c, model, t)))
-    counters = [dict(o.counters) for o in out]
-    ask_at = sorted(set().union(*checks)) if checks else []
+    # the continuation: every row fed forced[:-1] at positions len(prompt) .. len(prompt) + t - 1
+    run = _ForcedPass(model, controllers, prefix, len(prompt), forced[:-1], len(controllers) + (1 if oracle else 0),
+                      [dict(o.counters) for o in out])
+    ask_at = set().union(*run.checks) if run.checks else set()
     exit_index = {layer: k for k, layer in enumerate(model.exit_points)}
     oracle_preds = []
-    kw_of = {rows: kw}  # the layers' keyword arguments for the first n rows (every row has the same positions)
-    live = torch.ones(rows, dtype=torch.bool, device=dev)  # rows with a position still running (the oracle's: all)
-    for j, layer in enumerate(layers):
-        # a row whose every position has exited runs no deeper layer: no query of it is left to read its K/V
-        live[:len(controllers)] = ~exited[:len(controllers)].all(1)
-        n = int(live.sum())
-        if n == 0:
+    for j, layer in enumerate(model.adapter.layers):
+        if not run.run_layer(j, layer):
             break
-        sub = h if n == rows else h[live]
-        if n not in kw_of:
-            kw_of[n] = adapter.layer_kwargs(sub, cpos[:n])
-        kv = tuple(x.expand(n, *x.shape[1:]) for x in prefix[j])
-        new = _run_layer(layer, sub, cmask, _Prefixed(kv), kw_of[n])
-        if n == rows:
-            h = torch.where(exited[..., None], h, new)  # an exited position keeps its exit state (its K/V: propagated)
-        else:
-            h = h.clone()
-            h[live] = torch.where(exited[live][..., None], h[live], new)
         if oracle and j in exit_index:
-            oracle_preds.append(model.decode(h[-1]).argmax(-1))
-        if j >= final or j not in ask_at:
-            continue
-        for rs in groups.values():
-            ctrl = controllers[rs[0]]
-            if j not in checks[rs[0]]:
-                continue
-            running = ~exited[rs]  # [len(rs), t]
-            if not bool(running.any()):
-                continue
-            head = ctrl.logits_at(j)
-            macs = ctrl.check_macs(j)
-            where = running.nonzero(as_tuple=False)
-            r_idx = torch.tensor(rs, device=dev)[where[:, 0]]
-            p_idx = where[:, 1]
-            hs = h[r_idx, p_idx][:, None]  # [n, 1, H]
-            normed = model.final_norm(hs) if (ctrl.needs_normed or head) else None
-            logits = adapter.lm_head(normed) if head else None
-            if getattr(ctrl, "per_row_state", False):  # each position its own copy, decided together
-                copies = [own[(r, p)] for r, p in zip(r_idx.tolist(), p_idx.tolist())]
-                dec = copies[0].decide_rows(j, copies, hs, normed, logits)
-            else:
-                dec = ctrl.should_exit_rows(j, hs, normed, logits)
-            dec = torch.as_tensor(dec, dtype=torch.bool, device=dev).reshape(-1)
-            for r, n in zip(*torch.unique(r_idx, return_counts=True)):
-                c = counters[int(r)]
-                c["exit_checks"] += int(n)
-                c["controller_macs"] += int(n) * int(macs)
-                c["lm_head_calls"] += int(n) if head else 0
-            if bool(dec.any()):
-                exited[r_idx[dec], p_idx[dec]] = True
-                exit_layer[r_idx[dec], p_idx[dec]] = j
-                from_logits[r_idx[dec], p_idx[dec]] = head
-    choice = model.decode(h[:len(controllers)]).argmax(-1)  # [rows, t]: the head on each position's exit state
-    for r, o in enumerate(out):
-        c = counters[r]
-        el = exit_layer[r]
-        c["decode_steps"] = t
-        c["layers_run"] = int((el + 1).sum())
-        c["kv_propagated_layers"] = int((final - el).sum())
-        c["lm_head_calls"] += int((~from_logits[r]).sum())
-        o.counters = c
-        o.own_tokens += choice[r].tolist()
-        o.exit_layers += el.tolist()
+            oracle_preds.append(model.decode(run.h[-1]).argmax(-1))
+        if j < final and j in ask_at:
+            run.check(j)
+    run.finish(out)
     oracle_exit = None
     if oracle:
         preds = torch.stack(oracle_preds, dim=1)  # [t, E + 1]
