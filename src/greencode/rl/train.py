@@ -167,15 +167,9 @@ def analyse_policy(policy, bank: TrajectoryBank, cfg: Config, thresholds=None) -
     }
 
 
-def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = None, *,
-                progress_bar: bool = True, tensorboard: bool = True) -> Path:
-    """Train the PPO exit agent and write everything listed in the module docstring.
-    ``bank`` (a TrajectoryBank or a bank directory) skips building/reusing the run's bank.
-    Returns the exported policy path."""
-    from stable_baselines3.common.callbacks import CheckpointCallback
-
-    check_ppo_config(cfg)
-    paths = RunPaths.from_config(cfg)
+def _training_bank(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]]) -> TrajectoryBank:
+    """The bank the agent learns from: the run's (built or reused), a bank directory or a loaded bank,
+    viewed with the config's observation features and cut to ``rl.train_tokens``."""
     if bank is None:
         bank = build_bank(cfg)
     if not isinstance(bank, TrajectoryBank):
@@ -185,41 +179,27 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
                          f"{cfg.rl.observation!r}; rebuild the bank with scripts/build_bank.py")
     # a bank recorded with more features serves an observation of fewer (the ablations share one bank)
     bank = bank.with_features(cfg.rl.observation_features, cfg.rl.candidates())
-    bank = bank.training_subset(cfg.rl.train_tokens, seed=cfg.seed)
-    set_seed(cfg.seed)
-    has_heldout = bool(bank.heldout.any()) and not bool(bank.heldout.all())
-    train_bank = bank.sequences(heldout=False) if has_heldout else bank
-    heldout_bank = bank.sequences(heldout=True) if has_heldout else None
+    return bank.training_subset(cfg.rl.train_tokens, seed=cfg.seed)
 
-    agent_dir = paths.agent
-    for sub in ("monitor", "logs", "checkpoints"):  # a fresh run: no files mixed in from an older one
-        shutil.rmtree(agent_dir / sub, ignore_errors=True)
-    save_run_info(agent_dir, cfg, "rl", bank=bank.manifest.get("path", "in-memory"), bank_tokens=bank.num_tokens,
-                  bank_sequences=bank.num_sequences)
 
-    env_speed = benchmark_env(train_bank, cfg.rl.reward, seed=cfg.seed, episode=cfg.rl.episode)
-    log.info("environment: %.0f steps/s on the bank (numpy only)", env_speed["env_steps_per_s"])
+def _policy_metadata(cfg: Config, bank: TrajectoryBank) -> dict:
+    """What an exported policy (and the classifier) records about the observation it takes."""
+    fp = bank.manifest.get("fingerprint", {"hidden_size": bank.hidden_size, "exit_layers": bank.exit_layers})
+    return {"observation": bank.observation or cfg.rl.observation, "exit_layers": bank.exit_layers,
+            "features": list(bank.manifest.get("observation_features", [])),
+            "candidates": bank.manifest.get("candidates"),
+            "final_layer": bank.manifest.get("final_layer"), "hidden_size": bank.hidden_size,
+            "fingerprint": fp, "model": bank.manifest.get("model"), "config_name": cfg.name, "seed": cfg.seed,
+            "preprocessing": f"greencode.decoding.policy_observation(model, h, {cfg.rl.observation!r}), float32"}
+
+
+def _learn(cfg: Config, train_bank: TrajectoryBank, classifier, agent_dir: Path, threads: int, *,
+           tensorboard: bool, progress_bar: bool):
+    """PPO on the training sequences (started from the classifier with ``rl.ppo.init_policy=classifier``),
+    checkpointed; returns the SB3 model and the seconds ``learn`` took."""
+    from stable_baselines3.common.callbacks import CheckpointCallback
 
     p = cfg.rl.ppo
-    fp = bank.manifest.get("fingerprint", {"hidden_size": bank.hidden_size, "exit_layers": bank.exit_layers})
-    metadata = {"observation": bank.observation or cfg.rl.observation, "exit_layers": bank.exit_layers,
-                "features": list(bank.manifest.get("observation_features", [])),
-                "candidates": bank.manifest.get("candidates"),
-                "final_layer": bank.manifest.get("final_layer"), "hidden_size": bank.hidden_size,
-                "fingerprint": fp, "model": bank.manifest.get("model"), "config_name": cfg.name, "seed": cfg.seed,
-                "preprocessing": f"greencode.decoding.policy_observation(model, h, {cfg.rl.observation!r}), float32"}
-    # the supervised rival (CALM's learned classifier): same MLP, same bank, same observation; trained
-    # first, so that rl.ppo.init_policy=classifier can start PPO from it
-
-    classifier, classifier_report = train_classifier(bank, p.net_arch, seed=cfg.seed, path=paths.classifier,
-                                                     metadata=metadata)
-
-    # SB3's small MLP gains nothing from intra-op threads, and on a busy machine OpenMP
-    # threads waiting for each other slow PPO down >10x (measured: 373 vs 4,247 steps/s
-    # with 2 vs 1 threads on 2 loaded cores); hardware.num_threads > 0 overrides. The model is built under
-    # the same count: SB3's orthogonal init runs a QR decomposition whose last bits depend on the thread count
-    # (1 vs 2 threads: 1.4e-7), and PPO turns that into another agent (a fresh clone on 2 cores did).
-    threads = cfg.hardware.num_threads or 1
     env = make_vec_env(train_bank, cfg, monitor_dir=agent_dir / "monitor")
     with torch_threads(threads):
         model = make_ppo(env, cfg, tensorboard=tensorboard, log_dir=agent_dir / "logs")
@@ -236,26 +216,19 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
         model.learn(total_timesteps=p.total_timesteps, callback=ckpt, progress_bar=progress_bar)
         wall_s = time.perf_counter() - t0
     env.close()
-    trained_steps = int(model.num_timesteps)
-    log.info("PPO finished: %d timesteps in %.1f s (%.0f steps/s)", trained_steps, wall_s, trained_steps / wall_s)
-    model.save(agent_dir / "ppo_final.zip")
+    return model, wall_s
 
-    metadata = dict(metadata, total_timesteps=trained_steps, reward=cfg.section_dict("rl")["rl"]["reward"],
-                    init_policy=p.init_policy)
-    policy_path = export_policy(model, paths.policy, metadata)
-    policy = from_sb3(model, metadata)
 
-    # ------------------------------------------------------------------ analysis data
-    out_dir = paths.results_rl
-    curve = _episode_curve(agent_dir / "monitor")
-    _write_csv(out_dir / "episode_rewards.csv", curve)
-    progress = agent_dir / "logs" / "progress.csv"
-    if progress.is_file():
-        shutil.copyfile(progress, out_dir / "progress.csv")
+def _analysis(cfg: Config, bank: TrajectoryBank, train_bank: TrajectoryBank, heldout_bank: Optional[TrajectoryBank],
+              policy, classifier, classifier_report: dict, policy_path: Path, curve: list, training: dict) -> dict:
+    """``results/<name>/rl/analysis.json``: the bank, the optimal exits, the agent's exits and agreement per
+    threshold, the classifier, each learned decision's AUC against the oracle label, and the training."""
+    paths = RunPaths.from_config(cfg)
     eval_bank = heldout_bank if heldout_bank is not None else train_bank
+    which = "heldout" if heldout_bank is not None else "train (no held-out sequences)"
     # the weights the bank was recorded from (an older bank without the record: the run's models now)
     weights = {"weights": bank.manifest["weights"]} if bank.manifest.get("weights") else {}
-    analysis = {
+    return {
         "meta": run_metadata(cfg, stage="rl", **weights),
         "policy": str(policy_path),
         "bank": {"num_sequences": bank.num_sequences, "num_tokens": bank.num_tokens,
@@ -267,32 +240,37 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
                  "training_subset": bank.manifest.get("training_subset")},
         "optimal_exit_histogram": {"train": train_bank.l_opt_histogram(),
                                    "heldout": heldout_bank.l_opt_histogram() if heldout_bank is not None else None},
-        "exit_accuracy": {"bank": "heldout" if heldout_bank is not None else "train (no held-out sequences)",
-                          "temperature": cfg.decoding.policy_temperature,
+        "exit_accuracy": {"bank": which, "temperature": cfg.decoding.policy_temperature,
                           **analyse_policy(policy, eval_bank, cfg)},
         "classifier": {"path": str(paths.classifier), **classifier_report},
         # issue 30's "learning works": each learned decision's held-out AUC against the oracle label, per exit point
-        "decision_auc": {"bank": "heldout" if heldout_bank is not None else "train (no held-out sequences)",
-                         "target_mean_auc": TARGET_MEAN_AUC,
+        "decision_auc": {"bank": which, "target_mean_auc": TARGET_MEAN_AUC,
                          **decision_auc_report({"gc": decision_auc(policy, eval_bank, seed=cfg.seed),
                                                 "classifier": decision_auc(classifier, eval_bank, seed=cfg.seed)},
                                                reference="classifier")},
         "bank_behaviour": {"behaviour": bank.manifest.get("bank_config", {}).get("behaviour"),
                            "early_exit_share": bank.manifest.get("behaviour_early_exit_share")},
-        "training": {"total_timesteps": trained_steps, "wall_time_s": wall_s,
-                     "steps_per_s": trained_steps / wall_s, "episodes": sum(r["episodes_in_bin"] for r in curve),
+        "training": {**training, "episodes": sum(r["episodes_in_bin"] for r in curve),
                      "final_mean_step_reward": curve[-1]["mean_step_reward"] if curve else None,
                      "first_mean_step_reward": curve[0]["mean_step_reward"] if curve else None},
     }
-    write_json(out_dir / "analysis.json", analysis)
-    bench = {"meta": run_metadata(cfg, stage="rl_env_benchmark", **weights),
-             "bank_shape": {"num_tokens": train_bank.num_tokens, "n_exit_points": train_bank.n_exit_points,
-                            "hidden_size": train_bank.hidden_size},
-             **env_speed,
-             "ppo_total_timesteps": trained_steps, "ppo_wall_time_s": wall_s,
-             "ppo_steps_per_s": trained_steps / wall_s, "n_envs": p.n_envs, "vec_env": p.vec_env,
-             "ppo_device": p.device, "torch_threads": threads}
-    write_json(paths.results.parent / "benchmark" / f"rl_env_{cfg.name}.json", bench)
+
+
+def _speed_record(cfg: Config, bank: TrajectoryBank, train_bank: TrajectoryBank, env_speed: dict, training: dict,
+                  threads: int) -> dict:
+    """``results/benchmark/rl_env_<name>.json``: the environment's steps per second and PPO's."""
+    p = cfg.rl.ppo
+    weights = {"weights": bank.manifest["weights"]} if bank.manifest.get("weights") else {}
+    return {"meta": run_metadata(cfg, stage="rl_env_benchmark", **weights),
+            "bank_shape": {"num_tokens": train_bank.num_tokens, "n_exit_points": train_bank.n_exit_points,
+                           "hidden_size": train_bank.hidden_size},
+            **env_speed,
+            "ppo_total_timesteps": training["total_timesteps"], "ppo_wall_time_s": training["wall_time_s"],
+            "ppo_steps_per_s": training["steps_per_s"], "n_envs": p.n_envs, "vec_env": p.vec_env,
+            "ppo_device": p.device, "torch_threads": threads}
+
+
+def _log_summary(analysis: dict) -> None:
     mid = next((r for r in analysis["exit_accuracy"]["thresholds"] if r["threshold"] == MID_THRESHOLD), None)
     if mid:
         log.info("agent at threshold %.2f on the %s bank: %.1f%% of tokens exit before the final layer, "
@@ -302,6 +280,67 @@ def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = 
     da = analysis["decision_auc"]
     log.info("decision AUC against the oracle label, mean over exit points (%s bank): GC %s, classifier %s "
              "(issue 30's target %.2f)", da["bank"], _fmt_auc(da["gc"]), _fmt_auc(da["classifier"]), TARGET_MEAN_AUC)
+
+
+def train_agent(cfg: Config, bank: Optional[Union[TrajectoryBank, str, Path]] = None, *,
+                progress_bar: bool = True, tensorboard: bool = True) -> Path:
+    """Train the PPO exit agent and write everything listed in the module docstring.
+    ``bank`` (a TrajectoryBank or a bank directory) skips building/reusing the run's bank.
+    Returns the exported policy path."""
+    check_ppo_config(cfg)
+    paths = RunPaths.from_config(cfg)
+    bank = _training_bank(cfg, bank)
+    set_seed(cfg.seed)
+    has_heldout = bool(bank.heldout.any()) and not bool(bank.heldout.all())
+    train_bank = bank.sequences(heldout=False) if has_heldout else bank
+    heldout_bank = bank.sequences(heldout=True) if has_heldout else None
+
+    agent_dir = paths.agent
+    for sub in ("monitor", "logs", "checkpoints"):  # a fresh run: no files mixed in from an older one
+        shutil.rmtree(agent_dir / sub, ignore_errors=True)
+    save_run_info(agent_dir, cfg, "rl", bank=bank.manifest.get("path", "in-memory"), bank_tokens=bank.num_tokens,
+                  bank_sequences=bank.num_sequences)
+
+    env_speed = benchmark_env(train_bank, cfg.rl.reward, seed=cfg.seed, episode=cfg.rl.episode)
+    log.info("environment: %.0f steps/s on the bank (numpy only)", env_speed["env_steps_per_s"])
+
+    metadata = _policy_metadata(cfg, bank)
+    # the supervised rival (CALM's learned classifier): same MLP, same bank, same observation; trained
+    # first, so that rl.ppo.init_policy=classifier can start PPO from it
+    classifier, classifier_report = train_classifier(bank, cfg.rl.ppo.net_arch, seed=cfg.seed, path=paths.classifier,
+                                                     metadata=metadata)
+
+    # SB3's small MLP gains nothing from intra-op threads, and on a busy machine OpenMP
+    # threads waiting for each other slow PPO down >10x (measured: 373 vs 4,247 steps/s
+    # with 2 vs 1 threads on 2 loaded cores); hardware.num_threads > 0 overrides. The model is built under
+    # the same count: SB3's orthogonal init runs a QR decomposition whose last bits depend on the thread count
+    # (1 vs 2 threads: 1.4e-7), and PPO turns that into another agent (a fresh clone on 2 cores did).
+    threads = cfg.hardware.num_threads or 1
+    model, wall_s = _learn(cfg, train_bank, classifier, agent_dir, threads, tensorboard=tensorboard,
+                           progress_bar=progress_bar)
+    trained_steps = int(model.num_timesteps)
+    log.info("PPO finished: %d timesteps in %.1f s (%.0f steps/s)", trained_steps, wall_s, trained_steps / wall_s)
+    model.save(agent_dir / "ppo_final.zip")
+
+    metadata = dict(metadata, total_timesteps=trained_steps, reward=cfg.section_dict("rl")["rl"]["reward"],
+                    init_policy=cfg.rl.ppo.init_policy)
+    policy_path = export_policy(model, paths.policy, metadata)
+    policy = from_sb3(model, metadata)
+
+    # ------------------------------------------------------------------ analysis data
+    out_dir = paths.results_rl
+    curve = _episode_curve(agent_dir / "monitor")
+    _write_csv(out_dir / "episode_rewards.csv", curve)
+    progress = agent_dir / "logs" / "progress.csv"
+    if progress.is_file():
+        shutil.copyfile(progress, out_dir / "progress.csv")
+    training = {"total_timesteps": trained_steps, "wall_time_s": wall_s, "steps_per_s": trained_steps / wall_s}
+    analysis = _analysis(cfg, bank, train_bank, heldout_bank, policy, classifier, classifier_report, policy_path,
+                         curve, training)
+    write_json(out_dir / "analysis.json", analysis)
+    write_json(paths.results.parent / "benchmark" / f"rl_env_{cfg.name}.json",
+               _speed_record(cfg, bank, train_bank, env_speed, training, threads))
+    _log_summary(analysis)
     return policy_path
 
 
