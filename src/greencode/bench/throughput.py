@@ -32,6 +32,118 @@ def throughput_path(cfg: Config) -> Path:
     return benchmark_path(cfg).with_name(f"throughput_{cfg.name}.json")
 
 
+class _Workload:
+    """Every prompt decoded ``size`` at a time by one method (:meth:`run`): our loop with a controller, or HF
+    ``generate`` with left padding. Keeps each (method, batch size)'s tokens (the first run's) and layers per
+    decoded token: each row's own, and the batch's (its deepest row's, what a step runs through: a batch runs
+    to its deepest row, on however few rows)."""
+
+    def __init__(self, cfg: Config, model, device, prompts: list[list[int]], controllers: dict, new_tokens: int):
+        self.cfg, self.model, self.device, self.prompts = cfg, model, device, prompts
+        self.controllers, self.new_tokens = controllers, new_tokens
+        pad = model.hf.config.pad_token_id
+        self.pad = pad if pad is not None else 0
+        self.gconf = hf_greedy_config(model, new_tokens)
+        self.tokens: dict[tuple[str, int], list[list[int]]] = {}  # (method, batch size) -> each prompt's tokens
+        self.depth: dict[tuple[str, int], dict[str, float]] = {}  # (method, batch size) -> {"row", "batch"}
+
+    def _hf(self, chunk: list[list[int]]) -> list[list[int]]:
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        with torch.inference_mode():
+            gen_ids = self.model.hf.generate(ids.to(self.device), attention_mask=mask.to(self.device),
+                                             generation_config=self.gconf)
+        return [row[width:].tolist() for row in gen_ids]
+
+    def decode_all(self, method: str, size: int) -> tuple[list[list[int]], Optional[float]]:
+        """Every prompt's new tokens, decoded ``size`` at a time, and (our loop) the seconds spent after the
+        prefills: per batch the longest row's ``decode_time_s`` (HF generate: None)."""
+        out: list[list[int]] = []
+        decode_s: Optional[float] = None if method == "hf_generate" else 0.0
+        steps: list[list[int]] = []
+        for i in range(0, len(self.prompts), size):
+            chunk = self.prompts[i:i + size]
+            if method == "hf_generate":
+                out += self._hf(chunk)
+                continue
+            res = generate(self.model, chunk if len(chunk) > 1 else chunk[0], self.controllers[method],
+                           self.new_tokens, kv_strategy=self.cfg.decoding.kv_strategy)
+            res = res if isinstance(res, list) else [res]
+            out += [r.tokens for r in res]
+            decode_s += max(r.counters["decode_time_s"] for r in res)
+            # the rows start together: step t decodes token t of every row (token 0 comes from the prefill)
+            steps += [[r.exit_layers[t] + 1 for r in res] for t in range(1, min(len(r.exit_layers) for r in res))]
+        if steps:
+            self.depth.setdefault((method, size), {"row": sum(sum(x) / len(x) for x in steps) / len(steps),
+                                                   "batch": sum(max(x) for x in steps) / len(steps)})
+        return out, decode_s
+
+    def run(self, method: str, size: int) -> tuple[float, Optional[float]]:
+        """Wall seconds to decode every prompt, ``size`` at a time, and the part of it after the prefills."""
+        (out, decode_s), wall = timed(self.device, lambda: self.decode_all(method, size))
+        n, new = len(self.prompts), self.new_tokens
+        if len(out) != n or any(len(t) != new for t in out):
+            raise RuntimeError(f"{method} at batch {size} produced {[len(t) for t in out]} tokens, expected "
+                               f"{new} for each of {n} prompts")
+        self.tokens.setdefault((method, size), out)
+        return wall, decode_s
+
+
+def _throughput_rows(runs: dict, work: _Workload, methods: list[str], sizes: list[int]) -> dict[str, dict[str, dict]]:
+    """Per method and batch size: tokens/s (median, quartiles, every round), paired ratios to batch
+    ``sizes[0]``, to HF and to the full model, decode-only tokens/s, rows equal to batch ``sizes[0]``'s, depth."""
+    n = len(work.prompts)
+    total = n * work.new_tokens
+    tps = {key: [total / w for w, _ in rs] for key, rs in runs.items()}
+    # decode-phase tokens/s (our loop only): what skipping layers can speed up; the prefill is the full model's
+    dtps = {key: [total / d for _, d in rs] for key, rs in runs.items() if rs and rs[0][1] is not None}
+    rows: dict[str, dict[str, dict]] = {}
+    for m in methods:
+        rows[m] = {}
+        for b in sizes:
+            q = quartiles(tps[(m, b)])
+            same = sum(t == u for t, u in zip(work.tokens[(m, b)], work.tokens[(m, sizes[0])]))
+            depth = work.depth.get((m, b))
+            rows[m][str(b)] = {
+                "tokens_per_s_median": q["median"], "tokens_per_s_q1": q["q1"], "tokens_per_s_q3": q["q3"],
+                "tokens_per_s_iqr": q["iqr"], "relative_iqr": q["iqr"] / q["median"] if q["median"] else None,
+                f"ratio_to_batch_{sizes[0]}": paired_median(tps[(m, b)], tps[(m, sizes[0])]),
+                "ratio_to_hf": paired_median(tps[(m, b)], tps[("hf_generate", b)]),
+                "ratio_to_full": paired_median(tps[(m, b)], tps[("full", b)]),
+                f"rows_equal_to_batch_{sizes[0]}": same / n,
+                "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)],
+                "decode_tokens_per_s_median": quartiles(dtps[(m, b)])["median"] if (m, b) in dtps else None,
+                "decode_ratio_to_full": paired_median(dtps[(m, b)], dtps[("full", b)]) if (m, b) in dtps else None,
+                "layers_per_token_row": depth["row"] if depth else None,
+                "layers_per_step_batch": depth["batch"] if depth else None}
+    return rows
+
+
+def _throughput_targets(rows: dict, sizes: list[int], gc_name: str, fixed_name: str) -> dict:
+    """Batch 8 over batch 1 (full model), and GC's and the fixed exit's tokens/s over the full model's at batch 8."""
+    targets = {}
+    if 8 in sizes and 1 in sizes:
+        v = rows["full"]["8"]["ratio_to_batch_1"]
+        targets["batch8_vs_batch1"] = {"value": v, "target": f">= {THROUGHPUT_TARGETS['batch8_vs_batch1_min_ratio']}",
+                                       "met": v >= THROUGHPUT_TARGETS["batch8_vs_batch1_min_ratio"],
+                                       "gc_value": rows[gc_name]["8"]["ratio_to_batch_1"],
+                                       "what": "full model tokens/s at batch 8 over batch 1 (median of paired rounds)"}
+    if 8 in sizes:
+        for key, name, bound in (("gc_vs_full_batch8", gc_name, "gc_vs_full_batch8_min_ratio"),
+                                 ("fixed_vs_full_batch8", fixed_name, "fixed_vs_full_batch8_min_ratio")):
+            r, low = rows[name]["8"], THROUGHPUT_TARGETS[bound]
+            targets[key] = {"value": r["ratio_to_full"], "target": f">= {low}", "met": r["ratio_to_full"] >= low,
+                            "decode_value": r["decode_ratio_to_full"],
+                            "batch1_value": rows[name][str(sizes[0])]["ratio_to_full"],
+                            "what": f"{name} tokens/s over the full model's at batch 8 (median of paired rounds; "
+                                    "decode_value: the same after the prefills, which run the full model)"}
+    return targets
+
+
 def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 4, 8, 16), context_tokens: int = 200,
                    new_tokens: int = 32, num_prompts: Optional[int] = None, repeats: int = 3, warmup: int = 1,
                    gc_threshold: Optional[float] = None, out_path: Optional[Union[str, Path]] = None) -> Path:
@@ -67,99 +179,11 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     for c in controllers.values():
         c.check_layers(model)
     methods = list(controllers) + ["hf_generate"]
-    pad = model.hf.config.pad_token_id
-    pad = pad if pad is not None else 0
-    gconf = hf_greedy_config(model, new_tokens)
-    tokens: dict[tuple[str, int], list[list[int]]] = {}  # (method, batch size) -> each prompt's tokens
-    # (method, batch size) -> layers per decoded token: each row's own, and the batch's (its deepest row's, what a
-    # step runs through: a batch runs to its deepest row, on however few rows)
-    depth: dict[tuple[str, int], dict[str, float]] = {}
-
-    def batches(size: int) -> list[list[list[int]]]:
-        return [prompts[i:i + size] for i in range(0, num_prompts, size)]
-
-    def decode_all(method: str, size: int) -> tuple[list[list[int]], Optional[float]]:
-        """Every prompt's new tokens, decoded ``size`` at a time, and (our loop) the seconds spent after the
-        prefills: per batch the longest row's ``decode_time_s`` (HF generate: None)."""
-        out: list[list[int]] = []
-        decode_s: Optional[float] = None if method == "hf_generate" else 0.0
-        steps: list[list[int]] = []
-        for chunk in batches(size):
-            if method == "hf_generate":
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, p in enumerate(chunk):
-                    ids[r, width - len(p):] = torch.tensor(p)
-                    mask[r, width - len(p):] = 1
-                with torch.inference_mode():
-                    gen_ids = model.hf.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gconf)
-                out += [row[width:].tolist() for row in gen_ids]
-            else:
-                res = generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[method], new_tokens,
-                               kv_strategy=cfg.decoding.kv_strategy)
-                res = res if isinstance(res, list) else [res]
-                out += [r.tokens for r in res]
-                decode_s += max(r.counters["decode_time_s"] for r in res)
-                # the rows start together: step t decodes token t of every row (token 0 comes from the prefill)
-                steps += [[r.exit_layers[t] + 1 for r in res] for t in range(1, min(len(r.exit_layers) for r in res))]
-        if steps:
-            depth.setdefault((method, size), {"row": sum(sum(x) / len(x) for x in steps) / len(steps),
-                                              "batch": sum(max(x) for x in steps) / len(steps)})
-        return out, decode_s
-
-    def run(method: str, size: int) -> tuple[float, Optional[float]]:
-        """Wall seconds to decode every prompt, ``size`` at a time, and the part of it after the prefills."""
-        (out, decode_s), wall = timed(device, lambda: decode_all(method, size))
-        if len(out) != num_prompts or any(len(t) != new_tokens for t in out):
-            raise RuntimeError(f"{method} at batch {size} produced {[len(t) for t in out]} tokens, expected "
-                               f"{new_tokens} for each of {num_prompts} prompts")
-        tokens.setdefault((method, size), out)
-        return wall, decode_s
-
+    work = _Workload(cfg, model, device, prompts, controllers, new_tokens)
     with Noise() as noise:  # one group per batch size: every method at it, in a rotated order
         runs = interleaved_rounds([[(m, b) for m in methods] for b in sizes], repeats, warmup,
-                                  lambda cell: run(*cell))
-
-    total = num_prompts * new_tokens
-    tps = {key: [total / w for w, _ in rs] for key, rs in runs.items()}
-    # decode-phase tokens/s (our loop only): what skipping layers can speed up; the prefill is the full model's
-    dtps = {key: [total / d for _, d in rs] for key, rs in runs.items() if rs and rs[0][1] is not None}
-    gc_name = methods[1]
-    rows: dict[str, dict[str, dict]] = {}
-    for m in methods:
-        rows[m] = {}
-        for b in sizes:
-            q = quartiles(tps[(m, b)])
-            same = sum(t == u for t, u in zip(tokens[(m, b)], tokens[(m, sizes[0])]))
-            rows[m][str(b)] = {
-                "tokens_per_s_median": q["median"], "tokens_per_s_q1": q["q1"], "tokens_per_s_q3": q["q3"],
-                "tokens_per_s_iqr": q["iqr"], "relative_iqr": q["iqr"] / q["median"] if q["median"] else None,
-                f"ratio_to_batch_{sizes[0]}": paired_median(tps[(m, b)], tps[(m, sizes[0])]),
-                "ratio_to_hf": paired_median(tps[(m, b)], tps[("hf_generate", b)]),
-                "ratio_to_full": paired_median(tps[(m, b)], tps[("full", b)]),
-                f"rows_equal_to_batch_{sizes[0]}": same / num_prompts,
-                "num_runs": len(tps[(m, b)]), "tokens_per_s_runs": tps[(m, b)],
-                "decode_tokens_per_s_median": quartiles(dtps[(m, b)])["median"] if (m, b) in dtps else None,
-                "decode_ratio_to_full": paired_median(dtps[(m, b)], dtps[("full", b)]) if (m, b) in dtps else None,
-                "layers_per_token_row": depth[(m, b)]["row"] if (m, b) in depth else None,
-                "layers_per_step_batch": depth[(m, b)]["batch"] if (m, b) in depth else None}
-    targets = {}
-    if 8 in sizes and 1 in sizes:
-        v = rows["full"]["8"]["ratio_to_batch_1"]
-        targets["batch8_vs_batch1"] = {"value": v, "target": f">= {THROUGHPUT_TARGETS['batch8_vs_batch1_min_ratio']}",
-                                       "met": v >= THROUGHPUT_TARGETS["batch8_vs_batch1_min_ratio"],
-                                       "gc_value": rows[gc_name]["8"]["ratio_to_batch_1"],
-                                       "what": "full model tokens/s at batch 8 over batch 1 (median of paired rounds)"}
-    if 8 in sizes:
-        for key, name, bound in (("gc_vs_full_batch8", gc_name, "gc_vs_full_batch8_min_ratio"),
-                                 ("fixed_vs_full_batch8", methods[2], "fixed_vs_full_batch8_min_ratio")):
-            r, low = rows[name]["8"], THROUGHPUT_TARGETS[bound]
-            targets[key] = {"value": r["ratio_to_full"], "target": f">= {low}", "met": r["ratio_to_full"] >= low,
-                            "decode_value": r["decode_ratio_to_full"],
-                            "batch1_value": rows[name][str(sizes[0])]["ratio_to_full"],
-                            "what": f"{name} tokens/s over the full model's at batch 8 (median of paired rounds; "
-                                    "decode_value: the same after the prefills, which run the full model)"}
+                                  lambda cell: work.run(*cell))
+    rows = _throughput_rows(runs, work, methods, sizes)
     result = {
         "format": "greencode-throughput/1",
         "config_name": cfg.name,
@@ -174,7 +198,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
                             "tokens/s (our loop): the same tokens over the seconds after each batch's prefill",
                   "hf": "model.hf.generate, left padding + attention mask, greedy, min_new_tokens = max_new_tokens"},
         "methods": rows,
-        "targets": targets,
+        "targets": _throughput_targets(rows, sizes, methods[1], methods[2]),
         "noise": {**noise.record(),
                   "max_relative_iqr": max(r["relative_iqr"] or 0 for m in rows.values() for r in m.values())},
     }
