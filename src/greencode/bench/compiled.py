@@ -26,6 +26,79 @@ def compiled_path(cfg: Config) -> Path:
     return benchmark_path(cfg).with_name(f"compiled_{cfg.name}.json")
 
 
+class _CompiledRuns:
+    """One round's cell (:meth:`run`): every prompt, ``size`` at a time, through the loop eager or with the
+    compiled layer step, or HF ``generate`` at batch 1. Each compiled chunk's tokens and exits are compared
+    with the eager run's (``agree``: [identical, compared] per method and batch), and the first compiled
+    call of each shape, which compiles, is kept apart (``compile_s``)."""
+
+    def __init__(self, cfg: Config, model, device, prompts: list[list[int]], controllers: dict, new_tokens: int,
+                 steps: CompiledSteps):
+        self.cfg, self.model, self.device, self.prompts = cfg, model, device, prompts
+        self.controllers, self.new_tokens, self.steps = controllers, new_tokens, steps
+        self.gconf = hf_greedy_config(model, new_tokens)
+        self.reference: dict[tuple[str, int, int], tuple] = {}  # (method, batch, chunk) -> eager tokens and exits
+        self.agree: dict[tuple[str, int], list[int]] = {}  # (method, batch) -> [compiled chunks equal to eager, compared]
+        self.compile_s: dict[str, float] = {}
+
+    def _hf(self) -> float:
+        from transformers import StoppingCriteriaList
+
+        per = []
+        for p in self.prompts:
+            ids = torch.tensor([p], device=self.device)
+            clock = StepClock(self.device)
+            with torch.inference_mode():
+                self.model.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=self.gconf,
+                                       stopping_criteria=StoppingCriteriaList([clock]))
+            per.append(clock.per_step())
+        return statistics.median(per)
+
+    def run(self, name: str, impl: str, size: int) -> Optional[float]:
+        """Median seconds per decode step over the chunks of ``size`` prompts."""
+        if name == "hf_generate":
+            return self._hf()
+        layer_step = self.steps if impl == "compiled" else None
+        per = []
+        for k in range(0, len(self.prompts), size):
+            chunk = self.prompts[k:k + size]
+            res, wall = timed(self.device, lambda: generate(
+                self.model, chunk if len(chunk) > 1 else chunk[0], self.controllers[name], self.new_tokens,
+                kv_strategy=self.cfg.decoding.kv_strategy, layer_step=layer_step))
+            res = res if isinstance(res, list) else [res]
+            got = ([r.tokens for r in res], [r.exit_layers for r in res])
+            key = (name, size, k)
+            if impl == "eager":
+                self.reference[key] = got
+            elif key in self.reference:
+                a = self.agree.setdefault((name, size), [0, 0])
+                a[0] += got == self.reference[key]
+                a[1] += 1
+                self.compile_s.setdefault(f"{name}@{size}", wall)  # the first compiled call of this shape compiles
+            per.append(res[0].counters["decode_time_s"] / (self.new_tokens - 1))
+        return statistics.median(per)
+
+
+def _compiled_rows(times: dict, runs: _CompiledRuns, sizes: list[int]) -> dict[str, dict]:
+    """Per method and batch size: eager and compiled seconds per step (quartiles), tokens/s, the paired
+    speed-up, identical chunks, the first compiled call, and at batch 1 both against HF ``generate``."""
+    rows: dict[str, dict] = {}
+    hf = times.get(("hf_generate", "eager", 1))
+    for size in sizes:
+        for name in runs.controllers:
+            e, c = times[(name, "eager", size)], times[(name, "compiled", size)]
+            a = runs.agree.get((name, size), [0, 0])
+            row = {"eager_s_per_step": quartiles(e), "compiled_s_per_step": quartiles(c),
+                   "eager_tokens_per_s": size / statistics.median(e), "compiled_tokens_per_s": size / statistics.median(c),
+                   "speedup": paired_median(e, c), "identical_chunks": a[0], "compared_chunks": a[1],
+                   "first_compiled_call_s": runs.compile_s.get(f"{name}@{size}")}
+            if size == 1 and hf is not None:
+                row["compiled_vs_hf"] = paired_median(hf, c)
+                row["eager_vs_hf"] = paired_median(hf, e)
+            rows.setdefault(name, {})[str(size)] = row
+    return rows
+
+
 def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[str, Sequence[int]] = (1, 8),
                  context_tokens: int = 200, new_tokens: int = 32, num_prompts: int = 4, repeats: int = 5,
                  warmup: int = 1, gc_threshold: Optional[float] = None,
@@ -41,8 +114,6 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
     medians of paired per-round ratios. Every compiled run's tokens and exit layers must equal the
     eager run's (counted; a mismatch is reported, not hidden). Writes the JSON and a markdown
     table; returns the JSON's path."""
-    from transformers import StoppingCriteriaList
-
     sizes = parse_sizes(batch_sizes)
     out_path, device, model, model_note, policy, policy_note = setup(
         cfg, out_path if out_path is not None else compiled_path(cfg), context_tokens, new_tokens,
@@ -62,68 +133,16 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
     for c in controllers.values():
         c.check_layers(model)
     steps = CompiledSteps(mode)  # the compiled runs' layer step, passed to the loop (the eager runs: None)
-    gconf = hf_greedy_config(model, new_tokens)
-    methods = [(name, impl) for name in controllers for impl in ("eager", "compiled")]
-    reference: dict[tuple[str, int, int], tuple] = {}  # (method, batch, chunk) -> eager tokens and exits
-    agree: dict[tuple[str, int], list[int]] = {}  # (method, batch) -> [compiled chunks equal to eager, compared]
-    compile_s: dict[str, float] = {}
-
-    def run(name: str, impl: str, size: int) -> Optional[float]:
-        """Median seconds per decode step over the chunks of ``size`` prompts."""
-        if name == "hf_generate":
-            per = []
-            for p in prompts:
-                ids = torch.tensor([p], device=device)
-                clock = StepClock(device)
-                with torch.inference_mode():
-                    model.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gconf,
-                                      stopping_criteria=StoppingCriteriaList([clock]))
-                per.append(clock.per_step())
-            return statistics.median(per)
-        layer_step = steps if impl == "compiled" else None
-        per = []
-        for k in range(0, num_prompts, size):
-            chunk = prompts[k:k + size]
-            res, wall = timed(device, lambda: generate(model, chunk if len(chunk) > 1 else chunk[0], controllers[name],
-                                                       new_tokens, kv_strategy=cfg.decoding.kv_strategy,
-                                                       layer_step=layer_step))
-            res = res if isinstance(res, list) else [res]
-            got = ([r.tokens for r in res], [r.exit_layers for r in res])
-            key = (name, size, k)
-            if impl == "eager":
-                reference[key] = got
-            elif key in reference:
-                a = agree.setdefault((name, size), [0, 0])
-                a[0] += got == reference[key]
-                a[1] += 1
-                compile_s.setdefault(f"{name}@{size}", wall)  # the first compiled call of this shape compiles
-            per.append(res[0].counters["decode_time_s"] / (new_tokens - 1))
-        return statistics.median(per)
-
-    order = [(n, i, b) for b in sizes for n, i in methods] + ([("hf_generate", "eager", 1)] if 1 in sizes else [])
+    runs = _CompiledRuns(cfg, model, device, prompts, controllers, new_tokens, steps)
+    order = [(n, i, b) for b in sizes for n in controllers for i in ("eager", "compiled")]
+    order += [("hf_generate", "eager", 1)] if 1 in sizes else []
     with Noise() as noise:  # one group: every (method, eager or compiled, batch size), in a rotated order
-        times = interleaved_rounds([order], repeats, warmup, lambda cell: run(*cell))
-    rows: dict[str, dict] = {}
-    for size in sizes:
-        for name in controllers:
-            e, c = times[(name, "eager", size)], times[(name, "compiled", size)]
-            a = agree.get((name, size), [0, 0])
-            row = {"eager_s_per_step": quartiles(e), "compiled_s_per_step": quartiles(c),
-                   "eager_tokens_per_s": size / statistics.median(e), "compiled_tokens_per_s": size / statistics.median(c),
-                   "speedup": paired_median(e, c), "identical_chunks": a[0], "compared_chunks": a[1],
-                   "first_compiled_call_s": compile_s.get(f"{name}@{size}")}
-            if size == 1 and ("hf_generate", "eager", 1) in times:
-                hf = times[("hf_generate", "eager", 1)]
-                row["compiled_vs_hf"] = paired_median(hf, c)
-                row["eager_vs_hf"] = paired_median(hf, e)
-            rows.setdefault(name, {})[str(size)] = row
+        times = interleaved_rounds([order], repeats, warmup, lambda cell: runs.run(*cell))
     hf_row = ({"s_per_token": quartiles(times[("hf_generate", "eager", 1)])}
               if ("hf_generate", "eager", 1) in times else None)
     full_c = {b: statistics.median(times[("full", "compiled", b)]) for b in sizes}
-    exits_save = {f"fixed@{mid}": {}, f"gc@{gc_threshold!r}": {}}
-    for name in exits_save:
-        for b in sizes:
-            exits_save[name][str(b)] = full_c[b] / statistics.median(times[(name, "compiled", b)])
+    exits_save = {name: {str(b): full_c[b] / statistics.median(times[(name, "compiled", b)]) for b in sizes}
+                  for name in (f"fixed@{mid}", f"gc@{gc_threshold!r}")}
     result = {
         "format": "greencode-compiled/1",
         "config_name": cfg.name,
@@ -135,10 +154,10 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
                   "timing": "seconds per decode step (tokens 2..N) from the loop's decode_time_s, median over the "
                             "chunks of a round; tokens/s = batch / s per step; HF generate at batch 1 from its "
                             "step clock; interleaved rounds, order rotated; speed-ups = medians of paired ratios"},
-        "methods": rows,
+        "methods": _compiled_rows(times, runs, sizes),
         "hf_generate_batch1": hf_row,
         "compiled_exit_speedup_over_compiled_full": exits_save,
-        "all_identical": all(a[0] == a[1] and a[1] > 0 for a in agree.values()),
+        "all_identical": all(a[0] == a[1] and a[1] > 0 for a in runs.agree.values()),
         "noise": noise.record(),
     }
     return write_result(out_path, result, format_compiled_markdown, cfg=cfg, stage="compiled-benchmark",
