@@ -175,6 +175,56 @@ def train_bigrams(cfg, tokenizer, vocab_size: int, k: int, max_tokens: int, seed
     return bigram_table(seqs, vocab_size, k), total
 
 
+def _pad_right(batch: list[dict], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of windows right-padded with ``pad_id``, and its mask (1 = token)."""
+    t = max(len(w["ids"]) for w in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), t), dtype=torch.long)
+    for r, w in enumerate(batch):
+        ids[r, :len(w["ids"])] = torch.tensor(w["ids"])
+        mask[r, :len(w["ids"])] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def _exit_heads(model, hs: dict, exits: list[int]):
+    """The full head at every exit point: the final layer's logits and prediction, each exit's agreement with
+    it ``[E, B, T]``, its full-head statistics (``FULL_STATS``) and the first exit point's logits."""
+    final_logits = model.decode(hs[model.final_layer]).float()  # [B, T, V]
+    final_pred = final_logits.argmax(-1)
+    agree, full, first_logits = [], [], None
+    for j, layer in enumerate(exits):
+        lg = final_logits if layer == model.final_layer else model.decode(hs[layer]).float()
+        agree.append(lg.argmax(-1) == final_pred)
+        logp = torch.log_softmax(lg, -1)
+        top2 = torch.topk(logp, 2, -1).values.exp()
+        full.append(torch.stack([top2[..., 0], top2[..., 0] - top2[..., 1], (logp.exp() * logp).sum(-1)], -1))
+        if j == 0:
+            first_logits = lg
+        del lg, logp
+    return final_logits, final_pred, torch.stack(agree, 0), full, first_logits
+
+
+def _coverage(model, src: str, k: int, normed0: torch.Tensor, first_logits: torch.Tensor, fin: torch.Tensor,
+              **inputs) -> np.ndarray:
+    """Per token: whether the final layer's answer is among ``src``'s candidates (fixed per token)."""
+    cands = first_candidates(src, k, **inputs)
+    weight, bias = head_parts(model)
+    low_rank = LowRankShortlist.of(weight, src)
+    if cands is None and low_rank is not None:
+        cands = low_rank.candidates(weight, bias, normed0, k)[0]
+    elif cands is None:
+        cands = torch.topk(first_logits, k, -1).indices
+    return (cands == fin[:, None]).any(-1).cpu().numpy()
+
+
+def _context(batch: list[dict], t: int, k: int, bigram, dev) -> torch.Tensor:
+    """The prompt's own bigram candidates, position by position as online ``[B, T, k]``."""
+    context = torch.zeros((len(batch), t, k), dtype=torch.long)
+    for r, w in enumerate(batch):
+        context[r, :len(w["ids"])] = context_candidates(w["ids"], k, bigram)
+    return context.to(dev)
+
+
 @torch.no_grad()
 def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigram: Optional[torch.Tensor],
             batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -182,80 +232,41 @@ def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigra
     normed state (float16), full-head statistics and each source's cheap features. Position 0 of each
     window (no previous token) and padding are left out."""
     exits = list(model.exit_layers)
-    e = len(exits)
-    first = exits[0]
+    e, first, dev = len(exits), exits[0], model.device
     layers = sorted(set(exits) | {model.final_layer} | ({first - 1} if first >= 1 else set()))
     every = type(model)(model.hf, [x for x in layers if x != model.final_layer])
-    dev = model.device
-    cols: dict[str, list] = {"label": [], "file": [], "exit": [], "hidden": [], "token_pos": []}
-    for s in FULL_STATS:
-        cols[f"full_{s}"] = []
-    for src in sources:
-        cols[f"cheap_{src}"] = []
+    cols: dict[str, list] = {key: [] for key in ("label", "file", "exit", "hidden", "token_pos",
+                                                 *(f"full_{s}" for s in FULL_STATS),
+                                                 *(f"cheap_{src}" for src in sources))}
     cov: dict[str, list] = {src: [] for src in sources}
     for b0 in range(0, len(windows), batch_size):
         batch = windows[b0:b0 + batch_size]
-        t = max(len(w["ids"]) for w in batch)
-        ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), t), dtype=torch.long)
-        for r, w in enumerate(batch):
-            ids[r, :len(w["ids"])] = torch.tensor(w["ids"])
-            mask[r, :len(w["ids"])] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = _pad_right(batch, pad_id, dev)
+        t = ids.shape[1]
         hs = dict(zip(every.exit_points, every.exit_hidden_states(ids, mask)))
-        context = None
-        if "context" in sources:  # the prompt's own bigrams, position by position as online
-            context = torch.zeros((len(batch), t, k), dtype=torch.long)
-            for r, w in enumerate(batch):
-                context[r, :len(w["ids"])] = context_candidates(w["ids"], k, bigram)
-            context = context.to(dev)
-        final_logits = model.decode(hs[model.final_layer]).float()  # [B, T, V]
-        final_pred = final_logits.argmax(-1)
-        preds, full = [], []
-        first_logits = None
-        for j, layer in enumerate(exits):
-            lg = final_logits if layer == model.final_layer else model.decode(hs[layer]).float()
-            preds.append(lg.argmax(-1))
-            logp = torch.log_softmax(lg, -1)
-            top2 = torch.topk(logp, 2, -1).values.exp()
-            full.append(torch.stack([top2[..., 0], top2[..., 0] - top2[..., 1], (logp.exp() * logp).sum(-1)], -1))
-            if j == 0:
-                first_logits = lg
-            del lg, logp
-        agree = torch.stack([p == final_pred for p in preds], 0)  # [E, B, T]
+        final_logits, final_pred, agree, full, first_logits = _exit_heads(model, hs, exits)
         # oracle exit per position: the first agreeing exit point, E when none does
-        any_agree = agree.any(0)
-        oracle = torch.where(any_agree, agree.float().argmax(0), torch.full_like(final_pred, e))
+        oracle = torch.where(agree.any(0), agree.float().argmax(0), torch.full_like(final_pred, e))
         valid = mask.bool().clone()
         valid[:, 0] = False
         sel = valid.reshape(-1)
         n = int(sel.sum())
         if n == 0:
             continue
-        prev_exit = torch.cat([torch.full_like(oracle[:, :1], e), oracle[:, :-1]], 1).reshape(-1)[sel]
-        prev_logits = torch.cat([final_logits[:, :1], final_logits[:, :-1]], 1).reshape(-1, final_logits.shape[-1])[sel]
         flat = lambda x: x.reshape(-1, x.shape[-1])[sel]  # noqa: E731
         normed = [policy_observation(model, flat(hs[layer]), "normed") for layer in exits]
-        below = policy_observation(model, flat(hs[first - 1]), "normed") if first >= 1 else None
-        input_ids = ids.reshape(-1)[sel]
-        file_idx = torch.arange(b0, b0 + len(batch), device=dev)[:, None].expand(-1, t).reshape(-1)[sel]
-        pos = torch.arange(t, device=dev)[None].expand(len(batch), -1).reshape(-1)[sel]
+        inputs = dict(input_ids=ids.reshape(-1)[sel], bigram=bigram,
+                      prev_logits=flat(torch.cat([final_logits[:, :1], final_logits[:, :-1]], 1)),
+                      context=flat(_context(batch, t, k, bigram, dev)) if "context" in sources else None)
         fin = final_pred.reshape(-1)[sel]
+        prev_exit = torch.cat([torch.full_like(oracle[:, :1], e), oracle[:, :-1]], 1).reshape(-1)[sel]
+        below = policy_observation(model, flat(hs[first - 1]), "normed") if first >= 1 else None
         for src in sources:
             feats = exit_signals(model, normed, k=k, source=src, prev_exit=prev_exit, below=below,
-                                 full_logits_first=flat(first_logits), input_ids=input_ids, prev_logits=prev_logits,
-                                 bigram=bigram, context=None if context is None else flat(context))  # [E, n, F]
+                                 full_logits_first=flat(first_logits), **inputs)  # [E, n, F]
             cols[f"cheap_{src}"].append(feats.permute(1, 0, 2).reshape(n * e, -1).cpu().numpy())
-            # how often the final layer's answer is among the token's candidates (the set is fixed per token)
-            cands = first_candidates(src, k, input_ids=input_ids, prev_logits=prev_logits, bigram=bigram,
-                                     context=None if context is None else flat(context))
-            weight, bias = head_parts(model)
-            low_rank = LowRankShortlist.of(weight, src)
-            if cands is None and low_rank is not None:
-                cands = low_rank.candidates(weight, bias, normed[0], k)[0]
-            elif cands is None:
-                cands = torch.topk(flat(first_logits), k, -1).indices
-            cov[src].append((cands == fin[:, None]).any(-1).cpu().numpy())
+            cov[src].append(_coverage(model, src, k, normed[0], flat(first_logits), fin, **inputs))
+        file_idx = torch.arange(b0, b0 + len(batch), device=dev)[:, None].expand(-1, t).reshape(-1)[sel]
         cols["label"].append(agree.permute(1, 2, 0).reshape(-1, e)[sel].reshape(-1).cpu().numpy())
         cols["exit"].append(np.tile(np.arange(e), n))
         cols["file"].append(np.repeat(file_idx.cpu().numpy(), e))
@@ -272,7 +283,6 @@ def collect(model, windows: list[dict], *, k: int, sources: Sequence[str], bigra
     return out
 
 
-# --------------------------------------------------------------------------- the analysis
 def _signal_table(data: dict, train: np.ndarray, test: np.ndarray, small: np.ndarray, sources: Sequence[str],
                   e: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Scores of every signal on the test examples, and a description of each."""
@@ -349,6 +359,81 @@ def _costs(shape: ModelShape, k: int, sources: Sequence[str]) -> dict[str, dict]
     return out
 
 
+def _split(data: dict, n_windows: int, train_fraction: float, small_tokens: int, seed: int):
+    """The file-disjoint split (windows are in the seeded order): the train files' count, the train and test
+    examples, and the small (bank-sized) training set: ``small_tokens`` of the train tokens, seeded."""
+    n_train_files = max(1, min(n_windows - 1, int(round(train_fraction * n_windows))))
+    is_train = data["file"] < n_train_files
+    train, test = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+    rng = np.random.default_rng(seed)
+    train_tokens = np.unique(data["token_pos"][train])
+    pick = rng.choice(train_tokens, size=min(small_tokens, len(train_tokens)), replace=False)
+    small = train[np.isin(data["token_pos"][train], pick)]
+    return n_train_files, train, test, small
+
+
+def _signal_rows(scores: dict, desc: dict, y: np.ndarray, ex: np.ndarray, files: np.ndarray, e: int, costs: dict,
+                 resamples: int, seed: int) -> tuple[dict, dict]:
+    """Per signal on the test examples: AUC per exit point and mean (bootstrap CIs over files, the same draws
+    for every signal, so differences are paired), pooled AUC, precision at fixed and matched recall, cost, and
+    the mean AUC's difference from the reference signal; and the matched recalls."""
+    per_exit_masks = [ex == j for j in range(e)]
+    conf = scores["full_max_prob"]
+    matched_pooled = recall_at_threshold(conf, y, MATCH_THRESHOLD)
+    matched_exit = [recall_at_threshold(conf[m], y[m], MATCH_THRESHOLD) for m in per_exit_masks]
+    signals: dict[str, Any] = {}
+    tables = {}
+    for name, sc in scores.items():
+        tables[name] = tab = auc_table([sc[m] for m in per_exit_masks], [y[m] for m in per_exit_masks],
+                                       [files[m] for m in per_exit_masks], resamples=resamples, seed=seed)
+        prec = {f"recall_{r}": precision_at_recall(sc, y, r) for r in FIXED_RECALLS}
+        prec["matched_recall"] = precision_at_recall(sc, y, matched_pooled) if matched_pooled else None
+        per_prec = [precision_at_recall(sc[m], y[m], r) if r else None for m, r in zip(per_exit_masks, matched_exit)]
+        pp = [p["precision"] for p in per_prec if p is not None]
+        pooled = auc(sc, y)
+        signals[name] = {"description": desc[name],
+                         "auc_per_exit": [None if a is None else round(a, 4) for a in tab["auc"]],
+                         "auc_per_exit_ci": [None if c is None else [round(v, 4) for v in c] for c in tab["ci"]],
+                         "auc_mean": None if tab["mean"] is None else round(tab["mean"], 4),
+                         "auc_mean_ci": None if tab["mean_ci"] is None else [round(v, 4) for v in tab["mean_ci"]],
+                         "auc_pooled": None if pooled is None else round(pooled, 4),
+                         "precision_pooled": prec, "precision_matched_per_exit": per_prec,
+                         "precision_matched_mean": round(float(np.mean(pp)), 4) if pp else None,
+                         "cost": costs[name]}
+    ref = REFERENCE_SIGNAL if REFERENCE_SIGNAL in tables else None
+    for name in signals:
+        d = paired_auc_difference(tables[name], tables[ref]) if ref and name != ref else None
+        signals[name]["auc_mean_minus_reference"] = None if d is None else {
+            "diff": round(d["diff"], 4), "ci": [round(v, 4) for v in d["ci"]], "excludes_zero": d["excludes_zero"]}
+    matched = {"threshold": MATCH_THRESHOLD, "pooled": matched_pooled, "per_exit": matched_exit}
+    return signals, matched
+
+
+REPORT_DESCRIPTION = (
+    "decision quality of exit signals on held-out validation tokens (teacher forced, every layer run, exact K/V): AUC "
+    "of each signal against the oracle label (this exit point's greedy token == the final layer's) per early exit "
+    "point, and precision at matched recall (exit when the signal >= a threshold; pooled over exit points at recall "
+    f"0.5 and 0.8 and at the recall full_max_prob >= {MATCH_THRESHOLD} reaches; per exit point at that exit's matched "
+    "recall). Logistic regressions are trained on a file-disjoint train part of the same validation files and scored "
+    "on the rest; layers are 0-based")
+
+
+def _load(cfg, model_dir: Optional[str], n_files: int, window: int, min_tokens: int, k: int, sources: list[str],
+          bigram_tokens: int):
+    """The model (the run's or ``model_dir``), its tokenizer, the validation windows and, for the bigram and
+    context sources, the bigram table (with the train tokens it counted)."""
+    src_dir, kind = resolve_model(cfg, model_dir)
+    device, dtype = setup_torch(cfg.hardware)
+    model = EarlyExitModel.from_run_config(cfg, src_dir, device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(cfg)
+    windows = validation_windows(cfg, tokenizer, n_files, window, min_tokens, cfg.seed)
+    bigram, bigram_seen = None, 0
+    if "bigram" in sources or "context" in sources:  # the context source fills up from the bigram table
+        bigram, bigram_seen = train_bigrams(cfg, tokenizer, ModelShape.of(model).vocab_size, k, bigram_tokens, cfg.seed)
+        bigram = bigram.to(device)
+    return src_dir, kind, model, tokenizer, windows, bigram, bigram_seen
+
+
 def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150, window: int = 512,
                     min_tokens: int = 64, k: int = 4, sources: Sequence[str] = CANDIDATE_SOURCES,
                     train_fraction: float = 0.5, small_tokens: int = 4000, bigram_tokens: int = 2_000_000,
@@ -364,73 +449,21 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
         raise ValueError("give at least one candidate source")
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction={train_fraction} must be in (0, 1)")
-    src_dir, kind = resolve_model(cfg, model_dir)
-    device, dtype = setup_torch(cfg.hardware)
-    model = EarlyExitModel.from_run_config(cfg, src_dir, device=device, dtype=dtype).eval()
-    tokenizer = load_tokenizer(cfg)
+    src_dir, kind, model, tokenizer, windows, bigram, bigram_seen = _load(cfg, model_dir, n_files, window, min_tokens,
+                                                                          k, sources, bigram_tokens)
     shape = ModelShape.of(model)
     e = shape.n_exit_points
-    windows = validation_windows(cfg, tokenizer, n_files, window, min_tokens, cfg.seed)
-    bigram, bigram_seen = None, 0
-    if "bigram" in sources or "context" in sources:  # the context source fills up from the bigram table
-        bigram, bigram_seen = train_bigrams(cfg, tokenizer, shape.vocab_size, k, bigram_tokens, cfg.seed)
-        bigram = bigram.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = collect(model, windows, k=k, sources=sources, bigram=bigram, batch_size=batch_size, pad_id=pad)
     t_pass = time.perf_counter() - t0
-
-    n_train_files = max(1, min(len(windows) - 1, int(round(train_fraction * len(windows)))))
-    is_train = data["file"] < n_train_files  # windows are in the seeded order: a file-disjoint split
-    train, test = np.flatnonzero(is_train), np.flatnonzero(~is_train)
-    rng = np.random.default_rng(cfg.seed)
-    train_tokens = np.unique(data["token_pos"][train])
-    pick = rng.choice(train_tokens, size=min(small_tokens, len(train_tokens)), replace=False)
-    small = train[np.isin(data["token_pos"][train], pick)]
+    n_train_files, train, test, small = _split(data, len(windows), train_fraction, small_tokens, cfg.seed)
     scores, desc = _signal_table(data, train, test, small, sources, e, cfg.seed)
-
-    y, ex = data["label"][test], data["exit"][test]
-    per_exit_masks = [ex == j for j in range(e)]
-    conf = scores["full_max_prob"]
-    matched_pooled = recall_at_threshold(conf, y, MATCH_THRESHOLD)
-    matched_exit = [recall_at_threshold(conf[m], y[m], MATCH_THRESHOLD) for m in per_exit_masks]
-    costs = _costs(shape, k, sources)
-    signals: dict[str, Any] = {}
-    files = data["file"][test]
-    tables = {}
-    for name, sc in scores.items():
-        # per exit point, with a bootstrap over files (a file's tokens move together); the same draws for every
-        # signal, so differences between signals are paired
-        tables[name] = tab = auc_table([sc[m] for m in per_exit_masks], [y[m] for m in per_exit_masks],
-                                       [files[m] for m in per_exit_masks], resamples=resamples, seed=cfg.seed)
-        per = tab["auc"]
-        prec = {f"recall_{r}": precision_at_recall(sc, y, r) for r in FIXED_RECALLS}
-        prec["matched_recall"] = precision_at_recall(sc, y, matched_pooled) if matched_pooled else None
-        per_prec = [precision_at_recall(sc[m], y[m], r) if r else None for m, r in zip(per_exit_masks, matched_exit)]
-        pp = [p["precision"] for p in per_prec if p is not None]
-        signals[name] = {"description": desc[name], "auc_per_exit": [None if a is None else round(a, 4) for a in per],
-                         "auc_per_exit_ci": [None if c is None else [round(v, 4) for v in c] for c in tab["ci"]],
-                         "auc_mean": None if tab["mean"] is None else round(tab["mean"], 4),
-                         "auc_mean_ci": None if tab["mean_ci"] is None else [round(v, 4) for v in tab["mean_ci"]],
-                         "auc_pooled": None if auc(sc, y) is None else round(auc(sc, y), 4),
-                         "precision_pooled": prec, "precision_matched_per_exit": per_prec,
-                         "precision_matched_mean": round(float(np.mean(pp)), 4) if pp else None,
-                         "cost": costs[name]}
-    ref = REFERENCE_SIGNAL if REFERENCE_SIGNAL in tables else None
-    for name in signals:
-        d = paired_auc_difference(tables[name], tables[ref]) if ref and name != ref else None
-        signals[name]["auc_mean_minus_reference"] = None if d is None else {
-            "diff": round(d["diff"], 4), "ci": [round(v, 4) for v in d["ci"]], "excludes_zero": d["excludes_zero"]}
-    coverage = {src: {"final_answer_among_candidates": round(float(data[f"coverage_{src}"][
-        data["file"][::e] >= n_train_files].mean()), 4)} for src in sources}
-    positives = [round(float(y[m].mean()), 4) if m.any() else None for m in per_exit_masks]
+    y = data["label"][test]
+    signals, matched = _signal_rows(scores, desc, y, data["exit"][test], data["file"][test], e,
+                                    _costs(shape, k, sources), resamples, cfg.seed)
+    test_tokens = data["file"][::e] >= n_train_files
     report = {
-        "description": "decision quality of exit signals on held-out validation tokens (teacher forced, every layer "
-                       "run, exact K/V): AUC of each signal against the oracle label (this exit point's greedy token "
-                       "== the final layer's) per early exit point, and precision at matched recall (exit when the "
-                       "signal >= a threshold; pooled over exit points at recall 0.5 and 0.8 and at the recall "
-                       f"full_max_prob >= {MATCH_THRESHOLD} reaches; per exit point at that exit's matched recall). "
-                       "Logistic regressions are trained on a file-disjoint train part of the same validation files "
-                       "and scored on the rest; layers are 0-based",
+        "description": REPORT_DESCRIPTION,
         "split": "validation", "model_dir": _portable(src_dir), "model_kind": kind,
         "model": model.fingerprint(), "weights": getattr(model, "loaded_from", None),
         "exit_layers": list(model.exit_layers), "final_layer": model.final_layer,
@@ -443,15 +476,16 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
         "tokens": {"train": int(len(train) // e), "test": int(len(test) // e), "small_train": int(len(small) // e)},
         "examples": {"train": int(len(train)), "test": int(len(test))},
         "k": k, "sources": sources, "bigram_train_tokens": bigram_seen,
-        "candidate_coverage_test": coverage,
-        "positive_share_per_exit": positives,
-        "matched_recall": {"threshold": MATCH_THRESHOLD, "pooled": matched_pooled, "per_exit": matched_exit},
+        "candidate_coverage_test": {src: {"final_answer_among_candidates": round(float(
+            data[f"coverage_{src}"][test_tokens].mean()), 4)} for src in sources},
+        "positive_share_per_exit": [round(float(y[m].mean()), 4) if m.any() else None
+                                    for m in (data["exit"][test] == j for j in range(e))],
+        "matched_recall": matched,
         "signals": signals,
         "time_s": {"pass": round(t_pass, 2), "total": round(time.perf_counter() - t0, 2)},
         "meta": run_metadata(cfg, stage="signal_quality", model_dir=_portable(src_dir)),
     }
-    paths = RunPaths.from_config(cfg)
-    out_dir = Path(out_dir) if out_dir is not None else paths.results / "signals"
+    out_dir = Path(out_dir) if out_dir is not None else RunPaths.from_config(cfg).results / "signals"
     write_json(out_dir / "auc.json", report)
     write_text(out_dir / "auc.md", render_markdown(report))
     log.info("signal quality: %d test tokens, %d signals in %.1f s -> %s", report["tokens"]["test"], len(signals),
