@@ -29,7 +29,7 @@ import torch
 from greencode.config import ConfigError
 from greencode.paths import RunPaths
 from greencode.provenance import (STAGE_FILE, WEIGHT_SUFFIXES, file_digest, make_key,  # noqa: F401
-                                  model_dir_fingerprint, read_stage, weight_files_sha256)
+                                  model_dir_fingerprint, read_stage, weight_files_sha256, weights_bytes_record)
 from greencode.runinfo import run_metadata
 from greencode.utils import atomic_path, portable_path, read_json, resolve_device, write_json
 
@@ -370,6 +370,34 @@ def stage_weights(stage: str, key: str, payload: dict, output_dir: Path) -> dict
            "dirs": {"base": portable_path(base) if base and Path(base).is_dir() else base,
                     "finetuned": portable_path(output_dir)}}
     return {**rec, "finetuned_bytes": saved} if saved else rec
+
+
+def run_record(trainer, args, ckpt: Optional[str], seq_len: int, tokens_per_step: int, n_train: int, n_val: int,
+               train_s: float, train_cpu_s: float) -> dict:
+    """The part of a training stage's summary every stage shares: steps and tokens (trained, available,
+    evaluated), the resumed checkpoint, world size, and the training's wall and CPU time and tokens/s
+    (the steps of this run only, when resumed)."""
+    steps = trainer.state.global_step
+    return {"steps": steps, "resumed_from": ckpt, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
+            "train_tokens": steps * tokens_per_step, "train_chunks_available": n_train, "eval_tokens": n_val * seq_len,
+            "world_size": args.world_size, "train_runtime_s": round(train_s, 3),
+            "train_cpu_time_s": round(train_cpu_s, 3),
+            "train_tokens_per_s": round((steps - checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1)}
+
+
+def stage_time(started: tuple[float, float]) -> dict:
+    """The stage's wall and CPU seconds since ``started`` = (``perf_counter``, ``process_time``)."""
+    return {"stage_time_s": round(time.perf_counter() - started[0], 3),
+            "stage_cpu_time_s": round(time.process_time() - started[1], 3)}
+
+
+def record_stage(stage: str, out: Path, results_dir: Path, trainer_dir: Path, cfg, summary: dict, key: str,
+                 payload: dict) -> None:
+    """A finished training stage: its committed results (:func:`write_stage_results`, with the weights record)
+    and the stage file in its output directory that marks it complete under ``key``."""
+    write_stage_results(results_dir, trainer_dir, cfg, summary, stage_weights(stage, key, payload, out))
+    write_json(out / STAGE_FILE, {"stage": stage, "key": key, "complete": True, "payload": payload,
+                                  "summary": summary, "weights_bytes": weights_bytes_record(out)})
 
 
 def write_stage_results(results_dir: Path, trainer_dir: Path, cfg, summary: dict,

@@ -19,12 +19,11 @@ from greencode.config import ConfigError
 from greencode.data import load_tokenizer, prepare_data
 from greencode.models import EarlyExitModel, lite_weights
 from greencode.paths import RunPaths
-from greencode.provenance import weights_bytes_record
 from greencode.runinfo import save_run_info
 from greencode.training import common
 from greencode.training.data import build_datasets
 from greencode.training.lite import check_weights, lite_loss
-from greencode.utils import set_seed, setup_torch, write_json
+from greencode.utils import set_seed, setup_torch
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +106,23 @@ def finetune_key(cfg, base: str) -> tuple[str, dict]:
     return common.make_key(payload), payload
 
 
+def _load_base(cfg, base: str):
+    """The base model (fp32 master weights) with the run's exits, its LITE weights and the tokenizer; bad exits,
+    weights or a tokenizer the base does not match fail here, before anything is written."""
+    if cfg.model.base is None:
+        common.check_same_tokenizer(base, cfg, f"python scripts/pretrain.py --config {cfg.source_path or '<config>'}")
+    set_seed(cfg.seed)
+    ee = EarlyExitModel.from_run_config(cfg, base, dtype=torch.float32)
+    weights = finetune_weights(cfg, ee)
+    tokenizer = load_tokenizer(cfg)
+    if len(tokenizer) > ee.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base model {base} only {ee.vocab_size} "
+                          "embeddings; use the base model's own tokenizer (tokenizer.path)")
+    log.info("finetune: LITE on %s (%s, %d layers); exit points %s (0-based, final %d); weights %s", base, ee.family,
+             ee.num_layers, ee.exit_points, ee.final_layer, [round(w, 5) for w in weights])
+    return ee, weights, tokenizer
+
+
 def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
     """LITE-fine-tune the base model; returns ``runs/<name>/finetuned`` (HF model + tokenizer
     + ``greencode_exits.json``; ``EarlyExitModel.from_pretrained`` loads it with its exits).
@@ -115,7 +131,7 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
     seed, dtype, data) is unchanged, unless ``force``. ``resume`` continues from the last
     checkpoint of an interrupted run.
     """
-    t_start, c_start = time.perf_counter(), time.process_time()
+    started = (time.perf_counter(), time.process_time())
     paths = RunPaths.from_config(cfg)
     out = paths.finetuned
     stage = cfg.finetune
@@ -130,19 +146,7 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
         log.info("finetune: %s is complete and up to date (key %s); reusing it (--force to redo)", out, key)
         return out
 
-    if cfg.model.base is None:
-        common.check_same_tokenizer(base, cfg, f"python scripts/pretrain.py --config {cfg.source_path or '<config>'}")
-    # model and weights first: bad exits / weights fail before anything is written
-    set_seed(cfg.seed)
-    ee = EarlyExitModel.from_run_config(cfg, base, dtype=torch.float32)  # fp32 master weights
-    weights = finetune_weights(cfg, ee)
-    tokenizer = load_tokenizer(cfg)
-    if len(tokenizer) > ee.vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base model {base} only {ee.vocab_size} "
-                          "embeddings; use the base model's own tokenizer (tokenizer.path)")
-    log.info("finetune: LITE on %s (%s, %d layers); exit points %s (0-based, final %d); weights %s", base, ee.family,
-             ee.num_layers, ee.exit_points, ee.final_layer, [round(w, 5) for w in weights])
-
+    ee, weights, tokenizer = _load_base(cfg, base)
     ckpt = common.prepare_trainer_dir(args, trainer_dir, key, resume)
     with args.main_process_first(local=False, desc="packing"):
         train_ds, val_ds = build_datasets(cfg, stage, tokenizer)
@@ -159,27 +163,20 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
         ee.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(out)
         save_run_info(out, cfg, "finetune", base_model=base, lite_weights=weights)
-        steps = trainer.state.global_step
+        run = common.run_record(trainer, args, ckpt, stage.seq_len, tokens_per_step, len(train_ds), len(val_ds),
+                                train_s, train_cpu_s)
         summary = {
             "stage": "finetune", "output_dir": str(out), "base_model": base, "family": ee.family,
             "num_layers": ee.num_layers, "exit_points": ee.exit_points, "final_layer": ee.final_layer,
-            "lite_weights": weights, "weights_scheme": stage.weights, "steps": steps, "resumed_from": ckpt,
-            "seq_len": stage.seq_len, "tokens_per_step": tokens_per_step, "train_tokens": steps * tokens_per_step,
-            "train_chunks_available": len(train_ds), "eval_tokens": len(val_ds) * stage.seq_len,
-            "world_size": args.world_size, "train_runtime_s": round(train_s, 3), "train_cpu_time_s": round(train_cpu_s, 3),
-            "train_tokens_per_s": round((steps - common.checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1),
+            "lite_weights": weights, "weights_scheme": stage.weights, **run,
             "final_train_loss": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
             "eval_loss": metrics.get("eval_loss"),
             "eval_loss_per_exit": {str(e): metrics.get(f"eval_loss_exit_{e}") for e in ee.exit_points},
-            "stage_time_s": round(time.perf_counter() - t_start, 3),
-            "stage_cpu_time_s": round(time.process_time() - c_start, 3),
+            **common.stage_time(started),
         }
-        common.write_stage_results(paths.results_finetune, trainer_dir, cfg, summary,
-                                   common.stage_weights("finetune", key, payload, out))
-        write_json(out / common.STAGE_FILE, {"stage": "finetune", "key": key, "complete": True, "payload": payload,
-                                             "summary": summary, "weights_bytes": weights_bytes_record(out)})
+        common.record_stage("finetune", out, paths.results_finetune, trainer_dir, cfg, summary, key, payload)
         log.info("finetune: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval LITE loss %.4f, per exit %s -> %s",
-                 train_s, steps, summary["train_tokens"], summary["train_tokens_per_s"],
+                 train_s, summary["steps"], summary["train_tokens"], summary["train_tokens_per_s"],
                  summary["eval_loss"] or float("nan"), summary["eval_loss_per_exit"], out)
     trainer.accelerator.wait_for_everyone()
     return out

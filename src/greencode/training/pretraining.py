@@ -21,12 +21,11 @@ from greencode.config import ConfigError
 from greencode.data import load_tokenizer, prepare_data
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
-from greencode.provenance import weights_bytes_record
 from greencode.runinfo import save_run_info
 from greencode.training import common, early_exit_loss as eel
 from greencode.training.data import build_datasets
 from greencode.training.early_exit_loss import early_exit_loss
-from greencode.utils import set_seed, setup_torch, write_json
+from greencode.utils import set_seed, setup_torch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,42 @@ def pretrain_key(cfg) -> tuple[str, dict]:
     return common.make_key(payload), payload
 
 
+def _trainer(cfg, args, model, tokenizer, train_ds, val_ds, trainer_dir: Path, tokens_per_step: int):
+    """The HF Trainer of the stage: the early-exit pretrainer (``pretrain.early_exit.enabled``) or the plain one."""
+    from transformers import default_data_collator
+
+    ee_cfg = cfg.pretrain.early_exit
+    kw = dict(model=model.hf, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+              data_collator=default_data_collator)
+    if not ee_cfg.enabled:
+        return common.GreenTrainer(**kw, callbacks=common.log_callbacks(trainer_dir, tokens_per_step))
+    log.info("pretrain: early-exit loss at exits %s (scale %s, e_scale %g, curriculum %s, distill %g), "
+             "layer dropout up to %g (%s)", model.exit_layers, ee_cfg.scale, ee_cfg.e_scale, ee_cfg.curriculum,
+             ee_cfg.distill, ee_cfg.layer_dropout, ee_cfg.layer_dropout_scale)
+    return EarlyExitPretrainer(**kw, callbacks=common.log_callbacks(trainer_dir, tokens_per_step, model.exit_points),
+                               ee_model=model, ee_cfg=ee_cfg, seed=cfg.seed)
+
+
+def _summary(cfg, out: Path, model, tokenizer, trainer, n_params: int, run: dict, train_out, metrics: dict,
+             started: tuple) -> dict:
+    """What the stage records: the model, the run (:func:`common.run_record`), the losses (the final layer's
+    own with the early-exit recipe), the eval loss per layer and the times."""
+    ee = cfg.pretrain.early_exit.enabled
+    last = model.num_layers - 1
+    eval_loss = metrics.get(f"eval_loss_exit_{last}", metrics.get("eval_loss"))
+    return {
+        "stage": "pretrain", "output_dir": str(out), "family": model.family, "num_layers": model.num_layers,
+        "hidden_size": model.hidden_size, "vocab_size": len(tokenizer), "num_parameters": n_params, **run,
+        # the final layer's own loss (with the early-exit recipe the Trainer's "loss" is the whole objective)
+        "final_train_loss": _last_log(trainer, f"loss_exit_{last}") if ee else common.last_train_loss(trainer),
+        "final_train_objective": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
+        "eval_loss": eval_loss, "eval_perplexity": common.perplexity(eval_loss),
+        "recipe": "early_exit" if ee else "plain",
+        "eval_loss_per_layer": {k.rsplit("_", 1)[-1]: v for k, v in metrics.items() if "loss_exit_" in k},
+        **common.stage_time(started),
+    }
+
+
 def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
     """Pretrain the embedded default's base model; returns ``runs/<name>/base_model``.
 
@@ -108,8 +143,7 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
         raise ConfigError(f"model.base={cfg.model.base!r} is set, so there is no base model to pretrain (the paper "
                           "configs start from pretrained weights); run scripts/finetune.py, or set model.base=null "
                           "to pretrain the embedded default")
-
-    t_start, c_start = time.perf_counter(), time.process_time()
+    started = (time.perf_counter(), time.process_time())
     paths = RunPaths.from_config(cfg)
     out = paths.base_model
     stage = cfg.pretrain
@@ -124,7 +158,6 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
         return out
 
     ckpt = common.prepare_trainer_dir(args, trainer_dir, key, resume)
-
     tokenizer = load_tokenizer(cfg)
     with args.main_process_first(local=False, desc="packing"):
         train_ds, val_ds = build_datasets(cfg, stage, tokenizer)
@@ -135,58 +168,21 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
     n_params = sum(p.numel() for p in hf.parameters())
     log.info("pretrain: %s %d layers, hidden %d, %.2fM parameters, vocab %d", model.family, model.num_layers,
              model.hidden_size, n_params / 1e6, len(tokenizer))
-
     tokens_per_step = stage.batch_size * stage.grad_accum * args.world_size * stage.seq_len
-    callbacks = common.log_callbacks(trainer_dir, tokens_per_step)
-    from transformers import default_data_collator
-
-    ee_cfg = stage.early_exit
-    if ee_cfg.enabled:
-        log.info("pretrain: early-exit loss at exits %s (scale %s, e_scale %g, curriculum %s, distill %g), "
-                 "layer dropout up to %g (%s)", model.exit_layers, ee_cfg.scale, ee_cfg.e_scale, ee_cfg.curriculum,
-                 ee_cfg.distill, ee_cfg.layer_dropout, ee_cfg.layer_dropout_scale)
-        callbacks = common.log_callbacks(trainer_dir, tokens_per_step, model.exit_points)
-        trainer = EarlyExitPretrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                      processing_class=tokenizer, data_collator=default_data_collator,
-                                      callbacks=callbacks, ee_model=model, ee_cfg=ee_cfg, seed=cfg.seed)
-    else:
-        trainer = common.GreenTrainer(model=hf, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                      processing_class=tokenizer, data_collator=default_data_collator,
-                                      callbacks=callbacks)
+    trainer = _trainer(cfg, args, model, tokenizer, train_ds, val_ds, trainer_dir, tokens_per_step)
     train_out, train_s, train_cpu_s, metrics, state_dict = common.train_and_evaluate(trainer, ckpt)
-    if ee_cfg.enabled:
+    if stage.early_exit.enabled:
         trainer.dropout.remove()
     if trainer.is_world_process_zero():
         hf.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(out)
         save_run_info(out, cfg, "pretrain")
-        steps = trainer.state.global_step
-        summary = {
-            "stage": "pretrain", "output_dir": str(out), "family": model.family, "num_layers": model.num_layers,
-            "hidden_size": model.hidden_size, "vocab_size": len(tokenizer), "num_parameters": n_params,
-            "steps": steps, "resumed_from": ckpt, "seq_len": stage.seq_len, "tokens_per_step": tokens_per_step,
-            "train_tokens": steps * tokens_per_step, "train_chunks_available": len(train_ds),
-            "eval_tokens": len(val_ds) * stage.seq_len, "world_size": args.world_size,
-            "train_runtime_s": round(train_s, 3), "train_cpu_time_s": round(train_cpu_s, 3),
-            "train_tokens_per_s": round((steps - common.checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1),
-            # the final layer's own loss (with the early-exit recipe the Trainer's "loss" is the whole objective)
-            "final_train_loss": (_last_log(trainer, f"loss_exit_{model.num_layers - 1}") if ee_cfg.enabled
-                                 else common.last_train_loss(trainer)),
-            "final_train_objective": common.last_train_loss(trainer), "train_loss_mean": train_out.training_loss,
-            "eval_loss": metrics.get(f"eval_loss_exit_{model.num_layers - 1}", metrics.get("eval_loss")),
-            "eval_perplexity": common.perplexity(metrics.get(f"eval_loss_exit_{model.num_layers - 1}", metrics.get("eval_loss"))),
-            "recipe": "early_exit" if ee_cfg.enabled else "plain",
-            "eval_loss_per_layer": {k.rsplit("_", 1)[-1]: v for k, v in metrics.items() if "loss_exit_" in k},
-            "stage_time_s": round(time.perf_counter() - t_start, 3),
-            "stage_cpu_time_s": round(time.process_time() - c_start, 3),
-        }
-        common.write_stage_results(paths.results_pretrain, trainer_dir, cfg, summary,
-                                   common.stage_weights("pretrain", key, payload, out))
-        write_json(out / common.STAGE_FILE, {"stage": "pretrain", "key": key, "complete": True,
-                                             "payload": payload, "summary": summary,
-                                             "weights_bytes": weights_bytes_record(out)})
-        log.info("pretrain: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval loss %.4f -> %s", train_s, steps,
-                 summary["train_tokens"], summary["train_tokens_per_s"],
+        run = common.run_record(trainer, args, ckpt, stage.seq_len, tokens_per_step, len(train_ds), len(val_ds),
+                                train_s, train_cpu_s)
+        summary = _summary(cfg, out, model, tokenizer, trainer, n_params, run, train_out, metrics, started)
+        common.record_stage("pretrain", out, paths.results_pretrain, trainer_dir, cfg, summary, key, payload)
+        log.info("pretrain: done in %.1f s, %d steps, %d tokens (%.0f tokens/s), eval loss %.4f -> %s", train_s,
+                 summary["steps"], summary["train_tokens"], summary["train_tokens_per_s"],
                  summary["eval_loss"] or float("nan"), out)
     trainer.accelerator.wait_for_everyone()
     return out
