@@ -286,12 +286,62 @@ def _auto_workers(requested: int, n_files: int) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def _tokenized(items: list[tuple[int, str]], workers: int, init_args: tuple) -> Iterator[tuple[int, str, str, Any, str]]:
+    """Each file's (index, path, status, tokens or reason, digest), in order: in this process, or on
+    ``workers`` forked processes (closing the generator stops the pool)."""
+    if workers == 1:
+        _init_worker(*init_args)
+        try:
+            for it in items:
+                yield _work(it)
+        finally:
+            if _worker_state.get("zip") is not None:
+                _worker_state["zip"].close()
+            _worker_state.clear()
+        return
+    # fork on Linux: spawn would re-import the caller's __main__ (a script without a
+    # main guard would loop); the workers only run the stdlib tokenizer / tree-sitter
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        yield from pool.imap(_work, items, chunksize=8)
+
+
+def _admit(status: str, payload: Any, digest: str, seen: set[str], min_tokens: int, max_tokens: int) -> tuple[str, Any]:
+    """A tokenized file's verdict: ``ok`` with its tokens, or the reason it is skipped (too short, too long,
+    the same bytes as a file used before)."""
+    if status == "ok" and isinstance(payload, str):
+        payload = payload.split(_SEP)
+    if status == "ok":
+        n = len(payload)
+        if n < min_tokens or n > max_tokens:
+            return ("too_short" if n < min_tokens else "too_long"), f"{n} tokens"
+        if digest in seen:
+            return "duplicate", "same bytes as a file used before"
+    return status, payload
+
+
+def _finish(build: "LocalBuild", skipped: Counter, validation_fraction: float, test_fraction: float,
+            keep_frequent_literals: int, keep_all: bool) -> None:
+    """The skip counts, non-empty splits sorted by path, and (normalized literals) the frequent literals kept."""
+    build.skipped = {r: skipped[r] for r in SKIP_REASONS if skipped[r]}
+    _fill_empty_splits(build, validation_fraction, test_fraction)
+    for s in SPLITS:
+        build.splits[s].sort(key=lambda r: r["path"])
+    if keep_all:
+        build.kept_literals = frequent_literals(build.splits["train"], keep_frequent_literals)
+        for s in SPLITS:
+            for r in build.splits[s]:
+                r["code"] = lexers.finalize_literals(r["code"], build.kept_literals)
+
+
 def build_local_corpus(source: Path, language: str, *, literal_mode: str = "normalized", keep_frequent_literals: int = 0,
                        validation_fraction: float = 0.05, test_fraction: float = 0.05, min_file_tokens: int = 20,
                        max_file_tokens: int = 20000, max_files: Optional[int] = None, exclude: Iterable[str] = (),
                        syntax_check: bool = True, num_workers: int = 0, files: Optional[list[SourceFile]] = None,
                        progress: Optional[bool] = None) -> LocalBuild:
     """Tokenize the files under ``source`` (a directory or zip) into split records."""
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
     source = Path(source)
     if language not in EXTENSIONS:
@@ -310,45 +360,17 @@ def build_local_corpus(source: Path, language: str, *, literal_mode: str = "norm
                        workers=workers)
     skipped: Counter = Counter()
     seen_digests: set[str] = set()
-    init_args = (str(source), language, literal_mode, keep_all, syntax_check)
     items = list(enumerate(f.path for f in order))
-
-    def results() -> Iterator[tuple[int, str, str, Any, str]]:
-        if workers == 1:
-            _init_worker(*init_args)
-            try:
-                for it in items:
-                    yield _work(it)
-            finally:
-                if _worker_state.get("zip") is not None:
-                    _worker_state["zip"].close()
-                _worker_state.clear()
-            return
-        # fork on Linux: spawn would re-import the caller's __main__ (a script without a
-        # main guard would loop); the workers only run the stdlib tokenizer / tree-sitter
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-            yield from pool.imap(_work, items, chunksize=8)
-
-    from tqdm.auto import tqdm
-
     by_used = max_files is not None  # the bar counts used files when capped, else examined ones
     bar = tqdm(total=min(len(items), max_files) if by_used else len(items), unit="file",
                desc=f"corpus ({language})", disable=(not progress) if progress is not None else None)
-    stream = results()
+    stream = _tokenized(items, workers, (str(source), language, literal_mode, keep_all, syntax_check))
     try:
         for idx, rel, status, payload, digest in stream:
             build.files_examined += 1
-            if status == "ok" and isinstance(payload, str):
-                payload = payload.split(_SEP)
             if not by_used:
                 bar.update(1)
-            if status == "ok":
-                n = len(payload)
-                if n < min_file_tokens or n > max_file_tokens:
-                    status, payload = ("too_short" if n < min_file_tokens else "too_long"), f"{n} tokens"
-                elif digest in seen_digests:
-                    status, payload = "duplicate", "same bytes as a file used before"
+            status, payload = _admit(status, payload, digest, seen_digests, min_file_tokens, max_file_tokens)
             if status != "ok":
                 skipped[status] += 1
                 ex = build.skipped_examples.setdefault(status, [])
@@ -368,15 +390,7 @@ def build_local_corpus(source: Path, language: str, *, literal_mode: str = "norm
     finally:
         stream.close()  # stops the worker pool when max_files cut the run short
         bar.close()
-    build.skipped = {r: skipped[r] for r in SKIP_REASONS if skipped[r]}
-    _fill_empty_splits(build, validation_fraction, test_fraction)
-    for s in SPLITS:
-        build.splits[s].sort(key=lambda r: r["path"])
-    if keep_all:
-        build.kept_literals = frequent_literals(build.splits["train"], keep_frequent_literals)
-        for s in SPLITS:
-            for r in build.splits[s]:
-                r["code"] = lexers.finalize_literals(r["code"], build.kept_literals)
+    _finish(build, skipped, validation_fraction, test_fraction, keep_frequent_literals, keep_all)
     build.build_time_s = time.perf_counter() - t0
     return build
 
