@@ -435,29 +435,18 @@ def render_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def render_markdown(summary: dict) -> str:
+def _table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in rows]
+
+
+def _accuracy_section(summary: dict) -> list[str]:
     rows = summary["rows"]
-    meta = summary["run_metadata"]
-    ref = summary.get("reference_method")
-    lines = [f"# Evaluation: {meta.get('config_name')}", ""]
-    lines.append(f"{summary['num_samples']} samples ({summary['language']}), greedy, max_new_tokens="
-                 f"{summary['max_new_tokens']}, seed {meta.get('seed')}, git {meta.get('git_commit')}, "
-                 f"device {summary.get('device')}, energy source: {summary.get('energy_source')}"
-                 + (f" ({summary['energy_null_reason']})" if summary.get("energy_null_reason") else "") + ".")
-    lines.append(f"Deltas are relative to `{ref}` (the fine-tuned model with all layers). Layers are 0-based.")
-    lines.append("")
-    lines.append("## Accuracy")
-    lines.append("")
     head = ["method"] + list(METRIC_KEYS) + ["EM: boilerplate share", "EM w/o boilerplate", "Δ codebleu"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for r in rows:
-        cells = ([f"`{r['id']}`"] + [_fmt(r.get(k)) for k in METRIC_KEYS]
-                 + [_fmt(r.get("exact_match_boilerplate_share")), _fmt(r.get("exact_match_no_boilerplate")),
-                    _pct(r.get("codebleu_delta_pct"))])
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Scales: " + ", ".join(f"{k} {v}" for k, v in summary.get("scales", {}).items()) + ".")
+    lines = ["## Accuracy", ""] + _table(head, (
+        [f"`{r['id']}`"] + [_fmt(r.get(k)) for k in METRIC_KEYS]
+        + [_fmt(r.get("exact_match_boilerplate_share")), _fmt(r.get("exact_match_no_boilerplate")),
+           _pct(r.get("codebleu_delta_pct"))] for r in rows))
+    lines += ["", "Scales: " + ", ".join(f"{k} {v}" for k, v in summary.get("scales", {}).items()) + "."]
     bp = next((r for r in rows if r.get("boilerplate_reference_share") is not None), None)
     if bp is not None:
         lines.append(f"Exact match: {_fmt(100 * bp['boilerplate_reference_share'], 3)}% of the references are "
@@ -465,30 +454,27 @@ def render_markdown(summary: dict) -> str:
                      "method's exact matches on them, `EM w/o boilerplate` the exact match on the other "
                      f"{bp.get('num_samples_no_boilerplate')} samples. Every row is scored on the same "
                      f"{summary['num_samples']} samples.")
-    lines += _ci_section(rows, ref, summary.get("bootstrap"))
-    lines.append("")
-    lines.append("## Efficiency")
-    lines.append("")
+    return lines + _ci_section(rows, summary.get("reference_method"), summary.get("bootstrap"))
+
+
+def _efficiency_cells(r: dict) -> list[str]:
+    name = f"`{r['id']}`" + (" (analysis only)" if r.get("analysis_only") else "")
+    skipped_cell = _fmt(r.get("layers_skipped_share"))
+    if r.get("hypothetical_layers_skipped_share") is not None:
+        skipped_cell += f" (hypothetical {_fmt(r['hypothetical_layers_skipped_share'])})"
+    return [name, _fmt(r.get("latency_s")), _fmt(r.get("tokens_per_s")), _fmt(r.get("energy_j")),
+            _fmt(r.get("mean_exit_layer")), skipped_cell, _fmt(r.get("compute_ratio")),
+            _fmt(r.get("controller_overhead_share")), _fmt(r.get("controller_overhead_share_ab")),
+            _pct(r.get("latency_s_delta_pct")), _pct(r.get("tokens_per_s_delta_pct")),
+            _pct(r.get("energy_j_delta_pct")), _pct(r.get("compute_ratio_delta_pct"))]
+
+
+def _efficiency_section(summary: dict) -> list[str]:
     head = ["method", "latency_s", "tokens_per_s", "energy_j", "mean_exit_layer", "layers_skipped_share",
             "compute_ratio", "controller_overhead_share", "controller_overhead_share_ab", "Δ latency", "Δ tokens/s",
             "Δ energy", "Δ compute"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for r in rows:
-        name = f"`{r['id']}`" + (" (analysis only)" if r.get("analysis_only") else "")
-        skipped = r.get("layers_skipped_share")
-        skipped_cell = _fmt(skipped)
-        if r.get("hypothetical_layers_skipped_share") is not None:
-            skipped_cell += f" (hypothetical {_fmt(r['hypothetical_layers_skipped_share'])})"
-        cells = [name, _fmt(r.get("latency_s")), _fmt(r.get("tokens_per_s")), _fmt(r.get("energy_j")),
-                 _fmt(r.get("mean_exit_layer")), skipped_cell, _fmt(r.get("compute_ratio")),
-                 _fmt(r.get("controller_overhead_share")), _fmt(r.get("controller_overhead_share_ab")),
-                 _pct(r.get("latency_s_delta_pct")), _pct(r.get("tokens_per_s_delta_pct")),
-                 _pct(r.get("energy_j_delta_pct")), _pct(r.get("compute_ratio_delta_pct"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Units:")
-    lines += [f"- `{k}`: {v}" for k, v in UNITS.items()]
+    lines = ["## Efficiency", ""] + _table(head, (_efficiency_cells(r) for r in summary["rows"]))
+    lines += ["", "Units:"] + [f"- `{k}`: {v}" for k, v in UNITS.items()]
     ab = summary.get("overhead_ab")
     if ab:
         lines.append("")
@@ -496,7 +482,12 @@ def render_markdown(summary: dict) -> str:
                      f"{ab['decode_time_s_policy_ignored']:.4f} s with the policy evaluated (decision ignored) vs "
                      f"{ab['decode_time_s_full']:.4f} s without, over {ab['num_samples']} samples: overhead share "
                      f"{_fmt(ab['overhead_share'])} (median paired {_fmt(ab['overhead_share_median_paired'])}).")
-    goal = summary.get("goal_check")
+    return lines
+
+
+def _goal_and_notes(summary: dict) -> list[str]:
+    lines = []
+    goal, ref = summary.get("goal_check"), summary.get("reference_method")
     if goal:
         g = goal["goal"]
         lines.append("")
@@ -511,14 +502,25 @@ def render_markdown(summary: dict) -> str:
                              + ", ".join(f"`{d}`" for d in x["dominated_by"]))
     notes = summary.get("notes") or []
     if notes:
-        lines.append("")
-        lines.append("Notes:")
-        lines += [f"- {n}" for n in notes]
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     if summary.get("skipped"):
-        lines.append("")
-        lines.append("## Skipped methods")
-        lines.append("")
-        lines += [f"- `{s['id']}`: {s['reason']}" for s in summary["skipped"]]
+        lines += ["", "## Skipped methods", ""] + [f"- `{s['id']}`: {s['reason']}" for s in summary["skipped"]]
+    return lines
+
+
+def render_markdown(summary: dict) -> str:
+    """``summary.md``: the run, the accuracy table with its CIs, the efficiency table, the overhead A/B,
+    the goal check, notes and skipped methods."""
+    meta = summary["run_metadata"]
+    lines = [f"# Evaluation: {meta.get('config_name')}", ""]
+    lines.append(f"{summary['num_samples']} samples ({summary['language']}), greedy, max_new_tokens="
+                 f"{summary['max_new_tokens']}, seed {meta.get('seed')}, git {meta.get('git_commit')}, "
+                 f"device {summary.get('device')}, energy source: {summary.get('energy_source')}"
+                 + (f" ({summary['energy_null_reason']})" if summary.get("energy_null_reason") else "") + ".")
+    lines.append(f"Deltas are relative to `{summary.get('reference_method')}` (the fine-tuned model with all layers). "
+                 "Layers are 0-based.")
+    lines.append("")
+    lines += _accuracy_section(summary) + [""] + _efficiency_section(summary) + _goal_and_notes(summary)
     return "\n".join(lines) + "\n"
 
 
