@@ -61,26 +61,7 @@ def _pct_rows(rows: list[dict], key: str, scales: dict) -> list[Optional[float]]
 
 
 # --------------------------------------------------------------------------- Fig. 1
-@styled
-def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
-    """Paper Fig. 1: accuracy, latency (and energy when measured) of fixed exits, one point per
-    exit layer, with the fine-tuned all-layers model at the final layer."""
-    summary = I.load_summary(results_dir)
-    fixed = sorted(I.rows_of(summary, "fixed"), key=lambda r: r["param"])
-    if not fixed:
-        raise MissingInput("the evaluation summary has no fixed@L rows; evaluate the 'fixed' method family")
-    ref = I.reference_row(summary)
-    n_layers = I.num_layers_of(summary)
-    final = n_layers - 1 if n_layers else None
-    rows = list(fixed)
-    layers = [int(r["param"]) for r in fixed]
-    if ref is not None and final is not None:
-        rows.append(ref)
-        layers.append(final)
-    scales = summary.get("scales") or {}
-    energy = I.energy_measured(rows)
-    fig, axes = new_figure(15.0, 3.6, 1, 4)
-    ax = axes[0, 0]
+def _accuracy_panel(ax, rows: list[dict], layers: list[int], final: Optional[int], scales: dict) -> None:
     for key, label in ACCURACY_METRICS:
         vals = _pct_rows(rows, key, scales)
         pts = [(L, v) for L, v in zip(layers, vals) if v is not None]
@@ -92,9 +73,10 @@ def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
     _layer_ticks(ax, layers, final)
 
-    ax = axes[0, 1]
-    lat = [r.get("latency_s") for r in rows]
-    ax.plot(layers, lat, marker="o", color="#1f77b4", lw=1.6, label="latency")
+
+def _latency_panel(ax, rows: list[dict], layers: list[int], final: Optional[int]) -> None:
+    """Latency per exit layer, with the decode compute on a second axis when every row has it."""
+    ax.plot(layers, [r.get("latency_s") for r in rows], marker="o", color="#1f77b4", lw=1.6, label="latency")
     ax.set_xlabel("exit layer (0-based)")
     ax.set_ylabel("latency (s per sample)")
     ax.set_title("Latency per exit layer")
@@ -113,16 +95,39 @@ def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]
         h2, l2 = tw.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="lower right", frameon=False)
 
-    ax = axes[0, 2]
-    if energy:
-        ax.plot(layers, [r["energy_j"] for r in rows], marker="o", color="#d62728", lw=1.6)
-        ax.set_xlabel("exit layer (0-based)")
-        ax.set_ylabel("energy (J per sample)")
-        ax.set_title("Energy per exit layer")
-        ax.set_ylim(bottom=0)
-        _layer_ticks(ax, layers, final)
-    else:
+
+def _energy_panel(ax, rows: list[dict], layers: list[int], final: Optional[int]) -> None:
+    if not I.energy_measured(rows):
         note_panel(ax, ENERGY_NOTE, "Energy per exit layer")
+        return
+    ax.plot(layers, [r["energy_j"] for r in rows], marker="o", color="#d62728", lw=1.6)
+    ax.set_xlabel("exit layer (0-based)")
+    ax.set_ylabel("energy (J per sample)")
+    ax.set_title("Energy per exit layer")
+    ax.set_ylim(bottom=0)
+    _layer_ticks(ax, layers, final)
+
+
+@styled
+def plot_fixed_exits(results_dir: PathLike, figures_dir: PathLike) -> list[Path]:
+    """Paper Fig. 1: accuracy, latency (and energy when measured) of fixed exits, one point per
+    exit layer, with the fine-tuned all-layers model at the final layer."""
+    summary = I.load_summary(results_dir)
+    fixed = sorted(I.rows_of(summary, "fixed"), key=lambda r: r["param"])
+    if not fixed:
+        raise MissingInput("the evaluation summary has no fixed@L rows; evaluate the 'fixed' method family")
+    ref = I.reference_row(summary)
+    n_layers = I.num_layers_of(summary)
+    final = n_layers - 1 if n_layers else None
+    rows = list(fixed)
+    layers = [int(r["param"]) for r in fixed]
+    if ref is not None and final is not None:
+        rows.append(ref)
+        layers.append(final)
+    fig, axes = new_figure(15.0, 3.6, 1, 4)
+    _accuracy_panel(axes[0, 0], rows, layers, final, summary.get("scales") or {})
+    _latency_panel(axes[0, 1], rows, layers, final)
+    _energy_panel(axes[0, 2], rows, layers, final)
     _fidelity_panel(axes[0, 3], rows, layers, final)
     fig.suptitle(f"Fixed exits: every token leaves at one layer ({_samples(summary)}, {summary.get('language')})")
     return save_figure(fig, Path(figures_dir), NAMES["fixed_exits"])
@@ -695,6 +700,61 @@ def _place_labels(ax, labels: Sequence[tuple[float, float, str, str]], fontsize:
                     va="bottom", ha=ha)
 
 
+def _family_lines(ax, pts: list, handles: dict) -> list[tuple[float, float, str, str]]:
+    """One line per controller family (sorted by parameter), into ``handles``; the point labels to place."""
+    fams: dict[str, list] = {}
+    labels: list[tuple[float, float, str, str]] = []
+    for p in pts:
+        fams.setdefault(family_of(p[2]), []).append(p)
+    for fam, ps in fams.items():
+        ps.sort(key=lambda p: (p[2].get("param") if p[2].get("param") is not None else 0, p[0]))
+        c, m = FAMILY_COLORS.get(fam, "#333333"), FAMILY_MARKERS.get(fam, "o")
+        size = 9 if fam in ("full", "gc") else 6.5
+        (h,) = ax.plot([p[0] for p in ps], [p[1] for p in ps], marker=m, color=c, ms=size,
+                       ls="-" if len(ps) > 1 else "none", lw=1.0, alpha=0.9,
+                       mfc="none" if fam == "oracle" else c, label=FAMILY_NAMES.get(fam, fam))
+        handles.setdefault(FAMILY_NAMES.get(fam, fam), h)
+        if fam in ("gc", "fixed", "confidence", "entropy", "hf_early_exit") and len(ps) <= 12:
+            for x, y, r in ps:
+                txt = f"{r['param']:g}" if fam != "fixed" and fam != "hf_early_exit" else f"L{int(r['param'])}"
+                labels.append((x, y, txt, c))
+    return labels
+
+
+def _cost_limits(ax, xs: list[float], ys: list[float], xlabel: str) -> None:
+    """Axis limits with a margin; a log cost axis when one far outlier would squash the rest."""
+    if min(xs) > 0 and max(xs) / min(xs) > 8:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(xlabel + ", log scale")
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+    else:
+        xpad = 0.08 * (max(xs) - min(xs) or max(abs(max(xs)), 1.0))
+        ax.set_xlim(min(xs) - xpad, max(xs) + xpad)
+    ypad = 0.1 * (max(ys) - min(ys) or max(abs(max(ys)), 1.0))
+    ax.set_ylim(min(ys) - ypad, max(ys) + 1.6 * ypad)
+
+
+def _pareto_panel(ax, pts: list, xlabel: str, title: str, metric_name: str, handles: dict) -> None:
+    """One cost axis: every family's line, the deployable methods' Pareto front, limits and labels."""
+    labels = _family_lines(ax, pts, handles)
+    deploy = [p for p in pts if not p[2].get("analysis_only") and family_of(p[2]) != "oracle"]
+    front = pareto_front([(p[0], p[1]) for p in deploy])
+    if len(front) >= 2:
+        (h,) = ax.step([deploy[i][0] for i in front], [deploy[i][1] for i in front], where="post", color="#444444",
+                       lw=2.2, alpha=0.25, zorder=0, label="Pareto front (deployable methods)")
+        handles.setdefault("Pareto front (deployable methods)", h)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric_name} (%)")
+    ax.set_title(title, fontsize=9)
+    _cost_limits(ax, [p[0] for p in pts], [p[1] for p in pts], xlabel)
+    _place_labels(ax, labels)
+
+
 @styled
 def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "codebleu") -> list[Path]:
     """Accuracy versus cost for every controller (GC at each threshold, confidence, entropy,
@@ -707,9 +767,8 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
     if not rows:
         raise MissingInput(f"the evaluation summary has no {metric!r} values")
     metric_name = dict(ACCURACY_METRICS).get(metric, metric)
-    energy = I.energy_measured(rows)
     axes_spec = [("compute_ratio", 100.0, "decode compute (% of the full model's MACs)", "Hardware independent")]
-    if energy:
+    if I.energy_measured(rows):
         axes_spec.append(("energy_j", 1.0, "energy (J per sample)", "Energy"))
     else:
         axes_spec.append(("latency_s", 1.0, "latency (s per sample)", f"Latency; {ENERGY_NOTE}"))
@@ -721,50 +780,7 @@ def plot_pareto(results_dir: PathLike, figures_dir: PathLike, metric: str = "cod
         if not pts:
             note_panel(ax, f"no {key} values in the summary", title)
             continue
-        fams: dict[str, list] = {}
-        labels: list[tuple[float, float, str, str]] = []
-        for p in pts:
-            fams.setdefault(family_of(p[2]), []).append(p)
-        for fam, ps in fams.items():
-            ps.sort(key=lambda p: (p[2].get("param") if p[2].get("param") is not None else 0, p[0]))
-            c, m = FAMILY_COLORS.get(fam, "#333333"), FAMILY_MARKERS.get(fam, "o")
-            size = 9 if fam in ("full", "gc") else 6.5
-            (h,) = ax.plot([p[0] for p in ps], [p[1] for p in ps], marker=m, color=c, ms=size,
-                           ls="-" if len(ps) > 1 else "none", lw=1.0, alpha=0.9,
-                           mfc="none" if fam == "oracle" else c, label=FAMILY_NAMES.get(fam, fam))
-            handles.setdefault(FAMILY_NAMES.get(fam, fam), h)
-            if fam in ("gc", "fixed", "confidence", "entropy", "hf_early_exit") and len(ps) <= 12:
-                for x, y, r in ps:
-                    txt = f"{r['param']:g}" if fam != "fixed" and fam != "hf_early_exit" else f"L{int(r['param'])}"
-                    labels.append((x, y, txt, c))
-        deploy = [p for p in pts if not p[2].get("analysis_only") and family_of(p[2]) != "oracle"]
-        front = pareto_front([(p[0], p[1]) for p in deploy])
-        if len(front) >= 2:
-            fx = [deploy[i][0] for i in front]
-            fy = [deploy[i][1] for i in front]
-            (h,) = ax.step(fx, fy, where="post", color="#444444", lw=2.2, alpha=0.25, zorder=0,
-                           label="Pareto front (deployable methods)")
-            handles.setdefault("Pareto front (deployable methods)", h)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{metric_name} (%)")
-        ax.set_title(title, fontsize=9)
-        xs = [p[0] for p in pts]
-        ys = [p[1] for p in pts]
-        if min(xs) > 0 and max(xs) / min(xs) > 8:  # one far outlier would squash the rest
-            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(xlabel + ", log scale")
-            ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
-        else:
-            xpad = 0.08 * (max(xs) - min(xs) or max(abs(max(xs)), 1.0))
-            ax.set_xlim(min(xs) - xpad, max(xs) + xpad)
-        ypad = 0.1 * (max(ys) - min(ys) or max(abs(max(ys)), 1.0))
-        ax.set_ylim(min(ys) - ypad, max(ys) + 1.6 * ypad)
-        _place_labels(ax, labels)
+        _pareto_panel(ax, pts, xlabel, title, metric_name, handles)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, frameon=False)
     fig.suptitle(f"{metric_name} vs cost, every controller (labels: threshold T or exit layer L, 0-based); "
                  "up and left is better")
