@@ -45,13 +45,12 @@ def sha256_file(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def ship_base(cfg, out_dir: Union[str, Path], *, command: Optional[str] = None) -> Path:
-    """Copy the finished base model of ``cfg`` into ``out_dir`` with its manifest."""
+def _shippable(cfg, paths) -> tuple[dict, float, dict]:
+    """The finished base's stage record, its weights' size (MB) and the corpus manifest, or a clear error:
+    no finished base, weights missing or over ``MAX_WEIGHTS_MB``, a corpus manifest without the files by split."""
     from greencode.data.corpus import read_manifest
-    from greencode.paths import RunPaths
-    from greencode.training.common import CSV_NAME, TRAINER_DIR, read_stage
+    from greencode.training.common import read_stage
 
-    paths = RunPaths.from_config(cfg)
     src = paths.base_model
     stage = read_stage(src)
     if not stage or not stage.get("complete"):
@@ -68,61 +67,84 @@ def ship_base(cfg, out_dir: Union[str, Path], *, command: Optional[str] = None) 
     if not corpus or "file_hashes" not in corpus:
         raise FileNotFoundError(f"the corpus manifest in {str(paths.corpus)!r} lists no files by split; rebuild the "
                                 "corpus with scripts/prepare_data.py (this version records them)")
+    return stage, size_mb, corpus
+
+
+def _copy_files(src: Path, tmp: Path, train: list) -> None:
+    """The model and tokenizer files, the training log, and the training files' list (path, sha1)."""
+    from greencode.training.common import CSV_NAME, TRAINER_DIR
+
+    for name in _MODEL_FILES + _TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    csv = src / TRAINER_DIR / CSV_NAME
+    if csv.is_file():
+        shutil.copy2(csv, tmp / CSV_NAME)
+    with gzip.open(tmp / TRAIN_FILES, "wt", encoding="utf-8") as f:
+        f.write("path\tsha1\n")
+        for p, h in train:
+            f.write(f"{p}\t{h}\n")
+
+
+def _manifest(cfg, src: Path, tmp: Path, stage: dict, corpus: dict, size_mb: float, command: Optional[str]) -> dict:
+    """The shipped base's manifest: what it is, how it was trained and on what, its held-out quality
+    (re-measured), the weights' digest and the runs that trained and shipped it."""
+    summary = stage.get("summary", {})
+    heldout = heldout_quality(cfg, src)
+    meta = run_metadata(cfg, stage="ship_base")
+    run_info = read_json(src / "run_info.json") if (src / "run_info.json").is_file() else {}
+    return {
+        "what": "GREEN-CODE embedded default base model: a Llama-architecture model pretrained from scratch on "
+                "the Python sources that the project's pinned requirements install (site-packages), as written",
+        "command": command or "make pretrain",
+        "pretrain_command": (src / "command.txt").read_text().strip() if (src / "command.txt").is_file() else None,
+        "config": cfg.to_dict(),
+        "data": {"source_path_at_training": corpus.get("source_path"), "literal_mode": corpus.get("literal_mode"),
+                 "content_hash": corpus.get("content_hash"), "input_fingerprint": corpus.get("input_fingerprint"),
+                 "splits": corpus.get("splits"), "files": corpus.get("files"),
+                 "validation_fraction": cfg.data.validation_fraction, "test_fraction": cfg.data.test_fraction,
+                 "split_rule": "greencode.data.local.split_of(path inside site-packages)",
+                 "train_files": TRAIN_FILES, "train_file_count": len(corpus["file_hashes"]["train"])},
+        "stage_key": stage.get("key"),
+        "tokens_seen": summary.get("train_tokens"),
+        "steps": summary.get("steps"),
+        "num_parameters": summary.get("num_parameters"),
+        "wall_time_s": summary.get("train_runtime_s"),
+        "cpu_time_s": summary.get("train_cpu_time_s"),
+        "tokens_per_s": summary.get("train_tokens_per_s"),
+        "final_train_loss": summary.get("final_train_loss"),
+        "eval_loss": heldout["final_ce_loss"],
+        "eval_perplexity": heldout["final_perplexity"],
+        "heldout": heldout,
+        "trainer_eval_loss": summary.get("eval_loss"),
+        "trainer_eval_note": "the Trainer's periodic eval_loss (train_log.csv, split=eval) of this pretraining "
+                             "was measured on validation files whose pieces were joined with spaces (a packing "
+                             "bug fixed after it started); eval_loss / heldout above are re-measured on the "
+                             "validation split as written",
+        "weights_sha256": sha256_file(tmp / "model.safetensors"),
+        "weights_mb": round(size_mb, 2),
+        "pretrain_run": {k: v for k, v in run_info.items() if k in ("created", "git_commit", "versions", "hardware",
+                                                                     "command")},
+        "shipped": {k: meta[k] for k in ("created", "git_commit", "versions", "hardware")},
+    }
+
+
+def ship_base(cfg, out_dir: Union[str, Path], *, command: Optional[str] = None) -> Path:
+    """Copy the finished base model of ``cfg`` into ``out_dir`` with its manifest (atomically: a temporary
+    folder renamed into place)."""
+    from greencode.paths import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    src = paths.base_model
+    stage, size_mb, corpus = _shippable(cfg, paths)
+    train = corpus["file_hashes"]["train"]
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for name in _MODEL_FILES + _TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        csv = src / TRAINER_DIR / CSV_NAME
-        if csv.is_file():
-            shutil.copy2(csv, tmp / CSV_NAME)
-        train = corpus["file_hashes"]["train"]
-        with gzip.open(tmp / TRAIN_FILES, "wt", encoding="utf-8") as f:
-            f.write("path\tsha1\n")
-            for p, h in train:
-                f.write(f"{p}\t{h}\n")
-        summary = stage.get("summary", {})
-        heldout = heldout_quality(cfg, src)
-        meta = run_metadata(cfg, stage="ship_base")
-        manifest = {
-            "what": "GREEN-CODE embedded default base model: a Llama-architecture model pretrained from scratch on "
-                    "the Python sources that the project's pinned requirements install (site-packages), as written",
-            "command": command or "make pretrain",
-            "pretrain_command": (src / "command.txt").read_text().strip() if (src / "command.txt").is_file() else None,
-            "config": cfg.to_dict(),
-            "data": {"source_path_at_training": corpus.get("source_path"), "literal_mode": corpus.get("literal_mode"),
-                     "content_hash": corpus.get("content_hash"), "input_fingerprint": corpus.get("input_fingerprint"),
-                     "splits": corpus.get("splits"), "files": corpus.get("files"),
-                     "validation_fraction": cfg.data.validation_fraction, "test_fraction": cfg.data.test_fraction,
-                     "split_rule": "greencode.data.local.split_of(path inside site-packages)",
-                     "train_files": TRAIN_FILES, "train_file_count": len(train)},
-            "stage_key": stage.get("key"),
-            "tokens_seen": summary.get("train_tokens"),
-            "steps": summary.get("steps"),
-            "num_parameters": summary.get("num_parameters"),
-            "wall_time_s": summary.get("train_runtime_s"),
-            "cpu_time_s": summary.get("train_cpu_time_s"),
-            "tokens_per_s": summary.get("train_tokens_per_s"),
-            "final_train_loss": summary.get("final_train_loss"),
-            "eval_loss": heldout["final_ce_loss"],
-            "eval_perplexity": heldout["final_perplexity"],
-            "heldout": heldout,
-            "trainer_eval_loss": summary.get("eval_loss"),
-            "trainer_eval_note": "the Trainer's periodic eval_loss (train_log.csv, split=eval) of this pretraining "
-                                 "was measured on validation files whose pieces were joined with spaces (a packing "
-                                 "bug fixed after it started); eval_loss / heldout above are re-measured on the "
-                                 "validation split as written",
-            "weights_sha256": sha256_file(tmp / "model.safetensors"),
-            "weights_mb": round(size_mb, 2),
-            "pretrain_run": {k: v for k, v in (read_json(src / "run_info.json") if (src / "run_info.json").is_file()
-                                               else {}).items() if k in ("created", "git_commit", "versions",
-                                                                         "hardware", "command")},
-            "shipped": {k: meta[k] for k in ("created", "git_commit", "versions", "hardware")},
-        }
-        write_json(tmp / MANIFEST, manifest)
+        _copy_files(src, tmp, train)
+        write_json(tmp / MANIFEST, _manifest(cfg, src, tmp, stage, corpus, size_mb, command))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
