@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from greencode.data import load_corpus, load_tokenizer
@@ -152,8 +153,6 @@ def chunk_stats(model, dataset, batch_size: int) -> dict:
     """Per packed chunk and per layer (every layer, 0-based): correct next-token predictions and
     agreements with the final layer's prediction, plus the chunk's token count; numpy arrays
     ``correct`` / ``agree`` [chunks, layers] and ``tokens`` [chunks] (the unit of the bootstrap)."""
-    import numpy as np
-
     every = EarlyExitModel(model.hf, list(range(model.num_layers - 1)))
     every.eval()
     correct, agree, tokens = [], [], []
@@ -190,6 +189,52 @@ def _training_cost(model_dir: Path) -> dict:
             "recipe": s.get("recipe"), "pretrain_config": (rec.get("payload") or {}).get("pretrain")}
 
 
+def _ci(values) -> list[float]:
+    """The 95% percentile interval of bootstrap values, rounded."""
+    return [round(float(np.percentile(values, 2.5)), 6), round(float(np.percentile(values, 97.5)), 6)]
+
+
+def _base_record(s: dict, idx: np.ndarray, exit_points: list[int], model_dir) -> dict:
+    """One base: per layer its accuracy, share of the final layer's and agreement with it (each with its CI over
+    the resampled chunks ``idx``), the final accuracy and the training cost."""
+    tok = s["tokens"].sum()
+    acc = s["correct"].sum(0) / tok
+    boot_tok = s["tokens"][idx].sum(1)  # [resamples]
+    boot_acc = s["correct"][idx].sum(1) / boot_tok[:, None]  # [resamples, layers]
+    boot_agree = s["agree"][idx].sum(1) / boot_tok[:, None]
+    boot_share = boot_acc / boot_acc[:, -1:]
+    layers = [{"layer": layer, "is_exit_point": layer in exit_points,
+               "accuracy": round(float(acc[layer]), 6), "accuracy_ci": _ci(boot_acc[:, layer]),
+               "accuracy_share_of_final": round(float(acc[layer] / acc[-1]), 6),
+               "accuracy_share_of_final_ci": _ci(boot_share[:, layer]),
+               "agreement_with_final": round(float(s["agree"][:, layer].sum() / tok), 6),
+               "agreement_with_final_ci": _ci(boot_agree[:, layer])} for layer in range(acc.shape[0])]
+    return {"model_dir": str(model_dir), "tokens": int(tok), "final_accuracy": round(float(acc[-1]), 6),
+            "final_accuracy_ci": _ci(boot_acc[:, -1]), "per_layer": layers,
+            "training_cost": _training_cost(Path(model_dir))}
+
+
+def _pair_differences(stats: dict, models: dict, idx: np.ndarray) -> dict:
+    """Every two bases (``a - b`` with a < b): the final layer's accuracy difference and each layer's, with
+    paired CIs (the same resampled chunks)."""
+    diffs = {}
+    names = list(stats)
+    for a in names:
+        for b in names:
+            if not a < b:
+                continue
+            ba = stats[a]["correct"][idx].sum(1) / stats[a]["tokens"][idx].sum(1)[:, None]
+            bb = stats[b]["correct"][idx].sum(1) / stats[b]["tokens"][idx].sum(1)[:, None]
+            lo, hi = _ci(ba[:, -1] - bb[:, -1])
+            per_layer = [{"layer": layer, "accuracy_diff": round(models[a]["per_layer"][layer]["accuracy"]
+                                                                  - models[b]["per_layer"][layer]["accuracy"], 6),
+                          "ci": _ci(ba[:, layer] - bb[:, layer])} for layer in range(ba.shape[1])]
+            diffs[f"{a} - {b}"] = {"final_accuracy_diff": round(models[a]["final_accuracy"] - models[b]["final_accuracy"],
+                                                                6),
+                                   "ci": [lo, hi], "significant": bool(lo > 0 or hi < 0), "per_layer": per_layer}
+    return diffs
+
+
 def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[Path] = None,
                   out_name: str = "base_recipes") -> dict:
     """The base ablation: each named base model (``{name: directory}``) on the same validation
@@ -200,8 +245,6 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
     Also each layer's accuracy difference between every two bases (paired, with its CI: what a
     recipe change such as fill-in-the-middle costs an exit). Written to
     ``results/<name>/ablations/<out_name>.{json,md}``."""
-    import numpy as np
-
     device, dtype = setup_torch(cfg.hardware)
     tokenizer = load_tokenizer(cfg)
     stage = cfg.finetune
@@ -216,55 +259,17 @@ def compare_bases(cfg, bases: dict, *, resamples: int = 2000, out_dir: Optional[
         del m
     n = len(next(iter(stats.values()))["tokens"])
     idx = bootstrap_indices(n, resamples, cfg.seed)
-
-    def ci(values):
-        return [round(float(np.percentile(values, 2.5)), 6), round(float(np.percentile(values, 97.5)), 6)]
-
-    models = {}
-    for name, s in stats.items():
-        tok = s["tokens"].sum()
-        acc = s["correct"].sum(0) / tok
-        boot_tok = s["tokens"][idx].sum(1)  # [resamples]
-        boot_acc = s["correct"][idx].sum(1) / boot_tok[:, None]  # [resamples, layers]
-        boot_agree = s["agree"][idx].sum(1) / boot_tok[:, None]
-        boot_share = boot_acc / boot_acc[:, -1:]
-        layers = []
-        for layer in range(acc.shape[0]):
-            layers.append({"layer": layer, "is_exit_point": layer in exit_points,
-                           "accuracy": round(float(acc[layer]), 6), "accuracy_ci": ci(boot_acc[:, layer]),
-                           "accuracy_share_of_final": round(float(acc[layer] / acc[-1]), 6),
-                           "accuracy_share_of_final_ci": ci(boot_share[:, layer]),
-                           "agreement_with_final": round(float(s["agree"][:, layer].sum() / tok), 6),
-                           "agreement_with_final_ci": ci(boot_agree[:, layer])})
-        models[name] = {"model_dir": str(bases[name]), "tokens": int(tok), "final_accuracy": round(float(acc[-1]), 6),
-                        "final_accuracy_ci": ci(boot_acc[:, -1]), "per_layer": layers,
-                        "training_cost": _training_cost(Path(bases[name]))}
-    names = list(stats)
-    diffs = {}
-    for a in names:
-        for b in names:
-            if a < b:
-                da = stats[a]["correct"][idx].sum(1)[:, -1] / stats[a]["tokens"][idx].sum(1)
-                db = stats[b]["correct"][idx].sum(1)[:, -1] / stats[b]["tokens"][idx].sum(1)
-                point = models[a]["final_accuracy"] - models[b]["final_accuracy"]
-                lo, hi = ci(da - db)
-                ba = stats[a]["correct"][idx].sum(1) / stats[a]["tokens"][idx].sum(1)[:, None]
-                bb = stats[b]["correct"][idx].sum(1) / stats[b]["tokens"][idx].sum(1)[:, None]
-                per_layer = [{"layer": layer, "accuracy_diff": round(models[a]["per_layer"][layer]["accuracy"]
-                                                                      - models[b]["per_layer"][layer]["accuracy"], 6),
-                              "ci": ci(ba[:, layer] - bb[:, layer])} for layer in range(ba.shape[1])]
-                diffs[f"{a} - {b}"] = {"final_accuracy_diff": round(point, 6), "ci": [lo, hi],
-                                       "significant": bool(lo > 0 or hi < 0), "per_layer": per_layer}
+    models = {name: _base_record(s, idx, exit_points, bases[name]) for name, s in stats.items()}
     report = {"description": "base ablation: per-layer next-token accuracy, its share of the final layer's and "
                              "agreement with the final layer on the same held-out (validation) tokens, decoded "
                              "through each model's own final norm and LM head; 95% bootstrap CIs over 256-token "
                              "chunks, paired across models",
               "split": "validation", "chunks": n, "seq_len": stage.seq_len, "resamples": resamples,
-              "exit_points": exit_points, "models": models, "final_accuracy_differences": diffs,
+              "exit_points": exit_points, "models": models,
+              "final_accuracy_differences": _pair_differences(stats, models, idx),
               "meta": run_metadata(cfg, stage="base_ablation", weights=_ablation_weights(cfg, identities))}
     out_dir = Path(out_dir) if out_dir is not None else RunPaths.from_config(cfg).results / "ablations"
     write_json(out_dir / f"{out_name}.json", report)
-
     write_text(out_dir / f"{out_name}.md", render_bases(report))
     return report
 
