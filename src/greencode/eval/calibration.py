@@ -234,6 +234,57 @@ def choose(cfg: Config, eval_dir: Path, specs: dict[str, list[MethodSpec]], crit
     return families
 
 
+def _calibration_config(cfg: Config, out: Path, split: str) -> Config:
+    """The evaluation of the candidates: ``split`` from ``calibration.sample_offset``, accuracy only (no timing,
+    warmup, overhead A/B or bootstrap), into ``out``."""
+    c = cfg.calibration
+    return dataclasses.replace(
+        cfg, results_dir=str(out),
+        eval=dataclasses.replace(cfg.eval, split=split, num_samples=c.num_samples, timing_samples=0,
+                                 sample_offset=c.sample_offset,
+                                 overhead_ab=False, warmup_samples=0, bootstrap_resamples=0, accuracy_only_hf=[]))
+
+
+def _available(paths: RunPaths, ids: list[str]) -> list[str]:
+    """The method ids whose inputs (policy, classifier) the run has; the others are skipped with a warning."""
+    available = []
+    for i in ids:
+        missing = [(n, getattr(paths, n)) for n in needs(i.split("@")[0]) if not Path(getattr(paths, n)).is_file()]
+        if not missing:
+            available.append(i)
+        else:
+            log.warning("calibration: %s skipped (no %s at %s)", i, *missing[0])
+    return available
+
+
+def _criteria(cfg: Config, eval_dir: Path, specs: dict, forced, token: Optional[dict]) -> dict:
+    """Per criterion: each family's choice at each target, the samples it used and what it can certify."""
+    c = cfg.calibration
+    compute, skipped, oracle = (token["compute"], token["layers_skipped"], token.get("oracle_layers_skipped")) \
+        if token else (None, None, None)
+    criteria = {}
+    for crit in c.criteria:
+        if crit == "token":
+            fams = choose(cfg, eval_dir, specs, crit, forced, compute, skipped, oracle)
+        else:  # the oracle's tokens are the full model's: its exits on the teacher-forced pass are its free-running ones
+            fams = choose(cfg, eval_dir, specs, crit, oracle_skipped=oracle)
+        n = max((e.get("samples", 0) for e in fams.values()), default=0)
+        criteria[crit] = {"risk": CRITERIA[crit], "families": fams, "samples": n,
+                          "certifiable": certifiable(n, c.targets, c.delta)}
+    return criteria
+
+
+def _samples_record(cfg: Config, split: str, full: list[dict], token_n: int) -> dict:
+    c = cfg.calibration
+    return {"split": split, "sample_seed": cfg.eval.sample_seed, "offset": c.sample_offset,
+            "count": len(full), "ids": [r.get("id") for r in sorted(full, key=lambda r: r["index"])],
+            "token_count": token_n,
+            "note": f"the first {c.sample_offset} samples of this seeded order are the tuning slice "
+                    "(grids, knobs); these follow them and chose nothing. The sequence and quality "
+                    f"criteria use the first {c.num_samples} (free-running), the token criterion the "
+                    f"first {token_n} (one teacher-forced pass each); ids lists the free-running ones"}
+
+
 def calibrate(cfg: Config, *, split: str = CALIBRATION_SPLIT) -> Path:
     """Evaluate the candidates on ``split`` (validation), choose per family and target, and
     write ``results/<name>/calibration/calibration.{json,md}``. Returns the json path."""
@@ -249,58 +300,32 @@ def calibrate(cfg: Config, *, split: str = CALIBRATION_SPLIT) -> Path:
     weights = weights_record(loaded)
     del loaded
     specs = candidate_specs(cfg, exits)
-    sub = dataclasses.replace(
-        cfg, results_dir=str(out),
-        eval=dataclasses.replace(cfg.eval, split=split, num_samples=c.num_samples, timing_samples=0,
-                                 sample_offset=c.sample_offset,
-                                 overhead_ab=False, warmup_samples=0, bootstrap_resamples=0, accuracy_only_hf=[]))
-    ids = ["full"] + [s.id for fam in specs.values() for s in fam]
-    available = []
-    for i in ids:
-        missing = [(n, getattr(paths, n)) for n in needs(i.split("@")[0]) if not Path(getattr(paths, n)).is_file()]
-        if not missing:
-            available.append(i)
-        else:
-            log.warning("calibration: %s skipped (no %s at %s)", i, *missing[0])
+    sub = _calibration_config(cfg, out, split)
+    available = _available(paths, ["full"] + [s.id for fam in specs.values() for s in fam])
     t0 = time.perf_counter()
     evaluate(sub, available)
     eval_dir = out / "eval"
     free_s = time.perf_counter() - t0
     full = method_records(eval_dir, "full") or []
     token_n = c.token_samples()
-    forced = compute = skipped = oracle = None
+    forced = token = None
     if "token" in c.criteria:
         # the token criterion on its own (larger) slice: the same seeded order from the same offset, so its first
         # num_samples are the free-running ones (their full continuations reused); one simulated pass per sample
         tsub = dataclasses.replace(sub, eval=dataclasses.replace(sub.eval, num_samples=token_n))
         known = {int(r["index"]): [int(t) for t in r["tokens"]] for r in full if r.get("tokens")}
         forced = teacher_forced(tsub, eval_dir, available, full_tokens=known, oracle=True)
-        tf = read_json(eval_dir / TEACHER_FORCED_FILE)
-        compute, skipped, oracle = tf["compute"], tf["layers_skipped"], tf.get("oracle_layers_skipped")
+        token = read_json(eval_dir / TEACHER_FORCED_FILE)
     token_s = time.perf_counter() - t0 - free_s
-    criteria = {}
-    for crit in c.criteria:
-        if crit == "token":
-            fams = choose(cfg, eval_dir, specs, crit, forced, compute, skipped, oracle)
-        else:  # the oracle's tokens are the full model's: its exits on the teacher-forced pass are its free-running ones
-            fams = choose(cfg, eval_dir, specs, crit, oracle_skipped=oracle)
-        n = max((e.get("samples", 0) for e in fams.values()), default=0)
-        criteria[crit] = {"risk": CRITERIA[crit], "families": fams, "samples": n,
-                          "certifiable": certifiable(n, c.targets, c.delta)}
-    families = criteria["sequence"]["families"] if "sequence" in criteria else {}
+    criteria = _criteria(cfg, eval_dir, specs, forced, token)
     result = {"format": FORMAT, "split": split, "num_samples": c.num_samples, "token_num_samples": token_n,
               "delta": c.delta, "targets": list(c.targets), "risk": CRITERIA["sequence"],
               "seconds": {"free_running": round(free_s, 1), "token_teacher_forced": round(token_s, 1)},
               "method": "Learn then Test: Hoeffding-Bentkus p-values, fixed-sequence testing from the most "
                         "conservative candidate; the certified candidate with the least compute",
-              "samples": {"split": split, "sample_seed": cfg.eval.sample_seed, "offset": c.sample_offset,
-                          "count": len(full), "ids": [r.get("id") for r in sorted(full, key=lambda r: r["index"])],
-                          "token_count": token_n,
-                          "note": f"the first {c.sample_offset} samples of this seeded order are the tuning slice "
-                                  "(grids, knobs); these follow them and chose nothing. The sequence and quality "
-                                  f"criteria use the first {c.num_samples} (free-running), the token criterion the "
-                                  f"first {token_n} (one teacher-forced pass each); ids lists the free-running ones"},
-              "families": families, "criteria": criteria, "policy_sha256": file_sha256(paths.policy),
+              "samples": _samples_record(cfg, split, full, token_n),
+              "families": criteria["sequence"]["families"] if "sequence" in criteria else {},
+              "criteria": criteria, "policy_sha256": file_sha256(paths.policy),
               "classifier_sha256": file_sha256(paths.classifier),
               "run": run_metadata(cfg, stage="calibrate", weights=weights)}
     result["run"].pop("config", None)

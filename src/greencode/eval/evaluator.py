@@ -445,6 +445,38 @@ def _hull(out_dir: Path, calibration: Optional[dict]) -> None:
         log.warning("static hull not written: %s: %s", type(e).__name__, e)
 
 
+def _prepare(cfg: Config, names: list[str], paths: RunPaths, dist: Dist):
+    """The run's inputs for the methods ``names``: device, loaded inputs, method specs, samples and the weights
+    record; fails when the base model was trained on the split's files or a sample is in another language."""
+    set_seed(cfg.seed)
+    device, dtype = setup_torch(cfg.hardware)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    families = {parse_method_name(n)[0] for n in names}
+    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families,
+                         need_policy=any(needs(f) for f in families))
+    specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
+    samples = load_samples(cfg, inputs.tokenizer)
+    checked = check_split_disjoint(cfg, cfg.eval.split)  # raises when the base was trained on these files
+    if checked:
+        log.info("the %d %s-split files are disjoint from the base model's training files", checked, cfg.eval.split)
+    _check_languages(cfg, samples)
+    return device, inputs, specs, samples, weights_record(inputs.model, inputs.base)
+
+
+def _gather_ranks(shard: dict, shard_dir: Path, dist: Dist, finish) -> None:
+    """Several launcher ranks: each writes its shard; the main rank merges them (``finish(shards)``)."""
+    try:
+        write_json(shard_dir / f"rank{dist.rank}.json", shard)
+        dist.barrier()
+        if dist.is_main:
+            finish([read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)])
+            shutil.rmtree(shard_dir, ignore_errors=True)
+        dist.barrier()
+    finally:
+        dist.close()
+
+
 def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Path:
     """Evaluate the methods (``cfg.eval.methods``, or ``methods``: families or ids such as
     ``gc@0.9``) on the config's samples and write ``results/<name>/eval``. Returns that path.
@@ -456,56 +488,30 @@ def evaluate(cfg: Config, methods: Union[str, Sequence[str], None] = None) -> Pa
     names, calibration = _expand_calibrated(cfg, names, explicit)
     for n in names:  # unknown names fail before anything is loaded
         parse_method_name(n)
-
     check_language(cfg.data.language)
     paths = RunPaths.from_config(cfg)
     out_dir = paths.results_eval
     dist = Dist.from_env()
     check_writable(out_dir)
-    set_seed(cfg.seed)
-    device, dtype = setup_torch(cfg.hardware)
-    if dist.world_size > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    families = {parse_method_name(n)[0] for n in names}
-    inputs = load_inputs(cfg, paths, device, dtype, need_base="base" in families,
-                         need_policy=any(needs(f) for f in families))
-    specs = expand_methods(names, cfg.eval, inputs.model.exit_layers, inputs.model.final_layer)
-    samples = load_samples(cfg, inputs.tokenizer)
+    device, inputs, specs, samples, weights = _prepare(cfg, names, paths, dist)
 
-    checked = check_split_disjoint(cfg, cfg.eval.split)  # raises when the base was trained on these files
-    if checked:
-        log.info("the %d %s-split files are disjoint from the base model's training files", checked, cfg.eval.split)
-    _check_languages(cfg, samples)
-
-    weights = weights_record(inputs.model, inputs.base)  # the directories loaded, fingerprinted when loaded
-    if dist.world_size == 1 and cfg.eval.workers > 1:
-        shards = _run_with_workers(cfg, names, inputs, samples, specs, explicit, device)
-        meta = run_metadata(cfg, stage="evaluate", energy_source=shards[0]["meta"]["energy_source"],
-                            world_size=1, accuracy_workers=cfg.eval.workers, weights=weights)
-        write_results(merge_shards(shards), out_dir, meta)
+    def finish(shards: list[dict], **meta) -> None:
+        write_results(merge_shards(shards), out_dir, run_metadata(
+            cfg, stage="evaluate", energy_source=shards[0]["meta"]["energy_source"], **meta, weights=weights))
         _finish(out_dir, samples, cfg, calibration, weights)
+
+    if dist.world_size == 1 and cfg.eval.workers > 1:
+        finish(_run_with_workers(cfg, names, inputs, samples, specs, explicit, device), world_size=1,
+               accuracy_workers=cfg.eval.workers)
         return out_dir
     indices = [i for i in range(len(samples)) if i % dist.world_size == dist.rank]
     log.info("evaluating %d methods on %d samples (rank %d/%d: %d samples)", len(specs), len(samples), dist.rank,
              dist.world_size, len(indices))
     shard = run_methods(inputs, samples, specs, cfg, explicit=explicit, indices=indices, rank=dist.rank,
                         world_size=dist.world_size, device=device)
-    meta = run_metadata(cfg, stage="evaluate", energy_source=shard["meta"]["energy_source"],
-                        world_size=dist.world_size, weights=weights)
     if dist.world_size == 1:
-        write_results(merge_shards([shard]), out_dir, meta)
-        _finish(out_dir, samples, cfg, calibration, weights)
-        return out_dir
-    shard_dir = paths.results / ".eval-shards"
-    try:
-        write_json(shard_dir / f"rank{dist.rank}.json", shard)
-        dist.barrier()
-        if dist.is_main:
-            shards = [read_json(shard_dir / f"rank{r}.json") for r in range(dist.world_size)]
-            write_results(merge_shards(shards), out_dir, meta)
-            _finish(out_dir, samples, cfg, calibration, weights)
-            shutil.rmtree(shard_dir, ignore_errors=True)
-        dist.barrier()
-    finally:
-        dist.close()
+        finish([shard], world_size=1)
+    else:
+        _gather_ranks(shard, paths.results / ".eval-shards", dist,
+                      lambda shards: finish(shards, world_size=dist.world_size))
     return out_dir

@@ -32,6 +32,44 @@ from greencode.utils import setup_torch, write_json
 log = logging.getLogger(__name__)
 
 
+def _known_continuations(eval_dir: Path, full_tokens: Optional[dict[int, list[int]]]) -> dict[int, list[int]]:
+    """The full model's continuations given, or (None) those of ``eval_dir/methods/full.json``."""
+    if full_tokens is not None:
+        return dict(full_tokens)
+    full = method_records(eval_dir, "full")
+    if full is None:
+        raise FileNotFoundError(f"no full-model records in {eval_dir}/methods/full.json; the teacher-forced pass "
+                                "feeds the full model's continuation, so evaluate method 'full' first")
+    return {int(r["index"]): [int(t) for t in r["tokens"]] for r in full if r.get("tokens")}
+
+
+def _decode_missing(cfg: Config, model, tok, prompts: dict, forced_of: dict) -> None:
+    """The full model's continuations not decoded yet, into ``forced_of``: batched, sorted by length."""
+    per_batch = max(1, int(cfg.eval.accuracy_batch_prompts))
+    missing = sorted((i for i in prompts if i not in forced_of), key=lambda i: (len(prompts[i]), i))
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(missing), 2 * per_batch), desc="full continuations", unit="batch",
+                          disable=None if missing else True):
+            chunk = missing[start:start + 2 * per_batch]
+            res = generate(model, [prompts[i] for i in chunk], [NeverExit() for _ in chunk], cfg.eval.max_new_tokens,
+                           eos_token_id=tok.eos_token_id, kv_strategy=cfg.decoding.kv_strategy)
+            forced_of.update({i: r.tokens for i, r in zip(chunk, res)})
+
+
+def _pass(cfg: Config, inputs, specs: list, method_ids: Sequence[str], prompts: dict, forced_of: dict,
+          idx: list[int], oracle: bool, workers: int) -> dict:
+    """The pass over the samples ``idx``: here, or with ``workers`` > 1 on that many fresh one-thread processes
+    (the samples dealt out in turn), merged in sample order."""
+    if workers <= 1:
+        return _forced_pass(inputs, cfg, specs, prompts, forced_of, idx, oracle)
+    log.info("teacher-forced pass: %d samples on %d processes", len(idx), workers)
+    chunks = [idx[k::workers] for k in range(workers)]
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_forced_worker, [cfg.to_dict()] * workers, [list(method_ids)] * workers,
+                              [{i: forced_of[i] for i in c} for c in chunks], chunks, [oracle] * workers))
+    return _merge(parts)
+
+
 def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
                    full_tokens: Optional[dict[int, list[int]]] = None, oracle: bool = False) -> dict[str, dict[int, float]]:
     """Token consistency of loop methods: each is fed the full model's greedy continuation of each
@@ -47,46 +85,22 @@ def teacher_forced(cfg: Config, eval_dir: Path, method_ids: Sequence[str], *,
     ``eval.workers`` > 1 the samples are dealt out to that many fresh processes of one torch thread each
     (as the evaluator's accuracy-only samples), and the results merged in sample order."""
     t0 = time.perf_counter()
-    forced_of = dict(full_tokens or {})
-    if full_tokens is None:
-        full = method_records(eval_dir, "full")
-        if full is None:
-            raise FileNotFoundError(f"no full-model records in {eval_dir}/methods/full.json; the teacher-forced pass "
-                                    "feeds the full model's continuation, so evaluate method 'full' first")
-        forced_of = {int(r["index"]): [int(t) for t in r["tokens"]] for r in full if r.get("tokens")}
+    forced_of = _known_continuations(eval_dir, full_tokens)
     paths = RunPaths.from_config(cfg)
     device, dtype = setup_torch(cfg.hardware)
     specs = _specs(method_ids)
     inputs = load_inputs(cfg, paths, device, dtype, need_base=False, need_policy=any(needs(s.family) for s in specs))
     samples = load_samples(cfg, inputs.tokenizer)
-    model, tok = inputs.model, inputs.tokenizer
+    model = inputs.model
     limit = getattr(model.hf.config, "max_position_embeddings", None)
-    max_new = cfg.eval.max_new_tokens
-    prompts = {i: prompt_of(samples[i], limit, max_new) for i in range(len(samples))}
-    per_batch = max(1, int(cfg.eval.accuracy_batch_prompts))
-
-    missing = sorted((i for i in prompts if i not in forced_of), key=lambda i: (len(prompts[i]), i))
-    with torch.inference_mode():  # the full model's continuations not decoded yet: batched, sorted by length
-        for start in tqdm(range(0, len(missing), 2 * per_batch), desc="full continuations", unit="batch",
-                          disable=None if missing else True):
-            chunk = missing[start:start + 2 * per_batch]
-            res = generate(model, [prompts[i] for i in chunk], [NeverExit() for _ in chunk], max_new,
-                           eos_token_id=tok.eos_token_id, kv_strategy=cfg.decoding.kv_strategy)
-            forced_of.update({i: r.tokens for i, r in zip(chunk, res)})
+    prompts = {i: prompt_of(samples[i], limit, cfg.eval.max_new_tokens) for i in range(len(samples))}
+    _decode_missing(cfg, model, inputs.tokenizer, prompts, forced_of)
     if cfg.decoding.kv_strategy != "propagate":
         raise ConfigError(f"decoding.kv_strategy={cfg.decoding.kv_strategy!r}: the teacher-forced simulation "
                           "propagates K/V from the exit state (the default strategy); use propagate")
     idx = [i for i in range(len(samples)) if forced_of.get(i)]
     workers = max(1, min(int(cfg.eval.workers), len(idx))) if device.type == "cpu" else 1
-    if workers > 1:  # one torch thread per process, the samples dealt out in turn; merged in sample order
-        log.info("teacher-forced pass: %d samples on %d processes", len(idx), workers)
-        chunks = [idx[k::workers] for k in range(workers)]
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            parts = list(pool.map(_forced_worker, [cfg.to_dict()] * workers, [list(method_ids)] * workers,
-                                  [{i: forced_of[i] for i in c} for c in chunks], chunks, [oracle] * workers))
-        passed = _merge(parts)
-    else:
-        passed = _forced_pass(inputs, cfg, specs, prompts, forced_of, idx, oracle)
+    passed = _pass(cfg, inputs, specs, method_ids, prompts, forced_of, idx, oracle, workers)
     specs = [s for s in specs if s.id in passed["methods"]]
     out, compute, skipped, oracle_skip = (passed[k] for k in ("methods", "compute", "layers_skipped", "oracle"))
     fast, slow = passed["simulated"], passed["loop"]

@@ -535,25 +535,11 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, metrics_fn=None,
-                  sample_metrics_fn=None, extra: Optional[dict] = None) -> Path:
-    """Write ``methods/<id>.json``, ``summary.json``, ``summary.csv`` and ``summary.md`` into a
-    temporary directory next to ``out_dir`` and move it into place only when all are written."""
-    out_dir = Path(out_dir)
-    check_writable(out_dir)
-    if not merged.get("methods"):
-        reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in merged.get("skipped", [])) or "none selected"
-        raise ValueError(f"no method could run ({reasons}); nothing was written to {str(out_dir)!r}")
-    rows = _finite(build_rows(merged, metrics_fn, sample_metrics_fn))
-    merged = _finite(merged)
+def _summary(merged: dict, rows: list[dict], run_meta: dict, extra: Optional[dict]) -> dict:
+    """``summary.json``: the run's setting, every row, skipped methods, the overhead A/B, the goal check, the
+    bootstrap's settings, notes and the run's metadata."""
     meta = merged["meta"]
-    scales = None
-    try:
-        scales = dict(SCALES)
-    except ImportError:  # pragma: no cover - metrics always ship with the package
-        scales = {}
-    energy_reason = next((r.get("energy_null_reason") for r in rows if r.get("energy_null_reason")), None)
-    summary = {
+    return {
         "format": SUMMARY_FORMAT,
         "reference_method": reference_id(r["id"] for r in rows),
         "num_samples": rows[0]["num_samples"] if rows else meta.get("num_samples"),  # every row's (the same)
@@ -562,9 +548,9 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
         "max_new_tokens": meta.get("max_new_tokens"),
         "device": meta.get("device"),
         "energy_source": meta.get("energy_source"),
-        "energy_null_reason": energy_reason,
+        "energy_null_reason": next((r.get("energy_null_reason") for r in rows if r.get("energy_null_reason")), None),
         "world_size": merged.get("world_size", 1),
-        "scales": scales,
+        "scales": dict(SCALES),
         "units": UNITS,
         "rows": rows,
         "skipped": merged.get("skipped", []),
@@ -577,21 +563,40 @@ def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, me
         "run_metadata": run_meta,
         **(extra or {}),
     }
+
+
+def _write_files(tmp: Path, merged: dict, rows: list[dict], summary: dict, run_meta: dict) -> None:
+    """Every method's records, the overhead A/B, ``summary.{json,csv,md}``, into ``tmp``."""
+    for row in rows:
+        entry = merged["methods"][row["id"]]
+        write_json(tmp / "methods" / f"{row['id']}.json",
+                   {"method": entry["spec"], "summary": row, "records": entry["records"],
+                    "run_metadata": {k: v for k, v in run_meta.items() if k != "config"}})
+    if summary["overhead_ab"]:
+        write_json(tmp / "overhead_ab.json", {"summary": summary["overhead_ab"], **merged["overhead_ab"],
+                                              "weights": run_meta.get("weights")})
+    write_json(tmp / "summary.json", summary)
+    write_text(tmp / "summary.csv", render_csv(rows))
+    write_text(tmp / "summary.md", render_markdown(summary))
+
+
+def write_results(merged: dict, out_dir: Union[str, Path], run_meta: dict, *, metrics_fn=None,
+                  sample_metrics_fn=None, extra: Optional[dict] = None) -> Path:
+    """Write ``methods/<id>.json``, ``summary.json``, ``summary.csv`` and ``summary.md`` into a
+    temporary directory next to ``out_dir`` and move it into place only when all are written."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    if not merged.get("methods"):
+        reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in merged.get("skipped", [])) or "none selected"
+        raise ValueError(f"no method could run ({reasons}); nothing was written to {str(out_dir)!r}")
+    rows = _finite(build_rows(merged, metrics_fn, sample_metrics_fn))
+    merged = _finite(merged)
+    summary = _summary(merged, rows, run_meta, extra)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the results folder is not
-        for row in rows:
-            entry = merged["methods"][row["id"]]
-            write_json(tmp / "methods" / f"{row['id']}.json",
-                       {"method": entry["spec"], "summary": row, "records": entry["records"],
-                        "run_metadata": {k: v for k, v in run_meta.items() if k != "config"}})
-        if summary["overhead_ab"]:
-            write_json(tmp / "overhead_ab.json", {"summary": summary["overhead_ab"], **merged["overhead_ab"],
-                                                  "weights": run_meta.get("weights")})
-        write_json(tmp / "summary.json", summary)
-        write_text(tmp / "summary.csv", render_csv(rows))
-        write_text(tmp / "summary.md", render_markdown(summary))
+        _write_files(tmp, merged, rows, summary, run_meta)
         _swap_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
