@@ -53,13 +53,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+# what the evaluator reads back from this stage lives in greencode.calibrated and the teacher-forced pass in
+# forced.py (both re-exported here): this module imports them, they import nothing of it, so no circle with the
+# evaluator
+from greencode.calibrated import (CRITERIA, TEACHER_FORCED_FILE, achieved_risk, calibrated_ids,  # noqa: F401
+                                  criteria_of, file_sha256, load_calibration, load_teacher_forced,
+                                  method_records, render_targets, sample_losses, targets_table, threshold_for)
 from greencode.config import Config
 from greencode.decoding.registry import get_controller, threshold_grid
-# what the evaluator reads back from this stage lives in calibrated.py and the teacher-forced pass in forced.py
-# (both re-exported here): this module imports them, they import nothing of it, so no circle with the evaluator
-from greencode.calibrated import (CRITERIA, TEACHER_FORCED_FILE, achieved_risk, calibrated_ids,  # noqa: F401
-                                       criteria_of, file_sha256, load_calibration, load_teacher_forced,
-                                       method_records, render_targets, sample_losses, targets_table, threshold_for)
 from greencode.eval.evaluator import evaluate
 from greencode.eval.forced import teacher_forced  # noqa: F401 - re-exported
 from greencode.eval.methods import MethodSpec, needs

@@ -39,12 +39,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from greencode.calibrated import calibrated_ids, criteria_of, load_calibration, render_targets, targets_table
 from greencode.config import Config, config_from_dict
 from greencode.decoding import NeverExit, PolicyExit
 from greencode.decoding.compiled import compile_info
 from greencode.decoding.registry import threshold_grid
 from greencode.distributed import Dist
-from greencode.calibrated import calibrated_ids, criteria_of, load_calibration, render_targets, targets_table
 from greencode.energy import make_meter
 from greencode.eval.forced import teacher_forced
 from greencode.eval.hull import write_hull

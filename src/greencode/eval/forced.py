@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from greencode.calibrated import CRITERIA, TEACHER_FORCED_FILE, method_records
 from greencode.config import Config, ConfigError, config_from_dict
 from greencode.decoding import NeverExit, compute_cost, generate
-from greencode.calibrated import CRITERIA, TEACHER_FORCED_FILE, method_records
 from greencode.eval.methods import MethodSpec, needs, param_kind, parse_method_name
 from greencode.eval.runner import Runner, load_inputs, load_samples, prompt_of
 from greencode.paths import RunPaths

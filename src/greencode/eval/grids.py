@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from greencode.calibrated import TEACHER_FORCED_FILE
 from greencode.config import CalibrationConfig, Config, ConfigError
 from greencode.decoding import registry
-from greencode.calibrated import TEACHER_FORCED_FILE
 from greencode.eval.forced import teacher_forced
 from greencode.eval.hull import hull_at, hull_vertices
 from greencode.eval.methods import MethodSpec, controller_of, param_kind, parse_method_name

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+# the calibrated results only (no model, no decoding): serving never imports the calibration stage or the evaluator
+from greencode.calibrated import file_sha256, threshold_for
 from greencode.config import Config, ConfigError, DecodingConfig
 from greencode.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, layout_ids, sentinel_ids
 from greencode.data.lexers import source_to_text
@@ -41,8 +43,6 @@ from greencode.decoding.controllers import NeverExit, recorded_candidates
 from greencode.decoding.generate import DecodeBatch, Row
 from greencode.decoding.registry import Resources, get_controller
 from greencode.decoding.steps import cut_at_stops
-# the calibrated results only (no model, no decoding): serving never imports the calibration stage or the evaluator
-from greencode.calibrated import file_sha256, threshold_for
 from greencode.energy import TimeOnlyMeter
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
