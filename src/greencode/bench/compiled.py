@@ -99,6 +99,12 @@ def _compiled_rows(times: dict, runs: _CompiledRuns, sizes: list[int]) -> dict[s
     return rows
 
 
+def _exit_speedups(times: dict, sizes: list[int], names: list[str]) -> dict[str, dict[str, float]]:
+    """Each exiting method's compiled step against the compiled full model's, per batch size (ratio of medians)."""
+    full = {b: statistics.median(times[("full", "compiled", b)]) for b in sizes}
+    return {name: {str(b): full[b] / statistics.median(times[(name, "compiled", b)]) for b in sizes} for name in names}
+
+
 def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[str, Sequence[int]] = (1, 8),
                  context_tokens: int = 200, new_tokens: int = 32, num_prompts: int = 4, repeats: int = 5,
                  warmup: int = 1, gc_threshold: Optional[float] = None,
@@ -138,11 +144,6 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
     order += [("hf_generate", "eager", 1)] if 1 in sizes else []
     with Noise() as noise:  # one group: every (method, eager or compiled, batch size), in a rotated order
         times = interleaved_rounds([order], repeats, warmup, lambda cell: runs.run(*cell))
-    hf_row = ({"s_per_token": quartiles(times[("hf_generate", "eager", 1)])}
-              if ("hf_generate", "eager", 1) in times else None)
-    full_c = {b: statistics.median(times[("full", "compiled", b)]) for b in sizes}
-    exits_save = {name: {str(b): full_c[b] / statistics.median(times[(name, "compiled", b)]) for b in sizes}
-                  for name in (f"fixed@{mid}", f"gc@{gc_threshold!r}")}
     result = {
         "format": "greencode-compiled/1",
         "config_name": cfg.name,
@@ -155,8 +156,10 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
                             "chunks of a round; tokens/s = batch / s per step; HF generate at batch 1 from its "
                             "step clock; interleaved rounds, order rotated; speed-ups = medians of paired ratios"},
         "methods": _compiled_rows(times, runs, sizes),
-        "hf_generate_batch1": hf_row,
-        "compiled_exit_speedup_over_compiled_full": exits_save,
+        "hf_generate_batch1": ({"s_per_token": quartiles(times[("hf_generate", "eager", 1)])}
+                               if ("hf_generate", "eager", 1) in times else None),
+        "compiled_exit_speedup_over_compiled_full": _exit_speedups(times, sizes, [f"fixed@{mid}",
+                                                                                  f"gc@{gc_threshold!r}"]),
         "all_identical": all(a[0] == a[1] and a[1] > 0 for a in runs.agree.values()),
         "noise": noise.record(),
     }
