@@ -413,6 +413,60 @@ def _run_part(name: str, fn: Callable[[Deadline], dict], budget_s: float) -> dic
     return res
 
 
+def _skipped_part(reason: str) -> dict:
+    """The record of a part that was not run: status ``skipped``, no budget, no time, and ``reason``."""
+    return {"status": "skipped", "budget_s": 0, "seconds": 0.0, "reason": reason}
+
+
+def _check_shape(k: int, shape: str, shapes: Sequence[str], run: Callable[..., dict], device: torch.device,
+                 dtype: torch.dtype, tiny: bool, *, compile_hf: bool, energy_window_s: float,
+                 compiled_shapes: Optional[Sequence[str]]) -> dict:
+    """The result's entry for ``shape`` (the ``k``-th of ``shapes``): the record of each part
+    (``build``, then, when the model was built, ``correctness``, ``latency``, ``energy``, ``lite``
+    for the first shape and ``compiled``), each run through ``run(name, fn, reserve)``; the model
+    is let go at the end."""
+    entry: dict[str, Any] = {}
+    holder: dict[str, Any] = {}
+
+    def build(_deadline):
+        holder["model"] = build_model(shape, device, dtype, tiny)
+        m = holder["model"]
+        holder["policy"] = RandomPolicy(m.hidden_size, m.exit_layers).to(device)
+        return {"num_layers": m.num_layers, "exit_layers": m.exit_layers, "hidden_size": m.hidden_size,
+                "parameters_b": sum(p.numel() for p in m.parameters()) / 1e9}
+
+    entry["build"] = run("build", build)
+    if "model" not in holder:
+        return entry
+    m, pol = holder["model"], holder["policy"]
+    with torch.inference_mode():
+        entry["correctness"] = run("correctness", lambda d: part_correctness(m, device, tiny, d))
+        entry["latency"] = run("latency", lambda d: part_latency(m, pol, device, tiny, d, compile_hf))
+        entry["energy"] = run("energy", lambda d: part_energy(m, device, tiny, d, energy_window_s))
+    if shape == shapes[0]:  # one LITE measurement (the first shape) keeps the check within minutes
+        entry["lite"] = run("lite", lambda d: part_lite(m, device, tiny, d))
+    if compiled_shapes is not None and shape not in compiled_shapes:
+        entry["compiled"] = _skipped_part(f"compiled for {', '.join(compiled_shapes) or 'no shape'} only"
+                                          + (" (--tiny: compiling on the CPU is most of its time; "
+                                             "tests/test_decoding_compiled.py covers both families)"
+                                             if tiny else ""))
+    else:
+        with torch.inference_mode():
+            entry["compiled"] = run("compiled", lambda d: part_compiled(m, pol, device, tiny, d),
+                                    reserve=SHAPE_RESERVE_S * (len(shapes) - 1 - k))
+    del holder["model"], m
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entry
+
+
+def _result_path(environment_info: dict, tiny: bool, out: Optional[Path]) -> Path:
+    """Where the result is written: ``out`` when given, else ``results/gpu/<gpu-name>.json``
+    (``cpu-tiny`` or ``cpu`` in place of the GPU's name without one)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", environment_info.get("gpu", "cpu-tiny" if tiny else "cpu")).strip("-")
+    return Path(out) if out is not None else ROOT / "results" / "gpu" / f"{name.lower()}.json"
+
+
 def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, budgets: Optional[dict] = None,
               energy_window_s: float = 4.0, compile_hf: bool = True, total_budget_s: float = TOTAL_BUDGET_S,
               compiled_shapes: Optional[Sequence[str]] = None) -> dict:
@@ -433,48 +487,15 @@ def run_check(*, tiny: bool = False, shapes=SHAPES, out: Optional[Path] = None, 
     def run(name: str, fn: Callable[[Deadline], dict], reserve: float = 0.0) -> dict:
         left = check.left - reserve
         if left < 5:
-            return {"status": "skipped", "budget_s": 0, "seconds": 0.0,
-                    "reason": f"the check's total budget ({total_budget_s:.0f} s) is spent"
-                              + (f", keeping {reserve:.0f} s for the shapes still to run" if reserve else "")}
+            return _skipped_part(f"the check's total budget ({total_budget_s:.0f} s) is spent"
+                                 + (f", keeping {reserve:.0f} s for the shapes still to run" if reserve else ""))
         return _run_part(name, fn, min(budgets[name], left))
 
     for k, shape in enumerate(shapes):
-        entry: dict[str, Any] = {}
-        holder: dict[str, Any] = {}
-
-        def build(_deadline):
-            holder["model"] = build_model(shape, device, dtype, tiny)
-            m = holder["model"]
-            holder["policy"] = RandomPolicy(m.hidden_size, m.exit_layers).to(device)
-            return {"num_layers": m.num_layers, "exit_layers": m.exit_layers, "hidden_size": m.hidden_size,
-                    "parameters_b": sum(p.numel() for p in m.parameters()) / 1e9}
-
-        entry["build"] = run("build", build)
-        if "model" in holder:
-            m, pol = holder["model"], holder["policy"]
-            with torch.inference_mode():
-                entry["correctness"] = run("correctness", lambda d: part_correctness(m, device, tiny, d))
-                entry["latency"] = run("latency", lambda d: part_latency(m, pol, device, tiny, d, compile_hf))
-                entry["energy"] = run("energy", lambda d: part_energy(m, device, tiny, d, energy_window_s))
-            if shape == shapes[0]:  # one LITE measurement (the first shape) keeps the check within minutes
-                entry["lite"] = run("lite", lambda d: part_lite(m, device, tiny, d))
-            if compiled_shapes is not None and shape not in compiled_shapes:
-                entry["compiled"] = {"status": "skipped", "budget_s": 0, "seconds": 0.0,
-                                     "reason": f"compiled for {', '.join(compiled_shapes) or 'no shape'} only"
-                                               + (" (--tiny: compiling on the CPU is most of its time; "
-                                                  "tests/test_decoding_compiled.py covers both families)"
-                                                  if tiny else "")}
-            else:
-                with torch.inference_mode():
-                    entry["compiled"] = run("compiled", lambda d: part_compiled(m, pol, device, tiny, d),
-                                            reserve=SHAPE_RESERVE_S * (len(shapes) - 1 - k))
-            del holder["model"], m
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        result["shapes"][shape] = entry
+        result["shapes"][shape] = _check_shape(k, shape, shapes, run, device, dtype, tiny, compile_hf=compile_hf,
+                                               energy_window_s=energy_window_s, compiled_shapes=compiled_shapes)
     result["total_seconds"] = round(check.elapsed, 1)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", result["environment"].get("gpu", "cpu-tiny" if tiny else "cpu")).strip("-")
-    out = Path(out) if out is not None else ROOT / "results" / "gpu" / f"{name.lower()}.json"
+    out = _result_path(result["environment"], tiny, out)
     # random-initialised models: no weights to record; the environment above names commit and versions
     write_result(out, json.loads(json.dumps(result, default=str)))
     result["written_to"] = str(out)

@@ -167,6 +167,57 @@ def _split_stats(split_tokens: Mapping[str, Sequence[int]]) -> dict[str, dict[st
     return {s: {"records": len(split_tokens[s]), "tokens": int(sum(split_tokens[s]))} for s in SPLITS}
 
 
+def _hub_corpus(cfg) -> tuple["datasets.DatasetDict", dict[str, Any]]:
+    """The standardized hub corpus of ``cfg`` and its manifest entries: source path, split
+    counts, content hash (of the splits' ``datasets`` fingerprints) and files used."""
+    dsd = load_hub_corpus(cfg)
+    return dsd, {
+        "source_path": cfg.data.hub_id,
+        "splits": _split_stats({s: dsd[s]["num_tokens"] for s in SPLITS}),
+        "content_hash": _sha256_json({s: dsd[s]._fingerprint for s in SPLITS}),
+        "content_hash_kind": "datasets fingerprints of the standardized splits",
+        "files": {"used": sum(len(dsd[s]) for s in SPLITS)},
+    }
+
+
+def _local_corpus(cfg, source: Path, files: list, progress: bool | None
+                  ) -> tuple["datasets.DatasetDict", dict[str, Any], dict[str, list[str]] | None]:
+    """The corpus tokenized from the local ``files`` under ``source``, its manifest entries
+    (source path, file counts and hashes, skips, split counts, content hash, workers, tokenize
+    time, kept-literal counts) and the kept literals (``None`` when none are kept); raises
+    ``ValueError`` when no file is usable."""
+    d = cfg.data
+    build = build_local_corpus(
+        source, d.language, literal_mode=d.literal_mode, keep_frequent_literals=d.keep_frequent_literals,
+        validation_fraction=d.validation_fraction, test_fraction=d.test_fraction,
+        min_file_tokens=d.min_file_tokens, max_file_tokens=d.max_file_tokens, max_files=d.max_files,
+        exclude=d.exclude, syntax_check=d.syntax_check, num_workers=d.num_workers, files=files,
+        progress=progress)
+    if build.files_used == 0:
+        raise ValueError(f"no usable {d.language} files in {source}: {build.counts()}; check data.local_path, "
+                         "data.min_file_tokens / max_file_tokens and data.syntax_check")
+    dsd = _records_to_dsd(build.splits)
+    entries: dict[str, Any] = {
+        "source_path": str(source),
+        "files": build.counts(),
+        # what went where, by path and content (sha1 of the file's bytes): lets a model trained
+        # on one corpus be checked against another's test split
+        "file_hashes": {s: [[r["path"], r.get("sha1", "")] for r in build.splits[s]] for s in SPLITS},
+        "skipped_examples": build.skipped_examples,
+        "moved_to_fill_empty_splits": build.moved_to_fill_splits,
+        "splits": _split_stats({s: [r["num_tokens"] for r in build.splits[s]] for s in SPLITS}),
+        "content_hash": records_content_hash(build.splits),
+        "content_hash_kind": "sha256 of split/id/path/tokens",
+        "workers": build.workers,
+        "tokenize_time_s": round(build.build_time_s, 3),
+    }
+    literals = None
+    if build.kept_literals:
+        literals = build.kept_literals
+        entries["kept_literals"] = {k: len(v) for k, v in literals.items()}
+    return dsd, entries, literals
+
+
 def prepare_corpus(cfg, *, force: bool = False, progress: bool | None = None) -> tuple[Path, dict[str, Any]]:
     """Build (or reuse) the corpus for ``cfg``; returns its directory and manifest."""
     corpus_dir = RunPaths.from_config(cfg).corpus
@@ -191,38 +242,10 @@ def prepare_corpus(cfg, *, force: bool = False, progress: bool | None = None) ->
     }
     literals = None
     if d.source == "hub":
-        dsd = load_hub_corpus(cfg)
-        manifest["source_path"] = d.hub_id
-        manifest["splits"] = _split_stats({s: dsd[s]["num_tokens"] for s in SPLITS})
-        manifest["content_hash"] = _sha256_json({s: dsd[s]._fingerprint for s in SPLITS})
-        manifest["content_hash_kind"] = "datasets fingerprints of the standardized splits"
-        manifest["files"] = {"used": sum(len(dsd[s]) for s in SPLITS)}
+        dsd, entries = _hub_corpus(cfg)
     else:
-        build = build_local_corpus(
-            source, d.language, literal_mode=d.literal_mode, keep_frequent_literals=d.keep_frequent_literals,
-            validation_fraction=d.validation_fraction, test_fraction=d.test_fraction,
-            min_file_tokens=d.min_file_tokens, max_file_tokens=d.max_file_tokens, max_files=d.max_files,
-            exclude=d.exclude, syntax_check=d.syntax_check, num_workers=d.num_workers, files=files,
-            progress=progress)
-        if build.files_used == 0:
-            raise ValueError(f"no usable {d.language} files in {source}: {build.counts()}; check data.local_path, "
-                             "data.min_file_tokens / max_file_tokens and data.syntax_check")
-        dsd = _records_to_dsd(build.splits)
-        manifest["source_path"] = str(source)
-        manifest["files"] = build.counts()
-        # what went where, by path and content (sha1 of the file's bytes): lets a model trained
-        # on one corpus be checked against another's test split
-        manifest["file_hashes"] = {s: [[r["path"], r.get("sha1", "")] for r in build.splits[s]] for s in SPLITS}
-        manifest["skipped_examples"] = build.skipped_examples
-        manifest["moved_to_fill_empty_splits"] = build.moved_to_fill_splits
-        manifest["splits"] = _split_stats({s: [r["num_tokens"] for r in build.splits[s]] for s in SPLITS})
-        manifest["content_hash"] = records_content_hash(build.splits)
-        manifest["content_hash_kind"] = "sha256 of split/id/path/tokens"
-        manifest["workers"] = build.workers
-        manifest["tokenize_time_s"] = round(build.build_time_s, 3)
-        if build.kept_literals:
-            literals = build.kept_literals
-            manifest["kept_literals"] = {k: len(v) for k, v in literals.items()}
+        dsd, entries, literals = _local_corpus(cfg, source, files, progress)
+    manifest.update(entries)
     manifest["tokens_total"] = sum(v["tokens"] for v in manifest["splits"].values())
     manifest["build_time_s"] = round(time.perf_counter() - t0, 3)
     manifest["run"] = run_metadata(cfg, stage="corpus")

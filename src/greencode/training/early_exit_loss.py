@@ -160,6 +160,59 @@ def _sampled_positions(targets: torch.Tensor, fraction: float, generator: Option
     return valid.index_select(0, pick.sort().values)
 
 
+def _forward_with_exit_states(model, layers: Sequence[int], input_ids: torch.Tensor,
+                              attention_mask: Optional[torch.Tensor], forward_module: Optional[nn.Module]
+                              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One forward pass of ``forward_module`` (default ``model.hf``) without cache; returns its
+    logits and the hidden states output by each decoder layer in ``layers`` (forward hooks,
+    removed again whatever happens)."""
+    states: dict[int, torch.Tensor] = {}
+
+    def make_hook(idx: int):
+        def hook(_m, _a, out):
+            states[idx] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    handles = [model.layers[i].register_forward_hook(make_hook(i)) for i in layers]
+    try:
+        out = (forward_module or model.hf)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits, states
+
+
+def _distill_target(logits: torch.Tensor, pos: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The self-distillation target at the sampled positions ``pos``: the final layer's detached
+    probabilities at ``temperature`` and their mean negative entropy (the constant part of the KL)."""
+    final_sel = logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, pos).detach().float()
+    target_logp = F.log_softmax(final_sel / temperature, dim=-1)
+    target_p = target_logp.exp()
+    neg_entropy = (target_p * target_logp).sum(-1).mean()
+    return target_p, neg_entropy
+
+
+def _exit_term(model, state: torch.Tensor, pos: torch.Tensor, y: torch.Tensor, *, e_scale: float, distill: float,
+               distill_temperature: float, target_p: Optional[torch.Tensor], neg_entropy: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One exit point's loss at the sampled positions ``pos``; returns ``(ce, term)``: its
+    cross-entropy against ``y`` and ``e_scale * ce`` plus ``distill`` times its KL to the final
+    layer's distribution (when ``target_p`` is given), before its exit weight."""
+    h = state[:, :-1].reshape(-1, state.shape[-1]).index_select(0, pos)
+    exit_logits = model.decode(h).float()
+    # one log-softmax per exit serves both terms (at temperature 1): CE = -logp[y] and
+    # KL(p_final || p_exit) = sum p_final log p_final - sum p_final logp
+    logp = F.log_softmax(exit_logits, dim=-1)
+    ce = F.nll_loss(logp, y)
+    term = e_scale * ce
+    if target_p is not None:
+        logp_t = logp if distill_temperature == 1.0 else F.log_softmax(exit_logits / distill_temperature, dim=-1)
+        kl = (neg_entropy - (target_p * logp_t).sum(-1).mean()) * distill_temperature ** 2
+        term = term + distill * kl
+    return ce, term
+
+
 def early_exit_loss(model, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                     attention_mask: Optional[torch.Tensor] = None, *, active: Sequence[int],
                     scales: Sequence[float], e_scale: float = 1.0, distill: float = 0.0,
@@ -180,20 +233,7 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: Optional[torch.Tenso
         raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
     targets = shifted_targets(input_ids, labels, attention_mask)
     layers = [model.exit_layers[i] for i in active]
-    states: dict[int, torch.Tensor] = {}
-
-    def make_hook(idx: int):
-        def hook(_m, _a, out):
-            states[idx] = out[0] if isinstance(out, tuple) else out
-        return hook
-
-    handles = [model.layers[i].register_forward_hook(make_hook(i)) for i in layers]
-    try:
-        out = (forward_module or model.hf)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits, states = _forward_with_exit_states(model, layers, input_ids, attention_mask, forward_module)
     vocab = logits.shape[-1]
     final_ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
@@ -209,22 +249,10 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: Optional[torch.Tenso
     if distill > 0:
         # the final layer's distribution is a detached target: its probabilities and its negative entropy
         # (the constant part of the KL) are computed once per step, not once per exit
-        final_sel = logits[:, :-1].reshape(-1, vocab).index_select(0, pos).detach().float()
-        target_logp = F.log_softmax(final_sel / distill_temperature, dim=-1)
-        target_p = target_logp.exp()
-        neg_entropy = (target_p * target_logp).sum(-1).mean()
+        target_p, neg_entropy = _distill_target(logits, pos, distill_temperature)
     for layer, wi in zip(layers, w):
-        h = states[layer][:, :-1].reshape(-1, states[layer].shape[-1]).index_select(0, pos)
-        exit_logits = model.decode(h).float()
-        # one log-softmax per exit serves both terms (at temperature 1): CE = -logp[y] and
-        # KL(p_final || p_exit) = sum p_final log p_final - sum p_final logp
-        logp = F.log_softmax(exit_logits, dim=-1)
-        ce = F.nll_loss(logp, y)
+        ce, term = _exit_term(model, states[layer], pos, y, e_scale=e_scale, distill=distill,
+                              distill_temperature=distill_temperature, target_p=target_p, neg_entropy=neg_entropy)
         per_layer[layer] = ce.detach()
-        term = e_scale * ce
-        if target_p is not None:
-            logp_t = logp if distill_temperature == 1.0 else F.log_softmax(exit_logits / distill_temperature, dim=-1)
-            kl = (neg_entropy - (target_p * logp_t).sum(-1).mean()) * distill_temperature ** 2
-            term = term + distill * kl
         total = total + (wi / w_sum) * term
     return total, per_layer
