@@ -96,20 +96,3 @@ def test_the_step_holds_no_branch_on_a_row_mode():
                     found.append(f"{fn.name}: .{node.attr}")
     assert not found, found
 
-
-def test_no_function_in_decoding_runs_over_60_lines():
-    """Issue 29's floor for the decoding package: every function (methods and nested ones included)
-    at most 60 lines, so a new mode lands as a strategy, not as a longer step."""
-    import ast
-    import pathlib
-
-    import greencode.decoding
-
-    long = []
-    for path in pathlib.Path(greencode.decoding.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines = node.end_lineno - node.lineno + 1
-                if lines > 60:
-                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
-    assert not long, long
