@@ -95,4 +95,3 @@ def test_the_step_holds_no_branch_on_a_row_mode():
                 if isinstance(node, ast.Attribute) and node.attr in modes:
                     found.append(f"{fn.name}: .{node.attr}")
     assert not found, found
-

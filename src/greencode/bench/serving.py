@@ -31,6 +31,7 @@ import logging
 import random
 import sysconfig
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -132,11 +133,6 @@ def _quiet_clients() -> None:
     """No INFO line per request or chunk from the HTTP clients."""
     for name in ("httpx", "httpx2", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _count(counts: dict[str, int], key: str) -> None:
-    """One more ``key`` in ``counts`` (in place; returns nothing)."""
-    counts[key] = counts.get(key, 0) + 1
 
 
 def _summary(rows: list[dict], num_layers: int) -> dict[str, Any]:
@@ -408,15 +404,15 @@ class _Burst:
         """The burst's record: counts per status, whether every answer was JSON, every 503 had
         ``Retry-After``, every served answer was complete and within ``timeout_s``; latency of the
         served and the refused, the first refusal messages, the server alive afterwards."""
-        codes: dict[str, int] = {}
+        codes: Counter = Counter()
         json_ok = retry_after_ok = complete = True
         served_s, refused_s, retry_after, messages = [], [], [], []
         for r, dt in answers:
             if isinstance(r, Exception):
-                _count(codes, type(r).__name__)
+                codes[type(r).__name__] += 1
                 json_ok = False
                 continue
-            _count(codes, str(r.status_code))
+            codes[str(r.status_code)] += 1
             json_ok &= r.headers.get("content-type", "").startswith("application/json")
             if r.status_code == 200:
                 served_s.append(dt)
@@ -430,7 +426,7 @@ class _Burst:
                 if r.headers.get("retry-after"):
                     retry_after.append(int(r.headers["retry-after"]))
         return {"requests": self.requests, "max_new_tokens": self.tokens, "request_timeout_s": timeout_s,
-                "status_counts": codes, "all_json": json_ok, "every_503_has_retry_after": retry_after_ok,
+                "status_counts": dict(codes), "all_json": json_ok, "every_503_has_retry_after": retry_after_ok,
                 "server_alive_after": alive, "metrics_answered_after": metrics_ok, "served": len(served_s),
                 "refused": len(refused_s), "served_latency_s": percentiles(served_s),
                 "refused_latency_s": percentiles(refused_s), "retry_after_s": percentiles(retry_after),
@@ -820,21 +816,21 @@ async def _soak(url: str, pid: int, prompts: list[str], *, requests: int, concur
     count per status, and whether ``/health`` and ``/metrics`` answered 200 afterwards."""
     import httpx
 
-    samples, codes, done = [{"requests": 0, "rss_mb": _rss_mb(pid)}], {}, [0]
+    samples, codes, done = [{"requests": 0, "rss_mb": _rss_mb(pid)}], Counter(), [0]
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600.0) as c:
         async def one(i: int) -> None:
             path, b = _soak_request(i, prompts, tokens)
             async with sem:
                 r = await c.post(path, json=b)
-            _count(codes, str(r.status_code))
+            codes[str(r.status_code)] += 1
             done[0] += 1
             if done[0] % every == 0:
                 samples.append({"requests": done[0], "rss_mb": _rss_mb(pid)})
 
         await asyncio.gather(*[one(i) for i in range(requests)])
         alive = (await c.get("/health")).status_code == 200 and (await c.get("/metrics")).status_code == 200
-    return {"samples": samples, "status_counts": codes, "alive_after": alive}
+    return {"samples": samples, "status_counts": dict(codes), "alive_after": alive}
 
 
 def run_memory_soak(cfg, run_dir: Optional[Union[str, Path]] = None, *, requests: int = 2000, concurrency: int = 8,

@@ -666,12 +666,7 @@ def _ci_section(rows: Sequence[dict], ref: Optional[str], boot: Optional[dict]) 
              "Token agreement is the share of the full model's tokens reproduced at the same position.", ""]
     head = ["method", "token agreement", "prefix match (tokens)", "Δ edit similarity", "Δ exact match",
             "Δ exact match w/o boilerplate", "Δ ROUGE-L", "Δ CodeBLEU (sentence)", "Δ chrF (sentence)"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for r in rows:
-        cells = [f"`{r['id']}`", mean_cell(r, "token_agreement"), mean_cell(r, "prefix_match", 2),
-                 ci_cell(r, "edit_similarity", 2), ci_cell(r, "exact_match"),
-                 ci_cell(r, "exact_match_no_boilerplate"), ci_cell(r, "rouge_l"),
-                 ci_cell(r, "codebleu"), ci_cell(r, "chrf", 2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + _table(head, ([f"`{r['id']}`", mean_cell(r, "token_agreement"), mean_cell(r, "prefix_match", 2),
+                                  ci_cell(r, "edit_similarity", 2), ci_cell(r, "exact_match"),
+                                  ci_cell(r, "exact_match_no_boilerplate"), ci_cell(r, "rouge_l"),
+                                  ci_cell(r, "codebleu"), ci_cell(r, "chrf", 2)] for r in rows))

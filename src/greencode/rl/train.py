@@ -219,17 +219,20 @@ def _learn(cfg: Config, train_bank: TrajectoryBank, classifier, agent_dir: Path,
     return model, wall_s
 
 
+def _bank_weights(bank: TrajectoryBank) -> dict:
+    """``{"weights": ...}``: the weights the bank was recorded from (an older bank without the record: ``{}``, so
+    the run's models now are recorded)."""
+    return {"weights": bank.manifest["weights"]} if bank.manifest.get("weights") else {}
+
+
 def _analysis(cfg: Config, bank: TrajectoryBank, train_bank: TrajectoryBank, heldout_bank: Optional[TrajectoryBank],
               policy, classifier, classifier_report: dict, policy_path: Path, curve: list, training: dict) -> dict:
     """``results/<name>/rl/analysis.json``: the bank, the optimal exits, the agent's exits and agreement per
     threshold, the classifier, each learned decision's AUC against the oracle label, and the training."""
-    paths = RunPaths.from_config(cfg)
     eval_bank = heldout_bank if heldout_bank is not None else train_bank
     which = "heldout" if heldout_bank is not None else "train (no held-out sequences)"
-    # the weights the bank was recorded from (an older bank without the record: the run's models now)
-    weights = {"weights": bank.manifest["weights"]} if bank.manifest.get("weights") else {}
     return {
-        "meta": run_metadata(cfg, stage="rl", **weights),
+        "meta": run_metadata(cfg, stage="rl", **_bank_weights(bank)),
         "policy": str(policy_path),
         "bank": {"num_sequences": bank.num_sequences, "num_tokens": bank.num_tokens,
                  "n_exit_points": bank.n_exit_points, "hidden_size": bank.hidden_size,
@@ -242,7 +245,7 @@ def _analysis(cfg: Config, bank: TrajectoryBank, train_bank: TrajectoryBank, hel
                                    "heldout": heldout_bank.l_opt_histogram() if heldout_bank is not None else None},
         "exit_accuracy": {"bank": which, "temperature": cfg.decoding.policy_temperature,
                           **analyse_policy(policy, eval_bank, cfg)},
-        "classifier": {"path": str(paths.classifier), **classifier_report},
+        "classifier": {"path": str(RunPaths.from_config(cfg).classifier), **classifier_report},
         # issue 30's "learning works": each learned decision's held-out AUC against the oracle label, per exit point
         "decision_auc": {"bank": which, "target_mean_auc": TARGET_MEAN_AUC,
                          **decision_auc_report({"gc": decision_auc(policy, eval_bank, seed=cfg.seed),
@@ -260,8 +263,7 @@ def _speed_record(cfg: Config, bank: TrajectoryBank, train_bank: TrajectoryBank,
                   threads: int) -> dict:
     """``results/benchmark/rl_env_<name>.json``: the environment's steps per second and PPO's."""
     p = cfg.rl.ppo
-    weights = {"weights": bank.manifest["weights"]} if bank.manifest.get("weights") else {}
-    return {"meta": run_metadata(cfg, stage="rl_env_benchmark", **weights),
+    return {"meta": run_metadata(cfg, stage="rl_env_benchmark", **_bank_weights(bank)),
             "bank_shape": {"num_tokens": train_bank.num_tokens, "n_exit_points": train_bank.n_exit_points,
                            "hidden_size": train_bank.hidden_size},
             **env_speed,
