@@ -209,7 +209,7 @@ def test_left_to_right_model_ignores_the_suffix_and_says_so(run):
         assert o["greencode"]["suffix_ignored"] is True
 
 
-def test_engine_prompt_text_truncation_and_pieces(run):
+def test_engine_prompt_text_truncation_and_pieces(run, monkeypatch):
     from greencode.data.tokenizer import encode_context
 
     cfg, r = run
@@ -231,6 +231,31 @@ def test_engine_prompt_text_truncation_and_pieces(run):
     h_ids, h_info = eng.encode(huge, max_new_tokens=12)
     assert h_ids == ids and h_info["prompt_truncated"] and h_info["prompt_tokens_dropped"] is None
     assert eng.encode("", max_new_tokens=4)[0] == [r.tokenizer.bos_token_id]
+
+    # a raw-format prompt of a few kilobytes: only a short tail is tokenized (6 characters per kept token),
+    # and the ids are those of the whole; where that tail is short of tokens, the wider window or the whole
+    raw = Engine(r.model, r.tokenizer, r.policy, serve_cfg=_cfg(cfg, prompt_format="raw").serve,
+                 decoding_cfg=cfg.decoding)
+    seen: list[int] = []
+    real_encode = r.tokenizer.encode
+
+    def counting(text, **kw):
+        seen.append(len(text))
+        return real_encode(text, **kw)
+
+    dense = "\n".join(f"v{i} = f(v{i - 1}, [{i}, {i + 1}], 'x{i}')" for i in range(1, 300))
+    for chars_per_token, tries in ((6, 1), (1, 2)):  # 1: the smoke tokenizer's ~2 per token leave the tail short
+        monkeypatch.setattr("greencode.serve.engine.TAIL_CHARS_PER_TOKEN", chars_per_token)
+        seen.clear()
+        r.tokenizer.encode = counting
+        try:
+            got, got_info = raw.encode(dense, max_new_tokens=12)
+        finally:
+            r.tokenizer.encode = real_encode
+        assert got == encode_context(r.tokenizer, dense, max_tokens=512 - 12)
+        assert len(seen) == tries and seen[0] <= chars_per_token * (512 - 12 - 1)
+        assert seen[-1] < len(dense) if tries == 1 else seen[-1] == len(dense)  # the second: the whole (< 16 KB)
+        assert got_info["prompt_tokens_dropped"] is None if tries == 1 else got_info["prompt_tokens_dropped"] > 0
 
     tokens = r.tokenizer.encode("for é in range(3): <EOL> print ( 'ü' )", add_special_tokens=False)
     full = eng.to_editor_text(r.tokenizer.decode(tokens, skip_special_tokens=True))
