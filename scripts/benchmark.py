@@ -3,7 +3,8 @@ our loop (never-exit, fixed exit at every exit point, confidence, an MLP policy 
 lossless (self-speculative) methods by wall clock (lossless GC at eval.gc_thresholds, static
 LayerSkip-style drafts, HF assistant_early_exit), same prompts, one process, interleaved; writes
 results/benchmark/<config name>.json and prints a table. Works before any training (random model
-of the config's shape, random prompts).
+of the config's shape, random prompts), written with a _random_init suffix (results/benchmark/
+<config name>_random_init.json and likewise for the other modes) so that it never replaces a trained run's result.
 
 --throughput instead measures tokens/s with the prompts decoded 1, 4, 8, 16 at a time (our loop,
 full model and GC, against HF generate batched), writing results/benchmark/throughput_<config>.json
@@ -54,7 +55,8 @@ def main() -> None:
                         help="interleaved rounds over all prompts and methods (default 5; throughput 3)")
     parser.add_argument("--warmup", type=int, default=1, help="warmup rounds (not timed)")
     parser.add_argument("--out", default=None, help="output JSON (default results/benchmark/<config name>.json, "
-                                                    "or throughput_<config name>.json)")
+                                                    "or throughput_<config name>.json; with _random_init before .json "
+                                                    "when the run has no fine-tuned model yet)")
     parser.add_argument("--no-lossless", action="store_true", help="skip the lossless (self-speculative) methods")
     parser.add_argument("--layerskip-layers", default="mid",
                         help="static self-speculation exit layers: mid (the middle exit point), all (every exit "

@@ -41,8 +41,9 @@ def test_benchmark_script_writes_result_for_every_method(tmp_path, monkeypatch, 
                                       "--context-tokens", "12", "--new-tokens", "4", "--warmup", "0",
                                       f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke"])
     assert script.main() == 0
-    path = tmp_path / "results" / "benchmark" / "smoke.json"
-    assert path.is_file()
+    # no fine-tuned model in the run: a random one is timed, and its result never takes the run's own file
+    path = tmp_path / "results" / "benchmark" / "smoke_random_init.json"
+    assert path.is_file() and not (tmp_path / "results" / "benchmark" / "smoke.json").exists()
     res = read_json(path)
     assert set(res["methods"]) == {"hf_generate", "never", "fixed@1", "fixed@2", "confidence@0.5", "policy_check",
                                    "gc@0.5", "gc@0.9"}  # GC deciding at the smoke config's eval.gc_thresholds
@@ -107,7 +108,7 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
                                       "--new-tokens", "3", "--warmup", "0",
                                       f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke"])
     assert script.main() == 0
-    path = tmp_path / "results" / "benchmark" / "throughput_smoke.json"
+    path = tmp_path / "results" / "benchmark" / "throughput_smoke_random_init.json"
     res = read_json(path)
     assert res["format"] == "greencode-throughput/1" and res["setup"]["batch_sizes"] == [1, 2, 8]
     assert len(res["setup"]["prompt_lengths"]) == 8 and all(9 <= n <= 12 for n in res["setup"]["prompt_lengths"])
@@ -146,7 +147,7 @@ def test_throughput_script_writes_json_and_markdown(tmp_path, monkeypatch, capsy
     meta = res["run_metadata"]
     assert meta["config"]["name"] == "smoke" and meta["git_commit"] is not None and "hardware" in meta
     assert meta["seed"] == 1234 and "versions" in meta
-    md = (tmp_path / "results" / "benchmark" / "throughput_smoke.md").read_text()
+    md = (tmp_path / "results" / "benchmark" / "throughput_smoke_random_init.md").read_text()
     assert "| full | 8 |" in md and "| hf_generate | 1 |" in md and "target batch8_vs_batch1" in md
     assert "| gc@0.9 | 2 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="batch sizes"):
@@ -162,7 +163,7 @@ def test_compiled_benchmark_smoke(tmp_path, monkeypatch, capsys):
                                       "--prompts", "2", "--repeats", "1", "--context-tokens", "12", "--new-tokens", "4",
                                       f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke"])
     assert script.main() == 0
-    res = read_json(tmp_path / "results" / "benchmark" / "compiled_smoke.json")
+    res = read_json(tmp_path / "results" / "benchmark" / "compiled_smoke_random_init.json")
     assert res["setup"]["mode"] == "default" and res["setup"]["compile"]["active"] is True
     assert res["setup"]["compile"]["fallback"] is None and res["setup"]["compile"]["compiled_calls"] > 0
     assert set(res["methods"]) == {"full", "fixed@1", "gc@0.9"}
@@ -175,7 +176,7 @@ def test_compiled_benchmark_smoke(tmp_path, monkeypatch, capsys):
         assert by_size["1"]["compiled_vs_hf"] > 0 and "compiled_vs_hf" not in by_size["2"]
     assert res["all_identical"] is True and res["hf_generate_batch1"]["s_per_token"]["median"] > 0
     assert res["run_metadata"]["git_commit"] is not None
-    md = (tmp_path / "results" / "benchmark" / "compiled_smoke.md").read_text()
+    md = (tmp_path / "results" / "benchmark" / "compiled_smoke_random_init.md").read_text()
     assert "| full | 1 |" in md and "| gc@0.9 | 2 |" in md and "equal the eager run's: True" in md
     assert "| fixed@1 | 2 |" in capsys.readouterr().out
 
@@ -187,7 +188,7 @@ def test_benchmark_rejects_bad_sizes(tmp_path):
         run_benchmark(cfg, new_tokens=1)
     with pytest.raises(ValueError, match="exceed the model's 512 positions"):
         run_benchmark(cfg, context_tokens=600, new_tokens=8)
-    assert not (tmp_path / "results" / "benchmark" / "smoke.json").exists()
+    assert not list((tmp_path / "results").rglob("*.json"))
 
 
 def test_middle_exit_layer():
@@ -228,7 +229,7 @@ def test_profile_script_splits_a_batch_by_part(tmp_path, monkeypatch, capsys):
                                       "--context-tokens", "12", "--new-tokens", "4",
                                       f"run_dir={tmp_path}/runs/smoke", f"results_dir={tmp_path}/results/smoke"])
     assert script.main() == 0
-    res = read_json(tmp_path / "results" / "benchmark" / "profile_batch_smoke.json")
+    res = read_json(tmp_path / "results" / "benchmark" / "profile_batch_smoke_random_init.json")
     assert res["batch"] == 2 and set(res["methods"]) == {"full", "fixed@1", "gc@0.9"}
     full, fixed = res["methods"]["full"], res["methods"]["fixed@1"]
     # 4 new tokens: one from the prefill, then 3 steps; every part inside the decode's time
@@ -240,4 +241,4 @@ def test_profile_script_splits_a_batch_by_part(tmp_path, monkeypatch, capsys):
     assert "_propagate_rest" not in full["parts"] and fixed["parts"]["_propagate_rest"]["calls"] == 3
     assert full["mean_exit_layer"] == 3 and fixed["mean_exit_layer"] == 1
     assert res["run_metadata"]["seed"] == 1234 and res["weights"] is None  # a random smoke model: no weights named
-    assert "| `_propagate_rest` |" in (tmp_path / "results" / "benchmark" / "profile_batch_smoke.md").read_text()
+    assert "| `_propagate_rest` |" in (tmp_path / "results" / "benchmark" / "profile_batch_smoke_random_init.md").read_text()

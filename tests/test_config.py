@@ -86,6 +86,10 @@ def test_missing_config_file_says_what_to_pass(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml' is not UTF-8 text \(byte b'\\xe9' at offset 9\); save it as UTF-8"):
+        load_config(latin)
 
 
 def test_derived_directories():

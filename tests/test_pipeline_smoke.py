@@ -252,6 +252,21 @@ def test_source_mode_pipeline_serves_code_an_editor_can_insert(tmp_path):
     assert out.text and not any(p in out.text for p in PLACEHOLDERS)
 
 
+def test_benchmarks_of_a_trained_run_take_its_own_file(smoke_run, tmp_path):
+    from greencode.bench.common import benchmark_path, setup
+    from greencode.config import load_config
+
+    tmp, _ = smoke_run
+    trained = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={tmp / 'run'}", f"results_dir={tmp_path / 'a'}"])
+    out, _, _, note, _, _ = setup(trained, None, benchmark_path(trained), 12, 4, [])
+    assert out == tmp_path / "benchmark" / "smoke.json" and note.startswith("fine-tuned model")
+    untrained = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={tmp_path / 'none'}",
+                                                             f"results_dir={tmp_path / 'a'}"])
+    out, _, _, note, _, _ = setup(untrained, None, benchmark_path(untrained), 12, 4, [])
+    assert out == tmp_path / "benchmark" / "smoke_random_init.json" and note.startswith("randomly initialised")
+    assert setup(untrained, tmp_path / "x.json", benchmark_path(untrained), 12, 4, [])[0] == tmp_path / "x.json"
+
+
 def test_benchmark_prompts_are_code_once_a_model_is_trained(smoke_run):
     import torch
 

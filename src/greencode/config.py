@@ -946,6 +946,9 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                          f"offset {e.start}); save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     cfg = config_from_dict(data, overrides)

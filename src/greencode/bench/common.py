@@ -26,6 +26,9 @@ from greencode.utils import REPO_ROOT, set_seed, setup_torch
 log = logging.getLogger(__name__)
 
 
+RANDOM_INIT_SUFFIX = "_random_init"  # a benchmark of a random model (no fine-tuned one yet), beside the run's own
+
+
 def benchmark_path(cfg: Config) -> Path:
     """``results/benchmark/<config name>.json`` (next to ``results/<name>``)."""
     results = Path(cfg.results_dir)
@@ -142,19 +145,25 @@ def bench_prompts(cfg: Config, model, num_prompts: int, context_tokens: int, gen
             "uniform random token ids (seeded)")
 
 
-def setup(cfg: Config, out_path: Union[str, Path], context_tokens: int, new_tokens: int,
-          checks: Sequence[tuple[str, Any, int]]):
+def setup(cfg: Config, out_path: Optional[Union[str, Path]], default_path: Path, context_tokens: int,
+          new_tokens: int, checks: Sequence[tuple[str, Any, int]]):
     """Check the integer arguments (name, value, minimum), that the output folder is writable and
     that the prompt fits the model; seed; load the model and the policy. Returns (out_path, device,
-    model, model note, policy, policy note)."""
+    model, model note, policy, policy note). Without ``out_path`` the result goes to ``default_path``,
+    or, when the run has no fine-tuned model yet and a random one is timed, beside it with a
+    ``_random_init`` suffix: a random model's timings never replace a trained run's committed result."""
     for name, v, low in checks:
         if not isinstance(v, int) or v < low:
             raise ValueError(f"{name}={v!r} must be an integer >= {low}")
-    out_path = Path(out_path)
+    paths = RunPaths.from_config(cfg)
+    if out_path is None and not (paths.finetuned / "config.json").is_file():
+        out_path = default_path.with_name(f"{default_path.stem}{RANDOM_INIT_SUFFIX}{default_path.suffix}")
+        log.warning("no fine-tuned model in %s: timing a random model of the config's shape, written to %s "
+                    "(train the run first, e.g. make demo, for the run's own benchmark)", paths.finetuned, out_path)
+    out_path = Path(out_path if out_path is not None else default_path)
     check_writable(out_path.parent)
     set_seed(cfg.seed)
     device, dtype = setup_torch(cfg.hardware)
-    paths = RunPaths.from_config(cfg)
     model, model_note = load_bench_model(cfg, paths, device, dtype)
     limit = getattr(model.hf.config, "max_position_embeddings", None)
     if limit and context_tokens + new_tokens > limit:

@@ -122,7 +122,7 @@ def run_compiled(cfg: Config, *, mode: Optional[str] = None, batch_sizes: Union[
     table; returns the JSON's path."""
     sizes = parse_sizes(batch_sizes)
     out_path, device, model, model_note, policy, policy_note = setup(
-        cfg, out_path if out_path is not None else compiled_path(cfg), context_tokens, new_tokens,
+        cfg, out_path, compiled_path(cfg), context_tokens, new_tokens,
         (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
          ("repeats", repeats, 1), ("warmup", warmup, 1)))
     if mode is None:

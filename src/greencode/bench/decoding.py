@@ -256,7 +256,7 @@ def run_benchmark(cfg: Config, *, context_tokens: int = 200, new_tokens: int = 3
     ``layerskip_k`` draft lengths, and with ``hf_early_exit`` HF ``assistant_early_exit`` at the
     middle exit point), compared by wall clock in the result's ``lossless`` section."""
     out_path, device, model, model_note, policy, policy_note = setup(
-        cfg, out_path if out_path is not None else benchmark_path(cfg), context_tokens, new_tokens,
+        cfg, out_path, benchmark_path(cfg), context_tokens, new_tokens,
         (("context_tokens", context_tokens, 1), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
          ("repeats", repeats, 1), ("warmup", warmup, 0)))
     gen = torch.Generator().manual_seed(cfg.seed)

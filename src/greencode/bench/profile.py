@@ -56,7 +56,7 @@ def run_profile(cfg: Config, *, batch: int = 8, context_tokens: int = 200, new_t
     """Profile one batched decode of ``batch`` seeded prompts per method (default: the full model, the
     middle fixed exit and GC at the middle of ``eval.gc_thresholds``); write the JSON and a markdown table."""
     out_path, device, model, model_note, policy, policy_note = setup(
-        cfg, out_path if out_path is not None else profile_path(cfg), context_tokens, new_tokens,
+        cfg, out_path, profile_path(cfg), context_tokens, new_tokens,
         (("batch", batch, 1), ("context_tokens", context_tokens, 4), ("new_tokens", new_tokens, 2), ("top", top, 1)))
     gen = torch.Generator().manual_seed(cfg.seed)
     low = max(1, (3 * context_tokens) // 4)

@@ -160,7 +160,7 @@ def run_throughput(cfg: Config, *, batch_sizes: Union[str, Sequence[int]] = (1, 
     sizes = parse_sizes(batch_sizes)
     num_prompts = max(sizes) if num_prompts is None else num_prompts
     out_path, device, model, model_note, policy, policy_note = setup(
-        cfg, out_path if out_path is not None else throughput_path(cfg), context_tokens, new_tokens,
+        cfg, out_path, throughput_path(cfg), context_tokens, new_tokens,
         (("context_tokens", context_tokens, 4), ("new_tokens", new_tokens, 2), ("num_prompts", num_prompts, 1),
          ("repeats", repeats, 1), ("warmup", warmup, 0)))
     gc_threshold = median_gc_threshold(cfg, gc_threshold)
