@@ -5,7 +5,9 @@ cost in MACs and decoder-layer equivalents (greencode.eval.signal_quality, green
 Writes results/<name>/signals/auc.{json,md} and figures/<name>/signals_auc.{png,pdf}.
 
 The model: --model DIR, else runs/<name>/finetuned when it exists, else the run's base (model.base,
-e.g. the shipped assets/default-base); the result says which.
+e.g. the shipped assets/default-base); the result says which. Only the run's own fine-tuned model writes to
+results/<name>/signals and figures/<name>; the base's and a --model's go to signals/base and signals/given below
+them (unless --out-dir / --figures-dir say otherwise), so they never replace the run's result.
 
 Embedded default (about 10 minutes on 2 busy cores; 150 validation files, 512-token windows):
     python scripts/analyze_signals.py --config configs/default.yaml
@@ -50,7 +52,10 @@ def main() -> None:
                              resamples=args.resamples, out_dir=args.out_dir)
     from greencode.plots.signals import plot_signals_auc
 
-    plot_signals_auc(report, args.figures_dir or RunPaths.from_config(cfg).figures)
+    figures = RunPaths.from_config(cfg).figures
+    if report["model_kind"] != "finetuned":  # another model's figure goes beside, as its results do
+        figures = figures / "signals" / report["model_kind"].split(" ")[0]
+    plot_signals_auc(report, args.figures_dir or figures)
     print(f"model {report['model_dir']} ({report['model_kind']}); {report['tokens']['test']:,} test tokens, "
           f"exit points {report['exit_layers']}")
     w = max(len(n) for n in report["signals"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from greencode.config import load_config
-from greencode.eval.signal_quality import auc, precision_at_recall, resolve_model
+from greencode.eval.signal_quality import auc, default_out_dir, precision_at_recall, resolve_model
 from greencode.utils import REPO_ROOT, read_json
 
 SMOKE = str(REPO_ROOT / "configs" / "smoke.yaml")
@@ -63,7 +63,11 @@ def test_analyze_signals_script_on_smoke(tmp_path):
                            "--model", str(model_dir), "--files", "8", "--window", "48", "--bigram-tokens", "5000",
                            "--small-tokens", "50"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rep = read_json(root / "results" / "signals" / "auc.json")
+    # a --model other than the run's own fine-tuned one: beside the run's result, never over it
+    assert not (root / "results" / "signals" / "auc.json").exists()
+    rep = read_json(root / "results" / "signals" / "given" / "auc.json")
+    assert default_out_dir(cfg, "finetuned") == root / "results" / "signals"
+    assert default_out_dir(cfg, "base (no LITE fine-tuned model in this run)") == root / "results" / "signals" / "base"
     exits = rep["exit_layers"]
     assert exits == list(model.exit_layers) and rep["split"] == "validation" and rep["model_kind"] == "given"
     assert rep["meta"]["model_dir"] and rep["meta"]["seed"] == cfg.seed and rep["meta"]["config_name"] == "smoke"
@@ -86,8 +90,9 @@ def test_analyze_signals_script_on_smoke(tmp_path):
     assert rep["bootstrap"]["unit"] == "file"
     full, cheap = rep["signals"]["full_max_prob"]["cost"], rep["signals"]["cheap[bigram]_max_prob"]["cost"]
     assert full["macs_per_check"] > 10 * cheap["macs_per_check"]
-    md = (root / "results" / "signals" / "auc.md").read_text()
+    md = (root / "results" / "signals" / "given" / "auc.md").read_text()
     assert "AUC per exit point" in md and "95% intervals: a bootstrap over test files" in md and "Precision at matched recall" in md and "Cost of each signal" in md
-    assert (root / "figures" / "signals_auc.png").stat().st_size > 0
+    assert (root / "figures" / "signals" / "given" / "signals_auc.png").stat().st_size > 0
+    assert not (root / "figures" / "signals_auc.png").exists()
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         resolve_model(cfg, str(root / "nowhere"))

@@ -125,6 +125,13 @@ def resolve_model(cfg, model_dir: Optional[str] = None) -> tuple[str, str]:
     return base_source(cfg), "base (no LITE fine-tuned model in this run)"
 
 
+def default_out_dir(cfg, kind: str) -> Path:
+    """``results/<name>/signals`` for the run's own fine-tuned model; for any other model (its base, a
+    ``--model``) ``signals/base`` or ``signals/given``, so that it never replaces the run's result."""
+    out = RunPaths.from_config(cfg).results / "signals"
+    return out if kind == "finetuned" else out / kind.split(" ")[0]
+
+
 def _portable(path: str) -> str:
     try:
         return str(Path(path).resolve().relative_to(REPO_ROOT))
@@ -440,7 +447,8 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
                     batch_size: int = 8, resamples: int = 200, out_dir: Optional[Path] = None) -> dict:
     """Run the analysis (see the module docstring) and write ``auc.json`` and ``auc.md``. Returns the
     report; its figure is :func:`greencode.plots.signals.plot_signals_auc` (scripts/analyze_signals.py
-    and the figures stage draw it: evaluation imports nothing of plots)."""
+    and the figures stage draw it: evaluation imports nothing of plots). Without ``out_dir``:
+    :func:`default_out_dir`."""
     t0 = time.perf_counter()
     sources = list(sources)
     for s in sources:
@@ -485,7 +493,7 @@ def analyze_signals(cfg, *, model_dir: Optional[str] = None, n_files: int = 150,
         "time_s": {"pass": round(t_pass, 2), "total": round(time.perf_counter() - t0, 2)},
         "meta": run_metadata(cfg, stage="signal_quality", model_dir=_portable(src_dir)),
     }
-    out_dir = Path(out_dir) if out_dir is not None else RunPaths.from_config(cfg).results / "signals"
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg, kind)
     write_json(out_dir / "auc.json", report)
     write_text(out_dir / "auc.md", render_markdown(report))
     log.info("signal quality: %d test tokens, %d signals in %.1f s -> %s", report["tokens"]["test"], len(signals),
