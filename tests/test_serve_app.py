@@ -635,3 +635,26 @@ def test_lossless_mode_answers_the_full_models_text_in_every_format(run):
     lp, ref = both["choices"][0]["logprobs"], plain["choices"][0]["logprobs"]
     assert both["choices"][0]["text"] == plain["choices"][0]["text"] and lp["tokens"] == ref["tokens"]
     assert all(abs(a - b) < 1e-4 for a, b in zip(lp["token_logprobs"], ref["token_logprobs"]))
+
+
+def test_a_misspelt_exit_knob_is_named_back_not_silently_dropped(run):
+    """Unknown fields are ignored, as the protocols' own servers do; one that looks like an exit knob is
+    named in the answer's ``greencode.request_notes`` (and the server's log), with the field it resembles."""
+    with TestClient(_app(run)) as c:
+        o = c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2, "exit_treshold": 0.5,
+                                            "user": "someone", "frobnicate": 1}).json()["greencode"]
+        assert o["request_notes"] == ["body.exit_treshold is not a field this server reads and was ignored; "
+                                      "did you mean body.exit_threshold?"]
+        assert o["threshold"] == run[0].serve.default_threshold  # the default, not 0.5
+        g = c.post("/api/generate", json={"prompt": "x = ", "stream": False,
+                                          "options": {"num_predict": 2, "RL_agent_threshold": 0.3}}).json()
+        assert g["greencode"]["request_notes"] == ["body.options.RL_agent_threshold is not a field this server "
+                                                   "reads and was ignored; did you mean body.options.RL_agent_thresh?"]
+        h = c.post("/generate", json={"inputs": "x = ", "parameters": {"max_new_tokens": 2, "max_disagreemnt": 0.1,
+                                                                       "exit_threshold": 0.4}}).json()
+        assert h["greencode"]["request_notes"] == ["body.parameters.max_disagreemnt is not a field this server reads "
+                                                   "and was ignored; did you mean body.parameters.max_disagreement?"]
+        assert h["greencode"]["threshold"] == 0.4
+        clean = c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2, "exit_threshold": 0.5,
+                                                "user": "someone"}).json()["greencode"]
+        assert "request_notes" not in clean and clean["threshold"] == 0.5

@@ -664,13 +664,7 @@ class Engine:
             "energy_note": m.note if m is not None else None,
         }
         stats["mode"] = "lossless" if job.lossless else "lossy"
-        if job.lossless:  # the drafter's work: how much of it the full model accepted
-            c = res.counters
-            stats.update(acceptance_rate=c.get("acceptance_rate"), mean_draft_length=c.get("mean_draft_length"),
-                         drafted_tokens=c.get("drafted"), accepted_tokens=c.get("accepted"),
-                         verification_rounds=c.get("rounds"))
-        if self.prompt_format != "raw":
-            stats["model_text"] = model_text
+        stats.update(self._optional_stats(job, res, model_text))
         tokens = [int(t) for t in res.tokens[:kept]]
         info = None
         if req.logprobs is not None:
@@ -679,6 +673,22 @@ class Engine:
         stats["done_at"] = time.perf_counter()  # the app turns it into worker_to_loop_s
         return Completion(text=text, prompt_ids=list(job.ids), tokens=tokens, finish_reason=res.finish_reason,
                           stats=stats, token_info=info)
+
+    def _optional_stats(self, job: Job, res, model_text: str) -> dict[str, Any]:
+        """The statistics only some requests carry: the drafter's work in lossless mode (how much of it
+        the full model accepted), the model's own text when it differs from the editor's, the notes on
+        the request itself."""
+        out: dict[str, Any] = {}
+        if job.lossless:
+            c = res.counters
+            out.update(acceptance_rate=c.get("acceptance_rate"), mean_draft_length=c.get("mean_draft_length"),
+                       drafted_tokens=c.get("drafted"), accepted_tokens=c.get("accepted"),
+                       verification_rounds=c.get("rounds"))
+        if self.prompt_format != "raw":
+            out["model_text"] = model_text
+        if job.gen.notes:
+            out["request_notes"] = list(job.gen.notes)
+        return out
 
     def complete(self, req: GenRequest, submitted_at: Optional[float] = None, deadline: Optional[float] = None,
                  on_event: Optional[Callable[[TokenEvent], None]] = None) -> Completion:

@@ -39,6 +39,8 @@ class GenRequest(Sampling):
     logprobs: Optional[int] = None
     mode: Optional[str] = None  # lossy | lossless; None = the server default (serve.default_mode)
     request_id: str = ""
+    # what the server says back about the request itself (e.g. a misspelt exit knob it ignored)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -39,10 +39,11 @@ Fill in the middle: ``suffix`` (Ollama, OpenAI, ``/v1/fim/completions``) or a FI
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
 from greencode.serve.errors import RequestError
 
@@ -81,6 +82,29 @@ Fidelity = Literal["sequence", "token", "quality"]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    # fields no schema knows that look like an exit knob (misspelt_knobs), set by validate()
+    _knob_hints: list[str] = PrivateAttr(default_factory=list)
+
+
+# the exit knobs a request may carry (top level, options, parameters); unknown fields are ignored, as the
+# protocols' own servers do, but one that looks like a knob is named back to the client (misspelt_knobs)
+KNOB_FIELDS = ("exit_threshold", "RL_agent_thresh", "max_disagreement", "fidelity", "mode")
+
+
+def misspelt_knobs(data: Any) -> list[str]:
+    """A line for each field of the body, its ``options`` or its ``parameters`` that no schema reads
+    and that is close to an exit knob's name (``exit_treshold``, ``RL_agent_threshold``)."""
+    hints = []
+    for where, part in (("body", data), ("body.options", (data or {}).get("options")),
+                        ("body.parameters", (data or {}).get("parameters"))):
+        if not isinstance(part, dict):
+            continue
+        for key in part:
+            close = [] if key in KNOB_FIELDS else difflib.get_close_matches(str(key), KNOB_FIELDS, n=1, cutoff=0.75)
+            if close:
+                hints.append(f"{where}.{key} is not a field this server reads and was ignored; did you mean "
+                             f"{where}.{close[0]}?")
+    return hints
 
 
 class _Knobs(_Body):
@@ -211,9 +235,12 @@ def _loc(loc: tuple) -> str:
 
 
 def validate(model_cls: type[BaseModel], data: dict) -> Any:
-    """``model_cls.model_validate(data)`` with errors turned into one 422 naming each field."""
+    """``model_cls.model_validate(data)`` with errors turned into one 422 naming each field; the body
+    keeps :func:`misspelt_knobs` of ``data`` (``_knob_hints``)."""
     try:
-        return model_cls.model_validate(data)
+        body = model_cls.model_validate(data)
+        body._knob_hints = misspelt_knobs(data) if isinstance(data, dict) else []
+        return body
     except ValidationError as e:
         details = []
         for err in e.errors(include_url=False):

@@ -81,8 +81,12 @@ class ServeContext:
         """The internal request of any protocol: its prompt (and ``suffix``), token count, sampling
         (``defaults``: the protocol's own), ``stop`` strings (from each of these fields), and the exit
         knobs (threshold, target, fidelity, lossy/lossless mode) read from ``knobs`` (options or
-        parameters first, then the top level); ``extra``: further :class:`GenRequest` fields."""
-        return GenRequest(prompt=prompt, suffix=suffix or None, max_new_tokens=max_new_tokens,
+        parameters first, then the top level); ``extra``: further :class:`GenRequest` fields. A field
+        that looks like a misspelt knob (the bodies' ``_knob_hints``) is logged and noted in the answer."""
+        notes = [h for k in knobs if k is not None for h in getattr(k, "_knob_hints", None) or ()]
+        for h in notes:
+            log.warning("request: %s", h)
+        return GenRequest(notes=notes, prompt=prompt, suffix=suffix or None, max_new_tokens=max_new_tokens,
                           **self.sampling(temperature, top_p, top_k, defaults, do_sample), seed=seed,
                           stop=stop_list(*stop, field=stop_field), threshold=threshold_of(*knobs),
                           max_disagreement=target_of(*knobs), fidelity=fidelity_of(*knobs), mode=mode_of(*knobs),
