@@ -220,7 +220,8 @@ def test_fused_policy_check_equals_the_module(family, observation):
     ctl = PolicyExit(pol, 0.5, temperature=1.7, observation=observation)
     ctl.check_layers(model)
     assert ctl._fast is not None and not ctl.needs_normed
-    for _ in range(20):
-        h = torch.randn(1, 1, model.hidden_size) * 4
-        expected = float(ctl.exit_probability(policy_observation(model, h, observation))[-1])
-        assert ctl._fast_probability(h) == pytest.approx(expected, abs=1e-5)
+    with torch.no_grad():  # as inside the decoding loop
+        for _ in range(20):
+            h = torch.randn(1, 1, model.hidden_size) * 4
+            expected = float(ctl.exit_probability(policy_observation(model, h, observation))[-1])
+            assert ctl._fast_probability(h) == pytest.approx(expected, abs=1e-5)
