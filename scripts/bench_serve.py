@@ -50,6 +50,8 @@ def main() -> None:
                    help="new tokens per request (default: eval.max_new_tokens)")
     p.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: eval.gc_thresholds")
     p.add_argument("--out", default=None, help="output JSON (default results/benchmark/serve_<name>.json)")
+    p.add_argument("--prompt-chars", type=int, default=3000,
+                   help="the most characters of a prompt (the code up to the cursor; default 3000)")
     p.add_argument("--clients", type=int, default=50, help="--load: concurrent streaming clients")
     p.add_argument("--batch-sizes", default="1,16,64", help="--load: serve.max_batch_size values (comma list)")
     p.add_argument("--burst", type=int, default=200, help="--load: simultaneous requests of the burst (0 = none)")
@@ -135,7 +137,8 @@ def main() -> None:
             print(f"burst: {res['burst']}")
         return
     res = run_benchmark(cfg, run_dir, num_requests=args.num_requests, thresholds=args.thresholds,
-                        max_new_tokens=args.max_new_tokens, out_path=args.out, demo=bool(args.demo))
+                        max_new_tokens=args.max_new_tokens, out_path=args.out, demo=bool(args.demo),
+                        prompt_chars=args.prompt_chars)
     print(f"{'setting':<18}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'gen p50':>9}{'overhead p50':>14}{'exit layer':>11}"
           f"{'skipped':>9}")
     for name, s in res["settings"].items():

@@ -12,6 +12,8 @@ def test_bench_prompts_are_seeded_editor_prefixes():
     a, b = bench_prompts(5, seed=3), bench_prompts(5, seed=3)
     assert a == b and len(a) == 5 and all(p.strip() and len(p) <= 3000 for p in a)
     assert bench_prompts(5, seed=4) != a
+    long = bench_prompts(5, seed=3, max_chars=16000)
+    assert all(x.endswith(y) for x, y in zip(long, a)) and max(len(x) for x in long) > 3000
 
 
 def test_run_benchmark_writes_percentiles_and_overhead(tmp_path):
@@ -19,7 +21,7 @@ def test_run_benchmark_writes_percentiles_and_overhead(tmp_path):
     run = build_demo_run(cfg, tmp_path / "run", p_exit=0.7)
     out = tmp_path / "serve_smoke.json"
     res = run_benchmark(cfg, run, num_requests=2, thresholds=[0.5], max_new_tokens=3, warmup=1, out_path=out,
-                        demo=True)
+                        demo=True, prompt_chars=1200)
     saved = json.loads(out.read_text())
     assert saved["settings"].keys() == {"full_model", "threshold_0.5"} == res["settings"].keys()
     full, early = saved["settings"]["full_model"], saved["settings"]["threshold_0.5"]
@@ -32,6 +34,7 @@ def test_run_benchmark_writes_percentiles_and_overhead(tmp_path):
         assert 0 < s["overhead_ms"]["p50"] < rt["p50"] + 1e-9
     assert saved["demo_run"] is True and saved["run"]["config_name"] == "smoke"
     assert saved["overhead_target_ms"] == 5.0 and saved["http_floor_ms"]["p50"] > 0
+    assert saved["prompt_chars"]["max"] == 1200 and 0 < saved["prompt_chars"]["median"] <= 1200
 
 
 def test_burst_against_deadline_admission(tmp_path):

@@ -226,9 +226,11 @@ def _setting_summaries(rows: dict[str, list[dict]], settings: list[tuple[str, fl
 
 def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_requests: int = 20,
                   thresholds: Optional[Sequence[float]] = None, max_new_tokens: Optional[int] = None,
-                  warmup: int = 3, out_path: Optional[Union[str, Path]] = None, demo: bool = False) -> dict[str, Any]:
+                  warmup: int = 3, out_path: Optional[Union[str, Path]] = None, demo: bool = False,
+                  prompt_chars: int = 3000) -> dict[str, Any]:
     """Benchmark the endpoint serving ``run_dir`` (default: the config's run); writes
-    ``results/benchmark/serve_<config name>.json`` (or ``out_path``) and returns the result."""
+    ``results/benchmark/serve_<config name>.json`` (or ``out_path``) and returns the result.
+    ``prompt_chars``: the most characters of a prompt (an editor sends the file up to the cursor)."""
     import httpx
 
     from greencode.serve.engine import run_root
@@ -239,7 +241,9 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
     settings = _benchmark_settings(list(cfg.eval.gc_thresholds if thresholds is None else thresholds))
     n_new = int(max_new_tokens or cfg.eval.max_new_tokens)
     root = run_root(cfg, run_dir)
-    prompts = bench_prompts(num_requests, cfg.seed)
+    if prompt_chars < 1:
+        raise ValueError(f"prompt_chars={prompt_chars} must be >= 1")
+    prompts = bench_prompts(num_requests, cfg.seed, max_chars=prompt_chars)
     out_path = _result_path(cfg, out_path, "serve")
 
     load_before = load_average_1m()
@@ -259,6 +263,7 @@ def run_benchmark(cfg, run_dir: Optional[Union[str, Path]] = None, *, num_reques
         "max_new_tokens": n_new,
         "format": "seed (/api/generate with inputs + options), greedy",
         "prompts": PROMPTS_NOTE,
+        "prompt_chars": {"max": prompt_chars, "median": int(np.median([len(p) for p in prompts]))},
         "settings": _setting_summaries(rows, settings, num_layers),
         "overhead_ms_all_requests": overhead,
         "overhead_target_ms": OVERHEAD_TARGET_MS,
