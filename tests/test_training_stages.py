@@ -507,3 +507,45 @@ def test_context_ablation_pairs_the_same_targets(trained, tmp_path):
                           "--out-dir", str(out), "--window", "48", "--short", "8", "--target-from", "32",
                           "--min-file-tokens", "48"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "short read" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_exit_loss_means_per_layer_counts_splits_and_processes():
+    """The per-exit log means of both trainers: a step may report only some layers (the curriculum's),
+    each layer is averaged over the sequences of the steps that reported it, train and eval are kept
+    apart, a log record takes the means and starts afresh, and over processes the sums are reduced."""
+    from types import SimpleNamespace
+
+    m = common.ExitLossMeans([1, 3, 5], dtype=torch.float64)
+    t = torch.tensor
+    m.add("train", {1: t(2.0), 5: t(4.0)}, 2.0)
+    m.add("train", {3: t(1.0), 5: t(1.0)}, 6.0)  # 5: (4*2 + 1*6) / 8 = 1.75
+    m.add("eval", {1: t(9.0), 3: t(8.0), 5: t(7.0)}, 1.0)
+    one = SimpleNamespace(args=SimpleNamespace(device="cpu", world_size=1))
+    logs = {"loss": 1.0}
+    m.pop_into(logs, one)
+    assert logs == {"loss": 1.0, "loss_exit_1": 2.0, "loss_exit_3": 1.0, "loss_exit_5": 1.75}
+    other = {"learning_rate": 1e-4}
+    m.pop_into(other, one)
+    assert other == {"learning_rate": 1e-4}  # not a loss record: untouched
+    ev = {"eval_loss": 3.0}
+    m.pop_into(ev, one)
+    assert ev == {"eval_loss": 3.0, "eval_loss_exit_1": 9.0, "eval_loss_exit_3": 8.0, "eval_loss_exit_5": 7.0}
+    again = {"loss": 1.0}
+    m.pop_into(again, one)
+    assert again == {"loss": 1.0}  # nothing since the last log
+
+    # two processes: this one saw layer 1 at 2.0 over 2 sequences, the other at 5.0 over 1 (a fake sum-reduce)
+    seen = []
+
+    def reduce(x, reduction):
+        seen.append(reduction)
+        return x + torch.tensor([[5.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=x.dtype)
+
+    two = SimpleNamespace(args=SimpleNamespace(device="cpu", world_size=2), accelerator=SimpleNamespace(reduce=reduce))
+    m.add("train", {1: t(2.0)}, 2.0)
+    logs = {"loss": 1.0}
+    m.pop_into(logs, two)
+    assert seen == ["sum"] and logs == {"loss": 1.0, "loss_exit_1": 3.0}
+    idle = {"loss": 1.0}
+    m.pop_into(idle, two)  # a rank with nothing to add still joins the collective (no hang)
+    assert seen == ["sum", "sum"] and idle == {"loss": 1.0, "loss_exit_1": 5.0}

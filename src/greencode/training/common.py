@@ -205,6 +205,48 @@ def log_split(logs: dict) -> Optional[tuple[str, str]]:
     return None
 
 
+class ExitLossMeans:
+    """Each exit layer's mean loss between two Trainer logs, per split (train / eval), for the
+    ``loss_exit_<layer>`` / ``eval_loss_exit_<layer>`` log keys. The sums stay on the device (no host
+    sync per step) and are summed over processes at log time (DDP, FSDP, DeepSpeed). A step may
+    report only some layers (a curriculum's): each layer keeps its own count. ``dtype``: of the sums."""
+
+    def __init__(self, layers: Sequence[int], dtype: torch.dtype = torch.float32):
+        self.layers, self.dtype = [int(x) for x in layers], dtype
+        self._col = {layer: i for i, layer in enumerate(self.layers)}
+        self._acc: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}  # [2, L]: sums, counts
+
+    def add(self, split: str, losses: dict[int, torch.Tensor], n: float) -> None:
+        """Add one step's per-layer mean losses (``{layer: scalar}``) over ``n`` sequences."""
+        if not losses:
+            return
+        vals = torch.stack([v.detach().to(self.dtype) for v in losses.values()])
+        acc = self._acc[split]
+        if acc is None:
+            acc = self._acc[split] = torch.zeros(2, len(self.layers), dtype=self.dtype, device=vals.device)
+        cols = torch.tensor([self._col[int(k)] for k in losses], device=vals.device)
+        acc[0].index_add_(0, cols, vals * n)
+        acc[1].index_add_(0, cols, torch.full_like(vals, n))
+
+    def pop_into(self, logs: dict, trainer) -> None:
+        """Write the means since the last log into a Trainer log record (nothing for other records)."""
+        got = log_split(logs)
+        if got is None:
+            return
+        split, prefix = got
+        acc = self._acc[split]
+        if acc is None:
+            acc = torch.zeros(2, len(self.layers), dtype=self.dtype)
+        acc = acc.to(trainer.args.device)
+        if trainer.args.world_size > 1:
+            acc = trainer.accelerator.reduce(acc, reduction="sum")
+        means = (acc[0] / acc[1].clamp_min(1)).tolist()
+        for layer, mean, count in zip(self.layers, means, acc[1].tolist()):
+            if count > 0:
+                logs[f"{prefix}loss_exit_{layer}"] = round(mean, 6)
+        self._acc[split] = None
+
+
 def _fmt(v):
     if v is None:
         return ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -40,35 +40,17 @@ class LiteTrainer(common.GreenTrainer):
         super().__init__(*args, **kwargs)
         self.ee = ee_model
         self.lite_weights = check_weights(lite_weights, ee_model.exit_points)
-        self._sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
-        self._counts: dict[str, float] = {"train": 0.0, "eval": 0.0}
+        self.exit_means = common.ExitLossMeans(ee_model.exit_points)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         total, per_exit = lite_loss(self.ee, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"),
                                     self.lite_weights, forward_module=model)
-        split = "train" if model.training else "eval"
-        n = float(inputs["input_ids"].shape[0])
-        vals = torch.stack([x.detach().float() for x in per_exit]) * n
-        self._sums[split] = vals if self._sums[split] is None else self._sums[split] + vals
-        self._counts[split] += n
+        self.exit_means.add("train" if model.training else "eval", dict(zip(self.ee.exit_points, per_exit)),
+                            float(inputs["input_ids"].shape[0]))
         return (total, {"loss": total}) if return_outputs else total
 
     def _add_extra_logs(self, logs: dict) -> None:
-        if common.log_split(logs) is None:
-            return
-        split, prefix = common.log_split(logs)
-        sums = self._sums[split]
-        if sums is None:
-            sums = torch.zeros(len(self.ee.exit_points), device=self.args.device)
-        packed = torch.cat([sums, sums.new_tensor([self._counts[split]])]).to(self.args.device)
-        if self.args.world_size > 1:
-            packed = self.accelerator.reduce(packed, reduction="sum")
-        count = float(packed[-1])
-        if count > 0:
-            for layer, v in zip(self.ee.exit_points, (packed[:-1] / count).tolist()):
-                logs[f"{prefix}loss_exit_{layer}"] = round(v, 6)
-        self._sums[split] = None
-        self._counts[split] = 0.0
+        self.exit_means.pop_into(logs, self)
 
 
 def base_source(cfg) -> str:

@@ -48,7 +48,8 @@ class EarlyExitPretrainer(common.GreenTrainer):
                                              max(1, self.args.max_steps))
         probs = eel.layer_dropout_probs(ee_model.num_layers, ee_cfg.layer_dropout, ee_cfg.layer_dropout_scale)
         self.dropout = eel.LayerDropout(probs, seed=seed).install(list(ee_model.layers))
-        self._sums: dict[str, dict[int, list[float]]] = {"train": {}, "eval": {}}
+        # float64 sums: the logged means as the earlier per-step host sums gave them
+        self.exit_means = common.ExitLossMeans(ee_model.exit_points, dtype=torch.float64)
         self._gen = torch.Generator().manual_seed(seed + 1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -61,21 +62,11 @@ class EarlyExitPretrainer(common.GreenTrainer):
                                            distill_temperature=c.distill_temperature,
                                            token_fraction=c.token_fraction if split == "train" else 1.0,
                                            generator=self._gen, forward_module=model)
-        n = float(inputs["input_ids"].shape[0])
-        for layer, v in per_layer.items():
-            acc = self._sums[split].setdefault(layer, [0.0, 0.0])
-            acc[0] += float(v) * n
-            acc[1] += n
+        self.exit_means.add(split, per_layer, float(inputs["input_ids"].shape[0]))
         return (total, {"loss": total}) if return_outputs else total
 
     def _add_extra_logs(self, logs: dict) -> None:
-        if common.log_split(logs) is None:
-            return
-        split, prefix = common.log_split(logs)
-        for layer, (s, n) in sorted(self._sums[split].items()):
-            if n > 0:
-                logs[f"{prefix}loss_exit_{layer}"] = round(s / n, 6)
-        self._sums[split] = {}
+        self.exit_means.pop_into(logs, self)
 
 _SHAPE_KEYS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                "max_position_embeddings", "rope_theta", "tie_word_embeddings", "attn_implementation")
