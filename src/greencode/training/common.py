@@ -27,11 +27,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from greencode.config import ConfigError
+from greencode.data import prepare_data
 from greencode.paths import RunPaths
 from greencode.provenance import (STAGE_FILE, WEIGHT_SUFFIXES, file_digest, make_key,  # noqa: F401
                                   model_dir_fingerprint, read_stage, weight_files_sha256, weights_bytes_record)
 from greencode.runinfo import run_metadata
-from greencode.utils import atomic_path, portable_path, read_json, resolve_device, write_json
+from greencode.utils import atomic_path, portable_path, read_json, resolve_device, setup_torch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +426,19 @@ def run_record(trainer, args, ckpt: Optional[str], seq_len: int, tokens_per_step
             "world_size": args.world_size, "train_runtime_s": round(train_s, 3),
             "train_cpu_time_s": round(train_cpu_s, 3),
             "train_tokens_per_s": round((steps - checkpoint_step(ckpt)) * tokens_per_step / max(train_s, 1e-9), 1)}
+
+
+def stage_start(cfg, stage, out: Path):
+    """What both training stages do first: note the start (for :func:`stage_time`), set up torch, build the
+    Trainer's arguments for ``stage`` (``cfg.pretrain`` / ``cfg.finetune``) in ``out``'s trainer folder, and
+    prepare the corpus (the main process first). Returns (started, trainer folder, arguments)."""
+    started = (time.perf_counter(), time.process_time())
+    trainer_dir = out / TRAINER_DIR
+    setup_torch(cfg.hardware)
+    args = training_arguments(cfg, stage, trainer_dir)
+    with args.main_process_first(local=False, desc="data"):
+        prepare_data(cfg)
+    return started, trainer_dir, args
 
 
 def stage_time(started: tuple[float, float]) -> dict:

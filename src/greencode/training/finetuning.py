@@ -9,21 +9,20 @@ which runs the forward pass through the wrapped module and logs each exit's loss
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from greencode.config import ConfigError
-from greencode.data import load_tokenizer, prepare_data
+from greencode.data import load_tokenizer
 from greencode.models import EarlyExitModel, lite_weights
 from greencode.paths import RunPaths
 from greencode.runinfo import save_run_info
 from greencode.training import common
 from greencode.training.data import build_datasets
 from greencode.training.lite import check_weights, lite_loss
-from greencode.utils import set_seed, setup_torch
+from greencode.utils import set_seed
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +112,10 @@ def finetune(cfg, resume: bool = False, force: bool = False) -> Path:
     seed, dtype, data) is unchanged, unless ``force``. ``resume`` continues from the last
     checkpoint of an interrupted run.
     """
-    started = (time.perf_counter(), time.process_time())
     paths = RunPaths.from_config(cfg)
-    out = paths.finetuned
-    stage = cfg.finetune
+    out, stage = paths.finetuned, cfg.finetune
     base = base_source(cfg)
-    trainer_dir = out / common.TRAINER_DIR
-    setup_torch(cfg.hardware)
-    args = common.training_arguments(cfg, stage, trainer_dir)
-    with args.main_process_first(local=False, desc="data"):
-        prepare_data(cfg)
+    started, trainer_dir, args = common.stage_start(cfg, stage, out)
     key, payload = finetune_key(cfg, base)
     if not force and common.is_complete(out, key):
         log.info("finetune: %s is complete and up to date (key %s); reusing it (--force to redo)", out, key)

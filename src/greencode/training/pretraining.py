@@ -12,20 +12,19 @@ rising with depth and optional self-distillation; :mod:`greencode.training.early
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 
 from greencode.config import ConfigError
-from greencode.data import load_tokenizer, prepare_data
+from greencode.data import load_tokenizer
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
 from greencode.runinfo import save_run_info
 from greencode.training import common, early_exit_loss as eel
 from greencode.training.data import build_datasets
 from greencode.training.early_exit_loss import early_exit_loss
-from greencode.utils import set_seed, setup_torch
+from greencode.utils import set_seed
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +133,9 @@ def pretrain(cfg, resume: bool = False, force: bool = False) -> Path:
         raise ConfigError(f"model.base={cfg.model.base!r} is set, so there is no base model to pretrain (the paper "
                           "configs start from pretrained weights); run scripts/finetune.py, or set model.base=null "
                           "to pretrain the embedded default")
-    started = (time.perf_counter(), time.process_time())
     paths = RunPaths.from_config(cfg)
-    out = paths.base_model
-    stage = cfg.pretrain
-    trainer_dir = out / common.TRAINER_DIR
-    setup_torch(cfg.hardware)
-    args = common.training_arguments(cfg, stage, trainer_dir)
-    with args.main_process_first(local=False, desc="data"):
-        prepare_data(cfg)
+    out, stage = paths.base_model, cfg.pretrain
+    started, trainer_dir, args = common.stage_start(cfg, stage, out)
     key, payload = pretrain_key(cfg)
     if not force and common.is_complete(out, key):
         log.info("pretrain: %s is complete and up to date (key %s); reusing it (--force to redo)", out, key)
