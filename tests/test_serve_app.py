@@ -641,12 +641,16 @@ def test_a_misspelt_exit_knob_is_named_back_not_silently_dropped(run):
     """Unknown fields are ignored, as the protocols' own servers do; one that looks like an exit knob is
     named in the answer's ``greencode.request_notes`` (and the server's log), with the field it resembles."""
     with TestClient(_app(run)) as c:
-        o = c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2, "exit_treshold": 0.5,
-                                            "user": "someone", "frobnicate": 1}).json()["greencode"]
+        o = c.post("/v1/completions", json={"model": "greencode", "prompt": "x = ", "max_tokens": 2,
+                                            "exit_treshold": 0.5, "user": "someone", "frobnicate": 1,
+                                            "modes": "x"}).json()["greencode"]
+        # "model" is a field the schema reads, not a misspelt "mode"; "modes" is one
         assert o["request_notes"] == ["body.exit_treshold is not a field this server reads and was ignored; "
-                                      "did you mean body.exit_threshold?"]
+                                      "did you mean body.exit_threshold?",
+                                      "body.modes is not a field this server reads and was ignored; "
+                                      "did you mean body.mode?"]
         assert o["threshold"] == run[0].serve.default_threshold  # the default, not 0.5
-        g = c.post("/api/generate", json={"prompt": "x = ", "stream": False,
+        g = c.post("/api/generate", json={"model": "greencode", "prompt": "x = ", "stream": False, "keep_alive": "5m",
                                           "options": {"num_predict": 2, "RL_agent_threshold": 0.3}}).json()
         assert g["greencode"]["request_notes"] == ["body.options.RL_agent_threshold is not a field this server "
                                                    "reads and was ignored; did you mean body.options.RL_agent_thresh?"]
@@ -655,6 +659,7 @@ def test_a_misspelt_exit_knob_is_named_back_not_silently_dropped(run):
         assert h["greencode"]["request_notes"] == ["body.parameters.max_disagreemnt is not a field this server reads "
                                                    "and was ignored; did you mean body.parameters.max_disagreement?"]
         assert h["greencode"]["threshold"] == 0.4
-        clean = c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2, "exit_threshold": 0.5,
-                                                "user": "someone"}).json()["greencode"]
+        clean = c.post("/v1/completions", json={"model": "greencode", "prompt": "x = ", "max_tokens": 2,
+                                                "exit_threshold": 0.5, "user": "someone", "stream": False,
+                                                "temperature": 0, "top_p": 1, "n": 1}).json()["greencode"]
         assert "request_notes" not in clean and clean["threshold"] == 0.5
