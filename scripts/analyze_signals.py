@@ -42,7 +42,7 @@ def main() -> None:
                         help="bootstrap resamples over test files for the AUCs' 95%% intervals")
     args = parser.parse_args()
     cfg = load_from_args(args)
-    from greencode.eval.signal_quality import analyze_signals
+    from greencode.eval.signal_quality import analyze_signals, kind_folder
 
     report = analyze_signals(cfg, model_dir=args.model, n_files=args.files, window=args.window,
                              min_tokens=args.min_tokens, k=args.candidates,
@@ -53,9 +53,8 @@ def main() -> None:
     from greencode.plots.signals import plot_signals_auc
 
     figures = RunPaths.from_config(cfg).figures
-    if report["model_kind"] != "finetuned":  # another model's figure goes beside, as its results do
-        figures = figures / "signals" / report["model_kind"].split(" ")[0]
-    plot_signals_auc(report, args.figures_dir or figures)
+    sub = kind_folder(report["model_kind"])  # another model's figure goes beside, as its results do
+    plot_signals_auc(report, args.figures_dir or (figures if sub is None else figures / "signals" / sub))
     print(f"model {report['model_dir']} ({report['model_kind']}); {report['tokens']['test']:,} test tokens, "
           f"exit points {report['exit_layers']}")
     w = max(len(n) for n in report["signals"])

@@ -125,11 +125,18 @@ def resolve_model(cfg, model_dir: Optional[str] = None) -> tuple[str, str]:
     return base_source(cfg), "base (no LITE fine-tuned model in this run)"
 
 
+def kind_folder(kind: str) -> Optional[str]:
+    """The subfolder another model's analysis goes to (``base``, ``given``); None for the run's own
+    fine-tuned model, whose analysis is the run's result."""
+    return None if kind == "finetuned" else kind.split(" ")[0]
+
+
 def default_out_dir(cfg, kind: str) -> Path:
     """``results/<name>/signals`` for the run's own fine-tuned model; for any other model (its base, a
     ``--model``) ``signals/base`` or ``signals/given``, so that it never replaces the run's result."""
     out = RunPaths.from_config(cfg).results / "signals"
-    return out if kind == "finetuned" else out / kind.split(" ")[0]
+    sub = kind_folder(kind)
+    return out if sub is None else out / sub
 
 
 def _portable(path: str) -> str:
