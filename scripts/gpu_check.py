@@ -18,7 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from greencode.bench.gpu import SHAPES, TOTAL_BUDGET_S, run_check, summary_lines  # noqa: E402
+try:
+    from greencode.bench.gpu import SHAPES, TOTAL_BUDGET_S, run_check, summary_lines  # noqa: E402
+except ModuleNotFoundError as e:  # the machine's own python, without what the check needs
+    if e.name not in ("torch", "transformers", "numpy", "yaml"):
+        raise
+    sys.exit(f"error: {sys.executable} has no {e.name!r}: the GPU check runs with the machine's own python, which "
+             "needs torch and transformers (pip install torch transformers), or point make at one that has them: "
+             "make gpu-check PYTHON=.venv/bin/python")
 
 
 def main() -> int:
@@ -31,6 +38,12 @@ def main() -> int:
     p.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S,
                    help="seconds for the whole check (parts with no time left are recorded as skipped)")
     args = p.parse_args()
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here (torch.cuda.is_available() is False); the full check is for a GPU box "
+                 "(it builds 3B-parameter models). On a CPU, run its code path at toy sizes: "
+                 "python3 scripts/gpu_check.py --tiny --out /tmp/gpu-check-tiny.json")
     result = run_check(tiny=args.tiny, shapes=tuple(args.shapes), out=args.out, compile_hf=not args.no_compile,
                        energy_window_s=args.energy_window, total_budget_s=args.total_budget,
                        compiled_shapes=args.shapes[:1] if args.tiny else None)

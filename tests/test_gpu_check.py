@@ -96,3 +96,23 @@ def _timed(entry: dict, where) -> None:
         assert entry["value"] > 0, where
     else:
         assert "below the timer's noise" in entry.get("failed", ""), (where, entry)
+
+
+def test_gpu_check_says_what_is_missing_instead_of_a_traceback(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the full check would run")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "g.json")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and "no CUDA device here" in proc.stderr and "--tiny" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "g.json").exists()
+    # a python without torch (the machine's own, before pip install): what to install, or which python to use
+    stub = tmp_path / "stub"
+    (stub / "torch").mkdir(parents=True)
+    (stub / "torch" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={"PYTHONPATH": str(stub), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1 and "has no 'torch'" in proc.stderr and "PYTHON=.venv/bin/python" in proc.stderr
+    assert "Traceback" not in proc.stderr
