@@ -23,7 +23,9 @@ def main() -> None:
         raise ConfigError("eval.infill_samples is 0 (off); give how many samples to infill, e.g. eval.infill_samples=400")
     from greencode.data import prepare_data
     from greencode.eval.infill import evaluate_infill
+    from greencode.eval.runner import require_finetuned
 
+    require_finetuned(cfg)  # before the corpus, which takes minutes to build
     prepare_data(cfg)  # the corpus of the run (reused when up to date)
     out = evaluate_infill(cfg)
     md = out / "infill.md"

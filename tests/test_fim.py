@@ -365,3 +365,15 @@ def test_infill_summary_separates_boilerplate_exact_matches():
     assert d["mean"] == pytest.approx(-0.5) and d["ci_low"] <= d["mean"] <= d["ci_high"]
     md = render(s, {"num_samples": 4, "split": "test"})
     assert "EM w/o boilerplate" in md and "other 2 samples" in md
+
+
+def test_eval_infill_without_a_model_says_so_before_building_the_corpus(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "eval_infill.py"), "--config", str(SMOKE),
+                           f"run_dir={run}", f"results_dir={tmp_path / 'results'}", "eval.infill_samples=4"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode != 0 and "no fine-tuned model in" in proc.stderr and "scripts/finetune.py" in proc.stderr
+    assert not (run / "corpus").exists() and "Traceback" not in proc.stderr

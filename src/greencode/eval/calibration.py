@@ -64,6 +64,7 @@ from greencode.decoding.registry import get_controller, threshold_grid
 from greencode.eval.evaluator import evaluate
 from greencode.eval.forced import teacher_forced  # noqa: F401 - re-exported
 from greencode.eval.methods import MethodSpec, needs
+from greencode.eval.runner import require_finetuned
 from greencode.eval.tuning import refuse_test_split
 from greencode.models import EarlyExitModel
 from greencode.paths import RunPaths
@@ -293,9 +294,7 @@ def calibrate(cfg: Config, *, split: str = CALIBRATION_SPLIT) -> Path:
     c = cfg.calibration
     paths = RunPaths.from_config(cfg)
     out = paths.calibration.parent
-    if not (paths.finetuned / "config.json").is_file():
-        raise FileNotFoundError(f"no fine-tuned model in {str(paths.finetuned)!r}; run the finetune stage first "
-                                "(scripts/finetune.py or scripts/reproduce.py)")
+    require_finetuned(cfg, paths)
     loaded = EarlyExitModel.from_run_config(cfg, paths.finetuned)
     exits = loaded.exit_layers
     weights = weights_record(loaded)

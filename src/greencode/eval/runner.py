@@ -52,12 +52,20 @@ def _load_tokenizer(paths: RunPaths):
                             "run the pipeline first: `python scripts/reproduce.py --config <cfg>` or scripts/finetune.py")
 
 
-def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch.dtype, *,
-                need_base: bool = True, need_policy: bool = True) -> EvalInputs:
-    """Load the fine-tuned model (required), tokenizer, base model and policy (optional)."""
+def require_finetuned(cfg: Config, paths: Optional[RunPaths] = None) -> RunPaths:
+    """The run's paths, once its fine-tuned model is there; else a FileNotFoundError naming the stage to run
+    (checked before any slow preparation, e.g. building the corpus)."""
+    paths = paths or RunPaths.from_config(cfg)
     if not (paths.finetuned / "config.json").is_file():
         raise FileNotFoundError(f"no fine-tuned model in {str(paths.finetuned)!r}; run `python scripts/finetune.py "
                                 f"--config {cfg.source_path or '<cfg>'}` (or scripts/reproduce.py) first")
+    return paths
+
+
+def load_inputs(cfg: Config, paths: RunPaths, device: torch.device, dtype: torch.dtype, *,
+                need_base: bool = True, need_policy: bool = True) -> EvalInputs:
+    """Load the fine-tuned model (required), tokenizer, base model and policy (optional)."""
+    require_finetuned(cfg, paths)
     tokenizer = _load_tokenizer(paths)
     model = EarlyExitModel.from_run_config(cfg, paths.finetuned, device=device, dtype=dtype).eval()
     use_compiled_steps(model, cfg.decoding.compile)
