@@ -216,6 +216,7 @@ class ExitLossMeans:
         self.layers, self.dtype = [int(x) for x in layers], dtype
         self._col = {layer: i for i, layer in enumerate(self.layers)}
         self._acc: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}  # [2, L]: sums, counts
+        self._cols: dict[tuple, torch.Tensor] = {}  # a step's layers -> their columns, on the device (copied once)
 
     def add(self, split: str, losses: dict[int, torch.Tensor], n: float) -> None:
         """Add one step's per-layer mean losses (``{layer: scalar}``) over ``n`` sequences."""
@@ -225,7 +226,10 @@ class ExitLossMeans:
         acc = self._acc[split]
         if acc is None:
             acc = self._acc[split] = torch.zeros(2, len(self.layers), dtype=self.dtype, device=vals.device)
-        cols = torch.tensor([self._col[int(k)] for k in losses], device=vals.device)
+        key = (tuple(int(k) for k in losses), vals.device)
+        cols = self._cols.get(key)
+        if cols is None:
+            cols = self._cols[key] = torch.tensor([self._col[k] for k in key[0]], device=vals.device)
         acc[0].index_add_(0, cols, vals * n)
         acc[1].index_add_(0, cols, torch.full_like(vals, n))
 
