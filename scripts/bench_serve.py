@@ -8,6 +8,8 @@ Tiny CPU check (a random demo run; numbers say nothing about quality):
 
 A trained run (default: this config's run directory):
     python scripts/bench_serve.py --config configs/default.yaml [--run-dir runs/default] --num-requests 50
+Editor-sized prompts (the file up to the cursor, at most N characters; default 3,000):
+    python scripts/bench_serve.py --config configs/default.yaml --num-requests 30 --prompt-chars 16000
 
 --load: 50 concurrent streaming clients (the official openai client) per serve.max_batch_size, first-chunk
 latency against a lone request's prefill + one step, then a burst of 200 simultaneous requests

@@ -11,6 +11,7 @@ import time
 
 import greencode.serve.engine as E
 from greencode.config import load_config
+from greencode.provenance import weights_record
 from greencode.runinfo import run_metadata
 from greencode.utils import write_json
 
@@ -50,4 +51,4 @@ for n in (2000, 4000, 8000, 16000, 64000):
 E.TAIL_CHARS_PER_TOKEN = 6
 write_json("results/adhoc/prompt_tail_encode.json", {
     "what": __doc__.split("Usage")[0].strip(), "max_new_tokens": 16, "files": files, "prompt_chars": rows,
-    "meta": run_metadata(cfg, stage="adhoc_prompt_tail_encode")})
+    "meta": run_metadata(cfg, stage="adhoc_prompt_tail_encode", weights=weights_record(r.model))})
